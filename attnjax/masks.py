@@ -1,0 +1,732 @@
+"""Composable attention masks with block tables (FlexAttention-style, JAX-native).
+
+A :class:`Mask` wraps a vectorised predicate ``mask_fn(b, h, q_idx, kv_idx) -> bool``
+(**True = attend**) that broadcasts over integer index arrays and works on both
+NumPy and ``jax.numpy`` inputs.  Masks compose with ``&``, ``|`` and ``~``.
+
+What the implementations need besides the predicate is the *block table*: for a
+tiling of the ``[T, S]`` score matrix into ``block_q x block_k`` tiles, which tiles
+are **empty** (skipped), **partial** (mask evaluated) or **full** (no mask work):
+
+    >>> m = causal() & sliding_window(256)
+    >>> m.block_table(1024, 1024, 128, 128)            # numpy int8 [1, 1, 8, 8]
+
+Static masks (functions of indices only) build their tables with NumPy at trace
+time; band-shaped masks (causal, sliding windows, chunks, prefix-LM) use an exact
+``O(T * S / block_k)`` interval computation, other static masks an exact blocked
+evaluation, and data-dependent masks (documents, arrays that are JAX values,
+offsets that are traced) build their tables in-graph.  Tables are conservative
+under composition: a tile is never classified empty or full unless it is.
+
+Index conventions: ``q_idx`` in ``[0, T)``, ``kv_idx`` in ``[0, S)``; spatial
+masks use row-major token order over a grid ``shape`` (``T == S == prod(shape)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "EMPTY", "PARTIAL", "FULL", "Mask", "full", "causal", "sliding_window", "chunked",
+    "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
+    "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask",
+]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# A static table evaluated element-wise is done in row blocks of at most this many
+# booleans; composites larger than _EXACT_LIMIT use table algebra instead.
+_EVAL_CHUNK = 1 << 24
+_EXACT_LIMIT = 1 << 28
+
+
+def _is_jax(*xs) -> bool:
+  return any(isinstance(x, (jax.Array, jax.core.Tracer)) for x in xs)
+
+
+def _xp(*xs):
+  return jnp if _is_jax(*xs) else np
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+  num_heads: int = 1
+  batch: int = 1
+
+
+# --------------------------------------------------------------------------- Mask
+
+
+class Mask:
+  """A boolean attention mask over ``(b, h, q_idx, kv_idx)``; True = attend.
+
+  Do not construct directly: use the constructors of this module
+  (:func:`causal`, :func:`neighborhood`, :func:`from_fn`, ...) and ``&``, ``|``, ``~``.
+
+  Attributes:
+    name: a readable description, e.g. ``"causal(0) & sliding_window(128, 0)"``.
+  """
+
+  def __init__(self, fn, name, *, band=None, table=None, data_dependent=False,
+               grid_size=None, head_dependent=False, children=(), op=None,
+               operands=()):
+    self._fn = fn                  # (ctx, b, h, q, kv) -> bool (np or jnp)
+    self.name = name
+    self._band = band              # (ctx, q, xp) -> (lo, hi) inclusive, or None
+    self._table = table            # custom in-graph table fn, or None
+    self._data_dependent = bool(data_dependent)
+    self._grid_size = grid_size    # T == S == grid_size required, or None
+    self._head_dependent = head_dependent
+    self._children = tuple(children)
+    self._op = op
+    self._operands = tuple(operands)
+    self._cache = {}
+
+  # ------------------------------------------------------------------ evaluation
+  def __call__(self, b, h, q_idx, kv_idx, *, num_heads=1, batch=1):
+    """Evaluates the predicate on broadcasting index arrays (np or jnp)."""
+    return self._fn(_Ctx(int(num_heads), int(batch)), b, h, q_idx, kv_idx)
+
+  def mask_fn(self, b, h, q_idx, kv_idx, *, num_heads=1, batch=1):
+    """Alias of ``__call__``: the vectorised predicate ``(b, h, q, kv) -> bool``."""
+    return self(b, h, q_idx, kv_idx, num_heads=num_heads, batch=batch)
+
+  @property
+  def data_dependent(self) -> bool:
+    """True when the mask reads JAX arrays (segment ids, traced offsets, ...)."""
+    if self._data_dependent:
+      return True
+    return any(c.data_dependent for c in self._children)
+
+  @property
+  def head_dependent(self) -> bool:
+    return self._head_dependent or any(c.head_dependent for c in self._children)
+
+  @property
+  def segment_ids(self):
+    """``(q_segment_ids, kv_segment_ids)`` for a :func:`document` mask, else None."""
+    return getattr(self, "_segments", None)
+
+  def __repr__(self):
+    return f"Mask({self.name})"
+
+  # ------------------------------------------------------------------ composition
+  def __and__(self, other):
+    other = as_mask(other, "other")
+    def fn(ctx, b, h, q, kv):
+      return self._fn(ctx, b, h, q, kv) & other._fn(ctx, b, h, q, kv)
+    return Mask(fn, f"({self.name} & {other.name})", children=(self, other), op="and",
+                grid_size=_merge_grid(self, other))
+
+  def __or__(self, other):
+    other = as_mask(other, "other")
+    def fn(ctx, b, h, q, kv):
+      return self._fn(ctx, b, h, q, kv) | other._fn(ctx, b, h, q, kv)
+    return Mask(fn, f"({self.name} | {other.name})", children=(self, other), op="or",
+                grid_size=_merge_grid(self, other))
+
+  def __invert__(self):
+    def fn(ctx, b, h, q, kv):
+      return ~self._fn(ctx, b, h, q, kv)
+    return Mask(fn, f"~{self.name}", children=(self,), op="not", grid_size=self._grid_size)
+
+  __rand__ = __and__
+  __ror__ = __or__
+
+  def shifted(self, q_offset, kv_offset) -> "Mask":
+    """The mask seen by a sub-block: evaluates at ``(q_idx + q_offset, kv_idx + kv_offset)``.
+
+    Offsets may be Python ints or traced integer scalars (ring attention, decoding);
+    traced offsets make the mask data-dependent.  Grid-size checks are dropped,
+    since the sub-block is smaller than the grid.
+    """
+    dyn = _is_jax(q_offset, kv_offset)
+    band = None
+    if self._band is not None:
+      def band(ctx, q, xp):
+        lo, hi = self._band(ctx, q + q_offset, xp)
+        return lo - kv_offset, hi - kv_offset
+    def fn(ctx, b, h, q, kv):
+      return self._fn(ctx, b, h, q + q_offset, kv + kv_offset)
+    return Mask(fn, f"{self.name}.shifted", band=band,
+                data_dependent=dyn or self.data_dependent, head_dependent=self.head_dependent)
+
+  # ------------------------------------------------------------------ validation
+  def check_shape(self, T: int, S: int) -> None:
+    """Raises ``ValueError`` if this mask cannot be applied to a ``[T, S]`` score matrix."""
+    g = self._grid_size
+    if g is not None and (T != g or S != g):
+      raise ValueError(
+          f"mask {self.name} is defined on a grid of {g} tokens; it needs "
+          f"T == S == {g}, got T={T}, S={S}")
+    for c in self._children:
+      c.check_shape(T, S)
+
+  # ------------------------------------------------------------------ materialise
+  def to_array(self, T: int, S: int, num_heads: int = 1, batch: int = 1):
+    """The boolean mask ``[batch, num_heads, T, S]`` (NumPy if static, else JAX)."""
+    self.check_shape(T, S)
+    b, h, q, kv = _index_grids(batch, num_heads, np.arange(T), np.arange(S))
+    out = self(b, h, q, kv, num_heads=num_heads, batch=batch)
+    xp = _xp(out)
+    return xp.broadcast_to(out, (batch, num_heads, T, S))
+
+  def block_table(self, T: int, S: int, block_q: int, block_k: int, *,
+                  num_heads: int = 1, batch: int = 1):
+    """Classifies each ``block_q x block_k`` tile as EMPTY (0), PARTIAL (1) or FULL (2).
+
+    Only in-range positions (``q < T``, ``kv < S``) count; the last row/column of
+    tiles may be ragged.
+
+    Returns:
+      int8 array ``[B', N', ceil(T/block_q), ceil(S/block_k)]`` where ``B'`` is 1 or
+      ``batch`` and ``N'`` is 1 or ``num_heads`` (1 when the mask does not depend on
+      them).  NumPy for static masks, a JAX array for data-dependent ones.
+    """
+    for name, val in (("T", T), ("S", S), ("block_q", block_q), ("block_k", block_k),
+                      ("num_heads", num_heads), ("batch", batch)):
+      if not isinstance(val, (int, np.integer)) or val <= 0:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+    self.check_shape(T, S)
+    ctx = _Ctx(int(num_heads), int(batch))
+    key = (T, S, block_q, block_k, num_heads, batch)
+    if not self.data_dependent and key in self._cache:
+      return self._cache[key]
+    table = self._block_table(ctx, T, S, block_q, block_k)
+    if not self.data_dependent:
+      table = np.asarray(table, np.int8)
+      table.setflags(write=False)
+      self._cache[key] = table
+    return table
+
+  def _block_table(self, ctx, T, S, bq, bk):
+    if self._table is not None:
+      return self._table(ctx, T, S, bq, bk)
+    if self._band is not None and not self.head_dependent:
+      xp = jnp if self.data_dependent else np
+      return _band_table(self._band, ctx, T, S, bq, bk, xp)
+    if self._op is not None and (self.data_dependent or
+                                 T * S * ctx.num_heads * ctx.batch > _EXACT_LIMIT):
+      tabs = [c._block_table(ctx, T, S, bq, bk) for c in self._children]
+      return _table_algebra(self._op, tabs)
+    return _eval_table(self, ctx, T, S, bq, bk)
+
+
+def _merge_grid(a: Mask, b: Mask):
+  ga, gb = a._grid_size, b._grid_size
+  if ga is not None and gb is not None and ga != gb:
+    raise ValueError(f"cannot combine masks on grids of {ga} and {gb} tokens")
+  return ga if ga is not None else gb
+
+
+def _index_grids(batch, num_heads, q, kv):
+  b = np.arange(batch).reshape(-1, 1, 1, 1)
+  h = np.arange(num_heads).reshape(1, -1, 1, 1)
+  xp = _xp(q, kv)
+  return b, h, xp.reshape(q, (1, 1, -1, 1)), xp.reshape(kv, (1, 1, 1, -1))
+
+
+def _table_algebra(op, tabs):
+  xp = _xp(*tabs)
+  if op == "not":
+    (a,) = tabs
+    return (FULL - a).astype(xp.int8)
+  a, b = tabs
+  shape = np.broadcast_shapes(a.shape, b.shape)
+  a, b = xp.broadcast_to(a, shape), xp.broadcast_to(b, shape)
+  if op == "and":
+    out = xp.where((a == EMPTY) | (b == EMPTY), EMPTY,
+                   xp.where((a == FULL) & (b == FULL), FULL, PARTIAL))
+  else:
+    out = xp.where((a == FULL) | (b == FULL), FULL,
+                   xp.where((a == EMPTY) & (b == EMPTY), EMPTY, PARTIAL))
+  return out.astype(xp.int8)
+
+
+def _classify(any_, all_, xp):
+  return xp.where(all_, FULL, xp.where(any_, PARTIAL, EMPTY)).astype(xp.int8)
+
+
+def _band_table(band, ctx, T, S, bq, bk, xp):
+  """Exact table for masks ``lo(q) <= kv <= hi(q)`` (any lo/hi, per row)."""
+  nq, nk = -(-T // bq), -(-S // bk)
+  q = np.arange(nq * bq)
+  lo, hi = band(ctx, xp.asarray(q), xp)
+  lo = xp.broadcast_to(lo, q.shape)
+  hi = xp.broadcast_to(hi, q.shape)
+  valid = q < T
+  k0 = np.arange(nk) * bk
+  k1 = np.minimum(k0 + bk, S) - 1
+  lo_, hi_ = lo[:, None], hi[:, None]
+  inter = (lo_ <= k1[None]) & (hi_ >= k0[None]) & (lo_ <= hi_)
+  cover = (lo_ <= k0[None]) & (hi_ >= k1[None])
+  inter = inter & valid[:, None]
+  cover = cover | ~valid[:, None]
+  any_ = inter.reshape(nq, bq, nk).any(axis=1)
+  all_ = cover.reshape(nq, bq, nk).all(axis=1)
+  return _classify(any_, all_, xp)[None, None]
+
+
+def _eval_table(mask: Mask, ctx, T, S, bq, bk):
+  """Exact table by evaluating the predicate in row blocks (NumPy or in-graph)."""
+  nq, nk = -(-T // bq), -(-S // bk)
+  Sp = nk * bk
+  kv = np.arange(Sp)
+  rows_per = max(1, _EVAL_CHUNK // max(1, Sp * ctx.num_heads * ctx.batch * bq))
+  b = np.arange(ctx.batch).reshape(-1, 1, 1, 1)
+  h = np.arange(ctx.num_heads).reshape(1, -1, 1, 1)
+  kvv = (kv < S).reshape(1, 1, 1, Sp)
+
+  def tile_rows(i0, n):
+    q = np.arange(i0 * bq, (i0 + n) * bq)
+    m = mask._fn(ctx, b, h, q.reshape(1, 1, -1, 1), kv.reshape(1, 1, 1, Sp))
+    xp = _xp(m)
+    m = xp.asarray(m, bool)
+    qv = (q < T).reshape(1, 1, -1, 1)
+    valid = qv & kvv
+    any_m = m & valid
+    all_m = m | ~valid
+    B_, N_ = any_m.shape[0], any_m.shape[1]
+    shape = (B_, N_, n, bq, nk, bk)
+    any_ = xp.broadcast_to(any_m, (B_, N_, n * bq, Sp)).reshape(shape).any(axis=(3, 5))
+    all_ = xp.broadcast_to(all_m, (B_, N_, n * bq, Sp)).reshape(shape).all(axis=(3, 5))
+    return _classify(any_, all_, xp)
+
+  parts = [tile_rows(i, min(rows_per, nq - i)) for i in range(0, nq, rows_per)]
+  xp = _xp(*parts)
+  shapes = [p.shape[:2] for p in parts]
+  lead = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+  parts = [xp.broadcast_to(p, lead + p.shape[2:]) for p in parts]
+  return xp.concatenate(parts, axis=2)
+
+
+# ------------------------------------------------------------------ basic masks
+
+
+def _check_int(name, value, *, minimum=0):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def full() -> Mask:
+  """Every query attends to every key."""
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
+  def band(ctx, q, xp):
+    return xp.full_like(q, -(1 << 30)), xp.full_like(q, 1 << 30)
+  return Mask(fn, "full", band=band)
+
+
+def causal(offset: int = 0) -> Mask:
+  """Causal mask ``kv_idx <= q_idx + offset``.
+
+  ``offset = S - T`` aligns the last query with the last key (decoding with a cache).
+  """
+  if not _is_jax(offset):
+    offset = _check_int("offset", offset, minimum=-(1 << 40))
+  def fn(ctx, b, h, q, kv):
+    return kv <= q + offset
+  def band(ctx, q, xp):
+    return xp.full_like(q, -(1 << 30)), q + offset
+  return Mask(fn, f"causal({offset})", band=band, data_dependent=_is_jax(offset))
+
+
+def sliding_window(left: int, right: int = 0) -> Mask:
+  """Local band ``q_idx - left <= kv_idx <= q_idx + right`` (``right=0``: causal window).
+
+  Args:
+    left: keys to the left of the query that are visible (>= 0).
+    right: keys to the right that are visible (>= 0).
+  """
+  left = _check_int("left", left)
+  right = _check_int("right", right)
+  def fn(ctx, b, h, q, kv):
+    return (kv >= q - left) & (kv <= q + right)
+  def band(ctx, q, xp):
+    return q - left, q + right
+  return Mask(fn, f"sliding_window({left}, {right})", band=band)
+
+
+def chunked(size: int) -> Mask:
+  """Block-diagonal mask: ``q_idx // size == kv_idx // size``.
+
+  ``chunked(c) & causal()`` is chunked-causal attention (Llama-4 style local chunks).
+  """
+  size = _check_int("size", size, minimum=1)
+  def fn(ctx, b, h, q, kv):
+    return (q // size) == (kv // size)
+  def band(ctx, q, xp):
+    lo = (q // size) * size
+    return lo, lo + size - 1
+  return Mask(fn, f"chunked({size})", band=band)
+
+
+def prefix_lm(prefix_len: int) -> Mask:
+  """Prefix-LM: ``kv_idx < prefix_len or kv_idx <= q_idx`` (bidirectional prefix)."""
+  prefix_len = _check_int("prefix_len", prefix_len)
+  def fn(ctx, b, h, q, kv):
+    return (kv < prefix_len) | (kv <= q)
+  def band(ctx, q, xp):
+    return xp.zeros_like(q), xp.maximum(q, prefix_len - 1)
+  return Mask(fn, f"prefix_lm({prefix_len})", band=band)
+
+
+def dual_triangle() -> Mask:
+  """Dual Triangle Attention head split: heads ``h < N/2`` see ``kv <= q`` (past and
+  self), heads ``h >= N/2`` see ``kv >= q`` (future and self); ``N`` is taken from the
+  call.  Paper: "Dual Triangle Attention: Effective Bidirectional Attention Without
+  Positional Embeddings".
+  """
+  def fn(ctx, b, h, q, kv):
+    first = 2 * h < ctx.num_heads
+    return (first & (kv <= q)) | (~first & (kv >= q))
+  return Mask(fn, "dual_triangle", head_dependent=True)
+
+
+def document(q_segment_ids, kv_segment_ids=None) -> Mask:
+  """Packed documents: tokens attend only within equal segment ids.
+
+  Args:
+    q_segment_ids: int ``[B, T]``.
+    kv_segment_ids: int ``[B, S]``; defaults to ``q_segment_ids``.
+  """
+  if kv_segment_ids is None:
+    kv_segment_ids = q_segment_ids
+  qs, ks = q_segment_ids, kv_segment_ids
+  for name, a in (("q_segment_ids", qs), ("kv_segment_ids", ks)):
+    if not hasattr(a, "ndim") or a.ndim != 2:
+      raise ValueError(f"{name} must be a [B, length] integer array, got "
+                       f"{getattr(a, 'shape', type(a).__name__)}")
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+  if qs.shape[0] != ks.shape[0]:
+    raise ValueError(f"q_segment_ids batch {qs.shape[0]} != kv_segment_ids batch {ks.shape[0]}")
+  T, S = qs.shape[1], ks.shape[1]
+  dyn = _is_jax(qs, ks)
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(qs, ks, q, kv)
+    return qs[b, xp.clip(q, 0, T - 1)] == ks[b, xp.clip(kv, 0, S - 1)]
+
+  def table(ctx, T_, S_, bq, bk):
+    if T_ != T or S_ != S:
+      raise ValueError(f"document mask built for T={T}, S={S}; called with T={T_}, S={S_}")
+    xp = jnp if dyn else np
+    nq, nk = -(-T // bq), -(-S // bk)
+    def minmax(a, n, blk):
+      big = np.iinfo(np.int32).max
+      a = xp.asarray(a).astype(xp.int32)
+      pad = n * blk - a.shape[1]
+      lo = xp.pad(a, ((0, 0), (0, pad)), constant_values=big).reshape(a.shape[0], n, blk)
+      hi = xp.pad(a, ((0, 0), (0, pad)), constant_values=-big).reshape(a.shape[0], n, blk)
+      return lo.min(-1), hi.max(-1)
+    qlo, qhi = minmax(qs, nq, bq)
+    klo, khi = minmax(ks, nk, bk)
+    qlo, qhi = qlo[:, :, None], qhi[:, :, None]
+    klo, khi = klo[:, None, :], khi[:, None, :]
+    empty = (qhi < klo) | (khi < qlo)
+    fullt = (qlo == qhi) & (klo == khi) & (qlo == klo)
+    return xp.where(fullt, FULL, xp.where(empty, EMPTY, PARTIAL)).astype(xp.int8)[:, None]
+
+  m = Mask(fn, "document", table=table, data_dependent=dyn, operands=(qs, ks))
+  m._segments = (qs, ks)
+  return m
+
+
+# ------------------------------------------------------------------ spatial masks
+
+
+def _per_axis(name, value, ndim, *, minimum=0):
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    value = (int(value),) * ndim
+  value = tuple(value)
+  if len(value) != ndim:
+    raise ValueError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
+  for v in value:
+    _check_int(name, v, minimum=minimum)
+  return tuple(int(v) for v in value)
+
+
+def _check_shape(shape):
+  if isinstance(shape, (int, np.integer)):
+    shape = (int(shape),)
+  shape = tuple(shape)
+  if not 1 <= len(shape) <= 3:
+    raise ValueError(f"shape must have 1, 2 or 3 axes, got {shape!r}")
+  for s in shape:
+    _check_int("shape", s, minimum=1)
+  return tuple(int(s) for s in shape)
+
+
+def _coords(idx, shape, xp):
+  """Row-major coordinates of flat token indices."""
+  out = []
+  for ax in range(len(shape)):
+    stride = int(np.prod(shape[ax + 1:]))
+    out.append((idx // stride) % shape[ax])
+  return out
+
+
+def neighborhood(shape, kernel, dilation=1, causal: Union[bool, Sequence[bool]] = False) -> Mask:
+  """Neighborhood attention (NATTEN semantics) on a 1D/2D/3D token grid.
+
+  Per axis of length ``L`` with kernel ``k`` and dilation ``d``, tokens are split by
+  residue ``i mod d``; within a residue group (positions ``p = i // d``, group
+  length ``L_r``), the window is ``[s, s + k)`` with
+  ``s = clip(p - k // 2, 0, L_r - k)``: clamped inside the grid, so every query sees
+  exactly ``prod(kernel)`` keys.  Causal axes use ``[max(p - k + 1, 0), p]``.
+
+  Paper: "Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention
+  at the Threadblock Level" (and "Neighborhood Attention Transformer").
+
+  Args:
+    shape: grid shape, e.g. ``(Hh, Ww)``; tokens in row-major order.
+    kernel: window size per axis (int or tuple).
+    dilation: dilation per axis; requires ``kernel * dilation <= L`` per axis.
+    causal: bool or a bool per axis.
+  """
+  shape = _check_shape(shape)
+  nd = len(shape)
+  kernel = _per_axis("kernel", kernel, nd, minimum=1)
+  dilation = _per_axis("dilation", dilation, nd, minimum=1)
+  if isinstance(causal, (bool, np.bool_)):
+    causal_t = (bool(causal),) * nd
+  else:
+    causal_t = tuple(bool(c) for c in causal)
+    if len(causal_t) != nd:
+      raise ValueError(f"causal must be a bool or {nd} bools, got {causal!r}")
+  for L, k, d in zip(shape, kernel, dilation):
+    if k * d > L:
+      raise ValueError(f"kernel * dilation must be <= the grid size per axis; got "
+                       f"kernel={kernel}, dilation={dilation} for shape={shape}")
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for (qi, ki, L, k, d, c) in zip(_coords(q, shape, xp), _coords(kv, shape, xp), shape,
+                                    kernel, dilation, causal_t):
+      r = qi % d
+      same = r == (ki % d)
+      p, pk = qi // d, ki // d
+      if c:
+        inw = (pk <= p) & (pk >= p - k + 1)
+      else:
+        Lr = (L - r + d - 1) // d
+        s = xp.clip(p - k // 2, 0, xp.maximum(Lr - k, 0))
+        inw = (pk >= s) & (pk < s + k)
+      a = same & inw
+      ok = a if ok is None else ok & a
+    return ok
+  n = int(np.prod(shape))
+  return Mask(fn, f"neighborhood({shape}, {kernel}, {dilation}, {causal_t})", grid_size=n)
+
+
+def window(shape, window, shift=0) -> Mask:
+  """Swin (shifted) window attention as a mask over the row-major token grid.
+
+  Tokens attend within the same ``window`` partition.  With ``shift > 0``, the
+  grid is first cyclically rolled by ``-shift`` (token at coordinate ``c`` moves to
+  ``(c - shift) mod L``), partitioned, and the Swin region mask stops tokens that
+  wrapped around from attending to non-neighbours: per axis, positions
+  ``[0, L - w)``, ``[L - w, L - s)``, ``[L - s, L)`` are distinct regions.
+
+  Paper: "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows".
+  """
+  shape = _check_shape(shape)
+  nd = len(shape)
+  win = _per_axis("window", window, nd, minimum=1)
+  sh = _per_axis("shift", shift, nd)
+  for L, w, s in zip(shape, win, sh):
+    if L % w:
+      raise ValueError(f"window must divide shape per axis; got window={win}, shape={shape}")
+    if s >= w:
+      raise ValueError(f"shift must be < window per axis; got shift={sh}, window={win}")
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for qi, ki, L, w, s in zip(_coords(q, shape, xp), _coords(kv, shape, xp), shape, win, sh):
+      pq, pk = (qi - s) % L, (ki - s) % L
+      a = (pq // w) == (pk // w)
+      if s:
+        def region(p):
+          return (p >= L - w).astype(np.int32) + (p >= L - s).astype(np.int32)
+        a = a & (region(pq) == region(pk))
+      ok = a if ok is None else ok & a
+    return ok
+  return Mask(fn, f"window({shape}, {win}, shift={sh})", grid_size=int(np.prod(shape)))
+
+
+def grid(shape, grid) -> Mask:
+  """MaxViT grid attention: a ``G x G`` grid; tokens whose coordinates are equal
+  modulo ``L / G`` (per axis) attend to each other (groups of ``prod(G)`` tokens).
+
+  Paper: "MaxViT: Multi-Axis Vision Transformer".
+  """
+  shape = _check_shape(shape)
+  nd = len(shape)
+  g = _per_axis("grid", grid, nd, minimum=1)
+  for L, G in zip(shape, g):
+    if L % G:
+      raise ValueError(f"grid must divide shape per axis; got grid={g}, shape={shape}")
+  steps = tuple(L // G for L, G in zip(shape, g))
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for qi, ki, st in zip(_coords(q, shape, xp), _coords(kv, shape, xp), steps):
+      a = (qi % st) == (ki % st)
+      ok = a if ok is None else ok & a
+    return ok
+  return Mask(fn, f"grid({shape}, {g})", grid_size=int(np.prod(shape)))
+
+
+def axial(shape, axis: int) -> Mask:
+  """Axial attention: tokens attend along one grid axis (all other coordinates equal).
+
+  Paper: "Axial Attention in Multidimensional Transformers".
+  """
+  shape = _check_shape(shape)
+  axis = _check_int("axis", axis, minimum=-len(shape))
+  if axis >= len(shape):
+    raise ValueError(f"axis must be in [-{len(shape)}, {len(shape)}), got {axis}")
+  axis %= len(shape)
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for ax, (qi, ki) in enumerate(zip(_coords(q, shape, xp), _coords(kv, shape, xp))):
+      if ax == axis:
+        continue
+      a = qi == ki
+      ok = a if ok is None else ok & a
+    if ok is None:
+      return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
+    return ok
+  return Mask(fn, f"axial({shape}, {axis})", grid_size=int(np.prod(shape)))
+
+
+def criss_cross(shape) -> Mask:
+  """Criss-cross attention on a 2D grid: same row or same column.
+
+  Paper: "CCNet: Criss-Cross Attention for Semantic Segmentation".
+  """
+  shape = _check_shape(shape)
+  if len(shape) != 2:
+    raise ValueError(f"criss_cross needs a 2D shape (Hh, Ww), got {shape!r}")
+  m = axial(shape, 0) | axial(shape, 1)
+  m.name = f"criss_cross({shape})"
+  return m
+
+
+# ------------------------------------------------------------------ generic masks
+
+
+def from_array(mask) -> Mask:
+  """A mask from a boolean array broadcastable to ``[B, N, T, S]`` (rank 2 to 4).
+
+  NumPy arrays give a static mask; JAX arrays a data-dependent one.
+  """
+  if not hasattr(mask, "ndim") or not hasattr(mask, "dtype"):
+    raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}")
+  if mask.dtype != bool:
+    raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+  if not 2 <= mask.ndim <= 4:
+    raise ValueError(f"mask must have rank 2..4 ([T, S] .. [B, N, T, S]), got shape {mask.shape}")
+  arr = mask if _is_jax(mask) else np.asarray(mask)
+  arr4 = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
+  Bm, Nm, Tm, Sm = arr4.shape
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(arr4, q, kv)
+    bi = xp.clip(b, 0, Bm - 1) if Bm > 1 else 0
+    hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
+    return arr4[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv, 0, Sm - 1)]
+
+  m = Mask(fn, f"from_array{tuple(arr.shape)}", data_dependent=_is_jax(arr),
+           head_dependent=Nm > 1, operands=(arr4,))
+  m._array_shape = (Tm, Sm)
+  orig_check = m.check_shape
+
+  def check(T, S):
+    if (Tm != 1 and Tm != T) or (Sm != 1 and Sm != S):
+      raise ValueError(f"mask array of shape {tuple(arr.shape)} does not broadcast to "
+                       f"[T={T}, S={S}]")
+    orig_check(T, S)
+  m.check_shape = check
+  return m
+
+
+def from_fn(fn: Callable, name: Optional[str] = None) -> Mask:
+  """A mask from a vectorised predicate ``fn(b, h, q_idx, kv_idx) -> bool``.
+
+  ``fn`` must broadcast over index arrays and use only operators (or ``jnp``) so
+  it works on both NumPy and traced inputs.  If it closes over JAX arrays the mask
+  is treated as data-dependent (block table built in-graph).
+  """
+  if not callable(fn):
+    raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+  probe = fn(np.zeros((1, 1, 1, 1), np.int32), np.zeros((1, 1, 1, 1), np.int32),
+             np.zeros((1, 1, 1, 1), np.int32), np.zeros((1, 1, 1, 1), np.int32))
+  dyn = _is_jax(probe)
+  def wrapped(ctx, b, h, q, kv):
+    return fn(b, h, q, kv)
+  return Mask(wrapped, name or getattr(fn, "__name__", "from_fn"), data_dependent=dyn,
+              head_dependent=True)
+
+
+def from_block_mask(block_mask, block_q: int, block_k: int) -> Mask:
+  """A tile-level mask: ``(q, kv)`` is allowed iff ``block_mask[b, h, q // block_q,
+  kv // block_k]`` (rank 2..4, broadcastable).  Used by routing mechanisms (BiFormer,
+  MoBA, ...) whose per-query-block key-block selection is computed from data.
+  """
+  block_q = _check_int("block_q", block_q, minimum=1)
+  block_k = _check_int("block_k", block_k, minimum=1)
+  if not hasattr(block_mask, "ndim") or block_mask.dtype != bool:
+    raise TypeError("block_mask must be a boolean array")
+  if not 2 <= block_mask.ndim <= 4:
+    raise ValueError(f"block_mask must have rank 2..4, got shape {block_mask.shape}")
+  arr4 = block_mask.reshape((1,) * (4 - block_mask.ndim) + tuple(block_mask.shape))
+  dyn = _is_jax(arr4)
+  Bm, Nm, nqm, nkm = arr4.shape
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(arr4, q, kv)
+    bi = xp.clip(b, 0, Bm - 1) if Bm > 1 else 0
+    hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
+    return arr4[bi, hi, xp.clip(q // block_q, 0, nqm - 1), xp.clip(kv // block_k, 0, nkm - 1)]
+
+  def table(ctx, T, S, bq, bk):
+    if bq == block_q and bk == block_k:
+      xp = jnp if dyn else np
+      nq, nk = -(-T // bq), -(-S // bk)
+      if (nqm, nkm) != (nq, nk):
+        raise ValueError(f"block_mask has {nqm}x{nkm} tiles, T={T}, S={S} need {nq}x{nk}")
+      return xp.where(arr4, FULL, EMPTY).astype(xp.int8)
+    return _eval_table(m, ctx, T, S, bq, bk)
+
+  m = Mask(fn, f"from_block_mask({block_q}, {block_k})", table=table, data_dependent=dyn,
+           head_dependent=Nm > 1, operands=(arr4,))
+  return m
+
+
+def as_mask(mask: Any, name: str = "mask") -> Optional[Mask]:
+  """Coerces ``None``, a :class:`Mask`, or a boolean array into a Mask (or None)."""
+  if mask is None or isinstance(mask, Mask):
+    return mask
+  if hasattr(mask, "dtype") and hasattr(mask, "ndim"):
+    if mask.dtype != bool:
+      raise TypeError(f"{name} must be a boolean array or an attnjax.masks.Mask, got "
+                      f"dtype {mask.dtype}")
+    return from_array(mask)
+  raise TypeError(f"{name} must be None, a boolean array or an attnjax.masks.Mask, got "
+                  f"{type(mask).__name__}")

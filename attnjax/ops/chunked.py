@@ -1,0 +1,445 @@
+"""'xla_chunked': blockwise online-softmax attention in plain JAX, O(T + S) memory.
+
+The forward visits, for each (batch, kv head, q-block), only the key blocks whose
+tile is non-empty in the mask's block table, evaluates the mask only on partial
+tiles, and keeps a running max / denominator / accumulator (FlashAttention's
+online softmax).  Query heads that share a kv head (GQA) are processed together
+as ``G * block_q`` rows against one K/V tile, so K/V are never repeated.
+
+The backward (``jax.custom_vjp``) recomputes each tile's probabilities from the
+saved ``lse`` and accumulates ``dq`` per q-block and ``dk, dv`` per (batch, kv head)
+in one pass (five tile matmuls, no ``[T, S]`` array).  Gradients flow to ``q, k, v``,
+``bias``, ``sinks`` and any arrays the ``score_mod`` closes over.
+
+Paper: "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness"
+(Dao et al., 2022); "Self-attention Does Not Need O(n^2) Memory" (Rabe & Staats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks as masks_lib
+from attnjax.ops.dense import AttentionArgs
+
+__all__ = ["ChunkedBlockSizes", "chunked_attention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedBlockSizes:
+  """Tile sizes of the 'xla_chunked' path.
+
+  Attributes:
+    block_q: query rows per tile *per query head*; a GQA group of ``G`` heads is
+      processed as ``G * block_q`` rows.  ``None``: chosen from the shape.
+    block_k: keys per tile.  ``None``: chosen from the shape.
+  """
+  block_q: Optional[int] = None
+  block_k: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      val = getattr(self, name)
+      if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+        raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int or None, got {val!r}")
+
+  def resolve(self, T: int, S: int, G: int):
+    bq = self.block_q or max(16, 256 // G)
+    bk = self.block_k or 512
+    return min(bq, T), min(bk, S)
+
+
+_EMPTY, _PARTIAL, _FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
+
+
+def _float0_zeros(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _schedule(a: AttentionArgs, bq: int, bk: int):
+  """Per (batch, kv head, q block): the ordered list of non-empty k blocks, its
+  length, and whether each listed tile needs masking.
+
+  Returns (klist, count, partial) with leading dims [B', K'] (1 when independent
+  of batch / head), NumPy when every input is static, else JAX arrays.
+  """
+  T, S, N, K, G, B = a.T, a.S, a.N, a.K, a.G, a.B
+  nq, nk = -(-T // bq), -(-S // bk)
+  tables = []
+  if a.mask is not None:
+    tables.append(a.mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
+  if a.q_segment_ids is not None:
+    tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
+  if not tables:
+    table = np.full((1, 1, nq, nk), _FULL, np.int8)
+  else:
+    table = tables[0]
+    for t in tables[1:]:
+      table = masks_lib._table_algebra("and", [table, t])
+  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
+  Bt, Nt = table.shape[:2]
+  if Nt == N and N > 1:
+    t5 = table.reshape(Bt, K, G, nq, nk)
+    nonempty = (t5 != _EMPTY).any(axis=2)
+    allfull = (t5 == _FULL).all(axis=2)
+    table = xp.where(allfull, _FULL, xp.where(nonempty, _PARTIAL, _EMPTY)).astype(xp.int8)
+  # A ragged last k block needs the in-range mask.
+  if S % bk:
+    last = xp.where(table[..., -1:] == _FULL, _PARTIAL, table[..., -1:])
+    table = xp.concatenate([table[..., :-1], last], axis=-1)
+  # Order non-empty blocks first (stable), keep their ids.
+  order_key = (table == _EMPTY).astype(xp.int32)
+  if xp is np:
+    klist = np.argsort(order_key, axis=-1, kind="stable").astype(np.int32)
+  else:
+    klist = jnp.argsort(order_key, axis=-1, stable=True).astype(jnp.int32)
+  count = (table != _EMPTY).sum(axis=-1).astype(xp.int32)
+  partial = xp.take_along_axis(table, klist, axis=-1) == _PARTIAL
+  return klist, count, partial
+
+
+def _pick(arr, b, kh):
+  """arr[b or 0, kh or 0] for schedule arrays with broadcast leading dims."""
+  return arr[b if arr.shape[0] > 1 else 0, kh if arr.shape[1] > 1 else 0]
+
+
+def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None):
+  """Blockwise attention; see the module docstring.  Same contract as
+  :func:`attnjax.attention` (BTNH in, BTNH out, ``lse [B, N, T]``)."""
+  if block_sizes is None:
+    block_sizes = ChunkedBlockSizes()
+  elif not isinstance(block_sizes, ChunkedBlockSizes):
+    bq_, bk_ = getattr(block_sizes, "block_q", None), getattr(block_sizes, "block_k", None)
+    if bq_ is None and bk_ is None:
+      raise TypeError(f"block_sizes for 'xla_chunked' must be a ChunkedBlockSizes, got "
+                      f"{type(block_sizes).__name__}")
+    block_sizes = ChunkedBlockSizes(bq_, bk_)
+  B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
+  bq, bk = block_sizes.resolve(T, S, G)
+  nq, nk = -(-T // bq), -(-S // bk)
+  Tp, Sp = nq * bq, nk * bk
+  R = G * bq
+  dtype = q.dtype
+
+  klist, count, partial = _schedule(a, bq, bk)
+  static_sched = isinstance(klist, np.ndarray)
+
+  # Static config closed over by the custom_vjp.
+  scale, softcap = a.scale, a.softcap
+  has_bias, has_sinks = a.bias is not None, a.sinks is not None
+  has_seg = a.q_segment_ids is not None
+  mask, score_mod = a.mask, a.score_mod
+  need_mask_eval = mask is not None or has_seg or S % bk != 0
+  bias_shape = None if a.bias is None else a.bias.shape
+
+  # Closure-convert the mask and score_mod so arrays they close over become
+  # explicit arguments of the custom_vjp (differentiable for score_mod).
+  ex_s = jax.ShapeDtypeStruct((R, bk), jnp.float32)
+  ex_i = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((R, 1), jnp.int32),
+          jax.ShapeDtypeStruct((R, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32))
+  if score_mod is not None:
+    sm_fn, sm_consts = jax.closure_convert(
+        lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki).astype(jnp.float32), ex_s, *ex_i)
+  else:
+    sm_fn, sm_consts = None, []
+  if mask is not None:
+    mk_fn, mk_consts = jax.closure_convert(
+        lambda b, h, qi, ki: jnp.broadcast_to(
+            mask(b, h, qi, ki, num_heads=N, batch=B), (R, bk)).astype(jnp.float32), *ex_i)
+  else:
+    mk_fn, mk_consts = None, []
+
+  # ---------------------------------------------------------------- layouts
+  def to_qblocks(x):          # [B, T, N, D] -> [B, K, nq, R, D]
+    D = x.shape[-1]
+    x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    x = x.reshape(B, nq, bq, K, G, D).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, K, nq, R, D)
+
+  def from_qblocks(x):        # [B, K, nq, R, D] -> [B, T, N, D]
+    D = x.shape[-1]
+    x = x.reshape(B, K, nq, G, bq, D).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, Tp, N, D)[:, :T]
+
+  def to_kblocks(x):          # [B, S, K, D] -> [B, K, Sp, D]
+    x = jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3)
+
+  def rows_to_bnt(x):         # [B, K, nq, R] -> [B, N, T]
+    x = x.reshape(B, K, nq, G, bq).transpose(0, 1, 3, 2, 4)
+    return x.reshape(B, N, Tp)[:, :, :T]
+
+  def bnt_to_rows(x):         # [B, N, T] -> [B, K, nq, R]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T)))
+    x = x.reshape(B, K, G, nq, bq).transpose(0, 1, 3, 2, 4)
+    return x.reshape(B, K, nq, R)
+
+  row_g = np.repeat(np.arange(G, dtype=np.int32), bq)[:, None]      # [R, 1]
+  row_t = np.tile(np.arange(bq, dtype=np.int32), G)[:, None]        # [R, 1]
+  col_k = np.arange(bk, dtype=np.int32)[None, :]                    # [1, bk]
+
+  # ---------------------------------------------------------------- tile math
+  def tile_indices(b, kh, qb, kb):
+    return (b, kh * G + row_g, qb * bq + row_t, kb * bk + col_k)
+
+  def bias_tile(bias, b, kh, qb, kb):
+    Bb, Nb, Tb, Sb = bias.shape
+    start = (b if Bb > 1 else 0, kh * G if Nb > 1 else 0, qb * bq if Tb > 1 else 0,
+             kb * bk if Sb > 1 else 0)
+    size = (1, G if Nb > 1 else 1, bq if Tb > 1 else 1, bk if Sb > 1 else 1)
+    t = jax.lax.dynamic_slice(bias, start, size)[0]
+    return jnp.broadcast_to(t.astype(jnp.float32), (G, bq, bk)).reshape(R, bk)
+
+  def allowed_tile(mkc, seg, b, kh, qb, kb):
+    idx = tile_indices(b, kh, qb, kb)
+    ok = idx[3] < S
+    if mask is not None:
+      ok = ok & (mk_fn(*idx, *mkc) > 0.5)
+    if has_seg:
+      qseg, kseg = seg
+      qs = jax.lax.dynamic_slice(qseg, (b, qb * bq), (1, bq))[0]
+      ks = jax.lax.dynamic_slice(kseg, (b, kb * bk), (1, bk))[0]
+      ok = ok & (jnp.tile(qs, G)[:, None] == ks[None, :])
+    return ok
+
+  def logits(q_blk, k_t, bias, smc, b, kh, qb, kb):
+    """Pre-softcap logits s1 and final logits s (float32, unmasked)."""
+    s = jax.lax.dot_general(q_blk, k_t, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    if has_bias:
+      s = s + bias_tile(bias, b, kh, qb, kb)
+    s0 = s
+    if sm_fn is not None:
+      s = sm_fn(s, *tile_indices(b, kh, qb, kb), *smc)
+    s1 = s
+    if softcap is not None:
+      s = softcap * jnp.tanh(s / softcap)
+    return s0, s1, s
+
+  def sched_at(sched, b, kh, qb, t):
+    kl, cnt, part = sched
+    return _pick(kl, b, kh)[qb, t], _pick(part, b, kh)[qb, t]
+
+  # ---------------------------------------------------------------- forward
+  def fwd_impl(qs, kk, vv, bias, sinks, seg, mkc, smc, sched):
+    """qs: scaled q blocks [B, K, nq, R, H]; kk [B, K, Sp, H]; vv [B, K, Sp, Hv]."""
+    kl, cnt, part = sched
+    idx = np.arange(B * K * nq, dtype=np.int32)
+
+    def one_block(args):
+      i, q_blk = args
+      b, kh, qb = i // (K * nq), (i // nq) % K, i % nq
+      k_bh = kk[b, kh]
+      v_bh = vv[b, kh]
+      if has_sinks:
+        m0 = jax.lax.dynamic_slice(sinks, (kh * G,), (G,)).astype(jnp.float32)
+        m0 = jnp.repeat(m0, bq)
+        l0 = jnp.ones((R,), jnp.float32)
+      else:
+        m0 = jnp.full((R,), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((R,), jnp.float32)
+      acc0 = jnp.zeros((R, Hv), jnp.float32)
+
+      def body(t, carry):
+        m, l, acc = carry
+        kb, is_part = sched_at(sched, b, kh, qb, t)
+        k_t = jax.lax.dynamic_slice_in_dim(k_bh, kb * bk, bk)
+        v_t = jax.lax.dynamic_slice_in_dim(v_bh, kb * bk, bk)
+        _, _, s = logits(q_blk, k_t, bias, smc, b, kh, qb, kb)
+        if need_mask_eval:
+          s = jax.lax.cond(
+              is_part,
+              lambda s: jnp.where(allowed_tile(mkc, seg, b, kh, qb, kb), s, -jnp.inf),
+              lambda s: s, s)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + p.sum(axis=1)
+        acc = alpha[:, None] * acc + jax.lax.dot_general(
+            p.astype(v_t.dtype), v_t, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+      n = _pick(cnt, b, kh)[qb]
+      m, l, acc = jax.lax.fori_loop(0, n, body, (m0, l0, acc0))
+      pos = l > 0
+      safe = jnp.where(pos, l, 1.0)
+      out = (acc / safe[:, None]).astype(dtype)
+      m_fin = jnp.where(jnp.isfinite(m), m, 0.0)
+      lse = jnp.where(pos, m_fin + jnp.log(safe), -jnp.inf)
+      return out, lse
+
+    out, lse = jax.lax.map(one_block, (idx, qs.reshape(B * K * nq, R, H)))
+    return out.reshape(B, K, nq, R, Hv), lse.reshape(B, K, nq, R)
+
+  # ---------------------------------------------------------------- backward
+  def bwd_impl(qs, kk, vv, bias, sinks, seg, mkc, smc, sched, out, lse, dout, dlse):
+    kl, cnt, part = sched
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    if dlse is not None:
+      delta = delta - dlse
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    smc_zero = [jnp.zeros_like(c) for c in smc]
+    if has_bias:
+      # Per (b, kh) accumulator over the (padded) bias dims that vary inside one (b, kh).
+      bias_acc_shape = (G if bias.shape[1] > 1 else 1,) + tuple(bias.shape[2:])
+
+    def one_bh(args):
+      i, q_bh, do_bh, lse_bh, dl_bh = args
+      b, kh = i // K, i % K
+      k_bh, v_bh = kk[b, kh], vv[b, kh]
+
+      def q_step(carry, xs):
+        dk, dv, dsm, dbias = carry
+        qb, q_blk, do_blk, lse_blk, dl_blk = xs
+
+        def body(t, c):
+          dq, dk, dv, dsm, dbias = c
+          kb, is_part = sched_at(sched, b, kh, qb, t)
+          k_t = jax.lax.dynamic_slice_in_dim(k_bh, kb * bk, bk)
+          v_t = jax.lax.dynamic_slice_in_dim(v_bh, kb * bk, bk)
+          s0, s1, s = logits(q_blk, k_t, bias, smc, b, kh, qb, kb)
+          if need_mask_eval:
+            s = jax.lax.cond(
+                is_part,
+                lambda s: jnp.where(allowed_tile(mkc, seg, b, kh, qb, kb), s, -jnp.inf),
+                lambda s: s, s)
+          p = jnp.exp(s - lse_blk[:, None])
+          dv_t = jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+          dp = jax.lax.dot_general(do_blk, v_t, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+          ds = p * (dp - dl_blk[:, None])
+          if softcap is not None:
+            th = jnp.tanh(s1 / softcap)
+            ds = ds * (1.0 - th * th)
+          if sm_fn is not None:
+            _, vjp = jax.vjp(lambda s_, *c_: sm_fn(s_, *tile_indices(b, kh, qb, kb), *c_),
+                             s0, *smc)
+            grads = vjp(ds)
+            ds = grads[0]
+            dsm = [x + g for x, g in zip(dsm, grads[1:])]
+          if has_bias:
+            dbias = _acc_bias(dbias, ds, qb, kb)
+          dsc = ds.astype(q_blk.dtype)
+          dq = dq + jax.lax.dot_general(dsc, k_t, (((1,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+          dk_t = jax.lax.dot_general(dsc, q_blk, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+          dk = jax.lax.dynamic_update_slice_in_dim(
+              dk, jax.lax.dynamic_slice_in_dim(dk, kb * bk, bk) + dk_t, kb * bk, 0)
+          dv = jax.lax.dynamic_update_slice_in_dim(
+              dv, jax.lax.dynamic_slice_in_dim(dv, kb * bk, bk) + dv_t, kb * bk, 0)
+          return dq, dk, dv, dsm, dbias
+
+        n = _pick(cnt, b, kh)[qb]
+        dq0 = jnp.zeros((R, H), jnp.float32)
+        dq, dk, dv, dsm, dbias = jax.lax.fori_loop(0, n, body, (dq0, dk, dv, dsm, dbias))
+        return (dk, dv, dsm, dbias), dq
+
+      init = (jnp.zeros((Sp, H), jnp.float32), jnp.zeros((Sp, Hv), jnp.float32), smc_zero,
+              None if not has_bias else jnp.zeros(bias_acc_shape, jnp.float32))
+      (dk, dv, dsm, dbias), dq = jax.lax.scan(
+          q_step, init, (np.arange(nq, dtype=np.int32), q_bh, do_bh, lse_bh, dl_bh))
+      return dq, dk, dv, dsm, dbias
+
+    def _acc_bias(dbias, ds, qb, kb):
+      Gb, Tb, Sb = dbias.shape
+      t = ds.reshape(G, bq, bk)
+      if Gb == 1:
+        t = t.sum(axis=0, keepdims=True)
+      if Tb == 1:
+        t = t.sum(axis=1, keepdims=True)
+      if Sb == 1:
+        t = t.sum(axis=2, keepdims=True)
+      start = (0, qb * bq if Tb > 1 else 0, kb * bk if Sb > 1 else 0)
+      # Rows/cols beyond T/S were padded into the bias accumulator and are cut later.
+      cur = jax.lax.dynamic_slice(dbias, start, t.shape)
+      return jax.lax.dynamic_update_slice(dbias, cur + t, start)
+
+    idx = np.arange(B * K, dtype=np.int32)
+    dq, dk, dv, dsm, dbias = jax.lax.map(
+        one_bh, (idx, qs.reshape(B * K, nq, R, H), dout.reshape(B * K, nq, R, Hv),
+                  lse_safe.reshape(B * K, nq, R), delta.reshape(B * K, nq, R)))
+    dq = dq.reshape(B, K, nq, R, H)
+    dk = dk.reshape(B, K, Sp, H)
+    dv = dv.reshape(B, K, Sp, Hv)
+    dsm = [g.sum(axis=0).astype(c.dtype) for g, c in zip(dsm, smc)]
+    dbias_out = None
+    if has_bias:
+      Bb, Nb, Tb, Sb = bias.shape
+      db = dbias.reshape(B, K, *dbias.shape[1:])
+      if Nb > 1:
+        db = db.reshape(B, N, *db.shape[3:])
+      else:
+        db = db.sum(axis=1)
+      if Bb == 1:
+        db = db.sum(axis=0, keepdims=True)
+      dbias_out = db[:, :, :(T if Tb > 1 else 1), :(S if Sb > 1 else 1)].astype(bias.dtype)
+    dsinks = None
+    if has_sinks:
+      sk = sinks.astype(jnp.float32).reshape(1, K, 1, G, 1)
+      lse5 = lse.reshape(B, K, nq, G, bq)
+      p_sink = jnp.exp(sk - jnp.where(jnp.isfinite(lse5), lse5, jnp.inf))
+      d5 = delta.reshape(B, K, nq, G, bq)
+      valid = (np.arange(nq)[:, None] * bq + np.arange(bq)[None, :] < T)[None, None, :, None, :]
+      dsinks = -jnp.sum(jnp.where(valid, p_sink * d5, 0.0), axis=(0, 2, 4)).reshape(N)
+      dsinks = dsinks.astype(sinks.dtype)
+    return dq, dk, dv, dsm, dbias_out, dsinks
+
+  # ---------------------------------------------------------------- custom_vjp
+  @jax.custom_vjp
+  def core(q, k, v, bias, sinks, seg, mkc, smc, sched):
+    out, lse = _forward(q, k, v, bias, sinks, seg, mkc, smc, sched)
+    return out, lse
+
+  def _forward(q, k, v, bias, sinks, seg, mkc, smc, sched):
+    qs = to_qblocks((q.astype(jnp.float32) * scale).astype(dtype))
+    kk, vv = to_kblocks(k), to_kblocks(v)
+    if has_bias:
+      bias = _pad_bias(bias)
+    out, lse = fwd_impl(qs, kk, vv, bias, sinks, seg, mkc, smc, sched)
+    return out, lse
+
+  def _pad_bias(bias):
+    Bb, Nb, Tb, Sb = bias.shape
+    return jnp.pad(bias, ((0, 0), (0, 0), (0, Tp - T if Tb > 1 else 0),
+                          (0, Sp - S if Sb > 1 else 0)))
+
+  def core_fwd(q, k, v, bias, sinks, seg, mkc, smc, sched):
+    out, lse = _forward(q, k, v, bias, sinks, seg, mkc, smc, sched)
+    return (out, lse), (q, k, v, bias, sinks, seg, mkc, smc, sched, out, lse)
+
+  def core_bwd(res, cts):
+    q, k, v, bias, sinks, seg, mkc, smc, sched, out, lse = res
+    dout, dlse = cts
+    qs = to_qblocks((q.astype(jnp.float32) * scale).astype(dtype))
+    kk, vv = to_kblocks(k), to_kblocks(v)
+    pbias = _pad_bias(bias) if has_bias else None
+    dq, dk, dv, dsm, dbias, dsinks = bwd_impl(
+        qs, kk, vv, pbias, sinks, seg, mkc, smc, sched, out, lse, dout.astype(dtype), dlse)
+    dq = (from_qblocks(dq) * scale).astype(q.dtype)
+    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+    dseg = None if seg is None else tuple(_float0_zeros(x) for x in seg)
+    dmk = [_float0_zeros(x) for x in mkc]
+    dsched = tuple(_float0_zeros(x) for x in sched)
+    return dq, dk, dv, dbias, dsinks, dseg, dmk, dsm, dsched
+
+  core.defvjp(core_fwd, core_bwd)
+
+  seg = (a.q_segment_ids, a.kv_segment_ids) if has_seg else None
+  sched = tuple(jnp.asarray(x) for x in (klist, count, partial))
+  out_b, lse_b = core(q, k, v, a.bias, a.sinks, seg, list(mk_consts), list(sm_consts), sched)
+  out = from_qblocks(out_b)
+  if not return_lse:
+    return out
+  return out, rows_to_bnt(lse_b)

@@ -1,0 +1,156 @@
+"""Score modifiers: elementwise edits of the float32 attention logits.
+
+A score_mod is a callable ``score_mod(score, b, h, q_idx, kv_idx) -> score`` that
+broadcasts over its index arguments (FlexAttention's convention).  Arrays it
+closes over (ALiBi slopes, relative-position tables) are differentiable in every
+implementation of :func:`attnjax.attention`.
+
+Order inside ``attention``: ``s = scale * q.k + bias``; ``s = score_mod(s, ...)``;
+``s = softcap * tanh(s / softcap)``; then the mask.
+
+    >>> mod = score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(8)),
+    ...                          score_mods.softcap(30.0))
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_position_bias", "temperature",
+           "softcap", "compose"]
+
+
+class ScoreMod:
+  """A named, composable score modifier (callable like a plain function)."""
+
+  def __init__(self, fn: Callable, name: str):
+    self._fn = fn
+    self.name = name
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return self._fn(score, b, h, q_idx, kv_idx)
+
+  def __repr__(self):
+    return f"ScoreMod({self.name})"
+
+
+def _check_array(name, a, ndim):
+  if not hasattr(a, "ndim") or not hasattr(a, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+  if a.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim}, got shape {a.shape}")
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point, got {a.dtype}")
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """The ALiBi head slopes ``2^(-8 (h + 1) / n)`` (geometric; for non-power-of-two
+  ``num_heads`` the interleaved extension of the paper).  float32 ``[num_heads]``."""
+  if not isinstance(num_heads, int) or num_heads <= 0:
+    raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+  def pow2(n):
+    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+  p = 2 ** int(np.floor(np.log2(num_heads)))
+  slopes = pow2(p)
+  if p < num_heads:
+    slopes += pow2(2 * p)[0::2][: num_heads - p]
+  return np.asarray(slopes, np.float32)
+
+
+def alibi(slopes, *, symmetric: bool = False) -> ScoreMod:
+  """ALiBi: ``s + m_h * (kv_idx - q_idx)`` (``-m_h * |q_idx - kv_idx|`` if symmetric).
+
+  Paper: "Train Short, Test Long: Attention with Linear Biases Enables Input Length
+  Extrapolation".
+
+  Args:
+    slopes: float ``[N]`` per-query-head slopes (learnable if you like); see
+      :func:`alibi_slopes`.
+  """
+  _check_array("slopes", slopes, 1)
+  def fn(score, b, h, q, kv):
+    d = (kv - q).astype(jnp.float32)
+    d = -jnp.abs(d) if symmetric else d
+    return score + jnp.asarray(slopes, jnp.float32)[h] * d
+  return ScoreMod(fn, "alibi")
+
+
+def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
+                           max_distance=None) -> ScoreMod:
+  """Learned relative-position bias ``s + table[h, idx(q, kv)]`` on 1D or 2D/3D grids.
+
+  1D (``shape=None``): ``table [N, 2 R + 1]``, ``idx = clip(kv - q, -R, R) + R``
+  (T5/Shaw-style clipped distances; ``R = max_distance`` or ``(table.shape[1]-1)//2``).
+  Grid (``shape=(Hh, Ww[, Dd])``, tokens row-major): per-axis distances clipped to
+  ``R_a`` (default ``L_a - 1``), ``table [N, prod(2 R_a + 1)]`` indexed in row-major
+  order of the per-axis offsets — the Swin/NAT ``(2M-1)^2`` table when ``R_a = M - 1``.
+
+  Paper: "Self-Attention with Relative Position Representations"; Swin Transformer.
+  """
+  _check_array("table", table, 2)
+  if shape is None:
+    R = (table.shape[1] - 1) // 2 if max_distance is None else int(max_distance)
+    if table.shape[1] != 2 * R + 1:
+      raise ValueError(f"table must have 2*max_distance+1 = {2 * R + 1} columns, got "
+                       f"{table.shape[1]}")
+    def fn(score, b, h, q, kv):
+      idx = jnp.clip(kv - q, -R, R) + R
+      return score + table[h, idx].astype(jnp.float32)
+    return ScoreMod(fn, "relative_position_bias_1d")
+  shape = tuple(int(s) for s in shape)
+  if not 1 <= len(shape) <= 3:
+    raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
+  if max_distance is None:
+    Rs = tuple(L - 1 for L in shape)
+  elif isinstance(max_distance, int):
+    Rs = (max_distance,) * len(shape)
+  else:
+    Rs = tuple(int(r) for r in max_distance)
+  widths = [2 * r + 1 for r in Rs]
+  if table.shape[1] != int(np.prod(widths)):
+    raise ValueError(f"table must have prod(2*R+1) = {int(np.prod(widths))} columns for "
+                     f"shape={shape}, max_distance={Rs}; got {table.shape[1]}")
+  strides = [int(np.prod(shape[a + 1:])) for a in range(len(shape))]
+  wstrides = [int(np.prod(widths[a + 1:])) for a in range(len(shape))]
+
+  def fn(score, b, h, q, kv):
+    idx = 0
+    for L, st, R, ws in zip(shape, strides, Rs, wstrides):
+      d = (kv // st) % L - (q // st) % L
+      idx = idx + (jnp.clip(d, -R, R) + R) * ws
+    return score + table[h, idx].astype(jnp.float32)
+  return ScoreMod(fn, f"relative_position_bias{shape}")
+
+
+def temperature(tau) -> ScoreMod:
+  """Temperature scaling ``s / tau`` (tau > 1 flattens attention).
+
+  Paper: "Are Vision Transformers Robust to Patch Perturbations?"
+  """
+  if not hasattr(tau, "shape") and (not isinstance(tau, (int, float)) or tau <= 0):
+    raise ValueError(f"tau must be a positive number, got {tau!r}")
+  return ScoreMod(lambda s, b, h, q, kv: s / tau, f"temperature({tau})")
+
+
+def softcap(cap) -> ScoreMod:
+  """Logit soft-capping ``c * tanh(s / c)`` (Gemma 2)."""
+  if not hasattr(cap, "shape") and (not isinstance(cap, (int, float)) or cap <= 0):
+    raise ValueError(f"cap must be a positive number, got {cap!r}")
+  return ScoreMod(lambda s, b, h, q, kv: cap * jnp.tanh(s / cap), f"softcap({cap})")
+
+
+def compose(*mods: Callable) -> ScoreMod:
+  """Applies score mods left to right: ``compose(f, g)(s) = g(f(s))``."""
+  for i, m in enumerate(mods):
+    if not callable(m):
+      raise TypeError(f"mods[{i}] must be callable, got {type(m).__name__}")
+  def fn(score, b, h, q, kv):
+    for m in mods:
+      score = m(score, b, h, q, kv)
+    return score
+  return ScoreMod(fn, " -> ".join(getattr(m, "name", getattr(m, "__name__", "fn"))
+                                   for m in mods))
