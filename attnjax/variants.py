@@ -1,0 +1,159 @@
+"""Registry of attention layers by name: configs select mechanisms only through here.
+
+    >>> from attnjax import variants
+    >>> layer = variants.get("swin")(d_model=64, num_heads=4, num_kv_heads=None, head_dim=None,
+    ...                              rngs=nnx.Rngs(0), window=4, shift=2)
+    >>> y = layer(x_BHWD)                     # [B, Hh, Ww, 64]
+
+Factory convention (every entry): `factory(*, d_model, num_heads, num_kv_heads, head_dim,
+rngs, **options) -> nnx.Module`; the module is called as `layer(x, *, segment_ids=None,
+positions=None, cache=None, deterministic=True)` with `x [B, T, D]` or `[B, Hh, Ww, D]`
+and returns the same leading shape with D features (pooling layers: `[B, k, D]`).
+Layers that support decoding also have `init_cache(batch, max_len)`; called with
+`cache=` they return `(y, new_cache)`. A recurrent-state layer (linear attention) plugs
+in by returning its state as the "cache".
+
+Other families register themselves:
+
+    >>> @variants.register("my_linear", kind="sequence")
+    ... def make(*, d_model, num_heads, num_kv_heads, head_dim, rngs, **options): ...
+
+`kind` is 'sequence' (1D, may also accept grids), 'spatial' (needs `[B, Hh, Ww, D]`) or
+'pooling' (`[B, n, D] -> [B, k, D]`); models use it to feed the right shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+
+__all__ = ["register", "get", "get_linen", "names", "info", "build", "Entry", "KINDS"]
+
+KINDS = ("sequence", "spatial", "pooling")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One registered variant: its NNX factory, kind and optional Linen factory."""
+
+  name: str
+  factory: Callable
+  kind: str = "sequence"
+  linen: Callable | None = None
+  supports_cache: bool = False
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def _unknown(name) -> ValueError:
+  close = difflib.get_close_matches(str(name), list(_REGISTRY), n=4, cutoff=0.5)
+  return ValueError(f"unknown attention variant name={name!r}; close matches: "
+                    f"{close if close else 'none'}; registered: {sorted(_REGISTRY)}")
+
+
+def register(name: str, factory: Callable | None = None, *, kind: str = "sequence",
+             linen: Callable | None = None, supports_cache: bool = False, overwrite: bool = False):
+  """Registers `factory` under `name` (usable as a decorator when `factory` is omitted).
+
+  Args:
+    name: the config name, e.g. 'linear'.
+    factory: `factory(*, d_model, num_heads, num_kv_heads, head_dim, rngs, **options)`.
+    kind: one of `KINDS`.
+    linen: optional Linen factory with the same signature minus `rngs`.
+    supports_cache: whether the built layer has `init_cache` and a `cache=` call.
+    overwrite: replace an existing entry instead of raising.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"name must be a non-empty str, got name={name!r}")
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
+
+  def deco(fn):
+    if not callable(fn):
+      raise TypeError(f"factory must be callable, got {type(fn).__name__}")
+    if name in _REGISTRY and not overwrite:
+      raise ValueError(f"attention variant {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = Entry(name, fn, kind, linen, supports_cache)
+    return fn
+
+  return deco if factory is None else deco(factory)
+
+
+def info(name: str) -> Entry:
+  """The registry entry of `name` (ValueError with close matches if unknown)."""
+  if name not in _REGISTRY:
+    raise _unknown(name)
+  return _REGISTRY[name]
+
+
+def get(name: str) -> Callable:
+  """The NNX layer factory registered under `name`."""
+  return info(name).factory
+
+
+def get_linen(name: str) -> Callable:
+  """The Linen layer factory registered under `name` (ValueError if it has none)."""
+  entry = info(name)
+  if entry.linen is None:
+    raise ValueError(f"attention variant {name!r} has no Linen factory registered")
+  return entry.linen
+
+
+def names() -> list[str]:
+  """Sorted names of every registered variant."""
+  return sorted(_REGISTRY)
+
+
+def build(name: str, *, d_model: int, num_heads: int, rngs, num_kv_heads=None, head_dim=None,
+          **options):
+  """`get(name)(d_model=..., num_heads=..., num_kv_heads=..., head_dim=..., rngs=..., **options)`."""
+  return get(name)(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, rngs=rngs, **options)
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+def _register_builtins():
+  from attnjax.layers import presets  # pylint: disable=import-outside-toplevel
+  from attnjax.layers.attention import MultiHeadAttention  # pylint: disable=import-outside-toplevel
+  from attnjax.layers.pooling import PoolingAttention  # pylint: disable=import-outside-toplevel
+  from attnjax.layers import linen as linen_layers  # pylint: disable=import-outside-toplevel
+
+  def make(preset_name):
+    def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
+      kw = presets.variant_kwargs(preset_name, **options)
+      return MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                rngs=rngs, **kw)
+
+    def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
+      kw = presets.variant_kwargs(preset_name, **options)
+      return linen_layers.MultiHeadAttention(d_model=d_model, num_heads=num_heads,
+                                             num_kv_heads=num_kv_heads, head_dim=head_dim, **kw)
+
+    factory.__name__ = f"{preset_name}_factory"
+    factory.__doc__ = presets.PRESETS[preset_name].__doc__ or f"Built-in attention variant {preset_name!r}."
+    return factory, linen_factory
+
+  for preset_name in presets.PRESETS:
+    kind = "spatial" if preset_name in presets.SPATIAL else "sequence"
+    nnx_f, linen_f = make(preset_name)
+    register(preset_name, nnx_f, kind=kind, linen=linen_f, supports_cache=kind == "sequence",
+             overwrite=True)
+
+  def pma(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
+    """Pooling by multi-head attention (Set Transformer); option num_seeds."""
+    return PoolingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                            rngs=rngs, **options)
+
+  def pma_linen(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
+    fixed = {k: options.pop(k) for k in ("num_seeds", "param_dtype") if k in options}
+    return linen_layers.PoolingAttention(d_model=d_model, num_heads=num_heads,
+                                         num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                         options=tuple(sorted(options.items())), **fixed)
+
+  register("pma", pma, kind="pooling", linen=pma_linen, overwrite=True)
+
+
+_register_builtins()
