@@ -1,0 +1,138 @@
+"""Shared pieces of the experiment configs in ``configs/``: argument parsing, the base
+config with a comment on every field, model sizes and per-variant default options."""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = {  # name: (d_model, num_layers, num_heads, mlp_dim)
+    'T': (32, 1, 2, 64),
+    'S': (64, 2, 4, 128),
+    'M': (128, 4, 4, 512),
+    'B': (256, 6, 8, 1024),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'size=S,variant=swin,runlocal'`` -> ConfigDict; bare words become True.
+
+  Values are parsed as int / float / bool when they look like one. Keys must be among
+  ``defaults`` (a typo is an error naming the key).
+  """
+  out = dict(defaults)
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    key, _, value = part.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; expected one of {sorted(defaults)}.')
+    if not _:
+      out[key] = True
+      continue
+    out[key] = _parse_value(value.strip())
+  return ml_collections.ConfigDict(out)
+
+
+def _parse_value(value: str):
+  low = value.lower()
+  if low in ('true', 'false'):
+    return low == 'true'
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return value
+
+
+def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | None = None) -> dict:
+  """Reasonable default options for each registered attention variant."""
+  table = {
+      'sliding_window': dict(window=max(seq_len // 4, 1)),
+      'chunked': dict(chunk_size=max(seq_len // 4, 1)),
+      'prefix_lm': dict(prefix_len=max(seq_len // 2, 1)),
+      'neighborhood': dict(kernel=3),
+      'swin': dict(window=2, shift=1),
+      'grid': dict(grid=2),
+      'sinks': dict(window=max(seq_len // 4, 1)),
+      'softcap': dict(cap=50.0),
+      'relpos': dict(max_distance=32),
+  }
+  return dict(table.get(name, {}))
+
+
+def model_config(kind: str, size: str, *, variant: str = 'mha', seq_len: int = 64,
+                 vocab_size: int = 0, num_classes: int = 0, **extra) -> ml_collections.ConfigDict:
+  """A model config in the ``attnjax.models.build_model`` format (models_api.md)."""
+  if size not in SIZES:
+    raise ValueError(f'config argument size={size!r} must be one of {sorted(SIZES)}.')
+  d, layers, heads, mlp = SIZES[size]
+  m = ml_collections.ConfigDict()
+  m.kind = kind                    # 'lm' | 'encoder' | 'vit' | 'hvit' | 'set'
+  m.vocab_size = vocab_size        # token vocabulary (lm / encoder)
+  m.num_classes = num_classes      # classifier / regression outputs (0 = LM head)
+  m.max_len = seq_len              # longest sequence (position tables)
+  m.d_model = d                    # residual width
+  m.num_layers = layers            # transformer blocks
+  m.num_heads = heads              # query heads
+  m.num_kv_heads = heads           # kv heads (GQA when < num_heads)
+  m.head_dim = d // heads          # per-head width
+  m.mlp_dim = mlp                  # MLP hidden width
+  m.dropout_rate = 0.0             # dropout in attention output / MLP
+  m.dtype = 'float32'              # compute dtype ('float32' | 'bfloat16'); params f32
+  m.causal = kind == 'lm'          # causal self-attention (LM)
+  m.pool = 'mean'                  # 'cls' | 'mean' pooling for classifiers
+  m.head = 'pooled'                # 'pooled' | 'token' classification head (encoder)
+  m.remat_policy = 'none'          # 'none' | 'full' | 'dots'
+  m.scan_layers = False            # nnx.scan over layers
+  m.attention = ml_collections.ConfigDict(dict(name=variant, **variant_options(
+      variant, seq_len=seq_len)))  # registry name + the variant's options
+  m.layers_attention = ()          # optional per-layer attention configs (interleaving)
+  for k, v in extra.items():
+    m[k] = v
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every experiment has; experiment files fill in task, data and model."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                       # params / dropout / data-order seed
+  c.task = 'lm'                    # 'lm' | 'classification' | 'token_classification' | 'regression'
+  c.num_steps = 1000               # optimizer steps
+  c.batch_size = 64                # global batch (all processes)
+  c.eval_batch_size = 64           # global eval batch
+  c.eval_max_examples = 1000       # cap on eval examples (None = whole split)
+  c.log_every = 50                 # steps between train-metric lines (0 = only at the end)
+  c.eval_every = 0                 # steps between evals (0 = only at the end)
+  c.checkpoint_every = 500         # steps between checkpoints (0 = only at the end)
+  c.tensorboard = True             # also write TensorBoard events to <workdir>/tb
+  c.progress_bar = True            # tqdm bar on a TTY, log lines otherwise
+  c.model_factory = 'attnjax.models:build_model'  # 'module:function'(model_cfg, *, rngs)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''                 # built-in task (attnjax.data.BUILTIN_NAMES)
+  c.data.tfds_name = ''            # external TFDS dataset (array_record, prepared) instead
+  c.data.params = ml_collections.ConfigDict()  # task parameters (vocab_size, seq_len, ...)
+  c.data.seed = 0                  # generation seed of built-in tasks
+  c.data.num_train = 20000         # built-in train split size
+  c.data.num_test = 1000           # built-in test split size
+  c.data.data_dir = ''             # '' = $ATTNJAX_DATA_DIR or ~/.cache/attnjax/tfds
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.input_key = 'inputs'      # batch key fed to the model
+  c.data.keys = ml_collections.ConfigDict()  # renames for external datasets {src: dst}
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.param_rules = ()      # () = attnjax.parallel.DEFAULT_PARAM_RULES
+  c.sharding.activation_rules = ()  # () = attnjax.parallel.DEFAULT_ACTIVATION_RULES
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adamw', weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0))
+  c.schedule = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=100, decay='cosine', end_value_ratio=0.1))
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True))
+  c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1))  # test hook
+  return c
