@@ -1,0 +1,727 @@
+"""Block-sparse flash attention for TPU (Pallas Mosaic), forward and backward.
+
+Computes, per batch ``b`` and query head ``n`` (kv head ``n // G``),
+
+    s_ij = softcap(score_mod(scale * q_i . k_j + bias_ij))        (float32)
+    o_i  = sum_{j allowed} exp(s_ij - lse_i) v_j
+    lse_i = log(sum_{j allowed} exp(s_ij) + exp(sink_n))
+
+with FlashAttention's online softmax ("FlashAttention: Fast and Memory-Efficient
+Exact Attention with IO-Awareness", Dao et al. 2022; "FlashAttention-2").
+
+Tiling.  The ``G`` query heads sharing a kv head are processed together as
+``R = G * block_q`` rows against one ``[block_k, H]`` K/V tile, so K and V are
+never repeated (GQA/MQA).  The mask's block table (``attnjax.masks``) is compacted
+into a flat list of grid steps per ``(batch, kv head)``: one step per non-empty
+tile (plus one idle step for a q block with no allowed key, which writes zeros), the
+step's q/k block ids and flags arrive by scalar prefetch, and the mask predicate
+runs only on partial tiles.  Backward: a dq kernel over the same steps and a dk/dv
+kernel over the transposed list (per k block, its non-empty q blocks), both
+recomputing probabilities from the saved ``lse``; gradients for ``bias``, ``sinks``
+and the arrays a ``score_mod`` closes over are produced too.
+
+Decode (small ``T`` against a long cache): ``BlockSizes(num_splits=P)`` splits each
+row's key list into ``P`` chunks computed as independent rows and merged by their
+log-sum-exp (flash-decoding); the default picks ``P`` for single-q-block calls.
+
+Public entry point: :func:`flash_attention`; reference: :func:`flash_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from attnjax.kernels import common
+from attnjax.ops import dense as dense_lib
+
+__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
+
+_F32 = jnp.float32
+_LANES = 128
+_SUBLANES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the TPU kernel (forward and backward share them).
+
+  Attributes:
+    block_q: query rows per tile *per query head*, a multiple of 8 (the sublane
+      count); a GQA group of ``G`` heads forms ``G * block_q`` rows.  ``None``: 128,
+      capped at ``T`` rounded up to 8.
+    block_k: keys per tile, a multiple of 128 (the lane count).  ``None``: 128 (capped
+      at ``S`` rounded up to 128); larger tiles (256, 512) amortise per-step overhead
+      on dense masks, smaller ones skip more work on sparse masks.
+    num_splits: decode path: split each row's key list into this many chunks computed
+      in parallel and merged by log-sum-exp.  ``None``: automatic (splits only when
+      there is a single q block); ``1`` disables.
+  """
+  block_q: Optional[int] = None
+  block_k: Optional[int] = None
+  num_splits: Optional[int] = None
+
+  def __post_init__(self):
+    for name, mult, what in (("block_q", _SUBLANES, "sublanes"), ("block_k", _LANES, "lanes")):
+      val = getattr(self, name)
+      if val is None:
+        continue
+      if isinstance(val, bool) or not isinstance(val, int) or val <= 0 or val % mult:
+        raise ValueError(f"BlockSizes.{name} must be a positive multiple of {mult} (TPU "
+                         f"{what}), got {val!r}; use e.g. {mult * max(1, (val or 0) // mult or 1)}")
+    ns = self.num_splits
+    if ns is not None and (isinstance(ns, bool) or not isinstance(ns, int) or ns <= 0):
+      raise ValueError(f"BlockSizes.num_splits must be a positive int or None, got {ns!r}")
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    return cls()
+
+  def resolve(self, T: int, S: int):
+    bq = self.block_q or min(128, common.round_up(T, _SUBLANES))
+    bk = self.block_k or min(128, common.round_up(S, _LANES))
+    return bq, bk
+
+
+def _as_block_sizes(block_sizes) -> BlockSizes:
+  if block_sizes is None:
+    return BlockSizes()
+  if isinstance(block_sizes, BlockSizes):
+    return block_sizes
+  raise NotImplementedError(f"the TPU flash kernel takes attnjax.kernels.tpu.BlockSizes, got "
+                            f"{type(block_sizes).__name__}")
+
+
+# ====================================================================== layouts
+
+
+class _Layout:
+  """Row layout ``[B, K, nq * R, D]`` with rows ``(g, t)`` inside each q block."""
+
+  def __init__(self, a, bq, nq):
+    self.B, self.T, self.N, self.K, self.G = a.B, a.T, a.N, a.K, a.G
+    self.bq, self.nq = bq, nq
+    self.R = self.G * bq
+    self.Tp = nq * bq
+
+  def q_rows(self, x):            # [B, T, N, D] -> [B, K, nq * R, D]
+    B, K, G, nq, bq = self.B, self.K, self.G, self.nq, self.bq
+    D = x.shape[-1]
+    x = jnp.pad(x, ((0, 0), (0, self.Tp - self.T), (0, 0), (0, 0)))
+    x = x.reshape(B, nq, bq, K, G, D).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, K, nq * self.R, D)
+
+  def from_rows(self, x):         # [B, K, nq * R, D] -> [B, T, N, D]
+    B, K, G, nq, bq = self.B, self.K, self.G, self.nq, self.bq
+    D = x.shape[-1]
+    x = x.reshape(B, K, nq, G, bq, D).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, self.Tp, self.N, D)[:, :self.T]
+
+  def bnt_to_rows(self, x):       # [B, N, T] -> [B, K, nq * R, 1]
+    B, K, G, nq, bq = self.B, self.K, self.G, self.nq, self.bq
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, self.Tp - self.T)))
+    x = x.reshape(B, K, G, nq, bq).transpose(0, 1, 3, 2, 4)
+    return x.reshape(B, K, nq * self.R, 1)
+
+  def rows_to_bnt(self, x):       # [B, K, nq * R, 1] -> [B, N, T]
+    B, K, G, nq, bq = self.B, self.K, self.G, self.nq, self.bq
+    x = x.reshape(B, K, nq, G, bq).transpose(0, 1, 3, 2, 4)
+    return x.reshape(B, self.N, self.Tp)[:, :, :self.T]
+
+  def bnts_to_rows(self, x, Sp):  # [X, N, T, S] -> [X, K, nq * R, Sp]
+    X = x.shape[0]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, self.Tp - x.shape[2]), (0, Sp - x.shape[3])))
+    x = x.reshape(X, self.K, self.G, self.nq, self.bq, Sp).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(X, self.K, self.nq * self.R, Sp)
+
+  def rows_to_bnts(self, x, T, S):  # inverse of bnts_to_rows
+    X, Sp = x.shape[0], x.shape[-1]
+    x = x.reshape(X, self.K, self.nq, self.G, self.bq, Sp).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(X, self.N, self.Tp, Sp)[:, :, :T, :S]
+
+
+# ====================================================================== kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  """Static configuration of one call's kernels."""
+  math: common.TileMath
+  B: int
+  K: int
+  G: int
+  bq: int
+  bk: int
+  R: int
+  Bt: int            # leading dims of the schedule (1 or B)
+  Kt: int            # (1 or K)
+  L: int             # steps per (b', k') in this schedule
+  has_bias: bool
+  bias_b: bool       # bias varies with batch
+  has_dense: bool
+  dense_b: bool
+  has_seg: bool
+  has_sinks: bool
+  n_pred: int        # number of 1D predicate const inputs
+  n_sm: int          # number of 1D score_mod const inputs
+  n_sm_grad: int     # of which differentiable (the first ones)
+  sm_widths: tuple   # padded widths of the differentiable ones
+
+
+def _step_index(cfg, b, kh, s):
+  bb = b if cfg.Bt > 1 else 0
+  kk = kh if cfg.Kt > 1 else 0
+  return (bb * cfg.Kt + kk) * cfg.L + s
+
+
+def _tile_index(cfg, b, kh, qb, kb):
+  """Full [R, bk] int32 index tiles (b, h, q_idx, kv_idx) of tile (qb, kb)."""
+  R, bq, bk, G = cfg.R, cfg.bq, cfg.bk, cfg.G
+  row = jax.lax.broadcasted_iota(jnp.int32, (R, bk), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (R, bk), 1)
+  g = jnp.zeros((R, bk), jnp.int32)
+  for gg in range(1, G):
+    g = g + (row >= gg * bq).astype(jnp.int32)
+  t = row - g * bq
+  bt = jnp.full((R, bk), b, jnp.int32)
+  return bt, kh * G + g, qb * bq + t, kb * bk + col
+
+
+class _Refs:
+  """Unpacks the kernel's positional refs according to the config."""
+
+  def __init__(self, cfg, refs, n_out, n_scratch, kind):
+    refs = list(refs)
+    self.rows, self.cols, self.flags = refs[:3]
+    i = 3
+    self.q, self.k, self.v = refs[i:i + 3]
+    i += 3
+    if kind != "fwd":
+      self.do, self.lse, self.delta = refs[i:i + 3]
+      i += 3
+    self.sinks = None
+    if kind == "fwd" and cfg.has_sinks:
+      self.sinks = refs[i]
+      i += 1
+    self.bias = self.dense = self.qseg = self.kseg = None
+    if cfg.has_bias:
+      self.bias = refs[i]
+      i += 1
+    if cfg.has_dense:
+      self.dense = refs[i]
+      i += 1
+    if cfg.has_seg:
+      self.qseg, self.kseg = refs[i:i + 2]
+      i += 2
+    self.pred = refs[i:i + cfg.n_pred]
+    i += cfg.n_pred
+    self.sm = refs[i:i + cfg.n_sm]
+    i += cfg.n_sm
+    if kind == "dq" and cfg.has_bias:
+      i += 1            # the aliased zeros input of dbias
+    self.outs = refs[i:i + n_out]
+    i += n_out
+    self.scratch = refs[i:i + n_scratch]
+
+
+def _tile_inputs(cfg, r, b, kh, qb, kb):
+  bias = r.bias[...] if r.bias is not None else None
+  dense = r.dense[...] if r.dense is not None else None
+  seg_eq = None
+  if r.qseg is not None:
+    seg_eq = r.qseg[...] == r.kseg[...]            # [R, 1] == [1, bk]
+  idx = functools.lru_cache(maxsize=None)(lambda: _tile_index(cfg, b, kh, qb, kb))
+  return bias, dense, seg_eq, idx
+
+
+def _fwd_kernel(*refs, cfg: _Cfg):
+  r = _Refs(cfg, refs, n_out=2, n_scratch=3, kind="fwd")
+  o_ref, lse_ref = r.outs
+  m_ref, l_ref, acc_ref = r.scratch
+  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kh, s)
+  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
+  active = (flags & 1) != 0
+  partial = (flags & 2) != 0
+  first = (flags & 4) != 0
+  last = (flags & 8) != 0
+  M = cfg.math
+
+  @pl.when(first)
+  def _():
+    if cfg.has_sinks:
+      m_ref[...] = r.sinks[...].astype(_F32)
+      l_ref[...] = jnp.ones_like(l_ref)
+    else:
+      m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+      l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked):
+    bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
+    q, k, v = r.q[...], r.k[...], r.v[...]
+    _, _, sc, _ = M.logits(q, k, bias, idx, r.sm)
+    if masked:
+      ok = M.allowed(idx, r.pred, seg_eq, dense)
+      if ok is not None:
+        sc = jnp.where(ok, sc, -jnp.inf)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(sc - m_safe)
+    alpha = jnp.exp(m_prev - m_safe)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_ref[...] = alpha * acc_ref[...] + M.dot_nn(p.astype(v.dtype), v)
+    m_ref[...] = m_new
+
+  _branches(cfg, active, partial, step)
+
+  @pl.when(last)
+  def _():
+    l = l_ref[...]
+    pos = l > 0
+    safe = jnp.where(pos, l, 1.0)
+    o_ref[...] = (acc_ref[...] / safe).astype(o_ref.dtype)
+    m = m_ref[...]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse_ref[...] = jnp.where(pos, m + jnp.log(safe), -jnp.inf)
+
+
+def _branches(cfg, active, partial, step):
+  if cfg.math.ragged_k or cfg.has_dense or cfg.has_seg or cfg.math.pred is not None:
+    @pl.when(active & partial)
+    def _():
+      step(True)
+
+    @pl.when(active & jnp.logical_not(partial))
+    def _():
+      step(False)
+  else:
+    @pl.when(active)
+    def _():
+      step(False)
+
+
+def _recompute(cfg, r, b, kh, qb, kb, masked):
+  """Probabilities and ``d s0`` of one tile in the backward kernels."""
+  M = cfg.math
+  bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
+  q, k, v, do = r.q[...], r.k[...], r.v[...], r.do[...]
+  s0, s1, sc, ev = M.logits(q, k, bias, idx, r.sm)
+  if masked:
+    ok = M.allowed(idx, r.pred, seg_eq, dense)
+    if ok is not None:
+      sc = jnp.where(ok, sc, -jnp.inf)
+  p = jnp.exp(sc - r.lse[...])            # lse is +inf on rows to ignore
+  dp = M.dot_nt(do, v)
+  ds = p * (dp - r.delta[...])
+  return q, k, do, p, ds, s0, s1, idx, ev
+
+
+def _dq_kernel(*refs, cfg: _Cfg):
+  n_out = 2 if cfg.has_bias else 1
+  r = _Refs(cfg, refs, n_out=n_out, n_scratch=1, kind="dq")
+  dq_ref = r.outs[0]
+  db_ref = r.outs[1] if cfg.has_bias else None
+  (acc_ref,) = r.scratch
+  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kh, s)
+  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
+  active = (flags & 1) != 0
+  partial = (flags & 2) != 0
+  first = (flags & 4) != 0
+  last = (flags & 8) != 0
+  M = cfg.math
+
+  @pl.when(first)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked):
+    q, k, do, p, ds, s0, s1, idx, ev = _recompute(cfg, r, b, kh, qb, kb, masked)
+    ds, _ = M.dlogits(ds, s0, s1, idx, r.sm, ev, {}, {})
+    if db_ref is not None:
+      db_ref[...] = ds
+    acc_ref[...] += M.dot_nn(ds.astype(k.dtype), k) * M.scale
+
+  _branches(cfg, active, partial, step)
+
+  if db_ref is not None:
+    @pl.when(jnp.logical_not(active) & (first | last))
+    def _():
+      db_ref[...] = jnp.zeros_like(db_ref)
+
+  @pl.when(last)
+  def _():
+    dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: _Cfg):
+  n_out = 2 + cfg.n_sm_grad
+  r = _Refs(cfg, refs, n_out=n_out, n_scratch=2, kind="dkv")
+  dk_ref, dv_ref = r.outs[:2]
+  dc_refs = r.outs[2:]
+  dk_acc, dv_acc = r.scratch
+  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kh, s)
+  kb, qb, flags = r.rows[i], r.cols[i], r.flags[i]     # transposed schedule
+  active = (flags & 1) != 0
+  partial = (flags & 2) != 0
+  first = (flags & 4) != 0
+  last = (flags & 8) != 0
+  M = cfg.math
+
+  @pl.when(first)
+  def _():
+    dk_acc[...] = jnp.zeros_like(dk_acc)
+    dv_acc[...] = jnp.zeros_like(dv_acc)
+
+  if dc_refs:
+    @pl.when(s == 0)
+    def _():
+      for ref in dc_refs:
+        ref[...] = jnp.zeros_like(ref)
+
+  def step(masked):
+    q, k, do, p, ds, s0, s1, idx, ev = _recompute(cfg, r, b, kh, qb, kb, masked)
+    acc = {j: dc_refs[j][...] for j in range(len(dc_refs))}
+    widths = {j: cfg.sm_widths[j] for j in range(len(dc_refs))}
+    ds, acc = M.dlogits(ds, s0, s1, idx, r.sm, ev, acc, widths)
+    for j, ref in enumerate(dc_refs):
+      ref[...] = acc[j]
+    dv_acc[...] += M.dot_tn(p.astype(do.dtype), do)
+    dk_acc[...] += M.dot_tn(ds.astype(q.dtype), q) * M.scale
+
+  _branches(cfg, active, partial, step)
+
+  @pl.when(last)
+  def _():
+    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+# ====================================================================== pallas_call wrappers
+
+
+def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
+  """BlockSpecs of the inputs after the 3 scalar-prefetch arrays."""
+  R, bq, bk = cfg.R, cfg.bq, cfg.bk
+  tr = kind == "dkv"
+
+  def blocks(b, kh, s, rows, cols, flags):
+    i = _step_index(cfg, b, kh, s)
+    if tr:
+      return cols[i], rows[i]
+    return rows[i], cols[i]
+
+  def qmap(b, kh, s, *sched):
+    qb, _ = blocks(b, kh, s, *sched)
+    return (b, kh, qb, 0)
+
+  def kmap(b, kh, s, *sched):
+    _, kb = blocks(b, kh, s, *sched)
+    return (b, kh, kb, 0)
+
+  specs = [pl.BlockSpec((None, None, R, H), qmap),
+           pl.BlockSpec((None, None, bk, H), kmap),
+           pl.BlockSpec((None, None, bk, Hv), kmap)]
+  if kind != "fwd":
+    specs += [pl.BlockSpec((None, None, R, Hv), qmap),
+              pl.BlockSpec((None, None, R, 1), qmap),
+              pl.BlockSpec((None, None, R, 1), qmap)]
+  if kind == "fwd" and cfg.has_sinks:
+    specs.append(pl.BlockSpec((None, R, 1), lambda b, kh, s, *sched: (kh, 0, 0)))
+  if cfg.has_bias:
+    def bmap(b, kh, s, *sched):
+      qb, kb = blocks(b, kh, s, *sched)
+      return (b if cfg.bias_b else 0, kh, qb, kb)
+    specs.append(pl.BlockSpec((None, None, R, bk), bmap))
+  if cfg.has_dense:
+    def dmap(b, kh, s, *sched):
+      qb, kb = blocks(b, kh, s, *sched)
+      return (b if cfg.dense_b else 0, kh, qb, kb)
+    specs.append(pl.BlockSpec((None, None, R, bk), dmap))
+  if cfg.has_seg:
+    def qsmap(b, kh, s, *sched):
+      qb, _ = blocks(b, kh, s, *sched)
+      return (b, qb, 0)
+
+    def ksmap(b, kh, s, *sched):
+      _, kb = blocks(b, kh, s, *sched)
+      return (b, 0, kb)
+    specs += [pl.BlockSpec((None, R, 1), qsmap), pl.BlockSpec((None, 1, bk), ksmap)]
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  specs += [smem] * (len(pred_sizes) + len(sm_sizes))
+  return specs, qmap, kmap, blocks
+
+
+def _params():
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+# ====================================================================== the call
+
+
+def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
+  """Traces/plans a call; returns the differentiable function of the array inputs."""
+  B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
+  bq, bk = bs.resolve(T, S)
+  plan = common.make_plan(a, bq, bk)
+  R = G * bq
+  lay = _Layout(a, bq, plan.nq)
+  pred_tf = common.trace_predicate(plan, R, bk)
+  sm_tf = common.trace_score_mod(a, R, bk)
+  Sp, Tp = plan.Sp, plan.Tp
+
+  fwd_sched = common.step_schedule(plan.table)
+  bwd_sched = common.step_schedule(plan.table, transpose=True)
+  Bt, Kt = plan.table.shape[:2]
+
+  dtype = a.score_mod and None
+  del dtype
+  precision = None
+
+  def make_cfg(L, q_dtype):
+    prec = jax.lax.Precision.HIGHEST if q_dtype == jnp.float32 else None
+    math = common.TileMath(a.scale, a.softcap, sm_tf, pred_tf, S, S % bk != 0, prec)
+    sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
+    n_grad = 0 if sm_tf is None else sm_tf.n_explicit
+    return _Cfg(math=math, B=B, K=K, G=G, bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L,
+                has_bias=a.bias is not None,
+                bias_b=a.bias is not None and a.bias.shape[0] > 1,
+                has_dense=plan.dense is not None,
+                dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
+                has_seg=plan.seg is not None, has_sinks=a.sinks is not None,
+                n_pred=0 if pred_tf is None else len(pred_tf.shapes),
+                n_sm=len(sm_sizes), n_sm_grad=n_grad,
+                sm_widths=tuple(common.round_up(max(sz, 1), _LANES) for sz in sm_sizes[:n_grad]))
+
+  # ------------------------------------------------------------ input preparation
+  def prep_side(bias, seg):
+    side = []
+    if bias is not None:
+      side.append(lay.bnts_to_rows(
+          jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S)), Sp))
+    if plan.dense is not None:
+      d = jnp.asarray(plan.dense)
+      d = jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)
+      side.append(lay.bnts_to_rows(d, Sp))
+    if seg is not None:
+      qs, ks = seg
+      qs = jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=-1)
+      qs = jnp.broadcast_to(qs.reshape(B, plan.nq, 1, bq), (B, plan.nq, G, bq))
+      side.append(qs.reshape(B, plan.nq * R, 1))
+      ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=-2)
+      side.append(ks.reshape(B, 1, Sp))
+    return side
+
+  def sched_arrays(sched):
+    rows, cols, flags, L, _ = sched
+    return [jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(flags)], L
+
+  def run_fwd(qr, kr, vr, sinks, side, pred_c, sm_c):
+    sa, L = sched_arrays(fwd_sched)
+    cfg = make_cfg(L, qr.dtype)
+    specs, qmap, _, _ = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c)
+    extra = []
+    if sinks is not None:
+      sk = sinks.astype(_F32).reshape(K, G, 1, 1)
+      extra.append(jnp.broadcast_to(sk, (K, G, bq, 1)).reshape(K, R, 1))
+    out_specs = [pl.BlockSpec((None, None, R, Hv), qmap), pl.BlockSpec((None, None, R, 1), qmap)]
+    out_shape = [jax.ShapeDtypeStruct((B, K, plan.nq * R, Hv), qr.dtype),
+                 jax.ShapeDtypeStruct((B, K, plan.nq * R, 1), _F32)]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((R, 1), _F32), pltpu.VMEM((R, 1), _F32),
+                            pltpu.VMEM((R, Hv), _F32)]),
+        out_shape=out_shape, compiler_params=_params(), interpret=interpret,
+        name="attnjax_flash_fwd",
+    )(*sa, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+
+  def run_bwd(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
+    # ---- dq (+ dbias)
+    sa, L = sched_arrays(fwd_sched)
+    cfg = make_cfg(L, qr.dtype)
+    specs, qmap, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
+    out_specs = [pl.BlockSpec((None, None, R, H), qmap)]
+    out_shape = [jax.ShapeDtypeStruct((B, K, plan.nq * R, H), qr.dtype)]
+    extra, aliases = [], {}
+    if bias is not None:
+      def dbmap(b, kh, s, *sched):
+        qb, kb = blocks(b, kh, s, *sched)
+        return (b, kh, qb, kb)
+      extra.append(jnp.zeros((B, K, plan.nq * R, Sp), _F32))
+      specs = specs + [pl.BlockSpec(memory_space=pl.ANY)]
+      out_specs.append(pl.BlockSpec((None, None, R, bk), dbmap))
+      out_shape.append(jax.ShapeDtypeStruct((B, K, plan.nq * R, Sp), _F32))
+      n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
+      aliases = {n_in: 1}
+    outs = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((R, H), _F32)]),
+        out_shape=out_shape, compiler_params=_params(), interpret=interpret,
+        input_output_aliases=aliases, name="attnjax_flash_bwd_dq",
+    )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c, *extra)
+    dq = outs[0]
+    dbias_rows = outs[1] if bias is not None else None
+
+    # ---- dk, dv (+ score_mod array grads)
+    sa, L = sched_arrays(bwd_sched)
+    cfg = make_cfg(L, qr.dtype)
+    specs, _, kmap, _ = _in_specs(cfg, "dkv", H, Hv, None, None, pred_c, sm_c)
+    out_specs = [pl.BlockSpec((None, None, bk, H), kmap),
+                 pl.BlockSpec((None, None, bk, Hv), kmap)]
+    out_shape = [jax.ShapeDtypeStruct((B, K, Sp, H), kr.dtype),
+                 jax.ShapeDtypeStruct((B, K, Sp, Hv), vr.dtype)]
+    for w in cfg.sm_widths:
+      out_specs.append(pl.BlockSpec((None, None, 1, w), lambda b, kh, s, *sched: (b, kh, 0, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((B, K, 1, w), _F32))
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((bk, H), _F32), pltpu.VMEM((bk, Hv), _F32)]),
+        out_shape=out_shape, compiler_params=_params(), interpret=interpret,
+        name="attnjax_flash_bwd_dkv",
+    )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c)
+    dk, dv = outs[:2]
+    dcs = [x.sum(axis=(0, 1))[0] for x in outs[2:]]
+    return dq, dk, dv, dbias_rows, dcs
+
+  # ------------------------------------------------------------ custom_vjp
+  def to_k(x):                    # [B, S, K, D] -> [B, K, Sp, D]
+    return jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  def forward(q, k, v, bias, sinks, seg, pred_c, sm_c):
+    side = prep_side(bias, seg)
+    pred_s = [common._const_storage(c) for c in pred_c]
+    sm_s = [common._const_storage(c) for c in sm_c]
+    out_r, lse_r = run_fwd(lay.q_rows(q), to_k(k), to_k(v), sinks, side, pred_s, sm_s)
+    return out_r, lse_r
+
+  @jax.custom_vjp
+  def core(q, k, v, bias, sinks, seg, pred_c, sm_c):
+    return forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
+
+  def core_fwd(q, k, v, bias, sinks, seg, pred_c, sm_c):
+    out_r, lse_r = forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
+    return (out_r, lse_r), (q, k, v, bias, sinks, seg, pred_c, sm_c, out_r, lse_r)
+
+  def core_bwd(res, cts):
+    q, k, v, bias, sinks, seg, pred_c, sm_c, out_r, lse_r = res
+    dout_r, dlse_r = cts
+    delta = jnp.sum(dout_r.astype(_F32) * out_r.astype(_F32), axis=-1, keepdims=True)
+    delta = delta - dlse_r
+    valid_row = (jnp.arange(plan.nq * R) % bq + (jnp.arange(plan.nq * R) // R) * bq) < T
+    valid_row = valid_row[None, None, :, None]
+    lse_b = jnp.where(valid_row & jnp.isfinite(lse_r), lse_r, jnp.inf)
+    dor = jnp.where(valid_row, dout_r, 0).astype(q.dtype)
+    delta_b = jnp.where(valid_row, delta, 0.0)
+    side = prep_side(bias, seg)
+    pred_s = [common._const_storage(c) for c in pred_c]
+    sm_s = [common._const_storage(c) for c in sm_c]
+    dq_r, dk_r, dv_r, db_r, dcs = run_bwd(lay.q_rows(q), to_k(k), to_k(v), dor, lse_b,
+                                          delta_b, side, pred_s, sm_s, bias)
+    dq = lay.from_rows(dq_r).astype(q.dtype)
+    dk = dk_r.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+    dv = dv_r.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+    dbias = None
+    if bias is not None:
+      db = lay.rows_to_bnts(db_r, T, S)                  # [B, N, T, S]
+      Bb, Nb, Tb, Sb = bias.shape
+      axes = tuple(ax for ax, dim in enumerate((Bb, Nb, Tb, Sb)) if dim == 1)
+      if axes:
+        db = db.sum(axis=axes, keepdims=True)
+      dbias = db.astype(bias.dtype)
+    dsinks = None
+    if sinks is not None:
+      dsinks = common.sink_grads(sinks, lay.rows_to_bnt(lse_r), lay.rows_to_bnt(delta))
+    dseg = None if seg is None else tuple(common.float0_like(x) for x in seg)
+    dpred = [common.float0_like(jnp.asarray(c)) for c in pred_c]
+    dsm = []
+    for j, c in enumerate(sm_c):
+      c = jnp.asarray(c)
+      if j < len(dcs) and jnp.issubdtype(c.dtype, jnp.inexact):
+        dsm.append(dcs[j][:c.size].reshape(c.shape).astype(c.dtype))
+      else:
+        dsm.append(common.float0_like(c))
+    return dq, dk, dv, dbias, dsinks, dseg, dpred, dsm
+
+  core.defvjp(core_fwd, core_bwd)
+
+  def apply(q, k, v):
+    pred_c = [] if pred_tf is None else list(pred_tf.explicit) + list(pred_tf.literals)
+    sm_c = [] if sm_tf is None else list(sm_tf.explicit) + list(sm_tf.literals)
+    return core(q, k, v, a.bias, a.sinks, plan.seg, pred_c, sm_c)
+
+  return apply, lay, plan, fwd_sched, bwd_sched
+
+
+def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
+                    kv_segment_ids=None, scale=None, softcap=None, sinks=None,
+                    return_lse=False, block_sizes=None, interpret=None):
+  """Block-sparse flash attention on TPU (Pallas Mosaic), forward and backward.
+
+  ``o_i = sum_j softmax_j(s_ij) v_j`` with ``s_ij = softcap(score_mod(scale q_i.k_j +
+  bias_ij))``, masked, the sink joining the denominator only.  Paper: "FlashAttention:
+  Fast and Memory-Efficient Exact Attention with IO-Awareness" (Dao et al., 2022).
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]``; ``N % K == 0``.
+    mask, score_mod, bias, q_segment_ids, kv_segment_ids, scale, softcap, sinks,
+      return_lse: as in :func:`attnjax.attention`.
+    block_sizes: :class:`BlockSizes` (``None``: defaults).  Another type raises
+      ``NotImplementedError`` (so the dispatcher falls back).
+    interpret: run in Pallas interpret mode; default: when the backend is not TPU.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
+  """
+  bs = _as_block_sizes(block_sizes)
+  a = dense_lib.check_attention_args(
+      q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
+  if not isinstance(return_lse, bool):
+    raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  apply, lay, plan, _, _ = _build(a, bs, bool(interpret))
+  out_r, lse_r = apply(q, k, v)
+  out = lay.from_rows(out_r)
+  if return_lse:
+    return out, lay.rows_to_bnt(lse_r)
+  return out
+
+
+def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
+  """Grid steps of the forward and dk/dv kernels for a call (static masks only).
+
+  Returns a dict with ``fwd_steps`` (= ``B * K * L``), ``fwd_active`` (tiles computed),
+  ``dkv_steps``, ``dkv_active`` and the ``table`` (for tests and tuning).
+  """
+  bs = _as_block_sizes(block_sizes)
+  a = dense_lib.check_attention_args(q, k, v, **kwargs)
+  bq, bk = bs.resolve(a.T, a.S)
+  plan = common.make_plan(a, bq, bk)
+  f = common.step_schedule(plan.table)
+  d = common.step_schedule(plan.table, transpose=True)
+  Bt, Kt = plan.table.shape[:2]
+  rep = (a.B // Bt) * (a.K // Kt)
+  return dict(fwd_steps=a.B * a.K * f[3], fwd_active=f[4] * rep, dkv_steps=a.B * a.K * d[3],
+              dkv_active=d[4] * rep, table=plan.table, block_q=bq, block_k=bk)
+
+
+def flash_attention_reference(q, k, v, **kwargs):
+  """The float32 dense oracle (:func:`attnjax.reference_attention`)."""
+  return dense_lib.reference_attention(q, k, v, **kwargs)
