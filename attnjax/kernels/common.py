@@ -166,8 +166,10 @@ def _cast(x, dtype):
 
 
 def _int_sign(x):
-  one = jnp.ones_like(x)
-  return jnp.where(x > 0, one, jnp.where(x < 0, -one, jnp.zeros_like(x)))
+  pos = jnp.full(x.shape, 1, x.dtype)
+  neg = jnp.full(x.shape, -1, x.dtype)
+  zero = jnp.full(x.shape, 0, x.dtype)
+  return jnp.where(x > 0, pos, jnp.where(x < 0, neg, zero))
 
 
 def _sub_jaxpr(eqn):
