@@ -415,7 +415,7 @@ def document(q_segment_ids, kv_segment_ids=None) -> Mask:
 
   def fn(ctx, b, h, q, kv):
     xp = _xp(qs, ks, q, kv)
-    return qs[b, xp.clip(q, 0, T - 1)] == ks[b, xp.clip(kv, 0, S - 1)]
+    return xp.asarray(qs)[b, xp.clip(q, 0, T - 1)] == xp.asarray(ks)[b, xp.clip(kv, 0, S - 1)]
 
   def table(ctx, T_, S_, bq, bk):
     if T_ != T or S_ != S:
@@ -650,7 +650,7 @@ def from_array(mask) -> Mask:
     xp = _xp(arr4, q, kv)
     bi = xp.clip(b, 0, Bm - 1) if Bm > 1 else 0
     hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
-    return arr4[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv, 0, Sm - 1)]
+    return xp.asarray(arr4)[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv, 0, Sm - 1)]
 
   m = Mask(fn, f"from_array{tuple(arr.shape)}", data_dependent=_is_jax(arr),
            head_dependent=Nm > 1, operands=(arr4,))
@@ -703,7 +703,8 @@ def from_block_mask(block_mask, block_q: int, block_k: int) -> Mask:
     xp = _xp(arr4, q, kv)
     bi = xp.clip(b, 0, Bm - 1) if Bm > 1 else 0
     hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
-    return arr4[bi, hi, xp.clip(q // block_q, 0, nqm - 1), xp.clip(kv // block_k, 0, nkm - 1)]
+    return xp.asarray(arr4)[bi, hi, xp.clip(q // block_q, 0, nqm - 1),
+                            xp.clip(kv // block_k, 0, nkm - 1)]
 
   def table(ctx, T, S, bq, bk):
     if bq == block_q and bk == block_k:
