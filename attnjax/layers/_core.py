@@ -30,15 +30,7 @@ from attnjax import masks as _masks
 from attnjax import score_mods as _score_mods
 from attnjax.ops import positional as _pos
 
-try:  # activation sharding constraints (training helper); no-op fallback.
-  from attnjax.parallel import constrain as _constrain  # type: ignore
-except Exception:  # pragma: no cover - only while parallel/ is being written
-  try:
-    from attnjax.parallel.rules import constrain as _constrain  # type: ignore
-  except Exception:
-    def _constrain(x, names):
-      del names
-      return x
+from attnjax.parallel import constrain as _constrain
 
 
 def constrain(x, names):
@@ -47,14 +39,9 @@ def constrain(x, names):
 
 
 def _attention_fn():
-  """`attnjax.attention`, imported lazily (the package root imports the layers)."""
-  import attnjax  # pylint: disable=import-outside-toplevel
-  fn = getattr(attnjax, "attention", None)
-  if fn is None:  # TEMPORARY while the core dispatch lands
-    from attnjax.ops.dense import reference_attention
-    def fn(*args, implementation=None, block_sizes=None, **kw):
-      return reference_attention(*args, **kw)
-  return fn
+  """`attnjax.attention`, imported lazily (the package root lazily imports the layers)."""
+  from attnjax.dispatch import attention  # pylint: disable=import-outside-toplevel
+  return attention
 
 
 # ----------------------------------------------------------------------------- masks
