@@ -89,7 +89,7 @@ def model_config(kind: str, size: str, *, variant: str = 'mha', seq_len: int = 6
   m.scan_layers = False            # nnx.scan over layers
   m.attention = ml_collections.ConfigDict(dict(name=variant, **variant_options(
       variant, seq_len=seq_len)))  # registry name + the variant's options
-  m.layers_attention = ()          # optional per-layer attention configs (interleaving)
+  m.layers_attention = None        # optional per-layer attention configs (interleaving)
   for k, v in extra.items():
     m[k] = v
   return m
@@ -134,5 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=100, decay='cosine', end_value_ratio=0.1))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True))
-  c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1))  # test hook
+  c.debug = ml_collections.ConfigDict(dict(  # test hooks
+      inject_nan_at_step=-1,       # multiply the loss by NaN at this step (-1 = off)
+      sleep_per_step=0.0))         # seconds of host sleep after each step (fault tests)
   return c

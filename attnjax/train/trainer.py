@@ -446,6 +446,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       old[sig] = signal.signal(sig, handler)
 
   total = config.num_steps
+  dbg = config.get('debug', None)
+  sleep_per_step = float(dbg.get('sleep_per_step', 0.0)) if dbg is not None else 0.0
   log_every = config.get('log_every', 50) or total
   eval_every = config.get('eval_every', 0)
   ckpt_every = config.get('checkpoint_every', 0)
@@ -480,6 +482,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, m = trainer.step(state, trainer.global_batch(batch_np))
       last_data_state = st
       step += 1
+      if sleep_per_step:
+        time.sleep(sleep_per_step)
       pending.append(m)
       if step % log_every == 0 or step == total:
         check_finite()
