@@ -99,7 +99,7 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
                        f"{table.shape[1]}")
     def fn(score, b, h, q, kv):
       idx = jnp.clip(kv - q, -R, R) + R
-      return score + table[h, idx].astype(jnp.float32)
+      return score + jnp.asarray(table)[h, idx].astype(jnp.float32)
     return ScoreMod(fn, "relative_position_bias_1d")
   shape = tuple(int(s) for s in shape)
   if not 1 <= len(shape) <= 3:
@@ -122,7 +122,7 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
     for L, st, R, ws in zip(shape, strides, Rs, wstrides):
       d = (kv // st) % L - (q // st) % L
       idx = idx + (jnp.clip(d, -R, R) + R) * ws
-    return score + table[h, idx].astype(jnp.float32)
+    return score + jnp.asarray(table)[h, idx].astype(jnp.float32)
   return ScoreMod(fn, f"relative_position_bias{shape}")
 
 
