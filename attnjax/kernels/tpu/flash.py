@@ -20,9 +20,9 @@ kernel over the transposed list (per k block, its non-empty q blocks), both
 recomputing probabilities from the saved ``lse``; gradients for ``bias``, ``sinks``
 and the arrays a ``score_mod`` closes over are produced too.
 
-Decode (small ``T`` against a long cache): ``BlockSizes(num_splits=P)`` splits each
-row's key list into ``P`` chunks computed as independent rows and merged by their
-log-sum-exp (flash-decoding); the default picks ``P`` for single-q-block calls.
+Decode (``T = 1`` or small ``T`` against a long cache) runs through the same kernels
+(one q block of ``G * block_q`` rows per kv head); the key list is not yet split over
+``S`` across cores (flash-decoding), so a single (batch, kv head) walks the whole cache.
 
 Public entry point: :func:`flash_attention`; reference: :func:`flash_attention_reference`.
 """
@@ -60,13 +60,9 @@ class BlockSizes:
     block_k: keys per tile, a multiple of 128 (the lane count).  ``None``: 128 (capped
       at ``S`` rounded up to 128); larger tiles (256, 512) amortise per-step overhead
       on dense masks, smaller ones skip more work on sparse masks.
-    num_splits: decode path: split each row's key list into this many chunks computed
-      in parallel and merged by log-sum-exp.  ``None``: automatic (splits only when
-      there is a single q block); ``1`` disables.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
-  num_splits: Optional[int] = None
 
   def __post_init__(self):
     for name, mult, what in (("block_q", _SUBLANES, "sublanes"), ("block_k", _LANES, "lanes")):
@@ -76,9 +72,6 @@ class BlockSizes:
       if isinstance(val, bool) or not isinstance(val, int) or val <= 0 or val % mult:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {mult} (TPU "
                          f"{what}), got {val!r}; use e.g. {mult * max(1, (val or 0) // mult or 1)}")
-    ns = self.num_splits
-    if ns is not None and (isinstance(ns, bool) or not isinstance(ns, int) or ns <= 0):
-      raise ValueError(f"BlockSizes.num_splits must be a positive int or None, got {ns!r}")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -483,10 +476,6 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   fwd_sched = common.step_schedule(plan.table)
   bwd_sched = common.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
-
-  dtype = a.score_mod and None
-  del dtype
-  precision = None
 
   def make_cfg(L, q_dtype):
     prec = jax.lax.Precision.HIGHEST if q_dtype == jnp.float32 else None
