@@ -182,7 +182,7 @@ def allowed_keys(a: AttentionArgs, b, h, q_idx, kv_idx):
   if a.mask is not None:
     allowed = a.mask(b, h, q_idx, kv_idx, num_heads=a.N, batch=a.B)
   if a.q_segment_ids is not None:
-    seg = a.q_segment_ids[b, q_idx] == a.kv_segment_ids[b, kv_idx]
+    seg = jnp.asarray(a.q_segment_ids)[b, q_idx] == jnp.asarray(a.kv_segment_ids)[b, kv_idx]
     allowed = seg if allowed is None else allowed & seg
   return allowed
 
