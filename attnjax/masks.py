@@ -190,7 +190,7 @@ class Mask:
     """
     for name, val in (("T", T), ("S", S), ("block_q", block_q), ("block_k", block_k),
                       ("num_heads", num_heads), ("batch", batch)):
-      if not isinstance(val, (int, np.integer)) or val <= 0:
+      if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
         raise ValueError(f"{name} must be a positive int, got {val!r}")
     self.check_shape(T, S)
     ctx = _Ctx(int(num_heads), int(batch))

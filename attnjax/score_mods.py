@@ -50,7 +50,7 @@ def _check_array(name, a, ndim):
 def alibi_slopes(num_heads: int) -> np.ndarray:
   """The ALiBi head slopes ``2^(-8 (h + 1) / n)`` (geometric; for non-power-of-two
   ``num_heads`` the interleaved extension of the paper).  float32 ``[num_heads]``."""
-  if not isinstance(num_heads, int) or num_heads <= 0:
+  if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
     raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
   def pow2(n):
     return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
@@ -110,6 +110,8 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
     Rs = (max_distance,) * len(shape)
   else:
     Rs = tuple(int(r) for r in max_distance)
+    if len(Rs) != len(shape):
+      raise ValueError(f"max_distance must be an int or {len(shape)} ints, got {max_distance!r}")
   widths = [2 * r + 1 for r in Rs]
   if table.shape[1] != int(np.prod(widths)):
     raise ValueError(f"table must have prod(2*R+1) = {int(np.prod(widths))} columns for "
@@ -131,14 +133,16 @@ def temperature(tau) -> ScoreMod:
 
   Paper: "Are Vision Transformers Robust to Patch Perturbations?"
   """
-  if not hasattr(tau, "shape") and (not isinstance(tau, (int, float)) or tau <= 0):
+  if isinstance(tau, bool) or (not hasattr(tau, "shape") and
+                               (not isinstance(tau, (int, float)) or tau <= 0)):
     raise ValueError(f"tau must be a positive number, got {tau!r}")
   return ScoreMod(lambda s, b, h, q, kv: s / tau, f"temperature({tau})")
 
 
 def softcap(cap) -> ScoreMod:
   """Logit soft-capping ``c * tanh(s / c)`` (Gemma 2)."""
-  if not hasattr(cap, "shape") and (not isinstance(cap, (int, float)) or cap <= 0):
+  if isinstance(cap, bool) or (not hasattr(cap, "shape") and
+                               (not isinstance(cap, (int, float)) or cap <= 0)):
     raise ValueError(f"cap must be a positive number, got {cap!r}")
   return ScoreMod(lambda s, b, h, q, kv: cap * jnp.tanh(s / cap), f"softcap({cap})")
 
