@@ -334,6 +334,7 @@ def test_alibi_slopes_gradient_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow   # ~10 s of compilation; test_attention.py covers every implementation
 def test_table_gradient_same_in_xla_chunked():
     """xla_chunked has its own custom_vjp: the closed-over table still gets its gradient."""
     implementation = "xla_chunked"
