@@ -929,3 +929,28 @@ def test_block_table_leading_dims():
     tab = M.dual_triangle().block_table(32, 32, 8, 8, num_heads=4, batch=3)
     assert tab.shape[0] in (1, 3)
     assert np.asarray(tab).shape[1] == 4      # head-dependent: one table per head
+
+
+def test_block_table_large_static_composites_use_exact_child_algebra():
+    """Past the exact-evaluation size (T * S > 2^28) composites combine child tables;
+    with band children whose tiles line up, the result is still exact."""
+    T = S = 20000
+    args = (T, S, 512, 384)
+    band = M.sliding_window(300).block_table(*args)          # exact interval table
+    np.testing.assert_array_equal((M.causal() & M.sliding_window(300)).block_table(*args), band)
+    causal = M.causal().block_table(*args)
+    np.testing.assert_array_equal((~M.causal()).block_table(*args), M.FULL - causal)
+    np.testing.assert_array_equal((M.causal() | M.full()).block_table(*args),
+                                  np.full_like(causal, M.FULL))
+    # the causal band table itself against the closed form for square tiles on the diagonal
+    assert causal.shape == (1, 1, -(-T // 512), -(-S // 384))
+    i, j = 10, 3                                   # rows 5120..5631 vs keys 1152..1535
+    assert causal[0, 0, i, j] == M.FULL and causal[0, 0, j, i + 20] == M.EMPTY
+
+
+def test_block_table_batch_dependent_from_fn():
+    m = M.from_fn(lambda b, h, q, kv: (kv <= q) | (b == 1))
+    tab = m.block_table(10, 10, 4, 4, num_heads=2, batch=2)
+    check_table(tab, dense(m, 10, 10, 2, 2), 4, 4, exact=True)
+    tab = np.broadcast_to(tab, (2, 2, 3, 3))
+    assert (tab[1] == M.FULL).all() and (tab[0] != M.FULL).any()
