@@ -162,7 +162,8 @@ def test_sharded_step_matches_single_device(tmp_path):
   for mesh, r in res.items():
     assert r['loss_rel'] < 1e-5, (mesh, r)
     assert r['params_rel'] < 1e-5, (mesh, r)
-    assert r['sharded_leaves'] > 0 or mesh == '8,1,1,1', (mesh, r)
+    if mesh == '2,2,2,1':  # fsdp and tensor axes split parameters
+      assert r['sharded_leaves'] > 0, (mesh, r)
 
 
 def _sharded_worker(data_dir):

@@ -102,6 +102,7 @@ def test_kill9_and_restart_is_bitwise_equal(tmp_path, data_dir, reference_run):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_finishes(tmp_path, data_dir, reference_run):
   workdir = str(tmp_path / 'term')
   proc = subprocess.Popen(_cmd(workdir, data_dir, '--config.debug.sleep_per_step=0.3',
