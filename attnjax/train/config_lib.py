@@ -63,34 +63,26 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
   return dict(table.get(name, {}))
 
 
-def model_config(kind: str, size: str, *, variant: str = 'mha', seq_len: int = 64,
-                 vocab_size: int = 0, num_classes: int = 0, **extra) -> ml_collections.ConfigDict:
-  """A model config in the ``attnjax.models.build_model`` format (models_api.md)."""
-  if size not in SIZES:
-    raise ValueError(f'config argument size={size!r} must be one of {sorted(SIZES)}.')
-  d, layers, heads, mlp = SIZES[size]
-  m = ml_collections.ConfigDict()
-  m.kind = kind                    # 'lm' | 'encoder' | 'vit' | 'hvit' | 'set'
-  m.vocab_size = vocab_size        # token vocabulary (lm / encoder)
-  m.num_classes = num_classes      # classifier / regression outputs (0 = LM head)
-  m.max_len = seq_len              # longest sequence (position tables)
-  m.d_model = d                    # residual width
-  m.num_layers = layers            # transformer blocks
-  m.num_heads = heads              # query heads
-  m.num_kv_heads = heads           # kv heads (GQA when < num_heads)
-  m.head_dim = d // heads          # per-head width
-  m.mlp_dim = mlp                  # MLP hidden width
-  m.dropout_rate = 0.0             # dropout in attention output / MLP
-  m.dtype = 'float32'              # compute dtype ('float32' | 'bfloat16'); params f32
-  m.causal = kind == 'lm'          # causal self-attention (LM)
-  m.pool = 'mean'                  # 'cls' | 'mean' pooling for classifiers
-  m.head = 'pooled'                # 'pooled' | 'token' classification head (encoder)
-  m.remat_policy = 'none'          # 'none' | 'full' | 'dots'
-  m.scan_layers = False            # nnx.scan over layers
+def model_config(kind: str, size: str | None = 'S', *, variant: str = 'mha', seq_len: int = 64,
+                 grid: tuple[int, int] | None = None, **overrides) -> ml_collections.ConfigDict:
+  """A model config for ``attnjax.models.build_model`` (models_api.md).
+
+  Starts from ``attnjax.models.default_config(kind)`` (every field documented there), sets
+  the width/depth/heads of ``SIZES[size]`` (None keeps the defaults), the attention variant
+  with its default options, then ``overrides``.
+  """
+  from attnjax import models  # pylint: disable=import-outside-toplevel
+  m = models.default_config(kind)
+  if size is not None:
+    if size not in SIZES:
+      raise ValueError(f'config argument size={size!r} must be one of {sorted(SIZES)}.')
+    d, layers, heads, mlp = SIZES[size]
+    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = d, layers, heads, heads
+    m.head_dim, m.mlp_dim = d // heads, mlp
+  m.max_len = max(int(m.max_len), seq_len)
   m.attention = ml_collections.ConfigDict(dict(name=variant, **variant_options(
-      variant, seq_len=seq_len)))  # registry name + the variant's options
-  m.layers_attention = None        # optional per-layer attention configs (interleaving)
-  for k, v in extra.items():
+      variant, seq_len=seq_len, grid=grid)))
+  for k, v in overrides.items():
     m[k] = v
   return m
 
