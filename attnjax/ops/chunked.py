@@ -105,6 +105,23 @@ def _schedule(a: AttentionArgs, bq: int, bk: int):
   return klist, count, partial
 
 
+def hoist_consts(fn, *example_args):
+  """Like ``jax.closure_convert`` but hoists *every* closed-over array (integer
+  tracers included), so nothing traced leaks into a ``custom_vjp`` rule.
+
+  Returns ``(fn_c, consts)`` with ``fn_c(*args, *consts) == fn(*args)``.
+  """
+  closed = jax.make_jaxpr(fn)(*example_args)
+  consts = list(closed.consts)
+  jaxpr = closed.jaxpr
+  n_args = len(example_args)
+
+  def fn_c(*args):
+    outs = jax.core.eval_jaxpr(jaxpr, list(args[n_args:]), *args[:n_args])
+    return outs[0]
+  return fn_c, consts
+
+
 def _pick(arr, b, kh):
   """arr[b or 0, kh or 0] for schedule arrays with broadcast leading dims."""
   return arr[b if arr.shape[0] > 1 else 0, kh if arr.shape[1] > 1 else 0]
@@ -145,12 +162,12 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   ex_i = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((R, 1), jnp.int32),
           jax.ShapeDtypeStruct((R, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32))
   if score_mod is not None:
-    sm_fn, sm_consts = jax.closure_convert(
+    sm_fn, sm_consts = hoist_consts(
         lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki).astype(jnp.float32), ex_s, *ex_i)
   else:
     sm_fn, sm_consts = None, []
   if mask is not None:
-    mk_fn, mk_consts = jax.closure_convert(
+    mk_fn, mk_consts = hoist_consts(
         lambda b, h, qi, ki: jnp.broadcast_to(
             mask(b, h, qi, ki, num_heads=N, batch=B), (R, bk)).astype(jnp.float32), *ex_i)
   else:
@@ -287,7 +304,9 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
     if dlse is not None:
       delta = delta - dlse
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    smc_zero = [jnp.zeros_like(c) for c in smc]
+    # Only floating consts of the score_mod are differentiated.
+    fidx = [i for i, c in enumerate(smc) if jnp.issubdtype(c.dtype, jnp.inexact)]
+    smc_zero = [jnp.zeros(smc[i].shape, jnp.float32) for i in fidx]
     if has_bias:
       # Per (b, kh) accumulator over the (padded) bias dims that vary inside one (b, kh).
       bias_acc_shape = (G if bias.shape[1] > 1 else 1,) + tuple(bias.shape[2:])
@@ -322,8 +341,12 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
             th = jnp.tanh(s1 / softcap)
             ds = ds * (1.0 - th * th)
           if sm_fn is not None:
-            _, vjp = jax.vjp(lambda s_, *c_: sm_fn(s_, *tile_indices(b, kh, qb, kb), *c_),
-                             s0, *smc)
+            def sm_of(s_, *fc):
+              c_ = list(smc)
+              for i, x in zip(fidx, fc):
+                c_[i] = x
+              return sm_fn(s_, *tile_indices(b, kh, qb, kb), *c_)
+            _, vjp = jax.vjp(sm_of, s0, *[smc[i] for i in fidx])
             grads = vjp(ds)
             ds = grads[0]
             dsm = [x + g for x, g in zip(dsm, grads[1:])]
@@ -372,7 +395,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
     dq = dq.reshape(B, K, nq, R, H)
     dk = dk.reshape(B, K, Sp, H)
     dv = dv.reshape(B, K, Sp, Hv)
-    dsm = [g.sum(axis=0).astype(c.dtype) for g, c in zip(dsm, smc)]
+    dsm_f = {i: g.sum(axis=0).astype(smc[i].dtype) for i, g in zip(fidx, dsm)}
+    dsm = [dsm_f[i] if i in dsm_f else _float0_zeros(c) for i, c in enumerate(smc)]
     dbias_out = None
     if has_bias:
       Bb, Nb, Tb, Sb = bias.shape
@@ -436,7 +460,10 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
 
   core.defvjp(core_fwd, core_bwd)
 
-  seg = (a.q_segment_ids, a.kv_segment_ids) if has_seg else None
+  seg = None
+  if has_seg:  # padded so tile slices never clamp at the ragged end
+    seg = (jnp.pad(jnp.asarray(a.q_segment_ids, jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1),
+           jnp.pad(jnp.asarray(a.kv_segment_ids, jnp.int32), ((0, 0), (0, Sp - S)), constant_values=-2))
   sched = tuple(jnp.asarray(x) for x in (klist, count, partial))
   out_b, lse_b = core(q, k, v, a.bias, a.sinks, seg, list(mk_consts), list(sm_consts), sched)
   out = from_qblocks(out_b)

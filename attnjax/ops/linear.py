@@ -304,6 +304,34 @@ def _kernel_core(q, k, v, log_decay_N, state, *, chunk_size, implementation):
   return o, new_state
 
 
+def _linear_state(state, B, K, F, Hv):
+  if state is None:
+    return jnp.zeros((B, K, F, Hv), _F32), jnp.zeros((B, K, F), _F32)
+  if not isinstance(state, (tuple, list)) or len(state) != 2:
+    raise ValueError('state of linear_attention must be a pair (S [B, K, F, Hv], z [B, K, F])')
+  return (_check_state_array(state[0], (B, K, F, Hv), 'state[0] (S)'),
+          _check_state_array(state[1], (B, K, F), 'state[1] (z)'))
+
+
+def _causal_kv_core(qf, kf, v, st, *, form, chunk_size, implementation):
+  """Undecayed causal core with one state per kv head.
+
+  qf [B,T,N,F], kf [B,T,K,F], v [B,T,K,V], st [B,K,F,V] -> (o [B,T,N,V] f32, st [B,K,F,V]).
+  """
+  B, T, N, F = qf.shape
+  K, V = kf.shape[2], v.shape[-1]
+  G = N // K
+  if implementation != 'xla':
+    o, new_st = _kernel_core(qf, kf, v, jnp.zeros((N,), _F32), jnp.repeat(st, G, axis=1),
+                             chunk_size=chunk_size, implementation=implementation)
+    # With no decay the G per-query-head copies of a kv head's state are identical.
+    return o, new_st.reshape(B, K, G, F, V)[:, :, 0]
+  a = jnp.zeros((1, T, K, 1), _F32)
+  o, new_st = _causal_core(_group_q(qf, K, 1), kf, v, a, st[:, :, None], form=form,
+                           chunk_size=chunk_size)
+  return _ungroup(o), new_st[:, :, 0]
+
+
 # --------------------------------------------------------------------------------------
 # Decay arguments
 # --------------------------------------------------------------------------------------
@@ -414,28 +442,10 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
       o = _safe_div(o[..., :Hv], o[..., Hv:], eps)
     return o.astype(v.dtype)
 
-  if state is None:
-    S0 = jnp.zeros((B, K, F, Hv), _F32)
-    z0 = jnp.zeros((B, K, F), _F32)
-  else:
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-      raise ValueError('state of linear_attention must be a pair (S [B, K, F, Hv], z [B, K, F])')
-    S0 = _check_state_array(state[0], (B, K, F, Hv), 'state[0] (S)')
-    z0 = _check_state_array(state[1], (B, K, F), 'state[1] (z)')
+  S0, z0 = _linear_state(state, B, K, F, Hv)
   st = jnp.concatenate([S0, z0[..., None]], axis=-1) if normalize else S0
-
-  if implementation != 'xla':
-    st_N = jnp.repeat(st, G, axis=1)
-    o, new_st = _kernel_core(qf, kf, v_aug, jnp.zeros((N,), _F32), st_N,
-                             chunk_size=chunk_size, implementation=implementation)
-    new_st = new_st.reshape(B, K, G, F, V)[:, :, 0]
-    # With no decay the G copies of a kv head's state are identical.
-  else:
-    a = jnp.zeros((1, T, K, 1), _F32)
-    o, new_st = _causal_core(_group_q(qf, K, 1), kf, v_aug, a, st[:, :, None],
-                             form=form, chunk_size=chunk_size)
-    o = _ungroup(o)
-    new_st = new_st[:, :, 0]
+  o, new_st = _causal_kv_core(qf, kf, v_aug, st, form=form, chunk_size=chunk_size,
+                              implementation=implementation)
   if normalize:
     o = _safe_div(o[..., :Hv], o[..., Hv:], eps)
   o = o.astype(v.dtype)
@@ -563,3 +573,312 @@ def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: in
                                   normalize=False, form=form, chunk_size=chunk_size,
                                   state=state, return_state=return_state,
                                   implementation=implementation)
+
+
+# --------------------------------------------------------------------------------------
+# Efficient Attention (Shen et al.)
+# --------------------------------------------------------------------------------------
+
+
+def efficient_attention(q, k, v, *, form: str = 'chunked'):
+  """Efficient Attention: softmax-normalised factorised attention, non-causal.
+
+  "Efficient Attention: Attention with Linear Complexities" (Shen et al.).
+
+  ``E = rho_q(Q) (rho_k(K)^T V)`` with ``rho_q`` the softmax of each query over its ``H``
+  features and ``rho_k`` the softmax of each key feature over the ``S`` positions. Each
+  output row is a convex combination of values (weights sum to 1).
+
+  Args:
+    q: ``[B, T, N, H]``. k: ``[B, S, K, H]``. v: ``[B, S, K, Hv]``.
+    form: ``'chunked'`` (``O((T + S) H Hv)``, the factorised path) or ``'quadratic'``
+      (``[T, S]`` weights materialised, for tests).
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype``.
+  """
+  B, T, N, H, S, K, Hv = _check_qkv(q, k, v, causal=False)
+  _check_form(form, False)
+  G = N // K
+  rq = jax.nn.softmax(q.astype(_F32), axis=-1).reshape(B, T, K, G, H)
+  rk = jax.nn.softmax(k.astype(_F32), axis=1)
+  if form == 'quadratic':
+    w = _einsum('btkgh,bskh->bkgts', rq, rk)
+    o = _einsum('bkgts,bskv->btkgv', w, v.astype(_F32))
+  else:
+    ctx = _einsum('bskh,bskv->bkhv', rk, v.astype(_F32))
+    o = _einsum('btkgh,bkhv->btkgv', rq, ctx)
+  return _ungroup(o).astype(v.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Focused Linear Attention (FLatten)
+# --------------------------------------------------------------------------------------
+
+
+def _safe_norm(x):
+  ss = jnp.sum(x * x, axis=-1, keepdims=True)
+  pos = ss > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
+
+
+def focused_feature_map(x, focusing_factor: float = 3.0):
+  """FLatten's focused map ``phi_p(x) = f_p(ReLU(x))``, ``f_p(y) = (|y| / |y^p|) y^p``.
+
+  ``y^p`` is elementwise; norms are over the last (feature) axis; a zero vector maps to 0.
+  "FLatten Transformer: Vision Transformer using Focused Linear Attention".
+  """
+  y = jax.nn.relu(x.astype(_F32))
+  yp = y ** focusing_factor
+  ny, nyp = _safe_norm(y), _safe_norm(yp)
+  pos = nyp > 0
+  return yp * jnp.where(pos, ny / jnp.where(pos, nyp, 1.0), 0.0)
+
+
+def depthwise_conv(v, kernel, *, bias=None, spatial_shape=None, causal: bool = False):
+  """Depthwise convolution of values over tokens (FLatten's rank-restoring DWC).
+
+  Args:
+    v: ``[B, T, K, Hv]``.
+    kernel: ``[w, Hv]`` (1-D over the sequence) or ``[kh, kw, Hv]`` (2-D over a
+      ``spatial_shape=(Hh, Ww)`` row-major grid, ``Hh * Ww == T``); shared by the heads.
+      Odd window sizes ('SAME' padding); with ``causal`` (1-D only) the window looks back
+      ``w - 1`` tokens and any ``w`` is accepted.
+    bias: ``None`` or ``[Hv]``.
+
+  Returns:
+    ``[B, T, K, Hv]`` float32.
+  """
+  B, T, K, Hv = v.shape
+  kernel = jnp.asarray(kernel)
+  nd = 1 if spatial_shape is None else len(spatial_shape)
+  if kernel.ndim != nd + 1 or kernel.shape[-1] != Hv:
+    raise ValueError(f'dwc_kernel must have shape [*window ({nd} dims), Hv={Hv}], got {kernel.shape}')
+  if bias is not None and jnp.shape(bias) != (Hv,):
+    raise ValueError(f'dwc_bias must have shape ({Hv},), got {jnp.shape(bias)}')
+  if spatial_shape is not None:
+    if causal:
+      raise ValueError('a causal depthwise convolution needs spatial_shape=None (1-D)')
+    if len(spatial_shape) != 2 or int(np.prod(spatial_shape)) != T:
+      raise ValueError(f'spatial_shape must be (Hh, Ww) with Hh * Ww == T={T}, got {spatial_shape}')
+  window = kernel.shape[:-1]
+  if not causal and any(w % 2 == 0 for w in window):
+    raise ValueError(f'dwc_kernel window must be odd (SAME padding), got {window}')
+  grid = (T,) if spatial_shape is None else tuple(spatial_shape)
+  x = jnp.moveaxis(v.astype(_F32), 2, 1).reshape((B * K,) + grid + (Hv,))
+  if causal:
+    padding = [(window[0] - 1, 0)]
+  else:
+    padding = [(w // 2, w // 2) for w in window]
+  spatial = 'HW'[:nd] if nd <= 2 else None
+  dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape[:-1] + (1, Hv),
+                                      ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C'))
+  y = jax.lax.conv_general_dilated(
+      x, kernel.astype(_F32).reshape(window + (1, Hv)), window_strides=(1,) * nd,
+      padding=padding, dimension_numbers=dn, feature_group_count=Hv,
+      precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + jnp.asarray(bias, _F32)
+  return jnp.moveaxis(y.reshape(B, K, T, Hv), 1, 2)
+
+
+def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: bool = False,
+                             form: str = 'chunked', chunk_size: int = 64, state=None,
+                             return_state: bool = False, dwc_kernel=None, dwc_bias=None,
+                             spatial_shape=None, eps: float = DEFAULT_EPS,
+                             implementation: str | None = 'xla'):
+  """Focused Linear Attention (FLatten).
+
+  "FLatten Transformer: Vision Transformer using Focused Linear Attention".
+
+  ``O = phi_p(Q) (phi_p(K)^T V) / (phi_p(Q) sum_j phi_p(K_j)) + DWC(V)`` with the focused
+  map of :func:`focused_feature_map` (``p = focusing_factor``) and an optional depthwise
+  convolution of the values (see :func:`depthwise_conv`; the conv output of kv head ``k`` is
+  added to its ``N // K`` query heads). Causal: prefix sums (three forms, as
+  :func:`linear_attention`) and a causal 1-D conv.
+
+  Args:
+    q, k, v: BTNH (``S == T`` when causal or when ``dwc_kernel`` is given).
+    focusing_factor: ``p >= 1``.
+    causal, form, chunk_size, state, return_state, eps, implementation: as in
+      :func:`linear_attention` (state: ``(S [B, K, H, Hv], z [B, K, H])``). The DWC term is
+      stateless, so ``dwc_kernel`` cannot be combined with ``state``/``return_state``.
+    dwc_kernel: ``None``, ``[w, Hv]`` or ``[kh, kw, Hv]``. dwc_bias: ``None`` or ``[Hv]``.
+    spatial_shape: ``None`` (1-D) or ``(Hh, Ww)`` for the 2-D conv.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype`` (or ``(out, state)``).
+  """
+  if isinstance(focusing_factor, bool) or not isinstance(focusing_factor, (int, float)) \
+      or not focusing_factor >= 1:
+    raise ValueError(f'focusing_factor must be a number >= 1, got {focusing_factor!r}')
+  B, T, N, H, S, K, Hv = _check_qkv(q, k, v, causal=causal)
+  if dwc_kernel is not None:
+    if S != T:
+      raise ValueError(f'dwc_kernel needs S == T={T}, got S={S}')
+    if state is not None or return_state:
+      raise ValueError('dwc_kernel cannot be combined with state/return_state (the DWC term '
+                       'is stateless)')
+  phi = functools.partial(focused_feature_map, focusing_factor=float(focusing_factor))
+  out = linear_attention(q, k, v, feature_map=phi, causal=causal, form=form,
+                         chunk_size=chunk_size, state=state, return_state=return_state,
+                         normalize=True, eps=eps, implementation=implementation)
+  if dwc_kernel is None:
+    return out
+  conv = depthwise_conv(v, dwc_kernel, bias=dwc_bias, spatial_shape=spatial_shape,
+                        causal=causal)
+  conv = jnp.repeat(conv, N // K, axis=2)
+  return (out.astype(_F32) + conv).astype(v.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# InLine: injective linear attention
+# --------------------------------------------------------------------------------------
+
+
+def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: bool = False,
+                     form: str = 'chunked', chunk_size: int = 64, state=None,
+                     return_state: bool = False, implementation: str | None = 'xla'):
+  """InLine: injective linear attention (subtractive normalisation).
+
+  "Bridging the Divide: Reconsidering Softmax and Linear Attention".
+
+  ``w_ij = phi(q_i).phi(k_j) - (1/n_i) sum_{s} phi(q_i).phi(k_s) + 1/n_i`` over the ``n_i``
+  allowed keys (all ``S`` keys, or ``j <= i`` when causal), so ``sum_j w_ij = 1`` without a
+  division by the scores; ``o_i = sum_j w_ij v_j = phi(q_i) KV_i + (1 - phi(q_i) z_i) vbar_i``
+  with ``KV_i = sum_j phi(k_j) v_j^T``, ``z_i = sum_j phi(k_j)``, ``vbar_i = (1/n_i) sum_j v_j``.
+  The paper's local 3x3 residual is a layer-level module, not part of this function.
+
+  Args:
+    q, k, v: BTNH. feature_map: as in :func:`linear_attention` (default ``'identity'``).
+    causal, form, chunk_size, return_state, implementation: as in :func:`linear_attention`.
+    state: causal only; ``(S [B, K, F, Hv], z [B, K, F], vsum [B, K, Hv], count [B])``
+      float32 (sums over past tokens; ``count`` = number of past tokens).
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype`` (or ``(out, state)``).
+  """
+  phi = _resolve_feature_map(feature_map)
+  B, T, N, H, S, K, Hv = _check_qkv(q, k, v, causal=causal)
+  _check_form(form, causal)
+  chunk_size = _check_chunk_size(chunk_size)
+  implementation = _check_implementation(implementation, form)
+  if not causal and (state is not None or return_state):
+    raise ValueError('state and return_state need causal=True')
+  if not causal and implementation != 'xla':
+    raise ValueError(f'implementation={implementation!r} serves causal=True only')
+  qf = _apply_feature_map(phi, q, 'q')
+  kf = _apply_feature_map(phi, k, 'k')
+  F = qf.shape[-1]
+  G = N // K
+  v32 = v.astype(_F32)
+  if not causal:
+    qg = qf.reshape(B, T, K, G, F)
+    if form == 'quadratic':
+      s = _einsum('btkgf,bskf->bkgts', qg, kf)
+      w = s - jnp.mean(s, axis=-1, keepdims=True) + 1.0 / S
+      o = _einsum('bkgts,bskv->btkgv', w, v32)
+    else:
+      kv = _einsum('bskf,bskv->bkfv', kf, v32)
+      z = jnp.sum(kf.astype(_F32), axis=1)
+      vbar = jnp.mean(v32, axis=1)
+      qz = _einsum('btkgf,bkf->btkg', qg, z)
+      o = _einsum('btkgf,bkfv->btkgv', qg, kv) + (1.0 - qz)[..., None] * vbar[:, None, :, None]
+    return _ungroup(o).astype(v.dtype)
+
+  if state is None:
+    S0, z0 = jnp.zeros((B, K, F, Hv), _F32), jnp.zeros((B, K, F), _F32)
+    vs0, n0 = jnp.zeros((B, K, Hv), _F32), jnp.zeros((B,), _F32)
+  else:
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+      raise ValueError('state of inline_attention must be (S [B, K, F, Hv], z [B, K, F], '
+                       'vsum [B, K, Hv], count [B])')
+    S0 = _check_state_array(state[0], (B, K, F, Hv), 'state[0] (S)')
+    z0 = _check_state_array(state[1], (B, K, F), 'state[1] (z)')
+    vs0 = _check_state_array(state[2], (B, K, Hv), 'state[2] (vsum)')
+    n0 = _check_state_array(state[3], (B,), 'state[3] (count)')
+  count = n0[:, None] + jnp.arange(1, T + 1, dtype=_F32)[None]          # [B, T]
+  vsum = vs0[:, None] + jnp.cumsum(v32, axis=1)                          # [B, T, K, Hv]
+  vbar = jnp.repeat(vsum / count[:, :, None, None], G, axis=2)          # [B, T, N, Hv]
+  if form == 'quadratic':
+    qg = qf.reshape(B, T, K, G, F)
+    causal_m = jnp.tril(jnp.ones((T, T), bool))
+    s = jnp.where(causal_m, _einsum('btkgf,bskf->bkgts', qg, kf), 0.0)
+    past = _einsum('btkgf,bkf->bkgt', qg, z0)                            # q_i . z0
+    inv_n = (1.0 / count)[:, None, None, :]                               # [B,1,1,T]
+    tot = jnp.sum(s, axis=-1) + past                                      # sum of all scores
+    w = s - (tot * inv_n)[..., None] + causal_m * inv_n[..., None]
+    o = _einsum('bkgts,bskv->btkgv', w, v32)
+    # Past tokens (the state) enter through q.S0 and through the mean-correction terms.
+    coef = jnp.moveaxis((1.0 - tot) * inv_n, -1, 1)                       # [B,T,K,G]
+    o = o + _einsum('btkgf,bkfv->btkgv', qg, S0) + coef[..., None] * vs0[:, None, :, None]
+    o = _ungroup(o)
+    new_S = S0 + _einsum('bskf,bskv->bkfv', kf, v32)
+    new_z = z0 + jnp.sum(kf.astype(_F32), axis=1)
+  else:
+    v_aug = jnp.concatenate([v32, jnp.ones(v.shape[:-1] + (1,), _F32)], axis=-1)
+    st = jnp.concatenate([S0, z0[..., None]], axis=-1)
+    o_aug, new_st = _causal_kv_core(qf, kf, v_aug, st, form=form, chunk_size=chunk_size,
+                                    implementation=implementation)
+    o = o_aug[..., :Hv] + (1.0 - o_aug[..., Hv:]) * vbar
+    new_S, new_z = new_st[..., :Hv], new_st[..., Hv]
+  o = o.astype(v.dtype)
+  if not return_state:
+    return o
+  return o, (new_S, new_z, vsum[:, -1], count[:, -1])
+
+
+# --------------------------------------------------------------------------------------
+# Flow-Attention (Flowformer)
+# --------------------------------------------------------------------------------------
+
+
+def flow_attention(q, k, v, *, form: str = 'chunked', eps: float = DEFAULT_EPS):
+  """Flow-Attention: attention normalised by flow conservation, non-causal.
+
+  "Flowformer: Linearizing Transformers with Conservation Flows".
+
+  With ``phi = sigmoid`` and ``M_ij = phi(q_i).phi(k_j)`` (never materialised in the chunked
+  form), per query head:
+  incoming ``I_i = sum_j M_ij + eps``; outgoing ``O_j = sum_i M_ij + eps``;
+  conserved incoming ``Ic_i = sum_j M_ij / O_j``; conserved outgoing ``Oc_j = sum_i M_ij / I_i``;
+  competition ``Vc = softmax_j(Oc) * S * V``; aggregation ``R_i = sum_j M_ij Vc_j / I_i``;
+  allocation ``out_i = R_i * sigmoid(Ic_i * T / S)``.
+
+  Args:
+    q: ``[B, T, N, H]``. k: ``[B, S, K, H]``. v: ``[B, S, K, Hv]``.
+    form: ``'chunked'`` (linear cost) or ``'quadratic'`` (``M`` materialised, for tests).
+    eps: added to the flows (default 1e-6).
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype``.
+  """
+  B, T, N, H, S, K, Hv = _check_qkv(q, k, v, causal=False)
+  _check_form(form, False)
+  eps = _check_eps(eps)
+  G = N // K
+  qs = jax.nn.sigmoid(q.astype(_F32)).reshape(B, T, K, G, H)
+  ks = jax.nn.sigmoid(k.astype(_F32))
+  v32 = v.astype(_F32)
+  if form == 'quadratic':
+    m = _einsum('btkgh,bskh->bkgts', qs, ks)
+    inc = jnp.sum(m, axis=-1) + eps                                     # [B,K,G,T]
+    out = jnp.sum(m, axis=-2) + eps                                     # [B,K,G,S]
+    inc_c = jnp.sum(m / out[..., None, :], axis=-1)
+    out_c = jnp.sum(m / inc[..., :, None], axis=-2)
+    comp = jax.nn.softmax(out_c, axis=-1) * S                           # [B,K,G,S]
+    r = _einsum('bkgts,bskv->bkgtv', m * comp[..., None, :], v32) / inc[..., None]
+    o = r * jax.nn.sigmoid(inc_c * (T / S))[..., None]
+    o = jnp.moveaxis(o, 3, 1)                                           # [B,T,K,G,Hv]
+  else:
+    sum_k = jnp.sum(ks, axis=1)                                         # [B,K,H]
+    sum_q = jnp.sum(qs, axis=1)                                         # [B,K,G,H]
+    inc = _einsum('btkgh,bkh->btkg', qs, sum_k) + eps
+    out = _einsum('bskh,bkgh->bskg', ks, sum_q) + eps
+    inc_c = _einsum('btkgh,bkgh->btkg', qs, _einsum('bskh,bskg->bkgh', ks, 1.0 / out))
+    out_c = _einsum('bskh,bkgh->bskg', ks, _einsum('btkgh,btkg->bkgh', qs, 1.0 / inc))
+    comp = jax.nn.softmax(out_c, axis=1) * S                            # [B,S,K,G]
+    kv = _einsum('bskh,bskg,bskv->bkghv', ks, comp, v32)
+    r = _einsum('btkgh,bkghv->btkgv', qs, kv) / inc[..., None]
+    o = r * jax.nn.sigmoid(inc_c * (T / S))[..., None]
+  return _ungroup(o).astype(v.dtype)

@@ -1,0 +1,197 @@
+"""CPU attention benchmark: attnjax 'auto' vs jax.nn.dot_product_attention vs torch SDPA.
+
+Runs every contender in this one process and prints ratios, so machine load
+affects all of them alike.  Writes JSON (``--out``).
+
+    python benchmarks/attention_cpu.py                 # S in {1024, 4096, 8192} + sparse cases
+    python benchmarks/attention_cpu.py --quick         # small sizes, a smoke test
+    python benchmarks/attention_cpu.py --memory 32768  # peak RSS of one fwd+bwd at S=32768
+
+Columns: time (s), GFLOP/s (4 B N T S H for the forward, 3.5x that for fwd+bwd,
+dense-equivalent), ratio to torch SDPA (lower is better), fraction of this
+process's measured f32 GEMM rate, and peak RSS growth of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attnjax
+from attnjax import masks
+
+
+def timeit(fn, *args, reps=3):
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def gemm_rate(n=2048):
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  return 2 * n ** 3 / timeit(mm, a, a, reps=5) / 1e9
+
+
+def make(S, B=1, N=8, H=64, T=None, dtype=jnp.float32):
+  T = T or S
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  return (jax.random.normal(ks[0], (B, T, N, H), dtype), jax.random.normal(ks[1], (B, S, N, H), dtype),
+          jax.random.normal(ks[2], (B, S, N, H), dtype))
+
+
+def fwd_bwd(fn):
+  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+
+
+def torch_times(B, N, S, H, causal=False):
+  try:
+    import torch
+  except ImportError:
+    return None, None
+  torch.manual_seed(0)
+  q, k, v = (torch.randn(B, N, S, H) for _ in range(3))
+  f = torch.nn.functional.scaled_dot_product_attention
+
+  def tt(fn, reps=3):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t0)
+    return best
+
+  with torch.no_grad():
+    t_f = tt(lambda: f(q, k, v, is_causal=causal))
+  qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+  def fb():
+    f(qg, kg, vg, is_causal=causal).sum().backward()
+  return t_f, tt(fb)
+
+
+def dense_rows(sizes, gemm):
+  rows = []
+  for S in sizes:
+    q, k, v = make(S)
+    B, T, N, H = q.shape
+    flops = 4 * B * N * T * S * H
+    ours = lambda q, k, v: attnjax.attention(q, k, v)
+    jnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+    t_tf, t_tfb = torch_times(B, N, S, H)
+    for name, fn in (("attnjax auto", ours), ("jax.nn.dot_product_attention", jnn)):
+      t_f = timeit(jax.jit(fn), q, k, v)
+      t_fb = timeit(fwd_bwd(fn), q, k, v)
+      rows.append(dict(case=f"dense S={S}", impl=name, fwd_s=t_f, fwdbwd_s=t_fb,
+                       fwd_gflops=flops / t_f / 1e9, fwdbwd_gflops=3.5 * flops / t_fb / 1e9,
+                       fwd_vs_torch=t_f / t_tf if t_tf else None,
+                       fwdbwd_vs_torch=t_fb / t_tfb if t_tfb else None,
+                       fwd_vs_gemm=flops / t_f / 1e9 / gemm,
+                       fwdbwd_vs_gemm=3.5 * flops / t_fb / 1e9 / gemm))
+    if t_tf:
+      rows.append(dict(case=f"dense S={S}", impl="torch SDPA", fwd_s=t_tf, fwdbwd_s=t_tfb,
+                       fwd_gflops=flops / t_tf / 1e9, fwdbwd_gflops=3.5 * flops / t_tfb / 1e9,
+                       fwd_vs_torch=1.0, fwdbwd_vs_torch=1.0, fwd_vs_gemm=flops / t_tf / 1e9 / gemm,
+                       fwdbwd_vs_gemm=3.5 * flops / t_tfb / 1e9 / gemm))
+  return rows
+
+
+def sparse_rows(S_window=16384, grid=128, quick=False):
+  rows = []
+  cases = [("sliding_window(512)", S_window, masks.sliding_window(512)),
+           ("causal", S_window, masks.causal()),
+           ("full", S_window, None),
+           (f"neighborhood 7x7 on {grid}x{grid}", grid * grid, masks.neighborhood((grid, grid), 7)),
+           (f"full {grid}x{grid}", grid * grid, None)]
+  for name, S, m in cases:
+    q, k, v = make(S)
+    B, T, N, H = q.shape
+    if m is None:
+      density = 1.0
+    else:
+      tab = m.block_table(T, S, 32, 512)
+      # density of allowed pairs, estimated on the tile table (exact for full tiles)
+      density = float(np.mean(tab != masks.EMPTY))
+    fn = lambda q, k, v, m=m: attnjax.attention(q, k, v, mask=m)
+    t_f = timeit(jax.jit(fn), q, k, v, reps=1 if not quick else 2)
+    t_fb = timeit(fwd_bwd(fn), q, k, v, reps=1 if not quick else 2)
+    rows.append(dict(case=name, impl="attnjax auto", S=S, tile_density=density, fwd_s=t_f,
+                     fwdbwd_s=t_fb))
+  return rows
+
+
+def memory_probe(S):
+  """Peak RSS (GB) of a fresh process doing one fwd+bwd at length S."""
+  code = f"""
+import resource, jax, jax.numpy as jnp, attnjax
+ks = jax.random.split(jax.random.PRNGKey(0), 3)
+q, k, v = (jax.random.normal(kk, (1, {S}, 8, 64)) for kk in ks)
+g = jax.jit(jax.grad(lambda q, k, v: attnjax.attention(q, k, v).sum(), argnums=(0, 1, 2)))
+jax.block_until_ready(g(q, k, v))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  return float(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows, keys):
+  widths = {k: max(len(k), *(len(fmt(r.get(k))) for r in rows)) for k in keys}
+  print("  ".join(k.ljust(widths[k]) for k in keys))
+  for r in rows:
+    print("  ".join(fmt(r.get(k)).ljust(widths[k]) for k in keys))
+
+
+def fmt(x):
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    return f"{x:.3g}"
+  return str(x)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+  p.add_argument("--sizes", type=int, nargs="*", default=None)
+  p.add_argument("--no-sparse", action="store_true")
+  p.add_argument("--memory", type=int, default=0, help="also measure peak RSS at this S")
+  p.add_argument("--out", default="bench_results/attention_cpu.json")
+  args = p.parse_args()
+  sizes = args.sizes or ([256, 512] if args.quick else [1024, 4096, 8192])
+  gemm = gemm_rate(512 if args.quick else 2048)
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, f32 GEMM {gemm:.0f} GFLOP/s")
+  rows = dense_rows(sizes, gemm)
+  print_table(rows, ["case", "impl", "fwd_s", "fwdbwd_s", "fwd_gflops", "fwdbwd_gflops",
+                     "fwd_vs_torch", "fwdbwd_vs_torch", "fwd_vs_gemm", "fwdbwd_vs_gemm"])
+  result = dict(gemm_gflops=gemm, dense=rows)
+  if not args.no_sparse:
+    sp = sparse_rows(1024 if args.quick else 16384, 16 if args.quick else 128, args.quick)
+    print()
+    print_table(sp, ["case", "impl", "S", "tile_density", "fwd_s", "fwdbwd_s"])
+    result["sparse"] = sp
+  if args.memory:
+    gb = memory_probe(args.memory)
+    print(f"\npeak RSS, fwd+bwd at S={args.memory}: {gb:.2f} GB")
+    result["memory"] = dict(S=args.memory, peak_rss_gb=gb)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

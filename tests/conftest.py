@@ -1,0 +1,40 @@
+"""Shared pytest configuration: deterministic hypothesis profiles, tolerances."""
+
+import os
+
+import hypothesis
+import jax
+import numpy as np
+import pytest
+
+# Shared test bases run one @given method from several subclasses (one per
+# implementation): that is intended, hence differing_executors.
+_SUPPRESS = [hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large,
+             hypothesis.HealthCheck.differing_executors]
+
+# Reproducible property tests: the same examples on every run (no per-run seeds).
+hypothesis.settings.register_profile(
+    "default", derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=_SUPPRESS)
+hypothesis.settings.register_profile(
+    "slow", derandomize=True, deadline=None, max_examples=200,
+    suppress_health_check=_SUPPRESS)
+hypothesis.settings.load_profile(os.environ.get("ATTNJAX_HYPOTHESIS_PROFILE", "default"))
+
+# Per-dtype tolerances (atol, rtol) used across the suite.
+TOLERANCES = {
+    np.dtype("float32"): dict(atol=1e-5, rtol=1e-5),
+    np.dtype(jax.numpy.bfloat16): dict(atol=2e-2, rtol=2e-2),
+}
+
+
+@pytest.fixture
+def tol():
+  return lambda dtype: TOLERANCES[np.dtype(dtype)]
+
+
+def examples(default: int) -> int:
+  """Hypothesis example count: `default` normally, 25x more under the slow profile."""
+  if os.environ.get("ATTNJAX_HYPOTHESIS_PROFILE") == "slow":
+    return default * 25
+  return default
