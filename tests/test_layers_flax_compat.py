@@ -45,7 +45,7 @@ def test_linen_mha_probability_dropout_matches_default():
   kw = dict(num_heads=2, qkv_features=16, dropout_rate=0.3)
   ref = nn.MultiHeadDotProductAttention(**kw)
   ours = nn.MultiHeadDotProductAttention(**kw, attention_fn=attnjax.flax_attention_fn())
-  params = ref.init(jax.random.key(0), x)
+  params = ref.init(jax.random.key(0), x, deterministic=True)
   rngs = {"dropout": jax.random.key(5)}
   y_ref = ref.apply(params, x, rngs=rngs, deterministic=False)
   y = ours.apply(params, x, rngs=rngs, deterministic=False)
