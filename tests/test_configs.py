@@ -96,6 +96,7 @@ def _train_runlocal(name, arg, tmp_path):
   return res
 
 
+@pytest.mark.slow
 def test_digits_vit_runlocal_end_to_end(tmp_path):
   _train_runlocal('digits_vit', 'runlocal', tmp_path)
 
