@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +34,8 @@ def load_config():
 
 def main(argv):
   del argv
+  if not FLAGS['verbosity'].present:  # library INFO/WARNING chatter off unless asked for
+    logging.set_verbosity(logging.ERROR)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel

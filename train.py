@@ -13,7 +13,7 @@ jax.distributed.initialize() discover them (TPU, SLURM). See docs/training.md.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +34,8 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv):
   del argv
+  if not FLAGS['verbosity'].present:  # library INFO/WARNING chatter off unless asked for
+    logging.set_verbosity(logging.ERROR)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

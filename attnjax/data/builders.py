@@ -208,6 +208,9 @@ def load(name: str, split: str, *, data_dir: str | None = None, prepare_if_missi
     if not _is_prepared(b):
       if not prepare_if_missing:
         raise ValueError(f'dataset {name!r} is not prepared under {b.data_dir}.')
+      print(f'attnjax.data: generating {name} ({b.builder_config.name if b.builder_config else ""})'
+            f' under {b.data_dir} (first use only)', flush=True)
+      tfds.disable_progress_bar()
       b.download_and_prepare()
     if split not in b.info.splits:
       raise ValueError(f'dataset {name!r} has splits {list(b.info.splits)}; got split={split!r}.')
