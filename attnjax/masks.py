@@ -74,8 +74,9 @@ class Mask:
 
   def __init__(self, fn, name, *, band=None, table=None, data_dependent=False,
                grid_size=None, head_dependent=False, children=(), op=None,
-               operands=()):
-    self._fn = fn                  # (ctx, b, h, q, kv) -> bool (np or jnp)
+               operands=(), check=None):
+    self._fn = fn
+    self._check = check            # (T, S, num_heads, batch) -> None (raises), or None                  # (ctx, b, h, q, kv) -> bool (np or jnp)
     self.name = name
     self._band = band              # (ctx, q, xp) -> (lo, hi) inclusive, or None
     self._table = table            # custom in-graph table fn, or None
@@ -157,20 +158,24 @@ class Mask:
                 data_dependent=dyn or self.data_dependent, head_dependent=self.head_dependent)
 
   # ------------------------------------------------------------------ validation
-  def check_shape(self, T: int, S: int) -> None:
-    """Raises ``ValueError`` if this mask cannot be applied to a ``[T, S]`` score matrix."""
+  def check_shape(self, T: int, S: int, num_heads: Optional[int] = None,
+                  batch: Optional[int] = None) -> None:
+    """Raises ``ValueError`` if this mask cannot be applied to a ``[batch, num_heads,
+    T, S]`` score array (grid sizes, array operands; ``None`` skips that check)."""
     g = self._grid_size
     if g is not None and (T != g or S != g):
       raise ValueError(
           f"mask {self.name} is defined on a grid of {g} tokens; it needs "
           f"T == S == {g}, got T={T}, S={S}")
+    if self._check is not None:
+      self._check(T, S, num_heads, batch)
     for c in self._children:
-      c.check_shape(T, S)
+      c.check_shape(T, S, num_heads, batch)
 
   # ------------------------------------------------------------------ materialise
   def to_array(self, T: int, S: int, num_heads: int = 1, batch: int = 1):
     """The boolean mask ``[batch, num_heads, T, S]`` (NumPy if static, else JAX)."""
-    self.check_shape(T, S)
+    self.check_shape(T, S, None if num_heads == 1 else num_heads, None if batch == 1 else batch)
     b, h, q, kv = _index_grids(batch, num_heads, np.arange(T), np.arange(S))
     out = self(b, h, q, kv, num_heads=num_heads, batch=batch)
     xp = _xp(out)
@@ -192,7 +197,7 @@ class Mask:
                       ("num_heads", num_heads), ("batch", batch)):
       if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
         raise ValueError(f"{name} must be a positive int, got {val!r}")
-    self.check_shape(T, S)
+    self.check_shape(T, S, None if num_heads == 1 else num_heads, None if batch == 1 else batch)
     ctx = _Ctx(int(num_heads), int(batch))
     key = (T, S, block_q, block_k, num_heads, batch)
     if not self.data_dependent and key in self._cache:
@@ -215,6 +220,14 @@ class Mask:
       tabs = [c._block_table(ctx, T, S, bq, bk) for c in self._children]
       return _table_algebra(self._op, tabs)
     return _eval_table(self, ctx, T, S, bq, bk)
+
+
+def _check_lead(what, shape, Bm, Nm, num_heads, batch):
+  if batch is not None and Bm not in (1, batch):
+    raise ValueError(f"{what} of shape {shape} has batch dim {Bm}; the call needs 1 or B={batch}")
+  if num_heads is not None and Nm not in (1, num_heads):
+    raise ValueError(f"{what} of shape {shape} has head dim {Nm}; the call needs 1 or "
+                     f"N={num_heads}")
 
 
 def _merge_grid(a: Mask, b: Mask):
@@ -417,9 +430,15 @@ def document(q_segment_ids, kv_segment_ids=None) -> Mask:
     xp = _xp(qs, ks, q, kv)
     return xp.asarray(qs)[b, xp.clip(q, 0, T - 1)] == xp.asarray(ks)[b, xp.clip(kv, 0, S - 1)]
 
-  def table(ctx, T_, S_, bq, bk):
+  def check(T_, S_, num_heads, batch):
     if T_ != T or S_ != S:
       raise ValueError(f"document mask built for T={T}, S={S}; called with T={T_}, S={S_}")
+    if batch is not None and batch != qs.shape[0]:
+      raise ValueError(f"document mask: segment ids have batch {qs.shape[0]}; the call has "
+                       f"B={batch}")
+
+  def table(ctx, T_, S_, bq, bk):
+    check(T_, S_, None, None)
     xp = jnp if dyn else np
     nq, nk = -(-T // bq), -(-S // bk)
     def minmax(a, n, blk):
@@ -433,11 +452,26 @@ def document(q_segment_ids, kv_segment_ids=None) -> Mask:
     klo, khi = minmax(ks, nk, bk)
     qlo, qhi = qlo[:, :, None], qhi[:, :, None]
     klo, khi = klo[:, None, :], khi[:, None, :]
-    empty = (qhi < klo) | (khi < qlo)
     fullt = (qlo == qhi) & (klo == khi) & (qlo == klo)
+    if dyn:
+      # In-graph: id ranges that do not overlap share no id (sound, exact for
+      # sorted ids).
+      empty = (qhi < klo) | (khi < qlo)
+    else:
+      # NumPy ids: exact, via per-tile id occupancy.
+      ids, inv = np.unique(np.concatenate([np.asarray(qs), np.asarray(ks)], 1),
+                           return_inverse=True)
+      inv = inv.reshape(qs.shape[0], T + S)
+      def occ(codes, n, blk):
+        o = np.zeros((codes.shape[0], n, len(ids)), bool)
+        bi, pos = np.nonzero(np.ones_like(codes, bool))
+        o[bi, pos // blk, codes[bi, pos]] = True
+        return o
+      qo, ko = occ(inv[:, :T], nq, bq), occ(inv[:, T:], nk, bk)
+      empty = np.einsum("bqu,bku->bqk", qo.astype(np.int32), ko.astype(np.int32)) == 0
     return xp.where(fullt, FULL, xp.where(empty, EMPTY, PARTIAL)).astype(xp.int8)[:, None]
 
-  m = Mask(fn, "document", table=table, data_dependent=dyn, operands=(qs, ks))
+  m = Mask(fn, "document", table=table, data_dependent=dyn, operands=(qs, ks), check=check)
   m._segments = (qs, ks)
   return m
 
@@ -652,17 +686,14 @@ def from_array(mask) -> Mask:
     hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
     return xp.asarray(arr4)[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv, 0, Sm - 1)]
 
-  m = Mask(fn, f"from_array{tuple(arr.shape)}", data_dependent=_is_jax(arr),
-           head_dependent=Nm > 1, operands=(arr4,))
-  m._array_shape = (Tm, Sm)
-  orig_check = m.check_shape
-
-  def check(T, S):
+  def check(T, S, num_heads, batch):
     if (Tm != 1 and Tm != T) or (Sm != 1 and Sm != S):
       raise ValueError(f"mask array of shape {tuple(arr.shape)} does not broadcast to "
                        f"[T={T}, S={S}]")
-    orig_check(T, S)
-  m.check_shape = check
+    _check_lead("mask array", tuple(arr.shape), Bm, Nm, num_heads, batch)
+
+  m = Mask(fn, f"from_array{tuple(arr.shape)}", data_dependent=_is_jax(arr),
+           head_dependent=Nm > 1, operands=(arr4,), check=check)
   return m
 
 
@@ -715,8 +746,15 @@ def from_block_mask(block_mask, block_q: int, block_k: int) -> Mask:
       return xp.where(arr4, FULL, EMPTY).astype(xp.int8)
     return _eval_table(m, ctx, T, S, bq, bk)
 
+  def check(T, S, num_heads, batch):
+    nq, nk = -(-T // block_q), -(-S // block_k)
+    if (nqm, nkm) != (nq, nk):
+      raise ValueError(f"block_mask has {nqm}x{nkm} tiles, T={T}, S={S} need {nq}x{nk} "
+                       f"(block_q={block_q}, block_k={block_k})")
+    _check_lead("block_mask", tuple(block_mask.shape), Bm, Nm, num_heads, batch)
+
   m = Mask(fn, f"from_block_mask({block_q}, {block_k})", table=table, data_dependent=dyn,
-           head_dependent=Nm > 1, operands=(arr4,))
+           head_dependent=Nm > 1, operands=(arr4,), check=check)
   return m
 
 

@@ -14,6 +14,7 @@ Order inside ``attention``: ``s = scale * q.k + bias``; ``s = score_mod(s, ...)`
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -27,9 +28,16 @@ __all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_position_bias", "tempe
 class ScoreMod:
   """A named, composable score modifier (callable like a plain function)."""
 
-  def __init__(self, fn: Callable, name: str):
+  def __init__(self, fn: Callable, name: str, check: Optional[Callable] = None):
     self._fn = fn
     self.name = name
+    self._check = check
+
+  def check(self, T: int, S: int, N: int) -> None:
+    """Raises ``ValueError`` if this score_mod's arrays do not fit a call with query
+    length ``T``, key length ``S`` and ``N`` query heads."""
+    if self._check is not None:
+      self._check(T, S, N)
 
   def __call__(self, score, b, h, q_idx, kv_idx):
     return self._fn(score, b, h, q_idx, kv_idx)
@@ -76,7 +84,19 @@ def alibi(slopes, *, symmetric: bool = False) -> ScoreMod:
     d = (kv - q).astype(jnp.float32)
     d = -jnp.abs(d) if symmetric else d
     return score + jnp.asarray(slopes, jnp.float32)[h] * d
-  return ScoreMod(fn, "alibi")
+  def check(T, S, N):
+    if slopes.shape[0] != N:
+      raise ValueError(f"alibi slopes have {slopes.shape[0]} entries; the call has N={N} heads")
+  return ScoreMod(fn, "alibi", check)
+
+
+def _check_rows(table, grid_tokens, T, S, N):
+  if table.shape[0] != N:
+    raise ValueError(f"relative_position_bias table has {table.shape[0]} rows; the call has "
+                     f"N={N} heads")
+  if grid_tokens is not None and (T != grid_tokens or S != grid_tokens):
+    raise ValueError(f"relative_position_bias shape has {grid_tokens} tokens; the call needs "
+                     f"T == S == {grid_tokens}, got T={T}, S={S}")
 
 
 def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
@@ -100,7 +120,7 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
     def fn(score, b, h, q, kv):
       idx = jnp.clip(kv - q, -R, R) + R
       return score + jnp.asarray(table)[h, idx].astype(jnp.float32)
-    return ScoreMod(fn, "relative_position_bias_1d")
+    return ScoreMod(fn, "relative_position_bias_1d", functools.partial(_check_rows, table, None))
   shape = tuple(int(s) for s in shape)
   if not 1 <= len(shape) <= 3:
     raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
@@ -125,7 +145,8 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
       d = (kv // st) % L - (q // st) % L
       idx = idx + (jnp.clip(d, -R, R) + R) * ws
     return score + jnp.asarray(table)[h, idx].astype(jnp.float32)
-  return ScoreMod(fn, f"relative_position_bias{shape}")
+  return ScoreMod(fn, f"relative_position_bias{shape}",
+                  functools.partial(_check_rows, table, int(np.prod(shape))))
 
 
 def temperature(tau) -> ScoreMod:
@@ -156,5 +177,9 @@ def compose(*mods: Callable) -> ScoreMod:
     for m in mods:
       score = m(score, b, h, q, kv)
     return score
+  def check(T, S, N):
+    for m in mods:
+      if getattr(m, "check", None) is not None:
+        m.check(T, S, N)
   return ScoreMod(fn, " -> ".join(getattr(m, "name", getattr(m, "__name__", "fn"))
-                                   for m in mods))
+                                   for m in mods), check)

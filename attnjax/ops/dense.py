@@ -100,11 +100,13 @@ def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
 
   mask = masks_lib.as_mask(mask, "mask")
   if mask is not None:
-    mask.check_shape(T, S)
+    mask.check_shape(T, S, N, B)
 
   if score_mod is not None and not callable(score_mod):
     raise TypeError(f"score_mod must be callable (score, b, h, q_idx, kv_idx) -> score, got "
                     f"{type(score_mod).__name__}")
+  if getattr(score_mod, "check", None) is not None:
+    score_mod.check(T, S, N)
 
   if bias is not None:
     if not _is_array(bias):
