@@ -56,7 +56,7 @@ def default_config(kind: str) -> ml_collections.ConfigDict:
   c.attention = ml_collections.ConfigDict({"name": "mha"})  # attnjax.variants name + options
   c.layers_attention = None  # optional list of per-layer specs (interleaving), None = same
   c.remat_policy = "none"   # 'none' | 'full' | 'dots' | 'dots_no_batch' | 'everything'
-  c.scan_layers = False     # stack layers and apply them with nnx.scan
+  c.scan_layers = False     # stack layers and apply them with jax.lax.scan
   if kind in ("lm", "encoder"):
     c.vocab_size = 64
     c.max_len = 64

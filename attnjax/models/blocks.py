@@ -6,8 +6,8 @@ built by name through `attnjax.variants`, so every layer of a stack may use a di
 mechanism.
 
 `BlockStack(scan_layers=True)` stores the layers' parameters stacked on a leading axis
-(built with `nnx.vmap`) and applies them with `nnx.scan`; `remat_policy` wraps each block
-in `nnx.remat` (`jax.checkpoint`) with a named policy. Both are numerically identical to
+(built with `nnx.vmap`) and applies them with `jax.lax.scan`; `remat_policy` wraps each
+block in `jax.checkpoint` with a named policy. Both are numerically identical to
 the plain Python loop over the same parameters (tested).
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import variants
@@ -125,7 +126,7 @@ class BlockStack(nnx.Module):
   Args:
     make_block: `make_block(rngs, layer_index) -> TransformerBlock`.
     num_layers: L.
-    scan_layers: stack parameters on a leading L axis and apply with `nnx.scan` (all
+    scan_layers: stack parameters on a leading L axis and apply with `jax.lax.scan` (all
       layers must have the same structure: `same_structure=True`).
     remat_policy: a key of `REMAT_POLICIES` ('none', 'full', 'dots', ...).
     same_structure: whether every layer is built identically (required for scanning).
@@ -155,44 +156,59 @@ class BlockStack(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None):
     """Per-layer caches: a list (plain) or one pytree stacked on a leading L axis (scan)."""
     if self.scan_layers:
-      @nnx.vmap(in_axes=(0,), out_axes=0)
-      def make(layer):
-        return layer.init_cache(batch, max_len, dtype)
-      return make(self.layers)
+      graphdef, state = nnx.split(self.layers)
+      first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+      c0 = first.init_cache(batch, max_len, dtype)
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), c0)
     return [layer.init_cache(batch, max_len, dtype) for layer in self.layers]
 
-  def _block_fn(self, deterministic, segment_ids, positions, decoding):
-    def apply(layer, x, cache):
-      return layer(x, segment_ids=segment_ids, positions=positions, cache=cache,
-                   deterministic=deterministic)
-    policy = REMAT_POLICIES[self.remat_policy]
+  def _pure_block(self, graphdef, deterministic, segment_ids, positions, decoding):
+    """`f(layer_state, x, cache) -> (x, cache, new_layer_state)`, rematerialised if asked.
+
+    Blocks run as pure functions of their state (plain `jax.checkpoint` / `jax.lax.scan`,
+    no nnx transforms), so the stack works under any outer JAX transformation; the new
+    state carries advanced dropout RNG counters.
+    """
+    def f(layer_state, x, cache):
+      layer = nnx.merge(graphdef, layer_state)
+      out = layer(x, segment_ids=segment_ids, positions=positions, cache=cache,
+                  deterministic=deterministic)
+      x, cache = out if cache is not None else (out, None)
+      return x, cache, nnx.state(layer)
     # remat only matters for training; decoding (cache given) runs the plain blocks.
     if self.remat_policy != "none" and not decoding:
-      apply = nnx.remat(apply, policy=policy)
-    return apply
+      f = jax.checkpoint(f, policy=REMAT_POLICIES[self.remat_policy])
+    return f
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
-    apply = self._block_fn(deterministic, segment_ids, positions, cache is not None)
+    decoding = cache is not None
     if not self.scan_layers:
-      if cache is None:
-        for layer in self.layers:
-          x = apply(layer, x, None)
-        return x
-      if len(cache) != self.num_layers:
+      if decoding and len(cache) != self.num_layers:
         raise ValueError(f"cache must hold num_layers={self.num_layers} layer caches, got {len(cache)}")
+      caches = cache if decoding else [None] * self.num_layers
       new = []
-      for layer, c in zip(self.layers, cache):
-        x, c = apply(layer, x, c)
+      for layer, c in zip(self.layers, caches):
+        if self.remat_policy == "none" or decoding:
+          out = layer(x, segment_ids=segment_ids, positions=positions, cache=c, deterministic=deterministic)
+          x, c = out if decoding else (out, None)
+        else:
+          graphdef, state = nnx.split(layer)
+          f = self._pure_block(graphdef, deterministic, segment_ids, positions, decoding)
+          x, c, new_state = f(state, x, c)
+          if not deterministic:
+            nnx.update(layer, new_state)
         new.append(c)
-      return x, new
+      return (x, new) if decoding else x
 
-    if cache is None:
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-      def body(carry, layer):
-        return apply(layer, carry, None)
-      return body(x, self.layers)
+    graphdef, state = nnx.split(self.layers)
+    f = self._pure_block(graphdef, deterministic, segment_ids, positions, decoding)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-    def body_cached(carry, layer, c):
-      return apply(layer, carry, c)
-    return body_cached(x, self.layers, cache)
+    def body(carry, xs):
+      layer_state, c = xs
+      y, c, new_state = f(layer_state, carry, c)
+      return y, (c, new_state)
+
+    x, (new_cache, new_state) = jax.lax.scan(body, x, (state, cache))
+    if not deterministic:
+      nnx.update(self.layers, new_state)
+    return (x, new_cache) if decoding else x
