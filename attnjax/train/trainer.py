@@ -353,6 +353,8 @@ class Trainer:
       v = np.asarray(v)
       if v.dtype == np.float64:
         v = v.astype(np.float32)
+      elif v.dtype == np.uint8:  # images of external TFDS datasets -> [0, 1] float32
+        v = v.astype(np.float32) / 255.0
       elif v.dtype == np.int64:
         v = v.astype(np.int32)
       gshape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
