@@ -193,6 +193,10 @@ def _masked_exp(diff, mask):
 
 def _core_quadratic(q, k, v, a, state):
   T = q.shape[1]
+  # Broadcast the log-decay to the full batch first: with a batch-1 log-decay the gradient
+  # program (a reduce over the broadcast batch axis) crashes XLA:CPU in jax 0.10.2 (heap
+  # corruption seen as a segfault at the next garbage collection).
+  a = jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:])
   A = jnp.cumsum(a, axis=1)                                      # [Ba, T, K, Gs]
   A_kst = jnp.moveaxis(A, 1, -1)                                 # [Ba, K, Gs, T]
   causal = jnp.tril(jnp.ones((T, T), bool))
@@ -226,6 +230,10 @@ def _core_recurrent(q, k, v, a, state):
 
 def _core_chunked(q, k, v, a, state, chunk_size):
   B, T = q.shape[:2]
+  # Broadcast the log-decay to the full batch first: with a batch-1 log-decay the gradient
+  # program (a reduce over the broadcast batch axis) crashes XLA:CPU in jax 0.10.2 (heap
+  # corruption seen as a segfault at the next garbage collection).
+  a = jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:])
   C = min(chunk_size, T)
   nc = -(-T // C)
   pad = nc * C - T
