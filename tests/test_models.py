@@ -47,7 +47,7 @@ def test_default_models_shapes_and_sharding_names(kind, expect):
     ("vit", {"name": "grid", "grid": 2}),
     ("vit", {"name": "criss_cross"}),
     ("vit", {"name": "axial"}),
-    ("hvit", {"name": "neighborhood", "kernel": 3}),
+    pytest.param("hvit", {"name": "neighborhood", "kernel": 3}, marks=pytest.mark.slow),
     ("encoder", {"name": "dual_triangle"}),
     ("set", {"name": "mha"}),
 ])
@@ -139,7 +139,8 @@ def _decode_matches_full(cfg, prompt_len=5, total=12):
     dict(),
     dict(num_kv_heads=2, scan_layers=True),
     dict(layers_attention=[{"name": "sliding_window", "window": 3}, {"name": "mha"}]),
-    dict(attention=ml_collections.ConfigDict({"name": "sinks", "window": 4}), num_kv_heads=1),
+    pytest.param(dict(attention=ml_collections.ConfigDict({"name": "sinks", "window": 4}), num_kv_heads=1),
+                 marks=pytest.mark.slow),
 ])
 def test_kv_cache_decode_equals_full_forward(variant):
   cfg = models.default_config("lm")
@@ -204,7 +205,7 @@ def _loss_and_grads(model, tokens):
   return f(params)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_scan_and_remat_equal_plain_stack(remat):
   cfg = models.default_config("lm")
   cfg.num_layers = 3
@@ -286,3 +287,36 @@ def test_scan_needs_uniform_layers_and_bad_inputs():
     lm(jnp.ones((4,), jnp.int32))
   with pytest.raises(ValueError, match="default_config|kind must be"):
     models.default_config("cnn")
+
+
+class _RunningMean(nnx.Module):
+  """Toy recurrent 'attention': y_t = mean_{j<=t}(x_j) W, with state (sum, count) as cache."""
+
+  def __init__(self, d_model, *, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (d_model, d_model)) / d_model ** 0.5)
+
+  def init_cache(self, batch, max_len):
+    del max_len
+    return (jnp.zeros((batch, self.w.shape[0])), jnp.zeros((), jnp.float32))
+
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
+    total, count = cache if cache is not None else (jnp.zeros((x.shape[0], x.shape[-1])), jnp.zeros(()))
+    csum = total[:, None] + jnp.cumsum(x, axis=1)
+    n = count + jnp.arange(1, x.shape[1] + 1, dtype=jnp.float32)
+    y = (csum / n[None, :, None]) @ self.w[...]
+    if cache is None:
+      return y
+    return y, (csum[:, -1], count + x.shape[1])
+
+
+def test_recurrent_state_layer_plugs_into_lm_decoding():
+  from attnjax import variants
+  name = "test_only_running_mean"
+  variants.register(name, lambda *, d_model, num_heads, num_kv_heads, head_dim, rngs, **o:
+                    _RunningMean(d_model, rngs=rngs), supports_cache=True, overwrite=True)
+  try:
+    cfg = models.default_config("lm")
+    cfg.layers_attention = [{"name": name}, {"name": "mha"}]
+    _decode_matches_full(cfg)
+  finally:
+    variants._REGISTRY.pop(name, None)  # pylint: disable=protected-access

@@ -13,6 +13,8 @@ the plain Python loop over the same parameters (tested).
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -106,7 +108,13 @@ class TransformerBlock(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None):
     if not hasattr(self.attn, "init_cache"):
       raise ValueError(f"attention variant {self.attention_name!r} does not support decoding (no init_cache)")
-    return self.attn.init_cache(batch, max_len, dtype)
+    try:
+      accepts_dtype = "dtype" in inspect.signature(self.attn.init_cache).parameters
+    except (TypeError, ValueError):
+      accepts_dtype = False
+    if accepts_dtype:
+      return self.attn.init_cache(batch, max_len, dtype=dtype)
+    return self.attn.init_cache(batch, max_len)  # the registry convention: (batch, max_len)
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
     h = self.attn(self.attn_norm(x), deterministic=deterministic,
