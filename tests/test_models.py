@@ -85,6 +85,19 @@ def test_hvit_swin_alternates_shift():
   assert model.stages[1].layers[0].attn.config.num_heads == 4
 
 
+def test_scanned_params_name_the_layer_axis_and_map_to_shardings():
+  from attnjax import parallel
+  cfg = models.default_config("lm")
+  cfg.scan_layers = True
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  q = model.blocks.layers.attn.q_kernel
+  assert q[...].shape == (2, 32, 4, 8)
+  assert q.get_metadata()["out_sharding"] == (None, "embed", "heads", "head_dim")
+  mesh = jax.make_mesh((1,), ("data",))
+  shardings = parallel.state_shardings(nnx.state(model), mesh)
+  assert len(jax.tree.leaves(shardings)) > 0
+
+
 def test_lm_causality_property():
   cfg = models.default_config("lm")
   cfg.num_kv_heads = 2

@@ -147,14 +147,16 @@ class BlockStack(nnx.Module):
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got remat_policy={remat_policy!r}")
     if scan_layers and not same_structure:
-      raise ValueError("scan_layers=True needs every layer to use the same attention spec "
-                       "(layers_attention interleaves different variants); set scan_layers=False")
+      raise ValueError("scan_layers=True needs every layer to use the same attention spec, but the "
+                       "layers differ (layers_attention interleaves variants, or hvit alternates Swin "
+                       "shifts); set scan_layers=False")
     self.num_layers = num_layers
     self.scan_layers = bool(scan_layers)
     self.remat_policy = remat_policy
     if self.scan_layers:
       @nnx.split_rngs(splits=num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0)
+      # the stacked layer axis gets logical name None (replicated) in the sharding metadata
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
       def create(r):
         return make_block(r, 0)
       self.layers = create(rngs)
