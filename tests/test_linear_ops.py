@@ -176,8 +176,10 @@ shapes = st.fixed_dictionaries(dict(
     B=st.integers(1, 2), T=st.integers(1, 40), K=st.sampled_from([1, 2]),
     G=st.sampled_from([1, 2, 3]), H=st.sampled_from([1, 4, 8]), Hv=st.sampled_from([1, 3, 8]),
     chunk=st.sampled_from([1, 3, 8, 16, 64]), seed=st.integers(0, 2 ** 16)))
-_settings = hypothesis.settings(max_examples=3, deadline=None, derandomize=True,
-                                suppress_health_check=list(hypothesis.HealthCheck))
+_settings = hypothesis.settings(
+    max_examples=3, deadline=None, derandomize=True, database=None,
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # shrinking recompiles
+    suppress_health_check=list(hypothesis.HealthCheck))
 
 
 @_settings
@@ -317,7 +319,7 @@ def ref_inline(q, k, v, causal):
   allowed = np.tril(np.ones((T, S))) if causal else np.ones((T, S))
   n = allowed.sum(-1, keepdims=True)
   s = s * allowed
-  w = s - s.sum(-1, keepdims=True) / n + allowed / n
+  w = (s - s.sum(-1, keepdims=True) / n + 1 / n) * allowed
   return np.einsum('bnts,bsnv->btnv', w, v)
 
 
@@ -335,7 +337,8 @@ def test_noncausal_mechanisms(name):
     outs[form] = vjp_all(functools.partial(fn, form=form), (q, k, v))
     assert_close(outs[form][0], ref)
   for g, rg in zip(outs['chunked'][1], outs['quadratic'][1]):
-    assert_close(g, rg)
+    # gradients are compared at the scale of the largest entry (f32 summation order differs)
+    assert_close(g, rg, atol=2e-5 * max(1.0, float(jnp.max(jnp.abs(rg)))))
 
 
 def test_causal_inline_matches_reference():

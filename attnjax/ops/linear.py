@@ -815,7 +815,7 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
     past = _einsum('btkgf,bkf->bkgt', qg, z0)                            # q_i . z0
     inv_n = (1.0 / count)[:, None, None, :]                               # [B,1,1,T]
     tot = jnp.sum(s, axis=-1) + past                                      # sum of all scores
-    w = s - (tot * inv_n)[..., None] + causal_m * inv_n[..., None]
+    w = jnp.where(causal_m, s - (tot * inv_n)[..., None] + inv_n[..., None], 0.0)
     o = _einsum('bkgts,bskv->btkgv', w, v32)
     # Past tokens (the state) enter through q.S0 and through the mean-correction terms.
     coef = jnp.moveaxis((1.0 - tot) * inv_n, -1, 1)                       # [B,T,K,G]
