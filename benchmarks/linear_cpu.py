@@ -1,0 +1,134 @@
+"""Time and memory vs sequence length: chunked causal linear attention vs causal softmax.
+
+    python benchmarks/linear_cpu.py [--lengths 4096,8192,...] [--heads 4] [--dim 64]
+        [--chunk 64] [--reps 3] [--out linear_cpu.json]
+
+For every length T it times (median of ``--reps`` runs, after a compile+warm-up run) the
+jitted forward and forward+backward (``jax.grad`` of a sum) of
+
+- ``attnjax.ops.linear.linear_attention(causal=True, form='chunked')`` (elu+1, normalised),
+- ``attnjax.ops.linear.lightning_attention(form='chunked')`` (per-head decay),
+- causal softmax attention: ``jax.nn.dot_product_attention(is_causal=True)`` and, when the
+  core is importable, ``attnjax.attention(q, k, v, mask=attnjax.masks.causal())``.
+
+Memory is XLA's compiled estimate (``memory_analysis()``: temporaries + outputs) of the
+forward+backward program. Softmax runs are skipped when their ``[B, N, T, T]`` float32
+logits alone would exceed ``--softmax-mem-gb``. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.ops import linear as L
+
+
+def _memory_bytes(compiled):
+  try:
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+  except Exception:  # memory analysis is optional on some backends
+    return None
+
+
+def _time(fn, args, reps):
+  jitted = jax.jit(fn)
+  compiled = jitted.lower(*args).compile()
+  jax.block_until_ready(compiled(*args))          # warm-up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), _memory_bytes(compiled)
+
+
+def _fwd_bwd(f):
+  return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+
+
+def _methods(args, N):
+  decay = jnp.linspace(0.9, 0.999, N)
+  methods = {
+      'linear_chunked': lambda q, k, v: L.linear_attention(
+          q, k, v, causal=True, chunk_size=args.chunk),
+      'lightning_chunked': lambda q, k, v: L.lightning_attention(
+          q, k, v, decay=decay, chunk_size=args.chunk),
+      'softmax_jax_nn': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+  }
+  try:
+    import attnjax
+    from attnjax import masks
+    attention = attnjax.attention
+    methods['softmax_attnjax'] = lambda q, k, v: attention(q, k, v, mask=masks.causal())
+  except (ImportError, AttributeError) as e:
+    print(f'attnjax.attention unavailable ({type(e).__name__}: {e}); skipping it')
+  return methods
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--lengths', default='4096,8192,16384,32768,65536')
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--heads', type=int, default=4)
+  p.add_argument('--dim', type=int, default=64)
+  p.add_argument('--chunk', type=int, default=64)
+  p.add_argument('--reps', type=int, default=3)
+  p.add_argument('--softmax-mem-gb', type=float, default=2.0)
+  p.add_argument('--out', default='linear_cpu.json')
+  args = p.parse_args()
+  lengths = [int(x) for x in args.lengths.split(',')]
+  B, N, H = args.batch, args.heads, args.dim
+  methods = _methods(args, N)
+  rows = []
+  for T in lengths:
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(T), 3)
+    q = jax.random.normal(kq, (B, T, N, H)) * H ** -0.5
+    k = jax.random.normal(kk, (B, T, N, H)) * H ** -0.5
+    v = jax.random.normal(kv, (B, T, N, H))
+    for name, f in methods.items():
+      row = dict(method=name, T=T, B=B, N=N, H=H, chunk=args.chunk)
+      if name.startswith('softmax') and B * N * T * T * 4 > args.softmax_mem_gb * 2 ** 30:
+        row.update(skipped=f'[B,N,T,T] logits exceed {args.softmax_mem_gb} GB')
+      else:
+        try:
+          row['fwd_s'], _ = _time(f, (q, k, v), args.reps)
+          row['fwd_bwd_s'], row['fwd_bwd_mem_bytes'] = _time(_fwd_bwd(f), (q, k, v), args.reps)
+        except Exception as e:  # report, do not hide: the row says why
+          row.update(skipped=f'{type(e).__name__}: {str(e)[:120]}')
+      rows.append(row)
+      _print_row(row)
+  ratios = {}
+  for name in methods:
+    t = {r['T']: r.get('fwd_bwd_s') for r in rows if r['method'] == name}
+    if t.get(8192) and t.get(65536):
+      ratios[name] = t[65536] / t[8192]
+  for name, r in ratios.items():
+    print(f'{name}: fwd+bwd time(T=65536) / time(T=8192) = {r:.2f}  (linear scaling = 8)')
+  meta = dict(jax=jax.__version__, backend=jax.default_backend(), machine=platform.machine(),
+              processor=platform.processor(), devices=str(jax.devices()))
+  with open(args.out, 'w') as fh:
+    json.dump(dict(meta=meta, args=vars(args), rows=rows, ratio_65536_over_8192=ratios), fh,
+              indent=2)
+  print(f'wrote {args.out}')
+
+
+def _print_row(r):
+  if 'skipped' in r:
+    print(f"{r['method']:<18} T={r['T']:>6}  skipped: {r['skipped']}", flush=True)
+    return
+  mem = r.get('fwd_bwd_mem_bytes')
+  mem_s = f'{mem / 2 ** 20:9.1f} MiB' if mem is not None else '      n/a'
+  print(f"{r['method']:<18} T={r['T']:>6}  fwd {r['fwd_s'] * 1e3:9.1f} ms  "
+        f"fwd+bwd {r['fwd_bwd_s'] * 1e3:9.1f} ms  mem(fwd+bwd) {mem_s}", flush=True)
+
+
+if __name__ == '__main__':
+  main()
