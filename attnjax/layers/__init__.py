@@ -21,3 +21,6 @@ __all__ = [
     "PoolingAttention", "RMSNorm", "MLP", "Embed", "Dense", "flax_attention_fn", "PRESETS",
     "variant_kwargs",
 ]
+
+try: from attnjax.layers import linear as _linear  # noqa: F401  (registers the linear-attention variants)
+except ImportError as _e: __import__("warnings").warn(f"attnjax.layers.linear not loaded: {_e}")
