@@ -178,7 +178,7 @@ class LinearAttention(nnx.Module):
                                dtype=dtype, param_dtype=param_dtype)
     N = self.cfg.num_heads
     self.mechanism, self.causal, self.feature_map = m, causal, feature_map
-    self.learnable_decay, self.gate, self.out_norm = bool(learnable_decay), bool(gate), bool(out_norm)
+    self.learnable_decay, self.gate, self.use_out_norm = bool(learnable_decay), bool(gate), bool(out_norm)
     self.focusing_factor, self.dwc_size = float(focusing_factor), dwc_size
     self.chunk_size, self.implementation, self.eps = chunk_size, implementation, eps
 
@@ -208,7 +208,7 @@ class LinearAttention(nnx.Module):
       specs["gate_kernel"] = ParamSpec((self.cfg.d_model, N), _core._dense_init(0, 1), ("embed", "heads"))  # pylint: disable=protected-access
       # bias so that sigmoid(.) starts near 1 (little extra decay).
       specs["gate_bias"] = ParamSpec((N,), _const_init(4.0), ("heads",))
-    if self.out_norm:
+    if self.use_out_norm:
       specs["out_norm"] = ParamSpec((Hv,), _ones_init, ("head_dim",))
     if dwc_size is not None:
       specs["dwc_kernel"] = ParamSpec((dwc_size, Hv), jax.nn.initializers.normal(1.0 / dwc_size),
@@ -350,7 +350,7 @@ class LinearAttention(nnx.Module):
       form = "recurrent" if T == 1 else "chunked"
       o, st = self.op(q, k, v, x=x_BTD, grid=grid, state=cache["state"], return_state=True, form=form)
       new_cache = {"state": st, "index": cache["index"] + T}
-    if self.out_norm:
+    if self.use_out_norm:
       o32 = o.astype(jnp.float32)
       o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + 1e-6)
       o = (o32 * p["out_norm"].astype(jnp.float32)).astype(o.dtype)
