@@ -79,10 +79,18 @@ def test_layer_equals_hand_composed_op(name, opts):
   x = _x((2, 11, D))
   ct = _x((2, 11, D), seed=1)
 
-  y, vjp = jax.vjp(layer, x)
-  y_ref, vjp_ref = jax.vjp(lambda a: _reference(name, opts, layer, a), x)
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def both(state, x, ct):  # one compile for layer and reference, forward and vjp
+    lay = nnx.merge(graphdef, state)
+    y, vjp = jax.vjp(lay, x)
+    y_ref, vjp_ref = jax.vjp(lambda a: _reference(name, opts, lay, a), x)
+    return y, y_ref, vjp(ct)[0], vjp_ref(ct)[0]
+
+  y, y_ref, g, g_ref = both(state, x, ct)
   np.testing.assert_allclose(y, y_ref, **TOL)
-  np.testing.assert_allclose(vjp(ct)[0], vjp_ref(ct)[0], **TOL)
+  np.testing.assert_allclose(g, g_ref, **TOL)
   assert y.shape == (2, 11, D) and bool(jnp.all(jnp.isfinite(y)))
   # parameters carry logical sharding names of the MultiHeadAttention conventions
   for _, var in nnx.state(layer, nnx.Param).flat_state():
@@ -99,12 +107,14 @@ def test_layer_prefill_then_recurrent_decode_equals_full(name, opts):
   layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(2),
                          rope="1d", **opts)
   x = _x((2, 9, D), seed=3)
-  full = layer(x)
+  graphdef, state = nnx.split(layer)
+  run = jax.jit(lambda s, a, c: nnx.merge(graphdef, s)(a, cache=c))
+  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, x)
   cache = layer.init_cache(2, 16)
-  y0, cache = layer(x[:, :4], cache=cache)
+  y0, cache = run(state, x[:, :4], cache)
   outs = [y0]
   for t in range(4, 9):
-    y, cache = layer(x[:, t:t + 1], cache=cache)
+    y, cache = run(state, x[:, t:t + 1], cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
   assert int(cache["index"]) == 9
