@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
+from attnjax.ops.chunked import kv_group_table
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Plan", "make_plan", "normalize_args",
@@ -418,7 +419,7 @@ def _split_mask(mask):
 
 def make_plan(a: dense_lib.AttentionArgs, bq: int, bk: int) -> Plan:
   """Tile table and mask decomposition for block sizes ``bq x bk``."""
-  T, S, N, B, K, G = a.T, a.S, a.N, a.B, a.K, a.G
+  T, S, N, B = a.T, a.S, a.N, a.B
   nq, nk = -(-T // bq), -(-S // bk)
   others, docs, blocks = _split_mask(a.mask)
   reasons = []
@@ -460,24 +461,7 @@ def make_plan(a: dense_lib.AttentionArgs, bq: int, bk: int) -> Plan:
   if a.q_segment_ids is not None and not docs:
     tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
 
-  if not tables:
-    table = np.full((1, 1, nq, nk), FULL, np.int8)
-  else:
-    table = tables[0]
-    for t in tables[1:]:
-      table = masks_lib._table_algebra("and", [table, t])
-  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
-  Bt, Nt = table.shape[:2]
-  if Nt == N and N > 1:
-    t5 = table.reshape(Bt, K, G, nq, nk)
-    nonempty = (t5 != EMPTY).any(axis=2)
-    allfull = (t5 == FULL).all(axis=2)
-    table = xp.where(allfull, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
-  elif Nt != 1:
-    raise ValueError(f"mask block table has {Nt} heads, expected 1 or N={N}")
-  if S % bk:
-    last = xp.where(table[..., -1:] == FULL, PARTIAL, table[..., -1:]).astype(xp.int8)
-    table = xp.concatenate([table[..., :-1], last], axis=-1)
+  table = kv_group_table(tables, a, bq, bk)
   return Plan(a, bq, bk, nq, nk, table, pred, dense, seg, reasons)
 
 

@@ -63,20 +63,15 @@ def _float0_zeros(x):
   return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def _schedule(a: AttentionArgs, bq: int, bk: int):
-  """Per (batch, kv head, q block): the ordered list of non-empty k blocks, its
-  length, and whether each listed tile needs masking.
+def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
+  """ANDs block tables and merges the ``G`` query heads of each kv head.
 
-  Returns (klist, count, partial) with leading dims [B', K'] (1 when independent
-  of batch / head), NumPy when every input is static, else JAX arrays.
+  A tile is EMPTY for a GQA group only if it is empty for every head in it, and
+  FULL only if full for all; a ragged last key block is never FULL (its padded
+  columns need the in-range mask).  Returns int8 ``[B', K', nq, nk]``.
   """
-  T, S, N, K, G, B = a.T, a.S, a.N, a.K, a.G, a.B
+  T, S, N, K, G = a.T, a.S, a.N, a.K, a.G
   nq, nk = -(-T // bq), -(-S // bk)
-  tables = []
-  if a.mask is not None:
-    tables.append(a.mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
-  if a.q_segment_ids is not None:
-    tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
   if not tables:
     table = np.full((1, 1, nq, nk), _FULL, np.int8)
   else:
@@ -90,10 +85,29 @@ def _schedule(a: AttentionArgs, bq: int, bk: int):
     nonempty = (t5 != _EMPTY).any(axis=2)
     allfull = (t5 == _FULL).all(axis=2)
     table = xp.where(allfull, _FULL, xp.where(nonempty, _PARTIAL, _EMPTY)).astype(xp.int8)
-  # A ragged last k block needs the in-range mask.
+  elif Nt != 1:
+    raise ValueError(f"mask block table has {Nt} heads, expected 1 or N={N}")
   if S % bk:
-    last = xp.where(table[..., -1:] == _FULL, _PARTIAL, table[..., -1:])
+    last = xp.where(table[..., -1:] == _FULL, _PARTIAL, table[..., -1:]).astype(xp.int8)
     table = xp.concatenate([table[..., :-1], last], axis=-1)
+  return table
+
+
+def _schedule(a: AttentionArgs, bq: int, bk: int):
+  """Per (batch, kv head, q block): the ordered list of non-empty k blocks, its
+  length, and whether each listed tile needs masking.
+
+  Returns (klist, count, partial) with leading dims [B', K'] (1 when independent
+  of batch / head), NumPy when every input is static, else JAX arrays.
+  """
+  T, S, N, B = a.T, a.S, a.N, a.B
+  tables = []
+  if a.mask is not None:
+    tables.append(a.mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
+  if a.q_segment_ids is not None:
+    tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
+  table = kv_group_table(tables, a, bq, bk)
+  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
   # Order non-empty blocks first (stable), keep their ids.
   order_key = (table == _EMPTY).astype(xp.int32)
   if xp is np:
@@ -146,7 +160,6 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   dtype = q.dtype
 
   klist, count, partial = _schedule(a, bq, bk)
-  static_sched = isinstance(klist, np.ndarray)
 
   # Static config closed over by the custom_vjp.
   scale, softcap = a.scale, a.softcap
@@ -154,7 +167,6 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   has_seg = a.q_segment_ids is not None
   mask, score_mod = a.mask, a.score_mod
   need_mask_eval = mask is not None or has_seg or S % bk != 0
-  bias_shape = None if a.bias is None else a.bias.shape
 
   # Closure-convert the mask and score_mod so arrays they close over become
   # explicit arguments of the custom_vjp (differentiable for score_mod).
