@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
