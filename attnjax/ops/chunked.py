@@ -256,6 +256,20 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
     kl, cnt, part = sched
     return _pick(kl, b, kh)[qb, t], _pick(part, b, kh)[qb, t]
 
+  def visit_tile(q_blk, k_bh, v_bh, bias, seg, mkc, smc, sched, b, kh, qb, t):
+    """The t-th listed tile of a q block: its K/V slices and logits (s0, s1 as in
+    `logits`; s masked with -inf on partial tiles only)."""
+    kb, is_part = sched_at(sched, b, kh, qb, t)
+    k_t = jax.lax.dynamic_slice_in_dim(k_bh, kb * bk, bk)
+    v_t = jax.lax.dynamic_slice_in_dim(v_bh, kb * bk, bk)
+    s0, s1, s = logits(q_blk, k_t, bias, smc, b, kh, qb, kb)
+    if need_mask_eval:
+      s = jax.lax.cond(
+          is_part,
+          lambda s: jnp.where(allowed_tile(mkc, seg, b, kh, qb, kb), s, -jnp.inf),
+          lambda s: s, s)
+    return kb, k_t, v_t, s0, s1, s
+
   # ---------------------------------------------------------------- forward
   def fwd_impl(qs, kk, vv, bias, sinks, seg, mkc, smc, sched):
     """qs: scaled q blocks [B, K, nq, R, H]; kk [B, K, Sp, H]; vv [B, K, Sp, Hv]."""
@@ -278,15 +292,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
 
       def body(t, carry):
         m, l, acc = carry
-        kb, is_part = sched_at(sched, b, kh, qb, t)
-        k_t = jax.lax.dynamic_slice_in_dim(k_bh, kb * bk, bk)
-        v_t = jax.lax.dynamic_slice_in_dim(v_bh, kb * bk, bk)
-        _, _, s = logits(q_blk, k_t, bias, smc, b, kh, qb, kb)
-        if need_mask_eval:
-          s = jax.lax.cond(
-              is_part,
-              lambda s: jnp.where(allowed_tile(mkc, seg, b, kh, qb, kb), s, -jnp.inf),
-              lambda s: s, s)
+        kb, k_t, v_t, _, _, s = visit_tile(q_blk, k_bh, v_bh, bias, seg, mkc, smc, sched,
+                                           b, kh, qb, t)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -334,15 +341,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
 
         def body(t, c):
           dq, dk, dv, dsm, dbias = c
-          kb, is_part = sched_at(sched, b, kh, qb, t)
-          k_t = jax.lax.dynamic_slice_in_dim(k_bh, kb * bk, bk)
-          v_t = jax.lax.dynamic_slice_in_dim(v_bh, kb * bk, bk)
-          s0, s1, s = logits(q_blk, k_t, bias, smc, b, kh, qb, kb)
-          if need_mask_eval:
-            s = jax.lax.cond(
-                is_part,
-                lambda s: jnp.where(allowed_tile(mkc, seg, b, kh, qb, kb), s, -jnp.inf),
-                lambda s: s, s)
+          kb, k_t, v_t, s0, s1, s = visit_tile(q_blk, k_bh, v_bh, bias, seg, mkc, smc, sched,
+                                               b, kh, qb, t)
           p = jnp.exp(s - lse_blk[:, None])
           dv_t = jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
