@@ -37,8 +37,9 @@ from attnjax.ops.chunked import kv_group_table
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Plan", "make_plan", "normalize_args",
-           "step_schedule", "list_schedule", "TileEvaluator", "eval_jaxpr",
-           "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT"]
+           "step_schedule", "list_schedule", "split_bounds", "split_table",
+           "resolve_num_splits", "validate_num_splits", "merge_splits", "TileEvaluator",
+           "eval_jaxpr", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT"]
 
 EMPTY, PARTIAL, FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
 
@@ -518,7 +519,7 @@ def _xp_of(x):
   return jnp if isinstance(x, (jax.Array, jax.core.Tracer)) else np
 
 
-def step_schedule(table, *, transpose: bool = False):
+def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   """Compacts a tile table into a flat list of grid steps per ``(b', k')``.
 
   Rows of the table (q blocks; k blocks with ``transpose``) are visited in order;
@@ -526,6 +527,10 @@ def step_schedule(table, *, transpose: bool = False):
   none (so its output block is still written).  Rows with fewer steps than the
   longest ``(b', k')`` list are padded with inactive steps that repeat the last
   block indices (no DMA, no compute).
+
+  ``max_per_row`` bounds the non-empty tiles of a row for a traced table (whose
+  worst-case length is otherwise ``nr * nc``), e.g. ``ceil(nc / P)`` for a table
+  dealt into ``P`` splits by :func:`split_table`; ignored for a static table.
 
   Returns:
     ``(row, col, flags, length, n_active)``: int32 ``[B' * K' * L]`` arrays (flags
@@ -552,7 +557,7 @@ def step_schedule(table, *, transpose: bool = False):
   if xp is np:
     L = int(total.max())
   else:
-    L = nr * nc
+    L = nr * max(1, min(nc, max_per_row or nc))
   s = xp.arange(L, dtype=xp.int32)[None, :]                        # [1, L]
   s_eff = xp.minimum(s, total[:, None] - 1)                        # [P, L]
   row = (s_eff[:, :, None] >= ends[:, None, :]).sum(-1).astype(xp.int32)   # [P, L]
@@ -593,6 +598,94 @@ def list_schedule(table, *, transpose: bool = False, pad_to=None):
     pad = pad_to(nc) - nc
     cols = xp.concatenate([cols, xp.zeros(cols.shape[:-1] + (pad,), xp.int32)], axis=-1)
   return cols, n_part, n_tot
+
+
+# =========================================================================== split over S
+
+
+def validate_num_splits(num_splits, owner: str):
+  """``None`` (heuristic) or a positive int; raises ``ValueError`` naming the field."""
+  if num_splits is None:
+    return
+  if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or \
+      num_splits < 1:
+    raise ValueError(f"{owner}.num_splits must be a positive int (1 disables the split over "
+                     f"the key axis) or None (heuristic), got {num_splits!r}")
+
+
+def split_bounds(count, p, num_splits):
+  """Ranks ``[lo, hi)`` of a list of ``count`` tiles that split ``p`` of ``num_splits``
+  owns: ``lo = p * count // P``, ``hi = (p + 1) * count // P`` (contiguous, balanced
+  to within one tile; splits beyond ``count`` own nothing).  Works on ints and arrays."""
+  return (p * count) // num_splits, ((p + 1) * count) // num_splits
+
+
+def split_table(table, num_splits: int):
+  """Deals each row's non-empty tiles (column order) into ``P = num_splits`` parts.
+
+  ``table [B', K', nr, nc]`` -> ``[B', K' * P, nr, nc]``: entry ``(b, k * P + p)`` keeps
+  the tiles of rank ``[lo, hi)`` (:func:`split_bounds`) of every row and marks the
+  others EMPTY, so :func:`step_schedule` of the result gives each split its own list.
+  """
+  xp = _xp_of(table)
+  P = int(num_splits)
+  Bt, Kt, nr, nc = table.shape
+  nonempty = table != EMPTY
+  rank = xp.cumsum(nonempty.astype(xp.int32), axis=-1) - 1        # [B', K', nr, nc]
+  count = nonempty.sum(-1, keepdims=True).astype(xp.int32)         # [B', K', nr, 1]
+  parts = []
+  for p in range(P):
+    lo, hi = split_bounds(count, p, P)
+    keep = nonempty & (rank >= lo) & (rank < hi)
+    parts.append(xp.where(keep, table, EMPTY).astype(table.dtype))
+  return xp.stack(parts, axis=2).reshape(Bt, Kt * P, nr, nc)
+
+
+def resolve_num_splits(num_splits, table, programs: int, *, target: int,
+                       min_tiles: int = 4) -> int:
+  """The number of splits of each q block's key list.
+
+  An explicit ``num_splits`` is returned as is.  ``None``: 1 when the call already has
+  ``programs >= target`` parallel programs; otherwise enough splits to reach ``target``
+  programs, capped so each split keeps at least ``min_tiles`` tiles of the longest list
+  (the longest row of a static table; ``nc`` for a traced one).
+  """
+  if num_splits is not None:
+    return int(num_splits)
+  if programs >= target:
+    return 1
+  if isinstance(table, np.ndarray):
+    longest = int((table != EMPTY).sum(-1).max()) if table.size else 0
+  else:
+    longest = int(table.shape[-1])
+  return max(1, min(-(-target // max(programs, 1)), longest // min_tiles))
+
+
+def merge_splits(o_p, lse_p, axis: int, sink=None):
+  """Log-sum-exp combine of per-split partial results.
+
+  ``o_p``: normalised partial outputs, the split axis at ``axis``, features last;
+  ``lse_p``: their log-sum-exps, ``o_p.shape[:-1]``.  ``sink``: logits broadcastable to
+  ``lse`` joining the denominator once (or None).  Returns
+  ``o = sum_p exp(lse_p - lse) o_p`` and ``lse = logsumexp_p(lse_p [, sink])``; splits
+  with ``lse_p = -inf`` (no tile, or no allowed key) weigh 0, rows with no allowed key
+  give ``o = 0`` and ``lse = -inf`` (``lse = sink`` with a sink), never NaN.
+  """
+  lse_p = lse_p.astype(_F32)
+  m = jnp.max(lse_p, axis=axis)
+  if sink is not None:
+    sink = jnp.broadcast_to(sink.astype(_F32), m.shape)
+    m = jnp.maximum(m, sink)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse_p - jnp.expand_dims(m, axis))                    # 0 for empty splits
+  denom = jnp.sum(w, axis=axis)
+  if sink is not None:
+    denom = denom + jnp.exp(sink - m)
+  pos = denom > 0
+  safe = jnp.where(pos, denom, 1.0)
+  o = jnp.sum(jnp.expand_dims(w, -1) * o_p.astype(_F32), axis=axis) / safe[..., None]
+  lse = jnp.where(pos, m + jnp.log(safe), -jnp.inf)
+  return o, lse
 
 
 # =========================================================================== small math

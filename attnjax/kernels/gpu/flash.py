@@ -39,6 +39,9 @@ from attnjax.ops import dense as dense_lib
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
 
 _F32 = jnp.float32
+# Programs below which the heuristic splits the key list (about two waves of programs
+# on a GPU with ~130 SMs).
+_SPLIT_TARGET = 256
 
 
 def _is_pow2(x):
@@ -55,11 +58,18 @@ class BlockSizes:
     block_k: keys per tile, a power of two >= 16.  ``None``: 64 (capped likewise).
     num_warps: Triton warps per program (``None``: 4 for head_dim <= 64, else 8).
     num_stages: software pipelining stages.
+    num_splits: split-S decode (flash-decoding): each q block's list of non-empty k
+      tiles is dealt into this many contiguous parts, each its own program writing a
+      partial result and its log-sum-exp, merged in XLA.  ``1`` disables it; ``None``:
+      a heuristic (:func:`attnjax.kernels.common.resolve_num_splits`) that splits when
+      ``B * N * nq`` programs are fewer than 256 (two waves of a large GPU), keeping at
+      least 4 tiles per split.  The backward pass is not split.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: int = 2
+  num_splits: Optional[int] = None
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
@@ -75,6 +85,7 @@ class BlockSizes:
     if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or \
         self.num_stages <= 0:
       raise ValueError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
+    common.validate_num_splits(self.num_splits, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -84,6 +95,10 @@ class BlockSizes:
     bq = self.block_q or min(64, max(16, common.next_pow2(T)))
     bk = self.block_k or min(64, max(16, common.next_pow2(S)))
     return bq, bk
+
+  def resolve_splits(self, table, programs: int) -> int:
+    """Splits of each q block's key list for a call with ``programs = B * N * nq``."""
+    return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
 
 
 def _as_block_sizes(block_sizes) -> BlockSizes:
@@ -113,6 +128,7 @@ class _Cfg:
   n_sm: int
   n_sm_grad: int
   sm_widths: tuple
+  P: int = 1          # splits of each q block's tile list; grid axis 2 runs over qb * P + p
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -160,7 +176,8 @@ class _Refs:
 def _fwd_kernel(*refs, cfg: _Cfg):
   r = _Refs(cfg, refs, "fwd", 2)
   o_ref, lse_ref = r.outs
-  b, n, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  qb = i if cfg.P == 1 else i // cfg.P
   bq, bk, M = cfg.bq, cfg.bk, cfg.math
   q = r.q[...]
   Hv = r.v.shape[-1]
@@ -198,8 +215,15 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     acc = alpha[:, None] * acc + M.dot_nn(p.astype(v.dtype), v)
     return m_new, l, acc
 
-  carry = jax.lax.fori_loop(0, n_part, functools.partial(body, masked=True), (m0, l0, acc0))
-  m, l, acc = jax.lax.fori_loop(n_part, n_tot, functools.partial(body, masked=False), carry)
+  if cfg.P == 1:
+    bounds = (0, n_part, n_part, n_tot)
+  else:                  # this program's contiguous share of the list (partial tiles first)
+    lo, hi = common.split_bounds(n_tot, i % cfg.P, cfg.P)
+    bounds = (lo, jnp.minimum(hi, n_part), jnp.maximum(lo, n_part), hi)
+  carry = jax.lax.fori_loop(bounds[0], bounds[1], functools.partial(body, masked=True),
+                            (m0, l0, acc0))
+  m, l, acc = jax.lax.fori_loop(bounds[2], bounds[3], functools.partial(body, masked=False),
+                                carry)
   pos = l > 0
   safe = jnp.where(pos, l, 1.0)
   o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -330,8 +354,9 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   fwd_sched = _sched_array(plan.table, False)      # [Bt, Kt, nq, W]
   bwd_sched = _sched_array(plan.table, True)       # [Bt, Kt, nk, W2]
   num_warps = bs.num_warps or (4 if max(Hp, Hvp) <= 64 else 8)
+  P = bs.resolve_splits(plan.table, B * N * nq)
 
-  def make_cfg(dtype):
+  def make_cfg(dtype, splits=1):
     prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     math = common.TileMath(a.scale, a.softcap, sm_tf, pred_tf, S, S % bk != 0, prec)
     sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
@@ -341,10 +366,12 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                 bias_b=a.bias is not None and a.bias.shape[0] > 1,
                 has_dense=plan.dense is not None,
                 dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
-                has_seg=plan.seg is not None, has_sinks=a.sinks is not None,
+                # split programs leave the sink to the merge (counted once)
+                has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
                 n_pred=0 if pred_tf is None else len(pred_tf.shapes),
                 n_sm=len(sm_sizes), n_sm_grad=n_grad,
-                sm_widths=tuple(common.next_pow2(max(sz, 1)) for sz in sm_sizes[:n_grad]))
+                sm_widths=tuple(common.next_pow2(max(sz, 1)) for sz in sm_sizes[:n_grad]),
+                P=splits)
 
   def params():
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=bs.num_stages)
@@ -367,17 +394,21 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   def sel(cfg, b, kh):
     return (b if cfg.Bt > 1 else 0, kh if cfg.Kt > 1 else 0)
 
+  def q_block(cfg, i):
+    """The q block of grid index ``i = qb * P + p``."""
+    return i if cfg.P == 1 else i // cfg.P
+
   def side_specs_q(cfg):
-    """Per (b, n, qb) program: row blocks of the side inputs."""
+    """Per (b, n, qb [, split]) program: row blocks of the side inputs."""
     specs = []
     if cfg.has_bias:
       specs.append(pl.BlockSpec((None, None, bq, Sp),
-                                lambda b, n, i: (b if cfg.bias_b else 0, n, i, 0)))
+                                lambda b, n, i: (b if cfg.bias_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_dense:
       specs.append(pl.BlockSpec((None, None, bq, Sp),
-                                lambda b, n, i: (b if cfg.dense_b else 0, n, i, 0)))
+                                lambda b, n, i: (b if cfg.dense_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_seg:
-      specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
+      specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, q_block(cfg, i))),
                 pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
     return specs
 
@@ -399,26 +430,37 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     return [pl.BlockSpec(c.shape, lambda *_: (0,)) for c in consts]
 
   def run_fwd(qr, kr, vr, sinks, side, pred_c, sm_c):
-    cfg = make_cfg(qr.dtype)
+    """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
+    cfg = make_cfg(qr.dtype, splits=P)
     W = fwd_sched.shape[-1]
-    specs = [pl.BlockSpec((None, None, None, W), lambda b, n, i: (*sel(cfg, b, n // G), i, 0)),
-             pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, i, 0)),
+    qbl = functools.partial(q_block, cfg)
+    specs = [pl.BlockSpec((None, None, None, W),
+                          lambda b, n, i: (*sel(cfg, b, n // G), qbl(i), 0)),
+             pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, qbl(i), 0)),
              pl.BlockSpec((None, None, Sp, Hp), lambda b, n, i: (b, n // G, 0, 0)),
              pl.BlockSpec((None, None, Sp, Hvp), lambda b, n, i: (b, n // G, 0, 0))]
     extra = []
-    if sinks is not None:
+    if cfg.has_sinks:
       sk = _pad1(sinks.astype(_F32))
       extra.append(sk)
       specs.append(pl.BlockSpec(sk.shape, lambda *_: (0,)))
     specs += side_specs_q(cfg) + const_specs(pred_c) + const_specs(sm_c)
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg), grid=(B, N, nq), in_specs=specs,
+    # Rows (q block, split, t): program i = qb * P + p writes row block i.
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg), grid=(B, N, nq * P), in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, bq, Hvp), lambda b, n, i: (b, n, i, 0)),
                    pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
-        out_shape=[jax.ShapeDtypeStruct((B, N, Tp, Hvp), qr.dtype),
-                   jax.ShapeDtypeStruct((B, N, Tp), _F32)],
-        compiler_params=params(), interpret=interpret, name="attnjax_flash_fwd_gpu",
+        out_shape=[jax.ShapeDtypeStruct((B, N, Tp * P, Hvp), qr.dtype if P == 1 else _F32),
+                   jax.ShapeDtypeStruct((B, N, Tp * P), _F32)],
+        compiler_params=params(), interpret=interpret,
+        name="attnjax_flash_fwd_gpu" if P == 1 else "attnjax_flash_fwd_split_gpu",
     )(fwd_sched, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+    if P == 1:
+      return o, lse
+    sink = None if sinks is None else sinks.reshape(1, N, 1, 1)
+    o, lse = common.merge_splits(o.reshape(B, N, nq, P, bq, Hvp), lse.reshape(B, N, nq, P, bq),
+                                 axis=3, sink=sink)
+    return o.reshape(B, N, Tp, Hvp).astype(qr.dtype), lse.reshape(B, N, Tp)
 
   def run_bwd(qr, kr, vr, dor, lse, delta, side, pred_c, sm_c, has_bias):
     cfg = make_cfg(qr.dtype)
@@ -536,7 +578,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     out, lse = core(q, k, v, a.bias, a.sinks, plan.seg, pred_c, sm_c)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :Hv], lse[:, :, :T]
 
-  return apply, plan
+  return apply, plan, P
 
 
 def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
@@ -566,22 +608,30 @@ def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-  apply, _ = _build(a, bs, bool(interpret))
+  apply, _, _ = _build(a, bs, bool(interpret))
   out, lse = apply(q, k, v)
   return (out, lse) if return_lse else out
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
-  """Tiles computed by the forward (per q block lists) and dk/dv (per k block lists)
-  kernels for a call with a static mask: ``fwd_active``, ``dkv_active`` and the table."""
+  """Forward programs and tiles for a call with a static mask.
+
+  Returns ``num_splits`` (``P``), ``fwd_programs`` (``B * N * nq * P``), ``fwd_tiles``
+  (``[B', K', nq, P]``: tiles each split program of a head visits), ``fwd_active``
+  (tiles computed in all), the ``table``, ``block_q`` and ``block_k``.
+  """
   bs = _as_block_sizes(block_sizes)
   a = dense_lib.check_attention_args(q, k, v, **kwargs)
   bq, bk = bs.resolve(a.T, a.S)
   plan = common.make_plan(a, bq, bk)
+  P = bs.resolve_splits(plan.table, a.B * a.N * plan.nq)
   _, _, n_tot = common.list_schedule(plan.table)
+  lo, hi = common.split_bounds(n_tot[..., None], np.arange(P), P)   # as the kernel does
+  tiles = hi - lo
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt) * a.G
-  return dict(fwd_active=int(np.sum(n_tot)) * rep, table=plan.table, block_q=bq, block_k=bk)
+  return dict(num_splits=P, fwd_programs=a.B * a.N * plan.nq * P, fwd_tiles=tiles,
+              fwd_active=int(np.sum(tiles)) * rep, table=plan.table, block_q=bq, block_k=bk)
 
 
 def flash_attention_reference(q, k, v, **kwargs):

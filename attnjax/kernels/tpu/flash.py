@@ -47,6 +47,10 @@ __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_s
 _F32 = jnp.float32
 _LANES = 128
 _SUBLANES = 8
+# Parallel (batch, kv head, q block) programs below which the heuristic splits the key
+# list: a TPU chip has 1-2 TensorCores and runs a core's grid steps in sequence, so
+# splitting past a few programs only adds merge work.
+_SPLIT_TARGET = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +64,16 @@ class BlockSizes:
     block_k: keys per tile, a multiple of 128 (the lane count).  ``None``: 128 (capped
       at ``S`` rounded up to 128); larger tiles (256, 512) amortise per-step overhead
       on dense masks, smaller ones skip more work on sparse masks.
+    num_splits: split-S decode (flash-decoding): each q block's list of non-empty k
+      tiles is dealt into this many contiguous parts, each a separate parallel grid
+      program writing a partial result and its log-sum-exp, merged in XLA.  ``1``
+      disables it; ``None``: a heuristic (:func:`attnjax.kernels.common.resolve_num_splits`)
+      that splits only when ``B * K * nq`` programs are fewer than 4 and the longest
+      list has at least 8 tiles.  The backward pass is not split.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
+  num_splits: Optional[int] = None
 
   def __post_init__(self):
     for name, mult, what in (("block_q", _SUBLANES, "sublanes"), ("block_k", _LANES, "lanes")):
@@ -72,6 +83,7 @@ class BlockSizes:
       if isinstance(val, bool) or not isinstance(val, int) or val <= 0 or val % mult:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {mult} (TPU "
                          f"{what}), got {val!r}; use e.g. {mult * max(1, (val or 0) // mult or 1)}")
+    common.validate_num_splits(self.num_splits, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -81,6 +93,10 @@ class BlockSizes:
     bq = self.block_q or min(128, common.round_up(T, _SUBLANES))
     bk = self.block_k or min(128, common.round_up(S, _LANES))
     return bq, bk
+
+  def resolve_splits(self, table, programs: int) -> int:
+    """Splits of each q block's key list for a call with ``programs = B * K * nq``."""
+    return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
 
 
 def _as_block_sizes(block_sizes) -> BlockSizes:
@@ -166,12 +182,21 @@ class _Cfg:
   n_sm: int          # number of 1D score_mod const inputs
   n_sm_grad: int     # of which differentiable (the first ones)
   sm_widths: tuple   # padded widths of the differentiable ones
+  P: int = 1         # splits of each row's tile list; grid axis 1 runs over kh * P + p
 
 
-def _step_index(cfg, b, kh, s):
+def _kv_head(cfg, kp):
+  """The kv head of grid index ``kp = kh * P + p``."""
+  return kp if cfg.P == 1 else kp // cfg.P
+
+
+def _step_index(cfg, b, kp, s):
   bb = b if cfg.Bt > 1 else 0
+  kh = _kv_head(cfg, kp)
   kk = kh if cfg.Kt > 1 else 0
-  return (bb * cfg.Kt + kk) * cfg.L + s
+  if cfg.P == 1:
+    return (bb * cfg.Kt + kk) * cfg.L + s
+  return ((bb * cfg.Kt + kk) * cfg.P + kp % cfg.P) * cfg.L + s
 
 
 def _tile_index(cfg, b, kh, qb, kb):
@@ -238,8 +263,9 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   r = _Refs(cfg, refs, n_out=2, n_scratch=3, kind="fwd")
   o_ref, lse_ref = r.outs
   m_ref, l_ref, acc_ref = r.scratch
-  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kh, s)
+  b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kp, s)
+  kh = _kv_head(cfg, kp)
   qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
   active = (flags & 1) != 0
   partial = (flags & 2) != 0
@@ -324,8 +350,9 @@ def _dq_kernel(*refs, cfg: _Cfg):
   dq_ref = r.outs[0]
   db_ref = r.outs[1] if cfg.has_bias else None
   (acc_ref,) = r.scratch
-  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kh, s)
+  b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kp, s)
+  kh = _kv_head(cfg, kp)
   qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
   active = (flags & 1) != 0
   partial = (flags & 2) != 0
@@ -362,8 +389,9 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   dk_ref, dv_ref = r.outs[:2]
   dc_refs = r.outs[2:]
   dk_acc, dv_acc = r.scratch
-  b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kh, s)
+  b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i = _step_index(cfg, b, kp, s)
+  kh = _kv_head(cfg, kp)
   kb, qb, flags = r.rows[i], r.cols[i], r.flags[i]     # transposed schedule
   active = (flags & 1) != 0
   partial = (flags & 2) != 0
@@ -408,19 +436,19 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
   R, bq, bk = cfg.R, cfg.bq, cfg.bk
   tr = kind == "dkv"
 
-  def blocks(b, kh, s, rows, cols, flags):
-    i = _step_index(cfg, b, kh, s)
+  def blocks(b, kp, s, rows, cols, flags):
+    i = _step_index(cfg, b, kp, s)
     if tr:
       return cols[i], rows[i]
     return rows[i], cols[i]
 
-  def qmap(b, kh, s, *sched):
-    qb, _ = blocks(b, kh, s, *sched)
-    return (b, kh, qb, 0)
+  def qmap(b, kp, s, *sched):
+    qb, _ = blocks(b, kp, s, *sched)
+    return (b, _kv_head(cfg, kp), qb, 0)
 
-  def kmap(b, kh, s, *sched):
-    _, kb = blocks(b, kh, s, *sched)
-    return (b, kh, kb, 0)
+  def kmap(b, kp, s, *sched):
+    _, kb = blocks(b, kp, s, *sched)
+    return (b, _kv_head(cfg, kp), kb, 0)
 
   specs = [pl.BlockSpec((None, None, R, H), qmap),
            pl.BlockSpec((None, None, bk, H), kmap),
@@ -430,24 +458,25 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
               pl.BlockSpec((None, None, R, 1), qmap),
               pl.BlockSpec((None, None, R, 1), qmap)]
   if kind == "fwd" and cfg.has_sinks:
-    specs.append(pl.BlockSpec((None, R, 1), lambda b, kh, s, *sched: (kh, 0, 0)))
+    specs.append(pl.BlockSpec((None, R, 1),
+                              lambda b, kp, s, *sched: (_kv_head(cfg, kp), 0, 0)))
   if cfg.has_bias:
-    def bmap(b, kh, s, *sched):
-      qb, kb = blocks(b, kh, s, *sched)
-      return (b if cfg.bias_b else 0, kh, qb, kb)
+    def bmap(b, kp, s, *sched):
+      qb, kb = blocks(b, kp, s, *sched)
+      return (b if cfg.bias_b else 0, _kv_head(cfg, kp), qb, kb)
     specs.append(pl.BlockSpec((None, None, R, bk), bmap))
   if cfg.has_dense:
-    def dmap(b, kh, s, *sched):
-      qb, kb = blocks(b, kh, s, *sched)
-      return (b if cfg.dense_b else 0, kh, qb, kb)
+    def dmap(b, kp, s, *sched):
+      qb, kb = blocks(b, kp, s, *sched)
+      return (b if cfg.dense_b else 0, _kv_head(cfg, kp), qb, kb)
     specs.append(pl.BlockSpec((None, None, R, bk), dmap))
   if cfg.has_seg:
-    def qsmap(b, kh, s, *sched):
-      qb, _ = blocks(b, kh, s, *sched)
+    def qsmap(b, kp, s, *sched):
+      qb, _ = blocks(b, kp, s, *sched)
       return (b, qb, 0)
 
-    def ksmap(b, kh, s, *sched):
-      _, kb = blocks(b, kh, s, *sched)
+    def ksmap(b, kp, s, *sched):
+      _, kb = blocks(b, kp, s, *sched)
       return (b, 0, kb)
     specs += [pl.BlockSpec((None, R, 1), qsmap), pl.BlockSpec((None, 1, bk), ksmap)]
   smem = pl.BlockSpec(memory_space=pltpu.SMEM)
@@ -476,8 +505,13 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   fwd_sched = common.step_schedule(plan.table)
   bwd_sched = common.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
+  P = bs.resolve_splits(plan.table, B * K * plan.nq)
+  split_sched = None
+  if P > 1:
+    split_sched = common.step_schedule(common.split_table(plan.table, P),
+                                       max_per_row=-(-plan.nk // P))
 
-  def make_cfg(L, q_dtype):
+  def make_cfg(L, q_dtype, splits=1):
     prec = jax.lax.Precision.HIGHEST if q_dtype == jnp.float32 else None
     math = common.TileMath(a.scale, a.softcap, sm_tf, pred_tf, S, S % bk != 0, prec)
     sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
@@ -487,10 +521,12 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                 bias_b=a.bias is not None and a.bias.shape[0] > 1,
                 has_dense=plan.dense is not None,
                 dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
-                has_seg=plan.seg is not None, has_sinks=a.sinks is not None,
+                # split programs leave the sink to the merge (counted once)
+                has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
                 n_pred=0 if pred_tf is None else len(pred_tf.shapes),
                 n_sm=len(sm_sizes), n_sm_grad=n_grad,
-                sm_widths=tuple(common.round_up(max(sz, 1), _LANES) for sz in sm_sizes[:n_grad]))
+                sm_widths=tuple(common.round_up(max(sz, 1), _LANES) for sz in sm_sizes[:n_grad]),
+                P=splits)
 
   # ------------------------------------------------------------ input preparation
   def prep_side(bias, seg):
@@ -516,25 +552,41 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     return [jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(flags)], L
 
   def run_fwd(qr, kr, vr, sinks, side, pred_c, sm_c):
-    sa, L = sched_arrays(fwd_sched)
-    cfg = make_cfg(L, qr.dtype)
-    specs, qmap, _, _ = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c)
+    """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
+    sa, L = sched_arrays(fwd_sched if P == 1 else split_sched)
+    cfg = make_cfg(L, qr.dtype, splits=P)
+    specs, _, _, blocks = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c)
     extra = []
-    if sinks is not None:
+    if cfg.has_sinks:
       sk = sinks.astype(_F32).reshape(K, G, 1, 1)
       extra.append(jnp.broadcast_to(sk, (K, G, bq, 1)).reshape(K, R, 1))
-    out_specs = [pl.BlockSpec((None, None, R, Hv), qmap), pl.BlockSpec((None, None, R, 1), qmap)]
-    out_shape = [jax.ShapeDtypeStruct((B, K, plan.nq * R, Hv), qr.dtype),
-                 jax.ShapeDtypeStruct((B, K, plan.nq * R, 1), _F32)]
-    return pl.pallas_call(
+
+    def omap(b, kp, s, *sched):       # one output row block per (b, kh * P + p, q block)
+      qb, _ = blocks(b, kp, s, *sched)
+      return (b, kp, qb, 0)
+
+    rows = plan.nq * R
+    out_specs = [pl.BlockSpec((None, None, R, Hv), omap), pl.BlockSpec((None, None, R, 1), omap)]
+    out_shape = [jax.ShapeDtypeStruct((B, K * P, rows, Hv), qr.dtype if P == 1 else _F32),
+                 jax.ShapeDtypeStruct((B, K * P, rows, 1), _F32)]
+    o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            num_scalar_prefetch=3, grid=(B, K * P, L), in_specs=specs, out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((R, 1), _F32), pltpu.VMEM((R, 1), _F32),
                             pltpu.VMEM((R, Hv), _F32)]),
         out_shape=out_shape, compiler_params=_params(), interpret=interpret,
-        name="attnjax_flash_fwd",
+        name="attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split",
     )(*sa, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+    if P == 1:
+      return o, lse
+    sink_rows = None
+    if sinks is not None:            # row (q block, g, t) of kv head kh: sink[kh * G + g]
+      sk = sinks.astype(_F32).reshape(K, 1, G, 1)
+      sink_rows = jnp.broadcast_to(sk, (K, plan.nq, G, bq)).reshape(1, K, rows)
+    o, lse = common.merge_splits(o.reshape(B, K, P, rows, Hv), lse.reshape(B, K, P, rows),
+                                 axis=2, sink=sink_rows)
+    return o.astype(qr.dtype), lse[..., None]
 
   def run_bwd(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
     # ---- dq (+ dbias)
@@ -654,7 +706,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     sm_c = [] if sm_tf is None else list(sm_tf.explicit) + list(sm_tf.literals)
     return core(q, k, v, a.bias, a.sinks, plan.seg, pred_c, sm_c)
 
-  return apply, lay, plan, fwd_sched, bwd_sched
+  return apply, lay, plan, (split_sched if P > 1 else fwd_sched), bwd_sched
 
 
 def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
@@ -696,19 +748,22 @@ def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   """Grid steps of the forward and dk/dv kernels for a call (static masks only).
 
-  Returns a dict with ``fwd_steps`` (= ``B * K * L``), ``fwd_active`` (tiles computed),
-  ``dkv_steps``, ``dkv_active`` and the ``table`` (for tests and tuning).
+  Returns a dict with ``num_splits`` (``P``), ``fwd_steps`` (= ``B * K * P * L``, ``L``
+  the longest per-program step list), ``fwd_active`` (tiles computed), ``dkv_steps``,
+  ``dkv_active`` and the ``table`` (for tests and tuning).
   """
   bs = _as_block_sizes(block_sizes)
   a = dense_lib.check_attention_args(q, k, v, **kwargs)
   bq, bk = bs.resolve(a.T, a.S)
   plan = common.make_plan(a, bq, bk)
-  f = common.step_schedule(plan.table)
+  P = bs.resolve_splits(plan.table, a.B * a.K * plan.nq)
+  f = common.step_schedule(plan.table if P == 1 else common.split_table(plan.table, P))
   d = common.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt)
-  return dict(fwd_steps=a.B * a.K * f[3], fwd_active=f[4] * rep, dkv_steps=a.B * a.K * d[3],
-              dkv_active=d[4] * rep, table=plan.table, block_q=bq, block_k=bk)
+  return dict(num_splits=P, fwd_steps=a.B * a.K * P * f[3], fwd_active=f[4] * rep,
+              dkv_steps=a.B * a.K * d[3], dkv_active=d[4] * rep, table=plan.table,
+              block_q=bq, block_k=bk)
 
 
 def flash_attention_reference(q, k, v, **kwargs):
