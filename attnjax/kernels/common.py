@@ -617,6 +617,11 @@ def split_bounds(count, p, num_splits):
   """Ranks ``[lo, hi)`` of a list of ``count`` tiles that split ``p`` of ``num_splits``
   owns: ``lo = p * count // P``, ``hi = (p + 1) * count // P`` (contiguous, balanced
   to within one tile; splits beyond ``count`` own nothing).  Works on ints and arrays."""
+  if isinstance(count, (jax.Array, jax.core.Tracer)) or isinstance(p, (jax.Array, jax.core.Tracer)):
+    # in-kernel: truncating division of non-negative ints (``//`` lowers through ``sign``,
+    # which Mosaic cannot lower off-TPU)
+    div = lambda x: jax.lax.div(x, jnp.asarray(num_splits, x.dtype))
+    return div(p * count), div((p + 1) * count)
   return (p * count) // num_splits, ((p + 1) * count) // num_splits
 
 

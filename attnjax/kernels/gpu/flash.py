@@ -177,7 +177,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   r = _Refs(cfg, refs, "fwd", 2)
   o_ref, lse_ref = r.outs
   b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  qb = i if cfg.P == 1 else i // cfg.P
+  qb = i if cfg.P == 1 else jax.lax.div(i, jnp.int32(cfg.P))
   bq, bk, M = cfg.bq, cfg.bk, cfg.math
   q = r.q[...]
   Hv = r.v.shape[-1]
@@ -218,7 +218,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   if cfg.P == 1:
     bounds = (0, n_part, n_part, n_tot)
   else:                  # this program's contiguous share of the list (partial tiles first)
-    lo, hi = common.split_bounds(n_tot, i % cfg.P, cfg.P)
+    lo, hi = common.split_bounds(n_tot, jax.lax.rem(i, jnp.int32(cfg.P)), cfg.P)
     bounds = (lo, jnp.minimum(hi, n_part), jnp.maximum(lo, n_part), hi)
   carry = jax.lax.fori_loop(bounds[0], bounds[1], functools.partial(body, masked=True),
                             (m0, l0, acc0))
@@ -396,7 +396,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
 
   def q_block(cfg, i):
     """The q block of grid index ``i = qb * P + p``."""
-    return i if cfg.P == 1 else i // cfg.P
+    return i if cfg.P == 1 else jax.lax.div(i, jnp.int32(cfg.P))
 
   def side_specs_q(cfg):
     """Per (b, n, qb [, split]) program: row blocks of the side inputs."""

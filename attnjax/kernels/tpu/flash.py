@@ -187,7 +187,7 @@ class _Cfg:
 
 def _kv_head(cfg, kp):
   """The kv head of grid index ``kp = kh * P + p``."""
-  return kp if cfg.P == 1 else kp // cfg.P
+  return kp if cfg.P == 1 else jax.lax.div(kp, jnp.int32(cfg.P))   # kp >= 0: no floor needed
 
 
 def _step_index(cfg, b, kp, s):
@@ -196,7 +196,7 @@ def _step_index(cfg, b, kp, s):
   kk = kh if cfg.Kt > 1 else 0
   if cfg.P == 1:
     return (bb * cfg.Kt + kk) * cfg.L + s
-  return ((bb * cfg.Kt + kk) * cfg.P + kp % cfg.P) * cfg.L + s
+  return ((bb * cfg.Kt + kk) * cfg.P + jax.lax.rem(kp, jnp.int32(cfg.P))) * cfg.L + s
 
 
 def _tile_index(cfg, b, kh, qb, kb):
