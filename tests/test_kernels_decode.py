@@ -128,16 +128,18 @@ def test_decode_per_sequence_lengths_empty_splits(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_bias_relpos_alibi_grads(backend):
   """Broadcast bias [1, N, T, S] and a learnable relative-position table composed with
-  ALiBi: dbias and dtable through the split forward; 4 splits, T=4, GQA."""
+  ALiBi: dbias and dtable through the split forward; a data-dependent array mask (the
+  dense fallback input); 4 splits, T=4, GQA."""
   T, S, N = 4, 1024, 4
   rng = np.random.default_rng(4)
   bias = rng.standard_normal((1, N, T, S)).astype(np.float32)
   table = rng.standard_normal((N, 2 * 12 + 1)).astype(np.float32)
+  keep = jnp.asarray(rng.random((T, S)) > 0.3)
   slopes = score_mods.alibi_slopes(N)
   got, want = _run_pair(
       backend, jnp.float32, (2, T, S, N, 2, 64, 64), num_splits=4, diff=(bias, table),
       make_kwargs=lambda b, t: dict(
-          mask=masks.causal(offset=S - T), bias=b,
+          mask=masks.causal(offset=S - T) & masks.from_array(keep), bias=b,
           score_mod=score_mods.compose(score_mods.relative_position_bias(t),
                                        score_mods.alibi(slopes))))
   _assert_close(got, want, jnp.float32)

@@ -18,6 +18,13 @@ dk/dv program per ``(batch, kv head, k block)`` over the transposed list and the
 ``score_mod`` closes over are produced too.  Head dims are zero-padded to a power
 of two; ``T`` and ``S`` are padded to the block sizes.
 
+Decode (flash-decoding, "Flash-Decoding for long-context inference", Dao et al.
+2023): with ``BlockSizes.num_splits = P > 1`` (or the heuristic when ``B * N * nq``
+programs are few) the grid is ``(B, N, nq * P)`` and program ``(q block, p)`` walks
+only ranks ``[p c // P, (p + 1) c // P)`` of its q block's list of ``c`` tiles,
+writing a partial output and its ``lse``; XLA merges them with a log-sum-exp combine,
+the sink joining once there.  The backward kernels are fed the merged ``out``/``lse``.
+
 Public entry point: :func:`flash_attention`.
 """
 

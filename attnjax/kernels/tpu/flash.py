@@ -20,9 +20,14 @@ kernel over the transposed list (per k block, its non-empty q blocks), both
 recomputing probabilities from the saved ``lse``; gradients for ``bias``, ``sinks``
 and the arrays a ``score_mod`` closes over are produced too.
 
-Decode (``T = 1`` or small ``T`` against a long cache) runs through the same kernels
-(one q block of ``G * block_q`` rows per kv head); the key list is not yet split over
-``S`` across cores (flash-decoding), so a single (batch, kv head) walks the whole cache.
+Decode (``T = 1`` or small ``T`` against a long cache): with ``BlockSizes.num_splits
+= P > 1`` (or the heuristic when ``B * K * nq`` is small) each q block's list of
+non-empty tiles is dealt into ``P`` contiguous parts; grid axis 1 runs over
+``(kv head, split)``, so every split is its own parallel program, writing a partial
+output (normalised by its own sum) and its ``lse``.  The partials are merged in XLA,
+``o = sum_p exp(lse_p - lse) o_p``, ``lse = logsumexp_p lse_p`` with the sink joining
+once here ("Flash-Decoding for long-context inference", Dao et al., 2023).  The
+backward kernels are the same, fed the merged ``out`` and ``lse``.
 
 Public entry point: :func:`flash_attention`; reference: :func:`flash_attention_reference`.
 """
