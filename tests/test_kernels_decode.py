@@ -126,13 +126,15 @@ def test_decode_per_sequence_lengths_empty_splits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_bias_relpos_alibi_grads(backend):
-  """Broadcast bias [1, N, T, S] and a learnable relative-position table composed with
-  ALiBi: dbias and dtable through the split forward; a data-dependent array mask (the
-  dense fallback input); 4 splits, T=4, GQA."""
+@pytest.mark.parametrize("bias_heads", [4, 1])
+def test_decode_bias_relpos_alibi_grads(backend, bias_heads):
+  """Bias broadcast over the batch ([1, N, T, S]) or batch and heads ([1, 1, T, S]),
+  whose gradient is accumulated in the bias's own shape, and a learnable
+  relative-position table composed with ALiBi: dbias and dtable through the split
+  forward; a data-dependent array mask (the dense fallback input); 4 splits, T=4, GQA."""
   T, S, N = 4, 1024, 4
   rng = np.random.default_rng(4)
-  bias = rng.standard_normal((1, N, T, S)).astype(np.float32)
+  bias = rng.standard_normal((1, bias_heads, T, S)).astype(np.float32)
   table = rng.standard_normal((N, 2 * 12 + 1)).astype(np.float32)
   keep = jnp.asarray(rng.random((T, S)) > 0.3)
   slopes = score_mods.alibi_slopes(N)

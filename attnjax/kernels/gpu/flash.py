@@ -136,6 +136,7 @@ class _Cfg:
   n_sm_grad: int
   sm_widths: tuple
   P: int = 1          # splits of each q block's tile list; grid axis 2 runs over qb * P + p
+  db_atomic: bool = False   # dbias summed over broadcast batch/heads by atomic adds
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -274,7 +275,10 @@ def _dq_kernel(*refs, cfg: _Cfg):
                                   masked)
     ds, _ = M.dlogits(ds, s0, s1, idx, r.sm, ev, {}, {})
     if db_ref is not None:
-      db_ref[:, ks] = ds
+      if cfg.db_atomic:      # programs of every (b, n) the bias is broadcast over add here
+        plgpu.atomic_add(db_ref, (pl.ds(0, bq), ks), ds)
+      else:
+        db_ref[:, ks] = ds
     return dq + M.dot_nn(ds.astype(k.dtype), k) * M.scale
 
   dq = jnp.zeros(q.shape, _F32)
@@ -484,10 +488,17 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     out_shape = [jax.ShapeDtypeStruct((B, N, Tp, Hp), qr.dtype)]
     extra, aliases = [], {}
     if has_bias:
-      extra.append(jnp.zeros((B, N, Tp, Sp), _F32))
-      specs.append(pl.BlockSpec((None, None, bq, Sp), lambda b, n, i: (b, n, i, 0)))
-      out_specs.append(pl.BlockSpec((None, None, bq, Sp), lambda b, n, i: (b, n, i, 0)))
-      out_shape.append(jax.ShapeDtypeStruct((B, N, Tp, Sp), _F32))
+      # The gradient buffer has the bias's own batch/head extent ([Bb, Nb, Tp, Sp]);
+      # when it is broadcast, programs of different (b, n) accumulate atomically.
+      Bb, Nb = a.bias.shape[:2]
+      cfg = dataclasses.replace(cfg, db_atomic=(Bb, Nb) != (B, N))
+
+      def dbmap(b, n, i):
+        return (b if Bb > 1 else 0, n if Nb > 1 else 0, i, 0)
+      extra.append(jnp.zeros((Bb, Nb, Tp, Sp), _F32))
+      specs.append(pl.BlockSpec((None, None, bq, Sp), dbmap))
+      out_specs.append(pl.BlockSpec((None, None, bq, Sp), dbmap))
+      out_shape.append(jax.ShapeDtypeStruct((Bb, Nb, Tp, Sp), _F32))
       aliases = {1 + 6 + len(side) + len(pred_c) + len(sm_c): 1}
     outs = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), grid=(B, N, nq), in_specs=specs,
