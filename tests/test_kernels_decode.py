@@ -346,3 +346,34 @@ def test_lowering_decode_split(platform, T):
     assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
     assert "attnjax_flash_fwd_split" in text, "the split kernel was not used"
   assert exp_f.out_avals[0].shape == (B, T, N, H)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_broadcast_bias_grad_buffer_has_bias_shape(platform):
+  """The lowered gradient of a bias broadcast over batch and heads holds no dense
+  ``[B, N|K, rows, S]`` float32 buffer (present for an unbroadcast bias)."""
+  backend = "tpu" if platform == "tpu" else "gpu"
+  mod = _mod(backend)
+  B, T, S, N, K, H = 2, 4, 1024, 4, 2, 64
+  rng = np.random.default_rng(0)
+  q = _rand(rng, (B, T, N, H))
+  k = _rand(rng, (B, S, K, H))
+  bs = mod.BlockSizes(block_k=BLOCK_K[backend], num_splits=2)
+  # the dq kernel's dense dbias buffer: TPU [B, K, G * block_q, S]; GPU [B, N, block_q, S]
+  dense = (f"tensor<{B}x{K}x{(N // K) * 8}x{S}xf32>" if platform == "tpu"
+           else f"tensor<{B}x{N}x16x{S}xf32>")
+
+  def text(bias_shape):
+    def loss(bias):
+      out = mod.flash_attention(q, k, k, bias=bias, mask=masks.causal(offset=S - T),
+                                block_sizes=bs, interpret=False)
+      return jnp.sum(out)
+    return _export(platform, jax.grad(loss), _rand(rng, bias_shape)).mlir_module()
+
+  assert dense in text((B, N, T, S))
+  for shape in ((1, 1, T, S), (1, N, T, S)):
+    assert dense not in text(shape), shape
+  # [B, 1, T, S]: the bias input is still broadcast over heads (so a dense-shaped f32
+  # array exists); the gradient buffer is [B, 1, block_q, S]
+  reduced = f"tensor<{B}x1x{8 if platform == 'tpu' else 16}x{S}xf32>"
+  assert reduced in text((B, 1, T, S))

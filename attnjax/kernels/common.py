@@ -37,7 +37,7 @@ from attnjax.ops.chunked import kv_group_table
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Plan", "make_plan", "normalize_args",
-           "step_schedule", "list_schedule", "split_bounds", "split_table",
+           "step_schedule", "list_schedule", "union_table", "split_bounds", "split_table",
            "resolve_num_splits", "validate_num_splits", "merge_splits", "TileEvaluator",
            "eval_jaxpr", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT"]
 
@@ -575,6 +575,19 @@ def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   n_active = int(count.sum()) if xp is np else count.sum()
   return (row.reshape(-1).astype(xp.int32), col.reshape(-1).astype(xp.int32),
           flags.reshape(-1).astype(xp.int32), L, n_active)
+
+
+def union_table(table, axes):
+  """Merges a tile table over ``axes`` (kept, size 1): EMPTY where every merged tile is
+  empty, FULL where every one is full, PARTIAL otherwise (a kernel visiting a merged
+  tile then masks each member, so a member's EMPTY tile contributes nothing)."""
+  axes = tuple(axes)
+  if not axes:
+    return table
+  xp = _xp_of(table)
+  nonempty = (table != EMPTY).any(axis=axes, keepdims=True)
+  full = (table == FULL).all(axis=axes, keepdims=True)
+  return xp.where(full, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
 
 
 def list_schedule(table, *, transpose: bool = False, pad_to=None):

@@ -18,7 +18,9 @@ step's q/k block ids and flags arrive by scalar prefetch, and the mask predicate
 runs only on partial tiles.  Backward: a dq kernel over the same steps and a dk/dv
 kernel over the transposed list (per k block, its non-empty q blocks), both
 recomputing probabilities from the saved ``lse``; gradients for ``bias``, ``sinks``
-and the arrays a ``score_mod`` closes over are produced too.
+and the arrays a ``score_mod`` closes over are produced too.  A bias broadcast over
+the batch and/or heads gets its gradient from a third kernel whose innermost grid
+axes are the broadcast ones, so it is summed in place into the bias's own extent.
 
 Decode (``T = 1`` or small ``T`` against a long cache): with ``BlockSizes.num_splits
 = P > 1`` (or the heuristic when ``B * K * nq`` is small) each q block's list of
@@ -188,6 +190,7 @@ class _Cfg:
   n_sm_grad: int     # of which differentiable (the first ones)
   sm_widths: tuple   # padded widths of the differentiable ones
   P: int = 1         # splits of each row's tile list; grid axis 1 runs over kh * P + p
+  dq_dbias: bool = True   # the dq kernel writes the (unreduced) bias gradient
 
 
 def _kv_head(cfg, kp):
@@ -247,7 +250,7 @@ class _Refs:
     i += cfg.n_pred
     self.sm = refs[i:i + cfg.n_sm]
     i += cfg.n_sm
-    if kind == "dq" and cfg.has_bias:
+    if kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias):
       i += 1            # the aliased zeros input of dbias
     self.outs = refs[i:i + n_out]
     i += n_out
@@ -350,10 +353,10 @@ def _recompute(cfg, r, b, kh, qb, kb, masked):
 
 
 def _dq_kernel(*refs, cfg: _Cfg):
-  n_out = 2 if cfg.has_bias else 1
+  n_out = 2 if cfg.has_bias and cfg.dq_dbias else 1
   r = _Refs(cfg, refs, n_out=n_out, n_scratch=1, kind="dq")
   dq_ref = r.outs[0]
-  db_ref = r.outs[1] if cfg.has_bias else None
+  db_ref = r.outs[1] if n_out == 2 else None
   (acc_ref,) = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   i = _step_index(cfg, b, kp, s)
@@ -386,6 +389,46 @@ def _dq_kernel(*refs, cfg: _Cfg):
   @pl.when(last)
   def _():
     dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dbias_kernel(*refs, cfg: _Cfg, coords, sum_heads: bool):
+  """Gradient of a bias broadcast over the batch and/or heads, in the bias's own extent.
+
+  Grid ``(x, step, y)``: ``x`` the kept (batch or kv head) axis, ``y`` the reduced ones,
+  innermost, so every ``(b, kh)`` summed into one output tile is visited consecutively
+  and the tile accumulates in place; the step list is that of the union tile table.
+  ``sum_heads``: the ``G`` heads of a row block are summed too (bias shared by heads).
+  """
+  r = _Refs(cfg, refs, n_out=1, n_scratch=0, kind="dbias")
+  (db_ref,) = r.outs
+  x, s, y = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, kh = coords(x, y)
+  i = _step_index(cfg, b, kh, s)
+  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
+  active = (flags & 1) != 0
+  partial = (flags & 2) != 0
+  edge = (flags & 12) != 0             # first or last step of a row
+  M = cfg.math
+
+  def step(masked):
+    _, _, _, _, ds, s0, s1, idx, ev = _recompute(cfg, r, b, kh, qb, kb, masked)
+    ds, _ = M.dlogits(ds, s0, s1, idx, r.sm, ev, {}, {})
+    if sum_heads:
+      ds = sum(ds[g * cfg.bq:(g + 1) * cfg.bq] for g in range(cfg.G))
+
+    @pl.when(y == 0)
+    def _():
+      db_ref[...] = ds
+
+    @pl.when(y > 0)
+    def _():
+      db_ref[...] += ds
+
+  _branches(cfg, active, partial, step)
+
+  @pl.when(jnp.logical_not(active) & edge)     # a row with no tile: its block is zero
+  def _():
+    db_ref[...] = jnp.zeros_like(db_ref)
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
@@ -511,6 +554,10 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   bwd_sched = common.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
   P = bs.resolve_splits(plan.table, B * K * plan.nq)
+  # A bias broadcast over the batch and/or heads gets its gradient from its own kernel,
+  # summed in place over those axes (no dense [B, N, T, S] buffer).
+  red_b = a.bias is not None and a.bias.shape[0] == 1 and B > 1
+  red_n = a.bias is not None and a.bias.shape[1] == 1 and N > 1
   split_sched = None
   if P > 1:
     split_sched = common.step_schedule(common.split_table(plan.table, P),
@@ -593,15 +640,60 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                                  axis=2, sink=sink_rows)
     return o.astype(qr.dtype), lse[..., None]
 
+  def run_dbias(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c):
+    """Gradient of a bias broadcast over B and/or N: ``[Bb, Kb, nq * Rb, Sp]`` f32 with
+    ``Bb = 1`` when summed over the batch, ``Kb = 1, Rb = block_q`` over the heads."""
+    axes = [ax for ax, red in ((0, red_b), (1, red_n)) if red and plan.table.shape[ax] > 1]
+    table = common.union_table(plan.table, axes)
+    sa, L = sched_arrays(common.step_schedule(table))
+    cfg = dataclasses.replace(make_cfg(L, qr.dtype), Bt=table.shape[0], Kt=table.shape[1])
+    if red_b and red_n:
+      X, Y = 1, B * K
+      coords = lambda x, y: (jax.lax.div(y, jnp.int32(K)), jax.lax.rem(y, jnp.int32(K)))
+    elif red_b:
+      X, Y = K, B
+      coords = lambda x, y: (y, x)
+    else:
+      X, Y = B, K
+      coords = lambda x, y: (x, y)
+    specs, _, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
+
+    def regrid(spec):                # (b, kh, s) index maps -> the (x, s, y) grid
+      if spec.index_map is None:
+        return spec
+      f = spec.index_map
+      return dataclasses.replace(spec, index_map=lambda x, s, y, *sc: f(*coords(x, y), s, *sc))
+
+    specs = [regrid(sp) for sp in specs] + [pl.BlockSpec(memory_space=pl.ANY)]
+    Rb = bq if red_n else R
+    shape = (1 if red_b else B, 1 if red_n else K, plan.nq * Rb, Sp)
+
+    def omap(x, s, y, *sc):
+      b, kh = coords(x, y)
+      qb, kb = blocks(b, kh, s, *sc)
+      return (0 if red_b else b, 0 if red_n else kh, qb, kb)
+
+    n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
+    return pl.pallas_call(
+        functools.partial(_dbias_kernel, cfg=cfg, coords=coords, sum_heads=red_n),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(X, L, Y), in_specs=specs,
+            out_specs=[pl.BlockSpec((None, None, Rb, bk), omap)]),
+        out_shape=[jax.ShapeDtypeStruct(shape, _F32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=interpret, input_output_aliases={n_in: 0}, name="attnjax_flash_bwd_dbias",
+    )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c, jnp.zeros(shape, _F32))[0]
+
   def run_bwd(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
-    # ---- dq (+ dbias)
+    # ---- dq (+ dbias when the bias is not broadcast over B or N)
     sa, L = sched_arrays(fwd_sched)
-    cfg = make_cfg(L, qr.dtype)
+    cfg = dataclasses.replace(make_cfg(L, qr.dtype), dq_dbias=not (red_b or red_n))
     specs, qmap, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, R, H), qmap)]
     out_shape = [jax.ShapeDtypeStruct((B, K, plan.nq * R, H), qr.dtype)]
     extra, aliases = [], {}
-    if bias is not None:
+    if bias is not None and cfg.dq_dbias:
       def dbmap(b, kh, s, *sched):
         qb, kb = blocks(b, kh, s, *sched)
         return (b, kh, qb, kb)
@@ -620,7 +712,9 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
         input_output_aliases=aliases, name="attnjax_flash_bwd_dq",
     )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c, *extra)
     dq = outs[0]
-    dbias_rows = outs[1] if bias is not None else None
+    dbias_rows = outs[1] if bias is not None and cfg.dq_dbias else None
+    if bias is not None and not cfg.dq_dbias:
+      dbias_rows = run_dbias(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c)
 
     # ---- dk, dv (+ score_mod array grads)
     sa, L = sched_arrays(bwd_sched)
@@ -684,7 +778,10 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     dv = dv_r.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
     dbias = None
     if bias is not None:
-      db = lay.rows_to_bnts(db_r, T, S)                  # [B, N, T, S]
+      if red_n:                                          # [Bb, 1, T, S]
+        db = db_r.reshape(db_r.shape[0], 1, Tp, Sp)[:, :, :T, :S]
+      else:                                              # [Bb, N, T, S]
+        db = lay.rows_to_bnts(db_r, T, S)
       Bb, Nb, Tb, Sb = bias.shape
       axes = tuple(ax for ax, dim in enumerate((Bb, Nb, Tb, Sb)) if dim == 1)
       if axes:
