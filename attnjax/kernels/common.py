@@ -630,7 +630,7 @@ def split_bounds(count, p, num_splits):
   """Ranks ``[lo, hi)`` of a list of ``count`` tiles that split ``p`` of ``num_splits``
   owns: ``lo = p * count // P``, ``hi = (p + 1) * count // P`` (contiguous, balanced
   to within one tile; splits beyond ``count`` own nothing).  Works on ints and arrays."""
-  if isinstance(count, (jax.Array, jax.core.Tracer)) or isinstance(p, (jax.Array, jax.core.Tracer)):
+  if any(isinstance(x, (jax.Array, jax.core.Tracer)) for x in (count, p)):
     # in-kernel: truncating division of non-negative ints (``//`` lowers through ``sign``,
     # which Mosaic cannot lower off-TPU)
     div = lambda x: jax.lax.div(x, jnp.asarray(num_splits, x.dtype))

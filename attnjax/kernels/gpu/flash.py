@@ -16,8 +16,8 @@ Backward: a dq program per ``(batch, head, q block)`` over the same list, and a
 dk/dv program per ``(batch, kv head, k block)`` over the transposed list and the
 ``G`` query heads of the group; gradients for ``bias``, ``sinks`` and the arrays a
 ``score_mod`` closes over are produced too (a bias broadcast over the batch
-and/or heads is accumulated into its own extent with atomic adds).  Head dims are zero-padded to a power
-of two; ``T`` and ``S`` are padded to the block sizes.
+and/or heads is accumulated into its own extent with atomic adds).  Head dims are
+zero-padded to a power of two; ``T`` and ``S`` are padded to the block sizes.
 
 Decode (flash-decoding, "Flash-Decoding for long-context inference", Dao et al.
 2023): with ``BlockSizes.num_splits = P > 1`` (or the heuristic when ``B * N * nq``
