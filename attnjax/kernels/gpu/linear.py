@@ -34,6 +34,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from attnjax.kernels import linear_common as lc
+from attnjax.kernels.linear_common import lightning_attention_reference
+
+__all__ = ['BlockSizes', 'lightning_attention', 'lightning_attention_reference']
+
 _F32 = jnp.float32
 _MIN_DIM = 16
 
@@ -61,65 +66,29 @@ class BlockSizes:
 
 
 # --------------------------------------------------------------------------------------
-# In-kernel helpers
-# --------------------------------------------------------------------------------------
-
-
-def _prec(*xs):
-  return (jax.lax.Precision.HIGHEST if all(x.dtype == _F32 for x in xs)
-          else jax.lax.Precision.DEFAULT)
-
-
-def _nn(a, b):  # a @ b
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_prec(a, b),
-                             preferred_element_type=_F32)
-
-
-def _nt(a, b):  # a @ b.T
-  return _nn(a, b.T)
-
-
-def _tn(a, b):  # a.T @ b
-  return _nn(a.T, b)
-
-
-def _decay_tables(ld, C):
-  row = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-  causal = row >= col
-  dist = jnp.where(causal, row - col, 0).astype(_F32)
-  mask = jnp.where(causal, jnp.exp(dist * ld), 0.0)
-  pos = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0).astype(_F32)
-  qdec = jnp.exp((pos + 1.0) * ld)
-  kdec = jnp.exp((C - 1.0 - pos) * ld)
-  cdec = jnp.exp(C * ld)
-  return mask, dist, pos, qdec, kdec, cdec
-
-
-# --------------------------------------------------------------------------------------
 # Kernels (refs: q [Tp, F], k [Tp, F], v [Tp, V] of one (batch, head))
 # --------------------------------------------------------------------------------------
 
 
 def _fwd_kernel(ld_ref, q_ref, k_ref, v_ref, o_ref, *, C, nc):
   ld = ld_ref[...]
-  mask, _, _, qdec, kdec, cdec = _decay_tables(ld, C)
+  mask, _, _, qdec, kdec, cdec = lc.decay_tables(ld, C)
   F, V = q_ref.shape[-1], v_ref.shape[-1]
 
   def body(c, kv):
     sl = pl.ds(pl.multiple_of(c * C, C), C)
     q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-    s = _nt(q, k) * mask
-    o = _nn(s.astype(v.dtype), v) + _nn(q.astype(_F32) * qdec, kv)
+    s = lc.dot_nt(q, k) * mask
+    o = lc.dot_nn(s.astype(v.dtype), v) + lc.dot_nn(q.astype(_F32) * qdec, kv)
     o_ref[sl, :] = o.astype(o_ref.dtype)
-    return cdec * kv + _tn(k.astype(_F32) * kdec, v.astype(_F32))
+    return cdec * kv + lc.dot_tn(k.astype(_F32) * kdec, v.astype(_F32))
 
   jax.lax.fori_loop(0, nc, body, jnp.zeros((F, V), _F32))
 
 
 def _bwd_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, dl_ref, *, C, nc):
   ld = ld_ref[...]
-  mask, dist, pos, qdec, kdec, cdec = _decay_tables(ld, C)
+  mask, dist, pos, qdec, kdec, cdec = lc.decay_tables(ld, C)
   F, V = q_ref.shape[-1], v_ref.shape[-1]
 
   def fwd_body(c, carry):
@@ -128,16 +97,16 @@ def _bwd_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, dl_
     q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
     do = do_ref[sl, :].astype(_F32)
     q32, k32, v32 = q.astype(_F32), k.astype(_F32), v.astype(_F32)
-    dpm = _nt(do, v32) * mask
-    dq = _nn(dpm.astype(k.dtype), k) + qdec * _nt(do, kv)
+    dpm = lc.dot_nt(do, v32) * mask
+    dq = lc.dot_nn(dpm.astype(k.dtype), k) + qdec * lc.dot_nt(do, kv)
     dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-    s = _nt(q, k)
+    s = lc.dot_nt(q, k)
     qq = q32 * qdec
-    acc = (acc + jnp.sum(s * dpm * dist) + jnp.sum(do * _nn(qq * (pos + 1.0), kv))
-           + jnp.sum(do * _nn(qq, dkv)))
+    acc = (acc + jnp.sum(s * dpm * dist) + jnp.sum(do * lc.dot_nn(qq * (pos + 1.0), kv))
+           + jnp.sum(do * lc.dot_nn(qq, dkv)))
     kk = k32 * kdec
-    dkv = (C * cdec) * kv + cdec * dkv + _tn(kk * (C - 1.0 - pos), v32)
-    kv = cdec * kv + _tn(kk, v32)
+    dkv = (C * cdec) * kv + cdec * dkv + lc.dot_tn(kk * (C - 1.0 - pos), v32)
+    kv = cdec * kv + lc.dot_tn(kk, v32)
     return kv, dkv, acc
 
   zeros = jnp.zeros((F, V), _F32)
@@ -149,13 +118,13 @@ def _bwd_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, dl_
     sl = pl.ds(pl.multiple_of(c * C, C), C)
     q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
     do = do_ref[sl, :]
-    dpm = _nt(do, v) * mask
-    s = _nt(q, k) * mask
-    dk = _tn(dpm, q.astype(_F32)) + kdec * _nt(v.astype(_F32), r)
-    dv = _tn(s, do.astype(_F32)) + kdec * _nn(k.astype(_F32), r)
+    dpm = lc.dot_nt(do, v) * mask
+    s = lc.dot_nt(q, k) * mask
+    dk = lc.dot_tn(dpm, q.astype(_F32)) + kdec * lc.dot_nt(v.astype(_F32), r)
+    dv = lc.dot_tn(s, do.astype(_F32)) + kdec * lc.dot_nn(k.astype(_F32), r)
     dk_ref[sl, :] = dk.astype(dk_ref.dtype)
     dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-    return cdec * r + _tn(q.astype(_F32) * qdec, do.astype(_F32))
+    return cdec * r + lc.dot_tn(q.astype(_F32) * qdec, do.astype(_F32))
 
   jax.lax.fori_loop(0, nc, rev_body, zeros)
 
@@ -209,23 +178,6 @@ def _bwd_call(q, k, v, ld, do, C, bs, interpret):
   return dq, dk, dv, dl.sum(axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _lightning(q, k, v, ld, C, bs, interpret):
-  return _fwd_call(q, k, v, ld, C, bs, interpret)
-
-
-def _lightning_fwd(q, k, v, ld, C, bs, interpret):
-  return _fwd_call(q, k, v, ld, C, bs, interpret), (q, k, v, ld)
-
-
-def _lightning_bwd(C, bs, interpret, res, do):
-  q, k, v, ld = res
-  return _bwd_call(q, k, v, ld, do, C, bs, interpret)
-
-
-_lightning.defvjp(_lightning_fwd, _lightning_bwd)
-
-
 # --------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------
@@ -248,7 +200,7 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
   Returns:
     ``[B, T, N, V]`` in ``v.dtype``.
   """
-  q, k, v, log_decay, bs = _validate(q, k, v, log_decay, chunk_size, block_sizes)
+  q, k, v, log_decay, bs = lc.validate(q, k, v, log_decay, chunk_size, block_sizes, BlockSizes)
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   B, T, N, F = q.shape
@@ -262,43 +214,6 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
     pads = [(0, 0), (0, Tp - T), (0, 0), (0, d - x.shape[-1])]
     return jnp.pad(x, pads) if any(p for _, p in pads) else x
 
-  o = _lightning(prep(q, Fp), prep(k, Fp), prep(v, Vp), log_decay, C, bs, bool(interpret))
+  o = lc.chunk_attention(prep(q, Fp), prep(k, Fp), prep(v, Vp), log_decay,
+                         (_fwd_call, _bwd_call), (C, bs, bool(interpret)))
   return o[:, :T, :, :V]
-
-
-def _validate(q, k, v, log_decay, chunk_size, block_sizes):
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default()
-  if chunk_size is not None:
-    block_sizes = dataclasses.replace(block_sizes, chunk=int(chunk_size))
-  for name, x in (('q', q), ('k', k), ('v', v)):
-    if x.ndim != 4:
-      raise ValueError(f'{name} must have rank 4 [B, T, heads, dim], got shape {x.shape}')
-  B, T, N, F = q.shape
-  if k.shape[:2] != (B, T) or k.shape[3] != F:
-    raise ValueError(f'k must have shape [B={B}, T={T}, K, F={F}], got {k.shape}')
-  K = k.shape[2]
-  if v.shape[:3] != (B, T, K):
-    raise ValueError(f'v must have shape [B={B}, T={T}, K={K}, V], got {v.shape}')
-  if N % K:
-    raise ValueError(f'number of query heads N={N} must be a multiple of kv heads K={K}')
-  log_decay = jnp.asarray(log_decay, _F32)
-  if log_decay.shape != (N,):
-    raise ValueError(f'log_decay must have shape (N,)=({N},), got {log_decay.shape}')
-  return q, k, v, log_decay, block_sizes
-
-
-def lightning_attention_reference(q, k, v, log_decay):
-  """Materialised float32 reference: ``o_i = sum_{j<=i} exp((i-j) l_n) (q_i.k_j) v_j``."""
-  B, T, N, F = q.shape
-  G = N // k.shape[2]
-  kr = jnp.repeat(k.astype(_F32), G, axis=2)
-  vr = jnp.repeat(v.astype(_F32), G, axis=2)
-  i = jnp.arange(T)
-  causal = i[:, None] >= i[None, :]
-  dist = jnp.where(causal, (i[:, None] - i[None, :]).astype(_F32), 0.0)
-  mask = jnp.where(causal, jnp.exp(dist[None] * log_decay[:, None, None]), 0.0)
-  s = jnp.einsum('btnf,bsnf->bnts', q.astype(_F32), kr,
-                 precision=jax.lax.Precision.HIGHEST) * mask
-  return jnp.einsum('bnts,bsnv->btnv', s, vr,
-                    precision=jax.lax.Precision.HIGHEST).astype(v.dtype)

@@ -33,6 +33,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnjax.kernels import linear_common as lc
+from attnjax.kernels.linear_common import lightning_attention_reference
+
+__all__ = ['BlockSizes', 'lightning_attention', 'lightning_attention_reference']
+
 _F32 = jnp.float32
 _LANES = 128
 _SUBLANES = 8
@@ -54,44 +59,6 @@ class BlockSizes:
     return cls()
 
 
-# --------------------------------------------------------------------------------------
-# In-kernel helpers
-# --------------------------------------------------------------------------------------
-
-
-def _prec(*xs):
-  return (jax.lax.Precision.HIGHEST if all(x.dtype == _F32 for x in xs)
-          else jax.lax.Precision.DEFAULT)
-
-
-def _nn(a, b):  # a @ b
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_prec(a, b),
-                             preferred_element_type=_F32)
-
-
-def _nt(a, b):  # a @ b.T
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_prec(a, b),
-                             preferred_element_type=_F32)
-
-
-def _tn(a, b):  # a.T @ b
-  return _nn(a.T, b)
-
-
-def _decay_tables(ld, C):
-  """Decay mask [C, C], query decays [C, 1], key decays [C, 1], chunk decay [1, 1]."""
-  row = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-  causal = row >= col
-  dist = (row - col).astype(_F32)
-  mask = jnp.where(causal, jnp.exp(jnp.where(causal, dist, 0.0) * ld), 0.0)
-  pos = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0).astype(_F32)
-  qdec = jnp.exp((pos + 1.0) * ld)
-  kdec = jnp.exp((C - 1.0 - pos) * ld)
-  cdec = jnp.exp(jnp.full((1, 1), C, _F32) * ld)
-  return mask, dist, pos, qdec, kdec, cdec
-
-
 def _sum2(x):
   return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
@@ -109,13 +76,13 @@ def _fwd_kernel(ld_ref, q_ref, k_ref, v_ref, o_ref, kv_ref, *, C):
     kv_ref[...] = jnp.zeros_like(kv_ref)
 
   ld = ld_ref[n]
-  mask, _, _, qdec, kdec, cdec = _decay_tables(ld, C)
+  mask, _, _, qdec, kdec, cdec = lc.decay_tables(ld, C, (1, 1))
   q, k, v = q_ref[...], k_ref[...], v_ref[...]
-  s = _nt(q, k) * mask
+  s = lc.dot_nt(q, k) * mask
   kv = kv_ref[...]
-  o = _nn(s.astype(v.dtype), v) + _nn(q.astype(_F32) * qdec, kv)
+  o = lc.dot_nn(s.astype(v.dtype), v) + lc.dot_nn(q.astype(_F32) * qdec, kv)
   o_ref[...] = o.astype(o_ref.dtype)
-  kv_ref[...] = cdec * kv + _tn(k.astype(_F32) * kdec, v.astype(_F32))
+  kv_ref[...] = cdec * kv + lc.dot_tn(k.astype(_F32) * kdec, v.astype(_F32))
 
 
 def _bwd_dq_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dl_ref, kv_ref, dkv_ref,
@@ -129,24 +96,24 @@ def _bwd_dq_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dl_ref, kv_ref, 
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   ld = ld_ref[n]
-  mask, dist, pos, qdec, kdec, cdec = _decay_tables(ld, C)
+  mask, dist, pos, qdec, kdec, cdec = lc.decay_tables(ld, C, (1, 1))
   q, k, v = q_ref[...], k_ref[...], v_ref[...]
   do = do_ref[...].astype(_F32)
   q32, k32, v32 = q.astype(_F32), k.astype(_F32), v.astype(_F32)
   kv, dkv = kv_ref[...], dkv_ref[...]
-  dp = _nt(do, v32)                                             # [C, C]: do_i . v_j
+  dp = lc.dot_nt(do, v32)                                       # [C, C]: do_i . v_j
   dpm = dp * mask
-  dq = _nn(dpm.astype(k.dtype), k) + qdec * _nt(do, kv)
+  dq = lc.dot_nn(dpm.astype(k.dtype), k) + qdec * lc.dot_nt(do, kv)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   # d/dl: intra pairs weigh (i - j); inter terms differentiate qdec and the carried state.
-  s = _nt(q, k)
+  s = lc.dot_nt(q, k)
   qq = q32 * qdec
-  dl = (_sum2(s * dpm * dist) + _sum2(do * _nn(qq * (pos + 1.0), kv))
-        + _sum2(do * _nn(qq, dkv)))
+  dl = (_sum2(s * dpm * dist) + _sum2(do * lc.dot_nn(qq * (pos + 1.0), kv))
+        + _sum2(do * lc.dot_nn(qq, dkv)))
   acc_ref[...] += dl
   kk = k32 * kdec
-  dkv_ref[...] = (C * cdec) * kv + cdec * dkv + _tn(kk * (C - 1.0 - pos), v32)
-  kv_ref[...] = cdec * kv + _tn(kk, v32)
+  dkv_ref[...] = (C * cdec) * kv + cdec * dkv + lc.dot_tn(kk * (C - 1.0 - pos), v32)
+  kv_ref[...] = cdec * kv + lc.dot_tn(kk, v32)
 
   @pl.when(c == pl.num_programs(2) - 1)
   def _():
@@ -161,17 +128,17 @@ def _bwd_dkv_kernel(ld_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, r_ref, 
     r_ref[...] = jnp.zeros_like(r_ref)
 
   ld = ld_ref[n]
-  mask, _, _, qdec, kdec, cdec = _decay_tables(ld, C)
+  mask, _, _, qdec, kdec, cdec = lc.decay_tables(ld, C, (1, 1))
   q, k, v = q_ref[...], k_ref[...], v_ref[...]
   do = do_ref[...]
   r = r_ref[...]
-  dpm = _nt(do, v) * mask
-  s = _nt(q, k) * mask
-  dk = _tn(dpm, q.astype(_F32)) + kdec * _nt(v.astype(_F32), r)
-  dv = _tn(s, do.astype(_F32)) + kdec * _nn(k.astype(_F32), r)
+  dpm = lc.dot_nt(do, v) * mask
+  s = lc.dot_nt(q, k) * mask
+  dk = lc.dot_tn(dpm, q.astype(_F32)) + kdec * lc.dot_nt(v.astype(_F32), r)
+  dv = lc.dot_tn(s, do.astype(_F32)) + kdec * lc.dot_nn(k.astype(_F32), r)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
-  r_ref[...] = cdec * r + _tn(q.astype(_F32) * qdec, do.astype(_F32))
+  r_ref[...] = cdec * r + lc.dot_tn(q.astype(_F32) * qdec, do.astype(_F32))
 
 
 # --------------------------------------------------------------------------------------
@@ -245,23 +212,6 @@ def _bwd_call(q, k, v, ld, do, C, interpret):
   return dq, dk, dv, dl[:, :, 0, 0].sum(axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lightning(q, k, v, ld, C, interpret):
-  return _fwd_call(q, k, v, ld, C, interpret)
-
-
-def _lightning_fwd(q, k, v, ld, C, interpret):
-  return _fwd_call(q, k, v, ld, C, interpret), (q, k, v, ld)
-
-
-def _lightning_bwd(C, interpret, res, do):
-  q, k, v, ld = res
-  return _bwd_call(q, k, v, ld, do, C, interpret)
-
-
-_lightning.defvjp(_lightning_fwd, _lightning_bwd)
-
-
 # --------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------
@@ -284,7 +234,8 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
   Returns:
     ``[B, T, N, V]`` in ``v.dtype``.
   """
-  q, k, v, log_decay, C = _validate(q, k, v, log_decay, chunk_size, block_sizes)
+  q, k, v, log_decay, bs = lc.validate(q, k, v, log_decay, chunk_size, block_sizes, BlockSizes)
+  C = bs.chunk
   if interpret is None:
     interpret = jax.default_backend() != 'tpu'
   B, T, N, F = q.shape
@@ -294,43 +245,6 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
     x = jnp.swapaxes(x, 1, 2)
     return jnp.pad(x, [(0, 0), (0, 0), (0, Tp - T), (0, 0)]) if Tp != T else x
 
-  o = _lightning(prep(q), prep(k), prep(v), log_decay, C, bool(interpret))
+  o = lc.chunk_attention(prep(q), prep(k), prep(v), log_decay, (_fwd_call, _bwd_call),
+                         (C, bool(interpret)))
   return jnp.swapaxes(o[:, :, :T], 1, 2)
-
-
-def _validate(q, k, v, log_decay, chunk_size, block_sizes):
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default()
-  if chunk_size is not None:
-    block_sizes = BlockSizes(chunk=int(chunk_size))
-  for name, x in (('q', q), ('k', k), ('v', v)):
-    if x.ndim != 4:
-      raise ValueError(f'{name} must have rank 4 [B, T, heads, dim], got shape {x.shape}')
-  B, T, N, F = q.shape
-  if k.shape[:2] != (B, T) or k.shape[3] != F:
-    raise ValueError(f'k must have shape [B={B}, T={T}, K, F={F}], got {k.shape}')
-  K = k.shape[2]
-  if v.shape[:3] != (B, T, K):
-    raise ValueError(f'v must have shape [B={B}, T={T}, K={K}, V], got {v.shape}')
-  if N % K:
-    raise ValueError(f'number of query heads N={N} must be a multiple of kv heads K={K}')
-  log_decay = jnp.asarray(log_decay, _F32)
-  if log_decay.shape != (N,):
-    raise ValueError(f'log_decay must have shape (N,)=({N},), got {log_decay.shape}')
-  return q, k, v, log_decay, block_sizes.chunk
-
-
-def lightning_attention_reference(q, k, v, log_decay):
-  """Materialised float32 reference: ``o_i = sum_{j<=i} exp((i-j) l_n) (q_i.k_j) v_j``."""
-  B, T, N, F = q.shape
-  G = N // k.shape[2]
-  kr = jnp.repeat(k.astype(_F32), G, axis=2)
-  vr = jnp.repeat(v.astype(_F32), G, axis=2)
-  i = jnp.arange(T)
-  causal = i[:, None] >= i[None, :]
-  dist = jnp.where(causal, (i[:, None] - i[None, :]).astype(_F32), 0.0)
-  mask = jnp.where(causal, jnp.exp(dist[None] * log_decay[:, None, None]), 0.0)
-  s = jnp.einsum('btnf,bsnf->bnts', q.astype(_F32), kr,
-                 precision=jax.lax.Precision.HIGHEST) * mask
-  return jnp.einsum('bnts,bsnv->btnv', s, vr,
-                    precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
