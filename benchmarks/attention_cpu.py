@@ -6,6 +6,7 @@ affects all of them alike.  Writes JSON (``--out``).
     python benchmarks/attention_cpu.py                 # S in {1024, 4096, 8192} + sparse cases
     python benchmarks/attention_cpu.py --quick         # small sizes, a smoke test
     python benchmarks/attention_cpu.py --memory 32768  # peak RSS of one fwd+bwd at S=32768
+    python benchmarks/attention_cpu.py --devices 2     # + heads split over 2 host CPU devices
 
 Columns: time (s), GFLOP/s (4 B N T S H for the forward, 3.5x that for fwd+bwd,
 dense-equivalent), ratio to torch SDPA (lower is better), fraction of this
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -84,7 +84,7 @@ def torch_times(B, N, S, H, causal=False):
   return t_f, tt(fb)
 
 
-def dense_rows(sizes, gemm):
+def dense_rows(sizes, gemm, devices=0):
   rows = []
   for S in sizes:
     q, k, v = make(S)
@@ -93,9 +93,15 @@ def dense_rows(sizes, gemm):
     ours = lambda q, k, v: attnjax.attention(q, k, v)
     jnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
     t_tf, t_tfb = torch_times(B, N, S, H)
-    for name, fn in (("attnjax auto", ours), ("jax.nn.dot_product_attention", jnn)):
-      t_f = timeit(jax.jit(fn), q, k, v)
-      t_fb = timeit(fwd_bwd(fn), q, k, v)
+    contenders = [("attnjax auto", ours), ("jax.nn.dot_product_attention", jnn)]
+    if devices > 1:
+      contenders.append((f"attnjax auto, heads over {devices} CPU devices", devices))
+    for name, fn in contenders:
+      if isinstance(fn, int):
+        t_f, t_fb = sharded_times(S, fn)
+      else:
+        t_f = timeit(jax.jit(fn), q, k, v)
+        t_fb = timeit(fwd_bwd(fn), q, k, v)
       rows.append(dict(case=f"dense S={S}", impl=name, fwd_s=t_f, fwdbwd_s=t_fb,
                        fwd_gflops=flops / t_f / 1e9, fwdbwd_gflops=3.5 * flops / t_fb / 1e9,
                        fwd_vs_torch=t_f / t_tf if t_tf else None,
@@ -134,18 +140,60 @@ def sparse_rows(S_window=16384, grid=128, quick=False):
   return rows
 
 
-def memory_probe(S):
-  """Peak RSS (GB) of a fresh process doing one fwd+bwd at length S."""
+SHARDED_CODE = """
+import os, sys, time
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count={ndev}"
+import jax, jax.numpy as jnp, attnjax
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh(({ndev},), ("h",))
+spec = P(None, None, "h")
+ks = jax.random.split(jax.random.PRNGKey(0), 3)
+q, k, v = (jax.device_put(jax.random.normal(kk, (1, {S}, 8, 64)), NamedSharding(mesh, spec)) for kk in ks)
+att = jax.shard_map(lambda q, k, v: attnjax.attention(q, k, v), mesh=mesh, in_specs=(spec,) * 3,
+                    out_specs=spec)
+def best(f):
+  jax.block_until_ready(f(q, k, v))
+  b = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter(); jax.block_until_ready(f(q, k, v)); b = min(b, time.perf_counter() - t0)
+  return b
+fb = jax.jit(jax.grad(lambda q, k, v: att(q, k, v).sum(), argnums=(0, 1, 2)))
+print(best(jax.jit(att)), best(fb))
+"""
+
+
+def sharded_times(S, ndev):
+  """(fwd s, fwd+bwd s) of attnjax 'auto' with the heads split over `ndev` host CPU
+  devices by `jax.shard_map`, in a fresh process (the device count is fixed at start-up)."""
+  out = subprocess.run([sys.executable, "-c", SHARDED_CODE.format(ndev=ndev, S=S)],
+                       capture_output=True, text=True, check=True)
+  t_f, t_fb = out.stdout.strip().splitlines()[-1].split()
+  return float(t_f), float(t_fb)
+
+
+MEMORY_MASKS = {"full": "None", "causal": "masks.causal()",
+                "sliding_window(512)": "masks.sliding_window(512)"}
+
+
+def memory_probe(S, mask="full"):
+  """(peak RSS in GB, compile seconds, run seconds) of a fresh process doing one
+  fwd+bwd of attnjax 'auto' at length S (B=1, N=8, H=64, f32) with the named mask."""
   code = f"""
-import resource, jax, jax.numpy as jnp, attnjax
+import resource, time, jax, jax.numpy as jnp, attnjax
+from attnjax import masks
 ks = jax.random.split(jax.random.PRNGKey(0), 3)
 q, k, v = (jax.random.normal(kk, (1, {S}, 8, 64)) for kk in ks)
-g = jax.jit(jax.grad(lambda q, k, v: attnjax.attention(q, k, v).sum(), argnums=(0, 1, 2)))
-jax.block_until_ready(g(q, k, v))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+m = {MEMORY_MASKS[mask]}
+g = jax.jit(jax.grad(lambda q, k, v: attnjax.attention(q, k, v, mask=m).sum(), argnums=(0, 1, 2)))
+t0 = time.perf_counter()
+c = g.lower(q, k, v).compile()
+t1 = time.perf_counter()
+jax.block_until_ready(c(q, k, v))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, t1 - t0, time.perf_counter() - t1)
 """
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  return float(out.stdout.strip().splitlines()[-1])
+  gb, compile_s, run_s = out.stdout.strip().splitlines()[-1].split()
+  return float(gb), float(compile_s), float(run_s)
 
 
 def print_table(rows, keys):
@@ -168,13 +216,17 @@ def main():
   p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
   p.add_argument("--sizes", type=int, nargs="*", default=None)
   p.add_argument("--no-sparse", action="store_true")
-  p.add_argument("--memory", type=int, default=0, help="also measure peak RSS at this S")
+  p.add_argument("--devices", type=int, default=0,
+                 help="also time attnjax with the heads split over this many host CPU devices "
+                      "(jax.shard_map; XLA runs one device's loop per core)")
+  p.add_argument("--memory", type=int, default=0,
+                 help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, window)")
   p.add_argument("--out", default="bench_results/attention_cpu.json")
   args = p.parse_args()
   sizes = args.sizes or ([256, 512] if args.quick else [1024, 4096, 8192])
   gemm = gemm_rate(512 if args.quick else 2048)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, f32 GEMM {gemm:.0f} GFLOP/s")
-  rows = dense_rows(sizes, gemm)
+  rows = dense_rows(sizes, gemm, args.devices)
   print_table(rows, ["case", "impl", "fwd_s", "fwdbwd_s", "fwd_gflops", "fwdbwd_gflops",
                      "fwd_vs_torch", "fwdbwd_vs_torch", "fwd_vs_gemm", "fwdbwd_vs_gemm"])
   result = dict(gemm_gflops=gemm, dense=rows)
@@ -184,9 +236,15 @@ def main():
     print_table(sp, ["case", "impl", "S", "tile_density", "fwd_s", "fwdbwd_s"])
     result["sparse"] = sp
   if args.memory:
-    gb = memory_probe(args.memory)
-    print(f"\npeak RSS, fwd+bwd at S={args.memory}: {gb:.2f} GB")
-    result["memory"] = dict(S=args.memory, peak_rss_gb=gb)
+    mem = []
+    for name in MEMORY_MASKS:
+      gb, compile_s, run_s = memory_probe(args.memory, name)
+      mem.append(dict(S=args.memory, mask=name, peak_rss_gb=gb, compile_s=compile_s, fwdbwd_s=run_s))
+    print(f"\none fwd+bwd at S={args.memory} (fresh process each):")
+    for r in mem:
+      r["time_vs_full"] = r["fwdbwd_s"] / mem[0]["fwdbwd_s"]
+    print_table(mem, ["mask", "peak_rss_gb", "compile_s", "fwdbwd_s", "time_vs_full"])
+    result["memory"] = mem
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

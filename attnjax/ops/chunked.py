@@ -21,6 +21,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -123,17 +124,86 @@ def hoist_consts(fn, *example_args):
   """Like ``jax.closure_convert`` but hoists *every* closed-over array (integer
   tracers included), so nothing traced leaks into a ``custom_vjp`` rule.
 
-  Returns ``(fn_c, consts)`` with ``fn_c(*args, *consts) == fn(*args)``.
+  Returns ``(fn_c, consts)`` with ``fn_c(*args, *consts) == fn(*args)``.  ``fn_c`` may be
+  called with arguments or constants that vary over ``shard_map`` mesh axes the examples
+  did not (see `_eval_jaxpr_vma`).
   """
   closed = jax.make_jaxpr(fn)(*example_args)
   consts = list(closed.consts)
-  jaxpr = closed.jaxpr
   n_args = len(example_args)
 
   def fn_c(*args):
-    outs = jax.core.eval_jaxpr(jaxpr, list(args[n_args:]), *args[:n_args])
-    return outs[0]
+    return _eval_jaxpr_vma(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
   return fn_c, consts
+
+
+_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _eval_jaxpr_vma(jaxpr, consts, *args):
+  """``jax.core.eval_jaxpr`` that, like the ``jax.numpy`` front end, marks operands
+  varying over the union of the ``shard_map`` axes its operands vary over before each
+  primitive (the jaxpr was traced without those axes).  Nested calls (``jit``,
+  ``custom_jvp``/``custom_vjp`` bodies) are evaluated inline the same way."""
+  env = {}
+  read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+  for var, val in zip(jaxpr.constvars, consts):
+    env[var] = val
+  for var, val in zip(jaxpr.invars, args):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    sub = next((eqn.params[k] for k in _CALL_JAXPR_PARAMS if k in eqn.params), None)
+    if sub is not None and eqn.primitive.name != "while" and eqn.primitive.name != "scan":
+      sub_jaxpr = getattr(sub, "jaxpr", sub)
+      sub_consts = getattr(sub, "consts", ())
+      n_extra = len(invals) - len(sub_jaxpr.invars)   # custom_vjp may pass extra leading args
+      outs = _eval_jaxpr_vma(sub_jaxpr, list(sub_consts), *invals[max(n_extra, 0):])
+    elif eqn.primitive.name == "pvary":   # recorded at trace time; may already hold
+      axes = set(eqn.params["axes"])
+      outs = [x if axes <= _varying_axes(x) else
+              jax.lax.pcast(x, tuple(sorted(axes - _varying_axes(x))), to="varying")
+              for x in invals]
+    else:
+      outs = eqn.primitive.bind(*vary_like(invals, invals), **eqn.params)
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+    for var, val in zip(eqn.outvars, outs):
+      env[var] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _varying_axes(x):
+  mat = getattr(jax.typeof(x), "mat", None)
+  return set(getattr(mat, "varying", ()))
+
+
+def sum_to_vma(grads, primals):
+  """Inside ``shard_map``: sums each gradient over the mesh axes it varies over but its
+  primal does not (the transpose of the implicit broadcast of a replicated input), as
+  autodiff does for built-in ops.  Outside ``shard_map`` this is the identity."""
+  def one(g, p):
+    if g is None or not isinstance(g, (jax.Array, jax.core.Tracer)):
+      return g
+    extra = tuple(sorted(_varying_axes(g) - _varying_axes(p)))
+    return jax.lax.psum(g, extra) if extra else g
+  return jax.tree.map(one, grads, primals, is_leaf=lambda x: x is None)
+
+
+def vary_like(tree, *refs):
+  """Marks every leaf of ``tree`` as varying over the manual mesh axes (``shard_map``) that
+  any of ``refs`` varies over, so loop carries built from constants type-check against the
+  carries the loop body returns.  Outside ``shard_map`` this is the identity."""
+  axes = set()
+  for r in jax.tree.leaves(refs):
+    axes |= _varying_axes(r)
+  if not axes:
+    return tree
+
+  def one(x):
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(one, tree)
 
 
 def _pick(arr, b, kh):
@@ -289,6 +359,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
         m0 = jnp.full((R,), -jnp.inf, jnp.float32)
         l0 = jnp.zeros((R,), jnp.float32)
       acc0 = jnp.zeros((R, Hv), jnp.float32)
+      m0, l0, acc0 = vary_like((m0, l0, acc0), q_blk, k_bh, v_bh, bias, sinks, seg, mkc, smc,
+                               sched)
 
       def body(t, carry):
         m, l, acc = carry
@@ -326,6 +398,10 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
     # Only floating consts of the score_mod are differentiated.
     fidx = [i for i, c in enumerate(smc) if jnp.issubdtype(c.dtype, jnp.inexact)]
     smc_zero = [jnp.zeros(smc[i].shape, jnp.float32) for i in fidx]
+    # Inside shard_map, differentiate w.r.t. copies of the tables marked varying like the
+    # data, so each tile's vjp gives this device's partial sum (no collective per tile);
+    # `sum_to_vma` reduces once at the end.
+    smc_var = vary_like([smc[i] for i in fidx], qs, kk, vv, dout, lse)
     if has_bias:
       # Per (b, kh) accumulator over the (padded) bias dims that vary inside one (b, kh).
       bias_acc_shape = (G if bias.shape[1] > 1 else 1,) + tuple(bias.shape[2:])
@@ -358,7 +434,7 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
               for i, x in zip(fidx, fc):
                 c_[i] = x
               return sm_fn(s_, *tile_indices(b, kh, qb, kb), *c_)
-            _, vjp = jax.vjp(sm_of, s0, *[smc[i] for i in fidx])
+            _, vjp = jax.vjp(sm_of, s0, *smc_var)
             grads = vjp(ds)
             ds = grads[0]
             dsm = [x + g for x, g in zip(dsm, grads[1:])]
@@ -376,12 +452,14 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
           return dq, dk, dv, dsm, dbias
 
         n = _pick(cnt, b, kh)[qb]
-        dq0 = jnp.zeros((R, H), jnp.float32)
+        dq0 = vary_like(jnp.zeros((R, H), jnp.float32), q_blk, do_blk, lse_blk, dl_blk, k_bh,
+                        v_bh, bias, seg, mkc, smc, sched)
         dq, dk, dv, dsm, dbias = jax.lax.fori_loop(0, n, body, (dq0, dk, dv, dsm, dbias))
         return (dk, dv, dsm, dbias), dq
 
       init = (jnp.zeros((Sp, H), jnp.float32), jnp.zeros((Sp, Hv), jnp.float32), smc_zero,
               None if not has_bias else jnp.zeros(bias_acc_shape, jnp.float32))
+      init = vary_like(init, q_bh, do_bh, lse_bh, dl_bh, k_bh, v_bh, bias, seg, mkc, smc, sched)
       (dk, dv, dsm, dbias), dq = jax.lax.scan(
           q_step, init, (np.arange(nq, dtype=np.int32), q_bh, do_bh, lse_bh, dl_bh))
       return dq, dk, dv, dsm, dbias
@@ -468,6 +546,9 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
     dseg = None if seg is None else tuple(_float0_zeros(x) for x in seg)
     dmk = [_float0_zeros(x) for x in mkc]
     dsched = tuple(_float0_zeros(x) for x in sched)
+    dq, dk, dv, dbias, dsinks, dsm = (
+        sum_to_vma(g, p) for g, p in ((dq, q), (dk, k), (dv, v), (dbias, bias),
+                                      (dsinks, sinks), (dsm, smc)))
     return dq, dk, dv, dbias, dsinks, dseg, dmk, dsm, dsched
 
   core.defvjp(core_fwd, core_bwd)
