@@ -27,11 +27,8 @@ def get_config(arg=None):
   c.log_every, c.checkpoint_every = 50, 200
   c.schedule.learning_rate = 2e-3
   if a.runlocal:
-    c.data.num_train, c.data.num_test = 512, 128
     c.model = config_lib.model_config('encoder', 'T', variant=a.variant, seq_len=a.seq_len,
                                       vocab_size=a.vocab, num_classes=a.seq_len,
                                       head='sequence', pool='cls')
-    c.num_steps, c.batch_size, c.eval_batch_size = 20, 16, 32
-    c.log_every, c.checkpoint_every, c.eval_max_examples = 5, 10, 64
-    c.schedule.warmup_steps = 2
+    config_lib.apply_runlocal(c)
   return c

@@ -28,7 +28,5 @@ def get_config(arg=None):
     c.model = config_lib.model_config('vit', 'T', variant=a.variant, seq_len=grid * grid,
                                       grid=(grid, grid), image_size=8, patch_size=a.patch,
                                       channels=1, num_classes=10)
-    c.num_steps, c.batch_size, c.eval_batch_size = 20, 16, 40
-    c.log_every, c.checkpoint_every, c.eval_max_examples = 5, 10, 80
-    c.schedule.warmup_steps = 2
+    config_lib.apply_runlocal(c, eval_batch_size=40, small_data=False)
   return c

@@ -32,10 +32,7 @@ def get_config(arg=None):
   c.schedule.learning_rate = 3e-3
   c.schedule.warmup_steps = 100
   if a.runlocal:
-    c.data.num_train, c.data.num_test = 512, 128
     c.model = config_lib.model_config('lm', 'T', variant=a.variant, seq_len=a.seq_len,
                                       vocab_size=a.vocab)
-    c.num_steps, c.batch_size, c.eval_batch_size = 20, 16, 32
-    c.log_every, c.checkpoint_every, c.eval_max_examples = 5, 10, 64
-    c.schedule.warmup_steps = 2
+    config_lib.apply_runlocal(c)
   return c

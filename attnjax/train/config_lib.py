@@ -130,3 +130,16 @@ def base_config() -> ml_collections.ConfigDict:
       inject_nan_at_step=-1,       # multiply the loss by NaN at this step (-1 = off)
       sleep_per_step=0.0))         # seconds of host sleep after each step (fault tests)
   return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict, *, eval_batch_size: int = 32,
+                   small_data: bool = True) -> ml_collections.ConfigDict:
+  """The ``runlocal`` smoke-test settings shared by the experiment files: 20 steps of
+  batch 16, frequent logs and checkpoints, a short warm-up, ``2 * eval_batch_size`` eval
+  examples and (``small_data``) 512/128 built-in examples.  Returns ``c`` (edited)."""
+  if small_data:
+    c.data.num_train, c.data.num_test = 512, 128
+  c.num_steps, c.batch_size, c.eval_batch_size = 20, 16, eval_batch_size
+  c.log_every, c.checkpoint_every, c.eval_max_examples = 5, 10, 2 * eval_batch_size
+  c.schedule.warmup_steps = 2
+  return c
