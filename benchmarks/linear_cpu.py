@@ -1,10 +1,10 @@
 """Time and memory vs sequence length: chunked causal linear attention vs causal softmax.
 
-    python benchmarks/linear_cpu.py [--lengths 4096,8192,...] [--heads 4] [--dim 64]
-        [--chunk 64] [--reps 3] [--out linear_cpu.json]
+    python benchmarks/linear_cpu.py [--lengths 4096,8192,...] [--methods linear_chunked,...]
+        [--heads 4] [--dim 64] [--chunk 64] [--reps 3] [--out linear_cpu.json]
 
-For every length T it times (median of ``--reps`` runs, after a compile+warm-up run) the
-jitted forward and forward+backward (``jax.grad`` of a sum) of
+For every length T it times (median and minimum of ``--reps`` runs, after a compile+warm-up
+run) the jitted forward and forward+backward (``jax.grad`` of a sum) of
 
 - ``attnjax.ops.linear.linear_attention(causal=True, form='chunked')`` (elu+1, normalised),
 - ``attnjax.ops.linear.lightning_attention(form='chunked')`` (per-head decay),
@@ -47,7 +47,7 @@ def _time(fn, args, reps):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), _memory_bytes(compiled)
+  return statistics.median(times), min(times), _memory_bytes(compiled)
 
 
 def _fwd_bwd(f):
@@ -76,6 +76,8 @@ def _methods(args, N):
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--lengths', default='4096,8192,16384,32768,65536')
+  p.add_argument('--methods', default=None,
+                 help='comma-separated subset of the method names (default: all)')
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--heads', type=int, default=4)
   p.add_argument('--dim', type=int, default=64)
@@ -87,6 +89,12 @@ def main():
   lengths = [int(x) for x in args.lengths.split(',')]
   B, N, H = args.batch, args.heads, args.dim
   methods = _methods(args, N)
+  if args.methods:
+    wanted = args.methods.split(',')
+    unknown = sorted(set(wanted) - set(methods))
+    if unknown:
+      p.error(f'--methods: unknown {unknown}; expected a subset of {sorted(methods)}')
+    methods = {name: methods[name] for name in wanted}
   rows = []
   for T in lengths:
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(T), 3)
@@ -99,19 +107,22 @@ def main():
         row.update(skipped=f'[B,N,T,T] logits exceed {args.softmax_mem_gb} GB')
       else:
         try:
-          row['fwd_s'], _ = _time(f, (q, k, v), args.reps)
-          row['fwd_bwd_s'], row['fwd_bwd_mem_bytes'] = _time(_fwd_bwd(f), (q, k, v), args.reps)
+          row['fwd_s'], row['fwd_min_s'], _ = _time(f, (q, k, v), args.reps)
+          row['fwd_bwd_s'], row['fwd_bwd_min_s'], row['fwd_bwd_mem_bytes'] = _time(
+              _fwd_bwd(f), (q, k, v), args.reps)
         except Exception as e:  # report, do not hide: the row says why
           row.update(skipped=f'{type(e).__name__}: {str(e)[:120]}')
       rows.append(row)
       _print_row(row)
   ratios = {}
   for name in methods:
-    t = {r['T']: r.get('fwd_bwd_s') for r in rows if r['method'] == name}
-    if t.get(8192) and t.get(65536):
-      ratios[name] = t[65536] / t[8192]
+    for stat, key in (('median', 'fwd_bwd_s'), ('min', 'fwd_bwd_min_s')):
+      t = {r['T']: r.get(key) for r in rows if r['method'] == name}
+      if t.get(8192) and t.get(65536):
+        ratios.setdefault(name, {})[stat] = t[65536] / t[8192]
   for name, r in ratios.items():
-    print(f'{name}: fwd+bwd time(T=65536) / time(T=8192) = {r:.2f}  (linear scaling = 8)')
+    print(f"{name}: fwd+bwd time(T=65536) / time(T=8192) = {r['median']:.2f} (medians), "
+          f"{r['min']:.2f} (minima)  (linear scaling = 8)")
   meta = dict(jax=jax.__version__, backend=jax.default_backend(), machine=platform.machine(),
               processor=platform.processor(), devices=str(jax.devices()))
   with open(args.out, 'w') as fh:
@@ -127,7 +138,8 @@ def _print_row(r):
   mem = r.get('fwd_bwd_mem_bytes')
   mem_s = f'{mem / 2 ** 20:9.1f} MiB' if mem is not None else '      n/a'
   print(f"{r['method']:<18} T={r['T']:>6}  fwd {r['fwd_s'] * 1e3:9.1f} ms  "
-        f"fwd+bwd {r['fwd_bwd_s'] * 1e3:9.1f} ms  mem(fwd+bwd) {mem_s}", flush=True)
+        f"fwd+bwd {r['fwd_bwd_s'] * 1e3:9.1f} ms (min {r['fwd_bwd_min_s'] * 1e3:9.1f})  "
+        f"mem(fwd+bwd) {mem_s}", flush=True)
 
 
 if __name__ == '__main__':

@@ -279,6 +279,73 @@ def test_gqa_equals_repeated_kv():
     assert_close(a, b)
 
 
+def _primitive_names(jaxpr):
+  """Every primitive name in a jaxpr, sub-jaxprs (scan, remat, custom rules) included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          names |= _primitive_names(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          names |= _primitive_names(sub)
+  return names
+
+
+@pytest.mark.parametrize('block_len', [None, 8])
+@pytest.mark.parametrize('fn', [
+    functools.partial(L.linear_attention, feature_map='relu', causal=True),
+    functools.partial(L.decayed_linear_attention, feature_map='identity'),  # no decay given
+    functools.partial(L.inline_attention, causal=True),
+])
+def test_undecayed_path_has_no_exp(fn, block_len):
+  """The undecayed causal forms run no decay machinery: no exp in the forward or backward."""
+  q, k, v = _inputs(30, 1, 21, 4, 2, 4, 3)
+  for form in L.FORMS:
+    f = functools.partial(fn, form=form, chunk_size=4, block_len=block_len)
+    fwd_bwd = jax.make_jaxpr(lambda q, k, v: jax.vjp(f, q, k, v)[1](v.repeat(2, 2)))(q, k, v)
+    names = _primitive_names(fwd_bwd.jaxpr)
+    assert 'dot_general' in names and 'exp' not in names, (form, sorted(names))
+  # the decayed path does use exp (so the check above can fail)
+  f = functools.partial(L.lightning_attention, decay=0.9, chunk_size=4)
+  assert 'exp' in _primitive_names(jax.make_jaxpr(f)(q, k, v).jaxpr)
+
+
+@pytest.mark.parametrize('name', ['linear', 'linear_unnormalized', 'gated', 'undecayed',
+                                  'inline'])
+def test_blocks_equal_single_pass(name):
+  """block_len (lax.scan over rematerialised blocks) changes nothing: out, state, grads."""
+  q, k, v = _inputs(31, 2, 37, 4, 2, 8, 5)
+  gate = -jax.nn.softplus(jax.random.normal(jax.random.PRNGKey(32), (2, 37, 4)))
+  fn = {'linear': functools.partial(L.linear_attention, causal=True),
+        'linear_unnormalized': functools.partial(L.linear_attention, causal=True, normalize=False),
+        'gated': lambda q, k, v, **kw: L.decayed_linear_attention(
+            q, k, v, decay=0.95, log_decay=gate, normalize=True, feature_map='elu+1', **kw),
+        'undecayed': L.decayed_linear_attention,
+        'inline': functools.partial(L.inline_attention, causal=True)}[name]
+  # a non-trivial incoming state (any positive values: the forms are algebraically equal)
+  shapes = jax.eval_shape(lambda q, k, v: fn(q, k, v, return_state=True)[1], q, k, v)
+  st0 = jax.tree.map(lambda x: jax.random.uniform(jax.random.PRNGKey(34), x.shape, x.dtype,
+                                                  0.5, 1.5), shapes)
+
+  def make(block_len, form='chunked'):
+    return lambda q, k, v: fn(q, k, v, form=form, chunk_size=5, block_len=block_len,
+                              state=st0, return_state=True)
+
+  ct = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(33), x.shape, x.dtype),
+                    jax.eval_shape(make(None), q, k, v))
+
+  def run(ct, q, k, v):
+    res = []
+    for f in (make(None), make(12)):  # 37 = 3 whole blocks of 12 (not a chunk multiple) + 1
+      out, vjp = jax.vjp(f, q, k, v)
+      res.append((out, vjp(ct)))
+    return res
+  ref, blocked = jax.jit(run)(ct, q, k, v)
+  jax.tree.map(assert_close, blocked, ref)
+
+
 # --------------------------------------------------------------------------------------
 # non-causal mechanisms vs float64 references
 # --------------------------------------------------------------------------------------
@@ -514,6 +581,8 @@ def test_bad_arguments_rejected():
       (lambda: L.linear_attention(q, k, v, form='fast'), 'form must be one of'),
       (lambda: L.linear_attention(q, k, v, form='recurrent'), 'needs causal=True'),
       (lambda: L.linear_attention(q, k, v, causal=True, chunk_size=0), 'chunk_size'),
+      (lambda: L.linear_attention(q, k, v, causal=True, block_len=0), 'block_len'),
+      (lambda: L.lightning_attention(q, k, v, decay=0.9, block_len=2.5), 'block_len'),
       (lambda: L.linear_attention(q, k, v, causal=True, eps=0.0), 'eps'),
       (lambda: L.linear_attention(q, k, v, return_state=True), 'causal=True'),
       (lambda: L.linear_attention(q, k, v, causal=True, state=jnp.zeros(3)), 'pair'),

@@ -65,6 +65,7 @@ FeatureMap = str | Callable[[Array], Array]
 FORMS = ('chunked', 'recurrent', 'quadratic')
 IMPLEMENTATIONS = ('xla', 'pallas_tpu', 'pallas_gpu')
 DEFAULT_EPS = 1e-6
+DEFAULT_BLOCK_LEN = 2048
 _F32 = jnp.float32
 
 
@@ -145,6 +146,54 @@ def _check_chunk_size(chunk_size):
   return int(chunk_size)
 
 
+def _check_block_len(block_len):
+  if block_len is None:
+    return None
+  if isinstance(block_len, bool) or not isinstance(block_len, (int, np.integer)) or block_len < 1:
+    raise ValueError(f'block_len must be None or a positive int, got {block_len!r}')
+  return int(block_len)
+
+
+def _use_blocks(form, implementation, block_len, T):
+  return form == 'chunked' and implementation == 'xla' and block_len is not None and T > block_len
+
+
+def _feature_dim(phi, H):
+  return jax.eval_shape(phi, jax.ShapeDtypeStruct((1, H), _F32)).shape[-1]
+
+
+def _in_blocks(step, state, xs, *, block_len):
+  """Runs a causal op over consecutive blocks of ``block_len`` tokens, carrying its state.
+
+  ``step(state, *x_block) -> (out_block, state)``; every ``x`` in ``xs`` is ``[B, T, ...]``
+  (or ``None``). Whole blocks go through a ``lax.scan`` whose body is rematerialised
+  (``jax.checkpoint``) in the backward pass; a last partial block is a direct call. Working
+  memory beyond inputs and outputs is that of one block, so time and memory stay linear in
+  ``T`` with a small, cache-resident working set.
+  """
+  T = next(x for x in xs if x is not None).shape[1]
+  nb, rem = divmod(T, block_len)
+  outs = []
+  if nb:
+    def blocks(x):
+      if x is None:
+        return None
+      x = x[:, :nb * block_len].reshape((x.shape[0], nb, block_len) + x.shape[2:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def body(st, x):
+      out, st = step(st, *x)
+      return st, out
+
+    state, o = jax.lax.scan(jax.checkpoint(body), state, tuple(blocks(x) for x in xs))
+    o = jnp.swapaxes(o, 0, 1)
+    outs.append(o.reshape((o.shape[0], nb * block_len) + o.shape[3:]))
+  if rem:
+    o, state = step(state, *(None if x is None else x[:, nb * block_len:] for x in xs))
+    outs.append(o)
+  return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), state
+
+
 def _check_eps(eps):
   if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
     raise ValueError(f'eps must be a positive float, got {eps!r}')
@@ -176,9 +225,12 @@ def _safe_div(num, den, eps):
 # The causal core: o_i = sum_{j<=i} exp(A_i - A_j) (q_i . k_j) v_j  (+ state terms)
 #
 # Shapes inside the core (letters): q [B, T, K, Gs, Gq, F], k [B, T, K, F], v [B, T, K, V],
-# a (per-token log-decay) [Ba, T, K, Gs] with Ba in {1, B}, state [B, K, Gs, F, V].
-# Gs is 1 when the state is shared by the G = N // K query heads of a kv head, else G
-# (then Gq = 1). A_i is the inclusive cumulative sum of a.
+# a (per-token log-decay) [Ba, T, K, Gs] with Ba in {1, B}, or None for no decay at all,
+# state [B, K, Gs, F, V]. Gs is 1 when the state is shared by the G = N // K query heads of
+# a kv head, else G (then Gq = 1). A_i is the inclusive cumulative sum of a.
+#
+# With a = None every form takes the undecayed fast path: masked products and plain sums
+# of states, no cumulative log-decays and no exp anywhere (forward or backward).
 # --------------------------------------------------------------------------------------
 
 
@@ -191,22 +243,38 @@ def _masked_exp(diff, mask):
   return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
+def _like_v(w, v):
+  """Weights cast to the value dtype for the weights @ values product (f32 accumulation)."""
+  return w.astype(v.dtype) if v.dtype != _F32 else w
+
+
+def _full_batch(a, B):
+  """The log-decay broadcast to the full batch ``B`` before any use.
+
+  With a batch-1 log-decay the gradient program (a reduce over the broadcast batch axis)
+  crashes XLA:CPU in jax 0.10.2 (heap corruption seen as a segfault at the next garbage
+  collection); every decayed form therefore broadcasts first.
+  """
+  return jnp.broadcast_to(a, (B,) + a.shape[1:])
+
+
 def _core_quadratic(q, k, v, a, state):
-  T = q.shape[1]
-  # Broadcast the log-decay to the full batch first: with a batch-1 log-decay the gradient
-  # program (a reduce over the broadcast batch axis) crashes XLA:CPU in jax 0.10.2 (heap
-  # corruption seen as a segfault at the next garbage collection).
-  a = jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:])
-  A = jnp.cumsum(a, axis=1)                                      # [Ba, T, K, Gs]
-  A_kst = jnp.moveaxis(A, 1, -1)                                 # [Ba, K, Gs, T]
+  B, T = q.shape[:2]
   causal = jnp.tril(jnp.ones((T, T), bool))
-  decay = _masked_exp(A_kst[..., :, None] - A_kst[..., None, :], causal)  # [Ba,K,Gs,T,T]
   s = _einsum('btksqf,bjkf->bksqtj', q, k)
-  w = s * decay[:, :, :, None]
-  o = _einsum('bksqtj,bjkv->btksqv', w.astype(v.dtype) if v.dtype != _F32 else w, v)
-  o = o + _einsum('btksqf,bksfv->btksqv', q.astype(_F32) * jnp.exp(A)[..., None, None], state)
-  A_last = A[:, -1]                                              # [Ba, K, Gs]
-  kdec = jnp.exp(A_last[:, None] - A)                            # [Ba, T, K, Gs]
+  q32 = q.astype(_F32)
+  if a is None:
+    o = _einsum('bksqtj,bjkv->btksqv', _like_v(jnp.where(causal, s, 0.0), v), v)
+    o = o + _einsum('btksqf,bksfv->btksqv', q32, state)
+    new_state = state + _einsum('btkf,btkv->bkfv', k.astype(_F32), v.astype(_F32))[:, :, None]
+    return o, new_state
+  A = jnp.cumsum(_full_batch(a, B), axis=1)                     # [B, T, K, Gs]
+  A_kst = jnp.moveaxis(A, 1, -1)                                 # [B, K, Gs, T]
+  decay = _masked_exp(A_kst[..., :, None] - A_kst[..., None, :], causal)  # [B,K,Gs,T,T]
+  o = _einsum('bksqtj,bjkv->btksqv', _like_v(s * decay[:, :, :, None], v), v)
+  o = o + _einsum('btksqf,bksfv->btksqv', q32 * jnp.exp(A)[..., None, None], state)
+  A_last = A[:, -1]                                              # [B, K, Gs]
+  kdec = jnp.exp(A_last[:, None] - A)                            # [B, T, K, Gs]
   new_state = (jnp.exp(A_last)[..., None, None] * state
                + _einsum('btks,btkf,btkv->bksfv', kdec, k.astype(_F32), v.astype(_F32)))
   return o, new_state
@@ -214,15 +282,15 @@ def _core_quadratic(q, k, v, a, state):
 
 def _core_recurrent(q, k, v, a, state):
   B = q.shape[0]
-  a = jnp.broadcast_to(a, (B,) + a.shape[1:])
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, a))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v))
+  if a is not None:
+    xs = xs + (jnp.moveaxis(_full_batch(a, B), 1, 0),)
 
   def step(S, x):
-    q_t, k_t, v_t, a_t = x                                       # [B,K,Gs,Gq,F],[B,K,F],[B,K,V],[B,K,Gs]
-    S = (jnp.exp(a_t)[..., None, None] * S
-         + _einsum('bkf,bkv->bkfv', k_t.astype(_F32), v_t.astype(_F32))[:, :, None])
-    o_t = _einsum('bksqf,bksfv->bksqv', q_t.astype(_F32), S)
-    return S, o_t
+    q_t, k_t, v_t = x[:3]                                        # [B,K,Gs,Gq,F],[B,K,F],[B,K,V]
+    kv_t = _einsum('bkf,bkv->bkfv', k_t.astype(_F32), v_t.astype(_F32))[:, :, None]
+    S = S + kv_t if a is None else jnp.exp(x[3])[..., None, None] * S + kv_t
+    return S, _einsum('bksqf,bksfv->bksqv', q_t.astype(_F32), S)
 
   new_state, o = jax.lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1), new_state
@@ -230,43 +298,48 @@ def _core_recurrent(q, k, v, a, state):
 
 def _core_chunked(q, k, v, a, state, chunk_size):
   B, T = q.shape[:2]
-  # Broadcast the log-decay to the full batch first: with a batch-1 log-decay the gradient
-  # program (a reduce over the broadcast batch axis) crashes XLA:CPU in jax 0.10.2 (heap
-  # corruption seen as a segfault at the next garbage collection).
-  a = jnp.broadcast_to(a, (q.shape[0],) + a.shape[1:])
   C = min(chunk_size, T)
   nc = -(-T // C)
   pad = nc * C - T
+  if a is not None:
+    a = _full_batch(a, B)
   if pad:
     # Padding sits after the last real token: zero keys/values add nothing to the state and
     # a zero log-decay leaves it untouched, so outputs and the final state are exact.
     def _pad(x):
       return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, a = _pad(q), _pad(k), _pad(v), _pad(a)
-  Ba = a.shape[0]
+    q, k, v = _pad(q), _pad(k), _pad(v)
+    a = None if a is None else _pad(a)
   qc = q.reshape((B, nc, C) + q.shape[2:])                      # [B,n,C,K,Gs,Gq,F]
   kc = k.reshape((B, nc, C) + k.shape[2:])                      # [B,n,C,K,F]
   vc = v.reshape((B, nc, C) + v.shape[2:])                      # [B,n,C,K,V]
-  A = jnp.cumsum(a.reshape((Ba, nc, C) + a.shape[2:]), axis=2)  # [Ba,n,C,K,Gs]
-  A_t = jnp.moveaxis(A, 2, -1)                                  # [Ba,n,K,Gs,C]
   causal = jnp.tril(jnp.ones((C, C), bool))
-  decay = _masked_exp(A_t[..., :, None] - A_t[..., None, :], causal)    # [Ba,n,K,Gs,C,C]
-  # intra-chunk: masked, decayed q k^T inside each chunk
-  s = _einsum('bniksqf,bnjkf->bnksqij', qc, kc) * decay[:, :, :, :, None]
-  o = _einsum('bnksqij,bnjkv->bniksqv', s.astype(v.dtype) if v.dtype != _F32 else s, vc)
-  # inter-chunk: state at each chunk start from a scan over chunk summaries
-  A_last = A[:, :, -1]                                          # [Ba,n,K,Gs]
-  kdec = jnp.exp(A_last[:, :, None] - A)                        # [Ba,n,C,K,Gs]
-  kv = _einsum('bnjks,bnjkf,bnjkv->nbksfv', kdec, kc.astype(_F32), vc.astype(_F32))
-  g = jnp.moveaxis(jnp.broadcast_to(jnp.exp(A_last), (B,) + A_last.shape[1:]), 1, 0)
+  s = _einsum('bniksqf,bnjkf->bnksqij', qc, kc)                  # intra-chunk q k^T
+  if a is None:
+    # intra-chunk: masked product; inter-chunk: state before each chunk = exclusive prefix
+    # sum of per-chunk k^T v (a lax.scan over chunk summaries: linear in the chunk count).
+    o = _einsum('bnksqij,bnjkv->bniksqv', _like_v(jnp.where(causal, s, 0.0), v), vc)
+    kv = _einsum('bnjkf,bnjkv->nbkfv', kc.astype(_F32), vc.astype(_F32))[:, :, :, None]
+    new_state, S_prev = jax.lax.scan(lambda S, kv_c: (S + kv_c, S), state, kv)
+    q_inter = qc.astype(_F32)
+  else:
+    A = jnp.cumsum(a.reshape((B, nc, C) + a.shape[2:]), axis=2)  # [B,n,C,K,Gs]
+    A_t = jnp.moveaxis(A, 2, -1)                                # [B,n,K,Gs,C]
+    decay = _masked_exp(A_t[..., :, None] - A_t[..., None, :], causal)  # [B,n,K,Gs,C,C]
+    o = _einsum('bnksqij,bnjkv->bniksqv', _like_v(s * decay[:, :, :, :, None], v), vc)
+    # inter-chunk: state at each chunk start from a scan over decayed chunk summaries
+    A_last = A[:, :, -1]                                        # [B,n,K,Gs]
+    kdec = jnp.exp(A_last[:, :, None] - A)                      # [B,n,C,K,Gs]
+    kv = _einsum('bnjks,bnjkf,bnjkv->nbksfv', kdec, kc.astype(_F32), vc.astype(_F32))
+    g = jnp.moveaxis(jnp.exp(A_last), 1, 0)                     # [n,B,K,Gs]
 
-  def step(S, x):
-    g_c, kv_c = x
-    return g_c[..., None, None] * S + kv_c, S
+    def step(S, x):
+      g_c, kv_c = x
+      return g_c[..., None, None] * S + kv_c, S
 
-  new_state, S_prev = jax.lax.scan(step, state, (g, kv))       # S_prev [n,B,K,Gs,F,V]
-  qdec = jnp.exp(A)[..., None, None]                             # [Ba,n,C,K,Gs,1,1]
-  o = o + _einsum('bniksqf,nbksfv->bniksqv', qc.astype(_F32) * qdec, S_prev)
+    new_state, S_prev = jax.lax.scan(step, state, (g, kv))     # S_prev [n,B,K,Gs,F,V]
+    q_inter = qc.astype(_F32) * jnp.exp(A)[..., None, None]     # [B,n,C,K,Gs,Gq,F]
+  o = o + _einsum('bniksqf,nbksfv->bniksqv', q_inter, S_prev)
   o = o.reshape((B, nc * C) + o.shape[3:])[:, :T]
   return o, new_state
 
@@ -334,8 +407,7 @@ def _causal_kv_core(qf, kf, v, st, *, form, chunk_size, implementation):
                              chunk_size=chunk_size, implementation=implementation)
     # With no decay the G per-query-head copies of a kv head's state are identical.
     return o, new_st.reshape(B, K, G, F, V)[:, :, 0]
-  a = jnp.zeros((1, T, K, 1), _F32)
-  o, new_st = _causal_core(_group_q(qf, K, 1), kf, v, a, st[:, :, None], form=form,
+  o, new_st = _causal_core(_group_q(qf, K, 1), kf, v, None, st[:, :, None], form=form,
                            chunk_size=chunk_size)
   return _ungroup(o), new_st[:, :, 0]
 
@@ -386,7 +458,8 @@ def _check_log_decay(log_decay, B, T, N):
 def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool = False,
                      form: str = 'chunked', chunk_size: int = 64, state=None,
                      return_state: bool = False, normalize: bool = True,
-                     eps: float = DEFAULT_EPS, implementation: str | None = 'xla'):
+                     eps: float = DEFAULT_EPS, implementation: str | None = 'xla',
+                     block_len: int | None = DEFAULT_BLOCK_LEN):
   """Kernelized linear attention.
 
   "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention".
@@ -411,6 +484,10 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
     eps: denominator guard (default 1e-6).
     implementation: ``'xla'`` or, for the causal chunked form, ``'pallas_tpu'`` /
       ``'pallas_gpu'`` (Pallas chunk kernel; interpret mode on CPU).
+    block_len: causal chunked XLA form: sequences longer than ``block_len`` tokens are
+      processed block by block (a ``lax.scan`` over blocks carrying the state, each block
+      rematerialised in the backward pass), which bounds the working memory; ``None``
+      processes the whole sequence at once. Same result either way.
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, (S, z))`` with ``return_state``.
@@ -421,10 +498,18 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
   chunk_size = _check_chunk_size(chunk_size)
   eps = _check_eps(eps)
   implementation = _check_implementation(implementation, form)
+  block_len = _check_block_len(block_len)
   if not causal and (state is not None or return_state):
     raise ValueError('state and return_state need causal=True')
   if not causal and implementation != 'xla':
     raise ValueError(f'implementation={implementation!r} serves causal=True only')
+  if causal and _use_blocks(form, implementation, block_len, T):
+    step = lambda st, *x: linear_attention(
+        *x, feature_map=feature_map, causal=True, chunk_size=chunk_size, state=st,
+        return_state=True, normalize=normalize, eps=eps, block_len=None)
+    st0 = _linear_state(state, B, K, _feature_dim(phi, H), Hv)
+    o, st = _in_blocks(step, st0, (q, k, v), block_len=block_len)
+    return (o, st) if return_state else o
   qf = _apply_feature_map(phi, q, 'q')
   kf = _apply_feature_map(phi, k, 'k')
   F = qf.shape[-1]
@@ -468,7 +553,8 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
                              feature_map: FeatureMap = 'identity', normalize: bool = False,
                              form: str = 'chunked', chunk_size: int = 64, state=None,
                              return_state: bool = False, eps: float = DEFAULT_EPS,
-                             implementation: str | None = 'xla'):
+                             implementation: str | None = 'xla',
+                             block_len: int | None = DEFAULT_BLOCK_LEN):
   """Causal decayed (retention-style) linear attention, optionally gated.
 
   "Retentive Network: A Successor to Transformer for Large Language Models" (constant
@@ -494,6 +580,7 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
     return_state: also return the state after the last token.
     implementation: ``'xla'``; ``'pallas_tpu'`` / ``'pallas_gpu'`` serve the chunked form
       with a constant decay (no ``log_decay``), raising ``NotImplementedError`` otherwise.
+    block_len: as in :func:`linear_attention`.
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)`` with ``return_state``.
@@ -504,9 +591,25 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
   chunk_size = _check_chunk_size(chunk_size)
   eps = _check_eps(eps)
   implementation = _check_implementation(implementation, form)
+  block_len = _check_block_len(block_len)
   G = N // K
   ld_const = jnp.zeros((N,), _F32) if decay is None else _check_decay(decay, N)
   ld_tok = None if log_decay is None else _check_log_decay(log_decay, B, T, N)
+  if _use_blocks(form, implementation, block_len, T):
+    step = lambda st, q_, k_, v_, ld_: decayed_linear_attention(
+        q_, k_, v_, decay=decay, log_decay=ld_, feature_map=feature_map, normalize=normalize,
+        chunk_size=chunk_size, state=st, return_state=True, eps=eps, block_len=None)
+    if state is None:
+      F = _feature_dim(phi, H)
+      state = jnp.zeros((B, N, F, Hv), _F32)
+      if normalize:
+        state = (state, jnp.zeros((B, N, F), _F32))
+    elif isinstance(state, (tuple, list)):
+      state = tuple(jnp.asarray(x, _F32) for x in state)
+    else:
+      state = jnp.asarray(state, _F32)
+    o, st = _in_blocks(step, state, (q, k, v, ld_tok), block_len=block_len)
+    return (o, st) if return_state else o
   qf = _apply_feature_map(phi, q, 'q')
   kf = _apply_feature_map(phi, k, 'k')
   F = qf.shape[-1]
@@ -534,9 +637,11 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
     o, new_st = _kernel_core(qf, kf, v_aug, ld_const, st, chunk_size=chunk_size,
                              implementation=implementation)
   else:
-    a = jnp.broadcast_to(ld_const.reshape(1, 1, K, G), (1, T, K, G))
+    a = None  # no decay at all: the undecayed fast path
+    if decay is not None:
+      a = jnp.broadcast_to(ld_const.reshape(1, 1, K, G), (1, T, K, G))
     if ld_tok is not None:
-      a = a + ld_tok.reshape(B, T, K, G)
+      a = ld_tok.reshape(B, T, K, G) if a is None else a + ld_tok.reshape(B, T, K, G)
     o, new_st = _causal_core(_group_q(qf, K, G), kf, v_aug, a, st.reshape(B, K, G, F, V),
                              form=form, chunk_size=chunk_size)
     o = _ungroup(o)
@@ -553,7 +658,8 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
 
 def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: int = 64,
                         state=None, return_state: bool = False,
-                        implementation: str | None = 'xla'):
+                        implementation: str | None = 'xla',
+                        block_len: int | None = DEFAULT_BLOCK_LEN):
   """Lightning Attention: causal, unnormalised linear attention with per-head decay.
 
   "Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention";
@@ -573,6 +679,7 @@ def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: in
     state: ``KV [B, N, H, Hv]`` float32, per query head (the state after earlier tokens).
     return_state: also return the state after the last token.
     implementation: ``'xla'`` | ``'pallas_tpu'`` | ``'pallas_gpu'`` (chunked form only).
+    block_len: as in :func:`linear_attention`.
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)`` with ``return_state``.
@@ -580,7 +687,7 @@ def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: in
   return decayed_linear_attention(q, k, v, decay=decay, feature_map='identity',
                                   normalize=False, form=form, chunk_size=chunk_size,
                                   state=state, return_state=return_state,
-                                  implementation=implementation)
+                                  implementation=implementation, block_len=block_len)
 
 
 # --------------------------------------------------------------------------------------
@@ -694,7 +801,8 @@ def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: b
                              form: str = 'chunked', chunk_size: int = 64, state=None,
                              return_state: bool = False, dwc_kernel=None, dwc_bias=None,
                              spatial_shape=None, eps: float = DEFAULT_EPS,
-                             implementation: str | None = 'xla'):
+                             implementation: str | None = 'xla',
+                             block_len: int | None = DEFAULT_BLOCK_LEN):
   """Focused Linear Attention (FLatten).
 
   "FLatten Transformer: Vision Transformer using Focused Linear Attention".
@@ -708,7 +816,7 @@ def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: b
   Args:
     q, k, v: BTNH (``S == T`` when causal or when ``dwc_kernel`` is given).
     focusing_factor: ``p >= 1``.
-    causal, form, chunk_size, state, return_state, eps, implementation: as in
+    causal, form, chunk_size, state, return_state, eps, implementation, block_len: as in
       :func:`linear_attention` (state: ``(S [B, K, H, Hv], z [B, K, H])``). The DWC term is
       stateless, so ``dwc_kernel`` cannot be combined with ``state``/``return_state``.
     dwc_kernel: ``None``, ``[w, Hv]`` or ``[kh, kw, Hv]``. dwc_bias: ``None`` or ``[Hv]``.
@@ -730,7 +838,8 @@ def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: b
   phi = functools.partial(focused_feature_map, focusing_factor=float(focusing_factor))
   out = linear_attention(q, k, v, feature_map=phi, causal=causal, form=form,
                          chunk_size=chunk_size, state=state, return_state=return_state,
-                         normalize=True, eps=eps, implementation=implementation)
+                         normalize=True, eps=eps, implementation=implementation,
+                         block_len=block_len)
   if dwc_kernel is None:
     return out
   conv = depthwise_conv(v, dwc_kernel, bias=dwc_bias, spatial_shape=spatial_shape,
@@ -744,9 +853,23 @@ def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: b
 # --------------------------------------------------------------------------------------
 
 
+def _inline_state(state, B, K, F, Hv):
+  if state is None:
+    return (jnp.zeros((B, K, F, Hv), _F32), jnp.zeros((B, K, F), _F32),
+            jnp.zeros((B, K, Hv), _F32), jnp.zeros((B,), _F32))
+  if not isinstance(state, (tuple, list)) or len(state) != 4:
+    raise ValueError('state of inline_attention must be (S [B, K, F, Hv], z [B, K, F], '
+                     'vsum [B, K, Hv], count [B])')
+  return (_check_state_array(state[0], (B, K, F, Hv), 'state[0] (S)'),
+          _check_state_array(state[1], (B, K, F), 'state[1] (z)'),
+          _check_state_array(state[2], (B, K, Hv), 'state[2] (vsum)'),
+          _check_state_array(state[3], (B,), 'state[3] (count)'))
+
+
 def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: bool = False,
                      form: str = 'chunked', chunk_size: int = 64, state=None,
-                     return_state: bool = False, implementation: str | None = 'xla'):
+                     return_state: bool = False, implementation: str | None = 'xla',
+                     block_len: int | None = DEFAULT_BLOCK_LEN):
   """InLine: injective linear attention (subtractive normalisation).
 
   "Bridging the Divide: Reconsidering Softmax and Linear Attention".
@@ -759,7 +882,8 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
 
   Args:
     q, k, v: BTNH. feature_map: as in :func:`linear_attention` (default ``'identity'``).
-    causal, form, chunk_size, return_state, implementation: as in :func:`linear_attention`.
+    causal, form, chunk_size, return_state, implementation, block_len: as in
+      :func:`linear_attention`.
     state: causal only; ``(S [B, K, F, Hv], z [B, K, F], vsum [B, K, Hv], count [B])``
       float32 (sums over past tokens; ``count`` = number of past tokens).
 
@@ -771,10 +895,18 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
   _check_form(form, causal)
   chunk_size = _check_chunk_size(chunk_size)
   implementation = _check_implementation(implementation, form)
+  block_len = _check_block_len(block_len)
   if not causal and (state is not None or return_state):
     raise ValueError('state and return_state need causal=True')
   if not causal and implementation != 'xla':
     raise ValueError(f'implementation={implementation!r} serves causal=True only')
+  if causal and _use_blocks(form, implementation, block_len, T):
+    step = lambda st, *x: inline_attention(
+        *x, feature_map=feature_map, causal=True, chunk_size=chunk_size, state=st,
+        return_state=True, block_len=None)
+    st0 = _inline_state(state, B, K, _feature_dim(phi, H), Hv)
+    o, st = _in_blocks(step, st0, (q, k, v), block_len=block_len)
+    return (o, st) if return_state else o
   qf = _apply_feature_map(phi, q, 'q')
   kf = _apply_feature_map(phi, k, 'k')
   F = qf.shape[-1]
@@ -794,17 +926,7 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
       o = _einsum('btkgf,bkfv->btkgv', qg, kv) + (1.0 - qz)[..., None] * vbar[:, None, :, None]
     return _ungroup(o).astype(v.dtype)
 
-  if state is None:
-    S0, z0 = jnp.zeros((B, K, F, Hv), _F32), jnp.zeros((B, K, F), _F32)
-    vs0, n0 = jnp.zeros((B, K, Hv), _F32), jnp.zeros((B,), _F32)
-  else:
-    if not isinstance(state, (tuple, list)) or len(state) != 4:
-      raise ValueError('state of inline_attention must be (S [B, K, F, Hv], z [B, K, F], '
-                       'vsum [B, K, Hv], count [B])')
-    S0 = _check_state_array(state[0], (B, K, F, Hv), 'state[0] (S)')
-    z0 = _check_state_array(state[1], (B, K, F), 'state[1] (z)')
-    vs0 = _check_state_array(state[2], (B, K, Hv), 'state[2] (vsum)')
-    n0 = _check_state_array(state[3], (B,), 'state[3] (count)')
+  S0, z0, vs0, n0 = _inline_state(state, B, K, F, Hv)
   count = n0[:, None] + jnp.arange(1, T + 1, dtype=_F32)[None]          # [B, T]
   vsum = vs0[:, None] + jnp.cumsum(v32, axis=1)                          # [B, T, K, Hv]
   vbar = jnp.repeat(vsum / count[:, :, None, None], G, axis=2)          # [B, T, N, Hv]
