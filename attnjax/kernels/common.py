@@ -25,21 +25,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import pallas as pl
+
 from attnjax import masks as masks_lib
-from attnjax.ops.chunked import kv_group_table
+from attnjax.ops.chunked import kv_group_table, sum_to_vma, vary_like
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Plan", "make_plan", "normalize_args",
            "step_schedule", "list_schedule", "union_table", "split_bounds", "split_table",
            "resolve_num_splits", "validate_num_splits", "merge_splits", "TileEvaluator",
-           "eval_jaxpr", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT"]
+           "eval_jaxpr", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT", "TileMath",
+           "finish_softmax", "KernelRefs", "as_block_sizes", "default_interpret", "plan_call",
+           "make_flash_attention", "tile_math", "cfg_flags", "side_inputs", "backward_rows",
+           "finish_grads", "flash_core", "traced_consts", "flash_attention_reference",
+           "pallas_call"]
 
 EMPTY, PARTIAL, FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
 
@@ -227,9 +233,16 @@ def _eval(jaxpr, consts, args, ev):
   return [read(v) for v in jaxpr.outvars]
 
 
+# Mesh-axis type casts a jaxpr traced inside ``shard_map`` holds; a kernel body has no
+# mesh axes, so they are identities there.
+_VMA_CASTS = ("pvary", "pcast")
+
+
 def _eval_eqn(eqn, ins, ev):
   p = eqn.primitive
   params = eqn.params
+  if p.name in _VMA_CASTS:
+    return list(ins)
   out_avals = [v.aval for v in eqn.outvars]
   sub = _sub_jaxpr(eqn)
   if sub is not None:
@@ -805,3 +818,305 @@ class TileMath:
       if dconst_acc:
         dconst_acc = ev.accumulate_grads(grads[1:], dconst_acc, dconst_width)
     return ds, dconst_acc
+
+  def masked_logits(self, q, k, bias, idx, sm_refs, masked, pred_refs, seg_eq, dense):
+    """:meth:`logits` with, on a partial tile (``masked``), disallowed entries of ``s``
+    set to ``-inf``.  Returns ``(s0, s1, s, ev)``."""
+    s0, s1, s, ev = self.logits(q, k, bias, idx, sm_refs)
+    if masked:
+      ok = self.allowed(idx, pred_refs, seg_eq, dense)
+      if ok is not None:
+        s = jnp.where(ok, s, -jnp.inf)
+    return s0, s1, s, ev
+
+  def probs_and_ds(self, s, lse, do, v, delta):
+    """``p = exp(s - lse)`` and ``d s = p (dO v^T - delta)`` of one tile (``lse``,
+    ``delta``: ``[rows, 1]``; ``lse = +inf`` on rows to ignore)."""
+    p = jnp.exp(s - lse)
+    ds = p * (self.dot_nt(do, v) - delta)
+    return p, ds
+
+  def online_softmax(self, m, l, acc, s, v):
+    """One step of the online softmax: folds the logits ``s [rows, bk]`` of a tile and
+    its values ``v`` into the running max ``m``, sum ``l`` (``[rows]`` or ``[rows, 1]``)
+    and unnormalised output ``acc [rows, Hv]``; fully masked rows stay at 0."""
+    col = (lambda x: x[:, None]) if m.ndim == 1 else (lambda x: x)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=m.ndim == 2))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - col(m_safe))
+    alpha = jnp.exp(m - m_safe)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=m.ndim == 2)
+    acc = col(alpha) * acc + self.dot_nn(p.astype(v.dtype), v)
+    return m_new, l, acc
+
+
+def finish_softmax(m, l, acc):
+  """``(o, lse)`` from the online-softmax state: ``o = acc / l``, ``lse = m + log l``;
+  rows with ``l = 0`` (no allowed key) give ``o = 0``, ``lse = -inf``."""
+  col = (lambda x: x[:, None]) if m.ndim == 1 else (lambda x: x)
+  pos = l > 0
+  safe = jnp.where(pos, l, 1.0)
+  mf = jnp.where(jnp.isfinite(m), m, 0.0)
+  return acc / col(safe), jnp.where(pos, mf + jnp.log(safe), -jnp.inf)
+
+
+# =========================================================================== shared wrappers
+
+
+class KernelRefs:
+  """Unpacks a flash kernel's positional refs: ``lead`` schedule refs, ``q, k, v``,
+  (backward) ``do, lse, delta``, (forward) ``sinks``, then ``bias``, ``dense``,
+  ``qseg, kseg``, the predicate and score_mod constants, an aliased input (skipped),
+  the outputs and the scratch buffers, each present as ``cfg`` says."""
+
+  def __init__(self, cfg, refs, *, n_lead, kind, n_out, n_scratch=0, aliased=False):
+    refs = list(refs)
+    self.lead = refs[:n_lead]
+    i = n_lead
+    self.q, self.k, self.v = refs[i:i + 3]
+    i += 3
+    if kind != "fwd":
+      self.do, self.lse, self.delta = refs[i:i + 3]
+      i += 3
+    self.sinks = None
+    if kind == "fwd" and cfg.has_sinks:
+      self.sinks = refs[i]
+      i += 1
+    self.bias = self.dense = self.qseg = self.kseg = None
+    if cfg.has_bias:
+      self.bias = refs[i]
+      i += 1
+    if cfg.has_dense:
+      self.dense = refs[i]
+      i += 1
+    if cfg.has_seg:
+      self.qseg, self.kseg = refs[i:i + 2]
+      i += 2
+    self.pred = refs[i:i + cfg.n_pred]
+    i += cfg.n_pred
+    self.sm = refs[i:i + cfg.n_sm]
+    i += cfg.n_sm
+    if aliased:
+      i += 1
+    self.outs = refs[i:i + n_out]
+    i += n_out
+    self.scratch = refs[i:i + n_scratch]
+
+
+def as_block_sizes(block_sizes, cls, backend: str):
+  """``block_sizes`` as a ``cls`` (``None``: defaults); another type raises
+  ``NotImplementedError`` so the dispatcher tries the next implementation."""
+  if block_sizes is None:
+    return cls()
+  if isinstance(block_sizes, cls):
+    return block_sizes
+  raise NotImplementedError(f"the {backend} flash kernel takes attnjax.kernels."
+                            f"{backend.lower()}.BlockSizes, got {type(block_sizes).__name__}")
+
+
+def default_interpret(interpret, backends) -> bool:
+  """Interpret mode unless the default JAX backend is one of ``backends``."""
+  if interpret is None:
+    return jax.default_backend() not in backends
+  return bool(interpret)
+
+
+def plan_call(q, k, v, bs, kwargs, programs):
+  """``(a, plan, P)`` of a call for ``grid_steps``: the normalised arguments, the plan
+  at ``bs``'s block sizes and the resolved split count (``programs(a, plan)`` parallel
+  programs without a split)."""
+  a = dense_lib.check_attention_args(q, k, v, **kwargs)
+  bq, bk = bs.resolve(a.T, a.S)
+  plan = make_plan(a, bq, bk)
+  return a, plan, bs.resolve_splits(plan.table, programs(a, plan))
+
+
+def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str, module: str):
+  """The public ``flash_attention`` of a backend: validates the arguments, then runs
+  ``build(a, block_sizes, interpret)(q, k, v) -> (out [B, T, N, Hv], lse [B, N, T])``
+  (interpret mode by default unless the JAX backend is one of ``native``)."""
+
+  def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
+                      kv_segment_ids=None, scale=None, softcap=None, sinks=None,
+                      return_lse=False, block_sizes=None, interpret=None):
+    bs = as_block_sizes(block_sizes, block_sizes_cls, backend)
+    a = dense_lib.check_attention_args(
+        q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
+    if not isinstance(return_lse, bool):
+      raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse = build(a, bs, default_interpret(interpret, native))(q, k, v)
+    return (out, lse) if return_lse else out
+
+  flash_attention.__doc__ = doc
+  flash_attention.__module__ = module
+  return flash_attention
+
+
+def tile_math(a: dense_lib.AttentionArgs, plan: Plan, pred_tf, sm_tf, dtype) -> TileMath:
+  """The per-tile math of a call (HIGHEST matmul precision for float32 inputs)."""
+  prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return TileMath(a.scale, a.softcap, sm_tf, pred_tf, a.S, a.S % plan.bk != 0, prec)
+
+
+def cfg_flags(a: dense_lib.AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
+  """Kernel configuration fields shared by the backends: which side inputs exist, how
+  many constant inputs, and the padded widths (``width(size)``) of the score_mod
+  arrays that get gradients.  Split programs leave the sink to the merge."""
+  sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
+  n_grad = 0 if sm_tf is None else sm_tf.n_explicit
+  return dict(has_bias=a.bias is not None,
+              bias_b=a.bias is not None and a.bias.shape[0] > 1,
+              has_dense=plan.dense is not None,
+              dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
+              has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
+              n_pred=0 if pred_tf is None else len(pred_tf.shapes),
+              n_sm=len(sm_sizes), n_sm_grad=n_grad,
+              sm_widths=tuple(width(max(sz, 1)) for sz in sm_sizes[:n_grad]))
+
+
+def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg):
+  """The bias (float32), dense mask (int32) and segment ids as kernel inputs.
+
+  ``bias``/``dense`` are broadcast over the query heads to ``[X, N, T, S]`` and laid out
+  by ``place_bnts``; the segment ids are padded to ``Tp``/``Sp`` with ``-1``/``-2`` (padded
+  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.
+  """
+  a = plan.a
+  N, T, S = a.N, a.T, a.S
+  side = []
+  if bias is not None:
+    side.append(place_bnts(jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))))
+  if dense is not None:
+    d = jnp.asarray(dense)
+    side.append(place_bnts(jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)))
+  if seg is not None:
+    qs, ks = seg
+    side.append(place_qseg(jnp.pad(qs, ((0, 0), (0, plan.Tp - T)), constant_values=-1)))
+    side.append(place_kseg(jnp.pad(ks, ((0, 0), (0, plan.Sp - S)), constant_values=-2)))
+  return side
+
+
+def backward_rows(out, lse, dout, dlse, valid, dtype):
+  """Row statistics of the backward kernels: ``delta = rowsum(dO * O) - dlse`` and the
+  inputs with padded rows (``valid`` false) neutralised: ``lse = +inf`` there and on rows
+  with no allowed key (so ``p = 0``), ``dO = 0``, ``delta = 0``.  ``lse``, ``dlse`` and
+  ``valid`` have ``out``'s shape without its last axis, or with it of size 1.
+  Returns ``(delta, lse_b, dout_b, delta_b)``."""
+  kd = lse.ndim == out.ndim
+  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1, keepdims=kd) - dlse
+  lse_b = jnp.where(valid & jnp.isfinite(lse), lse, jnp.inf)
+  dout_b = jnp.where(valid if kd else valid[..., None], dout, 0).astype(dtype)
+  return delta, lse_b, dout_b, jnp.where(valid, delta, 0.0)
+
+
+def finish_grads(args, dq, dk, dv, db, lse_bnt, delta_bnt, dcs):
+  """The cotangents of ``core(q, k, v, bias, sinks, seg, pred_c, sm_c)`` from the
+  kernels' outputs: ``db`` (``[Bb, N or 1, T, S]`` f32) summed over the bias's other
+  broadcast axes, the sink gradient from ``lse``/``delta`` (``[B, N, T]``), score_mod
+  array gradients ``dcs`` (flat, padded) reshaped, zeros (float0) for integer inputs."""
+  q, k, v, bias, sinks, seg, pred_c, sm_c = args
+  dbias = None
+  if bias is not None:
+    axes = tuple(ax for ax, dim in enumerate(bias.shape) if dim == 1)
+    if axes:
+      db = db.sum(axis=axes, keepdims=True)
+    dbias = db.astype(bias.dtype)
+  dsinks = None if sinks is None else sink_grads(sinks, lse_bnt, delta_bnt)
+  dseg = None if seg is None else tuple(float0_like(x) for x in seg)
+  dpred = [float0_like(jnp.asarray(c)) for c in pred_c]
+  dsm = []
+  for j, c in enumerate(sm_c):
+    c = jnp.asarray(c)
+    if j < len(dcs) and jnp.issubdtype(c.dtype, jnp.inexact):
+      dsm.append(dcs[j][:c.size].reshape(c.shape).astype(c.dtype))
+    else:
+      dsm.append(float0_like(c))
+  # Inside shard_map: an input that does not vary over a mesh axis the kernel outputs vary
+  # over (a replicated table, bias or k/v) gets the sum of every device's gradient, once.
+  grads = [dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks]
+  grads = [sum_to_vma(g, x) for g, x in zip(grads, (q, k, v, bias, sinks))]
+  dsm = [sum_to_vma(g, c) for g, c in zip(dsm, sm_c)]
+  return (*grads, dseg, dpred, dsm)
+
+
+def hoist_tracers(tree):
+  """Splits the traced leaves off ``tree`` (schedules or masks built from traced inputs),
+  so they can enter a ``custom_vjp`` as arguments instead of being closed over (a
+  closed-over tracer escapes its trace when the rule runs elsewhere, e.g. under
+  ``shard_map``).  Returns ``(traced, restore)`` with ``restore(traced) == tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.core.Tracer)]
+
+  def restore(traced):
+    new = list(leaves)
+    for i, x in zip(idx, traced):
+      new[i] = x
+    return treedef.unflatten(new)
+  return [leaves[i] for i in idx], restore
+
+
+def flash_core(forward, backward):
+  """The differentiable core ``core(q, k, v, bias, sinks, seg, pred_c, sm_c, aux) ->
+  (out, lse)`` (kernel layouts) of a backend; ``aux``: the traced schedule arrays
+  (:func:`hoist_tracers`), not differentiated.
+
+  ``forward(*args, aux) -> (out, lse)``; ``backward(args, aux, out, lse, dout, dlse) ->
+  (dq, dk, dv, db, lse_bnt, delta_bnt, dcs)`` in the public layouts (see
+  :func:`finish_grads`).
+  """
+
+  @jax.custom_vjp
+  def core(*args):
+    return forward(*args)
+
+  def core_fwd(*args):
+    out, lse = forward(*args)
+    return (out, lse), (args, out, lse)
+
+  def core_bwd(res, cts):
+    args, out, lse = res
+    *args, aux = args
+    grads = finish_grads(args, *backward(args, aux, out, lse, *cts))
+    return (*grads, [float0_like(x) for x in aux])
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
+
+
+def traced_consts(tf: Optional[TracedFn]) -> list:
+  """The arrays a traced predicate/score_mod reads (explicit first, then literals)."""
+  return [] if tf is None else list(tf.explicit) + list(tf.literals)
+
+
+def flash_attention_reference(q, k, v, **kwargs):
+  """The float32 dense oracle (:func:`attnjax.reference_attention`)."""
+  return dense_lib.reference_attention(q, k, v, **kwargs)
+
+
+# =========================================================================== shard_map
+
+
+def _varying_axes(x):
+  mat = getattr(jax.typeof(x), "mat", None)
+  return frozenset(getattr(mat, "varying", ()))
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+  """``pl.pallas_call`` that also runs inside ``jax.shard_map`` (``check_vma=True``).
+
+  There every array has a type saying over which manual mesh axes it varies, and a
+  ``pallas_call``'s ``out_shape`` must say it for the outputs.  The kernel reads all
+  its inputs, so the outputs vary over the union of the inputs' axes, and the inputs
+  are marked varying over that union too (an aliased zeros buffer then matches its
+  output).  Outside ``shard_map`` this is ``pl.pallas_call``.
+  """
+  def call(*args):
+    axes = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(args)))
+    if axes:
+      args = vary_like(args, *args)
+    mat = jax.sharding.ManualAxisType(varying=axes)
+    shapes = jax.tree.map(
+        lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, manual_axis_type=mat), out_shape)
+    return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+  return call

@@ -4,7 +4,8 @@
 * in-kernel helpers: float32-accumulating matmuls and the per-chunk decay tables;
 * :func:`validate`: argument checks of ``lightning_attention``;
 * :func:`chunk_attention`: the ``custom_vjp`` around a backend's forward and backward
-  ``pallas_call`` wrappers;
+  ``pallas_call`` wrappers, summing (``psum``) the gradients of inputs that a
+  ``shard_map`` does not split like the data;
 * :func:`lightning_attention_reference`: the materialised float32 oracle.
 
 Paper: "Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in
@@ -18,6 +19,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from attnjax.ops.chunked import sum_to_vma
 
 _F32 = jnp.float32
 
@@ -109,7 +112,10 @@ def _chunk_fwd(q, k, v, ld, calls, static):
 
 def _chunk_bwd(calls, static, res, do):
   q, k, v, ld = res
-  return tuple(calls[1](q, k, v, ld, do, *static))
+  grads = calls[1](q, k, v, ld, do, *static)
+  # Inside shard_map: inputs replicated over mesh axes the data is split over (a shared
+  # log-decay, replicated k/v) get the sum of every device's gradient, once.
+  return tuple(sum_to_vma(g, x) for g, x in zip(grads, res))
 
 
 chunk_attention.defvjp(_chunk_fwd, _chunk_bwd)

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnjax.kernels import common
+from attnjax.kernels.common import flash_attention_reference
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
@@ -85,8 +86,9 @@ class BlockSizes:
       if val is None:
         continue
       if isinstance(val, bool) or not isinstance(val, int) or val < 16 or not _is_pow2(val):
+        hint = max(16, common.next_pow2(val if isinstance(val, int) and val > 0 else 16))
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16 (Triton tiles), got "
-                         f"{val!r}; use e.g. {max(16, common.next_pow2(val if isinstance(val, int) and val > 0 else 16))}")
+                         f"{val!r}; use e.g. {hint}")
     nw = self.num_warps
     if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or not _is_pow2(nw)):
       raise ValueError(f"BlockSizes.num_warps must be a power of two or None, got {nw!r}")
@@ -107,15 +109,6 @@ class BlockSizes:
   def resolve_splits(self, table, programs: int) -> int:
     """Splits of each q block's key list for a call with ``programs = B * N * nq``."""
     return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
-
-
-def _as_block_sizes(block_sizes) -> BlockSizes:
-  if block_sizes is None:
-    return BlockSizes()
-  if isinstance(block_sizes, BlockSizes):
-    return block_sizes
-  raise NotImplementedError(f"the GPU flash kernel takes attnjax.kernels.gpu.BlockSizes, got "
-                            f"{type(block_sizes).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,40 +143,16 @@ def _tiles(b, h, q0, k0, bq, bk):
   return z + b, z + h, qi, ki
 
 
-class _Refs:
-  def __init__(self, cfg, refs, kind, n_out):
-    refs = list(refs)
-    self.sched = refs[0]
-    self.q, self.k, self.v = refs[1:4]
-    i = 4
-    if kind != "fwd":
-      self.do, self.lse, self.delta = refs[i:i + 3]
-      i += 3
-    self.sinks = None
-    if kind == "fwd" and cfg.has_sinks:
-      self.sinks = refs[i]
-      i += 1
-    self.bias = self.dense = self.qseg = self.kseg = None
-    if cfg.has_bias:
-      self.bias = refs[i]
-      i += 1
-    if cfg.has_dense:
-      self.dense = refs[i]
-      i += 1
-    if cfg.has_seg:
-      self.qseg, self.kseg = refs[i:i + 2]
-      i += 2
-    self.pred = refs[i:i + cfg.n_pred]
-    i += cfg.n_pred
-    self.sm = refs[i:i + cfg.n_sm]
-    i += cfg.n_sm
-    if kind == "dq" and cfg.has_bias:
-      i += 1
-    self.outs = refs[i:i + n_out]
+def _refs(cfg, refs, kind, n_out):
+  """The kernel's refs (:class:`common.KernelRefs`); ``sched`` is the index array row."""
+  r = common.KernelRefs(cfg, refs, n_lead=1, kind=kind, n_out=n_out,
+                        aliased=kind == "dq" and cfg.has_bias)
+  r.sched = r.lead[0]
+  return r
 
 
 def _fwd_kernel(*refs, cfg: _Cfg):
-  r = _Refs(cfg, refs, "fwd", 2)
+  r = _refs(cfg, refs, "fwd", 2)
   o_ref, lse_ref = r.outs
   b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   qb = i if cfg.P == 1 else jax.lax.div(i, jnp.int32(cfg.P))
@@ -209,20 +178,12 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     bias = r.bias[:, ks] if r.bias is not None else None
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
-    _, _, s, _ = M.logits(q, k, bias, idx, r.sm)
+    seg_eq = dense = None
     if masked:
       seg_eq = None if qseg is None else qseg[:, None] == r.kseg[ks][None, :]
       dense = r.dense[:, ks] if r.dense is not None else None
-      ok = M.allowed(idx, r.pred, seg_eq, dense)
-      if ok is not None:
-        s = jnp.where(ok, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + M.dot_nn(p.astype(v.dtype), v)
-    return m_new, l, acc
+    _, _, s, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
+    return M.online_softmax(m, l, acc, s, v)
 
   if cfg.P == 1:
     bounds = (0, n_part, n_part, n_tot)
@@ -233,28 +194,21 @@ def _fwd_kernel(*refs, cfg: _Cfg):
                             (m0, l0, acc0))
   m, l, acc = jax.lax.fori_loop(bounds[2], bounds[3], functools.partial(body, masked=False),
                                 carry)
-  pos = l > 0
-  safe = jnp.where(pos, l, 1.0)
-  o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
-  mf = jnp.where(jnp.isfinite(m), m, 0.0)
-  lse_ref[...] = jnp.where(pos, mf + jnp.log(safe), -jnp.inf)
+  o, lse = common.finish_softmax(m, l, acc)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 def _tile_bwd(cfg, r, q, do, lse, delta, k, v, bias, dense, seg_eq, idx, masked):
+  """Probabilities and ``d s`` of one tile (``lse``, ``delta``: ``[bq]``)."""
   M = cfg.math
-  s0, s1, s, ev = M.logits(q, k, bias, idx, r.sm)
-  if masked:
-    ok = M.allowed(idx, r.pred, seg_eq, dense)
-    if ok is not None:
-      s = jnp.where(ok, s, -jnp.inf)
-  p = jnp.exp(s - lse[:, None])
-  dp = M.dot_nt(do, v)
-  ds = p * (dp - delta[:, None])
+  s0, s1, s, ev = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
+  p, ds = M.probs_and_ds(s, lse[:, None], do, v, delta[:, None])
   return p, ds, s0, s1, ev
 
 
 def _dq_kernel(*refs, cfg: _Cfg):
-  r = _Refs(cfg, refs, "dq", 2 if cfg.has_bias else 1)
+  r = _refs(cfg, refs, "dq", 2 if cfg.has_bias else 1)
   dq_ref = r.outs[0]
   db_ref = r.outs[1] if cfg.has_bias else None
   b, n, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -290,7 +244,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
 
 def _dkv_kernel(*refs, cfg: _Cfg):
   n_out = 2 + cfg.n_sm_grad
-  r = _Refs(cfg, refs, "dkv", n_out)
+  r = _refs(cfg, refs, "dkv", n_out)
   dk_ref, dv_ref = r.outs[:2]
   dc_refs = r.outs[2:]
   b, kh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -369,39 +323,19 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   P = bs.resolve_splits(plan.table, B * N * nq)
 
   def make_cfg(dtype, splits=1):
-    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    math = common.TileMath(a.scale, a.softcap, sm_tf, pred_tf, S, S % bk != 0, prec)
-    sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
-    n_grad = 0 if sm_tf is None else sm_tf.n_explicit
-    return _Cfg(math=math, G=G, bq=bq, bk=bk, Bt=Bt, Kt=Kt,
-                has_bias=a.bias is not None,
-                bias_b=a.bias is not None and a.bias.shape[0] > 1,
-                has_dense=plan.dense is not None,
-                dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
-                # split programs leave the sink to the merge (counted once)
-                has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
-                n_pred=0 if pred_tf is None else len(pred_tf.shapes),
-                n_sm=len(sm_sizes), n_sm_grad=n_grad,
-                sm_widths=tuple(common.next_pow2(max(sz, 1)) for sz in sm_sizes[:n_grad]),
-                P=splits)
+    return _Cfg(math=common.tile_math(a, plan, pred_tf, sm_tf, dtype), G=G, bq=bq, bk=bk,
+                Bt=Bt, Kt=Kt, P=splits,
+                **common.cfg_flags(a, plan, pred_tf, sm_tf, splits, common.next_pow2))
 
   def params():
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=bs.num_stages)
 
-  def prep_side(bias, seg):
-    side = []
-    if bias is not None:
-      x = jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))
-      side.append(jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S))))
-    if plan.dense is not None:
-      d = jnp.asarray(plan.dense)
-      d = jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)
-      side.append(jnp.pad(d, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S))))
-    if seg is not None:
-      qs, ks = seg
-      side.append(jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=-1))
-      side.append(jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=-2))
-    return side
+  # Schedules and a dense mask built from traced inputs enter the custom_vjp as arguments.
+  aux, restore = common.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense))
+
+  def prep_side(st, bias, seg):
+    pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
+    return common.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x)
 
   def sel(cfg, b, kh):
     return (b if cfg.Bt > 1 else 0, kh if cfg.Kt > 1 else 0)
@@ -441,7 +375,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   def const_specs(consts):
     return [pl.BlockSpec(c.shape, lambda *_: (0,)) for c in consts]
 
-  def run_fwd(qr, kr, vr, sinks, side, pred_c, sm_c):
+  def run_fwd(st, qr, kr, vr, sinks, side, pred_c, sm_c):
     """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
     cfg = make_cfg(qr.dtype, splits=P)
     W = fwd_sched.shape[-1]
@@ -458,7 +392,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       specs.append(pl.BlockSpec(sk.shape, lambda *_: (0,)))
     specs += side_specs_q(cfg) + const_specs(pred_c) + const_specs(sm_c)
     # Rows (q block, split, t): program i = qb * P + p writes row block i.
-    o, lse = pl.pallas_call(
+    o, lse = common.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg), grid=(B, N, nq * P), in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, bq, Hvp), lambda b, n, i: (b, n, i, 0)),
                    pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
@@ -466,7 +400,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                    jax.ShapeDtypeStruct((B, N, Tp * P), _F32)],
         compiler_params=params(), interpret=interpret,
         name="attnjax_flash_fwd_gpu" if P == 1 else "attnjax_flash_fwd_split_gpu",
-    )(fwd_sched, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+    )(st["fwd"], qr, kr, vr, *extra, *side, *pred_c, *sm_c)
     if P == 1:
       return o, lse
     sink = None if sinks is None else sinks.reshape(1, N, 1, 1)
@@ -474,7 +408,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                                  axis=3, sink=sink)
     return o.reshape(B, N, Tp, Hvp).astype(qr.dtype), lse.reshape(B, N, Tp)
 
-  def run_bwd(qr, kr, vr, dor, lse, delta, side, pred_c, sm_c, has_bias):
+  def run_bwd(st, qr, kr, vr, dor, lse, delta, side, pred_c, sm_c, has_bias):
     cfg = make_cfg(qr.dtype)
     W = fwd_sched.shape[-1]
     specs = [pl.BlockSpec((None, None, None, W), lambda b, n, i: (*sel(cfg, b, n // G), i, 0)),
@@ -501,11 +435,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       out_specs.append(pl.BlockSpec((None, None, bq, Sp), dbmap))
       out_shape.append(jax.ShapeDtypeStruct((Bb, Nb, Tp, Sp), _F32))
       aliases = {1 + 6 + len(side) + len(pred_c) + len(sm_c): 1}
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), grid=(B, N, nq), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dq_gpu",
-    )(fwd_sched, qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c, *extra)
+    )(st["fwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c, *extra)
     dq = outs[0]
     dbias = outs[1] if has_bias else None
 
@@ -525,11 +459,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, None, w), lambda b, kh, j: (b, kh, j, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, nk, w), _F32))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg), grid=(B, K, nk), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dkv_gpu",
-    )(bwd_sched, qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c)
+    )(st["bwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c)
     dk, dv = outs[:2]
     dcs = [x.sum(axis=(0, 1, 2)) for x in outs[2:]]
     return dq, dk, dv, dbias, dcs
@@ -540,70 +474,35 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   def storage(cs):
     return [_pad1(common._const_storage(c)) for c in cs]
 
-  def forward(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    side = prep_side(bias, seg)
-    return run_fwd(to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp),
+  def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
+    st = restore(aux)
+    side = prep_side(st, bias, seg)
+    return run_fwd(st, to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp),
                    sinks, side, storage(pred_c), storage(sm_c))
 
-  @jax.custom_vjp
-  def core(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    return forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
-
-  def core_fwd(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    out, lse = forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
-    return (out, lse), (q, k, v, bias, sinks, seg, pred_c, sm_c, out, lse)
-
-  def core_bwd(res, cts):
-    q, k, v, bias, sinks, seg, pred_c, sm_c, out, lse = res
-    dout, dlse = cts
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse   # [B, N, Tp]
+  def backward(args, aux, out, lse, dout, dlse):
+    q, k, v, bias, sinks, seg, pred_c, sm_c = args
+    st = restore(aux)
     valid = (jnp.arange(Tp) < T)[None, None, :]
-    lse_b = jnp.where(valid & jnp.isfinite(lse), lse, jnp.inf)
-    dor = jnp.where(valid[..., None], dout, 0).astype(q.dtype)
-    delta_b = jnp.where(valid, delta, 0.0)
-    side = prep_side(bias, seg)
+    delta, lse_b, dor, delta_b = common.backward_rows(out, lse, dout, dlse, valid, q.dtype)
     dq, dk, dv, db, dcs = run_bwd(
-        to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp), dor, lse_b,
-        delta_b, side, storage(pred_c), storage(sm_c), bias is not None)
-    dq = dq.transpose(0, 2, 1, 3)[:, :T, :, :H].astype(q.dtype)
-    dk = dk.transpose(0, 2, 1, 3)[:, :S, :, :H].astype(k.dtype)
-    dv = dv.transpose(0, 2, 1, 3)[:, :S, :, :Hv].astype(v.dtype)
-    dbias = None
-    if bias is not None:
-      db = db[:, :, :T, :S]
-      axes = tuple(ax for ax, dim in enumerate(bias.shape) if dim == 1)
-      if axes:
-        db = db.sum(axis=axes, keepdims=True)
-      dbias = db.astype(bias.dtype)
-    dsinks = None
-    if sinks is not None:
-      dsinks = common.sink_grads(sinks, lse[:, :, :T], delta[:, :, :T])
-    dseg = None if seg is None else tuple(common.float0_like(x) for x in seg)
-    dpred = [common.float0_like(jnp.asarray(c)) for c in pred_c]
-    dsm = []
-    for j, c in enumerate(sm_c):
-      c = jnp.asarray(c)
-      if j < len(dcs) and jnp.issubdtype(c.dtype, jnp.inexact):
-        dsm.append(dcs[j][:c.size].reshape(c.shape).astype(c.dtype))
-      else:
-        dsm.append(common.float0_like(c))
-    return dq, dk, dv, dbias, dsinks, dseg, dpred, dsm
+        st, to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp), dor, lse_b,
+        delta_b, prep_side(st, bias, seg), storage(pred_c), storage(sm_c), bias is not None)
+    return (dq.transpose(0, 2, 1, 3)[:, :T, :, :H], dk.transpose(0, 2, 1, 3)[:, :S, :, :H],
+            dv.transpose(0, 2, 1, 3)[:, :S, :, :Hv], None if db is None else db[:, :, :T, :S],
+            lse[:, :, :T], delta[:, :, :T], dcs)
 
-  core.defvjp(core_fwd, core_bwd)
+  core = common.flash_core(forward, backward)
 
   def apply(q, k, v):
-    pred_c = [] if pred_tf is None else list(pred_tf.explicit) + list(pred_tf.literals)
-    sm_c = [] if sm_tf is None else list(sm_tf.explicit) + list(sm_tf.literals)
-    out, lse = core(q, k, v, a.bias, a.sinks, plan.seg, pred_c, sm_c)
+    out, lse = core(q, k, v, a.bias, a.sinks, plan.seg, common.traced_consts(pred_tf),
+                    common.traced_consts(sm_tf), aux)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :Hv], lse[:, :, :T]
 
   return apply, plan, P
 
 
-def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
-                    kv_segment_ids=None, scale=None, softcap=None, sinks=None,
-                    return_lse=False, block_sizes=None, interpret=None):
-  """Block-sparse flash attention on GPU (Pallas Triton), forward and backward.
+_FLASH_DOC = """Block-sparse flash attention on GPU (Pallas Triton), forward and backward.
 
   ``o_i = sum_j softmax_j(s_ij) v_j`` with ``s_ij = softcap(score_mod(scale q_i.k_j +
   bias_ij))``, masked, the sink joining the denominator only.  Paper: "FlashAttention-2:
@@ -619,17 +518,10 @@ def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
   """
-  bs = _as_block_sizes(block_sizes)
-  a = dense_lib.check_attention_args(
-      q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
-  if not isinstance(return_lse, bool):
-    raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-  if interpret is None:
-    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-  apply, _, _ = _build(a, bs, bool(interpret))
-  out, lse = apply(q, k, v)
-  return (out, lse) if return_lse else out
+
+flash_attention = common.make_flash_attention(
+    lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "GPU",
+    ("gpu", "cuda", "rocm"), doc=_FLASH_DOC, module=__name__)
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
@@ -639,20 +531,14 @@ def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   (``[B', K', nq, P]``: tiles each split program of a head visits), ``fwd_active``
   (tiles computed in all), the ``table``, ``block_q`` and ``block_k``.
   """
-  bs = _as_block_sizes(block_sizes)
-  a = dense_lib.check_attention_args(q, k, v, **kwargs)
-  bq, bk = bs.resolve(a.T, a.S)
-  plan = common.make_plan(a, bq, bk)
-  P = bs.resolve_splits(plan.table, a.B * a.N * plan.nq)
+  bs = common.as_block_sizes(block_sizes, BlockSizes, "GPU")
+  a, plan, P = common.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.N * plan.nq)
   _, _, n_tot = common.list_schedule(plan.table)
   lo, hi = common.split_bounds(n_tot[..., None], np.arange(P), P)   # as the kernel does
   tiles = hi - lo
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt) * a.G
   return dict(num_splits=P, fwd_programs=a.B * a.N * plan.nq * P, fwd_tiles=tiles,
-              fwd_active=int(np.sum(tiles)) * rep, table=plan.table, block_q=bq, block_k=bk)
+              fwd_active=int(np.sum(tiles)) * rep, table=plan.table, block_q=plan.bq,
+              block_k=plan.bk)
 
-
-def flash_attention_reference(q, k, v, **kwargs):
-  """The float32 dense oracle (:func:`attnjax.reference_attention`)."""
-  return dense_lib.reference_attention(q, k, v, **kwargs)

@@ -42,11 +42,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.kernels import common
+from attnjax.kernels.common import flash_attention_reference
 from attnjax.ops import dense as dense_lib
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
@@ -104,15 +104,6 @@ class BlockSizes:
   def resolve_splits(self, table, programs: int) -> int:
     """Splits of each q block's key list for a call with ``programs = B * K * nq``."""
     return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
-
-
-def _as_block_sizes(block_sizes) -> BlockSizes:
-  if block_sizes is None:
-    return BlockSizes()
-  if isinstance(block_sizes, BlockSizes):
-    return block_sizes
-  raise NotImplementedError(f"the TPU flash kernel takes attnjax.kernels.tpu.BlockSizes, got "
-                            f"{type(block_sizes).__name__}")
 
 
 # ====================================================================== layouts
@@ -220,41 +211,14 @@ def _tile_index(cfg, b, kh, qb, kb):
   return bt, kh * G + g, qb * bq + t, kb * bk + col
 
 
-class _Refs:
-  """Unpacks the kernel's positional refs according to the config."""
-
-  def __init__(self, cfg, refs, n_out, n_scratch, kind):
-    refs = list(refs)
-    self.rows, self.cols, self.flags = refs[:3]
-    i = 3
-    self.q, self.k, self.v = refs[i:i + 3]
-    i += 3
-    if kind != "fwd":
-      self.do, self.lse, self.delta = refs[i:i + 3]
-      i += 3
-    self.sinks = None
-    if kind == "fwd" and cfg.has_sinks:
-      self.sinks = refs[i]
-      i += 1
-    self.bias = self.dense = self.qseg = self.kseg = None
-    if cfg.has_bias:
-      self.bias = refs[i]
-      i += 1
-    if cfg.has_dense:
-      self.dense = refs[i]
-      i += 1
-    if cfg.has_seg:
-      self.qseg, self.kseg = refs[i:i + 2]
-      i += 2
-    self.pred = refs[i:i + cfg.n_pred]
-    i += cfg.n_pred
-    self.sm = refs[i:i + cfg.n_sm]
-    i += cfg.n_sm
-    if kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias):
-      i += 1            # the aliased zeros input of dbias
-    self.outs = refs[i:i + n_out]
-    i += n_out
-    self.scratch = refs[i:i + n_scratch]
+def _refs(cfg, refs, n_out, n_scratch, kind):
+  """The kernel's refs (:class:`common.KernelRefs`) after the ``rows, cols, flags``
+  scalar-prefetch schedule."""
+  aliased = kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias)
+  r = common.KernelRefs(cfg, refs, n_lead=3, kind=kind, n_out=n_out, n_scratch=n_scratch,
+                        aliased=aliased)
+  r.rows, r.cols, r.flags = r.lead
+  return r
 
 
 def _tile_inputs(cfg, r, b, kh, qb, kb):
@@ -268,7 +232,7 @@ def _tile_inputs(cfg, r, b, kh, qb, kb):
 
 
 def _fwd_kernel(*refs, cfg: _Cfg):
-  r = _Refs(cfg, refs, n_out=2, n_scratch=3, kind="fwd")
+  r = _refs(cfg, refs, n_out=2, n_scratch=3, kind="fwd")
   o_ref, lse_ref = r.outs
   m_ref, l_ref, acc_ref = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -294,31 +258,19 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   def step(masked):
     bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
     q, k, v = r.q[...], r.k[...], r.v[...]
-    _, _, sc, _ = M.logits(q, k, bias, idx, r.sm)
-    if masked:
-      ok = M.allowed(idx, r.pred, seg_eq, dense)
-      if ok is not None:
-        sc = jnp.where(ok, sc, -jnp.inf)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(sc - m_safe)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_ref[...] = alpha * acc_ref[...] + M.dot_nn(p.astype(v.dtype), v)
-    m_ref[...] = m_new
+    _, _, sc, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
+    m, l, acc = M.online_softmax(m_ref[...], l_ref[...], acc_ref[...], sc, v)
+    l_ref[...] = l
+    acc_ref[...] = acc
+    m_ref[...] = m
 
   _branches(cfg, active, partial, step)
 
   @pl.when(last)
   def _():
-    l = l_ref[...]
-    pos = l > 0
-    safe = jnp.where(pos, l, 1.0)
-    o_ref[...] = (acc_ref[...] / safe).astype(o_ref.dtype)
-    m = m_ref[...]
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse_ref[...] = jnp.where(pos, m + jnp.log(safe), -jnp.inf)
+    o, lse = common.finish_softmax(m_ref[...], l_ref[...], acc_ref[...])
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _branches(cfg, active, partial, step):
@@ -341,20 +293,14 @@ def _recompute(cfg, r, b, kh, qb, kb, masked):
   M = cfg.math
   bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
   q, k, v, do = r.q[...], r.k[...], r.v[...], r.do[...]
-  s0, s1, sc, ev = M.logits(q, k, bias, idx, r.sm)
-  if masked:
-    ok = M.allowed(idx, r.pred, seg_eq, dense)
-    if ok is not None:
-      sc = jnp.where(ok, sc, -jnp.inf)
-  p = jnp.exp(sc - r.lse[...])            # lse is +inf on rows to ignore
-  dp = M.dot_nt(do, v)
-  ds = p * (dp - r.delta[...])
+  s0, s1, sc, ev = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
+  p, ds = M.probs_and_ds(sc, r.lse[...], do, v, r.delta[...])   # lse +inf: rows to ignore
   return q, k, do, p, ds, s0, s1, idx, ev
 
 
 def _dq_kernel(*refs, cfg: _Cfg):
   n_out = 2 if cfg.has_bias and cfg.dq_dbias else 1
-  r = _Refs(cfg, refs, n_out=n_out, n_scratch=1, kind="dq")
+  r = _refs(cfg, refs, n_out=n_out, n_scratch=1, kind="dq")
   dq_ref = r.outs[0]
   db_ref = r.outs[1] if n_out == 2 else None
   (acc_ref,) = r.scratch
@@ -399,7 +345,7 @@ def _dbias_kernel(*refs, cfg: _Cfg, coords, sum_heads: bool):
   and the tile accumulates in place; the step list is that of the union tile table.
   ``sum_heads``: the ``G`` heads of a row block are summed too (bias shared by heads).
   """
-  r = _Refs(cfg, refs, n_out=1, n_scratch=0, kind="dbias")
+  r = _refs(cfg, refs, n_out=1, n_scratch=0, kind="dbias")
   (db_ref,) = r.outs
   x, s, y = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   b, kh = coords(x, y)
@@ -433,7 +379,7 @@ def _dbias_kernel(*refs, cfg: _Cfg, coords, sum_heads: bool):
 
 def _dkv_kernel(*refs, cfg: _Cfg):
   n_out = 2 + cfg.n_sm_grad
-  r = _Refs(cfg, refs, n_out=n_out, n_scratch=2, kind="dkv")
+  r = _refs(cfg, refs, n_out=n_out, n_scratch=2, kind="dkv")
   dk_ref, dv_ref = r.outs[:2]
   dc_refs = r.outs[2:]
   dk_acc, dv_acc = r.scratch
@@ -481,7 +427,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
 
 def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
   """BlockSpecs of the inputs after the 3 scalar-prefetch arrays."""
-  R, bq, bk = cfg.R, cfg.bq, cfg.bk
+  R, bk = cfg.R, cfg.bk
   tr = kind == "dkv"
 
   def blocks(b, kp, s, rows, cols, flags):
@@ -564,48 +510,32 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                                        max_per_row=-(-plan.nk // P))
 
   def make_cfg(L, q_dtype, splits=1):
-    prec = jax.lax.Precision.HIGHEST if q_dtype == jnp.float32 else None
-    math = common.TileMath(a.scale, a.softcap, sm_tf, pred_tf, S, S % bk != 0, prec)
-    sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
-    n_grad = 0 if sm_tf is None else sm_tf.n_explicit
-    return _Cfg(math=math, B=B, K=K, G=G, bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L,
-                has_bias=a.bias is not None,
-                bias_b=a.bias is not None and a.bias.shape[0] > 1,
-                has_dense=plan.dense is not None,
-                dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
-                # split programs leave the sink to the merge (counted once)
-                has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
-                n_pred=0 if pred_tf is None else len(pred_tf.shapes),
-                n_sm=len(sm_sizes), n_sm_grad=n_grad,
-                sm_widths=tuple(common.round_up(max(sz, 1), _LANES) for sz in sm_sizes[:n_grad]),
-                P=splits)
+    lanes = lambda sz: common.round_up(sz, _LANES)
+    return _Cfg(math=common.tile_math(a, plan, pred_tf, sm_tf, q_dtype), B=B, K=K, G=G,
+                bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits,
+                **common.cfg_flags(a, plan, pred_tf, sm_tf, splits, lanes))
 
   # ------------------------------------------------------------ input preparation
-  def prep_side(bias, seg):
-    side = []
-    if bias is not None:
-      side.append(lay.bnts_to_rows(
-          jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S)), Sp))
-    if plan.dense is not None:
-      d = jnp.asarray(plan.dense)
-      d = jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)
-      side.append(lay.bnts_to_rows(d, Sp))
-    if seg is not None:
-      qs, ks = seg
-      qs = jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=-1)
+  # Schedules, the tile table and a dense mask built from traced inputs enter the
+  # custom_vjp as arguments (:func:`common.hoist_tracers`).
+  aux, restore = common.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, split=split_sched,
+                                           table=plan.table, dense=plan.dense))
+
+  def prep_side(st, bias, seg):
+    def q_seg(qs):                    # [B, Tp] -> rows [B, nq * R, 1] (same ids per head)
       qs = jnp.broadcast_to(qs.reshape(B, plan.nq, 1, bq), (B, plan.nq, G, bq))
-      side.append(qs.reshape(B, plan.nq * R, 1))
-      ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=-2)
-      side.append(ks.reshape(B, 1, Sp))
-    return side
+      return qs.reshape(B, plan.nq * R, 1)
+    return common.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
+                              q_seg,
+                              lambda ks: ks.reshape(B, 1, Sp))
 
   def sched_arrays(sched):
     rows, cols, flags, L, _ = sched
     return [jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(flags)], L
 
-  def run_fwd(qr, kr, vr, sinks, side, pred_c, sm_c):
+  def run_fwd(st, qr, kr, vr, sinks, side, pred_c, sm_c):
     """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
-    sa, L = sched_arrays(fwd_sched if P == 1 else split_sched)
+    sa, L = sched_arrays(st["fwd"] if P == 1 else st["split"])
     cfg = make_cfg(L, qr.dtype, splits=P)
     specs, _, _, blocks = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c)
     extra = []
@@ -621,7 +551,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     out_specs = [pl.BlockSpec((None, None, R, Hv), omap), pl.BlockSpec((None, None, R, 1), omap)]
     out_shape = [jax.ShapeDtypeStruct((B, K * P, rows, Hv), qr.dtype if P == 1 else _F32),
                  jax.ShapeDtypeStruct((B, K * P, rows, 1), _F32)]
-    o, lse = pl.pallas_call(
+    o, lse = common.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K * P, L), in_specs=specs, out_specs=out_specs,
@@ -640,11 +570,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
                                  axis=2, sink=sink_rows)
     return o.astype(qr.dtype), lse[..., None]
 
-  def run_dbias(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c):
+  def run_dbias(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c):
     """Gradient of a bias broadcast over B and/or N: ``[Bb, Kb, nq * Rb, Sp]`` f32 with
     ``Bb = 1`` when summed over the batch, ``Kb = 1, Rb = block_q`` over the heads."""
-    axes = [ax for ax, red in ((0, red_b), (1, red_n)) if red and plan.table.shape[ax] > 1]
-    table = common.union_table(plan.table, axes)
+    axes = [ax for ax, red in ((0, red_b), (1, red_n)) if red and st["table"].shape[ax] > 1]
+    table = common.union_table(st["table"], axes)
     sa, L = sched_arrays(common.step_schedule(table))
     cfg = dataclasses.replace(make_cfg(L, qr.dtype), Bt=table.shape[0], Kt=table.shape[1])
     if red_b and red_n:
@@ -674,7 +604,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       return (0 if red_b else b, 0 if red_n else kh, qb, kb)
 
     n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
-    return pl.pallas_call(
+    return common.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, coords=coords, sum_heads=red_n),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(X, L, Y), in_specs=specs,
@@ -685,9 +615,9 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
         interpret=interpret, input_output_aliases={n_in: 0}, name="attnjax_flash_bwd_dbias",
     )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c, jnp.zeros(shape, _F32))[0]
 
-  def run_bwd(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
+  def run_bwd(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
     # ---- dq (+ dbias when the bias is not broadcast over B or N)
-    sa, L = sched_arrays(fwd_sched)
+    sa, L = sched_arrays(st["fwd"])
     cfg = dataclasses.replace(make_cfg(L, qr.dtype), dq_dbias=not (red_b or red_n))
     specs, qmap, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, R, H), qmap)]
@@ -703,7 +633,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       out_shape.append(jax.ShapeDtypeStruct((B, K, plan.nq * R, Sp), _F32))
       n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
       aliases = {n_in: 1}
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
@@ -714,10 +644,10 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     dq = outs[0]
     dbias_rows = outs[1] if bias is not None and cfg.dq_dbias else None
     if bias is not None and not cfg.dq_dbias:
-      dbias_rows = run_dbias(qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c)
+      dbias_rows = run_dbias(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c)
 
     # ---- dk, dv (+ score_mod array grads)
-    sa, L = sched_arrays(bwd_sched)
+    sa, L = sched_arrays(st["bwd"])
     cfg = make_cfg(L, qr.dtype)
     specs, _, kmap, _ = _in_specs(cfg, "dkv", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, bk, H), kmap),
@@ -727,7 +657,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, 1, w), lambda b, kh, s, *sched: (b, kh, 0, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, 1, w), _F32))
-    outs = pl.pallas_call(
+    outs = common.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
@@ -743,78 +673,46 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   def to_k(x):                    # [B, S, K, D] -> [B, K, Sp, D]
     return jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-  def forward(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    side = prep_side(bias, seg)
+  def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
+    st = restore(aux)
+    side = prep_side(st, bias, seg)
     pred_s = [common._const_storage(c) for c in pred_c]
     sm_s = [common._const_storage(c) for c in sm_c]
-    out_r, lse_r = run_fwd(lay.q_rows(q), to_k(k), to_k(v), sinks, side, pred_s, sm_s)
+    out_r, lse_r = run_fwd(st, lay.q_rows(q), to_k(k), to_k(v), sinks, side, pred_s, sm_s)
     return out_r, lse_r
 
-  @jax.custom_vjp
-  def core(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    return forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
-
-  def core_fwd(q, k, v, bias, sinks, seg, pred_c, sm_c):
-    out_r, lse_r = forward(q, k, v, bias, sinks, seg, pred_c, sm_c)
-    return (out_r, lse_r), (q, k, v, bias, sinks, seg, pred_c, sm_c, out_r, lse_r)
-
-  def core_bwd(res, cts):
-    q, k, v, bias, sinks, seg, pred_c, sm_c, out_r, lse_r = res
-    dout_r, dlse_r = cts
-    delta = jnp.sum(dout_r.astype(_F32) * out_r.astype(_F32), axis=-1, keepdims=True)
-    delta = delta - dlse_r
-    valid_row = (jnp.arange(plan.nq * R) % bq + (jnp.arange(plan.nq * R) // R) * bq) < T
-    valid_row = valid_row[None, None, :, None]
-    lse_b = jnp.where(valid_row & jnp.isfinite(lse_r), lse_r, jnp.inf)
-    dor = jnp.where(valid_row, dout_r, 0).astype(q.dtype)
-    delta_b = jnp.where(valid_row, delta, 0.0)
-    side = prep_side(bias, seg)
+  def backward(args, aux, out_r, lse_r, dout_r, dlse_r):
+    st = restore(aux)
+    q, k, v, bias, sinks, seg, pred_c, sm_c = args
+    rows = jnp.arange(plan.nq * R)
+    valid = ((rows % bq + (rows // R) * bq) < T)[None, None, :, None]
+    delta, lse_b, dor, delta_b = common.backward_rows(out_r, lse_r, dout_r, dlse_r, valid,
+                                                      q.dtype)
+    side = prep_side(st, bias, seg)
     pred_s = [common._const_storage(c) for c in pred_c]
     sm_s = [common._const_storage(c) for c in sm_c]
-    dq_r, dk_r, dv_r, db_r, dcs = run_bwd(lay.q_rows(q), to_k(k), to_k(v), dor, lse_b,
+    dq_r, dk_r, dv_r, db_r, dcs = run_bwd(st, lay.q_rows(q), to_k(k), to_k(v), dor, lse_b,
                                           delta_b, side, pred_s, sm_s, bias)
-    dq = lay.from_rows(dq_r).astype(q.dtype)
-    dk = dk_r.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
-    dv = dv_r.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    dbias = None
-    if bias is not None:
-      if red_n:                                          # [Bb, 1, T, S]
-        db = db_r.reshape(db_r.shape[0], 1, Tp, Sp)[:, :, :T, :S]
-      else:                                              # [Bb, N, T, S]
-        db = lay.rows_to_bnts(db_r, T, S)
-      Bb, Nb, Tb, Sb = bias.shape
-      axes = tuple(ax for ax, dim in enumerate((Bb, Nb, Tb, Sb)) if dim == 1)
-      if axes:
-        db = db.sum(axis=axes, keepdims=True)
-      dbias = db.astype(bias.dtype)
-    dsinks = None
-    if sinks is not None:
-      dsinks = common.sink_grads(sinks, lay.rows_to_bnt(lse_r), lay.rows_to_bnt(delta))
-    dseg = None if seg is None else tuple(common.float0_like(x) for x in seg)
-    dpred = [common.float0_like(jnp.asarray(c)) for c in pred_c]
-    dsm = []
-    for j, c in enumerate(sm_c):
-      c = jnp.asarray(c)
-      if j < len(dcs) and jnp.issubdtype(c.dtype, jnp.inexact):
-        dsm.append(dcs[j][:c.size].reshape(c.shape).astype(c.dtype))
-      else:
-        dsm.append(common.float0_like(c))
-    return dq, dk, dv, dbias, dsinks, dseg, dpred, dsm
+    db = None
+    if bias is not None and red_n:                       # [Bb, 1, T, S]
+      db = db_r.reshape(db_r.shape[0], 1, Tp, Sp)[:, :, :T, :S]
+    elif bias is not None:                               # [Bb, N, T, S]
+      db = lay.rows_to_bnts(db_r, T, S)
+    return (lay.from_rows(dq_r), dk_r.transpose(0, 2, 1, 3)[:, :S],
+            dv_r.transpose(0, 2, 1, 3)[:, :S], db, lay.rows_to_bnt(lse_r),
+            lay.rows_to_bnt(delta), dcs)
 
-  core.defvjp(core_fwd, core_bwd)
+  core = common.flash_core(forward, backward)
 
   def apply(q, k, v):
-    pred_c = [] if pred_tf is None else list(pred_tf.explicit) + list(pred_tf.literals)
-    sm_c = [] if sm_tf is None else list(sm_tf.explicit) + list(sm_tf.literals)
-    return core(q, k, v, a.bias, a.sinks, plan.seg, pred_c, sm_c)
+    out_r, lse_r = core(q, k, v, a.bias, a.sinks, plan.seg, common.traced_consts(pred_tf),
+                        common.traced_consts(sm_tf), aux)
+    return lay.from_rows(out_r), lay.rows_to_bnt(lse_r)
 
   return apply, lay, plan, (split_sched if P > 1 else fwd_sched), bwd_sched
 
 
-def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
-                    kv_segment_ids=None, scale=None, softcap=None, sinks=None,
-                    return_lse=False, block_sizes=None, interpret=None):
-  """Block-sparse flash attention on TPU (Pallas Mosaic), forward and backward.
+_FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and backward.
 
   ``o_i = sum_j softmax_j(s_ij) v_j`` with ``s_ij = softcap(score_mod(scale q_i.k_j +
   bias_ij))``, masked, the sink joining the denominator only.  Paper: "FlashAttention:
@@ -831,20 +729,10 @@ def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
   """
-  bs = _as_block_sizes(block_sizes)
-  a = dense_lib.check_attention_args(
-      q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
-  if not isinstance(return_lse, bool):
-    raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
-  apply, lay, plan, _, _ = _build(a, bs, bool(interpret))
-  out_r, lse_r = apply(q, k, v)
-  out = lay.from_rows(out_r)
-  if return_lse:
-    return out, lay.rows_to_bnt(lse_r)
-  return out
+
+flash_attention = common.make_flash_attention(
+    lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "TPU", ("tpu",),
+    doc=_FLASH_DOC, module=__name__)
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
@@ -854,20 +742,13 @@ def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   the longest per-program step list), ``fwd_active`` (tiles computed), ``dkv_steps``,
   ``dkv_active`` and the ``table`` (for tests and tuning).
   """
-  bs = _as_block_sizes(block_sizes)
-  a = dense_lib.check_attention_args(q, k, v, **kwargs)
-  bq, bk = bs.resolve(a.T, a.S)
-  plan = common.make_plan(a, bq, bk)
-  P = bs.resolve_splits(plan.table, a.B * a.K * plan.nq)
+  bs = common.as_block_sizes(block_sizes, BlockSizes, "TPU")
+  a, plan, P = common.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.K * plan.nq)
   f = common.step_schedule(plan.table if P == 1 else common.split_table(plan.table, P))
   d = common.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt)
   return dict(num_splits=P, fwd_steps=a.B * a.K * P * f[3], fwd_active=f[4] * rep,
               dkv_steps=a.B * a.K * d[3], dkv_active=d[4] * rep, table=plan.table,
-              block_q=bq, block_k=bk)
+              block_q=plan.bq, block_k=plan.bk)
 
-
-def flash_attention_reference(q, k, v, **kwargs):
-  """The float32 dense oracle (:func:`attnjax.reference_attention`)."""
-  return dense_lib.reference_attention(q, k, v, **kwargs)
