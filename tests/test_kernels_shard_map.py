@@ -82,6 +82,25 @@ def _lowered_text(fn, args, specs, platform):
     return f.trace(*typed).lower(lowering_platforms=(platform,)).as_text()
 
 
+def _check_matches_plain_call(call, args, specs, n_diff, ct):
+  """Forward and ``jax.vjp`` (first ``n_diff`` args) of ``call`` under ``shard_map``
+  (``check_vma=False``, see the module docstring) equal the plain call's."""
+  mesh = _mesh()
+  sharded = jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=HEADS, check_vma=False)
+  placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+
+  def fwd_vjp(fn, *a):
+    out, vjp = jax.vjp(lambda *d: fn(*d, *a[n_diff:]), *a[:n_diff])
+    return out, vjp(ct)
+
+  out_s, g_s = jax.jit(lambda *a: fwd_vjp(sharded, *a))(*placed)
+  out_p, g_p = jax.jit(lambda *a: fwd_vjp(call, *a))(*args)
+  np.testing.assert_allclose(out_s, out_p, rtol=1e-5, atol=1e-5)
+  for i, (x, y) in enumerate(zip(g_s, g_p)):
+    assert float(jnp.abs(y).max()) > 0, i
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"gradient {i}")
+
+
 def _kernel_calls(text, platform):
   if platform == "tpu":
     return len(re.findall(r"tpu_custom_call", text))
@@ -110,24 +129,9 @@ def test_flash_lowers_inside_shard_map_with_vma_check(backend):
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_flash_interpret_inside_shard_map_matches_plain_call(backend):
-  args = _flash_inputs(1)
-  call = _flash_fn(backend, interpret=True)
-  mesh = _mesh()
-  sharded = jax.shard_map(call, mesh=mesh, in_specs=FLASH_SPECS, out_specs=HEADS,
-                          check_vma=False)
-  placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, FLASH_SPECS)]
   ct = jnp.asarray(np.random.default_rng(2).standard_normal((B, T, N, H)), jnp.float32)
-
-  def fwd_vjp(fn, *a):
-    out, vjp = jax.vjp(lambda *d: fn(*d, a[6], a[7]), *a[:6])
-    return out, vjp(ct)
-
-  out_s, g_s = jax.jit(lambda *a: fwd_vjp(sharded, *a))(*placed)
-  out_p, g_p = jax.jit(lambda *a: fwd_vjp(call, *a))(*args)
-  np.testing.assert_allclose(out_s, out_p, rtol=1e-5, atol=1e-5)
-  for i, (x, y) in enumerate(zip(g_s, g_p)):
-    assert float(jnp.abs(y).max()) > 0, i
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"gradient {i}")
+  _check_matches_plain_call(_flash_fn(backend, interpret=True), _flash_inputs(1),
+                            FLASH_SPECS, 6, ct)
 
 
 def _linear_inputs(seed, Tl=24, F=16, V=16):
@@ -156,22 +160,7 @@ def test_linear_lowers_inside_shard_map_with_vma_check(backend):
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_linear_interpret_inside_shard_map_matches_plain_call(backend):
-  args = _linear_inputs(4)
   kern = LINEAR[backend]
   call = lambda q, k, v, ld: kern(q, k, v, ld, chunk_size=16, interpret=True)
-  mesh = _mesh()
-  sharded = jax.shard_map(call, mesh=mesh, in_specs=LINEAR_SPECS, out_specs=HEADS,
-                          check_vma=False)
-  placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, LINEAR_SPECS)]
   ct = jnp.asarray(np.random.default_rng(5).standard_normal((B, 24, N, 16)), jnp.float32)
-
-  def fwd_vjp(fn, *a):
-    out, vjp = jax.vjp(fn, *a)
-    return out, vjp(ct)
-
-  out_s, g_s = jax.jit(lambda *a: fwd_vjp(sharded, *a))(*placed)
-  out_p, g_p = jax.jit(lambda *a: fwd_vjp(call, *a))(*args)
-  np.testing.assert_allclose(out_s, out_p, rtol=1e-5, atol=1e-5)
-  for i, (x, y) in enumerate(zip(g_s, g_p)):
-    assert float(jnp.abs(y).max()) > 0, i
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"gradient {i}")
+  _check_matches_plain_call(call, _linear_inputs(4), LINEAR_SPECS, 4, ct)

@@ -198,6 +198,15 @@ def _step_index(cfg, b, kp, s):
   return ((bb * cfg.Kt + kk) * cfg.P + jax.lax.rem(kp, jnp.int32(cfg.P))) * cfg.L + s
 
 
+def _grid_step(cfg, r, b, kp, s):
+  """Step ``s`` of grid program ``(b, kp)``: ``(kv head, row block, col block, (active,
+  partial, first, last))`` from the scalar-prefetched schedule (flag bits 0-3)."""
+  i = _step_index(cfg, b, kp, s)
+  flags = r.flags[i]
+  bits = tuple((flags & (1 << j)) != 0 for j in range(4))
+  return _kv_head(cfg, kp), r.rows[i], r.cols[i], bits
+
+
 def _tile_index(cfg, b, kh, qb, kb):
   """Full [R, bk] int32 index tiles (b, h, q_idx, kv_idx) of tile (qb, kb)."""
   R, bq, bk, G = cfg.R, cfg.bq, cfg.bk, cfg.G
@@ -236,13 +245,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   o_ref, lse_ref = r.outs
   m_ref, l_ref, acc_ref = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kp, s)
-  kh = _kv_head(cfg, kp)
-  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
-  active = (flags & 1) != 0
-  partial = (flags & 2) != 0
-  first = (flags & 4) != 0
-  last = (flags & 8) != 0
+  kh, qb, kb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)
   M = cfg.math
 
   @pl.when(first)
@@ -305,13 +308,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
   db_ref = r.outs[1] if n_out == 2 else None
   (acc_ref,) = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kp, s)
-  kh = _kv_head(cfg, kp)
-  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
-  active = (flags & 1) != 0
-  partial = (flags & 2) != 0
-  first = (flags & 4) != 0
-  last = (flags & 8) != 0
+  kh, qb, kb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)
   M = cfg.math
 
   @pl.when(first)
@@ -349,11 +346,8 @@ def _dbias_kernel(*refs, cfg: _Cfg, coords, sum_heads: bool):
   (db_ref,) = r.outs
   x, s, y = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   b, kh = coords(x, y)
-  i = _step_index(cfg, b, kh, s)
-  qb, kb, flags = r.rows[i], r.cols[i], r.flags[i]
-  active = (flags & 1) != 0
-  partial = (flags & 2) != 0
-  edge = (flags & 12) != 0             # first or last step of a row
+  _, qb, kb, (active, partial, first, last) = _grid_step(cfg, r, b, kh, s)
+  edge = first | last                  # first or last step of a row
   M = cfg.math
 
   def step(masked):
@@ -384,13 +378,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   dc_refs = r.outs[2:]
   dk_acc, dv_acc = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  i = _step_index(cfg, b, kp, s)
-  kh = _kv_head(cfg, kp)
-  kb, qb, flags = r.rows[i], r.cols[i], r.flags[i]     # transposed schedule
-  active = (flags & 1) != 0
-  partial = (flags & 2) != 0
-  first = (flags & 4) != 0
-  last = (flags & 8) != 0
+  kh, kb, qb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)   # transposed
   M = cfg.math
 
   @pl.when(first)
