@@ -106,37 +106,31 @@ def test_layer_equals_hand_composed_op(name, opts):
 def test_layer_prefill_then_recurrent_decode_equals_full(name, opts):
   layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(2),
                          rope="1d", **opts)
-  x = _x((2, 9, D), seed=3)
-  graphdef, state = nnx.split(layer)
-  run = jax.jit(lambda s, a, c: nnx.merge(graphdef, s)(a, cache=c))
-  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, x)
-  cache = layer.init_cache(2, 16)
-  y0, cache = run(state, x[:, :4], cache)
-  outs = [y0]
-  for t in range(4, 9):
-    y, cache = run(state, x[:, t:t + 1], cache)
-    outs.append(y)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
+  cache = _assert_decode_equals_full(layer, _x((2, 9, D), seed=3), prompt_len=4)
   assert int(cache["index"]) == 9
 
 
-def _decode_matches_full_lm(cfg, prompt_len=5, total=12):
-  model = models.build_model(cfg, rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (2, total), 0, 64)
-  graphdef, state = nnx.split(model)
-  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, tokens)
-
-  @jax.jit
-  def run(state, toks, cache):
-    return nnx.merge(graphdef, state)(toks, cache=cache)
-
-  cache = model.init_cache(2, 16)
-  logits, cache = run(state, tokens[:, :prompt_len], cache)
-  outs = [logits]
-  for t in range(prompt_len, total):
-    logits, cache = run(state, tokens[:, t:t + 1], cache)
-    outs.append(logits)
+def _assert_decode_equals_full(module, x, prompt_len):
+  """A prefill of `prompt_len` tokens (chunked form), then one token at a time (recurrent
+  form), equals the full forward of `module` (a layer, or a model on token ids); returns the
+  final cache. One helper for layers and models (the LM-level loop of tests/test_models.py
+  is not imported: test modules do not import each other)."""
+  graphdef, state = nnx.split(module)
+  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, x)
+  run = jax.jit(lambda s, a, c: nnx.merge(graphdef, s)(a, cache=c))
+  cache = module.init_cache(x.shape[0], 16)
+  outs = []
+  for lo, hi in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, x.shape[1])]:
+    y, cache = run(state, x[:, lo:hi], cache)
+    outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
+  return cache
+
+
+def _decode_matches_full_lm(cfg):
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  _assert_decode_equals_full(model, jax.random.randint(jax.random.key(0), (2, 12), 0, 64),
+                             prompt_len=5)
 
 
 @pytest.mark.parametrize("attention, extra", [

@@ -394,6 +394,45 @@ def _linear_state(state, B, K, F, Hv):
           _check_state_array(state[1], (B, K, F), 'state[1] (z)'))
 
 
+def _decayed_state(state, B, N, F, Hv, normalize):
+  """The public state of decayed_linear_attention (zeros if None), validated, float32."""
+  if state is None:
+    S0 = jnp.zeros((B, N, F, Hv), _F32)
+    return (S0, jnp.zeros((B, N, F), _F32)) if normalize else S0
+  if not normalize:
+    return _check_state_array(state, (B, N, F, Hv), 'state')
+  if not isinstance(state, (tuple, list)) or len(state) != 2:
+    raise ValueError('state with normalize=True must be a pair (S [B, N, F, Hv], z [B, N, F])')
+  return (_check_state_array(state[0], (B, N, F, Hv), 'state[0] (S)'),
+          _check_state_array(state[1], (B, N, F), 'state[1] (z)'))
+
+
+def _with_ones(v, normalize):
+  """``v`` with a column of ones appended when normalising: the denominator rides along as
+  value column ``Hv`` (and ``z`` as column ``Hv`` of the state)."""
+  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1) if normalize else v
+
+
+def _pack(S, z):
+  return jnp.concatenate([S, z[..., None]], axis=-1)
+
+
+def _unpack(st, Hv):
+  return st[..., :Hv], st[..., Hv]
+
+
+def _normalized(o, Hv, eps, normalize):
+  return _safe_div(o[..., :Hv], o[..., Hv:], eps) if normalize else o
+
+
+def _feature_maps(phi, q, k):
+  qf = _apply_feature_map(phi, q, 'q')
+  kf = _apply_feature_map(phi, k, 'k')
+  if kf.shape[-1] != qf.shape[-1]:
+    raise ValueError(f'feature_map gave F={qf.shape[-1]} for q but {kf.shape[-1]} for k')
+  return qf, kf
+
+
 def _causal_kv_core(qf, kf, v, st, *, form, chunk_size, implementation):
   """Undecayed causal core with one state per kv head.
 
@@ -439,6 +478,19 @@ def _check_decay(decay, N):
     if not np.all((d > 0) & (d <= 1)):
       raise ValueError(f'decay must lie in (0, 1], got {d}')
   return jnp.log(decay.astype(_F32))
+
+
+def _core_log_decay(ld_const, ld_tok, T, K):
+  """The core's per-token log-decay ``[Ba, T, K, G]`` from a constant ``[N]`` and/or a
+  per-token ``[B, T, N]`` log-decay; ``None`` when both are absent (the undecayed path)."""
+  a = None
+  if ld_const is not None:
+    N = ld_const.shape[0]
+    a = jnp.broadcast_to(ld_const.reshape(1, 1, K, N // K), (1, T, K, N // K))
+  if ld_tok is not None:
+    tok = ld_tok.reshape(ld_tok.shape[:2] + (K, -1))
+    a = tok if a is None else a + tok
+  return a
 
 
 def _check_log_decay(log_decay, B, T, N):
@@ -510,17 +562,10 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
     st0 = _linear_state(state, B, K, _feature_dim(phi, H), Hv)
     o, st = _in_blocks(step, st0, (q, k, v), block_len=block_len)
     return (o, st) if return_state else o
-  qf = _apply_feature_map(phi, q, 'q')
-  kf = _apply_feature_map(phi, k, 'k')
+  qf, kf = _feature_maps(phi, q, k)
   F = qf.shape[-1]
-  if kf.shape[-1] != F:
-    raise ValueError(f'feature_map gave F={F} for q but {kf.shape[-1]} for k')
   G = N // K
-  if normalize:
-    v_aug = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-  else:
-    v_aug = v
-  V = v_aug.shape[-1]
+  v_aug = _with_ones(v, normalize)
 
   if not causal:
     qg = qf.reshape(B, T, K, G, F)
@@ -530,22 +575,16 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
     else:
       kv = _einsum('bskf,bskv->bkfv', kf, v_aug)
       o = _einsum('btkgf,bkfv->btkgv', qg, kv)
-    o = _ungroup(o)
-    if normalize:
-      o = _safe_div(o[..., :Hv], o[..., Hv:], eps)
-    return o.astype(v.dtype)
+    return _normalized(_ungroup(o), Hv, eps, normalize).astype(v.dtype)
 
   S0, z0 = _linear_state(state, B, K, F, Hv)
-  st = jnp.concatenate([S0, z0[..., None]], axis=-1) if normalize else S0
-  o, new_st = _causal_kv_core(qf, kf, v_aug, st, form=form, chunk_size=chunk_size,
-                              implementation=implementation)
-  if normalize:
-    o = _safe_div(o[..., :Hv], o[..., Hv:], eps)
-  o = o.astype(v.dtype)
+  o, new_st = _causal_kv_core(qf, kf, v_aug, _pack(S0, z0) if normalize else S0, form=form,
+                              chunk_size=chunk_size, implementation=implementation)
+  o = _normalized(o, Hv, eps, normalize).astype(v.dtype)
   if not return_state:
     return o
   if normalize:
-    return o, (new_st[..., :Hv], new_st[..., Hv])
+    return o, _unpack(new_st, Hv)
   return o, (new_st, z0 + jnp.sum(kf.astype(_F32), axis=1))
 
 
@@ -593,67 +632,36 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
   implementation = _check_implementation(implementation, form)
   block_len = _check_block_len(block_len)
   G = N // K
-  ld_const = jnp.zeros((N,), _F32) if decay is None else _check_decay(decay, N)
+  ld_const = None if decay is None else _check_decay(decay, N)
   ld_tok = None if log_decay is None else _check_log_decay(log_decay, B, T, N)
+  if implementation != 'xla' and ld_tok is not None:
+    raise NotImplementedError(
+        f'implementation={implementation!r} supports a constant per-head decay only, '
+        'not a per-token log_decay')
   if _use_blocks(form, implementation, block_len, T):
     step = lambda st, q_, k_, v_, ld_: decayed_linear_attention(
         q_, k_, v_, decay=decay, log_decay=ld_, feature_map=feature_map, normalize=normalize,
         chunk_size=chunk_size, state=st, return_state=True, eps=eps, block_len=None)
-    if state is None:
-      F = _feature_dim(phi, H)
-      state = jnp.zeros((B, N, F, Hv), _F32)
-      if normalize:
-        state = (state, jnp.zeros((B, N, F), _F32))
-    elif isinstance(state, (tuple, list)):
-      state = tuple(jnp.asarray(x, _F32) for x in state)
-    else:
-      state = jnp.asarray(state, _F32)
-    o, st = _in_blocks(step, state, (q, k, v, ld_tok), block_len=block_len)
+    st0 = _decayed_state(state, B, N, _feature_dim(phi, H), Hv, normalize)
+    o, st = _in_blocks(step, st0, (q, k, v, ld_tok), block_len=block_len)
     return (o, st) if return_state else o
-  qf = _apply_feature_map(phi, q, 'q')
-  kf = _apply_feature_map(phi, k, 'k')
+  qf, kf = _feature_maps(phi, q, k)
   F = qf.shape[-1]
-  if kf.shape[-1] != F:
-    raise ValueError(f'feature_map gave F={F} for q but {kf.shape[-1]} for k')
-  v_aug = (jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-           if normalize else v)
-  V = v_aug.shape[-1]
-  if state is None:
-    st = jnp.zeros((B, N, F, V), _F32)
-  elif normalize:
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-      raise ValueError('state with normalize=True must be a pair (S [B, N, F, Hv], z [B, N, F])')
-    S0 = _check_state_array(state[0], (B, N, F, Hv), 'state[0] (S)')
-    z0 = _check_state_array(state[1], (B, N, F), 'state[1] (z)')
-    st = jnp.concatenate([S0, z0[..., None]], axis=-1)
-  else:
-    st = _check_state_array(state, (B, N, F, Hv), 'state')
-
+  v_aug = _with_ones(v, normalize)
+  st = _decayed_state(state, B, N, F, Hv, normalize)
+  st = _pack(*st) if normalize else st                            # [B, N, F, V]
   if implementation != 'xla':
-    if ld_tok is not None:
-      raise NotImplementedError(
-          f'implementation={implementation!r} supports a constant per-head decay only, '
-          'not a per-token log_decay')
-    o, new_st = _kernel_core(qf, kf, v_aug, ld_const, st, chunk_size=chunk_size,
+    o, new_st = _kernel_core(qf, kf, v_aug, jnp.zeros((N,), _F32) if ld_const is None
+                             else ld_const, st, chunk_size=chunk_size,
                              implementation=implementation)
   else:
-    a = None  # no decay at all: the undecayed fast path
-    if decay is not None:
-      a = jnp.broadcast_to(ld_const.reshape(1, 1, K, G), (1, T, K, G))
-    if ld_tok is not None:
-      a = ld_tok.reshape(B, T, K, G) if a is None else a + ld_tok.reshape(B, T, K, G)
-    o, new_st = _causal_core(_group_q(qf, K, G), kf, v_aug, a, st.reshape(B, K, G, F, V),
-                             form=form, chunk_size=chunk_size)
-    o = _ungroup(o)
-    new_st = new_st.reshape(B, N, F, V)
-  if normalize:
-    o = _safe_div(o[..., :Hv], o[..., Hv:], eps)
-  o = o.astype(v.dtype)
+    o, new_st = _causal_core(_group_q(qf, K, G), kf, v_aug, _core_log_decay(ld_const, ld_tok, T, K),
+                             st.reshape(B, K, G, F, -1), form=form, chunk_size=chunk_size)
+    o, new_st = _ungroup(o), new_st.reshape(st.shape)
+  o = _normalized(o, Hv, eps, normalize).astype(v.dtype)
   if not return_state:
     return o
-  if normalize:
-    return o, (new_st[..., :Hv], new_st[..., Hv])
-  return o, new_st
+  return o, (_unpack(new_st, Hv) if normalize else new_st)
 
 
 def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: int = 64,
@@ -907,8 +915,7 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
     st0 = _inline_state(state, B, K, _feature_dim(phi, H), Hv)
     o, st = _in_blocks(step, st0, (q, k, v), block_len=block_len)
     return (o, st) if return_state else o
-  qf = _apply_feature_map(phi, q, 'q')
-  kf = _apply_feature_map(phi, k, 'k')
+  qf, kf = _feature_maps(phi, q, k)
   F = qf.shape[-1]
   G = N // K
   v32 = v.astype(_F32)
@@ -946,12 +953,10 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
     new_S = S0 + _einsum('bskf,bskv->bkfv', kf, v32)
     new_z = z0 + jnp.sum(kf.astype(_F32), axis=1)
   else:
-    v_aug = jnp.concatenate([v32, jnp.ones(v.shape[:-1] + (1,), _F32)], axis=-1)
-    st = jnp.concatenate([S0, z0[..., None]], axis=-1)
-    o_aug, new_st = _causal_kv_core(qf, kf, v_aug, st, form=form, chunk_size=chunk_size,
-                                    implementation=implementation)
+    o_aug, new_st = _causal_kv_core(qf, kf, _with_ones(v32, True), _pack(S0, z0), form=form,
+                                    chunk_size=chunk_size, implementation=implementation)
     o = o_aug[..., :Hv] + (1.0 - o_aug[..., Hv:]) * vbar
-    new_S, new_z = new_st[..., :Hv], new_st[..., Hv]
+    new_S, new_z = _unpack(new_st, Hv)
   o = o.astype(v.dtype)
   if not return_state:
     return o
