@@ -233,7 +233,8 @@ def test_final_states_agree_across_forms():
   q, k, v = _inputs(4, 2, 21, 4, 2, 8, 3)
   for fn, kw in [(L.linear_attention, dict(causal=True)),
                  (L.lightning_attention, dict(decay=DECAY4)),
-                 (L.inline_attention, dict(causal=True))]:
+                 (L.inline_attention, dict(causal=True)),
+                 (L.flow_attention, dict(causal=True))]:
     res = jit_forms(fn, L.FORMS, q, k, v, chunk_size=8, return_state=True, **kw)
     for form in ('chunked', 'recurrent'):
       jax.tree.map(assert_close, res[form][1], res['quadratic'][1])
@@ -245,6 +246,7 @@ def test_final_states_agree_across_forms():
     (L.decayed_linear_attention, dict(decay=0.9, normalize=True, feature_map='elu+1')),
     (L.inline_attention, dict(causal=True)),
     (L.focused_linear_attention, dict(causal=True)),
+    (L.flow_attention, dict(causal=True)),
 ])
 def test_state_carries_across_calls(fn, kw):
   """Prefill with one form, continue with another (a block, then single tokens)."""
@@ -273,7 +275,8 @@ def test_gqa_equals_repeated_kv():
   decay = jnp.linspace(0.7, 1.0, 6)
   for fn, kw in [(L.linear_attention, dict(causal=True)), (L.linear_attention, {}),
                  (L.lightning_attention, dict(decay=decay)), (L.inline_attention, {}),
-                 (L.efficient_attention, {}), (L.flow_attention, {})]:
+                 (L.efficient_attention, {}), (L.flow_attention, {}),
+                 (L.flow_attention, dict(causal=True, chunk_size=6))]:
     a, b = jax.jit(lambda q, k, v, kr, vr: (fn(q, k, v, **kw), fn(q, kr, vr, **kw)))(
         q, k, v, kr, vr)
     assert_close(a, b)
@@ -313,7 +316,7 @@ def test_undecayed_path_has_no_exp(fn, block_len):
 
 
 @pytest.mark.parametrize('name', ['linear', 'linear_unnormalized', 'gated', 'undecayed',
-                                  'inline'])
+                                  'inline', 'flow'])
 def test_blocks_equal_single_pass(name):
   """block_len (lax.scan over rematerialised blocks) changes nothing: out, state, grads."""
   q, k, v = _inputs(31, 2, 37, 4, 2, 8, 5)
@@ -323,7 +326,8 @@ def test_blocks_equal_single_pass(name):
         'gated': lambda q, k, v, **kw: L.decayed_linear_attention(
             q, k, v, decay=0.95, log_decay=gate, normalize=True, feature_map='elu+1', **kw),
         'undecayed': L.decayed_linear_attention,
-        'inline': functools.partial(L.inline_attention, causal=True)}[name]
+        'inline': functools.partial(L.inline_attention, causal=True),
+        'flow': functools.partial(L.flow_attention, causal=True)}[name]
   # a non-trivial incoming state (any positive values: the forms are algebraically equal)
   shapes = jax.eval_shape(lambda q, k, v: fn(q, k, v, return_state=True)[1], q, k, v)
   st0 = jax.tree.map(lambda x: jax.random.uniform(jax.random.PRNGKey(34), x.shape, x.dtype,
@@ -377,6 +381,39 @@ def ref_flow(q, k, v, eps=L.DEFAULT_EPS):
       r = (m @ vc) / inc[:, None]
       out[b, :, n] = r / (1 + np.exp(-inc_c * T / S))[:, None]
   return out
+
+
+def ref_flow_causal(q, k, v, eps=L.DEFAULT_EPS, clamp=1.0):
+  """Causal Flow-Attention, float64, one head at a time, sums written out per position."""
+  q, k, v = np.asarray(q, np.float64), _rep(k, q.shape[2]), _rep(v, q.shape[2])
+  Q, K = 1 / (1 + np.exp(-q)), 1 / (1 + np.exp(-k))
+  T = q.shape[1]
+  p = np.arange(1, T + 1)
+  out = np.zeros(q.shape[:3] + (v.shape[-1],))
+  for b in range(q.shape[0]):
+    for n in range(q.shape[2]):
+      Qn, Kn, Vn = Q[b, :, n], K[b, :, n], v[b, :, n]
+      inc = np.array([(Qn[i] + eps) @ (Kn[:i + 1].sum(0) + eps) for i in range(T)])
+      outg = np.array([(Kn[j] + eps) @ (Qn[:j + 1].sum(0) + eps) for j in range(T)])
+      inc_c = np.array([(Qn[i] + eps) @ ((Kn[:i + 1] * (p[:i + 1] / outg[:i + 1])[:, None]).sum(0)
+                                         + eps) / p[i] for i in range(T)])
+      out_c = np.array([(Kn[j] + eps) @ ((Qn[:j + 1] * (p[:j + 1] / inc[:j + 1])[:, None]).sum(0)
+                                         + eps) / p[j] for j in range(T)])
+      e = np.exp(np.clip(out_c, -clamp, clamp))
+      comp = p * e / np.cumsum(e)
+      flow = np.tril(Qn @ Kn.T)
+      out[b, :, n] = (1 / (1 + np.exp(-inc_c)) / inc)[:, None] * (flow @ (comp[:, None] * Vn))
+  return out
+
+
+def test_causal_flow_matches_float64_reference_and_forms_agree():
+  q, k, v = _inputs(35, 2, 19, 4, 2, 8, 5)
+  q, k = q * 4, k * 4  # spread the sigmoids so that the clamp of Oc is active somewhere
+  ref = ref_flow_causal(q, k, v, clamp=0.05)
+  make = lambda form: functools.partial(L.flow_attention, causal=True, form=form, chunk_size=4,
+                                        clamp=0.05)
+  out = assert_forms_agree(make, (q, k, v))  # chunked, recurrent == quadratic, fwd and bwd
+  assert_close(out, ref)
 
 
 def ref_inline(q, k, v, causal):
@@ -524,7 +561,7 @@ def test_denominator_never_zero():
     assert np.all(np.isfinite(np.asarray(x)))
 
 
-@pytest.mark.parametrize('name', ['linear', 'lightning', 'decayed', 'inline', 'focused'])
+@pytest.mark.parametrize('name', ['linear', 'lightning', 'decayed', 'inline', 'focused', 'flow'])
 @pytest.mark.parametrize('form', L.FORMS)
 def test_causality_exact(name, form):
   """d out[:, :t] / d (q, k, v)[:, t:] is exactly zero."""
@@ -535,7 +572,8 @@ def test_causality_exact(name, form):
         'decayed': functools.partial(L.decayed_linear_attention, decay=0.8, normalize=True,
                                      feature_map='elu+1'),
         'inline': functools.partial(L.inline_attention, causal=True),
-        'focused': functools.partial(L.focused_linear_attention, causal=True)}[name]
+        'focused': functools.partial(L.focused_linear_attention, causal=True),
+        'flow': functools.partial(L.flow_attention, causal=True)}[name]
   grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
       fn(q, k, v, form=form, chunk_size=4)[:, :t0] ** 2), argnums=(0, 1, 2)))(q, k, v)
   for g in grads:
@@ -609,6 +647,10 @@ def test_bad_arguments_rejected():
       (lambda: L.inline_attention(q, k, v, causal=True, state=(1, 2)), 'state of inline'),
       (lambda: L.efficient_attention(q, k, v, form='recurrent'), 'needs causal=True'),
       (lambda: L.flow_attention(q, k, v, eps=-1.0), 'eps'),
+      (lambda: L.flow_attention(q, k, v, causal=True, clamp=0.0), 'clamp'),
+      (lambda: L.flow_attention(q, k, v, return_state=True), 'causal=True'),
+      (lambda: L.flow_attention(q, k, v, causal=True, state=(1, 2)), '7-tuple'),
+      (lambda: L.flow_attention(q, k, v[:, :5], causal=True), 'v must have shape'),
   ]
   for fn, msg in cases:
     with pytest.raises(ValueError, match=msg):
