@@ -9,6 +9,7 @@ from flax import nnx
 
 from attnjax import models, variants
 from attnjax.layers import linear as LL
+from attnjax.layers import linear_linen as LLinen
 from attnjax.ops import linear as L
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -51,7 +52,7 @@ def _reference(name, opts, layer, x):
   elif name == "efficient":
     o = L.efficient_attention(q, k, v)
   elif name == "flow":
-    o = L.flow_attention(q, k, v)
+    o = L.flow_attention(q, k, v, causal=causal)
   elif name == "inline":
     o = L.inline_attention(q, k, v, causal=causal)
   else:
@@ -67,7 +68,8 @@ CASES = [
     ("linear", {}), ("linear", {"causal": True, "feature_map": "relu"}),
     ("lightning", {}), ("lightning", {"decay": [0.9, 0.8, 0.7, 1.0]}),
     ("retention", {"gate": True, "learnable_decay": True}),
-    ("efficient", {}), ("flow", {}), ("inline", {}), ("inline", {"causal": True}),
+    ("efficient", {}), ("flow", {}), ("flow", {"causal": True}), ("inline", {}),
+    ("inline", {"causal": True}),
     ("focused", {"dwc_size": 3}), ("focused", {"causal": True, "focusing_factor": 2.0}),
 ]
 
@@ -102,7 +104,8 @@ def test_layer_equals_hand_composed_op(name, opts):
                                         ("retention", {"gate": True}),
                                         ("linear", {"causal": True}),
                                         ("inline", {"causal": True}),
-                                        ("focused", {"causal": True})])
+                                        ("focused", {"causal": True}),
+                                        ("flow", {"causal": True})])
 def test_layer_prefill_then_recurrent_decode_equals_full(name, opts):
   layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(2),
                          rope="1d", **opts)
@@ -157,16 +160,14 @@ def test_registry_entries():
   for name in LL.MECHANISMS:
     entry = variants.info(name)
     assert entry.kind == "sequence"
-    assert entry.supports_cache == (name not in ("efficient", "flow"))
-    with pytest.raises(ValueError, match="no Linen factory"):
-      variants.get_linen(name)
+    assert entry.supports_cache == (name != "efficient")
+    assert isinstance(variants.get_linen(name)(d_model=D, num_heads=N), LLinen.LinearAttention)
   layer = variants.get("flow")(d_model=D, num_heads=N, num_kv_heads=None, head_dim=8, rngs=nnx.Rngs(0))
   assert layer(_x((1, 3, 4, D))).shape == (1, 3, 4, D)  # grid input, flattened
 
 
 @pytest.mark.parametrize("name, opts, match", [
     ("efficient", {"causal": True}, "causal"),
-    ("flow", {"causal": True}, "causal"),
     ("lightning", {"causal": False}, "causal"),
     ("linear", {"feature_map": "softmax"}, "feature_map"),
     ("efficient", {"feature_map": "relu"}, "feature_map"),
@@ -203,6 +204,57 @@ def test_bad_calls_raise():
   with pytest.raises(ValueError, match="dwc_size"):
     foc.init_cache(1, 8)
   cfg = models.default_config("lm")
-  cfg.attention = ml_collections.ConfigDict({"name": "flow"})
+  cfg.attention = ml_collections.ConfigDict({"name": "efficient"})
   with pytest.raises(ValueError, match="non-causal"):
     models.build_model(cfg, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------ Linen twins
+
+
+def _linen_twin(name, opts, seed=1):
+  """(NNX layer, Linen layer, Linen variables holding the NNX layer's parameters)."""
+  layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(seed), **opts)
+  twin = variants.get_linen(name)(d_model=D, num_heads=N, num_kv_heads=K, head_dim=None, **opts)
+  boxed = twin.init(jax.random.key(seed + 1), _x((1, 3, D)))["params"]
+  nnx_params = {path[0]: var for path, var in nnx.state(layer, nnx.Param).flat_state()}
+  assert sorted(boxed) == sorted(nnx_params)  # same parameter names ...
+  for pname, box in boxed.items():
+    var = nnx_params[pname]
+    assert box.value.shape == var[...].shape and box.value.dtype == var[...].dtype  # ... shapes
+    assert tuple(box.names) == tuple(var.get_metadata()["out_sharding"])  # ... logical names
+  variables = {"params": {pname: var[...] for pname, var in nnx_params.items()}}
+  return layer, twin, variables
+
+
+@pytest.mark.parametrize("name, opts", CASES + [("retention", {"feature_map": "elu+1"}),
+                                                ("lightning", {"use_bias": True})])
+def test_linen_twin_equals_nnx_layer(name, opts):
+  layer, twin, variables = _linen_twin(name, opts)
+  x = _x((2, 11, D), seed=4)
+  graphdef, state = nnx.split(layer)
+  y_nnx, y_linen = jax.jit(lambda s, v, a: (nnx.merge(graphdef, s)(a), twin.apply(v, a)))(
+      state, variables, x)
+  np.testing.assert_array_equal(y_linen, y_nnx)  # same function on the same parameters
+
+
+@pytest.mark.parametrize("name, opts", [("lightning", {"learnable_decay": True}),
+                                        ("flow", {"causal": True})])
+def test_linen_twin_decodes_like_nnx(name, opts):
+  layer, twin, variables = _linen_twin(name, opts)
+  x = _x((2, 6, D), seed=5)
+  run = jax.jit(lambda v, a, c: twin.apply(v, a, cache=c))
+  cache = twin.init_cache(2, 8)
+  outs = []
+  for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 6)]:
+    y, cache = run(variables, x[:, lo:hi], cache)
+    outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), layer(x), **TOL)
+  assert int(cache["index"]) == 6
+
+
+def test_linen_twin_rejects_bad_options_at_construction():
+  with pytest.raises(ValueError, match="decay"):
+    variants.get_linen("lightning")(d_model=D, num_heads=N, decay=1.5)
+  with pytest.raises(TypeError, match="bogus"):
+    variants.get_linen("linear")(d_model=D, num_heads=N, bogus=1)
