@@ -26,7 +26,7 @@ Mechanisms (paper titles):
 - :func:`inline_attention` -- "Bridging the Divide: Reconsidering Softmax and Linear
   Attention" (InLine: injective linear attention), causal or not.
 - :func:`flow_attention` -- "Flowformer: Linearizing Transformers with Conservation Flows",
-  non-causal.
+  non-causal or causal (the paper's causal version, prefix-sum flows).
 
 Forms. Every causal mechanism has three forms selected by ``form=``:
 
@@ -40,7 +40,11 @@ Forms. Every causal mechanism has three forms selected by ``form=``:
 
 All three accept ``state=`` (the state after a previous call) and, with
 ``return_state=True``, return ``(out, new_state)``; they agree to float32 precision,
-forward and backward. Non-causal mechanisms accept ``form='chunked'`` (the linear-cost
+forward and backward. Without any decay the forms take an undecayed fast path (masked
+products and plain state sums, no ``exp``). In the chunked form, sequences longer than
+``block_len`` (default 2048) are processed block by block: a ``lax.scan`` over blocks carries
+the state and each block is rematerialised in the backward pass, which bounds the working
+set (the time then scales linearly on CPU; see ``docs/linear.md``). Non-causal mechanisms accept ``form='chunked'`` (the linear-cost
 ``phi(Q) (phi(K)^T V)`` path) and ``form='quadratic'``.
 
 Numerics: logits, decays and states are float32 whatever the input dtype; decays are
