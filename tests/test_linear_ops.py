@@ -315,8 +315,11 @@ def test_undecayed_path_has_no_exp(fn, block_len):
   assert 'exp' in _primitive_names(jax.make_jaxpr(f)(q, k, v).jaxpr)
 
 
-@pytest.mark.parametrize('name', ['linear', 'linear_unnormalized', 'gated', 'undecayed',
-                                  'inline', 'flow'])
+@pytest.mark.parametrize('name', ['linear', 'flow',
+                                  pytest.param('linear_unnormalized', marks=pytest.mark.slow),
+                                  pytest.param('gated', marks=pytest.mark.slow),
+                                  pytest.param('undecayed', marks=pytest.mark.slow),
+                                  pytest.param('inline', marks=pytest.mark.slow)])
 def test_blocks_equal_single_pass(name):
   """block_len (lax.scan over rematerialised blocks) changes nothing: out, state, grads."""
   q, k, v = _inputs(31, 2, 37, 4, 2, 8, 5)
