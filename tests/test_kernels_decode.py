@@ -9,75 +9,27 @@ both backends: interpret mode vs ``reference_attention`` (forward, and backward 
 brute-force count of non-empty tiles.
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_kernels_flash as flash_tests
 from attnjax import masks, score_mods
 from attnjax.kernels import common
-from attnjax.ops.dense import reference_attention
 
-BACKENDS = ("tpu", "gpu")
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
-# Gradients that sum over every tile (score_mod tables, sinks, broadcast bias).
-SUM_TOL = {jnp.float32: dict(atol=5e-5, rtol=2e-5), jnp.bfloat16: dict(atol=6e-2, rtol=3e-2)}
+# Shared with the flash-kernel tests: backends, tolerances and the kernel-vs-reference runner.
+BACKENDS, TOL, SUM_TOL = flash_tests.BACKENDS, flash_tests.TOL, flash_tests.SUM_TOL
+_mod, _rand, _assert_close = flash_tests._mod, flash_tests._rand, flash_tests._assert_close
 # Keys per tile: small, so a cache of ~1000 keys has 8 (TPU) / 16 (GPU) tiles.
 BLOCK_K = {"tpu": 128, "gpu": 64}
 
 
-def _mod(backend):
-  return importlib.import_module(f"attnjax.kernels.{backend}.flash")
-
-
-def _rand(rng, shape, dtype=jnp.float32):
-  return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
 def _run_pair(backend, dtype, shapes, *, num_splits, seed=0, diff=(), make_kwargs=None):
   """Kernel (interpret, split) vs reference: ``((out, lse), grads)`` of both."""
-  B, T, S, N, K, H, Hv = shapes
-  rng = np.random.default_rng(seed)
-  q = _rand(rng, (B, T, N, H), dtype)
-  k = _rand(rng, (B, S, K, H), dtype)
-  v = _rand(rng, (B, S, K, Hv), dtype)
-  extras = [jnp.asarray(x) for x in diff]
-  ct_o = _rand(rng, (B, T, N, Hv), dtype)
-  ct_l = _rand(rng, (B, N, T), jnp.float32)
-  mod = _mod(backend)
-  bs = mod.BlockSizes(block_k=BLOCK_K[backend], num_splits=num_splits)
-
-  def run(impl):
-    def f(q, k, v, *ex):
-      kw = make_kwargs(*ex) if make_kwargs else {}
-      if impl == "kernel":
-        return mod.flash_attention(q, k, v, return_lse=True, interpret=True, block_sizes=bs,
-                                   **kw)
-      return reference_attention(q, k, v, return_lse=True, **kw)
-
-    def g(args, cts):
-      out, vjp = jax.vjp(f, *args)
-      return out, vjp(cts)
-    return jax.jit(g)((q, k, v, *extras), (ct_o, ct_l))
-
-  return run("kernel"), run("reference")
-
-
-def _assert_close(got, want, dtype):
-  (go, gl), ggrads = got
-  (wo, wl), wgrads = want
-  tol = TOL[dtype]
-  np.testing.assert_allclose(np.asarray(go, np.float32), np.asarray(wo, np.float32), **tol)
-  gl, wl = np.asarray(gl), np.asarray(wl)
-  np.testing.assert_array_equal(np.isneginf(gl), np.isneginf(wl))
-  fin = np.isfinite(wl)
-  np.testing.assert_allclose(gl[fin], wl[fin], **tol)
-  for i, (a, b) in enumerate(zip(ggrads, wgrads)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.all(np.isfinite(a)), f"grad {i} has non-finite values"
-    np.testing.assert_allclose(a, b, **(tol if i < 3 else SUM_TOL[dtype]), err_msg=f"grad {i}")
+  bs = _mod(backend).BlockSizes(block_k=BLOCK_K[backend], num_splits=num_splits)
+  return flash_tests._run_pair(backend, dtype, shapes, seed=seed, diff=diff,
+                               make_kwargs=make_kwargs, block_sizes=bs)
 
 
 # =============================================================================== numerics
