@@ -143,8 +143,10 @@ _CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 def _eval_jaxpr_vma(jaxpr, consts, *args):
   """``jax.core.eval_jaxpr`` that, like the ``jax.numpy`` front end, marks operands
   varying over the union of the ``shard_map`` axes its operands vary over before each
-  primitive (the jaxpr was traced without those axes).  Nested calls (``jit``,
-  ``custom_jvp``/``custom_vjp`` bodies) are evaluated inline the same way."""
+  primitive (the jaxpr was traced without those axes).  A nested call (``jit``,
+  ``custom_jvp``/``custom_vjp`` body) that gets a varying operand is evaluated inline the
+  same way; otherwise (always, outside ``shard_map``) every equation is bound as
+  ``jax.core.eval_jaxpr`` binds it, custom derivative rules included."""
   env = {}
   read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
   for var, val in zip(jaxpr.constvars, consts):
@@ -154,7 +156,9 @@ def _eval_jaxpr_vma(jaxpr, consts, *args):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     sub = next((eqn.params[k] for k in _CALL_JAXPR_PARAMS if k in eqn.params), None)
-    if sub is not None and eqn.primitive.name != "while" and eqn.primitive.name != "scan":
+    varying = any(_varying_axes(x) for x in invals)
+    if (varying and sub is not None and eqn.primitive.name != "while"
+        and eqn.primitive.name != "scan"):
       sub_jaxpr = getattr(sub, "jaxpr", sub)
       sub_consts = getattr(sub, "consts", ())
       n_extra = len(invals) - len(sub_jaxpr.invars)   # custom_vjp may pass extra leading args
@@ -165,7 +169,9 @@ def _eval_jaxpr_vma(jaxpr, consts, *args):
               jax.lax.pcast(x, tuple(sorted(axes - _varying_axes(x))), to="varying")
               for x in invals]
     else:
-      outs = eqn.primitive.bind(*vary_like(invals, invals), **eqn.params)
+      if varying:
+        invals = vary_like(invals, invals)
+      outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       if not eqn.primitive.multiple_results:
         outs = [outs]
     for var, val in zip(eqn.outvars, outs):
