@@ -258,12 +258,7 @@ def test_split_table_traced_matches_static():
 # =============================================================================== lowering
 
 
-def _export(platform, fn, *args):
-  if platform == "tpu":
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-  return jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+_export = flash_tests._export
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
