@@ -5,11 +5,15 @@ Implementations (``implementation=``):
 * ``'reference'`` — :func:`attnjax.reference_attention`, float32, dense.
 * ``'xla'`` — dense logits, input dtype with float32 accumulation (short sequences).
 * ``'xla_chunked'`` — blockwise online softmax, ``O(T + S)`` memory, skips empty tiles.
+* ``'cpu_flash'`` — a multi-threaded C++ flash-attention kernel (XLA FFI custom call,
+  compiled for the machine on first use) for band masks on the CPU backend.
 * ``'pallas_tpu'`` / ``'pallas_gpu'`` — Pallas kernels (Mosaic / Triton); on a CPU
   backend an explicit request runs the kernel in interpret mode (slow, for tests).
 * ``'pallas'`` — the Pallas kernel of the current backend (TPU or GPU).
-* ``None`` / ``'auto'`` — the best for ``jax.default_backend()``: on CPU the faster
-  XLA path for the shape; on TPU/GPU the Pallas kernel, falling back to XLA.
+* ``None`` / ``'auto'`` — the best for ``jax.default_backend()``: on CPU the
+  ``'cpu_flash'`` kernel when it can serve the call (dense ``'xla'`` first for short
+  sequences), else the faster XLA path for the shape; on TPU/GPU the Pallas kernel,
+  falling back to XLA.
 
 An implementation that cannot serve a call raises ``NotImplementedError`` at trace
 time and the next candidate is tried; if none can, the error lists why each failed.
@@ -27,7 +31,8 @@ from attnjax.ops import dense as dense_lib
 
 __all__ = ["attention", "IMPLEMENTATIONS", "auto_candidates"]
 
-IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "pallas", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "cpu_flash", "pallas", "pallas_tpu",
+                   "pallas_gpu")
 
 # On CPU, dense logits beat the blockwise path while the [B, N, T, S] logits stay
 # cache/memory friendly; measured by benchmarks/attention_cpu.py.
@@ -37,6 +42,15 @@ _CPU_DENSE_MAX_TS = 512 * 512
 def _reference(q, k, v, a, *, return_lse, block_sizes):
   out, lse = dense_lib._dense(q, k, v, a, upcast=True)
   return (out, lse) if return_lse else out
+
+
+def _cpu_flash(q, k, v, a, *, return_lse, block_sizes):
+  if jax.default_backend() != "cpu":
+    raise NotImplementedError(f"'cpu_flash' runs on the CPU backend, not "
+                              f"{jax.default_backend()!r}")
+  from attnjax.cpu import flash
+  return flash.cpu_flash_attention(q, k, v, a, return_lse=return_lse,
+                                   block_sizes=block_sizes)
 
 
 def _pallas(backend: str) -> Callable:
@@ -71,6 +85,7 @@ _IMPLS = {
     "reference": _reference,
     "xla": dense_lib.xla_attention,
     "xla_chunked": chunked_lib.chunked_attention,
+    "cpu_flash": _cpu_flash,
     "pallas": _pallas("native"),
     "pallas_tpu": _pallas("tpu"),
     "pallas_gpu": _pallas("gpu"),
@@ -85,8 +100,8 @@ def auto_candidates(a: dense_lib.AttentionArgs, backend: str | None = None):
   if backend in ("gpu", "cuda", "rocm"):
     return ("pallas_gpu", "xla_chunked", "xla")
   if a.T * a.S <= _CPU_DENSE_MAX_TS:
-    return ("xla", "xla_chunked")
-  return ("xla_chunked", "xla")
+    return ("xla", "cpu_flash", "xla_chunked")
+  return ("cpu_flash", "xla_chunked", "xla")
 
 
 def _candidates(implementation, a):

@@ -209,6 +209,39 @@ class Mask:
       self._cache[key] = table
     return table
 
+  def row_band(self, T: int, S: int):
+    """Per-query key ranges when this mask is a band, else ``None``.
+
+    A band mask allows exactly ``lo[t] <= kv_idx <= hi[t]`` for every query ``t``
+    (``full``, ``causal``, ``sliding_window``, ``chunked``, ``prefix_lm``, their
+    ``shifted`` views and ``&`` of bands).  Returns int32 ``(lo, hi)`` of shape ``[T]``,
+    clipped to ``[-1, S]`` (``lo > hi`` means the row attends to nothing); NumPy for
+    static masks, JAX arrays when offsets are traced.
+    """
+    self.check_shape(T, S)
+    ctx = _Ctx(1, 1)
+    band = self._row_band(ctx, T)
+    if band is None:
+      return None
+    xp = _xp(*band)
+    lo, hi = (xp.clip(xp.broadcast_to(x, (T,)), -1, S).astype(np.int32) for x in band)
+    return lo, hi
+
+  def _row_band(self, ctx, T):
+    if self.head_dependent:
+      return None
+    if self._band is not None:
+      xp = jnp if self.data_dependent else np
+      return self._band(ctx, xp.arange(T), xp)
+    if self._op == "and":
+      bands = [c._row_band(ctx, T) for c in self._children]
+      if any(b is None for b in bands):
+        return None
+      (lo1, hi1), (lo2, hi2) = bands
+      xp = _xp(lo1, hi1, lo2, hi2)
+      return xp.maximum(lo1, lo2), xp.minimum(hi1, hi2)
+    return None
+
   def _block_table(self, ctx, T, S, bq, bk):
     if self._table is not None:
       return self._table(ctx, T, S, bq, bk)

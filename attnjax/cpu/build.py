@@ -1,0 +1,125 @@
+"""Compiles the C++ CPU kernels on first use and registers them with XLA.
+
+The shared library is built with the system C++ compiler (``$CXX``, else ``c++`` /
+``g++``) for the running machine (``-march=native``) against the XLA FFI headers
+that ship with jaxlib, and cached under ``$ATTNJAX_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/attnjax`` or ``~/.cache/attnjax``) keyed by a hash of the source,
+flags, compiler and jaxlib version.  Concurrent builds write to temporary names and
+rename atomically, so parallel test workers are safe.
+
+Set ``ATTNJAX_CPU_KERNELS=0`` to disable the kernels (``'auto'`` then uses the XLA
+paths).  :func:`unavailable_reason` says why the kernels cannot be used here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+__all__ = ["load", "unavailable_reason", "cache_dir"]
+
+_SOURCE = Path(__file__).with_name("flash_cpu.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
+          "-w")
+# FFI handler symbols in the library -> XLA custom-call target names.
+TARGETS = {"AttnjaxFlashFwd": "attnjax_flash_fwd", "AttnjaxFlashBwd": "attnjax_flash_bwd"}
+
+
+def cache_dir() -> Path:
+  root = os.environ.get("ATTNJAX_CACHE_DIR")
+  if root:
+    return Path(root)
+  xdg = os.environ.get("XDG_CACHE_HOME")
+  return (Path(xdg) if xdg else Path.home() / ".cache") / "attnjax"
+
+
+def _compiler():
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _has_avx512() -> bool:
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return False
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return {"avx512f", "avx512dq", "fma"} <= flags
+  except OSError:
+    return False
+  return False
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[str | None, str | None]:
+  """(path of the compiled library, None) or (None, why not)."""
+  if os.environ.get("ATTNJAX_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    return None, "disabled by ATTNJAX_CPU_KERNELS"
+  if not _has_avx512():
+    return None, "needs an x86-64 CPU with AVX-512F/DQ and FMA (Linux /proc/cpuinfo)"
+  cxx = _compiler()
+  if cxx is None:
+    return None, "no C++ compiler found (set $CXX)"
+  include = jax.ffi.include_dir()
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout.splitlines()[:1]
+  except (OSError, subprocess.SubprocessError) as e:
+    return None, f"cannot run {cxx}: {e}"
+  key = hashlib.sha256()
+  # -march=native: the machine (host name) is part of the key.
+  for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), str(version).encode(),
+               jax.__version__.encode(), platform.node().encode()):
+    key.update(part)
+  out_dir = cache_dir()
+  target = out_dir / f"flash_cpu-{key.hexdigest()[:16]}.so"
+  if target.exists():
+    return str(target), None
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    proc = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp, "-lpthread"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      os.unlink(tmp)
+      return None, f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}"
+    os.replace(tmp, target)
+  except (OSError, subprocess.SubprocessError) as e:
+    return None, f"building the CPU kernels failed: {e}"
+  return str(target), None
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> str | None:
+  """Builds (once) and registers the kernels; returns None on success or the reason
+  they are unavailable."""
+  path, reason = _build()
+  if path is None:
+    return reason
+  try:
+    lib = ctypes.cdll.LoadLibrary(path)
+    for symbol, name in TARGETS.items():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
+  except (OSError, AttributeError) as e:
+    return f"loading {path} failed: {e}"
+  return None
+
+
+def unavailable_reason() -> str | None:
+  """None if the CPU kernels are usable in this process, else why not."""
+  return load()

@@ -1,0 +1,174 @@
+"""'cpu_flash': a multi-threaded C++ flash-attention kernel for the XLA CPU backend.
+
+XLA:CPU executes a blockwise attention loop on effectively one core (see the README,
+"CPU performance").  This implementation is an XLA FFI custom call
+(``jax.ffi.ffi_call``) into ``flash_cpu.cc``: the online-softmax forward of
+"FlashAttention" (Dao et al., 2022) and the one-pass backward of "FlashAttention-2"
+(Dao, 2023), float32 with AVX-512 register-tiled matmuls, split over all cores by
+``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
+the backward.  The library is compiled for the machine on first use
+(:mod:`attnjax.cpu.build`).
+
+It serves calls whose mask is a band — each query attends to a contiguous key range
+``lo(t) <= s <= hi(t)`` (``None``, ``causal``, ``sliding_window``, ``chunked``,
+``prefix_lm`` and ``&`` of those, see :meth:`attnjax.masks.Mask.row_band`) — with
+GQA/MQA (K/V never repeated), ``T != S``, ``sinks``, ``return_lse`` and head dims
+that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids and
+other masks raise ``NotImplementedError`` so the dispatcher falls back to
+``'xla_chunked'``.  bf16/f16 inputs are computed in float32 and cast back.
+
+Tiles outside every row's band are skipped; tiles inside all rows' bands run
+without masking, so causal and windowed attention cost time proportional to their
+density.  Rows with no allowed key give 0, ``lse = -inf`` and zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.cpu import build
+from attnjax.ops.dense import AttentionArgs
+
+__all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuFlashBlockSizes:
+  """Tile sizes of the 'cpu_flash' kernel.
+
+  Attributes:
+    block_q: query rows per work item (per query head); ``None``: 64.
+    block_k: keys per tile, a multiple of 16; ``None``: 128 forward, 256 backward.
+    num_threads: worker threads; ``None``/0: ``$ATTNJAX_CPU_THREADS`` or every CPU
+      this process may run on.
+  """
+  block_q: Optional[int] = None
+  block_k: Optional[int] = None
+  num_threads: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "num_threads"):
+      val = getattr(self, name)
+      if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+        raise ValueError(f"CpuFlashBlockSizes.{name} must be a positive int or None, got "
+                         f"{val!r}")
+    if self.block_k is not None and self.block_k % 16:
+      raise ValueError(f"CpuFlashBlockSizes.block_k must be a multiple of 16, got "
+                       f"{self.block_k}")
+
+  def resolve(self):
+    """``(block_q, block_k_forward, block_k_backward, num_threads)``."""
+    return (self.block_q or 64, self.block_k or 128, self.block_k or 256,
+            self.num_threads or 0)
+
+
+def available() -> bool:
+  """True when the compiled kernel can run in this process."""
+  return build.unavailable_reason() is None
+
+
+def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads):
+  B, T, N, _ = q.shape
+  Hv = v.shape[-1]
+  return jax.ffi.ffi_call(
+      build.TARGETS["AttnjaxFlashFwd"],
+      (jax.ShapeDtypeStruct((B, T, N, Hv), jnp.float32),
+       jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+      vmap_method="sequential",
+  )(q, k, v, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
+    block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+
+
+def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads):
+  return jax.ffi.ffi_call(
+      build.TARGETS["AttnjaxFlashBwd"],
+      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+      vmap_method="sequential",
+  )(q, k, v, do, lse, delta, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
+    block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, lo, hi, cfg):
+  scale, bq, bkf, _, nt = cfg
+  return _ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bkf, num_threads=nt)
+
+
+def _flash_fwd(q, k, v, lo, hi, cfg):
+  out, lse = _flash(q, k, v, lo, hi, cfg)
+  return (out, lse), (q, k, v, lo, hi, out, lse)
+
+
+def _flash_bwd(cfg, res, cts):
+  scale, bq, _, bkb, nt = cfg
+  q, k, v, lo, hi, out, lse = res
+  do, dlse = cts
+  do = do.astype(jnp.float32)
+  # d lse_i / d s_ij = p_ij, so an lse cotangent shifts delta: dS = P * (dP - delta).
+  delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
+  dq, dk, dv = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq,
+                        block_k=bkb, num_threads=nt)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _block_sizes(block_sizes) -> CpuFlashBlockSizes:
+  if block_sizes is None:
+    return CpuFlashBlockSizes()
+  if isinstance(block_sizes, CpuFlashBlockSizes):
+    return block_sizes
+  bq, bk = getattr(block_sizes, "block_q", None), getattr(block_sizes, "block_k", None)
+  if bq is None and bk is None:
+    raise NotImplementedError(f"'cpu_flash' takes CpuFlashBlockSizes (or an object with "
+                              f"block_q/block_k), got {type(block_sizes).__name__}")
+  if bk is not None and bk % 16:
+    raise NotImplementedError(f"'cpu_flash' needs block_k to be a multiple of 16, got {bk}")
+  return CpuFlashBlockSizes(bq, bk)
+
+
+def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None):
+  """The 'cpu_flash' implementation; same contract as :func:`attnjax.attention`.
+
+  Raises ``NotImplementedError`` (so ``'auto'`` falls back) when the kernel is not
+  built for this machine or the call uses a feature it does not serve.
+  """
+  unsupported = [name for name, val in (("bias", a.bias), ("score_mod", a.score_mod),
+                                        ("softcap", a.softcap),
+                                        ("segment ids", a.q_segment_ids)) if val is not None]
+  if unsupported:
+    raise NotImplementedError(f"'cpu_flash' does not support {', '.join(unsupported)}")
+  if a.H % 16 or a.Hv % 16:
+    raise NotImplementedError(f"'cpu_flash' needs head dims that are multiples of 16, got "
+                              f"H={a.H}, Hv={a.Hv}")
+  if a.mask is None:
+    lo = np.zeros((a.T,), np.int32)
+    hi = np.full((a.T,), a.S - 1, np.int32)
+  else:
+    band = a.mask.row_band(a.T, a.S)
+    if band is None:
+      raise NotImplementedError(f"'cpu_flash' serves band masks (lo(q) <= kv <= hi(q)), "
+                                f"not {a.mask.name}")
+    lo, hi = band
+  bs = _block_sizes(block_sizes)
+  reason = build.unavailable_reason()
+  if reason is not None:
+    raise NotImplementedError(f"'cpu_flash' kernel unavailable: {reason}")
+  bq, bkf, bkb, nt = bs.resolve()
+  cfg = (float(a.scale), int(bq), int(bkf), int(bkb), int(nt))
+  f32 = lambda x: x.astype(jnp.float32)
+  out, lse = _flash(f32(q), f32(k), f32(v), jnp.asarray(lo), jnp.asarray(hi), cfg)
+  if a.sinks is not None:
+    # The sink joins the denominator only: rescale the sink-free result.
+    lse_s = jnp.logaddexp(lse, f32(a.sinks)[None, :, None])
+    out = out * jnp.exp(lse - lse_s).transpose(0, 2, 1)[..., None]
+    lse = lse_s
+  out = out.astype(q.dtype)
+  return (out, lse) if return_lse else out

@@ -1,0 +1,516 @@
+// attnjax CPU flash attention: an XLA FFI custom call for the CPU backend.
+//
+// Blockwise online-softmax attention ("FlashAttention", Dao et al.; the backward of
+// "FlashAttention-2") in float32 with AVX-512 register-tiled GEMMs and its own
+// thread split.  XLA:CPU runs a blockwise while-loop on one core; this kernel splits
+// (batch, head, query-block) work items over all cores in the forward and
+// (batch, kv-head, key-block) items in the backward.
+//
+// Layouts (BTNH, as attnjax.attention):
+//   q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], N = K * G (GQA; K/V are never
+//   repeated), o [B, T, N, Hv], lse [B, N, T] (natural log; -inf for empty rows).
+// Masking: query row t attends to keys lo[t] <= s <= hi[t] (inclusive; lo > hi is an
+//   empty row, which gives o = 0, lse = -inf and zero gradients).  Tiles entirely
+//   outside every row's band are skipped; tiles entirely inside are not masked.
+// Backward inputs: do [B, T, N, Hv], lse, and delta [B, N, T] = rowsum(do * o) - dlse.
+//
+// Compiled at first use by attnjax/cpu/build.py with -O3 -march=native.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------- memory, threads
+
+struct Buffer {
+  float* p = nullptr;
+  explicit Buffer(size_t n) {
+    size_t bytes = ((std::max<size_t>(n, 1) * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  }
+  ~Buffer() { std::free(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+int NumThreads(int64_t requested) {
+  if (requested > 0) return static_cast<int>(requested);
+  if (const char* env = std::getenv("ATTNJAX_CPU_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs f(item, thread_id) for item in [0, n), items handed out dynamically.
+template <class F>
+void ParallelFor(int64_t n, int nthreads, F&& f) {
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, n));
+  if (nthreads <= 1) {
+    for (int64_t i = 0; i < n; ++i) f(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int tid) {
+    for (;;) {
+      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      f(i, tid);
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads - 1);
+  for (int t = 1; t < nthreads; ++t) threads.emplace_back(worker, t);
+  worker(0);
+  for (auto& t : threads) t.join();
+}
+
+// ---------------------------------------------------------------- vector math
+
+// 2^x for x <= ~0; x = -inf (or anything below -200) gives exactly 0.
+inline __m512 Exp2(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
+  // Taylor series of 2^f = e^(f ln 2) to degree 7 (relative error < 1e-8 here).
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float Exp2Scalar(float x) { return x == kNegInf ? 0.0f : std::exp2(x); }
+
+// ---------------------------------------------------------------- GEMM micro-kernels
+
+// C[MR, 16*NV] (+)= sum_p A(r, p) * B[p, 0:16*NV], A(r, p) = A[r*sai + p*sak] (any
+// strides: A is read as broadcast scalars), B rows contiguous with row stride ldb.
+template <int MR, int NV, bool ACC>
+void Micro(int64_t kd, const float* __restrict A, int64_t sai, int64_t sak,
+           const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = ACC ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < kd; ++p) {
+    __m512 b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + p * ldb + 16 * v);
+    const float* a = A + p * sak;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512 ar = _mm512_set1_ps(a[r * sai]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                         float*, int64_t);
+
+template <bool ACC, int MR, int... NV>
+constexpr std::array<MicroFn, sizeof...(NV)> MicroRow(std::integer_sequence<int, NV...>) {
+  return {&Micro<MR, NV + 1, ACC>...};
+}
+
+template <bool ACC, int NVMAX, int... MR>
+constexpr std::array<std::array<MicroFn, NVMAX>, sizeof...(MR)> MicroTable(
+    std::integer_sequence<int, MR...>) {
+  return {MicroRow<ACC, MR + 1>(std::make_integer_sequence<int, NVMAX>())...};
+}
+
+// C[M, Nc] (+)= A(M x Kd) @ B[Kd, Nc]; Nc a multiple of 16.
+template <bool ACC, int MRMAX, int NVMAX>
+void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_t sak,
+          const float* B, int64_t ldb, float* C, int64_t ldc) {
+  static constexpr auto table =
+      MicroTable<ACC, NVMAX>(std::make_integer_sequence<int, MRMAX>());
+  for (int64_t j = 0; j < Nc; j += 16 * NVMAX) {
+    const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (Nc - j) / 16));
+    for (int64_t i = 0; i < M; i += MRMAX) {
+      const int mr = static_cast<int>(std::min<int64_t>(MRMAX, M - i));
+      table[mr - 1][nv - 1](Kd, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc);
+    }
+  }
+}
+
+// Wide outputs (score tiles) and head-dim outputs use different register tilings.
+constexpr int kWideMR = 8, kWideNV = 3;
+constexpr int kHeadMR = 6, kHeadNV = 4;
+
+// ---------------------------------------------------------------- geometry, masks
+
+struct Geometry {
+  int64_t B, T, S, N, K, H, Hv, G, bq, bk, nq, nk;
+};
+
+// Per query block: bounds of the rows' allowed key ranges (only rows < T count).
+struct QBlockBand {
+  int64_t min_lo, max_lo, min_hi, max_hi;  // max_lo = +big if some row is empty
+  bool any;                                // some row has a key
+};
+
+std::vector<QBlockBand> BlockBands(const Geometry& g, const int32_t* lo, const int32_t* hi) {
+  std::vector<QBlockBand> out(g.nq);
+  constexpr int64_t kBig = int64_t{1} << 40;
+  for (int64_t qb = 0; qb < g.nq; ++qb) {
+    QBlockBand b{kBig, -kBig, kBig, -kBig, false};
+    for (int64_t t = qb * g.bq; t < std::min(g.T, (qb + 1) * g.bq); ++t) {
+      int64_t l = std::max<int64_t>(lo[t], 0), h = std::min<int64_t>(hi[t], g.S - 1);
+      if (l > h) {
+        b.max_lo = kBig;  // an empty row: no tile of this block is "full"
+        continue;
+      }
+      b.any = true;
+      b.min_lo = std::min(b.min_lo, l);
+      b.max_lo = std::max(b.max_lo, l);
+      b.min_hi = std::min(b.min_hi, h);
+      b.max_hi = std::max(b.max_hi, h);
+    }
+    out[qb] = b;
+  }
+  return out;
+}
+
+enum class Tile { kEmpty, kPartial, kFull };
+
+inline Tile Classify(const Geometry& g, const QBlockBand& b, int64_t kb) {
+  const int64_t j0 = kb * g.bk, j1 = j0 + g.bk - 1;
+  if (!b.any || b.max_hi < j0 || b.min_lo > j1) return Tile::kEmpty;
+  if (j1 <= g.S - 1 && b.max_lo <= j0 && b.min_hi >= j1) return Tile::kFull;
+  return Tile::kPartial;
+}
+
+// Sets s[r, j] = -inf outside row r's allowed range, for the rows < rows of a tile at
+// query t0 / key j0 (row stride ld; the tile is bk wide).
+void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_t j0,
+              int64_t S, const int32_t* lo, const int32_t* hi) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t l = std::max<int64_t>(lo[t0 + r], 0) - j0;
+    int64_t h = std::min<int64_t>(hi[t0 + r], S - 1) - j0;
+    float* row = s + r * ld;
+    if (l > h) {
+      std::fill(row, row + bk, kNegInf);
+      continue;
+    }
+    for (int64_t j = 0; j < std::min<int64_t>(l, bk); ++j) row[j] = kNegInf;
+    for (int64_t j = std::max<int64_t>(h + 1, 0); j < bk; ++j) row[j] = kNegInf;
+  }
+}
+
+// K^T packed per (b, kv head, key block): [H, bk], zero beyond S.  Returns the buffer
+// laid out [B, K, nk, H, bk].
+void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads) {
+  ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
+    const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
+    float* dst = out + item * H * g.bk;
+    for (int64_t jj = 0; jj < g.bk; ++jj) {
+      const int64_t s = kb * g.bk + jj;
+      if (s < g.S) {
+        const float* src = x + ((b * g.S + s) * g.K + kvh) * H;
+        for (int64_t h = 0; h < H; ++h) dst[h * g.bk + jj] = src[h];
+      } else {
+        for (int64_t h = 0; h < H; ++h) dst[h * g.bk + jj] = 0.0f;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- forward
+
+void Forward(const Geometry& g, const float* q, const float* k, const float* v,
+             const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
+             float* lse) {
+  const float c = scale * kLog2e;
+  const auto bands = BlockBands(g, lo, hi);
+  Buffer kt(g.B * g.K * g.nk * g.H * g.bk);
+  PackTransposed(g, k, g.H, kt.p, nthreads);
+
+  ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
+    // Largest blocks first under causal masks: later query blocks see more keys.
+    const int64_t qb = g.nq - 1 - item % g.nq, bn = item / g.nq, n = bn % g.N,
+                  b = bn / g.N, kvh = n / g.G;
+    const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
+    const QBlockBand& band = bands[qb];
+    thread_local std::vector<float> scratch;
+    scratch.resize(g.bq * g.bk + g.bq * g.Hv + 2 * g.bq);
+    float* s = scratch.data();
+    float* acc = s + g.bq * g.bk;
+    float* m = acc + g.bq * g.Hv;
+    float* l = m + g.bq;
+    std::fill(acc, acc + rows * g.Hv, 0.0f);
+    std::fill(m, m + rows, kNegInf);
+    std::fill(l, l + rows, 0.0f);
+
+    const int64_t ldq = g.N * g.H, ldv = g.K * g.Hv;
+    const float* qrows = q + ((b * g.T + t0) * g.N + n) * g.H;
+    if (band.any) {
+      for (int64_t kb = band.min_lo / g.bk; kb <= band.max_hi / g.bk; ++kb) {
+        const Tile tile = Classify(g, band, kb);
+        if (tile == Tile::kEmpty) continue;
+        const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
+        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, ldq, 1,
+                                      kt.p + ((b * g.K + kvh) * g.nk + kb) * g.H * g.bk,
+                                      g.bk, s, g.bk);
+        if (tile == Tile::kPartial) MaskTile(s, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
+        const __m512 vc = _mm512_set1_ps(c);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = s + r * g.bk;
+          __m512 mx = _mm512_set1_ps(kNegInf);
+          for (int64_t j = 0; j < g.bk; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+          const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx) * c);
+          const float m_use = m_new == kNegInf ? 0.0f : m_new;
+          const float alpha = Exp2Scalar(m[r] - m_use);
+          const __m512 vm = _mm512_set1_ps(m_use);
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t j = 0; j < g.bk; j += 16) {
+            __m512 p = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
+            _mm512_storeu_ps(row + j, p);
+            sum = _mm512_add_ps(sum, p);
+          }
+          l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+          m[r] = m_new;
+          if (alpha != 1.0f) {
+            float* a = acc + r * g.Hv;
+            const __m512 va = _mm512_set1_ps(alpha);
+            for (int64_t d = 0; d < g.Hv; d += 16)
+              _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), va));
+          }
+        }
+        Gemm<true, kHeadMR, kHeadNV>(rows, g.Hv, cols, s, g.bk, 1,
+                                     v + ((b * g.S + j0) * g.K + kvh) * g.Hv, ldv, acc, g.Hv);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = t0 + r;
+      float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
+      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+      const __m512 vi = _mm512_set1_ps(inv);
+      for (int64_t d = 0; d < g.Hv; d += 16)
+        _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * g.Hv + d), vi));
+      lse[(b * g.N + n) * g.T + t] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+void Backward(const Geometry& g, const float* q, const float* k, const float* v,
+              const float* dout, const float* lse, const float* delta, const int32_t* lo,
+              const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
+  const float c = scale * kLog2e;
+  const auto bands = BlockBands(g, lo, hi);
+  Buffer kt(g.B * g.K * g.nk * g.H * g.bk), vt(g.B * g.K * g.nk * g.Hv * g.bk);
+  PackTransposed(g, k, g.H, kt.p, nthreads);
+  PackTransposed(g, v, g.Hv, vt.p, nthreads);
+  const int64_t nitems = g.B * g.K * g.nk;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, nitems));
+  const int64_t qsize = g.B * g.T * g.N * g.H;
+  // Thread 0 accumulates dq in place; the others into private copies, summed at the end.
+  Buffer dq_private(std::max(nthreads - 1, 0) * qsize);
+  std::fill(dq, dq + qsize, 0.0f);
+  std::fill(dq_private.p, dq_private.p + std::max(nthreads - 1, 0) * qsize, 0.0f);
+
+  const int64_t ldq = g.N * g.H, ldo = g.N * g.Hv, ldk = g.K * g.H;
+  ParallelFor(nitems, nthreads, [&](int64_t item, int tid) {
+    const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
+    const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
+    float* dqt = tid == 0 ? dq : dq_private.p + (tid - 1) * qsize;
+    thread_local std::vector<float> scratch;
+    scratch.resize(2 * g.bq * g.bk + g.bk * (g.H + g.Hv));
+    float* p = scratch.data();
+    float* ds = p + g.bq * g.bk;
+    float* dk_acc = ds + g.bq * g.bk;
+    float* dv_acc = dk_acc + g.bk * g.H;
+    std::fill(dk_acc, dk_acc + g.bk * (g.H + g.Hv), 0.0f);
+    const float* ktile = kt.p + item * g.H * g.bk;
+    const float* vtile = vt.p + item * g.Hv * g.bk;
+    const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const int64_t n = kvh * g.G + gi;
+      for (int64_t qb = 0; qb < g.nq; ++qb) {
+        const Tile tile = Classify(g, bands[qb], kb);
+        if (tile == Tile::kEmpty) continue;
+        const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
+        const float* qrows = q + ((b * g.T + t0) * g.N + n) * g.H;
+        const float* dorows = dout + ((b * g.T + t0) * g.N + n) * g.Hv;
+        const float* lrow = lse + (b * g.N + n) * g.T + t0;
+        const float* drow = delta + (b * g.N + n) * g.T + t0;
+        // P = exp2(c * q.k - lse2)
+        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, ldq, 1, ktile, g.bk, p, g.bk);
+        if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
+        for (int64_t r = 0; r < rows; ++r) {
+          // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
+          const float l2 = lrow[r] == kNegInf ? std::numeric_limits<float>::infinity()
+                                              : lrow[r] * kLog2e;
+          const __m512 vl = _mm512_set1_ps(l2);
+          float* row = p + r * g.bk;
+          for (int64_t j = 0; j < g.bk; j += 16)
+            _mm512_storeu_ps(row + j, Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vl)));
+        }
+        // dV += P^T dO
+        Gemm<true, kHeadMR, kHeadNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, ldo, dv_acc, g.Hv);
+        // dP = dO V^T ; dS = scale * P * (dP - delta)
+        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.Hv, dorows, ldo, 1, vtile, g.bk, ds, g.bk);
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 vd = _mm512_set1_ps(drow[r]);
+          float* dsr = ds + r * g.bk;
+          const float* pr = p + r * g.bk;
+          for (int64_t j = 0; j < g.bk; j += 16) {
+            __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dsr + j), vd);
+            _mm512_storeu_ps(dsr + j, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_loadu_ps(pr + j)), vscale));
+          }
+        }
+        // dK += dS^T Q ; dQ += dS K
+        Gemm<true, kHeadMR, kHeadNV>(cols, g.H, rows, ds, 1, g.bk, qrows, ldq, dk_acc, g.H);
+        Gemm<true, kHeadMR, kHeadNV>(rows, g.H, cols, ds, g.bk, 1,
+                                     k + ((b * g.S + j0) * g.K + kvh) * g.H, ldk,
+                                     dqt + ((b * g.T + t0) * g.N + n) * g.H, ldq);
+      }
+    }
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      std::memcpy(dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H, dk_acc + jj * g.H,
+                  g.H * sizeof(float));
+      std::memcpy(dv + ((b * g.S + j0 + jj) * g.K + kvh) * g.Hv, dv_acc + jj * g.Hv,
+                  g.Hv * sizeof(float));
+    }
+  });
+  if (nthreads > 1) {
+    const int64_t chunk = 1 << 16;
+    ParallelFor((qsize + chunk - 1) / chunk, nthreads, [&](int64_t item, int) {
+      const int64_t i0 = item * chunk, i1 = std::min(qsize, i0 + chunk);
+      for (int t = 1; t < nthreads; ++t) {
+        const float* src = dq_private.p + (t - 1) * qsize;
+        for (int64_t i = i0; i < i1; ++i) dq[i] += src[i];
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- FFI bindings
+
+ffi::Error MakeGeometry(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                        ffi::Span<const int64_t> vd, int64_t block_q, int64_t block_k,
+                        Geometry* g) {
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("q, k, v must have rank 4");
+  g->B = qd[0], g->T = qd[1], g->N = qd[2], g->H = qd[3];
+  g->S = kd[1], g->K = kd[2], g->Hv = vd[3];
+  if (kd[0] != g->B || vd[0] != g->B || vd[1] != g->S || vd[2] != g->K || kd[3] != g->H)
+    return ffi::Error::InvalidArgument("q, k, v shapes do not match");
+  if (g->K <= 0 || g->N % g->K != 0)
+    return ffi::Error::InvalidArgument("num heads must be a multiple of num kv heads");
+  if (g->H % 16 != 0 || g->Hv % 16 != 0)
+    return ffi::Error::InvalidArgument("head dims must be multiples of 16");
+  if (block_q <= 0 || block_k <= 0 || block_k % 16 != 0)
+    return ffi::Error::InvalidArgument("block_k must be a positive multiple of 16");
+  g->G = g->N / g->K;
+  g->bq = block_q;
+  g->bk = block_k;
+  g->nq = (g->T + block_q - 1) / block_q;
+  g->nk = (g->S + block_k - 1) / block_k;
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
+                   int64_t block_q, int64_t block_k, int64_t num_threads,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  Geometry g;
+  if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
+      e.failure())
+    return e;
+  if (lo.element_count() != g.T || hi.element_count() != g.T)
+    return ffi::Error::InvalidArgument("lo and hi must have T entries");
+  Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(), hi.typed_data(),
+          scale, NumThreads(num_threads), o->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> lo,
+                   ffi::Buffer<ffi::S32> hi, float scale, int64_t block_q, int64_t block_k,
+                   int64_t num_threads, ffi::ResultBuffer<ffi::F32> dq,
+                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  Geometry g;
+  if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
+      e.failure())
+    return e;
+  if (lo.element_count() != g.T || hi.element_count() != g.T)
+    return ffi::Error::InvalidArgument("lo and hi must have T entries");
+  Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
+           lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
+           NumThreads(num_threads), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashFwd, FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("num_threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashBwd, BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("num_threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
