@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.cpu import build
+from attnjax.ops.chunked import sum_to_vma, vary_like
 from attnjax.ops.dense import AttentionArgs
 
 __all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available"]
@@ -97,7 +98,9 @@ def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_th
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, lo, hi, cfg):
   scale, bq, bkf, _, nt = cfg
-  return _ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bkf, num_threads=nt)
+  # Under shard_map the custom call's outputs vary like its inputs.
+  return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bkf,
+                            num_threads=nt), q, k, v, lo, hi)
 
 
 def _flash_fwd(q, k, v, lo, hi, cfg):
@@ -112,9 +115,10 @@ def _flash_bwd(cfg, res, cts):
   do = do.astype(jnp.float32)
   # d lse_i / d s_ij = p_ij, so an lse cotangent shifts delta: dS = P * (dP - delta).
   delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
-  dq, dk, dv = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq,
-                        block_k=bkb, num_threads=nt)
-  return dq, dk, dv, None, None
+  grads = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq, block_k=bkb,
+                   num_threads=nt)
+  grads = vary_like(grads, q, k, v, do, lse, delta, lo, hi)
+  return (*sum_to_vma(grads, (q, k, v)), None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
