@@ -44,8 +44,8 @@ class CpuFlashBlockSizes:
   """Tile sizes of the 'cpu_flash' kernel.
 
   Attributes:
-    block_q: query rows per work item (per query head); ``None``: 64.
-    block_k: keys per tile, a multiple of 16; ``None``: 128 forward, 256 backward.
+    block_q: query rows per work item (per query head); ``None``: 96.
+    block_k: keys per tile, a multiple of 16; ``None``: 128.
     num_threads: worker threads; ``None``/0: ``$ATTNJAX_CPU_THREADS`` or every CPU
       this process may run on.
   """
@@ -64,8 +64,9 @@ class CpuFlashBlockSizes:
                        f"{self.block_k}")
 
   def resolve(self):
-    """``(block_q, block_k_forward, block_k_backward, num_threads)``."""
-    return (self.block_q or 64, self.block_k or 128, self.block_k or 256,
+    """``(block_q, block_k_forward, block_k_backward, num_threads)``; the defaults
+    were measured with ``benchmarks/attention_cpu.py`` (B=1, N=8, H=64)."""
+    return (self.block_q or 96, self.block_k or 128, self.block_k or 128,
             self.num_threads or 0)
 
 

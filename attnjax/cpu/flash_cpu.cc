@@ -41,6 +41,7 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kSlack = 8.0f;  // forward: probabilities stay <= 2^8 before normalising
 
 // ---------------------------------------------------------------- memory, threads
 
@@ -171,8 +172,9 @@ void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_
 }
 
 // Wide outputs (score tiles) and head-dim outputs use different register tilings.
-constexpr int kWideMR = 8, kWideNV = 3;
+constexpr int kWideMR = 6, kWideNV = 4;
 constexpr int kHeadMR = 6, kHeadNV = 4;
+constexpr int64_t kStrip = 12;  // forward rows per fused scores/softmax/PV strip
 
 // ---------------------------------------------------------------- geometry, masks
 
@@ -252,6 +254,21 @@ void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, in
   });
 }
 
+// Copies rows [s0, s0 + n) of head `head` of x [B, L, heads, D] (batch b) into a
+// contiguous [n_pad, D] block, zero rows beyond L.  Rows at a stride of heads * D
+// floats alias in the L1 cache when the stride is a multiple of 4 KiB / a few rows,
+// so tiles are always packed before the GEMMs read them repeatedly.
+void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, int64_t head,
+              int64_t s0, int64_t n, int64_t n_pad, float* out) {
+  for (int64_t r = 0; r < n_pad; ++r) {
+    const int64_t s = s0 + r;
+    if (r < n && s < L)
+      std::memcpy(out + r * D, x + ((b * L + s) * heads + head) * D, D * sizeof(float));
+    else
+      std::fill(out + r * D, out + (r + 1) * D, 0.0f);
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 void Forward(const Geometry& g, const float* q, const float* k, const float* v,
@@ -261,6 +278,11 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v,
   const auto bands = BlockBands(g, lo, hi);
   Buffer kt(g.B * g.K * g.nk * g.H * g.bk);
   PackTransposed(g, k, g.H, kt.p, nthreads);
+  const int64_t Sp = g.nk * g.bk;
+  Buffer vp(g.B * g.K * Sp * g.Hv);  // V per (b, kv head): [Sp, Hv] contiguous
+  ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
+    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, Sp, vp.p + bh * Sp * g.Hv);
+  });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
     // Largest blocks first under causal masks: later query blocks see more keys.
@@ -269,52 +291,61 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v,
     const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
     const QBlockBand& band = bands[qb];
     thread_local std::vector<float> scratch;
-    scratch.resize(g.bq * g.bk + g.bq * g.Hv + 2 * g.bq);
+    scratch.resize(kStrip * g.bk + g.bq * g.Hv + 2 * g.bq + g.bq * g.H);
     float* s = scratch.data();
-    float* acc = s + g.bq * g.bk;
+    float* acc = s + kStrip * g.bk;
     float* m = acc + g.bq * g.Hv;
     float* l = m + g.bq;
+    float* qrows = l + g.bq;
+    PackRows(q, g.T, g.N, g.H, b, n, t0, rows, rows, qrows);
     std::fill(acc, acc + rows * g.Hv, 0.0f);
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, 0.0f);
 
-    const int64_t ldq = g.N * g.H, ldv = g.K * g.Hv;
-    const float* qrows = q + ((b * g.T + t0) * g.N + n) * g.H;
+    const float* vhead = vp.p + (b * g.K + kvh) * Sp * g.Hv;
+    const __m512 vc = _mm512_set1_ps(c);
     if (band.any) {
       for (int64_t kb = band.min_lo / g.bk; kb <= band.max_hi / g.bk; ++kb) {
         const Tile tile = Classify(g, band, kb);
         if (tile == Tile::kEmpty) continue;
         const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
-        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, ldq, 1,
-                                      kt.p + ((b * g.K + kvh) * g.nk + kb) * g.H * g.bk,
-                                      g.bk, s, g.bk);
-        if (tile == Tile::kPartial) MaskTile(s, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
-        const __m512 vc = _mm512_set1_ps(c);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* row = s + r * g.bk;
-          __m512 mx = _mm512_set1_ps(kNegInf);
-          for (int64_t j = 0; j < g.bk; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
-          const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx) * c);
-          const float m_use = m_new == kNegInf ? 0.0f : m_new;
-          const float alpha = Exp2Scalar(m[r] - m_use);
-          const __m512 vm = _mm512_set1_ps(m_use);
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t j = 0; j < g.bk; j += 16) {
-            __m512 p = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
-            _mm512_storeu_ps(row + j, p);
-            sum = _mm512_add_ps(sum, p);
+        const float* ktile = kt.p + ((b * g.K + kvh) * g.nk + kb) * g.H * g.bk;
+        // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
+        for (int64_t r0 = 0; r0 < rows; r0 += kStrip) {
+          const int64_t nr = std::min(kStrip, rows - r0);
+          Gemm<false, kWideMR, kWideNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s,
+                                        g.bk);
+          if (tile == Tile::kPartial) MaskTile(s, g.bk, nr, g.bk, t0 + r0, j0, g.S, lo, hi);
+          for (int64_t r = r0; r < r0 + nr; ++r) {
+            float* row = s + (r - r0) * g.bk;
+            __m512 mx_v = _mm512_set1_ps(kNegInf);
+            for (int64_t j = 0; j < g.bk; j += 16)
+              mx_v = _mm512_max_ps(mx_v, _mm512_loadu_ps(row + j));
+            // Lazy rescaling: the running max moves only when a logit exceeds it by more
+            // than kSlack (log2 units), so p <= 2^kSlack and most tiles skip the rescale.
+            const float m_old = m[r], mx = _mm512_reduce_max_ps(mx_v) * c;
+            const float m_new = mx > m_old + kSlack ? mx : m_old;
+            const float m_use = m_new == kNegInf ? 0.0f : m_new;
+            const float alpha = m_new == m_old ? 1.0f : Exp2Scalar(m_old - m_use);
+            const __m512 vm = _mm512_set1_ps(m_use);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < g.bk; j += 16) {
+              __m512 p = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
+              _mm512_storeu_ps(row + j, p);
+              sum = _mm512_add_ps(sum, p);
+            }
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+            m[r] = m_new;
+            if (alpha != 1.0f) {
+              float* a = acc + r * g.Hv;
+              const __m512 va = _mm512_set1_ps(alpha);
+              for (int64_t d = 0; d < g.Hv; d += 16)
+                _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), va));
+            }
           }
-          l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
-          m[r] = m_new;
-          if (alpha != 1.0f) {
-            float* a = acc + r * g.Hv;
-            const __m512 va = _mm512_set1_ps(alpha);
-            for (int64_t d = 0; d < g.Hv; d += 16)
-              _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), va));
-          }
+          Gemm<true, kHeadMR, kHeadNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
+                                       acc + r0 * g.Hv, g.Hv);
         }
-        Gemm<true, kHeadMR, kHeadNV>(rows, g.Hv, cols, s, g.bk, 1,
-                                     v + ((b * g.S + j0) * g.K + kvh) * g.Hv, ldv, acc, g.Hv);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -341,17 +372,27 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
   PackTransposed(g, v, g.Hv, vt.p, nthreads);
   const int64_t nitems = g.B * g.K * g.nk;
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, nitems));
-  const int64_t qsize = g.B * g.T * g.N * g.H;
-  // Thread 0 accumulates dq in place; the others into private copies, summed at the end.
-  Buffer dq_private(std::max(nthreads - 1, 0) * qsize);
-  std::fill(dq, dq + qsize, 0.0f);
-  std::fill(dq_private.p, dq_private.p + std::max(nthreads - 1, 0) * qsize, 0.0f);
+  // Contiguous per-head copies: Q, dO [B, N, Tp, D]; K [B, K, Sp, H].
+  const int64_t Tp = g.nq * g.bq, Sp = g.nk * g.bk;
+  Buffer qp(g.B * g.N * Tp * g.H), dop(g.B * g.N * Tp * g.Hv), kp(g.B * g.K * Sp * g.H);
+  ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
+    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, Tp, qp.p + bn * Tp * g.H);
+    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, Tp, dop.p + bn * Tp * g.Hv);
+  });
+  ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
+    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, Sp, kp.p + bh * Sp * g.H);
+  });
+  // Each thread accumulates dq into its own packed copy; they are summed at the end.
+  const int64_t qsize = g.B * g.N * Tp * g.H;
+  Buffer dq_private(nthreads * qsize);
+  ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
+    std::fill(dq_private.p + t * qsize, dq_private.p + (t + 1) * qsize, 0.0f);
+  });
 
-  const int64_t ldq = g.N * g.H, ldo = g.N * g.Hv, ldk = g.K * g.H;
   ParallelFor(nitems, nthreads, [&](int64_t item, int tid) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
-    float* dqt = tid == 0 ? dq : dq_private.p + (tid - 1) * qsize;
+    float* dqt = dq_private.p + tid * qsize;
     thread_local std::vector<float> scratch;
     scratch.resize(2 * g.bq * g.bk + g.bk * (g.H + g.Hv));
     float* p = scratch.data();
@@ -361,19 +402,20 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
     std::fill(dk_acc, dk_acc + g.bk * (g.H + g.Hv), 0.0f);
     const float* ktile = kt.p + item * g.H * g.bk;
     const float* vtile = vt.p + item * g.Hv * g.bk;
+    const float* krows = kp.p + (bh * Sp + j0) * g.H;
     const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
     for (int64_t gi = 0; gi < g.G; ++gi) {
-      const int64_t n = kvh * g.G + gi;
+      const int64_t n = kvh * g.G + gi, bn = b * g.N + n;
       for (int64_t qb = 0; qb < g.nq; ++qb) {
         const Tile tile = Classify(g, bands[qb], kb);
         if (tile == Tile::kEmpty) continue;
         const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
-        const float* qrows = q + ((b * g.T + t0) * g.N + n) * g.H;
-        const float* dorows = dout + ((b * g.T + t0) * g.N + n) * g.Hv;
-        const float* lrow = lse + (b * g.N + n) * g.T + t0;
-        const float* drow = delta + (b * g.N + n) * g.T + t0;
+        const float* qrows = qp.p + (bn * Tp + t0) * g.H;
+        const float* dorows = dop.p + (bn * Tp + t0) * g.Hv;
+        const float* lrow = lse + bn * g.T + t0;
+        const float* drow = delta + bn * g.T + t0;
         // P = exp2(c * q.k - lse2)
-        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, ldq, 1, ktile, g.bk, p, g.bk);
+        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
         if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
         for (int64_t r = 0; r < rows; ++r) {
           // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
@@ -385,23 +427,23 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
             _mm512_storeu_ps(row + j, Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vl)));
         }
         // dV += P^T dO
-        Gemm<true, kHeadMR, kHeadNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, ldo, dv_acc, g.Hv);
+        Gemm<true, kHeadMR, kHeadNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, g.Hv, dv_acc, g.Hv);
         // dP = dO V^T ; dS = scale * P * (dP - delta)
-        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.Hv, dorows, ldo, 1, vtile, g.bk, ds, g.bk);
+        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.Hv, dorows, g.Hv, 1, vtile, g.bk, ds, g.bk);
         for (int64_t r = 0; r < rows; ++r) {
           const __m512 vd = _mm512_set1_ps(drow[r]);
           float* dsr = ds + r * g.bk;
           const float* pr = p + r * g.bk;
           for (int64_t j = 0; j < g.bk; j += 16) {
             __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dsr + j), vd);
-            _mm512_storeu_ps(dsr + j, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_loadu_ps(pr + j)), vscale));
+            _mm512_storeu_ps(dsr + j,
+                             _mm512_mul_ps(_mm512_mul_ps(x, _mm512_loadu_ps(pr + j)), vscale));
           }
         }
         // dK += dS^T Q ; dQ += dS K
-        Gemm<true, kHeadMR, kHeadNV>(cols, g.H, rows, ds, 1, g.bk, qrows, ldq, dk_acc, g.H);
-        Gemm<true, kHeadMR, kHeadNV>(rows, g.H, cols, ds, g.bk, 1,
-                                     k + ((b * g.S + j0) * g.K + kvh) * g.H, ldk,
-                                     dqt + ((b * g.T + t0) * g.N + n) * g.H, ldq);
+        Gemm<true, kHeadMR, kHeadNV>(cols, g.H, rows, ds, 1, g.bk, qrows, g.H, dk_acc, g.H);
+        Gemm<true, kHeadMR, kHeadNV>(rows, g.H, cols, ds, g.bk, 1, krows, g.H,
+                                     dqt + (bn * Tp + t0) * g.H, g.H);
       }
     }
     for (int64_t jj = 0; jj < cols; ++jj) {
@@ -411,16 +453,17 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
                   g.Hv * sizeof(float));
     }
   });
-  if (nthreads > 1) {
-    const int64_t chunk = 1 << 16;
-    ParallelFor((qsize + chunk - 1) / chunk, nthreads, [&](int64_t item, int) {
-      const int64_t i0 = item * chunk, i1 = std::min(qsize, i0 + chunk);
-      for (int t = 1; t < nthreads; ++t) {
-        const float* src = dq_private.p + (t - 1) * qsize;
-        for (int64_t i = i0; i < i1; ++i) dq[i] += src[i];
-      }
-    });
-  }
+  // dq[b, t, n] = sum over threads of the packed partials.
+  ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
+    const int64_t b = bn / g.N, n = bn % g.N;
+    for (int64_t t = 0; t < g.T; ++t) {
+      float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
+      const float* src = dq_private.p + (bn * Tp + t) * g.H;
+      std::memcpy(dst, src, g.H * sizeof(float));
+      for (int th = 1; th < nthreads; ++th)
+        for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * qsize + d];
+    }
+  });
 }
 
 // ---------------------------------------------------------------- FFI bindings
