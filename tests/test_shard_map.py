@@ -33,11 +33,14 @@ CASES = {
     "causal_bias_sinks": dict(mask=masks.causal(), use_bias=True, use_sinks=True),
     "segments_alibi": dict(use_seg=True, score_mod=score_mods.alibi(score_mods.alibi_slopes(4))),
     "window_softcap": dict(mask=masks.sliding_window(8, 4), softcap=20.0),
+    "causal_sinks": dict(mask=masks.causal(), use_sinks=True),
 }
+# 'cpu_flash' (C++ custom call) serves band masks and sinks only.
+CPU_FLASH_CASES = ("plain", "causal_sinks")
+PARAMS = [(i, c) for i in IMPLS for c in sorted(CASES)] + [("cpu_flash", c) for c in CPU_FLASH_CASES]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("impl,case", PARAMS)
 def test_attention_under_shard_map_matches_plain_call(impl, case):
   cfg = CASES[case]
   rng = np.random.default_rng(abs(hash((impl, case))) % 2**31)
