@@ -12,16 +12,17 @@ import importlib as _importlib
 
 from attnjax import masks, score_mods
 from attnjax.dispatch import IMPLEMENTATIONS, attention
+from attnjax.cpu.flash import CpuFlashBlockSizes
 from attnjax.ops.chunked import ChunkedBlockSizes
 from attnjax.ops.dense import reference_attention
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("ops", "kernels", "layers", "variants", "models", "parallel", "data",
+_LAZY_MODULES = ("ops", "kernels", "cpu", "layers", "variants", "models", "parallel", "data",
                  "train", "analysis")
 
 __all__ = ["attention", "reference_attention", "masks", "score_mods", "IMPLEMENTATIONS",
-           "ChunkedBlockSizes", "flax_attention_fn", *_LAZY_MODULES]
+           "ChunkedBlockSizes", "CpuFlashBlockSizes", "flax_attention_fn", *_LAZY_MODULES]
 
 
 def __getattr__(name):
