@@ -282,15 +282,16 @@ void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, in
 
 // ---------------------------------------------------------------- forward
 
-void Forward(const Geometry& g, const float* q, const float* k, const float* v,
+bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
              const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
              float* lse) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
-  Buffer kt(g.B * g.K * g.nk * g.H * g.bk);
-  PackTransposed(g, k, g.H, kt.p, nthreads);
   const int64_t Sp = g.nk * g.bk;
+  Buffer kt(g.B * g.K * g.nk * g.H * g.bk);
   Buffer vp(g.B * g.K * Sp * g.Hv);  // V per (b, kv head): [Sp, Hv] contiguous
+  if (!kt.p || !vp.p) return false;
+  PackTransposed(g, k, g.H, kt.p, nthreads);
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
     PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, Sp, vp.p + bh * Sp * g.Hv);
   });
@@ -378,16 +379,18 @@ void Forward(const Geometry& g, const float* q, const float* k, const float* v,
       lse[(b * g.N + n) * g.T + t] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
     }
   });
+  return true;
 }
 
 // ---------------------------------------------------------------- backward
 
-void Backward(const Geometry& g, const float* q, const float* k, const float* v,
+bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
               const float* dout, const float* lse, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   Buffer kt(g.B * g.K * g.nk * g.H * g.bk), vt(g.B * g.K * g.nk * g.Hv * g.bk);
+  if (!kt.p || !vt.p) return false;
   PackTransposed(g, k, g.H, kt.p, nthreads);
   PackTransposed(g, v, g.Hv, vt.p, nthreads);
   const int64_t nitems = g.B * g.K * g.nk;
@@ -395,6 +398,7 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
   // Contiguous per-head copies: Q, dO [B, N, Tp, D]; K [B, K, Sp, H].
   const int64_t Tp = g.nq * g.bq, Sp = g.nk * g.bk;
   Buffer qp(g.B * g.N * Tp * g.H), dop(g.B * g.N * Tp * g.Hv), kp(g.B * g.K * Sp * g.H);
+  if (!qp.p || !dop.p || !kp.p) return false;
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
     PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, Tp, qp.p + bn * Tp * g.H);
     PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, Tp, dop.p + bn * Tp * g.Hv);
@@ -405,6 +409,7 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
   // Each thread accumulates dq into its own packed copy; they are summed at the end.
   const int64_t qsize = g.B * g.N * Tp * g.H;
   Buffer dq_private(nthreads * qsize);
+  if (!dq_private.p) return false;
   ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
     std::fill(dq_private.p + t * qsize, dq_private.p + (t + 1) * qsize, 0.0f);
   });
@@ -484,6 +489,7 @@ void Backward(const Geometry& g, const float* q, const float* k, const float* v,
         for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * qsize + d];
     }
   });
+  return true;
 }
 
 // ---------------------------------------------------------------- FFI bindings
@@ -519,10 +525,14 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
       e.failure())
     return e;
-  if (lo.element_count() != g.T || hi.element_count() != g.T)
+  if (static_cast<int64_t>(lo.element_count()) != g.T ||
+      static_cast<int64_t>(hi.element_count()) != g.T)
     return ffi::Error::InvalidArgument("lo and hi must have T entries");
-  Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(), hi.typed_data(),
-          scale, NumThreads(num_threads), o->typed_data(), lse->typed_data());
+  if (!Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(),
+               hi.typed_data(), scale, NumThreads(num_threads), o->typed_data(),
+               lse->typed_data()))
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "attnjax cpu_flash forward: out of memory for packed K/V");
   return ffi::Error::Success();
 }
 
@@ -536,11 +546,18 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
       e.failure())
     return e;
-  if (lo.element_count() != g.T || hi.element_count() != g.T)
+  if (static_cast<int64_t>(lo.element_count()) != g.T ||
+      static_cast<int64_t>(hi.element_count()) != g.T)
     return ffi::Error::InvalidArgument("lo and hi must have T entries");
-  Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
-           lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
-           NumThreads(num_threads), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  if (static_cast<int64_t>(dout.element_count()) != g.B * g.T * g.N * g.Hv ||
+      static_cast<int64_t>(lse.element_count()) != g.B * g.N * g.T ||
+      static_cast<int64_t>(delta.element_count()) != g.B * g.N * g.T)
+    return ffi::Error::InvalidArgument("do must be [B, T, N, Hv]; lse, delta [B, N, T]");
+  if (!Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
+                lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
+                NumThreads(num_threads), dq->typed_data(), dk->typed_data(), dv->typed_data()))
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "attnjax cpu_flash backward: out of memory for packed tiles");
   return ffi::Error::Success();
 }
 
