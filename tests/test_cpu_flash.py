@@ -129,25 +129,9 @@ class TestCpuFlash(AttentionTestBase):
     q, k, v = make_qkv(19, 1, 20, 20, 2, 1, 24, 24, jnp.float32)
     self._unsupported("multiples of 16", q, k, v, mask=masks.causal())
 
-  def test_fully_masked_rows_are_zero_with_zero_grads(self):
-    T, S = 40, 40
-    q, k, v = make_qkv(19, 2, T, S, 2, 1, 32, 32, jnp.float32)
-    m = masks.causal(-7)                      # rows 0..6 see no key
-    f = lambda q, k, v: self.attn(q, k, v, mask=m)
-    out, vjp = jax.vjp(f, q, k, v)
-    dq, dk, dv = vjp(rnd(4, out.shape))
-    for x in (out, dq, dk, dv):
-      assert np.all(np.isfinite(np.asarray(x)))
-    np.testing.assert_array_equal(np.asarray(out)[:, :7], 0.0)
-    np.testing.assert_array_equal(np.asarray(dq)[:, :7], 0.0)
-    self.check(q, k, v, jnp.float32, mask=m)
-    none = masks.causal(-100)                 # everything masked
-    o, lse = self.attn(q, k, v, mask=none, return_lse=True)
-    np.testing.assert_array_equal(np.asarray(o), 0.0)
-    assert np.all(np.asarray(lse) == -np.inf)
-    g = jax.grad(lambda q, k, v: self.attn(q, k, v, mask=none).sum(), argnums=(0, 1, 2))(q, k, v)
-    for x in g:
-      np.testing.assert_array_equal(np.asarray(x), 0.0)
+  def empty_rows_case(self, T, S):
+    # Band masks only: rows 0..6 see no key; causal(-100) masks everything.
+    return masks.causal(-7), list(range(7)), masks.causal(-100)
 
   # -------------------------------------------------- dispatch, errors, build
   def test_auto_uses_kernel_for_long_sequences(self):
