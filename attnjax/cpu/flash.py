@@ -64,10 +64,9 @@ class CpuFlashBlockSizes:
                        f"{self.block_k}")
 
   def resolve(self):
-    """``(block_q, block_k_forward, block_k_backward, num_threads)``; the defaults
-    were measured with ``benchmarks/attention_cpu.py`` (B=1, N=8, H=64)."""
-    return (self.block_q or 96, self.block_k or 128, self.block_k or 128,
-            self.num_threads or 0)
+    """``(block_q, block_k, num_threads)`` with defaults filled in (measured with
+    ``benchmarks/attention_cpu.py``, B=1, N=8, H=64); forward and backward share them."""
+    return self.block_q or 96, self.block_k or 128, self.num_threads or 0
 
 
 def available() -> bool:
@@ -98,9 +97,9 @@ def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_th
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, lo, hi, cfg):
-  scale, bq, bkf, _, nt = cfg
+  scale, bq, bk, nt = cfg
   # Under shard_map the custom call's outputs vary like its inputs.
-  return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bkf,
+  return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bk,
                             num_threads=nt), q, k, v, lo, hi)
 
 
@@ -110,13 +109,13 @@ def _flash_fwd(q, k, v, lo, hi, cfg):
 
 
 def _flash_bwd(cfg, res, cts):
-  scale, bq, _, bkb, nt = cfg
+  scale, bq, bk, nt = cfg
   q, k, v, lo, hi, out, lse = res
   do, dlse = cts
   do = do.astype(jnp.float32)
   # d lse_i / d s_ij = p_ij, so an lse cotangent shifts delta: dS = P * (dP - delta).
   delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
-  grads = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq, block_k=bkb,
+  grads = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq, block_k=bk,
                    num_threads=nt)
   grads = vary_like(grads, q, k, v, do, lse, delta, lo, hi)
   return (*sum_to_vma(grads, (q, k, v)), None, None)
@@ -166,8 +165,8 @@ def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_si
   reason = build.unavailable_reason()
   if reason is not None:
     raise NotImplementedError(f"'cpu_flash' kernel unavailable: {reason}")
-  bq, bkf, bkb, nt = bs.resolve()
-  cfg = (float(a.scale), int(bq), int(bkf), int(bkb), int(nt))
+  bq, bk, nt = bs.resolve()
+  cfg = (float(a.scale), int(bq), int(bk), int(nt))
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(f32(q), f32(k), f32(v), jnp.asarray(lo), jnp.asarray(hi), cfg)
   if a.sinks is not None:
