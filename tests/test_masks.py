@@ -954,3 +954,27 @@ def test_block_table_batch_dependent_from_fn():
     check_table(tab, dense(m, 10, 10, 2, 2), 4, 4, exact=True)
     tab = np.broadcast_to(tab, (2, 2, 3, 3))
     assert (tab[1] == M.FULL).all() and (tab[0] != M.FULL).any()
+
+
+@pytest.mark.parametrize("mask", [
+    M.full(), M.causal(), M.causal(-5), M.causal(7), M.sliding_window(4, 2), M.chunked(6),
+    M.prefix_lm(9), M.causal() & M.sliding_window(3), M.chunked(8) & M.causal(),
+    M.causal(2).shifted(3, 1)], ids=lambda m: m.name)
+def test_row_band_equals_dense_mask(mask):
+  T, S = 23, 29
+  lo, hi = mask.row_band(T, S)
+  assert lo.shape == hi.shape == (T,) and lo.dtype == hi.dtype == np.int32
+  kv = np.arange(S)
+  band = (kv[None, :] >= lo[:, None]) & (kv[None, :] <= hi[:, None])
+  np.testing.assert_array_equal(band, mask.to_array(T, S)[0, 0])
+
+
+def test_row_band_traced_offset_and_non_bands():
+  lo, hi = jax.jit(lambda off: M.causal(off).row_band(6, 9))(jnp.int32(2))
+  np.testing.assert_array_equal(hi, np.arange(6) + 2)
+  np.testing.assert_array_equal(lo, np.full(6, -1))
+  for m in [M.neighborhood((4, 4), 3), M.causal() | M.sliding_window(2), ~M.causal(),
+            M.dual_triangle(), M.from_array(np.ones((16, 16), bool))]:
+    assert m.row_band(16, 16) is None, m.name
+  with pytest.raises(ValueError, match="grid"):
+    M.neighborhood((4, 4), 3).row_band(15, 15)
