@@ -182,9 +182,8 @@ void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_
   }
 }
 
-// Wide outputs (score tiles) and head-dim outputs use different register tilings.
-constexpr int kWideMR = 6, kWideNV = 4;
-constexpr int kHeadMR = 6, kHeadNV = 4;
+// Register tile of every GEMM: 6 rows x 4 vectors (24 accumulators of 32 registers).
+constexpr int kMR = 6, kNV = 4;
 constexpr int64_t kStrip = 12;  // forward rows per fused scores/softmax/PV strip
 
 // ---------------------------------------------------------------- geometry, masks
@@ -247,8 +246,8 @@ void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_
   }
 }
 
-// K^T packed per (b, kv head, key block): [H, bk], zero beyond S.  Returns the buffer
-// laid out [B, K, nk, H, bk].
+// Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out,
+// laid out [B, K, nk, H, bk], zero beyond S.
 void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads) {
   ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
@@ -266,14 +265,14 @@ void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, in
 }
 
 // Copies rows [s0, s0 + n) of head `head` of x [B, L, heads, D] (batch b) into a
-// contiguous [n_pad, D] block, zero rows beyond L.  Rows at a stride of heads * D
+// contiguous [n, D] block, zero rows beyond L.  Rows at a stride of heads * D
 // floats alias in the L1 cache when the stride is a multiple of 4 KiB / a few rows,
 // so tiles are always packed before the GEMMs read them repeatedly.
 void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, int64_t head,
-              int64_t s0, int64_t n, int64_t n_pad, float* out) {
-  for (int64_t r = 0; r < n_pad; ++r) {
+              int64_t s0, int64_t n, float* out) {
+  for (int64_t r = 0; r < n; ++r) {
     const int64_t s = s0 + r;
-    if (r < n && s < L)
+    if (s < L)
       std::memcpy(out + r * D, x + ((b * L + s) * heads + head) * D, D * sizeof(float));
     else
       std::fill(out + r * D, out + (r + 1) * D, 0.0f);
@@ -293,7 +292,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
   if (!kt.p || !vp.p) return false;
   PackTransposed(g, k, g.H, kt.p, nthreads);
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, Sp, vp.p + bh * Sp * g.Hv);
+    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, vp.p + bh * Sp * g.Hv);
   });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
@@ -310,7 +309,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
     float* l = m + g.bq;
     float* qrows = l + g.bq;
     float* rmax = qrows + g.bq * g.H;
-    PackRows(q, g.T, g.N, g.H, b, n, t0, rows, rows, qrows);
+    PackRows(q, g.T, g.N, g.H, b, n, t0, rows, qrows);
     std::fill(acc, acc + rows * g.Hv, 0.0f);
     std::fill(m, m + rows, kNegInf);
     std::fill(l, l + rows, 0.0f);
@@ -328,7 +327,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
           const int64_t nr = std::min(kStrip, rows - r0);
           std::fill(rmax, rmax + 16 * nr, kNegInf);
           const bool full = tile == Tile::kFull;
-          Gemm<false, kWideMR, kWideNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s,
+          Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s,
                                         g.bk, full ? rmax : nullptr);
           if (!full) {
             MaskTile(s, g.bk, nr, g.bk, t0 + r0, j0, g.S, lo, hi);
@@ -364,7 +363,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
                 _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), va));
             }
           }
-          Gemm<true, kHeadMR, kHeadNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
+          Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
                                        acc + r0 * g.Hv, g.Hv);
         }
       }
@@ -400,11 +399,11 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
   Buffer qp(g.B * g.N * Tp * g.H), dop(g.B * g.N * Tp * g.Hv), kp(g.B * g.K * Sp * g.H);
   if (!qp.p || !dop.p || !kp.p) return false;
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
-    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, Tp, qp.p + bn * Tp * g.H);
-    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, Tp, dop.p + bn * Tp * g.Hv);
+    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, qp.p + bn * Tp * g.H);
+    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, dop.p + bn * Tp * g.Hv);
   });
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, Sp, kp.p + bh * Sp * g.H);
+    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, kp.p + bh * Sp * g.H);
   });
   // Each thread accumulates dq into its own packed copy; they are summed at the end.
   const int64_t qsize = g.B * g.N * Tp * g.H;
@@ -440,7 +439,7 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
         const float* lrow = lse + bn * g.T + t0;
         const float* drow = delta + bn * g.T + t0;
         // P = exp2(c * q.k - lse2)
-        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
+        Gemm<false, kMR, kNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
         if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
         for (int64_t r = 0; r < rows; ++r) {
           // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
@@ -452,9 +451,9 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
             _mm512_storeu_ps(row + j, Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vl)));
         }
         // dV += P^T dO
-        Gemm<true, kHeadMR, kHeadNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, g.Hv, dv_acc, g.Hv);
+        Gemm<true, kMR, kNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, g.Hv, dv_acc, g.Hv);
         // dP = dO V^T ; dS = scale * P * (dP - delta)
-        Gemm<false, kWideMR, kWideNV>(rows, g.bk, g.Hv, dorows, g.Hv, 1, vtile, g.bk, ds, g.bk);
+        Gemm<false, kMR, kNV>(rows, g.bk, g.Hv, dorows, g.Hv, 1, vtile, g.bk, ds, g.bk);
         for (int64_t r = 0; r < rows; ++r) {
           const __m512 vd = _mm512_set1_ps(drow[r]);
           float* dsr = ds + r * g.bk;
@@ -466,8 +465,8 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
           }
         }
         // dK += dS^T Q ; dQ += dS K
-        Gemm<true, kHeadMR, kHeadNV>(cols, g.H, rows, ds, 1, g.bk, qrows, g.H, dk_acc, g.H);
-        Gemm<true, kHeadMR, kHeadNV>(rows, g.H, cols, ds, g.bk, 1, krows, g.H,
+        Gemm<true, kMR, kNV>(cols, g.H, rows, ds, 1, g.bk, qrows, g.H, dk_acc, g.H);
+        Gemm<true, kMR, kNV>(rows, g.H, cols, ds, g.bk, 1, krows, g.H,
                                      dqt + (bn * Tp + t0) * g.H, g.H);
       }
     }
