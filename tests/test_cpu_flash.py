@@ -5,6 +5,7 @@ features it does not serve, checks that an explicit request raises
 NotImplementedError naming the feature and that a fallback list moves on.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import attnjax
 from attnjax import masks
 from attnjax.cpu import build
+from attnjax.cpu import flash
 from attnjax.cpu.flash import CpuFlashBlockSizes
 from test_attention import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
@@ -40,6 +42,7 @@ def _custom_calls(fn, *args):
 
 class TestCpuFlash(AttentionTestBase):
   IMPL = "cpu_flash"
+  MATMUL = "auto"
   # Small tiles so the short test sequences cross several tiles (empty, partial, full).
   BLOCK_SIZES = CpuFlashBlockSizes(block_q=8, block_k=16)
 
@@ -64,7 +67,7 @@ class TestCpuFlash(AttentionTestBase):
   def test_many_tiles_default_blocks(self, mask):
     """Default tile sizes over 3 x 3 tiles with ragged edges; the last mask leaves
     the first 40 rows empty."""
-    self.BLOCK_SIZES = None
+    self.BLOCK_SIZES = CpuFlashBlockSizes(matmul=self.MATMUL)
     q, k, v = make_qkv(50, 1, 181, 181, 6, 2, 64, 64, jnp.float32)
     self.check(q, k, v, jnp.float32, mask=mask)
 
@@ -72,7 +75,7 @@ class TestCpuFlash(AttentionTestBase):
     q, k, v = make_qkv(51, 2, 90, 77, 4, 2, 32, 32, jnp.float32)
     outs = []
     for n in (1, 3):
-      bs = CpuFlashBlockSizes(block_q=8, block_k=16, num_threads=n)
+      bs = dataclasses.replace(self.BLOCK_SIZES, num_threads=n)
       f = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal(-13), block_sizes=bs,
                                             implementation="cpu_flash")
       out, vjp = jax.vjp(f, q, k, v)
@@ -167,10 +170,48 @@ class TestCpuFlash(AttentionTestBase):
       CpuFlashBlockSizes(block_q=0)
     with pytest.raises(ValueError, match="num_threads"):
       CpuFlashBlockSizes(num_threads=-2)
+    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512'\]"):
+      CpuFlashBlockSizes(matmul="tf32")
+    with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
+      CpuFlashBlockSizes(block_k=48, matmul="amx")
     q, k, v = make_qkv(62, 1, 16, 16, 2, 1, 32, 32, jnp.float32)
     with pytest.raises(NotImplementedError, match="multiple of 16"):
       attnjax.attention(q, k, v, implementation="cpu_flash",
                         block_sizes=attnjax.ChunkedBlockSizes(8, 40))
+
+
+@pytest.mark.skipif(not flash.has_amx(), reason="the CPU has no AMX-BF16 tiles")
+class TestCpuFlashAmx(TestCpuFlash):
+  """The forward on AMX tiles: float32 data split into three bf16 pieces each
+  ("bf16x6"), bf16 data as is; the whole suite again, f32 tolerances for f32 data."""
+  MATMUL = "amx"
+  # 40 query rows: one full 32-row strip and one padded strip; 32-key tiles.
+  BLOCK_SIZES = CpuFlashBlockSizes(block_q=40, block_k=32, matmul="amx")
+
+  def _forward(self, q, k, v, matmul):
+    bs = CpuFlashBlockSizes(block_q=40, block_k=32, matmul=matmul)
+    return np.asarray(attnjax.attention(q, k, v, mask=masks.causal(), block_sizes=bs,
+                                        implementation="cpu_flash"))
+
+  def test_auto_takes_amx_for_bf16_data_only(self):
+    """'auto' runs AMX exactly when q, k, v hold bf16 values (bit-identical to
+    matmul='amx'), else AVX-512 (bit-identical to 'avx512'); the two engines differ
+    in the last bits, so the identities tell which one ran."""
+    q, k, v = make_qkv(70, 1, 75, 75, 4, 2, 64, 64, jnp.float32)
+    as_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    for data, engine in (((q, k, v), "avx512"), (tuple(map(as_bf16, (q, k, v))), "amx")):
+      other = "amx" if engine == "avx512" else "avx512"
+      auto = self._forward(*data, "auto")
+      np.testing.assert_array_equal(auto, self._forward(*data, engine))
+      assert not np.array_equal(auto, self._forward(*data, other))
+
+  def test_bf16_data_keeps_float32_accuracy(self):
+    """bf16 values in float32 arrays: the scores are exact tile products and P is
+    split in three pieces, so the result meets the float32 tolerance."""
+    q, k, v = make_qkv(71, 2, 67, 90, 4, 1, 64, 32, jnp.bfloat16)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    self.BLOCK_SIZES = CpuFlashBlockSizes(block_q=40, block_k=32, matmul="auto")
+    self.check(q, k, v, jnp.float32, mask=masks.sliding_window(20, 5))
 
 
 def test_disabled_by_environment():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["load", "unavailable_reason", "cache_dir"]
+__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx"]
 
 _SOURCE = Path(__file__).with_name("flash_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
@@ -115,9 +115,20 @@ def load() -> str | None:
     for symbol, name in TARGETS.items():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                   platform="cpu")
+    _LIB.append(lib)
   except (OSError, AttributeError) as e:
     return f"loading {path} failed: {e}"
   return None
+
+
+_LIB: list = []  # the loaded library, once load() succeeded
+
+
+@functools.lru_cache(maxsize=None)
+def has_amx() -> bool:
+  """True when the loaded kernels can use AMX tiles (CPU support and the Linux
+  permission for the tile state)."""
+  return load() is None and bool(_LIB[0].AttnjaxCpuHasAmx())
 
 
 def unavailable_reason() -> str | None:

@@ -36,7 +36,10 @@ from attnjax.cpu import build
 from attnjax.ops.chunked import sum_to_vma, vary_like
 from attnjax.ops.dense import AttentionArgs
 
-__all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available"]
+__all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available", "has_amx"]
+
+# CpuFlashBlockSizes.matmul -> the kernel's "matmul" attribute.
+MATMULS = {"auto": 0, "avx512": 1, "amx": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +51,17 @@ class CpuFlashBlockSizes:
     block_k: keys per tile, a multiple of 16; ``None``: 128.
     num_threads: worker threads; ``None``/0: ``$ATTNJAX_CPU_THREADS`` or every CPU
       this process may run on.
+    matmul: the forward's matmul engine.  ``'auto'``: AMX tiles when the CPU has
+      AMX-BF16 (Sapphire Rapids and later) and q, k, v are all bf16 values (e.g. bf16
+      arrays), else AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``: AMX
+      tiles also for float32 data, each float split exactly into three bf16 pieces
+      ("bf16x6", float32 accuracy, about as fast as AVX-512); needs AMX and a
+      block_k that is a multiple of 32.  The backward always runs on AVX-512.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_threads: Optional[int] = None
+  matmul: str = "auto"
 
   def __post_init__(self):
     for name in ("block_q", "block_k", "num_threads"):
@@ -62,6 +72,12 @@ class CpuFlashBlockSizes:
     if self.block_k is not None and self.block_k % 16:
       raise ValueError(f"CpuFlashBlockSizes.block_k must be a multiple of 16, got "
                        f"{self.block_k}")
+    if self.matmul not in MATMULS:
+      raise ValueError(f"CpuFlashBlockSizes.matmul must be one of {sorted(MATMULS)}, got "
+                       f"{self.matmul!r}")
+    if self.matmul == "amx" and self.block_k is not None and self.block_k % 32:
+      raise ValueError(f"CpuFlashBlockSizes.block_k must be a multiple of 32 with "
+                       f"matmul='amx', got {self.block_k}")
 
   def resolve(self):
     """``(block_q, block_k, num_threads)`` with defaults filled in (measured with
@@ -74,7 +90,12 @@ def available() -> bool:
   return build.unavailable_reason() is None
 
 
-def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads):
+def has_amx() -> bool:
+  """True when the kernel can run its forward on AMX tiles on this machine."""
+  return available() and build.has_amx()
+
+
+def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul):
   B, T, N, _ = q.shape
   Hv = v.shape[-1]
   return jax.ffi.ffi_call(
@@ -83,7 +104,8 @@ def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads):
        jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
       vmap_method="sequential",
   )(q, k, v, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
-    block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+    block_k=np.int64(block_k), num_threads=np.int64(num_threads),
+    matmul=np.int64(MATMULS[matmul]))
 
 
 def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads):
@@ -97,10 +119,10 @@ def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_th
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, lo, hi, cfg):
-  scale, bq, bk, nt = cfg
+  scale, bq, bk, nt, mm = cfg
   # Under shard_map the custom call's outputs vary like its inputs.
   return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bk,
-                            num_threads=nt), q, k, v, lo, hi)
+                            num_threads=nt, matmul=mm), q, k, v, lo, hi)
 
 
 def _flash_fwd(q, k, v, lo, hi, cfg):
@@ -109,7 +131,7 @@ def _flash_fwd(q, k, v, lo, hi, cfg):
 
 
 def _flash_bwd(cfg, res, cts):
-  scale, bq, bk, nt = cfg
+  scale, bq, bk, nt, _ = cfg
   q, k, v, lo, hi, out, lse = res
   do, dlse = cts
   do = do.astype(jnp.float32)
@@ -165,8 +187,14 @@ def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_si
   reason = build.unavailable_reason()
   if reason is not None:
     raise NotImplementedError(f"'cpu_flash' kernel unavailable: {reason}")
+  if bs.matmul == "amx" and not build.has_amx():
+    raise NotImplementedError("'cpu_flash' with matmul='amx' needs a CPU with AMX-BF16 "
+                              "(and Linux granting the tile state)")
   bq, bk, nt = bs.resolve()
-  cfg = (float(a.scale), int(bq), int(bk), int(nt))
+  if bs.matmul == "amx" and bk % 32:
+    raise NotImplementedError(f"'cpu_flash' with matmul='amx' needs block_k to be a "
+                              f"multiple of 32, got {bk}")
+  cfg = (float(a.scale), int(bq), int(bk), int(nt), bs.matmul)
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(f32(q), f32(k), f32(v), jnp.asarray(lo), jnp.asarray(hi), cfg)
   if a.sinks is not None:

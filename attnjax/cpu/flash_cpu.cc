@@ -26,11 +26,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -92,9 +95,11 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 
 // ---------------------------------------------------------------- vector math
 
-// 2^x for x <= ~0; x = -inf (or anything below -200) gives exactly 0.
+// 2^x for x <= ~0.  With kClamp, x = -inf (or anything below -200) gives exactly 0;
+// without it x must be finite (unmasked logits).
+template <bool kClamp = true>
 inline __m512 Exp2(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  if (kClamp) x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
   // Degree-5 polynomial for 2^f on [-0.5, 0.5], fitted for relative error (<= 2.2e-7
@@ -281,9 +286,90 @@ void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, in
 
 // ---------------------------------------------------------------- forward
 
-bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
-             const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
-             float* lse) {
+// The output of query block qb of head n: o = acc / l, lse = (m + log2 l) ln 2, with
+// l the lane sum of lv [rows, 16].
+void WriteRows(const Geometry& g, int64_t b, int64_t n, int64_t t0, int64_t rows,
+               const float* acc, const float* m, const float* lv, float* o, float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r;
+    float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
+    const float lr = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + 16 * r));
+    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int64_t d = 0; d < g.Hv; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * g.Hv + d), vi));
+    lse[(b * g.N + n) * g.T + t] = lr > 0.0f ? (m[r] + std::log2(lr)) * kLn2 : kNegInf;
+  }
+}
+
+// Lane-wise maxima of a row of n floats (n a multiple of 16).
+inline __m512 RowMax(const float* row, int64_t n) {
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+  return mx;
+}
+
+// One row's online-softmax step over a tile: row holds the tile's logits (-inf where
+// masked, kMasked), mx_v their lane-wise maxima; m is the row's running max (log2
+// units), lv its running sum (16 lanes, summed in WriteRows), acc_row its [Hv] output
+// accumulator.  Calls put(j, p) with the probabilities p = 2^(c * logit - m) of
+// columns j..j+15.
+template <bool kMasked, class Put>
+inline void SoftmaxRow(const float* row, int64_t bk, __m512 mx_v, float c, float& m,
+                       float* lv, float* acc_row, int64_t Hv, Put&& put) {
+  // Lazy rescaling: the running max moves only when a logit exceeds it by more than
+  // kSlack (log2 units), so p <= 2^kSlack and most tiles skip the rescale (and the
+  // horizontal max).
+  const __m512 vc = _mm512_set1_ps(c);
+  float m_new = m, alpha = 1.0f;
+  if (_mm512_cmp_ps_mask(_mm512_mul_ps(mx_v, vc), _mm512_set1_ps(m + kSlack), _CMP_GT_OQ)) {
+    m_new = _mm512_reduce_max_ps(mx_v) * c;
+    alpha = m == kNegInf ? 0.0f : Exp2Scalar(m - m_new);
+  }
+  const __m512 vm = _mm512_set1_ps(m_new == kNegInf ? 0.0f : m_new);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < bk; j += 16) {
+    const __m512 p = Exp2<kMasked>(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
+    put(j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  m = m_new;
+  if (alpha != 1.0f) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    sum = _mm512_fmadd_ps(_mm512_loadu_ps(lv), va, sum);
+    for (int64_t d = 0; d < Hv; d += 16)
+      _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), va));
+  } else {
+    sum = _mm512_add_ps(_mm512_loadu_ps(lv), sum);
+  }
+  _mm512_storeu_ps(lv, sum);
+}
+
+// Calls f(kb, tile, j0) for the key blocks of a query block that are not empty.
+template <class F>
+inline void ForEachTile(const Geometry& g, const QBlockBand& band, F&& f) {
+  if (!band.any) return;
+  for (int64_t kb = band.min_lo / g.bk; kb <= band.max_hi / g.bk; ++kb) {
+    const Tile tile = Classify(g, band, kb);
+    if (tile != Tile::kEmpty) f(kb, tile, kb * g.bk);
+  }
+}
+
+// Work item `item` of the forward: (batch, head, query block), largest blocks first
+// under causal masks (later query blocks see more keys).
+struct ForwardItem {
+  int64_t b, n, kvh, qb, t0, rows;
+  ForwardItem(const Geometry& g, int64_t item) {
+    qb = g.nq - 1 - item % g.nq;
+    const int64_t bn = item / g.nq;
+    n = bn % g.N, b = bn / g.N, kvh = n / g.G;
+    t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
+  }
+};
+
+bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const float* v,
+                   const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
+                   float* lse) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Sp = g.nk * g.bk;
@@ -296,89 +382,352 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
   });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
-    // Largest blocks first under causal masks: later query blocks see more keys.
-    const int64_t qb = g.nq - 1 - item % g.nq, bn = item / g.nq, n = bn % g.N,
-                  b = bn / g.N, kvh = n / g.G;
-    const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
-    const QBlockBand& band = bands[qb];
+    const ForwardItem it(g, item);
+    const QBlockBand& band = bands[it.qb];
     thread_local std::vector<float> scratch;
-    scratch.resize(kStrip * g.bk + g.bq * g.Hv + 2 * g.bq + g.bq * g.H + 16 * kStrip);
+    scratch.resize(kStrip * g.bk + g.bq * g.Hv + 17 * g.bq + g.bq * g.H + 16 * kStrip);
     float* s = scratch.data();
     float* acc = s + kStrip * g.bk;
     float* m = acc + g.bq * g.Hv;
-    float* l = m + g.bq;
-    float* qrows = l + g.bq;
+    float* l = m + g.bq;  // [bq, 16] lane sums
+    float* qrows = l + 16 * g.bq;
     float* rmax = qrows + g.bq * g.H;
-    PackRows(q, g.T, g.N, g.H, b, n, t0, rows, qrows);
-    std::fill(acc, acc + rows * g.Hv, 0.0f);
-    std::fill(m, m + rows, kNegInf);
-    std::fill(l, l + rows, 0.0f);
+    PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, qrows);
+    std::fill(acc, acc + it.rows * g.Hv, 0.0f);
+    std::fill(m, m + it.rows, kNegInf);
+    std::fill(l, l + 16 * it.rows, 0.0f);
 
-    const float* vhead = vp.p + (b * g.K + kvh) * Sp * g.Hv;
-    const __m512 vc = _mm512_set1_ps(c);
-    if (band.any) {
-      for (int64_t kb = band.min_lo / g.bk; kb <= band.max_hi / g.bk; ++kb) {
-        const Tile tile = Classify(g, band, kb);
-        if (tile == Tile::kEmpty) continue;
-        const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
-        const float* ktile = kt.p + ((b * g.K + kvh) * g.nk + kb) * g.H * g.bk;
-        // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
-        for (int64_t r0 = 0; r0 < rows; r0 += kStrip) {
-          const int64_t nr = std::min(kStrip, rows - r0);
-          std::fill(rmax, rmax + 16 * nr, kNegInf);
-          const bool full = tile == Tile::kFull;
-          Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s,
-                                        g.bk, full ? rmax : nullptr);
-          if (!full) {
-            MaskTile(s, g.bk, nr, g.bk, t0 + r0, j0, g.S, lo, hi);
-            for (int64_t r = 0; r < nr; ++r) {
-              __m512 mx_v = _mm512_set1_ps(kNegInf);
-              for (int64_t j = 0; j < g.bk; j += 16)
-                mx_v = _mm512_max_ps(mx_v, _mm512_loadu_ps(s + r * g.bk + j));
-              _mm512_storeu_ps(rmax + 16 * r, mx_v);
-            }
+    const float* vhead = vp.p + (it.b * g.K + it.kvh) * Sp * g.Hv;
+    ForEachTile(g, band, [&](int64_t kb, Tile tile, int64_t j0) {
+      const int64_t cols = std::min(g.bk, g.S - j0);
+      const float* ktile = kt.p + ((it.b * g.K + it.kvh) * g.nk + kb) * g.H * g.bk;
+      // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
+      for (int64_t r0 = 0; r0 < it.rows; r0 += kStrip) {
+        const int64_t nr = std::min(kStrip, it.rows - r0);
+        std::fill(rmax, rmax + 16 * nr, kNegInf);
+        const bool full = tile == Tile::kFull;
+        Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s, g.bk,
+                              full ? rmax : nullptr);
+        if (!full) {
+          MaskTile(s, g.bk, nr, g.bk, it.t0 + r0, j0, g.S, lo, hi);
+          for (int64_t r = 0; r < nr; ++r) _mm512_storeu_ps(rmax + 16 * r, RowMax(s + r * g.bk, g.bk));
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          float* row = s + r * g.bk;
+          auto put = [row](int64_t j, __m512 p) { _mm512_storeu_ps(row + j, p); };
+          const __m512 mx = _mm512_loadu_ps(rmax + 16 * r);
+          float* lr = l + 16 * (r0 + r);
+          float* ar = acc + (r0 + r) * g.Hv;
+          if (full)
+            SoftmaxRow<false>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+          else
+            SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+        }
+        Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
+                             acc + r0 * g.Hv, g.Hv);
+      }
+    });
+    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
+  });
+  return true;
+}
+
+// ---------------------------------------------------------------- AMX (bf16 tiles)
+//
+// Sapphire Rapids and later have AMX: 8 tile registers of 16 rows x 64 bytes and a
+// bf16 tile product with float32 accumulation (TDPBF16PS, 16x16 outputs, 32-deep).
+// Float32 GEMMs run on it in "bf16x6" form: every float32 x is split exactly into
+// three bf16 pieces x = x0 + x1 + x2 (truncating split, |x1| < 2^-7 |x|,
+// |x2| < 2^-14 |x|) and A @ B = sum over the piece pairs (i, j) with i + j <= 2 of
+// A_i @ B_j.  The dropped pairs weigh < 2^-20 of |a||b| per product, below the
+// float32 rounding of a 64-term dot product.  Inputs that are exactly bf16 (every
+// low half-word zero, e.g. bf16 arrays cast to float32) have a single piece, so
+// their pairs drop to one (scores) or three (P @ V).
+
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define ATTNJAX_AMX 1
+#else
+#define ATTNJAX_AMX 0
+#endif
+
+constexpr int kPieces = 3;
+constexpr int64_t kAmxRows = 32;  // forward rows per strip: two 16-row tiles
+
+using bf16 = uint16_t;
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+#if ATTNJAX_AMX
+#define ATTNJAX_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+
+bool AmxAvailable() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile register: 16 rows x 64 bytes (16 float32 or 32 bf16 per row).
+ATTNJAX_AMX_TARGET void ConfigureTiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+// The three bf16 pieces of 16 floats, as float32 values (low half-words zero).
+inline void SplitPieces(__m512 x, __m512 out[kPieces]) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  out[0] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), hi));
+  const __m512 r = _mm512_sub_ps(x, out[0]);
+  out[1] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), hi));
+  out[2] = _mm512_sub_ps(r, out[1]);
+}
+
+// 16 bf16-valued floats as 16 bf16 (exact: the conversion has nothing to round).
+ATTNJAX_AMX_TARGET inline __m256i ToBf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// Splits 16 floats into their three pieces, stored as bf16 at out[0], out[stride],
+// out[2 * stride].
+ATTNJAX_AMX_TARGET inline void Split3(__m512 x, bf16* out, int64_t stride) {
+  __m512 pc[kPieces];
+  SplitPieces(x, pc);
+  for (int p = 0; p < kPieces; ++p)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * stride), ToBf16(pc[p]));
+}
+
+#endif  // ATTNJAX_AMX
+
+#if ATTNJAX_AMX
+
+// True when every element of x is a bf16 value (its low half-word is zero).
+bool IsBf16Exact(const float* x, int64_t n) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= u[i];
+  return (any & 0xFFFFu) == 0;
+}
+
+// Packs x [B, S, K, D] (K or V) per (b, kv head, key block) into `pieces` bf16
+// pieces in the VNNI order of a tile-product B operand (pairs along the reduction
+// dimension are adjacent).  Keys as columns (for Q K^T; D is the reduction):
+// [piece][Dp / 2][bk][2], element (d, s) at [d / 2][s][d % 2].  Keys as reduction
+// (for P V): [piece][bk / 2][D][2], element (s, d) at [s / 2][d][s % 2].  Zero beyond S
+// and D (D % 16 == 0, Dp % 32 == 0).  Block stride: pieces * Dp * bk.
+ATTNJAX_AMX_TARGET void PackPieces(const Geometry& g, const float* x, int64_t D, int64_t Dp,
+                                   bool keys_as_columns, int pieces, bf16* out,
+                                   int nthreads) {
+  ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
+    const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
+    bf16* dst = out + item * pieces * Dp * g.bk;
+    const int64_t piece = Dp * g.bk, cols = std::min(g.bk, g.S - kb * g.bk);
+    std::fill(dst, dst + pieces * piece, bf16{0});
+    auto row = [&](int64_t jj) { return x + ((b * g.S + kb * g.bk + jj) * g.K + kvh) * D; };
+    __m512 pa[kPieces], pb[kPieces];
+    if (keys_as_columns) {
+      // 32 consecutive d of key jj are 16 words (d pairs), one per VNNI row.
+      const __m512i rows = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm512_set1_epi32(static_cast<int>(g.bk)));
+      for (int64_t jj = 0; jj < cols; ++jj) {
+        const float* src = row(jj);
+        for (int64_t d = 0; d < D; d += 32) {
+          SplitPieces(_mm512_loadu_ps(src + d), pa);
+          if (d + 16 < D) SplitPieces(_mm512_loadu_ps(src + d + 16), pb);
+          else for (auto& z : pb) z = _mm512_setzero_ps();
+          for (int p = 0; p < pieces; ++p) {
+            const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(pb[p], pa[p]);
+            _mm512_i32scatter_epi32(dst + p * piece + (d / 2) * 2 * g.bk + 2 * jj, rows, words,
+                                    4);
           }
-          for (int64_t r = r0; r < r0 + nr; ++r) {
-            float* row = s + (r - r0) * g.bk;
-            const __m512 mx_v = _mm512_loadu_ps(rmax + 16 * (r - r0));
-            // Lazy rescaling: the running max moves only when a logit exceeds it by more
-            // than kSlack (log2 units), so p <= 2^kSlack and most tiles skip the rescale.
-            const float m_old = m[r], mx = _mm512_reduce_max_ps(mx_v) * c;
-            const float m_new = mx > m_old + kSlack ? mx : m_old;
-            const float m_use = m_new == kNegInf ? 0.0f : m_new;
-            const float alpha = m_new == m_old ? 1.0f : Exp2Scalar(m_old - m_use);
-            const __m512 vm = _mm512_set1_ps(m_use);
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < g.bk; j += 16) {
-              __m512 p = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
-              _mm512_storeu_ps(row + j, p);
-              sum = _mm512_add_ps(sum, p);
-            }
-            l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
-            m[r] = m_new;
-            if (alpha != 1.0f) {
-              float* a = acc + r * g.Hv;
-              const __m512 va = _mm512_set1_ps(alpha);
-              for (int64_t d = 0; d < g.Hv; d += 16)
-                _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), va));
-            }
+        }
+      }
+    } else {
+      // Keys jj, jj + 1 interleave: word (s pair, d) = (x[jj + 1, d], x[jj, d]).
+      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+      for (int64_t jj = 0; jj < cols; jj += 2) {
+        for (int64_t d = 0; d < D; d += 16) {
+          SplitPieces(_mm512_loadu_ps(row(jj) + d), pa);
+          if (jj + 1 < cols) SplitPieces(_mm512_loadu_ps(row(jj + 1) + d), pb);
+          else for (auto& z : pb) z = _mm512_setzero_ps();
+          for (int p = 0; p < pieces; ++p) {
+            const __m512i words =
+                _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(pb[p]), hi),
+                                _mm512_srli_epi32(_mm512_castps_si512(pa[p]), 16));
+            _mm512_storeu_si512(dst + p * piece + (jj / 2) * 2 * Dp + 2 * d, words);
           }
-          Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
-                                       acc + r0 * g.Hv, g.Hv);
         }
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t t = t0 + r;
-      float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
-      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-      const __m512 vi = _mm512_set1_ps(inv);
-      for (int64_t d = 0; d < g.Hv; d += 16)
-        _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * g.Hv + d), vi));
-      lse[(b * g.N + n) * g.T + t] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+  });
+}
+
+// C[32, 16 nct] = (C if ACC else 0) + sum over piece pairs (i, j), i + j <= 2, of
+// A_i[32, kdim] @ B_j[kdim, 16 nct] on the AMX tiles.  A_i = a + i * a_piece is
+// row-major bf16 (row stride lda elements); B_j = b + j * b_piece is VNNI bf16
+// [kdim / 2][16 nct][2]; C is float32 (row stride ldc elements); kdim % 32 == 0.
+// Tiles: 0-3 C (2 x 2), 4-5 A, 6-7 B.
+template <bool ACC>
+ATTNJAX_AMX_TARGET void AmxGemm32(int64_t nct, int64_t kdim, const bf16* a, int64_t lda,
+                                  int64_t a_piece, int na, const bf16* b, int64_t b_piece,
+                                  int nb, float* c, int64_t ldc) {
+  const int64_t ldb = 32 * nct;  // elements per VNNI row
+  for (int64_t ct = 0; ct < nct; ct += 2) {
+    const bool two = ct + 1 < nct;
+    float* c0 = c + 16 * ct;
+    if (ACC) {
+      _tile_loadd(0, c0, ldc * 4);
+      _tile_loadd(2, c0 + 16 * ldc, ldc * 4);
+      if (two) {
+        _tile_loadd(1, c0 + 16, ldc * 4);
+        _tile_loadd(3, c0 + 16 * ldc + 16, ldc * 4);
+      }
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
     }
+    // Per 32-deep slice: each A_i once, then the B_j it pairs with (B_j stays in L1
+    // across the i's).  Smallest pairs first.
+    for (int64_t kc = 0; kc < kdim; kc += 32) {
+      const bf16* bk0 = b + 32 * ct + (kc / 2) * ldb;
+      for (int i = na - 1; i >= 0; --i) {
+        const bf16* ai = a + i * a_piece + kc;
+        _tile_loadd(4, ai, lda * 2);
+        _tile_loadd(5, ai + 16 * lda, lda * 2);
+        for (int j = std::min(nb, kPieces - i) - 1; j >= 0; --j) {
+          const bf16* bj = bk0 + j * b_piece;
+          _tile_loadd(6, bj, ldb * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two) {
+            _tile_loadd(7, bj + 32, ldb * 2);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+    }
+    _tile_stored(0, c0, ldc * 4);
+    _tile_stored(2, c0 + 16 * ldc, ldc * 4);
+    if (two) {
+      _tile_stored(1, c0 + 16, ldc * 4);
+      _tile_stored(3, c0 + 16 * ldc + 16, ldc * 4);
+    }
+  }
+}
+
+// The forward on AMX tiles; qn, kn, vn: the number of bf16 pieces of q, k, v (1 when
+// they are bf16-exact, else 3).
+ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const float* k,
+                                   const float* v, const int32_t* lo, const int32_t* hi,
+                                   float scale, int nthreads, int qn, int kn, int vn, float* o,
+                                   float* lse) {
+  const float c = scale * kLog2e;
+  const auto bands = BlockBands(g, lo, hi);
+  const int64_t Hp = RoundUp(g.H, 32), bqp = RoundUp(g.bq, kAmxRows);
+  const int64_t nblocks = g.B * g.K * g.nk;
+  std::vector<bf16> kpk, vpk;
+  try {
+    kpk.resize(nblocks * kn * Hp * g.bk);
+    vpk.resize(nblocks * vn * g.Hv * g.bk);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  PackPieces(g, k, g.H, Hp, /*keys_as_columns=*/true, kn, kpk.data(), nthreads);
+  PackPieces(g, v, g.Hv, g.Hv, /*keys_as_columns=*/false, vn, vpk.data(), nthreads);
+
+  ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
+    const ForwardItem it(g, item);
+    const QBlockBand& band = bands[it.qb];
+    thread_local std::vector<float> scratch;
+    thread_local std::vector<bf16> scratch16;
+    scratch.resize(kAmxRows * g.bk + bqp * g.Hv + 17 * bqp);
+    scratch16.resize(kPieces * (bqp * Hp + kAmxRows * g.bk));
+    float* s = scratch.data();
+    float* acc = s + kAmxRows * g.bk;
+    float* m = acc + bqp * g.Hv;
+    float* l = m + bqp;
+    bf16* qpk = scratch16.data();              // [piece][bqp][Hp]
+    bf16* ppk = qpk + kPieces * bqp * Hp;      // [piece][32][bk]
+    std::fill(qpk, qpk + qn * bqp * Hp, bf16{0});
+    for (int64_t r = 0; r < it.rows; ++r) {
+      const float* src = q + ((it.b * g.T + it.t0 + r) * g.N + it.n) * g.H;
+      for (int64_t d = 0; d < g.H; d += 16) Split3(_mm512_loadu_ps(src + d), qpk + r * Hp + d, bqp * Hp);
+    }
+    std::fill(acc, acc + bqp * g.Hv, 0.0f);
+    std::fill(m, m + bqp, kNegInf);
+    std::fill(l, l + 16 * bqp, 0.0f);
+    ConfigureTiles();
+    ForEachTile(g, band, [&](int64_t kb, Tile tile, int64_t j0) {
+      const int64_t blk = (it.b * g.K + it.kvh) * g.nk + kb;
+      const bf16* ktile = kpk.data() + blk * kn * Hp * g.bk;
+      const bf16* vtile = vpk.data() + blk * vn * g.Hv * g.bk;
+      for (int64_t r0 = 0; r0 < it.rows; r0 += kAmxRows) {
+        const int64_t nr = std::min(kAmxRows, it.rows - r0);
+        AmxGemm32<false>(g.bk / 16, Hp, qpk + r0 * Hp, Hp, bqp * Hp, qn, ktile, Hp * g.bk,
+                         kn, s, g.bk);
+        if (tile != Tile::kFull) MaskTile(s, g.bk, nr, g.bk, it.t0 + r0, j0, g.S, lo, hi);
+        for (int64_t r = 0; r < nr; ++r) {
+          const float* row = s + r * g.bk;
+          bf16* prow = ppk + r * g.bk;
+          auto put = [prow, &g](int64_t j, __m512 p) { Split3(p, prow + j, kAmxRows * g.bk); };
+          const __m512 mx = RowMax(row, g.bk);
+          float* lr = l + 16 * (r0 + r);
+          float* ar = acc + (r0 + r) * g.Hv;
+          if (tile == Tile::kFull)
+            SoftmaxRow<false>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+          else
+            SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+        }
+        AmxGemm32<true>(g.Hv / 16, g.bk, ppk, g.bk, kAmxRows * g.bk, kPieces, vtile,
+                        g.bk * g.Hv, vn, acc + r0 * g.Hv, g.Hv);
+      }
+    });
+    _tile_release();
+    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
   });
   return true;
+}
+
+#else
+bool AmxAvailable() { return false; }
+bool IsBf16Exact(const float*, int64_t) { return false; }
+bool ForwardAmx(const Geometry&, const float*, const float*, const float*, const int32_t*,
+                const int32_t*, float, int, int, int, int, float*, float*) {
+  return false;
+}
+#endif  // ATTNJAX_AMX
+
+// Matmul engines of the forward.  kAuto takes AMX when the CPU has it and q, k, v are
+// all bf16-exact (one bf16 piece each, so the tile products cost a third of the
+// float32 work); float32 data stays on AVX-512, where it is as fast as bf16x6 on AMX.
+enum class Matmul : int64_t { kAuto = 0, kAvx512 = 1, kAmx = 2 };
+
+bool AmxFits(const Geometry& g) { return g.bk % 32 == 0; }
+
+bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
+             const int32_t* lo, const int32_t* hi, float scale, int nthreads, Matmul mm,
+             float* o, float* lse) {
+  if (mm != Matmul::kAvx512 && AmxAvailable() && AmxFits(g)) {
+    const int qn = IsBf16Exact(q, g.B * g.T * g.N * g.H) ? 1 : kPieces;
+    const int kn = IsBf16Exact(k, g.B * g.S * g.K * g.H) ? 1 : kPieces;
+    const int vn = IsBf16Exact(v, g.B * g.S * g.K * g.Hv) ? 1 : kPieces;
+    if (mm == Matmul::kAmx || qn + kn + vn == 3)
+      return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn, o, lse);
+  }
+  return ForwardAvx512(g, q, k, v, lo, hi, scale, nthreads, o, lse);
 }
 
 // ---------------------------------------------------------------- backward
@@ -518,7 +867,7 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd
 
 ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
-                   int64_t block_q, int64_t block_k, int64_t num_threads,
+                   int64_t block_q, int64_t block_k, int64_t num_threads, int64_t matmul,
                    ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   Geometry g;
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
@@ -527,8 +876,14 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   if (static_cast<int64_t>(lo.element_count()) != g.T ||
       static_cast<int64_t>(hi.element_count()) != g.T)
     return ffi::Error::InvalidArgument("lo and hi must have T entries");
+  if (matmul < 0 || matmul > 2)
+    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (avx512) or 2 (amx)");
+  const Matmul mm = static_cast<Matmul>(matmul);
+  if (mm == Matmul::kAmx && !(AmxAvailable() && AmxFits(g)))
+    return ffi::Error::InvalidArgument(
+        "matmul='amx' needs a CPU with AMX-BF16 and block_k a multiple of 32");
   if (!Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(),
-               hi.typed_data(), scale, NumThreads(num_threads), o->typed_data(),
+               hi.typed_data(), scale, NumThreads(num_threads), mm, o->typed_data(),
                lse->typed_data()))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "attnjax cpu_flash forward: out of memory for packed K/V");
@@ -573,6 +928,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashFwd, FwdImpl,
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k")
                                   .Attr<int64_t>("num_threads")
+                                  .Attr<int64_t>("matmul")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -593,3 +949,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashBwd, BwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when the forward can use AMX tiles on this machine (read by attnjax.cpu.build).
+extern "C" int AttnjaxCpuHasAmx() { return AmxAvailable() ? 1 : 0; }
