@@ -53,7 +53,8 @@ class CpuFlashBlockSizes:
       this process may run on.
     matmul: the forward's matmul engine.  ``'auto'``: AMX tiles when the CPU has
       AMX-BF16 (Sapphire Rapids and later) and q, k, v are all bf16 values (e.g. bf16
-      arrays), else AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``: AMX
+      arrays; for a bf16 result, P is rounded to bf16 for ``P @ V``, as GPU flash
+      kernels do), else AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``: AMX
       tiles also for float32 data, each float split exactly into three bf16 pieces
       ("bf16x6", float32 accuracy, about as fast as AVX-512); needs AMX and a
       block_k that is a multiple of 32.  The backward always runs on AVX-512.
@@ -95,7 +96,7 @@ def has_amx() -> bool:
   return available() and build.has_amx()
 
 
-def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul):
+def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul, bf16_out):
   B, T, N, _ = q.shape
   Hv = v.shape[-1]
   return jax.ffi.ffi_call(
@@ -105,7 +106,7 @@ def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul):
       vmap_method="sequential",
   )(q, k, v, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
     block_k=np.int64(block_k), num_threads=np.int64(num_threads),
-    matmul=np.int64(MATMULS[matmul]))
+    matmul=np.int64(MATMULS[matmul]), bf16_out=bool(bf16_out))
 
 
 def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads):
@@ -119,10 +120,10 @@ def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_th
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, lo, hi, cfg):
-  scale, bq, bk, nt, mm = cfg
+  scale, bq, bk, nt, mm, bf16_out = cfg
   # Under shard_map the custom call's outputs vary like its inputs.
   return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bk,
-                            num_threads=nt, matmul=mm), q, k, v, lo, hi)
+                            num_threads=nt, matmul=mm, bf16_out=bf16_out), q, k, v, lo, hi)
 
 
 def _flash_fwd(q, k, v, lo, hi, cfg):
@@ -131,7 +132,7 @@ def _flash_fwd(q, k, v, lo, hi, cfg):
 
 
 def _flash_bwd(cfg, res, cts):
-  scale, bq, bk, nt, _ = cfg
+  scale, bq, bk, nt, _, _ = cfg
   q, k, v, lo, hi, out, lse = res
   do, dlse = cts
   do = do.astype(jnp.float32)
@@ -194,7 +195,10 @@ def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_si
   if bs.matmul == "amx" and bk % 32:
     raise NotImplementedError(f"'cpu_flash' with matmul='amx' needs block_k to be a "
                               f"multiple of 32, got {bk}")
-  cfg = (float(a.scale), int(bq), int(bk), int(nt), bs.matmul)
+  # A bf16 result lets the AMX forward round P to bf16 for P @ V (as GPU flash kernels
+  # do): its 2^-9 relative error is that of the bf16 output.
+  bf16_out = jnp.dtype(q.dtype) == jnp.bfloat16
+  cfg = (float(a.scale), int(bq), int(bk), int(nt), bs.matmul, bool(bf16_out))
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(f32(q), f32(k), f32(v), jnp.asarray(lo), jnp.asarray(hi), cfg)
   if a.sinks is not None:

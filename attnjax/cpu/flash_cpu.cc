@@ -511,11 +511,15 @@ ATTNJAX_AMX_TARGET inline void Split3(__m512 x, bf16* out, int64_t stride) {
 #if ATTNJAX_AMX
 
 // True when every element of x is a bf16 value (its low half-word is zero).
+// Stops at the first chunk with a float32-only value (at once for float32 data).
 bool IsBf16Exact(const float* x, int64_t n) {
   const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
-  uint32_t any = 0;
-  for (int64_t i = 0; i < n; ++i) any |= u[i];
-  return (any & 0xFFFFu) == 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+    uint32_t any = 0;
+    for (int64_t i = i0; i < std::min(n, i0 + 4096); ++i) any |= u[i];
+    if (any & 0xFFFFu) return false;
+  }
+  return true;
 }
 
 // Packs x [B, S, K, D] (K or V) per (b, kv head, key block) into `pieces` bf16
@@ -629,11 +633,12 @@ ATTNJAX_AMX_TARGET void AmxGemm32(int64_t nct, int64_t kdim, const bf16* a, int6
 }
 
 // The forward on AMX tiles; qn, kn, vn: the number of bf16 pieces of q, k, v (1 when
-// they are bf16-exact, else 3).
+// they are bf16-exact, else 3); pn: of the probabilities P (3, or 1 = P rounded to
+// bf16, for bf16 outputs).
 ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const float* k,
                                    const float* v, const int32_t* lo, const int32_t* hi,
-                                   float scale, int nthreads, int qn, int kn, int vn, float* o,
-                                   float* lse) {
+                                   float scale, int nthreads, int qn, int kn, int vn, int pn,
+                                   float* o, float* lse) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Hp = RoundUp(g.H, 32), bqp = RoundUp(g.bq, kAmxRows);
@@ -682,7 +687,12 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
         for (int64_t r = 0; r < nr; ++r) {
           const float* row = s + r * g.bk;
           bf16* prow = ppk + r * g.bk;
-          auto put = [prow, &g](int64_t j, __m512 p) { Split3(p, prow + j, kAmxRows * g.bk); };
+          auto put = [prow, pn, &g](int64_t j, __m512 p) {
+            if (pn == 1)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), ToBf16(p));
+            else
+              Split3(p, prow + j, kAmxRows * g.bk);
+          };
           const __m512 mx = RowMax(row, g.bk);
           float* lr = l + 16 * (r0 + r);
           float* ar = acc + (r0 + r) * g.Hv;
@@ -691,7 +701,7 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
           else
             SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
         }
-        AmxGemm32<true>(g.Hv / 16, g.bk, ppk, g.bk, kAmxRows * g.bk, kPieces, vtile,
+        AmxGemm32<true>(g.Hv / 16, g.bk, ppk, g.bk, kAmxRows * g.bk, pn, vtile,
                         g.bk * g.Hv, vn, acc + r0 * g.Hv, g.Hv);
       }
     });
@@ -705,7 +715,7 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
 bool AmxAvailable() { return false; }
 bool IsBf16Exact(const float*, int64_t) { return false; }
 bool ForwardAmx(const Geometry&, const float*, const float*, const float*, const int32_t*,
-                const int32_t*, float, int, int, int, int, float*, float*) {
+                const int32_t*, float, int, int, int, int, int, float*, float*) {
   return false;
 }
 #endif  // ATTNJAX_AMX
@@ -719,13 +729,16 @@ bool AmxFits(const Geometry& g) { return g.bk % 32 == 0; }
 
 bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
              const int32_t* lo, const int32_t* hi, float scale, int nthreads, Matmul mm,
-             float* o, float* lse) {
+             bool bf16_out, float* o, float* lse) {
   if (mm != Matmul::kAvx512 && AmxAvailable() && AmxFits(g)) {
     const int qn = IsBf16Exact(q, g.B * g.T * g.N * g.H) ? 1 : kPieces;
-    const int kn = IsBf16Exact(k, g.B * g.S * g.K * g.H) ? 1 : kPieces;
-    const int vn = IsBf16Exact(v, g.B * g.S * g.K * g.Hv) ? 1 : kPieces;
+    const int kn = mm == Matmul::kAmx || qn == 1
+                       ? (IsBf16Exact(k, g.B * g.S * g.K * g.H) ? 1 : kPieces) : kPieces;
+    const int vn = mm == Matmul::kAmx || qn + kn == 2
+                       ? (IsBf16Exact(v, g.B * g.S * g.K * g.Hv) ? 1 : kPieces) : kPieces;
     if (mm == Matmul::kAmx || qn + kn + vn == 3)
-      return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn, o, lse);
+      return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn,
+                        bf16_out ? 1 : kPieces, o, lse);
   }
   return ForwardAvx512(g, q, k, v, lo, hi, scale, nthreads, o, lse);
 }
@@ -868,7 +881,8 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd
 ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
                    int64_t block_q, int64_t block_k, int64_t num_threads, int64_t matmul,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+                   bool bf16_out, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse) {
   Geometry g;
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
       e.failure())
@@ -883,7 +897,8 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     return ffi::Error::InvalidArgument(
         "matmul='amx' needs a CPU with AMX-BF16 and block_k a multiple of 32");
   if (!Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(),
-               hi.typed_data(), scale, NumThreads(num_threads), mm, o->typed_data(),
+               hi.typed_data(), scale, NumThreads(num_threads), mm, bf16_out != 0,
+               o->typed_data(),
                lse->typed_data()))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "attnjax cpu_flash forward: out of memory for packed K/V");
@@ -929,6 +944,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashFwd, FwdImpl,
                                   .Attr<int64_t>("block_k")
                                   .Attr<int64_t>("num_threads")
                                   .Attr<int64_t>("matmul")
+                                  .Attr<bool>("bf16_out")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
