@@ -36,7 +36,7 @@ IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "cpu_flash", "pallas", "pa
 
 # On CPU, dense logits beat the blockwise path while the [B, N, T, S] logits stay
 # cache/memory friendly; measured by benchmarks/attention_cpu.py.
-_CPU_DENSE_MAX_TS = 512 * 512
+_CPU_DENSE_MAX_TS = 32 * 32
 
 
 def _reference(q, k, v, a, *, return_lse, block_sizes):

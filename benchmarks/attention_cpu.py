@@ -40,8 +40,8 @@ def timeit(fn, *args, reps=3):
   return best
 
 
-def gemm_rate(n=2048):
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def gemm_rate(n=2048, dtype=jnp.float32):
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
   mm = jax.jit(lambda a, b: a @ b)
   return 2 * n ** 3 / timeit(mm, a, a, reps=5) / 1e9
 
@@ -57,13 +57,13 @@ def fwd_bwd(fn):
   return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
 
 
-def torch_times(B, N, S, H, causal=False):
+def torch_times(B, N, S, H, causal=False, dtype="float32"):
   try:
     import torch
   except ImportError:
     return None, None
   torch.manual_seed(0)
-  q, k, v = (torch.randn(B, N, S, H) for _ in range(3))
+  q, k, v = (torch.randn(B, N, S, H).to(getattr(torch, dtype)) for _ in range(3))
   f = torch.nn.functional.scaled_dot_product_attention
 
   def tt(fn, reps=3):
@@ -84,10 +84,10 @@ def torch_times(B, N, S, H, causal=False):
   return t_f, tt(fb)
 
 
-def dense_rows(sizes, gemm, devices=0):
+def dense_rows(sizes, gemm, devices=0, dtype="float32"):
   rows = []
   for S in sizes:
-    q, k, v = make(S)
+    q, k, v = make(S, dtype=jnp.dtype(dtype))
     B, T, N, H = q.shape
     flops = 4 * B * N * T * S * H
     ours = lambda q, k, v: attnjax.attention(q, k, v)
@@ -95,7 +95,7 @@ def dense_rows(sizes, gemm, devices=0):
     jnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
     # Torch is timed before and after the JAX contenders and keeps its best time, so a
     # quiet spell on a shared machine cannot favour attnjax.
-    t_tf, t_tfb = torch_times(B, N, S, H)
+    t_tf, t_tfb = torch_times(B, N, S, H, dtype=dtype)
     contenders = [("attnjax auto", ours), ("attnjax xla_chunked (pure XLA)", chunked),
                   ("jax.nn.dot_product_attention", jnn)]
     if devices > 1:
@@ -113,7 +113,7 @@ def dense_rows(sizes, gemm, devices=0):
                        fwd_vs_gemm=flops / t_f / 1e9 / gemm,
                        fwdbwd_vs_gemm=3.5 * flops / t_fb / 1e9 / gemm))
     if t_tf:
-      t_tf2, t_tfb2 = torch_times(B, N, S, H)
+      t_tf2, t_tfb2 = torch_times(B, N, S, H, dtype=dtype)
       t_tf, t_tfb = min(t_tf, t_tf2), min(t_tfb, t_tfb2)
       for r in rows:
         if r["case"] == f"dense S={S}":
@@ -230,15 +230,21 @@ def main():
                       "(jax.shard_map; XLA runs one device's loop per core)")
   p.add_argument("--memory", type=int, default=0,
                  help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, window)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                 help="dtype of q, k, v for the dense rows (every contender, torch too); the "
+                      "GEMM rate is measured in the same dtype")
   p.add_argument("--out", default="bench_results/attention_cpu.json")
   args = p.parse_args()
+  if args.devices and args.dtype != "float32":
+    p.error("--devices times float32 only")
   sizes = args.sizes or ([256, 512] if args.quick else [1024, 4096, 8192])
-  gemm = gemm_rate(512 if args.quick else 2048)
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, f32 GEMM {gemm:.0f} GFLOP/s")
-  rows = dense_rows(sizes, gemm, args.devices)
+  gemm = gemm_rate(512 if args.quick else 2048, jnp.dtype(args.dtype))
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.dtype} GEMM {gemm:.0f} "
+        f"GFLOP/s")
+  rows = dense_rows(sizes, gemm, args.devices, args.dtype)
   print_table(rows, ["case", "impl", "fwd_s", "fwdbwd_s", "fwd_gflops", "fwdbwd_gflops",
                      "fwd_vs_torch", "fwdbwd_vs_torch", "fwd_vs_gemm", "fwdbwd_vs_gemm"])
-  result = dict(gemm_gflops=gemm, dense=rows)
+  result = dict(dtype=args.dtype, gemm_gflops=gemm, dense=rows)
   if not args.no_sparse:
     sp = sparse_rows(1024 if args.quick else 16384, 16 if args.quick else 128, args.quick)
     print()

@@ -7,6 +7,8 @@ the same on any mesh size) with heads split over the mesh axis, and compare forw
 vjp with the plain call.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import attnjax
 from attnjax import masks, score_mods
+from attnjax.cpu import build
 
 IMPLS = ["reference", "xla", "xla_chunked"]
 
@@ -133,6 +136,51 @@ def test_two_devices_heads_split_with_replicated_parameter_gradient():
   import subprocess
   import sys
   out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith("OK")
+
+
+_SHARDED_JIT_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import attnjax
+from attnjax import masks
+
+rng = np.random.default_rng(11)
+B, T, N, K, H = 4, 72, 4, 2, 32
+f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+q, k, v, ct = f(B, T, N, H), f(B, T, K, H), f(B, T, K, H), f(B, T, N, H)
+mesh = jax.make_mesh((2,), ("data",))
+batch = NamedSharding(mesh, P("data"))
+
+def fwd_vjp(impl, q, k, v):
+  fn = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal(), implementation=impl)
+  out, vjp = jax.vjp(fn, q, k, v)
+  return out, vjp(ct)
+
+placed = [jax.device_put(a, batch) for a in (q, k, v)]
+lowered = jax.jit(lambda *a: fwd_vjp("auto", *a)).lower(*placed).as_text()
+assert "attnjax_flash_fwd" in lowered and "attnjax_flash_bwd" in lowered
+out_s, g_s = jax.jit(lambda *a: fwd_vjp("auto", *a))(*placed)
+out_r, g_r = jax.jit(lambda *a: fwd_vjp("reference", *a))(q, k, v)
+np.testing.assert_allclose(out_s, out_r, rtol=1e-5, atol=1e-5)
+for i, (a, b) in enumerate(zip(g_s, g_r)):
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"gradient {i}")
+print("OK")
+"""
+
+
+@pytest.mark.skipif(build.unavailable_reason() is not None and not os.environ.get("CI"),
+                    reason="cpu_flash unavailable on this machine (CI must build it)")
+def test_cpu_flash_under_batch_sharded_jit():
+  """'auto' picks the cpu_flash custom call for a batch-sharded jit on 2 host devices
+  (XLA gathers its operands); forward and vjp match the reference."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", _SHARDED_JIT_SCRIPT], capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("OK")
