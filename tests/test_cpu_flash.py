@@ -183,13 +183,14 @@ class TestCpuFlash(AttentionTestBase):
 @pytest.mark.skipif(not flash.has_amx(), reason="the CPU has no AMX-BF16 tiles")
 class TestCpuFlashAmx(TestCpuFlash):
   """The forward on AMX tiles: float32 data split into three bf16 pieces each
-  ("bf16x6"), bf16 data as is; the whole suite again, f32 tolerances for f32 data."""
+  ("bf16x6"), bf16 data as is; the whole suite again, f32 tolerances for f32 data.
+  bf16 arrays also take the AMX backward (64-row query blocks, 32-key tiles; lengths
+  that are not multiples of 64 leave padded 32-row strips)."""
   MATMUL = "amx"
-  # 40 query rows: one full 32-row strip and one padded strip; 32-key tiles.
-  BLOCK_SIZES = CpuFlashBlockSizes(block_q=40, block_k=32, matmul="amx")
+  BLOCK_SIZES = CpuFlashBlockSizes(block_q=64, block_k=32, matmul="amx")
 
   def _forward(self, q, k, v, matmul):
-    bs = CpuFlashBlockSizes(block_q=40, block_k=32, matmul=matmul)
+    bs = CpuFlashBlockSizes(block_q=64, block_k=32, matmul=matmul)
     return np.asarray(attnjax.attention(q, k, v, mask=masks.causal(), block_sizes=bs,
                                         implementation="cpu_flash"))
 
@@ -210,8 +211,34 @@ class TestCpuFlashAmx(TestCpuFlash):
     split in three pieces, so the result meets the float32 tolerance."""
     q, k, v = make_qkv(71, 2, 67, 90, 4, 1, 64, 32, jnp.bfloat16)
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    self.BLOCK_SIZES = CpuFlashBlockSizes(block_q=40, block_k=32, matmul="auto")
+    self.BLOCK_SIZES = CpuFlashBlockSizes(block_q=64, block_k=32, matmul="auto")
     self.check(q, k, v, jnp.float32, mask=masks.sliding_window(20, 5))
+
+  def test_backward_engine_rule(self):
+    """The backward kernel runs on AMX exactly for bf16 data with a bf16 result: its
+    float32 gradients then differ from the AVX-512 ones (at bf16 level), and in every
+    other case they are bit-identical to them (one thread, same forward)."""
+    q, k, v = make_qkv(72, 1, 100, 100, 4, 2, 64, 64, jnp.float32)
+    as_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    lo, hi = (jnp.asarray(x) for x in masks.causal().row_band(100, 100))
+    kw = dict(scale=0.125, block_q=64, block_k=32, num_threads=1)
+
+    def grads(data, matmul, bf16_out):
+      out, lse = flash._ffi_fwd(*data, lo, hi, matmul="avx512", bf16_out=False, **kw)
+      do = as_bf16(rnd(73, out.shape))
+      delta = jnp.einsum("btnh,btnh->bnt", do, out)
+      return [np.asarray(g) for g in flash._ffi_bwd(*data, do, lse, delta, lo, hi,
+                                                    matmul=matmul, bf16_out=bf16_out, **kw)]
+
+    bf = tuple(map(as_bf16, (q, k, v)))
+    for data, bf16_out in (((q, k, v), True), ((q, k, v), False), (bf, False)):
+      for a, b in zip(grads(data, "auto", bf16_out), grads(data, "avx512", bf16_out)):
+        np.testing.assert_array_equal(a, b)
+    amx, avx = grads(bf, "auto", True), grads(bf, "avx512", True)
+    for a, b, name in zip(amx, avx, ("dq", "dk", "dv")):
+      assert not np.array_equal(a, b), name
+      # P and dS rounded to bf16: bf16-level agreement.
+      np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max(), err_msg=name)
 
 
 def test_disabled_by_environment():

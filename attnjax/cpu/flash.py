@@ -57,7 +57,9 @@ class CpuFlashBlockSizes:
       kernels do), else AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``: AMX
       tiles also for float32 data, each float split exactly into three bf16 pieces
       ("bf16x6", float32 accuracy, about as fast as AVX-512); needs AMX and a
-      block_k that is a multiple of 32.  The backward always runs on AVX-512.
+      block_k that is a multiple of 32.  The backward runs on AMX for bf16 data with a
+      bf16 result (P and dS rounded to bf16 for their products) unless ``'avx512'`` is
+      given and block_q, block_k are multiples of 32; else on AVX-512.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
@@ -109,13 +111,15 @@ def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul, b
     matmul=np.int64(MATMULS[matmul]), bf16_out=bool(bf16_out))
 
 
-def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads):
+def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads, matmul,
+             bf16_out):
   return jax.ffi.ffi_call(
       build.TARGETS["AttnjaxFlashBwd"],
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
       vmap_method="sequential",
   )(q, k, v, do, lse, delta, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
-    block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+    block_k=np.int64(block_k), num_threads=np.int64(num_threads),
+    matmul=np.int64(MATMULS[matmul]), bf16_out=bool(bf16_out))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -132,14 +136,14 @@ def _flash_fwd(q, k, v, lo, hi, cfg):
 
 
 def _flash_bwd(cfg, res, cts):
-  scale, bq, bk, nt, _, _ = cfg
+  scale, bq, bk, nt, mm, bf16_out = cfg
   q, k, v, lo, hi, out, lse = res
   do, dlse = cts
   do = do.astype(jnp.float32)
   # d lse_i / d s_ij = p_ij, so an lse cotangent shifts delta: dS = P * (dP - delta).
   delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
   grads = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq, block_k=bk,
-                   num_threads=nt)
+                   num_threads=nt, matmul=mm, bf16_out=bf16_out)
   grads = vary_like(grads, q, k, v, do, lse, delta, lo, hi)
   return (*sum_to_vma(grads, (q, k, v)), None, None)
 

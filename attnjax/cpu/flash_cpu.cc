@@ -497,6 +497,22 @@ inline void SplitPieces(__m512 x, __m512 out[kPieces]) {
 // 16 bf16-valued floats as 16 bf16 (exact: the conversion has nothing to round).
 ATTNJAX_AMX_TARGET inline __m256i ToBf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
+// Two rows of 16 bf16-valued floats as 16 VNNI words: (a[i], b[i]) in word i.
+inline __m512i PairWords(__m512 a, __m512 b) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  return _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(b), hi),
+                         _mm512_srli_epi32(_mm512_castps_si512(a), 16));
+}
+
+// Finite floats rounded to the nearest bf16 (ties to even), kept as float32.
+inline __m512 RoundBf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // Splits 16 floats into their three pieces, stored as bf16 at out[0], out[stride],
 // out[2 * stride].
 ATTNJAX_AMX_TARGET inline void Split3(__m512 x, bf16* out, int64_t stride) {
@@ -558,17 +574,14 @@ ATTNJAX_AMX_TARGET void PackPieces(const Geometry& g, const float* x, int64_t D,
       }
     } else {
       // Keys jj, jj + 1 interleave: word (s pair, d) = (x[jj + 1, d], x[jj, d]).
-      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
       for (int64_t jj = 0; jj < cols; jj += 2) {
         for (int64_t d = 0; d < D; d += 16) {
           SplitPieces(_mm512_loadu_ps(row(jj) + d), pa);
           if (jj + 1 < cols) SplitPieces(_mm512_loadu_ps(row(jj + 1) + d), pb);
           else for (auto& z : pb) z = _mm512_setzero_ps();
           for (int p = 0; p < pieces; ++p) {
-            const __m512i words =
-                _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(pb[p]), hi),
-                                _mm512_srli_epi32(_mm512_castps_si512(pa[p]), 16));
-            _mm512_storeu_si512(dst + p * piece + (jj / 2) * 2 * Dp + 2 * d, words);
+            _mm512_storeu_si512(dst + p * piece + (jj / 2) * 2 * Dp + 2 * d,
+                                PairWords(pa[p], pb[p]));
           }
         }
       }
@@ -745,7 +758,22 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
 
 // ---------------------------------------------------------------- backward
 
-bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
+// dq[b, t, n] = the sum over threads of their private [B, N, Tp, H] partials.
+void SumPrivateDq(const Geometry& g, const float* priv, int64_t qsize, int64_t Tp, int nthreads,
+                  float* dq) {
+  ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
+    const int64_t b = bn / g.N, n = bn % g.N;
+    for (int64_t t = 0; t < g.T; ++t) {
+      float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
+      const float* src = priv + (bn * Tp + t) * g.H;
+      std::memcpy(dst, src, g.H * sizeof(float));
+      for (int th = 1; th < nthreads; ++th)
+        for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * qsize + d];
+    }
+  });
+}
+
+bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const float* v,
               const float* dout, const float* lse, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
   const float c = scale * kLog2e;
@@ -839,18 +867,184 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
                   g.Hv * sizeof(float));
     }
   });
-  // dq[b, t, n] = sum over threads of the packed partials.
+  SumPrivateDq(g, dq_private.p, qsize, Tp, nthreads, dq);
+  return true;
+}
+
+#if ATTNJAX_AMX
+
+// Head `head` of x [B, L, heads, D] (bf16 values, batch b) as bf16, row-major [Lp, Dp]
+// and transposed [Dp, Lp], zero-padded.
+ATTNJAX_AMX_TARGET void PackHeadBf16(const float* x, int64_t L, int64_t heads, int64_t D,
+                                     int64_t b, int64_t head, int64_t Lp, int64_t Dp, bf16* rm,
+                                     bf16* tr) {
+  std::fill(rm, rm + Lp * Dp, bf16{0});
+  std::fill(tr, tr + Lp * Dp, bf16{0});
+  for (int64_t t = 0; t < L; ++t) {
+    const float* src = x + ((b * L + t) * heads + head) * D;
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rm + t * Dp + d),
+                          ToBf16(_mm512_loadu_ps(src + d)));
+    for (int64_t d = 0; d < D; ++d) tr[d * Lp + t] = rm[t * Dp + d];
+  }
+}
+
+// The backward on AMX tiles, for bf16 data (q, k, v, do all bf16-exact) and a bf16
+// result: every GEMM is one tile product, with P and dS rounded to bf16 for their
+// products (as GPU flash kernels do; the softmax and dS arithmetic stay float32).  dV
+// and dK are accumulated transposed, dV^T += dO^T P and dK^T += Q^T dS, so P and dS are
+// written as row pairs (VNNI) instead of transposed.  Needs bq, bk multiples of 32.
+ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const float* k,
+                                    const float* v, const float* dout, const float* lse,
+                                    const float* delta, const int32_t* lo, const int32_t* hi,
+                                    float scale, int nthreads, float* dq, float* dk,
+                                    float* dv) {
+  const float c = scale * kLog2e;
+  const auto bands = BlockBands(g, lo, hi);
+  const int64_t Hp = RoundUp(g.H, 32), Hvp = RoundUp(g.Hv, 32), Tp = g.nq * g.bq;
+  const int64_t nitems = g.B * g.K * g.nk;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, nitems));
+  std::vector<bf16> kc, kr, vc, qrm, qtr, dorm, dotr;
+  try {
+    kc.resize(nitems * Hp * g.bk);
+    kr.resize(nitems * g.H * g.bk);
+    vc.resize(nitems * Hvp * g.bk);
+    qrm.resize(g.B * g.N * Tp * Hp);
+    qtr.resize(g.B * g.N * Tp * Hp);
+    dorm.resize(g.B * g.N * Tp * Hvp);
+    dotr.resize(g.B * g.N * Tp * Hvp);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  PackPieces(g, k, g.H, Hp, /*keys_as_columns=*/true, 1, kc.data(), nthreads);
+  PackPieces(g, k, g.H, g.H, /*keys_as_columns=*/false, 1, kr.data(), nthreads);
+  PackPieces(g, v, g.Hv, Hvp, /*keys_as_columns=*/true, 1, vc.data(), nthreads);
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
-    const int64_t b = bn / g.N, n = bn % g.N;
-    for (int64_t t = 0; t < g.T; ++t) {
-      float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
-      const float* src = dq_private.p + (bn * Tp + t) * g.H;
-      std::memcpy(dst, src, g.H * sizeof(float));
-      for (int th = 1; th < nthreads; ++th)
-        for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * qsize + d];
+    PackHeadBf16(q, g.T, g.N, g.H, bn / g.N, bn % g.N, Tp, Hp, qrm.data() + bn * Tp * Hp,
+                 qtr.data() + bn * Tp * Hp);
+    PackHeadBf16(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, Tp, Hvp,
+                 dorm.data() + bn * Tp * Hvp, dotr.data() + bn * Tp * Hvp);
+  });
+  const int64_t qsize = g.B * g.N * Tp * g.H;
+  Buffer dq_private(nthreads * qsize);
+  if (!dq_private.p) return false;
+  ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
+    std::fill(dq_private.p + t * qsize, dq_private.p + (t + 1) * qsize, 0.0f);
+  });
+
+  ParallelFor(nitems, nthreads, [&](int64_t item, int tid) {
+    const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
+    const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0), nct = g.bk / 16;
+    float* dqt = dq_private.p + tid * qsize;
+    thread_local std::vector<float> scratch;
+    thread_local std::vector<bf16> scratch16;
+    scratch.resize(2 * g.bq * g.bk + g.bk * (Hp + Hvp));
+    scratch16.resize(3 * g.bq * g.bk);
+    float* p = scratch.data();     // P [bq, bk]
+    float* ds = p + g.bq * g.bk;   // dP, then dS [bq, bk]
+    float* dkT = ds + g.bq * g.bk; // [Hp, bk]
+    float* dvT = dkT + Hp * g.bk;  // [Hvp, bk]
+    bf16* pv = scratch16.data();   // P row pairs [bq / 2, bk, 2]
+    bf16* dsv = pv + g.bq * g.bk;  // dS row pairs
+    bf16* dsr = dsv + g.bq * g.bk; // dS [bq, bk]
+    std::fill(dkT, dkT + g.bk * (Hp + Hvp), 0.0f);
+    const bf16* kct = kc.data() + item * Hp * g.bk;
+    const bf16* krt = kr.data() + item * g.H * g.bk;
+    const bf16* vct = vc.data() + item * Hvp * g.bk;
+    const __m512 vc_ = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+    ConfigureTiles();
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const int64_t n = kvh * g.G + gi, bn = b * g.N + n;
+      for (int64_t qb = 0; qb < g.nq; ++qb) {
+        const Tile tile = Classify(g, bands[qb], kb);
+        if (tile == Tile::kEmpty) continue;
+        const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
+        // S = Q K^T and dP = dO V^T.
+        for (int64_t r0 = 0; r0 < g.bq; r0 += 32) {
+          AmxGemm32<false>(nct, Hp, qrm.data() + (bn * Tp + t0 + r0) * Hp, Hp, 0, 1, kct, 0,
+                           1, p + r0 * g.bk, g.bk);
+          AmxGemm32<false>(nct, Hvp, dorm.data() + (bn * Tp + t0 + r0) * Hvp, Hvp, 0, 1, vct,
+                           0, 1, ds + r0 * g.bk, g.bk);
+        }
+        if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
+        const float* lrow = lse + bn * g.T + t0;
+        const float* drow = delta + bn * g.T + t0;
+        // P = exp2(c s - lse2), dS = scale P (dP - delta); zero beyond the last row.
+        for (int64_t r = 0; r < g.bq; ++r) {
+          float* pr = p + r * g.bk;
+          float* dsr_f = ds + r * g.bk;
+          if (r >= rows) {
+            std::fill(pr, pr + g.bk, 0.0f);
+            std::fill(dsr_f, dsr_f + g.bk, 0.0f);
+            continue;
+          }
+          // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
+          const float l2 = lrow[r] == kNegInf ? std::numeric_limits<float>::infinity()
+                                              : lrow[r] * kLog2e;
+          const __m512 vl = _mm512_set1_ps(l2), vd = _mm512_set1_ps(drow[r]);
+          for (int64_t j = 0; j < g.bk; j += 16) {
+            const __m512 pj = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(pr + j), vc_, vl));
+            _mm512_storeu_ps(pr + j, pj);
+            const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dsr_f + j), vd);
+            _mm512_storeu_ps(dsr_f + j, _mm512_mul_ps(_mm512_mul_ps(x, pj), vscale));
+          }
+        }
+        for (int64_t r = 0; r < g.bq; r += 2) {
+          for (int64_t j = 0; j < g.bk; j += 16) {
+            const __m512 p0 = RoundBf16(_mm512_loadu_ps(p + r * g.bk + j));
+            const __m512 p1 = RoundBf16(_mm512_loadu_ps(p + (r + 1) * g.bk + j));
+            const __m512 d0 = RoundBf16(_mm512_loadu_ps(ds + r * g.bk + j));
+            const __m512 d1 = RoundBf16(_mm512_loadu_ps(ds + (r + 1) * g.bk + j));
+            _mm512_storeu_si512(pv + ((r / 2) * g.bk + j) * 2, PairWords(p0, p1));
+            _mm512_storeu_si512(dsv + ((r / 2) * g.bk + j) * 2, PairWords(d0, d1));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsr + r * g.bk + j), ToBf16(d0));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsr + (r + 1) * g.bk + j),
+                                ToBf16(d1));
+          }
+        }
+        // dV^T += dO^T P ; dK^T += Q^T dS ; dQ += dS K
+        for (int64_t r0 = 0; r0 < Hvp; r0 += 32)
+          AmxGemm32<true>(nct, g.bq, dotr.data() + (bn * Hvp + r0) * Tp + t0, Tp, 0, 1, pv, 0,
+                          1, dvT + r0 * g.bk, g.bk);
+        for (int64_t r0 = 0; r0 < Hp; r0 += 32)
+          AmxGemm32<true>(nct, g.bq, qtr.data() + (bn * Hp + r0) * Tp + t0, Tp, 0, 1, dsv, 0,
+                          1, dkT + r0 * g.bk, g.bk);
+        for (int64_t r0 = 0; r0 < g.bq; r0 += 32)
+          AmxGemm32<true>(g.H / 16, g.bk, dsr + r0 * g.bk, g.bk, 0, 1, krt, 0, 1,
+                          dqt + (bn * Tp + t0 + r0) * g.H, g.H);
+      }
+    }
+    _tile_release();
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      float* dkr = dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H;
+      float* dvr = dv + ((b * g.S + j0 + jj) * g.K + kvh) * g.Hv;
+      for (int64_t h = 0; h < g.H; ++h) dkr[h] = dkT[h * g.bk + jj];
+      for (int64_t h = 0; h < g.Hv; ++h) dvr[h] = dvT[h * g.bk + jj];
     }
   });
+  SumPrivateDq(g, dq_private.p, qsize, Tp, nthreads, dq);
   return true;
+}
+
+#else
+bool BackwardAmx(const Geometry&, const float*, const float*, const float*, const float*,
+                 const float*, const float*, const int32_t*, const int32_t*, float, int, float*,
+                 float*, float*) {
+  return false;
+}
+#endif  // ATTNJAX_AMX
+
+// The backward takes AMX (unless mm says avx512) for bf16 data with a bf16 result, when
+// the tiles fit; everything else runs on AVX-512.
+bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
+              const float* dout, const float* lse, const float* delta, const int32_t* lo,
+              const int32_t* hi, float scale, int nthreads, Matmul mm, bool bf16_out, float* dq,
+              float* dk, float* dv) {
+  if (mm != Matmul::kAvx512 && bf16_out && AmxAvailable() && AmxFits(g) && g.bq % 32 == 0 &&
+      IsBf16Exact(q, g.B * g.T * g.N * g.H) && IsBf16Exact(k, g.B * g.S * g.K * g.H) &&
+      IsBf16Exact(v, g.B * g.S * g.K * g.Hv) && IsBf16Exact(dout, g.B * g.T * g.N * g.Hv))
+    return BackwardAmx(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
+  return BackwardAvx512(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
 }
 
 // ---------------------------------------------------------------- FFI bindings
@@ -909,7 +1103,8 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
                    ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> lo,
                    ffi::Buffer<ffi::S32> hi, float scale, int64_t block_q, int64_t block_k,
-                   int64_t num_threads, ffi::ResultBuffer<ffi::F32> dq,
+                   int64_t num_threads, int64_t matmul, bool bf16_out,
+                   ffi::ResultBuffer<ffi::F32> dq,
                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Geometry g;
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
@@ -922,9 +1117,12 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int64_t>(lse.element_count()) != g.B * g.N * g.T ||
       static_cast<int64_t>(delta.element_count()) != g.B * g.N * g.T)
     return ffi::Error::InvalidArgument("do must be [B, T, N, Hv]; lse, delta [B, N, T]");
+  if (matmul < 0 || matmul > 2)
+    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (avx512) or 2 (amx)");
   if (!Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
                 lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
-                NumThreads(num_threads), dq->typed_data(), dk->typed_data(), dv->typed_data()))
+                NumThreads(num_threads), static_cast<Matmul>(matmul), bf16_out,
+                dq->typed_data(), dk->typed_data(), dv->typed_data()))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "attnjax cpu_flash backward: out of memory for packed tiles");
   return ffi::Error::Success();
@@ -962,6 +1160,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashBwd, BwdImpl,
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k")
                                   .Attr<int64_t>("num_threads")
+                                  .Attr<int64_t>("matmul")
+                                  .Attr<bool>("bf16_out")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
