@@ -4,7 +4,8 @@ XLA:CPU executes a blockwise attention loop on effectively one core (see the REA
 "CPU performance").  This implementation is an XLA FFI custom call
 (``jax.ffi.ffi_call``) into ``flash_cpu.cc``: the online-softmax forward of
 "FlashAttention" (Dao et al., 2022) and the one-pass backward of "FlashAttention-2"
-(Dao, 2023), float32 with AVX-512 register-tiled matmuls, split over all cores by
+(Dao, 2023), float32 with AVX-512 register-tiled matmuls (AMX bf16 tile products for
+bf16 data where the CPU has them; see ``CpuFlashBlockSizes.matmul``), split over all cores by
 ``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
 the backward.  The library is compiled for the machine on first use
 (:mod:`attnjax.cpu.build`).

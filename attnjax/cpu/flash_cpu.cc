@@ -1,8 +1,8 @@
 // attnjax CPU flash attention: an XLA FFI custom call for the CPU backend.
 //
 // Blockwise online-softmax attention ("FlashAttention", Dao et al.; the backward of
-// "FlashAttention-2") in float32 with AVX-512 register-tiled GEMMs and its own
-// thread split.  XLA:CPU runs a blockwise while-loop on one core; this kernel splits
+// "FlashAttention-2") in float32 with AVX-512 register-tiled GEMMs, or AMX bf16 tile
+// products where the CPU has them (see "AMX" below), and its own thread split.  XLA:CPU runs a blockwise while-loop on one core; this kernel splits
 // (batch, head, query-block) work items over all cores in the forward and
 // (batch, kv-head, key-block) items in the backward.
 //
