@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <new>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -48,16 +47,20 @@ constexpr float kSlack = 8.0f;  // forward: probabilities stay <= 2^8 before nor
 
 // ---------------------------------------------------------------- memory, threads
 
-struct Buffer {
-  float* p = nullptr;
-  explicit Buffer(size_t n) {
-    size_t bytes = ((std::max<size_t>(n, 1) * sizeof(float) + 63) / 64) * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+// n uninitialised elements, 64-byte aligned; p is null when the allocation fails.
+template <class T>
+struct AlignedBuffer {
+  T* p = nullptr;
+  explicit AlignedBuffer(size_t n) {
+    size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
   }
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
+  ~AlignedBuffer() { std::free(p); }
+  T* data() const { return p; }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
+using Buffer = AlignedBuffer<float>;
 
 int NumThreads(int64_t requested) {
   if (requested > 0) return static_cast<int>(requested);
@@ -656,13 +659,9 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Hp = RoundUp(g.H, 32), bqp = RoundUp(g.bq, kAmxRows);
   const int64_t nblocks = g.B * g.K * g.nk;
-  std::vector<bf16> kpk, vpk;
-  try {
-    kpk.resize(nblocks * kn * Hp * g.bk);
-    vpk.resize(nblocks * vn * g.Hv * g.bk);
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
+  // PackPieces writes every element (zeros included).
+  AlignedBuffer<bf16> kpk(nblocks * kn * Hp * g.bk), vpk(nblocks * vn * g.Hv * g.bk);
+  if (!kpk.p || !vpk.p) return false;
   PackPieces(g, k, g.H, Hp, /*keys_as_columns=*/true, kn, kpk.data(), nthreads);
   PackPieces(g, v, g.Hv, g.Hv, /*keys_as_columns=*/false, vn, vpk.data(), nthreads);
 
@@ -758,20 +757,33 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
 
 // ---------------------------------------------------------------- backward
 
-// dq[b, t, n] = the sum over threads of their private [B, N, Tp, H] partials.
-void SumPrivateDq(const Geometry& g, const float* priv, int64_t qsize, int64_t Tp, int nthreads,
-                  float* dq) {
-  ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
-    const int64_t b = bn / g.N, n = bn % g.N;
-    for (int64_t t = 0; t < g.T; ++t) {
-      float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
-      const float* src = priv + (bn * Tp + t) * g.H;
-      std::memcpy(dst, src, g.H * sizeof(float));
-      for (int th = 1; th < nthreads; ++th)
-        for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * qsize + d];
-    }
-  });
-}
+// Per-thread dq accumulators [nthreads][B, N, Tp, H], zeroed: each backward work item
+// adds into its thread's copy (of(tid)); SumTo writes their total to dq [B, T, N, H].
+struct PrivateDq {
+  int64_t Tp, size;
+  int nthreads;
+  Buffer buf;
+  PrivateDq(const Geometry& g, int64_t Tp_, int nthreads_)
+      : Tp(Tp_), size(g.B * g.N * Tp_ * g.H), nthreads(nthreads_), buf(nthreads_ * size) {
+    if (buf.p)
+      ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
+        std::fill(buf.p + t * size, buf.p + (t + 1) * size, 0.0f);
+      });
+  }
+  float* of(int tid) const { return buf.p + tid * size; }
+  void SumTo(const Geometry& g, float* dq) const {
+    ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
+      const int64_t b = bn / g.N, n = bn % g.N;
+      for (int64_t t = 0; t < g.T; ++t) {
+        float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
+        const float* src = buf.p + (bn * Tp + t) * g.H;
+        std::memcpy(dst, src, g.H * sizeof(float));
+        for (int th = 1; th < nthreads; ++th)
+          for (int64_t d = 0; d < g.H; ++d) dst[d] += src[th * size + d];
+      }
+    });
+  }
+};
 
 bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const float* v,
               const float* dout, const float* lse, const float* delta, const int32_t* lo,
@@ -796,17 +808,13 @@ bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const flo
     PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, kp.p + bh * Sp * g.H);
   });
   // Each thread accumulates dq into its own packed copy; they are summed at the end.
-  const int64_t qsize = g.B * g.N * Tp * g.H;
-  Buffer dq_private(nthreads * qsize);
-  if (!dq_private.p) return false;
-  ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
-    std::fill(dq_private.p + t * qsize, dq_private.p + (t + 1) * qsize, 0.0f);
-  });
+  const PrivateDq dq_private(g, Tp, nthreads);
+  if (!dq_private.buf.p) return false;
 
   ParallelFor(nitems, nthreads, [&](int64_t item, int tid) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
-    float* dqt = dq_private.p + tid * qsize;
+    float* dqt = dq_private.of(tid);
     thread_local std::vector<float> scratch;
     scratch.resize(2 * g.bq * g.bk + g.bk * (g.H + g.Hv));
     float* p = scratch.data();
@@ -867,7 +875,7 @@ bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const flo
                   g.Hv * sizeof(float));
     }
   });
-  SumPrivateDq(g, dq_private.p, qsize, Tp, nthreads, dq);
+  dq_private.SumTo(g, dq);
   return true;
 }
 
@@ -904,18 +912,12 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
   const int64_t Hp = RoundUp(g.H, 32), Hvp = RoundUp(g.Hv, 32), Tp = g.nq * g.bq;
   const int64_t nitems = g.B * g.K * g.nk;
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, nitems));
-  std::vector<bf16> kc, kr, vc, qrm, qtr, dorm, dotr;
-  try {
-    kc.resize(nitems * Hp * g.bk);
-    kr.resize(nitems * g.H * g.bk);
-    vc.resize(nitems * Hvp * g.bk);
-    qrm.resize(g.B * g.N * Tp * Hp);
-    qtr.resize(g.B * g.N * Tp * Hp);
-    dorm.resize(g.B * g.N * Tp * Hvp);
-    dotr.resize(g.B * g.N * Tp * Hvp);
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
+  // The packers write every element (zeros included).
+  AlignedBuffer<bf16> kc(nitems * Hp * g.bk), kr(nitems * g.H * g.bk), vc(nitems * Hvp * g.bk),
+      qrm(g.B * g.N * Tp * Hp), qtr(g.B * g.N * Tp * Hp), dorm(g.B * g.N * Tp * Hvp),
+      dotr(g.B * g.N * Tp * Hvp);
+  for (const auto* buf : {&kc, &kr, &vc, &qrm, &qtr, &dorm, &dotr})
+    if (!buf->p) return false;
   PackPieces(g, k, g.H, Hp, /*keys_as_columns=*/true, 1, kc.data(), nthreads);
   PackPieces(g, k, g.H, g.H, /*keys_as_columns=*/false, 1, kr.data(), nthreads);
   PackPieces(g, v, g.Hv, Hvp, /*keys_as_columns=*/true, 1, vc.data(), nthreads);
@@ -925,17 +927,13 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
     PackHeadBf16(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, Tp, Hvp,
                  dorm.data() + bn * Tp * Hvp, dotr.data() + bn * Tp * Hvp);
   });
-  const int64_t qsize = g.B * g.N * Tp * g.H;
-  Buffer dq_private(nthreads * qsize);
-  if (!dq_private.p) return false;
-  ParallelFor(nthreads, nthreads, [&](int64_t t, int) {
-    std::fill(dq_private.p + t * qsize, dq_private.p + (t + 1) * qsize, 0.0f);
-  });
+  const PrivateDq dq_private(g, Tp, nthreads);
+  if (!dq_private.buf.p) return false;
 
   ParallelFor(nitems, nthreads, [&](int64_t item, int tid) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0), nct = g.bk / 16;
-    float* dqt = dq_private.p + tid * qsize;
+    float* dqt = dq_private.of(tid);
     thread_local std::vector<float> scratch;
     thread_local std::vector<bf16> scratch16;
     scratch.resize(2 * g.bq * g.bk + g.bk * (Hp + Hvp));
@@ -1022,7 +1020,7 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
       for (int64_t h = 0; h < g.Hv; ++h) dvr[h] = dvT[h * g.bk + jj];
     }
   });
-  SumPrivateDq(g, dq_private.p, qsize, Tp, nthreads, dq);
+  dq_private.SumTo(g, dq);
   return true;
 }
 
