@@ -34,8 +34,8 @@ __all__ = ["attention", "IMPLEMENTATIONS", "auto_candidates"]
 IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "cpu_flash", "pallas", "pallas_tpu",
                    "pallas_gpu")
 
-# On CPU, dense logits beat the blockwise path while the [B, N, T, S] logits stay
-# cache/memory friendly; measured by benchmarks/attention_cpu.py.
+# On CPU, dense logits beat the cpu_flash kernel only for tiny calls, where its fixed
+# costs (threads, packing) dominate; measured in docs/core.md ("'auto' on CPU").
 _CPU_DENSE_MAX_TS = 32 * 32
 
 

@@ -52,15 +52,16 @@ class CpuFlashBlockSizes:
     block_k: keys per tile, a multiple of 16; ``None``: 128.
     num_threads: worker threads; ``None``/0: ``$ATTNJAX_CPU_THREADS`` or every CPU
       this process may run on.
-    matmul: the forward's matmul engine.  ``'auto'``: AMX tiles when the CPU has
-      AMX-BF16 (Sapphire Rapids and later) and q, k, v are all bf16 values (e.g. bf16
-      arrays; for a bf16 result, P is rounded to bf16 for ``P @ V``, as GPU flash
-      kernels do), else AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``: AMX
-      tiles also for float32 data, each float split exactly into three bf16 pieces
-      ("bf16x6", float32 accuracy, about as fast as AVX-512); needs AMX and a
-      block_k that is a multiple of 32.  The backward runs on AMX for bf16 data with a
-      bf16 result (P and dS rounded to bf16 for their products) unless ``'avx512'`` is
-      given and block_q, block_k are multiples of 32; else on AVX-512.
+    matmul: the matmul engine.  ``'auto'``: the forward runs on AMX tiles when the CPU
+      has AMX-BF16 (Sapphire Rapids and later) and q, k, v are all bf16 values (e.g.
+      bf16 arrays; for a bf16 result, P is rounded to bf16 for ``P @ V``, as GPU flash
+      kernels do), else on AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``:
+      the forward on AMX tiles also for float32 data, each float split exactly into
+      three bf16 pieces ("bf16x6", float32 accuracy, about as fast as AVX-512); needs
+      AMX and a block_k that is a multiple of 32.  Unless ``'avx512'``, the backward
+      runs on AMX for bf16 data with a bf16 result when block_q and block_k are
+      multiples of 32 (P and dS rounded to bf16 for their products); otherwise on
+      AVX-512.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
@@ -95,11 +96,18 @@ def available() -> bool:
 
 
 def has_amx() -> bool:
-  """True when the kernel can run its forward on AMX tiles on this machine."""
-  return available() and build.has_amx()
+  """True when the kernel is available and can use AMX tiles on this machine."""
+  return build.has_amx()
 
 
-def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul, bf16_out):
+def _attrs(scale, block_q, block_k, num_threads, matmul, bf16_out):
+  """The kernels' FFI attributes (forward and backward take the same)."""
+  return dict(scale=np.float32(scale), block_q=np.int64(block_q), block_k=np.int64(block_k),
+              num_threads=np.int64(num_threads), matmul=np.int64(MATMULS[matmul]),
+              bf16_out=bool(bf16_out))
+
+
+def _ffi_fwd(q, k, v, lo, hi, **cfg):
   B, T, N, _ = q.shape
   Hv = v.shape[-1]
   return jax.ffi.ffi_call(
@@ -107,20 +115,15 @@ def _ffi_fwd(q, k, v, lo, hi, *, scale, block_q, block_k, num_threads, matmul, b
       (jax.ShapeDtypeStruct((B, T, N, Hv), jnp.float32),
        jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
       vmap_method="sequential",
-  )(q, k, v, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
-    block_k=np.int64(block_k), num_threads=np.int64(num_threads),
-    matmul=np.int64(MATMULS[matmul]), bf16_out=bool(bf16_out))
+  )(q, k, v, lo, hi, **_attrs(**cfg))
 
 
-def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, *, scale, block_q, block_k, num_threads, matmul,
-             bf16_out):
+def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, **cfg):
   return jax.ffi.ffi_call(
       build.TARGETS["AttnjaxFlashBwd"],
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
       vmap_method="sequential",
-  )(q, k, v, do, lse, delta, lo, hi, scale=np.float32(scale), block_q=np.int64(block_q),
-    block_k=np.int64(block_k), num_threads=np.int64(num_threads),
-    matmul=np.int64(MATMULS[matmul]), bf16_out=bool(bf16_out))
+  )(q, k, v, do, lse, delta, lo, hi, **_attrs(**cfg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
