@@ -24,8 +24,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -62,6 +65,8 @@ struct AlignedBuffer {
 };
 using Buffer = AlignedBuffer<float>;
 
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 int NumThreads(int64_t requested) {
   if (requested > 0) return static_cast<int>(requested);
   if (const char* env = std::getenv("ATTNJAX_CPU_THREADS")) {
@@ -73,22 +78,104 @@ int NumThreads(int64_t requested) {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs f(item, thread_id) for item in [0, n), items handed out dynamically.
+// Worker threads kept for the life of the process, so that a call does not pay for
+// creating threads (tens of microseconds each, several times per call, which is most
+// of the time of a small attention call) and their thread_local scratch survives
+// between calls.  Run() lends the pool to one caller at a time; a second concurrent
+// caller (XLA may run two custom calls at once, or a forked child may inherit the
+// pool without its threads) gets false and starts threads of its own.
+class ThreadPool {
+ public:
+  static ThreadPool& Get() {
+    static ThreadPool* pool = new ThreadPool;  // never destroyed: workers block at exit
+    return *pool;
+  }
+
+  // Runs fn(tid) for tid in [0, n): tid 0 on the calling thread, the others on pool
+  // workers.  Returns false (running nothing) when the pool is busy.
+  bool Run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || getpid() != pid_) return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(workers_.size()) < n - 1) {
+        const int id = static_cast<int>(workers_.size()) + 1;
+        workers_.emplace_back([this, id] { Loop(id); });
+        workers_.back().detach();
+      }
+      fn_ = &fn;
+      active_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    work_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    fn_ = nullptr;
+    return true;
+  }
+
+ private:
+  void Loop(int id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      work_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const std::function<void(int)>* fn = fn_;
+      lock.unlock();
+      (*fn)(id);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  const pid_t pid_ = getpid();
+  std::mutex busy_, mu_;
+  std::condition_variable work_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* fn_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+};
+
+// Flushes denormal results and inputs to zero (MXCSR FTZ and DAZ) on this thread while
+// in scope, as XLA's own CPU code runs.  Without it, every logit of a masked tile
+// (2^-inf = 0 computed as an underflowing scalef) and every underflowing product takes
+// a microcode assist: a causal forward of short sequences ran 2.5x slower.
+class ScopedFlushDenormals {
+ public:
+  ScopedFlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~ScopedFlushDenormals() { _mm_setcsr(saved_); }
+  ScopedFlushDenormals(const ScopedFlushDenormals&) = delete;
+  ScopedFlushDenormals& operator=(const ScopedFlushDenormals&) = delete;
+
+ private:
+  const unsigned saved_;
+};
+
+// Runs f(item, thread_id) for item in [0, n), items handed out dynamically, with
+// denormals flushed on every thread.
 template <class F>
 void ParallelFor(int64_t n, int nthreads, F&& f) {
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, n));
   if (nthreads <= 1) {
+    ScopedFlushDenormals ftz;
     for (int64_t i = 0; i < n; ++i) f(i, 0);
     return;
   }
   std::atomic<int64_t> next{0};
-  auto worker = [&](int tid) {
+  const std::function<void(int)> worker = [&](int tid) {
+    ScopedFlushDenormals ftz;
     for (;;) {
       int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) break;
       f(i, tid);
     }
   };
+  if (ThreadPool::Get().Run(nthreads, worker)) return;
   std::vector<std::thread> threads;
   threads.reserve(nthreads - 1);
   for (int t = 1; t < nthreads; ++t) threads.emplace_back(worker, t);
@@ -254,19 +341,49 @@ void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_
   }
 }
 
+// out[c * ldo + r] = in[r * ldi + c] for a 16 x 16 block (four rounds of shuffles).
+inline void Transpose16(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 16; i += 2) {  // interleave row pairs
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    a[i] = _mm512_shuffle_ps(b[i], b[i + 2], 0x44);
+    a[i + 1] = _mm512_shuffle_ps(b[i], b[i + 2], 0xEE);
+    a[i + 2] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+    a[i + 3] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8)  // then the 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0x88);
+      b[i + 4 + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    a[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
+    a[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, a[i]);
+}
+
 // Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out,
-// laid out [B, K, nk, H, bk], zero beyond S.
+// laid out [B, K, nk, H, bk], zero beyond S.  H % 16 == 0, bk % 16 == 0.
 void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads) {
   ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     float* dst = out + item * H * g.bk;
-    for (int64_t jj = 0; jj < g.bk; ++jj) {
-      const int64_t s = kb * g.bk + jj;
-      if (s < g.S) {
-        const float* src = x + ((b * g.S + s) * g.K + kvh) * H;
-        for (int64_t h = 0; h < H; ++h) dst[h * g.bk + jj] = src[h];
-      } else {
-        for (int64_t h = 0; h < H; ++h) dst[h * g.bk + jj] = 0.0f;
+    for (int64_t j0 = 0; j0 < g.bk; j0 += 16) {
+      const int64_t s0 = kb * g.bk + j0;
+      const float* src = x + ((b * g.S + s0) * g.K + kvh) * H;
+      if (s0 + 16 <= g.S) {
+        for (int64_t h = 0; h < H; h += 16) Transpose16(src + h, g.K * H, dst + h * g.bk + j0, g.bk);
+        continue;
+      }
+      for (int64_t jj = j0; jj < j0 + 16; ++jj) {  // the ragged end of the keys
+        const bool in = kb * g.bk + jj < g.S;
+        for (int64_t h = 0; h < H; ++h)
+          dst[h * g.bk + jj] = in ? src[(jj - j0) * g.K * H + h] : 0.0f;
       }
     }
   });
@@ -458,7 +575,6 @@ constexpr int64_t kAmxRows = 32;  // forward rows per strip: two 16-row tiles
 
 using bf16 = uint16_t;
 
-inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #if ATTNJAX_AMX
 #define ATTNJAX_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
@@ -1063,10 +1179,14 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd
   if (block_q <= 0 || block_k <= 0 || block_k % 16 != 0)
     return ffi::Error::InvalidArgument("block_k must be a positive multiple of 16");
   g->G = g->N / g->K;
-  g->bq = block_q;
-  g->bk = block_k;
-  g->nq = (g->T + block_q - 1) / block_q;
-  g->nk = (g->S + block_k - 1) / block_k;
+  // Blocks longer than the sequence shrink to it (rounded up to keep the multiples
+  // the engines need: 16 for block_k, 32 for the AMX paths), so short sequences do
+  // not compute padding.
+  const int64_t mq = block_q % 32 == 0 ? 32 : 1, mk = block_k % 32 == 0 ? 32 : 16;
+  g->bq = std::min(block_q, std::max(RoundUp(g->T, mq), mq));
+  g->bk = std::min(block_k, std::max(RoundUp(g->S, mk), mk));
+  g->nq = (g->T + g->bq - 1) / g->bq;
+  g->nk = (g->S + g->bk - 1) / g->bk;
   return ffi::Error::Success();
 }
 
