@@ -1,7 +1,9 @@
 """CPU attention benchmark: attnjax 'auto' vs jax.nn.dot_product_attention vs torch SDPA.
 
-Runs every contender in this one process and prints ratios, so machine load
-affects all of them alike.  Writes JSON (``--out``).
+Runs every contender in this one process, interleaved: each round times every
+contender once, and a contender's time is its best over the rounds (``--rounds``).
+A shared machine whose speed drifts thus slows or speeds them all alike.  Writes
+JSON (``--out``).
 
     python benchmarks/attention_cpu.py                 # S in {1024, 4096, 8192} + sparse cases
     python benchmarks/attention_cpu.py --quick         # small sizes, a smoke test
@@ -9,8 +11,9 @@ affects all of them alike.  Writes JSON (``--out``).
     python benchmarks/attention_cpu.py --devices 2     # + heads split over 2 host CPU devices
 
 Columns: time (s), GFLOP/s (4 B N T S H for the forward, 3.5x that for fwd+bwd,
-dense-equivalent), ratio to torch SDPA (lower is better), fraction of this
-process's measured f32 GEMM rate, and peak RSS growth of the process.
+dense-equivalent), ratio to torch SDPA (lower is better; ``_vs_torch`` best over
+best, ``_vs_torch_med`` the median of the same-round ratios), fraction of this
+process's measured GEMM rate, and peak RSS growth of the process.
 """
 
 from __future__ import annotations
@@ -57,71 +60,83 @@ def fwd_bwd(fn):
   return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
 
 
-def torch_times(B, N, S, H, causal=False, dtype="float32"):
+def torch_fns(B, N, S, H, causal=False, dtype="float32"):
+  """Zero-argument torch SDPA calls (forward, forward+backward), or None without torch."""
   try:
     import torch
   except ImportError:
-    return None, None
+    return None
   torch.manual_seed(0)
   q, k, v = (torch.randn(B, N, S, H).to(getattr(torch, dtype)) for _ in range(3))
   f = torch.nn.functional.scaled_dot_product_attention
-
-  def tt(fn, reps=3):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      fn()
-      best = min(best, time.perf_counter() - t0)
-    return best
-
-  with torch.no_grad():
-    t_f = tt(lambda: f(q, k, v, is_causal=causal))
   qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+  def fwd():
+    with torch.no_grad():
+      f(q, k, v, is_causal=causal)
 
   def fb():
     f(qg, kg, vg, is_causal=causal).sum().backward()
-  return t_f, tt(fb)
+  return fwd, fb
 
 
-def dense_rows(sizes, gemm, devices=0, dtype="float32"):
+def interleaved_times(fns, rounds, pause=0.05):
+  """{name: [seconds per call]} over `rounds` rounds, each of which times every
+  contender once in turn (after one untimed warm-up call each).  On a shared machine
+  whose speed drifts, every contender then samples the same slow and fast spells;
+  timing one contender's repetitions back to back would not.  Each timed call starts
+  after `pause` seconds idle: torch's OpenMP workers spin for a few milliseconds after
+  a call, and would otherwise slow whichever contender runs next (measured: 1.6x on
+  attnjax at S=512)."""
+  for f in fns.values():
+    f()
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, f in fns.items():
+      time.sleep(pause)
+      t0 = time.perf_counter()
+      f()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def dense_rows(sizes, gemm, devices=0, dtype="float32", rounds=5):
+  """Best time of each contender over interleaved rounds; ``*_vs_torch`` is best over
+  best, ``*_vs_torch_med`` the median over rounds of the same-round ratio."""
   rows = []
   for S in sizes:
     q, k, v = make(S, dtype=jnp.dtype(dtype))
     B, T, N, H = q.shape
     flops = 4 * B * N * T * S * H
-    ours = lambda q, k, v: attnjax.attention(q, k, v)
-    chunked = lambda q, k, v: attnjax.attention(q, k, v, implementation="xla_chunked")
-    jnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
-    # Torch is timed before and after the JAX contenders and keeps its best time, so a
-    # quiet spell on a shared machine cannot favour attnjax.
-    t_tf, t_tfb = torch_times(B, N, S, H, dtype=dtype)
-    contenders = [("attnjax auto", ours), ("attnjax xla_chunked (pure XLA)", chunked),
-                  ("jax.nn.dot_product_attention", jnn)]
+    contenders = {
+        "attnjax auto": lambda q, k, v: attnjax.attention(q, k, v),
+        "attnjax xla_chunked (pure XLA)":
+            lambda q, k, v: attnjax.attention(q, k, v, implementation="xla_chunked"),
+        "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
+    call = lambda f: (lambda: jax.block_until_ready(f(q, k, v)))
+    fwd = {name: call(jax.jit(fn)) for name, fn in contenders.items()}
+    fb = {name: call(fwd_bwd(fn)) for name, fn in contenders.items()}
+    tfns = torch_fns(B, N, S, H, dtype=dtype)
+    if tfns:
+      fwd["torch SDPA"], fb["torch SDPA"] = tfns
+    t_fwd, t_fb = interleaved_times(fwd, rounds), interleaved_times(fb, rounds)
     if devices > 1:
-      contenders.append((f"attnjax auto, heads over {devices} CPU devices", devices))
-    for name, fn in contenders:
-      if isinstance(fn, int):
-        t_f, t_fb = sharded_times(S, fn)
-      else:
-        t_f = timeit(jax.jit(fn), q, k, v)
-        t_fb = timeit(fwd_bwd(fn), q, k, v)
-      rows.append(dict(case=f"dense S={S}", impl=name, fwd_s=t_f, fwdbwd_s=t_fb,
-                       fwd_gflops=flops / t_f / 1e9, fwdbwd_gflops=3.5 * flops / t_fb / 1e9,
-                       fwd_vs_torch=t_f / t_tf if t_tf else None,
-                       fwdbwd_vs_torch=t_fb / t_tfb if t_tfb else None,
-                       fwd_vs_gemm=flops / t_f / 1e9 / gemm,
-                       fwdbwd_vs_gemm=3.5 * flops / t_fb / 1e9 / gemm))
-    if t_tf:
-      t_tf2, t_tfb2 = torch_times(B, N, S, H, dtype=dtype)
-      t_tf, t_tfb = min(t_tf, t_tf2), min(t_tfb, t_tfb2)
-      for r in rows:
-        if r["case"] == f"dense S={S}":
-          r["fwd_vs_torch"], r["fwdbwd_vs_torch"] = r["fwd_s"] / t_tf, r["fwdbwd_s"] / t_tfb
-      rows.append(dict(case=f"dense S={S}", impl="torch SDPA", fwd_s=t_tf, fwdbwd_s=t_tfb,
-                       fwd_gflops=flops / t_tf / 1e9, fwdbwd_gflops=3.5 * flops / t_tfb / 1e9,
-                       fwd_vs_torch=1.0, fwdbwd_vs_torch=1.0, fwd_vs_gemm=flops / t_tf / 1e9 / gemm,
-                       fwdbwd_vs_gemm=3.5 * flops / t_tfb / 1e9 / gemm))
+      name = f"attnjax auto, heads over {devices} CPU devices"
+      sf, sfb = sharded_times(S, devices)
+      t_fwd[name], t_fb[name] = [sf], [sfb]
+    for name in t_fwd:
+      t_f, t_b = min(t_fwd[name]), min(t_fb[name])
+      row = dict(case=f"dense S={S}", impl=name, fwd_s=t_f, fwdbwd_s=t_b,
+                 fwd_gflops=flops / t_f / 1e9, fwdbwd_gflops=3.5 * flops / t_b / 1e9,
+                 fwd_vs_gemm=flops / t_f / 1e9 / gemm,
+                 fwdbwd_vs_gemm=3.5 * flops / t_b / 1e9 / gemm)
+      if tfns:
+        for key, ts in (("fwd", t_fwd), ("fwdbwd", t_fb)):
+          ref = ts["torch SDPA"]
+          row[f"{key}_vs_torch"] = min(ts[name]) / min(ref)
+          if len(ts[name]) == len(ref):
+            row[f"{key}_vs_torch_med"] = float(np.median(np.array(ts[name]) / np.array(ref)))
+      rows.append(row)
   return rows
 
 
@@ -233,6 +248,8 @@ def main():
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="dtype of q, k, v for the dense rows (every contender, torch too); the "
                       "GEMM rate is measured in the same dtype")
+  p.add_argument("--rounds", type=int, default=5,
+                 help="interleaved timing rounds of the dense rows (each contender once per round)")
   p.add_argument("--out", default="bench_results/attention_cpu.json")
   args = p.parse_args()
   if args.devices and args.dtype != "float32":
@@ -241,9 +258,10 @@ def main():
   gemm = gemm_rate(512 if args.quick else 2048, jnp.dtype(args.dtype))
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {args.dtype} GEMM {gemm:.0f} "
         f"GFLOP/s")
-  rows = dense_rows(sizes, gemm, args.devices, args.dtype)
+  rows = dense_rows(sizes, gemm, args.devices, args.dtype, 2 if args.quick else args.rounds)
   print_table(rows, ["case", "impl", "fwd_s", "fwdbwd_s", "fwd_gflops", "fwdbwd_gflops",
-                     "fwd_vs_torch", "fwdbwd_vs_torch", "fwd_vs_gemm", "fwdbwd_vs_gemm"])
+                     "fwd_vs_torch", "fwd_vs_torch_med", "fwdbwd_vs_torch",
+                     "fwdbwd_vs_torch_med", "fwd_vs_gemm", "fwdbwd_vs_gemm"])
   result = dict(dtype=args.dtype, gemm_gflops=gemm, dense=rows)
   if not args.no_sparse:
     sp = sparse_rows(1024 if args.quick else 16384, 16 if args.quick else 128, args.quick)

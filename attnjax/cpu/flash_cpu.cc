@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -83,7 +84,9 @@ int NumThreads(int64_t requested) {
 // of the time of a small attention call) and their thread_local scratch survives
 // between calls.  Run() lends the pool to one caller at a time; a second concurrent
 // caller (XLA may run two custom calls at once, or a forked child may inherit the
-// pool without its threads) gets false and starts threads of its own.
+// pool without its threads) gets false and starts threads of its own.  Workers and
+// the caller spin for a short while (kSpin) before they sleep, so the several
+// ParallelFor phases of one kernel call do not each pay a futex wake-up.
 class ThreadPool {
  public:
   static ThreadPool& Get() {
@@ -105,30 +108,53 @@ class ThreadPool {
       }
       fn_ = &fn;
       active_ = n;
-      pending_ = n - 1;
-      ++generation_;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
     work_.notify_all();
     fn(0);
+    SpinUntil([&] { return pending_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    fn_ = nullptr;
+    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     return true;
   }
 
  private:
+  static constexpr auto kSpin = std::chrono::microseconds(50);
+
+  template <class Pred>
+  static bool SpinUntil(Pred&& ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      _mm_pause();
+    }
+    return true;
+  }
+
   void Loop(int id) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      work_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (id >= active_) continue;
-      const std::function<void(int)>* fn = fn_;
-      lock.unlock();
+      auto moved = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!SpinUntil(moved)) {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_.wait(lock, moved);
+      }
+      // A consistent snapshot: Run() sets the three under mu_.  A generation that
+      // needs this worker cannot be followed by another before it is done.
+      const std::function<void(int)>* fn;
+      int active;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        seen = generation_.load(std::memory_order_relaxed);
+        fn = fn_, active = active_;
+      }
+      if (id >= active) continue;
       (*fn)(id);
-      lock.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_.notify_one();
+      }
     }
   }
 
@@ -137,8 +163,9 @@ class ThreadPool {
   std::condition_variable work_, done_;
   std::vector<std::thread> workers_;
   const std::function<void(int)>* fn_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
+  int active_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
 };
 
 // Flushes denormal results and inputs to zero (MXCSR FTZ and DAZ) on this thread while
