@@ -36,7 +36,7 @@ IMPLEMENTATIONS = ("reference", "xla", "xla_chunked", "cpu_flash", "pallas", "pa
 
 # On CPU, dense logits beat the cpu_flash kernel only for tiny calls, where its fixed
 # costs (threads, packing) dominate; measured in docs/core.md ("'auto' on CPU").
-_CPU_DENSE_MAX_TS = 32 * 32
+_CPU_DENSE_MAX_TS = 16 * 32
 
 
 def _reference(q, k, v, a, *, return_lse, block_sizes):

@@ -213,20 +213,31 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 // ---------------------------------------------------------------- vector math
 
 // 2^x for x <= ~0.  With kClamp, x = -inf (or anything below -200) gives exactly 0;
-// without it x must be finite (unmasked logits).
-template <bool kClamp = true>
+// without it x must be finite (unmasked logits).  kDegree 5: float32 accuracy
+// (relative error <= 2.2e-7); kDegree 3: relative error <= 7.5e-5, for probabilities
+// that are rounded to bf16 (relative error up to 2^-9) before they are used.
+template <bool kClamp = true, int kDegree = 5>
 inline __m512 Exp2(__m512 x) {
+  static_assert(kDegree == 3 || kDegree == 5, "Exp2 has degree 3 or 5");
   if (kClamp) x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
-  // Degree-5 polynomial for 2^f on [-0.5, 0.5], fitted for relative error (<= 2.2e-7
+  // Polynomials for 2^f on [-0.5, 0.5], fitted for relative error (bounds above as
   // evaluated in float32).
-  __m512 p = _mm512_set1_ps(1.3277444522827864e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675883688032627e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022112786769867e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  __m512 p;
+  if (kDegree == 3) {
+    p = _mm512_set1_ps(5.517166e-02f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261112e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9326099e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992807e-01f));
+  } else {
+    p = _mm512_set1_ps(1.3277444522827864e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675883688032627e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022112786769867e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  }
   return _mm512_scalef_ps(p, n);
 }
 
@@ -461,7 +472,7 @@ inline __m512 RowMax(const float* row, int64_t n) {
 // units), lv its running sum (16 lanes, summed in WriteRows), acc_row its [Hv] output
 // accumulator.  Calls put(j, p) with the probabilities p = 2^(c * logit - m) of
 // columns j..j+15.
-template <bool kMasked, class Put>
+template <bool kMasked, int kExpDegree = 5, class Put>
 inline void SoftmaxRow(const float* row, int64_t bk, __m512 mx_v, float c, float& m,
                        float* lv, float* acc_row, int64_t Hv, Put&& put) {
   // Lazy rescaling: the running max moves only when a logit exceeds it by more than
@@ -476,7 +487,8 @@ inline void SoftmaxRow(const float* row, int64_t bk, __m512 mx_v, float c, float
   const __m512 vm = _mm512_set1_ps(m_new == kNegInf ? 0.0f : m_new);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < bk; j += 16) {
-    const __m512 p = Exp2<kMasked>(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
+    const __m512 p =
+        Exp2<kMasked, kExpDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
     put(j, p);
     sum = _mm512_add_ps(sum, p);
   }
@@ -842,19 +854,22 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
         for (int64_t r = 0; r < nr; ++r) {
           const float* row = s + r * g.bk;
           bf16* prow = ppk + r * g.bk;
-          auto put = [prow, pn, &g](int64_t j, __m512 p) {
-            if (pn == 1)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), ToBf16(p));
-            else
-              Split3(p, prow + j, kAmxRows * g.bk);
-          };
           const __m512 mx = RowMax(row, g.bk);
           float* lr = l + 16 * (r0 + r);
           float* ar = acc + (r0 + r) * g.Hv;
-          if (tile == Tile::kFull)
-            SoftmaxRow<false>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
-          else
-            SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+          float& mr = m[r0 + r];
+          const bool full = tile == Tile::kFull;
+          if (pn == 1) {  // P rounded to bf16: the degree-3 exp2 is accurate enough
+            auto put = [prow](int64_t j, __m512 p) {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), ToBf16(p));
+            };
+            if (full) SoftmaxRow<false, 3>(row, g.bk, mx, c, mr, lr, ar, g.Hv, put);
+            else SoftmaxRow<true, 3>(row, g.bk, mx, c, mr, lr, ar, g.Hv, put);
+          } else {
+            auto put = [prow, &g](int64_t j, __m512 p) { Split3(p, prow + j, kAmxRows * g.bk); };
+            if (full) SoftmaxRow<false>(row, g.bk, mx, c, mr, lr, ar, g.Hv, put);
+            else SoftmaxRow<true>(row, g.bk, mx, c, mr, lr, ar, g.Hv, put);
+          }
         }
         AmxGemm32<true>(g.Hv / 16, g.bk, ppk, g.bk, kAmxRows * g.bk, pn, vtile,
                         g.bk * g.Hv, vn, acc + r0 * g.Hv, g.Hv);
