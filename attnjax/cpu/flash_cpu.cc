@@ -614,7 +614,6 @@ constexpr int64_t kAmxRows = 32;  // forward rows per strip: two 16-row tiles
 
 using bf16 = uint16_t;
 
-
 #if ATTNJAX_AMX
 #define ATTNJAX_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
