@@ -113,9 +113,11 @@ class ThreadPool {
     }
     work_.notify_all();
     fn(0);
-    SpinUntil([&] { return pending_.load(std::memory_order_acquire) == 0; });
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    auto finished = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!SpinUntil(finished)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, finished);
+    }
     return true;
   }
 
