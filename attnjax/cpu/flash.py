@@ -57,8 +57,9 @@ class CpuFlashBlockSizes:
       bf16 arrays; for a bf16 result, P is rounded to bf16 for ``P @ V``, as GPU flash
       kernels do), else on AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``:
       the forward on AMX tiles also for float32 data, each float split exactly into
-      three bf16 pieces ("bf16x6", float32 accuracy, about as fast as AVX-512); needs
-      AMX and a block_k that is a multiple of 32.  Unless ``'avx512'``, the backward
+      three bf16 pieces ("bf16x6", float32 accuracy; slower than AVX-512 on the
+      machines measured, see docs/core.md); needs AMX and a block_k that is a
+      multiple of 32.  Unless ``'avx512'``, the backward
       runs on AMX for bf16 data with a bf16 result when block_q and block_k are
       multiples of 32 (P and dS rounded to bf16 for their products); otherwise on
       AVX-512.
