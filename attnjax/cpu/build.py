@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx"]
+__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx", "simd_width"]
 
 _SOURCE = Path(__file__).with_name("flash_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
@@ -49,18 +49,29 @@ def _compiler():
   return None
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
+  """The x86-64 CPU feature flags of /proc/cpuinfo (empty elsewhere)."""
   if platform.machine().lower() not in ("x86_64", "amd64"):
-    return False
+    return set()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          return {"avx512f", "avx512dq", "fma"} <= flags
+          return set(line.split(":", 1)[1].split())
   except OSError:
-    return False
-  return False
+    pass
+  return set()
+
+
+def _cpu_simd_width() -> int | None:
+  """Float32 lanes this CPU offers the kernels: 16 with AVX-512F/DQ, 8 with AVX2 and
+  FMA, None when it has neither."""
+  flags = _cpu_flags()
+  if {"avx512f", "avx512dq", "fma"} <= flags:
+    return 16
+  if {"avx2", "fma"} <= flags:
+    return 8
+  return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +79,8 @@ def _build() -> tuple[str | None, str | None]:
   """(path of the compiled library, None) or (None, why not)."""
   if os.environ.get("ATTNJAX_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
     return None, "disabled by ATTNJAX_CPU_KERNELS"
-  if not _has_avx512():
-    return None, "needs an x86-64 CPU with AVX-512F/DQ and FMA (Linux /proc/cpuinfo)"
+  if _cpu_simd_width() is None:
+    return None, "needs an x86-64 CPU with AVX2 and FMA, or AVX-512F/DQ (Linux /proc/cpuinfo)"
   cxx = _compiler()
   if cxx is None:
     return None, "no C++ compiler found (set $CXX)"
@@ -129,6 +140,13 @@ def has_amx() -> bool:
   """True when the loaded kernels can use AMX tiles (CPU support and the Linux
   permission for the tile state)."""
   return load() is None and bool(_LIB[0].AttnjaxCpuHasAmx())
+
+
+@functools.lru_cache(maxsize=None)
+def simd_width() -> int | None:
+  """Float32 lanes of the loaded kernels' vectors: 16 (AVX-512) or 8 (AVX2), as the
+  compiler targeted this machine; None when the kernels are unavailable."""
+  return int(_LIB[0].AttnjaxCpuLanes()) if load() is None else None
 
 
 def unavailable_reason() -> str | None:

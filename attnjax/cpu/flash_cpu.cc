@@ -212,6 +212,128 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
   for (auto& t : threads) t.join();
 }
 
+// ---------------------------------------------------------------- SIMD layer
+//
+// The kernel is written once over a float vector Vf of kLanes lanes: 16 (__m512) when
+// the compiler targets AVX-512F/DQ, else 8 (__m256, AVX2 with FMA).  build.py compiles
+// with -march=native, so the width is the running machine's.  Block sizes and head
+// dims stay multiples of 16, which both widths divide.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define ATTNJAX_AVX512 1
+constexpr int kLanes = 16;
+using Vf = __m512;
+inline Vf Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void Store(float* p, Vf x) { _mm512_storeu_ps(p, x); }
+inline Vf Set1(float x) { return _mm512_set1_ps(x); }
+inline Vf Zero() { return _mm512_setzero_ps(); }
+inline Vf Add(Vf a, Vf b) { return _mm512_add_ps(a, b); }
+inline Vf Sub(Vf a, Vf b) { return _mm512_sub_ps(a, b); }
+inline Vf Mul(Vf a, Vf b) { return _mm512_mul_ps(a, b); }
+inline Vf Max(Vf a, Vf b) { return _mm512_max_ps(a, b); }
+inline Vf Fmadd(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline Vf Fmsub(Vf a, Vf b, Vf c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c
+inline float ReduceMax(Vf x) { return _mm512_reduce_max_ps(x); }
+inline float ReduceAdd(Vf x) { return _mm512_reduce_add_ps(x); }
+inline bool AnyGreater(Vf a, Vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+inline Vf RoundNearest(Vf x) {
+  return RoundNearest(x);
+}
+// p * 2^n for integral n <= 127 (underflow gives 0 under the flush-to-zero mode).
+inline Vf Scale2(Vf p, Vf n) { return Scale2(p, n); }
+
+// out[c * ldo + r] = in[r * ldi + c] for a 16 x 16 block (four rounds of shuffles).
+inline void TransposeBlock(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 16; i += 2) {  // interleave row pairs
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    a[i] = _mm512_shuffle_ps(b[i], b[i + 2], 0x44);
+    a[i + 1] = _mm512_shuffle_ps(b[i], b[i + 2], 0xEE);
+    a[i + 2] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+    a[i + 3] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8)  // then the 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0x88);
+      b[i + 4 + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    a[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
+    a[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, a[i]);
+}
+
+// Register tile of every GEMM: 6 rows x 4 vectors (24 accumulators of 32 registers).
+constexpr int kMR = 6, kNV = 4;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ATTNJAX_AVX512 0
+constexpr int kLanes = 8;
+using Vf = __m256;
+inline Vf Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void Store(float* p, Vf x) { _mm256_storeu_ps(p, x); }
+inline Vf Set1(float x) { return _mm256_set1_ps(x); }
+inline Vf Zero() { return _mm256_setzero_ps(); }
+inline Vf Add(Vf a, Vf b) { return _mm256_add_ps(a, b); }
+inline Vf Sub(Vf a, Vf b) { return _mm256_sub_ps(a, b); }
+inline Vf Mul(Vf a, Vf b) { return _mm256_mul_ps(a, b); }
+inline Vf Max(Vf a, Vf b) { return _mm256_max_ps(a, b); }
+inline Vf Fmadd(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vf Fmsub(Vf a, Vf b, Vf c) { return _mm256_fmsub_ps(a, b, c); }
+inline float ReduceMax(Vf x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float ReduceAdd(Vf x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline bool AnyGreater(Vf a, Vf b) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0;
+}
+inline Vf RoundNearest(Vf x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// p * 2^n for integral n <= 127: n is clamped to -127, whose biased exponent 0 makes
+// the factor exactly 0 (smaller n would wrap around in the exponent field).
+inline Vf Scale2(Vf p, Vf n) {
+  const __m256i e = _mm256_cvtps_epi32(_mm256_max_ps(n, _mm256_set1_ps(-127.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// out[c * ldo + r] = in[r * ldi + c] for an 8 x 8 block (three rounds of shuffles).
+inline void TransposeBlock(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  __m256 a[8], b[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs
+    b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    a[i] = _mm256_shuffle_ps(b[i], b[i + 2], 0x44);
+    a[i + 1] = _mm256_shuffle_ps(b[i], b[i + 2], 0xEE);
+    a[i + 2] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+    a[i + 3] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {  // then the 128-bit lanes
+    b[j] = _mm256_permute2f128_ps(a[j], a[4 + j], 0x20);
+    b[4 + j] = _mm256_permute2f128_ps(a[j], a[4 + j], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + i * ldo, b[i]);
+}
+
+// Register tile of every GEMM: 6 rows x 2 vectors (12 accumulators of 16 registers).
+constexpr int kMR = 6, kNV = 2;
+#else
+#error "attnjax cpu_flash needs AVX-512F/DQ or AVX2 with FMA (build with -march=native)"
+#endif
+
 // ---------------------------------------------------------------- vector math
 
 // 2^x for x <= ~0.  With kClamp, x = -inf (or anything below -200) gives exactly 0;
@@ -219,69 +341,69 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 // (relative error <= 2.2e-7); kDegree 3: relative error <= 7.5e-5, for probabilities
 // that are rounded to bf16 (relative error up to 2^-9) before they are used.
 template <bool kClamp = true, int kDegree = 5>
-inline __m512 Exp2(__m512 x) {
+inline Vf Exp2(Vf x) {
   static_assert(kDegree == 3 || kDegree == 5, "Exp2 has degree 3 or 5");
-  if (kClamp) x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
+  if (kClamp) x = Max(x, Set1(-200.0f));
+  Vf n = RoundNearest(x);
+  Vf f = Sub(x, n);  // [-0.5, 0.5]
   // Polynomials for 2^f on [-0.5, 0.5], fitted for relative error (bounds above as
   // evaluated in float32).
-  __m512 p;
+  Vf p;
   if (kDegree == 3) {
-    p = _mm512_set1_ps(5.517166e-02f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261112e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9326099e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992807e-01f));
+    p = Set1(5.517166e-02f);
+    p = Fmadd(p, f, Set1(2.4261112e-01f));
+    p = Fmadd(p, f, Set1(6.9326099e-01f));
+    p = Fmadd(p, f, Set1(9.9992807e-01f));
   } else {
-    p = _mm512_set1_ps(1.3277444522827864e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675883688032627e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022112786769867e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    p = Set1(1.3277444522827864e-03f);
+    p = Fmadd(p, f, Set1(9.675883688032627e-03f));
+    p = Fmadd(p, f, Set1(5.550713092088699e-02f));
+    p = Fmadd(p, f, Set1(2.4022112786769867e-01f));
+    p = Fmadd(p, f, Set1(6.931469440460205e-01f));
+    p = Fmadd(p, f, Set1(1.0000001192092896f));
   }
-  return _mm512_scalef_ps(p, n);
+  return Scale2(p, n);
 }
 
 inline float Exp2Scalar(float x) { return x == kNegInf ? 0.0f : std::exp2(x); }
 
 // ---------------------------------------------------------------- GEMM micro-kernels
 
-// C[MR, 16*NV] (+)= sum_p A(r, p) * B[p, 0:16*NV], A(r, p) = A[r*sai + p*sak] (any
+// C[MR, kLanes*NV] (+)= sum_p A(r, p) * B[p, 0:kLanes*NV], A(r, p) = A[r*sai + p*sak] (any
 // strides: A is read as broadcast scalars), B rows contiguous with row stride ldb.
 template <int MR, int NV, bool ACC>
 void Micro(int64_t kd, const float* __restrict A, int64_t sai, int64_t sak,
            const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
            float* __restrict rowmax) {
-  __m512 acc[MR][NV];
+  Vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      acc[r][v] = ACC ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+      acc[r][v] = ACC ? Load(C + r * ldc + kLanes * v) : Zero();
   for (int64_t p = 0; p < kd; ++p) {
-    __m512 b[NV];
+    Vf b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + p * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = Load(B + p * ldb + kLanes * v);
     const float* a = A + p * sak;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      __m512 ar = _mm512_set1_ps(a[r * sai]);
+      Vf ar = Set1(a[r * sai]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Fmadd(ar, b[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-  if (rowmax != nullptr) {  // running per-row maxima, 16 lanes per row
+    for (int v = 0; v < NV; ++v) Store(C + r * ldc + kLanes * v, acc[r][v]);
+  if (rowmax != nullptr) {  // running per-row maxima, kLanes lanes per row
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      __m512 m = _mm512_loadu_ps(rowmax + 16 * r);
+      Vf m = Load(rowmax + kLanes * r);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) m = _mm512_max_ps(m, acc[r][v]);
-      _mm512_storeu_ps(rowmax + 16 * r, m);
+      for (int v = 0; v < NV; ++v) m = Max(m, acc[r][v]);
+      Store(rowmax + kLanes * r, m);
     }
   }
 }
@@ -301,24 +423,22 @@ constexpr std::array<std::array<MicroFn, NVMAX>, sizeof...(MR)> MicroTable(
 }
 
 // C[M, Nc] (+)= A(M x Kd) @ B[Kd, Nc]; Nc a multiple of 16.  If rowmax is given
-// ([M, 16]), it is updated with the lane-wise maxima of each row of C.
+// ([M, kLanes]), it is updated with the lane-wise maxima of each row of C.
 template <bool ACC, int MRMAX, int NVMAX>
 void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_t sak,
           const float* B, int64_t ldb, float* C, int64_t ldc, float* rowmax = nullptr) {
   static constexpr auto table =
       MicroTable<ACC, NVMAX>(std::make_integer_sequence<int, MRMAX>());
-  for (int64_t j = 0; j < Nc; j += 16 * NVMAX) {
-    const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (Nc - j) / 16));
+  for (int64_t j = 0; j < Nc; j += kLanes * NVMAX) {
+    const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (Nc - j) / kLanes));
     for (int64_t i = 0; i < M; i += MRMAX) {
       const int mr = static_cast<int>(std::min<int64_t>(MRMAX, M - i));
       table[mr - 1][nv - 1](Kd, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc,
-                            rowmax == nullptr ? nullptr : rowmax + 16 * i);
+                            rowmax == nullptr ? nullptr : rowmax + kLanes * i);
     }
   }
 }
 
-// Register tile of every GEMM: 6 rows x 4 vectors (24 accumulators of 32 registers).
-constexpr int kMR = 6, kNV = 4;
 constexpr int64_t kStrip = 12;  // forward rows per fused scores/softmax/PV strip
 
 // ---------------------------------------------------------------- geometry, masks
@@ -381,46 +501,21 @@ void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_
   }
 }
 
-// out[c * ldo + r] = in[r * ldi + c] for a 16 x 16 block (four rounds of shuffles).
-inline void Transpose16(const float* in, int64_t ldi, float* out, int64_t ldo) {
-  __m512 a[16], b[16];
-  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(in + i * ldi);
-  for (int i = 0; i < 16; i += 2) {  // interleave row pairs
-    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
-    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
-    a[i] = _mm512_shuffle_ps(b[i], b[i + 2], 0x44);
-    a[i + 1] = _mm512_shuffle_ps(b[i], b[i + 2], 0xEE);
-    a[i + 2] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0x44);
-    a[i + 3] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)  // then the 128-bit lanes
-    for (int j = 0; j < 4; ++j) {
-      b[i + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0x88);
-      b[i + 4 + j] = _mm512_shuffle_f32x4(a[i + j], a[i + 4 + j], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    a[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
-    a[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, a[i]);
-}
-
 // Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out,
 // laid out [B, K, nk, H, bk], zero beyond S.  H % 16 == 0, bk % 16 == 0.
 void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads) {
   ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     float* dst = out + item * H * g.bk;
-    for (int64_t j0 = 0; j0 < g.bk; j0 += 16) {
+    for (int64_t j0 = 0; j0 < g.bk; j0 += kLanes) {
       const int64_t s0 = kb * g.bk + j0;
       const float* src = x + ((b * g.S + s0) * g.K + kvh) * H;
-      if (s0 + 16 <= g.S) {
-        for (int64_t h = 0; h < H; h += 16) Transpose16(src + h, g.K * H, dst + h * g.bk + j0, g.bk);
+      if (s0 + kLanes <= g.S) {
+        for (int64_t h = 0; h < H; h += kLanes)
+          TransposeBlock(src + h, g.K * H, dst + h * g.bk + j0, g.bk);
         continue;
       }
-      for (int64_t jj = j0; jj < j0 + 16; ++jj) {  // the ragged end of the keys
+      for (int64_t jj = j0; jj < j0 + kLanes; ++jj) {  // the ragged end of the keys
         const bool in = kb * g.bk + jj < g.S;
         for (int64_t h = 0; h < H; ++h)
           dst[h * g.bk + jj] = in ? src[(jj - j0) * g.K * H + h] : 0.0f;
@@ -447,63 +542,63 @@ void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, in
 // ---------------------------------------------------------------- forward
 
 // The output of query block qb of head n: o = acc / l, lse = (m + log2 l) ln 2, with
-// l the lane sum of lv [rows, 16].
+// l the lane sum of lv [rows, kLanes].
 void WriteRows(const Geometry& g, int64_t b, int64_t n, int64_t t0, int64_t rows,
                const float* acc, const float* m, const float* lv, float* o, float* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r;
     float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
-    const float lr = _mm512_reduce_add_ps(_mm512_loadu_ps(lv + 16 * r));
+    const float lr = ReduceAdd(Load(lv + kLanes * r));
     const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
-    const __m512 vi = _mm512_set1_ps(inv);
-    for (int64_t d = 0; d < g.Hv; d += 16)
-      _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * g.Hv + d), vi));
+    const Vf vi = Set1(inv);
+    for (int64_t d = 0; d < g.Hv; d += kLanes)
+      Store(dst + d, Mul(Load(acc + r * g.Hv + d), vi));
     lse[(b * g.N + n) * g.T + t] = lr > 0.0f ? (m[r] + std::log2(lr)) * kLn2 : kNegInf;
   }
 }
 
 // Lane-wise maxima of a row of n floats (n a multiple of 16).
-inline __m512 RowMax(const float* row, int64_t n) {
-  __m512 mx = _mm512_set1_ps(kNegInf);
-  for (int64_t j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(row + j));
+inline Vf RowMax(const float* row, int64_t n) {
+  Vf mx = Set1(kNegInf);
+  for (int64_t j = 0; j < n; j += kLanes) mx = Max(mx, Load(row + j));
   return mx;
 }
 
 // One row's online-softmax step over a tile: row holds the tile's logits (-inf where
 // masked, kMasked), mx_v their lane-wise maxima; m is the row's running max (log2
-// units), lv its running sum (16 lanes, summed in WriteRows), acc_row its [Hv] output
+// units), lv its running sum (kLanes lanes, summed in WriteRows), acc_row its [Hv] output
 // accumulator.  Calls put(j, p) with the probabilities p = 2^(c * logit - m) of
 // columns j..j+15.
 template <bool kMasked, int kExpDegree = 5, class Put>
-inline void SoftmaxRow(const float* row, int64_t bk, __m512 mx_v, float c, float& m,
+inline void SoftmaxRow(const float* row, int64_t bk, Vf mx_v, float c, float& m,
                        float* lv, float* acc_row, int64_t Hv, Put&& put) {
   // Lazy rescaling: the running max moves only when a logit exceeds it by more than
   // kSlack (log2 units), so p <= 2^kSlack and most tiles skip the rescale (and the
   // horizontal max).
-  const __m512 vc = _mm512_set1_ps(c);
+  const Vf vc = Set1(c);
   float m_new = m, alpha = 1.0f;
-  if (_mm512_cmp_ps_mask(_mm512_mul_ps(mx_v, vc), _mm512_set1_ps(m + kSlack), _CMP_GT_OQ)) {
-    m_new = _mm512_reduce_max_ps(mx_v) * c;
+  if (AnyGreater(Mul(mx_v, vc), Set1(m + kSlack))) {
+    m_new = ReduceMax(mx_v) * c;
     alpha = m == kNegInf ? 0.0f : Exp2Scalar(m - m_new);
   }
-  const __m512 vm = _mm512_set1_ps(m_new == kNegInf ? 0.0f : m_new);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < bk; j += 16) {
-    const __m512 p =
-        Exp2<kMasked, kExpDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vm));
+  const Vf vm = Set1(m_new == kNegInf ? 0.0f : m_new);
+  Vf sum = Zero();
+  for (int64_t j = 0; j < bk; j += kLanes) {
+    const Vf p =
+        Exp2<kMasked, kExpDegree>(Fmsub(Load(row + j), vc, vm));
     put(j, p);
-    sum = _mm512_add_ps(sum, p);
+    sum = Add(sum, p);
   }
   m = m_new;
   if (alpha != 1.0f) {
-    const __m512 va = _mm512_set1_ps(alpha);
-    sum = _mm512_fmadd_ps(_mm512_loadu_ps(lv), va, sum);
-    for (int64_t d = 0; d < Hv; d += 16)
-      _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), va));
+    const Vf va = Set1(alpha);
+    sum = Fmadd(Load(lv), va, sum);
+    for (int64_t d = 0; d < Hv; d += kLanes)
+      Store(acc_row + d, Mul(Load(acc_row + d), va));
   } else {
-    sum = _mm512_add_ps(_mm512_loadu_ps(lv), sum);
+    sum = Add(Load(lv), sum);
   }
-  _mm512_storeu_ps(lv, sum);
+  Store(lv, sum);
 }
 
 // Calls f(kb, tile, j0) for the key blocks of a query block that are not empty.
@@ -546,17 +641,17 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
     const ForwardItem it(g, item);
     const QBlockBand& band = bands[it.qb];
     thread_local std::vector<float> scratch;
-    scratch.resize(kStrip * g.bk + g.bq * g.Hv + 17 * g.bq + g.bq * g.H + 16 * kStrip);
+    scratch.resize(kStrip * g.bk + g.bq * g.Hv + (kLanes + 1) * g.bq + g.bq * g.H + kLanes * kStrip);
     float* s = scratch.data();
     float* acc = s + kStrip * g.bk;
     float* m = acc + g.bq * g.Hv;
-    float* l = m + g.bq;  // [bq, 16] lane sums
-    float* qrows = l + 16 * g.bq;
+    float* l = m + g.bq;  // [bq, kLanes] lane sums
+    float* qrows = l + kLanes * g.bq;
     float* rmax = qrows + g.bq * g.H;
     PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, qrows);
     std::fill(acc, acc + it.rows * g.Hv, 0.0f);
     std::fill(m, m + it.rows, kNegInf);
-    std::fill(l, l + 16 * it.rows, 0.0f);
+    std::fill(l, l + kLanes * it.rows, 0.0f);
 
     const float* vhead = vp.p + (it.b * g.K + it.kvh) * Sp * g.Hv;
     ForEachTile(g, band, [&](int64_t kb, Tile tile, int64_t j0) {
@@ -565,19 +660,19 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
       // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
       for (int64_t r0 = 0; r0 < it.rows; r0 += kStrip) {
         const int64_t nr = std::min(kStrip, it.rows - r0);
-        std::fill(rmax, rmax + 16 * nr, kNegInf);
+        std::fill(rmax, rmax + kLanes * nr, kNegInf);
         const bool full = tile == Tile::kFull;
         Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s, g.bk,
                               full ? rmax : nullptr);
         if (!full) {
           MaskTile(s, g.bk, nr, g.bk, it.t0 + r0, j0, g.S, lo, hi);
-          for (int64_t r = 0; r < nr; ++r) _mm512_storeu_ps(rmax + 16 * r, RowMax(s + r * g.bk, g.bk));
+          for (int64_t r = 0; r < nr; ++r) Store(rmax + kLanes * r, RowMax(s + r * g.bk, g.bk));
         }
         for (int64_t r = 0; r < nr; ++r) {
           float* row = s + r * g.bk;
-          auto put = [row](int64_t j, __m512 p) { _mm512_storeu_ps(row + j, p); };
-          const __m512 mx = _mm512_loadu_ps(rmax + 16 * r);
-          float* lr = l + 16 * (r0 + r);
+          auto put = [row](int64_t j, Vf p) { Store(row + j, p); };
+          const Vf mx = Load(rmax + kLanes * r);
+          float* lr = l + kLanes * (r0 + r);
           float* ar = acc + (r0 + r) * g.Hv;
           if (full)
             SoftmaxRow<false>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
@@ -605,7 +700,8 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
 // low half-word zero, e.g. bf16 arrays cast to float32) have a single piece, so
 // their pairs drop to one (scores) or three (P @ V).
 
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#if ATTNJAX_AVX512 && \
+    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define ATTNJAX_AMX 1
 #else
 #define ATTNJAX_AMX 0
@@ -643,6 +739,11 @@ ATTNJAX_AMX_TARGET void ConfigureTiles() {
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
 }
+
+// Tile intrinsics are called through these functions (which carry the target
+// attribute) from the ParallelFor lambdas, which do not: compilers for CPUs with
+// AVX-512 but without AMX then build the file too.
+ATTNJAX_AMX_TARGET void ReleaseTiles() { _tile_release(); }
 
 // The three bf16 pieces of 16 floats, as float32 values (low half-words zero).
 inline void SplitPieces(__m512 x, __m512 out[kPieces]) {
@@ -725,7 +826,10 @@ ATTNJAX_AMX_TARGET void PackPieces(const Geometry& g, const float* x, int64_t D,
           if (d + 16 < D) SplitPieces(_mm512_loadu_ps(src + d + 16), pb);
           else for (auto& z : pb) z = _mm512_setzero_ps();
           for (int p = 0; p < pieces; ++p) {
-            const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(pb[p], pa[p]);
+            // (ToBf16, not a two-source conversion inline: this lambda does not take
+            // the target attribute, and CPUs with AVX-512 but no BF16 compile it too.)
+            const __m512i words =
+                _mm512_inserti64x4(_mm512_castsi256_si512(ToBf16(pa[p])), ToBf16(pb[p]), 1);
             _mm512_i32scatter_epi32(dst + p * piece + (d / 2) * 2 * g.bk + 2 * jj, rows, words,
                                     4);
           }
@@ -876,7 +980,7 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
                         g.bk * g.Hv, vn, acc + r0 * g.Hv, g.Hv);
       }
     });
-    _tile_release();
+    ReleaseTiles();
     WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
   });
   return true;
@@ -984,7 +1088,7 @@ bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const flo
     const float* ktile = kt.p + item * g.H * g.bk;
     const float* vtile = vt.p + item * g.Hv * g.bk;
     const float* krows = kp.p + (bh * Sp + j0) * g.H;
-    const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+    const Vf vc = Set1(c), vscale = Set1(scale);
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const int64_t n = kvh * g.G + gi, bn = b * g.N + n;
       for (int64_t qb = 0; qb < g.nq; ++qb) {
@@ -1002,23 +1106,23 @@ bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const flo
           // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
           const float l2 = lrow[r] == kNegInf ? std::numeric_limits<float>::infinity()
                                               : lrow[r] * kLog2e;
-          const __m512 vl = _mm512_set1_ps(l2);
+          const Vf vl = Set1(l2);
           float* row = p + r * g.bk;
-          for (int64_t j = 0; j < g.bk; j += 16)
-            _mm512_storeu_ps(row + j, Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), vc, vl)));
+          for (int64_t j = 0; j < g.bk; j += kLanes)
+            Store(row + j, Exp2(Fmsub(Load(row + j), vc, vl)));
         }
         // dV += P^T dO
         Gemm<true, kMR, kNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, g.Hv, dv_acc, g.Hv);
         // dP = dO V^T ; dS = scale * P * (dP - delta)
         Gemm<false, kMR, kNV>(rows, g.bk, g.Hv, dorows, g.Hv, 1, vtile, g.bk, ds, g.bk);
         for (int64_t r = 0; r < rows; ++r) {
-          const __m512 vd = _mm512_set1_ps(drow[r]);
+          const Vf vd = Set1(drow[r]);
           float* dsr = ds + r * g.bk;
           const float* pr = p + r * g.bk;
-          for (int64_t j = 0; j < g.bk; j += 16) {
-            __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dsr + j), vd);
-            _mm512_storeu_ps(dsr + j,
-                             _mm512_mul_ps(_mm512_mul_ps(x, _mm512_loadu_ps(pr + j)), vscale));
+          for (int64_t j = 0; j < g.bk; j += kLanes) {
+            Vf x = Sub(Load(dsr + j), vd);
+            Store(dsr + j,
+                             Mul(Mul(x, Load(pr + j)), vscale));
           }
         }
         // dK += dS^T Q ; dQ += dS K
@@ -1171,7 +1275,7 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
                           dqt + (bn * Tp + t0 + r0) * g.H, g.H);
       }
     }
-    _tile_release();
+    ReleaseTiles();
     for (int64_t jj = 0; jj < cols; ++jj) {
       float* dkr = dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H;
       float* dvr = dv + ((b * g.S + j0 + jj) * g.K + kvh) * g.Hv;
@@ -1329,3 +1433,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashBwd, BwdImpl,
 
 // 1 when the forward can use AMX tiles on this machine (read by attnjax.cpu.build).
 extern "C" int AttnjaxCpuHasAmx() { return AmxAvailable() ? 1 : 0; }
+
+// Float32 lanes per vector the kernels were compiled for: 16 (AVX-512) or 8 (AVX2).
+extern "C" int AttnjaxCpuLanes() { return kLanes; }
