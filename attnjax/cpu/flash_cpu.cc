@@ -423,23 +423,29 @@ constexpr std::array<std::array<MicroFn, NVMAX>, sizeof...(MR)> MicroTable(
 }
 
 // C[M, Nc] (+)= A(M x Kd) @ B[Kd, Nc]; Nc a multiple of 16.  If rowmax is given
-// ([M, kLanes]), it is updated with the lane-wise maxima of each row of C.
+// ([M, kLanes]), it is updated with the lane-wise maxima of each row of C.  B is
+// row-major (row stride ldb) or, when bpanel > 0, stored in column panels of
+// kLanes * NVMAX columns, panel p at B + p * bpanel with row stride ldb.
 template <bool ACC, int MRMAX, int NVMAX>
 void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_t sak,
-          const float* B, int64_t ldb, float* C, int64_t ldc, float* rowmax = nullptr) {
+          const float* B, int64_t ldb, float* C, int64_t ldc, float* rowmax = nullptr,
+          int64_t bpanel = 0) {
   static constexpr auto table =
       MicroTable<ACC, NVMAX>(std::make_integer_sequence<int, MRMAX>());
   for (int64_t j = 0; j < Nc; j += kLanes * NVMAX) {
     const int nv = static_cast<int>(std::min<int64_t>(NVMAX, (Nc - j) / kLanes));
     for (int64_t i = 0; i < M; i += MRMAX) {
       const int mr = static_cast<int>(std::min<int64_t>(MRMAX, M - i));
-      table[mr - 1][nv - 1](Kd, A + i * sai, sai, sak, B + j, ldb, C + i * ldc + j, ldc,
+      const float* Bj = bpanel > 0 ? B + j / (kLanes * NVMAX) * bpanel : B + j;
+      table[mr - 1][nv - 1](Kd, A + i * sai, sai, sak, Bj, ldb, C + i * ldc + j, ldc,
                             rowmax == nullptr ? nullptr : rowmax + kLanes * i);
     }
   }
 }
 
-constexpr int64_t kStrip = 12;  // forward rows per fused scores/softmax/PV strip
+constexpr int64_t kStrip = 12;
+// Columns of a packed GEMM B panel: one register tile wide.
+constexpr int64_t kPanel = kLanes * kNV;  // forward rows per fused scores/softmax/PV strip
 
 // ---------------------------------------------------------------- geometry, masks
 
@@ -501,24 +507,28 @@ void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_
   }
 }
 
-// Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out,
-// laid out [B, K, nk, H, bk], zero beyond S.  H % 16 == 0, bk % 16 == 0.
-void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads) {
+// Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out:
+// blocks [B, K, nk] of RoundUp(bk, panel) * H floats, each [bk / panel][H][panel]
+// (column panels of the [H, bk] transposed block; panel = bk gives [H, bk]), zero
+// beyond S.  H % 16 == 0, bk % 16 == 0, panel % 16 == 0.
+void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads,
+                    int64_t panel) {
   ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
-    float* dst = out + item * H * g.bk;
+    float* dst = out + item * H * RoundUp(g.bk, panel);
+    auto at = [&](int64_t h, int64_t j) { return dst + (j / panel) * H * panel + h * panel + j % panel; };
     for (int64_t j0 = 0; j0 < g.bk; j0 += kLanes) {
       const int64_t s0 = kb * g.bk + j0;
       const float* src = x + ((b * g.S + s0) * g.K + kvh) * H;
       if (s0 + kLanes <= g.S) {
         for (int64_t h = 0; h < H; h += kLanes)
-          TransposeBlock(src + h, g.K * H, dst + h * g.bk + j0, g.bk);
+          TransposeBlock(src + h, g.K * H, at(h, j0), panel);
         continue;
       }
       for (int64_t jj = j0; jj < j0 + kLanes; ++jj) {  // the ragged end of the keys
         const bool in = kb * g.bk + jj < g.S;
         for (int64_t h = 0; h < H; ++h)
-          dst[h * g.bk + jj] = in ? src[(jj - j0) * g.K * H + h] : 0.0f;
+          *at(h, jj) = in ? src[(jj - j0) * g.K * H + h] : 0.0f;
       }
     }
   });
@@ -536,6 +546,22 @@ void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, in
       std::memcpy(out + r * D, x + ((b * L + s) * heads + head) * D, D * sizeof(float));
     else
       std::fill(out + r * D, out + (r + 1) * D, 0.0f);
+  }
+}
+
+// As PackRows, in column panels: [ceil(D / panel)][n][panel] (a narrower last panel
+// keeps the row stride panel).
+void PackRowPanels(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b,
+                   int64_t head, int64_t s0, int64_t n, int64_t panel, float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t s = s0 + r;
+    const float* src = x + ((b * L + s) * heads + head) * D;
+    for (int64_t c = 0; c < D; c += panel) {
+      float* dst = out + (c / panel) * n * panel + r * panel;
+      const int64_t w = std::min(panel, D - c);
+      if (s < L) std::memcpy(dst, src + c, w * sizeof(float));
+      else std::fill(dst, dst + w, 0.0f);
+    }
   }
 }
 
@@ -629,12 +655,14 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Sp = g.nk * g.bk;
-  Buffer kt(g.B * g.K * g.nk * g.H * g.bk);
-  Buffer vp(g.B * g.K * Sp * g.Hv);  // V per (b, kv head): [Sp, Hv] contiguous
+  // K^T per key block and V per (b, kv head), in column panels one register tile
+  // wide, so that every GEMM streams contiguous memory.
+  const int64_t ktsize = g.H * RoundUp(g.bk, kPanel), vsize = Sp * RoundUp(g.Hv, kPanel);
+  Buffer kt(g.B * g.K * g.nk * ktsize), vp(g.B * g.K * vsize);
   if (!kt.p || !vp.p) return false;
-  PackTransposed(g, k, g.H, kt.p, nthreads);
+  PackTransposed(g, k, g.H, kt.p, nthreads, kPanel);
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, vp.p + bh * Sp * g.Hv);
+    PackRowPanels(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, kPanel, vp.p + bh * vsize);
   });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
@@ -653,17 +681,17 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
     std::fill(m, m + it.rows, kNegInf);
     std::fill(l, l + kLanes * it.rows, 0.0f);
 
-    const float* vhead = vp.p + (it.b * g.K + it.kvh) * Sp * g.Hv;
+    const float* vhead = vp.p + (it.b * g.K + it.kvh) * vsize;
     ForEachTile(g, band, [&](int64_t kb, Tile tile, int64_t j0) {
       const int64_t cols = std::min(g.bk, g.S - j0);
-      const float* ktile = kt.p + ((it.b * g.K + it.kvh) * g.nk + kb) * g.H * g.bk;
+      const float* ktile = kt.p + ((it.b * g.K + it.kvh) * g.nk + kb) * ktsize;
       // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
       for (int64_t r0 = 0; r0 < it.rows; r0 += kStrip) {
         const int64_t nr = std::min(kStrip, it.rows - r0);
         std::fill(rmax, rmax + kLanes * nr, kNegInf);
         const bool full = tile == Tile::kFull;
-        Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, g.bk, s, g.bk,
-                              full ? rmax : nullptr);
+        Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, kPanel, s, g.bk,
+                              full ? rmax : nullptr, g.H * kPanel);
         if (!full) {
           MaskTile(s, g.bk, nr, g.bk, it.t0 + r0, j0, g.S, lo, hi);
           for (int64_t r = 0; r < nr; ++r) Store(rmax + kLanes * r, RowMax(s + r * g.bk, g.bk));
@@ -679,8 +707,8 @@ bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const floa
           else
             SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
         }
-        Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * g.Hv, g.Hv,
-                             acc + r0 * g.Hv, g.Hv);
+        Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * kPanel, kPanel,
+                             acc + r0 * g.Hv, g.Hv, nullptr, Sp * kPanel);
       }
     });
     WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
@@ -1055,8 +1083,8 @@ bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const flo
   const auto bands = BlockBands(g, lo, hi);
   Buffer kt(g.B * g.K * g.nk * g.H * g.bk), vt(g.B * g.K * g.nk * g.Hv * g.bk);
   if (!kt.p || !vt.p) return false;
-  PackTransposed(g, k, g.H, kt.p, nthreads);
-  PackTransposed(g, v, g.Hv, vt.p, nthreads);
+  PackTransposed(g, k, g.H, kt.p, nthreads, g.bk);
+  PackTransposed(g, v, g.Hv, vt.p, nthreads, g.bk);
   const int64_t nitems = g.B * g.K * g.nk;
   nthreads = static_cast<int>(std::min<int64_t>(nthreads, nitems));
   // Contiguous per-head copies: Q, dO [B, N, Tp, D]; K [B, K, Sp, H].
