@@ -25,7 +25,8 @@ from attnjax.cpu import flash
 from attnjax.cpu.flash import CpuFlashBlockSizes
 from test_attention import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
-# Machines without AVX-512 or a C++ compiler skip (the kernel cannot exist there);
+# Machines without AVX2/FMA (or AVX-512) or a C++ compiler skip (the kernel cannot
+# exist there);
 # CI (this project's machine) must build it, so there the tests run and fail instead.
 pytestmark = pytest.mark.skipif(
     build.unavailable_reason() is not None and not os.environ.get("CI"),
@@ -213,7 +214,7 @@ class TestCpuFlash(AttentionTestBase):
       CpuFlashBlockSizes(block_q=0)
     with pytest.raises(ValueError, match="num_threads"):
       CpuFlashBlockSizes(num_threads=-2)
-    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512'\]"):
+    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', 'simd'\]"):
       CpuFlashBlockSizes(matmul="tf32")
     with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
       CpuFlashBlockSizes(block_k=48, matmul="amx")
@@ -282,6 +283,21 @@ class TestCpuFlashAmx(TestCpuFlash):
       assert not np.array_equal(a, b), name
       # P and dS rounded to bf16: bf16-level agreement.
       np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max(), err_msg=name)
+
+
+def test_simd_engine_names_and_width():
+  """'simd' and its older name 'avx512' are one engine (bit-identical results, equal to
+  the reference), and the library reports the vector width this CPU offers."""
+  flags = build._cpu_flags()
+  assert build.simd_width() == (16 if {"avx512f", "avx512dq"} <= flags else 8)
+  q, k, v = make_qkv(74, 2, 75, 75, 4, 2, 48, 48, jnp.float32)
+  outs = [np.asarray(attnjax.attention(
+      q, k, v, mask=masks.causal(), implementation="cpu_flash",
+      block_sizes=CpuFlashBlockSizes(block_q=32, block_k=48, matmul=m)))
+          for m in ("simd", "avx512")]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert_close(outs[0], attnjax.reference_attention(q, k, v, mask=masks.causal()),
+               jnp.float32, "simd")
 
 
 def test_disabled_by_environment():

@@ -4,8 +4,9 @@ XLA:CPU executes a blockwise attention loop on effectively one core (see the REA
 "CPU performance").  This implementation is an XLA FFI custom call
 (``jax.ffi.ffi_call``) into ``flash_cpu.cc``: the online-softmax forward of
 "FlashAttention" (Dao et al., 2022) and the one-pass backward of "FlashAttention-2"
-(Dao, 2023), float32 with AVX-512 register-tiled matmuls (AMX bf16 tile products for
-bf16 data where the CPU has them; see ``CpuFlashBlockSizes.matmul``), split over all cores by
+(Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
+CPUs without it; AMX bf16 tile products for bf16 data where the CPU has them; see
+``CpuFlashBlockSizes.matmul``), split over all cores by
 ``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
 the backward.  The library is compiled for the machine on first use
 (:mod:`attnjax.cpu.build`).
@@ -39,8 +40,9 @@ from attnjax.ops.dense import AttentionArgs
 
 __all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available", "has_amx"]
 
-# CpuFlashBlockSizes.matmul -> the kernel's "matmul" attribute.
-MATMULS = {"auto": 0, "avx512": 1, "amx": 2}
+# CpuFlashBlockSizes.matmul -> the kernel's "matmul" attribute.  'avx512' is the
+# older name of 'simd' (kept: the SIMD engine is AVX-512 where the CPU has it).
+MATMULS = {"auto": 0, "simd": 1, "avx512": 1, "amx": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +57,15 @@ class CpuFlashBlockSizes:
     matmul: the matmul engine.  ``'auto'``: the forward runs on AMX tiles when the CPU
       has AMX-BF16 (Sapphire Rapids and later) and q, k, v are all bf16 values (e.g.
       bf16 arrays; for a bf16 result, P is rounded to bf16 for ``P @ V``, as GPU flash
-      kernels do), else on AVX-512 float32.  ``'avx512'``: always AVX-512.  ``'amx'``:
-      the forward on AMX tiles also for float32 data, each float split exactly into
-      three bf16 pieces ("bf16x6", float32 accuracy; slower than AVX-512 on the
-      machines measured, see docs/core.md); needs AMX and a block_k that is a
-      multiple of 32.  Unless ``'avx512'``, the backward
-      runs on AMX for bf16 data with a bf16 result when block_q and block_k are
-      multiples of 32 (P and dS rounded to bf16 for their products); otherwise on
-      AVX-512.
+      kernels do), else on the SIMD engine in float32: AVX-512 (16 lanes, 6x4-register
+      tiles) where the CPU has AVX-512F/DQ, else AVX2 with FMA (8 lanes, 6x2-register
+      tiles), as compiled for the machine.  ``'simd'`` (alias ``'avx512'``): always
+      the SIMD engine.  ``'amx'``: the forward on AMX tiles also for float32 data,
+      each float split exactly into three bf16 pieces ("bf16x6", float32 accuracy;
+      slower than AVX-512 on the machines measured, see docs/core.md); needs AMX and a
+      block_k that is a multiple of 32.  Unless ``'simd'``, the backward runs on AMX
+      for bf16 data with a bf16 result when block_q and block_k are multiples of 32 (P
+      and dS rounded to bf16 for their products); otherwise on the SIMD engine.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None

@@ -1,10 +1,11 @@
 // attnjax CPU flash attention: an XLA FFI custom call for the CPU backend.
 //
 // Blockwise online-softmax attention ("FlashAttention", Dao et al.; the backward of
-// "FlashAttention-2") in float32 with AVX-512 register-tiled GEMMs, or AMX bf16 tile
-// products where the CPU has them (see "AMX" below), and its own thread split.  XLA:CPU runs a blockwise while-loop on one core; this kernel splits
-// (batch, head, query-block) work items over all cores in the forward and
-// (batch, kv-head, key-block) items in the backward.
+// "FlashAttention-2") in float32 with register-tiled SIMD GEMMs (AVX-512, or AVX2 with
+// FMA on CPUs without it: see "SIMD layer"), or AMX bf16 tile products where the CPU
+// has them (see "AMX" below), and its own thread split.  XLA:CPU runs a blockwise
+// while-loop on one core; this kernel splits (batch, head, query-block) work items over
+// all cores in the forward and (batch, kv-head, key-block) items in the backward.
 //
 // Layouts (BTNH, as attnjax.attention):
 //   q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], N = K * G (GQA; K/V are never
@@ -649,7 +650,7 @@ struct ForwardItem {
   }
 };
 
-bool ForwardAvx512(const Geometry& g, const float* q, const float* k, const float* v,
+bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
                    const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
                    float* lse) {
   const float c = scale * kLog2e;
@@ -1025,15 +1026,16 @@ bool ForwardAmx(const Geometry&, const float*, const float*, const float*, const
 
 // Matmul engines of the forward.  kAuto takes AMX when the CPU has it and q, k, v are
 // all bf16-exact (one bf16 piece each, so the tile products cost a third of the
-// float32 work); float32 data stays on AVX-512, where it is as fast as bf16x6 on AMX.
-enum class Matmul : int64_t { kAuto = 0, kAvx512 = 1, kAmx = 2 };
+// float32 work); float32 data stays on the SIMD engine (AVX-512 on every AMX CPU),
+// which was faster than bf16x6 on AMX where measured.
+enum class Matmul : int64_t { kAuto = 0, kSimd = 1, kAmx = 2 };
 
 bool AmxFits(const Geometry& g) { return g.bk % 32 == 0; }
 
 bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
              const int32_t* lo, const int32_t* hi, float scale, int nthreads, Matmul mm,
              bool bf16_out, float* o, float* lse) {
-  if (mm != Matmul::kAvx512 && AmxAvailable() && AmxFits(g)) {
+  if (mm != Matmul::kSimd && AmxAvailable() && AmxFits(g)) {
     const int qn = IsBf16Exact(q, g.B * g.T * g.N * g.H) ? 1 : kPieces;
     const int kn = mm == Matmul::kAmx || qn == 1
                        ? (IsBf16Exact(k, g.B * g.S * g.K * g.H) ? 1 : kPieces) : kPieces;
@@ -1043,7 +1045,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
       return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn,
                         bf16_out ? 1 : kPieces, o, lse);
   }
-  return ForwardAvx512(g, q, k, v, lo, hi, scale, nthreads, o, lse);
+  return ForwardSimd(g, q, k, v, lo, hi, scale, nthreads, o, lse);
 }
 
 // ---------------------------------------------------------------- backward
@@ -1076,7 +1078,7 @@ struct PrivateDq {
   }
 };
 
-bool BackwardAvx512(const Geometry& g, const float* q, const float* k, const float* v,
+bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
               const float* dout, const float* lse, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
   const float c = scale * kLog2e;
@@ -1323,17 +1325,17 @@ bool BackwardAmx(const Geometry&, const float*, const float*, const float*, cons
 }
 #endif  // ATTNJAX_AMX
 
-// The backward takes AMX (unless mm says avx512) for bf16 data with a bf16 result, when
-// the tiles fit; everything else runs on AVX-512.
+// The backward takes AMX (unless mm says simd) for bf16 data with a bf16 result, when
+// the tiles fit; everything else runs on the SIMD engine.
 bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
               const float* dout, const float* lse, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, Matmul mm, bool bf16_out, float* dq,
               float* dk, float* dv) {
-  if (mm != Matmul::kAvx512 && bf16_out && AmxAvailable() && AmxFits(g) && g.bq % 32 == 0 &&
+  if (mm != Matmul::kSimd && bf16_out && AmxAvailable() && AmxFits(g) && g.bq % 32 == 0 &&
       IsBf16Exact(q, g.B * g.T * g.N * g.H) && IsBf16Exact(k, g.B * g.S * g.K * g.H) &&
       IsBf16Exact(v, g.B * g.S * g.K * g.Hv) && IsBf16Exact(dout, g.B * g.T * g.N * g.Hv))
     return BackwardAmx(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
-  return BackwardAvx512(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
+  return BackwardSimd(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
 }
 
 // ---------------------------------------------------------------- FFI bindings
@@ -1378,7 +1380,7 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int64_t>(hi.element_count()) != g.T)
     return ffi::Error::InvalidArgument("lo and hi must have T entries");
   if (matmul < 0 || matmul > 2)
-    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (avx512) or 2 (amx)");
+    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (simd) or 2 (amx)");
   const Matmul mm = static_cast<Matmul>(matmul);
   if (mm == Matmul::kAmx && !(AmxAvailable() && AmxFits(g)))
     return ffi::Error::InvalidArgument(
@@ -1411,7 +1413,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int64_t>(delta.element_count()) != g.B * g.N * g.T)
     return ffi::Error::InvalidArgument("do must be [B, T, N, Hv]; lse, delta [B, N, T]");
   if (matmul < 0 || matmul > 2)
-    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (avx512) or 2 (amx)");
+    return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (simd) or 2 (amx)");
   if (!Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
                 lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
                 NumThreads(num_threads), static_cast<Matmul>(matmul), bf16_out,
