@@ -230,10 +230,10 @@ def test_axial_rope_on_grid_matches_reference():
     ("sliding_window", dict(window=3, causal=True)),
     ("chunked", dict(chunk_size=4, causal=True)),
     ("prefix_lm", dict(prefix_len=4)),
-    ("alibi", dict(causal=True)),
-    ("relpos", dict(max_distance=3, causal=True)),
+    pytest.param("alibi", dict(causal=True), marks=pytest.mark.slow),
+    pytest.param("relpos", dict(max_distance=3, causal=True), marks=pytest.mark.slow),
     ("sinks", dict(window=4, causal=True)),
-    ("softcap", dict(cap=3.0, causal=True, rope="1d")),
+    pytest.param("softcap", dict(cap=3.0, causal=True, rope="1d"), marks=pytest.mark.slow),
 ])
 def test_kv_cache_prefill_and_steps_equal_full(name, options):
   layer = variants.build(name, d_model=16, num_heads=4, rngs=nnx.Rngs(0), **options)
@@ -253,27 +253,34 @@ def test_kv_cache_prefill_and_steps_equal_full(name, options):
   assert int(cache.index) == 11
 
 
-def test_nnx_and_linen_twins_are_identical_for_every_variant():
+# Variants whose twin test runs by default (one per kind and family); the other twins
+# run under `-m slow` (the whole set took 161 s eagerly on the 2-core CI machine).
+_TWINS_DEFAULT = ("mha", "sinks", "neighborhood", "swin", "pma", "linear")
+
+
+@pytest.mark.parametrize("name", [
+    n if n in _TWINS_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+    for n in variants.names() if variants.info(n).linen is not None])
+def test_nnx_and_linen_twins_are_identical_for_every_variant(name):
   opts = dict(sliding_window=dict(window=3), chunked=dict(chunk_size=4), prefix_lm=dict(prefix_len=3),
               neighborhood=dict(kernel=3, relpos=True), swin=dict(window=2, shift=1), grid=dict(grid=2),
               pma=dict(num_seeds=2), sinks=dict(window=5), relpos=dict(max_distance=4),
               mha=dict(qk_norm=True, rope="axial", num_kv_heads=2, use_bias=True))
   x = _x((2, 4, 4, 16))
-  for name in [n for n in variants.names() if variants.info(n).linen is not None]:
-    o = opts.get(name, {})
-    m = variants.build(name, d_model=16, num_heads=4, rngs=nnx.Rngs(0), **o)
-    inp = x.reshape(2, 16, 16) if variants.info(name).kind == "pooling" else x
-    params = jax.tree.map(lambda a: a + 0.1 * _x(a.shape, 11), _params(m))  # non-trivial biases/sinks/tables
-    nnx.update(m, params)
-    lm = variants.get_linen(name)(d_model=16, num_heads=4, **o)
-    linen_params = lm.init(jax.random.key(0), inp)["params"]
-    assert jax.tree.structure(nn.unbox(linen_params)) == jax.tree.structure(params), name
-    assert jax.tree.map(jnp.shape, nn.unbox(linen_params)) == jax.tree.map(jnp.shape, params), name
-    ct = _x(m(inp).shape, 5)
-    y, vjp = jax.vjp(lambda a: m(a), inp)
-    y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), inp)
-    np.testing.assert_array_equal(y, y2, err_msg=name)
-    np.testing.assert_array_equal(vjp(ct)[0], vjp2(ct)[0], err_msg=name)
+  o = opts.get(name, {})
+  m = variants.build(name, d_model=16, num_heads=4, rngs=nnx.Rngs(0), **o)
+  inp = x.reshape(2, 16, 16) if variants.info(name).kind == "pooling" else x
+  params = jax.tree.map(lambda a: a + 0.1 * _x(a.shape, 11), _params(m))  # non-trivial biases/sinks/tables
+  nnx.update(m, params)
+  lm = variants.get_linen(name)(d_model=16, num_heads=4, **o)
+  linen_params = lm.init(jax.random.key(0), inp)["params"]
+  assert jax.tree.structure(nn.unbox(linen_params)) == jax.tree.structure(params), name
+  assert jax.tree.map(jnp.shape, nn.unbox(linen_params)) == jax.tree.map(jnp.shape, params), name
+  ct = _x(m(inp).shape, 5)
+  y, vjp = jax.vjp(lambda a: m(a), inp)
+  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), inp)
+  np.testing.assert_array_equal(y, y2, err_msg=name)
+  np.testing.assert_array_equal(vjp(ct)[0], vjp2(ct)[0], err_msg=name)
 
 
 def test_linen_cache_and_small_blocks_twins():

@@ -41,7 +41,8 @@ class _KernelTest:
   def _run(self, *args, **kw):
     return self.MOD.lightning_attention(*args, chunk_size=self.CHUNK, interpret=True, **kw)
 
-  @pytest.mark.parametrize('B,T,N,K,F,V', [(2, 40, 4, 2, 16, 8), (1, 16, 2, 2, 8, 5),
+  @pytest.mark.parametrize('B,T,N,K,F,V', [pytest.param(2, 40, 4, 2, 16, 8, marks=pytest.mark.slow),
+                                           (1, 16, 2, 2, 8, 5),
                                            (1, 1, 3, 1, 4, 4), (2, 35, 6, 3, 32, 16)])
   def test_interpret_matches_reference_fwd_bwd(self, B, T, N, K, F, V):
     q, k, v = _inputs(0, B, T, N, K, F, V)
@@ -136,6 +137,16 @@ class TestGpuKernel(_KernelTest):
   CHUNK = 16
   PLATFORM = 'cuda'
   DISABLED = _TRITON
+
+  # These two repeat the TPU class's checks through the Triton kernel (45 s together on
+  # the 2-core CI machine); they run under `-m slow`.
+  @pytest.mark.slow
+  def test_ops_dispatch_with_state(self):
+    super().test_ops_dispatch_with_state()
+
+  @pytest.mark.slow
+  def test_decay_gradient_through_ops(self):
+    super().test_decay_gradient_through_ops()
 
 
 def test_block_sizes_validated():

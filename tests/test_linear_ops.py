@@ -315,7 +315,7 @@ def test_undecayed_path_has_no_exp(fn, block_len):
   assert 'exp' in _primitive_names(jax.make_jaxpr(f)(q, k, v).jaxpr)
 
 
-@pytest.mark.parametrize('name', ['linear', 'flow',
+@pytest.mark.parametrize('name', ['linear', pytest.param('flow', marks=pytest.mark.slow),
                                   pytest.param('linear_unnormalized', marks=pytest.mark.slow),
                                   pytest.param('gated', marks=pytest.mark.slow),
                                   pytest.param('undecayed', marks=pytest.mark.slow),

@@ -218,7 +218,8 @@ def _loss_and_grads(model, tokens):
   return f(params)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", pytest.param("dots", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full",
+                                   pytest.param("dots", marks=pytest.mark.slow)])
 def test_scan_and_remat_equal_plain_stack(remat):
   cfg = models.default_config("lm")
   cfg.num_layers = 3

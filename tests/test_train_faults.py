@@ -76,6 +76,7 @@ def test_reference_run_outputs(reference_run):
   assert _steps(reference_run) == [10, 15, 20]
 
 
+@pytest.mark.slow
 def test_kill9_and_restart_is_bitwise_equal(tmp_path, data_dir, reference_run):
   workdir = str(tmp_path / 'killed')
   # slow each step down so that the kill lands mid-run, after a checkpoint exists
