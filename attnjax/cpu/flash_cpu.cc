@@ -535,33 +535,23 @@ void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, in
   });
 }
 
-// Copies rows [s0, s0 + n) of head `head` of x [B, L, heads, D] (batch b) into a
-// contiguous [n, D] block, zero rows beyond L.  Rows at a stride of heads * D
-// floats alias in the L1 cache when the stride is a multiple of 4 KiB / a few rows,
-// so tiles are always packed before the GEMMs read them repeatedly.
+// Copies rows [s0, s0 + n) of head `head` of x [B, L, heads, D] (batch b) into out in
+// column panels of `panel` columns, [ceil(D / panel)][n][panel] (a narrower last panel
+// keeps the row stride panel; panel = D gives one contiguous [n, D] block), zero rows
+// beyond L.  Rows at a stride of heads * D floats alias in the L1 cache when the
+// stride is a multiple of 4 KiB / a few rows, so tiles are always packed before the
+// GEMMs read them repeatedly.
 void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, int64_t head,
-              int64_t s0, int64_t n, float* out) {
+              int64_t s0, int64_t n, int64_t panel, float* out) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t s = s0 + r;
-    if (s < L)
-      std::memcpy(out + r * D, x + ((b * L + s) * heads + head) * D, D * sizeof(float));
-    else
-      std::fill(out + r * D, out + (r + 1) * D, 0.0f);
-  }
-}
-
-// As PackRows, in column panels: [ceil(D / panel)][n][panel] (a narrower last panel
-// keeps the row stride panel).
-void PackRowPanels(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b,
-                   int64_t head, int64_t s0, int64_t n, int64_t panel, float* out) {
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t s = s0 + r;
-    const float* src = x + ((b * L + s) * heads + head) * D;
     for (int64_t c = 0; c < D; c += panel) {
       float* dst = out + (c / panel) * n * panel + r * panel;
       const int64_t w = std::min(panel, D - c);
-      if (s < L) std::memcpy(dst, src + c, w * sizeof(float));
-      else std::fill(dst, dst + w, 0.0f);
+      if (s < L)
+        std::memcpy(dst, x + ((b * L + s) * heads + head) * D + c, w * sizeof(float));
+      else
+        std::fill(dst, dst + w, 0.0f);
     }
   }
 }
@@ -663,7 +653,7 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
   if (!kt.p || !vp.p) return false;
   PackTransposed(g, k, g.H, kt.p, nthreads, kPanel);
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRowPanels(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, kPanel, vp.p + bh * vsize);
+    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, kPanel, vp.p + bh * vsize);
   });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
@@ -677,7 +667,7 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
     float* l = m + g.bq;  // [bq, kLanes] lane sums
     float* qrows = l + kLanes * g.bq;
     float* rmax = qrows + g.bq * g.H;
-    PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, qrows);
+    PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, g.H, qrows);
     std::fill(acc, acc + it.rows * g.Hv, 0.0f);
     std::fill(m, m + it.rows, kNegInf);
     std::fill(l, l + kLanes * it.rows, 0.0f);
@@ -1094,11 +1084,11 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
   Buffer qp(g.B * g.N * Tp * g.H), dop(g.B * g.N * Tp * g.Hv), kp(g.B * g.K * Sp * g.H);
   if (!qp.p || !dop.p || !kp.p) return false;
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
-    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, qp.p + bn * Tp * g.H);
-    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, dop.p + bn * Tp * g.Hv);
+    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, g.H, qp.p + bn * Tp * g.H);
+    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, g.Hv, dop.p + bn * Tp * g.Hv);
   });
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, kp.p + bh * Sp * g.H);
+    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, g.H, kp.p + bh * Sp * g.H);
   });
   // Each thread accumulates dq into its own packed copy; they are summed at the end.
   const PrivateDq dq_private(g, Tp, nthreads);
