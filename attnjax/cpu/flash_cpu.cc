@@ -237,10 +237,10 @@ inline float ReduceMax(Vf x) { return _mm512_reduce_max_ps(x); }
 inline float ReduceAdd(Vf x) { return _mm512_reduce_add_ps(x); }
 inline bool AnyGreater(Vf a, Vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
 inline Vf RoundNearest(Vf x) {
-  return RoundNearest(x);
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 // p * 2^n for integral n <= 127 (underflow gives 0 under the flush-to-zero mode).
-inline Vf Scale2(Vf p, Vf n) { return Scale2(p, n); }
+inline Vf Scale2(Vf p, Vf n) { return _mm512_scalef_ps(p, n); }
 
 // out[c * ldo + r] = in[r * ldi + c] for a 16 x 16 block (four rounds of shuffles).
 inline void TransposeBlock(const float* in, int64_t ldi, float* out, int64_t ldo) {
