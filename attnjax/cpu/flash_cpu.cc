@@ -444,9 +444,9 @@ void Gemm(int64_t M, int64_t Nc, int64_t Kd, const float* A, int64_t sai, int64_
   }
 }
 
-constexpr int64_t kStrip = 12;
+constexpr int64_t kStrip = 12;  // forward rows per fused scores/softmax/PV strip
 // Columns of a packed GEMM B panel: one register tile wide.
-constexpr int64_t kPanel = kLanes * kNV;  // forward rows per fused scores/softmax/PV strip
+constexpr int64_t kPanel = kLanes * kNV;
 
 // ---------------------------------------------------------------- geometry, masks
 
