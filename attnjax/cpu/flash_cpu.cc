@@ -241,6 +241,15 @@ inline Vf RoundNearest(Vf x) {
 }
 // p * 2^n for integral n <= 127 (underflow gives 0 under the flush-to-zero mode).
 inline Vf Scale2(Vf p, Vf n) { return _mm512_scalef_ps(p, n); }
+// p * 2^n with n held in the low mantissa bits of t = kRoundMagic + n (see Exp2Shifted).
+inline Vf AddExponent(Vf p, Vf t) {
+  return _mm512_castsi512_ps(_mm512_add_epi32(
+      _mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+}
+// p where x >= lo, else 0.
+inline Vf KeepWhereGe(Vf p, Vf x, Vf lo) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), p);
+}
 
 // out[c * ldo + r] = in[r * ldi + c] for a 16 x 16 block (four rounds of shuffles).
 inline void TransposeBlock(const float* in, int64_t ldi, float* out, int64_t ldo) {
@@ -307,6 +316,15 @@ inline Vf Scale2(Vf p, Vf n) {
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
+// p * 2^n with n held in the low mantissa bits of t = kRoundMagic + n (see Exp2Shifted).
+inline Vf AddExponent(Vf p, Vf t) {
+  return _mm256_castsi256_ps(_mm256_add_epi32(
+      _mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+}
+// p where x >= lo, else 0.
+inline Vf KeepWhereGe(Vf p, Vf x, Vf lo) {
+  return _mm256_and_ps(p, _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+}
 
 // out[c * ldo + r] = in[r * ldi + c] for an 8 x 8 block (three rounds of shuffles).
 inline void TransposeBlock(const float* in, int64_t ldi, float* out, int64_t ldo) {
@@ -337,18 +355,12 @@ constexpr int kMR = 6, kNV = 2;
 
 // ---------------------------------------------------------------- vector math
 
-// 2^x for x <= ~0.  With kClamp, x = -inf (or anything below -200) gives exactly 0;
-// without it x must be finite (unmasked logits).  kDegree 5: float32 accuracy
-// (relative error <= 2.2e-7); kDegree 3: relative error <= 7.5e-5, for probabilities
-// that are rounded to bf16 (relative error up to 2^-9) before they are used.
-template <bool kClamp = true, int kDegree = 5>
-inline Vf Exp2(Vf x) {
+// 2^f on [-0.5, 0.5], fitted for relative error (bounds as evaluated in float32):
+// kDegree 5: <= 2.2e-7 (float32 accuracy); kDegree 3: <= 7.5e-5, for probabilities that
+// are rounded to bf16 (relative error up to 2^-9) before they are used.
+template <int kDegree>
+inline Vf Exp2Poly(Vf f) {
   static_assert(kDegree == 3 || kDegree == 5, "Exp2 has degree 3 or 5");
-  if (kClamp) x = Max(x, Set1(-200.0f));
-  Vf n = RoundNearest(x);
-  Vf f = Sub(x, n);  // [-0.5, 0.5]
-  // Polynomials for 2^f on [-0.5, 0.5], fitted for relative error (bounds above as
-  // evaluated in float32).
   Vf p;
   if (kDegree == 3) {
     p = Set1(5.517166e-02f);
@@ -363,8 +375,44 @@ inline Vf Exp2(Vf x) {
     p = Fmadd(p, f, Set1(6.931469440460205e-01f));
     p = Fmadd(p, f, Set1(1.0000001192092896f));
   }
-  return Scale2(p, n);
+  return p;
 }
+
+// 2^x for x <= ~0.  With kClamp, x = -inf (or anything below -200) gives exactly 0;
+// without it x must be finite (unmasked logits).
+template <bool kClamp = true, int kDegree = 5>
+inline Vf Exp2(Vf x) {
+  if (kClamp) x = Max(x, Set1(-200.0f));
+  Vf n = RoundNearest(x);
+  return Scale2(Exp2Poly<kDegree>(Sub(x, n)), n);
+}
+
+// 1.5 * 2^23: for |y| < 2^22, y + kRoundMagic rounds y to an integer n and holds n in
+// the low mantissa bits.
+constexpr float kRoundMagic = 12582912.0f;
+// Integral running maxima below this magnitude take the Exp2Shifted path.
+constexpr float kShiftedMaxLimit = 2097152.0f;  // 2^21
+
+// 2^(x - m) for an integral m (|m| < kShiftedMaxLimit) and x <= m + 2^7, the forward's
+// softmax exponential with the subtraction of the running max folded into the
+// rounding: t = x + (kRoundMagic - m) = kRoundMagic + n with n = round(x - m), exactly,
+// so f = x - (t - (kRoundMagic - m)) = x - m - n needs no separate round, and 2^n is
+// added to the exponent field of 2^f straight from t's bits.  Everything on the
+// floating-point add and FMA pipes: three adds and the polynomial's FMAs, against an
+// FMA, a round, a convert and a multiply for Exp2.  x is first raised to m - 126
+// (keeping 2^n normal); with kMasked such x (-inf included) give exactly 0, otherwise
+// at most 2^-126.
+struct Exp2Shifted {
+  Vf lo, cm;
+  explicit Exp2Shifted(float m) : lo(Set1(m - 126.0f)), cm(Set1(kRoundMagic - m)) {}
+  template <bool kMasked, int kDegree>
+  Vf Apply(Vf x) const {
+    const Vf xc = Max(x, lo);
+    const Vf t = Add(xc, cm);
+    const Vf p = AddExponent(Exp2Poly<kDegree>(Sub(xc, Sub(t, cm))), t);
+    return kMasked ? KeepWhereGe(p, x, lo) : p;
+  }
+};
 
 inline float Exp2Scalar(float x) { return x == kNegInf ? 0.0f : std::exp2(x); }
 
@@ -583,28 +631,42 @@ inline Vf RowMax(const float* row, int64_t n) {
 
 // One row's online-softmax step over a tile: row holds the tile's logits (-inf where
 // masked, kMasked), mx_v their lane-wise maxima; m is the row's running max (log2
-// units), lv its running sum (kLanes lanes, summed in WriteRows), acc_row its [Hv] output
-// accumulator.  Calls put(j, p) with the probabilities p = 2^(c * logit - m) of
-// columns j..j+15.
+// units, integral), lv its running sum (kLanes lanes, summed in WriteRows), acc_row its
+// [Hv] output accumulator.  Calls put(j, p) with the probabilities p = 2^(c * logit - m)
+// of columns j..j+kLanes-1.  c = 1 when the logits are already in log2 units (the
+// forward scales q by scale * log2(e) when it packs it).
 template <bool kMasked, int kExpDegree = 5, class Put>
 inline void SoftmaxRow(const float* row, int64_t bk, Vf mx_v, float c, float& m,
                        float* lv, float* acc_row, int64_t Hv, Put&& put) {
   // Lazy rescaling: the running max moves only when a logit exceeds it by more than
   // kSlack (log2 units), so p <= 2^kSlack and most tiles skip the rescale (and the
-  // horizontal max).
+  // horizontal max).  It moves to an integer (the ceiling of the row's max), which
+  // Exp2Shifted needs.
   const Vf vc = Set1(c);
+  const bool unit = c == 1.0f;
   float m_new = m, alpha = 1.0f;
-  if (AnyGreater(Mul(mx_v, vc), Set1(m + kSlack))) {
-    m_new = ReduceMax(mx_v) * c;
+  if (AnyGreater(unit ? mx_v : Mul(mx_v, vc), Set1(m + kSlack))) {
+    m_new = std::ceil(ReduceMax(mx_v) * c);
     alpha = m == kNegInf ? 0.0f : Exp2Scalar(m - m_new);
   }
-  const Vf vm = Set1(m_new == kNegInf ? 0.0f : m_new);
   Vf sum = Zero();
-  for (int64_t j = 0; j < bk; j += kLanes) {
-    const Vf p =
-        Exp2<kMasked, kExpDegree>(Fmsub(Load(row + j), vc, vm));
+  auto step = [&](int64_t j, Vf p) {
     put(j, p);
     sum = Add(sum, p);
+  };
+  if (m_new == kNegInf || std::fabs(m_new) < kShiftedMaxLimit) {
+    const Exp2Shifted e(m_new == kNegInf ? 0.0f : m_new);
+    if (unit) {
+      for (int64_t j = 0; j < bk; j += kLanes)
+        step(j, e.Apply<kMasked, kExpDegree>(Load(row + j)));
+    } else {
+      for (int64_t j = 0; j < bk; j += kLanes)
+        step(j, e.Apply<kMasked, kExpDegree>(Mul(Load(row + j), vc)));
+    }
+  } else {  // logits beyond 2^21 (log2 units)
+    const Vf vm = Set1(m_new);
+    for (int64_t j = 0; j < bk; j += kLanes)
+      step(j, Exp2<kMasked, kExpDegree>(Fmsub(Load(row + j), vc, vm)));
   }
   m = m_new;
   if (alpha != 1.0f) {
@@ -668,6 +730,9 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
     float* qrows = l + kLanes * g.bq;
     float* rmax = qrows + g.bq * g.H;
     PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, g.H, qrows);
+    // Logits in log2 units straight from the GEMM (SoftmaxRow with c = 1).
+    const Vf vc = Set1(c);
+    for (int64_t i = 0; i < it.rows * g.H; i += kLanes) Store(qrows + i, Mul(Load(qrows + i), vc));
     std::fill(acc, acc + it.rows * g.Hv, 0.0f);
     std::fill(m, m + it.rows, kNegInf);
     std::fill(l, l + kLanes * it.rows, 0.0f);
@@ -694,9 +759,9 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
           float* lr = l + kLanes * (r0 + r);
           float* ar = acc + (r0 + r) * g.Hv;
           if (full)
-            SoftmaxRow<false>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+            SoftmaxRow<false>(row, g.bk, mx, 1.0f, m[r0 + r], lr, ar, g.Hv, put);
           else
-            SoftmaxRow<true>(row, g.bk, mx, c, m[r0 + r], lr, ar, g.Hv, put);
+            SoftmaxRow<true>(row, g.bk, mx, 1.0f, m[r0 + r], lr, ar, g.Hv, put);
         }
         Gemm<true, kMR, kNV>(nr, g.Hv, cols, s, g.bk, 1, vhead + j0 * kPanel, kPanel,
                              acc + r0 * g.Hv, g.Hv, nullptr, Sp * kPanel);
