@@ -3,7 +3,24 @@
 import os
 
 import hypothesis
-import jax
+
+# The suite is compile-bound (tiny shapes, a few thousand jit compilations), and XLA's
+# CPU backend compiles about twice as fast at LLVM optimisation level 0.  The programs
+# mean the same (no fast-math at any level); float results may differ in the last bits
+# (e.g. where level 3 contracts a multiply and an add into an FMA), well inside the
+# tolerances below.  ATTNJAX_TEST_XLA_OPT picks another level (3 is XLA's default).
+# Subprocesses inherit the flag through os.environ: append to XLA_FLAGS there, do not
+# replace it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""),
+     f"--xla_backend_optimization_level={os.environ.get('ATTNJAX_TEST_XLA_OPT', '0')}"]).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a subprocess: this process's flags plus `extra`."""
+  return " ".join([os.environ["XLA_FLAGS"], *extra])
 import numpy as np
 import pytest
 

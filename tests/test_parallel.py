@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -90,7 +92,7 @@ def test_ring_single_device_matches_reference_and_validates():
 # --------------------------------------------------------------------------- 8 devices
 
 def _run_worker(name, *args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), name, *args], env=env,

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -152,7 +154,7 @@ def test_one_process_train_step_learns(tmp_path):
 # --------------------------------------------------------------------------- 8 devices
 
 def test_sharded_step_matches_single_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), 'sharded', str(tmp_path)],
                         env=env, capture_output=True, text=True, timeout=900)

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,7 +27,7 @@ def _free_port():
 def test_two_process_training(tmp_path):
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
   workdir = tmp_path / 'w'
 
   def launch(extra=()):
