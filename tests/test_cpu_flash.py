@@ -104,6 +104,25 @@ class TestCpuFlash(AttentionTestBase):
     q, k, v = make_qkv(60, 1, 90, 90, 2, 2, 64, 64, jnp.float32)
     self.check(q * 5.0, k * 5.0, v, jnp.float32, mask=masks.causal())
 
+  @pytest.mark.parametrize("mask", [None, masks.causal()], ids=["full", "causal"])
+  def test_logits_beyond_the_shifted_exp_range(self, mask):
+    """scale = 4e7 puts the logits near 1e9 in log2 units, far past the 2^21 bound
+    of the forward's shifted exp2 (exact up to 2^22, wrong beyond about 2^24: this
+    test fails if those rows take it), so most rows take the general exp2 (on full and
+    on masked tiles); every row is one-hot.  Forward and lse only: the lse-based
+    backward recomputes P with an error of order ulp(1e9) in its exponent (any flash
+    backward does), so its gradients are not float32-accurate at such logits."""
+    q, k, v = make_qkv(61, 1, 40, 40, 2, 2, 32, 32, jnp.float32)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * 4e7
+    if mask is not None:
+      s = jnp.where(mask.to_array(40, 40)[None, None], s, -jnp.inf)
+    beyond = np.abs(np.asarray(jnp.max(s, axis=-1))) * np.log2(np.e) > 2.0**21
+    assert beyond.mean() > 0.8, beyond.mean()  # the rest take the shifted path
+    run = lambda fn: fn(q, k, v, mask=mask, scale=4e7, return_lse=True)
+    (o, lse), (o_r, lse_r) = run(self.attn), run(attnjax.reference_attention)
+    assert_close(o, o_r, jnp.float32, "out")
+    assert_close(lse, lse_r, jnp.float32, "lse")
+
   def test_concurrent_callers(self):
     """Several Python threads call the kernel at once: the thread pool serves one
     call at a time and the others start threads of their own; every result equals

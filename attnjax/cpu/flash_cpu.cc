@@ -390,7 +390,8 @@ inline Vf Exp2(Vf x) {
 // 1.5 * 2^23: for |y| < 2^22, y + kRoundMagic rounds y to an integer n and holds n in
 // the low mantissa bits.
 constexpr float kRoundMagic = 12582912.0f;
-// Integral running maxima below this magnitude take the Exp2Shifted path.
+// Integral running maxima below this magnitude take the Exp2Shifted path (exact for
+// |m| < 2^22: kRoundMagic - m, t and t - (kRoundMagic - m) are then exact integers).
 constexpr float kShiftedMaxLimit = 2097152.0f;  // 2^21
 
 // 2^(x - m) for an integral m (|m| < kShiftedMaxLimit) and x <= m + 2^7, the forward's
