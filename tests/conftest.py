@@ -16,13 +16,14 @@ os.environ["XLA_FLAGS"] = " ".join(
      f"--xla_backend_optimization_level={os.environ.get('ATTNJAX_TEST_XLA_OPT', '0')}"]).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def xla_flags(*extra: str) -> str:
   """XLA_FLAGS for a subprocess: this process's flags plus `extra`."""
   return " ".join([os.environ["XLA_FLAGS"], *extra])
-import numpy as np
-import pytest
+
 
 # Shared test bases run one @given method from several subclasses (one per
 # implementation): that is intended, hence differing_executors.
