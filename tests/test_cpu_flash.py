@@ -7,6 +7,7 @@ NotImplementedError naming the feature and that a fallback list moves on.
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -308,7 +309,8 @@ def test_simd_engine_names_and_width():
   """'simd' and its older name 'avx512' are one engine (bit-identical results, equal to
   the reference), and the library reports the vector width this CPU offers."""
   flags = build._cpu_flags()
-  assert build.simd_width() == (16 if {"avx512f", "avx512dq"} <= flags else 8)
+  avx512 = {"avx512f", "avx512dq"} <= flags or build.emulating_avx512()
+  assert build.simd_width() == (16 if avx512 else 8)
   q, k, v = make_qkv(74, 2, 75, 75, 4, 2, 48, 48, jnp.float32)
   outs = [np.asarray(attnjax.attention(
       q, k, v, mask=masks.causal(), implementation="cpu_flash",
@@ -317,6 +319,27 @@ def test_simd_engine_names_and_width():
   np.testing.assert_array_equal(outs[0], outs[1])
   assert_close(outs[0], attnjax.reference_attention(q, k, v, mask=masks.causal()),
                jnp.float32, "simd")
+
+
+@pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
+def test_avx512_paths_emulated():
+  """The AVX-512 build (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps
+  2^n) on this CPU, whatever it has: this file's tests rerun in a fresh process with
+  ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 intrinsic is emulated lane by lane
+  (avx512_emulation.h; AMX is not emulated, so its tests skip there).  On an AVX2
+  machine this is the only run of that code before it meets an AVX-512 CPU."""
+  env = dict(os.environ, ATTNJAX_CPU_EMULATE_AVX512="1", JAX_PLATFORMS="cpu")
+  for key in [k for k in env if k.startswith(("PYTEST_", "HYPOTHESIS"))]:
+    env.pop(key)  # a plain pytest run, not an xdist worker's
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+       "-k", "not test_avx512_paths_emulated", __file__],
+      env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
+  tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert proc.returncode == 0, tail
+  passed = re.search(r"(\d+) passed", proc.stdout)
+  assert passed and int(passed.group(1)) >= 30, tail
+  assert "failed" not in proc.stdout.splitlines()[-1], tail
 
 
 def test_disabled_by_environment():

@@ -9,6 +9,10 @@ rename atomically, so parallel test workers are safe.
 
 Set ``ATTNJAX_CPU_KERNELS=0`` to disable the kernels (``'auto'`` then uses the XLA
 paths).  :func:`unavailable_reason` says why the kernels cannot be used here.
+
+``ATTNJAX_CPU_EMULATE_AVX512=1`` (for tests) builds the kernels' AVX-512 code paths
+with every AVX-512 intrinsic emulated lane by lane (``avx512_emulation.h``), so that
+the 16-lane build runs, about 10x slower, on a CPU with only AVX2.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx", "simd_width"]
+__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx", "simd_width", "emulating_avx512"]
 
 _SOURCE = Path(__file__).with_name("flash_cpu.cc")
+_EMULATION_HEADER = Path(__file__).with_name("avx512_emulation.h")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
           "-w")
 # FFI handler symbols in the library -> XLA custom-call target names.
@@ -74,6 +79,12 @@ def _cpu_simd_width() -> int | None:
   return None
 
 
+def emulating_avx512() -> bool:
+  """True when ATTNJAX_CPU_EMULATE_AVX512 asks for the emulated AVX-512 build (tests)."""
+  value = os.environ.get("ATTNJAX_CPU_EMULATE_AVX512", "0").strip().lower()
+  return value not in ("", "0", "false", "no", "off")
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> tuple[str | None, str | None]:
   """(path of the compiled library, None) or (None, why not)."""
@@ -85,6 +96,7 @@ def _build() -> tuple[str | None, str | None]:
   if cxx is None:
     return None, "no C++ compiler found (set $CXX)"
   include = jax.ffi.include_dir()
+  flags = _FLAGS + (("-DATTNJAX_EMULATE_AVX512",) if emulating_avx512() else ())
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout.splitlines()[:1]
@@ -92,7 +104,7 @@ def _build() -> tuple[str | None, str | None]:
     return None, f"cannot run {cxx}: {e}"
   key = hashlib.sha256()
   # -march=native: the machine (host name) is part of the key.
-  for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), str(version).encode(),
+  for part in (_SOURCE.read_bytes(), _EMULATION_HEADER.read_bytes(), " ".join(flags).encode(), str(version).encode(),
                jax.__version__.encode(), platform.node().encode()):
     key.update(part)
   out_dir = cache_dir()
@@ -103,7 +115,7 @@ def _build() -> tuple[str | None, str | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    proc = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp, "-lpthread"],
+    proc = subprocess.run([cxx, *flags, f"-I{include}", str(_SOURCE), "-o", tmp, "-lpthread"],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
       os.unlink(tmp)

@@ -18,6 +18,9 @@
 // Compiled at first use by attnjax/cpu/build.py with -O3 -march=native.
 
 #include <immintrin.h>
+#ifdef ATTNJAX_EMULATE_AVX512  // tests: the AVX-512 paths on any x86-64 CPU, emulated
+#include "avx512_emulation.h"
+#endif
 
 #include <algorithm>
 #include <array>
@@ -219,7 +222,7 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 // the compiler targets AVX-512F/DQ, else 8 (__m256, AVX2 with FMA).  build.py compiles
 // with -march=native, so the width is the running machine's.  Block sizes and head
 // dims stay multiples of 16, which both widths divide.
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if (defined(__AVX512F__) && defined(__AVX512DQ__)) || defined(ATTNJAX_EMULATE_AVX512)
 #define ATTNJAX_AVX512 1
 constexpr int kLanes = 16;
 using Vf = __m512;
@@ -785,7 +788,7 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
 // low half-word zero, e.g. bf16 arrays cast to float32) have a single piece, so
 // their pairs drop to one (scores) or three (P @ V).
 
-#if ATTNJAX_AVX512 && \
+#if ATTNJAX_AVX512 && !defined(ATTNJAX_EMULATE_AVX512) && \
     (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define ATTNJAX_AMX 1
 #else
