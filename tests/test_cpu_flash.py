@@ -324,10 +324,11 @@ def test_simd_engine_names_and_width():
 @pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
 def test_avx512_paths_emulated():
   """The AVX-512 build (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps
-  2^n) on this CPU, whatever it has: this file's tests rerun in a fresh process with
-  ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 intrinsic is emulated lane by lane
-  (avx512_emulation.h; AMX is not emulated, so its tests skip there).  On an AVX2
-  machine this is the only run of that code before it meets an AVX-512 CPU."""
+  2^n) and its AMX paths on this CPU, whatever it has: this file's tests rerun in a
+  fresh process with ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 and AMX
+  intrinsic is emulated (avx512_emulation.h), so TestCpuFlashAmx runs there too.  On a
+  machine without AVX-512 or AMX this is the only run of that code before it meets
+  such a CPU."""
   env = dict(os.environ, ATTNJAX_CPU_EMULATE_AVX512="1", JAX_PLATFORMS="cpu")
   for key in [k for k in env if k.startswith(("PYTEST_", "HYPOTHESIS"))]:
     env.pop(key)  # a plain pytest run, not an xdist worker's
@@ -337,9 +338,10 @@ def test_avx512_paths_emulated():
       env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
   tail = proc.stdout[-4000:] + proc.stderr[-2000:]
   assert proc.returncode == 0, tail
-  passed = re.search(r"(\d+) passed", proc.stdout)
-  assert passed and int(passed.group(1)) >= 30, tail
-  assert "failed" not in proc.stdout.splitlines()[-1], tail
+  summary = proc.stdout.strip().splitlines()[-1]
+  passed = re.search(r"(\d+) passed", summary)
+  # Nothing skipped: the AMX tests run on the emulated tiles.
+  assert passed and int(passed.group(1)) >= 60 and "skipped" not in summary, tail
 
 
 def test_disabled_by_environment():

@@ -1,15 +1,17 @@
-// Portable stand-ins for the AVX-512 intrinsics of flash_cpu.cc's 16-lane SIMD layer,
-// so that its AVX-512 build can run (slowly) on a CPU without AVX-512.  Testing only:
-// attnjax.cpu.build compiles flash_cpu.cc with -DATTNJAX_EMULATE_AVX512 when
-// ATTNJAX_CPU_EMULATE_AVX512=1, and the kernel then takes its AVX-512 code paths
-// (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps-style 2^n) with every
-// intrinsic below evaluated lane by lane.  The AMX paths are not emulated.
+// Portable stand-ins for the AVX-512 and AMX intrinsics of flash_cpu.cc, so that its
+// AVX-512 build, AMX paths included, can run (slowly) on any x86-64 CPU.  Testing
+// only: attnjax.cpu.build compiles flash_cpu.cc with -DATTNJAX_EMULATE_AVX512 when
+// ATTNJAX_CPU_EMULATE_AVX512=1, and the kernel then takes its AVX-512 code paths (16
+// lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps-style 2^n) and its AMX
+// paths (bf16 tile products on eight emulated tile registers per thread), with every
+// intrinsic below evaluated lane by lane.
 //
-// Each function follows the operation's definition in the Intel Intrinsics Guide for
-// the arguments the kernel passes (the comparison predicates and rounding immediates
-// the kernel uses; anything else aborts).  GCC's <immintrin.h> declares the real
-// intrinsics (callable only from AVX-512 code), so the kernel's calls are redirected
-// to these by macros.
+// Each function follows the operation's definition in the Intel Intrinsics Guide and
+// the SDM for the arguments the kernel passes (the comparison predicates, rounding
+// immediates and tile shapes the kernel uses; anything else aborts, as the hardware
+// would fault).  GCC's <immintrin.h> declares the real intrinsics (callable only from
+// code compiled for those extensions), so the kernel's calls are redirected to these
+// by macros.
 
 #pragma once
 
@@ -155,6 +157,143 @@ inline __m512 shuffle_f32x4(__m512 a, __m512 b, int imm) {
   return Ps(r);
 }
 
+// ---- integer lanes, bf16 conversion and scatter (the AMX paths' packing)
+
+inline __m512i set1_epi32(int x) { I16 r; for (int i = 0; i < 16; ++i) r[i] = x; return Si(r); }
+inline __m512i setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7,
+                          int e8, int e9, int e10, int e11, int e12, int e13, int e14,
+                          int e15) {
+  I16 r = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15};
+  return Si(r);
+}
+inline __m512i and_si512(__m512i a, __m512i b) { return Si(I(a) & I(b)); }
+inline __m512i or_si512(__m512i a, __m512i b) { return Si(I(a) | I(b)); }
+inline __m512i srli_epi32(__m512i a, unsigned n) {
+  I16 x = I(a), r;
+  for (int i = 0; i < 16; ++i)
+    r[i] = n > 31 ? 0 : static_cast<int32_t>(static_cast<uint32_t>(x[i]) >> n);
+  return Si(r);
+}
+inline __m512i mullo_epi32(__m512i a, __m512i b) {
+  I16 x = I(a), y = I(b), r;
+  for (int i = 0; i < 16; ++i)
+    r[i] = static_cast<int32_t>(static_cast<uint32_t>(x[i]) * static_cast<uint32_t>(y[i]));
+  return Si(r);
+}
+inline void storeu_si512(void* p, __m512i x) { std::memcpy(p, &x, 64); }
+// The upper half is undefined on hardware; zero here.
+inline __m512i castsi256_si512(__m256i a) {
+  I16 r = {};
+  std::memcpy(&r, &a, 32);
+  return Si(r);
+}
+inline __m512i inserti64x4(__m512i a, __m256i b, int imm) {
+  I16 r = I(a);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32 * (imm & 1), &b, 32);
+  return Si(r);
+}
+inline void i32scatter_epi32(void* base, __m512i vindex, __m512i a, int scale) {
+  I16 idx = I(vindex), x = I(a);
+  for (int i = 0; i < 16; ++i)
+    std::memcpy(static_cast<char*>(base) + static_cast<int64_t>(idx[i]) * scale, &x[i], 4);
+}
+// VCVTNEPS2BF16: round to nearest even; denormal inputs count as zero; NaN stays NaN.
+inline uint16_t ToBf16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;           // denormal -> signed zero
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline __m256i cvtneps_pbh(__m512 a) {
+  F16 x = F(a);
+  uint16_t r[16];
+  for (int i = 0; i < 16; ++i) r[i] = ToBf16Bits(x[i]);
+  __m256i out;
+  std::memcpy(&out, r, 32);
+  return out;
+}
+
+// ---- AMX: eight tile registers per thread (palette 1: up to 16 rows of 64 bytes)
+
+struct TileState {
+  bool configured = false;
+  uint8_t rows[8] = {};
+  uint16_t colsb[8] = {};
+  alignas(64) uint8_t data[8][16][64] = {};
+};
+inline TileState& Tiles() {
+  thread_local TileState state;
+  return state;
+}
+inline TileState& Configured(int t) {
+  TileState& s = Tiles();
+  if (!s.configured || t < 0 || t > 7 || s.rows[t] == 0) std::abort();
+  return s;
+}
+// LDTILECFG: palette byte 0, colsb (uint16) at byte 16 + 2 t, rows at byte 48 + t.
+inline void tile_loadconfig(const void* config) {
+  const uint8_t* c = static_cast<const uint8_t*>(config);
+  TileState& s = Tiles();
+  s = TileState{};
+  if (c[0] == 0) return;  // palette 0: tiles released
+  if (c[0] != 1) std::abort();
+  for (int t = 0; t < 8; ++t) {
+    std::memcpy(&s.colsb[t], c + 16 + 2 * t, 2);
+    s.rows[t] = c[48 + t];
+    if (s.rows[t] > 16 || s.colsb[t] > 64 || s.colsb[t] % 4 != 0) std::abort();
+  }
+  s.configured = true;
+}
+inline void tile_release() { Tiles() = TileState{}; }
+inline void tile_zero(int t) { std::memset(Configured(t).data[t], 0, sizeof(TileState::data[0])); }
+// TILELOADD / TILESTORED: rows[t] rows of colsb[t] bytes at base + row * stride bytes
+// (the rest of the register zero).
+inline void tile_loadd(int t, const void* base, int64_t stride) {
+  TileState& s = Configured(t);
+  std::memset(s.data[t], 0, sizeof(TileState::data[0]));
+  for (int r = 0; r < s.rows[t]; ++r)
+    std::memcpy(s.data[t][r], static_cast<const char*>(base) + r * stride, s.colsb[t]);
+}
+inline void tile_stored(int t, void* base, int64_t stride) {
+  TileState& s = Configured(t);
+  for (int r = 0; r < s.rows[t]; ++r)
+    std::memcpy(static_cast<char*>(base) + r * stride, s.data[t][r], s.colsb[t]);
+}
+inline float Bf16Daz(const uint8_t* p) {  // a bf16 as float32; denormals are zero
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float Ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+// TDPBF16PS c += a @ b: c [M, N] float32, a [M, K] bf16 pairs, b the VNNI [K, N, 2]
+// bf16.  As the SDM's pseudocode: per output, the even and the odd products of the
+// pairs are summed apart from zero (FMAs, round to nearest even, denormals flushed),
+// and their sum is then added to c.
+inline void tile_dpbf16ps(int c, int a, int b) {
+  TileState& s = Configured(c);
+  Configured(a), Configured(b);
+  const int M = s.rows[c], N = s.colsb[c] / 4, K = s.colsb[a] / 4;
+  if (s.rows[a] != M || s.rows[b] != K || s.colsb[b] != s.colsb[c]) std::abort();
+  for (int m = 0; m < M; ++m) {
+    float part[16][2] = {};
+    for (int k = 0; k < K; ++k)
+      for (int n = 0; n < N; ++n)
+        for (int e = 0; e < 2; ++e)
+          part[n][e] = Ftz(std::fma(Bf16Daz(s.data[a][m] + 4 * k + 2 * e),
+                                    Bf16Daz(s.data[b][k] + 4 * n + 2 * e), part[n][e]));
+    float row[16];
+    std::memcpy(row, s.data[c][m], 4 * N);
+    for (int n = 0; n < N; ++n) row[n] = Ftz(row[n] + Ftz(part[n][0] + part[n][1]));
+    std::memcpy(s.data[c][m], row, 4 * N);
+  }
+}
+
 }  // namespace attnjax_emu
 
 // Some intrinsics are macros in GCC's headers (at -O0): drop those before redirecting.
@@ -182,6 +321,23 @@ inline __m512 shuffle_f32x4(__m512 a, __m512 b, int imm) {
 #undef _mm512_unpackhi_ps
 #undef _mm512_shuffle_ps
 #undef _mm512_shuffle_f32x4
+#undef _mm512_set1_epi32
+#undef _mm512_setr_epi32
+#undef _mm512_and_si512
+#undef _mm512_or_si512
+#undef _mm512_srli_epi32
+#undef _mm512_mullo_epi32
+#undef _mm512_storeu_si512
+#undef _mm512_castsi256_si512
+#undef _mm512_inserti64x4
+#undef _mm512_i32scatter_epi32
+#undef _mm512_cvtneps_pbh
+#undef _tile_loadconfig
+#undef _tile_release
+#undef _tile_zero
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_dpbf16ps
 #define _mm512_loadu_ps attnjax_emu::loadu_ps
 #define _mm512_storeu_ps attnjax_emu::storeu_ps
 #define _mm512_set1_ps attnjax_emu::set1_ps
@@ -206,3 +362,20 @@ inline __m512 shuffle_f32x4(__m512 a, __m512 b, int imm) {
 #define _mm512_unpackhi_ps attnjax_emu::unpackhi_ps
 #define _mm512_shuffle_ps attnjax_emu::shuffle_ps
 #define _mm512_shuffle_f32x4 attnjax_emu::shuffle_f32x4
+#define _mm512_set1_epi32 attnjax_emu::set1_epi32
+#define _mm512_setr_epi32 attnjax_emu::setr_epi32
+#define _mm512_and_si512 attnjax_emu::and_si512
+#define _mm512_or_si512 attnjax_emu::or_si512
+#define _mm512_srli_epi32 attnjax_emu::srli_epi32
+#define _mm512_mullo_epi32 attnjax_emu::mullo_epi32
+#define _mm512_storeu_si512 attnjax_emu::storeu_si512
+#define _mm512_castsi256_si512 attnjax_emu::castsi256_si512
+#define _mm512_inserti64x4 attnjax_emu::inserti64x4
+#define _mm512_i32scatter_epi32 attnjax_emu::i32scatter_epi32
+#define _mm512_cvtneps_pbh attnjax_emu::cvtneps_pbh
+#define _tile_loadconfig attnjax_emu::tile_loadconfig
+#define _tile_release attnjax_emu::tile_release
+#define _tile_zero attnjax_emu::tile_zero
+#define _tile_loadd attnjax_emu::tile_loadd
+#define _tile_stored attnjax_emu::tile_stored
+#define _tile_dpbf16ps attnjax_emu::tile_dpbf16ps

@@ -10,9 +10,10 @@ rename atomically, so parallel test workers are safe.
 Set ``ATTNJAX_CPU_KERNELS=0`` to disable the kernels (``'auto'`` then uses the XLA
 paths).  :func:`unavailable_reason` says why the kernels cannot be used here.
 
-``ATTNJAX_CPU_EMULATE_AVX512=1`` (for tests) builds the kernels' AVX-512 code paths
-with every AVX-512 intrinsic emulated lane by lane (``avx512_emulation.h``), so that
-the 16-lane build runs, about 10x slower, on a CPU with only AVX2.
+``ATTNJAX_CPU_EMULATE_AVX512=1`` (for tests) builds the kernels' AVX-512 and AMX code
+paths with every AVX-512 and AMX intrinsic emulated (``avx512_emulation.h``), so that
+the 16-lane build and the bf16 tile paths run, about 10x slower, on a CPU with only
+AVX2.
 """
 
 from __future__ import annotations

@@ -788,8 +788,8 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
 // low half-word zero, e.g. bf16 arrays cast to float32) have a single piece, so
 // their pairs drop to one (scores) or three (P @ V).
 
-#if ATTNJAX_AVX512 && !defined(ATTNJAX_EMULATE_AVX512) && \
-    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#if ATTNJAX_AVX512 && \
+    (defined(ATTNJAX_EMULATE_AVX512) || (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11))
 #define ATTNJAX_AMX 1
 #else
 #define ATTNJAX_AMX 0
@@ -801,6 +801,10 @@ constexpr int64_t kAmxRows = 32;  // forward rows per strip: two 16-row tiles
 using bf16 = uint16_t;
 
 #if ATTNJAX_AMX
+#ifdef ATTNJAX_EMULATE_AVX512  // tile registers emulated per thread (avx512_emulation.h)
+#define ATTNJAX_AMX_TARGET
+bool AmxAvailable() { return true; }
+#else
 #define ATTNJAX_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
 bool AmxAvailable() {
@@ -814,6 +818,7 @@ bool AmxAvailable() {
   }();
   return ok;
 }
+#endif
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
