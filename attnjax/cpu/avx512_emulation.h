@@ -270,7 +270,9 @@ inline float Bf16Daz(const uint8_t* p) {  // a bf16 as float32; denormals are ze
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline float Ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
+inline float Ftz(float x) {  // denormal results flushed to (signed) zero
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
 // TDPBF16PS c += a @ b: c [M, N] float32, a [M, K] bf16 pairs, b the VNNI [K, N, 2]
 // bf16.  As the SDM's pseudocode: per output, the even and the odd products of the
 // pairs are summed apart from zero (FMAs, round to nearest even, denormals flushed),

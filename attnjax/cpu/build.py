@@ -30,7 +30,8 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx", "simd_width", "emulating_avx512"]
+__all__ = ["load", "unavailable_reason", "cache_dir", "has_amx", "simd_width",
+           "emulating_avx512"]
 
 _SOURCE = Path(__file__).with_name("flash_cpu.cc")
 _EMULATION_HEADER = Path(__file__).with_name("avx512_emulation.h")
@@ -105,8 +106,8 @@ def _build() -> tuple[str | None, str | None]:
     return None, f"cannot run {cxx}: {e}"
   key = hashlib.sha256()
   # -march=native: the machine (host name) is part of the key.
-  for part in (_SOURCE.read_bytes(), _EMULATION_HEADER.read_bytes(), " ".join(flags).encode(), str(version).encode(),
-               jax.__version__.encode(), platform.node().encode()):
+  for part in (_SOURCE.read_bytes(), _EMULATION_HEADER.read_bytes(), " ".join(flags).encode(),
+               str(version).encode(), jax.__version__.encode(), platform.node().encode()):
     key.update(part)
   out_dir = cache_dir()
   target = out_dir / f"flash_cpu-{key.hexdigest()[:16]}.so"

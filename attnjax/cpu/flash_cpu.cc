@@ -219,7 +219,8 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 // ---------------------------------------------------------------- SIMD layer
 //
 // The kernel is written once over a float vector Vf of kLanes lanes: 16 (__m512) when
-// the compiler targets AVX-512F/DQ, else 8 (__m256, AVX2 with FMA).  build.py compiles
+// the compiler targets AVX-512F/DQ (or, in tests, with ATTNJAX_EMULATE_AVX512), else 8
+// (__m256, AVX2 with FMA).  build.py compiles
 // with -march=native, so the width is the running machine's.  Block sizes and head
 // dims stay multiples of 16, which both widths divide.
 #if (defined(__AVX512F__) && defined(__AVX512DQ__)) || defined(ATTNJAX_EMULATE_AVX512)
@@ -788,8 +789,8 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
 // low half-word zero, e.g. bf16 arrays cast to float32) have a single piece, so
 // their pairs drop to one (scores) or three (P @ V).
 
-#if ATTNJAX_AVX512 && \
-    (defined(ATTNJAX_EMULATE_AVX512) || (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11))
+#if ATTNJAX_AVX512 && (defined(ATTNJAX_EMULATE_AVX512) || \
+                       (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11))
 #define ATTNJAX_AMX 1
 #else
 #define ATTNJAX_AMX 0
