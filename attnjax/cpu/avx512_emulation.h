@@ -27,10 +27,24 @@ namespace attnjax_emu {
 using F16 = float __attribute__((vector_size(64)));
 using I16 = int32_t __attribute__((vector_size(64)));
 
-inline F16 F(__m512 x) { F16 r; std::memcpy(&r, &x, 64); return r; }
-inline __m512 Ps(F16 x) { __m512 r; std::memcpy(&r, &x, 64); return r; }
-inline I16 I(__m512i x) { I16 r; std::memcpy(&r, &x, 64); return r; }
-inline __m512i Si(I16 x) { __m512i r; std::memcpy(&r, &x, 64); return r; }
+// The bits of x as a To (same size): the casts between vector types and lane views.
+template <class To, class From>
+inline To As(From x) {
+  static_assert(sizeof(To) == sizeof(From), "As<To>(x) reinterprets same-size values");
+  To r;
+  std::memcpy(&r, &x, sizeof(To));
+  return r;
+}
+inline F16 F(__m512 x) { return As<F16>(x); }
+inline __m512 Ps(F16 x) { return As<__m512>(x); }
+inline I16 I(__m512i x) { return As<I16>(x); }
+inline __m512i Si(I16 x) { return As<__m512i>(x); }
+// A float's bits with a denormal value replaced by zero of its sign (DAZ).
+inline uint32_t DazBits(uint32_t u) { return (u & 0x7F800000u) == 0 ? u & 0x80000000u : u; }
+// Denormal results flushed to zero of their sign (FTZ).
+inline float Ftz(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
 
 inline __m512 loadu_ps(const void* p) { F16 r; std::memcpy(&r, p, 64); return Ps(r); }
 inline void storeu_ps(void* p, __m512 x) { std::memcpy(p, &x, 64); }
@@ -101,14 +115,13 @@ inline __m512 scalef_ps(__m512 a, __m512 b) {
   const bool ftz = (_mm_getcsr() & 0x8000) != 0;
   for (int i = 0; i < 16; ++i) {
     const float e = std::floor(std::fmax(std::fmin(y[i], 400.0f), -400.0f));
-    float v = std::ldexp(x[i], static_cast<int>(e));
-    if (ftz && std::fpclassify(v) == FP_SUBNORMAL) v = std::copysign(0.0f, v);
-    r[i] = v;
+    const float v = std::ldexp(x[i], static_cast<int>(e));
+    r[i] = ftz ? Ftz(v) : v;
   }
   return Ps(r);
 }
-inline __m512 castsi512_ps(__m512i a) { __m512 r; std::memcpy(&r, &a, 64); return r; }
-inline __m512i castps_si512(__m512 a) { __m512i r; std::memcpy(&r, &a, 64); return r; }
+inline __m512 castsi512_ps(__m512i a) { return As<__m512>(a); }
+inline __m512i castps_si512(__m512 a) { return As<__m512i>(a); }
 inline __m512i add_epi32(__m512i a, __m512i b) {
   // Wrapping lane adds (as unsigned, which has no overflow).
   I16 x = I(a), y = I(b), r;
@@ -199,9 +212,7 @@ inline void i32scatter_epi32(void* base, __m512i vindex, __m512i a, int scale) {
 }
 // VCVTNEPS2BF16: round to nearest even; denormal inputs count as zero; NaN stays NaN.
 inline uint16_t ToBf16Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;           // denormal -> signed zero
+  uint32_t u = DazBits(As<uint32_t>(f));
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
@@ -264,14 +275,7 @@ inline void tile_stored(int t, void* base, int64_t stride) {
 inline float Bf16Daz(const uint8_t* p) {  // a bf16 as float32; denormals are zero
   uint16_t h;
   std::memcpy(&h, p, 2);
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float Ftz(float x) {  // denormal results flushed to (signed) zero
-  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+  return As<float>(DazBits(static_cast<uint32_t>(h) << 16));
 }
 // TDPBF16PS c += a @ b: c [M, N] float32, a [M, K] bf16 pairs, b the VNNI [K, N, 2]
 // bf16.  As the SDM's pseudocode: per output, the even and the odd products of the

@@ -220,9 +220,9 @@ void ParallelFor(int64_t n, int nthreads, F&& f) {
 //
 // The kernel is written once over a float vector Vf of kLanes lanes: 16 (__m512) when
 // the compiler targets AVX-512F/DQ (or, in tests, with ATTNJAX_EMULATE_AVX512), else 8
-// (__m256, AVX2 with FMA).  build.py compiles
-// with -march=native, so the width is the running machine's.  Block sizes and head
-// dims stay multiples of 16, which both widths divide.
+// (__m256, AVX2 with FMA).  build.py compiles with -march=native, so the width is the
+// running machine's.  Block sizes and head dims stay multiples of 16, which both
+// widths divide.
 #if (defined(__AVX512F__) && defined(__AVX512DQ__)) || defined(ATTNJAX_EMULATE_AVX512)
 #define ATTNJAX_AVX512 1
 constexpr int kLanes = 16;
@@ -737,7 +737,8 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
     PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, g.H, qrows);
     // Logits in log2 units straight from the GEMM (SoftmaxRow with c = 1).
     const Vf vc = Set1(c);
-    for (int64_t i = 0; i < it.rows * g.H; i += kLanes) Store(qrows + i, Mul(Load(qrows + i), vc));
+    for (int64_t i = 0; i < it.rows * g.H; i += kLanes)
+      Store(qrows + i, Mul(Load(qrows + i), vc));
     std::fill(acc, acc + it.rows * g.Hv, 0.0f);
     std::fill(m, m + it.rows, kNegInf);
     std::fill(l, l + kLanes * it.rows, 0.0f);
