@@ -16,7 +16,8 @@ import pytest
 
 import test_kernels_flash as flash_tests
 from attnjax import masks, score_mods
-from attnjax.kernels import common
+from attnjax.core import plan as plan_lib
+from attnjax.kernels import tile_math
 
 # Shared with the flash-kernel tests: backends, tolerances and the kernel-vs-reference runner.
 BACKENDS, TOL, SUM_TOL = flash_tests.BACKENDS, flash_tests.TOL, flash_tests.SUM_TOL
@@ -126,7 +127,7 @@ def test_merge_splits_empty_and_sink():
   tot = e.sum(-1)
   lse_p = np.where(tot > 0, m[..., 0] + np.log(np.maximum(tot, 1e-30)), -np.inf)
   o_p = np.einsum("rpk,kd->rpd", e, vals) / np.maximum(e.sum(-1), 1e-30)[..., None]
-  o, lse = common.merge_splits(jnp.asarray(o_p), jnp.asarray(lse_p), axis=1)
+  o, lse = tile_math.merge_splits(jnp.asarray(o_p), jnp.asarray(lse_p), axis=1)
   flat = s.reshape(3, -1)
   vflat = np.tile(vals, (5, 1))
   for r in range(2):
@@ -135,7 +136,7 @@ def test_merge_splits_empty_and_sink():
     np.testing.assert_allclose(lse[r], flat[r].max() + np.log(p.sum()), rtol=1e-6)
   assert np.all(np.asarray(o[2]) == 0) and np.isneginf(lse[2])
   sink = jnp.asarray([0.5, -1.0, 2.0])
-  o2, lse2 = common.merge_splits(jnp.asarray(o_p), jnp.asarray(lse_p), axis=1, sink=sink)
+  o2, lse2 = tile_math.merge_splits(jnp.asarray(o_p), jnp.asarray(lse_p), axis=1, sink=sink)
   assert np.all(np.asarray(o2[2]) == 0) and float(lse2[2]) == 2.0
   np.testing.assert_allclose(lse2[0], np.logaddexp(lse[0], 0.5), rtol=1e-6)
   np.testing.assert_allclose(o2[0], o[0] * np.exp(lse[0] - lse2[0]), rtol=1e-5, atol=1e-6)
@@ -237,16 +238,16 @@ def test_split_table_traced_matches_static():
   table = rng.integers(0, 3, size=(2, 2, 3, 9)).astype(np.int8)
   table[0, 1, 2] = 0
   for P in (1, 2, 4, 11):
-    st = common.split_table(table, P)
-    tr = np.asarray(jax.jit(lambda t: common.split_table(t, P))(jnp.asarray(table)))
+    st = plan_lib.split_table(table, P)
+    tr = np.asarray(jax.jit(lambda t: plan_lib.split_table(t, P))(jnp.asarray(table)))
     np.testing.assert_array_equal(st, tr)
     # every non-empty tile lands in exactly one split, with its class
     back = st.reshape(2, 2, P, 3, 9)
     assert np.all((back != 0).sum(2) == (table != 0))
     np.testing.assert_array_equal(back.max(2), table)
     # the traced schedule's bounded length still covers every split's list
-    rows = common.step_schedule(st)
-    r_j = jax.jit(lambda t: common.step_schedule(t, max_per_row=-(-9 // P))[:3])(
+    rows = plan_lib.step_schedule(st)
+    r_j = jax.jit(lambda t: plan_lib.step_schedule(t, max_per_row=-(-9 // P))[:3])(
         jnp.asarray(st))
     L = rows[3]
     for a_np, a_j in zip(rows[:3], r_j):

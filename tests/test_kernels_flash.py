@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import attnjax
 from attnjax import masks, score_mods
-from attnjax.kernels import common
+from attnjax.core import plan as plan_lib
 from attnjax.ops import chunked as chunked_lib
 from attnjax.ops.dense import reference_attention
 
@@ -330,8 +330,8 @@ def test_step_schedule_data_dependent_matches_static():
   rng = np.random.default_rng(7)
   table = rng.integers(0, 3, size=(2, 1, 5, 4)).astype(np.int8)
   table[0, 0, 2] = 0                     # a q block with no tile
-  r_np = common.step_schedule(table)
-  r_j = jax.jit(lambda t: common.step_schedule(t)[:3])(jnp.asarray(table))
+  r_np = plan_lib.step_schedule(table)
+  r_j = jax.jit(lambda t: plan_lib.step_schedule(t)[:3])(jnp.asarray(table))
   L = r_np[3]
   for a_np, a_j in zip(r_np[:3], r_j):
     a_j = np.asarray(a_j).reshape(2, -1)[:, :L]

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.cpu import build
-from attnjax.ops.chunked import sum_to_vma, vary_like
-from attnjax.ops.dense import AttentionArgs
+from attnjax.core.args import AttentionArgs
+from attnjax.core.vma import sum_to_vma, vary_like
 
 __all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available", "has_amx"]
 

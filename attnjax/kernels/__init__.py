@@ -1,7 +1,9 @@
 """Pallas kernels: ``tpu/`` (Mosaic), ``gpu/`` (Triton) and backend-independent
-``common`` (tile tables, schedules, in-kernel evaluation of masks and score mods,
-the flash wrappers and ``custom_vjp`` plumbing) and ``linear_common`` (the same for
-the linear-attention chunk kernels).
+``tile_math`` (per-tile logits, online softmax, split merge), ``flash_wrapper`` (the
+public ``flash_attention`` builder and ``custom_vjp`` plumbing), ``pallas_shard``
+(``pallas_call`` under ``shard_map``) and ``linear_common`` (the same for the
+linear-attention chunk kernels).  Tile tables, schedules and in-kernel evaluation of
+masks and score mods live in :mod:`attnjax.core`.
 
 Submodules are imported lazily: ``from attnjax.kernels.tpu import flash_attention``.
 """

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.chunked import sum_to_vma
+from attnjax.core.vma import sum_to_vma
 
 _F32 = jnp.float32
 

@@ -21,12 +21,14 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax.ops.dense import AttentionArgs
+from attnjax.core.args import AttentionArgs
+from attnjax.core.jaxpr import hoist_consts
+from attnjax.core.plan import kv_group_table
+from attnjax.core.vma import sum_to_vma, vary_like
 
 __all__ = ["ChunkedBlockSizes", "chunked_attention"]
 
@@ -64,36 +66,6 @@ def _float0_zeros(x):
   return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
-  """ANDs block tables and merges the ``G`` query heads of each kv head.
-
-  A tile is EMPTY for a GQA group only if it is empty for every head in it, and
-  FULL only if full for all; a ragged last key block is never FULL (its padded
-  columns need the in-range mask).  Returns int8 ``[B', K', nq, nk]``.
-  """
-  T, S, N, K, G = a.T, a.S, a.N, a.K, a.G
-  nq, nk = -(-T // bq), -(-S // bk)
-  if not tables:
-    table = np.full((1, 1, nq, nk), _FULL, np.int8)
-  else:
-    table = tables[0]
-    for t in tables[1:]:
-      table = masks_lib._table_algebra("and", [table, t])
-  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
-  Bt, Nt = table.shape[:2]
-  if Nt == N and N > 1:
-    t5 = table.reshape(Bt, K, G, nq, nk)
-    nonempty = (t5 != _EMPTY).any(axis=2)
-    allfull = (t5 == _FULL).all(axis=2)
-    table = xp.where(allfull, _FULL, xp.where(nonempty, _PARTIAL, _EMPTY)).astype(xp.int8)
-  elif Nt != 1:
-    raise ValueError(f"mask block table has {Nt} heads, expected 1 or N={N}")
-  if S % bk:
-    last = xp.where(table[..., -1:] == _FULL, _PARTIAL, table[..., -1:]).astype(xp.int8)
-    table = xp.concatenate([table[..., :-1], last], axis=-1)
-  return table
-
-
 def _schedule(a: AttentionArgs, bq: int, bk: int):
   """Per (batch, kv head, q block): the ordered list of non-empty k blocks, its
   length, and whether each listed tile needs masking.
@@ -118,98 +90,6 @@ def _schedule(a: AttentionArgs, bq: int, bk: int):
   count = (table != _EMPTY).sum(axis=-1).astype(xp.int32)
   partial = xp.take_along_axis(table, klist, axis=-1) == _PARTIAL
   return klist, count, partial
-
-
-def hoist_consts(fn, *example_args):
-  """Like ``jax.closure_convert`` but hoists *every* closed-over array (integer
-  tracers included), so nothing traced leaks into a ``custom_vjp`` rule.
-
-  Returns ``(fn_c, consts)`` with ``fn_c(*args, *consts) == fn(*args)``.  ``fn_c`` may be
-  called with arguments or constants that vary over ``shard_map`` mesh axes the examples
-  did not (see `_eval_jaxpr_vma`).
-  """
-  closed = jax.make_jaxpr(fn)(*example_args)
-  consts = list(closed.consts)
-  n_args = len(example_args)
-
-  def fn_c(*args):
-    return _eval_jaxpr_vma(closed.jaxpr, list(args[n_args:]), *args[:n_args])[0]
-  return fn_c, consts
-
-
-_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-
-
-def _eval_jaxpr_vma(jaxpr, consts, *args):
-  """``jax.core.eval_jaxpr`` that, like the ``jax.numpy`` front end, marks operands
-  varying over the union of the ``shard_map`` axes its operands vary over before each
-  primitive (the jaxpr was traced without those axes).  A nested call (``jit``,
-  ``custom_jvp``/``custom_vjp`` body) that gets a varying operand is evaluated inline the
-  same way; otherwise (always, outside ``shard_map``) every equation is bound as
-  ``jax.core.eval_jaxpr`` binds it, custom derivative rules included."""
-  env = {}
-  read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
-  for var, val in zip(jaxpr.constvars, consts):
-    env[var] = val
-  for var, val in zip(jaxpr.invars, args):
-    env[var] = val
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    sub = next((eqn.params[k] for k in _CALL_JAXPR_PARAMS if k in eqn.params), None)
-    varying = any(_varying_axes(x) for x in invals)
-    if (varying and sub is not None and eqn.primitive.name != "while"
-        and eqn.primitive.name != "scan"):
-      sub_jaxpr = getattr(sub, "jaxpr", sub)
-      sub_consts = getattr(sub, "consts", ())
-      n_extra = len(invals) - len(sub_jaxpr.invars)   # custom_vjp may pass extra leading args
-      outs = _eval_jaxpr_vma(sub_jaxpr, list(sub_consts), *invals[max(n_extra, 0):])
-    elif eqn.primitive.name == "pvary":   # recorded at trace time; may already hold
-      axes = set(eqn.params["axes"])
-      outs = [x if axes <= _varying_axes(x) else
-              jax.lax.pcast(x, tuple(sorted(axes - _varying_axes(x))), to="varying")
-              for x in invals]
-    else:
-      if varying:
-        invals = vary_like(invals, invals)
-      outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-    for var, val in zip(eqn.outvars, outs):
-      env[var] = val
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _varying_axes(x):
-  mat = getattr(jax.typeof(x), "mat", None)
-  return set(getattr(mat, "varying", ()))
-
-
-def sum_to_vma(grads, primals):
-  """Inside ``shard_map``: sums each gradient over the mesh axes it varies over but its
-  primal does not (the transpose of the implicit broadcast of a replicated input), as
-  autodiff does for built-in ops.  Outside ``shard_map`` this is the identity."""
-  def one(g, p):
-    if g is None or not isinstance(g, (jax.Array, jax.core.Tracer)):
-      return g
-    extra = tuple(sorted(_varying_axes(g) - _varying_axes(p)))
-    return jax.lax.psum(g, extra) if extra else g
-  return jax.tree.map(one, grads, primals, is_leaf=lambda x: x is None)
-
-
-def vary_like(tree, *refs):
-  """Marks every leaf of ``tree`` as varying over the manual mesh axes (``shard_map``) that
-  any of ``refs`` varies over, so loop carries built from constants type-check against the
-  carries the loop body returns.  Outside ``shard_map`` this is the identity."""
-  axes = set()
-  for r in jax.tree.leaves(refs):
-    axes |= _varying_axes(r)
-  if not axes:
-    return tree
-
-  def one(x):
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
 
 
 def _pick(arr, b, kh):

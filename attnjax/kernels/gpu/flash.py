@@ -41,9 +41,13 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attnjax.kernels import common
-from attnjax.kernels.common import flash_attention_reference
-from attnjax.ops import dense as dense_lib
+from attnjax.core.args import AttentionArgs
+from attnjax.core import jaxpr as jaxpr_lib
+from attnjax.core import plan as plan_lib
+from attnjax.kernels import flash_wrapper as fw
+from attnjax.kernels import pallas_shard
+from attnjax.kernels import tile_math as tm
+from attnjax.kernels.flash_wrapper import flash_attention_reference
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
 
@@ -70,7 +74,7 @@ class BlockSizes:
     num_splits: split-S decode (flash-decoding): each q block's list of non-empty k
       tiles is dealt into this many contiguous parts, each its own program writing a
       partial result and its log-sum-exp, merged in XLA.  ``1`` disables it; ``None``:
-      a heuristic (:func:`attnjax.kernels.common.resolve_num_splits`) that splits when
+      a heuristic (:func:`attnjax.core.plan.resolve_num_splits`) that splits when
       ``B * N * nq`` programs are fewer than 256 (two waves of a large GPU), keeping at
       least 4 tiles per split.  The backward pass is not split.
   """
@@ -86,7 +90,7 @@ class BlockSizes:
       if val is None:
         continue
       if isinstance(val, bool) or not isinstance(val, int) or val < 16 or not _is_pow2(val):
-        hint = max(16, common.next_pow2(val if isinstance(val, int) and val > 0 else 16))
+        hint = max(16, tm.next_pow2(val if isinstance(val, int) and val > 0 else 16))
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16 (Triton tiles), got "
                          f"{val!r}; use e.g. {hint}")
     nw = self.num_warps
@@ -95,25 +99,25 @@ class BlockSizes:
     if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or \
         self.num_stages <= 0:
       raise ValueError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
-    common.validate_num_splits(self.num_splits, "BlockSizes")
+    plan_lib.validate_num_splits(self.num_splits, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
     return cls()
 
   def resolve(self, T: int, S: int):
-    bq = self.block_q or min(64, max(16, common.next_pow2(T)))
-    bk = self.block_k or min(64, max(16, common.next_pow2(S)))
+    bq = self.block_q or min(64, max(16, tm.next_pow2(T)))
+    bk = self.block_k or min(64, max(16, tm.next_pow2(S)))
     return bq, bk
 
   def resolve_splits(self, table, programs: int) -> int:
     """Splits of each q block's key list for a call with ``programs = B * N * nq``."""
-    return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
+    return plan_lib.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
-  math: common.TileMath
+  math: tm.TileMath
   G: int
   bq: int
   bk: int
@@ -144,8 +148,8 @@ def _tiles(b, h, q0, k0, bq, bk):
 
 
 def _refs(cfg, refs, kind, n_out):
-  """The kernel's refs (:class:`common.KernelRefs`); ``sched`` is the index array row."""
-  r = common.KernelRefs(cfg, refs, n_lead=1, kind=kind, n_out=n_out,
+  """The kernel's refs (:class:`tm.KernelRefs`); ``sched`` is the index array row."""
+  r = tm.KernelRefs(cfg, refs, n_lead=1, kind=kind, n_out=n_out,
                         aliased=kind == "dq" and cfg.has_bias)
   r.sched = r.lead[0]
   return r
@@ -188,13 +192,13 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   if cfg.P == 1:
     bounds = (0, n_part, n_part, n_tot)
   else:                  # this program's contiguous share of the list (partial tiles first)
-    lo, hi = common.split_bounds(n_tot, jax.lax.rem(i, jnp.int32(cfg.P)), cfg.P)
+    lo, hi = plan_lib.split_bounds(n_tot, jax.lax.rem(i, jnp.int32(cfg.P)), cfg.P)
     bounds = (lo, jnp.minimum(hi, n_part), jnp.maximum(lo, n_part), hi)
   carry = jax.lax.fori_loop(bounds[0], bounds[1], functools.partial(body, masked=True),
                             (m0, l0, acc0))
   m, l, acc = jax.lax.fori_loop(bounds[2], bounds[3], functools.partial(body, masked=False),
                                 carry)
-  o, lse = common.finish_softmax(m, l, acc)
+  o, lse = tm.finish_softmax(m, l, acc)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse
 
@@ -293,11 +297,11 @@ def _dkv_kernel(*refs, cfg: _Cfg):
 
 
 def _sched_array(table, transpose):
-  cols, n_part, n_tot = common.list_schedule(table, transpose=transpose)
+  cols, n_part, n_tot = plan_lib.list_schedule(table, transpose=transpose)
   xp = jnp if isinstance(cols, (jax.Array, jax.core.Tracer)) else np
   arr = xp.concatenate([n_part[..., None], n_tot[..., None], cols], axis=-1).astype(xp.int32)
   W = arr.shape[-1]
-  Wp = common.next_pow2(W)
+  Wp = tm.next_pow2(W)
   if Wp != W:
     arr = xp.concatenate([arr, xp.zeros(arr.shape[:-1] + (Wp - W,), xp.int32)], axis=-1)
   return jnp.asarray(arr)
@@ -305,17 +309,17 @@ def _sched_array(table, transpose):
 
 def _pad1(x):
   n = x.shape[0]
-  return jnp.pad(x, (0, common.next_pow2(n) - n))
+  return jnp.pad(x, (0, tm.next_pow2(n) - n))
 
 
-def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
+def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
   bq, bk = bs.resolve(T, S)
-  plan = common.make_plan(a, bq, bk)
+  plan = plan_lib.make_plan(a, bq, bk)
   nq, nk, Tp, Sp = plan.nq, plan.nk, plan.Tp, plan.Sp
-  pred_tf = common.trace_predicate(plan, bq, bk)
-  sm_tf = common.trace_score_mod(a, bq, bk)
-  Hp, Hvp = common.next_pow2(H), common.next_pow2(Hv)
+  pred_tf = plan_lib.trace_predicate(plan, bq, bk)
+  sm_tf = plan_lib.trace_score_mod(a, bq, bk)
+  Hp, Hvp = tm.next_pow2(H), tm.next_pow2(Hv)
   Bt, Kt = plan.table.shape[:2]
   fwd_sched = _sched_array(plan.table, False)      # [Bt, Kt, nq, W]
   bwd_sched = _sched_array(plan.table, True)       # [Bt, Kt, nk, W2]
@@ -323,19 +327,19 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   P = bs.resolve_splits(plan.table, B * N * nq)
 
   def make_cfg(dtype, splits=1):
-    return _Cfg(math=common.tile_math(a, plan, pred_tf, sm_tf, dtype), G=G, bq=bq, bk=bk,
+    return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, dtype), G=G, bq=bq, bk=bk,
                 Bt=Bt, Kt=Kt, P=splits,
-                **common.cfg_flags(a, plan, pred_tf, sm_tf, splits, common.next_pow2))
+                **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, tm.next_pow2))
 
   def params():
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=bs.num_stages)
 
   # Schedules and a dense mask built from traced inputs enter the custom_vjp as arguments.
-  aux, restore = common.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense))
+  aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense))
 
   def prep_side(st, bias, seg):
     pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
-    return common.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x)
+    return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x)
 
   def sel(cfg, b, kh):
     return (b if cfg.Bt > 1 else 0, kh if cfg.Kt > 1 else 0)
@@ -392,7 +396,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       specs.append(pl.BlockSpec(sk.shape, lambda *_: (0,)))
     specs += side_specs_q(cfg) + const_specs(pred_c) + const_specs(sm_c)
     # Rows (q block, split, t): program i = qb * P + p writes row block i.
-    o, lse = common.pallas_call(
+    o, lse = pallas_shard.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg), grid=(B, N, nq * P), in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, bq, Hvp), lambda b, n, i: (b, n, i, 0)),
                    pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
@@ -404,7 +408,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     if P == 1:
       return o, lse
     sink = None if sinks is None else sinks.reshape(1, N, 1, 1)
-    o, lse = common.merge_splits(o.reshape(B, N, nq, P, bq, Hvp), lse.reshape(B, N, nq, P, bq),
+    o, lse = tm.merge_splits(o.reshape(B, N, nq, P, bq, Hvp), lse.reshape(B, N, nq, P, bq),
                                  axis=3, sink=sink)
     return o.reshape(B, N, Tp, Hvp).astype(qr.dtype), lse.reshape(B, N, Tp)
 
@@ -435,7 +439,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       out_specs.append(pl.BlockSpec((None, None, bq, Sp), dbmap))
       out_shape.append(jax.ShapeDtypeStruct((Bb, Nb, Tp, Sp), _F32))
       aliases = {1 + 6 + len(side) + len(pred_c) + len(sm_c): 1}
-    outs = common.pallas_call(
+    outs = pallas_shard.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), grid=(B, N, nq), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dq_gpu",
@@ -459,7 +463,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, None, w), lambda b, kh, j: (b, kh, j, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, nk, w), _F32))
-    outs = common.pallas_call(
+    outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg), grid=(B, K, nk), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dkv_gpu",
@@ -472,7 +476,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     return jnp.pad(x, ((0, 0), (0, Lp - L), (0, 0), (0, Dp - x.shape[-1]))).transpose(0, 2, 1, 3)
 
   def storage(cs):
-    return [_pad1(common._const_storage(c)) for c in cs]
+    return [_pad1(jaxpr_lib.const_storage(c)) for c in cs]
 
   def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
     st = restore(aux)
@@ -484,7 +488,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     q, k, v, bias, sinks, seg, pred_c, sm_c = args
     st = restore(aux)
     valid = (jnp.arange(Tp) < T)[None, None, :]
-    delta, lse_b, dor, delta_b = common.backward_rows(out, lse, dout, dlse, valid, q.dtype)
+    delta, lse_b, dor, delta_b = fw.backward_rows(out, lse, dout, dlse, valid, q.dtype)
     dq, dk, dv, db, dcs = run_bwd(
         st, to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp), dor, lse_b,
         delta_b, prep_side(st, bias, seg), storage(pred_c), storage(sm_c), bias is not None)
@@ -492,11 +496,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
             dv.transpose(0, 2, 1, 3)[:, :S, :, :Hv], None if db is None else db[:, :, :T, :S],
             lse[:, :, :T], delta[:, :, :T], dcs)
 
-  core = common.flash_core(forward, backward)
+  core = fw.flash_core(forward, backward)
 
   def apply(q, k, v):
-    out, lse = core(q, k, v, a.bias, a.sinks, plan.seg, common.traced_consts(pred_tf),
-                    common.traced_consts(sm_tf), aux)
+    out, lse = core(q, k, v, a.bias, a.sinks, plan.seg, fw.traced_consts(pred_tf),
+                    fw.traced_consts(sm_tf), aux)
     return out.transpose(0, 2, 1, 3)[:, :T, :, :Hv], lse[:, :, :T]
 
   return apply, plan, P
@@ -519,7 +523,7 @@ _FLASH_DOC = """Block-sparse flash attention on GPU (Pallas Triton), forward and
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
   """
 
-flash_attention = common.make_flash_attention(
+flash_attention = fw.make_flash_attention(
     lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "GPU",
     ("gpu", "cuda", "rocm"), doc=_FLASH_DOC, module=__name__)
 
@@ -531,10 +535,10 @@ def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   (``[B', K', nq, P]``: tiles each split program of a head visits), ``fwd_active``
   (tiles computed in all), the ``table``, ``block_q`` and ``block_k``.
   """
-  bs = common.as_block_sizes(block_sizes, BlockSizes, "GPU")
-  a, plan, P = common.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.N * plan.nq)
-  _, _, n_tot = common.list_schedule(plan.table)
-  lo, hi = common.split_bounds(n_tot[..., None], np.arange(P), P)   # as the kernel does
+  bs = fw.as_block_sizes(block_sizes, BlockSizes, "GPU")
+  a, plan, P = fw.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.N * plan.nq)
+  _, _, n_tot = plan_lib.list_schedule(plan.table)
+  lo, hi = plan_lib.split_bounds(n_tot[..., None], np.arange(P), P)   # as the kernel does
   tiles = hi - lo
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt) * a.G

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attnjax.kernels import common
+from attnjax.kernels import pallas_shard
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels.linear_common import lightning_attention_reference
 
@@ -148,7 +148,7 @@ def _fwd_call(q, k, v, ld, C, bs, interpret):
   B, Tp, N, F = q.shape
   K, V = k.shape[2], v.shape[-1]
   ld_spec, q_spec, k_spec, v_spec, o_spec = _specs(N // K, Tp, F, V)
-  return common.pallas_call(
+  return pallas_shard.pallas_call(
       functools.partial(_fwd_kernel, C=C, nc=Tp // C),
       grid=(B, N), in_specs=[ld_spec, q_spec, k_spec, v_spec], out_specs=o_spec,
       out_shape=jax.ShapeDtypeStruct((B, Tp, N, V), v.dtype),
@@ -162,7 +162,7 @@ def _bwd_call(q, k, v, ld, do, C, bs, interpret):
   K, V = k.shape[2], v.shape[-1]
   G = N // K
   ld_spec, q_spec, k_spec, v_spec, o_spec = _specs(G, Tp, F, V)
-  dq, dk, dv, dl = common.pallas_call(
+  dq, dk, dv, dl = pallas_shard.pallas_call(
       functools.partial(_bwd_kernel, C=C, nc=Tp // C),
       grid=(B, N), in_specs=[ld_spec, q_spec, k_spec, v_spec, o_spec],
       out_specs=[q_spec, q_spec, o_spec, pl.BlockSpec((None, None), lambda b, n: (b, n))],

@@ -45,9 +45,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnjax.kernels import common
-from attnjax.kernels.common import flash_attention_reference
-from attnjax.ops import dense as dense_lib
+from attnjax.core.args import AttentionArgs
+from attnjax.core import jaxpr as jaxpr_lib
+from attnjax.core import plan as plan_lib
+from attnjax.kernels import flash_wrapper as fw
+from attnjax.kernels import pallas_shard
+from attnjax.kernels import tile_math as tm
+from attnjax.kernels.flash_wrapper import flash_attention_reference
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
 
@@ -74,7 +78,7 @@ class BlockSizes:
     num_splits: split-S decode (flash-decoding): each q block's list of non-empty k
       tiles is dealt into this many contiguous parts, each a separate parallel grid
       program writing a partial result and its log-sum-exp, merged in XLA.  ``1``
-      disables it; ``None``: a heuristic (:func:`attnjax.kernels.common.resolve_num_splits`)
+      disables it; ``None``: a heuristic (:func:`attnjax.core.plan.resolve_num_splits`)
       that splits only when ``B * K * nq`` programs are fewer than 4 and the longest
       list has at least 8 tiles.  The backward pass is not split.
   """
@@ -90,20 +94,20 @@ class BlockSizes:
       if isinstance(val, bool) or not isinstance(val, int) or val <= 0 or val % mult:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {mult} (TPU "
                          f"{what}), got {val!r}; use e.g. {mult * max(1, (val or 0) // mult or 1)}")
-    common.validate_num_splits(self.num_splits, "BlockSizes")
+    plan_lib.validate_num_splits(self.num_splits, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
     return cls()
 
   def resolve(self, T: int, S: int):
-    bq = self.block_q or min(128, common.round_up(T, _SUBLANES))
-    bk = self.block_k or min(128, common.round_up(S, _LANES))
+    bq = self.block_q or min(128, tm.round_up(T, _SUBLANES))
+    bk = self.block_k or min(128, tm.round_up(S, _LANES))
     return bq, bk
 
   def resolve_splits(self, table, programs: int) -> int:
     """Splits of each q block's key list for a call with ``programs = B * K * nq``."""
-    return common.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
+    return plan_lib.resolve_num_splits(self.num_splits, table, programs, target=_SPLIT_TARGET)
 
 
 # ====================================================================== layouts
@@ -160,7 +164,7 @@ class _Layout:
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   """Static configuration of one call's kernels."""
-  math: common.TileMath
+  math: tm.TileMath
   B: int
   K: int
   G: int
@@ -221,10 +225,10 @@ def _tile_index(cfg, b, kh, qb, kb):
 
 
 def _refs(cfg, refs, n_out, n_scratch, kind):
-  """The kernel's refs (:class:`common.KernelRefs`) after the ``rows, cols, flags``
+  """The kernel's refs (:class:`tm.KernelRefs`) after the ``rows, cols, flags``
   scalar-prefetch schedule."""
   aliased = kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias)
-  r = common.KernelRefs(cfg, refs, n_lead=3, kind=kind, n_out=n_out, n_scratch=n_scratch,
+  r = tm.KernelRefs(cfg, refs, n_lead=3, kind=kind, n_out=n_out, n_scratch=n_scratch,
                         aliased=aliased)
   r.rows, r.cols, r.flags = r.lead
   return r
@@ -271,7 +275,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
 
   @pl.when(last)
   def _():
-    o, lse = common.finish_softmax(m_ref[...], l_ref[...], acc_ref[...])
+    o, lse = tm.finish_softmax(m_ref[...], l_ref[...], acc_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -473,19 +477,19 @@ def _params():
 # ====================================================================== the call
 
 
-def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
+def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   """Traces/plans a call; returns the differentiable function of the array inputs."""
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
   bq, bk = bs.resolve(T, S)
-  plan = common.make_plan(a, bq, bk)
+  plan = plan_lib.make_plan(a, bq, bk)
   R = G * bq
   lay = _Layout(a, bq, plan.nq)
-  pred_tf = common.trace_predicate(plan, R, bk)
-  sm_tf = common.trace_score_mod(a, R, bk)
+  pred_tf = plan_lib.trace_predicate(plan, R, bk)
+  sm_tf = plan_lib.trace_score_mod(a, R, bk)
   Sp, Tp = plan.Sp, plan.Tp
 
-  fwd_sched = common.step_schedule(plan.table)
-  bwd_sched = common.step_schedule(plan.table, transpose=True)
+  fwd_sched = plan_lib.step_schedule(plan.table)
+  bwd_sched = plan_lib.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
   P = bs.resolve_splits(plan.table, B * K * plan.nq)
   # A bias broadcast over the batch and/or heads gets its gradient from its own kernel,
@@ -494,26 +498,26 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   red_n = a.bias is not None and a.bias.shape[1] == 1 and N > 1
   split_sched = None
   if P > 1:
-    split_sched = common.step_schedule(common.split_table(plan.table, P),
+    split_sched = plan_lib.step_schedule(plan_lib.split_table(plan.table, P),
                                        max_per_row=-(-plan.nk // P))
 
   def make_cfg(L, q_dtype, splits=1):
-    lanes = lambda sz: common.round_up(sz, _LANES)
-    return _Cfg(math=common.tile_math(a, plan, pred_tf, sm_tf, q_dtype), B=B, K=K, G=G,
+    lanes = lambda sz: tm.round_up(sz, _LANES)
+    return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, q_dtype), B=B, K=K, G=G,
                 bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits,
-                **common.cfg_flags(a, plan, pred_tf, sm_tf, splits, lanes))
+                **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, lanes))
 
   # ------------------------------------------------------------ input preparation
   # Schedules, the tile table and a dense mask built from traced inputs enter the
-  # custom_vjp as arguments (:func:`common.hoist_tracers`).
-  aux, restore = common.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, split=split_sched,
+  # custom_vjp as arguments (:func:`fw.hoist_tracers`).
+  aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, split=split_sched,
                                            table=plan.table, dense=plan.dense))
 
   def prep_side(st, bias, seg):
     def q_seg(qs):                    # [B, Tp] -> rows [B, nq * R, 1] (same ids per head)
       qs = jnp.broadcast_to(qs.reshape(B, plan.nq, 1, bq), (B, plan.nq, G, bq))
       return qs.reshape(B, plan.nq * R, 1)
-    return common.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
+    return fw.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
                               q_seg,
                               lambda ks: ks.reshape(B, 1, Sp))
 
@@ -539,7 +543,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     out_specs = [pl.BlockSpec((None, None, R, Hv), omap), pl.BlockSpec((None, None, R, 1), omap)]
     out_shape = [jax.ShapeDtypeStruct((B, K * P, rows, Hv), qr.dtype if P == 1 else _F32),
                  jax.ShapeDtypeStruct((B, K * P, rows, 1), _F32)]
-    o, lse = common.pallas_call(
+    o, lse = pallas_shard.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K * P, L), in_specs=specs, out_specs=out_specs,
@@ -554,7 +558,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     if sinks is not None:            # row (q block, g, t) of kv head kh: sink[kh * G + g]
       sk = sinks.astype(_F32).reshape(K, 1, G, 1)
       sink_rows = jnp.broadcast_to(sk, (K, plan.nq, G, bq)).reshape(1, K, rows)
-    o, lse = common.merge_splits(o.reshape(B, K, P, rows, Hv), lse.reshape(B, K, P, rows),
+    o, lse = tm.merge_splits(o.reshape(B, K, P, rows, Hv), lse.reshape(B, K, P, rows),
                                  axis=2, sink=sink_rows)
     return o.astype(qr.dtype), lse[..., None]
 
@@ -562,8 +566,8 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     """Gradient of a bias broadcast over B and/or N: ``[Bb, Kb, nq * Rb, Sp]`` f32 with
     ``Bb = 1`` when summed over the batch, ``Kb = 1, Rb = block_q`` over the heads."""
     axes = [ax for ax, red in ((0, red_b), (1, red_n)) if red and st["table"].shape[ax] > 1]
-    table = common.union_table(st["table"], axes)
-    sa, L = sched_arrays(common.step_schedule(table))
+    table = plan_lib.union_table(st["table"], axes)
+    sa, L = sched_arrays(plan_lib.step_schedule(table))
     cfg = dataclasses.replace(make_cfg(L, qr.dtype), Bt=table.shape[0], Kt=table.shape[1])
     if red_b and red_n:
       X, Y = 1, B * K
@@ -592,7 +596,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       return (0 if red_b else b, 0 if red_n else kh, qb, kb)
 
     n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
-    return common.pallas_call(
+    return pallas_shard.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, coords=coords, sum_heads=red_n),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(X, L, Y), in_specs=specs,
@@ -621,7 +625,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
       out_shape.append(jax.ShapeDtypeStruct((B, K, plan.nq * R, Sp), _F32))
       n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
       aliases = {n_in: 1}
-    outs = common.pallas_call(
+    outs = pallas_shard.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
@@ -645,7 +649,7 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, 1, w), lambda b, kh, s, *sched: (b, kh, 0, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, 1, w), _F32))
-    outs = common.pallas_call(
+    outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
@@ -664,8 +668,8 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
   def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
     st = restore(aux)
     side = prep_side(st, bias, seg)
-    pred_s = [common._const_storage(c) for c in pred_c]
-    sm_s = [common._const_storage(c) for c in sm_c]
+    pred_s = [jaxpr_lib.const_storage(c) for c in pred_c]
+    sm_s = [jaxpr_lib.const_storage(c) for c in sm_c]
     out_r, lse_r = run_fwd(st, lay.q_rows(q), to_k(k), to_k(v), sinks, side, pred_s, sm_s)
     return out_r, lse_r
 
@@ -674,11 +678,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
     q, k, v, bias, sinks, seg, pred_c, sm_c = args
     rows = jnp.arange(plan.nq * R)
     valid = ((rows % bq + (rows // R) * bq) < T)[None, None, :, None]
-    delta, lse_b, dor, delta_b = common.backward_rows(out_r, lse_r, dout_r, dlse_r, valid,
+    delta, lse_b, dor, delta_b = fw.backward_rows(out_r, lse_r, dout_r, dlse_r, valid,
                                                       q.dtype)
     side = prep_side(st, bias, seg)
-    pred_s = [common._const_storage(c) for c in pred_c]
-    sm_s = [common._const_storage(c) for c in sm_c]
+    pred_s = [jaxpr_lib.const_storage(c) for c in pred_c]
+    sm_s = [jaxpr_lib.const_storage(c) for c in sm_c]
     dq_r, dk_r, dv_r, db_r, dcs = run_bwd(st, lay.q_rows(q), to_k(k), to_k(v), dor, lse_b,
                                           delta_b, side, pred_s, sm_s, bias)
     db = None
@@ -690,11 +694,11 @@ def _build(a: dense_lib.AttentionArgs, bs: BlockSizes, interpret: bool):
             dv_r.transpose(0, 2, 1, 3)[:, :S], db, lay.rows_to_bnt(lse_r),
             lay.rows_to_bnt(delta), dcs)
 
-  core = common.flash_core(forward, backward)
+  core = fw.flash_core(forward, backward)
 
   def apply(q, k, v):
-    out_r, lse_r = core(q, k, v, a.bias, a.sinks, plan.seg, common.traced_consts(pred_tf),
-                        common.traced_consts(sm_tf), aux)
+    out_r, lse_r = core(q, k, v, a.bias, a.sinks, plan.seg, fw.traced_consts(pred_tf),
+                        fw.traced_consts(sm_tf), aux)
     return lay.from_rows(out_r), lay.rows_to_bnt(lse_r)
 
   return apply, lay, plan, (split_sched if P > 1 else fwd_sched), bwd_sched
@@ -718,7 +722,7 @@ _FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
   """
 
-flash_attention = common.make_flash_attention(
+flash_attention = fw.make_flash_attention(
     lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "TPU", ("tpu",),
     doc=_FLASH_DOC, module=__name__)
 
@@ -730,10 +734,10 @@ def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   the longest per-program step list), ``fwd_active`` (tiles computed), ``dkv_steps``,
   ``dkv_active`` and the ``table`` (for tests and tuning).
   """
-  bs = common.as_block_sizes(block_sizes, BlockSizes, "TPU")
-  a, plan, P = common.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.K * plan.nq)
-  f = common.step_schedule(plan.table if P == 1 else common.split_table(plan.table, P))
-  d = common.step_schedule(plan.table, transpose=True)
+  bs = fw.as_block_sizes(block_sizes, BlockSizes, "TPU")
+  a, plan, P = fw.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.K * plan.nq)
+  f = plan_lib.step_schedule(plan.table if P == 1 else plan_lib.split_table(plan.table, P))
+  d = plan_lib.step_schedule(plan.table, transpose=True)
   Bt, Kt = plan.table.shape[:2]
   rep = (a.B // Bt) * (a.K // Kt)
   return dict(num_splits=P, fwd_steps=a.B * a.K * P * f[3], fwd_active=f[4] * rep,

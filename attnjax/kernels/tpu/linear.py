@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnjax.kernels import common
+from attnjax.kernels import pallas_shard
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels.linear_common import lightning_attention_reference
 
@@ -168,7 +168,7 @@ def _fwd_call(q, k, v, ld, C, interpret):
   K, V = k.shape[1], v.shape[-1]
   G, nc = N // K, Tp // C
   q_spec, k_spec, v_spec, o_spec, _ = _specs(G, C, F, V)
-  return common.pallas_call(
+  return pallas_shard.pallas_call(
       functools.partial(_fwd_kernel, C=C),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(B, N, nc), in_specs=[q_spec, k_spec, v_spec],
@@ -184,7 +184,7 @@ def _bwd_call(q, k, v, ld, do, C, interpret):
   G, nc = N // K, Tp // C
   q_spec, k_spec, v_spec, o_spec, dq_spec = _specs(G, C, F, V)
   dl_spec = pl.BlockSpec((None, None, _SUBLANES, _LANES), lambda b, n, c, ld: (b, n, 0, 0))
-  dq, dl = common.pallas_call(
+  dq, dl = pallas_shard.pallas_call(
       functools.partial(_bwd_dq_kernel, C=C),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(B, N, nc),
@@ -196,7 +196,7 @@ def _bwd_call(q, k, v, ld, do, C, interpret):
       compiler_params=_params(), interpret=interpret, name='lightning_bwd_dq',
   )(ld, q, k, v, do)
   rq, rk, rv, ro, _ = _specs(G, C, F, V, reverse=True, nc=nc)
-  dk, dv = common.pallas_call(
+  dk, dv = pallas_shard.pallas_call(
       functools.partial(_bwd_dkv_kernel, C=C),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(B, N, nc),

@@ -1,0 +1,221 @@
+"""The flash-attention wrapper shared by the TPU and GPU backends.
+
+:func:`make_flash_attention` builds a backend's public ``flash_attention`` (validation,
+block sizes, interpret mode); :func:`plan_call` gives ``grid_steps`` its plan;
+:func:`flash_core` is the ``custom_vjp`` core around a backend's forward and backward
+kernels, with :func:`side_inputs` (bias, dense mask, segment ids as kernel inputs),
+:func:`backward_rows` (row statistics) and :func:`finish_grads` (cotangents, summed
+over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.core.args import AttentionArgs, check_attention_args
+from attnjax.core.plan import Plan, TracedFn, make_plan
+from attnjax.core.softmax import reference_attention
+from attnjax.core.vma import sum_to_vma
+from attnjax.kernels.tile_math import TileMath, float0_like, sink_grads
+
+__all__ = ["as_block_sizes", "default_interpret", "plan_call", "make_flash_attention",
+           "tile_math", "cfg_flags", "side_inputs", "backward_rows", "finish_grads",
+           "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference"]
+
+_F32 = jnp.float32
+
+
+def as_block_sizes(block_sizes, cls, backend: str):
+  """``block_sizes`` as a ``cls`` (``None``: defaults); another type raises
+  ``NotImplementedError`` so the dispatcher tries the next implementation."""
+  if block_sizes is None:
+    return cls()
+  if isinstance(block_sizes, cls):
+    return block_sizes
+  raise NotImplementedError(f"the {backend} flash kernel takes attnjax.kernels."
+                            f"{backend.lower()}.BlockSizes, got {type(block_sizes).__name__}")
+
+
+def default_interpret(interpret, backends) -> bool:
+  """Interpret mode unless the default JAX backend is one of ``backends``."""
+  if interpret is None:
+    return jax.default_backend() not in backends
+  return bool(interpret)
+
+
+def plan_call(q, k, v, bs, kwargs, programs):
+  """``(a, plan, P)`` of a call for ``grid_steps``: the normalised arguments, the plan
+  at ``bs``'s block sizes and the resolved split count (``programs(a, plan)`` parallel
+  programs without a split)."""
+  a = check_attention_args(q, k, v, **kwargs)
+  bq, bk = bs.resolve(a.T, a.S)
+  plan = make_plan(a, bq, bk)
+  return a, plan, bs.resolve_splits(plan.table, programs(a, plan))
+
+
+def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str, module: str):
+  """The public ``flash_attention`` of a backend: validates the arguments, then runs
+  ``build(a, block_sizes, interpret)(q, k, v) -> (out [B, T, N, Hv], lse [B, N, T])``
+  (interpret mode by default unless the JAX backend is one of ``native``)."""
+
+  def flash_attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
+                      kv_segment_ids=None, scale=None, softcap=None, sinks=None,
+                      return_lse=False, block_sizes=None, interpret=None):
+    bs = as_block_sizes(block_sizes, block_sizes_cls, backend)
+    a = check_attention_args(
+        q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
+    if not isinstance(return_lse, bool):
+      raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse = build(a, bs, default_interpret(interpret, native))(q, k, v)
+    return (out, lse) if return_lse else out
+
+  flash_attention.__doc__ = doc
+  flash_attention.__module__ = module
+  return flash_attention
+
+
+def tile_math(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, dtype) -> TileMath:
+  """The per-tile math of a call (HIGHEST matmul precision for float32 inputs)."""
+  prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return TileMath(a.scale, a.softcap, sm_tf, pred_tf, a.S, a.S % plan.bk != 0, prec)
+
+
+def cfg_flags(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
+  """Kernel configuration fields shared by the backends: which side inputs exist, how
+  many constant inputs, and the padded widths (``width(size)``) of the score_mod
+  arrays that get gradients.  Split programs leave the sink to the merge."""
+  sm_sizes = [] if sm_tf is None else [int(np.prod(s, dtype=np.int64)) for s in sm_tf.shapes]
+  n_grad = 0 if sm_tf is None else sm_tf.n_explicit
+  return dict(has_bias=a.bias is not None,
+              bias_b=a.bias is not None and a.bias.shape[0] > 1,
+              has_dense=plan.dense is not None,
+              dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
+              has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
+              n_pred=0 if pred_tf is None else len(pred_tf.shapes),
+              n_sm=len(sm_sizes), n_sm_grad=n_grad,
+              sm_widths=tuple(width(max(sz, 1)) for sz in sm_sizes[:n_grad]))
+
+
+def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg):
+  """The bias (float32), dense mask (int32) and segment ids as kernel inputs.
+
+  ``bias``/``dense`` are broadcast over the query heads to ``[X, N, T, S]`` and laid out
+  by ``place_bnts``; the segment ids are padded to ``Tp``/``Sp`` with ``-1``/``-2`` (padded
+  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.
+  """
+  a = plan.a
+  N, T, S = a.N, a.T, a.S
+  side = []
+  if bias is not None:
+    side.append(place_bnts(jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))))
+  if dense is not None:
+    d = jnp.asarray(dense)
+    side.append(place_bnts(jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)))
+  if seg is not None:
+    qs, ks = seg
+    side.append(place_qseg(jnp.pad(qs, ((0, 0), (0, plan.Tp - T)), constant_values=-1)))
+    side.append(place_kseg(jnp.pad(ks, ((0, 0), (0, plan.Sp - S)), constant_values=-2)))
+  return side
+
+
+def backward_rows(out, lse, dout, dlse, valid, dtype):
+  """Row statistics of the backward kernels: ``delta = rowsum(dO * O) - dlse`` and the
+  inputs with padded rows (``valid`` false) neutralised: ``lse = +inf`` there and on rows
+  with no allowed key (so ``p = 0``), ``dO = 0``, ``delta = 0``.  ``lse``, ``dlse`` and
+  ``valid`` have ``out``'s shape without its last axis, or with it of size 1.
+  Returns ``(delta, lse_b, dout_b, delta_b)``."""
+  kd = lse.ndim == out.ndim
+  delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1, keepdims=kd) - dlse
+  lse_b = jnp.where(valid & jnp.isfinite(lse), lse, jnp.inf)
+  dout_b = jnp.where(valid if kd else valid[..., None], dout, 0).astype(dtype)
+  return delta, lse_b, dout_b, jnp.where(valid, delta, 0.0)
+
+
+def finish_grads(args, dq, dk, dv, db, lse_bnt, delta_bnt, dcs):
+  """The cotangents of ``core(q, k, v, bias, sinks, seg, pred_c, sm_c)`` from the
+  kernels' outputs: ``db`` (``[Bb, N or 1, T, S]`` f32) summed over the bias's other
+  broadcast axes, the sink gradient from ``lse``/``delta`` (``[B, N, T]``), score_mod
+  array gradients ``dcs`` (flat, padded) reshaped, zeros (float0) for integer inputs."""
+  q, k, v, bias, sinks, seg, pred_c, sm_c = args
+  dbias = None
+  if bias is not None:
+    axes = tuple(ax for ax, dim in enumerate(bias.shape) if dim == 1)
+    if axes:
+      db = db.sum(axis=axes, keepdims=True)
+    dbias = db.astype(bias.dtype)
+  dsinks = None if sinks is None else sink_grads(sinks, lse_bnt, delta_bnt)
+  dseg = None if seg is None else tuple(float0_like(x) for x in seg)
+  dpred = [float0_like(jnp.asarray(c)) for c in pred_c]
+  dsm = []
+  for j, c in enumerate(sm_c):
+    c = jnp.asarray(c)
+    if j < len(dcs) and jnp.issubdtype(c.dtype, jnp.inexact):
+      dsm.append(dcs[j][:c.size].reshape(c.shape).astype(c.dtype))
+    else:
+      dsm.append(float0_like(c))
+  # Inside shard_map: an input that does not vary over a mesh axis the kernel outputs vary
+  # over (a replicated table, bias or k/v) gets the sum of every device's gradient, once.
+  grads = [dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks]
+  grads = [sum_to_vma(g, x) for g, x in zip(grads, (q, k, v, bias, sinks))]
+  dsm = [sum_to_vma(g, c) for g, c in zip(dsm, sm_c)]
+  return (*grads, dseg, dpred, dsm)
+
+
+def hoist_tracers(tree):
+  """Splits the traced leaves off ``tree`` (schedules or masks built from traced inputs),
+  so they can enter a ``custom_vjp`` as arguments instead of being closed over (a
+  closed-over tracer escapes its trace when the rule runs elsewhere, e.g. under
+  ``shard_map``).  Returns ``(traced, restore)`` with ``restore(traced) == tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.core.Tracer)]
+
+  def restore(traced):
+    new = list(leaves)
+    for i, x in zip(idx, traced):
+      new[i] = x
+    return treedef.unflatten(new)
+  return [leaves[i] for i in idx], restore
+
+
+def flash_core(forward, backward):
+  """The differentiable core ``core(q, k, v, bias, sinks, seg, pred_c, sm_c, aux) ->
+  (out, lse)`` (kernel layouts) of a backend; ``aux``: the traced schedule arrays
+  (:func:`hoist_tracers`), not differentiated.
+
+  ``forward(*args, aux) -> (out, lse)``; ``backward(args, aux, out, lse, dout, dlse) ->
+  (dq, dk, dv, db, lse_bnt, delta_bnt, dcs)`` in the public layouts (see
+  :func:`finish_grads`).
+  """
+
+  @jax.custom_vjp
+  def core(*args):
+    return forward(*args)
+
+  def core_fwd(*args):
+    out, lse = forward(*args)
+    return (out, lse), (args, out, lse)
+
+  def core_bwd(res, cts):
+    args, out, lse = res
+    *args, aux = args
+    grads = finish_grads(args, *backward(args, aux, out, lse, *cts))
+    return (*grads, [float0_like(x) for x in aux])
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
+
+
+def traced_consts(tf: Optional[TracedFn]) -> list:
+  """The arrays a traced predicate/score_mod reads (explicit first, then literals)."""
+  return [] if tf is None else list(tf.explicit) + list(tf.literals)
+
+
+def flash_attention_reference(q, k, v, **kwargs):
+  """The float32 dense oracle (:func:`attnjax.reference_attention`)."""
+  return reference_attention(q, k, v, **kwargs)
+
