@@ -26,8 +26,11 @@ from typing import Callable, Sequence, Union
 
 import jax
 
+from attnjax.core import args as args_lib
+from attnjax.core import softmax as softmax_lib
 from attnjax.ops import chunked as chunked_lib
 from attnjax.ops import dense as dense_lib
+from attnjax.ops import linear as linear_ops
 
 __all__ = ["attention", "IMPLEMENTATIONS", "auto_candidates"]
 
@@ -40,7 +43,7 @@ _CPU_DENSE_MAX_TS = 16 * 32
 
 
 def _reference(q, k, v, a, *, return_lse, block_sizes):
-  out, lse = dense_lib._dense(q, k, v, a, upcast=True)
+  out, lse = softmax_lib.dense_attention(q, k, v, a, upcast=True)
   return (out, lse) if return_lse else out
 
 
@@ -92,7 +95,25 @@ _IMPLS = {
 }
 
 
-def auto_candidates(a: dense_lib.AttentionArgs, backend: str | None = None):
+def _chunk_kernel(backend: str) -> Callable:
+  """The Pallas linear-attention chunk kernel of ``backend`` (``'tpu'``/``'gpu'``),
+  imported on first call: ``(q, k, v, log_decay_N, *, chunk_size) -> o``."""
+  def run(q, k, v, log_decay, *, chunk_size):
+    if backend == "tpu":
+      from attnjax.kernels.tpu import linear as kmod
+    else:
+      from attnjax.kernels.gpu import linear as kmod
+    return kmod.lightning_attention(q, k, v, log_decay, chunk_size=chunk_size)
+  return run
+
+
+# The linear-attention ops reach their chunk kernels through this table (ops never imports
+# kernels): ``attnjax.ops.linear.linear_attention(..., implementation='pallas_tpu')``.
+for _impl, _backend in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu")):
+  linear_ops.register_chunk_kernel(_impl, _chunk_kernel(_backend))
+
+
+def auto_candidates(a: args_lib.AttentionArgs, backend: str | None = None):
   """The implementations ``'auto'`` tries, in order, for this call on ``backend``."""
   backend = backend or jax.default_backend()
   if backend == "tpu":
@@ -168,7 +189,7 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse`` if ``return_lse``).  Rows with no
     allowed key are 0, with zero gradients.
   """
-  a = dense_lib.check_attention_args(
+  a = args_lib.check_attention_args(
       q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
   if not isinstance(return_lse, bool):
