@@ -6,6 +6,10 @@ Public API:
   ops                              pure functions per family (dense, linear, ...)
   layers, variants, models         Flax layers, the variant registry, model zoo (lazy)
   flax_attention_fn                drop-in ``attention_fn`` for Flax MHA classes (lazy)
+
+Layering (imports run one way, ``docs/architecture.md``, ``tests/test_architecture.py``):
+masks, score_mods, data -> core -> ops | kernels | cpu -> dispatch -> parallel, analysis
+-> layers, variants -> models -> train.
 """
 
 import importlib as _importlib
