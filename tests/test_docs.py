@@ -113,14 +113,20 @@ def _run_in_subprocess(path: str, root: str = ROOT, timeout: float = 600) -> dic
   env["MPLBACKEND"] = "Agg"
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "results.json")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), path, out, root],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), path, out, root],
+                            check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+      returncode, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+      returncode = f"a timeout after {timeout} s"
+      output = "".join(x.decode() if isinstance(x, bytes) else (x or "")
+                       for x in (e.stdout, e.stderr))
     results = {}
     if os.path.exists(out):
       with open(out) as f:
         results = {int(k): v for k, v in json.load(f).items()}
-  return {"results": results, "returncode": proc.returncode,
-          "output": (proc.stdout + proc.stderr)[-4000:]}
+  return {"results": results, "returncode": returncode, "output": output[-4000:]}
 
 
 if __name__ == "__main__":
@@ -128,7 +134,7 @@ if __name__ == "__main__":
   sys.exit(0)
 
 
-import pytest  # noqa: E402  (the runner above needs no pytest)
+import pytest  # the runner above needs no pytest
 
 _CACHE = {}
 
