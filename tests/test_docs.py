@@ -199,6 +199,19 @@ def test_readme_is_short():
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+def _anchors(md_path: str) -> set[str]:
+  """GitHub's heading anchors of a Markdown file (outside code blocks)."""
+  anchors, in_code = set(), False
+  with open(md_path, encoding="utf-8") as f:
+    for line in f:
+      if _FENCE.match(line):
+        in_code = not in_code
+      elif not in_code and line.startswith("#"):
+        title = line.lstrip("#").strip().lower()
+        anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+  return anchors
+
+
 @pytest.mark.parametrize("path", doc_files())
 def test_links_stay_inside_the_repository(path):
   """Relative links resolve to files of this repository; nothing points outside it."""
@@ -208,12 +221,14 @@ def test_links_stay_inside_the_repository(path):
   base = os.path.dirname(os.path.join(ROOT, path))
   bad, missing = [], []
   for target in _LINK.findall(text):
-    if re.match(r"[a-z]+:", target) or target.startswith("#"):
+    if re.match(r"[a-z]+:", target):
       continue
-    resolved = os.path.normpath(os.path.join(base, target.split("#")[0]))
+    file, _, anchor = target.partition("#")
+    resolved = os.path.normpath(os.path.join(base, file)) if file else os.path.join(ROOT, path)
     if os.path.relpath(resolved, ROOT).startswith(".."):
       bad.append(target)
-    elif not os.path.exists(resolved):
+    elif not os.path.exists(resolved) or (
+        anchor and resolved.endswith(".md") and anchor not in _anchors(resolved)):
       missing.append(target)
   assert not bad, f"{path} links outside the repository: {bad}"
-  assert not missing, f"{path} links to files that do not exist: {missing}"
+  assert not missing, f"{path} links to files or headings that do not exist: {missing}"
