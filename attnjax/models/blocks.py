@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import variants
-from attnjax.layers import MLP, RMSNorm
-from attnjax.layers._core import constrain
+from attnjax.layers import MLP, RMSNorm, constrain
 
 __all__ = ["REMAT_POLICIES", "attention_specs", "TransformerBlock", "BlockStack"]
 

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.layers import Dense, RMSNorm
-from attnjax.layers._core import constrain
+from attnjax.layers import Dense, RMSNorm, constrain
 from attnjax.ops import positional
 from attnjax.models import common as C
 
