@@ -58,6 +58,32 @@ def test_logical_to_spec_rules():
   del jax
 
 
+def test_flax_rules_to_spec_semantics():
+  from jax.sharding import PartitionSpec as P
+  from attnjax.parallel import flax_rules_to_spec
+
+  class FakeMesh:  # .shape / .axis_names / .axis_types are read
+    shape = {'data': 4, 'model': 2}
+    axis_names = ('data', 'model')
+    axis_types = None
+
+  m = FakeMesh()
+  rules = (('batch', 'data'), ('heads', 'model'), ('mlp', 'model'), ('mlp', 'data'),
+           ('embed', None), ('length', ('data', 'model')))
+  # several rules per name: the first whose axes are free in this array wins
+  assert flax_rules_to_spec(('heads', 'mlp'), (4, 8), rules, m) == P('model', 'data')
+  assert flax_rules_to_spec(('mlp',), (8,), rules, m) == P('model')
+  # a rule to None replicates, a None name replicates, a name without a rule is unconstrained
+  assert flax_rules_to_spec(('embed', None, 'vocab'), (8, 8, 8), rules, m) == P(
+      None, None, P.UNCONSTRAINED)
+  # a non-dividing mesh axis is dropped; a multi-axis rule keeps the axes that divide
+  assert flax_rules_to_spec(('batch',), (6,), rules, m) == P(None)
+  assert flax_rules_to_spec(('length',), (8,), rules, m) == P(('data', 'model'))
+  assert flax_rules_to_spec(('length',), (4,), rules, m) == P('data')
+  # axes missing from the mesh are dropped
+  assert flax_rules_to_spec(('batch',), (8,), (('batch', 'pod'),), m) == P(None)
+
+
 def test_constrain_noop_without_mesh_and_rank_check():
   import jax.numpy as jnp
   from attnjax.parallel import constrain
@@ -119,6 +145,23 @@ def test_ring_attention_8_devices_fwd_bwd(cases):
       assert err < 2e-5, (case, what, err)
 
 
+def test_constrain_follows_flax_logical_rules_on_user_mesh_8_devices():
+  res = _run_worker('flax_rules')
+  for types in ('explicit', 'auto'):
+    r = res[types]
+    # q [B, T, N, H] split by heads over 'model', the output's batch over 'data'
+    assert r['layer_constraints'] == [['data', None, 'model', None], ['data', None, None]], r
+    assert r['layer_err'] < 1e-5, r
+    assert r['out_spec'] == ['data', None, None], r
+    # no rules, or no mesh: nothing is constrained
+    assert r['mesh_only_constraints'] == 0 and r['rules_only_constraints'] == 0, r
+    # the trainer's activation_sharding takes precedence over Flax's rules
+    assert r['trainer_constraints'] == [['data', None, 'tensor', None], ['data', None, None]], r
+  # explicit mesh: a name without a rule keeps the input's sharding (batch over 'data')
+  assert res['explicit']['unruled_batch_spec'] == ['data', None, 'model'], res
+  assert res['explicit']['nondividing_spec'] == [None, None, 'model'], res
+
+
 def _ring_worker(selected):
   import jax
   import jax.numpy as jnp
@@ -174,5 +217,65 @@ def _ring_worker(selected):
   print('RESULT ' + json.dumps(out), flush=True)
 
 
+def _flax_rules_worker():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from attnjax.layers import MultiHeadAttention
+  from attnjax.parallel import activation_sharding, constrain, make_mesh
+  assert jax.device_count() == 8
+  rules = (('batch', 'data'), ('length', None), ('embed', None), ('heads', 'model'),
+           ('kv_heads', 'model'), ('head_dim', None), ('mlp', 'model'))
+  x = jax.random.normal(jax.random.key(7), (8, 6, 16))
+  ref_layer = MultiHeadAttention(16, 4, rngs=nnx.Rngs(0))
+  y_ref = np.asarray(ref_layer(x))
+
+  def specs(fn, *args):
+    out = []
+    for e in jax.make_jaxpr(fn)(*args).eqns:
+      if e.primitive.name in ('sharding_constraint', 'reshard'):
+        sh = e.params.get('sharding', e.params.get('dst_sharding'))
+        spec = tuple(sh.spec) + (None,) * (len(e.outvars[0].aval.shape) - len(sh.spec))
+        out.append(list(spec))
+    return out
+
+  def full(spec, ndim):
+    return list(tuple(spec) + (None,) * (ndim - len(spec)))
+
+  res = {}
+  for label, t in (('explicit', AxisType.Explicit), ('auto', AxisType.Auto)):
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(t, t))
+    r = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      layer = MultiHeadAttention(16, 4, rngs=nnx.Rngs(0))
+      r['layer_constraints'] = specs(lambda x: layer(x), x)
+      y = nnx.jit(lambda m, x: m(x))(layer, x)
+      r['layer_err'] = float(np.max(np.abs(np.asarray(y) - y_ref)))
+      r['out_spec'] = full(y.sharding.spec, 3)
+    with jax.set_mesh(mesh):
+      r['mesh_only_constraints'] = len(specs(lambda x: ref_layer(x), x))
+    with nn.logical_axis_rules(rules):
+      r['rules_only_constraints'] = len(specs(lambda x: ref_layer(x), x))
+      tmesh = make_mesh(dict(data=2, fsdp=1, tensor=4, context=1))
+      with activation_sharding(tmesh):
+        r['trainer_constraints'] = specs(lambda x: ref_layer(x), x)
+    if label == 'explicit':
+      no_batch_rule = (('length', None), ('mlp', 'model'))
+      with jax.set_mesh(mesh), nn.logical_axis_rules(no_batch_rule):
+        xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+        z = jax.jit(lambda x: constrain(x * 2, ('batch', 'length', 'mlp')))(xs)
+        r['unruled_batch_spec'] = full(z.sharding.spec, 3)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        z = jax.jit(lambda x: constrain(x * 2, ('batch', 'length', 'mlp')))(x[:6])
+        r['nondividing_spec'] = full(z.sharding.spec, 3)
+    res[label] = r
+  del jnp
+  print('RESULT ' + json.dumps(res), flush=True)
+
+
 if __name__ == '__main__':
-  {'ring': _ring_worker}[sys.argv[1]](*sys.argv[2:])
+  {'ring': _ring_worker, 'flax_rules': _flax_rules_worker}[sys.argv[1]](*sys.argv[2:])
