@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +38,7 @@ def test_mesh_shape_fill_and_errors():
 def test_logical_to_spec_rules():
   import jax
   from jax.sharding import PartitionSpec as P
+
   from attnjax.parallel import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, logical_to_spec
 
   class FakeMesh:  # only .shape is read
@@ -60,6 +60,7 @@ def test_logical_to_spec_rules():
 
 def test_flax_rules_to_spec_semantics():
   from jax.sharding import PartitionSpec as P
+
   from attnjax.parallel import flax_rules_to_spec
 
   class FakeMesh:  # .shape / .axis_names / .axis_types are read
@@ -86,6 +87,7 @@ def test_flax_rules_to_spec_semantics():
 
 def test_constrain_noop_without_mesh_and_rank_check():
   import jax.numpy as jnp
+
   from attnjax.parallel import constrain
   x = jnp.arange(12.0).reshape(3, 4)
   assert constrain(x, ('batch', 'embed')) is x
@@ -96,6 +98,7 @@ def test_constrain_noop_without_mesh_and_rank_check():
 def test_ring_single_device_matches_reference_and_validates():
   import jax
   import jax.numpy as jnp
+
   import attnjax
   from attnjax.parallel import ring_attention
   ks = jax.random.split(jax.random.key(0), 3)
@@ -165,6 +168,7 @@ def test_constrain_follows_flax_logical_rules_on_user_mesh_8_devices():
 def _ring_worker(selected):
   import jax
   import jax.numpy as jnp
+
   import attnjax
   from attnjax import masks
   from attnjax.parallel import make_mesh, ring_attention
@@ -195,10 +199,10 @@ def _ring_worker(selected):
     mesh = make_mesh(dict(dict(data=1, fsdp=1, tensor=1, context=1), **mcfg))
     kw = {} if segs is None else dict(q_segment_ids=segs, kv_segment_ids=segs)
 
-    def ring(q, k, v):
+    def ring(q, k, v, mesh=mesh, mask=mask, layout=layout, kw=kw):
       return ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout, **kw)
 
-    def ref(q, k, v):
+    def ref(q, k, v, mask=mask, kw=kw):
       return attnjax.reference_attention(q, k, v, mask=mask, **kw)
 
     @jax.jit
@@ -252,7 +256,7 @@ def _flax_rules_worker():
     r = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       layer = MultiHeadAttention(16, 4, rngs=nnx.Rngs(0))
-      r['layer_constraints'] = specs(lambda x: layer(x), x)
+      r['layer_constraints'] = specs(layer.__call__, x)
       y = nnx.jit(lambda m, x: m(x))(layer, x)
       r['layer_err'] = float(np.max(np.abs(np.asarray(y) - y_ref)))
       r['out_spec'] = full(y.sharding.spec, 3)

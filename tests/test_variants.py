@@ -15,11 +15,12 @@ from attnjax.layers import MultiHeadAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-REQUIRED = ["mha", "sliding_window", "chunked", "prefix_lm", "dual_triangle", "neighborhood", "swin",
-            "grid", "axial", "criss_cross", "alibi", "softcap", "sinks", "relpos", "pma"]
+REQUIRED = ["mha", "sliding_window", "chunked", "prefix_lm", "dual_triangle", "neighborhood",
+            "swin", "grid", "axial", "criss_cross", "alibi", "softcap", "sinks", "relpos", "pma"]
 
-OPTIONS = dict(sliding_window=dict(window=3), chunked=dict(chunk_size=4), prefix_lm=dict(prefix_len=3),
-               neighborhood=dict(kernel=3), swin=dict(window=2), grid=dict(grid=2), pma=dict(num_seeds=2))
+OPTIONS = dict(sliding_window=dict(window=3), chunked=dict(chunk_size=4),
+               prefix_lm=dict(prefix_len=3), neighborhood=dict(kernel=3), swin=dict(window=2),
+               grid=dict(grid=2), pma=dict(num_seeds=2))
 
 
 def test_required_names_registered():

@@ -18,8 +18,14 @@ Submodules `linen` (Linen twins), `linear_linen`, `linear`, `presets` are import
 
 import importlib as _importlib
 
-from attnjax.layers._core import (AttentionConfig, KVCache, MaskSpec, ParamSpec, constrain,
-                                  init_kv_cache)
+from attnjax.layers._core import (
+  AttentionConfig,
+  KVCache,
+  MaskSpec,
+  ParamSpec,
+  constrain,
+  init_kv_cache,
+)
 from attnjax.layers.attention import MultiHeadAttention, make_param
 from attnjax.layers.common import MLP, Dense, Embed, RMSNorm
 from attnjax.layers.flax_compat import flax_attention_fn

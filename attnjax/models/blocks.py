@@ -14,8 +14,7 @@ the plain Python loop over the same parameters (tested).
 from __future__ import annotations
 
 import inspect
-
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax

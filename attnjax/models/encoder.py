@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.layers import Dense, Embed, RMSNorm, constrain
-from attnjax.ops import positional
 from attnjax.models import common as C
+from attnjax.ops import positional
 
 __all__ = ["Encoder"]
 

@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Logical names a model may use (models_api.md).
 PARAM_NAMES = ('embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab', 'patch', 'classes',
