@@ -52,6 +52,7 @@ class Entry:
 
 _REGISTRY: dict[str, Entry] = {}
 _BUILTINS_LOADED = False
+_LOADING = False  # True while _register_builtins runs (in the thread holding _LOCK)
 _LOCK = threading.RLock()
 
 
@@ -59,22 +60,27 @@ def _registry() -> dict[str, Entry]:
   """The registry, with the built-ins registered on first use.
 
   An error while registering the built-ins (e.g. a bug in a layer module) propagates
-  unchanged and leaves the registry as it was, so the next access raises it again.
+  unchanged and leaves the registry as it was, so the next access raises it again. Other
+  threads wait on the lock until the built-ins are complete.
   """
-  global _BUILTINS_LOADED
+  global _BUILTINS_LOADED, _LOADING
   if _BUILTINS_LOADED:
     return _REGISTRY
   with _LOCK:
-    if not _BUILTINS_LOADED:
-      before = dict(_REGISTRY)
-      _BUILTINS_LOADED = True  # first: _register_builtins itself calls register()
-      try:
-        _register_builtins()
-      except BaseException:
-        _BUILTINS_LOADED = False
-        _REGISTRY.clear()
-        _REGISTRY.update(before)
-        raise
+    if _BUILTINS_LOADED or _LOADING:  # _LOADING: re-entered from _register_builtins
+      return _REGISTRY
+    before = dict(_REGISTRY)
+    _LOADING = True
+    try:
+      _register_builtins()
+    except BaseException:
+      _REGISTRY.clear()
+      _REGISTRY.update(before)
+      raise
+    else:
+      _BUILTINS_LOADED = True
+    finally:
+      _LOADING = False
   return _REGISTRY
 
 

@@ -112,7 +112,15 @@ def test_importing_layers_registers_nothing_until_first_access():
       "import attnjax.layers, attnjax.layers.linear, attnjax.layers.linen\n"
       "from attnjax import variants\n"
       "assert variants._REGISTRY == {}, sorted(variants._REGISTRY)\n"
+      "try:\n"  # a third party's first registration already sees the built-ins
+      "  variants.register('swin', lambda **kw: None)\n"
+      "except ValueError as e:\n"
+      "  assert \"'swin' is already registered\" in str(e), e\n"
+      "else:\n"
+      "  raise AssertionError('built-in swin overwritten')\n"
+      "variants.register('third_party_first', lambda **kw: None)\n"
       "names = variants.names()\n"
+      "assert 'third_party_first' in names\n"
       "assert {'mha', 'swin', 'pma', 'lightning', 'flow'} <= set(names), names\n"
       "print('OK', len(names))\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
