@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -77,8 +78,13 @@ def test_core_install_in_fresh_venv_runs_layers_without_training_stack(tmp_path)
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
   py = str(venv / "bin" / "python")
-  # The core install only (no extras), at the versions CI pins.
-  _run([py, "-m", "pip", "install", "-q", ROOT, "-c", os.path.join(ROOT, "constraints.txt")],
+  # The core install only (no extras), at the versions CI pins, from a copy of the tree so
+  # the build leaves nothing in the checkout.
+  src = tmp_path / "src"
+  shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+      ".git", ".venv*", ".ci-cache", "build", "dist", "*.egg-info", "__pycache__", "runs",
+      "workdir*", "bench_results", ".hypothesis", ".pytest_cache"))
+  _run([py, "-m", "pip", "install", "-q", str(src), "-c", os.path.join(ROOT, "constraints.txt")],
        timeout=900, cwd=str(tmp_path))
   script = _CORE_SCRIPT.format(root=ROOT, train_only=TRAIN_ONLY, not_imported=NOT_IMPORTED)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
