@@ -116,7 +116,10 @@ def main(argv):
   with capture_attention() as maps:
     model(jax.numpy.asarray(x), deterministic=True)
   out_dir = os.path.join(workdir, 'attention_maps')
-  for i in range(len(records)):
+  if not maps:
+    print('no attention maps captured (the model does not call attnjax.dispatch.attention); '
+          'no figures written.')
+  for i in range(len(records) if maps else 0):
     path = plot_attention_maps(maps, os.path.join(out_dir, f'example_{i}.png'), example=i,
                                title=f'{config.model.attention.name}: example {i}, step {step}')
     print(f'wrote {path}')

@@ -102,8 +102,9 @@ class Progress:
   MIN_COLUMNS = 20
 
   def __init__(self, total: int, initial: int, *, tokens_per_step: int, enabled: bool,
-               stream=None):
+               stream=None, out=None):
     self.enabled = enabled and jax.process_index() == 0
+    self.out = out  # where ``write`` prints (None: sys.stdout at the time of the call)
     self.tokens_per_step = tokens_per_step
     self.bar = None
     self.t_last, self.s_last = time.time(), initial
@@ -136,11 +137,12 @@ class Progress:
 
   def write(self, msg: str) -> None:
     """Prints ``msg`` on stdout on a line of its own, above the bar."""
+    out = sys.stdout if self.out is None else self.out
     if self.bar is not None:
-      self.bar.write(msg, file=sys.stdout)
-      sys.stdout.flush()
+      self.bar.write(msg, file=out)
+      out.flush()
     else:
-      print(msg, flush=True)
+      print(msg, file=out, flush=True)
 
   def close(self) -> None:
     if self.bar is not None:

@@ -186,7 +186,7 @@ class _Prefetch:
     self.it = iterator
     self.q: queue.Queue = queue.Queue(maxsize=depth)
     self.stop = threading.Event()
-    self.thread = threading.Thread(target=self._run, daemon=True)
+    self.thread = threading.Thread(target=self._run, name='attnjax-prefetch', daemon=True)
     self.thread.start()
 
   def _run(self):
