@@ -51,7 +51,7 @@ def _train_cmd(workdir, data_dir, *extra, tiny=True):
 
 def _run(cmd, cwd=ROOT, timeout=600):
   proc = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, check=False)
   return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -109,7 +109,7 @@ def _catches_sigterm(pid: int) -> bool:
   """True once the process has a handler for SIGTERM (Python alone installs none: train.py's
   first lines do)."""
   with open(f'/proc/{pid}/status') as f:
-    caught = [l for l in f if l.startswith('SigCgt:')][0].split()[1]
+    caught = next(l for l in f if l.startswith('SigCgt:')).split()[1]
   return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
 
 
@@ -196,12 +196,13 @@ def test_config_key_typo_is_one_line(tmp_path, with_config):
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={tmp_path / "w"}']
   if with_config:
     cmd.append(f'--config={RUNLOCAL}')
-  rc, out, err = _run(cmd + ['--config.model.num_headz=4'])
+  rc, _, err = _run(cmd + ['--config.model.num_headz=4'])
   assert rc == 2, err[-3000:]
   assert 'Traceback' not in err and 'AttributeError' not in err, err[-3000:]
   lines = [l for l in err.splitlines() if l.strip()]
-  assert lines == ["ERROR: config key 'model.num_headz' does not exist; did you mean "
-                   "'model.num_heads' or 'model.num_kv_heads'?"], err[-3000:]
+  want = ("ERROR: config key 'model.num_headz' does not exist; did you mean "
+          "'model.num_heads' or 'model.num_kv_heads'?")
+  assert lines == [want], err[-3000:]
   assert not (tmp_path / 'w').exists()
 
 
@@ -218,10 +219,11 @@ def test_config_errors_in_eval_py_and_unknown_config_arg(tmp_path):
 
 def test_missing_key_message():
   import ml_collections
+
   from attnjax.train import cli
-  c = ml_collections.ConfigDict(dict(
-      model=dict(num_heads=4, num_kv_heads=4, attention=dict(name='mha')),
-      layers=[dict(window=3)], seed=0))
+  c = ml_collections.ConfigDict({
+      'model': {'num_heads': 4, 'num_kv_heads': 4, 'attention': {'name': 'mha'}},
+      'layers': [{'window': 3}], 'seed': 0})
   assert cli.missing_key_message(c, 'model.num_heads') is None
   assert cli.missing_key_message(c, 'layers[0].window') is None
   assert cli.missing_key_message(c, 'model.attention.name') is None
