@@ -45,12 +45,19 @@ FLAGS = flags.FLAGS
 
 
 def load_config(workdir):
+  """``--config`` if given, else the run's ``config.json`` with the ``--config.<key>``
+  overrides of the command line applied to it."""
   saved = os.path.join(workdir, 'config.json')
   if FLAGS['config'].present or not os.path.exists(saved):
     return FLAGS.config
   import ml_collections  # pylint: disable=import-outside-toplevel
   with open(saved) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    return cli.apply_overrides(config, FLAGS.config, sys.argv)
+  except ValueError as e:
+    print(f'ERROR: {e} (in {saved})', file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):

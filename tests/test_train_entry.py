@@ -429,3 +429,24 @@ def test_progress_lines_above_the_bar_and_no_redraw_after_close():
   j = out.index('final eval @ 100')
   assert out[j - 1] == '\n' and out[j:] == 'final eval @ 100: loss=0.25\r\n', repr(out[j - 80:])
   assert p.bar is None
+
+
+def test_apply_overrides_to_a_saved_config():
+  """eval.py without --config reads the run's config.json; --config.<key> still applies."""
+  import ml_collections
+
+  from attnjax.train import cli
+  rng = np.random.default_rng(2)
+  lr = float(rng.uniform())
+  saved = ml_collections.ConfigDict({'eval_max_examples': 64, 'schedule': {'learning_rate': 1.0},
+                                     'seed': 3})
+  flag = ml_collections.ConfigDict({'eval_max_examples': 0, 'schedule': {'learning_rate': lr},
+                                    'seed': 7})
+  argv = ['eval.py', '--config.eval_max_examples=0', f'--config.schedule.learning_rate={lr}']
+  out = cli.apply_overrides(saved, flag, argv)
+  assert out.eval_max_examples == 0 and out.schedule.learning_rate == lr
+  assert out.seed == 3  # not on the command line: the saved value stays
+  with pytest.raises(ValueError, match="config key 'schedul' does not exist; did you mean "
+                                       "'schedule'"):
+    cli.apply_overrides(saved, ml_collections.ConfigDict({'schedul': {'x': 1}}),
+                        ['eval.py', '--config.schedul.x=1'])

@@ -114,6 +114,25 @@ def missing_key_message(config, path: str) -> str | None:
   return None
 
 
+def apply_overrides(config, overridden, argv: Sequence[str]):
+  """Copies the ``--config.<path>`` values of ``argv`` from ``overridden`` (the parsed flag)
+  into ``config`` (e.g. a run's saved ``config.json``); returns ``config``.
+
+  Raises ValueError naming a path that ``config`` does not have.
+  """
+  for path in _override_paths(argv):
+    parts = path.split('.')
+    src, dst = overridden, config
+    try:
+      for part in parts[:-1]:
+        src, dst = src[part], dst[part]
+      dst[parts[-1]] = src[parts[-1]]
+    except (KeyError, AttributeError, TypeError) as e:
+      msg = missing_key_message(config, path)
+      raise ValueError(msg or f'--config.{path}: cannot apply to this config ({e}).') from e
+  return config
+
+
 def explain_config_error(exc: BaseException, argv: Sequence[str], default: str) -> str | None:
   """A one-line message for an exception raised while the config flag was parsed, or None
   when it is not a config mistake (then the caller re-raises: a bug wants its traceback).
