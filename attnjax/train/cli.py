@@ -12,6 +12,7 @@ Signals (``Interrupts``):
 * running: the first signal only sets ``signum``; the loop polls it between steps, saves
   a checkpoint, joins its threads and returns. A second SIGINT exits at once (130)
   without saving.
+* finishing (the final checkpoint is on disk, the final eval runs): exit at once.
 
 A watcher thread reads the signal numbers from ``signal.set_wakeup_fd``, so the message
 appears (and a start-up interrupt takes effect) while the main thread is still inside a
@@ -210,7 +211,7 @@ class Interrupts:
   Without it (library callers, tests) every signal only sets ``signum``.
   """
 
-  STARTUP, RUNNING = 'startup', 'running'
+  STARTUP, RUNNING, FINISHING = 'startup', 'running', 'finishing'
 
   def __init__(self, *, hard_exit: bool = True):
     self.hard_exit = hard_exit
@@ -317,6 +318,10 @@ class Interrupts:
     if phase == self.STARTUP:
       self._say(f'Received {self.name(signum)} during start-up (before the first training '
                 f'step finished): exiting; {self.startup_note}.')
+      self._exit(128 + signum)
+    elif phase == self.FINISHING:
+      self._say(f'Received {self.name(signum)} after the final checkpoint was saved: exiting '
+                'without the final eval (running the same command again does it).')
       self._exit(128 + signum)
     elif first:
       self._say(f'Received {self.name(signum)}: stopping after the current step and saving a '

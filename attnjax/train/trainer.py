@@ -604,7 +604,9 @@ def _loop(config, workdir, trainer, interrupts, is_main) -> dict:
       progress.close()  # the bar ends on its own line; nothing redraws it afterwards
       check_finite()
       if ckpt.latest_step() != step:
-        save(step)
+        save(step, wait=True)
+      if interrupts.phase == interrupts.RUNNING:  # a signal now: exit, the work is saved
+        interrupts.set_phase(interrupts.FINISHING)
       ev, line = evaluate(step)
       say('final ' + line)
       say(f'train time {time.time() - t0:.1f}s')
