@@ -130,9 +130,10 @@ def test_ctrl_c_while_importing_exits_130(tmp_path, data_dir):
 
 
 def test_ctrl_c_while_compiling_exits_130_at_once(tmp_path, data_dir):
-  """SIGINT right after the header line, while the first train step compiles (the model
-  zoo's LM: seconds of XLA compilation). Before the fix: KeyboardInterrupt inside
-  backend.compile_and_load, then 'Fatal Python error: Segmentation fault' (exit 139)."""
+  """SIGINT right after the header line, while init and then the first train step compile
+  (the model zoo's LM: seconds of XLA compilation). Before the fix: KeyboardInterrupt
+  inside backend.compile_and_load of init, then 'Fatal Python error: Segmentation fault'
+  (exit 139)."""
   workdir = tmp_path / 'w'
   proc = _Proc(_train_cmd(workdir, data_dir, tiny=False))
   proc.wait_for('attnjax train:')

@@ -496,6 +496,10 @@ def _loop(config, workdir, trainer, interrupts, is_main) -> dict:
   writer = prefetch = None
   status, ev = 'done', {}
   try:
+    say(f'attnjax train: task={config.task} '
+        f'data={config.data.get("tfds_name") or config.data.name} '
+        f'params={trainer.num_params:,} devices={jax.device_count()} '
+        f'mesh={dict(trainer.mesh.shape)} steps={config.num_steps} batch={config.batch_size}')
     state, data_state, restored_step = trainer.restore_or_init(ckpt)  # compiles init
     it = iter(trainer.train_ds)
     start = 0
@@ -511,10 +515,6 @@ def _loop(config, workdir, trainer, interrupts, is_main) -> dict:
         f.write(config.to_json_best_effort(indent=2))
     if restored_step is not None:
       say(f'Resumed from checkpoint at step {start} ({ckpt.directory}).')
-    say(f'attnjax train: task={config.task} '
-        f'data={config.data.get("tfds_name") or config.data.name} '
-        f'params={trainer.num_params:,} devices={jax.device_count()} '
-        f'mesh={dict(trainer.mesh.shape)} steps={config.num_steps} batch={config.batch_size}')
 
     total = config.num_steps
     dbg = config.get('debug', None)
