@@ -2,66 +2,113 @@ r"""Evaluate a training workdir: restore its newest checkpoint, report eval-spli
 write them to <workdir>/eval_metrics.json and attention-map figures to
 <workdir>/attention_maps/.
 
+  python eval.py                                       # ./workdir/mqar, as python train.py
   python eval.py --workdir workdir/mqar                # uses <workdir>/config.json
   python eval.py --workdir /tmp/vit --config configs/digits_vit.py:variant=swin
+  python eval.py --max_eval_examples=0                 # the whole eval split
+
+By default it evaluates the same examples as train.py's eval (the first
+config.eval_max_examples of the eval split), so the two print the same numbers for the
+same checkpoint; both say which split and how many examples they read. Ctrl-C exits at
+once (status 130); config mistakes print one ``ERROR:`` line (status 2).
 """
 
-import json
 import os
+import signal
 import sys
 
+
+def _interrupted_while_importing(signum, _frame):
+  os.write(2, b'\nInterrupted: exiting.\n')
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_sig, _interrupted_while_importing)
+
+import json
+
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from attnjax.train import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'mqar.py'),
-                                'Experiment config (default: the workdir\'s config.json).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.', required=True)
+_DEFAULT_CONFIG = os.path.join(_HERE, cli.DEFAULT_CONFIG)
+cli.define_config_flag(_DEFAULT_CONFIG, 'Experiment config (default: the workdir\'s '
+                       'config.json).')
+flags.DEFINE_string('workdir', None, 'Training workdir to evaluate (default ./workdir/<config '
+                    'file name>, the same default as train.py).')
 flags.DEFINE_integer('num_examples', 2, 'Examples to draw attention maps for.')
-flags.DEFINE_integer('max_eval_examples', 0, 'Cap on eval examples (0 = whole split).')
+flags.DEFINE_integer('max_eval_examples', None, 'Cap on eval examples (default: the config\'s '
+                     'eval_max_examples, as during training; 0 = the whole split).')
 FLAGS = flags.FLAGS
 
 
-def load_config():
-  saved = os.path.join(FLAGS.workdir, 'config.json')
+def load_config(workdir):
+  """``--config`` if given, else the run's ``config.json`` with the ``--config.<key>``
+  overrides of the command line applied to it."""
+  saved = os.path.join(workdir, 'config.json')
   if FLAGS['config'].present or not os.path.exists(saved):
     return FLAGS.config
   import ml_collections  # pylint: disable=import-outside-toplevel
   with open(saved) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    return cli.apply_overrides(config, FLAGS.config, sys.argv)
+  except ValueError as e:
+    print(f'ERROR: {e} (in {saved})', file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   del argv
+  interrupts = cli.Interrupts(hard_exit=True).install()  # any Ctrl-C: exit at once (130)
   if not FLAGS['verbosity'].present:  # library INFO/WARNING chatter off unless asked for
     logging.set_verbosity(logging.ERROR)
+  workdir = FLAGS.workdir or cli.default_workdir(FLAGS['config'].config_filename)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    print(f'ERROR: no checkpoint in {os.path.abspath(ckpt_dir)}; train first (python train.py '
+          'with the same --config/--workdir) or pass --workdir.', file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.max_eval_examples is not None and FLAGS.max_eval_examples < 0:
+    print(f'ERROR: --max_eval_examples must be >= 0 (0 = the whole split); got '
+          f'{FLAGS.max_eval_examples}.', file=sys.stderr)
+    sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
   from attnjax.analysis import capture_attention, plot_attention_maps  # pylint: disable=import-outside-toplevel
   from attnjax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from attnjax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
-  config = load_config()
+  config = load_config(workdir)
   try:
-    t = trainer_lib.Trainer(config, FLAGS.workdir)
+    t = trainer_lib.Trainer(config, workdir)
   except ValueError as e:
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(2)
-  ckpt = Checkpointer(os.path.join(FLAGS.workdir, 'checkpoints'), async_save=False)
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
   t.init()  # builds the non-trainable model state
   restored = ckpt.restore_latest(t.abstract_state)
   if restored is None:
-    print(f'ERROR: no checkpoint in {ckpt.directory}', file=sys.stderr)
+    print(f'ERROR: no readable checkpoint in {ckpt.directory}', file=sys.stderr)
     sys.exit(2)
   step, state, _ = restored
-  metrics = t.evaluate(state, FLAGS.max_eval_examples or None)
-  result = {'step': int(step), 'split': config.data.get('eval_split', 'test'), **metrics}
+  cap = FLAGS.max_eval_examples
+  if cap is None:
+    cap = config.get('eval_max_examples', None)
+  split = config.data.get('eval_split', 'test')
+  metrics = t.evaluate(state, cap)
+  n = t.eval_size(cap)
+  print(trainer_lib.eval_line(int(step), split, n, len(t.eval_source), metrics), flush=True)
+  result = {'step': int(step), 'split': split, 'num_examples': n, **metrics}
   print(json.dumps(result, indent=2))
   if jax.process_index() != 0:
+    ckpt.close()
     return
-  with open(os.path.join(FLAGS.workdir, 'eval_metrics.json'), 'w') as f:
+  with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
     json.dump(result, f, indent=2)
 
   # attention maps of the first examples, eager (unjitted) forward on host copies
@@ -75,13 +122,17 @@ def main(argv):
   model = nnx.merge(t.graphdef, params, rest)
   with capture_attention() as maps:
     model(jax.numpy.asarray(x), deterministic=True)
-  out_dir = os.path.join(FLAGS.workdir, 'attention_maps')
-  for i in range(len(records)):
+  out_dir = os.path.join(workdir, 'attention_maps')
+  if not maps:
+    print('no attention maps captured (the model does not call attnjax.dispatch.attention); '
+          'no figures written.')
+  for i in range(len(records) if maps else 0):
     path = plot_attention_maps(maps, os.path.join(out_dir, f'example_{i}.png'), example=i,
                                title=f'{config.model.attention.name}: example {i}, step {step}')
     print(f'wrote {path}')
   ckpt.close()
+  interrupts.uninstall()
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_DEFAULT_CONFIG))

@@ -4,6 +4,11 @@ r"""Train any attnjax model from an ml_collections config.
   python train.py --config configs/digits_vit.py:variant=swin --workdir /tmp/vit
   python train.py --config configs/mqar.py --config.model.attention.name=sliding_window
 
+Run the same command again to resume from the workdir's newest checkpoint. Ctrl-C (SIGINT)
+during start-up exits at once (status 130); during training it saves a checkpoint after
+the current step and exits with 130 (a second Ctrl-C exits at once without saving).
+SIGTERM saves the same way and exits with 0. Config mistakes: one ``ERROR:`` line, status 2.
+
 Multi-host: launch one process per host (TPU pod slice: the same command on every worker
 via `gcloud compute tpus tpu-vm ssh --worker=all`; GPU nodes: srun / torchrun-style
 launchers) and pass --coordinator_address/--num_processes/--process_id, or let
@@ -11,15 +16,28 @@ jax.distributed.initialize() discover them (TPU, SLURM). See docs/training.md.
 """
 
 import os
+import signal
 import sys
 
+
+def _interrupted_while_importing(signum, _frame):
+  # until main() installs attnjax.train.cli.Interrupts: nothing exists yet, exit at once
+  os.write(2, b'\nInterrupted during start-up: exiting; nothing was saved.\n')
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_sig, _interrupted_while_importing)
+
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from attnjax.train import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'mqar.py'),
-                                'Experiment config file (path[:args]).', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Output dir (default ./workdir/<config name>).')
+_DEFAULT_CONFIG = os.path.join(_HERE, cli.DEFAULT_CONFIG)
+cli.define_config_flag(_DEFAULT_CONFIG, 'Experiment config file (path[:args]).')
+flags.DEFINE_string('workdir', None, 'Output dir (default ./workdir/<config file name>, the '
+                    'same default as eval.py).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
@@ -27,13 +45,9 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with 
 FLAGS = flags.FLAGS
 
 
-def default_workdir(config_arg: str) -> str:
-  path = (config_arg or os.path.join('configs', 'mqar.py')).split(':', 1)[0]
-  return os.path.join('workdir', os.path.splitext(os.path.basename(path))[0])
-
-
 def main(argv):
   del argv
+  interrupts = cli.Interrupts(hard_exit=True).install()
   if not FLAGS['verbosity'].present:  # library INFO/WARNING chatter off unless asked for
     logging.set_verbosity(logging.ERROR)
   import jax  # pylint: disable=import-outside-toplevel
@@ -43,15 +57,17 @@ def main(argv):
   elif FLAGS.distributed:
     jax.distributed.initialize()
   from attnjax.train import trainer  # pylint: disable=import-outside-toplevel
-  workdir = FLAGS.workdir or default_workdir(FLAGS['config'].config_filename)
+  workdir = FLAGS.workdir or cli.default_workdir(FLAGS['config'].config_filename)
   try:
-    result = trainer.train_and_evaluate(FLAGS.config, workdir)
+    result = trainer.train_and_evaluate(FLAGS.config, workdir, interrupts=interrupts)
   except (trainer.NonFiniteError, ValueError) as e:
     print(f'ERROR: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
-  if result['status'] == 'preempted':
-    sys.exit(0)
+  finally:
+    interrupts.uninstall()
+  if result['status'] == 'interrupted':
+    sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_DEFAULT_CONFIG))

@@ -54,7 +54,11 @@ def test_eval_py_restores_and_writes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads((workdir / 'eval_metrics.json').read_text())
   assert got['step'] == 6
-  # runlocal evaluates 80 examples during training; eval.py the whole split (360)
+  # eval.py evaluates what training evaluated (runlocal: the first 80 of the 360 test
+  # images), so the two agree for the same checkpoint
+  assert got['num_examples'] == final['num_examples'] == 80 and got['split'] == 'test'
+  for k in ('accuracy', 'loss'):
+    np.testing.assert_allclose(got[k], final[k], rtol=1e-6)
   assert 0.0 <= got['accuracy'] <= 1.0 and np.isfinite(got['loss'])
   assert final['step'] == 6
   for i in range(2):

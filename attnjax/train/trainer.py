@@ -10,24 +10,24 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from attnjax import data as data_lib
 from attnjax import parallel
-from attnjax.train import losses
+from attnjax.train import cli, losses
 from attnjax.train import metrics as metrics_lib
 from attnjax.train import optimizer as optim_lib
 from attnjax.train.checkpoint import Checkpointer
@@ -100,6 +100,10 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
     v = config.get(key, 0)
     if not isinstance(v, int) or v < 0:
       raise ValueError(f'config.{key} must be an int >= 0 (0 = off); got {v!r}.')
+  v = config.get('eval_max_examples', None)
+  if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+    raise ValueError(f'config.eval_max_examples must be None or an int >= 0 (None or 0 = the '
+                     f'whole eval split); got {v!r}.')
   factory = config.get('model_factory', DEFAULT_MODEL_FACTORY)
   if factory == DEFAULT_MODEL_FACTORY:
     from attnjax import variants  # pylint: disable=import-outside-toplevel
@@ -182,22 +186,24 @@ class _Prefetch:
     self.it = iterator
     self.q: queue.Queue = queue.Queue(maxsize=depth)
     self.stop = threading.Event()
-    self.thread = threading.Thread(target=self._run, daemon=True)
+    self.thread = threading.Thread(target=self._run, name='attnjax-prefetch', daemon=True)
     self.thread.start()
 
   def _run(self):
     try:
       while not self.stop.is_set():
         batch = next(self.it)
-        item = (batch, self.it.get_state())
-        while not self.stop.is_set():
-          try:
-            self.q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put((batch, self.it.get_state()))
     except Exception as e:  # pylint: disable=broad-except
-      self.q.put(e)
+      self._put(e)
+
+  def _put(self, item):
+    while not self.stop.is_set():
+      try:
+        self.q.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
 
   def next(self):
     item = self.q.get()
@@ -205,8 +211,15 @@ class _Prefetch:
       raise item
     return item
 
-  def close(self):
+  def close(self, timeout: float = 10.0):
+    """Stops the thread and joins it (it may be inside one ``next``: a batch at most)."""
     self.stop.set()
+    while True:  # unblock a put() waiting on a full queue
+      try:
+        self.q.get_nowait()
+      except queue.Empty:
+        break
+    self.thread.join(timeout)
 
 
 class Trainer:
@@ -369,13 +382,20 @@ class Trainer:
     with self._ctx():
       return self._train_step(state, self.rest, batch)
 
+  def eval_size(self, max_examples: int | None = None) -> int:
+    """How many eval-split examples ``evaluate(state, max_examples)`` reads: the first
+    ``max_examples`` (None or 0: all of them)."""
+    n = len(self.eval_source)
+    return n if not max_examples else min(n, int(max_examples))
+
   def evaluate(self, state, max_examples: int | None = None) -> dict[str, float]:
-    """Metrics over the eval split (padding excluded)."""
+    """Metrics over the first ``eval_size(max_examples)`` examples of the eval split
+    (padding excluded)."""
     acc = None
     eb = self.config.get('eval_batch_size', self.config.batch_size)
     with self._ctx():
       for batch in data_lib.make_eval_batches(self.eval_source, global_batch_size=eb,
-                                              max_examples=max_examples):
+                                              max_examples=self.eval_size(max_examples)):
         sums = jax.device_get(self._eval_step(state, self.rest, self.global_batch(batch)))
         acc = losses.accumulate(acc, {k: (v[0], v[1]) for k, v in sums.items()})
     return losses.finalize(acc)
@@ -405,88 +425,152 @@ def _tokens_per_example(source, input_key, keymap) -> int:
   return 1
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def eval_line(step: int, split: str, num_examples: int, split_size: int,
+              metrics: dict[str, float]) -> str:
+  """``eval @ 600 (test split, 1000 of 1000 examples): accuracy=0.9940, loss=0.0236``; the
+  same words in train.py's eval lines and eval.py's, so the two compare at a glance."""
+  return (f'eval @ {step} ({split} split, {num_examples} of {split_size} examples): ' +
+          ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
+
+
+def train_and_evaluate(config, workdir: str, *, interrupts: cli.Interrupts | None = None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint); returns the final
-  eval metrics plus ``'status'`` ('done' | 'preempted')."""
+  eval metrics plus ``'status'`` and ``'step'``.
+
+  status: 'done'; 'preempted' (SIGTERM: checkpoint saved after the current step);
+  'interrupted' (SIGINT: the same; or a signal before the first step, nothing saved).
+  ``interrupts``: the scripts pass theirs (installed before jax is imported); without it
+  SIGINT/SIGTERM are taken over for the call and only set the stop flag.
+
+  The workdir is created after every config check passed (a failed start leaves none) and
+  removed again if this call created it and fails or is interrupted before the first
+  training step finished.
+  """
   workdir = os.path.abspath(workdir)
+  own = interrupts is None
+  if own:
+    interrupts = cli.Interrupts(hard_exit=False).install()
+  try:
+    return _train_and_evaluate(config, workdir, interrupts)
+  finally:
+    if own:
+      interrupts.uninstall()
+
+
+def _train_and_evaluate(config, workdir: str, interrupts: cli.Interrupts) -> dict:
   is_main = jax.process_index() == 0
+  trainer = Trainer(config, workdir)  # every config check, the data and the model graph
+  created = is_main and not os.path.exists(workdir)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
-  trainer = Trainer(config, workdir)
+  def remove_created():
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+  interrupts.add_cleanup(remove_created)
+  interrupts.startup_note = 'nothing was saved' + (f'; removed the new workdir {workdir}'
+                                                   if created else '')
+  try:
+    return _loop(config, workdir, trainer, interrupts, is_main)
+  finally:
+    interrupts.clear_cleanups()
+    if interrupts.phase == interrupts.STARTUP:  # failed or stopped before the first step
+      remove_created()
+
+
+def _loop(config, workdir, trainer, interrupts, is_main) -> dict:
+  progress = None
+
+  def say(msg):
+    if not is_main:
+      return
+    if progress is not None:
+      progress.write(msg)
+    else:
+      print(msg, flush=True)
+
   cc = config.get('checkpoint', None)
   keep = int(cc.get('keep', 3)) if cc is not None else 3
   async_save = bool(cc.get('async_save', True)) if cc is not None else True
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=keep, async_save=async_save)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.get('tensorboard', True)))
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  state, data_state, restored_step = trainer.restore_or_init(ckpt)
-  it = iter(trainer.train_ds)
-  start = 0
-  if restored_step is not None:
-    start = int(jax.device_get(state['step']))
-    it.set_state(data_state['iterator'])
-    say(f'Resumed from checkpoint at step {start} ({ckpt.directory}).')
-  mesh_desc = dict(trainer.mesh.shape)
-  say(f'attnjax train: task={config.task} data={config.data.get("tfds_name") or config.data.name} '
-      f'params={trainer.num_params:,} devices={jax.device_count()} mesh={mesh_desc} '
-      f'steps={config.num_steps} batch={config.batch_size}')
-
-  # --- signals: save and exit cleanly --------------------------------------------------
-  stop_signal = {'sig': None}
-
-  def handler(signum, _frame):
-    stop_signal['sig'] = signum
-
-  old = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      old[sig] = signal.signal(sig, handler)
-
-  total = config.num_steps
-  dbg = config.get('debug', None)
-  sleep_per_step = float(dbg.get('sleep_per_step', 0.0)) if dbg is not None else 0.0
-  log_every = config.get('log_every', 50) or total
-  eval_every = config.get('eval_every', 0)
-  ckpt_every = config.get('checkpoint_every', 0)
-  tokens_per_step = config.batch_size * _tokens_per_example(
-      trainer.train_source, trainer.input_key, trainer.keymap)
-  progress = metrics_lib.Progress(total, start, tokens_per_step=tokens_per_step,
-                                  enabled=bool(config.get('progress_bar', True)))
-  prefetch = _Prefetch(it)
-  last_data_state = it.get_state() if restored_step is None else data_state['iterator']
-  pending: list = []
-  status = 'done'
-  t0 = time.time()
-  step = start
-
-  def check_finite():
-    bad = int(jax.device_get(state['nonfinite_step']))
-    if bad >= 0:
-      last = ckpt.latest_step()
-      raise NonFiniteError(
-          f'non-finite loss or gradients at step {bad} (config.task={config.task}); stopping. '
-          f'The update was not applied and no checkpoint was written after it; the last good '
-          f'checkpoint is step {last} in {ckpt.directory}. Lower config.schedule.learning_rate '
-          'or enable config.optimizer.grad_clip.')
-
-  def save(s, *, wait=False):
-    check_finite()
-    ckpt.save(s, state, {'iterator': last_data_state, 'step': s}, wait=wait)
-
+  writer = prefetch = None
+  status, ev = 'done', {}
   try:
-    while step < total:
+    say(f'attnjax train: task={config.task} '
+        f'data={config.data.get("tfds_name") or config.data.name} '
+        f'params={trainer.num_params:,} devices={jax.device_count()} '
+        f'mesh={dict(trainer.mesh.shape)} steps={config.num_steps} batch={config.batch_size}')
+    state, data_state, restored_step = trainer.restore_or_init(ckpt)  # compiles init
+    it = iter(trainer.train_ds)
+    start = 0
+    if restored_step is not None:
+      start = int(jax.device_get(state['step']))
+      it.set_state(data_state['iterator'])
+    # rows after the checkpoint came from a run that stopped before saving again: dropped,
+    # and a row for an existing (step, split) replaces it (no duplicates on resume)
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(config.get('tensorboard', True)),
+                                      start_step=start)
+    if is_main:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    if restored_step is not None:
+      say(f'Resumed from checkpoint at step {start} ({ckpt.directory}).')
+
+    total = config.num_steps
+    dbg = config.get('debug', None)
+    sleep_per_step = float(dbg.get('sleep_per_step', 0.0)) if dbg is not None else 0.0
+    log_every = config.get('log_every', 50) or total
+    eval_every = config.get('eval_every', 0)
+    ckpt_every = config.get('checkpoint_every', 0)
+    eval_max = config.get('eval_max_examples', None)
+    split = config.data.get('eval_split', 'test')
+    tokens_per_step = config.batch_size * _tokens_per_example(
+        trainer.train_source, trainer.input_key, trainer.keymap)
+    progress = metrics_lib.Progress(total, start, tokens_per_step=tokens_per_step,
+                                    enabled=bool(config.get('progress_bar', True)) and is_main)
+    prefetch = _Prefetch(it)
+    last_data_state = it.get_state() if restored_step is None else data_state['iterator']
+    pending: list = []
+    t0 = time.time()
+    step = start
+
+    def check_finite():
+      bad = int(jax.device_get(state['nonfinite_step']))
+      if bad >= 0:
+        last = ckpt.latest_step()
+        raise NonFiniteError(
+            f'non-finite loss or gradients at step {bad} (config.task={config.task}); stopping. '
+            f'The update was not applied and no checkpoint was written after it; the last good '
+            f'checkpoint is step {last} in {ckpt.directory}. Lower '
+            'config.schedule.learning_rate or enable config.optimizer.grad_clip.')
+
+    def save(s, *, wait=False):
+      check_finite()
+      ckpt.save(s, state, {'iterator': last_data_state, 'step': s}, wait=wait)
+
+    def stop_status():
+      return 'preempted' if interrupts.signum == signal.SIGTERM else 'interrupted'
+
+    def evaluate(s):
+      metrics = trainer.evaluate(state, eval_max)
+      writer.write(s, 'eval', metrics)
+      return metrics, eval_line(s, split, trainer.eval_size(eval_max), len(trainer.eval_source),
+                                metrics)
+
+    if interrupts.requested:  # library mode: a signal during start-up; nothing new to save
+      status = 'interrupted'
+      say(f'Received {interrupts.name(interrupts.signum)} during start-up: exiting; nothing '
+          'was saved.')
+    while status == 'done' and step < total:
       batch_np, st = prefetch.next()
-      state, m = trainer.step(state, trainer.global_batch(batch_np))
+      state, m = trainer.step(state, trainer.global_batch(batch_np))  # compiles at the first
+      interrupts.set_phase(interrupts.RUNNING)  # from here a signal saves a checkpoint
       last_data_state = st
       step += 1
       if sleep_per_step:
         time.sleep(sleep_per_step)
       pending.append(m)
+      progress.advance(step)
       if step % log_every == 0 or step == total:
         check_finite()
         host = jax.device_get(pending)
@@ -507,38 +591,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f'{k} {row[k]:.4f}' for k in ('loss', 'accuracy', 'mse') if k in row) +
               f' | {row["tokens_per_s"]:,.0f} tok/s | ETA {eta:5.0f}s')
       if eval_every and step % eval_every == 0 and step != total:
-        ev = trainer.evaluate(state, config.get('eval_max_examples', None))
-        writer.write(step, 'eval', ev)
-        say(f'eval @ {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))
+        say(evaluate(step)[1])
       if ckpt_every and step % ckpt_every == 0 and step != total:
         save(step)
-      if stop_signal['sig'] is not None:
+      if interrupts.requested:
         save(step, wait=True)
-        status = 'preempted'
-        say(f'Received signal {stop_signal["sig"]}: saved checkpoint at step {step}; exiting.')
-        break
+        status = stop_status()
+        progress.close()
+        say(f'Received signal {interrupts.name(interrupts.signum)}: saved checkpoint at step '
+            f'{step} in {ckpt.directory}; exiting. Run the same command to resume.')
     if status == 'done':
+      progress.close()  # the bar ends on its own line; nothing redraws it afterwards
       check_finite()
       if ckpt.latest_step() != step:
-        save(step)
-      ev = trainer.evaluate(state, config.get('eval_max_examples', None))
-      writer.write(step, 'eval', ev)
-      say(f'final eval @ {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in ev.items()))
+        save(step, wait=True)
+      if interrupts.phase == interrupts.RUNNING:  # a signal now: exit, the work is saved
+        interrupts.set_phase(interrupts.FINISHING)
+      ev, line = evaluate(step)
+      say('final ' + line)
       say(f'train time {time.time() - t0:.1f}s')
-    else:
-      ev = {}
   finally:
-    prefetch.close()
-    progress.close()
-    ckpt.wait()
-    writer.close()
-    for sig, h in old.items():
-      signal.signal(sig, h)
-  ckpt.close()
+    if prefetch is not None:
+      prefetch.close()
+    if progress is not None:
+      progress.close()
+    ckpt.close()  # waits for an async save, then stops orbax's threads
+    if writer is not None:
+      writer.close()
   if is_main and status == 'done':
     png = metrics_lib.plot(workdir)
     if png:
       say(f'wrote {png}')
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump({'step': step, **ev}, f, indent=2)
+      json.dump({'step': step, 'split': split, 'num_examples': trainer.eval_size(eval_max),
+                 **ev}, f, indent=2)
   return {'status': status, 'step': step, **ev}
