@@ -13,7 +13,9 @@
 // Masking: query row t attends to keys lo[t] <= s <= hi[t] (inclusive; lo > hi is an
 //   empty row, which gives o = 0, lse = -inf and zero gradients).  Tiles entirely
 //   outside every row's band are skipped; tiles entirely inside are not masked.
-// Backward inputs: do [B, T, N, Hv], lse, and delta [B, N, T] = rowsum(do * o) - dlse.
+//   The forward also writes stats [2, B, N, T]: each row's integral running max m
+//   (log2 units) and 1 / l, which the backward uses instead of lse (see WriteRows).
+// Backward inputs: do [B, T, N, Hv], stats, and delta [B, N, T] = rowsum(do * o) - dlse.
 //
 // Compiled at first use by attnjax/cpu/build.py with -O3 -march=native.
 
@@ -612,9 +614,15 @@ void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, in
 // ---------------------------------------------------------------- forward
 
 // The output of query block qb of head n: o = acc / l, lse = (m + log2 l) ln 2, with
-// l the lane sum of lv [rows, kLanes].
+// l the lane sum of lv [rows, kLanes]; stats [2, B, N, T] keeps the row's statistics
+// for the backward exactly as the forward used them: the integral running max m (log2
+// units, -inf for empty rows) and 1 / l (0 for empty rows).  (lse itself cannot serve:
+// rounded to float32 in natural units and converted back, it is off by up to an ulp of
+// the logits' magnitude, a whole-row error that the backward's dQ amplifies by |k|.)
 void WriteRows(const Geometry& g, int64_t b, int64_t n, int64_t t0, int64_t rows,
-               const float* acc, const float* m, const float* lv, float* o, float* lse) {
+               const float* acc, const float* m, const float* lv, float* o, float* lse,
+               float* stats) {
+  const int64_t rows_total = g.B * g.N * g.T;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r;
     float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
@@ -623,7 +631,10 @@ void WriteRows(const Geometry& g, int64_t b, int64_t n, int64_t t0, int64_t rows
     const Vf vi = Set1(inv);
     for (int64_t d = 0; d < g.Hv; d += kLanes)
       Store(dst + d, Mul(Load(acc + r * g.Hv + d), vi));
-    lse[(b * g.N + n) * g.T + t] = lr > 0.0f ? (m[r] + std::log2(lr)) * kLn2 : kNegInf;
+    const int64_t at = (b * g.N + n) * g.T + t;
+    lse[at] = lr > 0.0f ? (m[r] + std::log2(lr)) * kLn2 : kNegInf;
+    stats[at] = lr > 0.0f ? m[r] : kNegInf;
+    stats[rows_total + at] = inv;
   }
 }
 
@@ -709,7 +720,7 @@ struct ForwardItem {
 
 bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
                    const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
-                   float* lse) {
+                   float* lse, float* stats) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Sp = g.nk * g.bk;
@@ -773,7 +784,7 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
                              acc + r0 * g.Hv, g.Hv, nullptr, Sp * kPanel);
       }
     });
-    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
+    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse, stats);
   });
   return true;
 }
@@ -1009,7 +1020,7 @@ ATTNJAX_AMX_TARGET void AmxGemm32(int64_t nct, int64_t kdim, const bf16* a, int6
 ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const float* k,
                                    const float* v, const int32_t* lo, const int32_t* hi,
                                    float scale, int nthreads, int qn, int kn, int vn, int pn,
-                                   float* o, float* lse) {
+                                   float* o, float* lse, float* stats) {
   const float c = scale * kLog2e;
   const auto bands = BlockBands(g, lo, hi);
   const int64_t Hp = RoundUp(g.H, 32), bqp = RoundUp(g.bq, kAmxRows);
@@ -1076,7 +1087,7 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
       }
     });
     ReleaseTiles();
-    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse);
+    WriteRows(g, it.b, it.n, it.t0, it.rows, acc, m, l, o, lse, stats);
   });
   return true;
 }
@@ -1085,7 +1096,7 @@ ATTNJAX_AMX_TARGET bool ForwardAmx(const Geometry& g, const float* q, const floa
 bool AmxAvailable() { return false; }
 bool IsBf16Exact(const float*, int64_t) { return false; }
 bool ForwardAmx(const Geometry&, const float*, const float*, const float*, const int32_t*,
-                const int32_t*, float, int, int, int, int, int, float*, float*) {
+                const int32_t*, float, int, int, int, int, int, float*, float*, float*) {
   return false;
 }
 #endif  // ATTNJAX_AMX
@@ -1100,7 +1111,7 @@ bool AmxFits(const Geometry& g) { return g.bk % 32 == 0; }
 
 bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
              const int32_t* lo, const int32_t* hi, float scale, int nthreads, Matmul mm,
-             bool bf16_out, float* o, float* lse) {
+             bool bf16_out, float* o, float* lse, float* stats) {
   if (mm != Matmul::kSimd && AmxAvailable() && AmxFits(g)) {
     const int qn = IsBf16Exact(q, g.B * g.T * g.N * g.H) ? 1 : kPieces;
     const int kn = mm == Matmul::kAmx || qn == 1
@@ -1109,9 +1120,9 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
                        ? (IsBf16Exact(v, g.B * g.S * g.K * g.Hv) ? 1 : kPieces) : kPieces;
     if (mm == Matmul::kAmx || qn + kn + vn == 3)
       return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn,
-                        bf16_out ? 1 : kPieces, o, lse);
+                        bf16_out ? 1 : kPieces, o, lse, stats);
   }
-  return ForwardSimd(g, q, k, v, lo, hi, scale, nthreads, o, lse);
+  return ForwardSimd(g, q, k, v, lo, hi, scale, nthreads, o, lse, stats);
 }
 
 // ---------------------------------------------------------------- backward
@@ -1144,10 +1155,26 @@ struct PrivateDq {
   }
 };
 
+// The statistics of row bn * T + t in stats [2, B, N, T] (see WriteRows): the running
+// max m to subtract (+inf for empty rows, whose logits are all -inf: P = 2^-inf = 0)
+// and 1 / l.
+struct RowStats {
+  float m, inv;
+  RowStats(const Geometry& g, const float* stats, int64_t at)
+      : m(stats[at] == kNegInf ? std::numeric_limits<float>::infinity() : stats[at]),
+        inv(stats[g.B * g.N * g.T + at]) {}
+};
+
+// The backward on the SIMD engine.  It recomputes the forward's probabilities bit for
+// bit: the logits in log2 units from the same q * scale * log2(e) (packed and rounded
+// as the forward packs it) and the same GEMM, then P = 2^(s - m) / l with the forward's
+// m and 1 / l (stats), so each row of P sums to 1 to float32 rounding whatever the
+// logits' size.  dK = sum dS^T (c Q) is divided by c = scale * log2(e) at the end.
 bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
-              const float* dout, const float* lse, const float* delta, const int32_t* lo,
+              const float* dout, const float* stats, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
   const float c = scale * kLog2e;
+  const float inv_c = c != 0.0f ? 1.0f / c : 0.0f;
   const auto bands = BlockBands(g, lo, hi);
   Buffer kt(g.B * g.K * g.nk * g.H * g.bk), vt(g.B * g.K * g.nk * g.Hv * g.bk);
   if (!kt.p || !vt.p) return false;
@@ -1160,7 +1187,10 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
   Buffer qp(g.B * g.N * Tp * g.H), dop(g.B * g.N * Tp * g.Hv), kp(g.B * g.K * Sp * g.H);
   if (!qp.p || !dop.p || !kp.p) return false;
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
-    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, g.H, qp.p + bn * Tp * g.H);
+    float* qh = qp.p + bn * Tp * g.H;
+    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, g.H, qh);
+    const Vf vc = Set1(c);  // as the forward scales its packed q
+    for (int64_t i = 0; i < Tp * g.H; i += kLanes) Store(qh + i, Mul(Load(qh + i), vc));
     PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, g.Hv, dop.p + bn * Tp * g.Hv);
   });
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
@@ -1184,7 +1214,7 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
     const float* ktile = kt.p + item * g.H * g.bk;
     const float* vtile = vt.p + item * g.Hv * g.bk;
     const float* krows = kp.p + (bh * Sp + j0) * g.H;
-    const Vf vc = Set1(c), vscale = Set1(scale);
+    const Vf vscale = Set1(scale);
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const int64_t n = kvh * g.G + gi, bn = b * g.N + n;
       for (int64_t qb = 0; qb < g.nq; ++qb) {
@@ -1193,19 +1223,16 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
         const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
         const float* qrows = qp.p + (bn * Tp + t0) * g.H;
         const float* dorows = dop.p + (bn * Tp + t0) * g.Hv;
-        const float* lrow = lse + bn * g.T + t0;
         const float* drow = delta + bn * g.T + t0;
-        // P = exp2(c * q.k - lse2)
+        // P = 2^(s - m) / l, s = (c q) . k in log2 units, as the forward computed it.
         Gemm<false, kMR, kNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
         if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
         for (int64_t r = 0; r < rows; ++r) {
-          // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
-          const float l2 = lrow[r] == kNegInf ? std::numeric_limits<float>::infinity()
-                                              : lrow[r] * kLog2e;
-          const Vf vl = Set1(l2);
+          const RowStats st(g, stats, bn * g.T + t0 + r);
+          const Vf vm = Set1(st.m), vi = Set1(st.inv);
           float* row = p + r * g.bk;
           for (int64_t j = 0; j < g.bk; j += kLanes)
-            Store(row + j, Exp2(Fmsub(Load(row + j), vc, vl)));
+            Store(row + j, Mul(Exp2(Sub(Load(row + j), vm)), vi));
         }
         // dV += P^T dO
         Gemm<true, kMR, kNV>(cols, g.Hv, rows, p, 1, g.bk, dorows, g.Hv, dv_acc, g.Hv);
@@ -1221,15 +1248,17 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
                              Mul(Mul(x, Load(pr + j)), vscale));
           }
         }
-        // dK += dS^T Q ; dQ += dS K
+        // dK += dS^T (c Q) ; dQ += dS K
         Gemm<true, kMR, kNV>(cols, g.H, rows, ds, 1, g.bk, qrows, g.H, dk_acc, g.H);
         Gemm<true, kMR, kNV>(rows, g.H, cols, ds, g.bk, 1, krows, g.H,
                                      dqt + (bn * Tp + t0) * g.H, g.H);
       }
     }
+    const Vf vinv_c = Set1(inv_c);
     for (int64_t jj = 0; jj < cols; ++jj) {
-      std::memcpy(dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H, dk_acc + jj * g.H,
-                  g.H * sizeof(float));
+      float* dkr = dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H;
+      for (int64_t d = 0; d < g.H; d += kLanes)
+        Store(dkr + d, Mul(Load(dk_acc + jj * g.H + d), vinv_c));
       std::memcpy(dv + ((b * g.S + j0 + jj) * g.K + kvh) * g.Hv, dv_acc + jj * g.Hv,
                   g.Hv * sizeof(float));
     }
@@ -1262,7 +1291,7 @@ ATTNJAX_AMX_TARGET void PackHeadBf16(const float* x, int64_t L, int64_t heads, i
 // and dK are accumulated transposed, dV^T += dO^T P and dK^T += Q^T dS, so P and dS are
 // written as row pairs (VNNI) instead of transposed.  Needs bq, bk multiples of 32.
 ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const float* k,
-                                    const float* v, const float* dout, const float* lse,
+                                    const float* v, const float* dout, const float* stats,
                                     const float* delta, const int32_t* lo, const int32_t* hi,
                                     float scale, int nthreads, float* dq, float* dk,
                                     float* dv) {
@@ -1324,9 +1353,9 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
                            0, 1, ds + r0 * g.bk, g.bk);
         }
         if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
-        const float* lrow = lse + bn * g.T + t0;
         const float* drow = delta + bn * g.T + t0;
-        // P = exp2(c s - lse2), dS = scale P (dP - delta); zero beyond the last row.
+        // P = 2^(c s - m) / l with the forward's m and 1 / l (its logits were c s too),
+        // dS = scale P (dP - delta); zero beyond the last row.
         for (int64_t r = 0; r < g.bq; ++r) {
           float* pr = p + r * g.bk;
           float* dsr_f = ds + r * g.bk;
@@ -1335,12 +1364,12 @@ ATTNJAX_AMX_TARGET bool BackwardAmx(const Geometry& g, const float* q, const flo
             std::fill(dsr_f, dsr_f + g.bk, 0.0f);
             continue;
           }
-          // Empty rows (lse = -inf) have every logit masked; +inf keeps P = 0.
-          const float l2 = lrow[r] == kNegInf ? std::numeric_limits<float>::infinity()
-                                              : lrow[r] * kLog2e;
-          const __m512 vl = _mm512_set1_ps(l2), vd = _mm512_set1_ps(drow[r]);
+          const RowStats st(g, stats, bn * g.T + t0 + r);
+          const __m512 vm = _mm512_set1_ps(st.m), vi = _mm512_set1_ps(st.inv),
+                       vd = _mm512_set1_ps(drow[r]);
           for (int64_t j = 0; j < g.bk; j += 16) {
-            const __m512 pj = Exp2(_mm512_fmsub_ps(_mm512_loadu_ps(pr + j), vc_, vl));
+            const __m512 pj = _mm512_mul_ps(
+                Exp2(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + j), vc_), vm)), vi);
             _mm512_storeu_ps(pr + j, pj);
             const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dsr_f + j), vd);
             _mm512_storeu_ps(dsr_f + j, _mm512_mul_ps(_mm512_mul_ps(x, pj), vscale));
@@ -1394,14 +1423,14 @@ bool BackwardAmx(const Geometry&, const float*, const float*, const float*, cons
 // The backward takes AMX (unless mm says simd) for bf16 data with a bf16 result, when
 // the tiles fit; everything else runs on the SIMD engine.
 bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
-              const float* dout, const float* lse, const float* delta, const int32_t* lo,
+              const float* dout, const float* stats, const float* delta, const int32_t* lo,
               const int32_t* hi, float scale, int nthreads, Matmul mm, bool bf16_out, float* dq,
               float* dk, float* dv) {
   if (mm != Matmul::kSimd && bf16_out && AmxAvailable() && AmxFits(g) && g.bq % 32 == 0 &&
       IsBf16Exact(q, g.B * g.T * g.N * g.H) && IsBf16Exact(k, g.B * g.S * g.K * g.H) &&
       IsBf16Exact(v, g.B * g.S * g.K * g.Hv) && IsBf16Exact(dout, g.B * g.T * g.N * g.Hv))
-    return BackwardAmx(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
-  return BackwardSimd(g, q, k, v, dout, lse, delta, lo, hi, scale, nthreads, dq, dk, dv);
+    return BackwardAmx(g, q, k, v, dout, stats, delta, lo, hi, scale, nthreads, dq, dk, dv);
+  return BackwardSimd(g, q, k, v, dout, stats, delta, lo, hi, scale, nthreads, dq, dk, dv);
 }
 
 // ---------------------------------------------------------------- FFI bindings
@@ -1437,7 +1466,7 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
                    ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
                    int64_t block_q, int64_t block_k, int64_t num_threads, int64_t matmul,
                    bool bf16_out, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> stats) {
   Geometry g;
   if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
       e.failure())
@@ -1453,15 +1482,14 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         "matmul='amx' needs a CPU with AMX-BF16 and block_k a multiple of 32");
   if (!Forward(g, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(),
                hi.typed_data(), scale, NumThreads(num_threads), mm, bf16_out != 0,
-               o->typed_data(),
-               lse->typed_data()))
+               o->typed_data(), lse->typed_data(), stats->typed_data()))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                       "attnjax cpu_flash forward: out of memory for packed K/V");
   return ffi::Error::Success();
 }
 
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> stats,
                    ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> lo,
                    ffi::Buffer<ffi::S32> hi, float scale, int64_t block_q, int64_t block_k,
                    int64_t num_threads, int64_t matmul, bool bf16_out,
@@ -1475,13 +1503,14 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int64_t>(hi.element_count()) != g.T)
     return ffi::Error::InvalidArgument("lo and hi must have T entries");
   if (static_cast<int64_t>(dout.element_count()) != g.B * g.T * g.N * g.Hv ||
-      static_cast<int64_t>(lse.element_count()) != g.B * g.N * g.T ||
+      static_cast<int64_t>(stats.element_count()) != 2 * g.B * g.N * g.T ||
       static_cast<int64_t>(delta.element_count()) != g.B * g.N * g.T)
-    return ffi::Error::InvalidArgument("do must be [B, T, N, Hv]; lse, delta [B, N, T]");
+    return ffi::Error::InvalidArgument(
+        "do must be [B, T, N, Hv]; stats [2, B, N, T]; delta [B, N, T]");
   if (matmul < 0 || matmul > 2)
     return ffi::Error::InvalidArgument("matmul must be 0 (auto), 1 (simd) or 2 (amx)");
   if (!Backward(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
-                lse.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
+                stats.typed_data(), delta.typed_data(), lo.typed_data(), hi.typed_data(), scale,
                 NumThreads(num_threads), static_cast<Matmul>(matmul), bf16_out,
                 dq->typed_data(), dk->typed_data(), dv->typed_data()))
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
@@ -1504,6 +1533,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashFwd, FwdImpl,
                                   .Attr<int64_t>("num_threads")
                                   .Attr<int64_t>("matmul")
                                   .Attr<bool>("bf16_out")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
