@@ -374,3 +374,108 @@ def test_disabled_by_environment():
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ build, cache, logging
+
+def _run_python(code, env_extra, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
+  for key in ("ATTNJAX_CPU_KERNELS", "ATTNJAX_CPU_EMULATE_AVX512"):
+    env.pop(key, None)
+  return subprocess.run([sys.executable, *code], env=env, capture_output=True, text=True,
+                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cache_key_changes_with_source_compiler_flags_and_cpu_features():
+  """The key is a function of source, compiler identity, flags, CPU features and jax
+  version, not of the host name: each part changes it, equal parts give equal keys."""
+  base = dict(sources=b"int f();", compiler_id="g++ (GCC) 12.2.0", flags=("-O3", "-w"),
+              cpu_features={"avx2", "fma"}, jax_version="0.1")
+  key = build.cache_key(**base)
+  assert key == build.cache_key(**dict(base, cpu_features=["fma", "avx2"]))
+  for change in [dict(sources=b"int g();"), dict(compiler_id="clang version 17.0.1"),
+                 dict(flags=("-O3", "-Werror")), dict(flags=("-O3 -w",)),
+                 dict(cpu_features={"avx2", "fma", "avx512f"}), dict(jax_version="0.2")]:
+    assert build.cache_key(**dict(base, **change)) != key, change
+
+
+def test_werror_flags_follow_ci_and_override(monkeypatch):
+  monkeypatch.delenv("CI", raising=False)
+  monkeypatch.delenv("ATTNJAX_CPU_WERROR", raising=False)
+  assert "-Werror" not in build.compile_flags()
+  assert {"-Wall", "-Wextra"} <= set(build.compile_flags())
+  assert "-w" not in build.compile_flags()
+  monkeypatch.setenv("CI", "true")
+  assert "-Werror" in build.compile_flags()
+  monkeypatch.setenv("CI", "0")
+  assert "-Werror" not in build.compile_flags()
+  monkeypatch.setenv("ATTNJAX_CPU_WERROR", "1")
+  assert "-Werror" in build.compile_flags()
+
+
+_TWO_CALLS = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+    import jax.numpy as jnp, numpy as np, attnjax
+    from attnjax.cpu import build
+    rng = np.random.default_rng(0)
+    for T in (40, 72):  # two shapes: two traces
+      q = jnp.asarray(rng.standard_normal((1, T, 2, 32)), jnp.float32)
+      out = attnjax.attention(q, q, q, implementation="cpu_flash")
+      ref = attnjax.reference_attention(q, q, q)
+      assert float(jnp.abs(out - ref).max()) < 1e-5
+    assert build.load() is None and build.unavailable_reason() is None
+    print("KEY", build._build()[1])
+""")
+
+
+def test_build_logs_once_and_aot_command_reuses_it(tmp_path):
+  """A process that builds the kernel logs 'building cpu_flash kernel ... (N s)' once
+  however many calls trace it; `python -m attnjax.cpu.build` on the same cache then
+  prints the cached library's path and key without building again."""
+  env = dict(ATTNJAX_CACHE_DIR=str(tmp_path))
+  proc = _run_python(["-c", _TWO_CALLS], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logs = [line for line in proc.stdout.splitlines() if line.startswith("LOG")]
+  building = [line for line in logs if "building cpu_flash kernel" in line]
+  assert len(building) == 1 and building[0].startswith("LOG INFO"), logs
+  assert re.search(r"\(\d+\.\d s\)", building[0]), building
+  assert not any("WARNING" in line for line in logs), logs
+  key = re.search(r"^KEY (\w+)$", proc.stdout, re.M).group(1)
+  aot = _run_python(["-m", "attnjax.cpu.build"], env)
+  assert aot.returncode == 0, aot.stderr[-3000:]
+  assert f"key: {key}" in aot.stdout, aot.stdout
+  path = re.search(r"^path: (.+)$", aot.stdout, re.M).group(1)
+  assert os.path.exists(path) and key in os.path.basename(path)
+  assert "building cpu_flash kernel" not in aot.stderr  # cached: nothing rebuilt
+
+
+def test_missing_compiler_warns_once_and_auto_falls_back(tmp_path):
+  """CXX naming no compiler: one warning with the reason on the attnjax.cpu logger, an
+  explicit 'cpu_flash' request raises NotImplementedError carrying it, 'auto' still
+  answers (XLA paths), and the AOT command exits non-zero with the reason."""
+  env = dict(ATTNJAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+  code = textwrap.dedent("""
+      import logging, sys
+      logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+      import jax.numpy as jnp, numpy as np, attnjax
+      q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 600, 2, 32)), jnp.float32)
+      for _ in range(2):
+        try:
+          attnjax.attention(q, q, q, implementation="cpu_flash")
+        except NotImplementedError as e:
+          assert "/nonexistent/c++" in str(e), e
+        else:
+          raise AssertionError("cpu_flash ran without a compiler")
+      out = attnjax.attention(q, q, q, mask=attnjax.masks.causal())
+      ref = attnjax.reference_attention(q, q, q, mask=attnjax.masks.causal())
+      assert float(jnp.abs(out - ref).max()) < 1e-5
+      print("ok")
+  """)
+  proc = _run_python(["-c", code], env)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+  warnings = [line for line in proc.stdout.splitlines() if line.startswith("LOG WARNING")]
+  assert len(warnings) == 1 and "/nonexistent/c++" in warnings[0], proc.stdout[-2000:]
+  assert not list(tmp_path.iterdir())  # nothing built
+  aot = _run_python(["-m", "attnjax.cpu.build"], env)
+  assert aot.returncode == 1 and "/nonexistent/c++" in aot.stderr, aot.stderr[-2000:]
