@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
 import attnjax
 from attnjax import masks
-from attnjax.cpu import build
-from attnjax.cpu import flash
+from attnjax.cpu import build, flash
 from attnjax.cpu.flash import CpuFlashBlockSizes
-from helpers import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
 # Machines without AVX2/FMA (or AVX-512) or a C++ compiler skip (the kernel cannot
 # exist there);
@@ -383,7 +382,8 @@ def _run_python(code, env_extra, timeout=600):
   for key in ("ATTNJAX_CPU_KERNELS", "ATTNJAX_CPU_EMULATE_AVX512"):
     env.pop(key, None)
   return subprocess.run([sys.executable, *code], env=env, capture_output=True, text=True,
-                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)),
+                        check=False)
 
 
 def test_cache_key_changes_with_source_compiler_flags_and_cpu_features():
@@ -441,11 +441,11 @@ def test_build_logs_once_and_aot_command_reuses_it(tmp_path):
   assert len(building) == 1 and building[0].startswith("LOG INFO"), logs
   assert re.search(r"\(\d+\.\d s\)", building[0]), building
   assert not any("WARNING" in line for line in logs), logs
-  key = re.search(r"^KEY (\w+)$", proc.stdout, re.M).group(1)
+  key = re.search(r"^KEY (\w+)$", proc.stdout, re.MULTILINE).group(1)
   aot = _run_python(["-m", "attnjax.cpu.build"], env)
   assert aot.returncode == 0, aot.stderr[-3000:]
   assert f"key: {key}" in aot.stdout, aot.stdout
-  path = re.search(r"^path: (.+)$", aot.stdout, re.M).group(1)
+  path = re.search(r"^path: (.+)$", aot.stdout, re.MULTILINE).group(1)
   assert os.path.exists(path) and key in os.path.basename(path)
   assert "building cpu_flash kernel" not in aot.stderr  # cached: nothing rebuilt
 
