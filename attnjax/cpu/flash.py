@@ -2,14 +2,14 @@
 
 XLA:CPU executes a blockwise attention loop on effectively one core (see the README,
 "CPU performance").  This implementation is an XLA FFI custom call
-(``jax.ffi.ffi_call``) into ``flash_cpu.cc``: the online-softmax forward of
-"FlashAttention" (Dao et al., 2022) and the one-pass backward of "FlashAttention-2"
-(Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
+(``jax.ffi.ffi_call``) into ``flash_cpu.cc`` (and the units it includes): the
+online-softmax forward of "FlashAttention" (Dao et al., 2022) and the one-pass
+backward of "FlashAttention-2" (Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
 CPUs without it; AMX bf16 tile products for bf16 data where the CPU has them; see
 ``CpuFlashBlockSizes.matmul``), split over all cores by
 ``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
 the backward.  The library is compiled for the machine on first use
-(:mod:`attnjax.cpu.build`).
+(:mod:`attnjax.cpu.build`), or ahead of time with ``python -m attnjax.cpu.build``.
 
 It serves calls whose mask is a band — each query attends to a contiguous key range
 ``lo(t) <= s <= hi(t)`` (``None``, ``causal``, ``sliding_window``, ``chunked``,
