@@ -297,10 +297,10 @@ class TestCpuFlashAmx(TestCpuFlash):
     kw = dict(scale=0.125, block_q=64, block_k=32, num_threads=1)
 
     def grads(data, matmul, bf16_out):
-      out, lse = flash._ffi_fwd(*data, lo, hi, matmul="avx512", bf16_out=False, **kw)
+      out, _, stats = flash._ffi_fwd(*data, lo, hi, matmul="avx512", bf16_out=False, **kw)
       do = as_bf16(rnd(73, out.shape))
       delta = jnp.einsum("btnh,btnh->bnt", do, out)
-      return [np.asarray(g) for g in flash._ffi_bwd(*data, do, lse, delta, lo, hi,
+      return [np.asarray(g) for g in flash._ffi_bwd(*data, do, stats, delta, lo, hi,
                                                     matmul=matmul, bf16_out=bf16_out, **kw)]
 
     bf = tuple(map(as_bf16, (q, k, v)))
@@ -344,7 +344,8 @@ def test_avx512_paths_emulated():
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
        "-k", "not test_avx512_paths_emulated", __file__],
-      env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
+      env=env, capture_output=True, text=True, timeout=1200,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
   tail = proc.stdout[-4000:] + proc.stderr[-2000:]
   assert proc.returncode == 0, tail
   summary = proc.stdout.strip().splitlines()[-1]

@@ -149,8 +149,21 @@ def _flash(q, k, v, lo, hi, cfg):
   return out, lse
 
 
+def _residual_cfg(cfg):
+  """The forward's cfg when its residuals feed the backward.  The backward recomputes
+  P from the forward's statistics and must see the forward's logits: with
+  ``matmul='amx'`` the forward's float32 logits come from bf16x6 tile products
+  (accurate to ~2^-20, not bit-equal to the SIMD GEMM), so when the backward will run
+  on the SIMD engine (any result but bf16 with ``block_q % 32 == 0``, the AMX
+  backward's rule) the differentiated forward runs on the SIMD engine too."""
+  scale, bq, bk, nt, mm, bf16_out = cfg
+  if mm == "amx" and not (bf16_out and bq % 32 == 0):
+    return (scale, bq, bk, nt, "simd", bf16_out)
+  return cfg
+
+
 def _flash_fwd(q, k, v, lo, hi, cfg):
-  out, lse, stats = _forward(q, k, v, lo, hi, cfg)
+  out, lse, stats = _forward(q, k, v, lo, hi, _residual_cfg(cfg))
   return (out, lse), (q, k, v, lo, hi, out, stats)
 
 
