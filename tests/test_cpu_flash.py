@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
 import attnjax
 from attnjax import masks
-from attnjax.cpu import build
-from attnjax.cpu import flash
+from attnjax.cpu import build, flash
 from attnjax.cpu.flash import CpuFlashBlockSizes
-from test_attention import MASK_FAMILIES, AttentionTestBase, assert_close, make_qkv, rnd
 
 # Machines without AVX2/FMA (or AVX-512) or a C++ compiler skip (the kernel cannot
 # exist there);
@@ -161,38 +160,48 @@ class TestCpuFlash(AttentionTestBase):
                                                  **kw)
     assert _custom_calls(fallback, q, k, v) == []
 
-  def test_bias_grads(self):
+  # The base's numerics tests of features the kernel does not serve do not apply; the
+  # tests below check instead that those features are refused and fall back.
+  test_bias_grads = None
+  test_segment_ids_with_padding = None
+  test_segment_ids_cross = None
+  test_document_mask_under_jit = None
+  test_score_mod_table_grads = None
+  test_spatial_masks = None
+
+  def test_bias_is_refused_and_falls_back(self):
     q, k, v = make_qkv(11, 2, 19, 23, 4, 2, 32, 32, jnp.float32)
     self._unsupported("bias", q, k, v, bias=rnd(5, (2, 4, 19, 23)))
 
   def test_softcap_and_scale(self):
+    """softcap is refused (and falls back); scale alone is served."""
     q, k, v = make_qkv(13, 1, 17, 29, 2, 2, 64, 64, jnp.float32)
     self._unsupported("softcap", q, k, v, softcap=5.0, scale=0.3)
     # scale alone is served:
     self.check(q * 4.0, k, v, jnp.float32, scale=0.3)
 
-  def test_segment_ids_with_padding(self):
+  def test_segment_ids_are_refused_and_fall_back(self):
     q, k, v = make_qkv(14, 2, 37, 37, 4, 2, 32, 32, jnp.float32)
     seg = jnp.asarray(np.repeat(np.arange(2), [20, 17])[None].repeat(2, 0), jnp.int32)
     self._unsupported("segment ids", q, k, v, q_segment_ids=seg)
 
-  def test_segment_ids_cross(self):
+  def test_cross_segment_ids_are_refused_and_fall_back(self):
     q, k, v = make_qkv(15, 2, 9, 14, 2, 1, 32, 32, jnp.float32)
     qs = jnp.asarray(np.repeat(np.arange(3), 3)[None].repeat(2, 0), jnp.int32)
     ks = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 4, (2, 14))), jnp.int32)
     self._unsupported("segment ids", q, k, v, q_segment_ids=qs, kv_segment_ids=ks)
 
-  def test_document_mask_under_jit(self):
+  def test_document_mask_is_refused_and_falls_back(self):
     q, k, v = make_qkv(16, 2, 33, 33, 2, 2, 32, 32, jnp.float32)
     seg = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 5, (2, 33))), jnp.int32)
     self._unsupported("band masks", q, k, v, mask=masks.document(seg) & masks.causal())
 
-  def test_score_mod_table_grads(self):
+  def test_score_mod_is_refused_and_falls_back(self):
     q, k, v = make_qkv(17, 1, 25, 25, 4, 2, 32, 32, jnp.float32)
     mod = attnjax.score_mods.alibi(attnjax.score_mods.alibi_slopes(4))
     self._unsupported("score_mod", q, k, v, score_mod=mod)
 
-  def test_spatial_masks(self):
+  def test_spatial_masks_are_refused_and_fall_back(self):
     q, k, v = make_qkv(18, 1, 48, 48, 2, 1, 32, 32, jnp.float32)
     self._unsupported("band masks", q, k, v, mask=masks.neighborhood((6, 8), (3, 5)))
 
@@ -288,10 +297,10 @@ class TestCpuFlashAmx(TestCpuFlash):
     kw = dict(scale=0.125, block_q=64, block_k=32, num_threads=1)
 
     def grads(data, matmul, bf16_out):
-      out, lse = flash._ffi_fwd(*data, lo, hi, matmul="avx512", bf16_out=False, **kw)
+      out, _, stats = flash._ffi_fwd(*data, lo, hi, matmul="avx512", bf16_out=False, **kw)
       do = as_bf16(rnd(73, out.shape))
       delta = jnp.einsum("btnh,btnh->bnt", do, out)
-      return [np.asarray(g) for g in flash._ffi_bwd(*data, do, lse, delta, lo, hi,
+      return [np.asarray(g) for g in flash._ffi_bwd(*data, do, stats, delta, lo, hi,
                                                     matmul=matmul, bf16_out=bf16_out, **kw)]
 
     bf = tuple(map(as_bf16, (q, k, v)))
@@ -335,7 +344,8 @@ def test_avx512_paths_emulated():
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
        "-k", "not test_avx512_paths_emulated", __file__],
-      env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
+      env=env, capture_output=True, text=True, timeout=1200,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
   tail = proc.stdout[-4000:] + proc.stderr[-2000:]
   assert proc.returncode == 0, tail
   summary = proc.stdout.strip().splitlines()[-1]
@@ -364,3 +374,109 @@ def test_disabled_by_environment():
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ build, cache, logging
+
+def _run_python(code, env_extra, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
+  for key in ("ATTNJAX_CPU_KERNELS", "ATTNJAX_CPU_EMULATE_AVX512"):
+    env.pop(key, None)
+  return subprocess.run([sys.executable, *code], env=env, capture_output=True, text=True,
+                        timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)),
+                        check=False)
+
+
+def test_cache_key_changes_with_source_compiler_flags_and_cpu_features():
+  """The key is a function of source, compiler identity, flags, CPU features and jax
+  version, not of the host name: each part changes it, equal parts give equal keys."""
+  base = dict(sources=b"int f();", compiler_id="g++ (GCC) 12.2.0", flags=("-O3", "-w"),
+              cpu_features={"avx2", "fma"}, jax_version="0.1")
+  key = build.cache_key(**base)
+  assert key == build.cache_key(**dict(base, cpu_features=["fma", "avx2"]))
+  for change in [dict(sources=b"int g();"), dict(compiler_id="clang version 17.0.1"),
+                 dict(flags=("-O3", "-Werror")), dict(flags=("-O3 -w",)),
+                 dict(cpu_features={"avx2", "fma", "avx512f"}), dict(jax_version="0.2")]:
+    assert build.cache_key(**dict(base, **change)) != key, change
+
+
+def test_werror_flags_follow_ci_and_override(monkeypatch):
+  monkeypatch.delenv("CI", raising=False)
+  monkeypatch.delenv("ATTNJAX_CPU_WERROR", raising=False)
+  assert "-Werror" not in build.compile_flags()
+  assert {"-Wall", "-Wextra"} <= set(build.compile_flags())
+  assert "-w" not in build.compile_flags()
+  monkeypatch.setenv("CI", "true")
+  assert "-Werror" in build.compile_flags()
+  monkeypatch.setenv("CI", "0")
+  assert "-Werror" not in build.compile_flags()
+  monkeypatch.setenv("ATTNJAX_CPU_WERROR", "1")
+  assert "-Werror" in build.compile_flags()
+
+
+_TWO_CALLS = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+    import jax.numpy as jnp, numpy as np, attnjax
+    from attnjax.cpu import build
+    rng = np.random.default_rng(0)
+    for T in (40, 72):  # two shapes: two traces
+      q = jnp.asarray(rng.standard_normal((1, T, 2, 32)), jnp.float32)
+      out = attnjax.attention(q, q, q, implementation="cpu_flash")
+      ref = attnjax.reference_attention(q, q, q)
+      assert float(jnp.abs(out - ref).max()) < 1e-5
+    assert build.load() is None and build.unavailable_reason() is None
+    print("KEY", build._build()[1])
+""")
+
+
+def test_build_logs_once_and_aot_command_reuses_it(tmp_path):
+  """A process that builds the kernel logs 'building cpu_flash kernel ... (N s)' once
+  however many calls trace it; `python -m attnjax.cpu.build` on the same cache then
+  prints the cached library's path and key without building again."""
+  env = dict(ATTNJAX_CACHE_DIR=str(tmp_path))
+  proc = _run_python(["-c", _TWO_CALLS], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logs = [line for line in proc.stdout.splitlines() if line.startswith("LOG")]
+  building = [line for line in logs if "building cpu_flash kernel" in line]
+  assert len(building) == 1 and building[0].startswith("LOG INFO"), logs
+  assert re.search(r"\(\d+\.\d s\)", building[0]), building
+  assert not any("WARNING" in line for line in logs), logs
+  key = re.search(r"^KEY (\w+)$", proc.stdout, re.MULTILINE).group(1)
+  aot = _run_python(["-m", "attnjax.cpu.build"], env)
+  assert aot.returncode == 0, aot.stderr[-3000:]
+  assert f"key: {key}" in aot.stdout, aot.stdout
+  path = re.search(r"^path: (.+)$", aot.stdout, re.MULTILINE).group(1)
+  assert os.path.exists(path) and key in os.path.basename(path)
+  assert "building cpu_flash kernel" not in aot.stderr  # cached: nothing rebuilt
+
+
+def test_missing_compiler_warns_once_and_auto_falls_back(tmp_path):
+  """CXX naming no compiler: one warning with the reason on the attnjax.cpu logger, an
+  explicit 'cpu_flash' request raises NotImplementedError carrying it, 'auto' still
+  answers (XLA paths), and the AOT command exits non-zero with the reason."""
+  env = dict(ATTNJAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+  code = textwrap.dedent("""
+      import logging, sys
+      logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+      import jax.numpy as jnp, numpy as np, attnjax
+      q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 600, 2, 32)), jnp.float32)
+      for _ in range(2):
+        try:
+          attnjax.attention(q, q, q, implementation="cpu_flash")
+        except NotImplementedError as e:
+          assert "/nonexistent/c++" in str(e), e
+        else:
+          raise AssertionError("cpu_flash ran without a compiler")
+      out = attnjax.attention(q, q, q, mask=attnjax.masks.causal())
+      ref = attnjax.reference_attention(q, q, q, mask=attnjax.masks.causal())
+      assert float(jnp.abs(out - ref).max()) < 1e-5
+      print("ok")
+  """)
+  proc = _run_python(["-c", code], env)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+  warnings = [line for line in proc.stdout.splitlines() if line.startswith("LOG WARNING")]
+  assert len(warnings) == 1 and "/nonexistent/c++" in warnings[0], proc.stdout[-2000:]
+  assert not list(tmp_path.iterdir())  # nothing built
+  aot = _run_python(["-m", "attnjax.cpu.build"], env)
+  assert aot.returncode == 1 and "/nonexistent/c++" in aot.stderr, aot.stderr[-2000:]

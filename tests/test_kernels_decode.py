@@ -14,14 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_kernels_flash as flash_tests
+# Shared with the flash-kernel tests: backends, tolerances and the kernel-vs-reference runner.
+from helpers import BACKENDS, run_kernel_pair
+from helpers import assert_kernel_close as _assert_close
+from helpers import export_for as _export
+from helpers import kernel_module as _mod
+from helpers import kernel_rand as _rand
+
 from attnjax import masks, score_mods
 from attnjax.core import plan as plan_lib
 from attnjax.kernels import tile_math
 
-# Shared with the flash-kernel tests: backends, tolerances and the kernel-vs-reference runner.
-BACKENDS, TOL, SUM_TOL = flash_tests.BACKENDS, flash_tests.TOL, flash_tests.SUM_TOL
-_mod, _rand, _assert_close = flash_tests._mod, flash_tests._rand, flash_tests._assert_close
 # Keys per tile: small, so a cache of ~1000 keys has 8 (TPU) / 16 (GPU) tiles.
 BLOCK_K = {"tpu": 128, "gpu": 64}
 
@@ -29,7 +32,7 @@ BLOCK_K = {"tpu": 128, "gpu": 64}
 def _run_pair(backend, dtype, shapes, *, num_splits, seed=0, diff=(), make_kwargs=None):
   """Kernel (interpret, split) vs reference: ``((out, lse), grads)`` of both."""
   bs = _mod(backend).BlockSizes(block_k=BLOCK_K[backend], num_splits=num_splits)
-  return flash_tests._run_pair(backend, dtype, shapes, seed=seed, diff=diff,
+  return run_kernel_pair(backend, dtype, shapes, seed=seed, diff=diff,
                                make_kwargs=make_kwargs, block_sizes=bs)
 
 
@@ -257,9 +260,6 @@ def test_split_table_traced_matches_static():
 
 
 # =============================================================================== lowering
-
-
-_export = flash_tests._export
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

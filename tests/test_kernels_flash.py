@@ -9,12 +9,16 @@ main mask families; ``-m slow`` adds the bf16 sweep, more hypothesis examples an
 lowering of every mask family.
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import BACKENDS, SUM_TOL, TOL  # noqa: F401  (shared with the decode tests)
+from helpers import assert_kernel_close as _assert_close
+from helpers import export_for as _export
+from helpers import kernel_module as _mod
+from helpers import kernel_rand as _rand
+from helpers import run_kernel_pair as _run_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,67 +27,6 @@ from attnjax import masks, score_mods
 from attnjax.core import plan as plan_lib
 from attnjax.ops import chunked as chunked_lib
 from attnjax.ops.dense import reference_attention
-
-BACKENDS = ("tpu", "gpu")
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
-# Gradients of tables that sum over every tile (score_mod arrays, sinks, broadcast bias).
-SUM_TOL = {jnp.float32: dict(atol=5e-5, rtol=2e-5), jnp.bfloat16: dict(atol=6e-2, rtol=3e-2)}
-
-
-def _mod(backend):
-  return importlib.import_module(f"attnjax.kernels.{backend}.flash")
-
-
-def _rand(rng, shape, dtype=jnp.float32):
-  return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
-def _run_pair(backend, dtype, shapes, seed=0, diff=(), make_kwargs=None, block_sizes=None):
-  """Kernel (interpret) vs reference: returns the leaves of (out, lse, grads) of both.
-
-  ``diff`` names extra differentiable arrays (each passed to ``make_kwargs``).
-  """
-  B, T, S, N, K, H, Hv = shapes
-  rng = np.random.default_rng(seed)
-  q = _rand(rng, (B, T, N, H), dtype)
-  k = _rand(rng, (B, S, K, H), dtype)
-  v = _rand(rng, (B, S, K, Hv), dtype)
-  extras = [jnp.asarray(x) for x in diff]
-  ct_o = _rand(rng, (B, T, N, Hv), dtype)
-  ct_l = _rand(rng, (B, N, T), jnp.float32)
-  mod = _mod(backend)
-
-  def run(impl):
-    def f(q, k, v, *ex):
-      kw = make_kwargs(*ex) if make_kwargs else {}
-      if impl == "kernel":
-        return mod.flash_attention(q, k, v, return_lse=True, interpret=True,
-                                   block_sizes=block_sizes, **kw)
-      return reference_attention(q, k, v, return_lse=True, **kw)
-
-    def g(args, cts):
-      out, vjp = jax.vjp(f, *args)
-      return out, vjp(cts)
-    return jax.jit(g)((q, k, v, *extras), (ct_o, ct_l))
-
-  return run("kernel"), run("reference")
-
-
-def _assert_close(got, want, dtype, n_core=5):
-  (go, gl), ggrads = got
-  (wo, wl), wgrads = want
-  tol = TOL[dtype]
-  np.testing.assert_allclose(np.asarray(go, np.float32), np.asarray(wo, np.float32), **tol)
-  # lse: -inf exactly where the reference has -inf, close elsewhere.
-  gl, wl = np.asarray(gl), np.asarray(wl)
-  np.testing.assert_array_equal(np.isneginf(gl), np.isneginf(wl))
-  fin = np.isfinite(wl)
-  np.testing.assert_allclose(gl[fin], wl[fin], **tol)
-  for i, (a, b) in enumerate(zip(ggrads, wgrads)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.all(np.isfinite(a)), f"grad {i} has non-finite values"
-    np.testing.assert_allclose(a, b, **(tol if i < 3 else SUM_TOL[dtype]),
-                               err_msg=f"grad {i}")
 
 
 # =============================================================================== numerics
@@ -341,14 +284,6 @@ def test_step_schedule_data_dependent_matches_static():
 
 
 # =============================================================================== lowering
-
-
-def _export(platform, fn, *args):
-  if platform == "tpu":
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-  return jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
 
 
 def _lower_case(platform, dtype=jnp.bfloat16, T=64, S=64, N=4, K=2, H=64, with_table=False,

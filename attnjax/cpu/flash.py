@@ -2,14 +2,14 @@
 
 XLA:CPU executes a blockwise attention loop on effectively one core (see the README,
 "CPU performance").  This implementation is an XLA FFI custom call
-(``jax.ffi.ffi_call``) into ``flash_cpu.cc``: the online-softmax forward of
-"FlashAttention" (Dao et al., 2022) and the one-pass backward of "FlashAttention-2"
-(Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
+(``jax.ffi.ffi_call``) into ``flash_cpu.cc`` (and the units it includes): the
+online-softmax forward of "FlashAttention" (Dao et al., 2022) and the one-pass
+backward of "FlashAttention-2" (Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
 CPUs without it; AMX bf16 tile products for bf16 data where the CPU has them; see
 ``CpuFlashBlockSizes.matmul``), split over all cores by
 ``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
 the backward.  The library is compiled for the machine on first use
-(:mod:`attnjax.cpu.build`).
+(:mod:`attnjax.cpu.build`), or ahead of time with ``python -m attnjax.cpu.build``.
 
 It serves calls whose mask is a band — each query attends to a contiguous key range
 ``lo(t) <= s <= hi(t)`` (``None``, ``causal``, ``sliding_window``, ``chunked``,
@@ -112,47 +112,71 @@ def _attrs(scale, block_q, block_k, num_threads, matmul, bf16_out):
 
 
 def _ffi_fwd(q, k, v, lo, hi, **cfg):
+  """(out [B, T, N, Hv], lse [B, N, T], stats [2, B, N, T]): stats holds each row's
+  integral running max (log2 units) and 1 / l exactly as the forward used them; the
+  backward recomputes P from them (not from lse, whose float32 rounding in natural
+  units is a whole-row error that grows with the logits)."""
   B, T, N, _ = q.shape
   Hv = v.shape[-1]
   return jax.ffi.ffi_call(
       build.TARGETS["AttnjaxFlashFwd"],
       (jax.ShapeDtypeStruct((B, T, N, Hv), jnp.float32),
-       jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+       jax.ShapeDtypeStruct((B, N, T), jnp.float32),
+       jax.ShapeDtypeStruct((2, B, N, T), jnp.float32)),
       vmap_method="sequential",
   )(q, k, v, lo, hi, **_attrs(**cfg))
 
 
-def _ffi_bwd(q, k, v, do, lse, delta, lo, hi, **cfg):
+def _ffi_bwd(q, k, v, do, stats, delta, lo, hi, **cfg):
   return jax.ffi.ffi_call(
       build.TARGETS["AttnjaxFlashBwd"],
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
       vmap_method="sequential",
-  )(q, k, v, do, lse, delta, lo, hi, **_attrs(**cfg))
+  )(q, k, v, do, stats, delta, lo, hi, **_attrs(**cfg))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, lo, hi, cfg):
+def _forward(q, k, v, lo, hi, cfg):
+  """(out, lse, stats) of the forward kernel."""
   scale, bq, bk, nt, mm, bf16_out = cfg
   # Under shard_map the custom call's outputs vary like its inputs.
   return vary_like(_ffi_fwd(q, k, v, lo, hi, scale=scale, block_q=bq, block_k=bk,
                             num_threads=nt, matmul=mm, bf16_out=bf16_out), q, k, v, lo, hi)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, lo, hi, cfg):
+  out, lse, _ = _forward(q, k, v, lo, hi, cfg)
+  return out, lse
+
+
+def _residual_cfg(cfg):
+  """The forward's cfg when its residuals feed the backward.  The backward recomputes
+  P from the forward's statistics and must see the forward's logits: with
+  ``matmul='amx'`` the forward's float32 logits come from bf16x6 tile products
+  (accurate to ~2^-20, not bit-equal to the SIMD GEMM), so when the backward will run
+  on the SIMD engine (any result but bf16 with ``block_q % 32 == 0``, the AMX
+  backward's rule) the differentiated forward runs on the SIMD engine too."""
+  scale, bq, bk, nt, mm, bf16_out = cfg
+  if mm == "amx" and not (bf16_out and bq % 32 == 0):
+    return (scale, bq, bk, nt, "simd", bf16_out)
+  return cfg
+
+
 def _flash_fwd(q, k, v, lo, hi, cfg):
-  out, lse = _flash(q, k, v, lo, hi, cfg)
-  return (out, lse), (q, k, v, lo, hi, out, lse)
+  out, lse, stats = _forward(q, k, v, lo, hi, _residual_cfg(cfg))
+  return (out, lse), (q, k, v, lo, hi, out, stats)
 
 
 def _flash_bwd(cfg, res, cts):
   scale, bq, bk, nt, mm, bf16_out = cfg
-  q, k, v, lo, hi, out, lse = res
+  q, k, v, lo, hi, out, stats = res
   do, dlse = cts
   do = do.astype(jnp.float32)
   # d lse_i / d s_ij = p_ij, so an lse cotangent shifts delta: dS = P * (dP - delta).
   delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
-  grads = _ffi_bwd(q, k, v, do, lse, delta, lo, hi, scale=scale, block_q=bq, block_k=bk,
+  grads = _ffi_bwd(q, k, v, do, stats, delta, lo, hi, scale=scale, block_q=bq, block_k=bk,
                    num_threads=nt, matmul=mm, bf16_out=bf16_out)
-  grads = vary_like(grads, q, k, v, do, lse, delta, lo, hi)
+  grads = vary_like(grads, q, k, v, do, stats, delta, lo, hi)
   return (*sum_to_vma(grads, (q, k, v)), None, None)
 
 
