@@ -20,6 +20,27 @@ under composition: a tile is never classified empty or full unless it is.
 
 Index conventions: ``q_idx`` in ``[0, T)``, ``kv_idx`` in ``[0, S)``; spatial
 masks use row-major token order over a grid ``shape`` (``T == S == prod(shape)``).
+
+Typed structure.  Every mask says what it is: ``kind`` (one of :data:`KINDS`),
+``params`` (static constructor parameters), ``children`` (operands of ``&``, ``|``,
+``~`` and ``shifted``) and ``arrays`` (segment ids, the block mask, the array of
+:func:`from_array`, offsets given as JAX values).  Implementations read these, never
+``name``, which is for display: ``from_fn(fn, name='causal(0)')`` is computed as ``fn``.
+
+Pytrees.  A mask is a pytree whose leaves are its arrays (children's first), so
+data-dependent masks cross ``jax.jit`` boundaries::
+
+    >>> f = jax.jit(lambda m, q, k, v: attnjax.attention(q, k, v, mask=m))
+    >>> f(causal(offset=jnp.int32(7)), q, k, v)       # a new offset value: no retrace
+
+A :func:`from_fn` mask carries the user's function as static data: arrays its closure
+captures are not leaves.  Pass data that must cross ``jit`` through :func:`from_array`,
+:func:`document`, :func:`from_block_mask` or offsets.
+
+Traced offsets.  ``causal(offset=o)``, ``sliding_window(..., offset=o)`` and
+``mask.shifted(o_q, o_kv)`` accept integer JAX scalars (e.g. a traced KV-cache index).
+Such masks (:attr:`Mask.scalar_data_only`) are never materialised: the Pallas kernels
+read the offsets as scalar operands and evaluate the band in-kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "EMPTY", "PARTIAL", "FULL", "Mask", "full", "causal", "sliding_window", "chunked",
+    "EMPTY", "PARTIAL", "FULL", "KINDS", "Mask", "full", "causal", "sliding_window", "chunked",
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
     "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask",
 ]

@@ -29,7 +29,7 @@ from attnjax.kernels.gpu import flash as gpu_flash
 from attnjax.kernels.tpu import flash as tpu_flash
 from attnjax.ops.dense import reference_attention
 
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {jnp.float32: {"atol": 2e-5, "rtol": 2e-5}, jnp.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 CPU_FLASH_OK = cpu_build.unavailable_reason() is None
 
 
@@ -324,8 +324,8 @@ def test_export_traced_offset_has_no_T_by_S_tensor(platform, T):
     return jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v, off).astype(jnp.float32)),
                     argnums=(0, 1, 2))(q, k, v)
 
-  kw = {} if platform == "tpu" else dict(disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  kw = {} if platform == "tpu" else {"disabled_checks": [
+      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]}
   for fn in (fwd, grad):
     text = jax.export.export(jax.jit(fn), platforms=[platform], **kw)(q, k, k, off).mlir_module()
     assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
@@ -336,7 +336,7 @@ def test_export_traced_offset_has_no_T_by_S_tensor(platform, T):
 # =============================================================================== numerics
 
 
-SMALL = dict(B=2, T=24, S=200, N=4, K=2, H=64)
+SMALL = {"B": 2, "T": 24, "S": 200, "N": 4, "K": 2, "H": 64}
 NUMERIC_MASKS = {
     "causal": (lambda o: M.causal(offset=o), (150,)),
     "window": (lambda o: M.sliding_window(40, 3, offset=o), (120,)),
