@@ -20,6 +20,27 @@ under composition: a tile is never classified empty or full unless it is.
 
 Index conventions: ``q_idx`` in ``[0, T)``, ``kv_idx`` in ``[0, S)``; spatial
 masks use row-major token order over a grid ``shape`` (``T == S == prod(shape)``).
+
+Typed structure.  Every mask says what it is: ``kind`` (one of :data:`KINDS`),
+``params`` (static constructor parameters), ``children`` (operands of ``&``, ``|``,
+``~`` and ``shifted``) and ``arrays`` (segment ids, the block mask, the array of
+:func:`from_array`, offsets given as JAX values).  Implementations read these, never
+``name``, which is for display: ``from_fn(fn, name='causal(0)')`` is computed as ``fn``.
+
+Pytrees.  A mask is a pytree whose leaves are its arrays (children's first), so
+data-dependent masks cross ``jax.jit`` boundaries::
+
+    >>> f = jax.jit(lambda m, q, k, v: attnjax.attention(q, k, v, mask=m))
+    >>> f(causal(offset=jnp.int32(7)), q, k, v)       # a new offset value: no retrace
+
+A :func:`from_fn` mask carries the user's function as static data: arrays its closure
+captures are not leaves.  Pass data that must cross ``jit`` through :func:`from_array`,
+:func:`document`, :func:`from_block_mask` or offsets.
+
+Traced offsets.  ``causal(offset=o)``, ``sliding_window(..., offset=o)`` and
+``mask.shifted(o_q, o_kv)`` accept integer JAX scalars (e.g. a traced KV-cache index).
+Such masks (:attr:`Mask.scalar_data_only`) are never materialised: the Pallas kernels
+read the offsets as scalar operands and evaluate the band in-kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "EMPTY", "PARTIAL", "FULL", "Mask", "full", "causal", "sliding_window", "chunked",
+    "EMPTY", "PARTIAL", "FULL", "KINDS", "Mask", "full", "causal", "sliding_window", "chunked",
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
     "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask",
 ]
@@ -62,31 +83,69 @@ class _Ctx:
 # --------------------------------------------------------------------------- Mask
 
 
+KINDS = ("full", "causal", "sliding_window", "chunked", "prefix_lm", "dual_triangle",
+         "document", "neighborhood", "window", "grid", "axial", "criss_cross", "array",
+         "fn", "block_mask", "shifted", "and", "or", "not")
+"""The closed set of :attr:`Mask.kind` values (see the module docstring)."""
+
+_COMPOSITE = ("and", "or", "not")
+_BIG = 1 << 30
+
+
 class Mask:
   """A boolean attention mask over ``(b, h, q_idx, kv_idx)``; True = attend.
 
   Do not construct directly: use the constructors of this module
   (:func:`causal`, :func:`neighborhood`, :func:`from_fn`, ...) and ``&``, ``|``, ``~``.
 
+  A mask is a JAX pytree whose leaves are its arrays (those of its children first).
+
   Attributes:
-    name: a readable description, e.g. ``"causal(0) & sliding_window(128, 0)"``.
+    kind: what the mask is, one of :data:`KINDS` (``'causal'``, ``'block_mask'``,
+      ``'and'``, ...).  Implementations decide how to treat a mask from ``kind``,
+      ``params``, ``children`` and ``arrays``, never from ``name``.
+    params: the static parameters of the constructor (a dict of ints, bools, tuples;
+      for ``'fn'`` the user's function and name), e.g. ``{'block_q': 16, 'block_k': 16}``.
+      A parameter passed as a JAX value (a traced offset) is in ``arrays`` instead.
+    children: the operand masks of ``'and'``, ``'or'``, ``'not'`` and ``'shifted'``.
+    arrays: a dict of the mask's own arrays (segment ids, the block mask, the array of
+      :func:`from_array`, offsets given as JAX values), in constructor order.
+    name: a readable description for display only, e.g.
+      ``"(causal(0) & sliding_window(128, 0))"``.
   """
 
-  def __init__(self, fn, name, *, band=None, table=None, data_dependent=False,
-               grid_size=None, head_dependent=False, children=(), op=None,
-               operands=(), check=None):
-    self._fn = fn
-    self._check = check            # (T, S, num_heads, batch) -> None (raises), or None                  # (ctx, b, h, q, kv) -> bool (np or jnp)
+  def __init__(self, fn, name, *, kind, params=None, arrays=None, children=(), band=None,
+               table=None, data_dependent=False, grid_size=None, head_dependent=False,
+               check=None, parts=None, bounds=(False, False)):
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    self._fn = fn                  # (ctx, b, h, q, kv) -> bool (np or jnp)
+    self._check = check            # (T, S, num_heads, batch) -> None (raises), or None
     self.name = name
+    self.kind = kind
+    self._params = tuple((params or {}).items())
+    self._arrays = tuple((arrays or {}).items())
+    self.children = tuple(children)
     self._band = band              # (ctx, q, xp) -> (lo, hi) inclusive, or None
+    self._bounds = bounds          # (lo is unbounded below, hi unbounded above): static
     self._table = table            # custom in-graph table fn, or None
     self._data_dependent = bool(data_dependent)
     self._grid_size = grid_size    # T == S == grid_size required, or None
     self._head_dependent = head_dependent
-    self._children = tuple(children)
-    self._op = op
-    self._operands = tuple(operands)
+    # Operands evaluated by table algebra ('and'/'or'/'not' and criss_cross).
+    self._parts = tuple(children) if parts is None else tuple(parts)
+    self._op = kind if kind in _COMPOSITE else ("or" if kind == "criss_cross" else None)
     self._cache = {}
+
+  @property
+  def params(self) -> dict:
+    """The static constructor parameters (a fresh dict)."""
+    return dict(self._params)
+
+  @property
+  def arrays(self) -> dict:
+    """The mask's own arrays by name (a fresh dict; children's arrays not included)."""
+    return dict(self._arrays)
 
   # ------------------------------------------------------------------ evaluation
   def __call__(self, b, h, q_idx, kv_idx, *, num_heads=1, batch=1):
@@ -102,16 +161,30 @@ class Mask:
     """True when the mask reads JAX arrays (segment ids, traced offsets, ...)."""
     if self._data_dependent:
       return True
-    return any(c.data_dependent for c in self._children)
+    return any(c.data_dependent for c in self._parts)
 
   @property
   def head_dependent(self) -> bool:
-    return self._head_dependent or any(c.head_dependent for c in self._children)
+    return self._head_dependent or any(c.head_dependent for c in self._parts)
+
+  @property
+  def scalar_data_only(self) -> bool:
+    """True when every JAX value the mask reads is a scalar leaf (traced band
+    offsets): its predicate runs in a kernel with the scalars as operands, and no
+    ``[T, S]`` array is needed.  False for ``'fn'`` masks closing over JAX arrays."""
+    if self.kind == "fn" and self._data_dependent:
+      return False
+    if any(np.size(x) != 1 for _, x in self._arrays):
+      return False
+    return all(c.scalar_data_only for c in self.children)
 
   @property
   def segment_ids(self):
     """``(q_segment_ids, kv_segment_ids)`` for a :func:`document` mask, else None."""
-    return getattr(self, "_segments", None)
+    if self.kind != "document":
+      return None
+    arrs = self.arrays
+    return arrs["q_segment_ids"], arrs["kv_segment_ids"]
 
   def __repr__(self):
     return f"Mask({self.name})"
@@ -121,41 +194,48 @@ class Mask:
     other = as_mask(other, "other")
     def fn(ctx, b, h, q, kv):
       return self._fn(ctx, b, h, q, kv) & other._fn(ctx, b, h, q, kv)
-    return Mask(fn, f"({self.name} & {other.name})", children=(self, other), op="and",
+    return Mask(fn, f"({self.name} & {other.name})", kind="and", children=(self, other),
                 grid_size=_merge_grid(self, other))
 
   def __or__(self, other):
     other = as_mask(other, "other")
     def fn(ctx, b, h, q, kv):
       return self._fn(ctx, b, h, q, kv) | other._fn(ctx, b, h, q, kv)
-    return Mask(fn, f"({self.name} | {other.name})", children=(self, other), op="or",
+    return Mask(fn, f"({self.name} | {other.name})", kind="or", children=(self, other),
                 grid_size=_merge_grid(self, other))
 
   def __invert__(self):
     def fn(ctx, b, h, q, kv):
       return ~self._fn(ctx, b, h, q, kv)
-    return Mask(fn, f"~{self.name}", children=(self,), op="not", grid_size=self._grid_size)
+    return Mask(fn, f"~{self.name}", kind="not", children=(self,), grid_size=self._grid_size)
 
-  __rand__ = __and__
-  __ror__ = __or__
+  def __rand__(self, other):
+    return as_mask(other, "other") & self
+
+  def __ror__(self, other):
+    return as_mask(other, "other") | self
 
   def shifted(self, q_offset, kv_offset) -> "Mask":
     """The mask seen by a sub-block: evaluates at ``(q_idx + q_offset, kv_idx + kv_offset)``.
 
-    Offsets may be Python ints or traced integer scalars (ring attention, decoding);
-    traced offsets make the mask data-dependent.  Grid-size checks are dropped,
-    since the sub-block is smaller than the grid.
+    Offsets may be Python ints or integer JAX scalars (traced in ring attention and
+    decoding); JAX offsets are leaves of the mask (``arrays``) and make it
+    data-dependent, and the Pallas kernels read them as scalar operands.  Grid-size
+    checks are dropped, since the sub-block is smaller than the grid.
     """
-    dyn = _is_jax(q_offset, kv_offset)
-    band = None
-    if self._band is not None:
-      def band(ctx, q, xp):
-        lo, hi = self._band(ctx, q + q_offset, xp)
-        return lo - kv_offset, hi - kv_offset
+    params, arrays = {}, {}
+    for nm, off in (("q_offset", q_offset), ("kv_offset", kv_offset)):
+      if _is_jax(off):
+        _check_scalar(nm, off)
+        arrays[nm] = off
+      else:
+        params[nm] = _check_int(nm, off, minimum=-(1 << 40))
+    dyn = bool(arrays)
     def fn(ctx, b, h, q, kv):
       return self._fn(ctx, b, h, q + q_offset, kv + kv_offset)
-    return Mask(fn, f"{self.name}.shifted", band=band,
-                data_dependent=dyn or self.data_dependent, head_dependent=self.head_dependent)
+    return Mask(fn, f"{self.name}.shifted", kind="shifted", params=params, arrays=arrays,
+                children=(self,), data_dependent=dyn, head_dependent=self.head_dependent,
+                parts=())
 
   # ------------------------------------------------------------------ validation
   def check_shape(self, T: int, S: int, num_heads: Optional[int] = None,
@@ -169,7 +249,7 @@ class Mask:
           f"T == S == {g}, got T={T}, S={S}")
     if self._check is not None:
       self._check(T, S, num_heads, batch)
-    for c in self._children:
+    for c in self._parts:
       c.check_shape(T, S, num_heads, batch)
 
   # ------------------------------------------------------------------ materialise
@@ -212,34 +292,83 @@ class Mask:
   def row_band(self, T: int, S: int):
     """Per-query key ranges when this mask is a band, else ``None``.
 
-    A band mask allows exactly ``lo[t] <= kv_idx <= hi[t]`` for every query ``t``
-    (``full``, ``causal``, ``sliding_window``, ``chunked``, ``prefix_lm``, their
-    ``shifted`` views and ``&`` of bands).  Returns int32 ``(lo, hi)`` of shape ``[T]``,
-    clipped to ``[-1, S]`` (``lo > hi`` means the row attends to nothing); NumPy for
-    static masks, JAX arrays when offsets are traced.
+    A band mask allows exactly ``lo[t] <= kv_idx <= hi[t]`` for every query ``t``.
+    Bands are recognised by structure: ``full``, ``causal``, ``sliding_window``,
+    ``chunked``, ``prefix_lm``; ``shifted`` views of bands; ``&`` of bands; ``~`` of a
+    band that is one-sided on every row (``~causal(o)`` is ``[q + o + 1, S - 1]``);
+    ``|`` of two bands whose union is an interval on every row (checked row by row
+    for static masks; a ``|`` with traced offsets is not classified as a band).
+    Returns int32 ``(lo, hi)`` of shape ``[T]``, clipped to ``[-1, S]`` (``lo > hi``
+    means the row attends to nothing); NumPy for static masks, JAX arrays when
+    offsets are traced.
     """
     self.check_shape(T, S)
-    ctx = _Ctx(1, 1)
-    band = self._row_band(ctx, T)
-    if band is None:
+    if self.head_dependent:
       return None
-    xp = _xp(*band)
-    lo, hi = (xp.clip(xp.broadcast_to(x, (T,)), -1, S).astype(np.int32) for x in band)
+    xp = jnp if self.data_dependent else np
+    got = self._band_at(_Ctx(1, 1), xp.arange(T), 0, S - 1, xp)
+    if got is None:
+      return None
+    lo, hi = got[0], got[1]
+    xp = _xp(lo, hi)
+    lo, hi = (xp.clip(xp.broadcast_to(x, (T,)), -1, S).astype(np.int32) for x in (lo, hi))
     return lo, hi
 
-  def _row_band(self, ctx, T):
+  def _band_at(self, ctx, q, k0, k1, xp):
+    """``(lo, hi, lo_open, hi_open)`` on rows ``q`` for keys ``[k0, k1]``: the allowed
+    keys ``lo <= kv <= hi``, clipped to ``[k0 - 1, k1 + 1]`` (``lo > hi``: none); the
+    flags say (statically) that ``lo <= k0`` / ``hi >= k1`` on every row.  None when
+    the mask is not a band."""
     if self.head_dependent:
       return None
     if self._band is not None:
-      xp = jnp if self.data_dependent else np
-      return self._band(ctx, xp.arange(T), xp)
-    if self._op == "and":
-      bands = [c._row_band(ctx, T) for c in self._children]
-      if any(b is None for b in bands):
+      lo, hi = self._band(ctx, q, xp)
+      xq = _xp(lo, hi, q, k0, k1)
+      lo = xq.clip(xq.broadcast_to(lo, xq.shape(q)), k0 - 1, k1 + 1)
+      hi = xq.clip(xq.broadcast_to(hi, xq.shape(q)), k0 - 1, k1 + 1)
+      return lo, hi, self._bounds[0], self._bounds[1]
+    if self.kind == "shifted":
+      (c,) = self.children
+      qo = self.arrays.get("q_offset", self.params.get("q_offset"))
+      ko = self.arrays.get("kv_offset", self.params.get("kv_offset"))
+      got = c._band_at(ctx, q + qo, k0 + ko, k1 + ko, xp)
+      if got is None:
         return None
-      (lo1, hi1), (lo2, hi2) = bands
-      xp = _xp(lo1, hi1, lo2, hi2)
-      return xp.maximum(lo1, lo2), xp.minimum(hi1, hi2)
+      lo, hi, lo_open, hi_open = got
+      return lo - ko, hi - ko, lo_open, hi_open
+    bands = [c._band_at(ctx, q, k0, k1, xp) for c in self.children]
+    if not bands or any(b is None for b in bands):
+      return None
+    if self.kind == "and":
+      (lo1, hi1, a1, b1), (lo2, hi2, a2, b2) = bands
+      xq = _xp(lo1, hi1, lo2, hi2)
+      return xq.maximum(lo1, lo2), xq.minimum(hi1, hi2), a1 and a2, b1 and b2
+    if self.kind == "not":
+      ((lo, hi, lo_open, hi_open),) = bands
+      xq = _xp(lo, hi)
+      static = xq is np
+      left_ok = lo_open or (static and bool(np.all((lo <= k0) | (lo > hi))))
+      right_ok = hi_open or (static and bool(np.all((hi >= k1) | (lo > hi))))
+      empty = lo > hi
+      if left_ok:      # allowed [k0, hi] -> complement [hi + 1, k1]
+        nlo = xq.where(empty, k0, hi + 1)
+        return nlo, xq.full_like(hi, k1), False, True
+      if right_ok:     # allowed [lo, k1] -> complement [k0, lo - 1]
+        nhi = xq.where(empty, k1, lo - 1)
+        return xq.full_like(lo, k0), nhi, True, False
+      return None
+    if self.kind == "or":
+      (lo1, hi1, a1, b1), (lo2, hi2, a2, b2) = bands
+      xq = _xp(lo1, hi1, lo2, hi2)
+      if xq is not np:
+        return None
+      e1, e2 = lo1 > hi1, lo2 > hi2
+      touching = np.maximum(lo1, lo2) <= np.minimum(hi1, hi2) + 1
+      if not np.all(e1 | e2 | touching):
+        return None
+      lo = np.where(e1, lo2, np.where(e2, lo1, np.minimum(lo1, lo2)))
+      hi = np.where(e1, hi2, np.where(e2, hi1, np.maximum(hi1, hi2)))
+      return lo, hi, bool(np.all(lo <= k0)), bool(np.all(hi >= k1))
     return None
 
   def _block_table(self, ctx, T, S, bq, bk):
@@ -248,11 +377,128 @@ class Mask:
     if self._band is not None and not self.head_dependent:
       xp = jnp if self.data_dependent else np
       return _band_table(self._band, ctx, T, S, bq, bk, xp)
+    if self.kind == "shifted" and not self.head_dependent:
+      got = self._band_fn()
+      if got is not None:
+        return _band_table(got, ctx, T, S, bq, bk, jnp if self.data_dependent else np)
     if self._op is not None and (self.data_dependent or
                                  T * S * ctx.num_heads * ctx.batch > _EXACT_LIMIT):
-      tabs = [c._block_table(ctx, T, S, bq, bk) for c in self._children]
+      tabs = [c._block_table(ctx, T, S, bq, bk) for c in self._parts]
       return _table_algebra(self._op, tabs)
     return _eval_table(self, ctx, T, S, bq, bk)
+
+  def _band_fn(self):
+    """``band(ctx, q, xp) -> (lo, hi)`` for band leaves and shifted / ``&`` of them."""
+    if self.head_dependent:
+      return None
+    if self._band is not None:
+      return self._band
+    if self.kind == "shifted":
+      inner = self.children[0]._band_fn()
+      if inner is None:
+        return None
+      qo = self.arrays.get("q_offset", self.params.get("q_offset"))
+      ko = self.arrays.get("kv_offset", self.params.get("kv_offset"))
+      def band(ctx, q, xp):
+        lo, hi = inner(ctx, q + qo, xp)
+        return lo - ko, hi - ko
+      return band
+    if self.kind == "and":
+      fa, fb = (c._band_fn() for c in self.children)
+      if fa is None or fb is None:
+        return None
+      def band(ctx, q, xp):
+        (l1, h1), (l2, h2) = fa(ctx, q, xp), fb(ctx, q, xp)
+        xq = _xp(l1, h1, l2, h2)
+        return xq.maximum(l1, l2), xq.minimum(h1, h2)
+      return band
+    return None
+
+
+# ------------------------------------------------------------------ pytree
+
+
+def _flatten(m: Mask):
+  arr_names = tuple(k for k, _ in m._arrays)
+  leaves = list(m.children) + [v for _, v in m._arrays]
+  aux = (m.kind, m._params, len(m.children), arr_names, m.name)
+  return leaves, aux
+
+
+def _unflatten(aux, leaves):
+  kind, params_t, n_children, arr_names, name = aux
+  params = dict(params_t)
+  children = list(leaves[:n_children])
+  arrays = dict(zip(arr_names, leaves[n_children:]))
+  try:
+    m = _rebuild(kind, params, children, arrays)
+  except (TypeError, ValueError, AttributeError, IndexError):
+    # Leaves that are not arrays (e.g. tree_util sentinels, shapes): keep the structure
+    # only; such a mask cannot be evaluated.
+    m = Mask(_unevaluable, name, kind=kind, params=params, arrays=arrays,
+             children=[c for c in children if isinstance(c, Mask)])
+  m.name = name
+  return m
+
+
+def _unevaluable(ctx, b, h, q, kv):
+  raise TypeError("this Mask was rebuilt from pytree leaves that are not arrays")
+
+
+def _rebuild(kind, p, ch, arr):
+  both = {**p, **arr}
+  if kind == "full":
+    return full()
+  if kind == "causal":
+    return causal(both["offset"])
+  if kind == "sliding_window":
+    return sliding_window(p["left"], p["right"], offset=both["offset"])
+  if kind == "chunked":
+    return chunked(p["size"])
+  if kind == "prefix_lm":
+    return prefix_lm(p["prefix_len"])
+  if kind == "dual_triangle":
+    return dual_triangle()
+  if kind == "document":
+    return document(arr["q_segment_ids"], arr["kv_segment_ids"])
+  if kind == "neighborhood":
+    return neighborhood(p["shape"], p["kernel"], p["dilation"], p["causal"])
+  if kind == "window":
+    return window(p["shape"], p["window"], p["shift"])
+  if kind == "grid":
+    return grid(p["shape"], p["grid"])
+  if kind == "axial":
+    return axial(p["shape"], p["axis"])
+  if kind == "criss_cross":
+    return criss_cross(p["shape"])
+  if kind == "array":
+    return from_array(arr["array"])
+  if kind == "fn":
+    return from_fn(p["fn"], p["name"])
+  if kind == "block_mask":
+    return from_block_mask(arr["block_mask"], p["block_q"], p["block_k"])
+  if kind == "shifted":
+    if not isinstance(ch[0], Mask):
+      raise TypeError("not a mask")
+    return ch[0].shifted(both["q_offset"], both["kv_offset"])
+  if kind == "and":
+    return ch[0] & ch[1]
+  if kind == "or":
+    return ch[0] | ch[1]
+  if kind == "not":
+    if not isinstance(ch[0], Mask):
+      raise TypeError("not a mask")
+    return ~ch[0]
+  raise ValueError(f"unknown mask kind {kind!r}")
+
+
+jax.tree_util.register_pytree_node(Mask, _flatten, _unflatten)
+
+
+def _check_scalar(name, x):
+  if np.ndim(x) != 0 or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an int or an integer JAX scalar, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}")
 
 
 def _check_lead(what, shape, Bm, Nm, num_heads, batch):
@@ -369,25 +615,38 @@ def full() -> Mask:
     return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
   def band(ctx, q, xp):
     return xp.full_like(q, -(1 << 30)), xp.full_like(q, 1 << 30)
-  return Mask(fn, "full", band=band)
+  return Mask(fn, "full", kind="full", band=band, bounds=(True, True))
+
+
+def _offset_param(name, offset):
+  """``(params, arrays)`` for an offset: a Python int is a static parameter, an
+  integer JAX scalar (possibly traced) an array leaf."""
+  if _is_jax(offset):
+    _check_scalar(name, offset)
+    return {}, {name: offset}
+  return {name: _check_int(name, offset, minimum=-(1 << 40))}, {}
 
 
 def causal(offset: int = 0) -> Mask:
   """Causal mask ``kv_idx <= q_idx + offset``.
 
   ``offset = S - T`` aligns the last query with the last key (decoding with a cache).
+  ``offset`` may be an integer JAX scalar (e.g. a traced cache index): it is then a
+  leaf of the mask, and the Pallas kernels read it as a scalar operand.
   """
-  if not _is_jax(offset):
-    offset = _check_int("offset", offset, minimum=-(1 << 40))
+  params, arrays = _offset_param("offset", offset)
+  offset = params.get("offset", arrays.get("offset"))
   def fn(ctx, b, h, q, kv):
     return kv <= q + offset
   def band(ctx, q, xp):
-    return xp.full_like(q, -(1 << 30)), q + offset
-  return Mask(fn, f"causal({offset})", band=band, data_dependent=_is_jax(offset))
+    return xp.full_like(q, -_BIG), q + offset
+  shown = offset if params else "traced"
+  return Mask(fn, f"causal({shown})", kind="causal", params=params, arrays=arrays,
+              band=band, data_dependent=bool(arrays), bounds=(True, False))
 
 
-def sliding_window(left: int, right: int = 0) -> Mask:
-  """Local band ``q_idx - left <= kv_idx <= q_idx + right``.
+def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> Mask:
+  """Local band ``c - left <= kv_idx <= c + right`` around ``c = q_idx + offset``.
 
   One-sided by default: ``sliding_window(w)`` is the causal window ``i - w <= j <= i``
   (``w + 1`` keys, the query's own included), so it needs no ``& causal()``. This differs
@@ -400,14 +659,27 @@ def sliding_window(left: int, right: int = 0) -> Mask:
   Args:
     left: keys to the left of the query that are visible (>= 0).
     right: keys to the right that are visible (>= 0; default 0, a causal window).
+    offset: shift of the window centre (an int, or an integer JAX scalar such as a
+      traced cache index, read by the Pallas kernels as a scalar operand).
   """
   left = _check_int("left", left)
   right = _check_int("right", right)
+  params, arrays = _offset_param("offset", offset)
+  offset = params.get("offset", arrays.get("offset"))
+  params = {"left": left, "right": right, **params}
   def fn(ctx, b, h, q, kv):
-    return (kv >= q - left) & (kv <= q + right)
+    c = q + offset
+    return (kv >= c - left) & (kv <= c + right)
   def band(ctx, q, xp):
-    return q - left, q + right
-  return Mask(fn, f"sliding_window({left}, {right})", band=band)
+    return q + offset - left, q + offset + right
+  if arrays:
+    name = f"sliding_window({left}, {right}, offset=traced)"
+  elif offset:
+    name = f"sliding_window({left}, {right}, offset={offset})"
+  else:
+    name = f"sliding_window({left}, {right})"
+  return Mask(fn, name, kind="sliding_window", params=params, arrays=arrays, band=band,
+              data_dependent=bool(arrays))
 
 
 def chunked(size: int) -> Mask:
@@ -421,7 +693,7 @@ def chunked(size: int) -> Mask:
   def band(ctx, q, xp):
     lo = (q // size) * size
     return lo, lo + size - 1
-  return Mask(fn, f"chunked({size})", band=band)
+  return Mask(fn, f"chunked({size})", kind="chunked", params={"size": size}, band=band)
 
 
 def prefix_lm(prefix_len: int) -> Mask:
@@ -431,7 +703,8 @@ def prefix_lm(prefix_len: int) -> Mask:
     return (kv < prefix_len) | (kv <= q)
   def band(ctx, q, xp):
     return xp.zeros_like(q), xp.maximum(q, prefix_len - 1)
-  return Mask(fn, f"prefix_lm({prefix_len})", band=band)
+  return Mask(fn, f"prefix_lm({prefix_len})", kind="prefix_lm",
+              params={"prefix_len": prefix_len}, band=band)
 
 
 def dual_triangle() -> Mask:
@@ -443,7 +716,7 @@ def dual_triangle() -> Mask:
   def fn(ctx, b, h, q, kv):
     first = 2 * h < ctx.num_heads
     return (first & (kv <= q)) | (~first & (kv >= q))
-  return Mask(fn, "dual_triangle", head_dependent=True)
+  return Mask(fn, "dual_triangle", kind="dual_triangle", head_dependent=True)
 
 
 def document(q_segment_ids, kv_segment_ids=None) -> Mask:
@@ -512,9 +785,9 @@ def document(q_segment_ids, kv_segment_ids=None) -> Mask:
       empty = np.einsum("bqu,bku->bqk", qo.astype(np.int32), ko.astype(np.int32)) == 0
     return xp.where(fullt, FULL, xp.where(empty, EMPTY, PARTIAL)).astype(xp.int8)[:, None]
 
-  m = Mask(fn, "document", table=table, data_dependent=dyn, operands=(qs, ks), check=check)
-  m._segments = (qs, ks)
-  return m
+  return Mask(fn, "document", kind="document",
+              arrays={"q_segment_ids": qs, "kv_segment_ids": ks}, table=table,
+              data_dependent=dyn, check=check)
 
 
 # ------------------------------------------------------------------ spatial masks
@@ -602,7 +875,10 @@ def neighborhood(shape, kernel, dilation=1, causal: Union[bool, Sequence[bool]] 
       ok = a if ok is None else ok & a
     return ok
   n = int(np.prod(shape))
-  return Mask(fn, f"neighborhood({shape}, {kernel}, {dilation}, {causal_t})", grid_size=n)
+  return Mask(fn, f"neighborhood({shape}, {kernel}, {dilation}, {causal_t})",
+              kind="neighborhood", params={"shape": shape, "kernel": kernel,
+                                           "dilation": dilation, "causal": causal_t},
+              grid_size=n)
 
 
 def window(shape, window, shift=0) -> Mask:
@@ -638,7 +914,9 @@ def window(shape, window, shift=0) -> Mask:
         a = a & (region(pq) == region(pk))
       ok = a if ok is None else ok & a
     return ok
-  return Mask(fn, f"window({shape}, {win}, shift={sh})", grid_size=int(np.prod(shape)))
+  return Mask(fn, f"window({shape}, {win}, shift={sh})", kind="window",
+              params={"shape": shape, "window": win, "shift": sh},
+              grid_size=int(np.prod(shape)))
 
 
 def grid(shape, grid) -> Mask:
@@ -662,7 +940,8 @@ def grid(shape, grid) -> Mask:
       a = (qi % st) == (ki % st)
       ok = a if ok is None else ok & a
     return ok
-  return Mask(fn, f"grid({shape}, {g})", grid_size=int(np.prod(shape)))
+  return Mask(fn, f"grid({shape}, {g})", kind="grid", params={"shape": shape, "grid": g},
+              grid_size=int(np.prod(shape)))
 
 
 def axial(shape, axis: int) -> Mask:
@@ -687,7 +966,8 @@ def axial(shape, axis: int) -> Mask:
     if ok is None:
       return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
     return ok
-  return Mask(fn, f"axial({shape}, {axis})", grid_size=int(np.prod(shape)))
+  return Mask(fn, f"axial({shape}, {axis})", kind="axial",
+              params={"shape": shape, "axis": axis}, grid_size=int(np.prod(shape)))
 
 
 def criss_cross(shape) -> Mask:
@@ -698,9 +978,11 @@ def criss_cross(shape) -> Mask:
   shape = _check_shape(shape)
   if len(shape) != 2:
     raise ValueError(f"criss_cross needs a 2D shape (Hh, Ww), got {shape!r}")
-  m = axial(shape, 0) | axial(shape, 1)
-  m.name = f"criss_cross({shape})"
-  return m
+  rows, cols = axial(shape, 0), axial(shape, 1)
+  def fn(ctx, b, h, q, kv):
+    return rows._fn(ctx, b, h, q, kv) | cols._fn(ctx, b, h, q, kv)
+  return Mask(fn, f"criss_cross({shape})", kind="criss_cross", params={"shape": shape},
+              parts=(rows, cols), grid_size=int(np.prod(shape)))
 
 
 # ------------------------------------------------------------------ generic masks
@@ -733,9 +1015,8 @@ def from_array(mask) -> Mask:
                        f"[T={T}, S={S}]")
     _check_lead("mask array", tuple(arr.shape), Bm, Nm, num_heads, batch)
 
-  m = Mask(fn, f"from_array{tuple(arr.shape)}", data_dependent=_is_jax(arr),
-           head_dependent=Nm > 1, operands=(arr4,), check=check)
-  return m
+  return Mask(fn, f"from_array{tuple(arr.shape)}", kind="array", arrays={"array": arr},
+              data_dependent=_is_jax(arr), head_dependent=Nm > 1, check=check)
 
 
 def from_fn(fn: Callable, name: Optional[str] = None) -> Mask:
@@ -752,8 +1033,10 @@ def from_fn(fn: Callable, name: Optional[str] = None) -> Mask:
   dyn = _is_jax(probe)
   def wrapped(ctx, b, h, q, kv):
     return fn(b, h, q, kv)
-  return Mask(wrapped, name or getattr(fn, "__name__", "from_fn"), data_dependent=dyn,
-              head_dependent=True)
+  if name is not None and not isinstance(name, str):
+    raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+  return Mask(wrapped, name or getattr(fn, "__name__", "from_fn"), kind="fn",
+              params={"fn": fn, "name": name}, data_dependent=dyn, head_dependent=True)
 
 
 def from_block_mask(block_mask, block_q: int, block_k: int) -> Mask:
@@ -794,8 +1077,9 @@ def from_block_mask(block_mask, block_q: int, block_k: int) -> Mask:
                        f"(block_q={block_q}, block_k={block_k})")
     _check_lead("block_mask", tuple(block_mask.shape), Bm, Nm, num_heads, batch)
 
-  m = Mask(fn, f"from_block_mask({block_q}, {block_k})", table=table, data_dependent=dyn,
-           head_dependent=Nm > 1, operands=(arr4,), check=check)
+  m = Mask(fn, f"from_block_mask({block_q}, {block_k})", kind="block_mask",
+           params={"block_q": block_q, "block_k": block_k}, arrays={"block_mask": block_mask},
+           table=table, data_dependent=dyn, head_dependent=Nm > 1, check=check)
   return m
 
 

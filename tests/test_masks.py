@@ -959,7 +959,10 @@ def test_block_table_batch_dependent_from_fn():
 @pytest.mark.parametrize("mask", [
     M.full(), M.causal(), M.causal(-5), M.causal(7), M.sliding_window(4, 2), M.chunked(6),
     M.prefix_lm(9), M.causal() & M.sliding_window(3), M.chunked(8) & M.causal(),
-    M.causal(2).shifted(3, 1)], ids=lambda m: m.name)
+    M.causal(2).shifted(3, 1), ~M.causal(), ~M.causal(-3), M.causal() | M.sliding_window(2),
+    M.sliding_window(3) | M.causal(), M.causal() | M.sliding_window(0, 3), ~M.prefix_lm(4),
+    M.chunked(5) | M.causal(), (M.causal() & M.sliding_window(4)).shifted(2, 5),
+    ~M.causal(1).shifted(2, 0)], ids=lambda m: m.name)
 def test_row_band_equals_dense_mask(mask):
   T, S = 23, 29
   lo, hi = mask.row_band(T, S)
@@ -973,7 +976,17 @@ def test_row_band_traced_offset_and_non_bands():
   lo, hi = jax.jit(lambda off: M.causal(off).row_band(6, 9))(jnp.int32(2))
   np.testing.assert_array_equal(hi, np.arange(6) + 2)
   np.testing.assert_array_equal(lo, np.full(6, -1))
-  for m in [M.neighborhood((4, 4), 3), M.causal() | M.sliding_window(2), ~M.causal(),
+  # ~causal(traced) is a band by structure: [q + off + 1, S - 1].
+  lo, hi = jax.jit(lambda off: (~M.causal(off)).row_band(6, 9))(jnp.int32(2))
+  np.testing.assert_array_equal(lo, np.arange(6) + 3)
+  np.testing.assert_array_equal(hi, np.full(6, 8))
+  # A union whose rows are two intervals, ~ of a two-sided band, a traced union.
+  got = []
+  jax.jit(lambda off: got.append((M.causal(off) | M.sliding_window(1)).row_band(6, 9)))(
+      jnp.int32(2))
+  assert got == [None]          # a union with traced offsets is not checked row by row
+  for m in [M.neighborhood((4, 4), 3), M.sliding_window(1) | M.sliding_window(0, 0, offset=5),
+            ~M.sliding_window(2, 1), M.chunked(4) | M.sliding_window(0, 0, offset=6),
             M.dual_triangle(), M.from_array(np.ones((16, 16), bool))]:
     assert m.row_band(16, 16) is None, m.name
   with pytest.raises(ValueError, match="grid"):

@@ -18,7 +18,6 @@ Generating Optimized Attention Kernels".
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Optional
 
 import jax
@@ -162,19 +161,17 @@ class Plan:
             or self.a.S % self.bk != 0)
 
 
-_BLOCK_MASK_RE = re.compile(r"^from_block_mask\((\d+), (\d+)\)$")
-
-
 def _split_mask(mask):
-  """Splits an AND-tree into (other masks, document masks, table-only block masks)."""
+  """Splits an AND-tree into (other masks, document masks, table-only block masks),
+  by :attr:`~attnjax.masks.Mask.kind` (never by name)."""
   if mask is None:
     return [], [], []
-  if getattr(mask, "_op", None) == "and":
-    parts = [_split_mask(c) for c in mask._children]
+  if mask.kind == "and":
+    parts = [_split_mask(c) for c in mask.children]
     return tuple(sum((p[i] for p in parts), []) for i in range(3))
-  if mask.segment_ids is not None:
+  if mask.kind == "document":
     return [], [mask], []
-  if _BLOCK_MASK_RE.match(mask.name or ""):
+  if mask.kind == "block_mask":
     return [], [], [mask]
   return [mask], [], []
 
@@ -204,8 +201,7 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   pred = None
   dense = None
   for m in blocks:
-    mbq, mbk = (int(x) for x in _BLOCK_MASK_RE.match(m.name).groups())
-    if (mbq, mbk) == (bq, bk):
+    if (m.params["block_q"], m.params["block_k"]) == (bq, bk):
       tables.append(m.block_table(T, S, bq, bk, num_heads=N, batch=B))
     else:
       others.append(m)
@@ -214,7 +210,9 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
     for m in others[1:]:
       pred = pred & m
     tables.append(pred.block_table(T, S, bq, bk, num_heads=N, batch=B))
-    if pred.data_dependent:
+    if pred.data_dependent and not pred.scalar_data_only:
+      # Arrays (not just scalar offsets) the predicate reads: a dense mask.  Scalar
+      # offsets stay in the predicate and reach the kernel as scalar operands.
       dense = pred.to_array(T, S, num_heads=N if pred.head_dependent else 1, batch=B)
       reasons.append(f"data-dependent mask {pred.name} materialised as a dense array")
       pred = None

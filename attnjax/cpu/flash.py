@@ -13,7 +13,9 @@ the backward.  The library is compiled for the machine on first use
 
 It serves calls whose mask is a band — each query attends to a contiguous key range
 ``lo(t) <= s <= hi(t)`` (``None``, ``causal``, ``sliding_window``, ``chunked``,
-``prefix_lm`` and ``&`` of those, see :meth:`attnjax.masks.Mask.row_band`) — with
+``prefix_lm``, ``shifted`` views, ``&`` of those, ``~`` of one-sided bands and ``|`` of
+bands that stay intervals, classified by structure in
+:meth:`attnjax.masks.Mask.row_band`) — with
 GQA/MQA (K/V never repeated), ``T != S``, ``sinks``, ``return_lse`` and head dims
 that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids and
 other masks raise ``NotImplementedError`` so the dispatcher falls back to
