@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.core.args import AttentionArgs, check_attention_args
+from attnjax.core.args import AttentionArgs, check_attention_args, static_scale
 from attnjax.core.errors import Unsupported
 from attnjax.core.plan import Plan, TracedFn, make_plan
 from attnjax.core.softmax import reference_attention
@@ -73,6 +73,7 @@ def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,
         kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
     if not isinstance(return_lse, bool):
       raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    q, a = static_scale(q, a)   # a traced scale is folded into q
     out, lse = build(a, bs, default_interpret(interpret, native))(q, k, v)
     return (out, lse) if return_lse else out
 
