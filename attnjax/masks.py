@@ -387,11 +387,19 @@ def causal(offset: int = 0) -> Mask:
 
 
 def sliding_window(left: int, right: int = 0) -> Mask:
-  """Local band ``q_idx - left <= kv_idx <= q_idx + right`` (``right=0``: causal window).
+  """Local band ``q_idx - left <= kv_idx <= q_idx + right``.
+
+  One-sided by default: ``sliding_window(w)`` is the causal window ``i - w <= j <= i``
+  (``w + 1`` keys, the query's own included), so it needs no ``& causal()``. This differs
+  from ``local_window_size=w`` in ``jax.nn.dot_product_attention`` and tokamax, which is
+  symmetric, ``(w, w)``: ``i - w <= j <= i + w``. That is ``sliding_window(w, w)``, and
+  ``local_window_size=(l, r)`` is ``sliding_window(l, r)``. FlexAttention's usual
+  ``(q_idx >= kv_idx) & (q_idx - kv_idx <= w)`` is ``sliding_window(w)``.
+  See docs/porting.md.
 
   Args:
     left: keys to the left of the query that are visible (>= 0).
-    right: keys to the right that are visible (>= 0).
+    right: keys to the right that are visible (>= 0; default 0, a causal window).
   """
   left = _check_int("left", left)
   right = _check_int("right", right)

@@ -13,22 +13,28 @@ Layers that support decoding also have `init_cache(batch, max_len)`; called with
 `cache=` they return `(y, new_cache)`. A recurrent-state layer (linear attention) plugs
 in by returning its state as the "cache".
 
-Other families register themselves:
+Every built-in (the `attnjax.layers.presets` family, `'pma'` and the linear-attention
+family of `attnjax.layers.linear`) is registered in one place, `_register_builtins`
+below, on the first access to the registry; importing a layer module registers nothing.
+Third-party code registers its own variants with `register` (see docs/layers.md):
 
     >>> @variants.register("my_linear", kind="sequence")
     ... def make(*, d_model, num_heads, num_kv_heads, head_dim, rngs, **options): ...
 
 `kind` is 'sequence' (1D, may also accept grids), 'spatial' (needs `[B, Hh, Ww, D]`) or
-'pooling' (`[B, n, D] -> [B, k, D]`); models use it to feed the right shapes.
+'pooling' (`[B, n, D] -> [B, k, D]`); models use it to feed the right shapes. A name is
+registered once: a second `register` of it raises ValueError unless `overwrite=True`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import threading
 from collections.abc import Callable
 
-__all__ = ["register", "get", "get_linen", "names", "info", "build", "Entry", "KINDS"]
+__all__ = ["register", "unregister", "get", "get_linen", "names", "info", "build", "Entry",
+           "KINDS"]
 
 KINDS = ("sequence", "spatial", "pooling")
 
@@ -45,12 +51,44 @@ class Entry:
 
 
 _REGISTRY: dict[str, Entry] = {}
+_BUILTINS_LOADED = False
+_LOADING = False  # True while _register_builtins runs (in the thread holding _LOCK)
+_LOCK = threading.RLock()
+
+
+def _registry() -> dict[str, Entry]:
+  """The registry, with the built-ins registered on first use.
+
+  An error while registering the built-ins (e.g. a bug in a layer module) propagates
+  unchanged and leaves the registry as it was, so the next access raises it again. Other
+  threads wait on the lock until the built-ins are complete.
+  """
+  global _BUILTINS_LOADED, _LOADING
+  if _BUILTINS_LOADED:
+    return _REGISTRY
+  with _LOCK:
+    if _BUILTINS_LOADED or _LOADING:  # _LOADING: re-entered from _register_builtins
+      return _REGISTRY
+    before = dict(_REGISTRY)
+    _LOADING = True
+    try:
+      _register_builtins()
+    except BaseException:
+      _REGISTRY.clear()
+      _REGISTRY.update(before)
+      raise
+    else:
+      _BUILTINS_LOADED = True
+    finally:
+      _LOADING = False
+  return _REGISTRY
 
 
 def _unknown(name) -> ValueError:
-  close = difflib.get_close_matches(str(name), list(_REGISTRY), n=4, cutoff=0.5)
+  registry = _registry()
+  close = difflib.get_close_matches(str(name), list(registry), n=4, cutoff=0.5)
   return ValueError(f"unknown attention variant name={name!r}; close matches: "
-                    f"{close if close else 'none'}; registered: {sorted(_REGISTRY)}")
+                    f"{close if close else 'none'}; registered: {sorted(registry)}")
 
 
 def register(name: str, factory: Callable | None = None, *, kind: str = "sequence",
@@ -64,28 +102,50 @@ def register(name: str, factory: Callable | None = None, *, kind: str = "sequenc
     linen: optional Linen factory with the same signature minus `rngs`.
     supports_cache: whether the built layer has `init_cache` and a `cache=` call.
     overwrite: replace an existing entry instead of raising.
+  Returns:
+    `factory` (so the decorator form leaves the function usable), or the decorator.
+  Raises:
+    ValueError: `name` is already registered (built-in or not) and `overwrite` is False;
+      an empty name; an unknown `kind`.
+    TypeError: `factory` or `linen` is not callable.
   """
   if not isinstance(name, str) or not name:
     raise ValueError(f"name must be a non-empty str, got name={name!r}")
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
 
+  if linen is not None and not callable(linen):
+    raise TypeError(f"linen must be callable or None, got {type(linen).__name__}")
+
   def deco(fn):
     if not callable(fn):
       raise TypeError(f"factory must be callable, got {type(fn).__name__}")
-    if name in _REGISTRY and not overwrite:
-      raise ValueError(f"attention variant {name!r} is already registered; pass overwrite=True to replace it")
-    _REGISTRY[name] = Entry(name, fn, kind, linen, supports_cache)
+    with _LOCK:
+      registry = _registry()
+      if name in registry and not overwrite:
+        raise ValueError(f"attention variant {name!r} is already registered; pass "
+                         f"overwrite=True to replace it")
+      registry[name] = Entry(name, fn, kind, linen, supports_cache)
     return fn
 
   return deco if factory is None else deco(factory)
 
 
+def unregister(name: str) -> Entry:
+  """Removes `name` from the registry and returns its entry (ValueError if unknown)."""
+  with _LOCK:
+    registry = _registry()
+    if name not in registry:
+      raise _unknown(name)
+    return registry.pop(name)
+
+
 def info(name: str) -> Entry:
   """The registry entry of `name` (ValueError with close matches if unknown)."""
-  if name not in _REGISTRY:
+  registry = _registry()
+  if name not in registry:
     raise _unknown(name)
-  return _REGISTRY[name]
+  return registry[name]
 
 
 def get(name: str) -> Callable:
@@ -103,12 +163,12 @@ def get_linen(name: str) -> Callable:
 
 def names() -> list[str]:
   """Sorted names of every registered variant."""
-  return sorted(_REGISTRY)
+  return sorted(_registry())
 
 
 def build(name: str, *, d_model: int, num_heads: int, rngs, num_kv_heads=None, head_dim=None,
           **options):
-  """`get(name)(d_model=..., num_heads=..., num_kv_heads=..., head_dim=..., rngs=..., **options)`."""
+  """`get(name)(d_model=, num_heads=, num_kv_heads=, head_dim=, rngs=, **options)`."""
   return get(name)(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, rngs=rngs, **options)
 
@@ -116,10 +176,15 @@ def build(name: str, *, d_model: int, num_heads: int, rngs, num_kv_heads=None, h
 # ----------------------------------------------------------------------------- built-ins
 
 def _register_builtins():
-  from attnjax.layers import presets  # pylint: disable=import-outside-toplevel
-  from attnjax.layers.attention import MultiHeadAttention  # pylint: disable=import-outside-toplevel
-  from attnjax.layers.pooling import PoolingAttention  # pylint: disable=import-outside-toplevel
-  from attnjax.layers import linen as linen_layers  # pylint: disable=import-outside-toplevel
+  """Registers every built-in variant; the only place that does (called by `_registry`)."""
+  # Local imports: the layers import flax and jax, and `attnjax.variants` stays cheap to
+  # import. An ImportError here is a bug and propagates.
+  # pylint: disable=import-outside-toplevel
+  from attnjax.layers import linear as linear_layers
+  from attnjax.layers import linen as linen_layers
+  from attnjax.layers import presets
+  from attnjax.layers.attention import MultiHeadAttention
+  from attnjax.layers.pooling import PoolingAttention
 
   def make(preset_name):
     def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
@@ -133,14 +198,14 @@ def _register_builtins():
                                              num_kv_heads=num_kv_heads, head_dim=head_dim, **kw)
 
     factory.__name__ = f"{preset_name}_factory"
-    factory.__doc__ = presets.PRESETS[preset_name].__doc__ or f"Built-in attention variant {preset_name!r}."
+    factory.__doc__ = (presets.PRESETS[preset_name].__doc__
+                       or f"Built-in attention variant {preset_name!r}.")
     return factory, linen_factory
 
   for preset_name in presets.PRESETS:
     kind = "spatial" if preset_name in presets.SPATIAL else "sequence"
     nnx_f, linen_f = make(preset_name)
-    register(preset_name, nnx_f, kind=kind, linen=linen_f, supports_cache=kind == "sequence",
-             overwrite=True)
+    register(preset_name, nnx_f, kind=kind, linen=linen_f, supports_cache=kind == "sequence")
 
   def pma(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
     """Pooling by multi-head attention (Set Transformer); option num_seeds."""
@@ -153,7 +218,11 @@ def _register_builtins():
                                          num_kv_heads=num_kv_heads, head_dim=head_dim,
                                          options=tuple(sorted(options.items())), **fixed)
 
-  register("pma", pma, kind="pooling", linen=pma_linen, overwrite=True)
+  register("pma", pma, kind="pooling", linen=pma_linen)
 
-
-_register_builtins()
+  # The linear-attention family: one LinearAttention layer per mechanism.
+  never_causal = linear_layers._NEVER_CAUSAL  # pylint: disable=protected-access
+  for mechanism in linear_layers.MECHANISMS:
+    register(mechanism, linear_layers.make_factory(mechanism), kind="sequence",
+             linen=linear_layers.make_linen_factory(mechanism),
+             supports_cache=mechanism not in never_causal)

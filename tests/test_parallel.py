@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +38,7 @@ def test_mesh_shape_fill_and_errors():
 def test_logical_to_spec_rules():
   import jax
   from jax.sharding import PartitionSpec as P
+
   from attnjax.parallel import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, logical_to_spec
 
   class FakeMesh:  # only .shape is read
@@ -58,8 +58,36 @@ def test_logical_to_spec_rules():
   del jax
 
 
+def test_flax_rules_to_spec_semantics():
+  from jax.sharding import PartitionSpec as P
+
+  from attnjax.parallel import flax_rules_to_spec
+
+  class FakeMesh:  # .shape / .axis_names / .axis_types are read
+    shape = {'data': 4, 'model': 2}
+    axis_names = ('data', 'model')
+    axis_types = None
+
+  m = FakeMesh()
+  rules = (('batch', 'data'), ('heads', 'model'), ('mlp', 'model'), ('mlp', 'data'),
+           ('embed', None), ('length', ('data', 'model')))
+  # several rules per name: the first whose axes are free in this array wins
+  assert flax_rules_to_spec(('heads', 'mlp'), (4, 8), rules, m) == P('model', 'data')
+  assert flax_rules_to_spec(('mlp',), (8,), rules, m) == P('model')
+  # a rule to None replicates, a None name replicates, a name without a rule is unconstrained
+  assert flax_rules_to_spec(('embed', None, 'vocab'), (8, 8, 8), rules, m) == P(
+      None, None, P.UNCONSTRAINED)
+  # a non-dividing mesh axis is dropped; a multi-axis rule keeps the axes that divide
+  assert flax_rules_to_spec(('batch',), (6,), rules, m) == P(None)
+  assert flax_rules_to_spec(('length',), (8,), rules, m) == P(('data', 'model'))
+  assert flax_rules_to_spec(('length',), (4,), rules, m) == P('data')
+  # axes missing from the mesh are dropped
+  assert flax_rules_to_spec(('batch',), (8,), (('batch', 'pod'),), m) == P(None)
+
+
 def test_constrain_noop_without_mesh_and_rank_check():
   import jax.numpy as jnp
+
   from attnjax.parallel import constrain
   x = jnp.arange(12.0).reshape(3, 4)
   assert constrain(x, ('batch', 'embed')) is x
@@ -70,6 +98,7 @@ def test_constrain_noop_without_mesh_and_rank_check():
 def test_ring_single_device_matches_reference_and_validates():
   import jax
   import jax.numpy as jnp
+
   import attnjax
   from attnjax.parallel import ring_attention
   ks = jax.random.split(jax.random.key(0), 3)
@@ -119,9 +148,27 @@ def test_ring_attention_8_devices_fwd_bwd(cases):
       assert err < 2e-5, (case, what, err)
 
 
+def test_constrain_follows_flax_logical_rules_on_user_mesh_8_devices():
+  res = _run_worker('flax_rules')
+  for types in ('explicit', 'auto'):
+    r = res[types]
+    # q [B, T, N, H] split by heads over 'model', the output's batch over 'data'
+    assert r['layer_constraints'] == [['data', None, 'model', None], ['data', None, None]], r
+    assert r['layer_err'] < 1e-5, r
+    assert r['out_spec'] == ['data', None, None], r
+    # no rules, or no mesh: nothing is constrained
+    assert r['mesh_only_constraints'] == 0 and r['rules_only_constraints'] == 0, r
+    # the trainer's activation_sharding takes precedence over Flax's rules
+    assert r['trainer_constraints'] == [['data', None, 'tensor', None], ['data', None, None]], r
+  # explicit mesh: a name without a rule keeps the input's sharding (batch over 'data')
+  assert res['explicit']['unruled_batch_spec'] == ['data', None, 'model'], res
+  assert res['explicit']['nondividing_spec'] == [None, None, 'model'], res
+
+
 def _ring_worker(selected):
   import jax
   import jax.numpy as jnp
+
   import attnjax
   from attnjax import masks
   from attnjax.parallel import make_mesh, ring_attention
@@ -152,10 +199,10 @@ def _ring_worker(selected):
     mesh = make_mesh(dict(dict(data=1, fsdp=1, tensor=1, context=1), **mcfg))
     kw = {} if segs is None else dict(q_segment_ids=segs, kv_segment_ids=segs)
 
-    def ring(q, k, v):
+    def ring(q, k, v, mesh=mesh, mask=mask, layout=layout, kw=kw):
       return ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout, **kw)
 
-    def ref(q, k, v):
+    def ref(q, k, v, mask=mask, kw=kw):
       return attnjax.reference_attention(q, k, v, mask=mask, **kw)
 
     @jax.jit
@@ -174,5 +221,65 @@ def _ring_worker(selected):
   print('RESULT ' + json.dumps(out), flush=True)
 
 
+def _flax_rules_worker():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from attnjax.layers import MultiHeadAttention
+  from attnjax.parallel import activation_sharding, constrain, make_mesh
+  assert jax.device_count() == 8
+  rules = (('batch', 'data'), ('length', None), ('embed', None), ('heads', 'model'),
+           ('kv_heads', 'model'), ('head_dim', None), ('mlp', 'model'))
+  x = jax.random.normal(jax.random.key(7), (8, 6, 16))
+  ref_layer = MultiHeadAttention(16, 4, rngs=nnx.Rngs(0))
+  y_ref = np.asarray(ref_layer(x))
+
+  def specs(fn, *args):
+    out = []
+    for e in jax.make_jaxpr(fn)(*args).eqns:
+      if e.primitive.name in ('sharding_constraint', 'reshard'):
+        sh = e.params.get('sharding', e.params.get('dst_sharding'))
+        spec = tuple(sh.spec) + (None,) * (len(e.outvars[0].aval.shape) - len(sh.spec))
+        out.append(list(spec))
+    return out
+
+  def full(spec, ndim):
+    return list(tuple(spec) + (None,) * (ndim - len(spec)))
+
+  res = {}
+  for label, t in (('explicit', AxisType.Explicit), ('auto', AxisType.Auto)):
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(t, t))
+    r = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      layer = MultiHeadAttention(16, 4, rngs=nnx.Rngs(0))
+      r['layer_constraints'] = specs(layer.__call__, x)
+      y = nnx.jit(lambda m, x: m(x))(layer, x)
+      r['layer_err'] = float(np.max(np.abs(np.asarray(y) - y_ref)))
+      r['out_spec'] = full(y.sharding.spec, 3)
+    with jax.set_mesh(mesh):
+      r['mesh_only_constraints'] = len(specs(lambda x: ref_layer(x), x))
+    with nn.logical_axis_rules(rules):
+      r['rules_only_constraints'] = len(specs(lambda x: ref_layer(x), x))
+      tmesh = make_mesh(dict(data=2, fsdp=1, tensor=4, context=1))
+      with activation_sharding(tmesh):
+        r['trainer_constraints'] = specs(lambda x: ref_layer(x), x)
+    if label == 'explicit':
+      no_batch_rule = (('length', None), ('mlp', 'model'))
+      with jax.set_mesh(mesh), nn.logical_axis_rules(no_batch_rule):
+        xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+        z = jax.jit(lambda x: constrain(x * 2, ('batch', 'length', 'mlp')))(xs)
+        r['unruled_batch_spec'] = full(z.sharding.spec, 3)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        z = jax.jit(lambda x: constrain(x * 2, ('batch', 'length', 'mlp')))(x[:6])
+        r['nondividing_spec'] = full(z.sharding.spec, 3)
+    res[label] = r
+  del jnp
+  print('RESULT ' + json.dumps(res), flush=True)
+
+
 if __name__ == '__main__':
-  {'ring': _ring_worker}[sys.argv[1]](*sys.argv[2:])
+  {'ring': _ring_worker, 'flax_rules': _flax_rules_worker}[sys.argv[1]](*sys.argv[2:])

@@ -3,24 +3,46 @@
 - `MultiHeadAttention`: self/cross attention, GQA, any `attnjax.masks.Mask` or `MaskSpec`,
   score mods, ALiBi, relative-position tables, sinks, softcap, qk-norm, RoPE (1D, axial,
   mixed), segment ids, `implementation=`, KV cache (`init_cache`, `cache=`).
+- `LinearAttention`: the linear-attention family (`mechanism='linear' | 'lightning' |
+  'retention' | 'efficient' | 'focused' | 'inline' | 'flow'`), recurrent-state decoding.
 - `PoolingAttention`: Set Transformer's PMA.
 - `RMSNorm`, `MLP`, `Embed`, `Dense`: the blocks the models use.
 - `flax_attention_fn`: a drop-in `attention_fn` for Flax's own attention classes.
+- `ParamSpec`, `make_param`, `constrain`: for building your own layers the way these are
+  (parameters carrying logical axis names; activation sharding constraints by name).
 - Named variants (`'swin'`, `'neighborhood'`, ...) are built through `attnjax.variants`.
+
+Submodules `linen` (Linen twins), `linear_linen`, `linear`, `presets` are importable as
+`attnjax.layers.<name>`.
 """
 
-from attnjax.layers._core import AttentionConfig, KVCache, MaskSpec, init_kv_cache
-from attnjax.layers.attention import MultiHeadAttention
+import importlib as _importlib
+
+from attnjax.layers._core import (
+  AttentionConfig,
+  KVCache,
+  MaskSpec,
+  ParamSpec,
+  constrain,
+  init_kv_cache,
+)
+from attnjax.layers.attention import MultiHeadAttention, make_param
 from attnjax.layers.common import MLP, Dense, Embed, RMSNorm
 from attnjax.layers.flax_compat import flax_attention_fn
+from attnjax.layers.linear import LinearAttention
 from attnjax.layers.pooling import PoolingAttention
 from attnjax.layers.presets import PRESETS, variant_kwargs
 
 __all__ = [
     "AttentionConfig", "KVCache", "MaskSpec", "init_kv_cache", "MultiHeadAttention",
-    "PoolingAttention", "RMSNorm", "MLP", "Embed", "Dense", "flax_attention_fn", "PRESETS",
-    "variant_kwargs",
+    "LinearAttention", "PoolingAttention", "RMSNorm", "MLP", "Embed", "Dense",
+    "flax_attention_fn", "PRESETS", "variant_kwargs", "ParamSpec", "make_param", "constrain",
 ]
 
-try: from attnjax.layers import linear as _linear  # noqa: F401  (registers the linear-attention variants)
-except ImportError as _e: __import__("warnings").warn(f"attnjax.layers.linear not loaded: {_e}")
+_LAZY_SUBMODULES = ("linen", "linear_linen")
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    return _importlib.import_module(f"attnjax.layers.{name}")
+  raise AttributeError(f"module 'attnjax.layers' has no attribute {name!r}")

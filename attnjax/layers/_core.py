@@ -29,13 +29,12 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax import score_mods as _score_mods
 from attnjax.ops import positional as _pos
+from attnjax.parallel.rules import constrain
 
-from attnjax.parallel import constrain as _constrain
-
-
-def constrain(x, names):
-  """Logical sharding constraint on an activation (no-op outside a mesh)."""
-  return _constrain(x, tuple(names))
+# `constrain` (public as `attnjax.layers.constrain` / `attnjax.parallel.constrain`): the
+# logical sharding constraint on an activation; the trainer's rules inside
+# `attnjax.parallel.activation_sharding`, Flax's logical-axis rules on the user's own mesh,
+# a no-op otherwise.
 
 
 def _attention_fn():
@@ -295,6 +294,10 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+  """One parameter: `shape`, `init(key, shape, dtype)` and one logical axis name per
+  dimension (`names`, e.g. `('embed', 'heads', 'head_dim')`); `attnjax.layers.make_param`
+  turns it into an `nnx.Param` carrying the names."""
+
   shape: tuple
   init: Callable
   names: tuple

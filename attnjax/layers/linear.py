@@ -35,15 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax import variants
 from attnjax.layers import _core
 from attnjax.layers._core import AttentionConfig, ParamSpec, constrain
 from attnjax.layers.attention import make_param
 from attnjax.ops import linear as L
 from attnjax.ops import positional as _pos
 
-__all__ = ["LinearAttention", "LinearConfig", "MECHANISMS", "linear_config", "init_state", "forward",
-           "default_decay", "retention_decay"]
+__all__ = ["LinearAttention", "LinearConfig", "MECHANISMS", "linear_config", "init_state",
+           "forward", "default_decay", "retention_decay", "make_factory", "make_linen_factory"]
 
 MECHANISMS = ("linear", "lightning", "retention", "efficient", "focused", "inline", "flow")
 _ALWAYS_CAUSAL = ("lightning", "retention")
@@ -421,9 +420,14 @@ class LinearAttention(nnx.Module):
 
 
 # ------------------------------------------------------------------------------ registry
+# Factories in the `attnjax.variants` convention; `variants._register_builtins` registers
+# one per mechanism (nothing is registered at import).
 
 
-def _make_factory(mechanism: str):
+def make_factory(mechanism: str):
+  """The NNX factory `factory(*, d_model, num_heads, num_kv_heads, head_dim, rngs, **options)`
+  building `LinearAttention(mechanism=mechanism)`."""
+
   def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
     return LinearAttention(d_model, num_heads, mechanism=mechanism, num_kv_heads=num_kv_heads,
                            head_dim=head_dim, rngs=rngs, **options)
@@ -432,7 +436,10 @@ def _make_factory(mechanism: str):
   return factory
 
 
-def _make_linen_factory(mechanism: str):
+def make_linen_factory(mechanism: str):
+  """The Linen factory (the NNX signature minus `rngs`) building
+  `linear_linen.LinearAttention(mechanism=mechanism)`."""
+
   def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
     from attnjax.layers import linear_linen  # pylint: disable=import-outside-toplevel
     if isinstance(options.get("decay"), list):  # Linen fields must be hashable
@@ -443,9 +450,3 @@ def _make_linen_factory(mechanism: str):
   linen_factory.__doc__ = (f"`linear_linen.LinearAttention(mechanism={mechanism!r})` "
                            f"(see attnjax.layers.linear_linen).")
   return linen_factory
-
-
-for _m in MECHANISMS:
-  variants.register(_m, _make_factory(_m), kind="sequence", linen=_make_linen_factory(_m),
-                    supports_cache=_m not in _NEVER_CAUSAL, overwrite=True)
-del _m

@@ -13,7 +13,6 @@ parameters carry logical axis names ('embed', 'heads', 'kv_heads', 'head_dim', '
 
 from __future__ import annotations
 
-import ml_collections
 from flax import nnx
 
 from attnjax.models.blocks import REMAT_POLICIES, BlockStack, TransformerBlock, attention_specs
@@ -39,8 +38,11 @@ def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   return KINDS[kind](model_cfg, rngs=rngs)
 
 
-def default_config(kind: str) -> ml_collections.ConfigDict:
-  """A small config of model `kind` (CPU-test sized); every field is documented inline."""
+def default_config(kind: str):
+  """A small `ml_collections.ConfigDict` of model `kind` (CPU-test sized); every field is
+  documented inline. Needs the `[train]` extra (ml-collections); `build_model` itself also
+  takes a plain dict."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {sorted(KINDS)}, got kind={kind!r}")
   c = ml_collections.ConfigDict()

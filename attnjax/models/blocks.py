@@ -14,8 +14,7 @@ the plain Python loop over the same parameters (tested).
 from __future__ import annotations
 
 import inspect
-
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,8 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import variants
-from attnjax.layers import MLP, RMSNorm
-from attnjax.layers._core import constrain
+from attnjax.layers import MLP, RMSNorm, constrain
 
 __all__ = ["REMAT_POLICIES", "attention_specs", "TransformerBlock", "BlockStack"]
 

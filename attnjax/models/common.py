@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.layers._core import ParamSpec
-from attnjax.layers.attention import make_param
+from attnjax.layers import ParamSpec, make_param
 from attnjax.models.blocks import BlockStack, TransformerBlock, attention_specs
 
 _MISSING = object()

@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.layers import Dense, Embed, RMSNorm
-from attnjax.layers._core import constrain
-from attnjax.ops import positional
+from attnjax.layers import Dense, Embed, RMSNorm, constrain
 from attnjax.models import common as C
+from attnjax.ops import positional
 
 __all__ = ["Encoder"]
 

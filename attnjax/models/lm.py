@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.layers import Dense, Embed, RMSNorm
-from attnjax.layers._core import constrain
+from attnjax.layers import Dense, Embed, RMSNorm, constrain
 from attnjax.models import common as C
 
 __all__ = ["DecoderLM", "generate", "sample_logits"]

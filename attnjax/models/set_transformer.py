@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax import variants
-from attnjax.layers import MLP, Dense, RMSNorm
-from attnjax.layers._core import constrain
+from attnjax.layers import MLP, Dense, RMSNorm, constrain
 from attnjax.models import common as C
 
 __all__ = ["SetTransformer"]

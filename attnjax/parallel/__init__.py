@@ -1,13 +1,25 @@
-"""Parallelism: device mesh from config, logical-axis rules, ring attention (context parallelism)."""
+"""Parallelism: device mesh from config, logical-axis rules (the trainer's, or Flax's on your
+own mesh), ring attention (context parallelism)."""
 
 from attnjax.parallel.mesh import MESH_AXES, axis_size, make_mesh, mesh_shape
-from attnjax.parallel.rules import (DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES,
-                                    activation_sharding, constrain, current_mesh,
-                                    logical_to_spec, normalize_rules, state_shardings)
 from attnjax.parallel.ring import ring_attention
+from attnjax.parallel.rules import (
+                                    ACTIVATION_NAMES,
+                                    DEFAULT_ACTIVATION_RULES,
+                                    DEFAULT_PARAM_RULES,
+                                    PARAM_NAMES,
+                                    activation_sharding,
+                                    constrain,
+                                    current_mesh,
+                                    flax_rules_to_spec,
+                                    logical_to_spec,
+                                    normalize_rules,
+                                    state_shardings,
+)
 
 __all__ = [
     'MESH_AXES', 'axis_size', 'make_mesh', 'mesh_shape', 'DEFAULT_ACTIVATION_RULES',
-    'DEFAULT_PARAM_RULES', 'activation_sharding', 'constrain', 'current_mesh',
-    'logical_to_spec', 'normalize_rules', 'state_shardings', 'ring_attention',
+    'DEFAULT_PARAM_RULES', 'ACTIVATION_NAMES', 'PARAM_NAMES', 'activation_sharding',
+    'constrain', 'current_mesh', 'flax_rules_to_spec', 'logical_to_spec', 'normalize_rules',
+    'state_shardings', 'ring_attention',
 ]

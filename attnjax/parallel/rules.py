@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Logical names a model may use (models_api.md).
 PARAM_NAMES = ('embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'vocab', 'patch', 'classes',
@@ -138,7 +140,8 @@ _CONTEXT: contextvars.ContextVar = contextvars.ContextVar('attnjax_sharding', de
 def activation_sharding(mesh: jax.sharding.Mesh, rules: Rules | Mapping[str, Any] | None = None):
   """Context in which ``constrain`` applies ``rules`` on ``mesh`` (the trainer sets it).
 
-  Use it around tracing (``jax.jit(...).lower`` / first call) of model code.
+  Use it around tracing (``jax.jit(...).lower`` / first call) of model code. Outside it,
+  ``constrain`` follows Flax's logical-axis rules on the user's own mesh instead.
   """
   token = _CONTEXT.set((mesh, normalize_rules(DEFAULT_ACTIVATION_RULES if rules is None
                                               else rules)))
@@ -154,27 +157,133 @@ def current_mesh() -> jax.sharding.Mesh | None:
   return None if ctx is None else ctx[0]
 
 
+def _flax_rules() -> tuple:
+  """The rules of an enclosing ``flax.linen.logical_axis_rules(...)`` (or
+  ``nnx.logical_axis_rules``) context, or ``()``. Flax is imported only if loaded."""
+  spmd = sys.modules.get('flax.core.spmd')
+  if spmd is None:
+    return ()
+  return tuple(spmd.get_logical_axis_rules() or ())
+
+
+def _user_mesh():
+  """The mesh of an enclosing ``jax.set_mesh`` / ``jax.sharding.use_mesh`` (abstract under
+  ``jit``), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def flax_rules_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules,
+                       mesh: Any) -> P:
+  """Maps logical names to a ``PartitionSpec`` under Flax-style logical-axis rules.
+
+  Flax's semantics: ``rules`` is a sequence of ``(logical_name, mesh_axes)`` pairs and a
+  name may appear in several; each dimension takes the first of its rules whose mesh axes
+  are all still unused in this array (a rule to None replicates). A dimension named None
+  is replicated. A name with no rule at all is ``P.UNCONSTRAINED``: left as the compiler
+  (or the input) shards it, where Flax would replicate it, so a rule table that does not
+  mention, say, ``'batch'`` never gathers a batch the user sharded. On top of that, as
+  ``logical_to_spec`` does: mesh axes missing from ``mesh``, of size 1, or in ``Manual``
+  mode (inside ``shard_map``) are dropped, and so is an axis whose size does not divide the
+  dimension.
+  """
+  mesh_shape = dict(mesh.shape)
+  manual = set()
+  axis_types = getattr(mesh, 'axis_types', None)
+  if axis_types is not None:
+    manual = {a for a, t in zip(mesh.axis_names, axis_types)
+              if t == jax.sharding.AxisType.Manual}
+  used: set[str] = set()
+  spec = []
+  known = {rule_name for rule_name, _ in rules}
+  for i, name in enumerate(names):
+    if name is not None and name not in known:
+      spec.append(P.UNCONSTRAINED)
+      continue
+    chosen = []
+    if name is not None:
+      for rule_name, axes in rules:
+        if rule_name != name:
+          continue
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if any(a in used for a in axes):
+          continue
+        size = 1
+        for axis in axes:
+          n = mesh_shape.get(axis, 1)
+          if axis in manual or n == 1 or shape[i] % (size * n):
+            continue
+          size *= n
+          chosen.append(axis)
+        break
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return P(*spec)
+
+
+def _explicit_spec(x: jax.Array, spec: P) -> P:
+  """``spec`` with each ``UNCONSTRAINED`` entry replaced by ``x``'s current sharding of that
+  dimension (less mesh axes ``spec`` uses elsewhere): ``reshard`` needs a full spec."""
+  entries = tuple(spec)
+  used = set()
+  for e in entries:
+    if e is not None and e is not P.UNCONSTRAINED:
+      used.update((e,) if isinstance(e, str) else e)
+  current = tuple(jax.typeof(x).sharding.spec)
+  current += (None,) * (x.ndim - len(current))
+  out = []
+  for e, cur in zip(entries, current):
+    if e is not P.UNCONSTRAINED:
+      out.append(e)
+      continue
+    axes = () if cur is None else (cur,) if isinstance(cur, str) else tuple(cur)
+    axes = tuple(a for a in axes if a not in used)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside a mesh.
 
-  ``x`` of rank R takes R names from ``('batch', 'length', 'embed', 'heads', 'mlp',
-  'vocab', ...)`` or None. Inside ``activation_sharding(mesh, rules)`` this is
-  ``jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))``; elsewhere (plain
-  single-device use of a layer) it returns ``x`` unchanged. A rank mismatch is an error
-  either way.
+  ``x`` of rank R takes R names from ``ACTIVATION_NAMES`` (``'batch'``, ``'length'``,
+  ``'embed'``, ``'heads'``, ``'kv_heads'``, ``'head_dim'``, ``'mlp'``, ``'vocab'``, ...) or
+  None. Which rules apply, first match wins:
+
+  1. inside ``activation_sharding(mesh, rules)`` (the trainer): ``rules`` on ``mesh``, as
+     ``jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(...)))``;
+  2. inside the user's own mesh (``jax.set_mesh(mesh)`` / ``jax.sharding.use_mesh``) AND
+     Flax's logical-axis rules (``flax.linen.logical_axis_rules(rules)`` or
+     ``nnx.logical_axis_rules``): those rules, resolved by ``flax_rules_to_spec`` (names
+     without a rule stay unconstrained), as ``jax.sharding.reshard`` on a mesh whose axes
+     are all ``Explicit`` and ``with_sharding_constraint`` otherwise;
+  3. otherwise (plain single-device use, or a mesh without rules) ``x`` unchanged.
+
+  A rank mismatch is an error either way.
   """
   names = tuple(names)
   if len(names) != x.ndim:
     raise ValueError(f'constrain: got {len(names)} names {names} for an array of rank {x.ndim} '
                      f'(shape {x.shape}); expected one name per dimension.')
   ctx = _CONTEXT.get()
-  if ctx is None:
+  if ctx is not None:
+    mesh, table = ctx
+    if math.prod(mesh.shape.values()) == 1:
+      return x
+    spec = logical_to_spec(names, x.shape, table, mesh, what='constrain')
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  rules = _flax_rules()
+  if not rules:
     return x
-  mesh, table = ctx
-  if math.prod(mesh.shape.values()) == 1:
+  mesh = _user_mesh()
+  if mesh is None or math.prod(dict(mesh.shape).values()) == 1:
     return x
-  spec = logical_to_spec(names, x.shape, table, mesh, what='constrain')
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  spec = flax_rules_to_spec(names, x.shape, rules, mesh)
+  if all(e is P.UNCONSTRAINED for e in spec):
+    return x
+  explicit = jax.sharding.AxisType.Explicit
+  if all(t == explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, _explicit_spec(x, spec))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 # --- parameters -------------------------------------------------------------------------
