@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TOLERANCES
 
 import attnjax
 from attnjax import masks
@@ -17,7 +18,6 @@ from attnjax.dispatch import registry
 from attnjax.ops import linear as L
 from attnjax.ops.linear import _args as linear_args
 from attnjax.ops.linear import _core as linear_core
-from conftest import TOLERANCES
 
 F32 = jnp.float32
 PALLAS_INTERPRET = "pallas_tpu"   # the Pallas implementation run (interpret mode) on CPU

@@ -33,8 +33,7 @@ from typing import Sequence, Union
 from attnjax.core import args as args_lib
 from attnjax.core.errors import Unsupported
 from attnjax.dispatch import registry
-from attnjax.dispatch.registry import (FAMILIES, Implementation, auto_candidates,
-                                       implementations)
+from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates, implementations
 from attnjax.ops import linear as linear_ops
 
 __all__ = ["attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS", "auto_candidates",
