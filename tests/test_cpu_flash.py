@@ -248,7 +248,8 @@ class TestCpuFlash(AttentionTestBase):
     with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
       CpuFlashBlockSizes(block_k=48, matmul="amx")
     q, k, v = make_qkv(62, 1, 16, 16, 2, 1, 32, 32, jnp.float32)
-    with pytest.raises(NotImplementedError, match="multiple of 16"):
+    # Another implementation's config is not reinterpreted (no duck typing).
+    with pytest.raises(TypeError, match="'cpu_flash' must be CpuFlashBlockSizes"):
       attnjax.attention(q, k, v, implementation="cpu_flash",
                         block_sizes=attnjax.ChunkedBlockSizes(8, 40))
 

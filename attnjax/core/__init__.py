@@ -9,7 +9,13 @@
 * :mod:`attnjax.core.plan` -- block tables and mask plans: :class:`Plan`,
   :func:`make_plan`, traced predicates / score mods, tile schedules and splits.
 * :mod:`attnjax.core.softmax` -- the float32 reference softmax math.
+* :mod:`attnjax.core.errors` -- :class:`Unsupported`, the refusal an implementation
+  raises when it cannot serve a call (the dispatcher falls through on it only).
 
 Layering: ``core`` imports only jax / numpy / the standard library and
 :mod:`attnjax.masks` / :mod:`attnjax.score_mods` (see ``docs/architecture.md``).
 """
+
+from attnjax.core.errors import Unsupported
+
+__all__ = ["Unsupported"]

@@ -3,14 +3,19 @@
 :func:`check_attention_args` validates the keyword arguments of
 :func:`attnjax.attention` once and returns an :class:`AttentionArgs` (shapes
 ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``, bias rank 4, both segment
-id arrays or neither, ``scale`` a float).
+id arrays or neither, ``scale`` a float or a float32 JAX scalar).
+
+``mask`` may be a plain predicate ``fn(b, h, q_idx, kv_idx) -> bool`` (as FlexAttention
+users write it); it is wrapped with :func:`attnjax.masks.from_fn`.  ``scale`` may be a
+traced (learnable) JAX scalar; :func:`static_scale` folds it into ``q`` for the
+implementations that need a static Python float.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +23,8 @@ import numpy as np
 
 from attnjax import masks as masks_lib
 
-__all__ = ["AttentionArgs", "check_attention_args", "normalize_args"]
+__all__ = ["AttentionArgs", "check_attention_args", "normalize_args", "static_scale",
+           "is_static_scale"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +32,8 @@ class AttentionArgs:
   """Validated, normalised keyword arguments shared by every implementation.
 
   ``bias`` is rank 4 (each dim 1 or full), ``q_segment_ids``/``kv_segment_ids`` are
-  both set or both None, ``scale`` is a float, ``mask`` a Mask or None.
+  both set or both None, ``scale`` is a float or (traced / learnable) a float32 JAX
+  scalar of shape ``()``, ``mask`` a Mask or None.
   """
   B: int
   T: int
@@ -40,7 +47,7 @@ class AttentionArgs:
   bias: Optional[jax.Array]
   q_segment_ids: Optional[jax.Array]
   kv_segment_ids: Optional[jax.Array]
-  scale: float
+  scale: Union[float, jax.Array]
   softcap: Optional[float]
   sinks: Optional[jax.Array]
 
@@ -57,6 +64,48 @@ class AttentionArgs:
 
 def _is_array(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _check_scale(scale, H: int):
+  """A Python float (static) or a float32 JAX scalar (traced / learnable)."""
+  if scale is None:
+    return 1.0 / math.sqrt(H)
+  if isinstance(scale, bool):
+    raise TypeError("scale must be a float or a float JAX scalar, got bool")
+  if isinstance(scale, (int, float, np.floating, np.integer)):
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+      raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return scale
+  if not _is_array(scale):
+    raise TypeError(f"scale must be a float or a float JAX scalar of shape (), got "
+                    f"{type(scale).__name__}")
+  if not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise TypeError(f"scale must have a floating dtype, got {scale.dtype}")
+  if tuple(scale.shape) != ():
+    raise ValueError(f"scale must be a scalar (shape ()), got shape {tuple(scale.shape)}")
+  if isinstance(scale, np.ndarray):
+    return _check_scale(float(scale), H)
+  if not isinstance(scale, jax.core.Tracer):
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+      raise ValueError(f"scale must be positive and finite, got {value}")
+  return jnp.asarray(scale, jnp.float32)
+
+
+def is_static_scale(scale) -> bool:
+  """``scale`` is a Python float (not a JAX scalar)."""
+  return isinstance(scale, float)
+
+
+def static_scale(q, a: AttentionArgs):
+  """``(q, a)`` with a static scale: a JAX-scalar ``scale`` is folded into ``q``
+  (``q * scale`` in float32, cast back to ``q.dtype``) and ``a.scale`` becomes 1.0;
+  gradients reach ``scale`` through that product.  A float scale returns the inputs."""
+  if is_static_scale(a.scale):
+    return q, a
+  q = (q.astype(jnp.float32) * a.scale).astype(q.dtype)
+  return q, dataclasses.replace(a, scale=1.0)
 
 
 def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
@@ -91,6 +140,11 @@ def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
     raise ValueError(f"the number of query heads N={N} must be a multiple of the number of "
                      f"kv heads K={K} (GQA/MQA)")
 
+  if mask is not None and not isinstance(mask, masks_lib.Mask) and not _is_array(mask):
+    if not callable(mask):
+      raise TypeError(f"mask must be None, a boolean array, an attnjax.masks.Mask or a "
+                      f"callable (b, h, q_idx, kv_idx) -> bool, got {type(mask).__name__}")
+    mask = masks_lib.from_fn(mask)
   mask = masks_lib.as_mask(mask, "mask")
   if mask is not None:
     mask.check_shape(T, S, N, B)
@@ -133,14 +187,7 @@ def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
         raise ValueError(f"{name} must have shape [B, {'T' if name[0] == 'q' else 'S'}] = "
                          f"{[B, L]}, got {tuple(seg.shape)}")
 
-  if scale is None:
-    scale = 1.0 / math.sqrt(H)
-  else:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-      raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-      raise ValueError(f"scale must be a positive finite float, got {scale}")
+  scale = _check_scale(scale, H)
 
   if softcap is not None:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):

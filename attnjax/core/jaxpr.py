@@ -28,6 +28,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core.errors import Unsupported
 from attnjax.core.vma import vary_like, varying_axes
 
 __all__ = ["walk_jaxpr", "TileEvaluator", "eval_jaxpr", "eval_jaxpr_vma", "hoist_consts",
@@ -186,7 +187,7 @@ def _materialise(x):
       return x.comps[0][..., None]
     return jnp.stack(x.comps, axis=-1)
   if isinstance(x, _ConstRef):
-    raise NotImplementedError(
+    raise Unsupported(
         f"a closed-over array of shape {x.shape} is used in a way the kernel cannot "
         "evaluate (only point lookups like table[h, idx] and scalars are supported)")
   return x
@@ -261,13 +262,13 @@ def _point_gather(marker: _ConstRef, idx, params, out_aval, ev):
   nd = len(marker.shape)
   if (tuple(dn.offset_dims) != () or sorted(dn.collapsed_slice_dims) != list(range(nd))
       or tuple(dn.operand_batching_dims) != () or any(s != 1 for s in params["slice_sizes"])):
-    raise NotImplementedError("only point lookups (table[i, j]) of closed-over arrays are "
+    raise Unsupported("only point lookups (table[i, j]) of closed-over arrays are "
                               "supported inside the kernel")
   if not isinstance(idx, _IndexStack):
-    raise NotImplementedError("unsupported gather index layout inside the kernel")
+    raise Unsupported("unsupported gather index layout inside the kernel")
   comps = idx.comps
   if len(comps) != len(dn.start_index_map):
-    raise NotImplementedError("unsupported gather index layout inside the kernel")
+    raise Unsupported("unsupported gather index layout inside the kernel")
   strides = [int(np.prod(marker.shape[d + 1:], dtype=np.int64)) for d in range(nd)]
   flat = None
   valid = None

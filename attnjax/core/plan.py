@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
+from attnjax.core.errors import Unsupported
 from attnjax.core.args import AttentionArgs
 from attnjax.core.jaxpr import TileEvaluator, _ConstRef, const_storage, eval_jaxpr
 
@@ -190,7 +191,7 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
     qs, ks = d.segment_ids
     segs.append((qs, ks))
   if len(segs) > 1:
-    raise NotImplementedError("the kernel supports one set of segment ids (q_segment_ids or "
+    raise Unsupported("the kernel supports one set of segment ids (q_segment_ids or "
                               "one document mask), got several")
   seg = None
   if segs:
@@ -265,7 +266,7 @@ def trace_score_mod(a: AttentionArgs, rows: int, cols: int) -> Optional[TracedFn
   tf = _trace(fn, ex, convert=True)
   total = sum(int(np.prod(s, dtype=np.int64)) for s in tf.shapes)
   if total > SCORE_MOD_CONST_LIMIT:
-    raise NotImplementedError(
+    raise Unsupported(
         f"score_mod closes over arrays with {total} elements in all; the kernel supports up "
         f"to {SCORE_MOD_CONST_LIMIT} (pass a bias array instead)")
   return tf

@@ -18,8 +18,8 @@ bands that stay intervals, classified by structure in
 :meth:`attnjax.masks.Mask.row_band`) — with
 GQA/MQA (K/V never repeated), ``T != S``, ``sinks``, ``return_lse`` and head dims
 that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids and
-other masks raise ``NotImplementedError`` so the dispatcher falls back to
-``'xla_chunked'``.  bf16/f16 inputs are computed in float32 and cast back.
+other masks are refused (:func:`unsupported_reason`, raised as
+:class:`attnjax.core.Unsupported`) so the dispatcher falls back to ``'xla_chunked'``.  bf16/f16 inputs are computed in float32 and cast back.
 
 Tiles outside every row's band are skipped; tiles inside all rows' bands run
 without masking, so causal and windowed attention cost time proportional to their
@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.cpu import build
-from attnjax.core.args import AttentionArgs
+from attnjax.core.args import AttentionArgs, static_scale
+from attnjax.core.errors import Unsupported
 from attnjax.core.vma import sum_to_vma, vary_like
 
-__all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "available", "has_amx"]
+__all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "unsupported_reason", "available",
+           "has_amx"]
 
 # CpuFlashBlockSizes.matmul -> the kernel's "matmul" attribute.  'avx512' is the
 # older name of 'simd' (kept: the SIMD engine is AVX-512 where the CPU has it).
@@ -190,49 +192,53 @@ def _block_sizes(block_sizes) -> CpuFlashBlockSizes:
     return CpuFlashBlockSizes()
   if isinstance(block_sizes, CpuFlashBlockSizes):
     return block_sizes
-  bq, bk = getattr(block_sizes, "block_q", None), getattr(block_sizes, "block_k", None)
-  if bq is None and bk is None:
-    raise NotImplementedError(f"'cpu_flash' takes CpuFlashBlockSizes (or an object with "
-                              f"block_q/block_k), got {type(block_sizes).__name__}")
-  if bk is not None and bk % 16:
-    raise NotImplementedError(f"'cpu_flash' needs block_k to be a multiple of 16, got {bk}")
-  return CpuFlashBlockSizes(bq, bk)
+  raise TypeError(f"block_sizes for 'cpu_flash' must be a CpuFlashBlockSizes, got "
+                  f"{type(block_sizes).__name__}")
+
+
+def unsupported_reason(a: AttentionArgs, block_sizes=None) -> Optional[str]:
+  """Why ``'cpu_flash'`` cannot serve the call ``a`` (None: it can).  Checked by the
+  dispatcher before running (``supports``) and again by :func:`cpu_flash_attention`."""
+  unsupported = [name for name, val in (("bias", a.bias), ("score_mod", a.score_mod),
+                                        ("softcap", a.softcap),
+                                        ("segment ids", a.q_segment_ids)) if val is not None]
+  if unsupported:
+    return f"'cpu_flash' does not support {', '.join(unsupported)}"
+  if a.H % 16 or a.Hv % 16:
+    return f"'cpu_flash' needs head dims that are multiples of 16, got H={a.H}, Hv={a.Hv}"
+  if a.mask is not None and a.mask.row_band(a.T, a.S) is None:
+    return f"'cpu_flash' serves band masks (lo(q) <= kv <= hi(q)), not {a.mask.name}"
+  reason = build.unavailable_reason()
+  if reason is not None:
+    return f"'cpu_flash' kernel unavailable: {reason}"
+  bs = _block_sizes(block_sizes)
+  if bs.matmul == "amx" and not build.has_amx():
+    return ("'cpu_flash' with matmul='amx' needs a CPU with AMX-BF16 (and Linux granting "
+            "the tile state)")
+  if bs.matmul == "amx" and bs.resolve()[1] % 32:
+    return (f"'cpu_flash' with matmul='amx' needs block_k to be a multiple of 32, got "
+            f"{bs.resolve()[1]}")
+  return None
 
 
 def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None):
   """The 'cpu_flash' implementation; same contract as :func:`attnjax.attention`.
 
-  Raises ``NotImplementedError`` (so ``'auto'`` falls back) when the kernel is not
-  built for this machine or the call uses a feature it does not serve.
+  Raises :class:`attnjax.core.Unsupported` (so ``'auto'`` falls back) when the kernel
+  is not built for this machine or the call uses a feature it does not serve
+  (:func:`unsupported_reason`).  A traced ``scale`` is applied to ``q`` first.
   """
-  unsupported = [name for name, val in (("bias", a.bias), ("score_mod", a.score_mod),
-                                        ("softcap", a.softcap),
-                                        ("segment ids", a.q_segment_ids)) if val is not None]
-  if unsupported:
-    raise NotImplementedError(f"'cpu_flash' does not support {', '.join(unsupported)}")
-  if a.H % 16 or a.Hv % 16:
-    raise NotImplementedError(f"'cpu_flash' needs head dims that are multiples of 16, got "
-                              f"H={a.H}, Hv={a.Hv}")
+  reason = unsupported_reason(a, block_sizes)
+  if reason is not None:
+    raise Unsupported(reason)
+  q, a = static_scale(q, a)
   if a.mask is None:
     lo = np.zeros((a.T,), np.int32)
     hi = np.full((a.T,), a.S - 1, np.int32)
   else:
-    band = a.mask.row_band(a.T, a.S)
-    if band is None:
-      raise NotImplementedError(f"'cpu_flash' serves band masks (lo(q) <= kv <= hi(q)), "
-                                f"not {a.mask.name}")
-    lo, hi = band
+    lo, hi = a.mask.row_band(a.T, a.S)
   bs = _block_sizes(block_sizes)
-  reason = build.unavailable_reason()
-  if reason is not None:
-    raise NotImplementedError(f"'cpu_flash' kernel unavailable: {reason}")
-  if bs.matmul == "amx" and not build.has_amx():
-    raise NotImplementedError("'cpu_flash' with matmul='amx' needs a CPU with AMX-BF16 "
-                              "(and Linux granting the tile state)")
   bq, bk, nt = bs.resolve()
-  if bs.matmul == "amx" and bk % 32:
-    raise NotImplementedError(f"'cpu_flash' with matmul='amx' needs block_k to be a "
-                              f"multiple of 32, got {bk}")
   # A bf16 result lets the AMX forward round P to bf16 for P @ V (as GPU flash kernels
   # do): its 2^-9 relative error is that of the bf16 output.
   bf16_out = jnp.dtype(q.dtype) == jnp.bfloat16

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.core.args import AttentionArgs, check_attention_args
+from attnjax.core.args import AttentionArgs, check_attention_args, static_scale
+from attnjax.core.errors import Unsupported
 from attnjax.core.plan import Plan, TracedFn, make_plan
 from attnjax.core.softmax import reference_attention
 from attnjax.core.vma import sum_to_vma
@@ -31,12 +32,13 @@ _F32 = jnp.float32
 
 def as_block_sizes(block_sizes, cls, backend: str):
   """``block_sizes`` as a ``cls`` (``None``: defaults); another type raises
-  ``NotImplementedError`` so the dispatcher tries the next implementation."""
+  :class:`~attnjax.core.errors.Unsupported` (the dispatcher routes each implementation
+  its own type, so it never passes another one)."""
   if block_sizes is None:
     return cls()
   if isinstance(block_sizes, cls):
     return block_sizes
-  raise NotImplementedError(f"the {backend} flash kernel takes attnjax.kernels."
+  raise Unsupported(f"the {backend} flash kernel takes attnjax.kernels."
                             f"{backend.lower()}.BlockSizes, got {type(block_sizes).__name__}")
 
 
@@ -71,6 +73,7 @@ def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,
         kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
     if not isinstance(return_lse, bool):
       raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    q, a = static_scale(q, a)   # a traced scale is folded into q
     out, lse = build(a, bs, default_interpret(interpret, native))(q, k, v)
     return (out, lse) if return_lse else out
 

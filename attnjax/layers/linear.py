@@ -100,7 +100,7 @@ class LinearConfig:
   focusing_factor: float
   dwc_size: int | None
   chunk_size: int
-  implementation: str
+  implementation: str | None    # None: the registry's 'auto' (Pallas on TPU/GPU, else XLA)
   eps: float
 
 
@@ -108,7 +108,7 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
                   head_dim: int | None = None, v_head_dim: int | None = None, causal: bool | None = None,
                   feature_map: str | None = None, decay: Any = None, learnable_decay: bool = False,
                   gate: bool = False, focusing_factor: float = 3.0, dwc_size: int | None = None,
-                  out_norm: bool | None = None, chunk_size: int = 64, implementation: str = "xla",
+                  out_norm: bool | None = None, chunk_size: int = 64, implementation: str | None = None,
                   eps: float = L.DEFAULT_EPS, rope: str | None = None, rope_base: float = 10000.0,
                   use_bias: bool = False, dropout_rate: float = 0.0, dtype: Any = None,
                   param_dtype: Any = jnp.float32) -> tuple[LinearConfig, dict]:
@@ -369,7 +369,8 @@ class LinearAttention(nnx.Module):
     focusing_factor, dwc_size: focused: the focusing power p >= 1 and an odd depthwise
       conv window over the values (None = no DWC; 1-D, or 2-D over a `[B, Hh, Ww, D]` grid).
     out_norm: per-head RMS norm of the op output (default: True for lightning/retention).
-    chunk_size, implementation, eps: passed to the op where it takes them.
+    chunk_size, implementation, eps: passed to the op where it takes them (implementation
+      None: the op's 'auto', the Pallas chunk kernel on TPU/GPU when it serves the call).
     rope: None or '1d' (RoPE on q, k before the feature map; positions default to
       `arange(T)` + cache index). rope_base: its base.
     use_bias: biases on the projections. dropout_rate: dropout on the layer output.

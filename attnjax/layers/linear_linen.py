@@ -49,7 +49,7 @@ class LinearAttention(nn.Module):
   dwc_size: int | None = None
   out_norm: bool | None = None
   chunk_size: int = 64
-  implementation: str = "xla"
+  implementation: str | None = None
   eps: float = L.DEFAULT_EPS
   rope: str | None = None
   rope_base: float = 10000.0

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax.core.args import AttentionArgs
+from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.jaxpr import hoist_consts
 from attnjax.core.plan import kv_group_table
 from attnjax.core.vma import sum_to_vma, vary_like
@@ -103,11 +103,9 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   if block_sizes is None:
     block_sizes = ChunkedBlockSizes()
   elif not isinstance(block_sizes, ChunkedBlockSizes):
-    bq_, bk_ = getattr(block_sizes, "block_q", None), getattr(block_sizes, "block_k", None)
-    if bq_ is None and bk_ is None:
-      raise TypeError(f"block_sizes for 'xla_chunked' must be a ChunkedBlockSizes, got "
-                      f"{type(block_sizes).__name__}")
-    block_sizes = ChunkedBlockSizes(bq_, bk_)
+    raise TypeError(f"block_sizes for 'xla_chunked' must be a ChunkedBlockSizes, got "
+                    f"{type(block_sizes).__name__}")
+  q, a = static_scale(q, a)   # a traced scale is folded into q (gradients reach it)
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
   bq, bk = block_sizes.resolve(T, S, G)
   nq, nk = -(-T // bq), -(-S // bk)

@@ -29,6 +29,6 @@ def xla_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=No
   """The 'xla' implementation: dense logits in the input dtype with float32
   accumulation, GQA without repeating K/V.  Memory ``O(B N T S)``: for short sequences."""
   if block_sizes is not None:
-    raise NotImplementedError("'xla' takes no block_sizes")
+    raise TypeError(f"block_sizes: 'xla' takes none, got {type(block_sizes).__name__}")
   out, lse = dense_attention(q, k, v, a, upcast=False)
   return (out, lse) if return_lse else out

@@ -516,7 +516,8 @@ _FLASH_DOC = """Block-sparse flash attention on GPU (Pallas Triton), forward and
     q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]``; ``N % K == 0``.
     mask, score_mod, bias, q_segment_ids, kv_segment_ids, scale, softcap, sinks,
       return_lse: as in :func:`attnjax.attention`.
-    block_sizes: :class:`BlockSizes`; another type raises ``NotImplementedError``.
+    block_sizes: :class:`BlockSizes`; another type raises
+      :class:`attnjax.core.Unsupported`.
     interpret: run in Pallas interpret mode; default: when the backend is not GPU.
 
   Returns:

@@ -715,7 +715,7 @@ _FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and
     mask, score_mod, bias, q_segment_ids, kv_segment_ids, scale, softcap, sinks,
       return_lse: as in :func:`attnjax.attention`.
     block_sizes: :class:`BlockSizes` (``None``: defaults).  Another type raises
-      ``NotImplementedError`` (so the dispatcher falls back).
+      :class:`attnjax.core.Unsupported`.
     interpret: run in Pallas interpret mode; default: when the backend is not TPU.
 
   Returns:

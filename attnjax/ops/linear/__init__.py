@@ -56,8 +56,10 @@ Package layout (one module per mechanism family; see ``docs/architecture.md``):
 
 - ``_args`` -- argument checking and preparation shared by every mechanism
   (:func:`~attnjax.ops.linear._args.prepare`), constants and feature maps;
-- ``_core`` -- the causal core (three forms), the block driver and the chunk-kernel hook
-  (:data:`~attnjax.ops.linear._core.CHUNK_KERNELS`, filled by :mod:`attnjax.dispatch`);
+- ``_core`` -- the causal core (three forms), the block driver and the registry hooks
+  (:data:`~attnjax.ops.linear._core.CHUNK_KERNELS` and the implementation selector, filled
+  by :mod:`attnjax.dispatch`: ``implementation=None``/``'auto'`` runs the Pallas chunk
+  kernel on TPU/GPU when it serves the call, else ``'xla'``);
 - ``kernelized`` (:func:`linear_attention`, :func:`efficient_attention`), ``decayed``
   (:func:`decayed_linear_attention`, :func:`lightning_attention`), ``focused``, ``inline``,
   ``flow``.
@@ -65,7 +67,7 @@ Package layout (one module per mechanism family; see ``docs/architecture.md``):
 
 from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FEATURE_MAPS, FORMS,
                                       IMPLEMENTATIONS, Array, FeatureMap)
-from attnjax.ops.linear._core import register_chunk_kernel
+from attnjax.ops.linear._core import register_chunk_kernel, register_selector
 from attnjax.ops.linear.decayed import decayed_linear_attention, lightning_attention
 from attnjax.ops.linear.flow import flow_attention
 from attnjax.ops.linear.focused import (depthwise_conv, focused_feature_map,
@@ -77,4 +79,4 @@ __all__ = ["Array", "FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "DEFAULT_BLOCK_LEN", "FEATURE_MAPS", "linear_attention", "decayed_linear_attention",
            "lightning_attention", "efficient_attention", "focused_feature_map",
            "depthwise_conv", "focused_linear_attention", "inline_attention", "flow_attention",
-           "register_chunk_kernel"]
+           "register_chunk_kernel", "register_selector"]

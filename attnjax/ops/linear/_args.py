@@ -4,6 +4,9 @@
 options a mechanism takes (``form``, ``feature_map``, ``chunk_size``, ``eps``,
 ``implementation``, ``block_len``, ``state``/``return_state``) once, raising
 ``ValueError``/``TypeError`` that name the argument, and returns a :class:`LinearArgs`.
+The implementation that runs is chosen afterwards by
+:func:`attnjax.ops.linear._core.choose` (``None``/``'auto'``: the Pallas chunk kernel on
+TPU/GPU when it serves the call, else ``'xla'``).
 """
 
 from __future__ import annotations
@@ -121,13 +124,26 @@ def _check_eps(eps):
 
 
 def _check_implementation(implementation, form):
-  if implementation is None:
-    implementation = 'xla'
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
-  if implementation != 'xla' and form != 'chunked':
-    raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got {form!r}")
-  return implementation
+  """The requested implementation: ``'auto'`` (for None), a name, or a tuple of names
+  (tried in order; ``'auto'`` may appear).  An explicit kernel name needs the chunked
+  form (ValueError otherwise)."""
+  if implementation is None or implementation == 'auto':
+    return 'auto'
+  names = (implementation,) if isinstance(implementation, str) else implementation
+  try:
+    names = tuple(names)
+  except TypeError:
+    raise ValueError(f"implementation must be None, 'auto', one of {IMPLEMENTATIONS} or a "
+                     f"sequence of those, got {implementation!r}") from None
+  if not names or any(n != 'auto' and n not in IMPLEMENTATIONS for n in names):
+    raise ValueError(f"implementation must be None, 'auto', one of {IMPLEMENTATIONS} or a "
+                     f"sequence of those, got {implementation!r}")
+  if isinstance(implementation, str):
+    if implementation != 'xla' and form != 'chunked':
+      raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got "
+                       f"{form!r}")
+    return implementation
+  return names
 
 
 def _check_state_array(x, shape, name):
@@ -155,17 +171,18 @@ class LinearArgs:
   phi: Optional[Callable[[Array], Array]]
   chunk_size: Optional[int]
   eps: Optional[float]
-  implementation: Optional[str]
+  implementation: Optional[str | tuple]   # requested: 'auto', a name or a tuple of names
   block_len: Optional[int]
 
   @property
   def G(self) -> int:
     return self.N // self.K
 
-  def use_blocks(self, causal: bool) -> bool:
-    """The causal chunked XLA form runs block by block (``T > block_len``)."""
+  def use_blocks(self, causal: bool, implementation: str = 'xla') -> bool:
+    """The causal chunked XLA form (``implementation``: the chosen one) runs block by
+    block (``T > block_len``)."""
     return causal and self.block_len is not None and _use_blocks(
-        self.form, self.implementation or 'xla', self.block_len, self.T)
+        self.form, implementation, self.block_len, self.T)
 
 
 def prepare(q, k, v, *, causal: bool, form, feature_map=_UNCHECKED, chunk_size=_UNCHECKED,
@@ -184,7 +201,7 @@ def prepare(q, k, v, *, causal: bool, form, feature_map=_UNCHECKED, chunk_size=_
   block_len = None if block_len is _UNCHECKED else _check_block_len(block_len)
   if not causal and (state is not None or return_state):
     raise ValueError('state and return_state need causal=True')
-  if not causal and implementation not in (None, 'xla'):
+  if not causal and isinstance(implementation, str) and implementation not in ('xla', 'auto'):
     raise ValueError(f'implementation={implementation!r} serves causal=True only')
   return LinearArgs(B, T, N, H, S, K, Hv, form, phi, chunk_size, eps, implementation,
                     block_len)

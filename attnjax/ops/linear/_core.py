@@ -4,20 +4,36 @@
 (``'quadratic'``, ``'recurrent'``, ``'chunked'``), the block-by-block driver
 :func:`_in_blocks`, and the hook through which the Pallas chunk kernels are reached.
 
-Kernel hook: ``ops`` never imports ``kernels`` (``docs/architecture.md``).  The chunk
-kernels serving ``implementation='pallas_tpu'/'pallas_gpu'`` are looked up in
-:data:`CHUNK_KERNELS`, which :mod:`attnjax.dispatch` fills (lazily importing the kernel
-modules on first call) with :func:`register_chunk_kernel` when ``attnjax`` is imported.
+Registry hooks: ``ops`` never imports ``kernels`` or ``dispatch``
+(``docs/architecture.md``).  Two hooks, filled by :mod:`attnjax.dispatch` when ``attnjax``
+is imported, connect the linear ops to the implementation registry
+(:mod:`attnjax.dispatch.registry`):
+
+* :data:`CHUNK_KERNELS` (:func:`register_chunk_kernel`): the chunk kernels serving
+  ``implementation='pallas_tpu'/'pallas_gpu'`` (kernel modules imported on first call);
+* the selector (:func:`register_selector`): resolves the requested implementation
+  (``None``/``'auto'``, a name or a sequence) for a :class:`LinearCall` against each
+  candidate's ``supports`` check, logging the choice.
+
+A public mechanism decorated with :func:`dispatched` calls :func:`choose` once its
+arguments are checked; the rest of the call then runs under
+``jax.named_scope(f"attnjax/{name}")``.  Without a registered selector (``ops`` used
+on its own) ``'auto'`` means ``'xla'``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear._args import _F32, _apply_feature_map
+from attnjax.core.errors import Unsupported
+from attnjax.ops.linear._args import _F32, LinearArgs, _apply_feature_map
 
 # implementation name -> kernel(q [B,T,N,F], k [B,T,K,F], v [B,T,K,V], log_decay_N [N], *,
 # chunk_size) -> o [B,T,N,V]: the stateless causal chunk kernel (see attnjax.dispatch).
@@ -28,6 +44,72 @@ def register_chunk_kernel(implementation: str, kernel: Callable) -> None:
   """Registers the chunk kernel serving ``implementation`` (called by
   :mod:`attnjax.dispatch`; a later registration replaces an earlier one)."""
   CHUNK_KERNELS[implementation] = kernel
+
+
+# (call: LinearCall, implementation) -> name, raising Unsupported when none serves.
+_SELECTOR: list[Callable] = []
+# The ExitStack of the innermost dispatched call: choose() enters its named scope there.
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar('attnjax_linear_scope', default=None)
+
+
+def register_selector(selector: Callable) -> None:
+  """Registers the implementation selector (called by :mod:`attnjax.dispatch`; a later
+  registration replaces an earlier one)."""
+  _SELECTOR[:] = [selector]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+  """What a selector sees of one linear-attention call: the checked arguments, the
+  mechanism, whether it is causal and whether it has a per-token (data-dependent)
+  decay."""
+  mechanism: str
+  args: LinearArgs
+  causal: bool
+  token_decay: bool = False
+  dtype: str = ''
+
+  def signature(self, implementation) -> tuple:
+    a = self.args
+    text = (f"{self.mechanism} B={a.B} T={a.T} N={a.N} K={a.K} H={a.H} Hv={a.Hv} {self.dtype} "
+            f"causal={self.causal} form={a.form} chunk_size={a.chunk_size} "
+            f"token_decay={self.token_decay} implementation={implementation!r}")
+    return ('linear', self.mechanism, a.B, a.T, a.N, a.K, a.H, a.Hv, self.dtype, self.causal,
+            a.form, a.chunk_size, self.token_decay, repr(implementation),
+            jax.default_backend(), text)
+
+
+def choose(a: LinearArgs, *, mechanism: str, causal: bool, token_decay: bool = False,
+           dtype=None) -> str:
+  """The implementation that serves this call (``a.implementation`` is the request);
+  inside a :func:`dispatched` call the rest of it runs under
+  ``jax.named_scope(f"attnjax/{name}")``."""
+  request = a.implementation
+  call = LinearCall(mechanism, a, causal, token_decay, '' if dtype is None else str(dtype))
+  if _SELECTOR:
+    name = _SELECTOR[0](call, request)
+  elif request in ('auto', 'xla') or (isinstance(request, tuple) and 'xla' in request):
+    name = 'xla'
+  else:
+    raise Unsupported(f'implementation={request!r} needs attnjax.dispatch (import attnjax)')
+  stack = _SCOPE.get()
+  if stack is not None:
+    stack.enter_context(jax.named_scope(f'attnjax/{name}'))
+  return name
+
+
+def dispatched(fn: Callable) -> Callable:
+  """Decorates a public mechanism: :func:`choose` opens its named scope for the rest of
+  the call (the scope closes when the mechanism returns)."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with contextlib.ExitStack() as stack:
+      token = _SCOPE.set(stack)
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        _SCOPE.reset(token)
+  return wrapper
 
 
 def _safe_div(num, den, eps):
@@ -218,7 +300,7 @@ def _kernel_core(q, k, v, log_decay_N, state, *, chunk_size, implementation):
   """
   kernel = CHUNK_KERNELS.get(implementation)
   if kernel is None:
-    raise NotImplementedError(
+    raise Unsupported(
         f'no chunk kernel is registered for implementation={implementation!r} (registered: '
         f'{sorted(CHUNK_KERNELS)}); attnjax.dispatch registers the Pallas kernels when '
         'attnjax is imported')

@@ -17,7 +17,7 @@ from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FeatureMap
                                       _check_state_array, _feature_dim, prepare)
 from attnjax.ops.linear._core import (_causal_core, _feature_maps, _group_q, _in_blocks,
                                       _kernel_core, _normalized, _pack, _ungroup, _unpack,
-                                      _with_ones)
+                                      _with_ones, choose, dispatched)
 
 
 def _decayed_state(state, B, N, F, Hv, normalize):
@@ -84,11 +84,12 @@ def _check_log_decay(log_decay, B, T, N):
   return log_decay.astype(_F32)
 
 
+@dispatched
 def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
                              feature_map: FeatureMap = 'identity', normalize: bool = False,
                              form: str = 'chunked', chunk_size: int = 64, state=None,
                              return_state: bool = False, eps: float = DEFAULT_EPS,
-                             implementation: str | None = 'xla',
+                             implementation=None,
                              block_len: int | None = DEFAULT_BLOCK_LEN):
   """Causal decayed (retention-style) linear attention, optionally gated.
 
@@ -113,8 +114,10 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
     state: ``S [B, N, F, Hv]`` float32 (one state per **query head**, decays differ per
       head), or with ``normalize`` the pair ``(S, z [B, N, F])``.
     return_state: also return the state after the last token.
-    implementation: ``'xla'``; ``'pallas_tpu'`` / ``'pallas_gpu'`` serve the chunked form
-      with a constant decay (no ``log_decay``), raising ``NotImplementedError`` otherwise.
+    implementation: ``None``/``'auto'`` (default: the Pallas chunk kernel on TPU/GPU when
+      it serves the call, else ``'xla'``), ``'xla'``, or ``'pallas_tpu'`` / ``'pallas_gpu'``,
+      which serve the causal chunked form with a constant decay (no ``log_decay``; an
+      explicit request otherwise raises :class:`attnjax.core.Unsupported`).
     block_len: as in :func:`linear_attention`.
 
   Returns:
@@ -124,17 +127,16 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
               chunk_size=chunk_size, eps=eps, implementation=implementation,
               block_len=block_len)
   B, T, N, H, K, Hv, G = a.B, a.T, a.N, a.H, a.K, a.Hv, a.G
-  phi, chunk_size, eps, implementation = a.phi, a.chunk_size, a.eps, a.implementation
+  phi, chunk_size, eps = a.phi, a.chunk_size, a.eps
   ld_const = None if decay is None else _check_decay(decay, N)
   ld_tok = None if log_decay is None else _check_log_decay(log_decay, B, T, N)
-  if implementation != 'xla' and ld_tok is not None:
-    raise NotImplementedError(
-        f'implementation={implementation!r} supports a constant per-head decay only, '
-        'not a per-token log_decay')
-  if a.use_blocks(True):
+  implementation = choose(a, mechanism='decayed_linear_attention', causal=True,
+                          token_decay=ld_tok is not None, dtype=v.dtype)
+  if a.use_blocks(True, implementation):
     step = lambda st, q_, k_, v_, ld_: decayed_linear_attention(
         q_, k_, v_, decay=decay, log_decay=ld_, feature_map=feature_map, normalize=normalize,
-        chunk_size=chunk_size, state=st, return_state=True, eps=eps, block_len=None)
+        chunk_size=chunk_size, state=st, return_state=True, eps=eps, implementation='xla',
+        block_len=None)
     st0 = _decayed_state(state, B, N, _feature_dim(phi, H), Hv, normalize)
     o, st = _in_blocks(step, st0, (q, k, v, ld_tok), block_len=a.block_len)
     return (o, st) if return_state else o
@@ -159,7 +161,7 @@ def decayed_linear_attention(q, k, v, *, decay=None, log_decay=None,
 
 def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: int = 64,
                         state=None, return_state: bool = False,
-                        implementation: str | None = 'xla',
+                        implementation=None,
                         block_len: int | None = DEFAULT_BLOCK_LEN):
   """Lightning Attention: causal, unnormalised linear attention with per-head decay.
 
@@ -179,7 +181,7 @@ def lightning_attention(q, k, v, *, decay, form: str = 'chunked', chunk_size: in
     chunk_size: chunk (block) length.
     state: ``KV [B, N, H, Hv]`` float32, per query head (the state after earlier tokens).
     return_state: also return the state after the last token.
-    implementation: ``'xla'`` | ``'pallas_tpu'`` | ``'pallas_gpu'`` (chunked form only).
+    implementation: as in :func:`decayed_linear_attention` (default ``None``/``'auto'``).
     block_len: as in :func:`linear_attention`.
 
   Returns:

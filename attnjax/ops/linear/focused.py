@@ -89,7 +89,7 @@ def focused_linear_attention(q, k, v, *, focusing_factor: float = 3.0, causal: b
                              form: str = 'chunked', chunk_size: int = 64, state=None,
                              return_state: bool = False, dwc_kernel=None, dwc_bias=None,
                              spatial_shape=None, eps: float = DEFAULT_EPS,
-                             implementation: str | None = 'xla',
+                             implementation=None,
                              block_len: int | None = DEFAULT_BLOCK_LEN):
   """Focused Linear Attention (FLatten).
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, FeatureMap, _F32, _check_state_array,
                                       _feature_dim, prepare)
 from attnjax.ops.linear._core import (_causal_kv_core, _einsum, _feature_maps, _in_blocks, _pack,
-                                      _ungroup, _unpack, _with_ones)
+                                      _ungroup, _unpack, _with_ones, choose, dispatched)
 
 
 # --------------------------------------------------------------------------------------
@@ -30,9 +30,10 @@ def _inline_state(state, B, K, F, Hv):
           _check_state_array(state[3], (B,), 'state[3] (count)'))
 
 
+@dispatched
 def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: bool = False,
                      form: str = 'chunked', chunk_size: int = 64, state=None,
-                     return_state: bool = False, implementation: str | None = 'xla',
+                     return_state: bool = False, implementation=None,
                      block_len: int | None = DEFAULT_BLOCK_LEN):
   """InLine: injective linear attention (subtractive normalisation).
 
@@ -58,11 +59,12 @@ def inline_attention(q, k, v, *, feature_map: FeatureMap = 'identity', causal: b
               chunk_size=chunk_size, implementation=implementation, block_len=block_len,
               state=state, return_state=return_state)
   B, T, N, H, S, K, Hv = a.B, a.T, a.N, a.H, a.S, a.K, a.Hv
-  phi, chunk_size, implementation = a.phi, a.chunk_size, a.implementation
-  if a.use_blocks(causal):
+  phi, chunk_size = a.phi, a.chunk_size
+  implementation = choose(a, mechanism='inline_attention', causal=causal, dtype=v.dtype)
+  if a.use_blocks(causal, implementation):
     step = lambda st, *x: inline_attention(
         *x, feature_map=feature_map, causal=True, chunk_size=chunk_size, state=st,
-        return_state=True, block_len=None)
+        return_state=True, implementation='xla', block_len=None)
     st0 = _inline_state(state, B, K, _feature_dim(phi, H), Hv)
     o, st = _in_blocks(step, st0, (q, k, v), block_len=a.block_len)
     return (o, st) if return_state else o

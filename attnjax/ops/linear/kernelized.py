@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FeatureMap, _F32,
                                       _check_state_array, _feature_dim, prepare)
 from attnjax.ops.linear._core import (_causal_kv_core, _einsum, _feature_maps, _in_blocks,
-                                      _normalized, _pack, _ungroup, _unpack, _with_ones)
+                                      _normalized, _pack, _ungroup, _unpack, _with_ones,
+                                      choose, dispatched)
 
 
 def _linear_state(state, B, K, F, Hv):
@@ -31,10 +32,11 @@ def _linear_state(state, B, K, F, Hv):
 # --------------------------------------------------------------------------------------
 
 
+@dispatched
 def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool = False,
                      form: str = 'chunked', chunk_size: int = 64, state=None,
                      return_state: bool = False, normalize: bool = True,
-                     eps: float = DEFAULT_EPS, implementation: str | None = 'xla',
+                     eps: float = DEFAULT_EPS, implementation=None,
                      block_len: int | None = DEFAULT_BLOCK_LEN):
   """Kernelized linear attention.
 
@@ -58,8 +60,11 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
     return_state: causal only; also return the state after the last token.
     normalize: divide by the denominator (default True).
     eps: denominator guard (default 1e-6).
-    implementation: ``'xla'`` or, for the causal chunked form, ``'pallas_tpu'`` /
-      ``'pallas_gpu'`` (Pallas chunk kernel; interpret mode on CPU).
+    implementation: ``None``/``'auto'`` (default: the Pallas chunk kernel of the TPU/GPU
+      backend when it serves the call -- causal, chunked form, constant decay -- else
+      ``'xla'``; ``'xla'`` on CPU), ``'xla'``, ``'pallas_tpu'`` / ``'pallas_gpu'`` (causal
+      chunked form only; interpret mode on CPU) or a sequence tried in order.  The choice
+      is made by the implementation registry (:mod:`attnjax.dispatch.registry`).
     block_len: causal chunked XLA form: sequences longer than ``block_len`` tokens are
       processed block by block (a ``lax.scan`` over blocks carrying the state, each block
       rematerialised in the backward pass), which bounds the working memory; ``None``
@@ -72,11 +77,13 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
               chunk_size=chunk_size, eps=eps, implementation=implementation,
               block_len=block_len, state=state, return_state=return_state)
   B, T, N, H, K, Hv = a.B, a.T, a.N, a.H, a.K, a.Hv
-  phi, chunk_size, eps, implementation = a.phi, a.chunk_size, a.eps, a.implementation
-  if a.use_blocks(causal):
+  phi, chunk_size, eps = a.phi, a.chunk_size, a.eps
+  implementation = choose(a, mechanism='linear_attention', causal=causal, dtype=v.dtype)
+  if a.use_blocks(causal, implementation):
     step = lambda st, *x: linear_attention(
         *x, feature_map=feature_map, causal=True, chunk_size=chunk_size, state=st,
-        return_state=True, normalize=normalize, eps=eps, block_len=None)
+        return_state=True, normalize=normalize, eps=eps, implementation='xla',
+        block_len=None)
     st0 = _linear_state(state, B, K, _feature_dim(phi, H), Hv)
     o, st = _in_blocks(step, st0, (q, k, v), block_len=a.block_len)
     return (o, st) if return_state else o

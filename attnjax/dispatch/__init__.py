@@ -1,0 +1,104 @@
+"""``attnjax.attention``: one call, several implementations, tried in order.
+
+Implementations (``implementation=``), served from one registry
+(:mod:`attnjax.dispatch.registry`, shared with the linear family of
+:mod:`attnjax.ops.linear`):
+
+* ``'reference'`` — :func:`attnjax.reference_attention`, float32, dense.
+* ``'xla'`` — dense logits, input dtype with float32 accumulation (short sequences).
+* ``'xla_chunked'`` — blockwise online softmax, ``O(T + S)`` memory, skips empty tiles.
+* ``'cpu_flash'`` — a multi-threaded C++ flash-attention kernel (XLA FFI custom call,
+  compiled for the machine on first use) for band masks on the CPU backend.
+* ``'pallas_tpu'`` / ``'pallas_gpu'`` — Pallas kernels (Mosaic / Triton); on a CPU
+  backend an explicit request runs the kernel in interpret mode (slow, for tests).
+* ``'pallas'`` — the Pallas kernel of the current backend (TPU or GPU).
+* ``None`` / ``'auto'`` — the best for ``jax.default_backend()``: on CPU the
+  ``'cpu_flash'`` kernel when it can serve the call (dense ``'xla'`` first for short
+  sequences), else the faster XLA path for the shape; on TPU/GPU the Pallas kernel,
+  falling back to XLA.
+
+Each implementation's ``supports(args, config)`` is checked at trace time before it
+runs; a refusal, or :class:`attnjax.core.Unsupported` raised by its own planning, moves
+on to the next candidate (any other exception propagates).  If none can serve, the
+error lists why each failed.  ``block_sizes`` is routed per implementation (a typed
+config goes to the implementation whose ``config_cls`` it is; a dict is keyed by name).
+The chosen implementation runs under ``jax.named_scope(f"attnjax/{name}")`` and is
+logged on the ``'attnjax'`` logger (DEBUG, once per call signature).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from attnjax.core import args as args_lib
+from attnjax.core.errors import Unsupported
+from attnjax.dispatch import registry
+from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates, implementations
+from attnjax.ops import linear as linear_ops
+
+__all__ = ["attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS", "auto_candidates",
+           "implementations", "Implementation", "FAMILIES", "Unsupported", "registry"]
+
+#: The softmax implementation names (compatibility; see :func:`implementations`).
+IMPLEMENTATIONS = registry.IMPLEMENTATIONS
+#: The linear-family implementation names.
+LINEAR_IMPLEMENTATIONS = registry.names("linear")
+
+# The linear-attention ops reach the registry through two hooks (ops never imports
+# dispatch or kernels): the chunk kernels that serve 'pallas_tpu'/'pallas_gpu', and the
+# selector that resolves implementation=None/'auto'/names against the supports checks.
+for _impl in implementations("linear"):
+  if _impl.run is not None:
+    linear_ops.register_chunk_kernel(_impl.name, _impl.run)
+linear_ops.register_selector(registry.select_linear)
+
+def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
+              kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,
+              implementation: Union[None, str, Sequence[str]] = None, block_sizes=None):
+  """Softmax attention with masks, score mods, GQA, packing, softcap and sinks.
+
+  ``o_i = sum_j p_ij v_j``, ``p_ij = exp(s_ij) / (sum_{j allowed} exp(s_ij) + exp(sink_h))``,
+  ``s_ij = softcap(score_mod(scale * q_i . k_j + bias_ij))`` in float32; ``allowed``
+  is ``mask & (q_segment_ids_i == kv_segment_ids_j)``.  Paper: "Attention Is All You
+  Need"; kernels after "FlashAttention" (Dao et al.).
+
+  Args:
+    q: ``[B, T, N, H]`` queries.
+    k: ``[B, S, K, H]`` keys; ``N`` must be a multiple of ``K`` (GQA/MQA).
+    v: ``[B, S, K, Hv]`` values.
+    mask: ``None``, a boolean array broadcastable to ``[B, N, T, S]`` (True = attend),
+      an :class:`attnjax.masks.Mask`, or a predicate ``fn(b, h, q_idx, kv_idx) -> bool``
+      (wrapped with :func:`attnjax.masks.from_fn`).
+    score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on float32 logits
+      (see :mod:`attnjax.score_mods`); arrays it closes over get gradients.
+    bias: additive float bias broadcastable to ``[B, N, T, S]`` (each dim 1 or full);
+      differentiable.
+    q_segment_ids: int ``[B, T]``; kv_segment_ids: int ``[B, S]`` (defaults to
+      ``q_segment_ids`` when ``T == S``).  Tokens attend only within equal ids.
+    scale: logit scale, default ``1 / sqrt(H)``: a Python float, or a float JAX scalar
+      (traced / learnable; gradients flow to it).
+    softcap: if set, logits become ``softcap * tanh(s / softcap)``.
+    sinks: float ``[N]``, one learnable logit per query head that joins the softmax
+      denominator only (attention sinks / "off-by-one" softmax).
+    return_lse: also return ``lse [B, N, T]`` float32, the log of the softmax
+      denominator (including the sink); ``-inf`` for rows with no allowed key.
+    implementation: a name from :data:`IMPLEMENTATIONS`, ``'auto'``/``None``, or a
+      sequence tried in order.
+    block_sizes: ``None`` (each implementation's defaults); a typed config --
+      :class:`attnjax.ChunkedBlockSizes` (``'xla_chunked'``),
+      :class:`attnjax.CpuFlashBlockSizes` (``'cpu_flash'``), ``attnjax.kernels.tpu``/``gpu``
+      ``BlockSizes`` (the Pallas kernels) -- routed to the implementation it belongs to
+      (the other candidates use their defaults; an explicit single implementation of
+      another type raises TypeError); or a dict ``{implementation name: config}``.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse`` if ``return_lse``).  Rows with no
+    allowed key are 0, with zero gradients.
+  """
+  a = args_lib.check_attention_args(
+      q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
+  if not isinstance(return_lse, bool):
+    raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+  return registry.run_softmax(q, k, v, a, implementation=implementation,
+                              return_lse=return_lse, block_sizes=block_sizes)
