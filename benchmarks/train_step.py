@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 def _register_nnx_mha():
   import jax.numpy as jnp
   from flax import nnx
+
   from attnjax import variants
 
   class NNXAttention(nnx.Module):
@@ -78,6 +79,7 @@ def main():
 
   import jax
   import numpy as np
+
   from attnjax.train import trainer as trainer_lib
   _register_nnx_mha()
 

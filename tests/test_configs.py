@@ -37,6 +37,7 @@ def _example_input(c):
 def test_config_validates_and_model_fits_data(name, arg):
   import jax
   from flax import nnx
+
   from attnjax import models
   from attnjax.train import losses, trainer
   c = load(name, arg)

@@ -28,7 +28,6 @@ from attnjax.core import plan as plan_lib
 from attnjax.ops import chunked as chunked_lib
 from attnjax.ops.dense import reference_attention
 
-
 # =============================================================================== numerics
 
 

@@ -1,6 +1,5 @@
 """attnjax.layers: NNX attention layers vs plain references, masks, cache, Linen twins, errors."""
 
-import math
 
 import flax.linen as nn
 import jax

@@ -5,7 +5,6 @@ On CPU: (1) interpret mode against the materialised reference, forward and backw
 'cuda', forward and jax.grad.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp

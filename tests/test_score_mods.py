@@ -13,6 +13,7 @@ import attnjax
 from attnjax import masks
 from attnjax import score_mods as SM
 
+
 def grids(B, N, T, S):
     return (jnp.arange(B).reshape(B, 1, 1, 1), jnp.arange(N).reshape(1, N, 1, 1),
             jnp.arange(T).reshape(1, 1, T, 1), jnp.arange(S).reshape(1, 1, 1, S))

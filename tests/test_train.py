@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +95,7 @@ def test_trainer_constructor_rejects_before_compiling(tmp_path):
 
 def test_losses_weighted_and_padding():
   import jax.numpy as jnp
+
   from attnjax.train import losses
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
@@ -120,6 +120,7 @@ def test_losses_weighted_and_padding():
 
 def test_schedule_and_optimizer_validation():
   import ml_collections
+
   from attnjax.train import optimizer
   s = optimizer.make_schedule(ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10, decay='cosine', end_value_ratio=0.1)), 100)
@@ -134,6 +135,7 @@ def test_schedule_and_optimizer_validation():
 def test_one_process_train_step_learns(tmp_path):
   """Two steps on one device: loss finite, params change, step counter advances."""
   import jax
+
   from attnjax.train import trainer
   c = tiny_config(tmp_path)
   t = trainer.Trainer(c, str(tmp_path / 'w'))
@@ -170,6 +172,7 @@ def test_sharded_step_matches_single_device(tmp_path):
 
 def _sharded_worker(data_dir):
   import jax
+
   from attnjax.train import trainer
   assert jax.device_count() == 8
   base = tiny_config(data_dir, batch=8, seq_len=16)

@@ -1,18 +1,19 @@
 """eval.py and attention-map capture."""
 
 import json
-import pytest
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_capture_attention_recovers_probabilities():
   import jax
+
   import attnjax
   from attnjax.analysis import capture_attention
   ks = jax.random.split(jax.random.key(1), 3)

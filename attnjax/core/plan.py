@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax.core.errors import Unsupported
 from attnjax.core.args import AttentionArgs
+from attnjax.core.errors import Unsupported
 from attnjax.core.jaxpr import TileEvaluator, _ConstRef, const_storage, eval_jaxpr
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT",

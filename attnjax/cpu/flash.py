@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.cpu import build
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.errors import Unsupported
 from attnjax.core.vma import sum_to_vma, vary_like
+from attnjax.cpu import build
 
 __all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "unsupported_reason", "available",
            "has_amx"]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.layers._core import ParamSpec, constrain, _canonical_dtype, _positive_int
+from attnjax.layers._core import ParamSpec, _canonical_dtype, _positive_int, constrain
 from attnjax.layers.attention import make_param
 
 __all__ = ["RMSNorm", "MLP", "Embed", "Dense", "rms_norm_apply", "mlp_apply", "ACTIVATIONS"]

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnjax.core.args import AttentionArgs
 from attnjax.core import jaxpr as jaxpr_lib
 from attnjax.core import plan as plan_lib
+from attnjax.core.args import AttentionArgs
 from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import pallas_shard
 from attnjax.kernels import tile_math as tm

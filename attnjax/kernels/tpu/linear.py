@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnjax.kernels import pallas_shard
 from attnjax.kernels import linear_common as lc
+from attnjax.kernels import pallas_shard
 from attnjax.kernels.linear_common import lightning_attention_reference
 
 __all__ = ['BlockSizes', 'lightning_attention', 'lightning_attention_reference']

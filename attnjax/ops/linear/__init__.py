@@ -65,13 +65,19 @@ Package layout (one module per mechanism family; see ``docs/architecture.md``):
   ``flow``.
 """
 
-from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FEATURE_MAPS, FORMS,
-                                      IMPLEMENTATIONS, Array, FeatureMap)
+from attnjax.ops.linear._args import (
+                                      DEFAULT_BLOCK_LEN,
+                                      DEFAULT_EPS,
+                                      FEATURE_MAPS,
+                                      FORMS,
+                                      IMPLEMENTATIONS,
+                                      Array,
+                                      FeatureMap,
+)
 from attnjax.ops.linear._core import register_chunk_kernel, register_selector
 from attnjax.ops.linear.decayed import decayed_linear_attention, lightning_attention
 from attnjax.ops.linear.flow import flow_attention
-from attnjax.ops.linear.focused import (depthwise_conv, focused_feature_map,
-                                        focused_linear_attention)
+from attnjax.ops.linear.focused import depthwise_conv, focused_feature_map, focused_linear_attention
 from attnjax.ops.linear.inline import inline_attention
 from attnjax.ops.linear.kernelized import efficient_attention, linear_attention
 

@@ -13,11 +13,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FeatureMap, _F32,
-                                      _check_state_array, _feature_dim, prepare)
-from attnjax.ops.linear._core import (_causal_core, _feature_maps, _group_q, _in_blocks,
-                                      _kernel_core, _normalized, _pack, _ungroup, _unpack,
-                                      _with_ones, choose, dispatched)
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  DEFAULT_EPS,
+  FeatureMap,
+  _check_state_array,
+  _feature_dim,
+  prepare,
+)
+from attnjax.ops.linear._core import (
+  _causal_core,
+  _feature_maps,
+  _group_q,
+  _in_blocks,
+  _kernel_core,
+  _normalized,
+  _pack,
+  _ungroup,
+  _unpack,
+  _with_ones,
+  choose,
+  dispatched,
+)
 
 
 def _decayed_state(state, B, N, F, Hv, normalize):

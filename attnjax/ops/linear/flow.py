@@ -7,10 +7,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, _F32, _check_state_array,
-                                      prepare)
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  DEFAULT_EPS,
+  _check_state_array,
+  prepare,
+)
 from attnjax.ops.linear._core import _einsum, _in_blocks, _ungroup
-
 
 # --------------------------------------------------------------------------------------
 # Flow-Attention (Flowformer)

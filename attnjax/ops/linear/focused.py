@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.ops.linear._args import DEFAULT_BLOCK_LEN, DEFAULT_EPS, _F32, _check_qkv
+from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, DEFAULT_EPS, _check_qkv
 from attnjax.ops.linear.kernelized import linear_attention
-
 
 # --------------------------------------------------------------------------------------
 # Focused Linear Attention (FLatten)

@@ -6,11 +6,26 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, FeatureMap, _F32, _check_state_array,
-                                      _feature_dim, prepare)
-from attnjax.ops.linear._core import (_causal_kv_core, _einsum, _feature_maps, _in_blocks, _pack,
-                                      _ungroup, _unpack, _with_ones, choose, dispatched)
-
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  FeatureMap,
+  _check_state_array,
+  _feature_dim,
+  prepare,
+)
+from attnjax.ops.linear._core import (
+  _causal_kv_core,
+  _einsum,
+  _feature_maps,
+  _in_blocks,
+  _pack,
+  _ungroup,
+  _unpack,
+  _with_ones,
+  choose,
+  dispatched,
+)
 
 # --------------------------------------------------------------------------------------
 # InLine: injective linear attention

@@ -11,11 +11,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear._args import (DEFAULT_BLOCK_LEN, DEFAULT_EPS, FeatureMap, _F32,
-                                      _check_state_array, _feature_dim, prepare)
-from attnjax.ops.linear._core import (_causal_kv_core, _einsum, _feature_maps, _in_blocks,
-                                      _normalized, _pack, _ungroup, _unpack, _with_ones,
-                                      choose, dispatched)
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  DEFAULT_EPS,
+  FeatureMap,
+  _check_state_array,
+  _feature_dim,
+  prepare,
+)
+from attnjax.ops.linear._core import (
+  _causal_kv_core,
+  _einsum,
+  _feature_maps,
+  _in_blocks,
+  _normalized,
+  _pack,
+  _ungroup,
+  _unpack,
+  _with_ones,
+  choose,
+  dispatched,
+)
 
 
 def _linear_state(state, B, K, F, Hv):
