@@ -116,6 +116,16 @@ def test_ring_single_device_matches_reference_and_validates():
     ring_attention(q, k, v, mask=jnp.ones((16, 16), bool))
   with pytest.raises(ValueError, match='layout'):
     ring_attention(q, k, v, layout='spiral')
+  with pytest.raises(ValueError, match='scale must be a scalar'):
+    ring_attention(q, k, v, scale=jnp.ones((2,)))
+  # a traced (learnable) scale: output and d(scale) agree with the reference's
+  ct = jax.random.normal(jax.random.key(1), out.shape)
+  def loss(fn, s):
+    return jnp.vdot(fn(q, k, v, mask=attnjax.masks.causal(), scale=s), ct)
+  s0 = jnp.float32(0.3)
+  got = jax.jit(jax.value_and_grad(lambda s: loss(ring_attention, s)))(s0)
+  want = jax.value_and_grad(lambda s: loss(attnjax.reference_attention, s))(s0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 8 devices
@@ -131,7 +141,8 @@ def _run_worker(name, *args):
   return json.loads(line[len('RESULT '):])
 
 
-FAST_CASES = ('causal/zigzag/ctx4', 'sliding_window/zigzag/ctx4', 'document+causal/zigzag/ctx4')
+FAST_CASES = ('causal/zigzag/ctx4', 'sliding_window/zigzag/ctx4', 'document+causal/zigzag/ctx4',
+              'causal+traced_scale/zigzag/ctx4')
 SLOW_CASES = ('causal/contiguous/ctx8', 'causal/zigzag/ctx2+tensor2', 'document/contiguous/ctx4',
               'full/zigzag/ctx8')
 
@@ -191,6 +202,8 @@ def _ring_worker(selected):
       'document+causal/zigzag/ctx4': (dict(data=2, context=4), masks.causal(), seg, 'zigzag'),
       'document/contiguous/ctx4': (dict(data=2, context=4), None, seg, 'contiguous'),
       'full/zigzag/ctx8': (dict(data=1, context=8), None, None, 'zigzag'),
+      'causal+traced_scale/zigzag/ctx4': (dict(data=2, context=4), masks.causal(), None,
+                                          'zigzag'),
   }
   out = {}
   for name, (mcfg, mask, segs, layout) in cases.items():
@@ -199,21 +212,28 @@ def _ring_worker(selected):
     mesh = make_mesh(dict(dict(data=1, fsdp=1, tensor=1, context=1), **mcfg))
     kw = {} if segs is None else dict(q_segment_ids=segs, kv_segment_ids=segs)
 
-    def ring(q, k, v, mesh=mesh, mask=mask, layout=layout, kw=kw):
-      return ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout, **kw)
+    # '+traced_scale': the scale is an input (learnable), differentiated as well
+    traced = 'traced_scale' in name
+    scale = jnp.float32(0.27)
 
-    def ref(q, k, v, mask=mask, kw=kw):
-      return attnjax.reference_attention(q, k, v, mask=mask, **kw)
+    def ring(q, k, v, s, mesh=mesh, mask=mask, layout=layout, kw=kw, traced=traced):
+      return ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout,
+                            scale=s if traced else None, **kw)
+
+    def ref(q, k, v, s, mask=mask, kw=kw, traced=traced):
+      return attnjax.reference_attention(q, k, v, mask=mask, scale=s if traced else None,
+                                         **kw)
 
     @jax.jit
-    def both(q, k, v, ct):
-      o1, f1 = jax.vjp(ring, q, k, v)
-      o2, f2 = jax.vjp(ref, q, k, v)
+    def both(q, k, v, s, ct, ring=ring, ref=ref):
+      o1, f1 = jax.vjp(ring, q, k, v, s)
+      o2, f2 = jax.vjp(ref, q, k, v, s)
       return (o1, *f1(ct)), (o2, *f2(ct))
 
-    a, b = both(q, k, v, ct)
+    a, b = both(q, k, v, scale, ct)
     errs = {}
-    for what, x, y in zip(('out', 'dq', 'dk', 'dv'), a, b):
+    whats = ('out', 'dq', 'dk', 'dv') + (('dscale',) if traced else ())
+    for what, x, y in zip(whats, a, b):
       x, y = np.asarray(x), np.asarray(y)
       assert np.isfinite(x).all()
       errs[what] = float(np.max(np.abs(x - y) / (1e-5 + np.abs(y)).clip(min=1.0)))

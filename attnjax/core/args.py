@@ -24,7 +24,7 @@ import numpy as np
 from attnjax import masks as masks_lib
 
 __all__ = ["AttentionArgs", "check_attention_args", "normalize_args", "static_scale",
-           "is_static_scale"]
+           "is_static_scale", "check_scale"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,9 @@ def _is_array(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _check_scale(scale, H: int):
-  """A Python float (static) or a float32 JAX scalar (traced / learnable)."""
+def check_scale(scale, H: int):
+  """``scale`` checked: None -> ``1/sqrt(H)``; a positive Python float (static), or a
+  float32 JAX scalar of shape ``()`` (traced / learnable). Raises TypeError/ValueError."""
   if scale is None:
     return 1.0 / math.sqrt(H)
   if isinstance(scale, bool):
@@ -85,7 +86,7 @@ def _check_scale(scale, H: int):
   if tuple(scale.shape) != ():
     raise ValueError(f"scale must be a scalar (shape ()), got shape {tuple(scale.shape)}")
   if isinstance(scale, np.ndarray):
-    return _check_scale(float(scale), H)
+    return check_scale(float(scale), H)
   if not isinstance(scale, jax.core.Tracer):
     value = float(scale)
     if not math.isfinite(value) or value <= 0:
@@ -187,7 +188,7 @@ def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
         raise ValueError(f"{name} must have shape [B, {'T' if name[0] == 'q' else 'S'}] = "
                          f"{[B, L]}, got {tuple(seg.shape)}")
 
-  scale = _check_scale(scale, H)
+  scale = check_scale(scale, H)
 
   if softcap is not None:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):

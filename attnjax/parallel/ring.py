@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from attnjax.core import args as _args
 from attnjax.parallel import rules as _rules
 
 NEG = -1e30  # finite "minus infinity" for logits and log-sum-exp of empty rows
@@ -177,7 +178,8 @@ def _chunk_positions(dev, t_local: int, p: int, layout: str):
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                    axis_name: str = 'context', mask: Any = None,
                    q_segment_ids: jax.Array | None = None,
-                   kv_segment_ids: jax.Array | None = None, scale: float | None = None,
+                   kv_segment_ids: jax.Array | None = None,
+                   scale: float | jax.Array | None = None,
                    layout: str = 'zigzag', batch_axes: Sequence[str] = ('data', 'fsdp'),
                    head_axes: Sequence[str] = ('tensor',), block_fn: Callable | None = None,
                    skip_empty: bool = True) -> jax.Array:
@@ -194,7 +196,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
     mask: None, an ``attnjax.masks.Mask``, or a predicate ``fn(b, h, q_idx, kv_idx)``
       over global indices. Boolean arrays are rejected (they cannot be split).
     q_segment_ids, kv_segment_ids: [B, T] int, document packing (attend within equal ids).
-    scale: logit scale, default 1/sqrt(H).
+    scale: logit scale, default 1/sqrt(H): a float, or a float JAX scalar (traced,
+      learnable: it is folded into q in float32 and gets its gradient through that product).
     layout: 'zigzag' (causal load balancing; T must divide by 2P) or 'contiguous'
       (T must divide by P).
     batch_axes, head_axes: mesh axes over which batch and heads are split inside the
@@ -223,7 +226,11 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
   for name, seg in (('q_segment_ids', q_segment_ids), ('kv_segment_ids', kv_segment_ids)):
     if seg is not None and seg.shape != (b, t):
       raise ValueError(f'ring_attention: {name} must be [B={b}, T={t}]; got {seg.shape}.')
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+  scale = _args.check_scale(scale, h)
+  if not _args.is_static_scale(scale):
+    # A traced (learnable) scale: folded into q in float32, so every block sees 1.0.
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    scale = 1.0
   pred = _predicate(mask, n)
   block_fn = block_fn or _default_block_fn()
   mesh = mesh if mesh is not None else _rules.current_mesh()
