@@ -11,6 +11,9 @@
 * :mod:`attnjax.core.softmax` -- the float32 reference softmax math.
 * :mod:`attnjax.core.errors` -- :class:`Unsupported`, the refusal an implementation
   raises when it cannot serve a call (the dispatcher falls through on it only).
+* :mod:`attnjax.core.hooks` -- :func:`~attnjax.core.hooks.attention`: the dispatcher
+  (:func:`attnjax.attention`, registered by :mod:`attnjax.dispatch`) for ops that compose
+  on top of it.
 
 Layering: ``core`` imports only jax / numpy / the standard library and
 :mod:`attnjax.masks` / :mod:`attnjax.score_mods` (see ``docs/architecture.md``).

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from attnjax.core import args as args_lib
+from attnjax.core import hooks as _hooks
 from attnjax.core.errors import Unsupported
 from attnjax.dispatch import registry
 from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates, implementations
@@ -102,3 +103,8 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
   return registry.run_softmax(q, k, v, a, implementation=implementation,
                               return_lse=return_lse, block_sizes=block_sizes)
+
+
+# Ops that compose on top of attention (spatial, routing, pooling) reach it through this
+# hook (``attnjax.core.hooks``), as the linear ops reach their kernels above.
+_hooks.register_attention(attention)

@@ -6,13 +6,14 @@
 - ``attnjax.ops.linear``: the linear-attention family (``linear_attention``,
   ``lightning_attention``, ``decayed_linear_attention``, ...).
 - ``attnjax.ops.positional``: RoPE (1D, axial, mixed), ALiBi slopes, sinusoidal tables.
+- ``attnjax.ops.spatial``: attention on ``[B, *spatial, N, H]`` maps (windows, neighborhoods, ...).
 
 Submodules load on first access (``attnjax.ops.linear`` works after ``import attnjax``).
 """
 
 import importlib as _importlib
 
-SUBMODULES = ("dense", "chunked", "linear", "positional")
+SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial")
 
 __all__ = list(SUBMODULES)
 
