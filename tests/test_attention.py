@@ -58,7 +58,7 @@ class TestXlaChunked(AttentionTestBase):
 
     def table(ctx, T, S, bq, bk):
       return np.full((1, 1, -(-T // bq), -(-S // bk)), table_value, np.int8)
-    return masks.Mask(inner._fn, "lying", table=table)
+    return masks.Mask(inner._fn, "lying", kind="fn", table=table)
 
   def test_full_tiles_are_not_masked(self):
     q, k, v = make_qkv(31, 1, 32, 32, 2, 2, 32, 32, jnp.float32)
