@@ -113,7 +113,7 @@ def dense_rows(sizes, gemm, devices=0, dtype="float32", rounds=5):
         "attnjax xla_chunked (pure XLA)":
             lambda q, k, v: attnjax.attention(q, k, v, implementation="xla_chunked"),
         "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
-    call = lambda f: (lambda: jax.block_until_ready(f(q, k, v)))
+    call = lambda f, q=q, k=k, v=v: (lambda: jax.block_until_ready(f(q, k, v)))
     fwd = {name: call(jax.jit(fn)) for name, fn in contenders.items()}
     fb = {name: call(fwd_bwd(fn)) for name, fn in contenders.items()}
     tfns = torch_fns(B, N, S, H, dtype=dtype)

@@ -77,8 +77,8 @@ class TestCpuFlash(AttentionTestBase):
     outs = []
     for n in (1, 3):
       bs = dataclasses.replace(self.BLOCK_SIZES, num_threads=n)
-      f = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal(-13), block_sizes=bs,
-                                            implementation="cpu_flash")
+      f = lambda q, k, v, bs=bs: attnjax.attention(
+          q, k, v, mask=masks.causal(-13), block_sizes=bs, implementation="cpu_flash")
       out, vjp = jax.vjp(f, q, k, v)
       outs.append((out, *vjp(rnd(3, out.shape))))
     # The forward does the same arithmetic per row whatever the split; dq sums the

@@ -126,29 +126,34 @@ class TinyClassifier(nn.Module):
     return nn.Dense(4)(x.mean(1))
 
 
+def _train_losses(attention_fn, tokens, labels, num_steps=8):
+  """Adam-trains a TinyClassifier using ``attention_fn``; returns the per-step losses."""
+  model = TinyClassifier(attention_fn=attention_fn)
+  params = model.init(jax.random.key(1), tokens)
+  opt = optax.adam(1e-2)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    def loss_fn(p):
+      logits = model.apply(p, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    upd, state = opt.update(g, state, params)
+    return optax.apply_updates(params, upd), state, loss
+
+  out = []
+  for _ in range(num_steps):
+    params, state, loss = step(params, state)
+    out.append(float(loss))
+  return out
+
+
 def test_third_party_linen_model_trains_identically():
   tokens = jax.random.randint(jax.random.key(0), (16, 10), 0, 16)
   labels = tokens[:, 0] % 4
   losses = {}
   for name, fn in (("flax", nn.dot_product_attention), ("attnjax", attnjax.flax_attention_fn())):
-    model = TinyClassifier(attention_fn=fn)
-    params = model.init(jax.random.key(1), tokens)
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-      def loss_fn(p):
-        logits = model.apply(p, tokens)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      loss, g = jax.value_and_grad(loss_fn)(params)
-      upd, state = opt.update(g, state, params)
-      return optax.apply_updates(params, upd), state, loss
-
-    out = []
-    for _ in range(8):
-      params, state, loss = step(params, state)
-      out.append(float(loss))
-    losses[name] = out
+    losses[name] = _train_losses(fn, tokens, labels)
   np.testing.assert_allclose(losses["attnjax"], losses["flax"], rtol=1e-4, atol=1e-5)
   assert losses["attnjax"][-1] < losses["attnjax"][0]

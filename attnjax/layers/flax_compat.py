@@ -139,7 +139,6 @@ def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
     nb = math.prod(batch)
     q, k, v = (a.astype(dtype).reshape((nb,) + a.shape[-3:]) for a in (query, key, value))
     T, N, H = q.shape[1:]
-    S = k.shape[1]
 
     def flat4(a, name):
       if a is None:
