@@ -251,7 +251,8 @@ def main():
                  help="also time attnjax with the heads split over this many host CPU devices "
                       "(jax.shard_map; XLA runs one device's loop per core)")
   p.add_argument("--memory", type=int, default=0,
-                 help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, window)")
+                 help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, "
+                      "window)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="dtype of q, k, v for the dense rows (every contender, torch too); the "
                       "GEMM rate is measured in the same dtype")

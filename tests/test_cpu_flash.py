@@ -243,7 +243,8 @@ class TestCpuFlash(AttentionTestBase):
       CpuFlashBlockSizes(block_q=0)
     with pytest.raises(ValueError, match="num_threads"):
       CpuFlashBlockSizes(num_threads=-2)
-    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', 'simd'\]"):
+    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', "
+                                         r"'simd'\]"):
       CpuFlashBlockSizes(matmul="tf32")
     with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
       CpuFlashBlockSizes(block_k=48, matmul="amx")

@@ -362,7 +362,8 @@ def test_implementation_option_is_forwarded():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: MultiHeadAttention(16, 3, rngs=nnx.Rngs(0)), "d_model must be divisible"),
-    (lambda: MultiHeadAttention(16, 4, num_kv_heads=3, rngs=nnx.Rngs(0)), "multiple of num_kv_heads"),
+    (lambda: MultiHeadAttention(16, 4, num_kv_heads=3, rngs=nnx.Rngs(0)), "multiple of "
+                                                                          "num_kv_heads"),
     (lambda: MultiHeadAttention(16, 2, rope="2dd", rngs=nnx.Rngs(0)), "rope must be one of"),
     (lambda: MultiHeadAttention(16, 2, head_dim=7, rope="1d", rngs=nnx.Rngs(0)), "even head_dim"),
     (lambda: MultiHeadAttention(16, 2, softcap=-1.0, rngs=nnx.Rngs(0)), "softcap"),

@@ -226,8 +226,8 @@ class AttentionConfig:
       set_("num_kv_heads", self.num_heads)
     _positive_int("num_kv_heads", self.num_kv_heads)
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={self.num_heads}, "
-                       f"num_kv_heads={self.num_kv_heads}")
+      raise ValueError("num_heads must be a multiple of num_kv_heads, got "
+                       f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
         raise ValueError(f"d_model must be divisible by num_heads when head_dim is not given, got "
@@ -262,8 +262,8 @@ class AttentionConfig:
       md = _freeze(self.relpos_max_distance)
       vals = md if isinstance(md, tuple) else (md,)
       if not vals or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0 for m in vals):
-        raise ValueError(f"relpos_max_distance must be an int >= 0 or a tuple of them (one per grid "
-                         f"axis), got relpos_max_distance={self.relpos_max_distance!r}")
+        raise ValueError("relpos_max_distance must be an int >= 0 or a tuple of them (one per "
+                         f"grid axis), got relpos_max_distance={self.relpos_max_distance!r}")
       set_("relpos_max_distance", md)
     if self.mask is not None and not (isinstance(self.mask, (_masks.Mask, MaskSpec)) or callable(self.mask)):
       raise TypeError(f"mask must be None, an attnjax.masks.Mask, a MaskSpec or a callable, got "
@@ -399,7 +399,8 @@ def _flatten_tokens(name, x, features, feature_name):
     raise ValueError(f"{name} must be [B, T, D] or [B, *grid, D] (rank >= 3), got shape "
                      f"{getattr(x, 'shape', None)}")
   if x.shape[-1] != features:
-    raise ValueError(f"{name} last dimension must be {feature_name}={features}, got shape {x.shape}")
+    raise ValueError(f"{name} last dimension must be {feature_name}={features}, got shape "
+                     f"{x.shape}")
   grid = tuple(x.shape[1:-1])
   return x.reshape(x.shape[0], math.prod(grid), features), grid
 
@@ -421,15 +422,17 @@ def _default_positions(cfg, grid, batch, offset):
     return jnp.broadcast_to(pos, (batch, T))
   coords = jnp.asarray(_pos.grid_coordinates(grid)) + offset
   if cfg.rope == "mixed" and coords.shape[-1] != cfg.rope_ndim:
-    raise ValueError(f"rope='mixed' was built for rope_ndim={cfg.rope_ndim} axes but the input grid "
-                     f"{grid} has {len(grid)}; pass positions [B, T, {cfg.rope_ndim}] explicitly")
+    raise ValueError(f"rope='mixed' was built for rope_ndim={cfg.rope_ndim} axes but the input "
+                     f"grid {grid} has {len(grid)}; pass positions [B, T, {cfg.rope_ndim}] "
+                     "explicitly")
   return jnp.broadcast_to(coords, (batch, T, coords.shape[-1]))
 
 
 def _apply_rope(cfg, params, x_BTNH, pos):
   if cfg.rope == "1d":
     if pos.ndim != 2 or pos.shape != x_BTNH.shape[:2]:
-      raise ValueError(f"positions for rope='1d' must be [B, T] = {x_BTNH.shape[:2]}, got shape {pos.shape}")
+      raise ValueError(f"positions for rope='1d' must be [B, T] = {x_BTNH.shape[:2]}, got shape "
+                       f"{pos.shape}")
     return _pos.apply_rope(x_BTNH, pos, base=cfg.rope_base)
   if pos.ndim != 3 or pos.shape[:2] != x_BTNH.shape[:2]:
     raise ValueError(f"positions for rope={cfg.rope!r} must be [B, T, D] with [B, T] = "
@@ -508,8 +511,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     if cfg.spatial_mask:
       raise ValueError(f"decoding with a cache is not supported with the spatial mask {cfg.mask}")
     if cache.k.shape[0] != B or cache.k.shape[2:] != k_BSKH.shape[2:]:
-      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, K={cfg.num_kv_heads}, "
-                       f"H={cfg.head_dim}]")
+      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, "
+                       f"K={cfg.num_kv_heads}, H={cfg.head_dim}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
     q_offset = cache.index
@@ -562,8 +565,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       mods.append(_score_mods.relative_position_bias(table, max_distance=cfg.relpos_max_distance))
     else:
       if len(grid) != cfg.relpos_ndim or kv_grid != grid:
-        raise ValueError(f"relpos_max_distance={cfg.relpos_max_distance} is a {cfg.relpos_ndim}-axis table; "
-                         f"the input grid is {grid} (keys {kv_grid})")
+        raise ValueError(f"relpos_max_distance={cfg.relpos_max_distance} is a "
+                         f"{cfg.relpos_ndim}-axis table; the input grid is {grid} (keys {kv_grid})")
       mods.append(_score_mods.relative_position_bias(table, shape=grid, max_distance=cfg.relpos_max_distance))
   if cfg.score_mod is not None:
     mods.append(cfg.score_mod)

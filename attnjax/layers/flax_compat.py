@@ -130,10 +130,11 @@ def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
       raise ValueError("qk_attn_weights_einsum / attn_weights_value_einsum are not supported by "
                        "attnjax.flax_attention_fn (leave them None)")
     if query.ndim < 4 or key.ndim != query.ndim or value.ndim != query.ndim:
-      raise ValueError(f"query/key/value must be [batch..., length, heads, depth] of equal rank >= 4, got "
-                       f"{query.shape}, {key.shape}, {value.shape}")
+      raise ValueError("query/key/value must be [batch..., length, heads, depth] of equal rank >= "
+                       f"4, got {query.shape}, {key.shape}, {value.shape}")
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
-      raise ValueError(f"batch/length/heads mismatch: query {query.shape}, key {key.shape}, value {value.shape}")
+      raise ValueError(f"batch/length/heads mismatch: query {query.shape}, key {key.shape}, value "
+                       f"{value.shape}")
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query.dtype, key.dtype, value.dtype)
     batch = query.shape[:-3]
     nb = math.prod(batch)
@@ -145,7 +146,8 @@ def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
         return None
       a = jnp.asarray(a)
       if a.ndim != query.ndim:
-        raise ValueError(f"{name} must have rank {query.ndim} ([batch..., heads, T, S]), got shape {a.shape}")
+        raise ValueError(f"{name} must have rank {query.ndim} ([batch..., heads, T, S]), got shape "
+                         f"{a.shape}")
       lead = a.shape[:-3]
       if all(d == 1 for d in lead):
         return a.reshape((1,) + a.shape[-3:])

@@ -139,14 +139,18 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
     raise ValueError(f"gate=True is an option of 'retention' only, got it for {m!r}")
   if dwc_size is not None:
     if m != "focused":
-      raise ValueError(f"dwc_size is an option of 'focused' only, got dwc_size={dwc_size!r} for {m!r}")
+      raise ValueError(f"dwc_size is an option of 'focused' only, got dwc_size={dwc_size!r} for "
+                       f"{m!r}")
     if isinstance(dwc_size, bool) or not isinstance(dwc_size, int) or dwc_size < 1:
-      raise ValueError(f"dwc_size must be a positive int (odd unless causal), got dwc_size={dwc_size!r}")
+      raise ValueError("dwc_size must be a positive int (odd unless causal), got "
+                       f"dwc_size={dwc_size!r}")
     if not causal and dwc_size % 2 == 0:
-      raise ValueError(f"dwc_size must be odd for a non-causal (SAME) conv, got dwc_size={dwc_size}")
+      raise ValueError("dwc_size must be odd for a non-causal (SAME) conv, got "
+                       f"dwc_size={dwc_size}")
   if m == "focused" and (isinstance(focusing_factor, bool) or not isinstance(focusing_factor, (int, float))
                          or not focusing_factor >= 1):
-    raise ValueError(f"focusing_factor must be a number >= 1, got focusing_factor={focusing_factor!r}")
+    raise ValueError("focusing_factor must be a number >= 1, got "
+                     f"focusing_factor={focusing_factor!r}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
   if rope not in (None, "1d"):
@@ -169,7 +173,8 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
       if dec.shape != (N,) or not np.all((dec > 0) & (dec <= 1)):
         raise ValueError(f"decay must be a float or {N} floats in (0, 1], got decay={decay!r}")
       if learnable_decay and np.any(dec >= 1):
-        raise ValueError(f"learnable_decay needs decay < 1 (it is exp(-softplus(p))), got decay={decay!r}")
+        raise ValueError("learnable_decay needs decay < 1 (it is exp(-softplus(p))), got "
+                         f"decay={decay!r}")
       dec = dec.astype(np.float32)
     fixed_decay = None if learnable_decay else tuple(float(d) for d in dec)
 
@@ -274,11 +279,13 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
   """The layer's forward pass on a parameter dict (see `LinearAttention`); `dropout` is
   None or a function applied to the output."""
   if segment_ids is not None:
-    raise ValueError(f"segment_ids are not supported by the linear-attention layer {lc.mechanism!r} "
-                     f"(its state mixes all earlier tokens); expected segment_ids=None")
+    raise ValueError("segment_ids are not supported by the linear-attention layer "
+                     f"{lc.mechanism!r} (its state mixes all earlier tokens); expected "
+                     "segment_ids=None")
   cfg, p = lc.cfg, params
   if x.ndim < 3 or x.shape[-1] != cfg.d_model:
-    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}] or [B, *grid, d_model], got shape {x.shape}")
+    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}] or [B, *grid, d_model], got shape "
+                     f"{x.shape}")
   grid = tuple(x.shape[1:-1])
   B, T = x.shape[0], math.prod(grid)
   x_BTD = x.reshape(B, T, cfg.d_model)
@@ -300,7 +307,8 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
     if not lc.causal:
       raise ValueError(f"variant {lc.mechanism!r} (causal=False) cannot decode with a cache")
     if not isinstance(cache, dict) or set(cache) != {"state", "index"}:
-      raise TypeError(f"cache must be the dict from init_cache ({{'state', 'index'}}), got {type(cache).__name__}")
+      raise TypeError(f"cache must be the dict from init_cache ({{'state', 'index'}}), got "
+                      f"{type(cache).__name__}")
     if len(grid) != 1:
       raise ValueError(f"decoding with a cache needs [B, T, D] inputs, got grid {grid}")
     offset = cache["index"]

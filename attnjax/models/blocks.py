@@ -41,7 +41,8 @@ def _to_dict(spec) -> dict:
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
   if not isinstance(spec, Mapping):
-    raise TypeError(f"an attention spec must be a mapping with 'name' and options, got {type(spec).__name__}")
+    raise TypeError("an attention spec must be a mapping with 'name' and options, got "
+                    f"{type(spec).__name__}")
   out = {}
   for k, v in spec.items():
     out[k] = tuple(v) if isinstance(v, list) else v
@@ -58,7 +59,8 @@ def attention_specs(attention, layers_attention, num_layers: int) -> list[dict]:
     return [dict(base) for _ in range(num_layers)]
   layers_attention = list(layers_attention)
   if len(layers_attention) != num_layers:
-    raise ValueError(f"layers_attention must have num_layers={num_layers} entries, got {len(layers_attention)}")
+    raise ValueError(f"layers_attention must have num_layers={num_layers} entries, got "
+                     f"{len(layers_attention)}")
   out = []
   for spec in layers_attention:
     merged = dict(base) if "name" not in _to_dict(spec) or _to_dict(spec)["name"] == base["name"] else {}
@@ -92,7 +94,8 @@ class TransformerBlock(nnx.Module):
     name = spec.pop("name")
     entry = variants.info(name)
     if entry.kind == "pooling":
-      raise ValueError(f"attention variant {name!r} is a pooling layer; it cannot be a block's attention")
+      raise ValueError(f"attention variant {name!r} is a pooling layer; it cannot be a block's "
+                       "attention")
     if dtype is not None:
       spec.setdefault("dtype", dtype)
     self.attention_name = name
@@ -105,7 +108,8 @@ class TransformerBlock(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
     if not hasattr(self.attn, "init_cache"):
-      raise ValueError(f"attention variant {self.attention_name!r} does not support decoding (no init_cache)")
+      raise ValueError(f"attention variant {self.attention_name!r} does not support decoding (no "
+                       "init_cache)")
     try:
       accepts_dtype = "dtype" in inspect.signature(self.attn.init_cache).parameters
     except (TypeError, ValueError):
@@ -143,11 +147,12 @@ class BlockStack(nnx.Module):
     if not isinstance(num_layers, int) or num_layers <= 0:
       raise ValueError(f"num_layers must be a positive int, got num_layers={num_layers!r}")
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got remat_policy={remat_policy!r}")
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got "
+                       f"remat_policy={remat_policy!r}")
     if scan_layers and not same_structure:
       raise ValueError("scan_layers=True needs every layer to use the same attention spec, but the "
-                       "layers differ (layers_attention interleaves variants, or hvit alternates Swin "
-                       "shifts); set scan_layers=False")
+                       "layers differ (layers_attention interleaves variants, or hvit alternates "
+                       "Swin shifts); set scan_layers=False")
     self.num_layers = num_layers
     self.scan_layers = bool(scan_layers)
     self.remat_policy = remat_policy
@@ -192,7 +197,8 @@ class BlockStack(nnx.Module):
     decoding = cache is not None
     if not self.scan_layers:
       if decoding and len(cache) != self.num_layers:
-        raise ValueError(f"cache must hold num_layers={self.num_layers} layer caches, got {len(cache)}")
+        raise ValueError(f"cache must hold num_layers={self.num_layers} layer caches, got "
+                         f"{len(cache)}")
       caches = cache if decoding else [None] * self.num_layers
       new = []
       for layer, c in zip(self.layers, caches):

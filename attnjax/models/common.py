@@ -39,7 +39,8 @@ def choice(cfg, name, options, default=_MISSING):
 def dtype_of(cfg):
   name = get(cfg, "dtype", "float32")
   if name not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"model config field dtype must be 'float32', 'bfloat16' or 'float16', got dtype={name!r}")
+    raise ValueError("model config field dtype must be 'float32', 'bfloat16' or 'float16', got "
+                     f"dtype={name!r}")
   return jnp.dtype(name)
 
 
@@ -50,7 +51,8 @@ def heads_of(cfg):
   head_dim = get(cfg, "head_dim", None)
   if head_dim is None:
     if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or set head_dim)")
+      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or set "
+                       "head_dim)")
     head_dim = d_model // num_heads
   return d_model, num_heads, num_kv_heads, head_dim
 

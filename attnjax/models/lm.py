@@ -134,14 +134,16 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float =
     raise TypeError(f"model must be an attnjax DecoderLM, got {type(model).__name__}")
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be a non-empty int array [B, P], got shape {prompt.shape}, dtype {prompt.dtype}")
+    raise ValueError(f"prompt must be a non-empty int array [B, P], got shape {prompt.shape}, "
+                     f"dtype {prompt.dtype}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   temperature = float(temperature)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got temperature={temperature}")
   if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size):
-    raise ValueError(f"top_k must be None or an int in [1, vocab_size={model.vocab_size}], got top_k={top_k!r}")
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={model.vocab_size}], got "
+                     f"top_k={top_k!r}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
   total = prompt.shape[1] + max_new_tokens

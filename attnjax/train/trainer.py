@@ -121,9 +121,9 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
   shape = parallel.mesh_shape(config.get('mesh', None), num_devices)
   data_par = shape[0] * shape[1]
   if config.batch_size % data_par:
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the data-parallel '
-                     f'size config.mesh.data * config.mesh.fsdp = {shape[0]} * {shape[1]} = '
-                     f'{data_par}.')
+    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
+                     f'data-parallel size config.mesh.data * config.mesh.fsdp = {shape[0]} * '
+                     f'{shape[1]} = {data_par}.')
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the number of '
                      f'processes ({jax.process_count()}).')
