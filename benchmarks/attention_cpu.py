@@ -52,7 +52,8 @@ def gemm_rate(n=2048, dtype=jnp.float32):
 def make(S, B=1, N=8, H=64, T=None, dtype=jnp.float32):
   T = T or S
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
-  return (jax.random.normal(ks[0], (B, T, N, H), dtype), jax.random.normal(ks[1], (B, S, N, H), dtype),
+  return (jax.random.normal(ks[0], (B, T, N, H), dtype),
+          jax.random.normal(ks[1], (B, S, N, H), dtype),
           jax.random.normal(ks[2], (B, S, N, H), dtype))
 
 
@@ -166,20 +167,23 @@ def sparse_rows(S_window=16384, grid=128, quick=False):
 
 SHARDED_CODE = """
 import os, sys, time
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count={ndev}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count={ndev}")
 import jax, jax.numpy as jnp, attnjax
 from jax.sharding import NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh(({ndev},), ("h",))
 spec = P(None, None, "h")
 ks = jax.random.split(jax.random.PRNGKey(0), 3)
-q, k, v = (jax.device_put(jax.random.normal(kk, (1, {S}, 8, 64)), NamedSharding(mesh, spec)) for kk in ks)
+q, k, v = (jax.device_put(jax.random.normal(kk, (1, {S}, 8, 64)), NamedSharding(mesh, spec))
+           for kk in ks)
 att = jax.shard_map(lambda q, k, v: attnjax.attention(q, k, v), mesh=mesh, in_specs=(spec,) * 3,
                     out_specs=spec)
 def best(f):
   jax.block_until_ready(f(q, k, v))
   b = float("inf")
   for _ in range(3):
-    t0 = time.perf_counter(); jax.block_until_ready(f(q, k, v)); b = min(b, time.perf_counter() - t0)
+    t0 = time.perf_counter(); jax.block_until_ready(f(q, k, v))
+    b = min(b, time.perf_counter() - t0)
   return b
 fb = jax.jit(jax.grad(lambda q, k, v: att(q, k, v).sum(), argnums=(0, 1, 2)))
 print(best(jax.jit(att)), best(fb))
@@ -280,7 +284,8 @@ def main():
     mem = []
     for name in MEMORY_MASKS:
       gb, compile_s, run_s = memory_probe(args.memory, name)
-      mem.append(dict(S=args.memory, mask=name, peak_rss_gb=gb, compile_s=compile_s, fwdbwd_s=run_s))
+      mem.append(dict(S=args.memory, mask=name, peak_rss_gb=gb, compile_s=compile_s,
+                      fwdbwd_s=run_s))
     print(f"\none fwd+bwd at S={args.memory} (fresh process each):")
     for r in mem:
       r["time_vs_full"] = r["fwdbwd_s"] / mem[0]["fwdbwd_s"]

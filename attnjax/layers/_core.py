@@ -185,7 +185,8 @@ def _canonical_dtype(name, value):
   try:
     return jnp.dtype(value)
   except TypeError as e:
-    raise ValueError(f"{name} must be a dtype name such as 'float32' or 'bfloat16', got {value!r}") from e
+    raise ValueError(f"{name} must be a dtype name such as 'float32' or 'bfloat16', got "
+                     f"{value!r}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,11 +262,13 @@ class AttentionConfig:
     if self.relpos_max_distance is not None:
       md = _freeze(self.relpos_max_distance)
       vals = md if isinstance(md, tuple) else (md,)
-      if not vals or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0 for m in vals):
+      if not vals or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0
+                         for m in vals):
         raise ValueError("relpos_max_distance must be an int >= 0 or a tuple of them (one per "
                          f"grid axis), got relpos_max_distance={self.relpos_max_distance!r}")
       set_("relpos_max_distance", md)
-    if self.mask is not None and not (isinstance(self.mask, (_masks.Mask, MaskSpec)) or callable(self.mask)):
+    if self.mask is not None and not (isinstance(self.mask, (_masks.Mask, MaskSpec))
+                                      or callable(self.mask)):
       raise TypeError(f"mask must be None, an attnjax.masks.Mask, a MaskSpec or a callable, got "
                       f"{type(self.mask).__name__}")
     if self.score_mod is not None and not callable(self.score_mod):
@@ -327,10 +330,14 @@ def param_specs(cfg: AttentionConfig) -> dict[str, ParamSpec]:
   """
   N, K, H, Hv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
   specs = {
-      "q_kernel": ParamSpec((cfg.d_model, N, H), _dense_init(0, (1, 2)), ("embed", "heads", "head_dim")),
-      "k_kernel": ParamSpec((cfg.kv_features, K, H), _dense_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
-      "v_kernel": ParamSpec((cfg.kv_features, K, Hv), _dense_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
-      "o_kernel": ParamSpec((N, Hv, cfg.out_features), _dense_init((0, 1), 2), ("heads", "head_dim", "embed")),
+      "q_kernel": ParamSpec((cfg.d_model, N, H), _dense_init(0, (1, 2)),
+                            ("embed", "heads", "head_dim")),
+      "k_kernel": ParamSpec((cfg.kv_features, K, H), _dense_init(0, (1, 2)),
+                            ("embed", "kv_heads", "head_dim")),
+      "v_kernel": ParamSpec((cfg.kv_features, K, Hv), _dense_init(0, (1, 2)),
+                            ("embed", "kv_heads", "head_dim")),
+      "o_kernel": ParamSpec((N, Hv, cfg.out_features), _dense_init((0, 1), 2),
+                            ("heads", "head_dim", "embed")),
   }
   if cfg.use_bias:
     specs["q_bias"] = ParamSpec((N, H), _zeros, ("heads", "head_dim"))
@@ -531,7 +538,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     if context is None:
       k_pos = q_pos
     else:
-      k_pos = context_positions if context_positions is not None else _default_positions(cfg, kv_grid, B, 0)
+      k_pos = (context_positions if context_positions is not None
+               else _default_positions(cfg, kv_grid, B, 0))
     q_BTNH = _apply_rope(cfg, p, q_BTNH, jnp.asarray(q_pos))
     k_BSKH = _apply_rope(cfg, p, k_BSKH, jnp.asarray(k_pos))
   elif positions is not None or context_positions is not None:
@@ -542,8 +550,10 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     idx = cache.index
     zero = jnp.zeros((), jnp.int32)
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype), (zero, idx, zero, zero))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype), (zero, idx, zero, zero))
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype),
+                                         (zero, idx, zero, zero))
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype),
+                                         (zero, idx, zero, zero))
     seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, seg_new, (zero, idx))
     new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, index=idx + T)
     k_BSKH, v_BSKH = k_all.astype(dtype), v_all.astype(dtype)
@@ -567,7 +577,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       if len(grid) != cfg.relpos_ndim or kv_grid != grid:
         raise ValueError(f"relpos_max_distance={cfg.relpos_max_distance} is a "
                          f"{cfg.relpos_ndim}-axis table; the input grid is {grid} (keys {kv_grid})")
-      mods.append(_score_mods.relative_position_bias(table, shape=grid, max_distance=cfg.relpos_max_distance))
+      mods.append(_score_mods.relative_position_bias(table, shape=grid,
+                                                     max_distance=cfg.relpos_max_distance))
   if cfg.score_mod is not None:
     mods.append(cfg.score_mod)
   score_mod = None

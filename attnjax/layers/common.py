@@ -170,8 +170,10 @@ class Dense(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = _canonical_dtype("dtype", dtype)
     self.kernel = make_param(
-        rngs, ParamSpec((in_features, out_features), kernel_init or _dense_init(), names), param_dtype)
-    self.bias = make_param(rngs, ParamSpec((out_features,), _zeros, (names[1],)), param_dtype) if use_bias else None
+        rngs, ParamSpec((in_features, out_features), kernel_init or _dense_init(), names),
+        param_dtype)
+    self.bias = (make_param(rngs, ParamSpec((out_features,), _zeros, (names[1],)), param_dtype)
+                 if use_bias else None)
 
   def __call__(self, x):
     if x.shape[-1] != self.in_features:

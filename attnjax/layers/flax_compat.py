@@ -2,7 +2,8 @@
 
     >>> import flax.linen as nn, attnjax
     >>> mha = nn.MultiHeadDotProductAttention(
-    ...     num_heads=8, attention_fn=attnjax.flax_attention_fn(mask=attnjax.masks.sliding_window(128)))
+    ...     num_heads=8,
+    ...     attention_fn=attnjax.flax_attention_fn(mask=attnjax.masks.sliding_window(128)))
 
 `attnjax.flax_attention_fn()` with no options computes what Flax's default
 `dot_product_attention` computes (tested inside `flax.linen.MultiHeadDotProductAttention`
@@ -90,7 +91,8 @@ def _materialized(q, k, v, *, mask, score_mod, bias, scale, softcap, dropout_rng
 def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
                       softcap: float | None = None, scale: float | None = None,
                       implementation=None, block_sizes=None):
-  """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` / `flax.nnx.MultiHeadAttention`.
+  """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` /
+  `flax.nnx.MultiHeadAttention`.
 
   `out = softmax(mask(mods(q.k / sqrt(H) + bias))) v`, `q [batch..., T, N, H]`,
   `k [batch..., S, K, H]`, `v [batch..., S, K, Hv]` -> `[batch..., T, N, Hv]`, where the
@@ -135,7 +137,8 @@ def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
       raise ValueError(f"batch/length/heads mismatch: query {query.shape}, key {key.shape}, value "
                        f"{value.shape}")
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query.dtype, key.dtype, value.dtype)
+    dtype = (jnp.dtype(dtype) if dtype is not None
+             else jnp.result_type(query.dtype, key.dtype, value.dtype))
     batch = query.shape[:-3]
     nb = math.prod(batch)
     q, k, v = (a.astype(dtype).reshape((nb,) + a.shape[-3:]) for a in (query, key, value))

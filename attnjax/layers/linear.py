@@ -6,13 +6,13 @@ calls the op of `attnjax.ops.linear` selected by `mechanism`:
 
 | registry name | op | causal | decoding |
 |---|---|---|---|
-| 'linear'     | `linear_attention` (feature_map)                  | option  | yes (causal) |
-| 'lightning'  | `lightning_attention` (per-head decay)            | always  | yes |
-| 'retention'  | `decayed_linear_attention` (decay, optional gate) | always  | yes |
-| 'efficient'  | `efficient_attention`                             | no      | no |
-| 'focused'    | `focused_linear_attention` (optional DWC)         | option  | yes (causal, no DWC) |
-| 'inline'     | `inline_attention`                                | option  | yes (causal) |
-| 'flow'       | `flow_attention`                                  | option  | yes (causal) |
+| 'linear'    | `linear_attention` (feature_map)                  | option  | yes (causal) |
+| 'lightning' | `lightning_attention` (per-head decay)            | always  | yes |
+| 'retention' | `decayed_linear_attention` (decay, optional gate) | always  | yes |
+| 'efficient' | `efficient_attention`                             | no      | no |
+| 'focused'   | `focused_linear_attention` (optional DWC)         | option  | yes (causal, no DWC) |
+| 'inline'    | `inline_attention`                                | option  | yes (causal) |
+| 'flow'      | `flow_attention`                                  | option  | yes (causal) |
 
 Decoding: `init_cache(batch, max_len)` returns `{'state': <op state>, 'index': int32}`
 (the op's recurrent state: constant size, `max_len` is only checked), and
@@ -105,10 +105,12 @@ class LinearConfig:
 
 
 def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads: int | None = None,
-                  head_dim: int | None = None, v_head_dim: int | None = None, causal: bool | None = None,
+                  head_dim: int | None = None, v_head_dim: int | None = None,
+                  causal: bool | None = None,
                   feature_map: str | None = None, decay: Any = None, learnable_decay: bool = False,
                   gate: bool = False, focusing_factor: float = 3.0, dwc_size: int | None = None,
-                  out_norm: bool | None = None, chunk_size: int = 64, implementation: str | None = None,
+                  out_norm: bool | None = None, chunk_size: int = 64,
+                  implementation: str | None = None,
                   eps: float = L.DEFAULT_EPS, rope: str | None = None, rope_base: float = 10000.0,
                   use_bias: bool = False, dropout_rate: float = 0.0, dtype: Any = None,
                   param_dtype: Any = jnp.float32) -> tuple[LinearConfig, dict]:
@@ -147,7 +149,8 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
     if not causal and dwc_size % 2 == 0:
       raise ValueError("dwc_size must be odd for a non-causal (SAME) conv, got "
                        f"dwc_size={dwc_size}")
-  if m == "focused" and (isinstance(focusing_factor, bool) or not isinstance(focusing_factor, (int, float))
+  if m == "focused" and (isinstance(focusing_factor, bool)
+                         or not isinstance(focusing_factor, (int, float))
                          or not focusing_factor >= 1):
     raise ValueError("focusing_factor must be a number >= 1, got "
                      f"focusing_factor={focusing_factor!r}")
@@ -182,8 +185,8 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
            if k.split("_")[0] in ("q", "k", "v", "o") and k.split("_")[1] in ("kernel", "bias")}
   Hv = cfg.v_head_dim
   if m in _ALWAYS_CAUSAL and learnable_decay:
-    specs["decay_param"] = ParamSpec((N,), _const_init(_inv_softplus(-np.log(dec.astype(np.float64)))),
-                                     ("heads",))
+    specs["decay_param"] = ParamSpec(
+        (N,), _const_init(_inv_softplus(-np.log(dec.astype(np.float64)))), ("heads",))
   if gate:
     specs["gate_kernel"] = ParamSpec((cfg.d_model, N), _core._dense_init(0, 1), ("embed", "heads"))  # pylint: disable=protected-access
     # bias so that sigmoid(.) starts near 1 (little extra decay).
@@ -196,8 +199,9 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
     specs["dwc_bias"] = ParamSpec((Hv,), _zeros_init, ("head_dim",))
   lc = LinearConfig(cfg=cfg, mechanism=m, causal=causal, feature_map=feature_map,
                     fixed_decay=fixed_decay, learnable_decay=bool(learnable_decay), gate=bool(gate),
-                    out_norm=bool(out_norm), focusing_factor=float(focusing_factor), dwc_size=dwc_size,
-                    chunk_size=chunk_size, implementation=implementation, eps=eps)
+                    out_norm=bool(out_norm), focusing_factor=float(focusing_factor),
+                    dwc_size=dwc_size, chunk_size=chunk_size, implementation=implementation,
+                    eps=eps)
   return lc, specs
 
 
@@ -242,7 +246,8 @@ def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, stat
   st = dict(state=state, return_state=return_state) if lc.causal else {}
   if m == "linear":
     return L.linear_attention(q, k, v, feature_map=lc.feature_map, causal=lc.causal, form=form,
-                              chunk_size=lc.chunk_size, eps=lc.eps, implementation=lc.implementation, **st)
+                              chunk_size=lc.chunk_size, eps=lc.eps,
+                              implementation=lc.implementation, **st)
   if m == "lightning":
     return L.lightning_attention(q, k, v, decay=decays(lc, p), form=form, chunk_size=lc.chunk_size,
                                  implementation=lc.implementation, **st)
@@ -252,13 +257,14 @@ def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, stat
       g = jnp.einsum("btd,dn->btn", x.astype(jnp.float32), p["gate_kernel"].astype(jnp.float32))
       log_decay = jax.nn.log_sigmoid(g + p["gate_bias"].astype(jnp.float32)) / _GATE_TEMPERATURE
     return L.decayed_linear_attention(q, k, v, decay=decays(lc, p), log_decay=log_decay,
-                                      feature_map=lc.feature_map, form=form, chunk_size=lc.chunk_size,
-                                      eps=lc.eps, implementation=lc.implementation, **st)
+                                      feature_map=lc.feature_map, form=form,
+                                      chunk_size=lc.chunk_size, eps=lc.eps,
+                                      implementation=lc.implementation, **st)
   if m == "efficient":
     return L.efficient_attention(q, k, v)
   if m == "flow":
-    return L.flow_attention(q, k, v, causal=lc.causal, form=form, chunk_size=lc.chunk_size, eps=lc.eps,
-                            **st)
+    return L.flow_attention(q, k, v, causal=lc.causal, form=form, chunk_size=lc.chunk_size,
+                            eps=lc.eps, **st)
   if m == "inline":
     return L.inline_attention(q, k, v, feature_map=lc.feature_map, causal=lc.causal, form=form,
                               chunk_size=lc.chunk_size, implementation=lc.implementation, **st)
@@ -419,7 +425,8 @@ class LinearAttention(nnx.Module):
     return apply_op(self.lc, self.params_dict(), q, k, v, x=x, grid=grid, state=state,
                     return_state=return_state, form=form)
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     dropout = None
     if self.cfg.dropout_rate > 0 and not deterministic:
       dropout = lambda y: self.dropout(y, deterministic=False)

@@ -137,7 +137,8 @@ class PoolingAttention(nn.Module):
   options: tuple = ()  # extra MultiHeadAttention options as (name, value) pairs
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     if positions is not None or cache is not None:
       raise ValueError("PoolingAttention takes no positions and no cache")
     if x.ndim != 3:

@@ -63,7 +63,8 @@ def attention_specs(attention, layers_attention, num_layers: int) -> list[dict]:
                      f"{len(layers_attention)}")
   out = []
   for spec in layers_attention:
-    merged = dict(base) if "name" not in _to_dict(spec) or _to_dict(spec)["name"] == base["name"] else {}
+    same_name = "name" not in _to_dict(spec) or _to_dict(spec)["name"] == base["name"]
+    merged = dict(base) if same_name else {}
     merged.update(_to_dict(spec))
     merged.setdefault("name", base["name"])
     out.append(merged)
@@ -87,8 +88,8 @@ class TransformerBlock(nnx.Module):
   `x [B, T, D]` or `[B, Hh, Ww, D]` -> same shape; with `cache=` returns `(x, cache)`.
   """
 
-  def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None,
-               mlp_dim: int, attention: Mapping, dropout_rate: float = 0.0, dtype=None,
+  def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int | None,
+               head_dim: int | None, mlp_dim: int, attention: Mapping, dropout_rate: float = 0.0, dtype=None,
                mlp_activation: str = "silu", gated_mlp: bool = True, rngs: nnx.Rngs):
     spec = dict(attention)
     name = spec.pop("name")
@@ -103,7 +104,8 @@ class TransformerBlock(nnx.Module):
     self.attn = entry.factory(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rngs=rngs, **spec)
     self.mlp_norm = RMSNorm(d_model, rngs=rngs)
-    self.mlp = MLP(d_model, mlp_dim, activation=mlp_activation, gated=gated_mlp, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(d_model, mlp_dim, activation=mlp_activation, gated=gated_mlp, dtype=dtype,
+                   rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
@@ -118,14 +120,17 @@ class TransformerBlock(nnx.Module):
       return self.attn.init_cache(batch, max_len, dtype=dtype)
     return self.attn.init_cache(batch, max_len)  # the registry convention: (batch, max_len)
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     h = self.attn(self.attn_norm(x), deterministic=deterministic,
                   **_call_kwargs(segment_ids, positions, cache))
     if cache is not None:
       h, cache = h
     x = x + self.dropout(h, deterministic=deterministic)
-    x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic=deterministic), deterministic=deterministic)
-    names = ("batch", "length", "embed") if x.ndim == 3 else ("batch",) + (None,) * (x.ndim - 2) + ("embed",)
+    x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic=deterministic),
+                         deterministic=deterministic)
+    names = (("batch", "length", "embed") if x.ndim == 3
+             else ("batch",) + (None,) * (x.ndim - 2) + ("embed",))
     x = constrain(x, names)
     return x if cache is None else (x, cache)
 
@@ -193,7 +198,8 @@ class BlockStack(nnx.Module):
       f = jax.checkpoint(f, policy=REMAT_POLICIES[self.remat_policy])
     return f
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     decoding = cache is not None
     if not self.scan_layers:
       if decoding and len(cache) != self.num_layers:
@@ -203,7 +209,8 @@ class BlockStack(nnx.Module):
       new = []
       for layer, c in zip(self.layers, caches):
         if self.remat_policy == "none" or decoding:
-          out = layer(x, segment_ids=segment_ids, positions=positions, cache=c, deterministic=deterministic)
+          out = layer(x, segment_ids=segment_ids, positions=positions, cache=c,
+                      deterministic=deterministic)
           x, c = out if decoding else (out, None)
         else:
           graphdef, state = nnx.split(layer)

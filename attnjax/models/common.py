@@ -73,7 +73,8 @@ def build_stack(cfg, *, num_layers, d_model, num_heads, num_kv_heads, head_dim, 
   them; `per_layer(i, spec) -> spec` can edit the spec of layer i (e.g. Swin shifts).
   """
   attention = get(cfg, "attention", None) if attention is None else attention
-  layers_attention = get(cfg, "layers_attention", None) if layers_attention is None else layers_attention
+  if layers_attention is None:
+    layers_attention = get(cfg, "layers_attention", None)
   specs = attention_specs(attention, layers_attention, num_layers)
   for i, spec in enumerate(specs):
     for k, v in defaults.items():
@@ -88,8 +89,9 @@ def build_stack(cfg, *, num_layers, d_model, num_heads, num_kv_heads, head_dim, 
 
   def make_block(r, i):
     return TransformerBlock(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                            head_dim=head_dim, mlp_dim=mlp_dim, attention=specs[i], dropout_rate=drop,
-                            dtype=dtype, mlp_activation=mlp_activation, gated_mlp=gated_mlp, rngs=r)
+                            head_dim=head_dim, mlp_dim=mlp_dim, attention=specs[i],
+                            dropout_rate=drop, dtype=dtype, mlp_activation=mlp_activation,
+                            gated_mlp=gated_mlp, rngs=r)
 
   return BlockStack(make_block, num_layers, scan_layers=scan, remat_policy=remat,
                     same_structure=same, rngs=rngs)

@@ -60,7 +60,8 @@ class DecoderLM(nnx.Module):
     """Per-layer decoding caches for `batch` sequences of up to `max_len` tokens."""
     return self.blocks.init_cache(batch, max_len, self.dtype)
 
-  def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     x = self.embed(tokens).astype(self.dtype)
@@ -90,7 +91,8 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int | None):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature",
+                                             "top_k"))
 def _generate(graphdef, state, prompt, rng, *, max_new_tokens, max_len, temperature, top_k):
   model = nnx.merge(graphdef, state)
   B, P = prompt.shape

@@ -217,7 +217,8 @@ def grid_coordinates(shape: Sequence[int]) -> np.ndarray:
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, *, base: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding (Vaswani et al., 2017): `[sin(p w_i), cos(p w_i)]`, `w_i = base^(-2i/dim)`.
+  """Sinusoidal embedding (Vaswani et al., 2017): `[sin(p w_i), cos(p w_i)]`,
+  `w_i = base^(-2i/dim)`.
 
   Args:
     positions: `[...]` positions.
@@ -239,7 +240,8 @@ def sinusoidal_embedding_nd(shape: Sequence[int], dim: int, *, base: float = 100
   ndim = coords.shape[-1]
   if dim % (2 * ndim):
     raise ValueError(f"dim must be a multiple of 2*len(shape)={2 * ndim}, got dim={dim}")
-  parts = [sinusoidal_embedding(jnp.asarray(coords[:, d]), dim // ndim, base=base) for d in range(ndim)]
+  parts = [sinusoidal_embedding(jnp.asarray(coords[:, d]), dim // ndim, base=base)
+           for d in range(ndim)]
   return jnp.concatenate(parts, axis=-1)
 
 

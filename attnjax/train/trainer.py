@@ -113,7 +113,8 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
     names += [a.get('name', None) for a in layers]
     for i, n in enumerate(names):
       if n not in variants.names():
-        key = 'config.model.attention.name' if i == 0 else f'config.model.layers_attention[{i-1}].name'
+        key = ('config.model.attention.name' if i == 0
+               else f'config.model.layers_attention[{i-1}].name')
         raise ValueError(f'{key}={n!r} is not a registered attention variant; known: '
                          f'{variants.names()}.')
   _resolve(factory)
