@@ -418,7 +418,8 @@ def test_werror_flags_follow_ci_and_override(monkeypatch):
 
 _TWO_CALLS = textwrap.dedent("""
     import logging, sys
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="LOG %(levelname)s %(message)s")
     import jax.numpy as jnp, numpy as np, attnjax
     from attnjax.cpu import build
     rng = np.random.default_rng(0)
@@ -460,7 +461,8 @@ def test_missing_compiler_warns_once_and_auto_falls_back(tmp_path):
   env = dict(ATTNJAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
   code = textwrap.dedent("""
       import logging, sys
-      logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+      logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                          format="LOG %(levelname)s %(message)s")
       import jax.numpy as jnp, numpy as np, attnjax
       q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 600, 2, 32)), jnp.float32)
       for _ in range(2):

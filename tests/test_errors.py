@@ -281,7 +281,8 @@ def test_block_table_rejects_bad_heads_batch(kw, name):
 # ------------------------------------------------------------------ score mods
 
 SCORE_MOD_CASES = [
-    ("slopes_zero_heads", lambda: SM.alibi_slopes(0), ValueError, r"\bnum_heads must be a positive"),
+    ("slopes_zero_heads", lambda: SM.alibi_slopes(0), ValueError,
+     r"\bnum_heads must be a positive"),
     ("slopes_negative", lambda: SM.alibi_slopes(-2), ValueError, r"\bnum_heads"),
     ("slopes_float", lambda: SM.alibi_slopes(4.0), ValueError, r"\bnum_heads"),
     ("slopes_bool", lambda: SM.alibi_slopes(True), (ValueError, TypeError), r"\bnum_heads"),

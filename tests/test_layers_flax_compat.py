@@ -27,7 +27,8 @@ def test_linen_mha_equals_default_fwd_and_grad(use_mask):
   x = _x((2, 7, 32))
   mask = nn.make_causal_mask(jnp.ones((2, 7))) if use_mask else None
   ref = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
-  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32, attention_fn=attnjax.flax_attention_fn())
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32,
+                                         attention_fn=attnjax.flax_attention_fn())
   params = ref.init(jax.random.key(0), x, mask=mask)
   f_ref = lambda p, a: ref.apply(p, a, mask=mask)
   f_ours = lambda p, a: ours.apply(p, a, mask=mask)
@@ -55,7 +56,8 @@ def test_linen_mha_probability_dropout_matches_default():
 
 def test_linen_sow_weights():
   x = _x((1, 5, 16))
-  ours = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, attention_fn=attnjax.flax_attention_fn(causal=True))
+  ours = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16,
+                                         attention_fn=attnjax.flax_attention_fn(causal=True))
   params = ours.init(jax.random.key(0), x)
   y, state = ours.apply(params, x, sow_weights=True, mutable=["intermediates"])
   w = state["intermediates"]["attention_weights"][0]
@@ -73,7 +75,8 @@ def test_nnx_mha_equals_default_and_is_causal():
   np.testing.assert_allclose(ours(x), ref(x), **TOL)
   mask = nnx.make_causal_mask(jnp.ones((2, 6)))
   np.testing.assert_allclose(ours(x, mask=mask), ref(x, mask=mask), **TOL)
-  causal = nnx.MultiHeadAttention(**kw, attention_fn=attnjax.flax_attention_fn(causal=True), rngs=nnx.Rngs(0))
+  causal = nnx.MultiHeadAttention(**kw, attention_fn=attnjax.flax_attention_fn(causal=True),
+                                  rngs=nnx.Rngs(0))
   np.testing.assert_allclose(causal(x), ref(x, mask=mask), **TOL)
 
 
@@ -120,7 +123,8 @@ class TinyClassifier(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(16, 32)(tokens)
     mask = nn.make_causal_mask(tokens)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=self.attention_fn)(x, mask=mask)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=self.attention_fn)(
+        x, mask=mask)
     x = nn.LayerNorm()(x)
     x = x + nn.Dense(32)(nn.gelu(nn.Dense(64)(x)))
     return nn.Dense(4)(x.mean(1))

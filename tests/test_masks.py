@@ -506,7 +506,8 @@ def test_from_block_mask(bq, bk, nq, nk, lead, seed):
     _check_from_block_mask(bq, bk, nq, nk, lead, seed, use_jax=False)
 
 
-@pytest.mark.parametrize("args", [(2, 3, 4, 3, (), 0), (3, 2, 2, 5, (2, 3), 1), (1, 4, 5, 2, (3,), 2)])
+@pytest.mark.parametrize("args", [(2, 3, 4, 3, (), 0), (3, 2, 2, 5, (2, 3), 1),
+                                  (1, 4, 5, 2, (3,), 2)])
 def test_from_block_mask_jax(args):
     _check_from_block_mask(*args, use_jax=True)
 
@@ -825,7 +826,8 @@ def test_block_table_document_arbitrary_ids_sound(B, T, S, bq, bk, seed):
     _check_document_sound(B, T, S, bq, bk, seed, use_jax=False)
 
 
-@pytest.mark.parametrize("args", [(2, 50, 70, 8, 16, 0), (1, 33, 17, 5, 3, 1), (3, 64, 64, 16, 16, 3)])
+@pytest.mark.parametrize("args", [(2, 50, 70, 8, 16, 0), (1, 33, 17, 5, 3, 1),
+                                  (3, 64, 64, 16, 16, 3)])
 def test_block_table_document_jax_ids_sound(args):
     _check_document_sound(*args, use_jax=True)
 

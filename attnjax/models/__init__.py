@@ -22,8 +22,8 @@ from attnjax.models.set_transformer import SetTransformer
 from attnjax.models.vit import HierarchicalViT, ViT, patchify
 
 __all__ = ["build_model", "default_config", "KINDS", "DecoderLM", "Encoder", "ViT",
-           "HierarchicalViT", "SetTransformer", "generate", "sample_logits", "TransformerBlock", "BlockStack",
-           "attention_specs", "REMAT_POLICIES", "patchify"]
+           "HierarchicalViT", "SetTransformer", "generate", "sample_logits", "TransformerBlock",
+           "BlockStack", "attention_specs", "REMAT_POLICIES", "patchify"]
 
 KINDS = {"lm": DecoderLM, "encoder": Encoder, "vit": ViT, "hvit": HierarchicalViT,
          "set": SetTransformer}

@@ -89,8 +89,9 @@ class TransformerBlock(nnx.Module):
   """
 
   def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int | None,
-               head_dim: int | None, mlp_dim: int, attention: Mapping, dropout_rate: float = 0.0, dtype=None,
-               mlp_activation: str = "silu", gated_mlp: bool = True, rngs: nnx.Rngs):
+               head_dim: int | None, mlp_dim: int, attention: Mapping,
+               dropout_rate: float = 0.0, dtype=None, mlp_activation: str = "silu",
+               gated_mlp: bool = True, rngs: nnx.Rngs):
     spec = dict(attention)
     name = spec.pop("name")
     entry = variants.info(name)
