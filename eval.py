@@ -13,6 +13,7 @@ same checkpoint; both say which split and how many examples they read. Ctrl-C ex
 once (status 130); config mistakes print one ``ERROR:`` line (status 2).
 """
 
+import json
 import os
 import signal
 import sys
@@ -26,11 +27,10 @@ def _interrupted_while_importing(signum, _frame):
 for _sig in (signal.SIGINT, signal.SIGTERM):
   signal.signal(_sig, _interrupted_while_importing)
 
-import json
+# Deliberately after the handler above: a Ctrl-C during these slow imports must be handled.
+from absl import app, flags, logging  # noqa: E402
 
-from absl import app, flags, logging
-
-from attnjax.train import cli
+from attnjax.train import cli  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, cli.DEFAULT_CONFIG)

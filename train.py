@@ -29,9 +29,10 @@ def _interrupted_while_importing(signum, _frame):
 for _sig in (signal.SIGINT, signal.SIGTERM):
   signal.signal(_sig, _interrupted_while_importing)
 
-from absl import app, flags, logging
+# Deliberately after the handler above: a Ctrl-C during these slow imports must be handled.
+from absl import app, flags, logging  # noqa: E402
 
-from attnjax.train import cli
+from attnjax.train import cli  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, cli.DEFAULT_CONFIG)

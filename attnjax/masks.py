@@ -909,7 +909,7 @@ def window(shape, window, shift=0) -> Mask:
       pq, pk = (qi - s) % L, (ki - s) % L
       a = (pq // w) == (pk // w)
       if s:
-        def region(p):
+        def region(p, L=L, w=w, s=s):
           return (p >= L - w).astype(np.int32) + (p >= L - s).astype(np.int32)
         a = a & (region(pq) == region(pk))
       ok = a if ok is None else ok & a

@@ -52,7 +52,8 @@ def gemm_rate(n=2048, dtype=jnp.float32):
 def make(S, B=1, N=8, H=64, T=None, dtype=jnp.float32):
   T = T or S
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
-  return (jax.random.normal(ks[0], (B, T, N, H), dtype), jax.random.normal(ks[1], (B, S, N, H), dtype),
+  return (jax.random.normal(ks[0], (B, T, N, H), dtype),
+          jax.random.normal(ks[1], (B, S, N, H), dtype),
           jax.random.normal(ks[2], (B, S, N, H), dtype))
 
 
@@ -113,7 +114,7 @@ def dense_rows(sizes, gemm, devices=0, dtype="float32", rounds=5):
         "attnjax xla_chunked (pure XLA)":
             lambda q, k, v: attnjax.attention(q, k, v, implementation="xla_chunked"),
         "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)}
-    call = lambda f: (lambda: jax.block_until_ready(f(q, k, v)))
+    call = lambda f, q=q, k=k, v=v: (lambda: jax.block_until_ready(f(q, k, v)))
     fwd = {name: call(jax.jit(fn)) for name, fn in contenders.items()}
     fb = {name: call(fwd_bwd(fn)) for name, fn in contenders.items()}
     tfns = torch_fns(B, N, S, H, dtype=dtype)
@@ -166,20 +167,23 @@ def sparse_rows(S_window=16384, grid=128, quick=False):
 
 SHARDED_CODE = """
 import os, sys, time
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count={ndev}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count={ndev}")
 import jax, jax.numpy as jnp, attnjax
 from jax.sharding import NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh(({ndev},), ("h",))
 spec = P(None, None, "h")
 ks = jax.random.split(jax.random.PRNGKey(0), 3)
-q, k, v = (jax.device_put(jax.random.normal(kk, (1, {S}, 8, 64)), NamedSharding(mesh, spec)) for kk in ks)
+q, k, v = (jax.device_put(jax.random.normal(kk, (1, {S}, 8, 64)), NamedSharding(mesh, spec))
+           for kk in ks)
 att = jax.shard_map(lambda q, k, v: attnjax.attention(q, k, v), mesh=mesh, in_specs=(spec,) * 3,
                     out_specs=spec)
 def best(f):
   jax.block_until_ready(f(q, k, v))
   b = float("inf")
   for _ in range(3):
-    t0 = time.perf_counter(); jax.block_until_ready(f(q, k, v)); b = min(b, time.perf_counter() - t0)
+    t0 = time.perf_counter(); jax.block_until_ready(f(q, k, v))
+    b = min(b, time.perf_counter() - t0)
   return b
 fb = jax.jit(jax.grad(lambda q, k, v: att(q, k, v).sum(), argnums=(0, 1, 2)))
 print(best(jax.jit(att)), best(fb))
@@ -251,7 +255,8 @@ def main():
                  help="also time attnjax with the heads split over this many host CPU devices "
                       "(jax.shard_map; XLA runs one device's loop per core)")
   p.add_argument("--memory", type=int, default=0,
-                 help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, window)")
+                 help="also measure peak RSS and time of one fwd+bwd at this S (full, causal, "
+                      "window)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="dtype of q, k, v for the dense rows (every contender, torch too); the "
                       "GEMM rate is measured in the same dtype")
@@ -279,7 +284,8 @@ def main():
     mem = []
     for name in MEMORY_MASKS:
       gb, compile_s, run_s = memory_probe(args.memory, name)
-      mem.append(dict(S=args.memory, mask=name, peak_rss_gb=gb, compile_s=compile_s, fwdbwd_s=run_s))
+      mem.append(dict(S=args.memory, mask=name, peak_rss_gb=gb, compile_s=compile_s,
+                      fwdbwd_s=run_s))
     print(f"\none fwd+bwd at S={args.memory} (fresh process each):")
     for r in mem:
       r["time_vs_full"] = r["fwdbwd_s"] / mem[0]["fwdbwd_s"]

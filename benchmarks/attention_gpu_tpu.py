@@ -143,7 +143,8 @@ def run(args):
       rows.append(dict(mask=mname, impl="check", max_abs_err=err))
 
   print(f"device: {dev.device_kind} ({backend}), B={B} T={T} N={N} K={K} H={H} {dtype}, "
-        f"peak={peak} TFLOP/s" + ("  [smoke: interpret mode, timings meaningless]" if smoke else ""))
+        f"peak={peak} TFLOP/s"
+        + ("  [smoke: interpret mode, timings meaningless]" if smoke else ""))
   print(f"{'mask':<16}{'impl':<14}{'fwd ms':>10}{'fwd TF/s':>10}{'%peak':>7}"
         f"{'f+b ms':>10}{'f+b TF/s':>10}{'%peak':>7}")
   for r in rows:

@@ -1,5 +1,5 @@
 /* How many 256-bit vector operations of each kind an x86-64 core issues per cycle next
- * to FMAs (the README's "Why the softmax costs 10%").  Each row times a loop of 10
+ * to FMAs (docs/benchmarks.md, "CPU attention": "Why the softmax costs 10%").  Each row times a loop of 10
  * independent FMA chains plus 4 independent chains of another operation; if that
  * operation has its own execution port the row costs what the FMAs alone cost.
  *

@@ -121,7 +121,8 @@ def main():
   for k, v in times.items():
     print(f'{k:10s} {med[k]:18.2f} {min(v):8.2f} {max(v):8.2f}')
   ratio = med['nnx_mha'] / med['attnjax']
-  print(f'ratio nnx_mha / attnjax = {ratio:.3f} ({"attnjax faster" if ratio >= 1 else "attnjax slower"})')
+  print(f'ratio nnx_mha / attnjax = {ratio:.3f} '
+        f'({"attnjax faster" if ratio >= 1 else "attnjax slower"})')
   result = {'config': args.config, 'backend': jax.default_backend(), 'ms_per_step': med,
             'all_ms_per_step': times, 'ratio_nnx_over_attnjax': ratio}
   if args.json:

@@ -77,8 +77,8 @@ class TestCpuFlash(AttentionTestBase):
     outs = []
     for n in (1, 3):
       bs = dataclasses.replace(self.BLOCK_SIZES, num_threads=n)
-      f = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal(-13), block_sizes=bs,
-                                            implementation="cpu_flash")
+      f = lambda q, k, v, bs=bs: attnjax.attention(
+          q, k, v, mask=masks.causal(-13), block_sizes=bs, implementation="cpu_flash")
       out, vjp = jax.vjp(f, q, k, v)
       outs.append((out, *vjp(rnd(3, out.shape))))
     # The forward does the same arithmetic per row whatever the split; dq sums the
@@ -243,7 +243,8 @@ class TestCpuFlash(AttentionTestBase):
       CpuFlashBlockSizes(block_q=0)
     with pytest.raises(ValueError, match="num_threads"):
       CpuFlashBlockSizes(num_threads=-2)
-    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', 'simd'\]"):
+    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', "
+                                         r"'simd'\]"):
       CpuFlashBlockSizes(matmul="tf32")
     with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
       CpuFlashBlockSizes(block_k=48, matmul="amx")
@@ -417,7 +418,8 @@ def test_werror_flags_follow_ci_and_override(monkeypatch):
 
 _TWO_CALLS = textwrap.dedent("""
     import logging, sys
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="LOG %(levelname)s %(message)s")
     import jax.numpy as jnp, numpy as np, attnjax
     from attnjax.cpu import build
     rng = np.random.default_rng(0)
@@ -459,7 +461,8 @@ def test_missing_compiler_warns_once_and_auto_falls_back(tmp_path):
   env = dict(ATTNJAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
   code = textwrap.dedent("""
       import logging, sys
-      logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
+      logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                          format="LOG %(levelname)s %(message)s")
       import jax.numpy as jnp, numpy as np, attnjax
       q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 600, 2, 32)), jnp.float32)
       for _ in range(2):

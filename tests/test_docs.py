@@ -134,7 +134,8 @@ if __name__ == "__main__":
   sys.exit(0)
 
 
-import pytest  # the runner above needs no pytest
+# Deliberately late: the subprocess runner above (run as a script) must not import pytest.
+import pytest  # noqa: E402
 
 _CACHE = {}
 

@@ -87,7 +87,8 @@ ATTENTION_CASES = [
     ("softcap_zero", dict(softcap=0), ValueError, r"\bsoftcap must be a positive"),
     ("softcap_string", dict(softcap="30"), TypeError, r"\bsoftcap must be"),
     # sinks
-    ("sinks_shape_K", dict(sinks=np.zeros(K, f32)), ValueError, r"\bsinks must have shape \[N\] = \[4\]"),
+    ("sinks_shape_K", dict(sinks=np.zeros(K, f32)), ValueError, r"\bsinks must have shape \[N\] = "
+                                                                r"\[4\]"),
     ("sinks_shape_2d", dict(sinks=np.zeros((1, N), f32)), ValueError, r"\bsinks must have shape"),
     ("sinks_int", dict(sinks=np.zeros(N, np.int32)), TypeError, r"\bsinks must be floating"),
     ("sinks_list", dict(sinks=[0.0] * N), TypeError, r"\bsinks must be a float array"),
@@ -280,11 +281,13 @@ def test_block_table_rejects_bad_heads_batch(kw, name):
 # ------------------------------------------------------------------ score mods
 
 SCORE_MOD_CASES = [
-    ("slopes_zero_heads", lambda: SM.alibi_slopes(0), ValueError, r"\bnum_heads must be a positive"),
+    ("slopes_zero_heads", lambda: SM.alibi_slopes(0), ValueError,
+     r"\bnum_heads must be a positive"),
     ("slopes_negative", lambda: SM.alibi_slopes(-2), ValueError, r"\bnum_heads"),
     ("slopes_float", lambda: SM.alibi_slopes(4.0), ValueError, r"\bnum_heads"),
     ("slopes_bool", lambda: SM.alibi_slopes(True), (ValueError, TypeError), r"\bnum_heads"),
-    ("alibi_rank2", lambda: SM.alibi(np.ones((2, 2), f32)), ValueError, r"\bslopes must have rank 1"),
+    ("alibi_rank2", lambda: SM.alibi(np.ones((2, 2), f32)), ValueError, r"\bslopes must have rank "
+                                                                        r"1"),
     ("alibi_int", lambda: SM.alibi(np.ones(4, np.int32)), TypeError,
      r"\bslopes must be floating point"),
     ("alibi_list", lambda: SM.alibi([0.5, 0.25]), TypeError, r"\bslopes must be an array"),

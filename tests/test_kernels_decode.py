@@ -242,7 +242,7 @@ def test_split_table_traced_matches_static():
   table[0, 1, 2] = 0
   for P in (1, 2, 4, 11):
     st = plan_lib.split_table(table, P)
-    tr = np.asarray(jax.jit(lambda t: plan_lib.split_table(t, P))(jnp.asarray(table)))
+    tr = np.asarray(jax.jit(lambda t, P=P: plan_lib.split_table(t, P))(jnp.asarray(table)))
     np.testing.assert_array_equal(st, tr)
     # every non-empty tile lands in exactly one split, with its class
     back = st.reshape(2, 2, P, 3, 9)
@@ -250,7 +250,7 @@ def test_split_table_traced_matches_static():
     np.testing.assert_array_equal(back.max(2), table)
     # the traced schedule's bounded length still covers every split's list
     rows = plan_lib.step_schedule(st)
-    r_j = jax.jit(lambda t: plan_lib.step_schedule(t, max_per_row=-(-9 // P))[:3])(
+    r_j = jax.jit(lambda t, P=P: plan_lib.step_schedule(t, max_per_row=-(-9 // P))[:3])(
         jnp.asarray(st))
     L = rows[3]
     for a_np, a_j in zip(rows[:3], r_j):

@@ -58,7 +58,8 @@ def _ref_self_attention(p, x, *, num_heads, num_kv_heads, mask=None, rope=False,
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("extras", [dict(), dict(rope="1d", qk_norm=True, sinks=True)])
 def test_self_attention_matches_reference_fwd_and_vjp(num_kv_heads, extras):
-  layer = MultiHeadAttention(32, 4, num_kv_heads=num_kv_heads, causal=True, rngs=nnx.Rngs(1), **extras)
+  layer = MultiHeadAttention(32, 4, num_kv_heads=num_kv_heads, causal=True, rngs=nnx.Rngs(1),
+                             **extras)
   if extras.get("sinks"):
     layer.sinks[...] = _x((4,), 7)
   if extras.get("qk_norm"):
@@ -67,8 +68,9 @@ def test_self_attention_matches_reference_fwd_and_vjp(num_kv_heads, extras):
   x = _x((2, 12, 32))
   seg = jnp.array([[0] * 5 + [1] * 7, [0] * 12])
   ref = lambda p, x: _ref_self_attention(p, x, num_heads=4, num_kv_heads=num_kv_heads,
-                                         mask=masks.causal(), rope=bool(extras), qk_norm=bool(extras),
-                                         sinks=bool(extras), segment_ids=seg)
+                                         mask=masks.causal(), rope=bool(extras),
+                                         qk_norm=bool(extras), sinks=bool(extras),
+                                         segment_ids=seg)
   apply = _functional(layer)
   run = lambda p, x: apply(p, x, segment_ids=seg)
 
@@ -83,7 +85,8 @@ def test_self_attention_matches_reference_fwd_and_vjp(num_kv_heads, extras):
 
 
 def test_cross_attention_matches_reference():
-  layer = MultiHeadAttention(32, 4, kv_features=16, out_features=24, use_bias=True, rngs=nnx.Rngs(0))
+  layer = MultiHeadAttention(32, 4, kv_features=16, out_features=24, use_bias=True,
+                             rngs=nnx.Rngs(0))
   layer.q_bias[...] = _x((4, 8), 5)
   x, c = _x((2, 5, 32)), _x((2, 9, 16), 1)
   y = layer(x, c)
@@ -91,7 +94,8 @@ def test_cross_attention_matches_reference():
   q = jnp.einsum("btd,dnh->btnh", x, p["q_kernel"]) + p["q_bias"]
   k = jnp.einsum("bsd,dkh->bskh", c, p["k_kernel"]) + p["k_bias"]
   v = jnp.einsum("bsd,dkh->bskh", c, p["v_kernel"]) + p["v_bias"]
-  ref = jnp.einsum("btnh,nhd->btd", attnjax.reference_attention(q, k, v), p["o_kernel"]) + p["o_bias"]
+  ref = (jnp.einsum("btnh,nhd->btd", attnjax.reference_attention(q, k, v), p["o_kernel"])
+         + p["o_bias"])
   assert y.shape == (2, 5, 24)
   np.testing.assert_allclose(y, ref, **TOL)
 
@@ -121,7 +125,8 @@ def _dependency(layer, x):
 
 SPATIAL_CASES = [
     ("neighborhood", dict(kernel=3), lambda g: masks.neighborhood(g, 3)),
-    ("neighborhood", dict(kernel=3, dilation=2, relpos=True), lambda g: masks.neighborhood(g, 3, 2)),
+    ("neighborhood", dict(kernel=3, dilation=2, relpos=True),
+     lambda g: masks.neighborhood(g, 3, 2)),
     ("swin", dict(window=2), lambda g: masks.window(g, 2)),
     ("swin", dict(window=2, shift=1), lambda g: masks.window(g, 2, 1)),
     ("grid", dict(grid=3), lambda g: masks.grid(g, 3)),
@@ -159,7 +164,8 @@ def test_sequence_variant_dependency_pattern(name, options, mask):
     layer.sinks[...] = _x((2,), 4)
   x = _x((1, 12, 16))
   dep = _dependency(layer, x)
-  np.testing.assert_array_equal(dep, np.asarray(mask.to_array(12, 12))[0, 0] | np.eye(12, dtype=bool))
+  np.testing.assert_array_equal(dep,
+                                np.asarray(mask.to_array(12, 12))[0, 0] | np.eye(12, dtype=bool))
 
 
 def test_dual_triangle_heads_split():
@@ -175,8 +181,10 @@ def test_dual_triangle_heads_split():
 def test_score_mod_variants_match_reference():
   x = _x((2, 10, 16))
   for name, opts, mod in [
-      ("alibi", dict(causal=True), lambda p: attnjax.score_mods.alibi(attnjax.score_mods.alibi_slopes(2), symmetric=True)),
-      ("relpos", dict(max_distance=3), lambda p: attnjax.score_mods.relative_position_bias(p["relpos_table"], max_distance=3)),
+      ("alibi", dict(causal=True),
+       lambda p: attnjax.score_mods.alibi(attnjax.score_mods.alibi_slopes(2), symmetric=True)),
+      ("relpos", dict(max_distance=3),
+       lambda p: attnjax.score_mods.relative_position_bias(p["relpos_table"], max_distance=3)),
       ("softcap", dict(cap=2.0), None),
   ]:
     layer = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0), **opts)
@@ -189,7 +197,8 @@ def test_score_mod_variants_match_reference():
     o = attnjax.reference_attention(q, k, v, mask=masks.causal() if opts.get("causal") else None,
                                     score_mod=mod(p) if mod else None,
                                     softcap=opts.get("cap"))
-    np.testing.assert_allclose(layer(x), jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]), err_msg=name, **TOL)
+    np.testing.assert_allclose(layer(x), jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]),
+                               err_msg=name, **TOL)
 
 
 def test_swin_relpos_matches_table_reference():
@@ -205,7 +214,8 @@ def test_swin_relpos_matches_table_reference():
   k = jnp.einsum("btd,dkh->btkh", xf, p["k_kernel"])
   v = jnp.einsum("btd,dkh->btkh", xf, p["v_kernel"])
   o = attnjax.reference_attention(q, k, v, mask=masks.window((4, 4), 2, 1), bias=bias)
-  np.testing.assert_allclose(layer(x).reshape(1, 16, 16), jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]), **TOL)
+  np.testing.assert_allclose(layer(x).reshape(1, 16, 16),
+                             jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]), **TOL)
 
 
 def test_axial_rope_on_grid_matches_reference():
@@ -218,7 +228,8 @@ def test_axial_rope_on_grid_matches_reference():
   k = positional.apply_rope_axial(jnp.einsum("btd,dkh->btkh", xf, p["k_kernel"]), coords)
   v = jnp.einsum("btd,dkh->btkh", xf, p["v_kernel"])
   o = attnjax.reference_attention(q, k, v)
-  np.testing.assert_allclose(layer(x).reshape(2, 12, 16), jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]), **TOL)
+  np.testing.assert_allclose(layer(x).reshape(2, 12, 16),
+                             jnp.einsum("btnh,nhd->btd", o, p["o_kernel"]), **TOL)
   mixed = MultiHeadAttention(16, 2, rope="mixed", rngs=nnx.Rngs(0))
   assert mixed.rope_freqs.shape == (2, 4, 2)
   assert mixed(x).shape == x.shape
@@ -246,7 +257,8 @@ def test_kv_cache_prefill_and_steps_equal_full(name, options):
   y, cache = layer(x[:, :5], segment_ids=seg[:, :5], cache=cache)
   outs.append(y)
   for t in range(5, 11):
-    y, cache = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))(x[:, t:t + 1], seg[:, t:t + 1], cache)
+    y, cache = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))(
+        x[:, t:t + 1], seg[:, t:t + 1], cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
   assert int(cache.index) == 11
@@ -261,15 +273,17 @@ _TWINS_DEFAULT = ("mha", "sinks", "neighborhood", "swin", "pma", "linear")
     n if n in _TWINS_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
     for n in variants.names() if variants.info(n).linen is not None])
 def test_nnx_and_linen_twins_are_identical_for_every_variant(name):
-  opts = dict(sliding_window=dict(window=3), chunked=dict(chunk_size=4), prefix_lm=dict(prefix_len=3),
-              neighborhood=dict(kernel=3, relpos=True), swin=dict(window=2, shift=1), grid=dict(grid=2),
-              pma=dict(num_seeds=2), sinks=dict(window=5), relpos=dict(max_distance=4),
+  opts = dict(sliding_window=dict(window=3), chunked=dict(chunk_size=4),
+              prefix_lm=dict(prefix_len=3), neighborhood=dict(kernel=3, relpos=True),
+              swin=dict(window=2, shift=1), grid=dict(grid=2), pma=dict(num_seeds=2),
+              sinks=dict(window=5), relpos=dict(max_distance=4),
               mha=dict(qk_norm=True, rope="axial", num_kv_heads=2, use_bias=True))
   x = _x((2, 4, 4, 16))
   o = opts.get(name, {})
   m = variants.build(name, d_model=16, num_heads=4, rngs=nnx.Rngs(0), **o)
   inp = x.reshape(2, 16, 16) if variants.info(name).kind == "pooling" else x
-  params = jax.tree.map(lambda a: a + 0.1 * _x(a.shape, 11), _params(m))  # non-trivial biases/sinks/tables
+  # non-trivial biases/sinks/tables
+  params = jax.tree.map(lambda a: a + 0.1 * _x(a.shape, 11), _params(m))
   nnx.update(m, params)
   lm = variants.get_linen(name)(d_model=16, num_heads=4, **o)
   linen_params = lm.init(jax.random.key(0), inp)["params"]
@@ -302,7 +316,8 @@ def test_linen_cache_and_small_blocks_twins():
 def test_rms_norm_and_mlp_reference():
   x = _x((2, 3, 16))
   norm = RMSNorm(16, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(norm(x), x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6), **TOL)
+  np.testing.assert_allclose(norm(x), x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6),
+                             **TOL)
   mlp = MLP(16, 32, rngs=nnx.Rngs(0))
   p = _params(mlp)
   ref = (jax.nn.silu(x @ p["wg"]) * (x @ p["wi"])) @ p["wo"]
@@ -362,15 +377,18 @@ def test_implementation_option_is_forwarded():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: MultiHeadAttention(16, 3, rngs=nnx.Rngs(0)), "d_model must be divisible"),
-    (lambda: MultiHeadAttention(16, 4, num_kv_heads=3, rngs=nnx.Rngs(0)), "multiple of num_kv_heads"),
+    (lambda: MultiHeadAttention(16, 4, num_kv_heads=3, rngs=nnx.Rngs(0)), "multiple of "
+                                                                          "num_kv_heads"),
     (lambda: MultiHeadAttention(16, 2, rope="2dd", rngs=nnx.Rngs(0)), "rope must be one of"),
     (lambda: MultiHeadAttention(16, 2, head_dim=7, rope="1d", rngs=nnx.Rngs(0)), "even head_dim"),
     (lambda: MultiHeadAttention(16, 2, softcap=-1.0, rngs=nnx.Rngs(0)), "softcap"),
     (lambda: MultiHeadAttention(16, 2, dropout_rate=1.0, rngs=nnx.Rngs(0)), "dropout_rate"),
-    (lambda: MultiHeadAttention(16, 2, relpos_max_distance=-1, rngs=nnx.Rngs(0)), "relpos_max_distance"),
+    (lambda: MultiHeadAttention(16, 2, relpos_max_distance=-1, rngs=nnx.Rngs(0)),
+     "relpos_max_distance"),
     (lambda: MultiHeadAttention(0, 2, rngs=nnx.Rngs(0)), "d_model"),
     (lambda: MaskSpec("neighbourhood", kernel=3), "close"),
-    (lambda: variants.build("swin", d_model=16, num_heads=2, rngs=nnx.Rngs(0), window=2, causal=True), "causal"),
+    (lambda: variants.build("swin", d_model=16, num_heads=2, rngs=nnx.Rngs(0), window=2,
+                            causal=True), "causal"),
 ])
 def test_bad_construction(make, match):
   with pytest.raises(ValueError, match=match):

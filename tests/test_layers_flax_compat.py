@@ -27,7 +27,8 @@ def test_linen_mha_equals_default_fwd_and_grad(use_mask):
   x = _x((2, 7, 32))
   mask = nn.make_causal_mask(jnp.ones((2, 7))) if use_mask else None
   ref = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
-  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32, attention_fn=attnjax.flax_attention_fn())
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32,
+                                         attention_fn=attnjax.flax_attention_fn())
   params = ref.init(jax.random.key(0), x, mask=mask)
   f_ref = lambda p, a: ref.apply(p, a, mask=mask)
   f_ours = lambda p, a: ours.apply(p, a, mask=mask)
@@ -55,7 +56,8 @@ def test_linen_mha_probability_dropout_matches_default():
 
 def test_linen_sow_weights():
   x = _x((1, 5, 16))
-  ours = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, attention_fn=attnjax.flax_attention_fn(causal=True))
+  ours = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16,
+                                         attention_fn=attnjax.flax_attention_fn(causal=True))
   params = ours.init(jax.random.key(0), x)
   y, state = ours.apply(params, x, sow_weights=True, mutable=["intermediates"])
   w = state["intermediates"]["attention_weights"][0]
@@ -73,7 +75,8 @@ def test_nnx_mha_equals_default_and_is_causal():
   np.testing.assert_allclose(ours(x), ref(x), **TOL)
   mask = nnx.make_causal_mask(jnp.ones((2, 6)))
   np.testing.assert_allclose(ours(x, mask=mask), ref(x, mask=mask), **TOL)
-  causal = nnx.MultiHeadAttention(**kw, attention_fn=attnjax.flax_attention_fn(causal=True), rngs=nnx.Rngs(0))
+  causal = nnx.MultiHeadAttention(**kw, attention_fn=attnjax.flax_attention_fn(causal=True),
+                                  rngs=nnx.Rngs(0))
   np.testing.assert_allclose(causal(x), ref(x, mask=mask), **TOL)
 
 
@@ -120,10 +123,34 @@ class TinyClassifier(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(16, 32)(tokens)
     mask = nn.make_causal_mask(tokens)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=self.attention_fn)(x, mask=mask)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=self.attention_fn)(
+        x, mask=mask)
     x = nn.LayerNorm()(x)
     x = x + nn.Dense(32)(nn.gelu(nn.Dense(64)(x)))
     return nn.Dense(4)(x.mean(1))
+
+
+def _train_losses(attention_fn, tokens, labels, num_steps=8):
+  """Adam-trains a TinyClassifier using ``attention_fn``; returns the per-step losses."""
+  model = TinyClassifier(attention_fn=attention_fn)
+  params = model.init(jax.random.key(1), tokens)
+  opt = optax.adam(1e-2)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    def loss_fn(p):
+      logits = model.apply(p, tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    upd, state = opt.update(g, state, params)
+    return optax.apply_updates(params, upd), state, loss
+
+  out = []
+  for _ in range(num_steps):
+    params, state, loss = step(params, state)
+    out.append(float(loss))
+  return out
 
 
 def test_third_party_linen_model_trains_identically():
@@ -131,24 +158,6 @@ def test_third_party_linen_model_trains_identically():
   labels = tokens[:, 0] % 4
   losses = {}
   for name, fn in (("flax", nn.dot_product_attention), ("attnjax", attnjax.flax_attention_fn())):
-    model = TinyClassifier(attention_fn=fn)
-    params = model.init(jax.random.key(1), tokens)
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-      def loss_fn(p):
-        logits = model.apply(p, tokens)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      loss, g = jax.value_and_grad(loss_fn)(params)
-      upd, state = opt.update(g, state, params)
-      return optax.apply_updates(params, upd), state, loss
-
-    out = []
-    for _ in range(8):
-      params, state, loss = step(params, state)
-      out.append(float(loss))
-    losses[name] = out
+    losses[name] = _train_losses(fn, tokens, labels)
   np.testing.assert_allclose(losses["attnjax"], losses["flax"], rtol=1e-4, atol=1e-5)
   assert losses["attnjax"][-1] < losses["attnjax"][0]

@@ -47,8 +47,10 @@ def _reference(name, opts, layer, x):
         else jnp.asarray(LL.retention_decay(N))
     ld = None
     if opts.get("gate"):
-      ld = jax.nn.log_sigmoid(jnp.einsum("btd,dn->btn", x, p["gate_kernel"]) + p["gate_bias"]) / 16.0
-    o = _rms(L.decayed_linear_attention(q * H ** -0.5, k, v, decay=decay, log_decay=ld), p["out_norm"])
+      ld = jax.nn.log_sigmoid(jnp.einsum("btd,dn->btn", x, p["gate_kernel"])
+                              + p["gate_bias"]) / 16.0
+    o = _rms(L.decayed_linear_attention(q * H ** -0.5, k, v, decay=decay, log_decay=ld),
+             p["out_norm"])
   elif name == "efficient":
     o = L.efficient_attention(q, k, v)
   elif name == "flow":
@@ -162,7 +164,8 @@ def test_registry_entries():
     assert entry.kind == "sequence"
     assert entry.supports_cache == (name != "efficient")
     assert isinstance(variants.get_linen(name)(d_model=D, num_heads=N), LLinen.LinearAttention)
-  layer = variants.get("flow")(d_model=D, num_heads=N, num_kv_heads=None, head_dim=8, rngs=nnx.Rngs(0))
+  layer = variants.get("flow")(d_model=D, num_heads=N, num_kv_heads=None, head_dim=8,
+                               rngs=nnx.Rngs(0))
   assert layer(_x((1, 3, 4, D))).shape == (1, 3, 4, D)  # grid input, flattened
 
 

@@ -154,7 +154,7 @@ def _check_document(B, T, S, seed, use_jax):
     assert m.data_dependent == use_jax
     got = np.asarray(run(use_jax, lambda: m.to_array(T, S, 2, B)))
     for b in range(B):
-        want = pairwise(T, S, lambda i, j: qs[b, i] == ks[b, j])
+        want = pairwise(T, S, lambda i, j, b=b: qs[b, i] == ks[b, j])
         for h in range(2):
             assert_mask_equal(got[b, h], want)
 
@@ -175,7 +175,7 @@ def test_document_defaults_kv_to_q_ids():
     ids = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 4, 4]], np.int32)
     got = dense(M.document(ids), 6, 6, batch=2)
     for b in range(2):
-        assert_mask_equal(got[b, 0], pairwise(6, 6, lambda i, j: ids[b, i] == ids[b, j]))
+        assert_mask_equal(got[b, 0], pairwise(6, 6, lambda i, j, b=b: ids[b, i] == ids[b, j]))
 
 
 # ----------------------------------------------------------------- grid masks
@@ -469,7 +469,7 @@ def test_from_fn_head_and_batch_dependent():
     assert m.name == "mod4"
     got = dense(m, 9, 11, num_heads=3, batch=2)
     for b, h in np.ndindex(2, 3):
-        want = pairwise(9, 11, lambda i, j: (i * 3 + j * 5 + h + 2 * b) % 4 != 0)
+        want = pairwise(9, 11, lambda i, j, b=b, h=h: (i * 3 + j * 5 + h + 2 * b) % 4 != 0)
         assert_mask_equal(got[b, h], want)
 
 
@@ -506,7 +506,8 @@ def test_from_block_mask(bq, bk, nq, nk, lead, seed):
     _check_from_block_mask(bq, bk, nq, nk, lead, seed, use_jax=False)
 
 
-@pytest.mark.parametrize("args", [(2, 3, 4, 3, (), 0), (3, 2, 2, 5, (2, 3), 1), (1, 4, 5, 2, (3,), 2)])
+@pytest.mark.parametrize("args", [(2, 3, 4, 3, (), 0), (3, 2, 2, 5, (2, 3), 1),
+                                  (1, 4, 5, 2, (3,), 2)])
 def test_from_block_mask_jax(args):
     _check_from_block_mask(*args, use_jax=True)
 
@@ -556,7 +557,8 @@ def test_composition_with_head_dependent_and_grid_masks():
     nb = ref_neighborhood((3, 4), (3, 3), (1, 1), (False, False))
     for h in range(3):
         tri = (lambda i, j: j <= i) if 2 * h < 3 else (lambda i, j: j >= i)
-        want = pairwise(n, n, lambda i, j: (tri(i, j) and i - 2 <= j <= i + 2) or not nb[i, j])
+        want = pairwise(n, n, lambda i, j, tri=tri: (tri(i, j) and i - 2 <= j <= i + 2)
+                        or not nb[i, j])
         assert_mask_equal(got[0, h], want)
 
 
@@ -824,7 +826,8 @@ def test_block_table_document_arbitrary_ids_sound(B, T, S, bq, bk, seed):
     _check_document_sound(B, T, S, bq, bk, seed, use_jax=False)
 
 
-@pytest.mark.parametrize("args", [(2, 50, 70, 8, 16, 0), (1, 33, 17, 5, 3, 1), (3, 64, 64, 16, 16, 3)])
+@pytest.mark.parametrize("args", [(2, 50, 70, 8, 16, 0), (1, 33, 17, 5, 3, 1),
+                                  (3, 64, 64, 16, 16, 3)])
 def test_block_table_document_jax_ids_sound(args):
     _check_document_sound(*args, use_jax=True)
 

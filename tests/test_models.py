@@ -30,8 +30,8 @@ def _forward(model, x, **kw):
   return jax.jit(lambda s, a: nnx.merge(graphdef, s)(a, **kw))(state, x)
 
 
-@pytest.mark.parametrize("kind, expect", [("lm", (2, 12, 64)), ("encoder", (2, 12, 64)), ("vit", (2, 10)),
-                                          ("hvit", (2, 10)), ("set", (2, 1))])
+@pytest.mark.parametrize("kind, expect", [("lm", (2, 12, 64)), ("encoder", (2, 12, 64)),
+                                          ("vit", (2, 10)), ("hvit", (2, 10)), ("set", (2, 1))])
 def test_default_models_shapes_and_sharding_names(kind, expect):
   cfg = models.default_config(kind)
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
@@ -80,7 +80,8 @@ def test_encoder_heads():
 def test_hvit_swin_alternates_shift():
   cfg = models.default_config("hvit")
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
-  shifts = [dict(layer.attn.config.mask.args)["shift"] for stage in model.stages for layer in stage.layers]
+  shifts = [dict(layer.attn.config.mask.args)["shift"]
+            for stage in model.stages for layer in stage.layers]
   assert shifts == [0, 2, 0, 2]
   assert model.stages[1].layers[0].attn.config.num_heads == 4
 
@@ -152,8 +153,8 @@ def _decode_matches_full(cfg, prompt_len=5, total=12):
     dict(),
     dict(num_kv_heads=2, scan_layers=True),
     dict(layers_attention=[{"name": "sliding_window", "window": 3}, {"name": "mha"}]),
-    pytest.param(dict(attention=ml_collections.ConfigDict({"name": "sinks", "window": 4}), num_kv_heads=1),
-                 marks=pytest.mark.slow),
+    pytest.param(dict(attention=ml_collections.ConfigDict({"name": "sinks", "window": 4}),
+                      num_kv_heads=1), marks=pytest.mark.slow),
 ])
 def test_kv_cache_decode_equals_full_forward(variant):
   cfg = models.default_config("lm")
@@ -200,7 +201,8 @@ def test_generate_bad_arguments():
 def _stack_plain_into_scan(plain, scanned):
   pd = nnx.state(plain, nnx.Param).to_pure_dict()
   layers = pd["blocks"]["layers"]
-  pd["blocks"]["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])
+  pd["blocks"]["layers"] = jax.tree.map(lambda *a: jnp.stack(a),
+                                        *[layers[i] for i in sorted(layers)])
   st = nnx.state(scanned, nnx.Param)
   nnx.replace_by_pure_dict(st, pd)
   nnx.update(scanned, st)
@@ -237,7 +239,8 @@ def test_scan_and_remat_equal_plain_stack(remat):
     g0d, g1d = g0.to_pure_dict(), g1.to_pure_dict()
     if other is scanned:
       layers = g0d["blocks"]["layers"]
-      g0d = dict(g0d, blocks={"layers": jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])})
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])
+      g0d = dict(g0d, blocks={"layers": stacked})
     for a, b in zip(jax.tree.leaves(g1d), jax.tree.leaves(g0d)):
       np.testing.assert_allclose(a, b, **TOL)
 
@@ -314,7 +317,8 @@ class _RunningMean(nnx.Module):
     return (jnp.zeros((batch, self.w.shape[0])), jnp.zeros((), jnp.float32))
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic=True):
-    total, count = cache if cache is not None else (jnp.zeros((x.shape[0], x.shape[-1])), jnp.zeros(()))
+    total, count = (cache if cache is not None
+                    else (jnp.zeros((x.shape[0], x.shape[-1])), jnp.zeros(())))
     csum = total[:, None] + jnp.cumsum(x, axis=1)
     n = count + jnp.arange(1, x.shape[1] + 1, dtype=jnp.float32)
     y = (csum / n[None, :, None]) @ self.w[...]

@@ -83,7 +83,8 @@ def test_sinusoidal():
   pos = jnp.arange(5)
   e = P.sinusoidal_embedding(pos, 8)
   inv = 10000.0 ** (-np.arange(0, 8, 2) / 8)
-  expect = np.concatenate([np.sin(np.arange(5)[:, None] * inv), np.cos(np.arange(5)[:, None] * inv)], -1)
+  expect = np.concatenate([np.sin(np.arange(5)[:, None] * inv),
+                           np.cos(np.arange(5)[:, None] * inv)], -1)
   np.testing.assert_allclose(e, expect, rtol=1e-5, atol=1e-6)
   e2 = P.sinusoidal_embedding_nd((2, 3), 8)
   assert e2.shape == (6, 8)
@@ -113,7 +114,8 @@ def test_relative_position_index_2d_swin_table():
       dy, dx = coords[j] - coords[i]
       assert idx[i, j] == (dy + 2) * 5 + (dx + 2)
   # clipping
-  idx1 = np.asarray(P.relative_position_index(np.arange(6)[:, None, None], np.arange(6)[None, :, None], 2))
+  idx1 = np.asarray(P.relative_position_index(np.arange(6)[:, None, None],
+                                              np.arange(6)[None, :, None], 2))
   assert idx1[0, 5] == 4 and idx1[5, 0] == 0 and idx1[3, 3] == 2
   # dilation step
   idx2 = np.asarray(P.relative_position_index(np.array([[0]]), np.array([[4]]), 3, step=2))

@@ -40,7 +40,8 @@ CASES = {
 }
 # 'cpu_flash' (C++ custom call) serves band masks and sinks only.
 CPU_FLASH_CASES = ("plain", "causal_sinks")
-PARAMS = [(i, c) for i in IMPLS for c in sorted(CASES)] + [("cpu_flash", c) for c in CPU_FLASH_CASES]
+PARAMS = ([(i, c) for i in IMPLS for c in sorted(CASES)]
+          + [("cpu_flash", c) for c in CPU_FLASH_CASES])
 
 
 @pytest.mark.parametrize("impl,case", PARAMS)

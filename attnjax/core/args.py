@@ -179,7 +179,8 @@ def check_attention_args(q, k, v, *, mask=None, score_mod=None, bias=None,
       if S != T:
         raise ValueError(f"kv_segment_ids is required when T != S (T={T}, S={S})")
       kv_segment_ids = q_segment_ids
-    for name, seg, L in (("q_segment_ids", q_segment_ids, T), ("kv_segment_ids", kv_segment_ids, S)):
+    for name, seg, L in (("q_segment_ids", q_segment_ids, T),
+                         ("kv_segment_ids", kv_segment_ids, S)):
       if not _is_array(seg):
         raise TypeError(f"{name} must be an integer array, got {type(seg).__name__}")
       if not jnp.issubdtype(seg.dtype, jnp.integer):

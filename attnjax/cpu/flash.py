@@ -1,12 +1,12 @@
 """'cpu_flash': a multi-threaded C++ flash-attention kernel for the XLA CPU backend.
 
-XLA:CPU executes a blockwise attention loop on effectively one core (see the README,
-"CPU performance").  This implementation is an XLA FFI custom call
-(``jax.ffi.ffi_call``) into ``flash_cpu.cc`` (and the units it includes): the
+XLA:CPU executes a blockwise attention loop on effectively one core (see
+``docs/benchmarks.md``, "CPU attention").  This implementation is an XLA FFI custom
+call (``jax.ffi.ffi_call``) into ``flash_cpu.cc`` (and the units it includes): the
 online-softmax forward of "FlashAttention" (Dao et al., 2022) and the one-pass
-backward of "FlashAttention-2" (Dao, 2023), float32 with register-tiled SIMD matmuls (AVX-512, or AVX2 with FMA on
-CPUs without it; AMX bf16 tile products for bf16 data where the CPU has them; see
-``CpuFlashBlockSizes.matmul``), split over all cores by
+backward of "FlashAttention-2" (Dao, 2023), float32 with register-tiled SIMD matmuls
+(AVX-512, or AVX2 with FMA on CPUs without it; AMX bf16 tile products for bf16 data
+where the CPU has them; see ``CpuFlashBlockSizes.matmul``), split over all cores by
 ``(batch, head, query block)`` in the forward and ``(batch, kv head, key block)`` in
 the backward.  The library is compiled for the machine on first use
 (:mod:`attnjax.cpu.build`), or ahead of time with ``python -m attnjax.cpu.build``.
@@ -19,7 +19,8 @@ bands that stay intervals, classified by structure in
 GQA/MQA (K/V never repeated), ``T != S``, ``sinks``, ``return_lse`` and head dims
 that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids and
 other masks are refused (:func:`unsupported_reason`, raised as
-:class:`attnjax.core.Unsupported`) so the dispatcher falls back to ``'xla_chunked'``.  bf16/f16 inputs are computed in float32 and cast back.
+:class:`attnjax.core.Unsupported`) so the dispatcher falls back to ``'xla_chunked'``.
+bf16/f16 inputs are computed in float32 and cast back.
 
 Tiles outside every row's band are skipped; tiles inside all rows' bands run
 without masking, so causal and windowed attention cost time proportional to their

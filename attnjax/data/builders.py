@@ -131,8 +131,9 @@ class _SyntheticTask(_LocalBuilder):
 
 def _make_builder_class(task: str) -> type:
   cls_name = ''.join(p.capitalize() for p in task.split('_')) + 'Task'
-  return type(cls_name, (_SyntheticTask,), {'TASK': task, '__module__': __name__,
-                                             '__doc__': f'TFDS builder: {TASKS[task].description}.'})
+  return type(cls_name, (_SyntheticTask,),
+              {'TASK': task, '__module__': __name__,
+               '__doc__': f'TFDS builder: {TASKS[task].description}.'})
 
 
 BUILDERS = {task: _make_builder_class(task) for task in TASKS}

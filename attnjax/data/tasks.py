@@ -181,7 +181,8 @@ def load_digits_split(split: str) -> dict[str, np.ndarray]:
 
   The split is ours and fixed: ``sklearn.model_selection.train_test_split(test_size=360,
   stratify=labels, random_state=0)`` over the 1797 images -> 1437 train / 360 test, 35-37
-  test images per class (class proportions kept). Images are float32 ``[8, 8, 1]`` in [0, 1] (pixel / 16).
+  test images per class (class proportions kept). Images are float32 ``[8, 8, 1]`` in
+  [0, 1] (pixel / 16).
   """
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel

@@ -185,7 +185,8 @@ def _canonical_dtype(name, value):
   try:
     return jnp.dtype(value)
   except TypeError as e:
-    raise ValueError(f"{name} must be a dtype name such as 'float32' or 'bfloat16', got {value!r}") from e
+    raise ValueError(f"{name} must be a dtype name such as 'float32' or 'bfloat16', got "
+                     f"{value!r}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +227,8 @@ class AttentionConfig:
       set_("num_kv_heads", self.num_heads)
     _positive_int("num_kv_heads", self.num_kv_heads)
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={self.num_heads}, "
-                       f"num_kv_heads={self.num_kv_heads}")
+      raise ValueError("num_heads must be a multiple of num_kv_heads, got "
+                       f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
         raise ValueError(f"d_model must be divisible by num_heads when head_dim is not given, got "
@@ -261,11 +262,13 @@ class AttentionConfig:
     if self.relpos_max_distance is not None:
       md = _freeze(self.relpos_max_distance)
       vals = md if isinstance(md, tuple) else (md,)
-      if not vals or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0 for m in vals):
-        raise ValueError(f"relpos_max_distance must be an int >= 0 or a tuple of them (one per grid "
-                         f"axis), got relpos_max_distance={self.relpos_max_distance!r}")
+      if not vals or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0
+                         for m in vals):
+        raise ValueError("relpos_max_distance must be an int >= 0 or a tuple of them (one per "
+                         f"grid axis), got relpos_max_distance={self.relpos_max_distance!r}")
       set_("relpos_max_distance", md)
-    if self.mask is not None and not (isinstance(self.mask, (_masks.Mask, MaskSpec)) or callable(self.mask)):
+    if self.mask is not None and not (isinstance(self.mask, (_masks.Mask, MaskSpec))
+                                      or callable(self.mask)):
       raise TypeError(f"mask must be None, an attnjax.masks.Mask, a MaskSpec or a callable, got "
                       f"{type(self.mask).__name__}")
     if self.score_mod is not None and not callable(self.score_mod):
@@ -327,10 +330,14 @@ def param_specs(cfg: AttentionConfig) -> dict[str, ParamSpec]:
   """
   N, K, H, Hv = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
   specs = {
-      "q_kernel": ParamSpec((cfg.d_model, N, H), _dense_init(0, (1, 2)), ("embed", "heads", "head_dim")),
-      "k_kernel": ParamSpec((cfg.kv_features, K, H), _dense_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
-      "v_kernel": ParamSpec((cfg.kv_features, K, Hv), _dense_init(0, (1, 2)), ("embed", "kv_heads", "head_dim")),
-      "o_kernel": ParamSpec((N, Hv, cfg.out_features), _dense_init((0, 1), 2), ("heads", "head_dim", "embed")),
+      "q_kernel": ParamSpec((cfg.d_model, N, H), _dense_init(0, (1, 2)),
+                            ("embed", "heads", "head_dim")),
+      "k_kernel": ParamSpec((cfg.kv_features, K, H), _dense_init(0, (1, 2)),
+                            ("embed", "kv_heads", "head_dim")),
+      "v_kernel": ParamSpec((cfg.kv_features, K, Hv), _dense_init(0, (1, 2)),
+                            ("embed", "kv_heads", "head_dim")),
+      "o_kernel": ParamSpec((N, Hv, cfg.out_features), _dense_init((0, 1), 2),
+                            ("heads", "head_dim", "embed")),
   }
   if cfg.use_bias:
     specs["q_bias"] = ParamSpec((N, H), _zeros, ("heads", "head_dim"))
@@ -399,7 +406,8 @@ def _flatten_tokens(name, x, features, feature_name):
     raise ValueError(f"{name} must be [B, T, D] or [B, *grid, D] (rank >= 3), got shape "
                      f"{getattr(x, 'shape', None)}")
   if x.shape[-1] != features:
-    raise ValueError(f"{name} last dimension must be {feature_name}={features}, got shape {x.shape}")
+    raise ValueError(f"{name} last dimension must be {feature_name}={features}, got shape "
+                     f"{x.shape}")
   grid = tuple(x.shape[1:-1])
   return x.reshape(x.shape[0], math.prod(grid), features), grid
 
@@ -421,15 +429,17 @@ def _default_positions(cfg, grid, batch, offset):
     return jnp.broadcast_to(pos, (batch, T))
   coords = jnp.asarray(_pos.grid_coordinates(grid)) + offset
   if cfg.rope == "mixed" and coords.shape[-1] != cfg.rope_ndim:
-    raise ValueError(f"rope='mixed' was built for rope_ndim={cfg.rope_ndim} axes but the input grid "
-                     f"{grid} has {len(grid)}; pass positions [B, T, {cfg.rope_ndim}] explicitly")
+    raise ValueError(f"rope='mixed' was built for rope_ndim={cfg.rope_ndim} axes but the input "
+                     f"grid {grid} has {len(grid)}; pass positions [B, T, {cfg.rope_ndim}] "
+                     "explicitly")
   return jnp.broadcast_to(coords, (batch, T, coords.shape[-1]))
 
 
 def _apply_rope(cfg, params, x_BTNH, pos):
   if cfg.rope == "1d":
     if pos.ndim != 2 or pos.shape != x_BTNH.shape[:2]:
-      raise ValueError(f"positions for rope='1d' must be [B, T] = {x_BTNH.shape[:2]}, got shape {pos.shape}")
+      raise ValueError(f"positions for rope='1d' must be [B, T] = {x_BTNH.shape[:2]}, got shape "
+                       f"{pos.shape}")
     return _pos.apply_rope(x_BTNH, pos, base=cfg.rope_base)
   if pos.ndim != 3 or pos.shape[:2] != x_BTNH.shape[:2]:
     raise ValueError(f"positions for rope={cfg.rope!r} must be [B, T, D] with [B, T] = "
@@ -508,8 +518,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     if cfg.spatial_mask:
       raise ValueError(f"decoding with a cache is not supported with the spatial mask {cfg.mask}")
     if cache.k.shape[0] != B or cache.k.shape[2:] != k_BSKH.shape[2:]:
-      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, K={cfg.num_kv_heads}, "
-                       f"H={cfg.head_dim}]")
+      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, "
+                       f"K={cfg.num_kv_heads}, H={cfg.head_dim}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
     q_offset = cache.index
@@ -528,7 +538,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     if context is None:
       k_pos = q_pos
     else:
-      k_pos = context_positions if context_positions is not None else _default_positions(cfg, kv_grid, B, 0)
+      k_pos = (context_positions if context_positions is not None
+               else _default_positions(cfg, kv_grid, B, 0))
     q_BTNH = _apply_rope(cfg, p, q_BTNH, jnp.asarray(q_pos))
     k_BSKH = _apply_rope(cfg, p, k_BSKH, jnp.asarray(k_pos))
   elif positions is not None or context_positions is not None:
@@ -539,8 +550,10 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     idx = cache.index
     zero = jnp.zeros((), jnp.int32)
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype), (zero, idx, zero, zero))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype), (zero, idx, zero, zero))
+    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype),
+                                         (zero, idx, zero, zero))
+    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype),
+                                         (zero, idx, zero, zero))
     seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, seg_new, (zero, idx))
     new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, index=idx + T)
     k_BSKH, v_BSKH = k_all.astype(dtype), v_all.astype(dtype)
@@ -562,9 +575,10 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       mods.append(_score_mods.relative_position_bias(table, max_distance=cfg.relpos_max_distance))
     else:
       if len(grid) != cfg.relpos_ndim or kv_grid != grid:
-        raise ValueError(f"relpos_max_distance={cfg.relpos_max_distance} is a {cfg.relpos_ndim}-axis table; "
-                         f"the input grid is {grid} (keys {kv_grid})")
-      mods.append(_score_mods.relative_position_bias(table, shape=grid, max_distance=cfg.relpos_max_distance))
+        raise ValueError(f"relpos_max_distance={cfg.relpos_max_distance} is a "
+                         f"{cfg.relpos_ndim}-axis table; the input grid is {grid} (keys {kv_grid})")
+      mods.append(_score_mods.relative_position_bias(table, shape=grid,
+                                                     max_distance=cfg.relpos_max_distance))
   if cfg.score_mod is not None:
     mods.append(cfg.score_mod)
   score_mod = None

@@ -116,7 +116,8 @@ class MLP(nnx.Module):
     _positive_int("d_model", d_model)
     _positive_int("mlp_dim", mlp_dim)
     if activation not in ACTIVATIONS:
-      raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got activation={activation!r}")
+      raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
+                       f"activation={activation!r}")
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f"dropout_rate must be in [0, 1), got dropout_rate={dropout_rate}")
     self.activation, self.gated = activation, bool(gated)
@@ -169,12 +170,15 @@ class Dense(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = _canonical_dtype("dtype", dtype)
     self.kernel = make_param(
-        rngs, ParamSpec((in_features, out_features), kernel_init or _dense_init(), names), param_dtype)
-    self.bias = make_param(rngs, ParamSpec((out_features,), _zeros, (names[1],)), param_dtype) if use_bias else None
+        rngs, ParamSpec((in_features, out_features), kernel_init or _dense_init(), names),
+        param_dtype)
+    self.bias = (make_param(rngs, ParamSpec((out_features,), _zeros, (names[1],)), param_dtype)
+                 if use_bias else None)
 
   def __call__(self, x):
     if x.shape[-1] != self.in_features:
-      raise ValueError(f"x last dimension must be in_features={self.in_features}, got shape {x.shape}")
+      raise ValueError(f"x last dimension must be in_features={self.in_features}, got shape "
+                       f"{x.shape}")
     dtype = self.dtype or x.dtype
     y = jnp.einsum("...d,df->...f", x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:

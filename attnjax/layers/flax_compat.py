@@ -2,7 +2,8 @@
 
     >>> import flax.linen as nn, attnjax
     >>> mha = nn.MultiHeadDotProductAttention(
-    ...     num_heads=8, attention_fn=attnjax.flax_attention_fn(mask=attnjax.masks.sliding_window(128)))
+    ...     num_heads=8,
+    ...     attention_fn=attnjax.flax_attention_fn(mask=attnjax.masks.sliding_window(128)))
 
 `attnjax.flax_attention_fn()` with no options computes what Flax's default
 `dot_product_attention` computes (tested inside `flax.linen.MultiHeadDotProductAttention`
@@ -90,7 +91,8 @@ def _materialized(q, k, v, *, mask, score_mod, bias, scale, softcap, dropout_rng
 def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
                       softcap: float | None = None, scale: float | None = None,
                       implementation=None, block_sizes=None):
-  """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` / `flax.nnx.MultiHeadAttention`.
+  """An `attention_fn` for `flax.linen.MultiHeadDotProductAttention` /
+  `flax.nnx.MultiHeadAttention`.
 
   `out = softmax(mask(mods(q.k / sqrt(H) + bias))) v`, `q [batch..., T, N, H]`,
   `k [batch..., S, K, H]`, `v [batch..., S, K, Hv]` -> `[batch..., T, N, Hv]`, where the
@@ -130,23 +132,25 @@ def flax_attention_fn(*, mask: Any = None, causal: bool = False, score_mod=None,
       raise ValueError("qk_attn_weights_einsum / attn_weights_value_einsum are not supported by "
                        "attnjax.flax_attention_fn (leave them None)")
     if query.ndim < 4 or key.ndim != query.ndim or value.ndim != query.ndim:
-      raise ValueError(f"query/key/value must be [batch..., length, heads, depth] of equal rank >= 4, got "
-                       f"{query.shape}, {key.shape}, {value.shape}")
+      raise ValueError("query/key/value must be [batch..., length, heads, depth] of equal rank >= "
+                       f"4, got {query.shape}, {key.shape}, {value.shape}")
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
-      raise ValueError(f"batch/length/heads mismatch: query {query.shape}, key {key.shape}, value {value.shape}")
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query.dtype, key.dtype, value.dtype)
+      raise ValueError(f"batch/length/heads mismatch: query {query.shape}, key {key.shape}, value "
+                       f"{value.shape}")
+    dtype = (jnp.dtype(dtype) if dtype is not None
+             else jnp.result_type(query.dtype, key.dtype, value.dtype))
     batch = query.shape[:-3]
     nb = math.prod(batch)
     q, k, v = (a.astype(dtype).reshape((nb,) + a.shape[-3:]) for a in (query, key, value))
     T, N, H = q.shape[1:]
-    S = k.shape[1]
 
     def flat4(a, name):
       if a is None:
         return None
       a = jnp.asarray(a)
       if a.ndim != query.ndim:
-        raise ValueError(f"{name} must have rank {query.ndim} ([batch..., heads, T, S]), got shape {a.shape}")
+        raise ValueError(f"{name} must have rank {query.ndim} ([batch..., heads, T, S]), got shape "
+                         f"{a.shape}")
       lead = a.shape[:-3]
       if all(d == 1 for d in lead):
         return a.reshape((1,) + a.shape[-3:])

@@ -6,13 +6,13 @@ calls the op of `attnjax.ops.linear` selected by `mechanism`:
 
 | registry name | op | causal | decoding |
 |---|---|---|---|
-| 'linear'     | `linear_attention` (feature_map)                  | option  | yes (causal) |
-| 'lightning'  | `lightning_attention` (per-head decay)            | always  | yes |
-| 'retention'  | `decayed_linear_attention` (decay, optional gate) | always  | yes |
-| 'efficient'  | `efficient_attention`                             | no      | no |
-| 'focused'    | `focused_linear_attention` (optional DWC)         | option  | yes (causal, no DWC) |
-| 'inline'     | `inline_attention`                                | option  | yes (causal) |
-| 'flow'       | `flow_attention`                                  | option  | yes (causal) |
+| 'linear'    | `linear_attention` (feature_map)                  | option  | yes (causal) |
+| 'lightning' | `lightning_attention` (per-head decay)            | always  | yes |
+| 'retention' | `decayed_linear_attention` (decay, optional gate) | always  | yes |
+| 'efficient' | `efficient_attention`                             | no      | no |
+| 'focused'   | `focused_linear_attention` (optional DWC)         | option  | yes (causal, no DWC) |
+| 'inline'    | `inline_attention`                                | option  | yes (causal) |
+| 'flow'      | `flow_attention`                                  | option  | yes (causal) |
 
 Decoding: `init_cache(batch, max_len)` returns `{'state': <op state>, 'index': int32}`
 (the op's recurrent state: constant size, `max_len` is only checked), and
@@ -105,10 +105,12 @@ class LinearConfig:
 
 
 def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads: int | None = None,
-                  head_dim: int | None = None, v_head_dim: int | None = None, causal: bool | None = None,
+                  head_dim: int | None = None, v_head_dim: int | None = None,
+                  causal: bool | None = None,
                   feature_map: str | None = None, decay: Any = None, learnable_decay: bool = False,
                   gate: bool = False, focusing_factor: float = 3.0, dwc_size: int | None = None,
-                  out_norm: bool | None = None, chunk_size: int = 64, implementation: str | None = None,
+                  out_norm: bool | None = None, chunk_size: int = 64,
+                  implementation: str | None = None,
                   eps: float = L.DEFAULT_EPS, rope: str | None = None, rope_base: float = 10000.0,
                   use_bias: bool = False, dropout_rate: float = 0.0, dtype: Any = None,
                   param_dtype: Any = jnp.float32) -> tuple[LinearConfig, dict]:
@@ -139,14 +141,19 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
     raise ValueError(f"gate=True is an option of 'retention' only, got it for {m!r}")
   if dwc_size is not None:
     if m != "focused":
-      raise ValueError(f"dwc_size is an option of 'focused' only, got dwc_size={dwc_size!r} for {m!r}")
+      raise ValueError(f"dwc_size is an option of 'focused' only, got dwc_size={dwc_size!r} for "
+                       f"{m!r}")
     if isinstance(dwc_size, bool) or not isinstance(dwc_size, int) or dwc_size < 1:
-      raise ValueError(f"dwc_size must be a positive int (odd unless causal), got dwc_size={dwc_size!r}")
+      raise ValueError("dwc_size must be a positive int (odd unless causal), got "
+                       f"dwc_size={dwc_size!r}")
     if not causal and dwc_size % 2 == 0:
-      raise ValueError(f"dwc_size must be odd for a non-causal (SAME) conv, got dwc_size={dwc_size}")
-  if m == "focused" and (isinstance(focusing_factor, bool) or not isinstance(focusing_factor, (int, float))
+      raise ValueError("dwc_size must be odd for a non-causal (SAME) conv, got "
+                       f"dwc_size={dwc_size}")
+  if m == "focused" and (isinstance(focusing_factor, bool)
+                         or not isinstance(focusing_factor, (int, float))
                          or not focusing_factor >= 1):
-    raise ValueError(f"focusing_factor must be a number >= 1, got focusing_factor={focusing_factor!r}")
+    raise ValueError("focusing_factor must be a number >= 1, got "
+                     f"focusing_factor={focusing_factor!r}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
   if rope not in (None, "1d"):
@@ -169,7 +176,8 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
       if dec.shape != (N,) or not np.all((dec > 0) & (dec <= 1)):
         raise ValueError(f"decay must be a float or {N} floats in (0, 1], got decay={decay!r}")
       if learnable_decay and np.any(dec >= 1):
-        raise ValueError(f"learnable_decay needs decay < 1 (it is exp(-softplus(p))), got decay={decay!r}")
+        raise ValueError("learnable_decay needs decay < 1 (it is exp(-softplus(p))), got "
+                         f"decay={decay!r}")
       dec = dec.astype(np.float32)
     fixed_decay = None if learnable_decay else tuple(float(d) for d in dec)
 
@@ -177,8 +185,8 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
            if k.split("_")[0] in ("q", "k", "v", "o") and k.split("_")[1] in ("kernel", "bias")}
   Hv = cfg.v_head_dim
   if m in _ALWAYS_CAUSAL and learnable_decay:
-    specs["decay_param"] = ParamSpec((N,), _const_init(_inv_softplus(-np.log(dec.astype(np.float64)))),
-                                     ("heads",))
+    specs["decay_param"] = ParamSpec(
+        (N,), _const_init(_inv_softplus(-np.log(dec.astype(np.float64)))), ("heads",))
   if gate:
     specs["gate_kernel"] = ParamSpec((cfg.d_model, N), _core._dense_init(0, 1), ("embed", "heads"))  # pylint: disable=protected-access
     # bias so that sigmoid(.) starts near 1 (little extra decay).
@@ -191,8 +199,9 @@ def linear_config(d_model: int, num_heads: int, *, mechanism: str, num_kv_heads:
     specs["dwc_bias"] = ParamSpec((Hv,), _zeros_init, ("head_dim",))
   lc = LinearConfig(cfg=cfg, mechanism=m, causal=causal, feature_map=feature_map,
                     fixed_decay=fixed_decay, learnable_decay=bool(learnable_decay), gate=bool(gate),
-                    out_norm=bool(out_norm), focusing_factor=float(focusing_factor), dwc_size=dwc_size,
-                    chunk_size=chunk_size, implementation=implementation, eps=eps)
+                    out_norm=bool(out_norm), focusing_factor=float(focusing_factor),
+                    dwc_size=dwc_size, chunk_size=chunk_size, implementation=implementation,
+                    eps=eps)
   return lc, specs
 
 
@@ -237,7 +246,8 @@ def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, stat
   st = dict(state=state, return_state=return_state) if lc.causal else {}
   if m == "linear":
     return L.linear_attention(q, k, v, feature_map=lc.feature_map, causal=lc.causal, form=form,
-                              chunk_size=lc.chunk_size, eps=lc.eps, implementation=lc.implementation, **st)
+                              chunk_size=lc.chunk_size, eps=lc.eps,
+                              implementation=lc.implementation, **st)
   if m == "lightning":
     return L.lightning_attention(q, k, v, decay=decays(lc, p), form=form, chunk_size=lc.chunk_size,
                                  implementation=lc.implementation, **st)
@@ -247,13 +257,14 @@ def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, stat
       g = jnp.einsum("btd,dn->btn", x.astype(jnp.float32), p["gate_kernel"].astype(jnp.float32))
       log_decay = jax.nn.log_sigmoid(g + p["gate_bias"].astype(jnp.float32)) / _GATE_TEMPERATURE
     return L.decayed_linear_attention(q, k, v, decay=decays(lc, p), log_decay=log_decay,
-                                      feature_map=lc.feature_map, form=form, chunk_size=lc.chunk_size,
-                                      eps=lc.eps, implementation=lc.implementation, **st)
+                                      feature_map=lc.feature_map, form=form,
+                                      chunk_size=lc.chunk_size, eps=lc.eps,
+                                      implementation=lc.implementation, **st)
   if m == "efficient":
     return L.efficient_attention(q, k, v)
   if m == "flow":
-    return L.flow_attention(q, k, v, causal=lc.causal, form=form, chunk_size=lc.chunk_size, eps=lc.eps,
-                            **st)
+    return L.flow_attention(q, k, v, causal=lc.causal, form=form, chunk_size=lc.chunk_size,
+                            eps=lc.eps, **st)
   if m == "inline":
     return L.inline_attention(q, k, v, feature_map=lc.feature_map, causal=lc.causal, form=form,
                               chunk_size=lc.chunk_size, implementation=lc.implementation, **st)
@@ -274,11 +285,13 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
   """The layer's forward pass on a parameter dict (see `LinearAttention`); `dropout` is
   None or a function applied to the output."""
   if segment_ids is not None:
-    raise ValueError(f"segment_ids are not supported by the linear-attention layer {lc.mechanism!r} "
-                     f"(its state mixes all earlier tokens); expected segment_ids=None")
+    raise ValueError("segment_ids are not supported by the linear-attention layer "
+                     f"{lc.mechanism!r} (its state mixes all earlier tokens); expected "
+                     "segment_ids=None")
   cfg, p = lc.cfg, params
   if x.ndim < 3 or x.shape[-1] != cfg.d_model:
-    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}] or [B, *grid, d_model], got shape {x.shape}")
+    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}] or [B, *grid, d_model], got shape "
+                     f"{x.shape}")
   grid = tuple(x.shape[1:-1])
   B, T = x.shape[0], math.prod(grid)
   x_BTD = x.reshape(B, T, cfg.d_model)
@@ -300,7 +313,8 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
     if not lc.causal:
       raise ValueError(f"variant {lc.mechanism!r} (causal=False) cannot decode with a cache")
     if not isinstance(cache, dict) or set(cache) != {"state", "index"}:
-      raise TypeError(f"cache must be the dict from init_cache ({{'state', 'index'}}), got {type(cache).__name__}")
+      raise TypeError(f"cache must be the dict from init_cache ({{'state', 'index'}}), got "
+                      f"{type(cache).__name__}")
     if len(grid) != 1:
       raise ValueError(f"decoding with a cache needs [B, T, D] inputs, got grid {grid}")
     offset = cache["index"]
@@ -411,7 +425,8 @@ class LinearAttention(nnx.Module):
     return apply_op(self.lc, self.params_dict(), q, k, v, x=x, grid=grid, state=state,
                     return_state=return_state, form=form)
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     dropout = None
     if self.cfg.dropout_rate > 0 and not deterministic:
       dropout = lambda y: self.dropout(y, deterministic=False)

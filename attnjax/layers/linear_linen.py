@@ -71,10 +71,11 @@ class LinearAttention(nn.Module):
     return _lin.init_state(self._config()[0], batch, max_len)
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     lc, specs = self._config()
-    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names), spec.shape,
-                               lc.cfg.param_dtype)
+    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names),
+                               spec.shape, lc.cfg.param_dtype)
               for name, spec in specs.items()}
     dropout = None
     if lc.cfg.dropout_rate > 0 and not deterministic:

@@ -113,7 +113,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     if self.activation not in common.ACTIVATIONS:
-      raise ValueError(f"activation must be one of {sorted(common.ACTIVATIONS)}, got {self.activation!r}")
+      raise ValueError(f"activation must be one of {sorted(common.ACTIVATIONS)}, got "
+                       f"{self.activation!r}")
     params = {n: _param(self, n, s, self.param_dtype)
               for n, s in common.mlp_specs(self.d_model, self.mlp_dim, self.gated).items()}
     dropout = None
@@ -136,7 +137,8 @@ class PoolingAttention(nn.Module):
   options: tuple = ()  # extra MultiHeadAttention options as (name, value) pairs
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     if positions is not None or cache is not None:
       raise ValueError("PoolingAttention takes no positions and no cache")
     if x.ndim != 3:

@@ -49,12 +49,14 @@ class PoolingAttention(nnx.Module):
       raise ValueError("PoolingAttention takes neither causal=True nor rope (sets have no order)")
     options.pop("causal", None)
     self.num_seeds = num_seeds
-    self.seeds = make_param(rngs, ParamSpec((num_seeds, d_model), SEED_INIT, (None, "embed")), param_dtype)
+    self.seeds = make_param(rngs, ParamSpec((num_seeds, d_model), SEED_INIT, (None, "embed")),
+                            param_dtype)
     self.attention = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads,
                                         head_dim=head_dim, param_dtype=param_dtype, rngs=rngs,
                                         **options)
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     if positions is not None or cache is not None:
       raise ValueError("PoolingAttention takes no positions and no cache")
     if x.ndim != 3:

@@ -11,17 +11,21 @@ Options a preset does not consume (qk_norm, rope, implementation, dropout_rate, 
 | mha             | dense softmax attention ("Attention Is All You Need"), `causal=` option   |
 | sliding_window  | local band `i - window <= j <= i + right` ("Longformer"; Mistral)          |
 | chunked         | block-diagonal chunks, chunk-causal with `causal=True` (Llama 4 style)     |
-| prefix_lm       | bidirectional prefix + causal rest ("Exploring the Limits of Transfer Learning ... (T5)") |
+| prefix_lm       | bidirectional prefix + causal rest ("Exploring the Limits of Transfer      |
+|                 | Learning ... (T5)")                                                        |
 | dual_triangle   | half the heads past+self, half future+self ("Dual Triangle Attention")    |
-| neighborhood    | NATTEN neighborhoods, 1D/2D, dilation ("Neighborhood Attention Transformer"; "Faster Neighborhood Attention") |
+| neighborhood    | NATTEN neighborhoods, 1D/2D, dilation ("Neighborhood Attention             |
+|                 | Transformer"; "Faster Neighborhood Attention")                             |
 | swin            | (shifted) windows + relative position bias ("Swin Transformer")           |
 | grid            | MaxViT grid attention ("MaxViT: Multi-Axis Vision Transformer")           |
 | axial           | row / column attention ("Axial Attention in Multidimensional Transformers") |
 | criss_cross     | same row or column ("CCNet: Criss-Cross Attention for Semantic Segmentation") |
 | alibi           | linear distance biases ("Train Short, Test Long ... (ALiBi)")             |
 | softcap         | `c tanh(s / c)` logit capping (Gemma 2)                                   |
-| sinks           | learnable per-head sink logits ("Efficient Streaming Language Models with Attention Sinks"; gpt-oss) |
-| relpos          | learned clipped relative-position bias ("Self-Attention with Relative Position Representations") |
+| sinks           | learnable per-head sink logits ("Efficient Streaming Language Models with  |
+|                 | Attention Sinks"; gpt-oss)                                                 |
+| relpos          | learned clipped relative-position bias ("Self-Attention with Relative      |
+|                 | Position Representations")                                                 |
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def neighborhood(*, kernel, dilation=1, causal=False, relpos=False, ndim=None, *
     k = k or (kernel,) * nd
     d = d or (dilation,) * nd
     options["relpos_max_distance"] = tuple((ki - 1) * di for ki, di in zip(k, d))
-  return dict(mask=MaskSpec("neighborhood", kernel=kernel, dilation=dilation, causal=causal), **options)
+  return dict(mask=MaskSpec("neighborhood", kernel=kernel, dilation=dilation, causal=causal),
+              **options)
 
 
 def swin(*, window, shift=0, relpos=True, ndim=2, causal=False, **options):

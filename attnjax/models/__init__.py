@@ -21,18 +21,20 @@ from attnjax.models.lm import DecoderLM, generate, sample_logits
 from attnjax.models.set_transformer import SetTransformer
 from attnjax.models.vit import HierarchicalViT, ViT, patchify
 
-__all__ = ["build_model", "default_config", "KINDS", "DecoderLM", "Encoder", "ViT", "HierarchicalViT",
-           "SetTransformer", "generate", "sample_logits", "TransformerBlock", "BlockStack",
-           "attention_specs", "REMAT_POLICIES", "patchify"]
+__all__ = ["build_model", "default_config", "KINDS", "DecoderLM", "Encoder", "ViT",
+           "HierarchicalViT", "SetTransformer", "generate", "sample_logits", "TransformerBlock",
+           "BlockStack", "attention_specs", "REMAT_POLICIES", "patchify"]
 
-KINDS = {"lm": DecoderLM, "encoder": Encoder, "vit": ViT, "hvit": HierarchicalViT, "set": SetTransformer}
+KINDS = {"lm": DecoderLM, "encoder": Encoder, "vit": ViT, "hvit": HierarchicalViT,
+         "set": SetTransformer}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
   """Builds the model `model_cfg.kind` ('lm' | 'encoder' | 'vit' | 'hvit' | 'set')."""
   if not isinstance(rngs, nnx.Rngs):
     raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
-  kind = model_cfg.get("kind", None) if isinstance(model_cfg, dict) else getattr(model_cfg, "kind", None)
+  kind = (model_cfg.get("kind", None) if isinstance(model_cfg, dict)
+          else getattr(model_cfg, "kind", None))
   if kind not in KINDS:
     raise ValueError(f"model_cfg.kind must be one of {sorted(KINDS)}, got kind={kind!r}")
   return KINDS[kind](model_cfg, rngs=rngs)

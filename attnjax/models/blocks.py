@@ -41,7 +41,8 @@ def _to_dict(spec) -> dict:
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
   if not isinstance(spec, Mapping):
-    raise TypeError(f"an attention spec must be a mapping with 'name' and options, got {type(spec).__name__}")
+    raise TypeError("an attention spec must be a mapping with 'name' and options, got "
+                    f"{type(spec).__name__}")
   out = {}
   for k, v in spec.items():
     out[k] = tuple(v) if isinstance(v, list) else v
@@ -58,10 +59,12 @@ def attention_specs(attention, layers_attention, num_layers: int) -> list[dict]:
     return [dict(base) for _ in range(num_layers)]
   layers_attention = list(layers_attention)
   if len(layers_attention) != num_layers:
-    raise ValueError(f"layers_attention must have num_layers={num_layers} entries, got {len(layers_attention)}")
+    raise ValueError(f"layers_attention must have num_layers={num_layers} entries, got "
+                     f"{len(layers_attention)}")
   out = []
   for spec in layers_attention:
-    merged = dict(base) if "name" not in _to_dict(spec) or _to_dict(spec)["name"] == base["name"] else {}
+    same_name = "name" not in _to_dict(spec) or _to_dict(spec)["name"] == base["name"]
+    merged = dict(base) if same_name else {}
     merged.update(_to_dict(spec))
     merged.setdefault("name", base["name"])
     out.append(merged)
@@ -85,14 +88,16 @@ class TransformerBlock(nnx.Module):
   `x [B, T, D]` or `[B, Hh, Ww, D]` -> same shape; with `cache=` returns `(x, cache)`.
   """
 
-  def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None,
-               mlp_dim: int, attention: Mapping, dropout_rate: float = 0.0, dtype=None,
-               mlp_activation: str = "silu", gated_mlp: bool = True, rngs: nnx.Rngs):
+  def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int | None,
+               head_dim: int | None, mlp_dim: int, attention: Mapping,
+               dropout_rate: float = 0.0, dtype=None, mlp_activation: str = "silu",
+               gated_mlp: bool = True, rngs: nnx.Rngs):
     spec = dict(attention)
     name = spec.pop("name")
     entry = variants.info(name)
     if entry.kind == "pooling":
-      raise ValueError(f"attention variant {name!r} is a pooling layer; it cannot be a block's attention")
+      raise ValueError(f"attention variant {name!r} is a pooling layer; it cannot be a block's "
+                       "attention")
     if dtype is not None:
       spec.setdefault("dtype", dtype)
     self.attention_name = name
@@ -100,12 +105,14 @@ class TransformerBlock(nnx.Module):
     self.attn = entry.factory(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                               head_dim=head_dim, rngs=rngs, **spec)
     self.mlp_norm = RMSNorm(d_model, rngs=rngs)
-    self.mlp = MLP(d_model, mlp_dim, activation=mlp_activation, gated=gated_mlp, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(d_model, mlp_dim, activation=mlp_activation, gated=gated_mlp, dtype=dtype,
+                   rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
     if not hasattr(self.attn, "init_cache"):
-      raise ValueError(f"attention variant {self.attention_name!r} does not support decoding (no init_cache)")
+      raise ValueError(f"attention variant {self.attention_name!r} does not support decoding (no "
+                       "init_cache)")
     try:
       accepts_dtype = "dtype" in inspect.signature(self.attn.init_cache).parameters
     except (TypeError, ValueError):
@@ -114,14 +121,17 @@ class TransformerBlock(nnx.Module):
       return self.attn.init_cache(batch, max_len, dtype=dtype)
     return self.attn.init_cache(batch, max_len)  # the registry convention: (batch, max_len)
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     h = self.attn(self.attn_norm(x), deterministic=deterministic,
                   **_call_kwargs(segment_ids, positions, cache))
     if cache is not None:
       h, cache = h
     x = x + self.dropout(h, deterministic=deterministic)
-    x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic=deterministic), deterministic=deterministic)
-    names = ("batch", "length", "embed") if x.ndim == 3 else ("batch",) + (None,) * (x.ndim - 2) + ("embed",)
+    x = x + self.dropout(self.mlp(self.mlp_norm(x), deterministic=deterministic),
+                         deterministic=deterministic)
+    names = (("batch", "length", "embed") if x.ndim == 3
+             else ("batch",) + (None,) * (x.ndim - 2) + ("embed",))
     x = constrain(x, names)
     return x if cache is None else (x, cache)
 
@@ -143,11 +153,12 @@ class BlockStack(nnx.Module):
     if not isinstance(num_layers, int) or num_layers <= 0:
       raise ValueError(f"num_layers must be a positive int, got num_layers={num_layers!r}")
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got remat_policy={remat_policy!r}")
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got "
+                       f"remat_policy={remat_policy!r}")
     if scan_layers and not same_structure:
       raise ValueError("scan_layers=True needs every layer to use the same attention spec, but the "
-                       "layers differ (layers_attention interleaves variants, or hvit alternates Swin "
-                       "shifts); set scan_layers=False")
+                       "layers differ (layers_attention interleaves variants, or hvit alternates "
+                       "Swin shifts); set scan_layers=False")
     self.num_layers = num_layers
     self.scan_layers = bool(scan_layers)
     self.remat_policy = remat_policy
@@ -188,16 +199,19 @@ class BlockStack(nnx.Module):
       f = jax.checkpoint(f, policy=REMAT_POLICIES[self.remat_policy])
     return f
 
-  def __call__(self, x, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     decoding = cache is not None
     if not self.scan_layers:
       if decoding and len(cache) != self.num_layers:
-        raise ValueError(f"cache must hold num_layers={self.num_layers} layer caches, got {len(cache)}")
+        raise ValueError(f"cache must hold num_layers={self.num_layers} layer caches, got "
+                         f"{len(cache)}")
       caches = cache if decoding else [None] * self.num_layers
       new = []
       for layer, c in zip(self.layers, caches):
         if self.remat_policy == "none" or decoding:
-          out = layer(x, segment_ids=segment_ids, positions=positions, cache=c, deterministic=deterministic)
+          out = layer(x, segment_ids=segment_ids, positions=positions, cache=c,
+                      deterministic=deterministic)
           x, c = out if decoding else (out, None)
         else:
           graphdef, state = nnx.split(layer)

@@ -39,7 +39,8 @@ def choice(cfg, name, options, default=_MISSING):
 def dtype_of(cfg):
   name = get(cfg, "dtype", "float32")
   if name not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"model config field dtype must be 'float32', 'bfloat16' or 'float16', got dtype={name!r}")
+    raise ValueError("model config field dtype must be 'float32', 'bfloat16' or 'float16', got "
+                     f"dtype={name!r}")
   return jnp.dtype(name)
 
 
@@ -50,7 +51,8 @@ def heads_of(cfg):
   head_dim = get(cfg, "head_dim", None)
   if head_dim is None:
     if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or set head_dim)")
+      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or set "
+                       "head_dim)")
     head_dim = d_model // num_heads
   return d_model, num_heads, num_kv_heads, head_dim
 
@@ -71,7 +73,8 @@ def build_stack(cfg, *, num_layers, d_model, num_heads, num_kv_heads, head_dim, 
   them; `per_layer(i, spec) -> spec` can edit the spec of layer i (e.g. Swin shifts).
   """
   attention = get(cfg, "attention", None) if attention is None else attention
-  layers_attention = get(cfg, "layers_attention", None) if layers_attention is None else layers_attention
+  if layers_attention is None:
+    layers_attention = get(cfg, "layers_attention", None)
   specs = attention_specs(attention, layers_attention, num_layers)
   for i, spec in enumerate(specs):
     for k, v in defaults.items():
@@ -86,8 +89,9 @@ def build_stack(cfg, *, num_layers, d_model, num_heads, num_kv_heads, head_dim, 
 
   def make_block(r, i):
     return TransformerBlock(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                            head_dim=head_dim, mlp_dim=mlp_dim, attention=specs[i], dropout_rate=drop,
-                            dtype=dtype, mlp_activation=mlp_activation, gated_mlp=gated_mlp, rngs=r)
+                            head_dim=head_dim, mlp_dim=mlp_dim, attention=specs[i],
+                            dropout_rate=drop, dtype=dtype, mlp_activation=mlp_activation,
+                            gated_mlp=gated_mlp, rngs=r)
 
   return BlockStack(make_block, num_layers, scan_layers=scan, remat_policy=remat,
                     same_structure=same, rngs=rngs)

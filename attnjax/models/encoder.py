@@ -53,7 +53,8 @@ class Encoder(nnx.Module):
     self.pos_embed = (C.learned_table(rngs, (table_len, d_model), (None, "embed"),
                                       jax.nn.initializers.normal(0.02))
                       if self.pe == "learned" else None)
-    self.cls = (C.learned_table(rngs, (1, d_model), (None, "embed"), jax.nn.initializers.normal(0.02))
+    self.cls = (C.learned_table(rngs, (1, d_model), (None, "embed"),
+                                jax.nn.initializers.normal(0.02))
                 if self.use_cls else None)
     self.blocks = C.build_stack(cfg, num_layers=C.positive(cfg, "num_layers"), d_model=d_model,
                                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

@@ -60,7 +60,8 @@ class DecoderLM(nnx.Module):
     """Per-layer decoding caches for `batch` sequences of up to `max_len` tokens."""
     return self.blocks.init_cache(batch, max_len, self.dtype)
 
-  def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None,
+               deterministic: bool = True):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     x = self.embed(tokens).astype(self.dtype)
@@ -90,7 +91,8 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int | None):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature",
+                                             "top_k"))
 def _generate(graphdef, state, prompt, rng, *, max_new_tokens, max_len, temperature, top_k):
   model = nnx.merge(graphdef, state)
   B, P = prompt.shape
@@ -134,14 +136,16 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float =
     raise TypeError(f"model must be an attnjax DecoderLM, got {type(model).__name__}")
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be a non-empty int array [B, P], got shape {prompt.shape}, dtype {prompt.dtype}")
+    raise ValueError(f"prompt must be a non-empty int array [B, P], got shape {prompt.shape}, "
+                     f"dtype {prompt.dtype}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   temperature = float(temperature)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got temperature={temperature}")
   if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= model.vocab_size):
-    raise ValueError(f"top_k must be None or an int in [1, vocab_size={model.vocab_size}], got top_k={top_k!r}")
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={model.vocab_size}], got "
+                     f"top_k={top_k!r}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
   total = prompt.shape[1] + max_new_tokens

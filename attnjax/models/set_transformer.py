@@ -39,7 +39,8 @@ class SetTransformer(nnx.Module):
     pname = pooling.pop("name", "pma")
     entry = variants.info(pname)
     if entry.kind != "pooling":
-      raise ValueError(f"pooling must name a 'pooling' variant, got {pname!r} of kind {entry.kind!r}")
+      raise ValueError(f"pooling must name a 'pooling' variant, got {pname!r} of kind "
+                       f"{entry.kind!r}")
     self.embed = Dense(self.input_dim, d_model, names=(None, "embed"), rngs=rngs)
     self.blocks = C.build_stack(cfg, num_layers=C.positive(cfg, "num_layers"), d_model=d_model,
                                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -63,7 +64,8 @@ class SetTransformer(nnx.Module):
     kw = {} if segment_ids is None else {"segment_ids": segment_ids}
     s = self.pool(self.pool_norm(h), deterministic=deterministic, **kw)
     if s.shape[1] != self.num_seeds:
-      raise ValueError(f"pooling layer returned {s.shape[1]} outputs, expected num_seeds={self.num_seeds}")
+      raise ValueError(f"pooling layer returned {s.shape[1]} outputs, expected "
+                       f"num_seeds={self.num_seeds}")
     s = s + self.mlp(self.mlp_norm(s), deterministic=deterministic)
     s = self.final_norm(s)
     return self.head(s.reshape(s.shape[0], -1)).astype(jnp.float32)

@@ -52,7 +52,8 @@ def _image_config(cfg):
 
 def _check_images(images, image_size, channels):
   if images.ndim != 4 or tuple(images.shape[1:3]) != image_size or images.shape[3] != channels:
-    raise ValueError(f"images must be [B, {image_size[0]}, {image_size[1]}, {channels}], got shape {images.shape}")
+    raise ValueError(f"images must be [B, {image_size[0]}, {image_size[1]}, {channels}], got shape "
+                     f"{images.shape}")
 
 
 class ViT(nnx.Module):
@@ -111,7 +112,8 @@ class PatchMerging(nnx.Module):
     B, h, w, c = x.shape
     if h % 2 or w % 2:
       raise ValueError(f"patch merging needs an even grid, got {h}x{w}")
-    x = x.reshape(B, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(B, h // 2, w // 2, 4 * c)
+    x = x.reshape(B, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(B, h // 2, w // 2, 4 * c)
     return self.proj(self.norm(x))
 
 
@@ -132,17 +134,21 @@ class HierarchicalViT(nnx.Module):
     self.dtype = C.dtype_of(cfg)
     num_layers = C.positive(cfg, "num_layers")
     depths = C.get(cfg, "stage_depths", None)
-    depths = tuple(depths) if depths is not None else (num_layers // 2, num_layers - num_layers // 2)
+    depths = (tuple(depths) if depths is not None
+              else (num_layers // 2, num_layers - num_layers // 2))
     if not depths or any(not isinstance(d, int) or d <= 0 for d in depths):
       raise ValueError(f"stage_depths must be positive ints, got {depths!r}")
     heads = C.get(cfg, "stage_heads", None)
-    heads = tuple(heads) if heads is not None else tuple(num_heads * 2 ** i for i in range(len(depths)))
+    heads = (tuple(heads) if heads is not None
+             else tuple(num_heads * 2 ** i for i in range(len(depths))))
     if len(heads) != len(depths):
-      raise ValueError(f"stage_heads must have len(stage_depths)={len(depths)} entries, got {heads}")
+      raise ValueError(f"stage_heads must have len(stage_depths)={len(depths)} entries, got "
+                       f"{heads}")
     mlp_ratio = C.positive(cfg, "mlp_dim") / d_model
     grid = (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
     if grid[0] % 2 ** (len(depths) - 1) or grid[1] % 2 ** (len(depths) - 1):
-      raise ValueError(f"the patch grid {grid} must be divisible by 2^(stages-1)={2 ** (len(depths) - 1)}")
+      raise ValueError(f"the patch grid {grid} must be divisible by "
+                       f"2^(stages-1)={2 ** (len(depths) - 1)}")
     self.pe, rope = C.rope_option(cfg, "axial", ("rope", "none"))
     defaults = {} if rope is None else {"rope": rope}
     layers_attention = C.get(cfg, "layers_attention", None)

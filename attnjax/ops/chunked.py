@@ -439,8 +439,10 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
 
   seg = None
   if has_seg:  # padded so tile slices never clamp at the ragged end
-    seg = (jnp.pad(jnp.asarray(a.q_segment_ids, jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1),
-           jnp.pad(jnp.asarray(a.kv_segment_ids, jnp.int32), ((0, 0), (0, Sp - S)), constant_values=-2))
+    seg = (jnp.pad(jnp.asarray(a.q_segment_ids, jnp.int32), ((0, 0), (0, Tp - T)),
+                   constant_values=-1),
+           jnp.pad(jnp.asarray(a.kv_segment_ids, jnp.int32), ((0, 0), (0, Sp - S)),
+                   constant_values=-2))
   sched = tuple(jnp.asarray(x) for x in (klist, count, partial))
   out_b, lse_b = core(q, k, v, a.bias, a.sinks, seg, list(mk_consts), list(sm_consts), sched)
   out = from_qblocks(out_b)

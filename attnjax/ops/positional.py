@@ -96,11 +96,13 @@ def rope_angles_axial(positions: jax.Array, head_dim: int, *, base: float = 1000
     float32 `[..., H/2]`.
   """
   if positions.ndim < 1:
-    raise ValueError(f"positions must have a trailing coordinate axis [..., D], got shape {positions.shape}")
+    raise ValueError("positions must have a trailing coordinate axis [..., D], got shape "
+                     f"{positions.shape}")
   ndim = positions.shape[-1]
   if ndim < 1 or head_dim % (2 * ndim):
     raise ValueError(
-      f"head_dim must be a multiple of 2*D={2 * ndim} for axial RoPE over D={ndim} axes, got head_dim={head_dim}"
+      f"head_dim must be a multiple of 2*D={2 * ndim} for axial RoPE over D={ndim} axes, got "
+      f"head_dim={head_dim}"
     )
   per_axis = head_dim // ndim
   inv = rope_frequencies(per_axis, base=base)  # [H/(2D)]
@@ -200,7 +202,8 @@ def apply_rope_axial(x: jax.Array, positions: jax.Array, *, base: float = 10000.
   if positions.ndim == 2:
     positions = positions[None]
   if positions.ndim != 3 or positions.shape[1] != x.shape[1]:
-    raise ValueError(f"positions must be [B, T={x.shape[1]}, D] or [T, D], got shape {positions.shape}")
+    raise ValueError(f"positions must be [B, T={x.shape[1]}, D] or [T, D], got shape "
+                     f"{positions.shape}")
   return apply_rotary(x, rope_angles_axial(positions, x.shape[-1], base=base))
 
 
@@ -214,7 +217,8 @@ def grid_coordinates(shape: Sequence[int]) -> np.ndarray:
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, *, base: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding (Vaswani et al., 2017): `[sin(p w_i), cos(p w_i)]`, `w_i = base^(-2i/dim)`.
+  """Sinusoidal embedding (Vaswani et al., 2017): `[sin(p w_i), cos(p w_i)]`,
+  `w_i = base^(-2i/dim)`.
 
   Args:
     positions: `[...]` positions.
@@ -236,7 +240,8 @@ def sinusoidal_embedding_nd(shape: Sequence[int], dim: int, *, base: float = 100
   ndim = coords.shape[-1]
   if dim % (2 * ndim):
     raise ValueError(f"dim must be a multiple of 2*len(shape)={2 * ndim}, got dim={dim}")
-  parts = [sinusoidal_embedding(jnp.asarray(coords[:, d]), dim // ndim, base=base) for d in range(ndim)]
+  parts = [sinusoidal_embedding(jnp.asarray(coords[:, d]), dim // ndim, base=base)
+           for d in range(ndim)]
   return jnp.concatenate(parts, axis=-1)
 
 
@@ -297,7 +302,8 @@ def relative_position_index(q_coords, k_coords, max_distance, *, step=1) -> jax.
   k_coords = jnp.asarray(k_coords)
   ndim = q_coords.shape[-1]
   if k_coords.shape[-1] != ndim:
-    raise ValueError(f"q_coords and k_coords must have the same D, got {q_coords.shape} and {k_coords.shape}")
+    raise ValueError(f"q_coords and k_coords must have the same D, got {q_coords.shape} and "
+                     f"{k_coords.shape}")
   md = _as_tuple(max_distance, ndim, "max_distance")
   st = _as_tuple(step, ndim, "step")
   if any(s <= 0 for s in st):

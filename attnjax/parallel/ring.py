@@ -218,7 +218,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                      f'(self-attention); got k {k.shape}, v {v.shape}.')
   kh = k.shape[2]
   if n % kh:
-    raise ValueError(f'ring_attention: num query heads N={n} must be a multiple of kv heads K={kh}.')
+    raise ValueError(f'ring_attention: num query heads N={n} must be a multiple of kv heads '
+                     f'K={kh}.')
   if layout not in LAYOUTS:
     raise ValueError(f'ring_attention: layout must be one of {LAYOUTS}; got {layout!r}.')
   if (q_segment_ids is None) != (kv_segment_ids is None):

@@ -45,7 +45,8 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     opt = optax.adamw(schedule, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.98),
                       eps=cfg.get('eps', 1e-8), weight_decay=wd)
   elif name == 'adam':
-    opt = optax.adam(schedule, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.98), eps=cfg.get('eps', 1e-8))
+    opt = optax.adam(schedule, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.98),
+                     eps=cfg.get('eps', 1e-8))
   elif name == 'lion':
     opt = optax.lion(schedule, weight_decay=wd)
   else:

@@ -113,7 +113,8 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
     names += [a.get('name', None) for a in layers]
     for i, n in enumerate(names):
       if n not in variants.names():
-        key = 'config.model.attention.name' if i == 0 else f'config.model.layers_attention[{i-1}].name'
+        key = ('config.model.attention.name' if i == 0
+               else f'config.model.layers_attention[{i-1}].name')
         raise ValueError(f'{key}={n!r} is not a registered attention variant; known: '
                          f'{variants.names()}.')
   _resolve(factory)
@@ -121,9 +122,9 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
   shape = parallel.mesh_shape(config.get('mesh', None), num_devices)
   data_par = shape[0] * shape[1]
   if config.batch_size % data_par:
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the data-parallel '
-                     f'size config.mesh.data * config.mesh.fsdp = {shape[0]} * {shape[1]} = '
-                     f'{data_par}.')
+    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
+                     f'data-parallel size config.mesh.data * config.mesh.fsdp = {shape[0]} * '
+                     f'{shape[1]} = {data_par}.')
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the number of '
                      f'processes ({jax.process_count()}).')

@@ -44,8 +44,9 @@ forward and backward. Without any decay the forms take an undecayed fast path (m
 products and plain state sums, no ``exp``). In the chunked form, sequences longer than
 ``block_len`` (default 2048) are processed block by block: a ``lax.scan`` over blocks carries
 the state and each block is rematerialised in the backward pass, which bounds the working
-set (the time then scales linearly on CPU; see ``docs/linear.md``). Non-causal mechanisms accept ``form='chunked'`` (the linear-cost
-``phi(Q) (phi(K)^T V)`` path) and ``form='quadratic'``.
+set (the time then scales linearly on CPU; see ``docs/linear.md``). Non-causal mechanisms
+accept ``form='chunked'`` (the linear-cost ``phi(Q) (phi(K)^T V)`` path) and
+``form='quadratic'``.
 
 Numerics: logits, decays and states are float32 whatever the input dtype; decays are
 handled in log space (``exp`` of differences of cumulative log-decays, every exponent

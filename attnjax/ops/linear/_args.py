@@ -96,7 +96,8 @@ def _check_form(form, causal: bool):
 
 
 def _check_chunk_size(chunk_size):
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
   return int(chunk_size)
 

@@ -74,7 +74,7 @@ def _flow_state(state, B, N, K, H, Hv):
 def _flow_causal(q, k, v, state, *, form, chunk_size, eps, clamp):
   """Causal Flow-Attention on BTNH inputs; see :func:`flow_attention` for the formula."""
   B, T, N, H = q.shape
-  K, Hv = k.shape[2], v.shape[-1]
+  K = k.shape[2]
   G = N // K
   ksum0, qsum0, kosum0, qisum0, esum0, kv0, n0 = state
   Q = jax.nn.sigmoid(q.astype(_F32)).reshape(B, T, K, G, H)

@@ -55,7 +55,8 @@ def depthwise_conv(v, kernel, *, bias=None, spatial_shape=None, causal: bool = F
   kernel = jnp.asarray(kernel)
   nd = 1 if spatial_shape is None else len(spatial_shape)
   if kernel.ndim != nd + 1 or kernel.shape[-1] != Hv:
-    raise ValueError(f'dwc_kernel must have shape [*window ({nd} dims), Hv={Hv}], got {kernel.shape}')
+    raise ValueError(f'dwc_kernel must have shape [*window ({nd} dims), Hv={Hv}], got '
+                     f'{kernel.shape}')
   if bias is not None and jnp.shape(bias) != (Hv,):
     raise ValueError(f'dwc_bias must have shape ({Hv},), got {jnp.shape(bias)}')
   if spatial_shape is not None:
