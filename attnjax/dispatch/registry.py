@@ -152,16 +152,6 @@ def _cpu_flash_config():
   return (CpuFlashBlockSizes,)
 
 
-def cpu_build_failure() -> Optional[str]:
-  """Why the CPU kernel cannot be built in this process (None: it can, or not asked).
-
-  Reads :func:`attnjax.cpu.build.unavailable_reason`; the WARNING in :func:`log_choice`
-  is keyed on this (one place to change if the build module's API changes)."""
-  from attnjax.cpu import build
-  reason_fn = getattr(build, "unavailable_reason", None)
-  return None if reason_fn is None else reason_fn()
-
-
 def _native_target() -> Optional[str]:
   platform = jax.default_backend()
   if platform == "tpu":
@@ -408,18 +398,13 @@ def config_for(impl: Implementation, block_sizes):
 
 _LOGGED: dict = {}
 _LOG_LIMIT = 4096
-_WARNED_BUILD: list = []
 
 
 def log_choice(key, family: str, chosen: Optional[str], reasons: list[tuple[str, str]]):
-  """Logs the chosen implementation and the fallback reasons once per ``key`` (DEBUG);
-  a CPU kernel that cannot be built is logged at WARNING once per process."""
-  if any(name == "cpu_flash" for name, _ in reasons) and not _WARNED_BUILD:
-    failure = cpu_build_failure()
-    if failure is not None:
-      _WARNED_BUILD.append(failure)
-      logger.warning("attnjax: the 'cpu_flash' CPU kernel cannot be built (%s); attention "
-                     "on CPU falls back to the XLA implementations", failure)
+  """Logs the chosen implementation and the fallback reasons once per ``key`` (DEBUG).
+
+  A CPU kernel that cannot be built is logged at WARNING once per process by
+  :mod:`attnjax.cpu.build` itself (on the ``attnjax.cpu`` logger), not here."""
   if key in _LOGGED:
     return
   if len(_LOGGED) >= _LOG_LIMIT:
@@ -435,7 +420,6 @@ def log_choice(key, family: str, chosen: Optional[str], reasons: list[tuple[str,
 def reset_log_state():
   """Forgets which calls were logged (tests)."""
   _LOGGED.clear()
-  _WARNED_BUILD.clear()
 
 
 def softmax_signature(q, k, v, a, implementation, return_lse) -> tuple:
