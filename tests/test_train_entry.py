@@ -12,6 +12,7 @@
 """
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -385,8 +386,9 @@ def _drain(master):
   return buf.decode(errors='replace')
 
 
-def test_progress_zero_columns_falls_back_to_lines():
+def test_progress_zero_columns_falls_back_to_lines(monkeypatch):
   from attnjax.train import metrics
+  monkeypatch.delenv('COLUMNS', raising=False)  # a 0-column terminal and no $COLUMNS
   master, stream = _pty_stream(0)
   try:
     p = metrics.Progress(100, 0, tokens_per_step=10, enabled=True, stream=stream, out=stream)
@@ -408,7 +410,10 @@ def test_progress_zero_columns_falls_back_to_lines():
 
 
 def test_progress_lines_above_the_bar_and_no_redraw_after_close():
+  from tqdm import tqdm
+
   from attnjax.train import metrics
+  other = tqdm(total=3, file=io.StringIO())  # another live bar in the process
   master, stream = _pty_stream(80)
   try:
     p = metrics.Progress(100, 0, tokens_per_step=10, enabled=True, stream=stream, out=stream)
@@ -430,6 +435,7 @@ def test_progress_lines_above_the_bar_and_no_redraw_after_close():
   j = out.index('final eval @ 100')
   assert out[j - 1] == '\n' and out[j:] == 'final eval @ 100: loss=0.25\r\n', repr(out[j - 80:])
   assert p.bar is None
+  other.close()
 
 
 def test_apply_overrides_to_a_saved_config():

@@ -114,8 +114,10 @@ class Progress:
       if cols >= self.MIN_COLUMNS:
         from tqdm import tqdm  # pylint: disable=import-outside-toplevel
         own_size = _own_size(stream)
+        # position=0: the bar owns its line even if another tqdm bar is alive in the
+        # process (tqdm would otherwise nest it one line down with cursor moves).
         self.bar = tqdm(total=total, initial=initial, unit='step', file=stream,
-                        dynamic_ncols=own_size, ncols=None if own_size else cols)
+                        dynamic_ncols=own_size, ncols=None if own_size else cols, position=0)
 
   def advance(self, step: int) -> None:
     """The bar's count (redrawn at most every 0.1 s by tqdm)."""
