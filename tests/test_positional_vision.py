@@ -220,8 +220,9 @@ def test_convit_features_and_local_init():
   np.testing.assert_array_equal(P.convit_head_offsets(5)[4:], 0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N, K", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("dtype, N, K", [
+    (jnp.float32, 4, 4), (jnp.bfloat16, 4, 4), (jnp.float32, 4, 2),
+    pytest.param(jnp.bfloat16, 4, 2, marks=pytest.mark.slow)])
 def test_gated_positional_attention_matches_reference(dtype, N, K):
   Hh, Ww, B, H = 13, 17, 1, 4
   T = Hh * Ww
@@ -244,9 +245,10 @@ def test_gate_limits_are_pure_content_and_pure_position():
   q, k, v = rnd(0, (2, T, N, H)), rnd(1, (2, T, N, H)), rnd(2, (2, T, N, H))
   pos = rnd(3, (N, T, T))
   content = attnjax.reference_attention(q, k, v)
-  y = P.gated_positional_attention(q, k, v, pos, jnp.full((N,), -40.0))
+  gpsa = jax.jit(P.gated_positional_attention)
+  y = gpsa(q, k, v, pos, jnp.full((N,), -40.0))
   assert_close(y, content, jnp.float32, "gate -> content")
-  y = P.gated_positional_attention(q, k, v, pos, jnp.full((N,), 40.0))
+  y = gpsa(q, k, v, pos, jnp.full((N,), 40.0))
   want = jnp.einsum("nts,bsnh->btnh", jax.nn.softmax(pos, -1), v, precision="highest")
   assert_close(y, want, jnp.float32, "gate -> position")
   assert not np.allclose(want, content, atol=1e-2)
@@ -271,8 +273,9 @@ def test_gpsa_errors():
 
 # ----------------------------------------------------------------------------- BoTNet
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("per_head, R", [(False, None), (True, (4, 6))])
+@pytest.mark.parametrize("dtype, per_head, R", [
+    (jnp.float32, False, None), (jnp.bfloat16, False, None), (jnp.float32, True, (4, 6)),
+    pytest.param(jnp.bfloat16, True, (4, 6), marks=pytest.mark.slow)])
 def test_botnet_relative_logits_and_attention_match_reference(dtype, per_head, R):
   Hh, Ww, B, N, K, H = 13, 17, 1, 2, 1, 4
   T = Hh * Ww
@@ -343,7 +346,7 @@ def _conv_reference_loops(x, w):
   return y
 
 
-@pytest.mark.parametrize("Kk", [3, 5])
+@pytest.mark.parametrize("Kk", [3, pytest.param(5, marks=pytest.mark.slow)])
 def test_multi_head_attention_with_quadratic_encoding_is_a_convolution(Kk):
   """Cordonnier et al.: N = K^2 heads with centres on a KxK grid and large alpha give a
   KxK convolution (Wv = I, Wo_h = W[Delta_h]); zero tokens around the map give the
@@ -357,16 +360,21 @@ def test_multi_head_attention_with_quadratic_encoding_is_a_convolution(Kk):
   nnx.update(layer, PL.conv_as_attention_params(w, alpha=50.0))
   p = Kk // 2
   xpad = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  got = layer(xpad)[:, p:p + Hh, p:p + Ww]
-  assert_close(got, want, jnp.float32, f"conv {Kk}x{Kk}")
+  assert set(PL.conv_as_attention_params(w)) == set(layer.params_dict())
+
+  @jax.jit
+  def apply(params):  # the layer's own forward (GPSA.__call__) as a function of its params
+    return PL.gpsa_forward(layer.config, params, xpad)[:, p:p + Hh, p:p + Ww]
+
+  params = PL.conv_as_attention_params(w, alpha=50.0)
+  assert_close(apply(params), want, jnp.float32, f"conv {Kk}x{Kk}")
+  nnx.update(layer, params)
+  assert_close(layer(xpad)[:, p:p + Hh, p:p + Ww], want, jnp.float32, "conv via the module")
   # The check can fail: a soft encoding (small alpha) blurs the taps, and swapping two
   # heads' output kernels breaks the correspondence.
-  nnx.update(layer, PL.conv_as_attention_params(w, alpha=0.5))
-  assert not np.allclose(layer(xpad)[:, p:p + Hh, p:p + Ww], want, atol=1e-3)
-  params = PL.conv_as_attention_params(w, alpha=50.0)
+  assert not np.allclose(apply(PL.conv_as_attention_params(w, alpha=0.5)), want, atol=1e-3)
   params["o_kernel"] = params["o_kernel"][::-1]
-  nnx.update(layer, params)
-  assert not np.allclose(layer(xpad)[:, p:p + Hh, p:p + Ww], want, atol=1e-3)
+  assert not np.allclose(apply(params), want, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -454,7 +462,7 @@ def test_convit_trains_on_digits(tmp_path):
          "--config=" + os.path.join(ROOT, "configs", "digits_vit.py")
          + ":variant=convit,runlocal=True",
          f"--workdir={tmp_path}", "--config.tensorboard=False", "--config.progress_bar=False",
-         "--config.checkpoint_every=0"]
+         "--config.checkpoint_every=0", "--config.num_steps=6"]
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
