@@ -13,8 +13,9 @@ Layers that support decoding also have `init_cache(batch, max_len)`; called with
 `cache=` they return `(y, new_cache)`. A recurrent-state layer (linear attention) plugs
 in by returning its state as the "cache".
 
-Every built-in (the `attnjax.layers.presets` family, `'pma'` and the linear-attention
-family of `attnjax.layers.linear`) is registered in one place, `_register_builtins`
+Every built-in (the `attnjax.layers.presets` family, `'pma'`, the linear-attention
+family of `attnjax.layers.linear` and the vision positional layers `'convit'`/`'botnet'`
+of `attnjax.layers.positional`) is registered in one place, `_register_builtins`
 below, on the first access to the registry; importing a layer module registers nothing.
 Third-party code registers its own variants with `register` (see docs/layers.md):
 
