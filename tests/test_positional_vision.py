@@ -297,16 +297,31 @@ def test_botnet_relative_logits_and_attention_match_reference(dtype, per_head, R
   check_fwd_vjp(op, ref, (q, k, v, rel_h, rel_w), dtype, 26, "botnet_attention")
 
 
-@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", "reference"])
+@pytest.mark.parametrize("implementation", [
+    "xla", "xla_chunked", "reference",
+    pytest.param("pallas_tpu", marks=pytest.mark.slow),
+    pytest.param("pallas_gpu", marks=pytest.mark.slow)])
 def test_botnet_score_mod_equals_bias_across_implementations(implementation):
-  Hh, Ww, N, H = 3, 5, 2, 4
+  """The score_mod (per-batch q.rel tables gathered by b, h, q_idx) on every path that
+  takes score mods, Pallas interpreted on CPU; forward and d(rel_h), d(q)."""
+  Hh, Ww, N, H = 3, 5, 2, 8
   T = Hh * Ww
   q, k, v = rnd(30, (2, T, N, H)), rnd(31, (2, T, N, H)), rnd(32, (2, T, N, H))
   rel_h, rel_w = rnd(33, (3, H)), rnd(34, (5, H))  # R = (1, 2): clipped offsets
-  bias = P.relative_logits_2d(q, rel_h, rel_w, (Hh, Ww))
-  want = attnjax.reference_attention(q, k, v, bias=bias)
-  got = P.botnet_attention(q, k, v, rel_h, rel_w, (Hh, Ww), implementation=implementation)
+  ct = rnd(35, (2, T, N, H))
+
+  def want_fn(q_, rh):
+    return attnjax.reference_attention(q_, k, v, bias=ref_botnet_bias(q_, rh, rel_w, (Hh, Ww)))
+
+  def got_fn(q_, rh):
+    return P.botnet_attention(q_, k, v, rh, rel_w, (Hh, Ww), implementation=implementation)
+
+  want, vjp_want = jax.vjp(want_fn, q, rel_h)
+  got, vjp_got = jax.vjp(got_fn, q, rel_h)
   assert_close(got, want, jnp.float32, implementation)
+  for g, gw, name in zip(vjp_got(ct), vjp_want(ct), ("dq", "drel_h")):
+    assert_close(g, gw, jnp.float32, f"{implementation} {name}")
+  bias = P.relative_logits_2d(q, rel_h, rel_w, (Hh, Ww))
   assert_close(ref_botnet_bias(q, rel_h, rel_w, (Hh, Ww)), bias, jnp.float32, "clipped bias")
 
 
