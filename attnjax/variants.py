@@ -13,8 +13,9 @@ Layers that support decoding also have `init_cache(batch, max_len)`; called with
 `cache=` they return `(y, new_cache)`. A recurrent-state layer (linear attention) plugs
 in by returning its state as the "cache".
 
-Every built-in (the `attnjax.layers.presets` family, `'pma'` and the linear-attention
-family of `attnjax.layers.linear`) is registered in one place, `_register_builtins`
+Every built-in (the `attnjax.layers.presets` family, `'pma'`, the linear-attention
+family of `attnjax.layers.linear` and the vision positional layers `'convit'`/`'botnet'`
+of `attnjax.layers.positional`) is registered in one place, `_register_builtins`
 below, on the first access to the registry; importing a layer module registers nothing.
 Third-party code registers its own variants with `register` (see docs/layers.md):
 
@@ -226,3 +227,26 @@ def _register_builtins():
     register(mechanism, linear_layers.make_factory(mechanism), kind="sequence",
              linen=linear_layers.make_linen_factory(mechanism),
              supports_cache=mechanism not in never_causal)
+
+  # Vision positional mechanisms (issue 18, catalog family I; attnjax.layers.positional):
+  # ConViT's gated positional self-attention and BoTNet's MHSA with 2D relative logits.
+  from attnjax.layers import positional as positional_layers
+  from attnjax.layers import positional_linen
+
+  def spatial_factories(nnx_cls, linen_cls):
+    def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
+      return nnx_cls(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs,
+                     **options)
+
+    def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
+      return linen_cls(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, **options)
+
+    factory.__doc__ = nnx_cls.__doc__
+    return factory, linen_factory
+
+  for vis_name, nnx_cls, linen_cls in (
+      ("convit", positional_layers.GPSA, positional_linen.GPSA),
+      ("botnet", positional_layers.BoTNetAttention, positional_linen.BoTNetAttention)):
+    nnx_f, linen_f = spatial_factories(nnx_cls, linen_cls)
+    register(vis_name, nnx_f, kind="spatial", linen=linen_f)

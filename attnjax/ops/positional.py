@@ -23,6 +23,21 @@ Papers:
   Extrapolation (Press et al., 2022): ALiBi slopes.
 - Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al.,
   2021): relative position bias tables indexed by clipped per-axis offsets.
+
+Vision positional mechanisms (catalog family I; token maps are `[B, Hh, Ww, C]`, their
+row-major flattening is the `T = Hh*Ww` axis of BTNH):
+- Conditional Positional Encodings for Vision Transformers (Chu et al.): PEG,
+  `x + DWConv(x)` (`depthwise_conv2d`, `conditional_position_encoding`).
+- CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows (Dong
+  et al.): LePE, `DWConv(V)` added to the attention output (`lepe`).
+- ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases (d'Ascoli
+  et al.): gated positional self-attention (`gated_positional_attention`,
+  `relative_features_2d`, `convit_positional_logits`, `init_convit_v_pos`).
+- On the Relationship between Self-Attention and Convolutional Layers (Cordonnier et al.):
+  the quadratic encoding `-alpha |delta - Delta_h|^2` that `init_convit_v_pos` builds.
+- Bottleneck Transformers for Visual Recognition (Srinivas et al.): 2D relative position
+  logits `q . (r_h[dy] + r_w[dx])` (`relative_logits_2d`, `relative_logits_2d_score_mod`,
+  `botnet_attention`).
 """
 
 from __future__ import annotations
@@ -33,6 +48,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from attnjax import score_mods as _score_mods
+from attnjax.core import hooks
 
 __all__ = [
   "rope_frequencies",
@@ -49,6 +67,17 @@ __all__ = [
   "alibi_slopes",
   "relative_position_index",
   "num_relative_positions",
+  "depthwise_conv2d",
+  "conditional_position_encoding",
+  "lepe",
+  "relative_features_2d",
+  "convit_positional_logits",
+  "init_convit_v_pos",
+  "convit_head_offsets",
+  "gated_positional_attention",
+  "relative_logits_2d",
+  "relative_logits_2d_score_mod",
+  "botnet_attention",
 ]
 
 
@@ -314,3 +343,322 @@ def relative_position_index(q_coords, k_coords, max_distance, *, step=1) -> jax.
     offset = jnp.clip(offset, -md[d], md[d]) + md[d]
     index = index * (2 * md[d] + 1) + offset.astype(jnp.int32)
   return index
+
+
+# ----------------------------------------------------------------------------- vision (family I)
+
+def _check_array(name: str, a, ndim: int, what: str) -> None:
+  if not hasattr(a, "ndim") or not hasattr(a, "dtype"):
+    raise TypeError(f"{name} must be an array {what}, got {type(a).__name__}")
+  if a.ndim != ndim:
+    raise ValueError(f"{name} must be {what} (rank {ndim}), got shape {a.shape}")
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point, got dtype {a.dtype}")
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """Depthwise 2D convolution with zero 'same' padding (one filter per channel).
+
+  `y[b, i, j, c] = bias[c] + sum_{u, v} x[b, i + u - kh//2, j + v - kw//2, c] kernel[u, v, c]`
+  (cross-correlation, as `jax.lax.conv`; out-of-map pixels are 0, which is what lets a
+  zero-padded convolution encode absolute position near the borders).
+
+  Args:
+    x: `[B, Hh, Ww, C]` token map.
+    kernel: `[kh, kw, C]`, kh and kw odd.
+    bias: `[C]` or None.
+  Returns:
+    `[B, Hh, Ww, C]` in `x.dtype` (accumulated in float32).
+  """
+  _check_array("x", x, 4, "[B, Hh, Ww, C]")
+  C = x.shape[-1]
+  _check_array("kernel", kernel, 3, f"[kh, kw, C={C}]")
+  kh, kw, kc = kernel.shape
+  if kc != C:
+    raise ValueError(f"kernel must be [kh, kw, C={C}], got shape {kernel.shape}")
+  if kh % 2 == 0 or kw % 2 == 0:
+    raise ValueError(f"kernel spatial size must be odd (centred 'same' padding), got "
+                     f"kernel.shape[:2]={(kh, kw)}")
+  if bias is not None:
+    _check_array("bias", bias, 1, f"[C={C}]")
+    if bias.shape[0] != C:
+      raise ValueError(f"bias must be [C={C}], got shape {bias.shape}")
+  y = jax.lax.conv_general_dilated(
+    x.astype(jnp.float32), kernel.astype(jnp.float32)[:, :, None, :], window_strides=(1, 1),
+    padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C,
+    precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def conditional_position_encoding(x: jax.Array, kernel: jax.Array,
+                                  bias: jax.Array | None = None) -> jax.Array:
+  """PEG of CPVT: `x + DWConv(x)` on the token map.
+
+  Paper: "Conditional Positional Encodings for Vision Transformers" (Chu et al.). The
+  encoding is generated from each token's neighbourhood, so it follows the input size;
+  the zero padding supplies absolute position.
+
+  Args:
+    x: `[B, Hh, Ww, C]`; kernel `[k, k, C]` (odd, 3x3 in the paper); bias `[C]` or None.
+  Returns:
+    `[B, Hh, Ww, C]` in `x.dtype`.
+  """
+  return (x.astype(jnp.float32) + depthwise_conv2d(x, kernel, bias).astype(jnp.float32)
+          ).astype(x.dtype)
+
+
+def lepe(v_map: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """Locally-enhanced positional encoding of CSWin: `LePE(V) = DWConv(V)` per head channel.
+
+  The attention output becomes `softmax(Q K^T / sqrt(d)) V + LePE(V)`; add the result of
+  this function to the attention output (same layout). For windowed/striped attention
+  apply it per window: fold the windows into the batch axis of `v_map` (zero padding at
+  window borders, as in the paper).
+
+  Paper: "CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped
+  Windows" (Dong et al.).
+
+  Args:
+    v_map: `[B, Hh, Ww, N, Hv]` values on the token map (N heads of width Hv).
+    kernel: `[k_h, k_w, N, Hv]` depthwise filters (odd sizes; 3x3 in the paper).
+    bias: `[N, Hv]` or None.
+  Returns:
+    `[B, Hh, Ww, N, Hv]` in `v_map.dtype`.
+  """
+  _check_array("v_map", v_map, 5, "[B, Hh, Ww, N, Hv]")
+  B, Hh, Ww, N, Hv = v_map.shape
+  _check_array("kernel", kernel, 4, f"[k_h, k_w, N={N}, Hv={Hv}]")
+  if kernel.shape[2:] != (N, Hv):
+    raise ValueError(f"kernel must be [k_h, k_w, N={N}, Hv={Hv}], got shape {kernel.shape}")
+  if bias is not None:
+    _check_array("bias", bias, 2, f"[N={N}, Hv={Hv}]")
+    if bias.shape != (N, Hv):
+      raise ValueError(f"bias must be [N={N}, Hv={Hv}], got shape {bias.shape}")
+    bias = bias.reshape(N * Hv)
+  y = depthwise_conv2d(v_map.reshape(B, Hh, Ww, N * Hv),
+                       kernel.reshape(kernel.shape[0], kernel.shape[1], N * Hv), bias)
+  return y.reshape(B, Hh, Ww, N, Hv)
+
+
+def _map_shape(shape) -> tuple[int, int]:
+  try:
+    shape = tuple(int(s) for s in shape)
+  except TypeError as e:
+    raise ValueError(f"shape must be a pair (Hh, Ww) of positive ints, got shape={shape!r}") from e
+  if len(shape) != 2 or any(s <= 0 for s in shape):
+    raise ValueError(f"shape must be a pair (Hh, Ww) of positive ints, got shape={shape!r}")
+  return shape
+
+
+def relative_features_2d(shape) -> np.ndarray:
+  """ConViT's relative-position features `r_ij = (dx, dy, dx^2 + dy^2)` of a token map.
+
+  `dx = x_j - x_i` (column offset of key j from query i), `dy = y_j - y_i` (row offset),
+  tokens row-major over `shape = (Hh, Ww)`. Returns float32 numpy `[T, T, 3]`, T = Hh*Ww.
+  """
+  shape = _map_shape(shape)
+  yx = grid_coordinates(shape).astype(np.float32)  # [T, 2] (row, col)
+  d = yx[None, :, :] - yx[:, None, :]  # [T(query), T(key), 2]
+  dy, dx = d[..., 0], d[..., 1]
+  return np.stack([dx, dy, dx * dx + dy * dy], axis=-1)
+
+
+def convit_positional_logits(shape, v_pos: jax.Array) -> jax.Array:
+  """Positional logits of GPSA: `p[n, i, j] = v_pos[n] . r_ij` (float32 `[N, T, T]`).
+
+  Args:
+    shape: the token map `(Hh, Ww)`.
+    v_pos: `[N, 3]` learnable per-head vectors over `(dx, dy, dx^2 + dy^2)`.
+  """
+  _check_array("v_pos", v_pos, 2, "[N, 3]")
+  if v_pos.shape[1] != 3:
+    raise ValueError(f"v_pos must be [N, 3], got shape {v_pos.shape}")
+  r = jnp.asarray(relative_features_2d(shape))
+  return jnp.einsum("tsc,nc->nts", r, v_pos.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def convit_head_offsets(num_heads: int, *, locality_distance: int = 1) -> np.ndarray:
+  """Attention centres `Delta_h = (dx, dy)` of the local initialisation, int `[N, 2]`.
+
+  The first `k^2` heads (`k = floor(sqrt(N))`) take the offsets of a `k x k` grid centred on
+  the query, `Delta_{h} = ((h % k) - c, (h // k) - c) * locality_distance` with
+  `c = (k - 1) / 2` (half-integers for even k); the remaining heads are centred on 0.
+  """
+  if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads <= 0:
+    raise ValueError(f"num_heads must be a positive int, got num_heads={num_heads!r}")
+  k = int(math.isqrt(int(num_heads)))
+  c = (k - 1) / 2
+  out = np.zeros((num_heads, 2), np.float32)
+  for h in range(k * k):
+    out[h] = ((h % k) - c, (h // k) - c)
+  return out * locality_distance
+
+
+def init_convit_v_pos(num_heads: int, *, locality_strength: float = 1.0,
+                      locality_distance: int = 1) -> jax.Array:
+  """Local initialisation of `v_pos` (ConViT; Cordonnier et al.'s quadratic encoding).
+
+  `v_pos[h] = alpha (2 Delta_x, 2 Delta_y, -1)` so that
+  `v_pos[h] . r_ij = -alpha |delta_ij - Delta_h|^2 + alpha |Delta_h|^2`: head h attends
+  around the offset `Delta_h` (`convit_head_offsets`) with sharpness
+  `alpha = locality_strength`. Returns float32 `[N, 3]`.
+  """
+  if not locality_strength > 0:
+    raise ValueError(f"locality_strength must be > 0, got locality_strength={locality_strength!r}")
+  delta = convit_head_offsets(num_heads, locality_distance=locality_distance)
+  v = np.concatenate([2 * delta, -np.ones((num_heads, 1), np.float32)], axis=-1)
+  return jnp.asarray(locality_strength * v, jnp.float32)
+
+
+def gated_positional_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos_logits: jax.Array,
+                               gate_logit: jax.Array, *, scale=None,
+                               implementation=None) -> jax.Array:
+  """Gated positional self-attention (GPSA) of ConViT.
+
+  `A_h = (1 - sigmoid(l_h)) softmax_j(s q_i . k_j) + sigmoid(l_h) softmax_j(p_h[i, j])`,
+  `o_i = sum_j A_h[i, j] v_j` (each row of A sums to 1, so no renormalisation is needed).
+  The content part runs through `attnjax.attention` (no [T, S] array on a fused path); the
+  positional part is content-independent (one `[N, T, S]` softmax shared by the batch).
+
+  Paper: "ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases"
+  (d'Ascoli et al.).
+
+  Args:
+    q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, Hv]` (GQA: N % K == 0).
+    pos_logits: `[N, T, S]` positional scores (e.g. `convit_positional_logits`).
+    gate_logit: `[N]` gating parameters `l_h`.
+    scale: content logit scale (default `1/sqrt(H)`).
+    implementation: forwarded to `attnjax.attention`.
+  Returns:
+    `[B, T, N, Hv]` in `q.dtype`.
+  """
+  for name, a, what in (("q", q, "[B, T, N, H]"), ("k", k, "[B, S, K, H]"),
+                        ("v", v, "[B, S, K, Hv]")):
+    _check_array(name, a, 4, what)
+  B, T, N, _ = q.shape
+  S, K = k.shape[1], k.shape[2]
+  _check_array("pos_logits", pos_logits, 3, f"[N={N}, T={T}, S={S}]")
+  if pos_logits.shape != (N, T, S):
+    raise ValueError(f"pos_logits must be [N={N}, T={T}, S={S}], got shape {pos_logits.shape}")
+  _check_array("gate_logit", gate_logit, 1, f"[N={N}]")
+  if gate_logit.shape != (N,):
+    raise ValueError(f"gate_logit must be [N={N}], got shape {gate_logit.shape}")
+  if v.shape[:3] != (B, S, K) or k.shape[0] != B:
+    raise ValueError(f"k and v must be [B={B}, S, K, .] with equal S and K, got k {k.shape}, "
+                     f"v {v.shape}")
+  content_BTNH = hooks.attention(q, k, v, scale=scale, implementation=implementation)
+  G = N // K
+  p_NTS = jax.nn.softmax(pos_logits.astype(jnp.float32), axis=-1)
+  p_KGTS = p_NTS.reshape(K, G, T, S)
+  pos_BTKGH = jnp.einsum("kgts,bskh->btkgh", p_KGTS, v.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+  pos_BTNH = pos_BTKGH.reshape(B, T, N, v.shape[-1])
+  g = jax.nn.sigmoid(gate_logit.astype(jnp.float32))[:, None]
+  out = (1.0 - g) * content_BTNH.astype(jnp.float32) + g * pos_BTNH
+  return out.astype(q.dtype)
+
+
+def _rel_table(name, table, N, H):
+  if not hasattr(table, "ndim"):
+    raise TypeError(f"{name} must be an array [2R+1, H] or [N, 2R+1, H], got "
+                    f"{type(table).__name__}")
+  if table.ndim == 2:
+    table = table[None]
+  if table.ndim != 3 or table.shape[0] not in (1, N) or table.shape[2] != H:
+    raise ValueError(f"{name} must be [2R+1, H={H}] or [N={N}, 2R+1, H={H}], got shape "
+                     f"{table.shape}")
+  if table.shape[1] % 2 == 0:
+    raise ValueError(f"{name} must have an odd number 2R+1 of relative positions, got "
+                     f"{table.shape[1]} (shape {table.shape})")
+  return table
+
+
+def _relative_qr(q, rel_h, rel_w, shape, scale):
+  """`qr_h [B, N, T, 2Rh+1] = s q . rel_h`, `qr_w` likewise (float32) and the radii."""
+  _check_array("q", q, 4, "[B, T, N, H]")
+  B, T, N, H = q.shape
+  Hh, Ww = _map_shape(shape)
+  if Hh * Ww != T:
+    raise ValueError(f"shape={(Hh, Ww)} has {Hh * Ww} tokens but q has T={T}")
+  rel_h = _rel_table("rel_h", rel_h, N, H)
+  rel_w = _rel_table("rel_w", rel_w, N, H)
+  s = (1.0 / math.sqrt(H)) if scale is None else scale
+  qf = q.astype(jnp.float32) * jnp.asarray(s, jnp.float32)
+  def qr(table):
+    table = jnp.broadcast_to(table, (N,) + table.shape[1:]).astype(jnp.float32)
+    return jnp.einsum("btnh,nrh->bntr", qf, table, precision=jax.lax.Precision.HIGHEST)
+
+  qr_h, qr_w = qr(rel_h), qr(rel_w)
+  return qr_h, qr_w, (rel_h.shape[1] - 1) // 2, (rel_w.shape[1] - 1) // 2, (Hh, Ww)
+
+
+def relative_logits_2d(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, shape, *,
+                       scale=None) -> jax.Array:
+  """BoTNet's 2D relative position logits as an explicit bias `[B, N, T, T]` (float32).
+
+  `b[b, n, i, j] = s q_i . (rel_h[clip(y_j - y_i) + Rh] + rel_w[clip(x_j - x_i) + Rw])`,
+  tokens row-major over `shape = (Hh, Ww)`, offsets clipped to `[-R, R]` (no clipping when
+  `R >= L - 1`, the paper's `2L - 1` tables), `s = scale` (default `1/sqrt(H)`, the scale of
+  the content logits, as BoTNet scales q once). Materialises `[T, T]` per head: use
+  `relative_logits_2d_score_mod` on the fast path.
+
+  Paper: "Bottleneck Transformers for Visual Recognition" (Srinivas et al.).
+
+  Args:
+    q: `[B, T, N, H]`; rel_h: `[2Rh+1, H]` (shared by heads) or `[N, 2Rh+1, H]`;
+    rel_w: `[2Rw+1, H]` or `[N, 2Rw+1, H]`; shape: `(Hh, Ww)` with `Hh*Ww = T`.
+  """
+  qr_h, qr_w, Rh, Rw, (Hh, Ww) = _relative_qr(q, rel_h, rel_w, shape, scale)
+  yx = grid_coordinates((Hh, Ww))
+  dy = np.clip(yx[None, :, 0] - yx[:, None, 0], -Rh, Rh) + Rh  # [T, T]
+  dx = np.clip(yx[None, :, 1] - yx[:, None, 1], -Rw, Rw) + Rw
+  T = Hh * Ww
+  rows = np.arange(T)[:, None]
+  return qr_h[:, :, rows, dy] + qr_w[:, :, rows, dx]
+
+
+def relative_logits_2d_score_mod(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array, shape, *,
+                                 scale=None) -> _score_mods.ScoreMod:
+  """BoTNet's 2D relative logits as a score_mod (no `[T, T]` array is stored).
+
+  Precomputes `qr_h = s q . rel_h [B, N, T, 2Rh+1]` and `qr_w [B, N, T, 2Rw+1]`
+  (O(B N T (Hh + Ww)) memory) and adds `qr_h[b, n, i, dy_ij] + qr_w[b, n, i, dx_ij]` to
+  each logit; the same term as `relative_logits_2d`. Differentiable in q, rel_h, rel_w.
+  """
+  qr_h, qr_w, Rh, Rw, (Hh, Ww) = _relative_qr(q, rel_h, rel_w, shape, scale)
+  T = Hh * Ww
+
+  def fn(score, b, h, q_idx, kv_idx):
+    dy = jnp.clip(kv_idx // Ww - q_idx // Ww, -Rh, Rh) + Rh
+    dx = jnp.clip(kv_idx % Ww - q_idx % Ww, -Rw, Rw) + Rw
+    return score + qr_h[b, h, q_idx, dy] + qr_w[b, h, q_idx, dx]
+
+  def check(Tq, S, N):
+    if Tq != T or S != T or N != qr_h.shape[1]:
+      raise ValueError(f"relative_logits_2d score_mod was built for T=S={T}, N={qr_h.shape[1]}; "
+                       f"got T={Tq}, S={S}, N={N}")
+
+  return _score_mods.ScoreMod(fn, f"relative_logits_2d{(Hh, Ww)}", check)
+
+
+def botnet_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array,
+                     rel_w: jax.Array, shape, *, scale=None, implementation=None) -> jax.Array:
+  """BoTNet's MHSA: `softmax_j(s q_i . (k_j + rel_h[dy_ij] + rel_w[dx_ij])) v_j`.
+
+  Content and position logits `q k^T + q r^T` with `r = R_h + R_w` relative embeddings per
+  axis, through `attnjax.attention` with `relative_logits_2d_score_mod`.
+
+  Paper: "Bottleneck Transformers for Visual Recognition" (Srinivas et al.).
+
+  Args:
+    q: `[B, T, N, H]`; k: `[B, T, K, H]`; v: `[B, T, K, Hv]`; rel_h/rel_w as in
+    `relative_logits_2d`; shape `(Hh, Ww)`, `Hh*Ww = T`.
+  Returns:
+    `[B, T, N, Hv]` in `q.dtype`.
+  """
+  mod = relative_logits_2d_score_mod(q, rel_h, rel_w, shape, scale=scale)
+  return hooks.attention(q, k, v, score_mod=mod, scale=scale, implementation=implementation)
