@@ -166,13 +166,16 @@ def _qkv(seed, B, Hh, Ww, N, K, H, Hv, dtype=jnp.float32):
           rnd(seed + 2, (B, Hh, Ww, K, Hv), dtype))
 
 
-CASES = list(itertools.product(IMPLS, DTYPES))
+# bfloat16 through 'xla_chunked' runs under -m slow (bf16 is covered by 'xla' and the
+# chunked path by float32 in the default run).
+CASES = [pytest.param(i, d, marks=pytest.mark.slow) if (i, d) == ("xla_chunked", jnp.bfloat16)
+         else (i, d) for i, d in itertools.product(IMPLS, DTYPES)]
 
 
 # ----------------------------------------------------------------------------- SRA
 
 @pytest.mark.parametrize("impl, dtype", CASES)
-@pytest.mark.parametrize("shape, r, pad", [((15, 21), (3, 3), False),   # odd, divisible
+@pytest.mark.parametrize("shape, r, pad", [((9, 15), (3, 3), False),    # odd, divisible
                                            ((13, 17), (3, 4), True)])   # odd, partial cells
 def test_sra_matches_reference(impl, dtype, shape, r, pad):
   q, k, v = _qkv(1, 2, *shape, 4, 2, 8, 6)
@@ -210,7 +213,7 @@ def test_sra_errors():
 
 @pytest.mark.parametrize("impl, dtype", CASES)
 def test_hilo_matches_reference(impl, dtype):
-  q, k, v = _qkv(5, 2, 9, 15, 4, 2, 8, 8)
+  q, k, v = _qkv(5, 2, 6, 9, 4, 2, 8, 8)
   op = lambda q, k, v: S.hilo_attention(q, k, v, window_size=3, lo_heads=2, implementation=impl)
   _check_fwd_vjp(op, lambda q, k, v: ref_hilo(q, k, v, 3, 2), (q, k, v), dtype)
 
@@ -260,7 +263,7 @@ def test_channel_group_errors():
 @pytest.mark.parametrize("mode", ["short", "long"])
 def test_lsda_matches_reference(impl, dtype, mode):
   G = (3, 3)
-  q, k, v = _qkv(20, 2, 9, 15, 4, 2, 8, 6)
+  q, k, v = _qkv(20, 2, 6, 9, 4, 2, 8, 6)
   dpb = rnd(23, (4, 5, 5))
   op = lambda q, k, v, b: S.long_short_distance_attention(q, k, v, group_size=G, mode=mode, dpb=b,
                                                           implementation=impl)
@@ -298,7 +301,7 @@ def test_dynamic_position_bias_matches_offset_loop_and_has_gradients():
   q, k, v = _qkv(50, 1, 4, 6, N, N, 4, 4)
   loss = lambda p: jnp.sum(S.long_short_distance_attention(
       q, k, v, group_size=G, dpb=S.dynamic_position_bias(p, G)) ** 2)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
              for g in grads.values())
   with pytest.raises(ValueError, match="missing"):
