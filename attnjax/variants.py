@@ -250,3 +250,13 @@ def _register_builtins():
       ("botnet", positional_layers.BoTNetAttention, positional_linen.BoTNetAttention)):
     nnx_f, linen_f = spatial_factories(nnx_cls, linen_cls)
     register(vis_name, nnx_f, kind="spatial", linen=linen_f)
+
+  # Spatial reduction / channel-group / long-short distance attention (catalog family F,
+  # attnjax.layers.reduced, ops in attnjax.ops.spatial.reduced): 'pvt' (SRA, sr_ratio),
+  # 'twins' (LSA window + GSA; mode='dual'|'lsa'|'gsa'), 'hilo' (LITv2), 's2a' (S2AFormer
+  # strips), 'davit' (window + channel groups; mode='dual'|'window'|'channel'),
+  # 'crossformer' (SDA + LDA with the dynamic position bias; mode='dual'|'sda'|'lda').
+  from attnjax.layers import reduced as reduced_layers
+  for mechanism in reduced_layers.MECHANISMS:
+    register(mechanism, reduced_layers.make_factory(mechanism), kind="spatial",
+             linen=reduced_layers.make_linen_factory(mechanism))
