@@ -402,6 +402,13 @@ def test_cnn_shapes_every_module(name):
   model = nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0)))
   out = jax.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((3, 8, 8, 1), jnp.float32))
   assert out.shape == (3, 10) and out.dtype == jnp.float32
+  # a plain dict config: bf16 compute, a non-square map with an odd stage, three stages
+  d = dict(cfg.to_dict(), dtype="bfloat16", image_size=(12, 10), widths=(8, 16, 8),
+           depths=(1, 2, 1))
+  model_bf16 = nnx.eval_shape(lambda: models.build_model(d, rngs=nnx.Rngs(0)))
+  out = jax.eval_shape(lambda m, x: m(x), model_bf16,
+                       jax.ShapeDtypeStruct((3, 12, 10, 1), jnp.float32))
+  assert out.shape == (3, 10) and out.dtype == jnp.float32
   for path, var in nnx.state(model, nnx.Param).flat_state():
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == len(var.shape), path
