@@ -292,7 +292,7 @@ def test_linen_twin_fields_and_errors():
 # ----------------------------------------------------------------------------- ops
 
 def test_eca_kernel_size():
-  # k = |log2(C)/2 + 1/2|_odd (truncate, then the next odd number)
+  # k = |log2(C)/2 + 1/2|_odd (truncated to an int, plus 1 when even)
   sizes = [ops.eca_kernel_size(c) for c in (16, 32, 64, 128, 256, 512, 1024)]
   assert sizes == [3, 3, 3, 5, 5, 5, 5]
   assert ops.eca_kernel_size(64, gamma=1, b=1) == 7
