@@ -303,7 +303,7 @@ def test_scan_needs_uniform_layers_and_bad_inputs():
   with pytest.raises(ValueError, match="tokens must be"):
     lm(jnp.ones((4,), jnp.int32))
   with pytest.raises(ValueError, match="default_config|kind must be"):
-    models.default_config("cnn")
+    models.default_config("rnn")  # ("cnn" is a kind since issue 18)
 
 
 class _RunningMean(nnx.Module):

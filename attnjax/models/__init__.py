@@ -1,4 +1,5 @@
-"""Model zoo: decoder LM, bidirectional encoder, ViT / hierarchical ViT, Set Transformer.
+"""Model zoo: decoder LM, bidirectional encoder, ViT / hierarchical ViT, Set Transformer,
+a small CNN with channel / spatial attention modules ('cnn', `attnjax.models.cnn`).
 
     >>> cfg = attnjax.models.default_config("lm")
     >>> cfg.attention = ml_collections.ConfigDict({"name": "sliding_window", "window": 16})
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from attnjax.models import cnn as _cnn
 from attnjax.models.blocks import REMAT_POLICIES, BlockStack, TransformerBlock, attention_specs
 from attnjax.models.encoder import Encoder
 from attnjax.models.lm import DecoderLM, generate, sample_logits
@@ -23,14 +25,15 @@ from attnjax.models.vit import HierarchicalViT, ViT, patchify
 
 __all__ = ["build_model", "default_config", "KINDS", "DecoderLM", "Encoder", "ViT",
            "HierarchicalViT", "SetTransformer", "generate", "sample_logits", "TransformerBlock",
-           "BlockStack", "attention_specs", "REMAT_POLICIES", "patchify"]
+           "BlockStack", "attention_specs", "REMAT_POLICIES", "patchify", "CNN"]
 
 KINDS = {"lm": DecoderLM, "encoder": Encoder, "vit": ViT, "hvit": HierarchicalViT,
-         "set": SetTransformer}
+         "set": SetTransformer, "cnn": _cnn.CNN}
+CNN = _cnn.CNN
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the model `model_cfg.kind` ('lm' | 'encoder' | 'vit' | 'hvit' | 'set')."""
+  """Builds the model `model_cfg.kind` ('lm' | 'encoder' | 'vit' | 'hvit' | 'set' | 'cnn')."""
   if not isinstance(rngs, nnx.Rngs):
     raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
   kind = (model_cfg.get("kind", None) if isinstance(model_cfg, dict)
@@ -47,6 +50,8 @@ def default_config(kind: str):
   import ml_collections  # pylint: disable=import-outside-toplevel
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {sorted(KINDS)}, got kind={kind!r}")
+  if kind == "cnn":  # no attention variant: its own fields (attnjax.models.cnn)
+    return _cnn.default_config()
   c = ml_collections.ConfigDict()
   c.kind = kind
   c.d_model = 32            # model width D
