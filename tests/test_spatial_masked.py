@@ -210,9 +210,10 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 # ----------------------------------------------------------------------------- the ops
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window,shift,rpb", [((3, 3), (0, 0), True), ((4, 6), (2, 3), True),
-                                              ((3, 6), (1, 2), False)])
+@pytest.mark.parametrize("window,shift,rpb,dtype", [
+    ((4, 6), (2, 3), True, jnp.float32), ((3, 6), (1, 2), False, jnp.bfloat16),
+    pytest.param((3, 3), (0, 0), True, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param((4, 6), (2, 3), True, jnp.bfloat16, marks=pytest.mark.slow)])
 def test_window_attention_matches_swin_reference(window, shift, rpb, dtype):
   q, k, v = _qkv(0, (12, 18), 4, 2, 8, 6, dtype)
   extra = (rnd(5, (4, 2 * window[0] - 1, 2 * window[1] - 1)),) if rpb else ()
@@ -231,13 +232,14 @@ def test_window_attention_int_args_and_scale():
 
 _NAT_CASES = [
     ((17,), (5,), (1,), (False,), True, jnp.float32),
-    ((29,), (3,), (4,), (False,), True, jnp.bfloat16),
+    pytest.param((29,), (3,), (4,), (False,), True, jnp.bfloat16, marks=pytest.mark.slow),
     ((13, 17), (3, 5), (2, 3), (False, False), True, jnp.float32),
     ((13, 17), (3, 3), (1, 1), (False, False), True, jnp.bfloat16),
     ((13, 17), (5, 3), (2, 1), (True, False), False, jnp.float32),
-    ((11,), (3,), (2,), (True,), False, jnp.bfloat16),
+    pytest.param((11,), (3,), (2,), (True,), False, jnp.bfloat16, marks=pytest.mark.slow),
     ((5, 6, 7), (3, 3, 5), (1, 2, 1), (False, False, False), True, jnp.float32),
-    ((5, 6, 7), (3, 3, 3), (1, 1, 2), (False, True, True), False, jnp.float32),
+    pytest.param((5, 6, 7), (3, 3, 3), (1, 1, 2), (False, True, True), False, jnp.float32,
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -261,9 +263,10 @@ def test_neighborhood_attention_matches_natten_reference(shape, kernel, dilation
   check_fwd_vjp(fn, ref, q, k, v, extra, what=f"natten {shape} {kernel} {dilation} {causal}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,block,halo", [((13, 17), (4, 4), (1, 1)),
-                                              ((12, 10), (3, 5), (2, 0))])
+@pytest.mark.parametrize("shape,block,halo,dtype", [
+    ((13, 17), (4, 4), (1, 1), jnp.float32), ((12, 10), (3, 5), (2, 0), jnp.bfloat16),
+    pytest.param((13, 17), (4, 4), (1, 1), jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param((12, 10), (3, 5), (2, 0), jnp.float32, marks=pytest.mark.slow)])
 def test_halo_attention_matches_reference(shape, block, halo, dtype):
   q, k, v = _qkv(3, shape, 2, 1, 8, 4, dtype)
   allowed = halo_allowed(shape, block, halo)
@@ -282,8 +285,9 @@ def test_criss_cross_attention_matches_reference(dtype):
                 q, k, v, what="criss_cross")
 
 
-@pytest.mark.parametrize("N,K,width,dtype", [(4, 2, 3, jnp.float32), (3, 1, (4, 5), jnp.float32),
-                                             (5, 5, 2, jnp.bfloat16), (1, 1, 4, jnp.float32)])
+@pytest.mark.parametrize("N,K,width,dtype", [
+    (4, 2, 3, jnp.float32), (3, 1, (4, 5), jnp.float32), (5, 5, 2, jnp.bfloat16),
+    pytest.param(1, 1, 4, jnp.float32, marks=pytest.mark.slow)])
 def test_stripe_attention_matches_cswin_reference(N, K, width, dtype):
   shape = (13, 17)
   q, k, v = _qkv(5, shape, N, K, 8, 4, dtype)
@@ -295,8 +299,10 @@ def test_stripe_attention_matches_cswin_reference(N, K, width, dtype):
   assert S.stripe_heads(N) == (N + 1) // 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grid,rpb", [((3, 6), True), ((4, 2), False)])
+@pytest.mark.parametrize("grid,rpb,dtype", [
+    ((3, 6), True, jnp.float32), ((4, 2), False, jnp.bfloat16),
+    pytest.param((3, 6), True, jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param((4, 2), False, jnp.float32, marks=pytest.mark.slow)])
 def test_grid_attention_matches_maxvit_reference(grid, rpb, dtype):
   q, k, v = _qkv(6, (12, 18), 4, 2, 8, 6, dtype)
   extra = (rnd(7, (4, 2 * grid[0] - 1, 2 * grid[1] - 1)),) if rpb else ()
@@ -305,7 +311,8 @@ def test_grid_attention_matches_maxvit_reference(grid, rpb, dtype):
   check_fwd_vjp(fn, ref, q, k, v, extra, what=f"grid {grid}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [jnp.float32,
+                                   pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_block_attention_matches_maxvit_reference(dtype):
   q, k, v = _qkv(7, (12, 18), 4, 4, 8, 6, dtype)
   rpb = rnd(8, (4, 7, 5))
@@ -342,9 +349,10 @@ _IMPL_CASES = {
 }
 IMPL = [None]
 _IMPLS = ["xla", "xla_chunked", ("cpu_flash", "xla_chunked"), "pallas_tpu", "pallas_gpu"]
-# Interpreted Pallas on every op is slow on 2 cores: the ops with a score mod or a head
-# split run by default, the rest under -m slow.
-_PALLAS_DEFAULT = ("window", "neighborhood", "stripe")
+# Interpreted Pallas on every op is slow on 2 cores: a score-mod op and the head-split op
+# per kernel run by default, the rest under -m slow.
+_PALLAS_DEFAULT = (("pallas_tpu", "window"), ("pallas_tpu", "stripe"),
+                   ("pallas_gpu", "neighborhood"))
 
 
 def _nat_ref(q, k, v, t):
@@ -354,7 +362,7 @@ def _nat_ref(q, k, v, t):
 
 
 @pytest.mark.parametrize("impl,op", [
-    pytest.param(i, o, marks=() if not str(i).startswith("pallas") or o in _PALLAS_DEFAULT
+    pytest.param(i, o, marks=() if not str(i).startswith("pallas") or (i, o) in _PALLAS_DEFAULT
                  else pytest.mark.slow, id=f"{i}-{o}")
     for i in _IMPLS for o in _IMPL_CASES])
 def test_every_implementation_matches_reference(impl, op):
