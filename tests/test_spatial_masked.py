@@ -9,14 +9,20 @@ cotangents, rpb gradients included), f32 and bf16, odd maps, every implementatio
 """
 
 import itertools
+import os
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
+from flax import nnx
 from helpers import assert_close, rnd
 
-from attnjax import masks
+from attnjax import masks, variants
 from attnjax.ops import spatial as S
 
 # ----------------------------------------------------------------------------- references
@@ -468,3 +474,105 @@ def test_new_mask_constructor_errors():
     masks.stripe((4, 4), 2, 2)
   with pytest.raises(ValueError, match="width must be <="):
     masks.stripe((4, 4), 5, 0)
+
+
+# ----------------------------------------------------------------------------- layers
+
+_LAYERS = ("halo", "cswin", "ccnet", "maxvit_block", "maxvit_grid")
+
+
+def _layer_ref(name, p, x, opts):
+  """The layer from its parameters: projections, the plain reference op, LePE (explicit
+  loops), CCNet's recurrence, output projection."""
+  B, Hh, Ww, _ = x.shape
+
+  def attend(x):
+    q = jnp.einsum("bhwd,dnk->bhwnk", x, p["q_kernel"])
+    k = jnp.einsum("bhwd,dnk->bhwnk", x, p["k_kernel"])
+    v = jnp.einsum("bhwd,dnk->bhwnk", x, p["v_kernel"])
+    if name == "halo":
+      o = ref_keysets(q, k, v, halo_allowed((Hh, Ww), opts["block"], opts["halo"]))
+    elif name == "cswin":
+      o = ref_keysets(q, k, v, stripe_allowed((Hh, Ww), opts["width"], q.shape[-2]))
+      vp = np.pad(np.asarray(v), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+      lepe = np.zeros(v.shape, np.float32) + np.asarray(p["lepe_bias"])
+      for y, xx, a, b in itertools.product(range(Hh), range(Ww), range(3), range(3)):
+        lepe[:, y, xx] += vp[:, y + a, xx + b] * np.asarray(p["lepe_kernel"])[a, b]
+      o = o + jnp.repeat(jnp.asarray(lepe), q.shape[-2] // k.shape[-2], axis=-2)
+    elif name == "ccnet":
+      o = ref_keysets(q, k, v, criss_cross_allowed((Hh, Ww)))
+    elif name == "maxvit_block":
+      o = ref_swin(q, k, v, opts["block"], (0, 0), p["rpb"])
+    else:
+      o = ref_grid(q, k, v, opts["grid"], p["rpb"])
+    return jnp.einsum("bhwnk,nkd->bhwd", o, p["o_kernel"])
+
+  if name == "ccnet":
+    return attend(x + attend(x))
+  return attend(x)
+
+
+@pytest.mark.parametrize("name,options,ref_opts", [
+    ("halo", dict(block_size=(2, 3), halo_size=1), dict(block=(2, 3), halo=(1, 1))),
+    ("cswin", dict(stripe_width=2, num_kv_heads=1), dict(width=(2, 2))),
+    ("ccnet", {}, {}),
+    ("maxvit_block", dict(block_size=(2, 3)), dict(block=(2, 3))),
+    ("maxvit_grid", dict(grid_size=(3, 2)), dict(grid=(3, 2))),
+])
+def test_layer_matches_reference_and_linen_twin(name, options, ref_opts):
+  assert variants.info(name).kind == "spatial"
+  x = rnd(20, (2, 6, 6, 12))
+  m = variants.build(name, d_model=12, num_heads=3, rngs=nnx.Rngs(0), **options)
+  params = {k: a + 0.1 * rnd(21 + i, a.shape) for i, (k, a) in enumerate(m.params_dict().items())}
+  for k, a in params.items():
+    getattr(m, k)[...] = a
+  y = m(x)
+  assert y.shape == x.shape
+  assert_close(y, _layer_ref(name, params, x, ref_opts), jnp.float32, name)
+  lm = variants.get_linen(name)(d_model=12, num_heads=3, **options)
+  lp = nn.unbox(lm.init(jax.random.key(0), x)["params"])
+  assert jax.tree.map(jnp.shape, lp) == jax.tree.map(jnp.shape, params)
+  ct = rnd(30, y.shape)
+  y1, vjp1 = jax.vjp(lambda a: m(a), x)
+  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  np.testing.assert_array_equal(y1, y2)
+  np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
+
+
+def test_layers_default_options_on_the_digits_grid_and_errors():
+  x = rnd(40, (1, 4, 4, 16))
+  for name in _LAYERS:
+    m = variants.build(name, d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0),
+                       rope="axial", qk_norm=True)
+    y = m(x)
+    assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y))), name
+    with pytest.raises(ValueError, match=r"x must be \[B, Hh, Ww, d_model=16\]"):
+      m(x.reshape(1, 16, 16))
+    with pytest.raises(ValueError, match="cache"):
+      m(x, cache={})
+  with pytest.raises(ValueError, match="stripe_width is not an option of spatial variant 'halo'"):
+    variants.build("halo", d_model=16, num_heads=4, rngs=nnx.Rngs(0), stripe_width=2)
+  with pytest.raises(TypeError, match="unknown option 'windw'"):
+    variants.build("cswin", d_model=16, num_heads=4, rngs=nnx.Rngs(0), windw=2)
+  with pytest.raises(ValueError, match="recurrence must be a positive int"):
+    variants.build("ccnet", d_model=16, num_heads=4, rngs=nnx.Rngs(0), recurrence=0)
+  m = variants.build("maxvit_grid", d_model=16, num_heads=4, rngs=nnx.Rngs(0), grid_size=3)
+  with pytest.raises(ValueError, match="grid_size must divide"):
+    m(x)
+
+
+def test_train_smoke_one_step(tmp_path):
+  """One training step of the digits ViT with the 'cswin' variant (runlocal)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
+  config = os.path.join(root, "configs", "digits_vit.py") + ":variant=cswin,runlocal=True"
+  cmd = [sys.executable, os.path.join(root, "train.py"), f"--config={config}",
+         "--config.num_steps=1", "--config.schedule.warmup_steps=0", "--config.tensorboard=False",
+         "--config.progress_bar=False",
+         "--config.checkpoint_every=0", f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    rows = [line for line in f if line.strip()]
+  assert rows and "nan" not in "".join(rows).lower()
