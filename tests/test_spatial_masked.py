@@ -355,10 +355,12 @@ _IMPL_CASES = {
 }
 IMPL = [None]
 _IMPLS = ["xla", "xla_chunked", ("cpu_flash", "xla_chunked"), "pallas_tpu", "pallas_gpu"]
-# Interpreted Pallas on every op is slow on 2 cores: a score-mod op and the head-split op
-# per kernel run by default, the rest under -m slow.
-_PALLAS_DEFAULT = (("pallas_tpu", "window"), ("pallas_tpu", "stripe"),
-                   ("pallas_gpu", "neighborhood"))
+# Compile time on 2 cores: 'xla' and 'xla_chunked' run every op by default; the cpu_flash
+# fallback and the interpreted Pallas kernels run a score-mod op and the head-split op by
+# default, the other combinations under -m slow.
+_DEFAULT = {"xla": tuple(_IMPL_CASES), "xla_chunked": tuple(_IMPL_CASES),
+            ("cpu_flash", "xla_chunked"): ("window", "halo"),
+            "pallas_tpu": ("window", "stripe"), "pallas_gpu": ("neighborhood",)}
 
 
 def _nat_ref(q, k, v, t):
@@ -368,8 +370,7 @@ def _nat_ref(q, k, v, t):
 
 
 @pytest.mark.parametrize("impl,op", [
-    pytest.param(i, o, marks=() if not str(i).startswith("pallas") or (i, o) in _PALLAS_DEFAULT
-                 else pytest.mark.slow, id=f"{i}-{o}")
+    pytest.param(i, o, marks=() if o in _DEFAULT[i] else pytest.mark.slow, id=f"{i}-{o}")
     for i in _IMPLS for o in _IMPL_CASES])
 def test_every_implementation_matches_reference(impl, op):
   fn, ref, table = _IMPL_CASES[op]
@@ -494,11 +495,13 @@ def _layer_ref(name, p, x, opts):
       o = ref_keysets(q, k, v, halo_allowed((Hh, Ww), opts["block"], opts["halo"]))
     elif name == "cswin":
       o = ref_keysets(q, k, v, stripe_allowed((Hh, Ww), opts["width"], q.shape[-2]))
-      vp = np.pad(np.asarray(v), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
-      lepe = np.zeros(v.shape, np.float32) + np.asarray(p["lepe_bias"])
-      for y, xx, a, b in itertools.product(range(Hh), range(Ww), range(3), range(3)):
-        lepe[:, y, xx] += vp[:, y + a, xx + b] * np.asarray(p["lepe_kernel"])[a, b]
-      o = o + jnp.repeat(jnp.asarray(lepe), q.shape[-2] // k.shape[-2], axis=-2)
+      K, Hv = v.shape[-2:]
+      lepe = jax.lax.conv_general_dilated(  # depthwise: one group per channel
+          v.reshape(B, Hh, Ww, K * Hv), p["lepe_kernel"].reshape(3, 3, 1, K * Hv), (1, 1),
+          "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=K * Hv,
+          precision="highest")
+      lepe = lepe.reshape(v.shape) + p["lepe_bias"]
+      o = o + jnp.repeat(lepe, q.shape[-2] // k.shape[-2], axis=-2)
     elif name == "ccnet":
       o = ref_keysets(q, k, v, criss_cross_allowed((Hh, Ww)))
     elif name == "maxvit_block":
@@ -526,17 +529,25 @@ def test_layer_matches_reference_and_linen_twin(name, options, ref_opts):
   params = {k: a + 0.1 * rnd(21 + i, a.shape) for i, (k, a) in enumerate(m.params_dict().items())}
   for k, a in params.items():
     getattr(m, k)[...] = a
-  y = m(x)
-  assert y.shape == x.shape
-  assert_close(y, _layer_ref(name, params, x, ref_opts), jnp.float32, name)
   lm = variants.get_linen(name)(d_model=12, num_heads=3, **options)
   lp = nn.unbox(lm.init(jax.random.key(0), x)["params"])
   assert jax.tree.map(jnp.shape, lp) == jax.tree.map(jnp.shape, params)
-  ct = rnd(30, y.shape)
-  y1, vjp1 = jax.vjp(lambda a: m(a), x)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  graphdef, state = nnx.split(m)
+  ct = rnd(30, x.shape)
+
+  def fwd_bwd(f):  # jitted: eager layers compile every primitive separately
+    def run(a, ct):
+      y, vjp = jax.vjp(f, a)
+      return y, vjp(ct)[0]
+    return jax.jit(run)(x, ct)
+
+  y1, g1 = fwd_bwd(lambda a: nnx.merge(graphdef, state)(a))
+  y2, g2 = fwd_bwd(lambda a: lm.apply({"params": params}, a))
+  want = jax.jit(lambda a: _layer_ref(name, params, a, ref_opts))(x)
+  assert y1.shape == x.shape
+  assert_close(y1, want, jnp.float32, name)
   np.testing.assert_array_equal(y1, y2)
-  np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
+  np.testing.assert_array_equal(g1, g2)
 
 
 def test_layers_default_options_on_the_digits_grid_and_errors():
@@ -544,7 +555,8 @@ def test_layers_default_options_on_the_digits_grid_and_errors():
   for name in _LAYERS:
     m = variants.build(name, d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0),
                        rope="axial", qk_norm=True)
-    y = m(x)
+    graphdef, state = nnx.split(m)
+    y = jax.jit(lambda st, a, g=graphdef: nnx.merge(g, st)(a))(state, x)
     assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y))), name
     with pytest.raises(ValueError, match=r"x must be \[B, Hh, Ww, d_model=16\]"):
       m(x.reshape(1, 16, 16))
@@ -561,6 +573,7 @@ def test_layers_default_options_on_the_digits_grid_and_errors():
     m(x)
 
 
+@pytest.mark.slow  # ~45 s of compilation on 2 cores; the per-variant smoke lives elsewhere
 def test_train_smoke_one_step(tmp_path):
   """One training step of the digits ViT with the 'cswin' variant (runlocal)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
