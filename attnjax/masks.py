@@ -55,7 +55,7 @@ import numpy as np
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "KINDS", "Mask", "full", "causal", "sliding_window", "chunked",
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
-    "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask",
+    "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask", "halo", "stripe",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -85,7 +85,7 @@ class _Ctx:
 
 KINDS = ("full", "causal", "sliding_window", "chunked", "prefix_lm", "dual_triangle",
          "document", "neighborhood", "window", "grid", "axial", "criss_cross", "array",
-         "fn", "block_mask", "shifted", "and", "or", "not")
+         "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe")
 """The closed set of :attr:`Mask.kind` values (see the module docstring)."""
 
 _COMPOSITE = ("and", "or", "not")
@@ -471,6 +471,10 @@ def _rebuild(kind, p, ch, arr):
     return axial(p["shape"], p["axis"])
   if kind == "criss_cross":
     return criss_cross(p["shape"])
+  if kind == "halo":
+    return halo(p["shape"], p["block"], p["halo"])
+  if kind == "stripe":
+    return stripe(p["shape"], p["width"], p["axis"])
   if kind == "array":
     return from_array(arr["array"])
   if kind == "fn":
@@ -983,6 +987,68 @@ def criss_cross(shape) -> Mask:
     return rows._fn(ctx, b, h, q, kv) | cols._fn(ctx, b, h, q, kv)
   return Mask(fn, f"criss_cross({shape})", kind="criss_cross", params={"shape": shape},
               parts=(rows, cols), grid_size=int(np.prod(shape)))
+
+
+def halo(shape, block, halo) -> Mask:  # pylint: disable=redefined-outer-name
+  """HaloNet blocked local attention with a halo, on a 1D/2D/3D row-major token grid.
+
+  Per axis, queries are grouped in blocks of ``block`` positions (the last block is
+  shorter when ``block`` does not divide the axis); a query in block ``i`` attends to the
+  keys at positions ``[i * block - halo, (i + 1) * block + halo)`` of that axis, clipped
+  to the grid (positions outside the map are never attended).  ``params``:
+  ``{'shape', 'block', 'halo'}`` (per-axis tuples).
+
+  Paper: "Scaling Local Self-Attention for Parameter Efficient Visual Backbones".
+  """
+  shape = _check_shape(shape)
+  nd = len(shape)
+  blk = _per_axis("block", block, nd, minimum=1)
+  hl = _per_axis("halo", halo, nd)
+  for L, b in zip(shape, blk):
+    if b > L:
+      raise ValueError(f"block must be <= the grid size per axis; got block={blk} for "
+                       f"shape={shape}")
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for qi, ki, bb, hh in zip(_coords(q, shape, xp), _coords(kv, shape, xp), blk, hl):
+      start = (qi // bb) * bb
+      a = (ki >= start - hh) & (ki < start + bb + hh)
+      ok = a if ok is None else ok & a
+    return ok
+  return Mask(fn, f"halo({shape}, {blk}, {hl})", kind="halo",
+              params={"shape": shape, "block": blk, "halo": hl},
+              grid_size=int(np.prod(shape)))
+
+
+def stripe(shape, width, axis: int) -> Mask:
+  """CSWin stripes on a 2D row-major token grid ``(Hh, Ww)``.
+
+  ``axis=0``: horizontal stripes, ``width`` consecutive rows each (tokens attend iff
+  ``y_q // width == y_kv // width``); ``axis=1``: vertical stripes of ``width``
+  columns (``x_q // width == x_kv // width``).  The last stripe is shorter when
+  ``width`` does not divide the axis.  ``params``: ``{'shape', 'width', 'axis'}``.
+
+  Paper: "CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped
+  Windows".
+  """
+  shape = _check_shape(shape)
+  if len(shape) != 2:
+    raise ValueError(f"stripe needs a 2D shape (Hh, Ww), got {shape!r}")
+  axis = _check_int("axis", axis, minimum=0)
+  if axis > 1:
+    raise ValueError(f"axis must be 0 (horizontal stripes) or 1 (vertical), got {axis}")
+  width = _check_int("width", width, minimum=1)
+  if width > shape[axis]:
+    raise ValueError(f"width must be <= shape[{axis}]={shape[axis]}, got width={width}")
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    return (_coords(q, shape, xp)[axis] // width) == (_coords(kv, shape, xp)[axis] // width)
+  return Mask(fn, f"stripe({shape}, {width}, axis={axis})", kind="stripe",
+              params={"shape": shape, "width": width, "axis": axis},
+              grid_size=int(np.prod(shape)))
 
 
 # ------------------------------------------------------------------ generic masks

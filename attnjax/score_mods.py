@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_position_bias", "temperature",
-           "softcap", "compose"]
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_position_bias",
+           "grid_relative_position_bias", "temperature", "softcap", "compose"]
 
 
 class ScoreMod:
@@ -146,6 +146,65 @@ def relative_position_bias(table, *, shape: Optional[Sequence[int]] = None,
     return score + jnp.asarray(table)[h, idx].astype(jnp.float32)
   return ScoreMod(fn, f"relative_position_bias{shape}",
                   functools.partial(_check_rows, table, int(np.prod(shape))))
+
+
+def grid_relative_position_bias(table, *, shape: Sequence[int], dilation=1,
+                                query_minus_key: bool = False) -> ScoreMod:
+  """Relative-position bias on a 1D-3D grid indexed per axis, ``s + table[h, i_1, ..]``.
+
+  ``table [N, 2 R_1 + 1, ..., 2 R_D + 1]`` (one axis per grid axis, not flattened).  With
+  tokens in row-major order over ``shape`` and coordinates ``c_a``, the per-axis offset is
+  ``o_a = kv_a // d_a - q_a // d_a`` (key minus query in units of the dilation ``d_a``;
+  ``q_a // d_a - kv_a // d_a`` when ``query_minus_key``), clipped to ``[-R_a, R_a]``,
+  and ``i_a = o_a + R_a``.  Offsets beyond ``R_a`` only occur on pairs a spatial mask
+  removes (the clip keeps the gather in range; such pairs get no gradient).
+
+  Used by :func:`attnjax.ops.spatial.neighborhood_attention` (NAT's ``[N, *(2k-1)]``
+  table, ``d`` = the dilation, key minus query in group indices),
+  :func:`~attnjax.ops.spatial.window_attention` (Swin's ``[N, 2w-1, 2w-1]`` table,
+  query minus key) and MaxViT's block/grid attention.
+
+  Papers: "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows";
+  "Neighborhood Attention Transformer".
+  """
+  if not hasattr(table, "ndim") or not hasattr(table, "dtype"):
+    raise TypeError(f"table must be an array, got {type(table).__name__}")
+  if not jnp.issubdtype(table.dtype, jnp.floating):
+    raise TypeError(f"table must be floating point, got {table.dtype}")
+  shape = tuple(int(s) for s in shape)
+  nd = len(shape)
+  if not 1 <= nd <= 3:
+    raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
+  if table.ndim != nd + 1:
+    raise ValueError(f"table must be [N, *(2R+1)] with one axis per grid axis (rank {nd + 1}), "
+                     f"got shape {table.shape}")
+  if any(w % 2 == 0 for w in table.shape[1:]):
+    raise ValueError(f"table axes after N must be odd (2R+1), got shape {table.shape}")
+  if isinstance(dilation, (int, np.integer)):
+    dilation = (int(dilation),) * nd
+  dilation = tuple(int(d) for d in dilation)
+  if len(dilation) != nd or any(d < 1 for d in dilation):
+    raise ValueError(f"dilation must be a positive int or {nd} of them, got {dilation!r}")
+  Rs = tuple((w - 1) // 2 for w in table.shape[1:])
+  strides = [int(np.prod(shape[a + 1:])) for a in range(nd)]
+  sign = -1 if query_minus_key else 1
+
+  def fn(score, b, h, q, kv):
+    idx = [h]
+    for L, st, R, d in zip(shape, strides, Rs, dilation):
+      o = ((kv // st) % L) // d - ((q // st) % L) // d
+      idx.append(jnp.clip(sign * o, -R, R) + R)
+    return score + jnp.asarray(table)[tuple(idx)].astype(jnp.float32)
+
+  def check(T, S, N):
+    if table.shape[0] != N:
+      raise ValueError(f"grid_relative_position_bias table has {table.shape[0]} rows; the call "
+                       f"has N={N} heads")
+    n = int(np.prod(shape))
+    if T != n or S != n:
+      raise ValueError(f"grid_relative_position_bias shape {shape} has {n} tokens; the call "
+                       f"needs T == S == {n}, got T={T}, S={S}")
+  return ScoreMod(fn, f"grid_relative_position_bias{shape}", check)
 
 
 def temperature(tau) -> ScoreMod:

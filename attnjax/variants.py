@@ -221,6 +221,15 @@ def _register_builtins():
 
   register("pma", pma, kind="pooling", linen=pma_linen)
 
+  # Mask-based spatial layers (attnjax.layers.spatial_masked, ops of
+  # attnjax.ops.spatial.windowed): HaloNet 'halo', CSWin + LePE 'cswin', recurrent CCNet
+  # 'ccnet', MaxViT 'maxvit_block' / 'maxvit_grid' (alternate them per layer). Inputs are
+  # the token grid [B, Hh, Ww, D]; no cache. ('swin' and 'neighborhood' stay mask presets.)
+  from attnjax.layers import spatial_masked
+  for mechanism in spatial_masked.MECHANISMS:
+    register(mechanism, spatial_masked.make_factory(mechanism), kind="spatial",
+             linen=spatial_masked.make_linen_factory(mechanism))
+
   # The linear-attention family: one LinearAttention layer per mechanism.
   never_causal = linear_layers._NEVER_CAUSAL  # pylint: disable=protected-access
   for mechanism in linear_layers.MECHANISMS:
