@@ -18,13 +18,14 @@ Paper: "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awaren
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.jaxpr import hoist_consts
 from attnjax.core.plan import kv_group_table
@@ -41,15 +42,21 @@ class ChunkedBlockSizes:
     block_q: query rows per tile *per query head*; a GQA group of ``G`` heads is
       processed as ``G * block_q`` rows.  ``None``: chosen from the shape.
     block_k: keys per tile.  ``None``: chosen from the shape.
+    spatial_tile: 2D tiling of spatial masks by ``attnjax.attention`` (the dispatcher,
+      :mod:`attnjax.core.tiling`): ``True`` (default) permutes the tokens of a
+      neighborhood/window/grid/... mask's grid so each tile is a spatial patch;
+      ``False`` keeps the row-major order; a tuple fixes the patch per grid axis.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
+  spatial_tile: Union[bool, tuple] = True
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       val = getattr(self, name)
       if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
         raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int or None, got {val!r}")
+    tiling_lib.check_spatial_tile(self.spatial_tile, "ChunkedBlockSizes")
 
   def resolve(self, T: int, S: int, G: int):
     bq = self.block_q or max(16, 256 // G)
