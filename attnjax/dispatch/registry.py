@@ -455,7 +455,7 @@ def softmax_signature(q, k, v, a, implementation, return_lse) -> tuple:
 # 2D tiling of spatial masks (attnjax.core.tiling) per implementation: the default
 # (query, key) tile in tokens and the block sizes the implementation accepts.
 _TILING = {
-    "xla_chunked": (128, 64, lambda bq, bk: True),
+    "xla_chunked": (64, 32, lambda bq, bk: True),
     "pallas_tpu": (128, 128, lambda bq, bk: bq % 8 == 0 and bk % 128 == 0),
     "pallas_gpu": (64, 64, lambda bq, bk: min(bq, bk) >= 16 and not (bq & (bq - 1))
                    and not (bk & (bk - 1))),
