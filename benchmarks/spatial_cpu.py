@@ -33,7 +33,6 @@ import numpy as np
 import attnjax
 from attnjax import masks
 from attnjax.core import args as args_lib
-from attnjax.core import tiling
 from attnjax.dispatch import registry
 
 
@@ -126,7 +125,7 @@ def main():
   print(f"{'case':30s} {'tile':>8s} {'2D dens':>8s} {'flat dens':>9s} {'fwd s':>7s} "
         f"{'fwd/dense':>9s} {'<=2*dens':>8s} {'fb/dense':>8s}")
   rows = []
-  for name, m, with_fb in cases:
+  for name, _, with_fb in cases:
     tiled, flat, tplan = info[name]
     r = best[name] / best["dense"]
     rfb = best[name + " fwd+bwd"] / best["dense fwd+bwd"] if with_fb else None

@@ -130,8 +130,8 @@ def _gathered_attention(q, k, v, a: AttentionArgs, bq, bk, klist, count, return_
   keys, and all q blocks of a (batch, kv head) run as one batched matmul / softmax /
   matmul (no per-tile loop, whose fixed cost dominates small tiles on CPU).  The mask
   is evaluated once, with NumPy at trace time, on ``[nq, bq, L * bk]`` indices (a
-  boolean constant shared by the heads); padded list entries are masked.  Gradients by autodiff, each (batch, kv head)
-  rematerialised (``jax.checkpoint``), so memory stays ``O(T * L * bk)`` per step.
+  boolean constant shared by the heads); padded list entries are masked.  Gradients by
+  autodiff, each (batch, kv head) rematerialised (``jax.checkpoint``), so memory stays ``O(T * L * bk)`` per step.
   Exact: the same softmax over the same allowed keys as the tile loop.
   """
   q, a = static_scale(q, a)
