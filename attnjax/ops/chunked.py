@@ -131,8 +131,8 @@ def _gathered_attention(q, k, v, a: AttentionArgs, bq, bk, klist, count, return_
   matmul (no per-tile loop, whose fixed cost dominates small tiles on CPU).  The mask
   is evaluated once, with NumPy at trace time, on ``[nq, bq, L * bk]`` indices (a
   boolean constant shared by the heads); padded list entries are masked.  Gradients by
-  autodiff, each (batch, kv head) rematerialised (``jax.checkpoint``), so memory stays ``O(T * L * bk)`` per step.
-  Exact: the same softmax over the same allowed keys as the tile loop.
+  autodiff, each (batch, kv head) rematerialised (``jax.checkpoint``), so memory stays
+  ``O(T * L * bk)`` per step.  Exact: the same softmax over the same allowed keys as the tile loop.
   """
   q, a = static_scale(q, a)
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
