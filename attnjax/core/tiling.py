@@ -51,6 +51,7 @@ class TilePlan:
   offset: tuple
   block_q: int
   block_k: int
+  tiled_mask: Optional[masks_lib.Mask] = dataclasses.field(default=None, compare=False)
 
 
 def check_spatial_tile(value, owner: str):
@@ -124,7 +125,7 @@ def _offset(mask, shape):
 
 def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
                 block_k: Optional[int], default_q: int, default_k: int,
-                valid_block=None) -> Optional[TilePlan]:
+                valid_block=None, flat_blocks=None) -> Optional[TilePlan]:
   """The tiling of call ``a`` for an implementation, or None to keep the flattened order.
 
   Tiled when ``spatial_tile`` is not False, the mask is a static spatial mask tree on a
@@ -133,6 +134,14 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
   implementation's default ``default_q`` when None; fewer when no patch of that size
   divides the map); key tiles have ``block_k`` tokens (default ``default_k``).
   ``valid_block(bq, bk) -> bool`` says which block sizes the implementation accepts.
+
+  Automatic tiling (``spatial_tile=True``) is used only when it computes fewer score
+  entries than the flattened order at the implementation's flattened block sizes
+  ``flat_blocks = (bq, bk)``: ``nonempty tiles * bq * bk`` of both block tables
+  (computed at trace time, exact).  Narrow maps, whose flattened tiles already span
+  whole rows, or key tiles large next to the mask's reach (128-key TPU tiles and a 7x7
+  neighborhood on a 128-wide map) keep the flattened order.  A tuple ``spatial_tile``
+  always tiles.
   """
   if spatial_tile is False or a.mask is None or a.T != a.S:
     return None
@@ -153,7 +162,16 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
   bk = block_k if block_k is not None else min(default_k, P)
   if valid_block is not None and not valid_block(bq, bk):
     return None
-  return TilePlan(shape, tile, _offset(a.mask, shape), bq, bk)
+  offset = _offset(a.mask, shape)
+  tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset)
+  plan = TilePlan(shape, tile, offset, bq, bk, tiled)   # tables cached on `tiled`
+  if spatial_tile is True and flat_blocks is not None:
+    fq, fk = flat_blocks
+    work_2d = int(np.count_nonzero(tiled.block_table(a.T, a.S, bq, bk))) * bq * bk
+    work_flat = int(np.count_nonzero(a.mask.block_table(a.T, a.S, fq, fk))) * fq * fk
+    if work_2d >= work_flat:
+      return None
+  return plan
 
 
 def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False):
@@ -197,7 +215,9 @@ def tile_call(q, k, v, a: AttentionArgs, plan: TilePlan):
   :func:`attnjax.masks.tiled2d`, a bias's full ``T``/``S`` axes and segment ids
   permuted, the score_mod evaluated at the grid indices."""
   qt, kt, vt = (permute_axis(x, 1, plan) for x in (q, k, v))
-  mask = masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
+  mask = plan.tiled_mask
+  if mask is None:
+    mask = masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
   bias = a.bias
   if bias is not None:
     for ax in (2, 3):

@@ -479,8 +479,9 @@ def _spatial_tiling(impl: Implementation, a, cfg):
   if not hasattr(base, "spatial_tile"):
     return None, cfg
   default_q, default_k, valid = spec
+  flat = base.resolve(a.T, a.S, a.G) if name == "xla_chunked" else base.resolve(a.T, a.S)
   tplan = tiling_lib.plan_tiling(a, base.spatial_tile, base.block_q, base.block_k,
-                                 default_q, default_k, valid)
+                                 default_q, default_k, valid, flat)
   if tplan is None:
     return None, cfg
   return tplan, dataclasses.replace(base, block_q=tplan.block_q, block_k=tplan.block_k)
