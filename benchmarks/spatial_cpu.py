@@ -66,7 +66,7 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--bq", type=int, default=None)
   p.add_argument("--bk", type=int, default=None)
-  p.add_argument("--only", default=None, help="comma-separated case names")
+  p.add_argument("--only", default=None, help="case names separated by ;")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   g = args.grid
@@ -85,7 +85,7 @@ def main():
       ("criss_cross", masks.criss_cross(shape), False),
   ]
   if args.only:
-    keep = set(args.only.split(","))
+    keep = set(args.only.split(";"))
     cases = [c for c in cases if c[0] in keep]
 
   def fwd(m):
