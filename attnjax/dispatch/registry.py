@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from attnjax.core import args as args_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.errors import Unsupported
 
 __all__ = ["Implementation", "IMPLEMENTATIONS", "FAMILIES", "implementations", "get",
@@ -435,6 +436,41 @@ def softmax_signature(q, k, v, a, implementation, return_lse) -> tuple:
           jax.default_backend(), text)
 
 
+# 2D tiling of spatial masks (attnjax.core.tiling) per implementation: the default
+# (query, key) tile in tokens and the block sizes the implementation accepts.
+_TILING = {
+    "xla_chunked": (64, 32, lambda bq, bk: True),
+    "pallas_tpu": (128, 128, lambda bq, bk: bq % 8 == 0 and bk % 128 == 0),
+    "pallas_gpu": (64, 64, lambda bq, bk: min(bq, bk) >= 16 and not (bq & (bq - 1))
+                   and not (bk & (bk - 1))),
+}
+
+
+def _spatial_tiling(impl: Implementation, a, cfg):
+  """``(TilePlan or None, config)``: whether ``impl`` runs call ``a`` in the 2D-tiled
+  token order (a static spatial mask on a 2D/3D grid; ``spatial_tile`` of the config
+  not False), and the config with the block sizes of the tiling filled in."""
+  name = impl.name
+  if name == "pallas":
+    target = _native_target()
+    name = f"pallas_{target}" if target else name
+  spec = _TILING.get(name)
+  if spec is None or a.mask is None:
+    return None, cfg
+  cls = impl.config_cls[0] if name == impl.name else \
+      _flash_module(name.split("_")[1]).BlockSizes
+  base = cfg if cfg is not None else cls()
+  if not hasattr(base, "spatial_tile"):
+    return None, cfg
+  default_q, default_k, valid = spec
+  flat = base.resolve(a.T, a.S, a.G) if name == "xla_chunked" else base.resolve(a.T, a.S)
+  tplan = tiling_lib.plan_tiling(a, base.spatial_tile, base.block_q, base.block_k,
+                                 default_q, default_k, valid, flat)
+  if tplan is None:
+    return None, cfg
+  return tplan, dataclasses.replace(base, block_q=tplan.block_q, block_k=tplan.block_k)
+
+
 def run_softmax(q, k, v, a, *, implementation, return_lse, block_sizes):
   """Runs the first candidate that serves the call (see the module docstring)."""
   cands = candidates(implementation, a, "softmax")
@@ -447,9 +483,15 @@ def run_softmax(q, k, v, a, *, implementation, return_lse, block_sizes):
     reason = impl.supports(a, cfg)
     if reason is None:
       qi, ai = (q, a) if impl.traced_scale else args_lib.static_scale(q, a)
+      ki, vi = k, v
+      tplan, cfg = _spatial_tiling(impl, ai, cfg)
+      if tplan is not None:
+        qi, ki, vi, ai = tiling_lib.tile_call(qi, k, v, ai, tplan)
       try:
         with jax.named_scope(f"attnjax/{name}"):
-          out = impl.run(qi, k, v, ai, return_lse=return_lse, block_sizes=cfg)
+          out = impl.run(qi, ki, vi, ai, return_lse=return_lse, block_sizes=cfg)
+          if tplan is not None:
+            out = tiling_lib.untile_outputs(out, tplan, return_lse)
       except Unsupported as e:
         reason = str(e)
       else:

@@ -18,13 +18,14 @@ Paper: "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awaren
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.jaxpr import hoist_consts
 from attnjax.core.plan import kv_group_table
@@ -41,15 +42,21 @@ class ChunkedBlockSizes:
     block_q: query rows per tile *per query head*; a GQA group of ``G`` heads is
       processed as ``G * block_q`` rows.  ``None``: chosen from the shape.
     block_k: keys per tile.  ``None``: chosen from the shape.
+    spatial_tile: 2D tiling of spatial masks by ``attnjax.attention`` (the dispatcher,
+      :mod:`attnjax.core.tiling`): ``True`` (default) permutes the tokens of a
+      neighborhood/window/grid/... mask's grid so each tile is a spatial patch;
+      ``False`` keeps the row-major order; a tuple fixes the patch per grid axis.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
+  spatial_tile: Union[bool, tuple] = True
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       val = getattr(self, name)
       if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
         raise ValueError(f"ChunkedBlockSizes.{name} must be a positive int or None, got {val!r}")
+    tiling_lib.check_spatial_tile(self.spatial_tile, "ChunkedBlockSizes")
 
   def resolve(self, T: int, S: int, G: int):
     bq = self.block_q or max(16, 256 // G)
@@ -97,6 +104,86 @@ def _pick(arr, b, kh):
   return arr[b if arr.shape[0] > 1 else 0, kh if arr.shape[1] > 1 else 0]
 
 
+# The gathered path holds one (batch, kv head)'s logits for at most this many keys per row.
+_GATHER_MAX_KEYS = 4096
+
+
+def _gather_ok(a: AttentionArgs, klist, count, bk: int) -> bool:
+  """The gathered path serves a 2D-tiled spatial mask (``tiled2d``, static, the same
+  table for every batch and head) with no bias, score_mod, segment ids or sinks, when
+  its longest key list is short (at most half the keys and ``_GATHER_MAX_KEYS``)."""
+  m = a.mask
+  if m is None or m.kind != "tiled2d" or m.data_dependent or m.head_dependent:
+    return False
+  if not isinstance(klist, np.ndarray) or klist.shape[:2] != (1, 1):
+    return False
+  if a.bias is not None or a.score_mod is not None or a.q_segment_ids is not None or \
+      a.sinks is not None:
+    return False
+  L = max(1, int(count.max()))
+  return L * bk <= min(_GATHER_MAX_KEYS, a.S // 2)
+
+
+def _gathered_attention(q, k, v, a: AttentionArgs, bq, bk, klist, count, return_lse):
+  """Static block-sparse attention by gathering: each q block's non-empty key blocks
+  (a static list, padded to the longest, ``L``) are gathered into ``[nq, L * bk]``
+  keys, and all q blocks of a (batch, kv head) run as one batched matmul / softmax /
+  matmul (no per-tile loop, whose fixed cost dominates small tiles on CPU).  The mask
+  is evaluated once, with NumPy at trace time, on ``[nq, bq, L * bk]`` indices (a
+  boolean constant shared by the heads); padded list entries are masked.  Gradients by
+  autodiff, each (batch, kv head) rematerialised (``jax.checkpoint``), so memory stays
+  ``O(T * L * bk)`` per step.  Exact: the same softmax over the same allowed keys as the tile loop.
+  """
+  q, a = static_scale(q, a)
+  B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
+  nq, nk = -(-T // bq), -(-S // bk)
+  Tp, Sp, R = nq * bq, nk * bk, G * bq
+  L = max(1, int(count.max()))
+  kidx = np.asarray(klist[0, 0, :, :L], np.int32)                        # [nq, L]
+  live = np.arange(L)[None, :] < count[0, 0][:, None]                    # [nq, L]
+  kv_idx = (kidx[:, :, None] * bk + np.arange(bk)[None, None, :]).reshape(nq, 1, L * bk)
+  kv_live = np.repeat(live, bk, axis=1).reshape(nq, 1, L * bk) & (kv_idx < S)
+  q_idx = (np.arange(nq)[:, None] * bq + np.arange(bq)[None, :]).reshape(nq, bq, 1)
+  mask, scale, softcap, dtype = a.mask, a.scale, a.softcap, q.dtype
+  # A static mask: evaluated once here with NumPy (a constant of the computation).
+  allowed = np.asarray(mask(0, 0, q_idx, kv_idx, num_heads=N, batch=B), bool)
+  allowed = np.broadcast_to(allowed & kv_live, (nq, bq, L * bk))
+  allowed = np.broadcast_to(allowed[:, None], (nq, G, bq, L * bk)).reshape(nq, R, L * bk)
+
+  def one(args):
+    q_b, k_b, v_b = args                    # [nq, R, H], [nk, bk, H], [nk, bk, Hv]
+    kg = k_b[kidx].reshape(nq, L * bk, H)
+    vg = v_b[kidx].reshape(nq, L * bk, Hv)
+    s = jnp.einsum("qrh,qkh->qrk", q_b, kg, preferred_element_type=jnp.float32)
+    if softcap is not None:
+      s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(allowed, s, -jnp.inf)
+    m = jax.lax.stop_gradient(s.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    l = p.sum(axis=-1)
+    pos = l > 0
+    safe = jnp.where(pos, l, 1.0)
+    o = jnp.einsum("qrk,qkd->qrd", p.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
+    o = (o / safe[..., None]).astype(dtype)
+    lse = jnp.where(pos, m_safe + jnp.log(safe), -jnp.inf)
+    return o, lse
+
+  qs = (q.astype(jnp.float32) * scale).astype(dtype)
+  qs = jnp.pad(qs, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+  qs = qs.reshape(B, nq, bq, K, G, H).transpose(0, 3, 1, 4, 2, 5).reshape(B * K, nq, R, H)
+  def kblocks(x):
+    D = x.shape[-1]
+    x = jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3).reshape(B * K, nk, bk, D)
+  o, lse = jax.lax.map(jax.checkpoint(one), (qs, kblocks(k), kblocks(v)))
+  o = o.reshape(B, K, nq, G, bq, Hv).transpose(0, 2, 4, 1, 3, 5).reshape(B, Tp, N, Hv)[:, :T]
+  if not return_lse:
+    return o
+  lse = lse.reshape(B, K, nq, G, bq).transpose(0, 1, 3, 2, 4).reshape(B, N, Tp)[:, :, :T]
+  return o, lse
+
+
 def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None):
   """Blockwise attention; see the module docstring.  Same contract as
   :func:`attnjax.attention` (BTNH in, BTNH out, ``lse [B, N, T]``)."""
@@ -114,6 +201,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   dtype = q.dtype
 
   klist, count, partial = _schedule(a, bq, bk)
+  if _gather_ok(a, klist, count, bk):
+    return _gathered_attention(q, k, v, a, bq, bk, klist, count, return_lse)
 
   # Static config closed over by the custom_vjp.
   scale, softcap = a.scale, a.softcap

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from attnjax.core import jaxpr as jaxpr_lib
 from attnjax.core import plan as plan_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs
 from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import pallas_shard
@@ -77,12 +78,17 @@ class BlockSizes:
       a heuristic (:func:`attnjax.core.plan.resolve_num_splits`) that splits when
       ``B * N * nq`` programs are fewer than 256 (two waves of a large GPU), keeping at
       least 4 tiles per split.  The backward pass is not split.
+    spatial_tile: 2D tiling of spatial masks by ``attnjax.attention`` (the dispatcher,
+      :mod:`attnjax.core.tiling`): ``True`` (default) permutes the tokens of a
+      neighborhood/window/grid/... mask's grid so each tile is a spatial patch;
+      ``False`` keeps the row-major order; a tuple fixes the patch per grid axis.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_warps: Optional[int] = None
   num_stages: int = 2
   num_splits: Optional[int] = None
+  spatial_tile: Union[bool, tuple] = True
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
@@ -100,6 +106,7 @@ class BlockSizes:
         self.num_stages <= 0:
       raise ValueError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
     plan_lib.validate_num_splits(self.num_splits, "BlockSizes")
+    tiling_lib.check_spatial_tile(self.spatial_tile, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnjax.core import jaxpr as jaxpr_lib
 from attnjax.core import plan as plan_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs
 from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import pallas_shard
@@ -81,10 +82,15 @@ class BlockSizes:
       disables it; ``None``: a heuristic (:func:`attnjax.core.plan.resolve_num_splits`)
       that splits only when ``B * K * nq`` programs are fewer than 4 and the longest
       list has at least 8 tiles.  The backward pass is not split.
+    spatial_tile: 2D tiling of spatial masks by ``attnjax.attention`` (the dispatcher,
+      :mod:`attnjax.core.tiling`): ``True`` (default) permutes the tokens of a
+      neighborhood/window/grid/... mask's grid so each tile is a spatial patch;
+      ``False`` keeps the row-major order; a tuple fixes the patch per grid axis.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_splits: Optional[int] = None
+  spatial_tile: Union[bool, tuple] = True
 
   def __post_init__(self):
     for name, mult, what in (("block_q", _SUBLANES, "sublanes"), ("block_k", _LANES, "lanes")):
@@ -95,6 +101,7 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {mult} (TPU "
                          f"{what}), got {val!r}; use e.g. {mult * max(1, (val or 0) // mult or 1)}")
     plan_lib.validate_num_splits(self.num_splits, "BlockSizes")
+    tiling_lib.check_spatial_tile(self.spatial_tile, "BlockSizes")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":

@@ -1,0 +1,241 @@
+"""2D tiling of spatial masks: token permutations that make tiles spatial patches.
+
+A neighborhood or window mask over a row-major flattened ``Hh x Ww`` map, tiled along
+the flattened axis, puts a one-row-high strip of the map in each query tile: the strip
+needs keys from every row the kernel spans, and most of each visited key tile is masked.
+Reordering tokens so that each tile of ``block_q`` (``block_k``) tokens is a spatial
+patch ``th x tw`` makes the block table follow the mask's 2D density: a query patch
+needs the key patches its kernel window reaches (about 3 x 3 of them for a
+neighborhood kernel smaller than the patch).
+
+The order is pure index arithmetic (:func:`attnjax.masks.tiled_to_flat`): position
+``p`` of the tiled order is patch ``p // (th * tw)`` of the patch grid (row-major), and
+position ``p % (th * tw)`` inside it (row-major); with a Swin shift the patch origin
+moves by the shift, so patches coincide with the shifted windows.  Arrays move between
+the orders with one reshape/transpose (plus a roll for an offset), not a gather;
+gradients flow through them.  The mask is wrapped with :func:`attnjax.masks.tiled2d`,
+whose predicate maps tiled positions back to grid coordinates, so block tables and
+in-kernel predicates come out right with no new kernel code.
+
+:func:`plan_tiling` decides whether and how a call is tiled; :func:`tile_call` permutes
+``q, k, v``, bias, segment ids and the score_mod's indices; :func:`untile_outputs`
+restores the output (and ``lse``) order.  The dispatcher applies them to
+``'xla_chunked'``, ``'pallas_tpu'`` and ``'pallas_gpu'`` (``spatial_tile`` field of
+their block-size configs: ``True`` automatic, ``False`` off, a tuple a fixed patch).
+
+After "Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention at the
+Threadblock Level" (NATTEN's fused neighborhood attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from attnjax import masks as masks_lib
+from attnjax import score_mods as score_mods_lib
+from attnjax.core.args import AttentionArgs
+
+__all__ = ["TilePlan", "plan_tiling", "choose_tile", "check_spatial_tile", "permute_axis",
+           "tile_call", "untile_outputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+  """How one call is tiled: the grid ``shape``, the patch ``tile`` and its ``offset``
+  (per axis), and the block sizes the implementation runs with."""
+  shape: tuple
+  tile: tuple
+  offset: tuple
+  block_q: int
+  block_k: int
+  tiled_mask: Optional[masks_lib.Mask] = dataclasses.field(default=None, compare=False)
+
+
+def check_spatial_tile(value, owner: str):
+  """``spatial_tile`` of a block-size config: a bool, or a tuple of 1-3 positive ints."""
+  if isinstance(value, bool):
+    return
+  if isinstance(value, tuple) and 1 <= len(value) <= 3 and all(
+      isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in value):
+    return
+  raise ValueError(f"{owner}.spatial_tile must be True (automatic 2D tiling of spatial "
+                   f"masks), False (flattened order) or a tuple of positive ints (the "
+                   f"patch per grid axis), got {value!r}")
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _is_identity(shape, tile):
+  return tuple(tile[1:]) == tuple(shape[1:])
+
+
+def choose_tile(shape, tokens: int) -> Optional[tuple]:
+  """The patch for a grid ``shape`` with ``tokens`` (or ``tokens / 2``, ``/ 4``, ``/ 8``,
+  at least 4) tokens: each side divides the map, the order differs from row-major, and
+  among those the most square (smallest perimeter; ties: wider).  None if no such
+  patch exists (the call keeps the flattened order)."""
+  shape = tuple(shape)
+  size = tokens
+  while size >= 4 and size * 8 >= tokens:
+    best = None
+    for t0 in _divisors(shape[0]):
+      rest = size // t0
+      if size % t0:
+        continue
+      cands = []
+      if len(shape) == 2:
+        if shape[1] % rest == 0:
+          cands.append((t0, rest))
+      else:
+        for t1 in _divisors(shape[1]):
+          if rest % t1 == 0 and shape[2] % (rest // t1) == 0:
+            cands.append((t0, t1, rest // t1))
+      for c in cands:
+        if _is_identity(shape, c):
+          continue
+        key = (sum(c), -c[-1])
+        if best is None or key < best[0]:
+          best = (key, c)
+    if best is not None:
+      return best[1]
+    size //= 2
+  return None
+
+
+def _leaves(mask):
+  if mask.kind in ("and", "or", "not"):
+    for c in mask.children:
+      yield from _leaves(c)
+  else:
+    yield mask
+
+
+def _offset(mask, shape):
+  """Patch origin: the shift of the mask's shifted windows (all equal), else 0."""
+  shifts = {tuple(m.params["shift"]) for m in _leaves(mask) if m.kind == "window"}
+  if len(shifts) == 1:
+    return shifts.pop()
+  return (0,) * len(shape)
+
+
+def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
+                block_k: Optional[int], default_q: int, default_k: int,
+                valid_block=None, flat_blocks=None) -> Optional[TilePlan]:
+  """The tiling of call ``a`` for an implementation, or None to keep the flattened order.
+
+  Tiled when ``spatial_tile`` is not False, the mask is a static spatial mask tree on a
+  2D/3D grid (:func:`attnjax.masks.find_spatial_shape`) with ``T == S == prod(shape)``,
+  and a patch dividing the map exists.  The patch has ``block_q`` tokens (the
+  implementation's default ``default_q`` when None; fewer when no patch of that size
+  divides the map); key tiles have ``block_k`` tokens (default ``default_k``).
+  ``valid_block(bq, bk) -> bool`` says which block sizes the implementation accepts.
+
+  Automatic tiling (``spatial_tile=True``) is used only when it computes fewer score
+  entries than the flattened order at the implementation's flattened block sizes
+  ``flat_blocks = (bq, bk)``: ``nonempty tiles * bq * bk`` of both block tables
+  (computed at trace time, exact).  Narrow maps, whose flattened tiles already span
+  whole rows, or key tiles large next to the mask's reach (128-key TPU tiles and a 7x7
+  neighborhood on a 128-wide map) keep the flattened order.  A tuple ``spatial_tile``
+  always tiles.
+  """
+  if spatial_tile is False or a.mask is None or a.T != a.S:
+    return None
+  shape = masks_lib.find_spatial_shape(a.mask)
+  if shape is None or len(shape) < 2 or int(np.prod(shape)) != a.T:
+    return None
+  if isinstance(spatial_tile, tuple):
+    if len(spatial_tile) != len(shape) or any(L % t for L, t in zip(shape, spatial_tile)):
+      raise ValueError(f"spatial_tile must have one entry per grid axis, each dividing the "
+                       f"grid {shape}, got {spatial_tile}")
+    tile = tuple(spatial_tile)
+  else:
+    tile = choose_tile(shape, min(block_q or default_q, a.T))
+    if tile is None:
+      return None
+  P = int(np.prod(tile))
+  bq = block_q or P
+  bk = block_k if block_k is not None else min(default_k, P)
+  if valid_block is not None and not valid_block(bq, bk):
+    return None
+  offset = _offset(a.mask, shape)
+  tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset)
+  plan = TilePlan(shape, tile, offset, bq, bk, tiled)   # tables cached on `tiled`
+  if spatial_tile is True and flat_blocks is not None:
+    fq, fk = flat_blocks
+    work_2d = int(np.count_nonzero(tiled.block_table(a.T, a.S, bq, bk))) * bq * bk
+    work_flat = int(np.count_nonzero(a.mask.block_table(a.T, a.S, fq, fk))) * fq * fk
+    if work_2d >= work_flat:
+      return None
+  return plan
+
+
+def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False):
+  """Moves ``x``'s token axis ``axis`` (length ``prod(shape)``) between row-major and the
+  tiled order (``inverse``: back), with reshape/transpose and a roll for an offset."""
+  import jax.numpy as jnp
+  shape, tile, off = plan.shape, plan.tile, plan.offset
+  nd = len(shape)
+  axis = axis % x.ndim
+  lead, trail = x.shape[:axis], x.shape[axis + 1:]
+  la, lt = len(lead), len(trail)
+  pgrid = tuple(L // t for L, t in zip(shape, tile))
+  split = tuple(v for pt in zip(pgrid, tile) for v in pt)        # (P0, t0, P1, t1, ...)
+  grid_axes = tuple(range(la, la + nd))
+  if not inverse:
+    g = x.reshape(lead + shape + trail)
+    if any(off):
+      g = jnp.roll(g, tuple(-o for o in off), grid_axes)
+    g = g.reshape(lead + split + trail)
+    perm = tuple(range(la)) + tuple(la + 2 * i for i in range(nd)) + \
+        tuple(la + 2 * i + 1 for i in range(nd)) + tuple(range(la + 2 * nd, la + 2 * nd + lt))
+    return g.transpose(perm).reshape(x.shape)
+  g = x.reshape(lead + pgrid + tile + trail)
+  perm = tuple(range(la)) + tuple(v for i in range(nd) for v in (la + i, la + nd + i)) + \
+      tuple(range(la + 2 * nd, la + 2 * nd + lt))
+  g = g.transpose(perm).reshape(lead + shape + trail)
+  if any(off):
+    g = jnp.roll(g, off, grid_axes)
+  return g.reshape(x.shape)
+
+
+def _tiled_score_mod(sm, plan: TilePlan):
+  def fn(s, b, h, q, kv):
+    return sm(s, b, h, masks_lib.tiled_to_flat(q, plan.shape, plan.tile, plan.offset),
+              masks_lib.tiled_to_flat(kv, plan.shape, plan.tile, plan.offset))
+  return score_mods_lib.ScoreMod(fn, f"tiled2d({getattr(sm, 'name', 'score_mod')})")
+
+
+def tile_call(q, k, v, a: AttentionArgs, plan: TilePlan):
+  """``(q, k, v, a)`` in the tiled order: tokens permuted, the mask wrapped with
+  :func:`attnjax.masks.tiled2d`, a bias's full ``T``/``S`` axes and segment ids
+  permuted, the score_mod evaluated at the grid indices."""
+  qt, kt, vt = (permute_axis(x, 1, plan) for x in (q, k, v))
+  mask = plan.tiled_mask
+  if mask is None:
+    mask = masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
+  bias = a.bias
+  if bias is not None:
+    for ax in (2, 3):
+      if bias.shape[ax] > 1:
+        bias = permute_axis(bias, ax, plan)
+  qs, ks = a.q_segment_ids, a.kv_segment_ids
+  if qs is not None:
+    qs, ks = permute_axis(qs, 1, plan), permute_axis(ks, 1, plan)
+  sm = None if a.score_mod is None else _tiled_score_mod(a.score_mod, plan)
+  at = dataclasses.replace(a, mask=mask, bias=bias, q_segment_ids=qs, kv_segment_ids=ks,
+                           score_mod=sm)
+  return qt, kt, vt, at
+
+
+def untile_outputs(out, plan: TilePlan, return_lse: bool):
+  """The implementation's output (``o [B, T, N, Hv]``, and ``lse [B, N, T]`` with
+  ``return_lse``) back in row-major token order."""
+  if return_lse:
+    o, lse = out
+    return permute_axis(o, 1, plan, inverse=True), permute_axis(lse, 2, plan, inverse=True)
+  return permute_axis(out, 1, plan, inverse=True)

@@ -1,0 +1,143 @@
+"""CPU benchmark of spatial masks with 2D tiling (issue 18), as ratios to dense attention.
+
+Every case runs ``attnjax.attention`` with its default implementation (on CPU the
+spatial masks run on ``xla_chunked``, 2D-tiled by the dispatcher; see
+``attnjax.core.tiling``) and is divided by dense ``attnjax.attention`` (no mask, default
+implementation: ``cpu_flash``) timed in the same process, interleaved round by round
+(each time is the best over ``--rounds``), so a shared machine's drift hits both alike.
+Float32, ``B=1, N=8, H=64`` (the head config of ``benchmarks/attention_cpu.py``) on a
+128 x 128 map (``T = S = 16384``).
+
+Printed per case: the 2D tile density (non-empty tiles of the table the kernel runs, at
+its block sizes, in the tiled order), the flattened-order density for comparison, the
+forward time and its ratio to the dense forward (``fwd/dense``), and for the
+neighborhood the fwd+bwd ratio.  Targets (issue 18): neighborhood 7 forward <= 0.10 and
+fwd+bwd <= 0.12; shifted Swin window 8 forward <= 0.08; every case forward ratio <= 2 x
+its 2D tile density.
+
+    python benchmarks/spatial_cpu.py              # 128 x 128
+    python benchmarks/spatial_cpu.py --grid 32    # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attnjax
+from attnjax import masks
+from attnjax.core import args as args_lib
+from attnjax.dispatch import registry
+
+
+def make(S, B=1, N=8, H=64, dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return tuple(jnp.asarray(rng.standard_normal((B, S, N, H), np.float32), dtype)
+               for _ in range(3))
+
+
+def densities(q, m, block_sizes):
+  """(2D-tiled tile density at the kernel's block sizes, flattened density at the
+  flattened default block sizes)."""
+  a = args_lib.check_attention_args(q, q, q, mask=m)
+  impl = registry.get("xla_chunked")
+  tplan, cfg = registry._spatial_tiling(impl, a, block_sizes)
+  T = a.T
+  if tplan is None:
+    bq, bk = (cfg or attnjax.ChunkedBlockSizes()).resolve(T, T, 1)
+    tiled = float(np.mean(m.block_table(T, T, bq, bk) != masks.EMPTY))
+  else:
+    tm = masks.tiled2d(m, tplan.tile, shape=tplan.shape, offset=tplan.offset)
+    tiled = float(np.mean(tm.block_table(T, T, tplan.block_q, tplan.block_k) != masks.EMPTY))
+  bq, bk = attnjax.ChunkedBlockSizes().resolve(T, T, 1)
+  flat = float(np.mean(m.block_table(T, T, bq, bk) != masks.EMPTY))
+  return tiled, flat, tplan
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--grid", type=int, default=128)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--bq", type=int, default=None)
+  p.add_argument("--bk", type=int, default=None)
+  p.add_argument("--only", default=None, help="case names separated by ;")
+  p.add_argument("--out", default=None)
+  args = p.parse_args()
+  g = args.grid
+  shape = (g, g)
+  S = g * g
+  q, k, v = make(S)
+  bs = attnjax.ChunkedBlockSizes(block_q=args.bq, block_k=args.bk)
+  cases = [
+      ("neighborhood(7)", masks.neighborhood(shape, 7), True),
+      ("neighborhood(7, dilation=2)", masks.neighborhood(shape, 7, dilation=2), False),
+      ("neighborhood(7, causal)", masks.neighborhood(shape, 7, causal=True), False),
+      ("window(8, shift=4)", masks.window(shape, 8, shift=4), False),
+      ("window(8)", masks.window(shape, 8), False),
+      ("grid(8)", masks.grid(shape, 8), False),
+      ("axial(1)", masks.axial(shape, 1), False),
+      ("criss_cross", masks.criss_cross(shape), False),
+  ]
+  if args.only:
+    keep = set(args.only.split(";"))
+    cases = [c for c in cases if c[0] in keep]
+
+  def fwd(m):
+    return jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs))
+
+  def fb(m):
+    f = lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
+
+  dense_f = jax.jit(lambda q, k, v: attnjax.attention(q, k, v))
+  dense_fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attnjax.attention(q, k, v)),
+                              argnums=(0, 1, 2)))
+  fns = {"dense": dense_f}
+  need_fb = any(c[2] for c in cases)
+  if need_fb:
+    fns["dense fwd+bwd"] = dense_fb
+  info = {}
+  for name, m, with_fb in cases:
+    t0 = time.perf_counter()
+    info[name] = densities(q, m, bs)
+    fns[name] = fwd(m)
+    if with_fb:
+      fns[name + " fwd+bwd"] = fb(m)
+    print(f"# {name}: tables {time.perf_counter() - t0:.1f}s", flush=True)
+  for f in fns.values():            # compile + warm up
+    jax.block_until_ready(f(q, k, v))
+  best = {n: float("inf") for n in fns}
+  for _ in range(args.rounds):
+    for n, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(q, k, v))
+      best[n] = min(best[n], time.perf_counter() - t0)
+  load = os.getloadavg()
+  print(f"grid {g}x{g}, T=S={S}, B=1 N=8 H=64 float32; load {load[0]:.2f} {load[1]:.2f}")
+  print(f"dense fwd {best['dense']:.3f}s" +
+        (f", fwd+bwd {best['dense fwd+bwd']:.3f}s" if need_fb else ""))
+  print(f"{'case':30s} {'tile':>8s} {'2D dens':>8s} {'flat dens':>9s} {'fwd s':>7s} "
+        f"{'fwd/dense':>9s} {'<=2*dens':>8s} {'fb/dense':>8s}")
+  rows = []
+  for name, _, with_fb in cases:
+    tiled, flat, tplan = info[name]
+    r = best[name] / best["dense"]
+    rfb = best[name + " fwd+bwd"] / best["dense fwd+bwd"] if with_fb else None
+    tile = "x".join(map(str, tplan.tile)) if tplan else "flat"
+    print(f"{name:30s} {tile:>8s} {tiled:8.4f} {flat:9.4f} {best[name]:7.3f} {r:9.4f} "
+          f"{str(r <= 2 * tiled):>8s} " + (f"{rfb:8.4f}" if rfb is not None else ""))
+    rows.append(dict(case=name, tile=tile, density_2d=tiled, density_flat=flat,
+                     fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(load=load, dense_fwd_s=best["dense"], rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
