@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from attnjax.layers import channel as _ch
+from attnjax.layers import linen as _linen
 
 __all__ = ["SqueezeExcitation", "EfficientChannelAttention", "CoordinateAttention",
            "EfficientLocalAttention", "CBAM", "TripletAttention", "PolarizedSelfAttention",
@@ -44,9 +45,7 @@ class _LinenChannel(nn.Module):
   def __call__(self, x, *, deterministic: bool = True):
     del deterministic
     cfg = self._config()
-    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names),
-                               spec.shape, self.param_dtype)
-              for name, spec in cfg.specs().items()}
+    params = _linen.params_from_specs(self, cfg.specs(), self.param_dtype)
     return _ch.forward(cfg, params, x)
 
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from attnjax.layers import linear as _lin
+from attnjax.layers import linen as _linen
 from attnjax.ops import linear as L
 
 __all__ = ["LinearAttention"]
@@ -74,13 +75,8 @@ class LinearAttention(nn.Module):
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
     lc, specs = self._config()
-    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names),
-                               spec.shape, lc.cfg.param_dtype)
-              for name, spec in specs.items()}
-    dropout = None
-    if lc.cfg.dropout_rate > 0 and not deterministic:
-      drop = nn.Dropout(rate=lc.cfg.dropout_rate)
-      dropout = lambda y: drop(y, deterministic=False)
+    params = _linen.params_from_specs(self, specs, lc.cfg.param_dtype)
+    dropout = _linen.dropout_fn(lc.cfg.dropout_rate, deterministic)
     return _lin.forward(lc, params, x, segment_ids=segment_ids, positions=positions, cache=cache,
                         dropout=dropout)
 

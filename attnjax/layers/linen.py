@@ -32,6 +32,21 @@ def _param(module: nn.Module, name: str, spec: _core.ParamSpec, dtype):
   return module.param(name, nn.with_logical_partitioning(spec.init, spec.names), spec.shape, dtype)
 
 
+def params_from_specs(module: nn.Module, specs: dict, dtype) -> dict:
+  """``{name: param}`` of a Linen twin, one ``module.param`` per ``ParamSpec`` (same
+  names, shapes, initialisers and logical axes as the NNX layer's)."""
+  return {name: _param(module, name, spec, dtype) for name, spec in specs.items()}
+
+
+def dropout_fn(rate: float, deterministic: bool):
+  """The ``dropout`` callable the shared forward functions take: None when ``rate`` is 0
+  or ``deterministic``; else an ``nn.Dropout`` (call inside ``nn.compact``)."""
+  if rate <= 0 or deterministic:
+    return None
+  drop = nn.Dropout(rate=rate)
+  return lambda y: drop(y, deterministic=False)
+
+
 class MultiHeadAttention(nn.Module):
   """Linen twin of `attnjax.layers.MultiHeadAttention` (see there for every option)."""
 
@@ -74,12 +89,8 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x, context=None, *, segment_ids=None, context_segment_ids=None,
                positions=None, context_positions=None, cache=None, deterministic: bool = True):
     cfg = self.config
-    params = {name: _param(self, name, spec, cfg.param_dtype)
-              for name, spec in _core.param_specs(cfg).items()}
-    dropout = None
-    if cfg.dropout_rate > 0 and not deterministic:
-      drop = nn.Dropout(rate=cfg.dropout_rate)
-      dropout = lambda y: drop(y, deterministic=False)
+    params = params_from_specs(self, _core.param_specs(cfg), cfg.param_dtype)
+    dropout = dropout_fn(cfg.dropout_rate, deterministic)
     return _core.attention_forward(
         cfg, params, x, context, segment_ids=segment_ids, context_segment_ids=context_segment_ids,
         positions=positions, context_positions=context_positions, cache=cache, dropout=dropout)

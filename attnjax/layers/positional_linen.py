@@ -17,16 +17,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from attnjax.layers import linen as _linen
 from attnjax.layers import positional as _pos_layers
 from attnjax.ops import positional as P
 
 __all__ = ["PEG", "LePE", "GPSA", "BoTNetAttention"]
 
 
-def _params(module: nn.Module, specs: dict, dtype) -> dict:
-  return {name: module.param(name, nn.with_logical_partitioning(spec.init, spec.names), spec.shape,
-                             dtype)
-          for name, spec in specs.items()}
+_params = _linen.params_from_specs
 
 
 class PEG(nn.Module):

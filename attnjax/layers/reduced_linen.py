@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.layers import linen as _linen
 from attnjax.layers import reduced as _red
 
 __all__ = ["ReducedSpatialAttention"]
@@ -36,7 +37,5 @@ class ReducedSpatialAttention(nn.Module):
     del deterministic
     _red._check_call(segment_ids, positions, cache)  # pylint: disable=protected-access
     cfg = self._config()
-    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names),
-                               spec.shape, cfg.param_dtype)
-              for name, spec in _red.param_specs(cfg).items()}
+    params = _linen.params_from_specs(self, _red.param_specs(cfg), cfg.param_dtype)
     return _red.forward(cfg, params, x)

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from attnjax.layers import linen as _linen
 from attnjax.layers import spatial_masked as _sm
 
 __all__ = ["SpatialAttention"]
@@ -69,13 +70,8 @@ class SpatialAttention(nn.Module):
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
     sc, specs = self._config()
-    params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.names),
-                               spec.shape, sc.cfg.param_dtype)
-              for name, spec in specs.items()}
-    dropout = None
-    if sc.cfg.dropout_rate > 0 and not deterministic:
-      drop = nn.Dropout(rate=sc.cfg.dropout_rate)
-      dropout = lambda y: drop(y, deterministic=False)
+    params = _linen.params_from_specs(self, specs, sc.cfg.param_dtype)
+    dropout = _linen.dropout_fn(sc.cfg.dropout_rate, deterministic)
     return _sm.forward(sc, params, x, segment_ids=segment_ids, positions=positions, cache=cache,
                        dropout=dropout)
 
