@@ -162,6 +162,8 @@ def test_lazy_surface():
       assert attnjax.GpuBlockSizes is attnjax.kernels.gpu.BlockSizes
       assert attnjax.layers.LinearAttention is attnjax.layers.linear.LinearAttention
       assert attnjax.layers.linen.MultiHeadAttention is not None
+      for sub in attnjax.layers._LAZY_SUBMODULES:  # every listed submodule is reachable
+        assert getattr(attnjax.layers, sub).__name__ == f"attnjax.layers.{sub}", sub
       for bad in ("nope", "TPUBlockSizes"):
         try:
           getattr(attnjax, bad)

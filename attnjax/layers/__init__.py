@@ -12,8 +12,10 @@
   (parameters carrying logical axis names; activation sharding constraints by name).
 - Named variants (`'swin'`, `'neighborhood'`, ...) are built through `attnjax.variants`.
 
-Submodules `linen` (Linen twins), `linear_linen`, `linear`, `presets` are importable as
-`attnjax.layers.<name>`.
+Submodules are importable as `attnjax.layers.<name>` (the lazy ones on first access):
+`linen` (Linen twins), `linear`, `linear_linen`, `presets`, the vision families
+`spatial_masked`, `reduced`, `positional`, `channel` (CNN channel/spatial modules on
+`[B, Hh, Ww, C]`) and their `*_linen` twins.
 """
 
 import importlib as _importlib
@@ -39,7 +41,9 @@ __all__ = [
     "flax_attention_fn", "PRESETS", "variant_kwargs", "ParamSpec", "make_param", "constrain",
 ]
 
-_LAZY_SUBMODULES = ("linen", "linear_linen")
+_LAZY_SUBMODULES = ("linen", "linear_linen", "spatial_masked", "spatial_masked_linen",
+                    "reduced", "reduced_linen", "positional", "positional_linen", "channel",
+                    "channel_linen")
 
 
 def __getattr__(name):

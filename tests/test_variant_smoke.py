@@ -1,0 +1,109 @@
+"""Every registered variant trains: one optimizer step of its experiment config's model.
+
+For each name in `attnjax.variants.names()` (so a new registration is covered without
+editing this file) the runlocal config of the experiment that fits its kind is built —
+'sequence': the MQAR LM (`configs/mqar.py:variant=NAME,runlocal`; built with
+`causal=False` for the variants that refuse `causal=True`), 'spatial': the digits
+ViT (`configs/digits_vit.py:variant=NAME,runlocal`, a 4x4 token grid), 'pooling': the Set
+Transformer of `configs/set_tasks.py:runlocal` with the variant as its pooling layer —
+with the options of `config_lib.variant_options`. One jitted Adam step on a real batch
+of the task must give a finite loss, finite gradients, a non-zero gradient on the
+attention layer's parameters and a loss that changes after the update (a variant whose
+output ignored its parameters would fail). The full `train.py` runs per config are the
+slow tests of tests/test_configs.py.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from attnjax import models, variants
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, arg):
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}',
+                                                os.path.join(ROOT, 'configs', f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _never_causal(name):
+  """Sequence variants that refuse `causal=True` (their mask already decides)."""
+  from attnjax.layers import linear as linear_layers
+  never = set(linear_layers._NEVER_CAUSAL)  # pylint: disable=protected-access
+  return name in never | {'prefix_lm', 'dual_triangle'}
+
+
+def _setup(name):
+  """(model config, batch, loss_fn(model, batch)) for variant `name`."""
+  from attnjax.data import tasks
+  kind = variants.info(name).kind
+  if kind == 'spatial':
+    c = _load('digits_vit', f'variant={name},runlocal')
+    d = tasks.load_digits_split('train')
+    batch = {'x': jnp.asarray(d['image'][:8], jnp.float32), 'y': jnp.asarray(d['label'][:8])}
+
+    def loss(model, b):
+      logits = model(b['x'], deterministic=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b['y']).mean()
+    return c.model, batch, loss
+  if kind == 'pooling':
+    c = _load('set_tasks', 'task=count,runlocal')
+    c.model.pooling = {'name': name}
+    d = tasks.generate_set_count(8, 0, **dict(c.data.params))
+    batch = {'x': jnp.asarray(d['inputs'], jnp.float32), 'y': jnp.asarray(d['label'])}
+
+    def loss(model, b):
+      logits = model(b['x'], deterministic=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b['y']).mean()
+    return c.model, batch, loss
+  c = _load('mqar', f'variant={name},runlocal')
+  if _never_causal(name):
+    c.model.causal = False  # the variant's own mask (or none) decides what each query sees
+  d = tasks.generate_mqar(8, 0, **dict(c.data.params))
+  tokens = jnp.asarray(d['inputs'])
+
+  def lm_loss(model, b):
+    logits = model(b['x'], deterministic=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], b['x'][:, 1:]).mean()
+  return c.model, {'x': tokens}, lm_loss
+
+
+def _attention_grads(grads):
+  """The gradient leaves of the first block's attention layer."""
+  flat = nnx.to_flat_state(grads)
+  paths = [p for p, _ in flat]
+  keys = [p for p in paths if any(str(s) in ('attention', 'attn', 'mixer') for s in p)]
+  return [v.value if hasattr(v, 'value') else v for p, v in flat if p in keys]
+
+
+@pytest.mark.parametrize('name', variants.names())
+def test_every_variant_takes_a_training_step(name):
+  model_cfg, batch, loss_fn = _setup(name)
+  model = models.build_model(model_cfg, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, b):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, b)
+    opt.update(model, grads)
+    return loss, grads
+
+  loss0, grads = step(model, opt, batch)
+  leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+  assert np.isfinite(float(loss0)), name
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), name
+  attn = _attention_grads(nnx.state(grads, nnx.Param))
+  assert attn, f'{name}: no attention parameters found in {model_cfg.kind} model'
+  assert sum(float(jnp.sum(jnp.abs(g))) for g in attn) > 0, f'{name}: attention gets no gradient'
+  loss1 = nnx.jit(loss_fn)(model, batch)
+  assert np.isfinite(float(loss1)) and float(loss1) != float(loss0), name
