@@ -351,10 +351,12 @@ def kernel_rand(rng, shape, dtype=jnp.float32):
   return jnp.asarray(rng.standard_normal(shape), dtype)
 
 
-def run_kernel_pair(backend, dtype, shapes, seed=0, diff=(), make_kwargs=None, block_sizes=None):
+def run_kernel_pair(backend, dtype, shapes, seed=0, diff=(), make_kwargs=None, block_sizes=None,
+                    interpret=True):
   """Kernel (interpret) vs reference: returns the leaves of (out, lse, grads) of both.
 
-  ``diff`` names extra differentiable arrays (each passed to ``make_kwargs``).
+  ``diff`` names extra differentiable arrays (each passed to ``make_kwargs``);
+  ``interpret`` may be a ``pltpu.InterpretParams`` (TPU-semantics interpreter).
   """
   B, T, S, N, K, H, Hv = shapes
   rng = np.random.default_rng(seed)
@@ -370,7 +372,7 @@ def run_kernel_pair(backend, dtype, shapes, seed=0, diff=(), make_kwargs=None, b
     def f(q, k, v, *ex):
       kw = make_kwargs(*ex) if make_kwargs else {}
       if impl == "kernel":
-        return mod.flash_attention(q, k, v, return_lse=True, interpret=True,
+        return mod.flash_attention(q, k, v, return_lse=True, interpret=interpret,
                                    block_sizes=block_sizes, **kw)
       return reference_attention(q, k, v, return_lse=True, **kw)
 

@@ -42,11 +42,23 @@ def as_block_sizes(block_sizes, cls, backend: str):
                             f"{backend.lower()}.BlockSizes, got {type(block_sizes).__name__}")
 
 
-def default_interpret(interpret, backends) -> bool:
-  """Interpret mode unless the default JAX backend is one of ``backends``."""
+def default_interpret(interpret, backends, params_type=None):
+  """Interpret mode unless the default JAX backend is one of ``backends``.
+
+  ``interpret`` is None (that default), a bool, or (when the backend has one, e.g. TPU's
+  ``pltpu.InterpretParams``) an instance of ``params_type``, passed to ``pallas_call``
+  unchanged: TPU-semantics interpretation (race detection, NaN-filled uninitialised
+  memory, several simulated cores).
+  """
   if interpret is None:
     return jax.default_backend() not in backends
-  return bool(interpret)
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret)
+  if params_type is not None and isinstance(interpret, params_type):
+    return interpret
+  expected = "None, a bool" + (f" or an instance of {params_type.__name__}"
+                               if params_type else "")
+  raise TypeError(f"interpret must be {expected}, got {type(interpret).__name__}")
 
 
 def plan_call(q, k, v, bs, kwargs, programs):
@@ -59,7 +71,8 @@ def plan_call(q, k, v, bs, kwargs, programs):
   return a, plan, bs.resolve_splits(plan.table, programs(a, plan))
 
 
-def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str, module: str):
+def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str, module: str,
+                         interpret_params=None):
   """The public ``flash_attention`` of a backend: validates the arguments, then runs
   ``build(a, block_sizes, interpret)(q, k, v) -> (out [B, T, N, Hv], lse [B, N, T])``
   (interpret mode by default unless the JAX backend is one of ``native``)."""
@@ -74,7 +87,7 @@ def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,
     if not isinstance(return_lse, bool):
       raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     q, a = static_scale(q, a)   # a traced scale is folded into q
-    out, lse = build(a, bs, default_interpret(interpret, native))(q, k, v)
+    out, lse = build(a, bs, default_interpret(interpret, native, interpret_params))(q, k, v)
     return (out, lse) if return_lse else out
 
   flash_attention.__doc__ = doc

@@ -723,7 +723,9 @@ _FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and
       return_lse: as in :func:`attnjax.attention`.
     block_sizes: :class:`BlockSizes` (``None``: defaults).  Another type raises
       :class:`attnjax.core.Unsupported`.
-    interpret: run in Pallas interpret mode; default: when the backend is not TPU.
+    interpret: run in Pallas interpret mode (default: when the backend is not TPU); a
+      ``pltpu.InterpretParams`` runs the TPU-semantics interpreter with those settings
+      (e.g. ``detect_races=True, uninitialized_memory='nan'``).
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
@@ -731,7 +733,7 @@ _FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and
 
 flash_attention = fw.make_flash_attention(
     lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "TPU", ("tpu",),
-    doc=_FLASH_DOC, module=__name__)
+    doc=_FLASH_DOC, module=__name__, interpret_params=pltpu.InterpretParams)
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels import pallas_shard
 from attnjax.kernels.linear_common import lightning_attention_reference
@@ -230,15 +231,15 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
     log_decay: ``[N]`` float32, ``<= 0`` (``log(lambda_n)``); differentiable.
     chunk_size: tokens per chunk (overrides ``block_sizes.chunk``); multiple of 8.
     block_sizes: :class:`BlockSizes`.
-    interpret: run the kernel in interpret mode; default: when the backend is not TPU.
+    interpret: run the kernel in interpret mode (default: when the backend is not TPU); a
+      ``pltpu.InterpretParams`` selects the TPU-semantics interpreter with those settings.
 
   Returns:
     ``[B, T, N, V]`` in ``v.dtype``.
   """
   q, k, v, log_decay, bs = lc.validate(q, k, v, log_decay, chunk_size, block_sizes, BlockSizes)
   C = bs.chunk
-  if interpret is None:
-    interpret = jax.default_backend() != 'tpu'
+  interpret = fw.default_interpret(interpret, ('tpu',), pltpu.InterpretParams)
   B, T, N, F = q.shape
   Tp = -(-T // C) * C
 
@@ -247,5 +248,5 @@ def lightning_attention(q, k, v, log_decay, *, chunk_size: int | None = None,
     return jnp.pad(x, [(0, 0), (0, 0), (0, Tp - T), (0, 0)]) if Tp != T else x
 
   o = lc.chunk_attention(prep(q), prep(k), prep(v), log_decay, (_fwd_call, _bwd_call),
-                         (C, bool(interpret)))
+                         (C, interpret))
   return jnp.swapaxes(o[:, :, :T], 1, 2)
