@@ -56,6 +56,7 @@ __all__ = [
     "EMPTY", "PARTIAL", "FULL", "KINDS", "Mask", "full", "causal", "sliding_window", "chunked",
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
     "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask", "halo", "stripe",
+    "lengths",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -85,7 +86,7 @@ class _Ctx:
 
 KINDS = ("full", "causal", "sliding_window", "chunked", "prefix_lm", "dual_triangle",
          "document", "neighborhood", "window", "grid", "axial", "criss_cross", "array",
-         "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe")
+         "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe", "lengths")
 """The closed set of :attr:`Mask.kind` values (see the module docstring)."""
 
 _COMPOSITE = ("and", "or", "not")
@@ -461,6 +462,8 @@ def _rebuild(kind, p, ch, arr):
     return dual_triangle()
   if kind == "document":
     return document(arr["q_segment_ids"], arr["kv_segment_ids"])
+  if kind == "lengths":
+    return lengths(arr.get("q_lengths"), arr.get("kv_lengths"))
   if kind == "neighborhood":
     return neighborhood(p["shape"], p["kernel"], p["dilation"], p["causal"])
   if kind == "window":
@@ -792,6 +795,74 @@ def document(q_segment_ids, kv_segment_ids=None) -> Mask:
   return Mask(fn, "document", kind="document",
               arrays={"q_segment_ids": qs, "kv_segment_ids": ks}, table=table,
               data_dependent=dyn, check=check)
+
+
+def lengths(q_lengths=None, kv_lengths=None) -> Mask:
+  """Ragged batches: in sequence ``b`` only the first ``q_lengths[b]`` queries and the
+  first ``kv_lengths[b]`` keys are real; ``(q, kv)`` is allowed iff ``q < q_lengths[b]``
+  and ``kv < kv_lengths[b]`` (a padded query row has no allowed key: output 0, zero
+  gradients).  The same semantics as ``jax.nn.dot_product_attention``'s
+  ``query_seq_lengths`` / ``key_value_seq_lengths``; ``attnjax.attention(...,
+  q_lengths=, kv_lengths=)`` ANDs this mask with the call's.  Its block table is
+  computed in-graph from the lengths, so every blockwise implementation skips the
+  padded tiles and no ``[T, S]`` array is formed.
+
+  Args:
+    q_lengths: int ``[B]`` (None: every query is real).
+    kv_lengths: int ``[B]`` (None: every key is real).
+  """
+  if q_lengths is None and kv_lengths is None:
+    raise ValueError("lengths() needs q_lengths or kv_lengths (an int [B] array)")
+  given = {}
+  for name, a in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+    if a is None:
+      continue
+    if not hasattr(a, "ndim") or a.ndim != 1:
+      raise ValueError(f"{name} must be an int [B] array, got "
+                       f"{getattr(a, 'shape', type(a).__name__)}")
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+    given[name] = a
+  batches = {a.shape[0] for a in given.values()}
+  if len(batches) != 1:
+    raise ValueError(f"q_lengths and kv_lengths must have the same batch size, got "
+                     f"{q_lengths.shape[0]} and {kv_lengths.shape[0]}")
+  Bl = batches.pop()
+  dyn = _is_jax(*given.values())
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(*given.values(), q, kv)
+    # Each side's term broadcasts over b and its own index; an absent side is "always".
+    qok = q < xp.asarray(given["q_lengths"])[b] if "q_lengths" in given else q >= 0
+    kok = kv < xp.asarray(given["kv_lengths"])[b] if "kv_lengths" in given else kv >= 0
+    return qok & kok
+
+  def check(T, S, num_heads, batch):
+    if batch is not None and batch != Bl:
+      raise ValueError(f"lengths mask: q_lengths/kv_lengths have batch {Bl}; the call has "
+                       f"B={batch}")
+
+  def table(ctx, T, S, bq, bk):
+    xp = jnp if dyn else np
+    nq, nk = -(-T // bq), -(-S // bk)
+    q_lo = xp.arange(nq) * bq                           # first row of each q tile
+    q_hi = xp.minimum(q_lo + bq, T)                     # one past its last row
+    k_lo = xp.arange(nk) * bk
+    k_hi = xp.minimum(k_lo + bk, S)
+    empty = xp.zeros((Bl, nq, nk), bool)
+    full = xp.ones((Bl, nq, nk), bool)
+    if "q_lengths" in given:
+      ql = xp.asarray(given["q_lengths"]).astype(xp.int32)[:, None, None]
+      empty = empty | (q_lo[None, :, None] >= ql)
+      full = full & (q_hi[None, :, None] <= ql)
+    if "kv_lengths" in given:
+      kl = xp.asarray(given["kv_lengths"]).astype(xp.int32)[:, None, None]
+      empty = empty | (k_lo[None, None, :] >= kl)
+      full = full & (k_hi[None, None, :] <= kl)
+    return xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int8)[:, None]
+
+  return Mask(fn, "lengths", kind="lengths", arrays=given, table=table, data_dependent=dyn,
+              check=check)
 
 
 # ------------------------------------------------------------------ spatial masks

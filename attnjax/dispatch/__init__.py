@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from attnjax import masks as masks_lib
 from attnjax.core import args as args_lib
 from attnjax.core import hooks as _hooks
 from attnjax.core.errors import Unsupported
@@ -55,7 +56,8 @@ linear_ops.register_selector(registry.select_linear)
 
 def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
               kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,
-              implementation: Union[None, str, Sequence[str]] = None, block_sizes=None):
+              implementation: Union[None, str, Sequence[str]] = None, block_sizes=None,
+              q_lengths=None, kv_lengths=None):
   """Softmax attention with masks, score mods, GQA, packing, softcap and sinks.
 
   ``o_i = sum_j p_ij v_j``, ``p_ij = exp(s_ij) / (sum_{j allowed} exp(s_ij) + exp(sink_h))``,
@@ -91,11 +93,18 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
       ``BlockSizes`` (the Pallas kernels) -- routed to the implementation it belongs to
       (the other candidates use their defaults; an explicit single implementation of
       another type raises TypeError); or a dict ``{implementation name: config}``.
+    q_lengths, kv_lengths: int ``[B]``, ragged batches (as ``jax.nn.dot_product_attention``'s
+      ``query_seq_lengths`` / ``key_value_seq_lengths``): only the first ``q_lengths[b]``
+      queries and ``kv_lengths[b]`` keys of sequence ``b`` are real; padded rows are 0
+      with zero gradients.  Served as :func:`attnjax.masks.lengths` ANDed with ``mask``
+      (an in-graph tile table: padded tiles are skipped, no ``[T, S]`` array).
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse`` if ``return_lse``).  Rows with no
     allowed key are 0, with zero gradients.
   """
+  if q_lengths is not None or kv_lengths is not None:
+    mask = _with_lengths(q, k, mask, q_lengths, kv_lengths)
   a = args_lib.check_attention_args(
       q, k, v, mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
@@ -103,6 +112,23 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
   return registry.run_softmax(q, k, v, a, implementation=implementation,
                               return_lse=return_lse, block_sizes=block_sizes)
+
+
+def _with_lengths(q, k, mask, q_lengths, kv_lengths):
+  """``mask & masks.lengths(q_lengths, kv_lengths)`` after checking the lengths' shape."""
+  B = getattr(q, "shape", (None,))[0]
+  for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+    if x is None:
+      continue
+    if not hasattr(x, "shape") or tuple(x.shape) != (B,):
+      raise ValueError(f"{name} must be an int array of shape [B] = [{B}], got "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+  lm = masks_lib.lengths(q_lengths, kv_lengths)
+  if mask is None:
+    return lm
+  if callable(mask) and not isinstance(mask, masks_lib.Mask):
+    mask = masks_lib.from_fn(mask)
+  return masks_lib.as_mask(mask) & lm
 
 
 # Ops that compose on top of attention (spatial, routing, pooling) reach it through this
