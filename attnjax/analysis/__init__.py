@@ -10,7 +10,7 @@
   :func:`head_importance`, :func:`ablation_curve`, :func:`importance_order`,
   :func:`random_order`, :func:`head_outputs`, :func:`patch_head`.
 - plots: :func:`plot_head_grid`, :func:`plot_token_map`, :func:`plot_overlay`,
-  :func:`plot_stat_curves`.
+  :func:`plot_stat_curves`; :func:`write_report` (all of them for one model, eval.py).
 """
 
 from attnjax.analysis.attribution import attention_flow, max_flow, residual_attention, rollout
@@ -39,6 +39,7 @@ from attnjax.analysis.plots import (
   plot_stat_curves,
   plot_token_map,
 )
+from attnjax.analysis.report import write_report
 from attnjax.analysis.stats import (
   entropy,
   head_stats,
@@ -55,4 +56,4 @@ __all__ = ["capture", "Recorder", "CallInfo", "attention_calls", "capture_attent
            "sink_logit_mass", "head_stats", "sink_report", "gated_call", "head_importance",
            "ablation_curve", "importance_order", "random_order", "head_outputs", "patch_head",
            "plot_head_grid", "plot_attention_maps", "plot_token_map", "plot_overlay",
-           "plot_stat_curves"]
+           "plot_stat_curves", "write_report"]
