@@ -225,6 +225,7 @@ class Recorder:
     self.probs: dict[str, np.ndarray] = {}
     self.outputs: dict[str, Any] = {}
     self._namer = _Namer()
+    self._traced = False   # capture(jit=True): maps stay arrays of the enclosing trace
 
   def __call__(self, call: hooks.AttentionCall):
     name = self._namer.next_name()
@@ -234,7 +235,7 @@ class Recorder:
     self.calls.append(CallInfo(name, call.kind, int(B), int(N), int(T), int(S)))
     if self.record and self._select(name, index):
       p = _probs_of(call)
-      if isinstance(p, jax.core.Tracer):
+      if isinstance(p, jax.core.Tracer) and not self._traced:
         raise ValueError(
             f"attnjax.analysis: the attention call {name!r} runs inside a JAX transformation "
             f"(jax.jit, lax.scan -- e.g. scan_layers=True -- or jax.grad), so its map cannot "
@@ -244,7 +245,7 @@ class Recorder:
         if bad:
           raise ValueError(f"heads must be in [0, N={N}) for {name!r}, got {bad}")
         p = p[:, np.asarray(self.heads)]
-      self.probs[name] = np.asarray(p)
+      self.probs[name] = p if self._traced else np.asarray(p)
     out = call.out
     if name in self.keep_outputs:
       hs = np.asarray(list(self.keep_outputs[name]))
@@ -278,7 +279,7 @@ def _call_model(model, inputs, call_kwargs):
   return model(*args, **call_kwargs)
 
 
-def capture(model, inputs, *, layers: LayerSel = None, heads=None,
+def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = True,
             **call_kwargs) -> dict[str, np.ndarray]:
   """Attention probabilities of every attention call of ``model(inputs, **call_kwargs)``.
 
@@ -286,28 +287,60 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None,
   module docstring for what is recomputed and how layers are named.
 
   Args:
-    model: a callable (an NNX module for path names); run eagerly once.
-    inputs: its first positional argument, or a tuple of positional arguments.
+    model: a callable (an NNX module for path names).
+    inputs: its first positional argument, or a tuple of positional arguments (arrays).
     layers: None (all), a layer name, a call index, a sequence of those or a predicate
       ``name -> bool``; unselected calls are not recomputed.
     heads: None (all) or a sequence of query-head indices.
-    **call_kwargs: passed to the model (e.g. ``deterministic=True``).
+    jit: trace the forward pass and the recomputation once under ``jax.jit`` (an NNX
+      model is split into graph and state first; much faster than eager op-by-op
+      execution) -- or run eagerly (``jit=False``).  Either way a model applying its
+      layers inside ``lax.scan`` (``scan_layers=True``) cannot be captured (ValueError).
+    **call_kwargs: passed to the model unchanged (static, e.g. ``deterministic=True``).
 
   Returns:
-    ``{layer name: probs [B, N, T, S]}`` (``np.ndarray`` float32, call order), softmax
+    ``{layer name: probs [B, N, T, S]}`` (``np.ndarray`` float32, in call order), softmax
     rows summing to 1 (minus sink mass), linear ops their implied weights.
   """
-  rec = Recorder(model, layers=layers, heads=heads)
-  with rec.active():
-    _call_model(model, inputs, call_kwargs)
-  return rec.probs
+  if not jit:
+    rec = Recorder(model, layers=layers, heads=heads)
+    with rec.active():
+      _call_model(model, inputs, call_kwargs)
+    return rec.probs
+  try:
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    is_nnx = isinstance(model, nnx.Module)
+  except ImportError:  # pragma: no cover
+    is_nnx = False
+  graphdef, state = nnx.split(model) if is_nnx else (None, None)
+
+  def run(state, inputs):
+    m = nnx.merge(graphdef, state) if is_nnx else model
+    rec = Recorder(m, layers=layers, heads=heads)
+    rec._traced = True  # pylint: disable=protected-access
+    with rec.active():
+      _call_model(m, inputs, call_kwargs)
+    return rec.probs
+
+  try:
+    probs = jax.jit(run)(state, inputs)
+  except jax.errors.UnexpectedTracerError as e:
+    raise ValueError("attnjax.analysis.capture: an attention call ran inside a transformation "
+                     "of the model (lax.scan over layers, scan_layers=True?); its map cannot be "
+                     "returned; build the model with scan_layers=False") from e
+  return {name: np.asarray(p) for name, p in probs.items()}
 
 
 def attention_calls(model, inputs, **call_kwargs) -> list[CallInfo]:
-  """The attention calls of one forward pass (names, kinds, shapes), nothing recomputed."""
+  """The attention calls of one forward pass (names, kinds, shapes), nothing recomputed
+  (the model is traced abstractly with ``jax.eval_shape``, nothing runs)."""
   rec = Recorder(model, record=False)
-  with rec.active():
-    _call_model(model, inputs, call_kwargs)
+
+  def run(x):
+    with rec.active():
+      _call_model(model, x, call_kwargs)
+
+  jax.eval_shape(run, inputs)
   return rec.calls
 
 
