@@ -101,6 +101,21 @@ def test_capture_spatial_window_in_original_token_order():
                              np.asarray(out).reshape(B, -1, N, H), rtol=1e-4, atol=1e-5)
 
 
+def test_capture_spatial_reduction_map_is_queries_by_pooled_keys():
+  from attnjax.ops.spatial import spatial_reduction_attention
+  B, Hh, Ww, N, H = 1, 4, 4, 2, 4
+  q, k, v = rnd(13, (B, Hh, Ww, N, H)), rnd(14, (B, Hh, Ww, N, H)), rnd(15, (B, Hh, Ww, N, H))
+  rec, out = _record(lambda: spatial_reduction_attention(q, k, v, sr_ratio=2))
+  p = rec.probs["attention_0"]
+  assert p.shape == (B, N, 16, 4)   # queries on the map, keys on the pooled 2 x 2 grid
+  pool = lambda x: np.asarray(x).reshape(B, 2, 2, 2, 2, N, H).mean((2, 4)).reshape(B, 4, N, H)
+  want = _np_softmax_probs(np.asarray(q).reshape(B, 16, N, H), pool(k), np.ones((16, 4), bool),
+                           0.5)
+  np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.einsum("bnts,bsnh->btnh", p, pool(v)),
+                             np.asarray(out).reshape(B, 16, N, H), rtol=1e-4, atol=1e-5)
+
+
 def test_capture_linear_implied_weights():
   B, T, N, H = 1, 10, 2, 4
   q, k, v = rnd(9, (B, T, N, H)), rnd(10, (B, T, N, H)), rnd(11, (B, T, N, 3))

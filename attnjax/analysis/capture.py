@@ -18,9 +18,10 @@ reference math:
   ``state`` passed to the call is dropped (the map covers the call's own tokens).
 
 Nothing is stored during training: without an active recorder the interception costs
-one thread-local lookup.  The model runs eagerly (not under ``jax.jit``, not with
-``scan_layers=True``: a map computed inside a transformation cannot leave it, which
-:func:`capture` reports as a ValueError).
+one thread-local lookup.  :func:`capture` traces the forward pass under ``jax.jit`` by
+default (``jit=False``: eagerly); a model applying its layers inside ``lax.scan``
+(``scan_layers=True``) cannot be captured -- a map computed inside a transformation cannot
+leave it -- which is reported as a ValueError.
 
 Layer names: for a Flax NNX model, the path of the innermost NNX module whose
 ``__call__`` was running when the call happened, ``'/'``-joined (e.g.
