@@ -99,6 +99,9 @@ def choose(a: LinearArgs, *, mechanism: str, causal: bool, token_decay: bool = F
   return name
 
 
+_QKV = ('q', 'k', 'v')
+
+
 def dispatched(fn: Callable) -> Callable:
   """Decorates a public mechanism: :func:`choose` opens its named scope for the rest of
   the call (the scope closes when the mechanism returns); a call ``fn(q, k, v, **kw)`` is
@@ -112,10 +115,13 @@ def dispatched(fn: Callable) -> Callable:
           return fn(*args, **kwargs)
         finally:
           _SCOPE.reset(token)
-    if len(args) != 3:  # q, k, v positional (every caller); anything else runs unobserved
+    # the interception point of attnjax.analysis (a no-op unless it observes): q, k, v
+    # positional or by keyword, the other keyword arguments as passed
+    given = args + tuple(kwargs[n] for n in _QKV[len(args):] if n in kwargs)
+    if len(given) != 3:
       return run()
-    # the interception point of attnjax.analysis (a no-op unless it observes)
-    return hooks.intercepted('linear', run, *args, fn=wrapper, kwargs=kwargs)
+    rest = {n: x for n, x in kwargs.items() if n not in _QKV}
+    return hooks.intercepted('linear', run, *given, fn=wrapper, kwargs=rest)
   return wrapper
 
 
