@@ -116,6 +116,19 @@ def test_capture_spatial_reduction_map_is_queries_by_pooled_keys():
                              np.asarray(out).reshape(B, 16, N, H), rtol=1e-4, atol=1e-5)
 
 
+def test_capture_hilo_two_calls():
+  from attnjax.ops.spatial import hilo_attention
+  B, Hh, Ww, N, H = 1, 4, 4, 4, 4
+  q, k, v = rnd(16, (B, Hh, Ww, N, H)), rnd(17, (B, Hh, Ww, N, H)), rnd(18, (B, Hh, Ww, N, H))
+  rec, _ = _record(lambda: hilo_attention(q, k, v, window_size=2, lo_heads=1))
+  assert [(c.name, c.N, c.T, c.S) for c in rec.calls] == [("attention_0", 3, 16, 16),
+                                                          ("attention_1", 1, 16, 4)]
+  y, x = np.divmod(np.arange(16), 4)
+  same = (y[:, None] // 2 == y[None, :] // 2) & (x[:, None] // 2 == x[None, :] // 2)
+  p = rec.probs["attention_0"]
+  assert (p[..., ~same] == 0).all() and (p[..., same] > 0).all()
+
+
 def test_capture_linear_implied_weights():
   B, T, N, H = 1, 10, 2, 4
   q, k, v = rnd(9, (B, T, N, H)), rnd(10, (B, T, N, H)), rnd(11, (B, T, N, 3))
@@ -127,6 +140,8 @@ def test_capture_linear_implied_weights():
   want = a * causal / (a * causal).sum(-1, keepdims=True)
   np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.einsum("bnts,bsnh->btnh", p, v), out, rtol=1e-4, atol=1e-5)
+  rec, _ = _record(lambda: L.linear_attention(q=q, k=k, v=v, causal=True, chunk_size=4))
+  np.testing.assert_allclose(rec.probs["attention_0"], want, rtol=1e-5, atol=1e-6)  # keywords
   # scalar decay (RetNet): W_ts = lambda^(t - s) q_t.k_s for s <= t
   decay = jnp.asarray([0.9, 0.5])
   rec, out = _record(lambda: L.decayed_linear_attention(q, k, v, decay=decay, chunk_size=4))
@@ -302,7 +317,8 @@ def test_head_gates_identity_zero_and_importance():
   # importance |dL/dg| equals |dL/ds| for s scaling each head's output-projection rows
   imp = analysis.head_importance(model, x, _loss)
   # (chain rule at s = 1: dL/ds_h = sum over head h's rows of dL/dW * W)
-  grads = nnx.grad(lambda m: _loss(m(x)))(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grads = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p, rest)(x))))(params)
   gw = np.asarray(grads["blocks"]["layers"][0]["attn"]["o_kernel"][...], np.float64)
   want = np.abs((gw * np.asarray(w, np.float64)).sum((1, 2)))
   np.testing.assert_allclose(imp[name], want, rtol=1e-4, atol=1e-7)
