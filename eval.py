@@ -1,6 +1,7 @@
 r"""Evaluate a training workdir: restore its newest checkpoint, report eval-split metrics,
-write them to <workdir>/eval_metrics.json and attention-map figures to
-<workdir>/attention_maps/.
+write them to <workdir>/eval_metrics.json and the attention figures of
+attnjax.analysis.write_report (head grids, per-layer statistics, sink report, rollout
+overlays for images) to <workdir>/attention_maps/.
 
   python eval.py                                       # ./workdir/mqar, as python train.py
   python eval.py --workdir workdir/mqar                # uses <workdir>/config.json
@@ -79,7 +80,7 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from attnjax.analysis import capture_attention, plot_attention_maps  # pylint: disable=import-outside-toplevel
+  from attnjax.analysis import write_report  # pylint: disable=import-outside-toplevel
   from attnjax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from attnjax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
@@ -111,24 +112,19 @@ def main(argv):
   with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
     json.dump(result, f, indent=2)
 
-  # attention maps of the first examples, eager (unjitted) forward on host copies
+  # attention figures of the first examples (attnjax.analysis: eager forward, maps recomputed)
   n = max(1, FLAGS.num_examples)
   records = [t.eval_source[i] for i in range(min(n, len(t.eval_source)))]
   key = t.input_key
   inv = {v: k for k, v in t.keymap.items()}
   x = np.stack([np.asarray(r[inv.get(key, key)]) for r in records])
-  params = jax.device_get(state['params'])
-  rest = jax.device_get(t.rest)
-  model = nnx.merge(t.graphdef, params, rest)
-  with capture_attention() as maps:
-    model(jax.numpy.asarray(x), deterministic=True)
+  model = nnx.merge(t.graphdef, jax.device_get(state['params']), jax.device_get(t.rest))
   out_dir = os.path.join(workdir, 'attention_maps')
-  if not maps:
-    print('no attention maps captured (the model does not call attnjax.dispatch.attention); '
-          'no figures written.')
-  for i in range(len(records) if maps else 0):
-    path = plot_attention_maps(maps, os.path.join(out_dir, f'example_{i}.png'), example=i,
-                               title=f'{config.model.attention.name}: example {i}, step {step}')
+  paths = write_report(model, jax.numpy.asarray(x), out_dir, max_examples=len(records),
+                       title=f'{config.model.attention.name} step {step}', deterministic=True)
+  if not paths:
+    print('no attention maps captured (the model makes no attention call); no figures written.')
+  for path in paths:
     print(f'wrote {path}')
   ckpt.close()
   interrupts.uninstall()

@@ -1,18 +1,31 @@
-"""The dispatcher, reachable from below: ``ops`` that compose on top of
-:func:`attnjax.attention` (the mask-based spatial, routing and pooling ops) call
-:func:`attention` here instead of importing :mod:`attnjax.dispatch`, which sits above them
-(``docs/architecture.md``).
+"""The dispatcher, reachable from below, and the one interception point of attention calls.
 
-:mod:`attnjax.dispatch` registers :func:`attnjax.attention` with :func:`register_attention`
-when it is imported, and importing any ``attnjax.*`` module runs ``attnjax/__init__.py``,
-which imports it: the hook is always filled before an op can run.
+``ops`` that compose on top of :func:`attnjax.attention` (the mask-based spatial, routing
+and pooling ops) call :func:`attention` here instead of importing :mod:`attnjax.dispatch`,
+which sits above them (``docs/architecture.md``).  :mod:`attnjax.dispatch` registers
+:func:`attnjax.attention` with :func:`register_attention` when it is imported, and
+importing any ``attnjax.*`` module runs ``attnjax/__init__.py``, which imports it: the hook
+is always filled before an op can run.
+
+Interception (used by :mod:`attnjax.analysis`; off unless an observer is installed):
+every softmax call of :func:`attnjax.attention` and every public linear-attention op
+(decorated with ``attnjax.ops.linear._core.dispatched``) runs through :func:`intercepted`.
+While :func:`observe` has installed an observer on this thread, the observer sees each
+outermost call as an :class:`AttentionCall` (its normalised arguments and its output)
+and may return a replacement output (head gates, patching).  Calls made while an
+observer runs, or nested inside an intercepted call (a linear op calling another, the
+block-by-block recursion), are not observed.  With no observer the cost is one
+thread-local lookup per call.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Callable, Optional
 
-__all__ = ["attention", "register_attention"]
+__all__ = ["attention", "register_attention", "AttentionCall", "observe", "intercepted"]
 
 _ATTENTION: list[Callable] = []
 
@@ -30,3 +43,65 @@ def attention(q, k, v, **kwargs):
   if not _ATTENTION:  # unreachable through ``import attnjax``; kept as a clear error
     raise RuntimeError("no attention dispatcher is registered: import attnjax first")
   return _ATTENTION[0](q, k, v, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+  """One observed attention call.
+
+  ``kind``: ``'softmax'`` (``args`` is the normalised :class:`attnjax.core.args.AttentionArgs`)
+  or ``'linear'`` (``fn`` is the public linear op, ``kwargs`` its keyword arguments as
+  passed).  ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``; ``out`` the call's
+  result (a tuple where the call returns one: ``(out, lse)`` or ``(out, state)``).
+  """
+  kind: str
+  q: Any
+  k: Any
+  v: Any
+  out: Any
+  args: Any = None
+  fn: Optional[Callable] = None
+  kwargs: Optional[dict] = None
+
+
+_LOCAL = threading.local()
+
+
+def _observers() -> list:
+  obs = getattr(_LOCAL, "observers", None)
+  if obs is None:
+    obs = _LOCAL.observers = []
+    _LOCAL.depth = 0
+  return obs
+
+
+@contextlib.contextmanager
+def observe(observer: Callable[[AttentionCall], Any]):
+  """Installs ``observer(call) -> None | replacement output`` on this thread for the
+  ``with`` block (observers nest; the innermost sees a call last)."""
+  if not callable(observer):
+    raise TypeError(f"observer must be callable, got {type(observer).__name__}")
+  obs = _observers()
+  obs.append(observer)
+  try:
+    yield observer
+  finally:
+    obs.remove(observer)
+
+
+def intercepted(kind: str, run: Callable[[], Any], q, k, v, *, args=None, fn=None,
+                kwargs=None):
+  """``run()``, shown to the installed observers (see the module docstring)."""
+  obs = _observers()
+  if not obs or _LOCAL.depth:
+    return run()
+  _LOCAL.depth += 1
+  try:
+    out = run()
+    for o in list(obs):
+      new = o(AttentionCall(kind, q, k, v, out, args=args, fn=fn, kwargs=kwargs))
+      if new is not None:
+        out = new
+  finally:
+    _LOCAL.depth -= 1
+  return out

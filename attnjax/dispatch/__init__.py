@@ -110,8 +110,10 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
       kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
   if not isinstance(return_lse, bool):
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-  return registry.run_softmax(q, k, v, a, implementation=implementation,
-                              return_lse=return_lse, block_sizes=block_sizes)
+  return _hooks.intercepted(  # a no-op unless attnjax.analysis observes (core/hooks.py)
+      "softmax", lambda: registry.run_softmax(q, k, v, a, implementation=implementation,
+                                              return_lse=return_lse, block_sizes=block_sizes),
+      q, k, v, args=a)
 
 
 def _with_lengths(q, k, mask, q_lengths, kv_lengths):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import hooks
 from attnjax.core.errors import Unsupported
 from attnjax.ops.linear._args import _F32, LinearArgs, _apply_feature_map
 
@@ -98,17 +99,29 @@ def choose(a: LinearArgs, *, mechanism: str, causal: bool, token_decay: bool = F
   return name
 
 
+_QKV = ('q', 'k', 'v')
+
+
 def dispatched(fn: Callable) -> Callable:
   """Decorates a public mechanism: :func:`choose` opens its named scope for the rest of
-  the call (the scope closes when the mechanism returns)."""
+  the call (the scope closes when the mechanism returns); a call ``fn(q, k, v, **kw)`` is
+  shown to :mod:`attnjax.analysis`'s observers (:func:`attnjax.core.hooks.intercepted`)."""
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
-    with contextlib.ExitStack() as stack:
-      token = _SCOPE.set(stack)
-      try:
-        return fn(*args, **kwargs)
-      finally:
-        _SCOPE.reset(token)
+    def run():
+      with contextlib.ExitStack() as stack:
+        token = _SCOPE.set(stack)
+        try:
+          return fn(*args, **kwargs)
+        finally:
+          _SCOPE.reset(token)
+    # the interception point of attnjax.analysis (a no-op unless it observes): q, k, v
+    # positional or by keyword, the other keyword arguments as passed
+    given = args + tuple(kwargs[n] for n in _QKV[len(args):] if n in kwargs)
+    if len(given) != 3:
+      return run()
+    rest = {n: x for n, x in kwargs.items() if n not in _QKV}
+    return hooks.intercepted('linear', run, *given, fn=wrapper, kwargs=rest)
   return wrapper
 
 

@@ -14,7 +14,7 @@ from attnjax.ops.linear._args import (
   _check_state_array,
   prepare,
 )
-from attnjax.ops.linear._core import _einsum, _in_blocks, _ungroup
+from attnjax.ops.linear._core import _einsum, _in_blocks, _ungroup, dispatched
 
 # --------------------------------------------------------------------------------------
 # Flow-Attention (Flowformer)
@@ -141,6 +141,7 @@ def _flow_causal(q, k, v, state, *, form, chunk_size, eps, clamp):
   return _ungroup(o), new_state
 
 
+@dispatched  # observable by attnjax.analysis
 def flow_attention(q, k, v, *, causal: bool = False, form: str = 'chunked',
                    chunk_size: int = 64, state=None, return_state: bool = False,
                    eps: float = DEFAULT_EPS, clamp: float = 1.0,

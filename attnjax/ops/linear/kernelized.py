@@ -135,6 +135,7 @@ def linear_attention(q, k, v, *, feature_map: FeatureMap = 'elu+1', causal: bool
 # --------------------------------------------------------------------------------------
 
 
+@dispatched  # observable by attnjax.analysis
 def efficient_attention(q, k, v, *, form: str = 'chunked'):
   """Efficient Attention: softmax-normalised factorised attention, non-causal.
 
