@@ -3,15 +3,23 @@ references written from the papers' definitions: explicit gates, explicit top-k 
 and explicit per-query key sets in NumPy float64; gradients against a dense jnp softmax
 restricted to the reference's key sets (jax.vjp, random cotangents)."""
 
+import importlib.util
+import os
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import assert_close, export_for, rnd
 
-from attnjax import masks
+from attnjax import masks, variants
 from attnjax.core import hooks
+from attnjax.layers import routing as RL
 from attnjax.ops import routing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -405,3 +413,94 @@ def test_errors_name_the_argument():
     routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 16)), keep=17)
   with pytest.raises(ValueError, match="connectivity"):
     routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 15)), keep=2)
+
+
+# ----------------------------------------------------------------------------- layers
+
+LAYER_CASES = {  # name -> (input shape, options)
+    "moba": ((2, 24, 16), dict(block_size=8, top_k=2, rope="1d")),
+    "biformer": ((2, 4, 4, 16), dict(num_regions=2, top_k=2, lce_kernel=3)),
+    "dynamic_mask": ((2, 24, 16), dict(keep_window=6)),
+    "sparsifiner": ((2, 4, 4, 16), dict(keep_rate=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+def test_layer_shapes_gradients_and_linen_twin(name):
+  shape, opts = LAYER_CASES[name]
+  entry = variants.info(name)
+  assert entry.kind == RL.KINDS[name] and entry.linen is not None
+  x = rnd(500, shape)
+  m = variants.build(name, d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0), **opts)
+  params = nnx.state(m, nnx.Param).to_pure_dict()
+  y = m(x)
+  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+  ct = rnd(501, x.shape)
+  gp, gx = jax.grad(lambda p, a: jnp.sum(RL.forward(m.config, p, a) * ct), argnums=(0, 1))(
+      params, x)
+  no_grad = ("pq_kernel", "pk_kernel")   # Sparsifiner's predictor learns by distillation
+  for path, g in jax.tree_util.tree_leaves_with_path(gp):
+    assert bool(jnp.all(jnp.isfinite(g))), (name, path)
+    if not any(n in jax.tree_util.keystr(path) for n in no_grad):
+      assert float(jnp.max(jnp.abs(g))) > 0, (name, path, "zero gradient")
+  assert float(jnp.max(jnp.abs(gx))) > 0
+  lm = variants.get_linen(name)(d_model=16, num_heads=4, num_kv_heads=2, **opts)
+  lp = lm.init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, nn.unbox(lp)) == jax.tree.map(jnp.shape, params), name
+  y1, vjp1 = jax.vjp(lambda a: m(a), x)
+  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  np.testing.assert_array_equal(y1, y2)
+  np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
+
+
+def test_sparsifiner_layer_distillation_trains_the_predictor():
+  m = variants.build("sparsifiner", d_model=16, num_heads=4, rngs=nnx.Rngs(1))
+  x = rnd(510, (2, 4, 4, 16))
+  params = nnx.state(m, nnx.Param).to_pure_dict()
+  g = jax.grad(lambda p: RL.distillation_loss(m.config, p, x))(params)
+  assert float(jnp.max(jnp.abs(g["pq_kernel"]))) > 0
+  assert float(jnp.max(jnp.abs(g["q_kernel"]))) == 0     # the dense target is fixed
+  assert np.isfinite(float(m.distillation_loss(x)))
+
+
+def test_layer_errors_name_the_option():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="lce_kernel"):
+    variants.build("biformer", d_model=16, num_heads=4, lce_kernel=4, rngs=rngs)
+  with pytest.raises(ValueError, match="keep_rate"):
+    variants.build("sparsifiner", d_model=16, num_heads=4, keep_rate=1.5, rngs=rngs)
+  with pytest.raises(TypeError, match="unknown option"):
+    variants.build("moba", d_model=16, num_heads=4, window=3, rngs=rngs)
+  with pytest.raises(ValueError, match="num_regions"):
+    variants.build("biformer", d_model=16, num_heads=4, num_regions=3, rngs=rngs)(
+        rnd(0, (1, 4, 4, 16)))
+  with pytest.raises(ValueError, match="segment_ids"):
+    variants.build("moba", d_model=16, num_heads=4, rngs=rngs)(
+        rnd(0, (1, 8, 16)), segment_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+def _train_runlocal(config, arg, tmp_path):
+  from attnjax.train import trainer
+  spec = importlib.util.spec_from_file_location(f"cfg_{config}",
+                                                os.path.join(ROOT, "configs", f"{config}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.data.data_dir = str(tmp_path / "data")
+  c.tensorboard = False
+  c.progress_bar = False
+  c.checkpoint_every = 0
+  res = trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["status"] == "done" and res["step"] == c.num_steps
+  assert all(np.isfinite(v) for k, v in res.items() if k not in ("status", "step"))
+  return res
+
+
+@pytest.mark.slow
+def test_train_runlocal_moba_mqar(tmp_path):
+  _train_runlocal("mqar", "variant=moba,runlocal", tmp_path)
+
+
+@pytest.mark.slow
+def test_train_runlocal_biformer_digits(tmp_path):
+  _train_runlocal("digits_vit", "variant=biformer,runlocal", tmp_path)
