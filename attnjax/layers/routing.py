@@ -7,14 +7,15 @@ initialisers and logical axes of `MultiHeadAttention`: `q_kernel [D,N,H]`, `k_ke
 parameters, and calls the ops of `attnjax.ops.routing`.
 
 Registry names (kind; options; paper):
-- 'moba' (sequence, causal LM): `block_size`, `top_k`, `causal`, `rope` (None | '1d')
+- 'moba' (sequence, causal LM): `block_size`, `top_k`, `causal`, `rope` (None | '1d'),
+  `rope_base`
   ("MoBA: Mixture of Block Attention for Long-Context LLMs"). `top_k` is capped at the
   number of key blocks of the input (short sequences attend to every block).
 - 'biformer' (spatial `[B, Hh, Ww, D]`): `num_regions`, `top_k`, `lce_kernel` (the local
   context enhancement, a `lce_kernel x lce_kernel` depthwise conv of V added to the
   attention output before `o_kernel`; 0 disables it) ("BiFormer: Vision Transformer with
   Bi-Level Routing Attention").
-- 'dynamic_mask' (sequence): `keep_window`, `causal`, `rope`; the per-key bias
+- 'dynamic_mask' (sequence): `keep_window`, `causal`, `rope`, `rope_base`; the per-key bias
   `delta_j,g = exp(A_g * softplus(v_j . W_dt)_g)` per kv head from the values (`dt_kernel
   [K*H, K]`, `dt_bias [K]`, `dt_A [K]`) ("Trainable Dynamic Mask Sparse Attention").
 - 'sparsifiner' (spatial, any `[B, *grid, D]` input): `keep_rate` (fraction of keys kept
@@ -53,9 +54,9 @@ MECHANISMS = ("moba", "biformer", "dynamic_mask", "sparsifiner")
 KINDS = {"moba": "sequence", "biformer": "spatial", "dynamic_mask": "sequence",
          "sparsifiner": "spatial"}
 _OPTIONS = {  # mechanism -> its own options with defaults (sized for runlocal)
-    "moba": dict(block_size=16, top_k=2, causal=True, rope=None),
+    "moba": dict(block_size=16, top_k=2, causal=True, rope=None, rope_base=10000.0),
     "biformer": dict(num_regions=2, top_k=2, lce_kernel=5),
-    "dynamic_mask": dict(keep_window=16, causal=True, rope=None),
+    "dynamic_mask": dict(keep_window=16, causal=True, rope=None, rope_base=10000.0),
     "sparsifiner": dict(keep_rate=0.25, rank=None),
 }
 _COMMON = dict(implementation=None, dtype=None, param_dtype=jnp.float32, use_bias=False,
@@ -227,7 +228,8 @@ def _rope(cfg, q, k, positions):
   pos = jnp.asarray(pos)
   if pos.shape != (B, T):
     raise ValueError(f"positions for rope='1d' must be [B, T] = {(B, T)}, got shape {pos.shape}")
-  return _pos.apply_rope(q, pos), _pos.apply_rope(k, pos)
+  base = float(o["rope_base"])
+  return _pos.apply_rope(q, pos, base=base), _pos.apply_rope(k, pos, base=base)
 
 
 def _depthwise(v_BHWKH, kernel, bias):
