@@ -149,8 +149,12 @@ def _moba_inputs(seed, dtype, B=2, T=20, N=4, K=2, H=8, Hv=8):
       rnd(seed + 2, (B, T, K, Hv), dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+SLOW = pytest.mark.slow
+IMPL_DTYPES = [("xla_chunked", F32), ("xla_chunked", BF16), pytest.param("xla", F32, marks=SLOW),
+               pytest.param("xla", BF16, marks=SLOW)]
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
 def test_moba_matches_reference(impl, dtype):
   """Causal, GQA (routing per query head), ragged last block; forward and vjp."""
   q, k, v = _moba_inputs(10, dtype)
@@ -210,7 +214,7 @@ def test_moba_no_gradient_through_selection():
   assert not np.any(np.asarray(jac))
 
 
-@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("backend", [pytest.param("pallas_tpu", marks=SLOW), "pallas_gpu"])
 def test_moba_pallas_interpreted(backend):
   """Interpreted Pallas kernels on a tiny shape (tile-aligned on GPU: block 16)."""
   from attnjax.kernels.gpu import flash as gpu_flash
@@ -273,8 +277,7 @@ def _flat(x):
   return x.reshape(x.shape[0], -1, *x.shape[-2:])
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
 def test_biformer_matches_reference(impl, dtype):
   q, k, v = _map_inputs(100, dtype, Hh=8, Ww=4)
   nr, top_k = 2, 2
@@ -291,7 +294,7 @@ def test_biformer_matches_reference(impl, dtype):
   _check_grads(f, ref, (q, k, v), dtype, 101, "biformer")
 
 
-@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", pytest.param("pallas_gpu", marks=SLOW)])
 def test_biformer_pallas_interpreted(backend):
   from attnjax.kernels.gpu import flash as gpu_flash
   q, k, v = _map_inputs(110, F32, B=1, Hh=8, Ww=8, N=2, K=2, H=16, Hv=16)
@@ -323,8 +326,7 @@ def _distinct(seed, shape, dtype):
   return jnp.asarray(x.astype(np.float32), dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
 def test_dynamic_mask_matches_reference(impl, dtype):
   q, k, v = _moba_inputs(200, dtype, T=24, N=4, K=2)
   kb = _distinct(203, (2, 24, 2), dtype)              # per kv head
@@ -425,7 +427,8 @@ LAYER_CASES = {  # name -> (input shape, options)
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+@pytest.mark.parametrize("name", ["moba", "biformer", pytest.param("dynamic_mask", marks=SLOW),
+                                  pytest.param("sparsifiner", marks=SLOW)])
 def test_layer_shapes_gradients_and_linen_twin(name):
   shape, opts = LAYER_CASES[name]
   entry = variants.info(name)
