@@ -196,6 +196,21 @@ def test_moba_selection_is_per_token_and_skips_tiles():
   np.testing.assert_array_equal(table != masks.EMPTY, union)
 
 
+def test_row_block_mask_is_a_pytree_and_crosses_jit():
+  sel = jnp.asarray(np.random.default_rng(0).random((2, 12, 3)) < 0.5)
+  m = masks.from_row_block_mask(sel, 4)
+  leaves, tree = jax.tree_util.tree_flatten(m)
+  assert m.kind == "row_block_mask" and "row_block_mask" in masks.KINDS
+  assert m.params == {"block_k": 4} and len(leaves) == 1
+  m2 = jax.tree_util.tree_unflatten(tree, leaves)
+  want = np.repeat(np.asarray(sel), 4, axis=-1)[None]               # [1, 2, 12, 12]
+  np.testing.assert_array_equal(np.asarray(m2.to_array(12, 12, num_heads=2)), want)
+  got = jax.jit(lambda mm: mm.to_array(12, 12, num_heads=2))(m)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  with pytest.raises(ValueError, match="row_block_mask"):
+    m.check_shape(12, 16, 2)
+
+
 def test_moba_top_k_one_is_block_causal():
   """top_k=1 keeps only the own block: equal to chunked(block) & causal attention."""
   q, k, v = _moba_inputs(40, F32, T=16, N=2, K=2)

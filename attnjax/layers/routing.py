@@ -287,10 +287,7 @@ def forward(cfg: RoutingConfig, params: dict, x, *, segment_ids=None, positions=
   q = _proj(cfg, p, x_BTD, "q", "btd,dnh->btnh", dtype)
   k = _proj(cfg, p, x_BTD, "k", "btd,dnh->btnh", dtype)
   v = _proj(cfg, p, x_BTD, "v", "btd,dnh->btnh", dtype)
-  if mech in ("moba", "dynamic_mask"):
-    if x.ndim != 3:
-      raise ValueError(f"variant {mech!r} needs a sequence x [B, T, D], got shape "
-                       f"{tuple(x.shape)}")
+  if mech in ("moba", "dynamic_mask"):   # a grid input is its row-major sequence
     q, k = _rope(cfg, q, k, positions)
   elif positions is not None:
     raise ValueError(f"variant {mech!r} takes no positions")
