@@ -281,6 +281,70 @@ def test_moba_lowering(platform, monkeypatch):
   assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
 
 
+# ----------------------------------------------------------------------------- VMoBA
+
+def vmoba_allowed_ref(q, k, block, top_k=None, threshold=None):
+  """Explicit grid coordinates and blocks: bool [B, N, T, T] on the row-major grid."""
+  q, k = _np(q), _np(k)
+  B, grid, N, H = q.shape[0], q.shape[1:-2], q.shape[-2], q.shape[-1]
+  K = k.shape[-2]
+  G = N // K
+  coords = list(np.ndindex(*grid))
+  bgrid = [g // b for g, b in zip(grid, block)]
+  blk = np.array([np.ravel_multi_index([c // b for c, b in zip(cd, block)], bgrid)
+                  for cd in coords])
+  nb = int(np.prod(bgrid))
+  qf, kf = q.reshape(B, -1, N, H), k.reshape(B, -1, K, H)
+  allowed = np.zeros((B, N, len(coords), len(coords)), bool)
+  for b in range(B):
+    for h in range(N):
+      means = [kf[b, blk == c, h // G].mean(0) for c in range(nb)]
+      for i in range(len(coords)):
+        gates = np.array([qf[b, i, h] @ m for m in means])
+        order = np.argsort(-gates, kind="stable")
+        if top_k is not None:
+          chosen = order[:top_k]
+        else:
+          share = np.exp(gates - gates.max())
+          share /= share.sum()
+          chosen, acc = [], 0.0
+          for c in order:
+            if acc < threshold:
+              chosen.append(c)
+            acc += share[c]
+        for c in chosen:
+          allowed[b, h, i, blk == c] = True
+  return allowed
+
+
+@pytest.mark.parametrize("grid,block,top_k,threshold", [
+    ((4, 6), (2, 3), 2, None), ((4, 6), (2, 2), None, 0.6), ((2, 4, 4), (1, 2, 2), 3, None)])
+def test_vmoba_matches_reference(grid, block, top_k, threshold):
+  q = rnd(150, (1, *grid, 4, 8))
+  k = rnd(151, (1, *grid, 2, 8))
+  v = rnd(152, (1, *grid, 2, 8))
+  allowed = vmoba_allowed_ref(q, k, block, top_k, threshold)
+  f = lambda q, k, v: routing.vmoba_attention(q, k, v, block_shape=block, top_k=top_k,
+                                              threshold=threshold,
+                                              implementation="xla_chunked")
+  flat = lambda x: x.reshape(1, -1, *x.shape[-2:])
+  assert_close(f(q, k, v), softmax_ref_np(flat(q), flat(k), flat(v), allowed).reshape(q.shape),
+               F32, "vmoba forward")
+  ref = lambda q, k, v: softmax_ref_jnp(flat(q), flat(k), flat(v), allowed).reshape(q.shape)
+  _check_grads(f, ref, (q, k, v), F32, 153, "vmoba")
+
+
+def test_block_major_roundtrip():
+  x = rnd(160, (2, 2, 4, 6, 3, 5))
+  for block in [(1, 2, 3), (2, 4, 6), (1, 1, 1)]:
+    y = routing.to_block_major(x, block)
+    np.testing.assert_array_equal(np.asarray(routing.from_block_major(y, block, (2, 4, 6))),
+                                  np.asarray(x))
+  y = routing.to_block_major(x, (1, 2, 3))
+  np.testing.assert_array_equal(np.asarray(y[:, 6:12]),
+                                np.asarray(x[:, 0, 0:2, 3:6].reshape(2, 6, 3, 5)))
+
+
 # ----------------------------------------------------------------------------- BiFormer
 
 def _map_inputs(seed, dtype, B=2, Hh=8, Ww=8, N=4, K=2, H=8, Hv=8):
@@ -428,6 +492,12 @@ def test_errors_name_the_argument():
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=0)
   with pytest.raises(ValueError, match="keep"):
     routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 16)), keep=17)
+  with pytest.raises(ValueError, match="threshold"):
+    routing.vmoba_attention(qm, km, vm, block_shape=2, threshold=1.5)
+  with pytest.raises(ValueError, match="exactly one"):
+    routing.vmoba_attention(qm, km, vm, block_shape=2, top_k=1, threshold=0.5)
+  with pytest.raises(ValueError, match="block_shape"):
+    routing.vmoba_attention(qm, km, vm, block_shape=(4, 4), top_k=1)
   with pytest.raises(ValueError, match="connectivity"):
     routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 15)), keep=2)
 

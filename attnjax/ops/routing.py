@@ -44,7 +44,8 @@ from attnjax import masks as _masks
 from attnjax.core import hooks
 from attnjax.ops.chunked import ChunkedBlockSizes
 
-__all__ = ["moba_attention", "moba_selection", "bi_level_routing_attention",
+__all__ = ["moba_attention", "moba_selection", "vmoba_attention", "threshold_selection",
+           "to_block_major", "from_block_major", "bi_level_routing_attention",
            "region_routing", "to_region_major", "from_region_major", "dynamic_mask_attention",
            "dynamic_mask_keep_end", "sparsifiner_attention", "sparsifiner_distillation_loss"]
 
@@ -197,6 +198,137 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     mask = mask & _masks.causal()
   return hooks.attention(q, k, v, mask=mask, scale=scale, implementation=implementation,
                          block_sizes=_default_block_sizes(block_sizes, bs, bs))
+
+
+# ----------------------------------------------------------------------------- VMoBA
+
+def to_block_major(x, block):
+  """``[B, *grid, C, D]`` -> ``[B, T, C, D]`` with the tokens of each ``block`` (a tuple
+  dividing ``grid`` per axis) contiguous: blocks in row-major order over the block grid,
+  tokens row-major inside a block (1D: the identity; 2D/3D: VMoBA's partitions)."""
+  B, grid, C, D = x.shape[0], tuple(x.shape[1:-2]), x.shape[-2], x.shape[-1]
+  nd = len(grid)
+  split = []
+  for g, b in zip(grid, block):
+    split += [g // b, b]
+  x = x.reshape((B, *split, C, D))
+  order = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + \
+      [1 + 2 * nd, 2 + 2 * nd]
+  return x.transpose(order).reshape(B, math.prod(grid), C, D)
+
+
+def from_block_major(x, block, grid):
+  """Inverse of :func:`to_block_major`: ``[B, T, C, D]`` -> ``[B, *grid, C, D]``."""
+  B, C, D = x.shape[0], x.shape[-2], x.shape[-1]
+  nd = len(grid)
+  x = x.reshape((B, *[g // b for g, b in zip(grid, block)], *block, C, D))
+  order = [0]
+  for i in range(nd):
+    order += [1 + i, 1 + nd + i]
+  order += [1 + 2 * nd, 2 + 2 * nd]
+  return x.transpose(order).reshape((B, *grid, C, D))
+
+
+def threshold_selection(gate_BNTC, threshold: float):
+  """VMoBA's threshold selection (no gradient): per query, the blocks in decreasing gate
+  order until the cumulative share ``softmax(gate)`` reaches ``threshold`` (at least one
+  block): block of rank ``r`` is kept iff the shares of the ``r`` higher blocks sum to
+  less than ``threshold``.  Returns bool of the shape of ``gate_BNTC``."""
+  g = jax.lax.stop_gradient(gate_BNTC).astype(_F32)
+  share = jax.nn.softmax(g, axis=-1)
+  order = jnp.argsort(-share, axis=-1)
+  sorted_share = jnp.take_along_axis(share, order, axis=-1)
+  before = jnp.cumsum(sorted_share, axis=-1) - sorted_share
+  keep_sorted = before < threshold
+  rank = jnp.argsort(order, axis=-1)
+  return jnp.take_along_axis(keep_sorted, rank, axis=-1)
+
+
+def _block_gates(q_BTNH, k_BSKH, bs):
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  nk = -(-S // bs)
+  kf = jnp.pad(jax.lax.stop_gradient(k_BSKH).astype(_F32),
+               ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
+  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)
+  kmean = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
+  qf = jax.lax.stop_gradient(q_BTNH).astype(_F32).reshape(B, T, K, N // K, H)
+  return jnp.einsum("btkgh,bckh->bkgtc", qf, kmean,
+                    precision=jax.lax.Precision.HIGHEST).reshape(B, N, T, nk)
+
+
+def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
+                    threshold: Optional[float] = None, scale: Optional[float] = None,
+                    implementation=None, block_sizes=None):
+  """VMoBA: bidirectional MoBA on a 1D/2D/3D token grid with block partitions.
+
+  The grid ``[B, *grid, N, H]`` (1-3 axes, e.g. video ``(T, H, W)``) is partitioned into
+  blocks of ``block_shape`` (dividing the grid per axis; VMoBA alternates 1D, 2D and 3D
+  partitions across layers, e.g. ``(1, 1, W)``, ``(1, h, w)``, ``(t, h, w)``).  Gate of
+  query ``i``, head ``h``, block ``c``: ``q_ih . mean_{j in c} k_j``.  Each query keeps the
+  ``top_k`` highest-gate blocks, or with ``threshold`` the blocks in decreasing gate order
+  until the cumulative ``softmax(gate)`` share reaches ``threshold``
+  (:func:`threshold_selection`); softmax attention over the kept blocks' keys.  Tokens are
+  permuted to block-major order (:func:`to_block_major`), so the choice is a
+  :func:`attnjax.masks.from_row_block_mask` over contiguous blocks.  Not differentiated
+  through the choice.  (VMoBA's selection of blocks globally across a head's queries is
+  not implemented; the choice is per query as in MoBA.)
+
+  Paper: "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
+
+  Args:
+    q: ``[B, *grid, N, H]``; k: ``[B, *grid, K, H]``; v: ``[B, *grid, K, Hv]``.
+    block_shape: int or tuple per grid axis, dividing the grid.
+    top_k: blocks per query (``1 <= top_k <= number of blocks``); or
+    threshold: a share in ``(0, 1]`` (exactly one of ``top_k`` and ``threshold``).
+    scale, implementation, block_sizes: as in :func:`moba_attention`.
+
+  Returns:
+    ``[B, *grid, N, Hv]`` in ``q.dtype``.
+  """
+  op = "vmoba_attention"
+  _arrays(op, q=q, k=k, v=v)
+  nd = q.ndim - 3
+  if nd not in (1, 2, 3):
+    raise ValueError(f"{op}: q must be [B, *grid, N, H] with 1 to 3 grid axes (rank 4 to 6), "
+                     f"got shape {tuple(q.shape)}")
+  grid = tuple(int(g) for g in q.shape[1:-2])
+  if k.ndim != q.ndim or v.ndim != q.ndim or tuple(k.shape[:-2]) != tuple(q.shape[:-2]) or \
+      tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+    raise ValueError(f"{op}: k, v must be [B, *grid, K, dim] on the grid of q "
+                     f"{tuple(q.shape[:-2])}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+  if isinstance(block_shape, (int, np.integer)) and not isinstance(block_shape, bool):
+    block_shape = (int(block_shape),) * nd
+  if not isinstance(block_shape, (tuple, list)) or len(block_shape) != nd:
+    raise ValueError(f"{op}: block_shape must be an int or a tuple of {nd} ints, got "
+                     f"block_shape={block_shape!r}")
+  block = tuple(_pos_int(op, "block_shape", b) for b in block_shape)
+  if any(g % b for g, b in zip(grid, block)):
+    raise ValueError(f"{op}: block_shape must divide the grid {grid} per axis, got "
+                     f"block_shape={block}")
+  if (top_k is None) == (threshold is None):
+    raise ValueError(f"{op}: give exactly one of top_k and threshold, got top_k={top_k!r}, "
+                     f"threshold={threshold!r}")
+  qf, kf, vf = (to_block_major(x, block) for x in (q, k, v))
+  _check_btnh(op, qf, kf, vf, same_len=True)
+  P = math.prod(block)
+  nk = math.prod(grid) // P
+  gate = _block_gates(qf, kf, P)
+  if top_k is not None:
+    top_k = _pos_int(op, "top_k", top_k)
+    if top_k > nk:
+      raise ValueError(f"{op}: top_k must be <= the number of blocks {nk}, got top_k={top_k}")
+    _, idx = jax.lax.top_k(gate, top_k)
+    sel = _onehot_any(idx, nk)
+  else:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+        not 0.0 < float(threshold) <= 1.0:
+      raise ValueError(f"{op}: threshold must be in (0, 1], got threshold={threshold!r}")
+    sel = threshold_selection(gate, float(threshold))
+  mask = _masks.from_row_block_mask(sel, P)
+  out = hooks.attention(qf, kf, vf, mask=mask, scale=scale, implementation=implementation,
+                        block_sizes=_default_block_sizes(block_sizes, P, P))
+  return from_block_major(out, block, grid)
 
 
 # ----------------------------------------------------------------------------- BiFormer
