@@ -434,8 +434,9 @@ def test_dynamic_mask_noncausal_per_query_head():
 
 # ----------------------------------------------------------------------------- Sparsifiner
 
-def test_sparsifiner_matches_reference():
-  q, k, v = _moba_inputs(300, F32, T=12, N=4, K=2)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_sparsifiner_matches_reference(dtype):
+  q, k, v = _moba_inputs(300, dtype, T=12, N=4, K=2)
   conn = rnd(303, (2, 4, 12, 12), F32)
   keep = 4
   cn = _np(conn)
@@ -443,8 +444,10 @@ def test_sparsifiner_matches_reference():
   for idx in np.ndindex(cn.shape[:3]):
     allowed[idx][np.argsort(-cn[idx], kind="stable")[:keep]] = True
   f = lambda q, k, v: routing.sparsifiner_attention(q, k, v, conn, keep=keep)
-  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, "sparsifiner forward")
-  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 304,
+  out = f(q, k, v)
+  assert out.dtype == dtype
+  assert_close(out, softmax_ref_np(q, k, v, allowed), dtype, "sparsifiner forward")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), dtype, 304,
                "sparsifiner")
 
 
