@@ -1298,9 +1298,10 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
 
   Unlike :func:`from_block_mask`, each query row picks its own key blocks (MoBA's
   per-token gate).  The block table never evaluates the ``[T, S]`` predicate: for tiles
-  with ``block_k`` keys a tile is EMPTY when no row of its q block selects the key block,
-  FULL when every row does, else PARTIAL (the union over the q block), so blockwise
-  implementations visit only the selected tiles and evaluate the predicate there.
+  of ``block_k`` keys (or of a divisor of ``block_k``) a tile is EMPTY when no row of its
+  q block selects the key block, FULL when every row does, else PARTIAL (the union over
+  the q block), so blockwise implementations visit only the selected tiles and evaluate
+  the predicate there.  Other tile widths evaluate the predicate per element.
   """
   block_k = _check_int("block_k", block_k, minimum=1)
   if not hasattr(row_block_mask, "ndim") or row_block_mask.dtype != bool:
@@ -1318,7 +1319,7 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
     return xp.asarray(arr4)[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv // block_k, 0, nkm - 1)]
 
   def table(ctx, T, S, bq, bk):
-    if bk != block_k:
+    if block_k % bk:
       return _eval_table(m, ctx, T, S, bq, bk)
     xp = jnp if dyn else np
     nq = -(-T // bq)
@@ -1331,7 +1332,10 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
       a_any = a_all = a
     any_ = a_any.reshape(Bm, Nm, nq, bq, nkm).any(axis=3)
     all_ = a_all.reshape(Bm, Nm, nq, bq, nkm).all(axis=3)
-    return _classify(any_, all_, xp)
+    tab = _classify(any_, all_, xp)
+    if bk != block_k:   # each key block spans block_k // bk tiles
+      tab = xp.repeat(tab, block_k // bk, axis=-1)[..., :-(-S // bk)]
+    return tab
 
   def check(T, S, num_heads, batch):
     nk = -(-S // block_k)

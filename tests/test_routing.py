@@ -211,6 +211,21 @@ def test_row_block_mask_is_a_pytree_and_crosses_jit():
     m.check_shape(12, 16, 2)
 
 
+@pytest.mark.parametrize("T,S,bq,bk", [(12, 12, 4, 4), (12, 12, 3, 2), (13, 11, 5, 2),
+                                       (12, 12, 4, 1), (12, 12, 4, 3)])
+def test_row_block_mask_table_is_exact(T, S, bq, bk):
+  """The cheap table (tiles of block_k keys or a divisor) equals the table of the same
+  mask given element-wise (from_array), including ragged ends; other widths fall back."""
+  nk = -(-S // 4)
+  sel = np.random.default_rng(T * S + bq * 7 + bk).random((2, T, nk)) < 0.4
+  sel[0, :5] = True                                      # some FULL tiles
+  m = masks.from_row_block_mask(jnp.asarray(sel), 4)
+  dense = np.repeat(sel, 4, axis=-1)[..., :S]
+  want = masks.from_array(dense[None]).block_table(T, S, bq, bk, num_heads=2)
+  got = m.block_table(T, S, bq, bk, num_heads=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_moba_top_k_one_is_block_causal():
   """top_k=1 keeps only the own block: equal to chunked(block) & causal attention."""
   q, k, v = _moba_inputs(40, F32, T=16, N=2, K=2)
