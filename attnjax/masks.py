@@ -1354,3 +1354,77 @@ def _rebuild(kind, p, ch, arr):  # noqa: F811 - extends the rebuild above with '
       raise TypeError("not a mask")
     return tiled2d(ch[0], p["tile"], shape=p["shape"], offset=p["offset"])
   return _rebuild_untiled(kind, p, ch, arr)
+
+
+# ------------------------------------------------------------------ per-row key-block selection
+# Appended as a unit (like the 2D-tiled section above).
+
+KINDS = KINDS + ("row_block_mask",)
+__all__ = __all__ + ["from_row_block_mask"]
+
+
+def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
+  """A per-query key-block selection: ``(q, kv)`` is allowed iff
+  ``row_block_mask[b, h, q, kv // block_k]`` (``[T, nk]`` .. ``[B, N, T, nk]``, bool).
+
+  Unlike :func:`from_block_mask`, each query row picks its own key blocks (MoBA's
+  per-token gate).  The block table never evaluates the ``[T, S]`` predicate: for tiles
+  of ``block_k`` keys (or of a divisor of ``block_k``) a tile is EMPTY when no row of its
+  q block selects the key block, FULL when every row does, else PARTIAL (the union over
+  the q block), so blockwise implementations visit only the selected tiles and evaluate
+  the predicate there.  Other tile widths evaluate the predicate per element.
+  """
+  block_k = _check_int("block_k", block_k, minimum=1)
+  if not hasattr(row_block_mask, "ndim") or row_block_mask.dtype != bool:
+    raise TypeError("row_block_mask must be a boolean array")
+  if not 2 <= row_block_mask.ndim <= 4:
+    raise ValueError(f"row_block_mask must have rank 2..4, got shape {row_block_mask.shape}")
+  arr4 = row_block_mask.reshape((1,) * (4 - row_block_mask.ndim) + tuple(row_block_mask.shape))
+  dyn = _is_jax(arr4)
+  Bm, Nm, Tm, nkm = arr4.shape
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(arr4, q, kv)
+    bi = xp.clip(b, 0, Bm - 1) if Bm > 1 else 0
+    hi = xp.clip(h, 0, Nm - 1) if Nm > 1 else 0
+    return xp.asarray(arr4)[bi, hi, xp.clip(q, 0, Tm - 1), xp.clip(kv // block_k, 0, nkm - 1)]
+
+  def table(ctx, T, S, bq, bk):
+    if block_k % bk:
+      return _eval_table(m, ctx, T, S, bq, bk)
+    xp = jnp if dyn else np
+    nq = -(-T // bq)
+    a = xp.asarray(arr4)
+    pad = nq * bq - T
+    if pad:
+      a_any = xp.concatenate([a, xp.zeros((Bm, Nm, pad, nkm), bool)], axis=2)
+      a_all = xp.concatenate([a, xp.ones((Bm, Nm, pad, nkm), bool)], axis=2)
+    else:
+      a_any = a_all = a
+    any_ = a_any.reshape(Bm, Nm, nq, bq, nkm).any(axis=3)
+    all_ = a_all.reshape(Bm, Nm, nq, bq, nkm).all(axis=3)
+    tab = _classify(any_, all_, xp)
+    if bk != block_k:   # each key block spans block_k // bk tiles
+      tab = xp.repeat(tab, block_k // bk, axis=-1)[..., :-(-S // bk)]
+    return tab
+
+  def check(T, S, num_heads, batch):
+    nk = -(-S // block_k)
+    if Tm != T or nkm != nk:
+      raise ValueError(f"row_block_mask has shape [..., {Tm}, {nkm}]; T={T}, S={S} need "
+                       f"[..., {T}, {nk}] (block_k={block_k})")
+    _check_lead("row_block_mask", tuple(row_block_mask.shape), Bm, Nm, num_heads, batch)
+
+  m = Mask(fn, f"from_row_block_mask({block_k})", kind="row_block_mask",
+           params={"block_k": block_k}, arrays={"row_block_mask": row_block_mask},
+           table=table, data_dependent=dyn, head_dependent=Nm > 1, check=check)
+  return m
+
+
+_rebuild_before_rows = _rebuild
+
+
+def _rebuild(kind, p, ch, arr):  # noqa: F811 - extends the rebuild above
+  if kind == "row_block_mask":
+    return from_row_block_mask(arr["row_block_mask"], p["block_k"])
+  return _rebuild_before_rows(kind, p, ch, arr)

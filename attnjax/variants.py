@@ -269,3 +269,12 @@ def _register_builtins():
   for mechanism in reduced_layers.MECHANISMS:
     register(mechanism, reduced_layers.make_factory(mechanism), kind="spatial",
              linen=reduced_layers.make_linen_factory(mechanism))
+
+  # Routing attention (catalog family C, attnjax.layers.routing, ops in
+  # attnjax.ops.routing): 'moba' (sequence, causal LM), 'biformer' (spatial, with LCE),
+  # 'dynamic_mask' (sequence), 'sparsifiner' (spatial; low-rank connectivity predictor).
+  from attnjax.layers import routing as routing_layers
+  for mechanism in routing_layers.MECHANISMS:
+    register(mechanism, routing_layers.make_factory(mechanism),
+             kind=routing_layers.KINDS[mechanism],
+             linen=routing_layers.make_linen_factory(mechanism))

@@ -59,6 +59,10 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'sinks': dict(window=max(seq_len // 4, 1)),
       'softcap': dict(cap=50.0),
       'relpos': dict(max_distance=32),
+      'moba': dict(block_size=max(seq_len // 4, 1), top_k=2),
+      'biformer': dict(num_regions=2, top_k=2),
+      'dynamic_mask': dict(keep_window=max(seq_len // 4, 1)),
+      'sparsifiner': dict(keep_rate=0.5),
   }
   return dict(table.get(name, {}))
 

@@ -1,0 +1,619 @@
+"""Routing attention: data-dependent (content-routed) sparsity fed to the blockwise kernels.
+
+Each op computes, from the inputs, which keys every query may attend to, expresses that
+selection as an :mod:`attnjax.masks` mask with a cheap block table, and runs softmax
+attention through :func:`attnjax.attention` (reached via :mod:`attnjax.core.hooks`), so
+``'xla_chunked'`` and the Pallas kernels visit only the selected tiles; no ``[T, S]``
+array is formed by these ops (the ``'xla'``/``'reference'`` implementations are dense by
+definition).
+
+- :func:`moba_attention` -- Mixture of Block Attention (catalog C04): per-query top-k key
+  blocks by ``q_i . mean(k_block)``; the selection is a
+  :func:`attnjax.masks.from_row_block_mask` (its table is the union over each q block).
+- :func:`bi_level_routing_attention` -- BiFormer (C01): region-to-region top-k routing on a
+  2D map; tokens are permuted to region-major order so a region is a contiguous block and
+  the routing is a :func:`attnjax.masks.from_block_mask`.
+- :func:`dynamic_mask_attention` -- Dynamic Mask Attention (C03): a per-key bias from the
+  values, top-``keep_window`` keys per query by that bias (AND causal).
+- :func:`sparsifiner_attention` -- Sparsifiner (C02): top-``keep`` keys per query from a
+  (low-rank) connectivity score, attention over the gathered keys;
+  :func:`sparsifiner_distillation_loss` trains the predictor against dense attention.
+
+Gradients.  The selection (top-k over gates, affinities, biases, connectivities) is a
+discrete choice and is **not differentiated** (the gate inputs pass through
+``jax.lax.stop_gradient`` for the choice); gradients flow through the selected logits to
+``q``, ``k``, ``v`` (and to ``key_bias`` in dynamic mask attention, which is also an
+additive logit bias).
+
+Common conventions: BTNH layout, ``k``/``v`` with ``K`` heads, ``N % K == 0`` (GQA; routing
+is per query head where the paper routes per head); ``scale`` defaults to ``1/sqrt(H)``;
+float32 gates and logits; the output has the layout of ``q`` with ``Hv`` last, in
+``q.dtype``.  See ``docs/routing.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks as _masks
+from attnjax.core import hooks
+from attnjax.ops.chunked import ChunkedBlockSizes
+
+__all__ = ["moba_attention", "moba_selection", "vmoba_attention", "threshold_selection",
+           "to_block_major", "from_block_major", "bi_level_routing_attention",
+           "region_routing", "to_region_major", "from_region_major", "dynamic_mask_attention",
+           "dynamic_mask_keep_end", "sparsifiner_attention", "sparsifiner_distillation_loss"]
+
+_F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pos_int(op, name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{op}: {name} must be a positive int, got {value!r}")
+  if value < 1:
+    raise ValueError(f"{op}: {name} must be a positive int (>= 1), got {name}={value!r}")
+  return int(value)
+
+
+def _arrays(op, **xs):
+  for name, x in xs.items():
+    if not hasattr(x, "ndim") or not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{op}: {name} must be an array, got {type(x).__name__}")
+
+
+def _check_btnh(op, q, k, v, *, same_len=False):
+  """Checks ``q [B,T,N,H]``, ``k [B,S,K,H]``, ``v [B,S,K,Hv]``; returns the dims."""
+  _arrays(op, q=q, k=k, v=v)
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{op}: {name} must have rank 4 ([B, T, N, H] layout), got shape "
+                       f"{tuple(x.shape)}")
+  B, T, N, H = q.shape
+  if k.shape[0] != B or v.shape[0] != B:
+    raise ValueError(f"{op}: q, k, v must share the batch size B={B}, got k {tuple(k.shape)}, "
+                     f"v {tuple(v.shape)}")
+  S, K = k.shape[1], k.shape[2]
+  if tuple(v.shape[:3]) != (B, S, K):
+    raise ValueError(f"{op}: v must be [B, S, K, Hv] = [{B}, {S}, {K}, Hv] like k, got shape "
+                     f"{tuple(v.shape)}")
+  if k.shape[3] != H:
+    raise ValueError(f"{op}: k must have the head dim H={H} of q, got shape {tuple(k.shape)}")
+  if N % K:
+    raise ValueError(f"{op}: the query heads N={N} must be a multiple of the kv heads K={K} "
+                     f"(GQA), got q {tuple(q.shape)}, k {tuple(k.shape)}")
+  if same_len and S != T:
+    raise ValueError(f"{op}: k must have the length T={T} of q (self-attention), got S={S}")
+  return B, T, S, N, K, H, v.shape[3]
+
+
+def _default_block_sizes(block_sizes, bq, bk):
+  """``xla_chunked`` tiles aligned with the selection's blocks unless the caller chose."""
+  if block_sizes is not None:
+    return block_sizes
+  return {"xla_chunked": ChunkedBlockSizes(block_q=bq, block_k=bk)}
+
+
+def _onehot_any(idx, n):
+  """``[..., k]`` indices -> ``[..., n]`` bool: is column ``c`` among the indices."""
+  return jnp.any(idx[..., None] == jnp.arange(n, dtype=idx.dtype), axis=-2)
+
+
+# ----------------------------------------------------------------------------- MoBA
+
+def moba_selection(q, k, *, block_size: int, top_k: int, causal: bool = True):
+  """MoBA's per-query key-block choice (no gradient): bool ``[B, N, T, nk]``.
+
+  ``gate[b, h, i, c] = q_ih . mean_{j in block c} k_j,h//G`` (float32; the last block may
+  be shorter and is averaged over its own keys).  Causal: the query's own block
+  ``i // block_size`` plus the ``top_k - 1`` earlier blocks with the highest gates (all of
+  them when fewer); later blocks never.  Non-causal: the ``top_k`` highest gates.
+  """
+  op = "moba_selection"
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  bs = block_size
+  nk = -(-S // bs)
+  q = jax.lax.stop_gradient(q)
+  k = jax.lax.stop_gradient(k)
+  kf = jnp.pad(k.astype(_F32), ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
+  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)       # [nk]
+  kmean_BCKH = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
+  q_BTKGH = q.astype(_F32).reshape(B, T, K, G, H)
+  gate_BKGTC = jnp.einsum("btkgh,bckh->bkgtc", q_BTKGH, kmean_BCKH,
+                          precision=jax.lax.Precision.HIGHEST)
+  gate_BNTC = gate_BKGTC.reshape(B, N, T, nk)
+  cb = jnp.arange(nk, dtype=jnp.int32)
+  if causal:
+    if T != S:
+      raise ValueError(f"{op}: causal MoBA needs T == S, got T={T}, S={S}")
+    qb = (jnp.arange(T, dtype=jnp.int32) // bs)[:, None]                     # [T, 1]
+    sel = jnp.broadcast_to(cb[None, :] == qb, (B, N, T, nk))
+    if top_k > 1:
+      earlier = cb[None, :] < qb
+      gm = jnp.where(earlier, gate_BNTC, -jnp.inf)
+      vals, idx = jax.lax.top_k(gm, top_k - 1)                               # [B,N,T,k-1]
+      idx = jnp.where(jnp.isfinite(vals), idx, nk)      # an ineligible pick selects nothing
+      sel = sel | _onehot_any(idx, nk)
+  else:
+    _, idx = jax.lax.top_k(gate_BNTC, top_k)
+    sel = _onehot_any(idx, nk)
+  return sel
+
+
+def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
+                   scale: Optional[float] = None, implementation=None, block_sizes=None):
+  """MoBA: Mixture of Block Attention (per-query top-k key blocks).
+
+  Keys are split into blocks of ``block_size`` (the last may be shorter).  The gate of
+  query ``i``, head ``h`` and block ``c`` is ``q_ih . mean_{j in c} k_j`` (the kv head of
+  ``h`` under GQA).  Causal: the query's own block is always chosen and masked causally
+  (``j <= i``), plus the ``top_k - 1`` earlier blocks with the highest gates (all of them
+  when fewer); later blocks are never chosen.  Non-causal: the ``top_k`` highest-gate
+  blocks.  Output: ``o_i = sum_{j chosen} softmax_j(scale q_i . k_j) v_j``.
+
+  The choice (:func:`moba_selection`) is a per-token ``[B, N, T, nk]`` array passed as
+  :func:`attnjax.masks.from_row_block_mask` (``& causal()``): blockwise implementations
+  visit a ``(q block, k block)`` tile only when some query of the q block chose the key
+  block (by default ``'xla_chunked'`` tiles are ``block_size x block_size``), and evaluate
+  the per-row choice there.  The top-k choice is not differentiated; gradients flow
+  through the chosen logits.
+
+  Paper: "MoBA: Mixture of Block Attention for Long-Context LLMs" (Lu et al., 2025); the
+  video variant "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, T, K, H]``; v: ``[B, T, K, Hv]`` (``T == S``).
+    block_size: keys per block (positive int).
+    top_k: blocks per query, ``1 <= top_k <= ceil(T / block_size)``.
+    causal: causal LM form (default) or bidirectional top-k.
+    scale: logit scale, default ``1/sqrt(H)``.
+    implementation, block_sizes: passed to :func:`attnjax.attention`; ``block_sizes=None``
+      gives ``'xla_chunked'`` ``block_size`` tiles (Pallas kernels: pass their
+      ``BlockSizes`` with ``block_k = block_size`` so the table is tile-aligned).
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype``.
+  """
+  op = "moba_attention"
+  B, T, S, N, K, H, Hv = _check_btnh(op, q, k, v, same_len=True)
+  bs = _pos_int(op, "block_size", block_size)
+  top_k = _pos_int(op, "top_k", top_k)
+  if not isinstance(causal, bool):
+    raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
+  nk = -(-S // bs)
+  if top_k > nk:
+    raise ValueError(f"{op}: top_k must be <= the number of key blocks ceil(T / block_size) = "
+                     f"{nk} (T={T}, block_size={bs}), got top_k={top_k}")
+  sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
+  mask = _masks.from_row_block_mask(sel_BNTC, bs)
+  if causal:
+    mask = mask & _masks.causal()
+  return hooks.attention(q, k, v, mask=mask, scale=scale, implementation=implementation,
+                         block_sizes=_default_block_sizes(block_sizes, bs, bs))
+
+
+# ----------------------------------------------------------------------------- VMoBA
+
+def to_block_major(x, block):
+  """``[B, *grid, C, D]`` -> ``[B, T, C, D]`` with the tokens of each ``block`` (a tuple
+  dividing ``grid`` per axis) contiguous: blocks in row-major order over the block grid,
+  tokens row-major inside a block (1D: the identity; 2D/3D: VMoBA's partitions)."""
+  B, grid, C, D = x.shape[0], tuple(x.shape[1:-2]), x.shape[-2], x.shape[-1]
+  nd = len(grid)
+  split = []
+  for g, b in zip(grid, block):
+    split += [g // b, b]
+  x = x.reshape((B, *split, C, D))
+  order = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + \
+      [1 + 2 * nd, 2 + 2 * nd]
+  return x.transpose(order).reshape(B, math.prod(grid), C, D)
+
+
+def from_block_major(x, block, grid):
+  """Inverse of :func:`to_block_major`: ``[B, T, C, D]`` -> ``[B, *grid, C, D]``."""
+  B, C, D = x.shape[0], x.shape[-2], x.shape[-1]
+  nd = len(grid)
+  x = x.reshape((B, *[g // b for g, b in zip(grid, block)], *block, C, D))
+  order = [0]
+  for i in range(nd):
+    order += [1 + i, 1 + nd + i]
+  order += [1 + 2 * nd, 2 + 2 * nd]
+  return x.transpose(order).reshape((B, *grid, C, D))
+
+
+def threshold_selection(gate_BNTC, threshold: float):
+  """VMoBA's threshold selection (no gradient): per query, the blocks in decreasing gate
+  order until the cumulative share ``softmax(gate)`` reaches ``threshold`` (at least one
+  block): block of rank ``r`` is kept iff the shares of the ``r`` higher blocks sum to
+  less than ``threshold``.  Returns bool of the shape of ``gate_BNTC``."""
+  g = jax.lax.stop_gradient(gate_BNTC).astype(_F32)
+  share = jax.nn.softmax(g, axis=-1)
+  order = jnp.argsort(-share, axis=-1)
+  sorted_share = jnp.take_along_axis(share, order, axis=-1)
+  before = jnp.cumsum(sorted_share, axis=-1) - sorted_share
+  keep_sorted = before < threshold
+  rank = jnp.argsort(order, axis=-1)
+  return jnp.take_along_axis(keep_sorted, rank, axis=-1)
+
+
+def _block_gates(q_BTNH, k_BSKH, bs):
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  nk = -(-S // bs)
+  kf = jnp.pad(jax.lax.stop_gradient(k_BSKH).astype(_F32),
+               ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
+  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)
+  kmean = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
+  qf = jax.lax.stop_gradient(q_BTNH).astype(_F32).reshape(B, T, K, N // K, H)
+  return jnp.einsum("btkgh,bckh->bkgtc", qf, kmean,
+                    precision=jax.lax.Precision.HIGHEST).reshape(B, N, T, nk)
+
+
+def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
+                    threshold: Optional[float] = None, scale: Optional[float] = None,
+                    implementation=None, block_sizes=None):
+  """VMoBA: bidirectional MoBA on a 1D/2D/3D token grid with block partitions.
+
+  The grid ``[B, *grid, N, H]`` (1-3 axes, e.g. video ``(T, H, W)``) is partitioned into
+  blocks of ``block_shape`` (dividing the grid per axis; VMoBA alternates 1D, 2D and 3D
+  partitions across layers, e.g. ``(1, 1, W)``, ``(1, h, w)``, ``(t, h, w)``).  Gate of
+  query ``i``, head ``h``, block ``c``: ``q_ih . mean_{j in c} k_j``.  Each query keeps the
+  ``top_k`` highest-gate blocks, or with ``threshold`` the blocks in decreasing gate order
+  until the cumulative ``softmax(gate)`` share reaches ``threshold``
+  (:func:`threshold_selection`); softmax attention over the kept blocks' keys.  Tokens are
+  permuted to block-major order (:func:`to_block_major`), so the choice is a
+  :func:`attnjax.masks.from_row_block_mask` over contiguous blocks.  Not differentiated
+  through the choice.  (VMoBA's selection of blocks globally across a head's queries is
+  not implemented; the choice is per query as in MoBA.)
+
+  Paper: "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
+
+  Args:
+    q: ``[B, *grid, N, H]``; k: ``[B, *grid, K, H]``; v: ``[B, *grid, K, Hv]``.
+    block_shape: int or tuple per grid axis, dividing the grid.
+    top_k: blocks per query (``1 <= top_k <= number of blocks``); or
+    threshold: a share in ``(0, 1]`` (exactly one of ``top_k`` and ``threshold``).
+    scale, implementation, block_sizes: as in :func:`moba_attention`.
+
+  Returns:
+    ``[B, *grid, N, Hv]`` in ``q.dtype``.
+  """
+  op = "vmoba_attention"
+  _arrays(op, q=q, k=k, v=v)
+  nd = q.ndim - 3
+  if nd not in (1, 2, 3):
+    raise ValueError(f"{op}: q must be [B, *grid, N, H] with 1 to 3 grid axes (rank 4 to 6), "
+                     f"got shape {tuple(q.shape)}")
+  grid = tuple(int(g) for g in q.shape[1:-2])
+  if k.ndim != q.ndim or v.ndim != q.ndim or tuple(k.shape[:-2]) != tuple(q.shape[:-2]) or \
+      tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+    raise ValueError(f"{op}: k, v must be [B, *grid, K, dim] on the grid of q "
+                     f"{tuple(q.shape[:-2])}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+  if isinstance(block_shape, (int, np.integer)) and not isinstance(block_shape, bool):
+    block_shape = (int(block_shape),) * nd
+  if not isinstance(block_shape, (tuple, list)) or len(block_shape) != nd:
+    raise ValueError(f"{op}: block_shape must be an int or a tuple of {nd} ints, got "
+                     f"block_shape={block_shape!r}")
+  block = tuple(_pos_int(op, "block_shape", b) for b in block_shape)
+  if any(g % b for g, b in zip(grid, block)):
+    raise ValueError(f"{op}: block_shape must divide the grid {grid} per axis, got "
+                     f"block_shape={block}")
+  if (top_k is None) == (threshold is None):
+    raise ValueError(f"{op}: give exactly one of top_k and threshold, got top_k={top_k!r}, "
+                     f"threshold={threshold!r}")
+  qf, kf, vf = (to_block_major(x, block) for x in (q, k, v))
+  _check_btnh(op, qf, kf, vf, same_len=True)
+  P = math.prod(block)
+  nk = math.prod(grid) // P
+  gate = _block_gates(qf, kf, P)
+  if top_k is not None:
+    top_k = _pos_int(op, "top_k", top_k)
+    if top_k > nk:
+      raise ValueError(f"{op}: top_k must be <= the number of blocks {nk}, got top_k={top_k}")
+    _, idx = jax.lax.top_k(gate, top_k)
+    sel = _onehot_any(idx, nk)
+  else:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+        not 0.0 < float(threshold) <= 1.0:
+      raise ValueError(f"{op}: threshold must be in (0, 1], got threshold={threshold!r}")
+    sel = threshold_selection(gate, float(threshold))
+  mask = _masks.from_row_block_mask(sel, P)
+  out = hooks.attention(qf, kf, vf, mask=mask, scale=scale, implementation=implementation,
+                        block_sizes=_default_block_sizes(block_sizes, P, P))
+  return from_block_major(out, block, grid)
+
+
+# ----------------------------------------------------------------------------- BiFormer
+
+def to_region_major(x, num_regions: int):
+  """``[B, Hh, Ww, C, D]`` -> ``[B, R * P, C, D]``: regions (``num_regions`` x
+  ``num_regions``, row-major) one after another, each region's tokens row-major inside it
+  (``R = num_regions**2``, ``P = (Hh / num_regions) * (Ww / num_regions)``)."""
+  B, Hh, Ww, C, D = x.shape
+  r = num_regions
+  rh, rw = Hh // r, Ww // r
+  x = x.reshape(B, r, rh, r, rw, C, D).transpose(0, 1, 3, 2, 4, 5, 6)
+  return x.reshape(B, r * r * rh * rw, C, D)
+
+
+def from_region_major(x, num_regions: int, spatial):
+  """Inverse of :func:`to_region_major`: ``[B, R * P, C, D]`` -> ``[B, Hh, Ww, C, D]``."""
+  B, _, C, D = x.shape
+  Hh, Ww = spatial
+  r = num_regions
+  rh, rw = Hh // r, Ww // r
+  x = x.reshape(B, r, r, rh, rw, C, D).transpose(0, 1, 3, 2, 4, 5, 6)
+  return x.reshape(B, Hh, Ww, C, D)
+
+
+def _check_map(op, q, k, v):
+  _arrays(op, q=q, k=k, v=v)
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 5:
+      raise ValueError(f"{op}: {name} must have rank 5 ([B, Hh, Ww, N, H] layout), got shape "
+                       f"{tuple(x.shape)}")
+  if tuple(k.shape[:3]) != tuple(q.shape[:3]) or tuple(v.shape[:4]) != tuple(k.shape[:4]):
+    raise ValueError(f"{op}: k, v must be [B, Hh, Ww, K, dim] on the map of q "
+                     f"{tuple(q.shape[:3])}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+  if k.shape[4] != q.shape[4]:
+    raise ValueError(f"{op}: k must have the head dim H={q.shape[4]} of q, got shape "
+                     f"{tuple(k.shape)}")
+  N, K = q.shape[3], k.shape[3]
+  if N % K:
+    raise ValueError(f"{op}: the query heads N={N} must be a multiple of the kv heads K={K} "
+                     f"(GQA), got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def region_routing(q, k, *, num_regions: int, top_k: int):
+  """BiFormer's routing (no gradient): bool ``[B, R, R]``, region ``r`` keeps region ``r'``.
+
+  ``A[r, r'] = sum_h mean_{i in r} q_ih . mean_{j in r'} k_j,h//G`` (float32, all heads
+  together); each region keeps its ``top_k`` regions by ``A``.  ``q [B, Hh, Ww, N, H]``,
+  ``k [B, Hh, Ww, K, H]``; regions as in :func:`to_region_major`.
+  """
+  B, Hh, Ww, N, H = q.shape
+  K = k.shape[3]
+  G = N // K
+  R = num_regions * num_regions
+  qr_BRNH = to_region_major(jax.lax.stop_gradient(q).astype(_F32), num_regions)
+  kr_BRKH = to_region_major(jax.lax.stop_gradient(k).astype(_F32), num_regions)
+  qr_BRNH = qr_BRNH.reshape(B, R, -1, N, H).mean(2)
+  kr_BRKH = kr_BRKH.reshape(B, R, -1, K, H).mean(2)
+  aff_BRR = jnp.einsum("brkgh,bskh->brs", qr_BRNH.reshape(B, R, K, G, H), kr_BRKH,
+                       precision=jax.lax.Precision.HIGHEST)
+  _, idx = jax.lax.top_k(aff_BRR, top_k)
+  return _onehot_any(idx, R)
+
+
+def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
+                               scale: Optional[float] = None, implementation=None,
+                               block_sizes=None):
+  """Bi-Level Routing Attention (BiFormer) on a 2D map.
+
+  The map is split into ``num_regions x num_regions`` equal regions.  Region affinity
+  ``A[r, r'] = sum_h mean_{i in r} q_ih . mean_{j in r'} k_jh`` (all heads together);
+  each region keeps its ``top_k`` regions by ``A`` (shared by all heads); each token
+  attends, per head, to all tokens of its region's chosen regions:
+  ``o_i = sum_{j in routed(r(i))} softmax_j(scale q_i . k_j) v_j``.
+
+  Tokens are permuted to region-major order (:func:`to_region_major`) so each region is
+  a contiguous block of ``P`` tokens and the routing is a tile-level
+  :func:`attnjax.masks.from_block_mask` with ``P x P`` tiles; the output is permuted
+  back.  The local context enhancement (LCE, a depthwise conv on V) belongs to the layer.
+  The top-k routing is not differentiated; gradients flow through the routed logits.
+
+  Paper: "BiFormer: Vision Transformer with Bi-Level Routing Attention" (Zhu et al., 2023).
+
+  Args:
+    q: ``[B, Hh, Ww, N, H]``; k: ``[B, Hh, Ww, K, H]``; v: ``[B, Hh, Ww, K, Hv]``.
+    num_regions: regions per axis; must divide ``Hh`` and ``Ww``.
+    top_k: routed regions per region, ``1 <= top_k <= num_regions**2``.
+    scale: logit scale, default ``1/sqrt(H)``.
+    implementation, block_sizes: passed to :func:`attnjax.attention`; ``block_sizes=None``
+      gives ``'xla_chunked'`` tiles of one region (Pallas kernels need ``P`` to fit their
+      tile rules, else the block mask is evaluated per element).
+
+  Returns:
+    ``[B, Hh, Ww, N, Hv]`` in ``q.dtype``.
+  """
+  op = "bi_level_routing_attention"
+  _check_map(op, q, k, v)
+  B, Hh, Ww, N, H = q.shape
+  r = _pos_int(op, "num_regions", num_regions)
+  top_k = _pos_int(op, "top_k", top_k)
+  if Hh % r or Ww % r:
+    raise ValueError(f"{op}: num_regions must divide the map (Hh, Ww)={(Hh, Ww)} per axis, got "
+                     f"num_regions={r}")
+  R = r * r
+  if top_k > R:
+    raise ValueError(f"{op}: top_k must be <= the number of regions num_regions**2 = {R}, got "
+                     f"top_k={top_k}")
+  P = (Hh // r) * (Ww // r)
+  route_BRR = region_routing(q, k, num_regions=r, top_k=top_k)
+  mask = _masks.from_block_mask(route_BRR[:, None], P, P)
+  out = hooks.attention(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
+                        mask=mask, scale=scale, implementation=implementation,
+                        block_sizes=_default_block_sizes(block_sizes, P, P))
+  return from_region_major(out, r, (Hh, Ww))
+
+
+# ----------------------------------------------------------------------------- DMA
+
+def dynamic_mask_keep_end(key_bias, *, keep_window: int, causal: bool = True, T: int = None,
+                          chunk: int = 512):
+  """Per key, the end of the query rows that keep it (no gradient): int32 ``[B, Nb, S]``.
+
+  ``key_bias [B, S, Nb]``.  Query ``i`` keeps key ``j`` iff ``j`` is allowed (``j <= i``
+  when causal) and fewer than ``keep_window`` allowed keys ``j'`` of row ``i`` have
+  ``key_bias_j' > key_bias_j``.  The count grows with ``i``, so a kept key is kept on the
+  rows ``[j, end_j)`` (causal) or on every row (non-causal: ``end_j`` is ``T`` or 0).
+  Computed over key chunks of ``chunk`` (``O(chunk * S)`` memory).
+  """
+  B, S, Nb = key_bias.shape
+  T = S if T is None else T
+  b_BNS = jnp.transpose(jax.lax.stop_gradient(key_bias).astype(_F32), (0, 2, 1))
+  c = max(1, min(chunk, S))
+  nc = -(-S // c)
+  bp = jnp.pad(b_BNS, ((0, 0), (0, 0), (0, nc * c - S)), constant_values=-jnp.inf)
+
+  def one(bj_BNC):                      # [B, Nb, c] biases of a key chunk
+    gt = b_BNS[:, :, None, :] > bj_BNC[..., None]                  # [B, Nb, c, S]
+    if causal:
+      cnt = jnp.cumsum(gt.astype(jnp.int32), axis=-1)              # over j' <= i
+      return jnp.sum(cnt < keep_window, axis=-1).astype(jnp.int32)  # prefix of rows
+    kept = gt.sum(-1) < keep_window
+    return jnp.where(kept, T, 0).astype(jnp.int32)
+
+  ends = jax.lax.map(one, bp.reshape(B, Nb, nc, c).transpose(2, 0, 1, 3))   # [nc, B, Nb, c]
+  return ends.transpose(1, 2, 0, 3).reshape(B, Nb, nc * c)[:, :, :S]
+
+
+def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool = True,
+                           scale: Optional[float] = None, implementation=None,
+                           block_sizes=None):
+  """Dynamic Mask Attention (DMA): content-aware per-key bias and top-w key mask.
+
+  ``s_ij = scale q_i . k_j + key_bias_j,h`` (float32); query ``i`` keeps, among its
+  allowed keys (``j <= i`` when causal), the ``keep_window`` keys with the largest
+  ``key_bias`` (all of them when fewer); the others are masked out.  In the paper the
+  bias is computed from the values, ``key_bias_j,h = A_h * softplus(W_dt v_j)_h`` (the
+  log of ``delta_j = exp(A_h softplus(W_dt v_j))``, ``A_h`` learnable) -- that
+  projection belongs to the layer (:mod:`attnjax.layers.routing`).
+
+  The keep mask is a per-key row interval (:func:`dynamic_mask_keep_end`) evaluated on
+  the tiles the kernels visit; the bias is passed as ``bias [B, N, 1, S]`` and is
+  differentiable; the top-w choice is not.
+
+  Paper: "Trainable Dynamic Mask Sparse Attention" (Shi et al., 2025).
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, T, K, H]``; v: ``[B, T, K, Hv]`` (``T == S``).
+    key_bias: ``[B, T, N]`` (per query head) or ``[B, T, K]`` (per kv head), float.
+    keep_window: keys kept per query (positive int).
+    causal: AND the causal mask (default).
+    scale, implementation, block_sizes: as in :func:`attnjax.attention`.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype``.
+  """
+  op = "dynamic_mask_attention"
+  B, T, S, N, K, H, Hv = _check_btnh(op, q, k, v, same_len=True)
+  _arrays(op, key_bias=key_bias)
+  if key_bias.ndim != 3 or tuple(key_bias.shape[:2]) != (B, S) or key_bias.shape[2] not in (N, K):
+    raise ValueError(f"{op}: key_bias must be [B, S, N] = {(B, S, N)} or [B, S, K] = "
+                     f"{(B, S, K)}, got shape {tuple(key_bias.shape)}")
+  if not jnp.issubdtype(key_bias.dtype, jnp.floating):
+    raise TypeError(f"{op}: key_bias must be floating point, got dtype {key_bias.dtype}")
+  w = _pos_int(op, "keep_window", keep_window)
+  if not isinstance(causal, bool):
+    raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
+  Nb = key_bias.shape[2]
+  G = N // Nb
+  end_BNS = dynamic_mask_keep_end(key_bias, keep_window=w, causal=causal, T=T)
+
+  def keep(b, h, qi, kv):
+    kvc = jnp.clip(kv, 0, S - 1)
+    ok = qi < end_BNS[jnp.clip(b, 0, B - 1), jnp.clip(h, 0, N - 1) // G, kvc]
+    return (ok & (kv <= qi)) if causal else ok
+
+  mask = _masks.from_fn(keep, name=f"dynamic_mask(keep_window={w}, causal={causal})")
+  bias_BN1S = jnp.transpose(key_bias, (0, 2, 1))[:, :, None, :]
+  if G > 1:
+    bias_BN1S = jnp.repeat(bias_BN1S, G, axis=1)
+  return hooks.attention(q, k, v, mask=mask, bias=bias_BN1S, scale=scale,
+                         implementation=implementation, block_sizes=block_sizes)
+
+
+# ----------------------------------------------------------------------------- Sparsifiner
+
+def sparsifiner_attention(q, k, v, connectivity, *, keep: int, scale: Optional[float] = None):
+  """Sparsifiner: attention restricted to the top-``keep`` keys of a connectivity score.
+
+  ``M_i = top-keep_j connectivity_ij`` (per query and head; not differentiated);
+  ``o_i = sum_{j in M_i} softmax_j(scale q_i . k_j) v_j``.  Computed by gathering the
+  ``keep`` selected keys and values of each query (the mask is unstructured, so block
+  sparsity would not help): ``O(T * keep * H)`` per head, no ``[T, S]`` logits.  The
+  connectivity comes from the layer's low-rank predictor and is trained with
+  :func:`sparsifiner_distillation_loss`.
+
+  Paper: "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision
+  Transformers" (Wei et al., CVPR 2023).
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]``.
+    connectivity: ``[B, N, T, S]`` float scores (higher = keep).
+    keep: keys per query, ``1 <= keep <= S``.
+    scale: logit scale, default ``1/sqrt(H)``.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype``.
+  """
+  op = "sparsifiner_attention"
+  B, T, S, N, K, H, Hv = _check_btnh(op, q, k, v)
+  _arrays(op, connectivity=connectivity)
+  if tuple(connectivity.shape) != (B, N, T, S):
+    raise ValueError(f"{op}: connectivity must be [B, N, T, S] = {(B, N, T, S)}, got shape "
+                     f"{tuple(connectivity.shape)}")
+  keep = _pos_int(op, "keep", keep)
+  if keep > S:
+    raise ValueError(f"{op}: keep must be <= the number of keys S={S}, got keep={keep}")
+  G = N // K
+  scale = 1.0 / math.sqrt(H) if scale is None else scale
+  _, idx_BNTk = jax.lax.top_k(jax.lax.stop_gradient(connectivity).astype(_F32), keep)
+  kh = jnp.arange(N) // G
+
+  def gather(x_BSKD):   # -> [B, N, T, keep, D]
+    x_BKSD = jnp.transpose(x_BSKD, (0, 2, 1, 3))[:, kh]               # [B, N, S, D]
+    return jax.vmap(jax.vmap(lambda xs, ix: xs[ix]))(x_BKSD, idx_BNTk)
+  k_g, v_g = gather(k), gather(v)
+  q_BNTH = jnp.transpose(q, (0, 2, 1, 3))
+  s = jnp.einsum("bnth,bntkh->bntk", q_BNTH.astype(_F32), k_g.astype(_F32)) * scale
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bntk,bntkd->bntd", p, v_g.astype(_F32))
+  return jnp.transpose(o, (0, 2, 1, 3)).astype(q.dtype)
+
+
+def sparsifiner_distillation_loss(connectivity, q, k, *, scale: Optional[float] = None):
+  """Distillation of the connectivity predictor from dense attention (a training helper).
+
+  ``L = mean_{b,h,i} KL(P_i || C_i)`` with ``P_i = softmax_j(scale q_i . k_j)`` the dense
+  attention (a fixed target: ``stop_gradient``) and ``C_i = softmax_j(connectivity_ij)``
+  the predictor's distribution; gradients reach ``connectivity`` only.  (The paper
+  distils the predicted sparse connectivity from the dense attention of a trained model;
+  we use the KL divergence of the row distributions.)
+
+  Args:
+    connectivity: ``[B, N, T, S]`` predictor scores.
+    q: ``[B, T, N, H]``; k: ``[B, S, K, H]`` (GQA allowed).
+    scale: default ``1/sqrt(H)``.  The loss is formed densely (``[B, N, T, S]``), like
+      the predictor's connectivity itself.
+
+  Returns:
+    float32 scalar.
+  """
+  op = "sparsifiner_distillation_loss"
+  _arrays(op, connectivity=connectivity, q=q, k=k)
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"{op}: q and k must have rank 4 ([B, T, N, H]), got {tuple(q.shape)}, "
+                     f"{tuple(k.shape)}")
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if N % K:
+    raise ValueError(f"{op}: the query heads N={N} must be a multiple of the kv heads K={K}")
+  if tuple(connectivity.shape) != (B, N, T, S):
+    raise ValueError(f"{op}: connectivity must be [B, N, T, S] = {(B, N, T, S)}, got shape "
+                     f"{tuple(connectivity.shape)}")
+  scale = 1.0 / math.sqrt(H) if scale is None else scale
+  kk = jnp.repeat(k, N // K, axis=2)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(_F32), kk.astype(_F32)) * scale
+  logp = jax.lax.stop_gradient(jax.nn.log_softmax(s, axis=-1))
+  logc = jax.nn.log_softmax(connectivity.astype(_F32), axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logc), axis=-1))

@@ -1,0 +1,159 @@
+"""CPU benchmark of the routing ops (issue 19), as ratios to dense attention.
+
+MoBA (causal, ``block_size``, ``top_k``; ``xla_chunked`` with block-size tiles) is timed
+against causal dense ``attnjax.attention`` (default implementation) in the same process,
+interleaved round by round (best of ``--rounds``), forward and forward+backward.  Printed
+with it: the *selected* fraction (the mean over queries of the chosen keys / all keys,
+causal) and the *visited* tile fraction (non-empty tiles of the union table the kernel
+iterates over / all tiles).  MoBA chooses blocks per query token, so on i.i.d. random
+inputs the queries of one q block disagree and the union approaches causal-dense;
+``--coherent`` gives the queries of a block a shared component (as trained models have),
+which is where block routing pays off.
+
+BiFormer (``--grid`` map, ``--regions`` per axis, ``--region-topk``) is timed against
+dense attention on the flattened map.
+
+``--rss`` runs MoBA fwd+bwd at ``--rss-len`` tokens in a subprocess and reports its peak
+resident set size (``resource.getrusage``), showing no ``[T, S]`` array is formed.
+
+    python benchmarks/routing_cpu.py                      # S=16384, 64x64 map, RSS at 65536
+    python benchmarks/routing_cpu.py --quick              # small: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attnjax
+from attnjax import masks
+from attnjax.ops import routing
+
+
+def _time(fn, *args):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def _best(fns, args, rounds):
+  """Best time of each function, interleaved round by round (after one warm-up call)."""
+  for f in fns:
+    jax.block_until_ready(f(*args))
+  best = [float("inf")] * len(fns)
+  for _ in range(rounds):
+    for i, f in enumerate(fns):
+      best[i] = min(best[i], _time(f, *args))
+  return best
+
+
+def _qkv(S, N, H, *, coherent=False, block=1, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.standard_normal((1, S, N, H), np.float32) for _ in range(3))
+  if coherent:   # queries of a block share a direction: per-block routing agrees
+    base = rng.standard_normal((1, -(-S // block), N, H), np.float32) * 2.0
+    q = np.repeat(base, block, axis=1)[:, :S] + 0.5 * q
+  return tuple(jnp.asarray(x) for x in (q, k, v))
+
+
+def _fwd_bwd(f):
+  def loss(q, k, v):
+    return jnp.sum(f(q, k, v))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def moba_case(S, N, H, bs, top_k, rounds, coherent):
+  q, k, v = _qkv(S, N, H, coherent=coherent, block=bs)
+  moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                                implementation="xla_chunked")
+  dense = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
+  sel = routing.moba_selection(q, k, block_size=bs, top_k=top_k)
+  table = np.asarray((masks.from_row_block_mask(sel, bs) & masks.causal())
+                     .block_table(S, S, bs, bs, num_heads=N))
+  nk = table.shape[-1]
+  visited = float(np.mean(table != masks.EMPTY))
+  causal_tiles = nk * (nk + 1) / 2 / (nk * nk)
+  chosen_keys = np.asarray(jax.vmap(lambda s: s.sum(-1))(sel)).mean() * bs   # approx (ragged)
+  selected = float(min(chosen_keys, S) / S)
+  fwd = _best([jax.jit(moba), jax.jit(dense)], (q, k, v), rounds)
+  both = _best([_fwd_bwd(moba), _fwd_bwd(dense)], (q, k, v), rounds)
+  return dict(case=f"moba S={S} block={bs} top_k={top_k} coherent={coherent}",
+              selected_fraction=selected, visited_tile_fraction=visited,
+              causal_tile_fraction=causal_tiles, fwd_s=fwd[0], dense_fwd_s=fwd[1],
+              fwd_ratio=fwd[0] / fwd[1], fwd_bwd_s=both[0], dense_fwd_bwd_s=both[1],
+              fwd_bwd_ratio=both[0] / both[1])
+
+
+def biformer_case(g, N, H, regions, top_k, rounds):
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, g, g, N, H), np.float32)) for _ in range(3))
+  bra = lambda q, k, v: routing.bi_level_routing_attention(q, k, v, num_regions=regions,
+                                                           top_k=top_k,
+                                                           implementation="xla_chunked")
+  flat = lambda x: x.reshape(1, g * g, N, H)
+  dense = lambda q, k, v: attnjax.attention(flat(q), flat(k), flat(v))
+  fwd = _best([jax.jit(bra), jax.jit(dense)], (q, k, v), rounds)
+  return dict(case=f"biformer {g}x{g} regions={regions}x{regions} top_k={top_k}",
+              tile_fraction=top_k / regions ** 2, fwd_s=fwd[0], dense_fwd_s=fwd[1],
+              fwd_ratio=fwd[0] / fwd[1])
+
+
+def rss_child(S, N, H, bs, top_k):
+  q, k, v = _qkv(S, N, H)
+  moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                                implementation="xla_chunked")
+  jax.block_until_ready(_fwd_bwd(moba)(q, k, v))
+  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  print(json.dumps(dict(case=f"moba fwd+bwd S={S} N={N} H={H} block={bs} top_k={top_k}",
+                        peak_rss_mb=peak_kb / 1024, dense_scores_mb=S * S * N * 4 / 2**20)))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+  p.add_argument("--seq", type=int, default=16384)
+  p.add_argument("--block", type=int, default=512)
+  p.add_argument("--top-k", type=int, default=3)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--grid", type=int, default=64)
+  p.add_argument("--regions", type=int, default=8)
+  p.add_argument("--region-topk", type=int, default=4)
+  p.add_argument("--rss-len", type=int, default=65536)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--only", default="moba,coherent,biformer,rss")
+  p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+  a = p.parse_args()
+  if a.quick:
+    a.seq, a.block, a.grid, a.regions, a.rss_len, a.rounds = 2048, 128, 32, 4, 8192, 2
+  N, H = a.heads, a.head_dim
+  if a.rss_child:
+    rss_child(a.rss_len, N, H, a.block, a.top_k)
+    return
+  only = set(a.only.split(","))
+  rows = []
+  if "moba" in only:
+    rows.append(moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, False))
+  if "coherent" in only:
+    rows.append(moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, True))
+  if "biformer" in only:
+    rows.append(biformer_case(a.grid, N, H, a.regions, a.region_topk, a.rounds))
+  for r in rows:
+    print(json.dumps(r))
+  if "rss" in only:
+    cmd = [sys.executable, __file__, "--rss-child", "--rss-len", str(a.rss_len), "--block",
+           str(a.block), "--top-k", str(a.top_k), "--heads", str(N), "--head-dim", str(H)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    print(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,615 @@
+"""attnjax.ops.routing (MoBA, BiFormer, dynamic mask attention, Sparsifiner) against plain
+references written from the papers' definitions: explicit gates, explicit top-k (argsort)
+and explicit per-query key sets in NumPy float64; gradients against a dense jnp softmax
+restricted to the reference's key sets (jax.vjp, random cotangents)."""
+
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_close, export_for, rnd
+
+from attnjax import masks, variants
+from attnjax.core import hooks
+from attnjax.layers import routing as RL
+from attnjax.ops import routing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- references
+
+def _np(x):
+  return np.asarray(jnp.asarray(x, F32), np.float64)
+
+
+def moba_allowed_ref(q, k, block_size, top_k, causal):
+  """Explicit loops: bool [B, N, T, S], the keys each (b, h, i) attends to."""
+  q, k = _np(q), _np(k)
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  nk = -(-S // block_size)
+  allowed = np.zeros((B, N, T, S), bool)
+  for b in range(B):
+    for h in range(N):
+      means = [k[b, c * block_size:(c + 1) * block_size, h // G].mean(0) for c in range(nk)]
+      for i in range(T):
+        gates = np.array([q[b, i, h] @ m for m in means])
+        if causal:
+          own = i // block_size
+          earlier = list(np.argsort(-gates[:own], kind="stable")[:top_k - 1])
+          chosen = [own] + [int(c) for c in earlier]
+        else:
+          chosen = [int(c) for c in np.argsort(-gates, kind="stable")[:top_k]]
+        for c in chosen:
+          for j in range(c * block_size, min((c + 1) * block_size, S)):
+            if not causal or j <= i:
+              allowed[b, h, i, j] = True
+  return allowed
+
+
+def biformer_allowed_ref(q, k, num_regions, top_k):
+  """Explicit regions of the row-major map: bool [B, Hh*Ww, Hh*Ww] (shared by heads)."""
+  q, k = _np(q), _np(k)
+  B, Hh, Ww, N, H = q.shape
+  K = k.shape[3]
+  G = N // K
+  rh, rw = Hh // num_regions, Ww // num_regions
+  region = np.array([(y // rh) * num_regions + (x // rw) for y in range(Hh) for x in range(Ww)])
+  R = num_regions * num_regions
+  qf, kf = q.reshape(B, Hh * Ww, N, H), k.reshape(B, Hh * Ww, K, H)
+  allowed = np.zeros((B, Hh * Ww, Hh * Ww), bool)
+  for b in range(B):
+    qr = np.stack([qf[b, region == r].mean(0) for r in range(R)])      # [R, N, H]
+    kr = np.stack([kf[b, region == r].mean(0) for r in range(R)])      # [R, K, H]
+    aff = np.zeros((R, R))
+    for r in range(R):
+      for s in range(R):
+        aff[r, s] = sum(qr[r, h] @ kr[s, h // G] for h in range(N))
+    for r in range(R):
+      keep = np.argsort(-aff[r], kind="stable")[:top_k]
+      for s in keep:
+        allowed[b][np.ix_(region == r, region == s)] = True
+  return allowed
+
+
+def dma_allowed_ref(key_bias, N, keep_window, causal):
+  """Explicit per-row top-w over the allowed keys: bool [B, N, T, T]."""
+  kb = _np(key_bias)
+  B, S, Nb = kb.shape
+  G = N // Nb
+  allowed = np.zeros((B, N, S, S), bool)
+  for b in range(B):
+    for h in range(N):
+      for i in range(S):
+        cand = np.arange(i + 1) if causal else np.arange(S)
+        order = cand[np.argsort(-kb[b, cand, h // G], kind="stable")]
+        allowed[b, h, i, order[:keep_window]] = True
+  return allowed
+
+
+def softmax_ref_np(q, k, v, allowed, bias=None, scale=None):
+  """float64 masked softmax attention; allowed [B, N|1, T, S]."""
+  q, k, v = _np(q), _np(k), _np(v)
+  B, T, N, H = q.shape
+  G = N // k.shape[2]
+  kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+  scale = 1 / np.sqrt(H) if scale is None else scale
+  s = np.einsum("btnh,bsnh->bnts", q, kk) * scale
+  if bias is not None:
+    s = s + bias
+  s = np.where(allowed, s, -np.inf)
+  m = s.max(-1, keepdims=True)
+  p = np.exp(s - np.where(np.isfinite(m), m, 0))
+  den = p.sum(-1, keepdims=True)
+  p = np.where(den > 0, p / np.where(den > 0, den, 1), 0)
+  return np.einsum("bnts,bsnd->btnd", p, vv)
+
+
+def softmax_ref_jnp(q, k, v, allowed, bias=None):
+  """Dense float32 jnp softmax restricted to ``allowed`` (for reference gradients)."""
+  B, T, N, H = q.shape
+  G = N // k.shape[2]
+  kk = jnp.repeat(k.astype(F32), G, axis=2)
+  vv = jnp.repeat(v.astype(F32), G, axis=2)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(F32), kk) / np.sqrt(H)
+  if bias is not None:
+    s = s + bias
+  s = jnp.where(allowed, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum("bnts,bsnd->btnd", p, vv)
+
+
+def _check_grads(fn, ref_fn, args, dtype, seed, what):
+  out, vjp = jax.vjp(fn, *args)
+  ct = rnd(seed, out.shape, dtype)
+  got = vjp(ct)
+  f32_args = [jnp.asarray(a, F32) for a in args]
+  _, vjp_ref = jax.vjp(ref_fn, *f32_args)
+  want = vjp_ref(jnp.asarray(ct, F32))
+  for name, g, w in zip("qkvbcdef", got, want):
+    assert_close(g, w, dtype, f"{what}: d{name}")
+
+
+# ----------------------------------------------------------------------------- MoBA
+
+MOBA_CASE = dict(B=2, T=20, N=4, K=2, H=8, block_size=6, top_k=3)   # ragged last block (2)
+
+
+def _moba_inputs(seed, dtype, B=2, T=20, N=4, K=2, H=8, Hv=8):
+  return rnd(seed, (B, T, N, H), dtype), rnd(seed + 1, (B, T, K, H), dtype), \
+      rnd(seed + 2, (B, T, K, Hv), dtype)
+
+
+SLOW = pytest.mark.slow
+IMPL_DTYPES = [("xla_chunked", F32), ("xla_chunked", BF16), pytest.param("xla", F32, marks=SLOW),
+               pytest.param("xla", BF16, marks=SLOW)]
+IMPL_DTYPES_LIGHT = [("xla_chunked", F32), pytest.param("xla_chunked", BF16, marks=SLOW),
+                     pytest.param("xla", F32, marks=SLOW), pytest.param("xla", BF16, marks=SLOW)]
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
+def test_moba_matches_reference(impl, dtype):
+  """Causal, GQA (routing per query head), ragged last block; forward and vjp."""
+  q, k, v = _moba_inputs(10, dtype)
+  bs, top_k = 6, 3
+  allowed = moba_allowed_ref(q, k, bs, top_k, causal=True)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                             implementation=impl)
+  out = f(q, k, v)
+  assert out.dtype == dtype
+  assert_close(out, softmax_ref_np(q, k, v, allowed), dtype, "moba forward")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), dtype, 11,
+               "moba")
+
+
+def test_moba_noncausal_matches_reference():
+  q, k, v = _moba_inputs(20, F32, T=18, N=2, K=1)
+  allowed = moba_allowed_ref(q, k, 4, 2, causal=False)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False,
+                                             implementation="xla_chunked")
+  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, "moba non-causal")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 21,
+               "moba non-causal")
+
+
+def test_moba_selection_is_per_token_and_skips_tiles():
+  """The selection equals the reference's block choice per token; its tile table (the
+  union over each q block) has empty tiles, and some q block mixes choices (PARTIAL)."""
+  q, k, _ = _moba_inputs(30, F32, B=1, T=64, N=2, K=2)
+  sel = np.asarray(routing.moba_selection(q, k, block_size=8, top_k=2, causal=True))
+  allowed = moba_allowed_ref(q, k, 8, 2, causal=True)
+  blocks = allowed.reshape(1, 2, 64, 8, 8).any(-1)
+  np.testing.assert_array_equal(sel, blocks)
+  table = np.asarray((masks.from_row_block_mask(jnp.asarray(sel), 8) & masks.causal())
+                     .block_table(64, 64, 8, 8, num_heads=2))
+  assert (table == masks.EMPTY).sum() > (table.size // 2)
+  assert (table == masks.PARTIAL).any()
+  # the tile table is exactly the union of the per-row choices (AND causal)
+  union = sel.reshape(1, 2, 8, 8, 8).any(3) & np.tril(np.ones((8, 8), bool))
+  np.testing.assert_array_equal(table != masks.EMPTY, union)
+
+
+def test_row_block_mask_is_a_pytree_and_crosses_jit():
+  sel = jnp.asarray(np.random.default_rng(0).random((2, 12, 3)) < 0.5)
+  m = masks.from_row_block_mask(sel, 4)
+  leaves, tree = jax.tree_util.tree_flatten(m)
+  assert m.kind == "row_block_mask" and "row_block_mask" in masks.KINDS
+  assert m.params == {"block_k": 4} and len(leaves) == 1
+  m2 = jax.tree_util.tree_unflatten(tree, leaves)
+  want = np.repeat(np.asarray(sel), 4, axis=-1)[None]               # [1, 2, 12, 12]
+  np.testing.assert_array_equal(np.asarray(m2.to_array(12, 12, num_heads=2)), want)
+  got = jax.jit(lambda mm: mm.to_array(12, 12, num_heads=2))(m)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  with pytest.raises(ValueError, match="row_block_mask"):
+    m.check_shape(12, 16, 2)
+
+
+@pytest.mark.parametrize("T,S,bq,bk", [(12, 12, 4, 4), (12, 12, 3, 2), (13, 11, 5, 2),
+                                       (12, 12, 4, 1), (12, 12, 4, 3)])
+def test_row_block_mask_table_is_exact(T, S, bq, bk):
+  """The cheap table (tiles of block_k keys or a divisor) equals the table of the same
+  mask given element-wise (from_array), including ragged ends; other widths fall back."""
+  nk = -(-S // 4)
+  sel = np.random.default_rng(T * S + bq * 7 + bk).random((2, T, nk)) < 0.4
+  sel[0, :5] = True                                      # some FULL tiles
+  m = masks.from_row_block_mask(jnp.asarray(sel), 4)
+  dense = np.repeat(sel, 4, axis=-1)[..., :S]
+  want = masks.from_array(dense[None]).block_table(T, S, bq, bk, num_heads=2)
+  got = m.block_table(T, S, bq, bk, num_heads=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_moba_top_k_one_is_block_causal():
+  """top_k=1 keeps only the own block: equal to chunked(block) & causal attention."""
+  q, k, v = _moba_inputs(40, F32, T=16, N=2, K=2)
+  out = routing.moba_attention(q, k, v, block_size=4, top_k=1, implementation="xla_chunked")
+  allowed = (masks.chunked(4) & masks.causal()).to_array(16, 16)
+  assert_close(out, softmax_ref_np(q, k, v, allowed), F32, "top_k=1")
+
+
+def test_moba_no_gradient_through_selection():
+  """The gate is not differentiated: d out / d k equals the gradient with the selection
+  held fixed (already covered numerically above); here the selection itself has no
+  tangent."""
+  q, k, _ = _moba_inputs(50, F32)
+  jac = jax.jacfwd(lambda q: routing.moba_selection(q, k, block_size=6, top_k=3)
+                   .astype(F32))(q)
+  assert not np.any(np.asarray(jac))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("pallas_tpu", marks=SLOW), "pallas_gpu"])
+def test_moba_pallas_interpreted(backend):
+  """Interpreted Pallas kernels on a tiny shape (tile-aligned on GPU: block 16)."""
+  from attnjax.kernels.gpu import flash as gpu_flash
+  q, k, v = _moba_inputs(60, F32, B=1, T=48, N=2, K=1, H=16, Hv=16)
+  bsz = gpu_flash.BlockSizes(block_q=16, block_k=16) if backend == "pallas_gpu" else None
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=16, top_k=2,
+                                             implementation=backend, block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, 16, 2, causal=True)
+  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, f"moba {backend}")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 61,
+               f"moba {backend}")
+
+
+def _direct_kernel(platform):
+  """A dispatcher stand-in calling the Pallas kernel with ``interpret=False`` (lowering)."""
+  if platform == "tpu":
+    from attnjax.kernels.tpu import flash as kmod
+    name = "pallas_tpu"
+  else:
+    from attnjax.kernels.gpu import flash as kmod
+    name = "pallas_gpu"
+
+  def att(q, k, v, *, implementation=None, block_sizes=None, **kw):
+    del implementation
+    if isinstance(block_sizes, dict):
+      block_sizes = block_sizes.get(name)
+    return kmod.flash_attention(q, k, v, block_sizes=block_sizes, interpret=False, **kw)
+  return att, kmod
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_moba_lowering(platform, monkeypatch):
+  """MoBA through the Pallas kernel lowers for tpu / cuda, forward and grad."""
+  att, kmod = _direct_kernel(platform)
+  monkeypatch.setattr(hooks, "_ATTENTION", [att])
+  bs = 128 if platform == "tpu" else 64
+  T = 2 * bs
+  q, k, v = _moba_inputs(70, BF16, B=1, T=T, N=4, K=2, H=64, Hv=64)
+  bsz = kmod.BlockSizes(block_q=bs, block_k=bs)
+
+  def fwd(q, k, v):
+    return routing.moba_attention(q, k, v, block_size=bs, top_k=2, block_sizes=bsz)
+
+  def loss(q, k, v):
+    return jnp.sum(fwd(q, k, v).astype(F32))
+
+  export_for(platform, fwd, q, k, v)
+  text = export_for(platform, jax.grad(loss, argnums=(0, 1, 2)), q, k, v).mlir_module()
+  assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
+
+
+# ----------------------------------------------------------------------------- VMoBA
+
+def vmoba_allowed_ref(q, k, block, top_k=None, threshold=None):
+  """Explicit grid coordinates and blocks: bool [B, N, T, T] on the row-major grid."""
+  q, k = _np(q), _np(k)
+  B, grid, N, H = q.shape[0], q.shape[1:-2], q.shape[-2], q.shape[-1]
+  K = k.shape[-2]
+  G = N // K
+  coords = list(np.ndindex(*grid))
+  bgrid = [g // b for g, b in zip(grid, block)]
+  blk = np.array([np.ravel_multi_index([c // b for c, b in zip(cd, block)], bgrid)
+                  for cd in coords])
+  nb = int(np.prod(bgrid))
+  qf, kf = q.reshape(B, -1, N, H), k.reshape(B, -1, K, H)
+  allowed = np.zeros((B, N, len(coords), len(coords)), bool)
+  for b in range(B):
+    for h in range(N):
+      means = [kf[b, blk == c, h // G].mean(0) for c in range(nb)]
+      for i in range(len(coords)):
+        gates = np.array([qf[b, i, h] @ m for m in means])
+        order = np.argsort(-gates, kind="stable")
+        if top_k is not None:
+          chosen = order[:top_k]
+        else:
+          share = np.exp(gates - gates.max())
+          share /= share.sum()
+          chosen, acc = [], 0.0
+          for c in order:
+            if acc < threshold:
+              chosen.append(c)
+            acc += share[c]
+        for c in chosen:
+          allowed[b, h, i, blk == c] = True
+  return allowed
+
+
+@pytest.mark.parametrize("grid,block,top_k,threshold", [
+    ((4, 6), (2, 3), 2, None), ((4, 6), (2, 2), None, 0.6),
+    pytest.param((2, 4, 4), (1, 2, 2), 3, None, marks=SLOW)])
+def test_vmoba_matches_reference(grid, block, top_k, threshold):
+  q = rnd(150, (1, *grid, 4, 8))
+  k = rnd(151, (1, *grid, 2, 8))
+  v = rnd(152, (1, *grid, 2, 8))
+  allowed = vmoba_allowed_ref(q, k, block, top_k, threshold)
+  f = lambda q, k, v: routing.vmoba_attention(q, k, v, block_shape=block, top_k=top_k,
+                                              threshold=threshold,
+                                              implementation="xla_chunked")
+  flat = lambda x: x.reshape(1, -1, *x.shape[-2:])
+  assert_close(f(q, k, v), softmax_ref_np(flat(q), flat(k), flat(v), allowed).reshape(q.shape),
+               F32, "vmoba forward")
+  ref = lambda q, k, v: softmax_ref_jnp(flat(q), flat(k), flat(v), allowed).reshape(q.shape)
+  _check_grads(f, ref, (q, k, v), F32, 153, "vmoba")
+
+
+def test_block_major_roundtrip():
+  x = rnd(160, (2, 2, 4, 6, 3, 5))
+  for block in [(1, 2, 3), (2, 4, 6), (1, 1, 1)]:
+    y = routing.to_block_major(x, block)
+    np.testing.assert_array_equal(np.asarray(routing.from_block_major(y, block, (2, 4, 6))),
+                                  np.asarray(x))
+  y = routing.to_block_major(x, (1, 2, 3))
+  np.testing.assert_array_equal(np.asarray(y[:, 6:12]),
+                                np.asarray(x[:, 0, 0:2, 3:6].reshape(2, 6, 3, 5)))
+
+
+# ----------------------------------------------------------------------------- BiFormer
+
+def _map_inputs(seed, dtype, B=2, Hh=8, Ww=8, N=4, K=2, H=8, Hv=8):
+  return rnd(seed, (B, Hh, Ww, N, H), dtype), rnd(seed + 1, (B, Hh, Ww, K, H), dtype), \
+      rnd(seed + 2, (B, Hh, Ww, K, Hv), dtype)
+
+
+def _flat(x):
+  return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES_LIGHT)
+def test_biformer_matches_reference(impl, dtype):
+  q, k, v = _map_inputs(100, dtype, Hh=8, Ww=4)
+  nr, top_k = 2, 2
+  allowed = biformer_allowed_ref(q, k, nr, top_k)[:, None]
+  f = lambda q, k, v: routing.bi_level_routing_attention(q, k, v, num_regions=nr, top_k=top_k,
+                                                         implementation=impl)
+  out = f(q, k, v)
+  assert out.shape == q.shape and out.dtype == dtype
+  want = softmax_ref_np(_flat(q), _flat(k), _flat(v), allowed).reshape(out.shape)
+  assert_close(out, want, dtype, "biformer forward")
+
+  def ref(q, k, v):
+    return softmax_ref_jnp(_flat(q), _flat(k), _flat(v), allowed).reshape(q.shape[:4] + (8,))
+  _check_grads(f, ref, (q, k, v), dtype, 101, "biformer")
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", pytest.param("pallas_gpu", marks=SLOW)])
+def test_biformer_pallas_interpreted(backend):
+  from attnjax.kernels.gpu import flash as gpu_flash
+  q, k, v = _map_inputs(110, F32, B=1, Hh=8, Ww=8, N=2, K=2, H=16, Hv=16)
+  bsz = gpu_flash.BlockSizes(block_q=16, block_k=16) if backend == "pallas_gpu" else None
+  f = lambda q, k, v: routing.bi_level_routing_attention(q, k, v, num_regions=2, top_k=2,
+                                                         implementation=backend,
+                                                         block_sizes=bsz)
+  allowed = biformer_allowed_ref(q, k, 2, 2)[:, None]
+  want = softmax_ref_np(_flat(q), _flat(k), _flat(v), allowed).reshape(q.shape)
+  assert_close(f(q, k, v), want, F32, f"biformer {backend}")
+
+
+def test_region_major_roundtrip_and_routing_table():
+  x = rnd(120, (2, 6, 4, 3, 5), F32)
+  y = routing.to_region_major(x, 2)
+  np.testing.assert_array_equal(np.asarray(routing.from_region_major(y, 2, (6, 4))),
+                                np.asarray(x))
+  # region 1 (top-right) is the second contiguous block: rows 0..2, cols 2..3
+  np.testing.assert_array_equal(np.asarray(y[:, 6:12]),
+                                np.asarray(x[:, 0:3, 2:4].reshape(2, 6, 3, 5)))
+
+
+# ----------------------------------------------------------------------------- DMA
+
+def _distinct(seed, shape, dtype):
+  """Random key biases without ties in bf16 (a permutation of multiples of 1/8)."""
+  n = int(np.prod(shape))
+  x = np.random.default_rng(seed).permutation(n).reshape(shape) / 8.0 - n / 16.0
+  return jnp.asarray(x.astype(np.float32), dtype)
+
+
+@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES_LIGHT)
+def test_dynamic_mask_matches_reference(impl, dtype):
+  q, k, v = _moba_inputs(200, dtype, T=24, N=4, K=2)
+  kb = _distinct(203, (2, 24, 2), dtype)              # per kv head
+  allowed = dma_allowed_ref(kb, 4, 5, causal=True)
+  bias = jnp.repeat(jnp.transpose(jnp.asarray(kb, F32), (0, 2, 1)), 2, axis=1)[:, :, None, :]
+  f = lambda q, k, v, kb: routing.dynamic_mask_attention(q, k, v, kb, keep_window=5,
+                                                         implementation=impl)
+  out = f(q, k, v, kb)
+  assert_close(out, softmax_ref_np(q, k, v, allowed, bias=_np(bias)), dtype, "dma forward")
+
+  def ref(q, k, v, kb):
+    b = jnp.repeat(jnp.transpose(kb, (0, 2, 1)), 2, axis=1)[:, :, None, :]
+    return softmax_ref_jnp(q, k, v, allowed, bias=b)
+  _check_grads(f, ref, (q, k, v, kb), dtype, 204, "dma")
+
+
+def test_dynamic_mask_noncausal_per_query_head():
+  q, k, v = _moba_inputs(210, F32, T=16, N=2, K=2)
+  kb = _distinct(213, (2, 16, 2), F32)
+  allowed = dma_allowed_ref(kb, 2, 6, causal=False)
+  bias = _np(jnp.transpose(kb, (0, 2, 1))[:, :, None, :])
+  out = routing.dynamic_mask_attention(q, k, v, kb, keep_window=6, causal=False,
+                                       implementation="xla_chunked")
+  assert_close(out, softmax_ref_np(q, k, v, allowed, bias=bias), F32, "dma non-causal")
+
+
+# ----------------------------------------------------------------------------- Sparsifiner
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_sparsifiner_matches_reference(dtype):
+  q, k, v = _moba_inputs(300, dtype, T=12, N=4, K=2)
+  conn = rnd(303, (2, 4, 12, 12), F32)
+  keep = 4
+  cn = _np(conn)
+  allowed = np.zeros(cn.shape, bool)
+  for idx in np.ndindex(cn.shape[:3]):
+    allowed[idx][np.argsort(-cn[idx], kind="stable")[:keep]] = True
+  f = lambda q, k, v: routing.sparsifiner_attention(q, k, v, conn, keep=keep)
+  out = f(q, k, v)
+  assert out.dtype == dtype
+  assert_close(out, softmax_ref_np(q, k, v, allowed), dtype, "sparsifiner forward")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), dtype, 304,
+               "sparsifiner")
+
+
+def test_sparsifiner_distillation_loss():
+  q, k, _ = _moba_inputs(310, F32, T=10, N=2, K=1)
+  conn = rnd(313, (2, 2, 10, 10), F32)
+  qq, kk, cn = _np(q), np.repeat(_np(k), 2, axis=2), _np(conn)
+  s = np.einsum("btnh,bsnh->bnts", qq, kk) / np.sqrt(8)
+  lp = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      s.max(-1, keepdims=True)
+  lc = cn - np.log(np.exp(cn).sum(-1, keepdims=True))
+  want = np.mean(np.sum(np.exp(lp) * (lp - lc), -1))
+  loss_fn = lambda c, q, k: routing.sparsifiner_distillation_loss(c, q, k)
+  np.testing.assert_allclose(float(loss_fn(conn, q, k)), want, rtol=1e-5)
+  gc, gq, gk = jax.grad(loss_fn, argnums=(0, 1, 2))(conn, q, k)
+  want_gc = (np.exp(lc) - np.exp(lp)) / (2 * 2 * 10)
+  assert_close(gc, want_gc, F32, "d connectivity")
+  assert not np.any(np.asarray(gq)) and not np.any(np.asarray(gk))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_errors_name_the_argument():
+  q, k, v = _moba_inputs(400, F32, T=16, N=4, K=2)
+  with pytest.raises(ValueError, match="top_k"):
+    routing.moba_attention(q, k, v, block_size=4, top_k=5)
+  with pytest.raises(ValueError, match="block_size"):
+    routing.moba_attention(q, k, v, block_size=0, top_k=1)
+  with pytest.raises(ValueError, match="rank 4"):
+    routing.moba_attention(q[0], k, v, block_size=4, top_k=1)
+  with pytest.raises(ValueError, match="multiple of the kv heads"):
+    routing.moba_attention(q[:, :, :3], k, v, block_size=4, top_k=1)
+  with pytest.raises(ValueError, match="length T"):
+    routing.moba_attention(q[:, :8], k, v, block_size=4, top_k=1)
+  qm, km, vm = _map_inputs(410, F32, Hh=6, Ww=4)
+  with pytest.raises(ValueError, match="num_regions"):
+    routing.bi_level_routing_attention(qm, km, vm, num_regions=4, top_k=1)
+  with pytest.raises(ValueError, match="top_k"):
+    routing.bi_level_routing_attention(qm, km, vm, num_regions=2, top_k=5)
+  with pytest.raises(ValueError, match="rank 5"):
+    routing.bi_level_routing_attention(_flat(qm), km, vm, num_regions=2, top_k=1)
+  with pytest.raises(ValueError, match="key_bias"):
+    routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 3)), keep_window=2)
+  with pytest.raises(ValueError, match="keep_window"):
+    routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=0)
+  with pytest.raises(ValueError, match="keep"):
+    routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 16)), keep=17)
+  with pytest.raises(ValueError, match="threshold"):
+    routing.vmoba_attention(qm, km, vm, block_shape=2, threshold=1.5)
+  with pytest.raises(ValueError, match="exactly one"):
+    routing.vmoba_attention(qm, km, vm, block_shape=2, top_k=1, threshold=0.5)
+  with pytest.raises(ValueError, match="block_shape"):
+    routing.vmoba_attention(qm, km, vm, block_shape=(4, 4), top_k=1)
+  with pytest.raises(ValueError, match="connectivity"):
+    routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 15)), keep=2)
+
+
+# ----------------------------------------------------------------------------- layers
+
+LAYER_CASES = {  # name -> (input shape, options)
+    "moba": ((2, 24, 16), dict(block_size=8, top_k=2, rope="1d")),
+    "biformer": ((2, 4, 4, 16), dict(num_regions=2, top_k=2, lce_kernel=3)),
+    "dynamic_mask": ((2, 24, 16), dict(keep_window=6)),
+    "sparsifiner": ((2, 4, 4, 16), dict(keep_rate=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", ["moba", "biformer", pytest.param("dynamic_mask", marks=SLOW),
+                                  pytest.param("sparsifiner", marks=SLOW)])
+def test_layer_shapes_gradients_and_linen_twin(name):
+  shape, opts = LAYER_CASES[name]
+  entry = variants.info(name)
+  assert entry.kind == RL.KINDS[name] and entry.linen is not None
+  x = rnd(500, shape)
+  m = variants.build(name, d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0), **opts)
+  params = nnx.state(m, nnx.Param).to_pure_dict()
+  y = m(x)
+  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+  ct = rnd(501, x.shape)
+  gp, gx = jax.grad(lambda p, a: jnp.sum(RL.forward(m.config, p, a) * ct), argnums=(0, 1))(
+      params, x)
+  no_grad = ("pq_kernel", "pk_kernel")   # Sparsifiner's predictor learns by distillation
+  for path, g in jax.tree_util.tree_leaves_with_path(gp):
+    assert bool(jnp.all(jnp.isfinite(g))), (name, path)
+    if not any(n in jax.tree_util.keystr(path) for n in no_grad):
+      assert float(jnp.max(jnp.abs(g))) > 0, (name, path, "zero gradient")
+  assert float(jnp.max(jnp.abs(gx))) > 0
+  lm = variants.get_linen(name)(d_model=16, num_heads=4, num_kv_heads=2, **opts)
+  lp = lm.init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, nn.unbox(lp)) == jax.tree.map(jnp.shape, params), name
+  y1, vjp1 = jax.vjp(lambda a: m(a), x)
+  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  np.testing.assert_array_equal(y1, y2)
+  np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
+
+
+def test_sparsifiner_layer_distillation_trains_the_predictor():
+  m = variants.build("sparsifiner", d_model=16, num_heads=4, rngs=nnx.Rngs(1))
+  x = rnd(510, (2, 4, 4, 16))
+  params = nnx.state(m, nnx.Param).to_pure_dict()
+  g = jax.grad(lambda p: RL.distillation_loss(m.config, p, x))(params)
+  assert float(jnp.max(jnp.abs(g["pq_kernel"]))) > 0
+  assert float(jnp.max(jnp.abs(g["q_kernel"]))) == 0     # the dense target is fixed
+  assert np.isfinite(float(m.distillation_loss(x)))
+
+
+def test_layer_errors_name_the_option():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="lce_kernel"):
+    variants.build("biformer", d_model=16, num_heads=4, lce_kernel=4, rngs=rngs)
+  with pytest.raises(ValueError, match="keep_rate"):
+    variants.build("sparsifiner", d_model=16, num_heads=4, keep_rate=1.5, rngs=rngs)
+  with pytest.raises(TypeError, match="unknown option"):
+    variants.build("moba", d_model=16, num_heads=4, window=3, rngs=rngs)
+  with pytest.raises(ValueError, match="num_regions"):
+    variants.build("biformer", d_model=16, num_heads=4, num_regions=3, rngs=rngs)(
+        rnd(0, (1, 4, 4, 16)))
+  with pytest.raises(ValueError, match="segment_ids"):
+    variants.build("moba", d_model=16, num_heads=4, rngs=rngs)(
+        rnd(0, (1, 8, 16)), segment_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+def _train_runlocal(config, arg, tmp_path):
+  from attnjax.train import trainer
+  spec = importlib.util.spec_from_file_location(f"cfg_{config}",
+                                                os.path.join(ROOT, "configs", f"{config}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.data.data_dir = str(tmp_path / "data")
+  c.tensorboard = False
+  c.progress_bar = False
+  c.checkpoint_every = 0
+  res = trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  assert res["status"] == "done" and res["step"] == c.num_steps
+  assert all(np.isfinite(v) for k, v in res.items() if k not in ("status", "step"))
+  return res
+
+
+@pytest.mark.slow
+def test_train_runlocal_moba_mqar(tmp_path):
+  _train_runlocal("mqar", "variant=moba,runlocal", tmp_path)
+
+
+@pytest.mark.slow
+def test_train_runlocal_biformer_digits(tmp_path):
+  _train_runlocal("digits_vit", "variant=biformer,runlocal", tmp_path)
