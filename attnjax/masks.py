@@ -56,7 +56,7 @@ __all__ = [
     "EMPTY", "PARTIAL", "FULL", "KINDS", "Mask", "full", "causal", "sliding_window", "chunked",
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
     "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask", "halo", "stripe",
-    "lengths",
+    "lengths", "tiled2d", "tiled_to_flat", "find_spatial_shape", "from_row_block_mask",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -86,7 +86,8 @@ class _Ctx:
 
 KINDS = ("full", "causal", "sliding_window", "chunked", "prefix_lm", "dual_triangle",
          "document", "neighborhood", "window", "grid", "axial", "criss_cross", "array",
-         "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe", "lengths")
+         "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe", "lengths",
+         "tiled2d", "row_block_mask")
 """The closed set of :attr:`Mask.kind` values (see the module docstring)."""
 
 _COMPOSITE = ("and", "or", "not")
@@ -464,6 +465,12 @@ def _rebuild(kind, p, ch, arr):
     return document(arr["q_segment_ids"], arr["kv_segment_ids"])
   if kind == "lengths":
     return lengths(arr.get("q_lengths"), arr.get("kv_lengths"))
+  if kind == "row_block_mask":
+    return from_row_block_mask(arr["row_block_mask"], p["block_k"])
+  if kind == "tiled2d":
+    if not isinstance(ch[0], Mask):
+      raise TypeError("not a mask")
+    return tiled2d(ch[0], p["tile"], shape=p["shape"], offset=p["offset"])
   if kind == "neighborhood":
     return neighborhood(p["shape"], p["kernel"], p["dilation"], p["causal"])
   if kind == "window":
@@ -1234,12 +1241,6 @@ def as_mask(mask: Any, name: str = "mask") -> Optional[Mask]:
 
 
 # ------------------------------------------------------------------ 2D-tiled token order
-# Appended as a unit: the kind, the pytree rebuild and ``__all__`` are extended here
-# (not in the tables above) so this section stands alone.
-
-KINDS = KINDS + ("tiled2d",)
-__all__ = __all__ + ["tiled2d", "tiled_to_flat", "find_spatial_shape"]
-
 
 def _check_tile(tile, shape, offset):
   nd = len(shape)
@@ -1345,22 +1346,8 @@ def tiled2d(mask: Mask, tile, *, shape=None, offset=0) -> Mask:
               grid_size=n, parts=(mask,))
 
 
-_rebuild_untiled = _rebuild
-
-
-def _rebuild(kind, p, ch, arr):  # noqa: F811 - extends the rebuild above with 'tiled2d'
-  if kind == "tiled2d":
-    if not isinstance(ch[0], Mask):
-      raise TypeError("not a mask")
-    return tiled2d(ch[0], p["tile"], shape=p["shape"], offset=p["offset"])
-  return _rebuild_untiled(kind, p, ch, arr)
-
 
 # ------------------------------------------------------------------ per-row key-block selection
-# Appended as a unit (like the 2D-tiled section above).
-
-KINDS = KINDS + ("row_block_mask",)
-__all__ = __all__ + ["from_row_block_mask"]
 
 
 def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
@@ -1420,11 +1407,3 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
            table=table, data_dependent=dyn, head_dependent=Nm > 1, check=check)
   return m
 
-
-_rebuild_before_rows = _rebuild
-
-
-def _rebuild(kind, p, ch, arr):  # noqa: F811 - extends the rebuild above
-  if kind == "row_block_mask":
-    return from_row_block_mask(arr["row_block_mask"], p["block_k"])
-  return _rebuild_before_rows(kind, p, ch, arr)
