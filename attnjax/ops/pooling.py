@@ -238,7 +238,8 @@ def simpool(q, k, v, *, gamma=None, scale=None, eps=1e-6, segment_ids=None, impl
   all made by the layer)::
 
     gamma None:  out = sum_i a_i v_i
-    gamma > 0:   m = min(v) - eps (per example and head), out = m + (sum_i a_i (v_i - m)^gamma)^(1/gamma)
+    gamma > 0:   m = min(v) - eps   (per example and kv head)
+                 out = m + (sum_i a_i (v_i - m)^gamma)^(1/gamma)
 
   The shift by ``m`` makes the values positive for the generalized mean (SimPool's public
   code shifts by the minimum too); adding it back makes ``gamma = 1`` equal plain
