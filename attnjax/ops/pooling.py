@@ -269,7 +269,7 @@ def simpool(q, k, v, *, gamma=None, scale=None, eps=1e-6, segment_ids=None, impl
   m = jnp.min(vmin_src, axis=(1, 3), keepdims=True)  # [B, 1, K, 1]
   m = jnp.where(jnp.isfinite(m), m, 0.0) - eps
   u = jnp.power(vf - m, gamma)
-  pooled = hooks.attention(q, k, u, scale=s, q_segment_ids=qs, kv_segment_ids=kv_ids,
+  pooled = hooks.attention(q.astype(jnp.float32), k.astype(jnp.float32), u, scale=s, q_segment_ids=qs, kv_segment_ids=kv_ids,
                            implementation=implementation).astype(jnp.float32)
   mq = jnp.repeat(m, N // k.shape[2], axis=2)
   out = mq + jnp.power(jnp.maximum(pooled, 1e-30), 1.0 / gamma)
