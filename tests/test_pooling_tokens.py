@@ -93,7 +93,8 @@ def test_agent_attention_matches_reference(dtype, K):
 
 def test_agent_attention_padded_keys_do_not_matter():
   B, S, N, H = 1, 6, 2, 4
-  q, k, v, a = rnd(0, (B, 5, N, H)), rnd(1, (B, S, N, H)), rnd(2, (B, S, N, H)), rnd(3, (B, 2, N, H))
+  q, k, v = rnd(0, (B, 5, N, H)), rnd(1, (B, S, N, H)), rnd(2, (B, S, N, H))
+  a = rnd(3, (B, 2, N, H))
   seg = np.array([[0, 0, 0, 0, -1, -1]])
   y1 = P.agent_attention(q, k, v, a, segment_ids=seg)
   y2 = P.agent_attention(q, k.at[:, 4:].set(7.0), v.at[:, 4:].set(-3.0), a, segment_ids=seg)
