@@ -17,7 +17,8 @@ within equal segment ids; here ``segment_ids [B, S]`` with negative ids mark pad
 - :func:`super_token_association` / :func:`super_token_upsample`: Super Token Attention's
   sparse association and map-back (G04).
 - :func:`proxy_token_attention`: PT-DiT proxy tokens (G05), global path.
-- :func:`sink_redistributed_attention`: VAR sink-aware redistribution (A11).
+- :func:`sink_redistributed_attention`: VAR sink-aware redistribution (A11), with
+  :func:`visual_sink_mask` and :func:`image_centric_heads` (the paper's selections).
 
 See ``docs/pooling.md``.
 """
@@ -35,7 +36,8 @@ from attnjax.core import hooks
 __all__ = ["agent_attention", "slot_attention_step", "gated_mil_pooling", "simpool",
            "class_attention", "bidirectional_cross_attention", "super_token_association",
            "super_token_upsample", "proxy_token_attention", "proxy_indices",
-           "sink_redistributed_attention", "kv_padding_ids"]
+           "sink_redistributed_attention", "visual_sink_mask", "image_centric_heads",
+           "kv_padding_ids"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -269,7 +271,8 @@ def simpool(q, k, v, *, gamma=None, scale=None, eps=1e-6, segment_ids=None, impl
   m = jnp.min(vmin_src, axis=(1, 3), keepdims=True)  # [B, 1, K, 1]
   m = jnp.where(jnp.isfinite(m), m, 0.0) - eps
   u = jnp.power(vf - m, gamma)
-  pooled = hooks.attention(q.astype(jnp.float32), k.astype(jnp.float32), u, scale=s, q_segment_ids=qs, kv_segment_ids=kv_ids,
+  pooled = hooks.attention(q.astype(jnp.float32), k.astype(jnp.float32), u, scale=s,
+                           q_segment_ids=qs, kv_segment_ids=kv_ids,
                            implementation=implementation).astype(jnp.float32)
   mq = jnp.repeat(m, N // k.shape[2], axis=2)
   out = mq + jnp.power(jnp.maximum(pooled, 1e-30), 1.0 / gamma)
@@ -592,7 +595,43 @@ def sink_redistributed_attention(q, k, v, *, sink_mask, target_mask, p=0.6, head
   new = jnp.where(ok, new, a)
   if heads is not None:
     heads = jnp.asarray(heads, bool)
-    if heads.shape != (N,):
-      raise ValueError(f"heads must be bool [N] = [{N}], got shape {heads.shape}")
-    new = jnp.where(heads[None, :, None, None], new, a)
+    if heads.shape == (N,):
+      heads = heads[None, :, None]
+    elif heads.shape != (B, N, T):
+      raise ValueError(f"heads must be bool [N] = [{N}] or [B, N, T] = {(B, N, T)}, got shape "
+                       f"{heads.shape}")
+    new = jnp.where(heads[..., None], new, a)
   return jnp.einsum("bnts,bsnh->btnh", new, vf).astype(q.dtype)
+
+
+def visual_sink_mask(hidden, sink_dims, *, tau=20.0):
+  """VAR's visual sink tokens: ``max_{d in sink_dims} |hidden[b, j, d]| >= tau``.
+
+  ``hidden [B, S, D]`` are the (RMS-normalised) hidden states entering a layer,
+  ``sink_dims`` the few fixed "sink dimensions" of the base language model, ``tau`` the
+  paper's threshold (20). Returns bool ``[B, S]``."""
+  _rank("hidden", hidden, 3, "[B, S, D]")
+  dims = np.asarray(sink_dims, np.int64).reshape(-1)
+  if dims.size == 0 or dims.min() < 0 or dims.max() >= hidden.shape[-1]:
+    raise ValueError(f"sink_dims must be indices in [0, D={hidden.shape[-1]}), got {sink_dims!r}")
+  return jnp.max(jnp.abs(hidden[..., dims].astype(jnp.float32)), axis=-1) >= tau
+
+
+def image_centric_heads(q, k, *, sink_mask, target_mask, rho=0.6, scale=None, causal=False):
+  """VAR's head selection: the visual non-sink ratio
+  ``r[b, h, t] = sum_{j in target, not sink} a_tj / sum_{j in target} a_tj`` and the
+  selection ``r >= rho`` (bool ``[B, N, T]``, usable as ``heads`` of
+  :func:`sink_redistributed_attention`). Rows with no target weight are not selected."""
+  _rank("q", q, 4, "[B, T, N, H]")
+  _rank("k", k, 4, "[B, S, K, H]")
+  B, T, N, H = q.shape
+  kf = _repeat_kv(k, N).astype(jnp.float32)
+  logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kf) * _scale(scale, H)
+  if causal:
+    logits = jnp.where(jnp.tril(jnp.ones((T, k.shape[1]), bool)), logits, -jnp.inf)
+  a = jax.nn.softmax(logits, axis=-1)
+  tgt = jnp.asarray(target_mask, bool)[:, None, None, :]
+  recv = tgt & ~jnp.asarray(sink_mask, bool)[:, None, None, :]
+  tot = jnp.sum(jnp.where(tgt, a, 0.0), -1)
+  r = jnp.sum(jnp.where(recv, a, 0.0), -1) / jnp.where(tot > 0, tot, 1.0)
+  return (r >= rho) & (tot > 0)
