@@ -168,7 +168,7 @@ def _ref_mil(h, V, U, w, valid):
     for m in range(w.shape[1]):
       e = jnp.stack([w[:, m] @ (jnp.tanh(V.T @ h[b, i]) * jax.nn.sigmoid(U.T @ h[b, i]))
                      for i in range(h.shape[1])])
-      e = jnp.where(valid[b], e, -1e30)
+      e = jnp.where(valid[b] if valid.ndim == 2 else valid[b, m], e, -1e30)
       a = _sm(e)
       branches.append(a @ h[b])
     outs.append(jnp.stack(branches))
@@ -185,6 +185,42 @@ def test_gated_mil_pooling_matches_reference(dtype):
   valid = jnp.asarray(seg >= 0)
   op = lambda h, V, U, w: P.gated_mil_pooling(h, V, U, w, segment_ids=seg)
   _check(op, lambda h, V, U, w: _ref_mil(h, V, U, w, valid), (h, V, U, w), dtype)
+
+
+def test_gated_mil_instance_mask_matches_reference():
+  h, V, U, w = rnd(0, (2, 6, 8)), rnd(1, (8, 5)), rnd(2, (8, 5)), rnd(3, (5, 2))
+  drop = np.zeros((2, 2, 6), bool)
+  drop[0, 1, [0, 3]] = True
+  drop[1, 0, 5] = True
+  seg = np.zeros((2, 6), np.int32)
+  seg[1, 0] = -1
+  valid = jnp.asarray(~drop & (seg >= 0)[:, None, :])
+  op = lambda h, V, U, w: P.gated_mil_pooling(h, V, U, w, segment_ids=seg, instance_mask=drop)
+  _check(op, lambda h, V, U, w: _ref_mil(h, V, U, w, valid), (h, V, U, w), F32)
+
+
+def test_mil_layer_stkim_masks_the_top_instances_in_training():
+  layer = variants.build("mil_pool", d_model=8, num_heads=2, rngs=nnx.Rngs(0), num_seeds=2,
+                         stkim_top_k=1, stkim_prob=1.0)
+  x = rnd(0, (2, 6, 8))
+  p = layer.params_dict()
+  _, a = P.gated_mil_pooling(x, p["V"], p["U"], p["w"], return_weights=True)
+  drop = np.asarray(a) == np.asarray(a).max(-1, keepdims=True)  # prob 1: the top-1 is removed
+  want = P.gated_mil_pooling(x, p["V"], p["U"], p["w"], instance_mask=jnp.asarray(drop))
+  assert_close(layer(x, deterministic=False), want, F32)
+  assert_close(layer(x), P.gated_mil_pooling(x, p["V"], p["U"], p["w"]), F32)
+
+
+@pytest.mark.parametrize("name, opts", [("slot", dict(num_slots=2, slot_init="gaussian")),
+                                        ("proxy", dict(window=4))])
+def test_training_randomness_only_when_not_deterministic(name, opts):
+  layer = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0), **opts)
+  x = rnd(0, (2, 8, 16))
+  y = layer(x)
+  assert_close(layer(x), y, F32)
+  y1, y2 = layer(x, deterministic=False), layer(x, deterministic=False)
+  assert not np.allclose(np.asarray(y1), np.asarray(y2))
+  assert bool(jnp.all(jnp.isfinite(y1)))
 
 
 def test_gated_mil_single_branch_and_errors():

@@ -25,24 +25,27 @@ Registry names (kind; options; paper):
   layer).
 - 'isab' (sequence, permutation-equivariant): `num_inducing` inducing points,
   `ISAB(X) = MHA(X, H)`, `H = MAB(I, X)` ("Set Transformer").
-- 'proxy' (sequence): one proxy per window of `window` tokens (the centre token; PT-DiT
-  samples it at random in training), proxies self-attend, tokens read the proxies
+- 'proxy' (sequence): one proxy per window of `window` tokens (random in training with
+  `random_proxies=True`, the centre token otherwise), proxies self-attend, tokens read them
   ("Qihoo-T2X: An Efficiency-Focused Diffusion Transformer via Proxy Tokens").
 - 'super_token' (spatial): Super Token Attention, `stoken_size`, `num_iters` ("Vision
   Transformer with Super Token Sampling").
 - 'slot' (pooling): Slot Attention, `num_slots` (default `num_seeds`) learned slot
-  initialisations, `num_iters`, GRU + residual MLP ("Object-Centric Learning with Slot
-  Attention").
+  initialisations (`slot_init='gaussian'` adds learned-sigma noise in training), `num_iters`,
+  GRU + residual MLP ("Object-Centric Learning with Slot Attention").
 - 'simpool' (pooling, one output): SimPool, `gamma` ("Keep It SimPool").
 - 'mil_pool' (pooling): gated attention MIL with `num_seeds` branches, `hidden`, `gated`
-  ("Attention-based Deep Multiple Instance Learning"; branches as in ACMIL).
+  ("Attention-based Deep Multiple Instance Learning"; branches as in ACMIL) and ACMIL's
+  stochastic top-K instance masking in training (`stkim_top_k`, `stkim_prob`).
 - 'class_attention' (pooling): `num_seeds` learned class tokens, CaiT class attention
   ("Going deeper with Image Transformers"; class queries as in INTR).
 
 Sub-layers are pre-norm where the papers have a residual inside the layer; the residual,
 norm and MLP around the whole layer come from the model's block. No RoPE, not causal, no
 decoding cache. `segment_ids [B, T]` with negative ids marks padding tokens (never
-attended, never pooled); positions are ignored.
+attended, never pooled); positions are ignored. Randomness (`needs_rng`) is drawn only
+with `deterministic=False`: NNX from the `rngs` 'dropout' stream, Linen from
+`make_rng('dropout')`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ from attnjax.layers.attention import make_param
 from attnjax.ops import pooling as P
 
 __all__ = ["TokenAttention", "TokenConfig", "MECHANISMS", "KIND", "token_config",
-           "param_specs", "forward", "make_factory", "make_linen_factory", "pooling_matrix"]
+           "param_specs", "forward", "needs_rng", "make_factory", "make_linen_factory",
+           "pooling_matrix"]
 
 KIND = {
     "agent": "sequence", "perceiver": "sequence", "lookupvit": "sequence",
@@ -77,11 +81,11 @@ _OPTIONS = {
     "lookupvit": dict(num_compressed=4),
     "registers": dict(num_registers=4, test_time_registers=0),
     "isab": dict(num_inducing=8),
-    "proxy": dict(window=4),
+    "proxy": dict(window=4, random_proxies=True),
     "super_token": dict(stoken_size=2, num_iters=1),
-    "slot": dict(num_seeds=1, num_slots=None, num_iters=3, eps=1e-8),
+    "slot": dict(num_seeds=1, num_slots=None, num_iters=3, eps=1e-8, slot_init="learned"),
     "simpool": dict(num_seeds=1, gamma=None),
-    "mil_pool": dict(num_seeds=1, hidden=None, gated=True),
+    "mil_pool": dict(num_seeds=1, hidden=None, gated=True, stkim_top_k=0, stkim_prob=0.5),
     "class_attention": dict(num_seeds=1),
 }
 _COMMON = dict(implementation=None, dtype=None, param_dtype=jnp.float32, rope=None, causal=False,
@@ -154,7 +158,11 @@ def token_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim=N
                "num_registers", "num_inducing", "window", "num_iters", "num_seeds"):
     if name in own:
       _positive_int(name, own[name])
-  for name in ("num_latent_layers", "test_time_registers"):
+  if mechanism == "slot" and own["slot_init"] not in ("learned", "gaussian"):
+    raise ValueError(f"slot_init must be 'learned' or 'gaussian', got {own['slot_init']!r}")
+  if mechanism == "mil_pool" and not 0.0 <= float(own["stkim_prob"]) <= 1.0:
+    raise ValueError(f"stkim_prob must be in [0, 1], got stkim_prob={own['stkim_prob']!r}")
+  for name in ("num_latent_layers", "test_time_registers", "stkim_top_k"):
     if name in own and (isinstance(own[name], bool) or not isinstance(own[name], int)
                         or own[name] < 0):
       raise ValueError(f"{name} must be a non-negative int, got {name}={own[name]!r}")
@@ -289,6 +297,8 @@ def param_specs(cfg: TokenConfig) -> dict[str, ParamSpec]:
     s.update(_attn_specs("attn", cfg))
   elif m == "slot":
     s.update(_tokens_spec("slots", o["num_slots"], D))
+    if o["slot_init"] == "gaussian":
+      s["slots_log_sigma"] = ParamSpec((D,), _zeros, ("embed",))
     s.update(_ln_specs("in_norm", D))
     s.update(_ln_specs("slot_norm", D))
     s.update(_attn_specs("attn", cfg))
@@ -426,10 +436,20 @@ def _check_input(cfg, x):
                      f"{getattr(x, 'shape', None)}")
 
 
-def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None):
+def needs_rng(cfg: TokenConfig) -> bool:
+  """Whether the layer draws random numbers in training (`deterministic=False`): random
+  proxies, Gaussian slot noise, ACMIL's stochastic top-K instance masking."""
+  o = cfg.opts
+  return ((cfg.mechanism == "proxy" and o["random_proxies"])
+          or (cfg.mechanism == "slot" and o["slot_init"] == "gaussian")
+          or (cfg.mechanism == "mil_pool" and o["stkim_top_k"] > 0 and o["stkim_prob"] > 0))
+
+
+def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None, key=None):
   """The layer on a parameter dict. Sequence kinds: `x [B, T, D]` (or `[B, Hh, Ww, D]`,
   flattened row-major) -> same shape; spatial: `[B, Hh, Ww, D]` -> same; pooling:
-  `[B, n, D] -> [B, k, D]`. `segment_ids [B, T]`: negative ids mark padding."""
+  `[B, n, D] -> [B, k, D]`. `segment_ids [B, T]`: negative ids mark padding. `key`: the
+  PRNG key of the training-time randomness (`needs_rng`); None = deterministic."""
   _check_input(cfg, x)
   dtype = cfg.dtype or x.dtype
   x = x.astype(dtype)
@@ -529,7 +549,7 @@ def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None):
     if T % wt:
       raise ValueError(f"window={wt} must divide the number of tokens T={T} for variant 'proxy'")
     q, k, v = (_proj(p, f"attn_{c}_kernel", x) for c in "qkv")
-    idx = P.proxy_indices(None, B, T // wt, wt)
+    idx = P.proxy_indices(key if o["random_proxies"] else None, B, T // wt, wt)
     y = P.proxy_token_attention(q, k, v, window_tokens=wt, index=idx,
                                 implementation=cfg.implementation)
     out = _out(p, "attn_o_kernel", y, dtype)
@@ -538,6 +558,9 @@ def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None):
     k = _proj(p, "attn_k_kernel", xn)
     v = _proj(p, "attn_v_kernel", xn)
     slots = _tokens(p, "slots", B, dtype)
+    if o["slot_init"] == "gaussian" and key is not None:
+      noise = jax.random.normal(key, slots.shape, jnp.float32)
+      slots = slots + (jnp.exp(p["slots_log_sigma"].astype(jnp.float32)) * noise).astype(dtype)
     for _ in range(o["num_iters"]):
       prev = slots
       q = _proj(p, "attn_q_kernel", _layer_norm(slots, p, "slot_norm"))
@@ -559,8 +582,18 @@ def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None):
     out = P.simpool(q, k, v, gamma=o["gamma"], segment_ids=segment_ids,
                     implementation=cfg.implementation).reshape(B, 1, D)
   elif m == "mil_pool":
+    drop = None
+    if key is not None and o["stkim_top_k"] > 0:
+      _, a = P.gated_mil_pooling(x, p["V"], p.get("U"), p["w"], gated=o["gated"],
+                                 segment_ids=segment_ids, return_weights=True)
+      kk = min(o["stkim_top_k"], T)
+      _, top = jax.lax.top_k(jax.lax.stop_gradient(a), kk)  # [B, M, kk]
+      hit = jax.random.bernoulli(key, o["stkim_prob"], top.shape)
+      drop = jnp.zeros(a.shape, bool)
+      bi, mi = jnp.meshgrid(jnp.arange(a.shape[0]), jnp.arange(a.shape[1]), indexing="ij")
+      drop = drop.at[bi[..., None], mi[..., None], top].set(hit)
     out = P.gated_mil_pooling(x, p["V"], p.get("U"), p["w"], gated=o["gated"],
-                              segment_ids=segment_ids)
+                              segment_ids=segment_ids, instance_mask=drop)
   else:  # class_attention
     cls = _tokens(p, "cls", B, dtype)
     proj = lambda name, a: _proj(p, f"attn_{name}_kernel", a)
@@ -599,15 +632,17 @@ class TokenAttention(nnx.Module):
     self._param_names = tuple(specs)
     for name, spec in specs.items():
       setattr(self, name, make_param(rngs, spec, self.config.param_dtype))
+    self.rngs = rngs["dropout"].fork() if needs_rng(self.config) else nnx.data(None)
 
   def params_dict(self) -> dict:
     return {name: getattr(self, name)[...] for name in self._param_names}
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    del deterministic, positions
+    del positions
     _check_call(cache)
-    return forward(self.config, self.params_dict(), x, segment_ids=segment_ids)
+    key = None if deterministic or self.rngs is None else self.rngs()
+    return forward(self.config, self.params_dict(), x, segment_ids=segment_ids, key=key)
 
 
 def make_factory(mechanism: str):

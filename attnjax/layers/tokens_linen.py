@@ -35,8 +35,9 @@ class TokenAttention(nn.Module):
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    del deterministic, positions
+    del positions
     _tok._check_call(cache)  # pylint: disable=protected-access
     cfg = self._config()
     params = _linen.params_from_specs(self, _tok.param_specs(cfg), cfg.param_dtype)
-    return _tok.forward(cfg, params, x, segment_ids=segment_ids)
+    key = self.make_rng("dropout") if not deterministic and _tok.needs_rng(cfg) else None
+    return _tok.forward(cfg, params, x, segment_ids=segment_ids, key=key)

@@ -175,7 +175,8 @@ def slot_attention_step(q, k, v, *, scale=None, eps=1e-8, segment_ids=None, retu
 
 # ----------------------------------------------------------------------------- MIL
 
-def gated_mil_pooling(h, V, U, w, *, gated=True, segment_ids=None, return_weights=False):
+def gated_mil_pooling(h, V, U, w, *, gated=True, segment_ids=None, instance_mask=None,
+                      return_weights=False):
   """Gated attention MIL pooling with one or more attention branches.
 
   Paper: "Attention-based Deep Multiple Instance Learning" (Ilse et al., 2018); several
@@ -191,6 +192,8 @@ def gated_mil_pooling(h, V, U, w, *, gated=True, segment_ids=None, return_weight
     V, U: ``[D, L]`` (``U`` ignored, may be None, when ``gated=False``).
     w: ``[L, M]`` for ``M`` branches (or ``[L]`` for one).
     segment_ids: optional int ``[B, n]``; negative ids mark padded instances (a_i = 0).
+    instance_mask: optional bool ``[B, M, n]``: True removes the instance from branch ``m``
+      (ACMIL's stochastic top-K instance masking; the softmax renormalises over the rest).
     return_weights: also return ``a [B, M, n]``.
 
   Returns: ``z [B, M, D]`` (``[B, D]`` when ``w`` is ``[L]``) in the dtype of ``h``.
@@ -213,9 +216,18 @@ def gated_mil_pooling(h, V, U, w, *, gated=True, segment_ids=None, return_weight
       raise ValueError(f"U must have the shape {V.shape} of V, got shape {U.shape}")
     g = g * jax.nn.sigmoid(hf @ U.astype(jnp.float32))
   e = jnp.einsum("bnl,lm->bmn", g, w2.astype(jnp.float32))
+  valid = None
   if segment_ids is not None:
     _, kv_ids = kv_padding_ids(segment_ids, B, n, 1)
     valid = (kv_ids >= 0)[:, None, :]
+  if instance_mask is not None:
+    M = w2.shape[1]
+    if getattr(instance_mask, "shape", None) != (B, M, n):
+      raise ValueError(f"instance_mask must be bool [B, M, n] = {(B, M, n)}, got shape "
+                       f"{getattr(instance_mask, 'shape', None)}")
+    keep = ~jnp.asarray(instance_mask, bool)
+    valid = keep if valid is None else valid & keep
+  if valid is not None:
     e = jnp.where(valid, e, -jnp.inf)
     mx = jnp.max(e, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
