@@ -505,8 +505,7 @@ def _build(name, D=16, N=2, K=None, **opts):
   layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(0), **opts)
   if isinstance(layer, T.TokenAttention):
     return _Jitted(layer)
-  f = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg))
-  return lambda x, segment_ids=None: f(layer, x, segment_ids)
+  return lambda x, segment_ids=None: layer(x, segment_ids=segment_ids)  # 'pma' (eager)
 
 
 @pytest.mark.parametrize("name", POOLING)
@@ -521,6 +520,17 @@ def test_pooling_layers_are_permutation_invariant_and_ignore_padding(name):
   xp = jnp.concatenate([x, rnd(2, (2, 3, 16), scale=5.0)], axis=1)
   seg = jnp.concatenate([jnp.zeros((2, 7), jnp.int32), -jnp.ones((2, 3), jnp.int32)], axis=1)
   assert_close(layer(xp, segment_ids=seg), y, F32, "padding")
+
+
+@pytest.mark.parametrize("name", POOLING + ["isab", "agent", "perceiver", "lookupvit"])
+def test_fully_padded_inputs_give_finite_values_and_gradients(name):
+  opts = {"simpool": dict(gamma=2.0), "mil_pool": dict(num_seeds=2)}.get(name, {})
+  layer = _build(name, **opts)
+  x = rnd(0, (2, 4, 16))
+  seg = jnp.asarray(np.array([[0, 0, 0, 0], [-1, -1, -1, -1]]))
+  y, vjp = jax.vjp(lambda a: layer(a, segment_ids=seg), x)
+  (g,) = vjp(rnd(1, y.shape))
+  assert bool(jnp.all(jnp.isfinite(y))) and bool(jnp.all(jnp.isfinite(g))), name
 
 
 def test_isab_is_permutation_equivariant_and_ignores_padding():

@@ -168,7 +168,7 @@ def slot_attention_step(q, k, v, *, scale=None, eps=1e-8, segment_ids=None, retu
     _, kv_ids = kv_padding_ids(segment_ids, B, S, 1)
     w = jnp.where((kv_ids >= 0)[:, None, :, None], w, 0.0)
     attn = jnp.where((kv_ids >= 0)[:, None, :, None], attn, 0.0)
-  w = w / jnp.sum(w, axis=2, keepdims=True)
+  w = w / jnp.maximum(jnp.sum(w, axis=2, keepdims=True), 1e-30)  # no valid input: 0
   updates = jnp.einsum("bnsm,bsnh->bmnh", w, vf).astype(q.dtype)
   return (updates, attn) if return_weights else updates
 
