@@ -91,6 +91,18 @@ def test_agent_attention_matches_reference(dtype, K):
   _check(op, ref, (q, k, v, a), dtype)
 
 
+@pytest.mark.parametrize("impl", ["xla_chunked",
+                                  pytest.param("pallas_gpu", marks=pytest.mark.slow)])
+def test_agent_attention_runs_on_the_kernels(impl):
+  B, S, N, K, H, n = 1, 16, 2, 1, 8, 4
+  q, k, v = rnd(0, (B, S, N, H)), rnd(1, (B, S, K, H)), rnd(2, (B, S, K, H))
+  a = rnd(3, (B, n, N, H))
+  valid = jnp.ones((B, S), bool)
+  zero2, zero1 = jnp.zeros((N, n, S)), jnp.zeros((N, S, n))
+  assert_close(P.agent_attention(q, k, v, a, implementation=impl),
+               _ref_agent(q, k, v, a, zero2, zero1, valid), F32)
+
+
 def test_agent_attention_padded_keys_do_not_matter():
   B, S, N, H = 1, 6, 2, 4
   q, k, v = rnd(0, (B, 5, N, H)), rnd(1, (B, S, N, H)), rnd(2, (B, S, N, H))
