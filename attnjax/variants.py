@@ -278,3 +278,12 @@ def _register_builtins():
     register(mechanism, routing_layers.make_factory(mechanism),
              kind=routing_layers.KINDS[mechanism],
              linen=routing_layers.make_linen_factory(mechanism))
+
+  # Token, latent-bottleneck and pooling attention (issue 19, catalog G, D04, A16/A17;
+  # attnjax.layers.tokens, ops in attnjax.ops.pooling): sequence 'agent', 'perceiver',
+  # 'lookupvit', 'registers', 'isab', 'proxy'; spatial 'super_token'; pooling 'slot',
+  # 'simpool', 'mil_pool', 'class_attention' (usable as the Set Transformer's `pooling`).
+  from attnjax.layers import tokens as token_layers
+  for mechanism in token_layers.MECHANISMS:
+    register(mechanism, token_layers.make_factory(mechanism), kind=token_layers.KIND[mechanism],
+             linen=token_layers.make_linen_factory(mechanism))

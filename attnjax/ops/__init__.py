@@ -13,7 +13,7 @@ Submodules load on first access (``attnjax.ops.linear`` works after ``import att
 
 import importlib as _importlib
 
-SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial", "routing")
+SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial", "routing", "pooling")
 
 __all__ = list(SUBMODULES)
 

@@ -63,6 +63,13 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'biformer': dict(num_regions=2, top_k=2),
       'dynamic_mask': dict(keep_window=max(seq_len // 4, 1)),
       'sparsifiner': dict(keep_rate=0.5),
+      'agent': dict(num_agents=4, max_len=max(seq_len, 1)),
+      'perceiver': dict(num_latents=8, num_latent_layers=1),
+      'lookupvit': dict(num_compressed=min(4, max(seq_len, 1))),
+      'registers': dict(num_registers=4),
+      'isab': dict(num_inducing=8),
+      'proxy': dict(window=2 if seq_len % 4 else 4),
+      'super_token': dict(stoken_size=2, num_iters=1),
   }
   return dict(table.get(name, {}))
 
