@@ -252,6 +252,10 @@ def collapsed_qk_attention(x, w, *, symmetric: bool = False, v=None, **attention
     k = q
     if v is None:
       v = _jnp.broadcast_to(x[:, :, None, :], (B, T, N, D))
+    elif v.shape[2] != N:
+      if N % v.shape[2]:
+        raise ValueError(f"v heads Kv={v.shape[2]} must divide N={N} (symmetric: k has N heads)")
+      v = _jnp.repeat(v, N // v.shape[2], axis=2)
   else:
     Kv = 1 if v is None else v.shape[2]
     k = _jnp.broadcast_to(x[:, :, None, :], (B, T, Kv, D))

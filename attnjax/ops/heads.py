@@ -30,7 +30,7 @@ from attnjax import masks as _masks
 from attnjax.core import hooks
 
 __all__ = ["moh_head_weights", "moh_attention", "gate_heads", "head_gated_attention",
-           "single_head_partial_attention", "multi_window_attention", "talking_heads_attention",
+           "single_head_partial_attention", "check_windows", "multi_window_attention", "talking_heads_attention",
            "plain_allowed", "masked_softmax"]
 
 
@@ -270,6 +270,24 @@ def _window_mask(w, causal):
   return _masks.sliding_window(w) if causal else _masks.sliding_window(w, w)
 
 
+def check_windows(windows, N: int, K: int):
+  """Validates MW-MHA's ``windows`` for ``N`` query and ``K`` kv heads; returns
+  ``(N / G, N / K)`` (ValueError naming ``windows`` otherwise)."""
+  if isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__") or not windows:
+    raise ValueError(f"windows must be a non-empty sequence of ints or None, got {windows!r}")
+  for w in windows:
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+      raise ValueError(f"windows entries must be ints >= 0 or None, got windows={windows!r}")
+  G = len(windows)
+  if N % G:
+    raise ValueError(f"len(windows)={G} must divide num_heads N={N} (windows={windows!r})")
+  Ng, r = N // G, N // K
+  if Ng % r and r % Ng:
+    raise ValueError(f"each window group's query heads must use whole kv heads: N/G={Ng} and "
+                     f"N/K={r} must divide one another (windows={windows!r}, K={K})")
+  return Ng, r
+
+
 def multi_window_attention(q, k, v, *, windows: Sequence[Optional[int]], causal: bool = False,
                            **attention_kwargs):
   """Multi-Window Multi-Head Attention: head group ``g`` attends within window ``w_g``.
@@ -293,18 +311,7 @@ def multi_window_attention(q, k, v, *, windows: Sequence[Optional[int]], causal:
   _, _, N, _, _, K, _ = _check_qkv(q, k, v)
   if "mask" in attention_kwargs:
     raise TypeError("mask: multi_window_attention builds the masks from windows; pass none")
-  if isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__") or not windows:
-    raise ValueError(f"windows must be a non-empty sequence of ints or None, got {windows!r}")
-  for w in windows:
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-      raise ValueError(f"windows entries must be ints >= 0 or None, got windows={windows!r}")
-  G = len(windows)
-  if N % G:
-    raise ValueError(f"len(windows)={G} must divide num_heads N={N}")
-  Ng, r = N // G, N // K
-  if Ng % r and r % Ng:
-    raise ValueError(f"each window group's query heads must use whole kv heads: N/G={Ng} and "
-                     f"N/K={r} must divide one another (windows={windows!r}, K={K})")
+  Ng, r = check_windows(windows, N, K)
   outs = []
   for g, w in enumerate(windows):
     lo, hi = g * Ng // r, ((g + 1) * Ng - 1) // r + 1

@@ -59,6 +59,16 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'sinks': dict(window=max(seq_len // 4, 1)),
       'softcap': dict(cap=50.0),
       'relpos': dict(max_distance=32),
+      'moh': dict(top_k=1, load_balance_weight=0.01),
+      'head_gates': dict(),
+      'shvit': dict(),
+      'mw_mha': dict(windows=(max(seq_len // 8, 1), None)),
+      'talking_heads': dict(),
+      'cosine': dict(),
+      'sinkhorn': dict(num_iters=3),
+      'additive': dict(activation='tanh'),
+      'collapsed_qk': dict(),
+      'log_n_scaling': dict(train_len=max(seq_len, 2)),
   }
   return dict(table.get(name, {}))
 
