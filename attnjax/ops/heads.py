@@ -30,8 +30,8 @@ from attnjax import masks as _masks
 from attnjax.core import hooks
 
 __all__ = ["moh_head_weights", "moh_attention", "gate_heads", "head_gated_attention",
-           "single_head_partial_attention", "check_windows", "multi_window_attention", "talking_heads_attention",
-           "plain_allowed", "masked_softmax"]
+           "single_head_partial_attention", "check_windows", "multi_window_attention",
+           "talking_heads_attention", "plain_allowed", "masked_softmax"]
 
 
 # ----------------------------------------------------------------------------- helpers
