@@ -275,10 +275,15 @@ def _rope(cfg, x_BTNH, positions):
 
 def forward(cfg: HeadsConfig, params: dict, x, *, segment_ids=None, positions=None):
   """The layer on a parameter dict: `x [B, T, D] -> (y [B, T, D], aux)`; `aux` holds
-  `'aux_loss'` (MoH's weighted load-balance loss; 0 for the other mechanisms)."""
-  if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != cfg.d_model:
-    raise ValueError(f"x must be [B, T, D={cfg.d_model}] for variant {cfg.mechanism!r}, got "
-                     f"shape {getattr(x, 'shape', None)}")
+  `'aux_loss'` (MoH's weighted load-balance loss; 0 for the other mechanisms).  A token
+  grid `[B, *grid, D]` is flattened row-major to `[B, T, D]` and reshaped back."""
+  if not hasattr(x, "ndim") or x.ndim < 3 or x.shape[-1] != cfg.d_model:
+    raise ValueError(f"x must be [B, T, D={cfg.d_model}] (or [B, *grid, D]) for variant "
+                     f"{cfg.mechanism!r}, got shape {getattr(x, 'shape', None)}")
+  if x.ndim > 3:
+    y, aux = forward(cfg, params, x.reshape(x.shape[0], -1, x.shape[-1]),
+                     segment_ids=segment_ids, positions=positions)
+    return y.reshape(x.shape[:-1] + (y.shape[-1],)), aux
   B, T, _ = x.shape
   if segment_ids is not None and segment_ids.shape != (B, T):
     raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
