@@ -19,7 +19,8 @@ Registry names (own options; paper):
   ("Talking-Heads Attention");
 - 'cosine': scaled cosine attention with learnable per-head `logit_scale` (Swin V2),
   `centered=True` for correlation attention;
-- 'sinkhorn': doubly-stochastic attention, `num_iters` (3) ("Sinkformers");
+- 'sinkhorn': doubly-stochastic attention, `num_iters` (3) ("Sinkformers"); not causal
+  (the column sums see every query): `causal=True` requires `num_iters=1` (= softmax);
 - 'additive': `e = w^T act(W q + U k)`, `attn_dim`, `activation` ('tanh' is Bahdanau,
   others the MLP-scored "Neural Attention");
 - 'collapsed_qk': `s = x W x^T` per head, `symmetric`, `value_proj` ("Reducing the
@@ -179,6 +180,10 @@ def heads_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim=N
     ni = own["num_iters"]
     if isinstance(ni, bool) or not isinstance(ni, int) or ni < 1:
       raise ValueError(f"num_iters must be an int >= 1, got num_iters={ni!r}")
+    if common["causal"] and ni > 1:
+      raise ValueError(f"causal=True needs num_iters=1 for variant 'sinkhorn': its column "
+                       f"normalisation sums over every query, so later tokens would reach "
+                       f"earlier outputs; got num_iters={ni}")
   elif mechanism == "additive":
     own["attn_dim"] = own["attn_dim"] or head_dim
     _positive_int("attn_dim", own["attn_dim"])

@@ -108,7 +108,8 @@ def cosine_attention(q, k, v, *, logit_scale, max_logit_scale: float = _math.log
 
 
 def _masked_lse(L, ok, axis):
-  m = _jnp.max(_jnp.where(ok, L, -_jnp.inf), axis=axis, keepdims=True)
+  # the shift m cancels mathematically: no gradient through it
+  m = _jax.lax.stop_gradient(_jnp.max(_jnp.where(ok, L, -_jnp.inf), axis=axis, keepdims=True))
   m = _jnp.where(_jnp.isfinite(m), m, 0.0)
   ssum = _jnp.sum(_jnp.where(ok, _jnp.exp(_jnp.where(ok, L - m, 0.0)), 0.0), axis=axis,
                   keepdims=True)

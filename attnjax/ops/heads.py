@@ -77,7 +77,7 @@ def masked_softmax(s, allowed, axis=-1):
   """Softmax of float32 logits over ``axis`` restricted to ``allowed``; a slice with no
   allowed entry gives 0 (and zero gradients), never NaN."""
   s = s.astype(jnp.float32)
-  m = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=axis, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, s, -jnp.inf), axis=axis, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   e = jnp.where(allowed, jnp.exp(jnp.where(allowed, s - m, 0.0)), 0.0)
   den = jnp.sum(e, axis=axis, keepdims=True)

@@ -65,7 +65,7 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'mw_mha': dict(windows=(max(seq_len // 8, 1), None)),
       'talking_heads': dict(),
       'cosine': dict(),
-      'sinkhorn': dict(num_iters=3),
+      'sinkhorn': dict(),
       'additive': dict(activation='tanh'),
       'collapsed_qk': dict(),
       'log_n_scaling': dict(train_len=max(seq_len, 2)),
