@@ -22,7 +22,12 @@ from attnjax.ops import dense as D
 from attnjax.ops import heads as OH
 
 DTYPES = (jnp.float32, jnp.bfloat16)
+SLOW = pytest.mark.slow
+# The default run keeps this file near a minute on 2 cores (compile-bound): float32 of each
+# op and bfloat16 of MoH and Sinkhorn by default, every other bfloat16/variant case -m slow.
+DTYPES_SLOW_BF16 = (jnp.float32, pytest.param(jnp.bfloat16, marks=SLOW))
 NAMES = LH.MECHANISMS
+_LAYERS_DEFAULT = ("moh", "talking_heads", "mw_mha")
 
 
 # ----------------------------------------------------------------------------- references
@@ -160,8 +165,8 @@ def test_moh_load_balance_loss_and_its_gradient():
   want = float(np.sum((f / n) * (P / n)))
   np.testing.assert_allclose(float(aux["load_balance_loss"]), want, rtol=1e-5)
   # d L / d routed goes through P only (f is the non-differentiated top-k count)
-  grad = jax.grad(lambda r: OH.moh_head_weights(jnp.zeros((B, T, 0)), r, top_k=top_k,
-                                                valid=valid)[1]["load_balance_loss"])(routed)
+  grad = jax.jit(jax.grad(lambda r: OH.moh_head_weights(jnp.zeros((B, T, 0)), r, top_k=top_k,
+                                                valid=valid)[1]["load_balance_loss"]))(routed)
   fj = jnp.asarray(f / n, jnp.float32)
   want_g = jax.grad(lambda r: jnp.sum(fj * jnp.sum(
       jax.nn.softmax(r, -1) * valid[..., None], (0, 1)) / n))(routed)
@@ -179,7 +184,7 @@ def test_moh_unselected_heads_are_zero_and_get_no_gradient():
 
 # ----------------------------------------------------------------------------- head gates
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
 def test_head_gated_attention_matches_reference(dtype):
   q, k, v = qkv(20, dtype=dtype)
   gates = rnd(23, (4,), dtype)
@@ -194,7 +199,7 @@ def test_head_gated_attention_matches_reference(dtype):
 
   check(impl, ref, (q, k, v, gates), dtype, what="head gates")
   # masked head: zero output and zero gradient to its gate and its query
-  y, vjp = jax.vjp(impl, q, k, v, gates)
+  y, vjp = jax.vjp(jax.jit(impl), q, k, v, gates)
   assert np.all(np.asarray(y[:, :, 1], np.float32) == 0)
   gq, _, _, gg = vjp(rnd(24, y.shape, dtype))
   assert float(gg[1]) == 0 and np.all(np.asarray(gq[:, :, 1], np.float32) == 0)
@@ -209,7 +214,7 @@ def test_gate_heads_per_token_gates_broadcast():
 
 # ----------------------------------------------------------------------------- SHViT
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
 def test_single_head_partial_attention_matches_reference(dtype):
   B, T, Dm, Dp, Hq = 2, 7, 12, 4, 3
   x = rnd(30, (B, T, Dm), dtype)
@@ -230,9 +235,10 @@ def test_single_head_partial_attention_matches_reference(dtype):
 
 # ----------------------------------------------------------------------------- MW-MHA
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("K,windows", [(2, (1, None)), (1, (2, None, 0, 3)), (4, (3, 1))])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=SLOW), True])
+@pytest.mark.parametrize("K,windows", [(2, (1, None)), pytest.param(1, (2, None, 0, 3), marks=SLOW),
+                                       pytest.param(4, (3, 1), marks=SLOW)])
 def test_multi_window_attention_matches_per_head_band_reference(dtype, causal, K, windows):
   q, k, v = qkv(40, T=9, S=9, N=4, K=K, dtype=dtype)
   Ng = 4 // len(windows)
@@ -257,8 +263,9 @@ def test_multi_window_attention_matches_per_head_band_reference(dtype, causal, K
 
 # ----------------------------------------------------------------------------- talking heads
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mix", ["both", "pre", "post", "wide"])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+@pytest.mark.parametrize("mix", ["both", pytest.param("pre", marks=SLOW),
+                                 pytest.param("post", marks=SLOW), "wide"])
 def test_talking_heads_matches_loop_reference(dtype, mix):
   N, M = 4, (6 if mix == "wide" else 4)
   q, k, v = qkv(50, T=5, S=7, N=N, K=2, dtype=dtype)
@@ -295,14 +302,15 @@ def test_talking_heads_identity_mix_is_softmax_attention():
 
 # ----------------------------------------------------------------------------- rows with no key
 
-@pytest.mark.parametrize("fn", ["talking_heads", "sinkhorn", "additive"])
+@pytest.mark.parametrize("fn", [pytest.param("talking_heads", marks=SLOW), "sinkhorn",
+                                "additive"])
 def test_plain_ops_rows_without_keys_are_zero_with_zero_grads(fn):
   q, k, v = qkv(60, T=6, S=4)  # causal with T > S: queries 0, 1 see no key
   f = {"talking_heads": lambda q, k, v: OH.talking_heads_attention(q, k, v, causal=True),
        "sinkhorn": lambda q, k, v: D.sinkhorn_attention(q, k, v, causal=True),
        "additive": lambda q, k, v: D.additive_attention(q, k, v, rnd(61, (4, 8)),
                                                         causal=True)}[fn]
-  y, vjp = jax.vjp(f, q, k, v)
+  y, vjp = jax.vjp(jax.jit(f), q, k, v)
   gq, gk, gv = vjp(rnd(62, y.shape))
   for a in (y, gq, gk, gv):
     assert bool(jnp.all(jnp.isfinite(a)))
@@ -312,8 +320,8 @@ def test_plain_ops_rows_without_keys_are_zero_with_zero_grads(fn):
 
 # ----------------------------------------------------------------------------- cosine
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+@pytest.mark.parametrize("centered", [pytest.param(False, marks=SLOW), True])
 def test_cosine_and_correlation_attention_match_reference(dtype, centered):
   q, k, v = qkv(70, N=4, K=2, dtype=dtype)
   ls = jnp.asarray([0.5, 2.0, 5.0, 3.0], dtype)  # 5.0 is clamped to log(100)
@@ -355,7 +363,8 @@ def ref_sinkhorn(q, k, v, num_iters, ok):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_iters,causal,S", [(3, False, 6), (4, False, 9), (3, True, 6)])
+@pytest.mark.parametrize("num_iters,causal,S", [
+    (3, False, 6), pytest.param(4, False, 9, marks=SLOW), pytest.param(3, True, 6, marks=SLOW)])
 def test_sinkhorn_attention_matches_reference(dtype, num_iters, causal, S):
   q, k, v = qkv(80, T=6, S=S, dtype=dtype)
   ok = _allowed(6, S, causal=causal)[:, 0]
@@ -377,8 +386,8 @@ def test_sinkhorn_rows_and_columns_sum_to_one_after_enough_iterations():
 
 # ----------------------------------------------------------------------------- additive
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+@pytest.mark.parametrize("activation", ["tanh", pytest.param("relu", marks=SLOW)])
 def test_additive_attention_matches_reference(dtype, activation):
   q, k, v = qkv(90, T=5, S=6, N=4, K=2, H=3, Hv=5, dtype=dtype)
   w, b = rnd(93, (4, 3), dtype), rnd(94, (4, 3), dtype)
@@ -406,8 +415,8 @@ def test_additive_attention_matches_reference(dtype, activation):
 
 # ----------------------------------------------------------------------------- collapsed QK
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+@pytest.mark.parametrize("symmetric", [pytest.param(False, marks=SLOW), True])
 def test_collapsed_qk_attention_matches_bilinear_reference(dtype, symmetric):
   B, T, Dm, N = 2, 5, 6, 3
   x = rnd(100, (B, T, Dm), dtype)
@@ -430,7 +439,7 @@ def test_collapsed_qk_attention_matches_bilinear_reference(dtype, symmetric):
 
 # ----------------------------------------------------------------------------- A07-A12
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
 @pytest.mark.parametrize("causal", [False, True])
 def test_context_broadcast(dtype, causal):
   x = rnd(110, (2, 5, 3), dtype)
@@ -441,7 +450,7 @@ def test_context_broadcast(dtype, causal):
   assert_close(D.context_broadcast(x, causal=causal, average=True), (xf + mean) / 2, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
 def test_learnable_temperature_score_mod(dtype):
   q, k, v = qkv(120, dtype=dtype)
   lt = rnd(121, (4,), dtype)
@@ -560,7 +569,8 @@ def test_registered_as_sequence_with_linen():
     assert entry.kind == "sequence" and entry.linen is not None and not entry.supports_cache
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n if n in _LAYERS_DEFAULT else pytest.param(n, marks=SLOW)
+                                  for n in NAMES])
 def test_layer_shapes_gradients_and_linen_twin(name):
   x = rnd(0, (2, 8, 16))
   seg = jnp.asarray([[0] * 5 + [1] * 3, [0] * 8])
@@ -622,7 +632,7 @@ def test_head_gates_layer_mask_removes_a_head():
   x = rnd(2, (1, 6, 16))
   m = variants.build("head_gates", d_model=16, num_heads=4, rngs=nnx.Rngs(0),
                      head_mask=(True, False, True, True))
-  g = jax.grad(lambda p: jnp.sum(LH.forward(m.config, p, x)[0] ** 2))(m.params_dict())
+  g = jax.jit(jax.grad(lambda p: jnp.sum(LH.forward(m.config, p, x)[0] ** 2)))(m.params_dict())
   assert float(g["head_gates"][1]) == 0 and float(jnp.abs(g["head_gates"][0])) > 0
 
 
@@ -647,6 +657,7 @@ def _train_runlocal(name, arg, tmp_path):
   return c, res
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_moh_runlocal_smoke_train(tmp_path):
   c, _ = _train_runlocal("mqar", "variant=moh,runlocal", tmp_path)
   assert c.model.attention.name == "moh" and c.model.attention.top_k == 1
