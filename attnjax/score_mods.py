@@ -246,7 +246,26 @@ def compose(*mods: Callable) -> ScoreMod:
 # ----------------------------------------------------------------------------- logit recipes
 # (issue 19: catalog rows A07, A08, A12)
 
-__all__ += ["learnable_temperature", "entropy_invariant_scale", "head_key_modulation"]
+__all__ += ["learnable_temperature", "entropy_invariant_scale", "head_key_modulation",
+            "log_n_scale"]
+
+
+def log_n_scale(num_keys, train_len: int, *, power: float = 0.5):
+  """Entropy-invariant logit factor ``(log n / log n_train) ** power``.
+
+  ``power=0.5`` is ``sqrt(log_{n_train} n)`` ("Training-free Diffusion Model Adaptation
+  for Variable-Sized Text-to-Image Synthesis"); ``power=1`` is the ``log_{n_train} n``
+  scaling of "Overcoming a Theoretical Limitation of Self-Attention".  ``n`` (the keys a
+  query attends to) is floored at 1, so one key gives factor 0 (its softmax is 1 anyway).
+  Multiply the usual ``1/sqrt(H)`` scale by it; equal to 1 at ``n = n_train``.
+  """
+  if isinstance(train_len, bool) or not isinstance(train_len, int) or train_len < 2:
+    raise ValueError(f"train_len must be an int >= 2, got train_len={train_len!r}")
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+    raise ValueError(f"power must be a positive number, got power={power!r}")
+  n = jnp.maximum(jnp.asarray(num_keys, jnp.float32), 1.0)
+  return (jnp.log(n) / float(np.log(train_len))) ** power
+
 
 
 def learnable_temperature(log_tau) -> ScoreMod:
@@ -278,9 +297,8 @@ def entropy_invariant_scale(train_len: int, *, num_keys=None, power: float = 0.5
   ``sqrt(log_{n_train} n)`` factor of "Training-free Diffusion Model Adaptation for
   Variable-Sized Text-to-Image Synthesis" (catalog A08); ``power=1`` the ``log n``
   scaling of "Overcoming a Theoretical Limitation of Self-Attention".
-  See :func:`attnjax.ops.dense.log_n_scale`.
+  See :func:`log_n_scale`.
   """
-  from attnjax.ops.dense import log_n_scale  # pylint: disable=import-outside-toplevel
   log_n_scale(1, train_len, power=power)  # validates train_len and power
   if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int)
                                or num_keys < 1):

@@ -20,6 +20,7 @@ import math as _math
 import jax as _jax
 import jax.numpy as _jnp
 
+from attnjax import score_mods as _score_mods
 from attnjax.core import hooks as _hooks
 from attnjax.core.args import AttentionArgs, check_attention_args
 from attnjax.core.softmax import dense_attention, reference_attention
@@ -291,18 +292,5 @@ def context_broadcast(x, *, causal: bool = False, average: bool = False):
   return (0.5 * y if average else y).astype(x.dtype)
 
 
-def log_n_scale(num_keys, train_len: int, *, power: float = 0.5):
-  """Entropy-invariant logit factor ``(log n / log n_train) ** power``.
-
-  ``power=0.5`` is ``sqrt(log_{n_train} n)`` ("Training-free Diffusion Model Adaptation
-  for Variable-Sized Text-to-Image Synthesis"); ``power=1`` is the ``log_{n_train} n``
-  scaling of "Overcoming a Theoretical Limitation of Self-Attention".  ``n`` (the keys a
-  query attends to) is floored at 1, so one key gives factor 0 (its softmax is 1 anyway).
-  Multiply the usual ``1/sqrt(H)`` scale by it; equal to 1 at ``n = n_train``.
-  """
-  if isinstance(train_len, bool) or not isinstance(train_len, int) or train_len < 2:
-    raise ValueError(f"train_len must be an int >= 2, got train_len={train_len!r}")
-  if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-    raise ValueError(f"power must be a positive number, got power={power!r}")
-  n = _jnp.maximum(_jnp.asarray(num_keys, _jnp.float32), 1.0)
-  return (_jnp.log(n) / _math.log(train_len)) ** power
+# (defined in attnjax.score_mods, below ops in the layering; re-exported here)
+log_n_scale = _score_mods.log_n_scale
