@@ -300,6 +300,32 @@ def test_talking_heads_identity_mix_is_softmax_attention():
   assert_close(y, attnjax.reference_attention(q, k, v), jnp.float32)
 
 
+# ----------------------------------------------------------------------------- relational heads
+
+@pytest.mark.parametrize("dtype", DTYPES_SLOW_BF16)
+def test_relational_attention_matches_pairwise_reference(dtype):
+  q, k, _ = qkv(56, T=5, S=7, N=4, K=2, dtype=dtype)
+  phi, psi = rnd(57, (2, 5, 3, 2), dtype), rnd(58, (2, 7, 3, 2), dtype)
+  sym = rnd(59, (7, 4), dtype)
+  ok = _allowed(5, 7, causal=True)[:, 0]
+
+  def impl(q, k, phi, psi, sym):
+    rel, s = OH.relational_attention(q, k, phi, psi, sym, mask=attnjax.masks.causal(2))
+    return jnp.concatenate([rel, s], -1).astype(dtype)
+
+  def ref(q, k, phi, psi, sym):
+    q, k, phi, psi, sym = _f32(q, k, phi, psi, sym)
+    r = jnp.einsum("btlp,bslp->btsl", phi, psi)  # r_l(x_i, x_j), explicit pairs
+    outs = []
+    for n in range(4):
+      a = _softmax_rows(jnp.einsum("bth,bsh->bts", q[:, :, n], k[:, :, n // 2]) / np.sqrt(8), ok)
+      rel = jnp.einsum("bts,btsl->btl", a, r)
+      outs.append(jnp.concatenate([rel, jnp.einsum("bts,sh->bth", a, sym)], -1))
+    return jnp.stack(outs, 2).astype(dtype)
+
+  check(impl, ref, (q, k, phi, psi, sym), dtype, what="relational")
+
+
 # ----------------------------------------------------------------------------- rows with no key
 
 @pytest.mark.parametrize("fn", [pytest.param("talking_heads", marks=SLOW), "sinkhorn",

@@ -11,6 +11,9 @@ Layout BTNH as in :func:`attnjax.attention`: ``q [B, T, N, H]``, ``k [B, S, K, H
   "SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design".
 - :func:`multi_window_attention`: MW-MHA, one sliding window per head group (F06), "Masked
   Autoencoders with Multi-Window Local-Global Attention Are Better Audio Learners".
+- :func:`relational_attention`: the Dual Attention Transformer's relational heads (E02),
+  "Disentangling and Integrating Relational and Sensory Information in Transformer
+  Architectures".
 - :func:`talking_heads_attention`: linear mixing of the logits and of the weights across
   heads, "Talking-Heads Attention" (Shazeer et al., 2020).
 
@@ -31,7 +34,8 @@ from attnjax.core import hooks
 
 __all__ = ["moh_head_weights", "moh_attention", "gate_heads", "head_gated_attention",
            "single_head_partial_attention", "check_windows", "multi_window_attention",
-           "talking_heads_attention", "plain_allowed", "masked_softmax"]
+           "talking_heads_attention", "relational_attention", "plain_allowed",
+           "masked_softmax"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -367,3 +371,60 @@ def talking_heads_attention(q, k, v, *, pre_mix=None, post_mix=None, scale=None,
   if post_mix is not None:
     w = jnp.einsum("bmts,ml->blts", w, post_mix.astype(jnp.float32))
   return jnp.einsum("bnts,bsnh->btnh", w, vx).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- relational heads
+
+def relational_attention(q, k, phi, psi, symbols=None, **attention_kwargs):
+  """Relational attention heads (Dual Attention Transformer), as one softmax attention call.
+
+      alpha = softmax_j(scale q_i . k_j)                        (per head, with the mask)
+      r_l(x_i, x_j) = <phi_l(x_i), psi_l(x_j)>,  l = 1..R
+      rel[i, n, l] = sum_j alpha_ij r_l(x_i, x_j) = <phi_l(x_i), sum_j alpha_ij psi_l(x_j)>
+      sym[i, n]    = sum_j alpha_ij s_j
+
+  The second form is what runs: ``psi`` (flattened) and the symbols are the values of one
+  :func:`attnjax.attention` call, then a per-query contraction with ``phi`` (no ``[T, S]``
+  array).  The layer maps ``rel W_r + sym W_s`` per head to the output.
+
+  Args:
+    q, k: ``[B, T, N, H]``, ``[B, S, K, H]`` (the attention's query/key projections).
+    phi: ``[B, T, R, P]`` and psi: ``[B, S, R, P]``, the ``R`` relation maps (shared by
+      the heads, as in the paper).
+    symbols: ``[B, S, Hs]`` or ``[S, Hs]`` symbol vectors (positional symbols are one
+      learned vector per position), or None.
+    **attention_kwargs: passed to :func:`attnjax.attention`.
+
+  Returns: ``(rel [B, T, N, R], sym [B, T, N, Hs] or None)``, float32.  Paper:
+  "Disentangling and Integrating Relational and Sensory Information in Transformer
+  Architectures".
+  """
+  _check_array("q", q, 4)
+  _check_array("k", k, 4)
+  _check_array("phi", phi, 4)
+  _check_array("psi", psi, 4)
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if k.shape[0] != B or k.shape[3] != H or N % K:
+    raise ValueError(f"k must be [B={B}, S, K, H={H}] with K dividing N={N}, got {k.shape}")
+  if phi.shape[:2] != (B, T):
+    raise ValueError(f"phi must be [B, T] = {(B, T)} + [R, P], got shape {phi.shape}")
+  if psi.shape != (B, S) + phi.shape[2:]:
+    raise ValueError(f"psi must be [B, S, R, P] = {(B, S) + phi.shape[2:]}, got {psi.shape}")
+  R, P = phi.shape[2:]
+  vals = [psi.reshape(B, S, R * P).astype(jnp.float32)]
+  if symbols is not None:
+    _check_array("symbols", symbols)
+    if symbols.ndim == 2:
+      symbols = jnp.broadcast_to(symbols, (B,) + symbols.shape)
+    if symbols.ndim != 3 or symbols.shape[:2] != (B, S):
+      raise ValueError(f"symbols must be [B, S, Hs] or [S, Hs] with S={S}, got "
+                       f"{symbols.shape}")
+    vals.append(symbols.astype(jnp.float32))
+  v = jnp.concatenate(vals, -1).astype(q.dtype)
+  v = jnp.broadcast_to(v[:, :, None, :], (B, S, K, v.shape[-1]))
+  o = hooks.attention(q, k, v, **attention_kwargs).astype(jnp.float32)
+  a_psi = o[..., :R * P].reshape(B, T, N, R, P)
+  rel = jnp.einsum("btrp,btnrp->btnr", phi.astype(jnp.float32), a_psi)
+  sym = o[..., R * P:] if symbols is not None else None
+  return rel, sym
