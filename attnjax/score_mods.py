@@ -241,3 +241,97 @@ def compose(*mods: Callable) -> ScoreMod:
         m.check(T, S, N)
   return ScoreMod(fn, " -> ".join(getattr(m, "name", getattr(m, "__name__", "fn"))
                                    for m in mods), check)
+
+
+# ----------------------------------------------------------------------------- logit recipes
+# (issue 19: catalog rows A07, A08, A12)
+
+__all__ += ["learnable_temperature", "entropy_invariant_scale", "head_key_modulation",
+            "log_n_scale"]
+
+
+def log_n_scale(num_keys, train_len: int, *, power: float = 0.5):
+  """Entropy-invariant logit factor ``(log n / log n_train) ** power``.
+
+  ``power=0.5`` is ``sqrt(log_{n_train} n)`` ("Training-free Diffusion Model Adaptation
+  for Variable-Sized Text-to-Image Synthesis"); ``power=1`` is the ``log_{n_train} n``
+  scaling of "Overcoming a Theoretical Limitation of Self-Attention".  ``n`` (the keys a
+  query attends to) is floored at 1, so one key gives factor 0 (its softmax is 1 anyway).
+  Multiply the usual ``1/sqrt(H)`` scale by it; equal to 1 at ``n = n_train``.
+  """
+  if isinstance(train_len, bool) or not isinstance(train_len, int) or train_len < 2:
+    raise ValueError(f"train_len must be an int >= 2, got train_len={train_len!r}")
+  if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+    raise ValueError(f"power must be a positive number, got power={power!r}")
+  n = jnp.maximum(jnp.asarray(num_keys, jnp.float32), 1.0)
+  return (jnp.log(n) / float(np.log(train_len))) ** power
+
+
+
+def learnable_temperature(log_tau) -> ScoreMod:
+  """Per-head learnable temperature ``s * exp(-log_tau[h])`` (``tau_h = exp(log_tau_h)``,
+  always positive; ``tau > 1`` flattens attention).
+
+  Paper: "Are Vision Transformers Robust to Patch Perturbations?" (catalog A07; the paper
+  fixes ``tau``, here it may be learned per head).
+
+  Args:
+    log_tau: float ``[N]``.
+  """
+  _check_array("log_tau", log_tau, 1)
+  def fn(score, b, h, q, kv):
+    return score * jnp.exp(-jnp.asarray(log_tau, jnp.float32))[h]
+  def check(T, S, N):
+    if log_tau.shape[0] != N:
+      raise ValueError(f"learnable_temperature log_tau has {log_tau.shape[0]} entries; the call "
+                       f"has N={N} heads")
+  return ScoreMod(fn, "learnable_temperature", check)
+
+
+def entropy_invariant_scale(train_len: int, *, num_keys=None, power: float = 0.5,
+                            offset: int = 0) -> ScoreMod:
+  """Entropy-invariant logit scaling ``s * (log n / log n_train) ** power``.
+
+  ``n`` is ``num_keys`` (a fixed key count, e.g. ``S`` for bidirectional attention) or,
+  when None, the keys a causal query sees, ``q_idx + offset + 1``.  ``power=0.5`` is the
+  ``sqrt(log_{n_train} n)`` factor of "Training-free Diffusion Model Adaptation for
+  Variable-Sized Text-to-Image Synthesis" (catalog A08); ``power=1`` the ``log n``
+  scaling of "Overcoming a Theoretical Limitation of Self-Attention".
+  See :func:`log_n_scale`.
+  """
+  log_n_scale(1, train_len, power=power)  # validates train_len and power
+  if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int)
+                               or num_keys < 1):
+    raise ValueError(f"num_keys must be a positive int or None, got num_keys={num_keys!r}")
+  def fn(score, b, h, q, kv):
+    n = num_keys if num_keys is not None else q + offset + 1
+    return score * log_n_scale(n, train_len, power=power)
+  return ScoreMod(fn, f"entropy_invariant_scale({train_len}, {power})")
+
+
+def head_key_modulation(factors, selected) -> ScoreMod:
+  """Per-head, per-key attention amplification: ``s + log(f_h) * selected[b, kv]``.
+
+  After the softmax this multiplies the weight of every selected key by ``f_h`` (head
+  ``h``'s factor) and renormalises the row, the head- and token-specific modulation of
+  "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large
+  Vision-Language Model" (catalog A12).
+
+  Args:
+    factors: float ``[N]``, positive (``> 1`` amplifies, ``< 1`` suppresses).
+    selected: ``[B, S]`` bool (or 0/1) marking the keys to modulate.
+  """
+  _check_array("factors", factors, 1)
+  if not hasattr(selected, "ndim") or selected.ndim != 2:
+    raise ValueError(f"selected must be [B, S], got {getattr(selected, 'shape', selected)!r}")
+  def fn(score, b, h, q, kv):
+    lf = jnp.log(jnp.asarray(factors, jnp.float32))[h]
+    return score + lf * jnp.asarray(selected, jnp.float32)[b, kv]
+  def check(T, S, N):
+    if factors.shape[0] != N:
+      raise ValueError(f"head_key_modulation factors have {factors.shape[0]} entries; the call "
+                       f"has N={N} heads")
+    if selected.shape[1] != S:
+      raise ValueError(f"head_key_modulation selected has {selected.shape[1]} keys; the call "
+                       f"has S={S}")
+  return ScoreMod(fn, "head_key_modulation", check)

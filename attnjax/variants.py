@@ -287,3 +287,12 @@ def _register_builtins():
   for mechanism in token_layers.MECHANISMS:
     register(mechanism, token_layers.make_factory(mechanism), kind=token_layers.KIND[mechanism],
              linen=token_layers.make_linen_factory(mechanism))
+
+  # Head-level mechanisms and score-function recipes (issue 19, catalog E01-E06, F06, A08,
+  # A14, J; attnjax.layers.heads, ops in attnjax.ops.heads / attnjax.ops.dense): 'moh'
+  # (sows its load-balance loss), 'head_gates', 'shvit', 'mw_mha', 'talking_heads',
+  # 'cosine', 'sinkhorn', 'additive', 'collapsed_qk', 'log_n_scaling'. Inputs [B, T, D].
+  from attnjax.layers import heads as heads_layers
+  for mechanism in heads_layers.MECHANISMS:
+    register(mechanism, heads_layers.make_factory(mechanism), kind="sequence",
+             linen=heads_layers.make_linen_factory(mechanism))

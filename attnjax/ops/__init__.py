@@ -7,13 +7,15 @@
   ``lightning_attention``, ``decayed_linear_attention``, ...).
 - ``attnjax.ops.positional``: RoPE (1D, axial, mixed), ALiBi slopes, sinusoidal tables.
 - ``attnjax.ops.spatial``: attention on ``[B, *spatial, N, H]`` maps (windows, neighborhoods, ...).
+- ``attnjax.ops.heads``: head-level mechanisms (MoH, head gates, SHViT, MW-MHA, talking heads).
 
 Submodules load on first access (``attnjax.ops.linear`` works after ``import attnjax``).
 """
 
 import importlib as _importlib
 
-SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial", "routing", "pooling")
+SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial", "routing", "pooling",
+              "heads")
 
 __all__ = list(SUBMODULES)
 

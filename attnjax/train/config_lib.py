@@ -70,6 +70,16 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'isab': dict(num_inducing=8),
       'proxy': dict(window=2 if seq_len % 4 else 4),
       'super_token': dict(stoken_size=2, num_iters=1),
+      'moh': dict(top_k=1, load_balance_weight=0.01),
+      'head_gates': dict(),
+      'shvit': dict(),
+      'mw_mha': dict(windows=(max(seq_len // 8, 1), None)),
+      'talking_heads': dict(),
+      'cosine': dict(),
+      'sinkhorn': dict(),
+      'additive': dict(activation='tanh'),
+      'collapsed_qk': dict(),
+      'log_n_scaling': dict(train_len=max(seq_len, 2)),
   }
   return dict(table.get(name, {}))
 

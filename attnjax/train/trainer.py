@@ -161,6 +161,15 @@ def _key_data(seed: int) -> jax.Array:
   return jax.random.key_data(jax.random.key(seed))
 
 
+def _sum_aux_losses(intermediates) -> jax.Array:
+  """Sum of every value sown as ``nnx.Intermediate`` under the name 'aux_loss' (0 if none)."""
+  total = jnp.zeros((), jnp.float32)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    if any(getattr(k, "key", getattr(k, "name", None)) == "aux_loss" for k in path):
+      total = total + jnp.sum(jnp.asarray(leaf, jnp.float32))
+  return total
+
+
 def _reseed(rest, rng):
   """Fresh RNG streams for one step: every RngKey <- fold_in(rng, i), counts <- 0.
 
@@ -300,6 +309,14 @@ class Trainer:
       model = nnx.merge(graphdef, params, rest)
       return model(batch[input_key], deterministic=deterministic)
 
+    def forward_with_aux(params, rest, batch, *, deterministic):
+      # Layers sow auxiliary losses (e.g. MoH's load balance) as nnx.Intermediate
+      # 'aux_loss'; their sum joins the training loss.
+      model = nnx.merge(graphdef, params, rest)
+      out, inter = nnx.capture(model, nnx.Intermediate)(batch[input_key],
+                                                        deterministic=deterministic)
+      return out, _sum_aux_losses(inter)
+
     def train_step(state, rest, batch):
       step = state['step']
       rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
@@ -307,8 +324,9 @@ class Trainer:
       step_rest = _reseed(rest, rng)
 
       def loss_fn(params):
-        out = forward(params, step_rest, batch, deterministic=False)
+        out, aux_loss = forward_with_aux(params, step_rest, batch, deterministic=False)
         loss, sums = losses.compute(task, out, batch)
+        loss = loss + aux_loss
         if inject >= 0:
           loss = loss * jnp.where(step == inject, jnp.nan, 1.0)
         return loss, sums
