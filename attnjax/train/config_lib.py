@@ -59,6 +59,10 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'sinks': dict(window=max(seq_len // 4, 1)),
       'softcap': dict(cap=50.0),
       'relpos': dict(max_distance=32),
+      'gla': dict(chunk_size=16),
+      'deltanet': dict(chunk_size=16, conv_size=4),
+      'gated_deltanet': dict(chunk_size=16, conv_size=4),
+      'mamba2': dict(chunk_size=16, conv_size=4),
   }
   return dict(table.get(name, {}))
 
