@@ -42,6 +42,7 @@ from flax import nnx
 from attnjax.layers._core import AttentionConfig, ParamSpec, _dense_init, constrain
 from attnjax.layers.attention import make_param
 from attnjax.ops import linear as L
+from attnjax.ops import positional as _pos
 from attnjax.ops.linear.gated import check_pow2_chunk
 
 __all__ = ["GatedLinearAttention", "GatedConfig", "MECHANISMS", "gated_config", "init_state",
@@ -96,7 +97,8 @@ class GatedConfig:
 def gated_config(d_model: int, num_heads: int, *, mechanism: str,
                  num_kv_heads: int | None = None, head_dim: int | None = None,
                  v_head_dim: int | None = None, causal: bool = True, conv_size: int = 4,
-                 gate_rank: int = 16, chunk_size: int = 64, use_bias: bool = False,
+                 gate_rank: int = 16, chunk_size: int = 64, rope: str | None = None,
+                 rope_base: float = 10000.0, use_bias: bool = False,
                  dropout_rate: float = 0.0, dtype: Any = None,
                  param_dtype: Any = jnp.float32) -> tuple[GatedConfig, dict]:
   """Validates the options of `GatedLinearAttention`; returns `(GatedConfig, param specs)`."""
@@ -114,8 +116,11 @@ def gated_config(d_model: int, num_heads: int, *, mechanism: str,
   if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
     raise ValueError(f"gate_rank must be a positive int, got gate_rank={gate_rank!r}")
   check_pow2_chunk(chunk_size)
+  if rope not in (None, "1d"):
+    raise ValueError(f"rope must be None or '1d' for {m!r}, got rope={rope!r}")
   cfg = AttentionConfig(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, v_head_dim=v_head_dim, use_bias=use_bias,
+                        rope=rope, rope_base=rope_base,
                         dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype)
   D, N, K, H, Hv = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.v_head_dim
   dense = _dense_init(0, (1, 2))
@@ -204,9 +209,8 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
   if segment_ids is not None:
     raise ValueError(f"segment_ids are not supported by the recurrent layer {m!r} (its state "
                      "mixes all earlier tokens); expected segment_ids=None")
-  if positions is not None:
-    raise ValueError(f"positions are not used by {m!r} (order comes from the recurrence); "
-                     "expected positions=None")
+  if positions is not None and cfg.rope is None:
+    raise ValueError("positions were given but the layer has rope=None")
   if x.ndim != 3 or x.shape[-1] != cfg.d_model:
     raise ValueError(f"x must be [B, T, d_model={cfg.d_model}], got shape {x.shape}")
   if cache is not None and (not isinstance(cache, dict)
@@ -235,6 +239,18 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
     outs = [_short_conv(u, p[f"{n}_conv"], pv) for u, n, pv in zip((q, k, v), "qkv", prevs)]
     q, k, v = (jax.nn.silu(o).astype(dtype) for o, _ in outs)
     new_conv = tuple(c for _, c in outs)
+  if m in ("deltanet", "gated_deltanet"):
+    q = _l2(q.astype(jnp.float32)).astype(dtype)
+    k = _l2(k.astype(jnp.float32)).astype(dtype)
+  if cfg.rope is not None:   # rotations keep the L2-normalised keys of the delta rule unit
+    offset = 0 if cache is None else cache["index"]
+    pos = jnp.asarray(positions if positions is not None else jnp.broadcast_to(
+        jnp.arange(T, dtype=jnp.int32) + offset, (B, T)))
+    if pos.shape != (B, T):
+      raise ValueError(f"positions for rope='1d' must be [B, T] = {(B, T)}, got shape "
+                       f"{pos.shape}")
+    q = _pos.apply_rope(q, pos, base=cfg.rope_base)
+    k = _pos.apply_rope(k, pos, base=cfg.rope_base)
   if m != "mamba2":
     q = constrain(q, ("batch", "length", "heads", None))
   form = "recurrent" if cache is not None and T == 1 else "chunked"
@@ -246,8 +262,6 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
     log_alpha = jax.nn.log_sigmoid(g) / _GATE_TEMPERATURE
     o, st = L.gated_linear_attention(q, k, v, log_alpha, **kw)
   elif m in ("deltanet", "gated_deltanet"):
-    q = _l2(q.astype(jnp.float32)).astype(dtype)
-    k = _l2(k.astype(jnp.float32)).astype(dtype)
     beta = jax.nn.sigmoid(lin32("beta_kernel"))
     if m == "deltanet":
       o, st = L.delta_rule_attention(q, k, v, beta, **kw)
@@ -292,6 +306,9 @@ class GatedLinearAttention(nnx.Module):
       mamba2; default 4; 1 = pointwise).
     gate_rank: rank of GLA's low-rank gate (default 16).
     chunk_size: the op's chunk length (a power of two, default 64).
+    rope: None or '1d': RoPE on q/k (C/B for mamba2) after the conv and the L2 norm
+      (positions default to `arange(T)` + cache index; the LM passes '1d' unless its
+      `position_embedding` is 'none'). rope_base: its base.
     use_bias: biases on the q/k/v/out projections. dropout_rate: dropout on the output.
     dtype: compute dtype (default: the input's). param_dtype: float32.
     rngs: `nnx.Rngs`.

@@ -37,6 +37,8 @@ class GatedLinearAttention(nn.Module):
   conv_size: int = 4
   gate_rank: int = 16
   chunk_size: int = 64
+  rope: str | None = None
+  rope_base: float = 10000.0
   use_bias: bool = False
   dropout_rate: float = 0.0
   dtype: Any = None
