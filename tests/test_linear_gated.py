@@ -422,3 +422,195 @@ def test_errors_name_the_argument():
     L.ssd_attention(x[:, :, :3], dt[:, :, :3], A[:3], Bm, Cm)
   with pytest.raises(ValueError, match='mechanism'):
     L.implied_attention('mamba', q, k, la)
+
+
+# --------------------------------------------------------------------------------------
+# layers: 'gla', 'deltanet', 'gated_deltanet', 'mamba2' (attnjax.layers.linear_gated)
+# --------------------------------------------------------------------------------------
+
+LAYERS = ('gla', 'deltanet', 'gated_deltanet', 'mamba2')
+D_MODEL, HEADS, KV = 32, 4, 2
+
+
+def _np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def _np_softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def _np_conv(u, w):
+  """Causal depthwise conv over time, zeros before the start: out_t = sum_i w[i] u_{t-W+1+i}."""
+  W, T = w.shape[0], u.shape[1]
+  out = np.zeros_like(u)
+  for t in range(T):
+    for i in range(W):
+      s = t - W + 1 + i
+      if s >= 0:
+        out[:, t] += w[i] * u[:, s]
+  return out
+
+
+def _np_layer(name, p, x):
+  """The layer written out in float64 NumPy from its documented formula."""
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  x = np.asarray(x, np.float64)
+  q, k, v = (np.einsum('btd,dnh->btnh', x, p[f'{n}_kernel']) for n in 'qkv')
+  if name != 'gla':
+    q, k, v = (_np_silu(_np_conv(u, p[f'{n}_conv'])) for u, n in zip((q, k, v), 'qkv'))
+  if name in ('deltanet', 'gated_deltanet'):
+    q = q / np.sqrt(np.sum(q * q, -1, keepdims=True) + 1e-6)
+    k = k / np.sqrt(np.sum(k * k, -1, keepdims=True) + 1e-6)
+    beta = 1.0 / (1.0 + np.exp(-(x @ p['beta_kernel'])))
+  if name in ('gated_deltanet', 'mamba2'):
+    dt = _np_softplus(x @ p['dt_kernel'] + p['dt_bias'])
+    A = -np.exp(p['A_log'])
+  if name == 'gla':
+    g = np.einsum('btr,rnh->btnh', x @ p['gate_a_kernel'], p['gate_b_kernel']) + p['gate_bias']
+    o, _ = ref_gla(q, k, v, -_np_softplus(-g) / 16.0)
+  elif name == 'deltanet':
+    o, _ = ref_delta(q, k, v, beta)
+  elif name == 'gated_deltanet':
+    o, _ = ref_delta(q, k, v, beta, log_alpha=A * dt)
+  else:
+    o, _ = ref_ssd(v, dt, A, k, q, D=p['D_skip'])
+  o = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6) * p['out_norm']
+  o = o * _np_silu(np.einsum('btd,dnv->btnv', x, p['g_kernel']))
+  return np.einsum('btnv,nvd->btd', o, p['o_kernel'])
+
+
+def _build(name, seed=0, **opts):
+  from flax import nnx
+
+  from attnjax import variants
+  return variants.build(name, d_model=D_MODEL, num_heads=HEADS, num_kv_heads=KV,
+                        rngs=nnx.Rngs(seed), chunk_size=4, **opts)
+
+
+def _x(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize('name', LAYERS)
+def test_layer_matches_float64_formula_and_decodes(name):
+  """Full forward == the float64 formula; prefill (chunked) then one token at a time
+  (recurrent, cached conv inputs) == the full forward."""
+  from flax import nnx
+  layer = _build(name, seed=1)
+  x = _x((2, 10, D_MODEL), seed=2)
+  graphdef, state = nnx.split(layer)
+  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, x)
+  assert_close(full, _np_layer(name, layer.params_dict(), x), what=name)
+  run = jax.jit(lambda s, a, c: nnx.merge(graphdef, s)(a, cache=c))
+  cache = layer.init_cache(2, 16)
+  outs = []
+  for lo, hi in [(0, 5)] + [(t, t + 1) for t in range(5, 10)]:
+    y, cache = run(state, x[:, lo:hi], cache)
+    outs.append(y)
+  assert_close(jnp.concatenate(outs, 1), full)
+  assert int(cache['index']) == 10
+
+
+@pytest.mark.parametrize('name', LAYERS)
+def test_linen_twin_equals_nnx(name):
+  from flax import nnx
+
+  from attnjax import variants
+  from attnjax.layers import linear_gated_linen
+  layer = _build(name, seed=3)
+  twin = variants.get_linen(name)(d_model=D_MODEL, num_heads=HEADS, num_kv_heads=KV,
+                                  head_dim=None, chunk_size=4)
+  assert isinstance(twin, linear_gated_linen.GatedLinearAttention)
+  boxed = jax.eval_shape(lambda: twin.init(jax.random.key(0), _x((1, 3, D_MODEL))))['params']
+  nnx_params = {path[0]: var for path, var in nnx.state(layer, nnx.Param).flat_state()}
+  assert sorted(boxed) == sorted(nnx_params)
+  for pname, box in boxed.items():
+    var = nnx_params[pname]
+    assert box.value.shape == var[...].shape
+    assert tuple(box.names) == tuple(var.get_metadata()['out_sharding'])
+  variables = {'params': {pname: var[...] for pname, var in nnx_params.items()}}
+  x = _x((2, 7, D_MODEL), seed=4)
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def run(s, v, a):
+    y0, cache = twin.apply(v, a[:, :6], cache=twin.init_cache(2, 8))
+    y1, _ = twin.apply(v, a[:, 6:], cache=cache)
+    return nnx.merge(graphdef, s)(a), twin.apply(v, a), jnp.concatenate([y0, y1], 1)
+  y_nnx, y_linen, y_dec = run(state, variables, x)
+  np.testing.assert_array_equal(y_linen, y_nnx)  # same function on the same parameters
+  assert_close(y_dec, y_linen)
+
+
+def test_lm_decode_with_gated_deltanet_and_rope_equals_full_forward():
+  import ml_collections
+  from flax import nnx
+
+  from attnjax import models
+  cfg = models.default_config('lm')     # rope '1d' by default: passed to the layer
+  cfg.attention = ml_collections.ConfigDict({'name': 'gated_deltanet', 'chunk_size': 4})
+  cfg.num_kv_heads = 2
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
+  graphdef, state = nnx.split(model)
+  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, tokens)
+  run = jax.jit(lambda s, a, c: nnx.merge(graphdef, s)(a, cache=c))
+  cache = model.init_cache(2, 16)
+  outs = []
+  for lo, hi in [(0, 4)] + [(t, t + 1) for t in range(4, 9)]:
+    y, cache = run(state, tokens[:, lo:hi], cache)
+    outs.append(y)
+  assert_close(jnp.concatenate(outs, 1), full)
+
+
+def test_layer_registry_and_bad_options():
+  from flax import nnx
+
+  from attnjax import variants
+  for name in LAYERS:
+    info = variants.info(name)
+    assert info.kind == 'sequence' and info.supports_cache
+  for name, opts, match in [('gla', {'causal': False}, 'causal'),
+                            ('deltanet', {'conv_size': 0}, 'conv_size'),
+                            ('gla', {'conv_size': 2}, 'conv_size'),
+                            ('mamba2', {'chunk_size': 12}, 'chunk_size'),
+                            ('gated_deltanet', {'rope': 'axial'}, 'rope'),
+                            ('gla', {'gate_rank': 0}, 'gate_rank'),
+                            ('deltanet', {'mechanism': 'x'}, 'mechanism')]:
+    with pytest.raises((ValueError, TypeError), match=match):
+      variants.build(name, d_model=D_MODEL, num_heads=HEADS, rngs=nnx.Rngs(0), **opts)
+  layer = _build('deltanet')
+  with pytest.raises(ValueError, match='segment_ids'):
+    layer(_x((1, 4, D_MODEL)), segment_ids=jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match='positions'):
+    layer(_x((1, 4, D_MODEL)), positions=jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(TypeError, match='cache'):
+    layer(_x((1, 4, D_MODEL)), cache={'state': 0})
+
+
+def _train_mqar(name, tmp_path):
+  import importlib.util
+  import os
+
+  from attnjax.train import trainer
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'mqar.py')
+  spec = importlib.util.spec_from_file_location('cfg_mqar_gated', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(f'variant={name},runlocal')
+  c.data.data_dir = str(tmp_path / 'data')
+  c.tensorboard = False
+  c.progress_bar = False
+  res = trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert res['status'] == 'done' and res['step'] == c.num_steps
+  assert all(np.isfinite(v) for k, v in res.items() if k not in ('status', 'step'))
+
+
+@pytest.mark.parametrize('name', [
+    'gated_deltanet',
+    pytest.param('gla', marks=pytest.mark.slow),
+    pytest.param('deltanet', marks=pytest.mark.slow),
+    pytest.param('mamba2', marks=pytest.mark.slow)])
+def test_mqar_runlocal_trains(name, tmp_path):
+  _train_mqar(name, tmp_path)
