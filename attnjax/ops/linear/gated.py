@@ -212,8 +212,10 @@ def _gla_chunked(q, k, v, g, S0, chunk_size):
   tri = jnp.tril(jnp.ones((c, c), bool))[..., None]
   e = _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], tri)   # [B,N,n,m,c,c,H]
   A_d = _einsum('bnzuih,bnzujh,bnzuijh->bnzuij', qs, ks, e)         # [B,N,n,m,c,c]
-  eye = jnp.eye(m, dtype=_F32)[:, None, :, None]
-  A = A_off.reshape(B, N, nc, m, c, m, c) + A_d[:, :, :, :, :, None, :] * eye
+  # Diagonal blocks placed with an einsum against the identity (a dot, also in the
+  # backward pass; a broadcast-multiply there crashed XLA:CPU in jax 0.10.2 at B=1).
+  A = A_off.reshape(B, N, nc, m, c, m, c) + _einsum('bnzuij,uw->bnzuiwj', A_d,
+                                                    jnp.eye(m, dtype=_F32))
   A = A.reshape(B, N, nc, C, C)
   o = _einsum('bnzij,bnzjv->bnziv', A, v)
   # --- inter-chunk: state at each chunk start
