@@ -296,3 +296,11 @@ def _register_builtins():
   for mechanism in heads_layers.MECHANISMS:
     register(mechanism, heads_layers.make_factory(mechanism), kind="sequence",
              linen=heads_layers.make_linen_factory(mechanism))
+
+  # Gated / delta-rule linear attention and Mamba-2 (issue 22, attnjax.layers.linear_gated,
+  # ops in attnjax.ops.linear.{gated,delta,ssd}): 'gla', 'deltanet', 'gated_deltanet',
+  # 'mamba2'; causal, decoding through the recurrent state (+ short-conv inputs).
+  from attnjax.layers import linear_gated
+  for mechanism in linear_gated.MECHANISMS:
+    register(mechanism, linear_gated.make_factory(mechanism), kind="sequence",
+             linen=linear_gated.make_linen_factory(mechanism), supports_cache=True)

@@ -80,6 +80,10 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'additive': dict(activation='tanh'),
       'collapsed_qk': dict(),
       'log_n_scaling': dict(train_len=max(seq_len, 2)),
+      'gla': dict(chunk_size=16),
+      'deltanet': dict(chunk_size=16, conv_size=4),
+      'gated_deltanet': dict(chunk_size=16, conv_size=4),
+      'mamba2': dict(chunk_size=16, conv_size=4),
   }
   return dict(table.get(name, {}))
 

@@ -27,6 +27,19 @@ Mechanisms (paper titles):
   Attention" (InLine: injective linear attention), causal or not.
 - :func:`flow_attention` -- "Flowformer: Linearizing Transformers with Conservation Flows",
   non-causal or causal (the paper's causal version, prefix-sum flows).
+- :func:`gated_linear_attention` -- GLA, per-key-dimension data-dependent decay
+  ("Gated Linear Attention Transformers with Hardware-Efficient Training").
+- :func:`delta_rule_attention` / :func:`gated_delta_rule_attention` -- DeltaNet / Gated
+  DeltaNet ("Parallelizing Linear Transformers with the Delta Rule over Sequence Length";
+  "Gated Delta Networks: Improving Mamba2 with Delta Rule"), chunked with the UT transform.
+- :func:`ssd_attention` -- Mamba-2's state-space dual ("Transformers are SSMs: Generalized
+  Models and Efficient Algorithms Through Structured State Space Duality").
+- :func:`implied_attention` -- the ``[B, N, T, T]`` matrix such a recurrence applies
+  ("The Hidden Attention of Mamba Models").
+
+The gated / delta-rule / SSD ops keep the state as ``S [B, N, Hv, H]`` (value dimension
+first, one per query head), multiply ``q`` by ``scale`` (default ``1/sqrt(H)``; SSD has no
+scale) and need ``chunk_size`` to be a power of two.
 
 Forms. Every causal mechanism has three forms selected by ``form=``:
 
@@ -63,7 +76,8 @@ Package layout (one module per mechanism family; see ``docs/architecture.md``):
   kernel on TPU/GPU when it serves the call, else ``'xla'``);
 - ``kernelized`` (:func:`linear_attention`, :func:`efficient_attention`), ``decayed``
   (:func:`decayed_linear_attention`, :func:`lightning_attention`), ``focused``, ``inline``,
-  ``flow``.
+  ``flow``, ``gated`` (GLA), ``delta`` (DeltaNet, Gated DeltaNet), ``ssd`` (Mamba-2 SSD,
+  implied attention).
 """
 
 from attnjax.ops.linear._args import (
@@ -77,13 +91,18 @@ from attnjax.ops.linear._args import (
 )
 from attnjax.ops.linear._core import register_chunk_kernel, register_selector
 from attnjax.ops.linear.decayed import decayed_linear_attention, lightning_attention
+from attnjax.ops.linear.delta import delta_rule_attention, gated_delta_rule_attention
 from attnjax.ops.linear.flow import flow_attention
 from attnjax.ops.linear.focused import depthwise_conv, focused_feature_map, focused_linear_attention
+from attnjax.ops.linear.gated import gated_linear_attention
 from attnjax.ops.linear.inline import inline_attention
 from attnjax.ops.linear.kernelized import efficient_attention, linear_attention
+from attnjax.ops.linear.ssd import implied_attention, ssd_attention
 
 __all__ = ["Array", "FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "DEFAULT_BLOCK_LEN", "FEATURE_MAPS", "linear_attention", "decayed_linear_attention",
            "lightning_attention", "efficient_attention", "focused_feature_map",
            "depthwise_conv", "focused_linear_attention", "inline_attention", "flow_attention",
-           "register_chunk_kernel", "register_selector"]
+           "register_chunk_kernel", "register_selector", "gated_linear_attention",
+           "delta_rule_attention", "gated_delta_rule_attention", "ssd_attention",
+           "implied_attention"]

@@ -1,0 +1,204 @@
+"""Delta-rule linear attention (DeltaNet) and its gated version (Gated DeltaNet).
+
+- :func:`delta_rule_attention` -- "Parallelizing Linear Transformers with the Delta Rule over
+  Sequence Length" (Yang et al.): ``S_t = S_{t-1} + beta_t (v_t - S_{t-1} k_t) k_t^T``.
+- :func:`gated_delta_rule_attention` -- "Gated Delta Networks: Improving Mamba2 with Delta
+  Rule": ``S_t = a_t S_{t-1} + beta_t (v_t - a_t S_{t-1} k_t) k_t^T``, ``a_t =
+  exp(log_alpha_t)``.
+
+Both output ``o_t = S_t (scale q_t)`` with the state ``S [Hv, H]`` per query head.
+
+Chunked form (the WY / UT-transform representation). Inside a chunk of ``C`` tokens with
+initial state ``S_0``, let ``g`` be the inclusive cumulative log-gate within the chunk,
+``Gam_t = exp(g_t)`` and ``D_tj = exp(g_t - g_j)`` (``j <= t``, exponent ``<= 0``). The
+updates ``delta_t = beta_t (v_t - a_t S_{t-1} k_t)`` satisfy the unit lower-triangular
+system ``M Delta = diag(beta) V - diag(beta Gam) K S_0^T`` with
+``M = I + tril(diag(beta) (D * K K^T), -1)``, so (one triangular solve per chunk)
+
+    U = M^{-1} diag(beta) V,   W = M^{-1} diag(beta Gam) K,   Delta = U - W S_0^T,
+    O = P U + (diag(Gam) Q - P W) S_0^T,   P = tril(D * Q K^T)   (diagonal included),
+    S_C = S_0 (Gam_C I - W^T diag(D_Cj) K) + U^T diag(D_Cj) K.
+
+Everything not involving ``S_0`` is computed for all chunks at once; a ``lax.scan`` over
+chunks carries ``S`` (a ``[Hv, H] x [H, H]`` product per chunk). The quadratic form is the
+same algebra with one chunk of ``T`` tokens: it materialises the implied attention matrix
+``P M^{-1} diag(beta)`` (:func:`delta_implied_attention`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN
+from attnjax.ops.linear.gated import (
+  _chunk_len,
+  _einsum,
+  _masked_exp,
+  _pad_t,
+  check_beta,
+  check_log_alpha,
+  prepare_gated,
+  run_blocks,
+  to_heads,
+)
+
+
+def _delta_recurrent(q, k, v, beta, g, S0):
+  def step(S, x):
+    q_t, k_t, v_t, b_t, g_t = x
+    S = jnp.exp(g_t)[..., None, None] * S
+    pred = _einsum('bnvh,bnh->bnv', S, k_t)
+    S = S + (b_t[..., None] * (v_t - pred))[..., :, None] * k_t[..., None, :]
+    return S, _einsum('bnvh,bnh->bnv', S, q_t)
+
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q, k, v, beta, g))
+  S, o = jax.lax.scan(step, S0, xs)
+  return jnp.moveaxis(o, 0, 2), S
+
+
+def _ut_chunks(q, k, v, beta, g):
+  """Per-chunk quantities of the UT form; inputs ``[..., C, *]`` (``beta``, ``g``
+  ``[..., C]``). Returns ``P [.., C, C]``, ``U [.., C, V]``, ``W [.., C, H]``,
+  ``Gam [.., C]`` and ``kdec = diag(D_Cj) K [.., C, H]``."""
+  C = q.shape[-2]
+  V = v.shape[-1]
+  gc = jnp.cumsum(g, axis=-1)
+  incl = jnp.tril(jnp.ones((C, C), bool))
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  diff = gc[..., :, None] - gc[..., None, :]
+  D = _masked_exp(diff, incl)
+  kk = _einsum('...ih,...jh->...ij', k, k)
+  M = jnp.eye(C, dtype=_F32) + jnp.where(strict, beta[..., :, None] * D * kk, 0.0)
+  Gam = jnp.exp(gc)
+  rhs = jnp.concatenate([beta[..., None] * v, (beta * Gam)[..., None] * k], axis=-1)
+  X = jax.lax.linalg.triangular_solve(M, rhs, left_side=True, lower=True, unit_diagonal=True)
+  U, W = X[..., :V], X[..., V:]
+  P = D * _einsum('...ih,...jh->...ij', q, k)
+  kdec = jnp.exp(gc[..., -1:] - gc)[..., None] * k
+  return P, U, W, Gam, kdec
+
+
+def _delta_chunked(q, k, v, beta, g, S0, C):
+  """``C``: chunk length (``T`` for the quadratic form). Inputs ``[B, N, T, *]``."""
+  B, N, T, H = q.shape
+  V = v.shape[-1]
+  nc = -(-T // C)
+  pad = nc * C - T
+  # Padding after the last token: beta = 0 and g = 0 leave the state unchanged.
+  q, k, v = (_pad_t(x, pad).reshape(B, N, nc, C, x.shape[-1]) for x in (q, k, v))
+  beta, g = (_pad_t(x, pad).reshape(B, N, nc, C) for x in (beta, g))
+  P, U, W, Gam, kdec = _ut_chunks(q, k, v, beta, g)
+  o_local = _einsum('bnzij,bnzjv->bnziv', P, U)
+  q_eff = Gam[..., None] * q - _einsum('bnzij,bnzjh->bnzih', P, W)
+  Ukd = jnp.moveaxis(_einsum('bnzjv,bnzjh->bnzvh', U, kdec), 2, 0)        # [n,B,N,V,H]
+  trans = (Gam[..., -1, None, None] * jnp.eye(H, dtype=_F32)
+           - _einsum('bnzjh,bnzjk->bnzhk', W, kdec))
+  trans = jnp.moveaxis(trans, 2, 0)                                       # [n,B,N,H,H]
+
+  def step(S, x):
+    tr, ukd = x
+    return _einsum('bnvh,bnhk->bnvk', S, tr) + ukd, S
+
+  S, S_prev = jax.lax.scan(step, S0, (trans, Ukd))
+  o = o_local + _einsum('bnzih,zbnvh->bnziv', q_eff, S_prev)
+  return o.reshape(B, N, nc * C, V)[:, :, :T], S
+
+
+def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, return_state,
+                  block_len):
+  a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
+                    block_len=block_len)
+  beta = check_beta(beta, (a.B, a.T, a.N))
+  if log_alpha is None:
+    log_alpha = jnp.zeros((a.B, a.T, a.N), _F32)
+  else:
+    log_alpha = check_log_alpha(log_alpha, (a.B, a.T, a.N))
+
+  def step(S, q_, k_, v_, b_, g_):
+    qh, kh, vh = to_heads(q_, a.N) * a.scale, to_heads(k_, a.N), to_heads(v_, a.N)
+    bh, gh = jnp.moveaxis(b_, 2, 1), jnp.moveaxis(g_, 2, 1)
+    if a.form == 'recurrent':
+      o, S = _delta_recurrent(qh, kh, vh, bh, gh, S)
+    else:
+      C = q_.shape[1] if a.form == 'quadratic' else _chunk_len(q_.shape[1], a.chunk_size)
+      o, S = _delta_chunked(qh, kh, vh, bh, gh, S, C)
+    return jnp.moveaxis(o, 1, 2), S
+
+  blen = a.block_len if a.form == 'chunked' else None
+  o, S = run_blocks(step, a.S0, (q, k, v, beta, log_alpha), a.T, blen)
+  o = o.astype(v.dtype)
+  return (o, S) if return_state else o
+
+
+def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: int = 64,
+                         scale=None, state=None, return_state: bool = False,
+                         block_len: int | None = DEFAULT_BLOCK_LEN):
+  """DeltaNet: causal linear attention with the delta-rule state update.
+
+  "Parallelizing Linear Transformers with the Delta Rule over Sequence Length".
+
+  ``S_t = S_{t-1} + beta_t (v_t - S_{t-1} k_t) k_t^T`` (``= S_{t-1} (I - beta_t k_t k_t^T)
+  + beta_t v_t k_t^T``), ``o_t = S_t (scale q_t)``. No normalisation happens inside the op:
+  the DeltaNet layer L2-normalises ``q`` and ``k`` (with unnormalised keys the recurrence
+  itself can grow without bound).
+
+  Forms: ``'recurrent'`` (``lax.scan`` over tokens), ``'chunked'`` (WY/UT transform, one
+  ``[C, C]`` unit-triangular solve per chunk, ``lax.scan`` over chunks; see the module
+  docstring), ``'quadratic'`` (the same algebra over one ``[T, T]`` chunk).
+
+  Args:
+    q: ``[B, T, N, H]``. k: ``[B, T, K, H]``. v: ``[B, T, K, Hv]``; ``N % K == 0``.
+    beta: ``[B, T, N]`` in ``[0, 1]`` (checked when concrete, unchecked under tracing).
+    form, chunk_size (a positive power of two), scale (default ``1/sqrt(H)``), state
+      (``[B, N, Hv, H]`` float32), return_state, block_len: as in
+      :func:`~attnjax.ops.linear.gated_linear_attention`.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)``.
+  """
+  return _delta_public(q, k, v, beta, None, form=form, chunk_size=chunk_size, scale=scale,
+                       state=state, return_state=return_state, block_len=block_len)
+
+
+def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked',
+                               chunk_size: int = 64, scale=None, state=None,
+                               return_state: bool = False,
+                               block_len: int | None = DEFAULT_BLOCK_LEN):
+  """Gated DeltaNet: the delta rule with a scalar per-head, per-token decay.
+
+  "Gated Delta Networks: Improving Mamba2 with Delta Rule".
+
+  ``a_t = exp(log_alpha_t)``; ``S_t = a_t S_{t-1} + beta_t (v_t - a_t S_{t-1} k_t) k_t^T``,
+  ``o_t = S_t (scale q_t)``. With ``log_alpha = 0`` this is :func:`delta_rule_attention`.
+
+  Args:
+    q, k, v, beta: as in :func:`delta_rule_attention`.
+    log_alpha: ``[B, T, N]`` float, ``<= 0`` (checked when concrete).
+    form, chunk_size, scale, state, return_state, block_len: as in
+      :func:`delta_rule_attention`.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)``.
+  """
+  return _delta_public(q, k, v, beta, log_alpha, form=form, chunk_size=chunk_size,
+                       scale=scale, state=state, return_state=return_state,
+                       block_len=block_len)
+
+
+def delta_implied_attention(q, k, beta, log_alpha=None, *, scale=None):
+  """The ``[B, N, T, T]`` matrix ``W = P M^{-1} diag(beta)`` (one UT chunk over the whole
+  sequence) with ``(gated_)delta_rule_attention(q, k, v, beta[, log_alpha]) ==
+  einsum('bnts,bsnv->btnv', W, v)`` for a zero state: with ``S_0 = 0`` the output is
+  ``P U = P M^{-1} diag(beta) V``, linear in ``V``."""
+  B, T, N, H = q.shape
+  a = prepare_gated(q, k, k, form='quadratic', chunk_size=1, scale=scale, state=None,
+                    block_len=None)
+  beta = jnp.moveaxis(check_beta(beta, (B, T, N)), 2, 1)
+  g = (jnp.zeros((B, N, T), _F32) if log_alpha is None
+       else jnp.moveaxis(check_log_alpha(log_alpha, (B, T, N)), 2, 1))
+  qh, kh = to_heads(q, N) * a.scale, to_heads(k, N)
+  # U = M^{-1} diag(beta) V for V = I: the columns of M^{-1} diag(beta).
+  eye = jnp.broadcast_to(jnp.eye(T, dtype=_F32), (B, N, T, T))
+  P, U, _, _, _ = _ut_chunks(qh, kh, eye, beta, g)
+  return _einsum('bnij,bnjs->bnis', P, U)
