@@ -49,6 +49,7 @@ class Entry:
   kind: str = "sequence"
   linen: Callable | None = None
   supports_cache: bool = False
+  supports_causal: bool = True
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -93,7 +94,8 @@ def _unknown(name) -> ValueError:
 
 
 def register(name: str, factory: Callable | None = None, *, kind: str = "sequence",
-             linen: Callable | None = None, supports_cache: bool = False, overwrite: bool = False):
+             linen: Callable | None = None, supports_cache: bool = False,
+             supports_causal: bool = True, overwrite: bool = False):
   """Registers `factory` under `name` (usable as a decorator when `factory` is omitted).
 
   Args:
@@ -102,6 +104,9 @@ def register(name: str, factory: Callable | None = None, *, kind: str = "sequenc
     kind: one of `KINDS`.
     linen: optional Linen factory with the same signature minus `rngs`.
     supports_cache: whether the built layer has `init_cache` and a `cache=` call.
+    supports_causal: whether the layer accepts `causal=True` (False for encoder-only
+      mechanisms whose extra tokens or normalisation mix every position; the models'
+      blocks then refuse `causal=True` with a ValueError naming the variant).
     overwrite: replace an existing entry instead of raising.
   Returns:
     `factory` (so the decorator form leaves the function usable), or the decorator.
@@ -126,7 +131,7 @@ def register(name: str, factory: Callable | None = None, *, kind: str = "sequenc
       if name in registry and not overwrite:
         raise ValueError(f"attention variant {name!r} is already registered; pass "
                          f"overwrite=True to replace it")
-      registry[name] = Entry(name, fn, kind, linen, supports_cache)
+      registry[name] = Entry(name, fn, kind, linen, supports_cache, supports_causal)
     return fn
 
   return deco if factory is None else deco(factory)
@@ -206,7 +211,8 @@ def _register_builtins():
   for preset_name in presets.PRESETS:
     kind = "spatial" if preset_name in presets.SPATIAL else "sequence"
     nnx_f, linen_f = make(preset_name)
-    register(preset_name, nnx_f, kind=kind, linen=linen_f, supports_cache=kind == "sequence")
+    register(preset_name, nnx_f, kind=kind, linen=linen_f, supports_cache=kind == "sequence",
+             supports_causal=preset_name not in presets.NEVER_CAUSAL)
 
   def pma(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
     """Pooling by multi-head attention (Set Transformer); option num_seeds."""
@@ -235,7 +241,8 @@ def _register_builtins():
   for mechanism in linear_layers.MECHANISMS:
     register(mechanism, linear_layers.make_factory(mechanism), kind="sequence",
              linen=linear_layers.make_linen_factory(mechanism),
-             supports_cache=mechanism not in never_causal)
+             supports_cache=mechanism not in never_causal,
+             supports_causal=mechanism not in never_causal)
 
   # Vision positional mechanisms (issue 18, catalog family I; attnjax.layers.positional):
   # ConViT's gated positional self-attention and BoTNet's MHSA with 2D relative logits.
@@ -286,7 +293,7 @@ def _register_builtins():
   from attnjax.layers import tokens as token_layers
   for mechanism in token_layers.MECHANISMS:
     register(mechanism, token_layers.make_factory(mechanism), kind=token_layers.KIND[mechanism],
-             linen=token_layers.make_linen_factory(mechanism))
+             linen=token_layers.make_linen_factory(mechanism), supports_causal=False)
 
   # Head-level mechanisms and score-function recipes (issue 19, catalog E01-E06, F06, A08,
   # A14, J; attnjax.layers.heads, ops in attnjax.ops.heads / attnjax.ops.dense): 'moh'
@@ -295,7 +302,8 @@ def _register_builtins():
   from attnjax.layers import heads as heads_layers
   for mechanism in heads_layers.MECHANISMS:
     register(mechanism, heads_layers.make_factory(mechanism), kind="sequence",
-             linen=heads_layers.make_linen_factory(mechanism))
+             linen=heads_layers.make_linen_factory(mechanism),
+             supports_causal=mechanism not in heads_layers.NEVER_CAUSAL)
 
   # Gated / delta-rule linear attention and Mamba-2 (issue 22, attnjax.layers.linear_gated,
   # ops in attnjax.ops.linear.{gated,delta,ssd}): 'gla', 'deltanet', 'gated_deltanet',

@@ -144,7 +144,8 @@ def test_every_documented_name_resolves():
     "attnjax.ops.chunked", "attnjax.ops.positional", "attnjax.layers", "attnjax.layers.linen",
     "attnjax.layers.linear_linen", "attnjax.variants", "attnjax.kernels.tpu",
     "attnjax.kernels.gpu", "attnjax.parallel", "attnjax.models", "attnjax.data",
-    "attnjax.analysis"])
+    "attnjax.analysis", "attnjax.ops.linear", "attnjax.ops.routing", "attnjax.ops.pooling",
+    "attnjax.ops.heads", "attnjax.core.hooks"])
 def test_public_all_is_documented(module):
   documented = set(_documented())
   mod = importlib.import_module(module)

@@ -3,7 +3,7 @@
 For each name in `attnjax.variants.names()` (so a new registration is covered without
 editing this file) the runlocal config of the experiment that fits its kind is built —
 'sequence': the MQAR LM (`configs/mqar.py:variant=NAME,runlocal`; built with
-`causal=False` for the variants that refuse `causal=True`), 'spatial': the digits
+`causal=False` and no RoPE for the variants registered with `supports_causal=False`), 'spatial': the digits
 ViT (`configs/digits_vit.py:variant=NAME,runlocal`, a 4x4 token grid), 'pooling': the Set
 Transformer of `configs/set_tasks.py:runlocal` with the variant as its pooling layer —
 with the options of `config_lib.variant_options`. One jitted Adam step on a real batch
@@ -36,13 +36,6 @@ def _load(name, arg):
   return mod.get_config(arg)
 
 
-def _never_causal(name):
-  """Sequence variants that refuse `causal=True` (their mask already decides)."""
-  from attnjax.layers import linear as linear_layers
-  never = set(linear_layers._NEVER_CAUSAL)  # pylint: disable=protected-access
-  return name in never | {'prefix_lm', 'dual_triangle'}
-
-
 def _setup(name):
   """(model config, batch, loss_fn(model, batch)) for variant `name`."""
   from attnjax.data import tasks
@@ -67,8 +60,9 @@ def _setup(name):
       return optax.softmax_cross_entropy_with_integer_labels(logits, b['y']).mean()
     return c.model, batch, loss
   c = _load('mqar', f'variant={name},runlocal')
-  if _never_causal(name):
-    c.model.causal = False  # the variant's own mask (or none) decides what each query sees
+  if not variants.info(name).supports_causal:
+    c.model.causal = False  # encoder-only: its own mask (or none) decides what a query sees
+    c.model.position_embedding = 'none'  # token variants' extra tokens have no positions
   d = tasks.generate_mqar(8, 0, **dict(c.data.params))
   tokens = jnp.asarray(d['inputs'])
 

@@ -78,6 +78,8 @@ _OPTIONS = {
 }
 _COMMON = dict(causal=False, rope=None, rope_base=10000.0, implementation=None, dtype=None,
                param_dtype=jnp.float32, dropout_rate=0.0)
+# Refuse causal=True with their default options (sinkhorn: only num_iters=1 is causal).
+NEVER_CAUSAL = ("sinkhorn",)
 _PLAIN = ("talking_heads", "sinkhorn", "additive")  # plain-jnp ops: no implementation choice
 
 

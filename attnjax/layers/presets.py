@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from attnjax.layers._core import MaskSpec
 
-__all__ = ["PRESETS", "variant_kwargs", "SPATIAL"]
+__all__ = ["PRESETS", "variant_kwargs", "SPATIAL", "NEVER_CAUSAL"]
 
 
 def _no_causal(name, causal):
@@ -146,6 +146,8 @@ PRESETS = {
 
 # Variants whose mask lives on a 2D token grid (inputs [B, Hh, Ww, D]).
 SPATIAL = frozenset({"swin", "grid", "axial", "criss_cross"})
+# Presets whose own mask already decides what each query sees (they refuse causal=True).
+NEVER_CAUSAL = frozenset({"prefix_lm", "dual_triangle"})
 
 
 def variant_kwargs(name: str, **options) -> dict:

@@ -8,6 +8,11 @@
 - ``attnjax.ops.positional``: RoPE (1D, axial, mixed), ALiBi slopes, sinusoidal tables.
 - ``attnjax.ops.spatial``: attention on ``[B, *spatial, N, H]`` maps (windows, neighborhoods, ...).
 - ``attnjax.ops.heads``: head-level mechanisms (MoH, head gates, SHViT, MW-MHA, talking heads).
+- ``attnjax.ops.routing``: data-dependent block sparsity (MoBA, VMoBA, BiFormer, dynamic mask
+  attention, Sparsifiner).
+- ``attnjax.ops.pooling``: token, latent and pooling attention (agent, slot, SimPool, class
+  attention, super tokens, proxies, ...).
+- ``attnjax.ops.channel``: the parameter-free cores of the CNN channel/spatial modules.
 
 Submodules load on first access (``attnjax.ops.linear`` works after ``import attnjax``).
 """
@@ -15,7 +20,7 @@ Submodules load on first access (``attnjax.ops.linear`` works after ``import att
 import importlib as _importlib
 
 SUBMODULES = ("dense", "chunked", "linear", "positional", "spatial", "routing", "pooling",
-              "heads")
+              "heads", "channel")
 
 __all__ = list(SUBMODULES)
 

@@ -99,7 +99,7 @@ from attnjax.ops.linear.inline import inline_attention
 from attnjax.ops.linear.kernelized import efficient_attention, linear_attention
 from attnjax.ops.linear.ssd import implied_attention, ssd_attention
 
-__all__ = ["Array", "FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
+__all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "DEFAULT_BLOCK_LEN", "FEATURE_MAPS", "linear_attention", "decayed_linear_attention",
            "lightning_attention", "efficient_attention", "focused_feature_map",
            "depthwise_conv", "focused_linear_attention", "inline_attention", "flow_attention",
