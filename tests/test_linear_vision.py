@@ -33,21 +33,26 @@ def assert_close(a, b, tol, what=''):
   np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
 
 
+def _fwd_bwd(fn):
+  """jit(args, cotangents -> (fn(*args), vjp(cotangents)))."""
+  def run(args, cts):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cts)
+  return jax.jit(run)
+
+
 def check(op, ref, args, dtype, seed=123):
   """op(*args) (in `dtype`) vs ref(*args in float64): forward and jax.vjp of a random
   cotangent with respect to every argument."""
   args = tuple(jnp.asarray(a, dtype) for a in args)
-  out, vjp = jax.vjp(op, *args)
+  out_shape = jax.eval_shape(op, *args)
+  cts = jax.tree.map(lambda o: rnd(seed, o.shape, o.dtype), out_shape)
+  out, grads = _fwd_bwd(op)(args, cts)
   leaves = jax.tree.leaves(out)
-  cts = jax.tree.map(lambda o: rnd(seed, o.shape, o.dtype), out)
-  grads = vjp(cts)
   with jax.enable_x64(True):
-    args64 = tuple(jnp.asarray(np.asarray(jnp.asarray(a, jnp.float32)), jnp.float64)
-                   for a in args)
-    ref_out, ref_vjp = jax.vjp(ref, *args64)
-    ref_cts = jax.tree.map(lambda c: jnp.asarray(np.asarray(jnp.asarray(c, jnp.float32)),
-                                                 jnp.float64), cts)
-    ref_grads = [np.asarray(g) for g in ref_vjp(ref_cts)]
+    f64 = lambda a: jnp.asarray(np.asarray(jnp.asarray(a, jnp.float32)), jnp.float64)  # noqa: E731
+    ref_out, ref_grads = _fwd_bwd(ref)(tuple(f64(a) for a in args), jax.tree.map(f64, cts))
+    ref_grads = [np.asarray(g) for g in ref_grads]
     ref_leaves = [np.asarray(o) for o in jax.tree.leaves(ref_out)]
   tol = TOL[dtype]
   for i, (o, ro) in enumerate(zip(leaves, ref_leaves)):
@@ -166,7 +171,8 @@ def ref_feat(r, k, v, ws, us, wt=None, ut=None, tau=1.0):
 
 # ----------------------------------------------------------------------------- L^2ViT
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('dtype', [jnp.float32,
+                                   pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_l2vit_matches_reference(dtype):
   B, Hh, Ww, N, K, H, Hv = 2, 3, 4, 4, 2, 5, 3
   args = (rnd(0, (B, Hh, Ww, N, H)), rnd(1, (B, Hh, Ww, K, H)), rnd(2, (B, Hh, Ww, K, Hv)),
@@ -192,7 +198,8 @@ def test_l2vit_without_lcm_and_empty_rows():
 
 # ----------------------------------------------------------------------------- CARE
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('dtype', [jnp.float32,
+                                   pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_care_matches_reference(dtype):
   B, Hh, Ww, N, K, H, Hv, Cl = 2, 4, 3, 2, 1, 4, 3, 5
   args = (rnd(0, (B, Hh, Ww, N, H)), rnd(1, (B, Hh, Ww, K, H)), rnd(2, (B, Hh, Ww, K, Hv)),
@@ -248,9 +255,9 @@ def test_feat_video_matches_reference():
 def test_feat_single_frame_video_equals_image():
   r, k, v = (rnd(i, (1, 1, 3, 3, 2, 4)) for i in range(3))
   ws, us, wt, ut = _feat_params(4, 2, 4)
-  vid = L.feat_attention(r, k, v, spatial_decay=ws, spatial_bonus=us, temporal_decay=wt,
+  vid = jax.jit(L.feat_attention)(r, k, v, spatial_decay=ws, spatial_bonus=us, temporal_decay=wt,
                          temporal_bonus=ut)
-  img = L.feat_attention(r[:, 0], k[:, 0], v[:, 0], spatial_decay=ws, spatial_bonus=us)
+  img = jax.jit(L.feat_attention)(r[:, 0], k[:, 0], v[:, 0], spatial_decay=ws, spatial_bonus=us)
   assert_close(vid[:, 0], img, 1e-6)
 
 
@@ -317,3 +324,77 @@ def _grid(N=2, K=2, H=4, Hv=4):
 def test_bad_arguments_are_named(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
     call()
+
+
+# ----------------------------------------------------------------------------- layers
+
+GRID = (2, 4, 4, 16)
+
+
+@pytest.mark.parametrize('name, options', [
+    ('l2vit', {}), ('l2vit', dict(lcm=False)), ('care', dict(global_ratio=0.5, conv_size=5)),
+    ('hiif', {}), ('feat', {}), ('feat', dict(temporal=False))])
+def test_layer_nnx_and_linen_agree(name, options):
+  x = rnd(0, GRID)
+  layer = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0), **options)
+  lin = variants.get_linen(name)(d_model=16, num_heads=2, **options)
+  shapes = jax.eval_shape(lin.init, jax.random.key(0), x)['params']
+  assert sorted(shapes) == sorted(layer.params_dict())
+  params = {n: rnd(i + 1, np.shape(a), scale=0.3) for i, (n, a)
+            in enumerate(sorted(layer.params_dict().items()))}
+  nnx.update(layer, nnx.State({n: nnx.Param(a) for n, a in params.items()}))
+  y, y_lin = jax.jit(lambda p, x: (layer(x), lin.apply({'params': p}, x)))(params, x)
+  assert y.shape == x.shape and np.all(np.isfinite(y))
+  np.testing.assert_allclose(y, y_lin, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_feat_video_and_hiif_sequence_inputs():
+  feat = variants.build('feat', d_model=16, num_heads=2, rngs=nnx.Rngs(0))
+  xv = rnd(0, (2, 3, 2, 4, 16))
+  assert feat(xv).shape == xv.shape
+  hiif = variants.build('hiif', d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0))
+  xs = rnd(1, (2, 7, 16))
+  y = hiif(xs)
+  # the grid input is the row-major token sequence
+  np.testing.assert_allclose(hiif(xs[:, :6].reshape(2, 2, 3, 16)).reshape(2, 6, 16),
+                             hiif(xs[:, :6]), rtol=1e-6, atol=1e-6)
+  assert y.shape == xs.shape
+
+
+def test_layer_bf16_is_close_to_f32():
+  x = rnd(0, GRID)
+  for name in ('care', 'feat'):
+    layer = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0))
+    y32 = layer(x)
+    y16 = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0),
+                         dtype=jnp.bfloat16)(x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert_close(y16, y32, 5e-2, name)
+
+
+@pytest.mark.parametrize('name, kwargs, match', [
+    ('l2vit', dict(lcm_size=2), 'lcm_size must be a positive odd int'),
+    ('care', dict(global_ratio=0.0), 'global_ratio must split d_model=16'),
+    ('care', dict(feature_map='softmax'), 'feature_map must be one of'),
+    ('care', dict(conv_size=4), 'conv_size must be a positive odd int'),
+    ('feat', dict(num_kv_heads=1), 'num_kv_heads must equal num_heads'),
+    ('feat', dict(channel_temperature=0.0), 'channel_temperature must be a positive'),
+    ('hiif', dict(causal=True), 'non-causal'),
+    ('hiif', dict(rope='1d'), 'rope must be None'),
+    ('hiif', dict(window=3), "unknown option 'window'"),
+    ('hiif', dict(implementation='pallas_gpu'), 'implementation must be None'),
+])
+def test_layer_bad_options_are_named(name, kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_layer_bad_inputs_are_named():
+  l2vit = variants.build('l2vit', d_model=16, num_heads=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'x must be a token map \[B, Hh, Ww, D=16\]'):
+    l2vit(rnd(0, (2, 5, 16)))
+  feat = variants.build('feat', d_model=16, num_heads=2, rngs=nnx.Rngs(0), temporal=False)
+  with pytest.raises(ValueError, match='needs temporal=True'):
+    feat(rnd(0, (1, 2, 2, 2, 16)))
+  with pytest.raises(ValueError, match='take no segment_ids'):
+    l2vit(rnd(0, GRID), positions=jnp.zeros((2, 16), jnp.int32))
