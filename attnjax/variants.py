@@ -312,3 +312,13 @@ def _register_builtins():
   for mechanism in linear_gated.MECHANISMS:
     register(mechanism, linear_gated.make_factory(mechanism), kind="sequence",
              linen=linear_gated.make_linen_factory(mechanism), supports_cache=True)
+
+  # Vision linear attention (issue 22, catalog D02/D09/D10/D11; attnjax.layers.linear_vision,
+  # ops in attnjax.ops.linear.vision): spatial 'l2vit' (ReLU linear attention + LCM), 'care'
+  # (decoupled linear attention / depthwise conv + dual interaction), 'feat' (spatial ->
+  # temporal WKV -> channel attention; image or video); sequence 'hiif' (multi-head
+  # Galerkin-type linear attention). Encoder-only, no cache.
+  from attnjax.layers import linear_vision
+  for mechanism in linear_vision.MECHANISMS:
+    register(mechanism, linear_vision.make_factory(mechanism), kind=linear_vision.KINDS[mechanism],
+             linen=linear_vision.make_linen_factory(mechanism), supports_causal=False)

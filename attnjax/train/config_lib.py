@@ -84,6 +84,10 @@ def variant_options(name: str, *, seq_len: int = 64, grid: tuple[int, int] | Non
       'deltanet': dict(chunk_size=16, conv_size=4),
       'gated_deltanet': dict(chunk_size=16, conv_size=4),
       'mamba2': dict(chunk_size=16, conv_size=4),
+      'l2vit': dict(lcm_size=3),
+      'care': dict(global_ratio=0.25, conv_size=3),
+      'hiif': dict(),
+      'feat': dict(channel_temperature=1.0),
   }
   return dict(table.get(name, {}))
 

@@ -36,6 +36,12 @@ Mechanisms (paper titles):
   Models and Efficient Algorithms Through Structured State Space Duality").
 - :func:`implied_attention` -- the ``[B, N, T, T]`` matrix such a recurrence applies
   ("The Hidden Attention of Mamba Models").
+- vision linear attention (module ``vision``, grid layout ``[B, Hh, Ww, heads, dim]``):
+  :func:`l2vit_attention` (L^2ViT, ReLU linear attention + Local Concentration Module),
+  :func:`care_attention` (CARE, decoupled linear attention / depthwise conv with a dual
+  interaction), :func:`hiif_attention` (HIIF's multi-head Galerkin-type linear attention,
+  BTNH), :func:`feat_attention` (FEAT, spatial -> temporal weighted key-value attention ->
+  global channel attention, video or image) and :func:`bidirectional_wkv`.
 
 The gated / delta-rule / SSD ops keep the state as ``S [B, N, Hv, H]`` (value dimension
 first, one per query head), multiply ``q`` by ``scale`` (default ``1/sqrt(H)``; SSD has no
@@ -77,7 +83,7 @@ Package layout (one module per mechanism family; see ``docs/architecture.md``):
 - ``kernelized`` (:func:`linear_attention`, :func:`efficient_attention`), ``decayed``
   (:func:`decayed_linear_attention`, :func:`lightning_attention`), ``focused``, ``inline``,
   ``flow``, ``gated`` (GLA), ``delta`` (DeltaNet, Gated DeltaNet), ``ssd`` (Mamba-2 SSD,
-  implied attention).
+  implied attention), ``vision`` (L^2ViT, CARE, HIIF, FEAT).
 """
 
 from attnjax.ops.linear._args import (
@@ -98,6 +104,13 @@ from attnjax.ops.linear.gated import gated_linear_attention
 from attnjax.ops.linear.inline import inline_attention
 from attnjax.ops.linear.kernelized import efficient_attention, linear_attention
 from attnjax.ops.linear.ssd import implied_attention, ssd_attention
+from attnjax.ops.linear.vision import (
+                                        bidirectional_wkv,
+                                        care_attention,
+                                        feat_attention,
+                                        hiif_attention,
+                                        l2vit_attention,
+)
 
 __all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "DEFAULT_BLOCK_LEN", "FEATURE_MAPS", "linear_attention", "decayed_linear_attention",
@@ -105,4 +118,5 @@ __all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "depthwise_conv", "focused_linear_attention", "inline_attention", "flow_attention",
            "register_chunk_kernel", "register_selector", "gated_linear_attention",
            "delta_rule_attention", "gated_delta_rule_attention", "ssd_attention",
-           "implied_attention"]
+           "implied_attention", "l2vit_attention", "care_attention", "hiif_attention",
+           "feat_attention", "bidirectional_wkv"]
