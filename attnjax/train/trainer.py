@@ -235,7 +235,9 @@ class _Prefetch:
 class Trainer:
   """Holds the mesh, data, model graph, shardings and jitted functions of one run."""
 
-  def __init__(self, config, workdir: str | None = None, *, devices=None):
+  def __init__(self, config, workdir: str | None = None, *, devices=None, data: bool = True):
+    """``data=False`` builds the mesh, model graph, shardings and jitted functions without
+    loading any data (``attnjax.train.dry_run``); ``evaluate``/the loop then need data."""
     self.config = config
     self.workdir = workdir
     devices = list(jax.devices() if devices is None else devices)
@@ -254,18 +256,20 @@ class Trainer:
 
     # --- input ------------------------------------------------------------------------
     dcfg = config.data
-    if jax.process_count() > 1:  # one process generates, the others wait and read
+    self.train_source = self.eval_source = self.train_ds = None
+    if data and jax.process_count() > 1:  # one process generates, the others wait and read
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if jax.process_index() == 0:
         load_split(dcfg, dcfg.get('train_split', 'train'))
       multihost_utils.sync_global_devices('attnjax_data_prepared')
-    self.train_source = load_split(dcfg, dcfg.get('train_split', 'train'))
-    self.eval_source = load_split(dcfg, dcfg.get('eval_split', 'test'))
     self.input_key = dcfg.get('input_key', 'inputs')
     self.keymap = dict(dcfg.get('keys', None) or {})
-    self.train_ds = data_lib.make_train_dataset(
-        self.train_source, global_batch_size=config.batch_size,
-        seed=int(config.get('seed', 0)) + 17)
+    if data:
+      self.train_source = load_split(dcfg, dcfg.get('train_split', 'train'))
+      self.eval_source = load_split(dcfg, dcfg.get('eval_split', 'test'))
+      self.train_ds = data_lib.make_train_dataset(
+          self.train_source, global_batch_size=config.batch_size,
+          seed=int(config.get('seed', 0)) + 17)
 
     # --- model ------------------------------------------------------------------------
     self.factory = _resolve(config.get('model_factory', DEFAULT_MODEL_FACTORY))
@@ -293,6 +297,7 @@ class Trainer:
     abs_state, abs_rest = jax.eval_shape(init_fn)
     self.state_shardings = parallel.state_shardings(abs_state, self.mesh, self.param_rules)
     self.rest_shardings = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), abs_rest)
+    self.abstract_rest = abs_rest
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state,
         self.state_shardings)
