@@ -264,7 +264,7 @@ def _residual_program(trainer, task):
 
   def residuals(params, rest, batch):
     def loss_fn(p):
-      model = nnx.merge(graphdef, p, rest)
+      model = nnx.merge(graphdef, p, rest, copy=True)  # as the trainer's forward
       out = model(batch[input_key], deterministic=False)
       return losses.compute(task, out, batch)[0]
     _, pullback = jax.vjp(loss_fn, params)

@@ -180,7 +180,10 @@ def _reseed(rest, rng):
   out = []
   for i, var in enumerate(leaves):
     if isinstance(var, nnx.RngKey):
-      out.append(var.replace(jax.random.fold_in(rng, i)))
+      key, shape = jax.random.fold_in(rng, i), jnp.shape(var.get_value())
+      if shape:  # a stacked key (scan_layers: one per layer) stays stacked
+        key = jax.random.split(key, int(np.prod(shape))).reshape(shape)
+      out.append(var.replace(key))
     elif isinstance(var, nnx.RngCount):
       out.append(var.replace(jnp.zeros_like(var.get_value())))
     else:
@@ -316,8 +319,11 @@ class Trainer:
 
     def forward_with_aux(params, rest, batch, *, deterministic):
       # Layers sow auxiliary losses (e.g. MoH's load balance) as nnx.Intermediate
-      # 'aux_loss'; their sum joins the training loss.
-      model = nnx.merge(graphdef, params, rest)
+      # 'aux_loss'; their sum joins the training loss. copy=True: variables of this trace
+      # level, so a layer may update its state here (remat / scanned blocks with dropout
+      # write back their RNG counts; merging `rest`'s own variables, created outside the
+      # grad trace, made that a TraceContextError).
+      model = nnx.merge(graphdef, params, rest, copy=True)
       out, inter = nnx.capture(model, nnx.Intermediate)(batch[input_key],
                                                         deterministic=deterministic)
       return out, _sum_aux_losses(inter)
