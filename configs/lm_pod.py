@@ -33,7 +33,8 @@ D_MODEL, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MLP_DIM, VOCAB = 2048, 16, 4, 128, 5
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, layers=20, chips=256, fsdp=16, context=1, seq_len=4096,
-                           seqs_per_rank=2, variant='mha', steps=10000, dry=False)
+                           seqs_per_rank=2, variant='mha', impl='xla_chunked', steps=10000,
+                           dry=False)
   if a.dry:
     a.layers, a.chips = (2 if a.layers == 20 else a.layers), (64 if a.chips == 256 else a.chips)
   for key in ('layers', 'chips', 'fsdp', 'context', 'seq_len', 'seqs_per_rank', 'steps'):
@@ -55,6 +56,8 @@ def get_config(arg=None):
 
   c.model = config_lib.model_config('lm', None, variant=a.variant, seq_len=a.seq_len,
                                     vocab_size=VOCAB)
+  if a.impl != 'auto':
+    c.model.attention.implementation = a.impl
   c.model.d_model, c.model.num_layers = D_MODEL, a.layers
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = NUM_HEADS, NUM_KV_HEADS, HEAD_DIM
   c.model.mlp_dim = MLP_DIM

@@ -171,6 +171,34 @@ def _hlo_type_bytes(text: str) -> int:
   return total
 
 
+_COLLECTIVE_RE = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(' +
+                            '|'.join(COLLECTIVES) + r')(-start|-done)?\(')
+
+
+def collective_ops(hlo_text: str) -> list[dict[str, Any]]:
+  """One dict per collective of compiled HLO text: ``op``, ``bytes`` (its results on one
+  device; for an async ``op-start`` / ``op-done`` pair, one entry with the ``-done``
+  result), ``result`` (the HLO type) and ``source`` (the JAX ``op_name`` metadata)."""
+  out, pending = [], {}
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE_RE.match(line)
+    if m is None:
+      continue
+    result, op, suffix = m.groups()
+    src = re.search(r'op_name="([^"]*)"', line)
+    entry = {'op': op, 'bytes': _hlo_type_bytes(result), 'result': result,
+             'source': src.group(1) if src else ''}
+    if suffix == '-start':
+      pending[op] = pending.get(op, 0) + 1
+      continue
+    if suffix == '-done' and pending.get(op):
+      pending[op] -= 1
+    out.append(entry)
+  for op, n in pending.items():  # a start without its done (not expected): count it
+    out += [{'op': op, 'bytes': 0, 'result': '', 'source': ''}] * n
+  return out
+
+
 def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """``{op: {'count': n, 'bytes': b}}`` for each of ``COLLECTIVES`` in compiled HLO text.
 
@@ -178,17 +206,9 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   ``bytes`` is the size of the results on one device (of ``op-done`` for async pairs).
   """
   out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
-  pattern = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(' + '|'.join(COLLECTIVES) +
-                       r')(-start|-done)?\(')
-  for line in hlo_text.splitlines():
-    m = pattern.match(line)
-    if m is None:
-      continue
-    result, op, suffix = m.groups()
-    if suffix != '-done':
-      out[op]['count'] += 1
-    if suffix != '-start':
-      out[op]['bytes'] += _hlo_type_bytes(result)
+  for entry in collective_ops(hlo_text):
+    out[entry['op']]['count'] += 1
+    out[entry['op']]['bytes'] += entry['bytes']
   return out
 
 
@@ -331,6 +351,7 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
   except Exception:  # pylint: disable=broad-except
     flops = None
   other = {k: v for k, v in state.items() if k not in ('params', 'opt_state')}
+  hlo = compiled.as_text()
   per_device = {
       'params': tree_bytes(state['params']),
       'optimizer': tree_bytes(state['opt_state']),
@@ -354,7 +375,8 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
                                 for x in jax.tree.leaves(state['params'])),
       'batch_shapes': {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()},
       'bytes_per_device': per_device,
-      'collectives': count_collectives(compiled.as_text()),
+      'collectives': count_collectives(hlo),
+      'largest_collectives': sorted(collective_ops(hlo), key=lambda e: -e['bytes'])[:5],
       'flops_per_device': flops,
       'compile_seconds': seconds,
   }
@@ -405,6 +427,12 @@ def format_report(result: dict) -> str:
   lines += ['', 'collectives in the compiled step (static count, per-device result bytes):']
   for op, c in result['collectives'].items():
     lines.append(f'  {op:<20}{c["count"]:>6}  {human_bytes(c["bytes"]):>12}')
+  big = [e for e in result.get('largest_collectives', []) if e['bytes']]
+  if big:
+    lines.append('largest (per-device result bytes, JAX source op):')
+    for e in big:
+      lines.append(f'  {e["op"]:<20}{human_bytes(e["bytes"]):>12}  {e["result"][:40]:<40} '
+                   f'{e["source"][-70:]}')
   if result.get('flops_per_device'):
     lines.append(f'flops per device per step (XLA cost analysis): '
                  f'{result["flops_per_device"]:.3e}')
