@@ -20,10 +20,17 @@ Data: the built-in MQAR task at the model's vocabulary and length (a stand-in: p
 ``config.data.tfds_name`` at a prepared array_record dataset with ``inputs`` / ``targets``
 / ``weights`` int32/float32 ``[seq_len]`` fields for real text).
 
+Attention implementation (``impl``, default 'xla': plain XLA ops). The jitted step is
+partitioned by GSPMD, which splits XLA ops over the mesh but not a kernel's custom call:
+under ``impl=auto`` (Pallas on TPU/GPU, the C++ kernel on CPU) or ``xla_chunked`` the
+dry run shows every device all-gathering the whole global batch's Q/K/V (4 GiB per
+device per layer here), while 'xla' keeps attention batch-parallel. Calling the kernels
+inside ``shard_map`` from the layers is the fix that would let ``impl=auto`` scale.
+
 Arguments: layers (20), chips (256), fsdp (16), context (1), seq_len (4096),
-seqs_per_rank (2), variant (mha), steps (10000), dry (= layers=2, chips=64: the dry run
-on this machine; fsdp stays 16, so the per-device parameter and optimizer bytes per layer
-are those of the pod).
+seqs_per_rank (2), variant (mha), impl (xla; 'auto' = attnjax's choice), steps (10000),
+dry (= layers=2, chips=64: the dry run on this machine; fsdp stays 16, so the per-device
+parameter and optimizer bytes per layer are those of the pod).
 """
 
 from attnjax.train import config_lib
@@ -33,7 +40,7 @@ D_MODEL, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MLP_DIM, VOCAB = 2048, 16, 4, 128, 5
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, layers=20, chips=256, fsdp=16, context=1, seq_len=4096,
-                           seqs_per_rank=2, variant='mha', impl='xla_chunked', steps=10000,
+                           seqs_per_rank=2, variant='mha', impl='xla', steps=10000,
                            dry=False)
   if a.dry:
     a.layers, a.chips = (2 if a.layers == 20 else a.layers), (64 if a.chips == 256 else a.chips)
