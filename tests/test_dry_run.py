@@ -48,12 +48,12 @@ def _run_script(case, *args, devices=None, timeout=600, env_extra=None):
 HLO = """
 ENTRY %main {
   %p = f32[8,16]{1,0} parameter(0)
-  %all-gather.1 = f32[32,16]{1,0} all-gather(%p), channel_id=1, dimensions={0}, metadata={op_name="jit(f)/dot_general"}
+  %all-gather.1 = f32[32,16]{1,0} all-gather(%p), dimensions={0}, metadata={op_name="jit(f)/dot"}
   %all-reduce.2 = (f32[], bf16[4,4]{1,0}) all-reduce(%a, %b), channel_id=2, to_apply=%sum
   %all-gather-start.3 = (f32[8]{0}, f32[64]{0}) all-gather-start(%q), channel_id=3
   %all-gather-done.3 = f32[64]{0} all-gather-done(%all-gather-start.3)
-  %collective-permute-start = (f32[2,2]{1,0}, f32[2,2]{1,0}, u32[], u32[]) collective-permute-start(%r)
-  %collective-permute-done = f32[2,2]{1,0} collective-permute-done(%collective-permute-start)
+  %cp-start = (f32[2,2]{1,0}, f32[2,2]{1,0}, u32[], u32[]) collective-permute-start(%r)
+  %cp-done = f32[2,2]{1,0} collective-permute-done(%cp-start)
   %fusion.all-reduce.like = f32[4]{0} fusion(%all-reduce.2), kind=kLoop, calls=%f
   ROOT %reduce-scatter.9 = s32[4]{0} reduce-scatter(%x), dimensions={0}
 }
@@ -69,7 +69,7 @@ def test_count_collectives_parses_sync_async_and_tuples():
   assert got['reduce-scatter'] == {'count': 1, 'bytes': 16}
   assert got['all-to-all'] == {'count': 0, 'bytes': 0}
   ops = collective_ops(HLO)
-  assert ops[0]['source'] == 'jit(f)/dot_general' and ops[0]['result'] == 'f32[32,16]{1,0}'
+  assert ops[0]['source'] == 'jit(f)/dot' and ops[0]['result'] == 'f32[32,16]{1,0}'
 
 
 def test_leaf_bytes_uses_the_shard_shape():

@@ -312,7 +312,8 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
     ``bytes_per_device`` (``params``, ``optimizer``, ``other_state``, ``batch``,
     ``saved_activations`` (None when not measured), and XLA's ``arguments``, ``outputs``,
     ``aliased``, ``temporaries``, ``generated_code``, ``peak``), ``collectives`` (op ->
-    ``{count, bytes}``), ``flops_per_device`` (or None), ``compile_seconds``.
+    ``{count, bytes}``), ``largest_collectives`` (the 5 largest: ``op``, ``bytes``,
+    ``result``, ``source``), ``batch_shapes``, ``global_param_bytes``, ``compile_seconds``.
   Raises:
     ValueError for a config mistake (naming the key) or too few devices.
   """
@@ -344,12 +345,6 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
       res_compiled = res_fn.lower(state['params'], rest, batch).compile()
     residual_bytes = _memory(res_compiled).get('output')
   seconds = time.perf_counter() - t0
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost['flops']) if cost and 'flops' in cost else None
-  except Exception:  # pylint: disable=broad-except
-    flops = None
   other = {k: v for k, v in state.items() if k not in ('params', 'opt_state')}
   hlo = compiled.as_text()
   per_device = {
@@ -377,7 +372,6 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
       'bytes_per_device': per_device,
       'collectives': count_collectives(hlo),
       'largest_collectives': sorted(collective_ops(hlo), key=lambda e: -e['bytes'])[:5],
-      'flops_per_device': flops,
       'compile_seconds': seconds,
   }
 
@@ -431,9 +425,9 @@ def format_report(result: dict) -> str:
   if big:
     lines.append('largest (per-device result bytes, JAX source op):')
     for e in big:
-      lines.append(f'  {e["op"]:<20}{human_bytes(e["bytes"]):>12}  {e["result"][:40]:<40} '
-                   f'{e["source"][-70:]}')
-  if result.get('flops_per_device'):
-    lines.append(f'flops per device per step (XLA cost analysis): '
-                 f'{result["flops_per_device"]:.3e}')
+      result = e['result'].split('{')[0] if not e['result'].startswith('(') else \
+          f'tuple of {len(_DTYPE_RE.findall(e["result"]))} arrays'
+      source = e['source'].split(':')[0]
+      source = source if len(source) <= 60 else '...' + source[-57:]
+      lines.append(f'  {e["op"]:<20}{human_bytes(e["bytes"]):>12}  {result:<24} {source}')
   return '\n'.join(lines)
