@@ -87,6 +87,8 @@ def main(argv):
 
 
 def _dry_run():
+  import jax  # pylint: disable=import-outside-toplevel
+
   from attnjax.train import dry_run  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed:
     print('dry run: runs in this one process; ignoring --coordinator_address/--num_processes/'
@@ -94,7 +96,9 @@ def _dry_run():
   try:
     n = dry_run.required_devices(FLAGS.config, FLAGS.dry_run_devices)
     devices = dry_run.select_devices(n)
-    if devices is None:  # backends were initialised with fewer devices: re-run with XLA_FLAGS
+    # too few devices once the backends were initialised, or CPU devices beside an
+    # accelerator: re-run with JAX_PLATFORMS=cpu XLA_FLAGS=...device_count=n
+    if devices is None or devices[0].platform != jax.default_backend():
       dry_run.reexec_with_cpu_devices(n)
     result = dry_run.dry_run(FLAGS.config, devices=devices)
   except ValueError as e:

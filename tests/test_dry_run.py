@@ -170,7 +170,7 @@ def test_train_py_dry_run_reexecs_with_fake_devices(tmp_path):
          '--config.mesh.fsdp=4', '--dry_run', f'--workdir={workdir}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  assert 're-running with --xla_force_host_platform_device_count=4' in proc.stderr
+  assert 're-running with JAX_PLATFORMS=cpu --xla_force_host_platform_device_count=4' in proc.stderr
   assert 'dry run: 4 cpu devices, mesh fsdp 4' in proc.stdout, proc.stdout
   assert 'XLA temporaries' in proc.stdout and 'all-gather' in proc.stdout
   assert not workdir.exists()

@@ -87,6 +87,9 @@ def select_devices(num_devices: int) -> list | None:
   ``num_devices`` devices (``jax_num_cpu_devices``), so the first call in a fresh process
   always succeeds; after initialisation the CPU device count is fixed and a process with
   fewer returns None (``train.py --dry_run`` then re-executes itself with ``XLA_FLAGS``).
+  CPU devices in a process whose default backend is an accelerator cannot be used by
+  ``dry_run`` (attnjax picks kernels by the default backend): ``train.py`` re-executes
+  with ``JAX_PLATFORMS=cpu`` then too.
   """
   forced = _forced_cpu_count()
   want = max(num_devices, forced or 0)
@@ -105,8 +108,8 @@ def select_devices(num_devices: int) -> list | None:
 
 
 def reexec_with_cpu_devices(num_devices: int, argv: Sequence[str] | None = None) -> None:
-  """Replaces this process (``os.execve``) by ``python argv...`` with
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=num_devices`` (an existing count
+  """Replaces this process (``os.execve``) by ``python argv...`` with ``JAX_PLATFORMS=cpu``
+  and ``XLA_FLAGS=--xla_force_host_platform_device_count=num_devices`` (an existing count
   flag is replaced). Never returns. Raises RuntimeError if this process already is such
   a re-execution (the flag did not give the devices: a guard against a loop)."""
   if os.environ.get(_REEXEC_ENV) == str(num_devices):
@@ -115,9 +118,10 @@ def reexec_with_cpu_devices(num_devices: int, argv: Sequence[str] | None = None)
   argv = list(sys.argv if argv is None else argv)
   flags = re.sub(_DEVICE_FLAG + r'=\d+', '', os.environ.get('XLA_FLAGS', '')).split()
   env = dict(os.environ, XLA_FLAGS=' '.join(flags + [f'{_DEVICE_FLAG}={num_devices}']),
-             **{_REEXEC_ENV: str(num_devices)})
-  print(f'dry run: this process has {jax.device_count()} device(s); re-running with '
-        f'{_DEVICE_FLAG}={num_devices} (fake CPU devices).', file=sys.stderr, flush=True)
+             JAX_PLATFORMS='cpu', **{_REEXEC_ENV: str(num_devices)})
+  print(f'dry run: this process has {jax.device_count()} {jax.default_backend()} device(s); '
+        f're-running with JAX_PLATFORMS=cpu {_DEVICE_FLAG}={num_devices} (fake CPU devices).',
+        file=sys.stderr, flush=True)
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable] + argv, env)
 
@@ -328,6 +332,12 @@ def dry_run(config, num_devices: int | None = None, *, activations: bool = True,
           f"(or call jax.config.update('jax_num_cpu_devices', {n}) before any JAX "
           'operation), or run `python train.py --config ... --dry_run`, which does it.')
   devices = list(devices)
+  if devices[0].platform != jax.default_backend():
+    raise ValueError(
+        f'devices: {len(devices)} {devices[0].platform} devices, but JAX\'s default backend is '
+        f'{jax.default_backend()!r}, for which attnjax would pick its attention kernels; run '
+        'the dry run in a process with JAX_PLATFORMS=cpu (train.py --dry_run re-runs itself '
+        'so).')
   t0 = time.perf_counter()
   trainer = trainer_lib.Trainer(config, devices=devices, data=False)
   state = trainer.abstract_state
