@@ -180,7 +180,10 @@ def _reseed(rest, rng):
   out = []
   for i, var in enumerate(leaves):
     if isinstance(var, nnx.RngKey):
-      out.append(var.replace(jax.random.fold_in(rng, i)))
+      key, shape = jax.random.fold_in(rng, i), jnp.shape(var.get_value())
+      if shape:  # a stacked key (scan_layers: one per layer) stays stacked
+        key = jax.random.split(key, int(np.prod(shape))).reshape(shape)
+      out.append(var.replace(key))
     elif isinstance(var, nnx.RngCount):
       out.append(var.replace(jnp.zeros_like(var.get_value())))
     else:
@@ -235,7 +238,9 @@ class _Prefetch:
 class Trainer:
   """Holds the mesh, data, model graph, shardings and jitted functions of one run."""
 
-  def __init__(self, config, workdir: str | None = None, *, devices=None):
+  def __init__(self, config, workdir: str | None = None, *, devices=None, data: bool = True):
+    """``data=False`` builds the mesh, model graph, shardings and jitted functions without
+    loading any data (``attnjax.train.dry_run``); ``evaluate``/the loop then need data."""
     self.config = config
     self.workdir = workdir
     devices = list(jax.devices() if devices is None else devices)
@@ -254,18 +259,20 @@ class Trainer:
 
     # --- input ------------------------------------------------------------------------
     dcfg = config.data
-    if jax.process_count() > 1:  # one process generates, the others wait and read
+    self.train_source = self.eval_source = self.train_ds = None
+    if data and jax.process_count() > 1:  # one process generates, the others wait and read
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if jax.process_index() == 0:
         load_split(dcfg, dcfg.get('train_split', 'train'))
       multihost_utils.sync_global_devices('attnjax_data_prepared')
-    self.train_source = load_split(dcfg, dcfg.get('train_split', 'train'))
-    self.eval_source = load_split(dcfg, dcfg.get('eval_split', 'test'))
     self.input_key = dcfg.get('input_key', 'inputs')
     self.keymap = dict(dcfg.get('keys', None) or {})
-    self.train_ds = data_lib.make_train_dataset(
-        self.train_source, global_batch_size=config.batch_size,
-        seed=int(config.get('seed', 0)) + 17)
+    if data:
+      self.train_source = load_split(dcfg, dcfg.get('train_split', 'train'))
+      self.eval_source = load_split(dcfg, dcfg.get('eval_split', 'test'))
+      self.train_ds = data_lib.make_train_dataset(
+          self.train_source, global_batch_size=config.batch_size,
+          seed=int(config.get('seed', 0)) + 17)
 
     # --- model ------------------------------------------------------------------------
     self.factory = _resolve(config.get('model_factory', DEFAULT_MODEL_FACTORY))
@@ -293,6 +300,7 @@ class Trainer:
     abs_state, abs_rest = jax.eval_shape(init_fn)
     self.state_shardings = parallel.state_shardings(abs_state, self.mesh, self.param_rules)
     self.rest_shardings = jax.tree.map(lambda _: NamedSharding(self.mesh, P()), abs_rest)
+    self.abstract_rest = abs_rest
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state,
         self.state_shardings)
@@ -311,8 +319,11 @@ class Trainer:
 
     def forward_with_aux(params, rest, batch, *, deterministic):
       # Layers sow auxiliary losses (e.g. MoH's load balance) as nnx.Intermediate
-      # 'aux_loss'; their sum joins the training loss.
-      model = nnx.merge(graphdef, params, rest)
+      # 'aux_loss'; their sum joins the training loss. copy=True: variables of this trace
+      # level, so a layer may update its state here (remat / scanned blocks with dropout
+      # write back their RNG counts; merging `rest`'s own variables, created outside the
+      # grad trace, made that a TraceContextError).
+      model = nnx.merge(graphdef, params, rest, copy=True)
       out, inter = nnx.capture(model, nnx.Intermediate)(batch[input_key],
                                                         deterministic=deterministic)
       return out, _sum_aux_losses(inter)
