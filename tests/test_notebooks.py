@@ -39,6 +39,8 @@ NOTEBOOKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(NB_DIR, "
 # They run with `pytest -m slow`. Measure a notebook with
 # `python -m pytest -q -m 'slow or not slow' tests/test_notebooks.py -k NAME --durations=0`
 # before adding or removing it here.
+# Measured at ATTNJAX_NB_SMALL=1 on an idle 2-core CPU: 01_tour 12 s, 02_variant_gallery
+# 16 s, 07_head_ablation 26 s (about 3x that on a loaded machine): none is slow.
 SLOW = {
 }
 
