@@ -165,7 +165,8 @@ def _moba_gather_chunk(block_size: int) -> int:
   return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
 
 
-def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int):
+def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
+                 extra=None):
   """MoBA, key-block-major: gather the queries of each chosen key block.
 
   Per row ``r = (b, h)`` the ``T * top_k`` (query, block) pairs are laid out grouped by
@@ -175,8 +176,9 @@ def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chu
   (a ``jax.checkpoint``-ed body, so forward and backward hold one chunk's ``[P, block]``
   logits at a time) computes each slot's partial softmax ``(o, lse)`` over its block
   (float32 logits; padding slots, keys past ``S`` and, causal, ``j > i`` masked); the
-  partials are gathered back to ``[T, top_k]`` and merged by log-sum-exp.  Work is
-  ``O(T * top_k * block)``, whatever the routing.  Returns ``[B, T, N, Hv]`` in
+  partials are gathered back to ``[T, top_k]`` and merged by log-sum-exp, together with
+  ``extra = (o [B, T, N, Hv], lse [B, N, T])`` when given (one more partial per row).
+  Work is ``O(T * top_k * block)``, whatever the routing.  Returns ``[B, T, N, Hv]`` in
   ``q.dtype``.
   """
   B, T, N, H = q.shape
@@ -257,6 +259,11 @@ def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chu
   o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
   lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
                       -jnp.inf)
+  if extra is not None:
+    o_x, lse_x = extra
+    o_RTkD = jnp.concatenate(
+        [o_RTkD, o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(R, T, 1, Hv)], axis=2)
+    lse_RTk = jnp.concatenate([lse_RTk, lse_x.astype(_F32).reshape(R, T, 1)], axis=2)
   mx = jax.lax.stop_gradient(jnp.max(lse_RTk, axis=-1, keepdims=True))
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
@@ -300,9 +307,9 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     scale: logit scale, default ``1/sqrt(H)``.
     implementation: ``'gather'``, or passed to :func:`attnjax.attention` with
       ``block_sizes``; ``None``: ``'gather'`` on the CPU backend when ``block_sizes`` is
-      None, else the dispatcher's choice.  ``block_sizes=None`` gives ``'xla_chunked'`` ``block_size`` tiles (Pallas
-      kernels: pass their ``BlockSizes`` with ``block_k = block_size`` so the table is
-      tile-aligned).
+      None, else the dispatcher's choice.  ``block_sizes=None`` gives ``'xla_chunked'``
+      ``block_size`` tiles (Pallas kernels: pass their ``BlockSizes`` with
+      ``block_k = block_size`` so the table is tile-aligned).
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype``.
@@ -324,8 +331,15 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                        f"implementation='gather' takes none, got {block_sizes!r}")
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
+    extra = None
+    if causal:  # the own block for every query: a band (block-diagonal causal) attention
+      own = _masks.chunked(bs) & _masks.causal()
+      if top_k == 1:
+        return hooks.attention(q, k, v, mask=own, scale=scale)
+      extra = hooks.attention(q, k, v, mask=own, scale=scale, return_lse=True)
+      idx = idx[..., 1:]
     return _moba_gather(q, k, v, idx, block_size=bs, causal=causal, scale=scale,
-                        chunk=_moba_gather_chunk(bs))
+                        chunk=_moba_gather_chunk(bs), extra=extra)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
   if causal:
