@@ -1,8 +1,11 @@
 """CPU benchmark of the routing ops (issue 19), as ratios to dense attention.
 
-MoBA (causal, ``block_size``, ``top_k``; ``xla_chunked`` with block-size tiles) is timed
-against causal dense ``attnjax.attention`` (default implementation) in the same process,
-interleaved round by round (best of ``--rounds``), forward and forward+backward.  Printed
+MoBA (causal, ``block_size``, ``top_k``) is timed in its two evaluations -- the mask path
+(``implementation='xla_chunked'``, block-size tiles; ``mask_*``) and the key-block-major
+``implementation='gather'`` path (``gather_*``, the CPU default) -- against causal dense
+``attnjax.attention`` (default implementation) in the same process, interleaved round by
+round (best of ``--rounds``), forward and forward+backward; ``*_ratio`` is the time over
+dense causal's and ``target_ratio`` is 2 x the selected fraction.  Printed
 with it: the *selected* fraction (the mean over queries of the chosen keys / all keys,
 causal) and the *visited* tile fraction (non-empty tiles of the union table the kernel
 iterates over / all tiles).  MoBA chooses blocks per query token, so on i.i.d. random
@@ -74,6 +77,8 @@ def moba_case(S, N, H, bs, top_k, rounds, coherent):
   q, k, v = _qkv(S, N, H, coherent=coherent, block=bs)
   moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
                                                 implementation="xla_chunked")
+  gather = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                                  implementation="gather")
   dense = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
   sel = routing.moba_selection(q, k, block_size=bs, top_k=top_k)
   table = np.asarray((masks.from_row_block_mask(sel, bs) & masks.causal())
@@ -83,13 +88,17 @@ def moba_case(S, N, H, bs, top_k, rounds, coherent):
   causal_tiles = nk * (nk + 1) / 2 / (nk * nk)
   chosen_keys = np.asarray(jax.vmap(lambda s: s.sum(-1))(sel)).mean() * bs   # approx (ragged)
   selected = float(min(chosen_keys, S) / S)
-  fwd = _best([jax.jit(moba), jax.jit(dense)], (q, k, v), rounds)
-  both = _best([_fwd_bwd(moba), _fwd_bwd(dense)], (q, k, v), rounds)
+  fwd = _best([jax.jit(moba), jax.jit(gather), jax.jit(dense)], (q, k, v), rounds)
+  both = _best([_fwd_bwd(moba), _fwd_bwd(gather), _fwd_bwd(dense)], (q, k, v), rounds)
   return dict(case=f"moba S={S} block={bs} top_k={top_k} coherent={coherent}",
               selected_fraction=selected, visited_tile_fraction=visited,
-              causal_tile_fraction=causal_tiles, fwd_s=fwd[0], dense_fwd_s=fwd[1],
-              fwd_ratio=fwd[0] / fwd[1], fwd_bwd_s=both[0], dense_fwd_bwd_s=both[1],
-              fwd_bwd_ratio=both[0] / both[1])
+              causal_tile_fraction=causal_tiles, dense_fwd_s=fwd[2],
+              mask_fwd_s=fwd[0], mask_fwd_ratio=fwd[0] / fwd[2],
+              gather_fwd_s=fwd[1], gather_fwd_ratio=fwd[1] / fwd[2],
+              dense_fwd_bwd_s=both[2], mask_fwd_bwd_s=both[0],
+              mask_fwd_bwd_ratio=both[0] / both[2], gather_fwd_bwd_s=both[1],
+              gather_fwd_bwd_ratio=both[1] / both[2],
+              target_ratio=2 * selected)
 
 
 def biformer_case(g, N, H, regions, top_k, rounds):
@@ -106,13 +115,13 @@ def biformer_case(g, N, H, regions, top_k, rounds):
               fwd_ratio=fwd[0] / fwd[1])
 
 
-def rss_child(S, N, H, bs, top_k):
+def rss_child(S, N, H, bs, top_k, impl):
   q, k, v = _qkv(S, N, H)
   moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
-                                                implementation="xla_chunked")
+                                                implementation=impl)
   jax.block_until_ready(_fwd_bwd(moba)(q, k, v))
   peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps(dict(case=f"moba fwd+bwd S={S} N={N} H={H} block={bs} top_k={top_k}",
+  print(json.dumps(dict(case=f"moba {impl} fwd+bwd S={S} N={N} H={H} block={bs} top_k={top_k}",
                         peak_rss_mb=peak_kb / 1024, dense_scores_mb=S * S * N * 4 / 2**20)))
 
 
@@ -130,13 +139,14 @@ def main():
   p.add_argument("--rss-len", type=int, default=65536)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--only", default="moba,coherent,biformer,rss")
+  p.add_argument("--rss-impl", default="gather", help="MoBA implementation of the RSS run")
   p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.quick:
     a.seq, a.block, a.grid, a.regions, a.rss_len, a.rounds = 2048, 128, 32, 4, 8192, 2
   N, H = a.heads, a.head_dim
   if a.rss_child:
-    rss_child(a.rss_len, N, H, a.block, a.top_k)
+    rss_child(a.rss_len, N, H, a.block, a.top_k, a.rss_impl)
     return
   only = set(a.only.split(","))
   rows = []
@@ -150,7 +160,8 @@ def main():
     print(json.dumps(r))
   if "rss" in only:
     cmd = [sys.executable, __file__, "--rss-child", "--rss-len", str(a.rss_len), "--block",
-           str(a.block), "--top-k", str(a.top_k), "--heads", str(N), "--head-dim", str(H)]
+           str(a.block), "--top-k", str(a.top_k), "--heads", str(N), "--head-dim", str(H),
+           "--rss-impl", a.rss_impl]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     print(out.stdout.strip().splitlines()[-1])
 

@@ -152,11 +152,12 @@ def _moba_inputs(seed, dtype, B=2, T=20, N=4, K=2, H=8, Hv=8):
 SLOW = pytest.mark.slow
 IMPL_DTYPES = [("xla_chunked", F32), ("xla_chunked", BF16), pytest.param("xla", F32, marks=SLOW),
                pytest.param("xla", BF16, marks=SLOW)]
+MOBA_IMPL_DTYPES = IMPL_DTYPES + [("gather", F32), ("gather", BF16)]
 IMPL_DTYPES_LIGHT = [("xla_chunked", F32), pytest.param("xla_chunked", BF16, marks=SLOW),
                      pytest.param("xla", F32, marks=SLOW), pytest.param("xla", BF16, marks=SLOW)]
 
 
-@pytest.mark.parametrize("impl,dtype", IMPL_DTYPES)
+@pytest.mark.parametrize("impl,dtype", MOBA_IMPL_DTYPES)
 def test_moba_matches_reference(impl, dtype):
   """Causal, GQA (routing per query head), ragged last block; forward and vjp."""
   q, k, v = _moba_inputs(10, dtype)
@@ -171,11 +172,12 @@ def test_moba_matches_reference(impl, dtype):
                "moba")
 
 
-def test_moba_noncausal_matches_reference():
+@pytest.mark.parametrize("impl", ["xla_chunked", "gather"])
+def test_moba_noncausal_matches_reference(impl):
   q, k, v = _moba_inputs(20, F32, T=18, N=2, K=1)
   allowed = moba_allowed_ref(q, k, 4, 2, causal=False)
   f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False,
-                                             implementation="xla_chunked")
+                                             implementation=impl)
   assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, "moba non-causal")
   _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 21,
                "moba non-causal")
@@ -228,12 +230,55 @@ def test_row_block_mask_table_is_exact(T, S, bq, bk):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_moba_top_k_one_is_block_causal():
+@pytest.mark.parametrize("impl", ["xla_chunked", "gather"])
+def test_moba_top_k_one_is_block_causal(impl):
   """top_k=1 keeps only the own block: equal to chunked(block) & causal attention."""
   q, k, v = _moba_inputs(40, F32, T=16, N=2, K=2)
-  out = routing.moba_attention(q, k, v, block_size=4, top_k=1, implementation="xla_chunked")
+  out = routing.moba_attention(q, k, v, block_size=4, top_k=1, implementation=impl)
   allowed = (masks.chunked(4) & masks.causal()).to_array(16, 16)
   assert_close(out, softmax_ref_np(q, k, v, allowed), F32, "top_k=1")
+
+
+@pytest.mark.parametrize("causal,T,bs,top_k,dtype", [
+    (True, 29, 4, 8, F32),      # top_k = number of blocks (dense causal), ragged T
+    pytest.param(False, 29, 4, 8, F32, marks=SLOW),   # top_k = number of blocks (dense)
+    pytest.param(True, 45, 4, 3, BF16, marks=SLOW),   # several chunks per key block
+    (False, 45, 4, 3, BF16),
+])
+def test_moba_gather_matches_reference_jit(causal, T, bs, top_k, dtype):
+  """The key-block-major 'gather' path under jit against the plain reference (forward and
+  vjp) and its gradients against the mask path's (both with the choice held fixed)."""
+  q, k, v = _moba_inputs(80 + T, dtype, B=1, T=T, N=4, K=2)
+  allowed = moba_allowed_ref(q, k, bs, top_k, causal=causal)
+  if top_k == -(-T // bs):
+    want = np.tril(np.ones((T, T), bool)) if causal else np.ones((T, T), bool)
+    np.testing.assert_array_equal(allowed, np.broadcast_to(want, allowed.shape))
+
+  def f(impl):
+    return jax.jit(lambda q, k, v: routing.moba_attention(
+        q, k, v, block_size=bs, top_k=top_k, causal=causal, implementation=impl))
+  g = f("gather")
+  assert_close(g(q, k, v), softmax_ref_np(q, k, v, allowed), dtype, "gather forward")
+  _check_grads(g, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), dtype,
+               81 + T, "gather")
+  out, vjp_g = jax.vjp(g, q, k, v)
+  _, vjp_m = jax.vjp(f("xla_chunked"), q, k, v)
+  ct = rnd(82 + T, out.shape, dtype)
+  for name, a, b in zip("qkv", vjp_g(ct), vjp_m(ct)):
+    assert_close(a, b, dtype, f"gather vs mask path: d{name}")
+
+
+def test_moba_gather_is_the_cpu_default():
+  """implementation=None on CPU (no block_sizes) runs the 'gather' path (no attnjax.attention
+  call with a row-block mask); 'gather' refuses block_sizes."""
+  q, k, v = _moba_inputs(90, F32, B=1, T=16, N=2, K=1)
+  seen = []
+  with hooks.observe(lambda call: seen.append(call.args.mask)):
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False)
+  assert seen == []
+  with pytest.raises(ValueError, match="block_sizes"):
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",
+                           block_sizes={})
 
 
 def test_moba_no_gradient_through_selection():

@@ -107,13 +107,12 @@ def _onehot_any(idx, n):
 
 # ----------------------------------------------------------------------------- MoBA
 
-def moba_selection(q, k, *, block_size: int, top_k: int, causal: bool = True):
-  """MoBA's per-query key-block choice (no gradient): bool ``[B, N, T, nk]``.
+def _moba_choice(q, k, *, block_size: int, top_k: int, causal: bool):
+  """MoBA's chosen blocks as indices (no gradient): int32 ``[B, N, T, top_k]``.
 
-  ``gate[b, h, i, c] = q_ih . mean_{j in block c} k_j,h//G`` (float32; the last block may
-  be shorter and is averaged over its own keys).  Causal: the query's own block
-  ``i // block_size`` plus the ``top_k - 1`` earlier blocks with the highest gates (all of
-  them when fewer); later blocks never.  Non-causal: the ``top_k`` highest gates.
+  Causal: slot 0 is the own block ``i // block_size``, slots ``1..top_k-1`` the earlier
+  blocks with the highest gates (``nk``, i.e. none, where fewer earlier blocks exist).
+  Non-causal: the ``top_k`` highest gates.  The entries of a row are distinct.
   """
   op = "moba_selection"
   B, T, N, H = q.shape
@@ -134,18 +133,143 @@ def moba_selection(q, k, *, block_size: int, top_k: int, causal: bool = True):
   if causal:
     if T != S:
       raise ValueError(f"{op}: causal MoBA needs T == S, got T={T}, S={S}")
-    qb = (jnp.arange(T, dtype=jnp.int32) // bs)[:, None]                     # [T, 1]
-    sel = jnp.broadcast_to(cb[None, :] == qb, (B, N, T, nk))
+    qb_T1 = (jnp.arange(T, dtype=jnp.int32) // bs)[:, None]                  # [T, 1]
+    idx = jnp.broadcast_to(qb_T1, (B, N, T, 1))
     if top_k > 1:
-      earlier = cb[None, :] < qb
+      earlier = cb[None, :] < qb_T1
       gm = jnp.where(earlier, gate_BNTC, -jnp.inf)
-      vals, idx = jax.lax.top_k(gm, top_k - 1)                               # [B,N,T,k-1]
-      idx = jnp.where(jnp.isfinite(vals), idx, nk)      # an ineligible pick selects nothing
-      sel = sel | _onehot_any(idx, nk)
+      vals, top = jax.lax.top_k(gm, top_k - 1)                               # [B,N,T,k-1]
+      top = jnp.where(jnp.isfinite(vals), top, nk)      # an ineligible pick selects nothing
+      idx = jnp.concatenate([idx, top.astype(jnp.int32)], axis=-1)
   else:
     _, idx = jax.lax.top_k(gate_BNTC, top_k)
-    sel = _onehot_any(idx, nk)
-  return sel
+  return idx.astype(jnp.int32)
+
+
+def moba_selection(q, k, *, block_size: int, top_k: int, causal: bool = True):
+  """MoBA's per-query key-block choice (no gradient): bool ``[B, N, T, nk]``.
+
+  ``gate[b, h, i, c] = q_ih . mean_{j in block c} k_j,h//G`` (float32; the last block may
+  be shorter and is averaged over its own keys).  Causal: the query's own block
+  ``i // block_size`` plus the ``top_k - 1`` earlier blocks with the highest gates (all of
+  them when fewer); later blocks never.  Non-causal: the ``top_k`` highest gates.
+  """
+  nk = -(-k.shape[1] // block_size)
+  idx = _moba_choice(q, k, block_size=block_size, top_k=top_k, causal=causal)
+  return _onehot_any(idx, nk)
+
+
+def _moba_gather_chunk(block_size: int) -> int:
+  """Queries per gathered chunk ``P``: a power of two in ``[8, 128]``, at most the block
+  (padding costs at most ``P - 1`` slots per key block and head)."""
+  return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
+
+
+def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
+                 extra=None):
+  """MoBA, key-block-major: gather the queries of each chosen key block.
+
+  Per row ``r = (b, h)`` the ``T * top_k`` (query, block) pairs are laid out grouped by
+  block (query order inside a group), each group padded to a multiple of ``P = chunk``
+  slots, so that a chunk of ``P`` slots belongs to one key block; the static number of
+  slots is ``ceil((T * top_k + nk * (P - 1)) / P) * P``.  ``jax.lax.map`` over the chunks
+  (a ``jax.checkpoint``-ed body, so forward and backward hold one chunk's ``[P, block]``
+  logits at a time) computes each slot's partial softmax ``(o, lse)`` over its block
+  (float32 logits; padding slots, keys past ``S`` and, causal, ``j > i`` masked); the
+  partials are gathered back to ``[T, top_k]`` and merged by log-sum-exp, together with
+  ``extra = (o [B, T, N, Hv], lse [B, N, T])`` when given (one more partial per row).
+  Work is ``O(T * top_k * block)``, whatever the routing.  Returns ``[B, T, N, Hv]`` in
+  ``q.dtype``.
+  """
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G = N // K
+  bs, P = block_size, chunk
+  nk = -(-S // bs)
+  kk = idx_BNTk.shape[-1]
+  R = B * N
+  n_chunks = -(-(T * kk + nk * (P - 1)) // P)
+  total = n_chunks * P
+  scale = (1.0 / math.sqrt(H)) if scale is None else scale
+
+  # ---- layout (integer bookkeeping, no gradient)
+  idx_RTk = jax.lax.stop_gradient(idx_BNTk).reshape(R, T, kk)
+  ok_RTk = idx_RTk < nk
+  c_RTk = jnp.minimum(idx_RTk, nk - 1)
+  sel_RTC = _onehot_any(idx_RTk, nk)                                          # [R, T, nk]
+  sel_i = sel_RTC.astype(jnp.int32)
+  rank_RTC = jnp.cumsum(sel_i, axis=1) - sel_i          # position of (i, c) in c's group
+  count_RC = sel_i.sum(1)
+  end_RC = jnp.cumsum(-(-count_RC // P) * P, axis=-1)   # group ends, padded to P
+  off_RC = end_RC - (-(-count_RC // P) * P)
+  rank_RTk = jnp.take_along_axis(rank_RTC, c_RTk, axis=2)
+  off_RTk = jnp.take_along_axis(off_RC[:, None, :], c_RTk, axis=2)
+  dest_RTk = jnp.where(ok_RTk, off_RTk + rank_RTk, total)                   # total: dropped
+  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  dest_RX = dest_RTk.reshape(R, T * kk)
+  qpos_X = jnp.repeat(jnp.arange(T, dtype=jnp.int32), kk)
+  slot_q = jnp.zeros((R, total), jnp.int32).at[rows_R1, dest_RX].set(
+      jnp.broadcast_to(qpos_X, (R, T * kk)), mode="drop")
+  slot_ok = jnp.zeros((R, total), bool).at[rows_R1, dest_RX].set(True, mode="drop")
+  starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
+  chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
+  kvrow_R = (jnp.arange(R, dtype=jnp.int32) // N) * K + (jnp.arange(R, dtype=jnp.int32) % N) // G
+  chunk_flat = kvrow_R[:, None] * nk + chunk_blk                            # [R, n_chunks]
+
+  # ---- gathered inputs, chunk-major
+  q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
+  qs = jnp.take_along_axis(q_RTH, slot_q[..., None], axis=1)                # [R, total, H]
+  xs = (qs.reshape(R, n_chunks, P, H).transpose(1, 0, 2, 3),
+        slot_q.reshape(R, n_chunks, P).transpose(1, 0, 2),
+        slot_ok.reshape(R, n_chunks, P).transpose(1, 0, 2),
+        chunk_flat.T, chunk_blk.T.astype(jnp.int32))
+  pad = ((0, 0), (0, nk * bs - S), (0, 0), (0, 0))
+  k_F = jnp.pad(k, pad).reshape(B, nk, bs, K, H).transpose(0, 3, 1, 2, 4).reshape(
+      B * K * nk, bs, H)
+  v_F = jnp.pad(v, pad).reshape(B, nk, bs, K, Hv).transpose(0, 3, 1, 2, 4).reshape(
+      B * K * nk, bs, Hv)
+  jpos = jnp.arange(bs, dtype=jnp.int32)
+
+  def one_chunk(x):
+    q_RPH, i_RP, ok_RP, f_R, c_R = x
+    k_RSH, v_RSD = k_F[f_R], v_F[f_R]
+    s = jnp.einsum("rph,rsh->rps", q_RPH, k_RSH, preferred_element_type=_F32) * scale
+    j_RS = c_R[:, None] * bs + jpos[None, :]
+    allowed = ok_RP[:, :, None] & (j_RS < S)[:, None, :]
+    if causal:
+      allowed = allowed & (j_RS[:, None, :] <= i_RP[:, :, None])
+    s = jnp.where(allowed, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    l = p.sum(-1)
+    pos = l > 0
+    l1 = jnp.where(pos, l, 1.0)
+    o = jnp.einsum("rps,rsd->rpd", p.astype(v_RSD.dtype), v_RSD,
+                   preferred_element_type=_F32) / l1[..., None]
+    lse = jnp.where(pos, m + jnp.log(l1), -jnp.inf)
+    return o, lse
+
+  o_CRPD, lse_CRP = jax.lax.map(jax.checkpoint(one_chunk), xs)
+  o_RXD = o_CRPD.transpose(1, 0, 2, 3).reshape(R, total, Hv)
+  lse_RX = lse_CRP.transpose(1, 0, 2).reshape(R, total)
+
+  # ---- back to [T, top_k] and a log-sum-exp merge
+  src = jnp.minimum(dest_RX, total - 1)
+  o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
+  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
+                      -jnp.inf)
+  if extra is not None:
+    o_x, lse_x = extra
+    o_RTkD = jnp.concatenate(
+        [o_RTkD, o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(R, T, 1, Hv)], axis=2)
+    lse_RTk = jnp.concatenate([lse_RTk, lse_x.astype(_F32).reshape(R, T, 1)], axis=2)
+  mx = jax.lax.stop_gradient(jnp.max(lse_RTk, axis=-1, keepdims=True))
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
+  den = w.sum(-1)
+  out_RTD = (w[..., None] * o_RTkD).sum(2) / jnp.where(den > 0, den, 1.0)[..., None]
+  return out_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
@@ -159,12 +283,18 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
   when fewer); later blocks are never chosen.  Non-causal: the ``top_k`` highest-gate
   blocks.  Output: ``o_i = sum_{j chosen} softmax_j(scale q_i . k_j) v_j``.
 
-  The choice (:func:`moba_selection`) is a per-token ``[B, N, T, nk]`` array passed as
-  :func:`attnjax.masks.from_row_block_mask` (``& causal()``): blockwise implementations
-  visit a ``(q block, k block)`` tile only when some query of the q block chose the key
-  block (by default ``'xla_chunked'`` tiles are ``block_size x block_size``), and evaluate
-  the per-row choice there.  The top-k choice is not differentiated; gradients flow
-  through the chosen logits.
+  Two evaluations.  ``implementation='gather'`` (the default on the CPU backend without
+  ``block_sizes``) is
+  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs are grouped
+  by block and processed in chunks of queries gathered against their block's keys, with
+  the partial softmaxes merged by log-sum-exp; its cost is ``O(T * top_k * block_size)``
+  whatever the routing.  Any other ``implementation`` (and ``None`` off CPU) passes the
+  choice (:func:`moba_selection`, a per-token ``[B, N, T, nk]`` array) as
+  :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
+  :func:`attnjax.attention`: blockwise implementations visit a ``(q block, k block)``
+  tile when some query of the q block chose the key block (by default ``'xla_chunked'``
+  tiles are ``block_size x block_size``) and evaluate the per-row choice there.  The
+  top-k choice is not differentiated; gradients flow through the chosen logits.
 
   Paper: "MoBA: Mixture of Block Attention for Long-Context LLMs" (Lu et al., 2025); the
   video variant "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
@@ -175,9 +305,11 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     top_k: blocks per query, ``1 <= top_k <= ceil(T / block_size)``.
     causal: causal LM form (default) or bidirectional top-k.
     scale: logit scale, default ``1/sqrt(H)``.
-    implementation, block_sizes: passed to :func:`attnjax.attention`; ``block_sizes=None``
-      gives ``'xla_chunked'`` ``block_size`` tiles (Pallas kernels: pass their
-      ``BlockSizes`` with ``block_k = block_size`` so the table is tile-aligned).
+    implementation: ``'gather'``, or passed to :func:`attnjax.attention` with
+      ``block_sizes``; ``None``: ``'gather'`` on the CPU backend when ``block_sizes`` is
+      None, else the dispatcher's choice.  ``block_sizes=None`` gives ``'xla_chunked'``
+      ``block_size`` tiles (Pallas kernels: pass their ``BlockSizes`` with
+      ``block_k = block_size`` so the table is tile-aligned).
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype``.
@@ -192,6 +324,22 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
   if top_k > nk:
     raise ValueError(f"{op}: top_k must be <= the number of key blocks ceil(T / block_size) = "
                      f"{nk} (T={T}, block_size={bs}), got top_k={top_k}")
+  gather = (isinstance(implementation, str) and implementation == "gather") or (
+      implementation is None and block_sizes is None and jax.default_backend() == "cpu")
+  if gather:
+    if block_sizes is not None:
+      raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
+                       f"implementation='gather' takes none, got {block_sizes!r}")
+    idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
+    extra = None
+    if causal:  # the own block for every query: a band (block-diagonal causal) attention
+      own = _masks.chunked(bs) & _masks.causal()
+      if top_k == 1:
+        return hooks.attention(q, k, v, mask=own, scale=scale)
+      extra = hooks.attention(q, k, v, mask=own, scale=scale, return_lse=True)
+      idx = idx[..., 1:]
+    return _moba_gather(q, k, v, idx, block_size=bs, causal=causal, scale=scale,
+                        chunk=_moba_gather_chunk(bs), extra=extra)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
   if causal:
