@@ -31,6 +31,9 @@ MECHANISMS = ('mha', 'linear', 'lightning')
 LENGTHS = (4, 8, 16, 32)
 DIM = 4
 
+#: The tiny settings of ``--small`` and of the notebook under ATTNJAX_NB_SMALL=1 (1 seed).
+SMALL = dict(steps=20, size='T', num_eval=100, log_every=0)
+
 
 def make_config(mechanism: str, *, steps: int, size: str):
   c = H.load_config('set_tasks', f'task=icl,variant={mechanism},steps={steps},size={size}')
@@ -126,7 +129,7 @@ def main():
   seeds = H.parse_seeds(args.seeds)
   kw = dict(steps=args.steps, size=args.size)
   if args.small:
-    seeds, kw = seeds[:1], dict(steps=20, size='T', num_eval=100, log_every=0)
+    seeds, kw = seeds[:1], dict(SMALL)
   results = run(seeds, **kw)
   os.makedirs(args.out, exist_ok=True)
   H.write_json(os.path.join(args.out, 'results.json'),

@@ -36,6 +36,9 @@ EVAL_LENS = (16, 24, 32)
 NUM_CLASSES = 32
 VOCAB = 64
 
+#: The tiny settings of ``--small`` and of the notebook under ATTNJAX_NB_SMALL=1 (1 seed).
+SMALL = dict(steps=30, size='T', num_eval=200, log_every=0)
+
 
 def make_config(variant: str, *, steps: int, size: str):
   """``configs/argmax_probe.py`` with no positional encoding, mean pooling, 32 classes."""
@@ -140,7 +143,7 @@ def main():
   seeds = H.parse_seeds(args.seeds)
   kw = dict(steps=args.steps, size=args.size)
   if args.small:
-    seeds, kw = seeds[:1], dict(steps=30, size='T', num_eval=200, log_every=0)
+    seeds, kw = seeds[:1], dict(SMALL)
   results = run(seeds, **kw)
   os.makedirs(args.out, exist_ok=True)
   H.write_json(os.path.join(args.out, 'results.json'),

@@ -35,6 +35,9 @@ TASKS = {  # name: (generator, metric, lower is better)
     'mog': ('generate_set_mog', 'mse'),
 }
 
+#: The tiny settings of ``--small`` and of the notebook under ATTNJAX_NB_SMALL=1 (1 seed).
+SMALL = dict(steps=20, size='T', num_eval=200, log_every=0, tasks=['max'])
+
 
 def make_config(task: str, model: str, *, steps: int, size: str):
   block, pooling = MODELS[model]
@@ -127,7 +130,7 @@ def main():
   seeds = H.parse_seeds(args.seeds)
   kw = dict(steps=args.steps, size=args.size)
   if args.small:
-    seeds, kw = seeds[:1], dict(steps=20, size='T', num_eval=200, log_every=0, tasks=['max'])
+    seeds, kw = seeds[:1], dict(SMALL)
   results = run(seeds, **kw)
   os.makedirs(args.out, exist_ok=True)
   H.write_json(os.path.join(args.out, 'results.json'),
