@@ -108,7 +108,7 @@ def plot(results: dict, path: str | None = None):
   ax.plot(LENGTHS, [results['zero'][str(m)] for m in LENGTHS], 'k:', lw=1, label='predict 0')
   ax.set_xscale('log', base=2)
   ax.set_xticks(LENGTHS, [str(m) for m in LENGTHS])
-  ax.set_yscale('symlog', linthresh=1e-2)
+  ax.set_ylim(bottom=0)
   ax.set_xlabel('prompt length (points incl. the query)')
   ax.set_ylabel('query MSE')
   ax.legend(fontsize=7)
