@@ -77,6 +77,30 @@ def test_encoder_heads():
   assert float(jnp.abs(y1[:, 0] - y2[:, 0]).max()) > 1e-6
 
 
+def test_set_transformer_mean_pooling():
+  cfg = models.default_config("set")
+  cfg.pooling = ml_collections.ConfigDict({"name": "mean"})
+  m = models.build_model(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 9, cfg.input_dim))
+  y = _forward(m, x)
+  # the pooled vector is the mean of the normed SAB outputs over the elements
+  h = m.pool_norm(m.blocks(m.embed(x)))
+  s = jnp.mean(h, axis=1, keepdims=True)
+  s = m.final_norm(s + m.mlp(m.mlp_norm(s)))
+  np.testing.assert_allclose(y, m.head(s.reshape(2, -1)), **TOL)
+  perm = np.random.default_rng(0).permutation(9)
+  np.testing.assert_allclose(_forward(m, x[:, perm]), y, **TOL)
+  # padding elements (negative segment ids) leave the mean unchanged
+  pad = jax.random.normal(jax.random.key(2), (2, 4, cfg.input_dim))
+  ids = jnp.concatenate([jnp.zeros((2, 9), jnp.int32), -jnp.ones((2, 4), jnp.int32)], axis=1)
+  y_pad = _forward(m, jnp.concatenate([x, pad], axis=1), segment_ids=ids)
+  np.testing.assert_allclose(y_pad, y, **TOL)
+  assert float(jnp.abs(_forward(m, jnp.concatenate([x, pad], axis=1)) - y).max()) > 1e-4
+  cfg.num_seeds = 2
+  with pytest.raises(ValueError, match="num_seeds=1"):
+    models.build_model(cfg, rngs=nnx.Rngs(0))
+
+
 def test_hvit_swin_alternates_shift():
   cfg = models.default_config("hvit")
   model = models.build_model(cfg, rngs=nnx.Rngs(0))

@@ -4,7 +4,9 @@
 (Lee et al., 2019): `x [B, n, d_in] -> Linear -> SAB x L -> PMA_k -> RMSNorm -> flatten ->
 Linear -> [B, num_outputs]`. SAB blocks are the pre-norm blocks of `attnjax.models.blocks`
 without positions (no RoPE, no mask unless the spec sets one); PMA is any 'pooling'
-variant of `attnjax.variants` (`cfg.pooling`, default 'pma'), with a residual MLP.
+variant of `attnjax.variants` (`cfg.pooling`, default 'pma'), with a residual MLP;
+`pooling={'name': 'mean'}` averages the elements instead (the paper's "SAB + pooling"
+baseline, Deep Sets' sum/mean; `num_seeds` must be 1).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class SetTransformer(nnx.Module):
 
   Config fields: input_dim, num_classes, d_model, num_layers, num_heads, num_kv_heads,
   head_dim, mlp_dim, dropout_rate, dtype, attention / layers_attention (SAB mechanism),
-  pooling (a 'pooling' variant spec, default {'name': 'pma'}), num_seeds (default 1),
+  pooling (a 'pooling' variant spec, default {'name': 'pma'}, or {'name': 'mean'} for the
+  mean over the elements), num_seeds (default 1),
   remat_policy, scan_layers. `segment_ids [B, n]`: negative ids mark padding elements.
   """
 
@@ -37,8 +40,11 @@ class SetTransformer(nnx.Module):
     pooling = C.get(cfg, "pooling", None) or {"name": "pma"}
     pooling = pooling.to_dict() if hasattr(pooling, "to_dict") else dict(pooling)
     pname = pooling.pop("name", "pma")
-    entry = variants.info(pname)
-    if entry.kind != "pooling":
+    if pname == "mean" and (pooling or self.num_seeds != 1):
+      raise ValueError(f"pooling 'mean' takes no options and needs num_seeds=1, got options "
+                       f"{sorted(pooling)} and num_seeds={self.num_seeds}")
+    entry = None if pname == "mean" else variants.info(pname)
+    if entry is not None and entry.kind != "pooling":
       raise ValueError(f"pooling must name a 'pooling' variant, got {pname!r} of kind "
                        f"{entry.kind!r}")
     self.embed = Dense(self.input_dim, d_model, names=(None, "embed"), rngs=rngs)
@@ -46,9 +52,12 @@ class SetTransformer(nnx.Module):
                                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                 mlp_dim=C.positive(cfg, "mlp_dim"), defaults={}, rngs=rngs)
     self.pool_norm = RMSNorm(d_model, rngs=rngs)
-    pooling.setdefault("num_seeds", self.num_seeds)
-    self.pool = entry.factory(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                              head_dim=head_dim, rngs=rngs, **pooling)
+    if entry is None:
+      self.pool = None
+    else:
+      pooling.setdefault("num_seeds", self.num_seeds)
+      self.pool = entry.factory(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                head_dim=head_dim, rngs=rngs, **pooling)
     self.mlp_norm = RMSNorm(d_model, rngs=rngs)
     self.mlp = MLP(d_model, C.positive(cfg, "mlp_dim"), dtype=self.dtype, rngs=rngs)
     self.final_norm = RMSNorm(d_model, rngs=rngs)
@@ -61,8 +70,15 @@ class SetTransformer(nnx.Module):
     h = constrain(h, ("batch", "length", "embed"))
     # padding elements (negative ids) see only each other in SABs; PMA ignores them.
     h = self.blocks(h, segment_ids=segment_ids, deterministic=deterministic)
-    kw = {} if segment_ids is None else {"segment_ids": segment_ids}
-    s = self.pool(self.pool_norm(h), deterministic=deterministic, **kw)
+    if self.pool is None:  # mean over the real (id >= 0) elements
+      z = self.pool_norm(h)
+      w = (jnp.ones(z.shape[:2], jnp.float32) if segment_ids is None
+           else (segment_ids >= 0).astype(jnp.float32))[..., None]
+      s = (jnp.sum(z.astype(jnp.float32) * w, axis=1, keepdims=True)
+           / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)).astype(z.dtype)
+    else:
+      kw = {} if segment_ids is None else {"segment_ids": segment_ids}
+      s = self.pool(self.pool_norm(h), deterministic=deterministic, **kw)
     if s.shape[1] != self.num_seeds:
       raise ValueError(f"pooling layer returned {s.shape[1]} outputs, expected "
                        f"num_seeds={self.num_seeds}")
