@@ -42,6 +42,10 @@ NOTEBOOKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(NB_DIR, "
 # Measured at ATTNJAX_NB_SMALL=1 on an idle 2-core CPU: 01_tour 12 s, 02_variant_gallery
 # 16 s, 07_head_ablation 26 s (about 3x that on a loaded machine): none is slow.
 SLOW = {
+    # each compiles several models for its experiment: 70-150 s at the small size (loaded).
+    "03_position_probe.ipynb": "three encoders", "04_mqar_sweep.ipynb": "vmapped MQAR sweep",
+    "05_set_tasks.ipynb": "three set models", "06_icl_regression.ipynb": "three models",
+    "08_vit_variants.ipynb": "a ViT per variant",
 }
 
 # Seconds one cell may run (the whole notebook has no separate limit).

@@ -2,15 +2,15 @@
 
 For each name in `attnjax.variants.names()` (so a new registration is covered without
 editing this file) the runlocal config of the experiment that fits its kind is built —
-'sequence': the MQAR LM (`configs/mqar.py:variant=NAME,runlocal`; built with
-`causal=False` and no RoPE for the variants registered with `supports_causal=False`), 'spatial': the digits
+'sequence': the MQAR LM (`configs/mqar.py:variant=NAME,runlocal`; built with `causal=False`
+and no RoPE for the variants registered with `supports_causal=False`), 'spatial': the digits
 ViT (`configs/digits_vit.py:variant=NAME,runlocal`, a 4x4 token grid), 'pooling': the Set
-Transformer of `configs/set_tasks.py:runlocal` with the variant as its pooling layer —
-with the options of `config_lib.variant_options`. One jitted Adam step on a real batch
-of the task must give a finite loss, finite gradients, a non-zero gradient on the
-attention layer's parameters and a loss that changes after the update (a variant whose
-output ignored its parameters would fail). The full `train.py` runs per config are the
-slow tests of tests/test_configs.py.
+Transformer of `configs/set_tasks.py:runlocal` with the variant as its pooling layer — with
+the options of `config_lib.variant_options`. One jitted Adam step on a real batch of the
+task must give a finite loss, finite gradients, a non-zero gradient on the attention layer's
+parameters and a loss that changes after the update (a variant whose output ignored its
+parameters would fail). The full `train.py` runs per config are the slow tests of
+tests/test_configs.py.
 """
 
 import importlib.util

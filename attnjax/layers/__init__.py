@@ -15,7 +15,8 @@
 Submodules are importable as `attnjax.layers.<name>` (the lazy ones on first access):
 `linen` (Linen twins), `linear`, `linear_linen`, `presets`, the vision families
 `spatial_masked`, `reduced`, `positional`, `channel` (CNN channel/spatial modules on
-`[B, Hh, Ww, C]`), `routing`, `tokens`, `heads`, `linear_gated` and their `*_linen` twins.
+`[B, Hh, Ww, C]`), `routing`, `tokens`, `heads`, `linear_gated`, `linear_vision` and their
+`*_linen` twins.
 """
 
 import importlib as _importlib
@@ -44,7 +45,8 @@ __all__ = [
 _LAZY_SUBMODULES = ("linen", "linear_linen", "spatial_masked", "spatial_masked_linen",
                     "reduced", "reduced_linen", "positional", "positional_linen", "channel",
                     "channel_linen", "routing", "routing_linen", "tokens", "tokens_linen",
-                    "heads", "heads_linen", "linear_gated", "linear_gated_linen")
+                    "heads", "heads_linen", "linear_gated", "linear_gated_linen",
+                    "linear_vision", "linear_vision_linen")
 
 
 def __getattr__(name):

@@ -92,7 +92,6 @@ from attnjax.ops.linear._args import (
                                       FEATURE_MAPS,
                                       FORMS,
                                       IMPLEMENTATIONS,
-                                      Array,
                                       FeatureMap,
 )
 from attnjax.ops.linear._core import register_chunk_kernel, register_selector
