@@ -602,3 +602,36 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
   if cache is not None:
     return y, new_cache
   return y
+
+
+def mechanism_factories(nnx_cls, linen_module: str, linen_name: str):
+  """`(make_factory, make_linen_factory)` for a layer class taking `mechanism=`.
+
+  `make_factory(mechanism)` is the registry's NNX factory
+  `(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options)` building
+  `nnx_cls(d_model, num_heads, mechanism=mechanism, ...)`; `make_linen_factory(mechanism)`
+  builds the Linen twin `linen_module.linen_name` (imported on first call), whose options
+  are a sorted tuple of `(name, value)` pairs with lists frozen into tuples (hashable).
+  """
+
+  def make_factory(mechanism: str):
+    def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
+      return nnx_cls(d_model, num_heads, mechanism=mechanism, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, rngs=rngs, **options)
+    factory.__name__ = f"{mechanism}_factory"
+    factory.__doc__ = (f"`{nnx_cls.__name__}(mechanism={mechanism!r})` "
+                       f"({nnx_cls.__module__}).")
+    return factory
+
+  def make_linen_factory(mechanism: str):
+    def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
+      import importlib  # pylint: disable=import-outside-toplevel
+      cls = getattr(importlib.import_module(linen_module), linen_name)
+      frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                            for k, v in options.items()))
+      return cls(d_model=d_model, num_heads=num_heads, mechanism=mechanism,
+                 num_kv_heads=num_kv_heads, head_dim=head_dim, options=frozen)
+    linen_factory.__name__ = f"{mechanism}_linen_factory"
+    return linen_factory
+
+  return make_factory, make_linen_factory

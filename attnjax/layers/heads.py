@@ -423,24 +423,6 @@ class HeadsAttention(nnx.Module):
     return y
 
 
-def make_factory(mechanism: str):
-  """The NNX registry factory building `HeadsAttention(mechanism=mechanism)`."""
-
-  def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
-    return HeadsAttention(d_model, num_heads, mechanism=mechanism, num_kv_heads=num_kv_heads,
-                          head_dim=head_dim, rngs=rngs, **options)
-  factory.__name__ = f"{mechanism}_factory"
-  factory.__doc__ = f"`HeadsAttention(mechanism={mechanism!r})` (attnjax.layers.heads)."
-  return factory
-
-
-def make_linen_factory(mechanism: str):
-  """The Linen registry factory building `heads_linen.HeadsAttention`."""
-
-  def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
-    from attnjax.layers import heads_linen  # pylint: disable=import-outside-toplevel
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    return heads_linen.HeadsAttention(d_model=d_model, num_heads=num_heads, mechanism=mechanism,
-                                      num_kv_heads=num_kv_heads, head_dim=head_dim, options=frozen)
-  linen_factory.__name__ = f"{mechanism}_linen_factory"
-  return linen_factory
+# The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).
+make_factory, make_linen_factory = _core.mechanism_factories(
+    HeadsAttention, "attnjax.layers.heads_linen", "HeadsAttention")

@@ -379,26 +379,6 @@ class ReducedSpatialAttention(nnx.Module):
     return forward(self.config, self.params_dict(), x)
 
 
-def make_factory(mechanism: str):
-  """The NNX registry factory building `ReducedSpatialAttention(mechanism=mechanism)`."""
-
-  def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
-    return ReducedSpatialAttention(d_model, num_heads, mechanism=mechanism,
-                                   num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs,
-                                   **options)
-  factory.__name__ = f"{mechanism}_factory"
-  factory.__doc__ = f"`ReducedSpatialAttention(mechanism={mechanism!r})` (attnjax.layers.reduced)."
-  return factory
-
-
-def make_linen_factory(mechanism: str):
-  """The Linen registry factory building `reduced_linen.ReducedSpatialAttention`."""
-
-  def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
-    from attnjax.layers import reduced_linen  # pylint: disable=import-outside-toplevel
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    return reduced_linen.ReducedSpatialAttention(d_model=d_model, num_heads=num_heads,
-                                                 mechanism=mechanism, num_kv_heads=num_kv_heads,
-                                                 head_dim=head_dim, options=frozen)
-  linen_factory.__name__ = f"{mechanism}_linen_factory"
-  return linen_factory
+# The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).
+make_factory, make_linen_factory = _core.mechanism_factories(
+    ReducedSpatialAttention, "attnjax.layers.reduced_linen", "ReducedSpatialAttention")

@@ -358,25 +358,6 @@ class RoutingAttention(nnx.Module):
     return distillation_loss(self.config, self.params_dict(), x)
 
 
-def make_factory(mechanism: str):
-  """The NNX registry factory building `RoutingAttention(mechanism=mechanism)`."""
-
-  def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
-    return RoutingAttention(d_model, num_heads, mechanism=mechanism, num_kv_heads=num_kv_heads,
-                            head_dim=head_dim, rngs=rngs, **options)
-  factory.__name__ = f"{mechanism}_factory"
-  factory.__doc__ = f"`RoutingAttention(mechanism={mechanism!r})` (attnjax.layers.routing)."
-  return factory
-
-
-def make_linen_factory(mechanism: str):
-  """The Linen registry factory building `routing_linen.RoutingAttention`."""
-
-  def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
-    from attnjax.layers import routing_linen  # pylint: disable=import-outside-toplevel
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    return routing_linen.RoutingAttention(d_model=d_model, num_heads=num_heads,
-                                          mechanism=mechanism, num_kv_heads=num_kv_heads,
-                                          head_dim=head_dim, options=frozen)
-  linen_factory.__name__ = f"{mechanism}_linen_factory"
-  return linen_factory
+# The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).
+make_factory, make_linen_factory = _core.mechanism_factories(
+    RoutingAttention, "attnjax.layers.routing_linen", "RoutingAttention")
