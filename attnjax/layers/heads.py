@@ -53,6 +53,7 @@ from flax import nnx
 from attnjax import masks as _masks
 from attnjax import score_mods as _sm
 from attnjax.layers import _core
+from attnjax.layers import _options as _opt
 from attnjax.layers._core import ParamSpec, _positive_int
 from attnjax.layers.attention import make_param
 from attnjax.ops import dense as _dense
@@ -112,40 +113,17 @@ def _freeze(v):
 def heads_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim=None, **options):
   """Validates `options` for `mechanism` and returns a `HeadsConfig` (ValueError/TypeError
   naming a bad option and what it expects)."""
-  if mechanism not in MECHANISMS:
-    raise ValueError(f"mechanism must be one of {MECHANISMS}, got mechanism={mechanism!r}")
-  _positive_int("d_model", d_model)
-  _positive_int("num_heads", num_heads)
-  own, common = dict(_OPTIONS[mechanism]), dict(_COMMON)
-  for k, v in options.items():
-    if k in own:
-      own[k] = _freeze(v)
-    elif k in common:
-      common[k] = _freeze(v)
-    else:
-      raise TypeError(f"variant {mechanism!r} got an unknown option {k!r}; expected one of "
-                      f"{sorted(own) + sorted(common)}")
+  own, common = _opt.split_options(mechanism, options, _OPTIONS.get(mechanism, {}), _COMMON,
+                                   mechanisms=MECHANISMS, convert=_freeze)
   if common["rope"] not in (None, "1d"):
     raise ValueError(f"rope must be None or '1d' for variant {mechanism!r}, got "
                      f"rope={common['rope']!r}")
-  if common["dropout_rate"]:
-    raise ValueError(f"dropout_rate must be 0.0 for variant {mechanism!r} (the model's residual "
-                     f"dropout applies), got dropout_rate={common['dropout_rate']!r}")
+  _opt.reject_common(mechanism, common)
   if mechanism in _PLAIN and common["implementation"] is not None:
     raise ValueError(f"implementation must be None for variant {mechanism!r} (plain jnp: it "
                      f"needs the whole logit matrix), got {common['implementation']!r}")
   N = num_heads
-  K = N if num_kv_heads is None else num_kv_heads
-  _positive_int("num_kv_heads", K)
-  if N % K:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={N}, "
-                     f"num_kv_heads={K}")
-  if head_dim is None:
-    if d_model % N:
-      raise ValueError(f"d_model must be divisible by num_heads when head_dim is not given, got "
-                       f"d_model={d_model}, num_heads={N}")
-    head_dim = d_model // N
-  _positive_int("head_dim", head_dim)
+  K, head_dim = _opt.head_layout(d_model, num_heads, num_kv_heads, head_dim)
   if mechanism == "moh":
     ns = N // 2 if own["num_shared"] is None else own["num_shared"]
     if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns < N:
