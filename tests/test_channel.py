@@ -195,9 +195,35 @@ def ref_a2n(cfg, p, x):
   return lrelu(pi[:, 0, None, None, None] * att + pi[:, 1, None, None, None] * non) @ p["last"] + x
 
 
+def ref_sdlska(cfg, p, x):
+  # separable depthwise stage, then one separable dilated branch per receptive field
+  a = r_dw(r_dw(x, p["conv0_h"]), p["conv0_v"], p["conv0_bias"])
+  bs = [r_dw(r_dw(a, p[f"branch{i}_h"], dilation=d), p[f"branch{i}_v"], p[f"branch{i}_bias"],
+             dilation=d) for i, d in enumerate(cfg.dilations)]
+  s = sum(bs).mean(axis=(1, 2))                                   # [B, C]
+  z = jnp.maximum(s @ p["select_w1"] + p["select_b1"], 0) @ p["select_w2"]
+  n = len(bs)
+  w = r_softmax(z.reshape(z.shape[0], n, -1), 1)                  # [B, n, C]
+  mixed = sum(w[:, i, None, None, :] * bs[i] for i in range(n))
+  return x * (mixed @ p["conv1"] + p["conv1_bias"])
+
+
+def ref_gcg(cfg, p, x):
+  B, H, W, Cc = x.shape
+  flat = x.reshape(B, H * W, Cc)
+  a = r_softmax((flat @ p["context_w"])[..., 0], 1)               # [B, HW]
+  c = jnp.sum(a[:, :, None] * flat, axis=1)                       # [B, C]
+  t = c @ p["corr_w1"] + p["corr_b1"]
+  mean, var = t.mean(-1, keepdims=True), t.var(-1, keepdims=True)
+  t = (t - mean) / jnp.sqrt(var + 1e-5) * p["corr_norm_scale"] + p["corr_norm_bias"]
+  t = jnp.maximum(t, 0) @ p["corr_w2"] + p["corr_b2"]
+  return x * r_sigmoid(r_dw(x, p["local"], p["local_bias"]) + t[:, None, None, :])
+
+
 REFS = {"se": ref_se, "eca": ref_eca, "coord": ref_coord, "ela": ref_ela, "cbam": ref_cbam,
         "triplet": ref_triplet, "psa_parallel": ref_psa, "psa_sequential": ref_psa,
-        "lka": ref_lka, "lkca": ref_lkca, "ulsam": ref_ulsam, "a2n": ref_a2n}
+        "lka": ref_lka, "lkca": ref_lkca, "ulsam": ref_ulsam, "a2n": ref_a2n,
+        "sdlska": ref_sdlska, "gcg": ref_gcg}
 
 
 def random_params(module, seed):
@@ -277,7 +303,7 @@ def test_linen_twin_agrees(name):
 
 
 def test_linen_twin_fields_and_errors():
-  for nnx_name in channel.__all__[:11]:
+  for nnx_name in channel.__all__[:13]:
     twin = getattr(channel_linen, nnx_name)
     fields = set(twin.__dataclass_fields__) - {"parent", "name", "param_dtype"}
     assert fields == {f.name for f in dataclasses.fields(getattr(channel, nnx_name).CONFIG)}
@@ -351,6 +377,11 @@ def test_lkca_conv_view_equals_attention_view():
     ("lka", dict(dilated_kernel_size=8), "dilated_kernel_size must be a positive odd int"),
     ("lka", dict(dilation=0), "dilation must be a positive int"),
     ("lkca", dict(kernel_size=10), "kernel_size must be a positive odd int"),
+    ("sdlska", dict(dilations=(2,)), "dilations must be a tuple of at least 2 positive ints"),
+    ("sdlska", dict(dilations=(2, 0)), "dilations must be a tuple of at least 2 positive ints"),
+    ("sdlska", dict(reduction=3), "reduction=3 must divide the 16"),
+    ("gcg", dict(kernel_size=4), "kernel_size must be a positive odd int"),
+    ("gcg", dict(reduction=5), "reduction=5 must divide the 16"),
     ("ulsam", dict(subspaces=5), "subspaces=5 must divide"),
     ("a2n", dict(temperature=0.0), "temperature must be > 0"),
     ("coord", dict(reduction=0), "reduction must be a positive int"),

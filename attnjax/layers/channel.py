@@ -17,6 +17,8 @@
 | 'lkca' | `LargeKernelConvAttention` | LKCA: Large Kernel Convolutional Attention |
 | 'ulsam' | `ULSAM` | ULSAM: Ultra-Lightweight Subspace Attention Module |
 | 'a2n' | `AttentionInAttention` | Attention in Attention Network for Image Super-Resolution |
+| 'sdlska' | `SparseLargeSeparableKernelAttention` | BEVANet (SDLSKA + CKS) |
+| 'gcg' | `GuidedContextGating` | Guided Context Gating |
 
 Every module is `Module(channels, *, rngs, param_dtype=float32, **options)` and is called
 as `module(x [B, Hh, Ww, C], *, deterministic=True) -> [B, Hh, Ww, C]`. Each one is a
@@ -54,7 +56,8 @@ from attnjax.ops import channel as ops
 __all__ = ["SqueezeExcitation", "EfficientChannelAttention", "CoordinateAttention",
            "EfficientLocalAttention", "CBAM", "TripletAttention", "PolarizedSelfAttention",
            "LargeKernelAttention", "LargeKernelConvAttention", "ULSAM", "AttentionInAttention",
-           "MODULES", "CONFIGS", "get_module", "names", "build", "forward"]
+           "SparseLargeSeparableKernelAttention", "GuidedContextGating", "MODULES", "CONFIGS",
+           "get_module", "names", "build", "forward"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -463,6 +466,103 @@ class A2NConfig:
     return _dense(lrelu(mixed), p["last"]) + x
 
 
+@dataclasses.dataclass(frozen=True)
+class SDLSKAConfig:
+  """SDLSKA + CKS options: the separable depthwise `kernel_size` (5), the separable
+  dilated `dilated_kernel_size` (7), one receptive-field branch per entry of `dilations`
+  ((2, 3); at least 2 for a selection), the selection MLP's `reduction` (4, divides C)."""
+
+  channels: int
+  kernel_size: int = 5
+  dilated_kernel_size: int = 7
+  dilations: tuple = (2, 3)
+  reduction: int = 4
+
+  def __post_init__(self):
+    _check_channels(self.channels)
+    ops.check_odd("kernel_size", self.kernel_size)
+    ops.check_odd("dilated_kernel_size", self.dilated_kernel_size)
+    d = self.dilations
+    if (not isinstance(d, (tuple, list)) or len(d) < 2
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in d)):
+      raise ValueError(f"dilations must be a tuple of at least 2 positive ints (one branch "
+                       f"each), got dilations={d!r}")
+    object.__setattr__(self, "dilations", tuple(d))
+    _divides("reduction", self.reduction, self.channels)
+
+  def specs(self):
+    C, k, kd = self.channels, self.kernel_size, self.dilated_kernel_size
+    out = {"conv0_h": _weight(1, k, 1, C, fan_in=k), "conv0_v": _weight(k, 1, 1, C, fan_in=k),
+           "conv0_bias": _spec((C,), _zeros)}
+    for i in range(len(self.dilations)):
+      out[f"branch{i}_h"] = _weight(1, kd, 1, C, fan_in=kd)
+      out[f"branch{i}_v"] = _weight(kd, 1, 1, C, fan_in=kd)
+      out[f"branch{i}_bias"] = _spec((C,), _zeros)
+    h = C // self.reduction
+    out.update(select_w1=_weight(C, h), select_b1=_spec((h,), _zeros),
+               select_w2=_weight(h, len(self.dilations) * C),
+               conv1=_weight(C, C), conv1_bias=_spec((C,), _zeros))
+    return out
+
+  def branches(self, p, x):
+    """The separable large-kernel branches `[n, B, Hh, Ww, C]` (one per dilation)."""
+    a = ops.depthwise_conv2d(ops.depthwise_conv2d(x, p["conv0_h"]), p["conv0_v"], p["conv0_bias"])
+    return jnp.stack([
+        ops.depthwise_conv2d(ops.depthwise_conv2d(a, p[f"branch{i}_h"], dilation=d),
+                             p[f"branch{i}_v"], p[f"branch{i}_bias"], dilation=d)
+        for i, d in enumerate(self.dilations)])
+
+  def selection(self, p, b_nBHWC):
+    """CKS weights `[n, B, C]`: a softmax over the branches, per example and channel, of
+    `W2 relu(W1 GAP(sum_i b_i) + b1)`."""
+    n, B, C = len(self.dilations), b_nBHWC.shape[1], self.channels
+    s = _mean_hw(jnp.sum(b_nBHWC, axis=0))
+    z = _dense(jax.nn.relu(_dense(s, p["select_w1"], p["select_b1"])), p["select_w2"])
+    return jax.nn.softmax(z.reshape(B, n, C), axis=1).transpose(1, 0, 2)
+
+  def apply(self, p, x):
+    b = self.branches(p, x)
+    w = self.selection(p, b)
+    mixed = jnp.sum(w[:, :, None, None, :] * b, axis=0)
+    return x * _dense(mixed, p["conv1"], p["conv1_bias"])
+
+
+@dataclasses.dataclass(frozen=True)
+class GCGConfig:
+  """Guided context gating options: the channel-correlation bottleneck `reduction` (4,
+  divides C) and the odd `kernel_size` (3) of the local depthwise context."""
+
+  channels: int
+  reduction: int = 4
+  kernel_size: int = 3
+
+  def __post_init__(self):
+    _check_channels(self.channels)
+    _divides("reduction", self.reduction, self.channels)
+    ops.check_odd("kernel_size", self.kernel_size)
+
+  def specs(self):
+    C, h, k = self.channels, self.channels // self.reduction, self.kernel_size
+    return {"context_w": _weight(C, 1), "corr_w1": _weight(C, h), "corr_b1": _spec((h,), _zeros),
+            "corr_norm_scale": _spec((h,), _ones), "corr_norm_bias": _spec((h,), _zeros),
+            "corr_w2": _weight(h, C), "corr_b2": _spec((C,), _zeros),
+            "local": _weight(k, k, 1, C, fan_in=k * k), "local_bias": _spec((C,), _zeros)}
+
+  def context(self, p, x):
+    """Global context `c [B, C] = sum_p softmax_p(w_k . x_p) x_p` (attention pooling)."""
+    B, Hh, Ww, C = x.shape
+    a_BP = jax.nn.softmax(_dense(x, p["context_w"]).reshape(B, Hh * Ww), axis=-1)
+    return jnp.einsum("bp,bpc->bc", a_BP, x.reshape(B, Hh * Ww, C),
+                      precision=jax.lax.Precision.HIGHEST)
+
+  def apply(self, p, x):
+    t = _dense(self.context(p, x), p["corr_w1"], p["corr_b1"])
+    t = _dense(jax.nn.relu(ops.layer_norm(t, p["corr_norm_scale"], p["corr_norm_bias"])),
+               p["corr_w2"], p["corr_b2"])
+    local = ops.depthwise_conv2d(x, p["local"], p["local_bias"])
+    return x * jax.nn.sigmoid(local + t[:, None, None, :])
+
+
 # ----------------------------------------------------------------------------- modules
 
 def forward(config, params: dict, x):
@@ -645,6 +745,40 @@ class AttentionInAttention(_ChannelModule):
   CONFIG = A2NConfig
 
 
+class SparseLargeSeparableKernelAttention(_ChannelModule):
+  """Sparse decomposed large separable kernel attention with kernel selection (SDLSKA +
+  CKS). Paper: "BEVANet: Bilateral Efficient Visual Attention Network for Real-Time
+  Semantic Segmentation" (catalog H07).
+
+  LKA with each depthwise kernel decomposed into a `1 x k` and a `k x 1` depthwise
+  convolution, and the dilated ("sparse") stage run once per receptive field:
+  `a = DW_{k x 1}(DW_{1 x k}(x))`, `b_i = DWD_{kd x 1, d_i}(DWD_{1 x kd, d_i}(a))`;
+  CKS selects among the fields per channel, `w = softmax_i(W2 relu(W1 GAP(sum_i b_i)))`
+  `[n, B, C]`; `y = x * Conv_{1x1}(sum_i w_i b_i)`. Options: kernel_size=5,
+  dilated_kernel_size=7, dilations=(2, 3), reduction=4. The paper's text available to us
+  names the parts but gives no equations; this is the composition of the named parts
+  (LKA decomposed as in separable large-kernel attention, selective-kernel selection),
+  see docs/channel.md.
+  """
+
+  CONFIG = SDLSKAConfig
+
+
+class GuidedContextGating(_ChannelModule):
+  """Guided context gating (GCG). Paper: "Guided Context Gating: Learning to leverage
+  salient lesions in retinal fundus images" (catalog H10).
+
+  Global context by attention pooling `c = sum_p softmax_p(w . x_p) x_p` `[B, C]`; channel
+  correlation `t = W2 relu(LN(W1 c + b1)) + b2`; the gate is guided by both the local
+  context (a `k x k` depthwise convolution) and the global one:
+  `y = x * sigmoid(DWConv_k(x) + t)`. Options: reduction=4, kernel_size=3. The paper's
+  abstract names the three parts without equations; this composition is ours, see
+  docs/channel.md.
+  """
+
+  CONFIG = GCGConfig
+
+
 def _psa(mode):
   def factory(channels, *, rngs, **options):
     if "mode" in options:
@@ -668,12 +802,14 @@ MODULES = {
     "lkca": LargeKernelConvAttention,
     "ulsam": ULSAM,
     "a2n": AttentionInAttention,
+    "sdlska": SparseLargeSeparableKernelAttention,
+    "gcg": GuidedContextGating,
 }
 
 CONFIGS = {"se": SEConfig, "eca": ECAConfig, "coord": CoordConfig, "ela": ELAConfig,
            "cbam": CBAMConfig, "triplet": TripletConfig, "psa_parallel": PSAConfig,
            "psa_sequential": PSAConfig, "lka": LKAConfig, "lkca": LKCAConfig,
-           "ulsam": ULSAMConfig, "a2n": A2NConfig}
+           "ulsam": ULSAMConfig, "a2n": A2NConfig, "sdlska": SDLSKAConfig, "gcg": GCGConfig}
 
 
 def names() -> list[str]:

@@ -25,7 +25,7 @@ from attnjax.layers import linen as _linen
 __all__ = ["SqueezeExcitation", "EfficientChannelAttention", "CoordinateAttention",
            "EfficientLocalAttention", "CBAM", "TripletAttention", "PolarizedSelfAttention",
            "LargeKernelAttention", "LargeKernelConvAttention", "ULSAM", "AttentionInAttention",
-           "MODULES", "get_module"]
+           "SparseLargeSeparableKernelAttention", "GuidedContextGating", "MODULES", "get_module"]
 
 
 class _LinenChannel(nn.Module):
@@ -77,6 +77,8 @@ LargeKernelAttention = _twin(_ch.LargeKernelAttention)
 LargeKernelConvAttention = _twin(_ch.LargeKernelConvAttention)
 ULSAM = _twin(_ch.ULSAM)
 AttentionInAttention = _twin(_ch.AttentionInAttention)
+SparseLargeSeparableKernelAttention = _twin(_ch.SparseLargeSeparableKernelAttention)
+GuidedContextGating = _twin(_ch.GuidedContextGating)
 
 
 def _psa(mode):
@@ -93,7 +95,8 @@ MODULES = {
     "ela": EfficientLocalAttention, "cbam": CBAM, "triplet": TripletAttention,
     "psa_parallel": _psa("parallel"), "psa_sequential": _psa("sequential"),
     "lka": LargeKernelAttention, "lkca": LargeKernelConvAttention, "ulsam": ULSAM,
-    "a2n": AttentionInAttention,
+    "a2n": AttentionInAttention, "sdlska": SparseLargeSeparableKernelAttention,
+    "gcg": GuidedContextGating,
 }
 assert set(MODULES) == set(_ch.MODULES)
 
