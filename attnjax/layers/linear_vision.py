@@ -310,27 +310,6 @@ class VisionLinearAttention(nnx.Module):
     return forward(self.config, self.params_dict(), x)
 
 
-def make_factory(mechanism: str):
-  """The NNX registry factory building `VisionLinearAttention(mechanism=mechanism)`."""
-
-  def factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, rngs, **options):
-    return VisionLinearAttention(d_model, num_heads, mechanism=mechanism,
-                                 num_kv_heads=num_kv_heads, head_dim=head_dim, rngs=rngs,
-                                 **options)
-  factory.__name__ = f"{mechanism}_factory"
-  factory.__doc__ = (f"`VisionLinearAttention(mechanism={mechanism!r})` "
-                     f"(attnjax.layers.linear_vision).")
-  return factory
-
-
-def make_linen_factory(mechanism: str):
-  """The Linen registry factory building `linear_vision_linen.VisionLinearAttention`."""
-
-  def linen_factory(*, d_model, num_heads, num_kv_heads=None, head_dim=None, **options):
-    from attnjax.layers import linear_vision_linen  # pylint: disable=import-outside-toplevel
-    frozen = tuple(sorted(options.items()))
-    return linear_vision_linen.VisionLinearAttention(
-        d_model=d_model, num_heads=num_heads, mechanism=mechanism, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, options=frozen)
-  linen_factory.__name__ = f"{mechanism}_linen_factory"
-  return linen_factory
+# The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).
+make_factory, make_linen_factory = _core.mechanism_factories(
+    VisionLinearAttention, "attnjax.layers.linear_vision_linen", "VisionLinearAttention")
