@@ -14,6 +14,7 @@ repeats an example.  Dropout must be 0 (the step runs the model deterministicall
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -146,3 +147,59 @@ def parse_seeds(text: str) -> list[int]:
   if not seeds:
     raise ValueError(f'--seeds must name at least one seed; got {text!r}.')
   return seeds
+
+
+def save_figure(fig, path: str | None):
+  """``fig.tight_layout()``, then ``fig.savefig(path, dpi=100)`` unless path is None."""
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=100)
+  return fig
+
+
+def arg_parser(doc: str, out: str) -> argparse.ArgumentParser:
+  """The options every experiment script takes: ``--seeds``, ``--out``, ``--small``."""
+  p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--out', default=out)
+  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
+  return p
+
+
+def seeded_main(doc: str, name: str, run, plot, summary_table, small: dict, *, steps: int,
+                size: str = 'S') -> None:
+  """The command line of the seed-looping experiments (1, 3, 4): ``--seeds``, ``--steps``,
+  ``--size``, ``--out``, ``--small``; writes ``results.json`` and ``<name>.png`` into
+  ``--out`` and prints the summary table."""
+  p = arg_parser(doc, f'/tmp/{name}')
+  p.add_argument('--steps', type=int, default=steps)
+  p.add_argument('--size', default=size)
+  args = p.parse_args()
+  seeds = parse_seeds(args.seeds)
+  kw = dict(steps=args.steps, size=args.size)
+  if args.small:
+    seeds, kw = seeds[:1], dict(small)
+  results = run(seeds, **kw)
+  os.makedirs(args.out, exist_ok=True)
+  write_json(os.path.join(args.out, 'results.json'),
+             {'settings': {'seeds': seeds, **kw}, 'results': results})
+  plot(results, os.path.join(args.out, f'{name}.png'))
+  print(summary_table(results))
+
+
+def sweep_main(doc: str, name: str, run, table, *, what: str) -> None:
+  """The command line of the variant sweeps (2, 6): ``--seeds``, ``--out``, ``--small``,
+  ``--variants`` (comma list; default ``what``), ``--steps``; prints the table and the
+  wall time."""
+  p = arg_parser(doc, f'/tmp/{name}')
+  p.add_argument('--variants', default=None, help=f'comma list (default: {what})')
+  p.add_argument('--steps', type=int, default=None)
+  args = p.parse_args()
+  over = {}
+  if args.variants:
+    over['variants'] = tuple(args.variants.split(','))
+  if args.steps:
+    over['steps'] = args.steps
+  res = run(args.seeds.split(','), small=args.small, out=args.out, **over)
+  print(table(res))
+  print(f'wall time {res["wall_s"]:.0f}s')

@@ -19,7 +19,6 @@ the unexplained share ``(4 - k) / 4``).
   python experiments/icl_regression.py --seeds 0,1,2 --out /tmp/icl_regression
 """
 
-import argparse
 import os
 import sys
 
@@ -112,31 +111,11 @@ def plot(results: dict, path: str | None = None):
   ax.set_xlabel('prompt length (points incl. the query)')
   ax.set_ylabel('query MSE')
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=100)
-  return fig
+  return H.save_figure(fig, path)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--steps', type=int, default=600)
-  p.add_argument('--size', default='S')
-  p.add_argument('--out', default='/tmp/icl_regression')
-  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
-  args = p.parse_args()
-  seeds = H.parse_seeds(args.seeds)
-  kw = dict(steps=args.steps, size=args.size)
-  if args.small:
-    seeds, kw = seeds[:1], dict(SMALL)
-  results = run(seeds, **kw)
-  os.makedirs(args.out, exist_ok=True)
-  H.write_json(os.path.join(args.out, 'results.json'),
-               {'settings': {'seeds': seeds, **kw}, 'results': results})
-  plot(results, os.path.join(args.out, 'icl_regression.png'))
-  print(summary_table(results))
-
+  H.seeded_main(__doc__, 'icl_regression', run, plot, summary_table, SMALL, steps=600)
 
 if __name__ == '__main__':
   main()

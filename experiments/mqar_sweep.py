@@ -24,7 +24,6 @@ Each seed fixes the initialisation and the order of the training examples.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from experiments import _harness as H  # noqa: E402
 
 VARIANTS = ('mha', 'sliding_window', 'linear', 'lightning', 'dynamic_mask', 'moba')
 LABELS = {'mha': 'dense (mha)', 'sliding_window': 'sliding window', 'linear': 'linear',
@@ -252,29 +253,11 @@ def plot(res, path=None, ax=None):
     ax_.set_xlabel('d_model')
   axes[0, 0].set_ylabel('MQAR test accuracy')
   axes[0, -1].legend(fontsize=7)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=100)
-  return fig
+  return H.save_figure(fig, path)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--out', default='/tmp/mqar_sweep')
-  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
-  p.add_argument('--variants', default=None, help='comma list (default: all six)')
-  p.add_argument('--steps', type=int, default=None)
-  args = p.parse_args()
-  over = {}
-  if args.variants:
-    over['variants'] = tuple(args.variants.split(','))
-  if args.steps:
-    over['steps'] = args.steps
-  res = run(args.seeds.split(','), small=args.small, out=args.out, **over)
-  print(table(res))
-  print(f'wall time {res["wall_s"]:.0f}s')
-
+  H.sweep_main(__doc__, 'mqar_sweep', run, table, what='all six')
 
 if __name__ == '__main__':
   main()

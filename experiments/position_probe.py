@@ -18,7 +18,6 @@ the examples whose largest token lies in the first 16 positions ("seen positions
   python experiments/position_probe.py --seeds 0,1,2 --out /tmp/position_probe
 """
 
-import argparse
 import os
 import sys
 
@@ -126,31 +125,11 @@ def plot(results: dict, path: str | None = None):
   ax.set_ylabel('argmax-position accuracy')
   ax.set_ylim(0, 1)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=100)
-  return fig
+  return H.save_figure(fig, path)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--steps', type=int, default=800)
-  p.add_argument('--size', default='S')
-  p.add_argument('--out', default='/tmp/position_probe')
-  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
-  args = p.parse_args()
-  seeds = H.parse_seeds(args.seeds)
-  kw = dict(steps=args.steps, size=args.size)
-  if args.small:
-    seeds, kw = seeds[:1], dict(SMALL)
-  results = run(seeds, **kw)
-  os.makedirs(args.out, exist_ok=True)
-  H.write_json(os.path.join(args.out, 'results.json'),
-               {'settings': {'seeds': seeds, **kw}, 'results': results})
-  plot(results, os.path.join(args.out, 'position_probe.png'))
-  print(summary_table(results))
-
+  H.seeded_main(__doc__, 'position_probe', run, plot, summary_table, SMALL, steps=800)
 
 if __name__ == '__main__':
   main()

@@ -16,7 +16,6 @@ so SAB vs ISAB is read with PMA pooling and PMA vs mean pooling with SAB blocks.
   python experiments/set_tasks.py --seeds 0,1,2 --out /tmp/set_tasks
 """
 
-import argparse
 import os
 import sys
 
@@ -113,31 +112,11 @@ def plot(results: dict, path: str | None = None):
     if TASKS[task][1] == 'mse':
       ax.set_yscale('log')
     ax.legend(fontsize=6)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=100)
-  return fig
+  return H.save_figure(fig, path)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--steps', type=int, default=400)
-  p.add_argument('--size', default='S')
-  p.add_argument('--out', default='/tmp/set_tasks')
-  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
-  args = p.parse_args()
-  seeds = H.parse_seeds(args.seeds)
-  kw = dict(steps=args.steps, size=args.size)
-  if args.small:
-    seeds, kw = seeds[:1], dict(SMALL)
-  results = run(seeds, **kw)
-  os.makedirs(args.out, exist_ok=True)
-  H.write_json(os.path.join(args.out, 'results.json'),
-               {'settings': {'seeds': seeds, **kw}, 'results': results})
-  plot(results, os.path.join(args.out, 'set_tasks.png'))
-  print(summary_table(results))
-
+  H.seeded_main(__doc__, 'set_tasks', run, plot, summary_table, SMALL, steps=400)
 
 if __name__ == '__main__':
   main()

@@ -20,7 +20,6 @@ the training images.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from experiments import _harness as H  # noqa: E402
 from experiments.mqar_sweep import train_group  # noqa: E402
 
 VARIANTS = ('mha', 'swin', 'neighborhood', 'halo', 'maxvit', 'cswin', 'twins', 'davit',
@@ -160,29 +160,11 @@ def plot(res, path=None):
   ax.set_xlabel('fwd+bwd time per batch (ms, CPU)')
   ax.set_ylabel('digits test accuracy')
   ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=100)
-  return fig
+  return H.save_figure(fig, path)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--seeds', default='0,1,2')
-  p.add_argument('--out', default='/tmp/vit_variants')
-  p.add_argument('--small', action='store_true', help='tiny settings (notebook test)')
-  p.add_argument('--variants', default=None, help='comma list (default: all nine)')
-  p.add_argument('--steps', type=int, default=None)
-  args = p.parse_args()
-  over = {}
-  if args.variants:
-    over['variants'] = tuple(args.variants.split(','))
-  if args.steps:
-    over['steps'] = args.steps
-  res = run(args.seeds.split(','), small=args.small, out=args.out, **over)
-  print(table(res))
-  print(f'wall time {res["wall_s"]:.0f}s')
-
+  H.sweep_main(__doc__, 'vit_variants', run, table, what='all nine')
 
 if __name__ == '__main__':
   main()
