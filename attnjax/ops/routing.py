@@ -33,6 +33,7 @@ float32 gates and logits; the output has the layout of ``q`` with ``Hv`` last, i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -165,111 +166,205 @@ def _moba_gather_chunk(block_size: int) -> int:
   return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
 
 
-def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
-                 extra=None):
-  """MoBA, key-block-major: gather the queries of each chosen key block.
+def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int):
+  """Key-block-major slots of the (query, chosen block) pairs (integer bookkeeping).
 
-  Per row ``r = (b, h)`` the ``T * top_k`` (query, block) pairs are laid out grouped by
-  block (query order inside a group), each group padded to a multiple of ``P = chunk``
-  slots, so that a chunk of ``P`` slots belongs to one key block; the static number of
-  slots is ``ceil((T * top_k + nk * (P - 1)) / P) * P``.  ``jax.lax.map`` over the chunks
-  (a ``jax.checkpoint``-ed body, so forward and backward hold one chunk's ``[P, block]``
-  logits at a time) computes each slot's partial softmax ``(o, lse)`` over its block
-  (float32 logits; padding slots, keys past ``S`` and, causal, ``j > i`` masked); the
-  partials are gathered back to ``[T, top_k]`` and merged by log-sum-exp, together with
-  ``extra = (o [B, T, N, Hv], lse [B, N, T])`` when given (one more partial per row).
-  Work is ``O(T * top_k * block)``, whatever the routing.  Returns ``[B, T, N, Hv]`` in
-  ``q.dtype``.
+  Per row ``r = (b, h)`` the pairs are grouped by block (query order inside a group), each
+  group padded to a multiple of ``P = chunk`` slots, so that a chunk of ``P`` slots belongs
+  to one key block.  Returns ``slot_q [R, n_chunks * P]`` (the query of each slot; ``T``
+  for a padding slot) and ``chunk_blk [R, n_chunks]`` (the key block of each chunk).
   """
-  B, T, N, H = q.shape
-  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
-  G = N // K
-  bs, P = block_size, chunk
-  nk = -(-S // bs)
+  P = chunk
   kk = idx_BNTk.shape[-1]
-  R = B * N
+  R = idx_BNTk.shape[0] * idx_BNTk.shape[1]
   n_chunks = -(-(T * kk + nk * (P - 1)) // P)
   total = n_chunks * P
-  scale = (1.0 / math.sqrt(H)) if scale is None else scale
-
-  # ---- layout (integer bookkeeping, no gradient)
   idx_RTk = jax.lax.stop_gradient(idx_BNTk).reshape(R, T, kk)
   ok_RTk = idx_RTk < nk
   c_RTk = jnp.minimum(idx_RTk, nk - 1)
-  sel_RTC = _onehot_any(idx_RTk, nk)                                          # [R, T, nk]
-  sel_i = sel_RTC.astype(jnp.int32)
+  sel_i = _onehot_any(idx_RTk, nk).astype(jnp.int32)                         # [R, T, nk]
   rank_RTC = jnp.cumsum(sel_i, axis=1) - sel_i          # position of (i, c) in c's group
   count_RC = sel_i.sum(1)
-  end_RC = jnp.cumsum(-(-count_RC // P) * P, axis=-1)   # group ends, padded to P
-  off_RC = end_RC - (-(-count_RC // P) * P)
+  padded_RC = -(-count_RC // P) * P
+  end_RC = jnp.cumsum(padded_RC, axis=-1)               # group ends, padded to P
+  off_RC = end_RC - padded_RC
   rank_RTk = jnp.take_along_axis(rank_RTC, c_RTk, axis=2)
   off_RTk = jnp.take_along_axis(off_RC[:, None, :], c_RTk, axis=2)
-  dest_RTk = jnp.where(ok_RTk, off_RTk + rank_RTk, total)                   # total: dropped
+  dest_RX = jnp.where(ok_RTk, off_RTk + rank_RTk, total).reshape(R, T * kk)  # total: dropped
   rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
-  dest_RX = dest_RTk.reshape(R, T * kk)
   qpos_X = jnp.repeat(jnp.arange(T, dtype=jnp.int32), kk)
-  slot_q = jnp.zeros((R, total), jnp.int32).at[rows_R1, dest_RX].set(
+  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_RX].set(
       jnp.broadcast_to(qpos_X, (R, T * kk)), mode="drop")
-  slot_ok = jnp.zeros((R, total), bool).at[rows_R1, dest_RX].set(True, mode="drop")
   starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
   chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
-  kvrow_R = (jnp.arange(R, dtype=jnp.int32) // N) * K + (jnp.arange(R, dtype=jnp.int32) % N) // G
-  chunk_flat = kvrow_R[:, None] * nk + chunk_blk                            # [R, n_chunks]
+  return slot_q, chunk_blk.astype(jnp.int32)
 
-  # ---- gathered inputs, chunk-major
-  q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
-  qs = jnp.take_along_axis(q_RTH, slot_q[..., None], axis=1)                # [R, total, H]
-  xs = (qs.reshape(R, n_chunks, P, H).transpose(1, 0, 2, 3),
-        slot_q.reshape(R, n_chunks, P).transpose(1, 0, 2),
-        slot_ok.reshape(R, n_chunks, P).transpose(1, 0, 2),
-        chunk_flat.T, chunk_blk.T.astype(jnp.int32))
+
+def _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk):
+  """Shared by the forward and backward of :func:`_moba_gather_partial`: the chunk-major
+  scan inputs ``(slot queries [C, R, P], key block [C, R], flat kv block [C, R])``, the
+  blocked keys/values ``[B * K * nk, bs, dim]`` and the query rows ``[R, T, H]``."""
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G, bs, P = N // K, block_size, chunk
+  nk = -(-S // bs)
+  R = B * N
+  slot_q, chunk_blk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P)
+  n_chunks = chunk_blk.shape[1]
+  r_R = jnp.arange(R, dtype=jnp.int32)
+  kvrow_R = (r_R // N) * K + (r_R % N) // G
+  chunk_flat = kvrow_R[:, None] * nk + chunk_blk                            # [R, n_chunks]
+  xs = (slot_q.reshape(R, n_chunks, P).transpose(1, 0, 2), chunk_blk.T, chunk_flat.T)
   pad = ((0, 0), (0, nk * bs - S), (0, 0), (0, 0))
   k_F = jnp.pad(k, pad).reshape(B, nk, bs, K, H).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, H)
   v_F = jnp.pad(v, pad).reshape(B, nk, bs, K, Hv).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, Hv)
-  jpos = jnp.arange(bs, dtype=jnp.int32)
+  q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
+  return xs, k_F, v_F, q_RTH
 
-  def one_chunk(x):
-    q_RPH, i_RP, ok_RP, f_R, c_R = x
-    k_RSH, v_RSD = k_F[f_R], v_F[f_R]
-    s = jnp.einsum("rph,rsh->rps", q_RPH, k_RSH, preferred_element_type=_F32) * scale
-    j_RS = c_R[:, None] * bs + jpos[None, :]
-    allowed = ok_RP[:, :, None] & (j_RS < S)[:, None, :]
-    if causal:
-      allowed = allowed & (j_RS[:, None, :] <= i_RP[:, :, None])
-    s = jnp.where(allowed, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m[..., None])
-    l = p.sum(-1)
-    pos = l > 0
-    l1 = jnp.where(pos, l, 1.0)
-    o = jnp.einsum("rps,rsd->rpd", p.astype(v_RSD.dtype), v_RSD,
-                   preferred_element_type=_F32) / l1[..., None]
-    lse = jnp.where(pos, m + jnp.log(l1), -jnp.inf)
-    return o, lse
 
-  o_CRPD, lse_CRP = jax.lax.map(jax.checkpoint(one_chunk), xs)
-  o_RXD = o_CRPD.transpose(1, 0, 2, 3).reshape(R, total, Hv)
-  lse_RX = lse_CRP.transpose(1, 0, 2).reshape(R, total)
+def _moba_chunk_logits(q_RPH, k_RSH, i_RP, c_R, *, T, S, bs, causal, scale):
+  """float32 logits ``[R, P, bs]`` of a chunk's slots against its key block, with the
+  mask (padding slots, keys past ``S`` and, causal, ``j > i``) applied as ``-inf``."""
+  s = jnp.einsum("rph,rsh->rps", q_RPH, k_RSH, preferred_element_type=_F32) * scale
+  j_RS = c_R[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+  allowed = (i_RP < T)[:, :, None] & (j_RS < S)[:, None, :]
+  if causal:
+    allowed = allowed & (j_RS[:, None, :] <= i_RP[:, :, None])
+  return jnp.where(allowed, s, -jnp.inf), allowed
 
-  # ---- back to [T, top_k] and a log-sum-exp merge
-  src = jnp.minimum(dest_RX, total - 1)
-  o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
-  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
-                      -jnp.inf)
+
+def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  B, T, N, H = q.shape
+  S, Hv = k.shape[1], v.shape[3]
+  R = B * N
+  xs, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
+  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+
+  def step(carry, x):                   # online log-sum-exp merge into the slots' queries
+    m_RT, l_RT, acc_RTD = carry
+    i_RP, c_R, f_R = x
+    ic = jnp.minimum(i_RP, T - 1)
+    s, _ = _moba_chunk_logits(q_RTH[rows_R1, ic], k_F[f_R], i_RP, c_R, T=T, S=S,
+                              bs=block_size, causal=causal, scale=scale)
+    mc = jnp.max(s, axis=-1)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(mc), mc, 0.0)[..., None])
+    lc = p.sum(-1)
+    ac = jnp.einsum("rps,rsd->rpd", p.astype(v_F.dtype), v_F[f_R],
+                    preferred_element_type=_F32)
+    mo, lo, ao = m_RT[rows_R1, ic], l_RT[rows_R1, ic], acc_RTD[rows_R1, ic]
+    mn = jnp.maximum(mo, mc)
+    mn0 = jnp.where(jnp.isfinite(mn), mn, 0.0)
+    a, b = jnp.exp(mo - mn0), jnp.exp(mc - mn0)
+    m_RT = m_RT.at[rows_R1, i_RP].set(mn, mode="drop")
+    l_RT = l_RT.at[rows_R1, i_RP].set(lo * a + lc * b, mode="drop")
+    acc_RTD = acc_RTD.at[rows_R1, i_RP].set(ao * a[..., None] + ac * b[..., None], mode="drop")
+    return (m_RT, l_RT, acc_RTD), None
+
+  init = (jnp.full((R, T), -jnp.inf, _F32), jnp.zeros((R, T), _F32),
+          jnp.zeros((R, T, Hv), _F32))
+  (m_RT, l_RT, acc_RTD), _ = jax.lax.scan(step, init, xs)
+  pos = l_RT > 0
+  l1 = jnp.where(pos, l_RT, 1.0)
+  o_RTD = acc_RTD / l1[..., None]
+  lse_RT = jnp.where(pos, m_RT + jnp.log(l1), -jnp.inf)
+  return o_RTD, lse_RT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _moba_gather_partial(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  """Softmax attention of each query over the keys of its gathered blocks: float32
+  ``(o [R, T, Hv], lse [R, T])`` with ``R = B * N`` (``lse = -inf``, ``o = 0`` where a
+  query has no allowed key).  ``lax.scan`` over chunks of ``P`` slots of one key block
+  (:func:`_moba_gather_layout`), merged online into the slots' queries.  The backward is
+  flash-style: it recomputes each chunk's probabilities from the saved ``lse`` (no autodiff
+  through the gathers), scatter-adds ``dq`` back to the slots' queries and accumulates
+  ``dk``/``dv`` per key block."""
+  return _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk)
+
+
+def _moba_gather_partial_fwd(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  o_RTD, lse_RT = _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal,
+                                                scale, chunk)
+  return (o_RTD, lse_RT), (q, k, v, idx_BNTk, o_RTD, lse_RT)
+
+
+def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
+  q, k, v, idx_BNTk, o_RTD, lse_RT = res
+  do_RTD, dlse_RT = cts
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  bs = block_size
+  nk = -(-S // bs)
+  R = B * N
+  xs, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
+  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  do_RTD = do_RTD.astype(_F32)
+  # d lse_i / d s_ij = p_ij: a cotangent on lse enters as -dlse in D_i = do_i . o_i - dlse_i
+  D_RT = jnp.sum(do_RTD * o_RTD, axis=-1) - dlse_RT.astype(_F32)
+  lse0_RT = jnp.where(jnp.isfinite(lse_RT), lse_RT, 0.0)
+
+  def step(carry, x):
+    dq_RTH, dk_F, dv_F = carry
+    i_RP, c_R, f_R = x
+    ic = jnp.minimum(i_RP, T - 1)
+    q_RPH, k_RSH, v_RSD = q_RTH[rows_R1, ic], k_F[f_R], v_F[f_R]
+    s, allowed = _moba_chunk_logits(q_RPH, k_RSH, i_RP, c_R, T=T, S=S, bs=bs,
+                                    causal=causal, scale=scale)
+    p = jnp.where(allowed, jnp.exp(s - lse0_RT[rows_R1, ic][..., None]), 0.0)
+    do_RPD = do_RTD[rows_R1, ic]
+    dp = jnp.einsum("rpd,rsd->rps", do_RPD, v_RSD.astype(_F32))
+    ds = p * (dp - D_RT[rows_R1, ic][..., None]) * scale
+    dq_RPH = jnp.einsum("rps,rsh->rph", ds, k_RSH.astype(_F32))
+    dk_RSH = jnp.einsum("rps,rph->rsh", ds, q_RPH.astype(_F32))
+    dv_RSD = jnp.einsum("rps,rpd->rsd", p, do_RPD)
+    dq_RTH = dq_RTH.at[rows_R1, i_RP].add(dq_RPH, mode="drop")
+    return (dq_RTH, dk_F.at[f_R].add(dk_RSH), dv_F.at[f_R].add(dv_RSD)), None
+
+  init = (jnp.zeros((R, T, H), _F32), jnp.zeros(k_F.shape, _F32), jnp.zeros(v_F.shape, _F32))
+  (dq_RTH, dk_F, dv_F), _ = jax.lax.scan(step, init, xs)
+  dq = dq_RTH.reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(q.dtype)
+  dk = dk_F.reshape(B, K, nk * bs, H).transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+  dv = dv_F.reshape(B, K, nk * bs, Hv).transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+  return dq, dk, dv, None
+
+
+_moba_gather_partial.defvjp(_moba_gather_partial_fwd, _moba_gather_partial_bwd)
+
+
+def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
+                 extra=None):
+  """MoBA, key-block-major: gather the queries of each chosen key block.
+
+  The ``T * top_k`` (query, block) pairs of each row ``(b, h)`` are laid out grouped by
+  block, padded per block to a multiple of ``P = chunk`` slots
+  (:func:`_moba_gather_layout`, ``ceil((T * top_k + nk * (P - 1)) / P) * P`` slots); a
+  scan over the chunks computes each chunk's ``[P, block]`` float32 logits (padding slots,
+  keys past ``S`` and, causal, ``j > i`` masked) and merges them online into per-query
+  ``(o, lse)`` (:func:`_moba_gather_partial`, a custom VJP with a flash-style backward).
+  ``extra = (o [B, T, N, Hv], lse [B, N, T])``, when given, is one more partial per query
+  merged by log-sum-exp (differentiable).  Work is ``O(T * top_k * block)`` whatever the
+  routing; memory ``O(T * Hv)`` per head besides one chunk's logits.  Returns
+  ``[B, T, N, Hv]`` in ``q.dtype``.
+  """
+  B, T, N, H = q.shape
+  Hv = v.shape[3]
+  scale = (1.0 / math.sqrt(H)) if scale is None else float(scale)
+  idx_BNTk = jax.lax.stop_gradient(idx_BNTk).astype(jnp.int32)
+  o_RTD, lse_RT = _moba_gather_partial(q, k, v, idx_BNTk, int(block_size), bool(causal),
+                                       scale, int(chunk))
   if extra is not None:
     o_x, lse_x = extra
-    o_RTkD = jnp.concatenate(
-        [o_RTkD, o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(R, T, 1, Hv)], axis=2)
-    lse_RTk = jnp.concatenate([lse_RTk, lse_x.astype(_F32).reshape(R, T, 1)], axis=2)
-  mx = jax.lax.stop_gradient(jnp.max(lse_RTk, axis=-1, keepdims=True))
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
-  den = w.sum(-1)
-  out_RTD = (w[..., None] * o_RTkD).sum(2) / jnp.where(den > 0, den, 1.0)[..., None]
-  return out_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
+    o_xR = o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(B * N, T, Hv)
+    lse_xR = lse_x.astype(_F32).reshape(B * N, T)
+    mx = jax.lax.stop_gradient(jnp.maximum(lse_RT, lse_xR))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    w_g, w_x = jnp.exp(lse_RT - mx), jnp.exp(lse_xR - mx)
+    den = w_g + w_x
+    o_RTD = (w_g[..., None] * o_RTD + w_x[..., None] * o_xR) / \
+        jnp.where(den > 0, den, 1.0)[..., None]
+  return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
