@@ -166,18 +166,21 @@ def _moba_gather_chunk(block_size: int) -> int:
   return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
 
 
-def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int):
+def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1):
   """Key-block-major slots of the (query, chosen block) pairs (integer bookkeeping).
 
   Per row ``r = (b, h)`` the pairs are grouped by block (query order inside a group), each
   group padded to a multiple of ``P = chunk`` slots, so that a chunk of ``P`` slots belongs
-  to one key block.  Returns ``slot_q [R, n_chunks * P]`` (the query of each slot; ``T``
-  for a padding slot) and ``chunk_blk [R, n_chunks]`` (the key block of each chunk).
+  to one key block; the chunk count is rounded up to a multiple of ``group``.  Returns
+  ``slot_q [R, n_chunks * P]`` (the query of each slot; ``T`` for a padding slot),
+  ``chunk_blk [R, n_chunks]`` (the key block of each chunk) and ``dest [R, T, top_k]``
+  (the slot of each pair; ``n_chunks * P`` where the pair selects nothing).
   """
   P = chunk
   kk = idx_BNTk.shape[-1]
   R = idx_BNTk.shape[0] * idx_BNTk.shape[1]
   n_chunks = -(-(T * kk + nk * (P - 1)) // P)
+  n_chunks = -(-n_chunks // group) * group
   total = n_chunks * P
   idx_RTk = jax.lax.stop_gradient(idx_BNTk).reshape(R, T, kk)
   ok_RTk = idx_RTk < nk
@@ -190,48 +193,61 @@ def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int):
   off_RC = end_RC - padded_RC
   rank_RTk = jnp.take_along_axis(rank_RTC, c_RTk, axis=2)
   off_RTk = jnp.take_along_axis(off_RC[:, None, :], c_RTk, axis=2)
-  dest_RX = jnp.where(ok_RTk, off_RTk + rank_RTk, total).reshape(R, T * kk)  # total: dropped
+  dest_RTk = jnp.where(ok_RTk, off_RTk + rank_RTk, total)                    # total: dropped
   rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
   qpos_X = jnp.repeat(jnp.arange(T, dtype=jnp.int32), kk)
-  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_RX].set(
+  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_RTk.reshape(R, T * kk)].set(
       jnp.broadcast_to(qpos_X, (R, T * kk)), mode="drop")
   starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
   chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
-  return slot_q, chunk_blk.astype(jnp.int32)
+  return slot_q, chunk_blk.astype(jnp.int32), dest_RTk
+
+
+def _moba_gather_group(chunk: int) -> int:
+  """Chunks per scan step: about 512 slots per step (fewer, larger steps; the chunks of a
+  step are batched like extra rows)."""
+  return max(1, 512 // chunk)
 
 
 def _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk):
-  """Shared by the forward and backward of :func:`_moba_gather_partial`: the chunk-major
-  scan inputs ``(slot queries [C, R, P], key block [C, R], flat kv block [C, R])``, the
-  blocked keys/values ``[B * K * nk, bs, dim]`` and the query rows ``[R, T, H]``."""
+  """Shared by the forward and backward of :func:`_moba_gather_partial`: the scan inputs
+  ``(row [U], slot queries [steps, U, P], key block [steps, U], flat kv block [steps, U])``
+  with ``U = group * R`` (``group`` chunks of every row per step), the layout's ``dest``,
+  the blocked keys/values ``[B * K * nk, bs, dim]`` and the query rows ``[R, T, H]``."""
   B, T, N, H = q.shape
   S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
   G, bs, P = N // K, block_size, chunk
   nk = -(-S // bs)
   R = B * N
-  slot_q, chunk_blk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P)
-  n_chunks = chunk_blk.shape[1]
+  g = _moba_gather_group(P)
+  slot_q, chunk_blk, dest_RTk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P, group=g)
+  steps = chunk_blk.shape[1] // g
   r_R = jnp.arange(R, dtype=jnp.int32)
   kvrow_R = (r_R // N) * K + (r_R % N) // G
   chunk_flat = kvrow_R[:, None] * nk + chunk_blk                            # [R, n_chunks]
-  xs = (slot_q.reshape(R, n_chunks, P).transpose(1, 0, 2), chunk_blk.T, chunk_flat.T)
+
+  def per_step(x_RC, tail=()):          # [R, steps * g, *tail] -> [steps, g * R, *tail]
+    x = x_RC.reshape((R, steps, g) + tail)
+    return jnp.moveaxis(x, 0, 2).reshape((steps, g * R) + tail)
+  xs = (per_step(slot_q, (P,)), per_step(chunk_blk), per_step(chunk_flat))
+  row_U = jnp.tile(r_R, g)
   pad = ((0, 0), (0, nk * bs - S), (0, 0), (0, 0))
   k_F = jnp.pad(k, pad).reshape(B, nk, bs, K, H).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, H)
   v_F = jnp.pad(v, pad).reshape(B, nk, bs, K, Hv).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, Hv)
   q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
-  return xs, k_F, v_F, q_RTH
+  return row_U, xs, dest_RTk, k_F, v_F, q_RTH
 
 
-def _moba_chunk_logits(q_RPH, k_RSH, i_RP, c_R, *, T, S, bs, causal, scale):
-  """float32 logits ``[R, P, bs]`` of a chunk's slots against its key block, with the
+def _moba_chunk_logits(q_UPH, k_USH, i_UP, c_U, *, T, S, bs, causal, scale):
+  """float32 logits ``[U, P, bs]`` of chunks' slots against their key blocks, with the
   mask (padding slots, keys past ``S`` and, causal, ``j > i``) applied as ``-inf``."""
-  s = jnp.einsum("rph,rsh->rps", q_RPH, k_RSH, preferred_element_type=_F32) * scale
-  j_RS = c_R[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
-  allowed = (i_RP < T)[:, :, None] & (j_RS < S)[:, None, :]
+  s = jnp.einsum("uph,ush->ups", q_UPH, k_USH, preferred_element_type=_F32) * scale
+  j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+  allowed = (i_UP < T)[:, :, None] & (j_US < S)[:, None, :]
   if causal:
-    allowed = allowed & (j_RS[:, None, :] <= i_RP[:, :, None])
+    allowed = allowed & (j_US[:, None, :] <= i_UP[:, :, None])
   return jnp.where(allowed, s, -jnp.inf), allowed
 
 
@@ -239,36 +255,45 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
   B, T, N, H = q.shape
   S, Hv = k.shape[1], v.shape[3]
   R = B * N
-  xs, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
-  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  row_U, xs, dest_RTk, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size,
+                                                             chunk)
+  row_U1 = row_U[:, None]
 
-  def step(carry, x):                   # online log-sum-exp merge into the slots' queries
-    m_RT, l_RT, acc_RTD = carry
-    i_RP, c_R, f_R = x
-    ic = jnp.minimum(i_RP, T - 1)
-    s, _ = _moba_chunk_logits(q_RTH[rows_R1, ic], k_F[f_R], i_RP, c_R, T=T, S=S,
-                              bs=block_size, causal=causal, scale=scale)
-    mc = jnp.max(s, axis=-1)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(mc), mc, 0.0)[..., None])
-    lc = p.sum(-1)
-    ac = jnp.einsum("rps,rsd->rpd", p.astype(v_F.dtype), v_F[f_R],
-                    preferred_element_type=_F32)
-    mo, lo, ao = m_RT[rows_R1, ic], l_RT[rows_R1, ic], acc_RTD[rows_R1, ic]
-    mn = jnp.maximum(mo, mc)
-    mn0 = jnp.where(jnp.isfinite(mn), mn, 0.0)
-    a, b = jnp.exp(mo - mn0), jnp.exp(mc - mn0)
-    m_RT = m_RT.at[rows_R1, i_RP].set(mn, mode="drop")
-    l_RT = l_RT.at[rows_R1, i_RP].set(lo * a + lc * b, mode="drop")
-    acc_RTD = acc_RTD.at[rows_R1, i_RP].set(ao * a[..., None] + ac * b[..., None], mode="drop")
-    return (m_RT, l_RT, acc_RTD), None
+  def step(_, x):                       # each slot's partial softmax over its block
+    i_UP, c_U, f_U = x
+    s, _ = _moba_chunk_logits(q_RTH[row_U1, jnp.minimum(i_UP, T - 1)], k_F[f_U], i_UP, c_U,
+                              T=T, S=S, bs=block_size, causal=causal, scale=scale)
+    m = jnp.max(s, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    l = p.sum(-1)
+    pos = l > 0
+    l1 = jnp.where(pos, l, 1.0)
+    o = jnp.einsum("ups,usd->upd", p.astype(v_F.dtype), v_F[f_U],
+                   preferred_element_type=_F32) / l1[..., None]
+    return None, (o, jnp.where(pos, m + jnp.log(l1), -jnp.inf))
 
-  init = (jnp.full((R, T), -jnp.inf, _F32), jnp.zeros((R, T), _F32),
-          jnp.zeros((R, T, Hv), _F32))
-  (m_RT, l_RT, acc_RTD), _ = jax.lax.scan(step, init, xs)
-  pos = l_RT > 0
-  l1 = jnp.where(pos, l_RT, 1.0)
-  o_RTD = acc_RTD / l1[..., None]
-  lse_RT = jnp.where(pos, m_RT + jnp.log(l1), -jnp.inf)
+  _, (o_ZUPD, lse_ZUP) = jax.lax.scan(step, None, xs)
+  steps, U, P = lse_ZUP.shape
+  g = U // R
+  # [steps, g * R, P] -> [R, steps * g * P] (chunk order of the layout)
+  o_RXD = jnp.moveaxis(o_ZUPD.reshape(steps, g, R, P, Hv), 2, 0).reshape(R, -1, Hv)
+  lse_RX = jnp.moveaxis(lse_ZUP.reshape(steps, g, R, P), 2, 0).reshape(R, -1)
+  total = lse_RX.shape[1]
+  kk = dest_RTk.shape[-1]
+  ok_RTk = dest_RTk < total
+  src = jnp.minimum(dest_RTk, total - 1).reshape(R, T * kk)
+  o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
+  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
+                      -jnp.inf)
+  mx = jnp.max(lse_RTk, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
+  den = w.sum(-1)
+  pos = den > 0
+  den1 = jnp.where(pos, den, 1.0)
+  o_RTD = (w[..., None] * o_RTkD).sum(2) / den1[..., None]
+  lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
   return o_RTD, lse_RT
 
 
@@ -276,11 +301,12 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
 def _moba_gather_partial(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
   """Softmax attention of each query over the keys of its gathered blocks: float32
   ``(o [R, T, Hv], lse [R, T])`` with ``R = B * N`` (``lse = -inf``, ``o = 0`` where a
-  query has no allowed key).  ``lax.scan`` over chunks of ``P`` slots of one key block
-  (:func:`_moba_gather_layout`), merged online into the slots' queries.  The backward is
-  flash-style: it recomputes each chunk's probabilities from the saved ``lse`` (no autodiff
-  through the gathers), scatter-adds ``dq`` back to the slots' queries and accumulates
-  ``dk``/``dv`` per key block."""
+  query has no allowed key).  ``lax.scan`` over steps of :func:`_moba_gather_group` chunks
+  of ``P`` slots, each chunk of one key block (:func:`_moba_gather_layout`); each slot's
+  partial ``(o, lse)`` over its block is gathered back to ``[T, top_k]`` and merged by
+  log-sum-exp.  The backward is flash-style: it recomputes each chunk's probabilities from
+  the saved per-query ``lse`` (no autodiff through the gathers), scatter-adds ``dq`` back
+  to the slots' queries and accumulates ``dk``/``dv`` per key block."""
   return _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk)
 
 
@@ -298,8 +324,8 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
   bs = block_size
   nk = -(-S // bs)
   R = B * N
-  xs, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
-  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  row_U, xs, _, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
+  row_U1 = row_U[:, None]
   do_RTD = do_RTD.astype(_F32)
   # d lse_i / d s_ij = p_ij: a cotangent on lse enters as -dlse in D_i = do_i . o_i - dlse_i
   D_RT = jnp.sum(do_RTD * o_RTD, axis=-1) - dlse_RT.astype(_F32)
@@ -307,20 +333,24 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
 
   def step(carry, x):
     dq_RTH, dk_F, dv_F = carry
-    i_RP, c_R, f_R = x
-    ic = jnp.minimum(i_RP, T - 1)
-    q_RPH, k_RSH, v_RSD = q_RTH[rows_R1, ic], k_F[f_R], v_F[f_R]
-    s, allowed = _moba_chunk_logits(q_RPH, k_RSH, i_RP, c_R, T=T, S=S, bs=bs,
-                                    causal=causal, scale=scale)
-    p = jnp.where(allowed, jnp.exp(s - lse0_RT[rows_R1, ic][..., None]), 0.0)
-    do_RPD = do_RTD[rows_R1, ic]
-    dp = jnp.einsum("rpd,rsd->rps", do_RPD, v_RSD.astype(_F32))
-    ds = p * (dp - D_RT[rows_R1, ic][..., None]) * scale
-    dq_RPH = jnp.einsum("rps,rsh->rph", ds, k_RSH.astype(_F32))
-    dk_RSH = jnp.einsum("rps,rph->rsh", ds, q_RPH.astype(_F32))
-    dv_RSD = jnp.einsum("rps,rpd->rsd", p, do_RPD)
-    dq_RTH = dq_RTH.at[rows_R1, i_RP].add(dq_RPH, mode="drop")
-    return (dq_RTH, dk_F.at[f_R].add(dk_RSH), dv_F.at[f_R].add(dv_RSD)), None
+    i_UP, c_U, f_U = x
+    ic = jnp.minimum(i_UP, T - 1)
+    q_UPH, k_USH, v_USD = q_RTH[row_U1, ic], k_F[f_U], v_F[f_U]
+    do_UPD = do_RTD[row_U1, ic]
+    # key-major [U, bs, P] logits: dk and dv are then plain (non-transposed) products
+    sT = jnp.einsum("ush,uph->usp", k_USH, q_UPH, preferred_element_type=_F32) * scale
+    j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    allowed = (i_UP < T)[:, None, :] & (j_US < S)[:, :, None]
+    if causal:
+      allowed = allowed & (j_US[:, :, None] <= i_UP[:, None, :])
+    pT = jnp.where(allowed, jnp.exp(sT - lse0_RT[row_U1, ic][:, None, :]), 0.0)
+    dpT = jnp.einsum("usd,upd->usp", v_USD.astype(_F32), do_UPD)
+    dsT = pT * (dpT - D_RT[row_U1, ic][:, None, :]) * scale
+    dq_UPH = jnp.einsum("usp,ush->uph", dsT, k_USH.astype(_F32))
+    dk_USH = jnp.einsum("usp,uph->ush", dsT, q_UPH.astype(_F32))
+    dv_USD = jnp.einsum("usp,upd->usd", pT, do_UPD)
+    dq_RTH = dq_RTH.at[row_U1, i_UP].add(dq_UPH, mode="drop")
+    return (dq_RTH, dk_F.at[f_U].add(dk_USH), dv_F.at[f_U].add(dv_USD)), None
 
   init = (jnp.zeros((R, T, H), _F32), jnp.zeros(k_F.shape, _F32), jnp.zeros(v_F.shape, _F32))
   (dq_RTH, dk_F, dv_F), _ = jax.lax.scan(step, init, xs)
