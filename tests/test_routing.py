@@ -349,6 +349,7 @@ def test_moba_gather_is_the_cpu_default():
   seen = []
   with hooks.observe(lambda call: seen.append(call.args.mask)):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False)
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=True)   # own block gathered
   assert seen == []
   with pytest.raises(ValueError, match="block_sizes"):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",

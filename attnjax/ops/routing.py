@@ -182,22 +182,26 @@ def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1
   n_chunks = -(-(T * kk + nk * (P - 1)) // P)
   n_chunks = -(-n_chunks // group) * group
   total = n_chunks * P
-  idx_RTk = jax.lax.stop_gradient(idx_BNTk).reshape(R, T, kk)
-  ok_RTk = idx_RTk < nk
-  c_RTk = jnp.minimum(idx_RTk, nk - 1)
-  sel_i = _onehot_any(idx_RTk, nk).astype(jnp.int32)                         # [R, T, nk]
-  rank_RTC = jnp.cumsum(sel_i, axis=1) - sel_i          # position of (i, c) in c's group
-  count_RC = sel_i.sum(1)
+  X = T * kk
+  c_RX = jnp.minimum(jax.lax.stop_gradient(idx_BNTk).reshape(R, X), nk)   # nk: selects none
+  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  count_RC = jnp.zeros((R, nk + 1), jnp.int32).at[rows_R1, c_RX].add(1)[:, :nk]
   padded_RC = -(-count_RC // P) * P
   end_RC = jnp.cumsum(padded_RC, axis=-1)               # group ends, padded to P
-  off_RC = end_RC - padded_RC
-  rank_RTk = jnp.take_along_axis(rank_RTC, c_RTk, axis=2)
-  off_RTk = jnp.take_along_axis(off_RC[:, None, :], c_RTk, axis=2)
-  dest_RTk = jnp.where(ok_RTk, off_RTk + rank_RTk, total)                    # total: dropped
-  rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
-  qpos_X = jnp.repeat(jnp.arange(T, dtype=jnp.int32), kk)
-  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_RTk.reshape(R, T * kk)].set(
-      jnp.broadcast_to(qpos_X, (R, T * kk)), mode="drop")
+  off_RC = jnp.concatenate([jnp.zeros((R, 1), jnp.int32), end_RC[:, :-1]], axis=-1)
+  start_RC = jnp.cumsum(count_RC, axis=-1) - count_RC   # group starts, unpadded
+  # a stable sort of the pairs x = i * top_k + slot by block keeps query order inside a
+  # group: O(T top_k) memory per row (no [T, nk] arrays)
+  x_RX = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32), (R, X))
+  c_sorted, x_sorted = jax.lax.sort((c_RX, x_RX), dimension=1, is_stable=True, num_keys=1)
+  cs = jnp.minimum(c_sorted, nk - 1)
+  rank = jnp.arange(X, dtype=jnp.int32)[None, :] - jnp.take_along_axis(start_RC, cs, axis=1)
+  dest_sorted = jnp.where(c_sorted < nk, jnp.take_along_axis(off_RC, cs, axis=1) + rank,
+                          total)                                             # total: dropped
+  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_sorted].set(x_sorted // kk,
+                                                                           mode="drop")
+  dest_RTk = jnp.zeros((R, X), jnp.int32).at[rows_R1, x_sorted].set(dest_sorted).reshape(
+      R, T, kk)
   starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
   chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
   return slot_q, chunk_blk.astype(jnp.int32), dest_RTk
@@ -282,17 +286,20 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
   total = lse_RX.shape[1]
   kk = dest_RTk.shape[-1]
   ok_RTk = dest_RTk < total
-  src = jnp.minimum(dest_RTk, total - 1).reshape(R, T * kk)
-  o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
-  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
-                      -jnp.inf)
+  src_RTk = jnp.minimum(dest_RTk, total - 1)
+  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src_RTk.reshape(R, T * kk), axis=1)
+                      .reshape(R, T, kk), -jnp.inf)
   mx = jnp.max(lse_RTk, axis=-1, keepdims=True)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
   den = w.sum(-1)
   pos = den > 0
   den1 = jnp.where(pos, den, 1.0)
-  o_RTD = (w[..., None] * o_RTkD).sum(2) / den1[..., None]
+  o_RTD = jnp.zeros((R, T, Hv), _F32)
+  for j in range(kk):                   # one [R, T, Hv] partial at a time
+    o_RTD = o_RTD + w[:, :, j, None] * jnp.take_along_axis(o_RXD, src_RTk[:, :, j, None],
+                                                           axis=1)
+  o_RTD = o_RTD / den1[..., None]
   lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
   return o_RTD, lse_RT
 
@@ -363,37 +370,25 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
 _moba_gather_partial.defvjp(_moba_gather_partial_fwd, _moba_gather_partial_bwd)
 
 
-def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
-                 extra=None):
+def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int):
   """MoBA, key-block-major: gather the queries of each chosen key block.
 
   The ``T * top_k`` (query, block) pairs of each row ``(b, h)`` are laid out grouped by
   block, padded per block to a multiple of ``P = chunk`` slots
   (:func:`_moba_gather_layout`, ``ceil((T * top_k + nk * (P - 1)) / P) * P`` slots); a
-  scan over the chunks computes each chunk's ``[P, block]`` float32 logits (padding slots,
-  keys past ``S`` and, causal, ``j > i`` masked) and merges them online into per-query
-  ``(o, lse)`` (:func:`_moba_gather_partial`, a custom VJP with a flash-style backward).
-  ``extra = (o [B, T, N, Hv], lse [B, N, T])``, when given, is one more partial per query
-  merged by log-sum-exp (differentiable).  Work is ``O(T * top_k * block)`` whatever the
-  routing; memory ``O(T * Hv)`` per head besides one chunk's logits.  Returns
-  ``[B, T, N, Hv]`` in ``q.dtype``.
+  scan over steps of chunks computes each chunk's ``[P, block]`` float32 logits (padding
+  slots, keys past ``S`` and, causal, ``j > i`` masked), and the slots' partial softmaxes
+  are merged by log-sum-exp per query (:func:`_moba_gather_partial`, a custom VJP with a
+  flash-style backward).  Entries ``>= nk`` of ``idx_BNTk`` select nothing.  Work is
+  ``O(T * top_k * block)`` whatever the routing; memory ``O(T * top_k * Hv)`` per head
+  besides one step's logits.  Returns ``[B, T, N, Hv]`` in ``q.dtype``.
   """
   B, T, N, H = q.shape
   Hv = v.shape[3]
   scale = (1.0 / math.sqrt(H)) if scale is None else float(scale)
   idx_BNTk = jax.lax.stop_gradient(idx_BNTk).astype(jnp.int32)
-  o_RTD, lse_RT = _moba_gather_partial(q, k, v, idx_BNTk, int(block_size), bool(causal),
-                                       scale, int(chunk))
-  if extra is not None:
-    o_x, lse_x = extra
-    o_xR = o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(B * N, T, Hv)
-    lse_xR = lse_x.astype(_F32).reshape(B * N, T)
-    mx = jax.lax.stop_gradient(jnp.maximum(lse_RT, lse_xR))
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    w_g, w_x = jnp.exp(lse_RT - mx), jnp.exp(lse_xR - mx)
-    den = w_g + w_x
-    o_RTD = (w_g[..., None] * o_RTD + w_x[..., None] * o_xR) / \
-        jnp.where(den > 0, den, 1.0)[..., None]
+  o_RTD, _ = _moba_gather_partial(q, k, v, idx_BNTk, int(block_size), bool(causal), scale,
+                                  int(chunk))
   return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -410,10 +405,12 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
 
   Two evaluations.  ``implementation='gather'`` (the default on the CPU backend without
   ``block_sizes``) is
-  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs are grouped
-  by block and processed in chunks of queries gathered against their block's keys, with
-  the partial softmaxes merged by log-sum-exp; its cost is ``O(T * top_k * block_size)``
-  whatever the routing.  Any other ``implementation`` (and ``None`` off CPU) passes the
+  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs (causal: the
+  own block included, masked ``j <= i``) are grouped by block and processed in chunks of
+  queries gathered against their block's keys, with the partial softmaxes merged by
+  log-sum-exp; a custom VJP recomputes the chunks in a flash-style backward.  Its cost
+  is ``O(T * top_k * block_size)`` whatever the routing and it makes no
+  :func:`attnjax.attention` call.  Any other ``implementation`` (and ``None`` off CPU) passes the
   choice (:func:`moba_selection`, a per-token ``[B, N, T, nk]`` array) as
   :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
   :func:`attnjax.attention`: blockwise implementations visit a ``(q block, k block)``
@@ -455,16 +452,11 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     if block_sizes is not None:
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                        f"implementation='gather' takes none, got {block_sizes!r}")
+    # every chosen block (causal: the own block too, masked j <= i) is gathered: no
+    # attnjax.attention call and no second merge
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
-    extra = None
-    if causal:  # the own block for every query: a band (block-diagonal causal) attention
-      own = _masks.chunked(bs) & _masks.causal()
-      if top_k == 1:
-        return hooks.attention(q, k, v, mask=own, scale=scale)
-      extra = hooks.attention(q, k, v, mask=own, scale=scale, return_lse=True)
-      idx = idx[..., 1:]
     return _moba_gather(q, k, v, idx, block_size=bs, causal=causal, scale=scale,
-                        chunk=_moba_gather_chunk(bs), extra=extra)
+                        chunk=_moba_gather_chunk(bs))
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
   if causal:
