@@ -354,6 +354,9 @@ def test_moba_gather_is_the_cpu_default():
   with pytest.raises(ValueError, match="block_sizes"):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",
                            block_sizes={})
+  with pytest.raises(TypeError, match="scale"):
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",
+                           scale=jnp.float32(0.5))
 
 
 def test_moba_no_gradient_through_selection():

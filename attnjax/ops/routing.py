@@ -452,6 +452,10 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     if block_sizes is not None:
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                        f"implementation='gather' takes none, got {block_sizes!r}")
+    if scale is not None and (isinstance(scale, bool) or
+                              not isinstance(scale, (int, float, np.floating, np.integer))):
+      raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
+                      f"None, got {type(scale).__name__}")
     # every chosen block (causal: the own block too, masked j <= i) is gathered: no
     # attnjax.attention call and no second merge
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
