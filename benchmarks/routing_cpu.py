@@ -13,13 +13,14 @@ inputs the queries of one q block disagree and the union approaches causal-dense
 ``--coherent`` gives the queries of a block a shared component (as trained models have),
 which is where block routing pays off.
 
-BiFormer (``--grid`` map, ``--regions`` per axis, ``--region-topk``) is timed against
-dense attention on the flattened map.
+BiFormer (``--grids`` maps, default 64x64 and 128x128; ``--regions`` per axis,
+``--region-topk``) is timed forward against dense attention on the flattened map in the
+same process.  ``--paths gather`` skips the (slow) MoBA mask path.
 
 ``--rss`` runs MoBA fwd+bwd at ``--rss-len`` tokens in a subprocess and reports its peak
 resident set size (``resource.getrusage``), showing no ``[T, S]`` array is formed.
 
-    python benchmarks/routing_cpu.py                      # S=16384, 64x64 map, RSS at 65536
+    python benchmarks/routing_cpu.py                      # S=16384, 64/128 maps, RSS at 65536
     python benchmarks/routing_cpu.py --quick              # small: a smoke run
 """
 
@@ -73,32 +74,41 @@ def _fwd_bwd(f):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def moba_case(S, N, H, bs, top_k, rounds, coherent):
+def _selected_fraction(q, k, bs, top_k):
+  """Mean over (head, query) of the chosen keys (causal: ``j <= i`` in the own block) / S."""
+  idx = np.asarray(routing._moba_choice(q, k, block_size=bs, top_k=top_k, causal=True))
+  S = k.shape[1]
+  i = np.arange(S)[None, None, :, None]
+  lo = idx * bs
+  hi = np.where(idx == i // bs, i + 1, np.minimum((idx + 1) * bs, S))
+  keys = np.where(idx * bs < S, hi - lo, 0).sum(-1)
+  return float(keys.mean() / S)
+
+
+def moba_case(S, N, H, bs, top_k, rounds, coherent, paths):
   q, k, v = _qkv(S, N, H, coherent=coherent, block=bs)
-  moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
-                                                implementation="xla_chunked")
-  gather = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
-                                                  implementation="gather")
+  fns = {"mask": lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                                        implementation="xla_chunked"),
+         "gather": lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs,
+                                                          top_k=top_k, implementation="gather")}
   dense = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
   sel = routing.moba_selection(q, k, block_size=bs, top_k=top_k)
   table = np.asarray((masks.from_row_block_mask(sel, bs) & masks.causal())
                      .block_table(S, S, bs, bs, num_heads=N))
   nk = table.shape[-1]
-  visited = float(np.mean(table != masks.EMPTY))
-  causal_tiles = nk * (nk + 1) / 2 / (nk * nk)
-  chosen_keys = np.asarray(jax.vmap(lambda s: s.sum(-1))(sel)).mean() * bs   # approx (ragged)
-  selected = float(min(chosen_keys, S) / S)
-  fwd = _best([jax.jit(moba), jax.jit(gather), jax.jit(dense)], (q, k, v), rounds)
-  both = _best([_fwd_bwd(moba), _fwd_bwd(gather), _fwd_bwd(dense)], (q, k, v), rounds)
-  return dict(case=f"moba S={S} block={bs} top_k={top_k} coherent={coherent}",
-              selected_fraction=selected, visited_tile_fraction=visited,
-              causal_tile_fraction=causal_tiles, dense_fwd_s=fwd[2],
-              mask_fwd_s=fwd[0], mask_fwd_ratio=fwd[0] / fwd[2],
-              gather_fwd_s=fwd[1], gather_fwd_ratio=fwd[1] / fwd[2],
-              dense_fwd_bwd_s=both[2], mask_fwd_bwd_s=both[0],
-              mask_fwd_bwd_ratio=both[0] / both[2], gather_fwd_bwd_s=both[1],
-              gather_fwd_bwd_ratio=both[1] / both[2],
-              target_ratio=2 * selected)
+  selected = _selected_fraction(q, k, bs, top_k)
+  row = dict(case=f"moba S={S} block={bs} top_k={top_k} coherent={coherent}",
+             selected_fraction=selected, target_ratio=2 * selected,
+             visited_tile_fraction=float(np.mean(table != masks.EMPTY)),
+             causal_tile_fraction=nk * (nk + 1) / 2 / (nk * nk))
+  fs = [fns[p] for p in paths] + [dense]
+  fwd = _best([jax.jit(f) for f in fs], (q, k, v), rounds)
+  both = _best([_fwd_bwd(f) for f in fs], (q, k, v), rounds)
+  row.update(dense_fwd_s=fwd[-1], dense_fwd_bwd_s=both[-1])
+  for n, p in enumerate(paths):
+    row.update({f"{p}_fwd_s": fwd[n], f"{p}_fwd_ratio": fwd[n] / fwd[-1],
+                f"{p}_fwd_bwd_s": both[n], f"{p}_fwd_bwd_ratio": both[n] / both[-1]})
+  return row
 
 
 def biformer_case(g, N, H, regions, top_k, rounds):
@@ -125,6 +135,11 @@ def rss_child(S, N, H, bs, top_k, impl):
                         peak_rss_mb=peak_kb / 1024, dense_scores_mb=S * S * N * 4 / 2**20)))
 
 
+def _emit(rows, row):
+  rows.append(row)
+  print(json.dumps(row), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -133,7 +148,9 @@ def main():
   p.add_argument("--top-k", type=int, default=3)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--head-dim", type=int, default=64)
-  p.add_argument("--grid", type=int, default=64)
+  p.add_argument("--grids", default="64,128", help="BiFormer map sizes (comma-separated)")
+  p.add_argument("--paths", default="gather,mask",
+                 help="MoBA evaluations to time: gather and/or mask (xla_chunked)")
   p.add_argument("--regions", type=int, default=8)
   p.add_argument("--region-topk", type=int, default=4)
   p.add_argument("--rss-len", type=int, default=65536)
@@ -143,21 +160,21 @@ def main():
   p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.quick:
-    a.seq, a.block, a.grid, a.regions, a.rss_len, a.rounds = 2048, 128, 32, 4, 8192, 2
+    a.seq, a.block, a.grids, a.regions, a.rss_len, a.rounds = 2048, 128, "32", 4, 8192, 2
   N, H = a.heads, a.head_dim
   if a.rss_child:
     rss_child(a.rss_len, N, H, a.block, a.top_k, a.rss_impl)
     return
   only = set(a.only.split(","))
+  paths = [x for x in a.paths.split(",") if x]
   rows = []
   if "moba" in only:
-    rows.append(moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, False))
+    _emit(rows, moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, False, paths))
   if "coherent" in only:
-    rows.append(moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, True))
+    _emit(rows, moba_case(a.seq, N, H, a.block, a.top_k, a.rounds, True, paths))
   if "biformer" in only:
-    rows.append(biformer_case(a.grid, N, H, a.regions, a.region_topk, a.rounds))
-  for r in rows:
-    print(json.dumps(r))
+    for g in (int(x) for x in a.grids.split(",")):
+      _emit(rows, biformer_case(g, N, H, a.regions, a.region_topk, a.rounds))
   if "rss" in only:
     cmd = [sys.executable, __file__, "--rss-child", "--rss-len", str(a.rss_len), "--block",
            str(a.block), "--top-k", str(a.top_k), "--heads", str(N), "--head-dim", str(H),

@@ -268,6 +268,80 @@ def test_moba_gather_matches_reference_jit(causal, T, bs, top_k, dtype):
     assert_close(a, b, dtype, f"gather vs mask path: d{name}")
 
 
+def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):
+  """Dense float32 jnp (o [B*N, T, Hv], lse [B*N, T]) over the keys of each query's
+  gathered blocks (``idx`` entries ``>= nk`` select nothing); 0 / -inf with no key."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  nk = -(-S // bs)
+  blk = np.arange(S) // bs
+  idx = np.asarray(idx_BNTk)
+  allowed = (idx[..., None] == blk).any(-2)                                  # [B, N, T, S]
+  if causal:
+    allowed = allowed & np.tril(np.ones((T, S), bool))
+  assert np.all(idx <= nk)
+  kk = jnp.repeat(k.astype(F32), G, axis=2)
+  vv = jnp.repeat(v.astype(F32), G, axis=2)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(F32), kk) / np.sqrt(H)
+  s = jnp.where(allowed, s, -jnp.inf)
+  m = jnp.max(s, -1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.exp(s - m)
+  l = e.sum(-1)
+  pos = l > 0
+  l1 = jnp.where(pos, l, 1.0)
+  o = jnp.einsum("bnts,bsnd->bntd", e / l1[..., None], vv)
+  lse = jnp.where(pos, m[..., 0] + jnp.log(l1), -jnp.inf)
+  return o.reshape(B * N, T, -1), lse.reshape(B * N, T)
+
+
+@pytest.mark.parametrize("causal,B,T,N,K,bs,kk,dtype", [
+    (True, 2, 37, 4, 2, 8, 2, F32),          # GQA, ragged last block, batch 2
+    (False, 1, 30, 2, 1, 7, 3, BF16),        # GQA 2:1, ragged, bf16
+    pytest.param(True, 1, 64, 2, 2, 4, 3, F32, marks=SLOW),   # many chunks per step
+])
+def test_moba_gather_partial_custom_vjp(causal, B, T, N, K, bs, kk, dtype):
+  """The gather path's custom VJP (flash-style backward from the saved lse) against a
+  dense reference: forward (o, lse) and jax.vjp with random cotangents on both o and lse,
+  including queries whose gathered blocks are all empty (o = 0, lse = -inf, zero
+  gradients, no NaN)."""
+  q, k, v = _moba_inputs(300 + T, dtype, B=B, T=T, N=N, K=K)
+  nk = -(-T // bs)
+  rng = np.random.default_rng(T)
+  idx = np.zeros((B, N, T, kk), np.int32)
+  for b in range(B):
+    for h in range(N):
+      for i in range(T):
+        hi = i // bs if causal else nk     # causal: earlier blocks only (as MoBA's extra picks)
+        cand = rng.permutation(hi)[:kk]
+        idx[b, h, i] = np.concatenate([cand, np.full(kk - len(cand), nk)])
+  idx = jnp.asarray(idx)
+  got_fn = lambda q, k, v: routing._moba_gather_partial(
+      q, k, v, idx, bs, causal, 1.0 / np.sqrt(q.shape[-1]), routing._moba_gather_chunk(bs))
+  ref_fn = lambda q, k, v: _gathered_partial_ref(q, k, v, idx, bs, causal)
+  (o, lse), vjp = jax.vjp(jax.jit(got_fn), q, k, v)
+  f32_args = [jnp.asarray(a, F32) for a in (q, k, v)]
+  (o_r, lse_r), vjp_r = jax.vjp(ref_fn, *f32_args)
+  none = ~np.isfinite(np.asarray(lse_r))
+  if causal:
+    assert none.any()                      # the first block's queries gather nothing
+  np.testing.assert_array_equal(~np.isfinite(np.asarray(lse)), none)
+  assert_close(o, o_r, dtype, "gather partial o")
+  assert_close(jnp.where(none, 0.0, lse), jnp.where(none, 0.0, lse_r), dtype,
+               "gather partial lse")
+  ct_o = rnd(301 + T, o.shape, F32)
+  ct_l = jnp.where(none, 0.0, rnd(302 + T, lse.shape, F32))
+  got = vjp((ct_o, ct_l))
+  want = vjp_r((ct_o, ct_l))
+  for name, g, w in zip("qkv", got, want):
+    assert g.dtype == dtype
+    assert_close(g, w, dtype, f"gather partial custom vjp: d{name}")
+  if causal:   # queries with nothing gathered get zero dq
+    dq = np.asarray(jnp.asarray(got[0], F32)).transpose(0, 2, 1, 3).reshape(B * N, T, -1)
+    assert np.all(dq[none] == 0)
+
+
 def test_moba_gather_is_the_cpu_default():
   """implementation=None on CPU (no block_sizes) runs the 'gather' path (no attnjax.attention
   call with a row-block mask); 'gather' refuses block_sizes."""
@@ -275,10 +349,14 @@ def test_moba_gather_is_the_cpu_default():
   seen = []
   with hooks.observe(lambda call: seen.append(call.args.mask)):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False)
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=True)   # own block gathered
   assert seen == []
   with pytest.raises(ValueError, match="block_sizes"):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",
                            block_sizes={})
+  with pytest.raises(TypeError, match="scale"):
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, implementation="gather",
+                           scale=jnp.float32(0.5))
 
 
 def test_moba_no_gradient_through_selection():

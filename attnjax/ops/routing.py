@@ -33,6 +33,7 @@ float32 gates and logits; the output has the layout of ``q`` with ``Hv`` last, i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -165,111 +166,230 @@ def _moba_gather_chunk(block_size: int) -> int:
   return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
 
 
-def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int,
-                 extra=None):
-  """MoBA, key-block-major: gather the queries of each chosen key block.
+def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1):
+  """Key-block-major slots of the (query, chosen block) pairs (integer bookkeeping).
 
-  Per row ``r = (b, h)`` the ``T * top_k`` (query, block) pairs are laid out grouped by
-  block (query order inside a group), each group padded to a multiple of ``P = chunk``
-  slots, so that a chunk of ``P`` slots belongs to one key block; the static number of
-  slots is ``ceil((T * top_k + nk * (P - 1)) / P) * P``.  ``jax.lax.map`` over the chunks
-  (a ``jax.checkpoint``-ed body, so forward and backward hold one chunk's ``[P, block]``
-  logits at a time) computes each slot's partial softmax ``(o, lse)`` over its block
-  (float32 logits; padding slots, keys past ``S`` and, causal, ``j > i`` masked); the
-  partials are gathered back to ``[T, top_k]`` and merged by log-sum-exp, together with
-  ``extra = (o [B, T, N, Hv], lse [B, N, T])`` when given (one more partial per row).
-  Work is ``O(T * top_k * block)``, whatever the routing.  Returns ``[B, T, N, Hv]`` in
-  ``q.dtype``.
+  Per row ``r = (b, h)`` the pairs are grouped by block (query order inside a group), each
+  group padded to a multiple of ``P = chunk`` slots, so that a chunk of ``P`` slots belongs
+  to one key block; the chunk count is rounded up to a multiple of ``group``.  Returns
+  ``slot_q [R, n_chunks * P]`` (the query of each slot; ``T`` for a padding slot),
+  ``chunk_blk [R, n_chunks]`` (the key block of each chunk) and ``dest [R, T, top_k]``
+  (the slot of each pair; ``n_chunks * P`` where the pair selects nothing).
   """
-  B, T, N, H = q.shape
-  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
-  G = N // K
-  bs, P = block_size, chunk
-  nk = -(-S // bs)
+  P = chunk
   kk = idx_BNTk.shape[-1]
-  R = B * N
+  R = idx_BNTk.shape[0] * idx_BNTk.shape[1]
   n_chunks = -(-(T * kk + nk * (P - 1)) // P)
+  n_chunks = -(-n_chunks // group) * group
   total = n_chunks * P
-  scale = (1.0 / math.sqrt(H)) if scale is None else scale
-
-  # ---- layout (integer bookkeeping, no gradient)
-  idx_RTk = jax.lax.stop_gradient(idx_BNTk).reshape(R, T, kk)
-  ok_RTk = idx_RTk < nk
-  c_RTk = jnp.minimum(idx_RTk, nk - 1)
-  sel_RTC = _onehot_any(idx_RTk, nk)                                          # [R, T, nk]
-  sel_i = sel_RTC.astype(jnp.int32)
-  rank_RTC = jnp.cumsum(sel_i, axis=1) - sel_i          # position of (i, c) in c's group
-  count_RC = sel_i.sum(1)
-  end_RC = jnp.cumsum(-(-count_RC // P) * P, axis=-1)   # group ends, padded to P
-  off_RC = end_RC - (-(-count_RC // P) * P)
-  rank_RTk = jnp.take_along_axis(rank_RTC, c_RTk, axis=2)
-  off_RTk = jnp.take_along_axis(off_RC[:, None, :], c_RTk, axis=2)
-  dest_RTk = jnp.where(ok_RTk, off_RTk + rank_RTk, total)                   # total: dropped
+  X = T * kk
+  c_RX = jnp.minimum(jax.lax.stop_gradient(idx_BNTk).reshape(R, X), nk)   # nk: selects none
   rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
-  dest_RX = dest_RTk.reshape(R, T * kk)
-  qpos_X = jnp.repeat(jnp.arange(T, dtype=jnp.int32), kk)
-  slot_q = jnp.zeros((R, total), jnp.int32).at[rows_R1, dest_RX].set(
-      jnp.broadcast_to(qpos_X, (R, T * kk)), mode="drop")
-  slot_ok = jnp.zeros((R, total), bool).at[rows_R1, dest_RX].set(True, mode="drop")
+  count_RC = jnp.zeros((R, nk + 1), jnp.int32).at[rows_R1, c_RX].add(1)[:, :nk]
+  padded_RC = -(-count_RC // P) * P
+  end_RC = jnp.cumsum(padded_RC, axis=-1)               # group ends, padded to P
+  off_RC = jnp.concatenate([jnp.zeros((R, 1), jnp.int32), end_RC[:, :-1]], axis=-1)
+  start_RC = jnp.cumsum(count_RC, axis=-1) - count_RC   # group starts, unpadded
+  # a stable sort of the pairs x = i * top_k + slot by block keeps query order inside a
+  # group: O(T top_k) memory per row (no [T, nk] arrays)
+  x_RX = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32), (R, X))
+  c_sorted, x_sorted = jax.lax.sort((c_RX, x_RX), dimension=1, is_stable=True, num_keys=1)
+  cs = jnp.minimum(c_sorted, nk - 1)
+  rank = jnp.arange(X, dtype=jnp.int32)[None, :] - jnp.take_along_axis(start_RC, cs, axis=1)
+  dest_sorted = jnp.where(c_sorted < nk, jnp.take_along_axis(off_RC, cs, axis=1) + rank,
+                          total)                                             # total: dropped
+  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_sorted].set(x_sorted // kk,
+                                                                           mode="drop")
+  dest_RTk = jnp.zeros((R, X), jnp.int32).at[rows_R1, x_sorted].set(dest_sorted).reshape(
+      R, T, kk)
   starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
   chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
-  kvrow_R = (jnp.arange(R, dtype=jnp.int32) // N) * K + (jnp.arange(R, dtype=jnp.int32) % N) // G
+  return slot_q, chunk_blk.astype(jnp.int32), dest_RTk
+
+
+def _moba_gather_group(chunk: int) -> int:
+  """Chunks per scan step: about 512 slots per step (fewer, larger steps; the chunks of a
+  step are batched like extra rows)."""
+  return max(1, 512 // chunk)
+
+
+def _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk):
+  """Shared by the forward and backward of :func:`_moba_gather_partial`: the scan inputs
+  ``(row [U], slot queries [steps, U, P], key block [steps, U], flat kv block [steps, U])``
+  with ``U = group * R`` (``group`` chunks of every row per step), the layout's ``dest``,
+  the blocked keys/values ``[B * K * nk, bs, dim]`` and the query rows ``[R, T, H]``."""
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G, bs, P = N // K, block_size, chunk
+  nk = -(-S // bs)
+  R = B * N
+  g = _moba_gather_group(P)
+  slot_q, chunk_blk, dest_RTk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P, group=g)
+  steps = chunk_blk.shape[1] // g
+  r_R = jnp.arange(R, dtype=jnp.int32)
+  kvrow_R = (r_R // N) * K + (r_R % N) // G
   chunk_flat = kvrow_R[:, None] * nk + chunk_blk                            # [R, n_chunks]
 
-  # ---- gathered inputs, chunk-major
-  q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
-  qs = jnp.take_along_axis(q_RTH, slot_q[..., None], axis=1)                # [R, total, H]
-  xs = (qs.reshape(R, n_chunks, P, H).transpose(1, 0, 2, 3),
-        slot_q.reshape(R, n_chunks, P).transpose(1, 0, 2),
-        slot_ok.reshape(R, n_chunks, P).transpose(1, 0, 2),
-        chunk_flat.T, chunk_blk.T.astype(jnp.int32))
+  def per_step(x_RC, tail=()):          # [R, steps * g, *tail] -> [steps, g * R, *tail]
+    x = x_RC.reshape((R, steps, g) + tail)
+    return jnp.moveaxis(x, 0, 2).reshape((steps, g * R) + tail)
+  xs = (per_step(slot_q, (P,)), per_step(chunk_blk), per_step(chunk_flat))
+  row_U = jnp.tile(r_R, g)
   pad = ((0, 0), (0, nk * bs - S), (0, 0), (0, 0))
   k_F = jnp.pad(k, pad).reshape(B, nk, bs, K, H).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, H)
   v_F = jnp.pad(v, pad).reshape(B, nk, bs, K, Hv).transpose(0, 3, 1, 2, 4).reshape(
       B * K * nk, bs, Hv)
-  jpos = jnp.arange(bs, dtype=jnp.int32)
+  q_RTH = q.transpose(0, 2, 1, 3).reshape(R, T, H)
+  return row_U, xs, dest_RTk, k_F, v_F, q_RTH
 
-  def one_chunk(x):
-    q_RPH, i_RP, ok_RP, f_R, c_R = x
-    k_RSH, v_RSD = k_F[f_R], v_F[f_R]
-    s = jnp.einsum("rph,rsh->rps", q_RPH, k_RSH, preferred_element_type=_F32) * scale
-    j_RS = c_R[:, None] * bs + jpos[None, :]
-    allowed = ok_RP[:, :, None] & (j_RS < S)[:, None, :]
-    if causal:
-      allowed = allowed & (j_RS[:, None, :] <= i_RP[:, :, None])
-    s = jnp.where(allowed, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+
+def _moba_chunk_logits(q_UPH, k_USH, i_UP, c_U, *, T, S, bs, causal, scale):
+  """float32 logits ``[U, P, bs]`` of chunks' slots against their key blocks, with the
+  mask (padding slots, keys past ``S`` and, causal, ``j > i``) applied as ``-inf``."""
+  s = jnp.einsum("uph,ush->ups", q_UPH, k_USH, preferred_element_type=_F32) * scale
+  j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+  allowed = (i_UP < T)[:, :, None] & (j_US < S)[:, None, :]
+  if causal:
+    allowed = allowed & (j_US[:, None, :] <= i_UP[:, :, None])
+  return jnp.where(allowed, s, -jnp.inf), allowed
+
+
+def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  B, T, N, H = q.shape
+  S, Hv = k.shape[1], v.shape[3]
+  R = B * N
+  row_U, xs, dest_RTk, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size,
+                                                             chunk)
+  row_U1 = row_U[:, None]
+
+  def step(_, x):                       # each slot's partial softmax over its block
+    i_UP, c_U, f_U = x
+    s, _ = _moba_chunk_logits(q_RTH[row_U1, jnp.minimum(i_UP, T - 1)], k_F[f_U], i_UP, c_U,
+                              T=T, S=S, bs=block_size, causal=causal, scale=scale)
+    m = jnp.max(s, axis=-1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m[..., None])
     l = p.sum(-1)
     pos = l > 0
     l1 = jnp.where(pos, l, 1.0)
-    o = jnp.einsum("rps,rsd->rpd", p.astype(v_RSD.dtype), v_RSD,
+    o = jnp.einsum("ups,usd->upd", p.astype(v_F.dtype), v_F[f_U],
                    preferred_element_type=_F32) / l1[..., None]
-    lse = jnp.where(pos, m + jnp.log(l1), -jnp.inf)
-    return o, lse
+    return None, (o, jnp.where(pos, m + jnp.log(l1), -jnp.inf))
 
-  o_CRPD, lse_CRP = jax.lax.map(jax.checkpoint(one_chunk), xs)
-  o_RXD = o_CRPD.transpose(1, 0, 2, 3).reshape(R, total, Hv)
-  lse_RX = lse_CRP.transpose(1, 0, 2).reshape(R, total)
-
-  # ---- back to [T, top_k] and a log-sum-exp merge
-  src = jnp.minimum(dest_RX, total - 1)
-  o_RTkD = jnp.take_along_axis(o_RXD, src[..., None], axis=1).reshape(R, T, kk, Hv)
-  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src, axis=1).reshape(R, T, kk),
-                      -jnp.inf)
-  if extra is not None:
-    o_x, lse_x = extra
-    o_RTkD = jnp.concatenate(
-        [o_RTkD, o_x.astype(_F32).transpose(0, 2, 1, 3).reshape(R, T, 1, Hv)], axis=2)
-    lse_RTk = jnp.concatenate([lse_RTk, lse_x.astype(_F32).reshape(R, T, 1)], axis=2)
-  mx = jax.lax.stop_gradient(jnp.max(lse_RTk, axis=-1, keepdims=True))
+  _, (o_ZUPD, lse_ZUP) = jax.lax.scan(step, None, xs)
+  steps, U, P = lse_ZUP.shape
+  g = U // R
+  # [steps, g * R, P] -> [R, steps * g * P] (chunk order of the layout)
+  o_RXD = jnp.moveaxis(o_ZUPD.reshape(steps, g, R, P, Hv), 2, 0).reshape(R, -1, Hv)
+  lse_RX = jnp.moveaxis(lse_ZUP.reshape(steps, g, R, P), 2, 0).reshape(R, -1)
+  total = lse_RX.shape[1]
+  kk = dest_RTk.shape[-1]
+  ok_RTk = dest_RTk < total
+  src_RTk = jnp.minimum(dest_RTk, total - 1)
+  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src_RTk.reshape(R, T * kk), axis=1)
+                      .reshape(R, T, kk), -jnp.inf)
+  mx = jnp.max(lse_RTk, axis=-1, keepdims=True)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
   den = w.sum(-1)
-  out_RTD = (w[..., None] * o_RTkD).sum(2) / jnp.where(den > 0, den, 1.0)[..., None]
-  return out_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
+  pos = den > 0
+  den1 = jnp.where(pos, den, 1.0)
+  o_RTD = jnp.zeros((R, T, Hv), _F32)
+  for j in range(kk):                   # one [R, T, Hv] partial at a time
+    o_RTD = o_RTD + w[:, :, j, None] * jnp.take_along_axis(o_RXD, src_RTk[:, :, j, None],
+                                                           axis=1)
+  o_RTD = o_RTD / den1[..., None]
+  lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
+  return o_RTD, lse_RT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _moba_gather_partial(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  """Softmax attention of each query over the keys of its gathered blocks: float32
+  ``(o [R, T, Hv], lse [R, T])`` with ``R = B * N`` (``lse = -inf``, ``o = 0`` where a
+  query has no allowed key).  ``lax.scan`` over steps of :func:`_moba_gather_group` chunks
+  of ``P`` slots, each chunk of one key block (:func:`_moba_gather_layout`); each slot's
+  partial ``(o, lse)`` over its block is gathered back to ``[T, top_k]`` and merged by
+  log-sum-exp.  The backward is flash-style: it recomputes each chunk's probabilities from
+  the saved per-query ``lse`` (no autodiff through the gathers), scatter-adds ``dq`` back
+  to the slots' queries and accumulates ``dk``/``dv`` per key block."""
+  return _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk)
+
+
+def _moba_gather_partial_fwd(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+  o_RTD, lse_RT = _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal,
+                                                scale, chunk)
+  return (o_RTD, lse_RT), (q, k, v, idx_BNTk, o_RTD, lse_RT)
+
+
+def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
+  q, k, v, idx_BNTk, o_RTD, lse_RT = res
+  do_RTD, dlse_RT = cts
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  bs = block_size
+  nk = -(-S // bs)
+  R = B * N
+  row_U, xs, _, k_F, v_F, q_RTH = _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk)
+  row_U1 = row_U[:, None]
+  do_RTD = do_RTD.astype(_F32)
+  # d lse_i / d s_ij = p_ij: a cotangent on lse enters as -dlse in D_i = do_i . o_i - dlse_i
+  D_RT = jnp.sum(do_RTD * o_RTD, axis=-1) - dlse_RT.astype(_F32)
+  lse0_RT = jnp.where(jnp.isfinite(lse_RT), lse_RT, 0.0)
+
+  def step(carry, x):
+    dq_RTH, dk_F, dv_F = carry
+    i_UP, c_U, f_U = x
+    ic = jnp.minimum(i_UP, T - 1)
+    q_UPH, k_USH, v_USD = q_RTH[row_U1, ic], k_F[f_U], v_F[f_U]
+    do_UPD = do_RTD[row_U1, ic]
+    # key-major [U, bs, P] logits: dk and dv are then plain (non-transposed) products
+    sT = jnp.einsum("ush,uph->usp", k_USH, q_UPH, preferred_element_type=_F32) * scale
+    j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    allowed = (i_UP < T)[:, None, :] & (j_US < S)[:, :, None]
+    if causal:
+      allowed = allowed & (j_US[:, :, None] <= i_UP[:, None, :])
+    pT = jnp.where(allowed, jnp.exp(sT - lse0_RT[row_U1, ic][:, None, :]), 0.0)
+    dpT = jnp.einsum("usd,upd->usp", v_USD.astype(_F32), do_UPD)
+    dsT = pT * (dpT - D_RT[row_U1, ic][:, None, :]) * scale
+    dq_UPH = jnp.einsum("usp,ush->uph", dsT, k_USH.astype(_F32))
+    dk_USH = jnp.einsum("usp,uph->ush", dsT, q_UPH.astype(_F32))
+    dv_USD = jnp.einsum("usp,upd->usd", pT, do_UPD)
+    dq_RTH = dq_RTH.at[row_U1, i_UP].add(dq_UPH, mode="drop")
+    return (dq_RTH, dk_F.at[f_U].add(dk_USH), dv_F.at[f_U].add(dv_USD)), None
+
+  init = (jnp.zeros((R, T, H), _F32), jnp.zeros(k_F.shape, _F32), jnp.zeros(v_F.shape, _F32))
+  (dq_RTH, dk_F, dv_F), _ = jax.lax.scan(step, init, xs)
+  dq = dq_RTH.reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(q.dtype)
+  dk = dk_F.reshape(B, K, nk * bs, H).transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+  dv = dv_F.reshape(B, K, nk * bs, Hv).transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+  return dq, dk, dv, None
+
+
+_moba_gather_partial.defvjp(_moba_gather_partial_fwd, _moba_gather_partial_bwd)
+
+
+def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int):
+  """MoBA, key-block-major: gather the queries of each chosen key block.
+
+  The ``T * top_k`` (query, block) pairs of each row ``(b, h)`` are laid out grouped by
+  block, padded per block to a multiple of ``P = chunk`` slots
+  (:func:`_moba_gather_layout`, ``ceil((T * top_k + nk * (P - 1)) / P) * P`` slots); a
+  scan over steps of chunks computes each chunk's ``[P, block]`` float32 logits (padding
+  slots, keys past ``S`` and, causal, ``j > i`` masked), and the slots' partial softmaxes
+  are merged by log-sum-exp per query (:func:`_moba_gather_partial`, a custom VJP with a
+  flash-style backward).  Entries ``>= nk`` of ``idx_BNTk`` select nothing.  Work is
+  ``O(T * top_k * block)`` whatever the routing; memory ``O(T * top_k * Hv)`` per head
+  besides one step's logits.  Returns ``[B, T, N, Hv]`` in ``q.dtype``.
+  """
+  B, T, N, H = q.shape
+  Hv = v.shape[3]
+  scale = (1.0 / math.sqrt(H)) if scale is None else float(scale)
+  idx_BNTk = jax.lax.stop_gradient(idx_BNTk).astype(jnp.int32)
+  o_RTD, _ = _moba_gather_partial(q, k, v, idx_BNTk, int(block_size), bool(causal), scale,
+                                  int(chunk))
+  return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
@@ -285,10 +405,12 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
 
   Two evaluations.  ``implementation='gather'`` (the default on the CPU backend without
   ``block_sizes``) is
-  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs are grouped
-  by block and processed in chunks of queries gathered against their block's keys, with
-  the partial softmaxes merged by log-sum-exp; its cost is ``O(T * top_k * block_size)``
-  whatever the routing.  Any other ``implementation`` (and ``None`` off CPU) passes the
+  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs (causal: the
+  own block included, masked ``j <= i``) are grouped by block and processed in chunks of
+  queries gathered against their block's keys, with the partial softmaxes merged by
+  log-sum-exp; a custom VJP recomputes the chunks in a flash-style backward.  Its cost
+  is ``O(T * top_k * block_size)`` whatever the routing and it makes no
+  :func:`attnjax.attention` call.  Any other ``implementation`` (and ``None`` off CPU) passes the
   choice (:func:`moba_selection`, a per-token ``[B, N, T, nk]`` array) as
   :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
   :func:`attnjax.attention`: blockwise implementations visit a ``(q block, k block)``
@@ -330,16 +452,15 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     if block_sizes is not None:
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                        f"implementation='gather' takes none, got {block_sizes!r}")
+    if scale is not None and (isinstance(scale, bool) or
+                              not isinstance(scale, (int, float, np.floating, np.integer))):
+      raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
+                      f"None, got {type(scale).__name__}")
+    # every chosen block (causal: the own block too, masked j <= i) is gathered: no
+    # attnjax.attention call and no second merge
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
-    extra = None
-    if causal:  # the own block for every query: a band (block-diagonal causal) attention
-      own = _masks.chunked(bs) & _masks.causal()
-      if top_k == 1:
-        return hooks.attention(q, k, v, mask=own, scale=scale)
-      extra = hooks.attention(q, k, v, mask=own, scale=scale, return_lse=True)
-      idx = idx[..., 1:]
     return _moba_gather(q, k, v, idx, block_size=bs, causal=causal, scale=scale,
-                        chunk=_moba_gather_chunk(bs), extra=extra)
+                        chunk=_moba_gather_chunk(bs))
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
   if causal:
