@@ -256,6 +256,12 @@ def chunk_positions(dev, t_local: int, p: int, layout: str):
 
 # --- public -------------------------------------------------------------------------------
 
+def ring_attention_autodiff(q, k, v, **kwargs) -> jax.Array:
+  """``ring_attention`` differentiated by JAX's own transpose of the forward ring (no
+  custom VJP): keeps every ring step's residuals. For comparisons (memory tests) only."""
+  return ring_attention(q, k, v, _custom_vjp=False, **kwargs)
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                    axis_name: str = 'context', mask: Any = None,
                    score_mod: Callable | None = None,
@@ -265,7 +271,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                    softcap: float | None = None, sinks: jax.Array | None = None,
                    layout: str = 'zigzag', batch_axes: Sequence[str] = ('data', 'fsdp'),
                    head_axes: Sequence[str] = ('tensor',),
-                   skip_empty: bool = True) -> jax.Array:
+                   skip_empty: bool = True, _custom_vjp: bool = True) -> jax.Array:
   """Exact softmax attention with the sequence split over a mesh axis (ring attention).
 
   s_ij = softcap(score_mod(scale * q_i . k_j))  at global positions i, j
@@ -343,7 +349,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
 
   core = _make_ring(lg, mesh=mesh, axis_name=axis_name, p=p, t=t, layout=layout,
                     n_sub=n_sub, b_axes=b_axes, h_axes=h_axes, has_sinks=has_sinks,
-                    skip_empty=skip_empty, num_consts=len(consts))
+                    skip_empty=skip_empty, custom=_custom_vjp)
   out = core(q, k, v, q_segment_ids, kv_segment_ids, sinks, tuple(mask_leaves), consts)
   if n_sub == 2:
     (out,) = _relayout((out,), mesh, axis_name, p, b_axes, inverse=True)
@@ -351,7 +357,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
 
 
 def _make_ring(lg: _Logits, *, mesh, axis_name, p, t, layout, n_sub, b_axes, h_axes,
-               has_sinks, skip_empty, num_consts):
+               has_sinks, skip_empty, custom=True):
   """The custom-VJP ring over arrays already in the device layout."""
   t_local = t // p
   c = t_local // n_sub
@@ -529,7 +535,8 @@ def _make_ring(lg: _Logits, *, mesh, axis_name, p, t, layout, n_sub, b_axes, h_a
             tuple(zero_int(x) for x in mleaves), dconsts)
 
   core.defvjp(core_fwd, core_bwd)
-  del num_consts
+  if not custom:
+    return lambda *args: fwd_map(*args)[0]
   return core
 
 
