@@ -85,7 +85,7 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
   t_local = t // p
   bl = b // math.prod(mesh.shape[a] for a in b_axes)
   nl = n // math.prod(mesh.shape[a] for a in h_axes)
-  mod_fn, consts = _ring.convert_score_mod(score_mod, bl, nl, t_local, t)
+  mod_fn, consts = _ring.convert_score_mod(score_mod, bl, nl, t_local, t, mesh)
   mask_leaves, mask_treedef = jax.tree.flatten(mask)
   lg = _ring._Logits(mask=mask, score_mod_fn=mod_fn, softcap=softcap, scale=scale,  # pylint: disable=protected-access
                      num_heads=n, batch=b, has_seg=has_seg, mask_treedef=mask_treedef)

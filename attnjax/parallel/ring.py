@@ -40,6 +40,7 @@ is two ``ppermute``\\ s inside the mesh, never a gather of the whole sequence.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,7 +113,7 @@ def spec_entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def convert_score_mod(score_mod, b: int, n: int, tq: int, tk: int):
+def convert_score_mod(score_mod, b: int, n: int, tq: int, tk: int, mesh=None):
   """``(fn(score, b, h, q, kv, *consts), consts)``: the score mod with the arrays it closes
   over (e.g. a learnable bias table) hoisted into explicit arguments, so they can cross a
   ``shard_map`` / ``custom_vjp`` boundary and get gradients. ``fn`` is traced for the
@@ -124,7 +125,14 @@ def convert_score_mod(score_mod, b: int, n: int, tq: int, tk: int):
   ex = (sds((b, n, tq, tk), jnp.float32), sds((b, 1, 1, 1), jnp.int32),
         sds((1, n, 1, 1), jnp.int32), sds((1, 1, tq, 1), jnp.int32),
         sds((1, 1, 1, tk), jnp.int32))
-  fn, consts = jax.closure_convert(score_mod, *ex)
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      # trace as inside the shard_map (Manual axes), where the converted fn is evaluated
+      abstract = mesh.abstract_mesh
+      manual = abstract.update_axis_types(
+          {a: jax.sharding.AxisType.Manual for a in abstract.axis_names})
+      stack.enter_context(jax.sharding.use_abstract_mesh(manual))
+    fn, consts = jax.closure_convert(score_mod, *ex)
   return fn, tuple(consts)
 
 
@@ -339,7 +347,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
   h_axes = fit_axes(math.gcd(n, kh), head_axes, mesh)
   c = t // (p * n_sub)
   mod_fn, consts = convert_score_mod(score_mod, b // math.prod(mesh.shape[a] for a in b_axes),
-                                     n // math.prod(mesh.shape[a] for a in h_axes), c, c)
+                                     n // math.prod(mesh.shape[a] for a in h_axes), c, c, mesh)
   mask_leaves, mask_treedef = jax.tree.flatten(mask)
   lg = _Logits(mask=mask, score_mod_fn=mod_fn, softcap=softcap, scale=scale, num_heads=n,
                batch=b, has_seg=has_seg, mask_treedef=mask_treedef)
