@@ -8,6 +8,7 @@ Multi-device cases run this file as a script in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX is imported.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -128,7 +129,7 @@ def _case_config(name):
   return c
 
 
-def _step_worker(selected):
+def _one_case(case, mesh):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -137,6 +138,63 @@ def _step_worker(selected):
   from jax.sharding import PartitionSpec as P
 
   from attnjax import models, parallel
+  name, impl = case.split('/')
+  cfg = _case_config(name)
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # perturb every parameter (zero-initialised sinks / tables included)
+  leaves, tdef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  kx, kw_, kseg = jax.random.split(jax.random.key(2), 3)
+  if cfg.kind == 'lm':
+    x = jax.random.randint(kx, (4, 32), 0, cfg.vocab_size)
+    if 'document' in name:  # packed documents of random lengths
+      seg = jnp.cumsum(jax.random.bernoulli(kseg, 0.15, (4, 32)), axis=1).astype(jnp.int32)
+    else:
+      seg = None
+  else:
+    x = jax.random.normal(kx, (4, cfg.image_size, cfg.image_size, cfg.channels))
+    seg = None
+  logits_shape = jax.eval_shape(
+      lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x).shape
+  w = jax.random.normal(kw_, logits_shape)  # a random cotangent of the logits
+
+  def loss_fn(p, x, seg):
+    m = nnx.merge(graphdef, p, rest)
+    y = m(x, segment_ids=seg) if seg is not None else m(x)
+    return jnp.sum(y * w)
+
+  def step(p, x, seg):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, seg)
+    m = nnx.merge(graphdef, p, rest)
+    logits = m(x, segment_ids=seg) if seg is not None else m(x)
+    # the loss relative to sum |y * w| (the sum itself cancels), the logits, the
+    # gradients and the parameters after an SGD update, each relative to its largest entry
+    return (loss / jnp.sum(jnp.abs(logits * w)), logits, g,
+            jax.tree.map(lambda a, b: a - 0.1 * b, p, g))
+
+  ref = jax.jit(step)(params, x, seg)
+  bsh = NamedSharding(mesh, P('data'))
+  with jax.set_mesh(mesh), parallel.activation_sharding(mesh), parallel.context_impl(impl):
+    got = jax.jit(step)(params, jax.device_put(x, bsh),
+                        None if seg is None else jax.device_put(seg, bsh))
+  errs = {}
+  errs['loss'] = abs(float(got[0]) - float(ref[0]))
+  for what, a, b in zip(('logits', 'grads', 'params'), got[1:], ref[1:]):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    errs[what] = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) /
+                           max(float(np.max(np.abs(np.asarray(v)))), 1e-30))
+                     for u, v in zip(la, lb))
+    assert all(np.isfinite(np.asarray(u)).all() for u in la)
+  return errs
+
+
+def _step_worker(selected):
+  import jax
+
+  from attnjax import parallel
   from attnjax.parallel import context as ctx_mod
   assert jax.device_count() == 8
   mesh = parallel.make_mesh(dict(data=2, fsdp=1, tensor=1, context=4))
@@ -150,80 +208,40 @@ def _step_worker(selected):
   ctx_mod.context_attention = counting
 
   for case in selected.split(','):
-    name, impl = case.split('/')
-    cfg = _case_config(name)
-    model = models.build_model(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # perturb every parameter (zero-initialised sinks / tables included)
-    leaves, tdef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape)
-                                       for x, k in zip(leaves, keys)])
-    kx, kw_, kseg = jax.random.split(jax.random.key(2), 3)
-    if cfg.kind == 'lm':
-      x = jax.random.randint(kx, (4, 32), 0, cfg.vocab_size)
-      if 'document' in name:  # packed documents of random lengths
-        seg = jnp.cumsum(jax.random.bernoulli(kseg, 0.15, (4, 32)), axis=1).astype(jnp.int32)
-      else:
-        seg = None
-    else:
-      x = jax.random.normal(kx, (4, cfg.image_size, cfg.image_size, cfg.channels))
-      seg = None
-    logits_shape = jax.eval_shape(
-        lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x).shape
-    w = jax.random.normal(kw_, logits_shape)  # a random cotangent of the logits
-
-    def loss_fn(p, x, seg):
-      m = nnx.merge(graphdef, p, rest)
-      y = m(x, segment_ids=seg) if seg is not None else m(x)
-      return jnp.sum(y * w)
-
-    def step(p, x, seg):
-      loss, g = jax.value_and_grad(loss_fn)(p, x, seg)
-      return loss, g, jax.tree.map(lambda a, b: a - 0.1 * b, p, g)  # an SGD update
-
-    ref = jax.jit(step)(params, x, seg)
     calls.clear()
-    bsh = NamedSharding(mesh, P('data'))
-    with jax.set_mesh(mesh), parallel.activation_sharding(mesh), parallel.context_impl(impl):
-      got = jax.jit(step)(params, jax.device_put(x, bsh),
-                          None if seg is None else jax.device_put(seg, bsh))
-    errs = {}
-    for what, a, b in zip(('loss', 'grads', 'params'), got, ref):
-      la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-      errs[what] = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) /
-                             max(float(np.max(np.abs(np.asarray(v)))), 1e-30))
-                       for u, v in zip(la, lb))
-      assert all(np.isfinite(np.asarray(u)).all() for u in la)
+    errs = _one_case(case, mesh)
     out[case] = {'errs': errs, 'routed': len(calls) > 0}
   print('RESULT ' + json.dumps(out), flush=True)
+
+
+def _trainer_config(mesh, impl):
+  from attnjax.train import config_lib
+  c = config_lib.base_config()
+  c.task = 'lm'
+  c.data.name = 'mqar'
+  c.data.params = dict(vocab_size=64, num_pairs=4, seq_len=32)
+  c.data.num_train, c.data.num_test = 64, 16
+  c.batch_size = c.eval_batch_size = 8
+  c.num_steps = 2
+  c.optimizer.name = 'sgd'
+  c.optimizer.grad_clip = 0.0
+  c.schedule.warmup_steps = 0
+  c.mesh = mesh
+  c.parallel.context_impl = impl
+  c.model = config_lib.model_config('lm', 'T', seq_len=32)
+  c.model.num_layers = 1
+  return c
 
 
 def _trainer_worker():
   import jax
   import numpy as np
 
-  from attnjax.train import config_lib
   from attnjax.train.trainer import Trainer
   assert jax.device_count() == 8
   res = {}
   for impl in ('ring', 'allgather'):
-    def cfg(mesh):
-      c = config_lib.base_config()
-      c.task = 'lm'
-      c.data.name = 'mqar'
-      c.data.params = dict(vocab_size=64, num_pairs=4, seq_len=32)
-      c.data.num_train, c.data.num_test = 64, 16
-      c.batch_size = c.eval_batch_size = 8
-      c.num_steps = 2
-      c.optimizer.name = 'sgd'
-      c.optimizer.grad_clip = 0.0
-      c.schedule.warmup_steps = 0
-      c.mesh = mesh
-      c.parallel.context_impl = impl
-      c.model = config_lib.model_config('lm', 'T', seq_len=32)
-      c.model.num_layers = 1
-      return c
+    cfg = functools.partial(_trainer_config, impl=impl)
     one = Trainer(cfg(dict(data=1, fsdp=1, tensor=1, context=1)), devices=jax.devices()[:1])
     cp = Trainer(cfg(dict(data=2, fsdp=1, tensor=1, context=4)))
     batch = next(iter(one.train_ds))

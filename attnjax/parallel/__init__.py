@@ -30,6 +30,7 @@ __all__ = [
     'MESH_AXES', 'axis_size', 'make_mesh', 'mesh_shape', 'DEFAULT_ACTIVATION_RULES',
     'DEFAULT_PARAM_RULES', 'ACTIVATION_NAMES', 'PARAM_NAMES', 'activation_sharding',
     'constrain', 'current_mesh', 'flax_rules_to_spec', 'logical_to_spec', 'normalize_rules',
-    'state_shardings', 'ring_attention', 'allgather_attention', 'CONTEXT_IMPLS', 'check_context_impl',
+    'state_shardings', 'ring_attention', 'allgather_attention', 'CONTEXT_IMPLS',
+    'check_context_impl',
     'context_attention', 'context_impl', 'context_size', 'current_context_impl',
 ]
