@@ -88,7 +88,12 @@ def test_train_step_data2_context4_equals_one_device(cases):
 def test_trainer_step_context4_equals_one_device():
   res = _run_worker('trainer')
   for impl, r in res.items():
+    assert r['routed_impls'] == [impl], (impl, r)
+    # the new state (parameters after one SGD step, lr 0.1) and the loss to 1e-6; the
+    # update itself (lr * gradient, relative to each parameter's largest update: sums over
+    # 8 shards in another order) to float32 tolerance
     assert r['loss_err'] < 1e-6 and r['param_err'] < 1e-6, (impl, r)
+    assert r['update_err'] < 2e-5, (impl, r)
 
 
 def test_ring_memory_independent_of_ring_steps():
@@ -226,6 +231,8 @@ def _trainer_config(mesh, impl):
   c.optimizer.name = 'sgd'
   c.optimizer.grad_clip = 0.0
   c.schedule.warmup_steps = 0
+  c.schedule.decay = 'constant'
+  c.schedule.learning_rate = 0.1
   c.mesh = mesh
   c.parallel.context_impl = impl
   c.model = config_lib.model_config('lm', 'T', seq_len=32)
@@ -237,22 +244,40 @@ def _trainer_worker():
   import jax
   import numpy as np
 
+  from attnjax.parallel import context as ctx_mod
   from attnjax.train.trainer import Trainer
   assert jax.device_count() == 8
+  calls = []
+  real = ctx_mod.context_attention
+
+  def counting(*a, impl=None, **kw):
+    calls.append(ctx_mod.current_context_impl())
+    return real(*a, impl=impl, **kw)
+  ctx_mod.context_attention = counting
   res = {}
   for impl in ('ring', 'allgather'):
     cfg = functools.partial(_trainer_config, impl=impl)
     one = Trainer(cfg(dict(data=1, fsdp=1, tensor=1, context=1)), devices=jax.devices()[:1])
     cp = Trainer(cfg(dict(data=2, fsdp=1, tensor=1, context=4)))
     batch = next(iter(one.train_ds))
-    s1, m1 = one.step(one.init(), one.global_batch(batch))
-    s2, m2 = cp.step(cp.init(), cp.global_batch(batch))
-    l1, l2 = float(m1['loss']), float(m2['loss'])
-    p1 = jax.tree.leaves(jax.device_get(s1['params']))
-    p2 = jax.tree.leaves(jax.device_get(s2['params']))
-    res[impl] = {'loss_err': abs(l1 - l2) / abs(l1),
+    deltas, losses, params = [], [], []
+    calls.clear()
+    for t in (one, cp):
+      state = t.init()
+      p0 = jax.device_get(state['params'])
+      state, m = t.step(state, t.global_batch(batch))
+      p1 = jax.device_get(state['params'])
+      # the SGD update (-lr * gradient) of every parameter
+      deltas.append([np.asarray(b) - np.asarray(a)
+                     for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1))])
+      losses.append(float(m['loss']))
+      params.append([np.asarray(b) for b in jax.tree.leaves(p1)])
+    res[impl] = {'loss_err': abs(losses[0] - losses[1]) / abs(losses[0]),
+                 'update_err': max(float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+                                   for a, b in zip(*deltas)),
                  'param_err': max(float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-                                  for a, b in zip(p1, p2))}
+                                  for a, b in zip(*params)),
+                 'routed_impls': sorted(set(calls))}
   print('RESULT ' + json.dumps(res), flush=True)
 
 
