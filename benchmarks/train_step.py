@@ -14,6 +14,14 @@ ratio nnx_mha / attnjax (> 1 means attnjax is faster).
 
   python benchmarks/train_step.py                       # default config
   python benchmarks/train_step.py --config configs/mqar.py:size=M --steps 20 --repeats 5
+
+With ``--context N`` it instead compares context parallelism: the same attnjax config on
+the same devices with mesh ``context=1`` (data parallel only) and ``context=N`` (the rest
+data parallel), reporting ms/step and the per-device memory of the compiled train step
+(``memory_analysis``: arguments + temporaries). On CPU it forces N host devices
+(``--context_impl ring|allgather`` picks ``config.parallel.context_impl``):
+
+  python benchmarks/train_step.py --context 4 --config configs/mqar.py:size=S --steps 5
 """
 
 from __future__ import annotations
@@ -75,7 +83,12 @@ def main():
   ap.add_argument('--steps', type=int, default=20, help='timed steps per repeat')
   ap.add_argument('--repeats', type=int, default=5)
   ap.add_argument('--json', default='', help='write results here')
+  ap.add_argument('--context', type=int, default=0,
+                  help='compare mesh context=N against context=1 (context parallelism)')
+  ap.add_argument('--context_impl', default='ring', choices=('ring', 'allgather'))
   args = ap.parse_args()
+  if args.context:
+    return context_main(args)
 
   import jax
   import numpy as np
@@ -129,6 +142,69 @@ def main():
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=2)
   del np
+
+
+def _device_memory(trainer, state, batch) -> int:
+  """Bytes per device of the compiled train step: arguments + temporaries (+ outputs not
+  aliased to donated arguments)."""
+  with trainer._ctx():  # pylint: disable=protected-access
+    comp = trainer._train_step.lower(state, trainer.rest, batch).compile()  # pylint: disable=protected-access
+  ma = comp.memory_analysis()
+  return int(ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+             - ma.alias_size_in_bytes)
+
+
+def context_main(args):
+  """Context 1 vs context N, same process, same devices."""
+  n = args.context
+  if n < 1:
+    raise SystemExit(f'--context must be >= 1; got {n}')
+  flag = f'--xla_force_host_platform_device_count={n}'
+  if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+  import jax
+
+  from attnjax.train import trainer as trainer_lib
+  rows = {}
+  batch_np = None
+  for ctx in sorted({1, n}):
+    c = _load_config(args.config)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, context=ctx)
+    c.parallel.context_impl = args.context_impl
+    t = trainer_lib.Trainer(c, None)
+    if batch_np is None:
+      batch_np = next(iter(t.train_ds))
+    state = t.init()
+    batch = t.global_batch(batch_np)
+    mem = _device_memory(t, state, batch)
+    t0 = time.perf_counter()
+    state, m = t.step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        state, m = t.step(state, batch)
+      jax.block_until_ready((state, m))
+      times.append((time.perf_counter() - t0) / args.steps * 1e3)
+    rows[ctx] = {'mesh': dict(t.mesh.shape), 'ms_per_step': statistics.median(times),
+                 'bytes_per_device': mem, 'compile_s': compile_s,
+                 'loss': float(m['loss'])}
+  c = _load_config(args.config)
+  seq = dict(c.data.params).get('seq_len')
+  print(f'\nconfig={args.config} batch={c.batch_size} seq_len={seq} '
+        f'backend={jax.default_backend()} devices={jax.device_count()} '
+        f'context_impl={args.context_impl}')
+  print(f'{"context":>8s} {"mesh":>34s} {"ms/step":>9s} {"MiB/device":>11s} {"loss":>8s}')
+  for ctx, r in rows.items():
+    mesh = ','.join(f'{k}={v}' for k, v in r['mesh'].items())
+    print(f'{ctx:8d} {mesh:>34s} {r["ms_per_step"]:9.2f} '
+          f'{r["bytes_per_device"] / 2**20:11.2f} {r["loss"]:8.4f}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'config': args.config, 'context_impl': args.context_impl,
+                 'backend': jax.default_backend(), 'rows': rows}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ Multi-device cases run this file as a script in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX is imported.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -142,9 +143,11 @@ def _run_worker(name, *args):
 
 
 FAST_CASES = ('causal/zigzag/ctx4', 'sliding_window/zigzag/ctx4', 'document+causal/zigzag/ctx4',
-              'causal+traced_scale/zigzag/ctx4')
+              'causal+traced_scale/zigzag/ctx4', 'window+mods/zigzag/ctx4',
+              'document+causal+mods/allgather/ctx4')
 SLOW_CASES = ('causal/contiguous/ctx8', 'causal/zigzag/ctx2+tensor2', 'document/contiguous/ctx4',
-              'full/zigzag/ctx8')
+              'full/zigzag/ctx8', 'causal+mods/zigzag/ctx2+tensor2', 'causal+mods/allgather/ctx8',
+              'sliding_window/allgather/ctx2+tensor2')
 
 
 @pytest.mark.parametrize('cases', [
@@ -182,7 +185,7 @@ def _ring_worker(selected):
 
   import attnjax
   from attnjax import masks
-  from attnjax.parallel import make_mesh, ring_attention
+  from attnjax.parallel import allgather_attention, make_mesh, ring_attention
   assert jax.device_count() == 8
   B, T, N, K, H = 2, 32, 4, 2, 8
   ks = jax.random.split(jax.random.key(42), 6)
@@ -192,6 +195,8 @@ def _ring_worker(selected):
   ct = jax.random.normal(ks[3], (B, T, N, H))
   seg = jnp.asarray(np.repeat(np.array([[0, 0, 1, 1, 1, 2, 3, 3], [0, 1, 1, 1, 2, 2, 2, 2]]),
                               4, axis=1), jnp.int32)
+  sinks = jax.random.normal(ks[4], (N,))
+  table = jax.random.normal(ks[5], (N, 2 * T - 1))  # a learnable relative-position bias
   cases = {
       'causal/zigzag/ctx4': (dict(data=2, context=4), masks.causal(), None, 'zigzag'),
       'causal/contiguous/ctx8': (dict(data=1, context=8), masks.causal(), None, 'contiguous'),
@@ -204,36 +209,57 @@ def _ring_worker(selected):
       'full/zigzag/ctx8': (dict(data=1, context=8), None, None, 'zigzag'),
       'causal+traced_scale/zigzag/ctx4': (dict(data=2, context=4), masks.causal(), None,
                                           'zigzag'),
+      'window+mods/zigzag/ctx4': (dict(data=2, context=4), masks.sliding_window(6), None,
+                                  'zigzag'),
+      'document+causal+mods/allgather/ctx4': (dict(data=2, context=4), masks.causal(), seg,
+                                              'allgather'),
+      'causal+mods/zigzag/ctx2+tensor2': (dict(data=2, tensor=2, context=2), masks.causal(),
+                                          None, 'zigzag'),
+      'causal+mods/allgather/ctx8': (dict(data=1, context=8), masks.causal(), None,
+                                     'allgather'),
+      'sliding_window/allgather/ctx2+tensor2': (dict(data=2, tensor=2, context=2),
+                                                masks.sliding_window(5), None, 'allgather'),
   }
   out = {}
-  for name, (mcfg, mask, segs, layout) in cases.items():
+  for name, (mcfg, mask, segs, layout) in cases.items():  # layout 'allgather': that variant
     if name not in selected.split(','):
       continue
     mesh = make_mesh(dict(dict(data=1, fsdp=1, tensor=1, context=1), **mcfg))
     kw = {} if segs is None else dict(q_segment_ids=segs, kv_segment_ids=segs)
 
-    # '+traced_scale': the scale is an input (learnable), differentiated as well
+    # '+traced_scale': the scale is an input (learnable), differentiated as well;
+    # '+mods': sinks, softcap and a score mod closing over a bias table (all differentiated)
     traced = 'traced_scale' in name
+    mods = '+mods' in name
     scale = jnp.float32(0.27)
+    fn = allgather_attention if layout == 'allgather' else functools.partial(
+        ring_attention, layout=layout)
 
-    def ring(q, k, v, s, mesh=mesh, mask=mask, layout=layout, kw=kw, traced=traced):
-      return ring_attention(q, k, v, mesh=mesh, mask=mask, layout=layout,
-                            scale=s if traced else None, **kw)
+    def extra(s, sk, tb, traced=traced, mods=mods):
+      kw = dict(scale=s if traced else None)
+      if mods:
+        kw.update(sinks=sk, softcap=4.0,
+                  score_mod=lambda sc, b, h, qi, ki: sc + tb[h, qi - ki + T - 1])
+      return kw
 
-    def ref(q, k, v, s, mask=mask, kw=kw, traced=traced):
-      return attnjax.reference_attention(q, k, v, mask=mask, scale=s if traced else None,
-                                         **kw)
+    def ring(q, k, v, s, sk, tb, mesh=mesh, mask=mask, kw=kw, fn=fn, extra=extra):
+      return fn(q, k, v, mesh=mesh, mask=mask, **kw, **extra(s, sk, tb))
+
+    def ref(q, k, v, s, sk, tb, mask=mask, kw=kw, extra=extra):
+      return attnjax.reference_attention(q, k, v, mask=mask, **kw, **extra(s, sk, tb))
 
     @jax.jit
-    def both(q, k, v, s, ct, ring=ring, ref=ref):
-      o1, f1 = jax.vjp(ring, q, k, v, s)
-      o2, f2 = jax.vjp(ref, q, k, v, s)
+    def both(q, k, v, s, sk, tb, ct, ring=ring, ref=ref):
+      o1, f1 = jax.vjp(ring, q, k, v, s, sk, tb)
+      o2, f2 = jax.vjp(ref, q, k, v, s, sk, tb)
       return (o1, *f1(ct)), (o2, *f2(ct))
 
-    a, b = both(q, k, v, scale, ct)
+    a, b = both(q, k, v, scale, sinks, table, ct)
     errs = {}
-    whats = ('out', 'dq', 'dk', 'dv') + (('dscale',) if traced else ())
+    whats = ('out', 'dq', 'dk', 'dv', 'dscale', 'dsinks', 'dtable')
     for what, x, y in zip(whats, a, b):
+      if (what == 'dscale' and not traced) or (what in ('dsinks', 'dtable') and not mods):
+        continue
       x, y = np.asarray(x), np.asarray(y)
       assert np.isfinite(x).all()
       errs[what] = float(np.max(np.abs(x - y) / (1e-5 + np.abs(y)).clip(min=1.0)))

@@ -29,6 +29,7 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax import score_mods as _score_mods
 from attnjax.ops import positional as _pos
+from attnjax.parallel import context as _context
 from attnjax.parallel.rules import constrain
 
 # `constrain` (public as `attnjax.layers.constrain` / `attnjax.parallel.constrain`): the
@@ -587,11 +588,18 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     if cache is not None:
       score_mod = _shift_score_mod(score_mod, q_offset)
 
-  out_BTNH = attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask, score_mod=score_mod,
-      q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=cfg.scale, softcap=cfg.softcap,
-      sinks=p["sinks"].astype(jnp.float32) if cfg.sinks else None,
-      implementation=cfg.implementation, block_sizes=cfg.block_sizes)
+  sinks = p["sinks"].astype(jnp.float32) if cfg.sinks else None
+  if cache is None and context is None and _context.context_size() > 1:
+    # The trainer's mesh splits the sequence over 'context': ring / all-gather attention
+    # (config.parallel.context_impl), masks and score mods at global positions.
+    out_BTNH = _context.context_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask, score_mod=score_mod, q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg, scale=cfg.scale, softcap=cfg.softcap, sinks=sinks)
+  else:
+    out_BTNH = attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask, score_mod=score_mod,
+        q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=cfg.scale, softcap=cfg.softcap,
+        sinks=sinks, implementation=cfg.implementation, block_sizes=cfg.block_sizes)
   y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH.astype(dtype), p["o_kernel"].astype(dtype))
   if cfg.use_bias:
     y_BTD = y_BTD + p["o_bias"].astype(dtype)

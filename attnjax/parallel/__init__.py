@@ -1,6 +1,15 @@
 """Parallelism: device mesh from config, logical-axis rules (the trainer's, or Flax's on your
-own mesh), ring attention (context parallelism)."""
+own mesh), context-parallel attention (ring with a custom VJP, all-gather K/V)."""
 
+from attnjax.parallel.allgather import allgather_attention
+from attnjax.parallel.context import (
+                                      CONTEXT_IMPLS,
+                                      check_context_impl,
+                                      context_attention,
+                                      context_impl,
+                                      context_size,
+                                      current_context_impl,
+)
 from attnjax.parallel.mesh import MESH_AXES, axis_size, make_mesh, mesh_shape
 from attnjax.parallel.ring import ring_attention
 from attnjax.parallel.rules import (
@@ -21,5 +30,7 @@ __all__ = [
     'MESH_AXES', 'axis_size', 'make_mesh', 'mesh_shape', 'DEFAULT_ACTIVATION_RULES',
     'DEFAULT_PARAM_RULES', 'ACTIVATION_NAMES', 'PARAM_NAMES', 'activation_sharding',
     'constrain', 'current_mesh', 'flax_rules_to_spec', 'logical_to_spec', 'normalize_rules',
-    'state_shardings', 'ring_attention',
+    'state_shardings', 'ring_attention', 'allgather_attention', 'CONTEXT_IMPLS',
+    'check_context_impl',
+    'context_attention', 'context_impl', 'context_size', 'current_context_impl',
 ]

@@ -149,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   c.sharding.param_rules = ()      # () = attnjax.parallel.DEFAULT_PARAM_RULES
   c.sharding.activation_rules = ()  # () = attnjax.parallel.DEFAULT_ACTIVATION_RULES
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.context_impl = 'ring'  # mesh.context > 1: 'ring' (zigzag, custom VJP) | 'allgather'
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0))

@@ -85,6 +85,13 @@ def load_split(dcfg, split: str):
     raise ValueError(f'config.data ({name}): {e}') from e
 
 
+def context_impl(config) -> str:
+  """``config.parallel.context_impl`` ('ring' when absent), checked."""
+  par = config.get('parallel', None)
+  impl = par.get('context_impl', 'ring') if par is not None else 'ring'
+  return parallel.check_context_impl(impl)
+
+
 def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
   """Validates everything that can be checked without compiling; returns the mesh shape.
 
@@ -118,6 +125,7 @@ def check_config(config, num_devices: int | None = None) -> tuple[int, ...]:
         raise ValueError(f'{key}={n!r} is not a registered attention variant; known: '
                          f'{variants.names()}.')
   _resolve(factory)
+  context_impl(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
   shape = parallel.mesh_shape(config.get('mesh', None), num_devices)
   data_par = shape[0] * shape[1]
@@ -380,6 +388,7 @@ class Trainer:
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(parallel.activation_sharding(self.mesh, self.act_rules))
+    stack.enter_context(parallel.context_impl(context_impl(self.config)))
     return stack
 
   def init(self):
