@@ -1,6 +1,7 @@
 """Parallelism: device mesh from config, logical-axis rules (the trainer's, or Flax's on your
 own mesh), ring attention (context parallelism)."""
 
+from attnjax.parallel.linear_cp import context_parallel_linear
 from attnjax.parallel.mesh import MESH_AXES, axis_size, make_mesh, mesh_shape
 from attnjax.parallel.ring import ring_attention
 from attnjax.parallel.rules import (
@@ -22,4 +23,5 @@ __all__ = [
     'DEFAULT_PARAM_RULES', 'ACTIVATION_NAMES', 'PARAM_NAMES', 'activation_sharding',
     'constrain', 'current_mesh', 'flax_rules_to_spec', 'logical_to_spec', 'normalize_rules',
     'state_shardings', 'ring_attention',
+    'context_parallel_linear',
 ]

@@ -1,0 +1,169 @@
+"""Context parallelism of the linear family (attnjax.parallel.linear_cp) on 8 fake devices.
+
+The sequence is split over the 'context' mesh axis and the recurrent state passes between
+the shards; the result must equal the single-device op (forward and vjp with random
+cotangents), and a train step of a small LM on a data 2 x context 4 mesh must equal the
+one-device step. Multi-device cases run this file as a script in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_worker(name, *args):
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), name, *args], env=env,
+                        capture_output=True, text=True, timeout=1200, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
+
+
+# --------------------------------------------------------------------------- one device
+
+def test_single_device_is_the_op_and_bad_input_raises():
+  import jax
+  import jax.numpy as jnp
+
+  from attnjax.ops import linear as L
+  from attnjax.parallel import context_parallel_linear, make_mesh
+  ks = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(kk, (2, 12, 2, 4)) for kk in ks)
+  want, st = L.linear_attention(q, k, v, causal=True, return_state=True)
+  got, got_st = context_parallel_linear(L.linear_attention, q, k, v, causal=True,
+                                        return_state=True)  # no mesh: the op itself
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_st[0], st[0], rtol=1e-6, atol=1e-6)
+  mesh = make_mesh(dict(data=1), devices=jax.devices()[:1])
+  np.testing.assert_allclose(context_parallel_linear(L.linear_attention, q, k, v, causal=True,
+                                                     mesh=mesh), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='axis_name'):
+    context_parallel_linear(L.linear_attention, q, k, v, mesh=mesh, axis_name='seq')
+  with pytest.raises(ValueError, match='transition'):
+    context_parallel_linear(L.linear_attention, q, k, v, transition='dense')
+  with pytest.raises(ValueError, match=r'xs\[1\]'):
+    context_parallel_linear(L.linear_attention, q, k[:, :6], v)
+  with pytest.raises(TypeError, match='fn'):
+    context_parallel_linear(None, q, k, v)
+  del jnp
+
+
+# --------------------------------------------------------------------------- 8 devices
+
+FAST_OPS = ('linear/ctx4', 'lightning/ctx4', 'gla/ctx4', 'gated_delta/ctx4')
+SLOW_OPS = ('linear/ctx2', 'lightning/ctx2', 'gla/ctx2', 'gated_delta/ctx2', 'delta/ctx4',
+            'ssd/ctx4', 'retention_gate/ctx2', 'inline/ctx4', 'linear_state/ctx4')
+
+
+@pytest.mark.parametrize('cases', [
+    pytest.param(FAST_OPS, id='linear-lightning-gla-gated_delta'),
+    pytest.param(SLOW_OPS, id='more', marks=pytest.mark.slow)])
+def test_ops_match_single_device_fwd_vjp_8_devices(cases):
+  res = _run_worker('ops', ','.join(cases))
+  assert sorted(res) == sorted(cases)
+  for case, errs in res.items():
+    for what, err in errs.items():   # output and every input gradient, float32
+      assert err < 2e-5, (case, what, err)
+
+
+def _ops_worker(selected):
+  import jax
+  import jax.numpy as jnp
+
+  from attnjax.ops import linear as L
+  from attnjax.parallel import context_parallel_linear, make_mesh
+  assert jax.device_count() == 8
+  B, T, N, K, H = 2, 32, 4, 2, 8
+  ks = iter(jax.random.split(jax.random.key(42), 16))
+  rnd = lambda *shape: jax.random.normal(next(ks), shape)
+  q, k = rnd(B, T, N, H), rnd(B, T, K, H)
+  v, v4 = rnd(B, T, K, H), rnd(B, T, K, 4)
+  qn, kn = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, rnd(B, T, K, H)))
+  beta = jax.nn.sigmoid(rnd(B, T, N))
+  log_alpha_n = -jax.nn.softplus(rnd(B, T, N)) / 4
+  log_alpha_nh = jax.nn.log_sigmoid(rnd(B, T, N, H) + 2.0) / 4
+  decay = jnp.array([0.8, 0.9, 0.95, 0.99], jnp.float32)
+  A = -jnp.array([0.5, 1.0, 2.0, 4.0], jnp.float32)
+  Dskip = rnd(N)
+  dt = jax.nn.softplus(rnd(B, T, N)) / 4
+  st_S, st_z = rnd(B, K, H, H), jnp.abs(rnd(B, K, H))
+  cs = dict(chunk_size=8)
+  # name -> (fn(*xs, *params, state=..., return_state=...), xs, params)
+  cases = {
+      'linear': (lambda q, k, v, **kw: L.linear_attention(q, k, v, causal=True, **cs, **kw),
+                 (q, k, v), ()),
+      'linear_state': (lambda q, k, v, **kw: L.linear_attention(
+          q, k, v, causal=True, **cs, **kw), (q, k, v), (st_S, st_z)),
+      'lightning': (lambda q, k, v, d, **kw: L.lightning_attention(q, k, v, decay=d, **cs, **kw),
+                    (q, k, v), (decay,)),
+      'retention_gate': (lambda q, k, v, g, d, **kw: L.decayed_linear_attention(
+          q, k, v, decay=d, log_decay=g, **cs, **kw), (q, k, v, log_alpha_n), (decay,)),
+      'gla': (lambda *a, **kw: L.gated_linear_attention(*a, **cs, **kw),
+              (q, k, v, log_alpha_nh), ()),
+      'delta': (lambda *a, **kw: L.delta_rule_attention(*a, **cs, **kw), (qn, kn, v4, beta), ()),
+      'gated_delta': (lambda *a, **kw: L.gated_delta_rule_attention(*a, **cs, **kw),
+                      (qn, kn, v, beta, log_alpha_n), ()),
+      'ssd': (lambda x, dt_, b_, c_, a_, d_, **kw: L.ssd_attention(x, dt_, a_, b_, c_, D=d_, **cs,
+                                                                 **kw),
+              (v4.repeat(2, axis=2), dt, k, q[:, :, :2]), (A, Dskip)),
+      'inline': (lambda q, k, v, **kw: L.inline_attention(q, k, v, causal=True, **cs, **kw),
+                 (q, k, v), ()),
+  }
+  out = {}
+  for name in selected.split(','):
+    op, ctx = name.split('/')
+    fn, xs, params = cases[op]
+    mesh = make_mesh(dict(data=8 // int(ctx[3:]), context=int(ctx[3:])))
+    n = len(xs)
+    transition = 'matrix' if 'delta' in op else 'diagonal'
+    with_state = op == 'linear_state'
+
+    def split(*args, fn=fn, n=n, transition=transition, with_state=with_state, mesh=mesh):
+      xs_, ps = args[:n], args[n:]
+      if with_state:
+        return context_parallel_linear(fn, *xs_, mesh=mesh, transition=transition,
+                                       state=ps, return_state=True)
+      return context_parallel_linear(lambda *y, **kw: fn(*y, *ps, **kw), *xs_, mesh=mesh,
+                                     transition=transition)
+
+    def one(*args, fn=fn, n=n, with_state=with_state):
+      xs_, ps = args[:n], args[n:]
+      if with_state:
+        return fn(*xs_, state=ps, return_state=True)
+      return fn(*xs_, *ps, return_state=False)
+
+    args = xs + params
+
+    @jax.jit
+    def both(args, split=split, one=one):
+      o1, f1 = jax.vjp(split, *args)
+      o2, f2 = jax.vjp(one, *args)
+      cts = jax.tree.map(lambda o: jax.random.normal(jax.random.key(7), o.shape, o.dtype), o2)
+      return (o1, f1(cts)), (o2, f2(cts))
+
+    (o1, g1), (o2, g2) = both(args)
+    errs = {}
+    leaves = [('out', a, b) for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o2))]
+    leaves += [(f'd{i}', a, b) for i, (a, b) in enumerate(zip(g1, g2))]
+    for i, (what, x, y) in enumerate(leaves):
+      x, y = np.asarray(x), np.asarray(y)
+      assert np.isfinite(x).all() and np.abs(y).max() > 0, (name, what)
+      errs[f'{what}.{i}'] = float(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))))
+    out[name] = errs
+    print(name, errs, flush=True)
+  print('RESULT ' + json.dumps(out), flush=True)
+
+
+if __name__ == '__main__':
+  {'ops': _ops_worker}[sys.argv[1]](*sys.argv[2:])
