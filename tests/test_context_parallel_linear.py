@@ -165,5 +165,98 @@ def _ops_worker(selected):
   print('RESULT ' + json.dumps(out), flush=True)
 
 
+# --------------------------------------------------------------------------- train step
+
+FAST_VARIANTS = ('gla',)
+SLOW_VARIANTS = ('linear', 'gated_deltanet', 'lightning', 'mamba2')
+
+
+@pytest.mark.parametrize('variants', [
+    pytest.param(FAST_VARIANTS, id='gla'),
+    pytest.param(SLOW_VARIANTS, id='more', marks=pytest.mark.slow)])
+def test_lm_train_step_data2_context4_matches_one_device(tmp_path, variants):
+  res = _run_worker('train', str(tmp_path), ','.join(variants))
+  assert sorted(res) == sorted(variants)
+  for variant, r in res.items():
+    assert r['cp_calls'] > 0 and r['ref_cp_calls'] == 0, (variant, r)  # the split path ran
+    assert r['loss_rel'] < 1e-6, (variant, r)
+    assert r['grad_rel'] < 1e-5, (variant, r)
+    assert r['params_rel'] < 1e-6, (variant, r)
+
+
+def _config(data_dir, variant, mesh):
+  from attnjax.train import config_lib
+  c = config_lib.base_config()
+  c.task = 'lm'
+  c.data.name = 'mqar'
+  c.data.params.vocab_size = 16
+  c.data.params.num_pairs = 2
+  c.data.params.seq_len = 16
+  c.data.num_train, c.data.num_test = 64, 16
+  c.data.data_dir = str(data_dir)
+  c.model = config_lib.model_config('lm', 'T', variant=variant, seq_len=16, vocab_size=16)
+  c.model.num_heads = c.model.num_kv_heads = 2
+  c.model.head_dim = 8
+  if 'chunk_size' in c.model.attention:
+    c.model.attention.chunk_size = 2   # several chunks per shard of 4 tokens
+  c.num_steps, c.batch_size, c.eval_batch_size = 2, 8, 8
+  c.log_every, c.checkpoint_every = 1, 0
+  c.schedule.warmup_steps = 0   # the first step updates the parameters
+  c.tensorboard = False
+  c.progress_bar = False
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.context = mesh
+  return c
+
+
+def _train_worker(data_dir, selected):
+  import jax
+  import jax.numpy as jnp
+
+  from attnjax.parallel import linear_cp
+  from attnjax.train import trainer
+  assert jax.device_count() == 8
+  calls = [0]
+  original = linear_cp.context_parallel_linear
+
+  def counted(*args, **kwargs):
+    calls[0] += 1
+    return original(*args, **kwargs)
+
+  linear_cp.context_parallel_linear = counted
+  out = {}
+  for variant in selected.split(','):
+    runs = {}
+    for label, mesh, devices in (('ref', (1, 1, 1, 1), jax.devices()[:1]),
+                                 ('cp', (2, 1, 1, 4), None)):
+      calls[0] = 0
+      t = trainer.Trainer(_config(data_dir, variant, mesh), None, devices=devices)
+      batch = next(iter(t.train_ds))
+      state = t.init()
+      with t._ctx():  # pylint: disable=protected-access  (the trainer's mesh and rules)
+        def loss_fn(params, t=t, batch=batch):
+          from flax import nnx
+
+          from attnjax.train import losses
+          model = nnx.merge(t.graphdef, params, t.rest)
+          out = model(batch[t.input_key], deterministic=True)
+          return losses.compute(t.config.task, out, batch)[0]
+        gb = t.global_batch(batch)
+        grads = jax.jit(jax.grad(lambda p, b: loss_fn(p, batch=b)))(state['params'], gb)
+        grads = jax.tree.map(np.asarray, grads)
+      state, metrics = t.step(state, gb)
+      runs[label] = dict(loss=float(metrics['loss']), grads=grads,
+                         params=jax.tree.map(np.asarray, state['params']), calls=calls[0])
+    ref, cp = runs['ref'], runs['cp']
+    rel = lambda a, b: max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    out[variant] = dict(loss_rel=abs(cp['loss'] - ref['loss']) / abs(ref['loss']),
+                        grad_rel=rel(cp['grads'], ref['grads']),
+                        params_rel=rel(cp['params'], ref['params']),
+                        cp_calls=cp['calls'], ref_cp_calls=ref['calls'])
+    print(variant, out[variant], flush=True)
+  del jnp
+  print('RESULT ' + json.dumps(out), flush=True)
+
+
 if __name__ == '__main__':
-  {'ops': _ops_worker}[sys.argv[1]](*sys.argv[2:])
+  {'ops': _ops_worker, 'train': _train_worker}[sys.argv[1]](*sys.argv[2:])
