@@ -135,7 +135,7 @@ def _ops_worker(selected):
       xs_, ps = args[:n], args[n:]
       if with_state:
         return context_parallel_linear(fn, *xs_, mesh=mesh, transition=transition,
-                                       state=ps, return_state=True)
+                                       state=list(ps), return_state=True)  # a list: as a tuple
       return context_parallel_linear(lambda *ys, **kw: fn(*ys, *ps, **kw), *xs_, mesh=mesh,
                                      transition=transition)
 

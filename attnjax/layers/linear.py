@@ -19,6 +19,11 @@ Decoding: `init_cache(batch, max_len)` returns `{'state': <op state>, 'index': i
 `layer(x, cache=c) -> (y, new_c)` runs the op with `state=` (recurrent form for one token,
 chunked for a prefill).
 
+Context parallelism: under the trainer's mesh (`attnjax.parallel.activation_sharding`) with a
+`context` axis > 1 and no cache, the causal 'linear', 'lightning', 'retention', 'focused' and
+'inline' layers run their op with the sequence split over that axis, the recurrent state
+passed between the shards (`attnjax.parallel.linear_cp`); same result as on one device.
+
 The option validation (`linear_config`), the decoding state (`init_state`) and the forward
 pass on a parameter dict (`forward`) are plain functions shared with the Linen twin
 `attnjax.layers.linear_linen.LinearAttention` (registered as `variants.get_linen(name)`).

@@ -25,8 +25,12 @@ depthwise and causal.
 Decoding: `init_cache(batch, max_len)` returns `{'state': S [B, N, Hv, H] float32, 'conv':
 (the last W - 1 conv inputs of q, k, v, float32, or ()), 'index': int32}`; constant size.
 `layer(x, cache=c) -> (y, new_c)` runs the recurrent form for one token and the chunked form
-for a prefill. The option validation (`gated_config`), `init_state` and `forward` are plain
-functions shared with the Linen twin `attnjax.layers.linear_gated_linen.GatedLinearAttention`.
+for a prefill. Context parallelism: under the trainer's mesh with a `context` axis > 1 (and
+no cache) the op runs with the sequence split over it, the state passed between the shards
+(`attnjax.parallel.linear_cp`); the short convs run on the whole sequence, so the result
+is the same as on one device. The option validation (`gated_config`), `init_state` and
+`forward` are plain functions shared with the Linen twin
+`attnjax.layers.linear_gated_linen.GatedLinearAttention`.
 """
 
 from __future__ import annotations

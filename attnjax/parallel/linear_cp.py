@@ -193,6 +193,9 @@ def context_parallel_linear(fn: Callable, *xs: jax.Array, mesh=None, axis_name: 
 
     zero = jax.tree.map(jnp.zeros_like, state0)
     b, lin = jax.linearize(final_state, zero)                    # b: the shard's own state
+    # the initial state in the op's own structure and dtypes (a list for a tuple, bf16 ...)
+    state0 = jax.tree.unflatten(jax.tree.structure(b), [
+        x.astype(y.dtype) for x, y in zip(jax.tree.leaves(state0), jax.tree.leaves(b))])
     if transition == 'diagonal':
       lin_part = lin(jax.tree.map(jnp.ones_like, state0))       # D, broadcast to the state
       step = lambda s, d, c: jax.tree.map(lambda s_, d_, c_: s_ * d_ + c_, s, d, c)
