@@ -170,15 +170,20 @@ def context_parallel_linear(fn: Callable, *xs: jax.Array, mesh=None, axis_name: 
 
   b_axes = _fit_axes(B, batch_axes, mesh)
   bspec = None if not b_axes else b_axes[0] if len(b_axes) == 1 else b_axes
+  local_shapes = [jax.ShapeDtypeStruct((B // math.prod(dict(mesh.shape)[a] for a in b_axes),
+                                        T // p) + x.shape[2:], x.dtype) for x in xs]
+  abstract = jax.eval_shape(
+      lambda *ys: fn(*ys, state=None, return_state=True, **kwargs)[1], *local_shapes)
   if state is None:
-    local_shapes = [jax.ShapeDtypeStruct((B // math.prod(dict(mesh.shape)[a] for a in b_axes),
-                                          T // p) + x.shape[2:], x.dtype) for x in xs]
-    abstract = jax.eval_shape(
-        lambda *ys: fn(*ys, state=None, return_state=True, **kwargs)[1], *local_shapes)
-    state_global = jax.tree.map(
-        lambda a: jnp.zeros((B,) + a.shape[1:], a.dtype), abstract)
+    state_global = jax.tree.map(lambda a: jnp.zeros((B,) + a.shape[1:], a.dtype), abstract)
   else:
-    state_global = state
+    # the op's own structure and dtypes (a list where it returns a tuple, bf16, ...)
+    given = jax.tree.leaves(state)
+    if len(given) != len(jax.tree.leaves(abstract)):
+      raise ValueError(f'context_parallel_linear: state must have the structure of the op\'s '
+                       f'state {jax.tree.structure(abstract)}, got {jax.tree.structure(state)}')
+    state_global = jax.tree.unflatten(jax.tree.structure(abstract), [
+        jnp.asarray(x).astype(a.dtype) for x, a in zip(given, jax.tree.leaves(abstract))])
   leaves = jax.tree.leaves(state_global)
   if not leaves or any(getattr(l, 'ndim', 0) < 1 or l.shape[0] != B for l in leaves):
     raise ValueError(f'context_parallel_linear: every leaf of state must be [B={B}, ...], got '
@@ -193,9 +198,6 @@ def context_parallel_linear(fn: Callable, *xs: jax.Array, mesh=None, axis_name: 
 
     zero = jax.tree.map(jnp.zeros_like, state0)
     b, lin = jax.linearize(final_state, zero)                    # b: the shard's own state
-    # the initial state in the op's own structure and dtypes (a list for a tuple, bf16 ...)
-    state0 = jax.tree.unflatten(jax.tree.structure(b), [
-        x.astype(y.dtype) for x, y in zip(jax.tree.leaves(state0), jax.tree.leaves(b))])
     if transition == 'diagonal':
       lin_part = lin(jax.tree.map(jnp.ones_like, state0))       # D, broadcast to the state
       step = lambda s, d, c: jax.tree.map(lambda s_, d_, c_: s_ * d_ + c_, s, d, c)
