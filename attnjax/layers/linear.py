@@ -19,6 +19,11 @@ Decoding: `init_cache(batch, max_len)` returns `{'state': <op state>, 'index': i
 `layer(x, cache=c) -> (y, new_c)` runs the op with `state=` (recurrent form for one token,
 chunked for a prefill).
 
+Context parallelism: under the trainer's mesh (`attnjax.parallel.activation_sharding`) with a
+`context` axis > 1 and no cache, the causal 'linear', 'lightning', 'retention', 'focused' and
+'inline' layers run their op with the sequence split over that axis, the recurrent state
+passed between the shards (`attnjax.parallel.linear_cp`); same result as on one device.
+
 The option validation (`linear_config`), the decoding state (`init_state`) and the forward
 pass on a parameter dict (`forward`) are plain functions shared with the Linen twin
 `attnjax.layers.linear_linen.LinearAttention` (registered as `variants.get_linen(name)`).
@@ -280,6 +285,38 @@ def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, stat
                                     implementation=lc.implementation, **dwc, **st)
 
 
+# Causal mechanisms whose state after a block is affine in the state before it: they run
+# context-parallel (attnjax.parallel.linear_cp) when the trainer's mesh splits the sequence.
+# 'flow' is not among them (its competition sums are not affine in the incoming state).
+_CONTEXT_PARALLEL = ("linear", "lightning", "retention", "focused", "inline")
+
+
+def _context_parallel_op(lc: LinearConfig, params: dict, q, k, v, *, x, grid):
+  """The op with the sequence split over the 'context' mesh axis, passing the state between
+  the shards (`attnjax.parallel.linear_cp.context_parallel_linear`), when the mesh of
+  `attnjax.parallel.activation_sharding` has a context axis > 1, the layer is causal and its
+  state is affine; None otherwise (the caller runs the op as usual). Equal to the op on the
+  whole sequence. The focused DWC (a causal conv over the values) runs outside, on the whole
+  sequence."""
+  from attnjax.parallel import linear_cp  # pylint: disable=import-outside-toplevel
+  mesh = linear_cp.context_mesh()
+  if (mesh is None or not lc.causal or lc.mechanism not in _CONTEXT_PARALLEL
+      or q.shape[1] % dict(mesh.shape)["context"]):
+    return None
+  lc_op = dataclasses.replace(lc, dwc_size=None)
+
+  def op(q, k, v, x, *, state=None, return_state=False):
+    return apply_op(lc_op, params, q, k, v, x=x, grid=grid, state=state,
+                    return_state=return_state)
+
+  o = linear_cp.context_parallel_linear(op, q, k, v, x, mesh=mesh, transition="diagonal")
+  if lc.dwc_size is None:
+    return o
+  conv = L.depthwise_conv(v, params["dwc_kernel"], bias=params["dwc_bias"], causal=True)
+  conv = jnp.repeat(conv, q.shape[2] // v.shape[2], axis=2)
+  return (o.astype(jnp.float32) + conv).astype(v.dtype)
+
+
 def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=None, cache=None,
             dropout=None):
   """The layer's forward pass on a parameter dict (see `LinearAttention`); `dropout` is
@@ -332,7 +369,9 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
     q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
 
   if cache is None:
-    o = apply_op(lc, p, q, k, v, x=x_BTD, grid=grid)
+    o = _context_parallel_op(lc, p, q, k, v, x=x_BTD, grid=grid)
+    if o is None:
+      o = apply_op(lc, p, q, k, v, x=x_BTD, grid=grid)
     new_cache = None
   else:
     form = "recurrent" if T == 1 else "chunked"

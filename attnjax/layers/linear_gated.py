@@ -25,8 +25,12 @@ depthwise and causal.
 Decoding: `init_cache(batch, max_len)` returns `{'state': S [B, N, Hv, H] float32, 'conv':
 (the last W - 1 conv inputs of q, k, v, float32, or ()), 'index': int32}`; constant size.
 `layer(x, cache=c) -> (y, new_c)` runs the recurrent form for one token and the chunked form
-for a prefill. The option validation (`gated_config`), `init_state` and `forward` are plain
-functions shared with the Linen twin `attnjax.layers.linear_gated_linen.GatedLinearAttention`.
+for a prefill. Context parallelism: under the trainer's mesh with a `context` axis > 1 (and
+no cache) the op runs with the sequence split over it, the state passed between the shards
+(`attnjax.parallel.linear_cp`); the short convs run on the whole sequence, so the result
+is the same as on one device. The option validation (`gated_config`), `init_state` and
+`forward` are plain functions shared with the Linen twin
+`attnjax.layers.linear_gated_linen.GatedLinearAttention`.
 """
 
 from __future__ import annotations
@@ -256,23 +260,42 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
   form = "recurrent" if cache is not None and T == 1 else "chunked"
   kw = dict(form=form, chunk_size=gc.chunk_size, return_state=True,
             state=None if cache is None else cache["state"])
+  cp_mesh = None
+  if cache is None:  # training / scoring: context-parallel when the trainer's mesh says so
+    from attnjax.parallel import linear_cp  # pylint: disable=import-outside-toplevel
+    cp_mesh = linear_cp.context_mesh()
+    if cp_mesh is not None and T % dict(cp_mesh.shape)["context"]:
+      cp_mesh = None
+
+  def run(fn, *xs, transition="diagonal"):
+    """`fn(*xs, **kw) -> (o, state)`; with a context mesh the sequence is split over it
+    and the state passes between the shards (`attnjax.parallel.linear_cp`): same result.
+    The short convs above ran on the whole sequence, so each shard sees its halo."""
+    if cp_mesh is None:
+      return fn(*xs, **kw)
+    o = linear_cp.context_parallel_linear(fn, *xs, mesh=cp_mesh, transition=transition,
+                                          form=form, chunk_size=gc.chunk_size)
+    return o, None
+
   if m == "gla":
     g = jnp.einsum("btr,rnh->btnh", lin32("gate_a_kernel"),
                    p["gate_b_kernel"].astype(jnp.float32)) + p["gate_bias"].astype(jnp.float32)
     log_alpha = jax.nn.log_sigmoid(g) / _GATE_TEMPERATURE
-    o, st = L.gated_linear_attention(q, k, v, log_alpha, **kw)
+    o, st = run(L.gated_linear_attention, q, k, v, log_alpha)
   elif m in ("deltanet", "gated_deltanet"):
     beta = jax.nn.sigmoid(lin32("beta_kernel"))
     if m == "deltanet":
-      o, st = L.delta_rule_attention(q, k, v, beta, **kw)
+      o, st = run(L.delta_rule_attention, q, k, v, beta, transition="matrix")
     else:
       dt = jax.nn.softplus(lin32("dt_kernel") + p["dt_bias"].astype(jnp.float32))
       log_alpha = -jnp.exp(p["A_log"].astype(jnp.float32)) * dt
-      o, st = L.gated_delta_rule_attention(q, k, v, beta, log_alpha, **kw)
+      o, st = run(L.gated_delta_rule_attention, q, k, v, beta, log_alpha, transition="matrix")
   else:  # mamba2
     dt = jax.nn.softplus(lin32("dt_kernel") + p["dt_bias"].astype(jnp.float32))
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    o, st = L.ssd_attention(v, dt, A, k, q, D=p["D_skip"].astype(jnp.float32), **kw)
+    D_skip = p["D_skip"].astype(jnp.float32)
+    o, st = run(lambda x_, dt_, B_, C_, **kw_: L.ssd_attention(x_, dt_, A, B_, C_, D=D_skip,
+                                                               **kw_), v, dt, k, q)
   gate = jnp.einsum("btd,dnv->btnv", x32, p["g_kernel"].astype(jnp.float32))
   o = _rms(o.astype(jnp.float32)) * p["out_norm"].astype(jnp.float32) * jax.nn.silu(gate)
   y = jnp.einsum("btnv,nvd->btd", o.astype(dtype), p["o_kernel"].astype(dtype))

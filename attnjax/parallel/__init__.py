@@ -10,6 +10,7 @@ from attnjax.parallel.context import (
                                       context_size,
                                       current_context_impl,
 )
+from attnjax.parallel.linear_cp import context_parallel_linear
 from attnjax.parallel.mesh import MESH_AXES, axis_size, make_mesh, mesh_shape
 from attnjax.parallel.ring import ring_attention
 from attnjax.parallel.rules import (
@@ -31,6 +32,6 @@ __all__ = [
     'DEFAULT_PARAM_RULES', 'ACTIVATION_NAMES', 'PARAM_NAMES', 'activation_sharding',
     'constrain', 'current_mesh', 'flax_rules_to_spec', 'logical_to_spec', 'normalize_rules',
     'state_shardings', 'ring_attention', 'allgather_attention', 'CONTEXT_IMPLS',
-    'check_context_impl',
-    'context_attention', 'context_impl', 'context_size', 'current_context_impl',
+    'check_context_impl', 'context_attention', 'context_impl', 'context_size',
+    'current_context_impl', 'context_parallel_linear',
 ]
