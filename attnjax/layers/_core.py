@@ -11,12 +11,13 @@ Pieces:
 - `param_specs(cfg)`: the parameters (name -> shape, initializer, logical axis names).
 - `attention_forward(cfg, params, x, ...)`: projections, qk-norm, RoPE, masks, score mods,
   KV cache, `attnjax.attention`, output projection.
-- `KVCache` / `init_kv_cache`: static-length decoding cache.
+- `KVCache` / `init_kv_cache`: static-length decoding cache, one length per sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -364,20 +365,29 @@ def param_specs(cfg: AttentionConfig) -> dict[str, ParamSpec]:
 
 @flax.struct.dataclass
 class KVCache:
-  """Static-length key/value cache of one attention layer.
+  """Static-length key/value cache of one attention layer, one length per sequence.
 
   k [B, S, K, H], v [B, S, K, Hv] (after RoPE / qk-norm), segment_ids [B, S] int32
-  (-1 = slot not written yet), index: int32 scalar, the number of tokens written.
+  (-1 = slot not written yet), lengths [B] int32: the tokens written to row `b`, at slots
+  `0 .. lengths[b] - 1` (left-aligned; rows may differ: ragged prompts). `uniform` (static)
+  says every row has the same length (true until a call with padding tokens); uniform
+  caches shift masks by one scalar offset, ragged ones evaluate them per row.
   """
 
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
-  index: jax.Array
+  lengths: jax.Array
+  uniform: bool = flax.struct.field(pytree_node=False, default=True)
 
   @property
   def max_len(self) -> int:
     return self.k.shape[1]
+
+  @property
+  def index(self) -> jax.Array:
+    """The longest row's length (int32 scalar): the common position of a uniform cache."""
+    return jnp.max(self.lengths)
 
 
 def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -389,8 +399,41 @@ def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None) ->
       k=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype),
       v=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.v_head_dim), dtype),
       segment_ids=jnp.full((batch, max_len), -1, jnp.int32),
-      index=jnp.zeros((), jnp.int32),
+      lengths=jnp.zeros((batch,), jnp.int32),
   )
+
+
+def _new_token_counts(segment_ids_BT, B, T):
+  """Real (non-padding) tokens per row of a cached call: segment id < 0 marks padding,
+  which must trail the row's real tokens (right padding)."""
+  if segment_ids_BT is None:
+    return jnp.full((B,), T, jnp.int32)
+  return jnp.sum(segment_ids_BT >= 0, axis=1).astype(jnp.int32)
+
+
+def _write_rows(buf, new, start_B):
+  """`buf[b, start_B[b] + t] = new[b, t]` (slots past the end are dropped)."""
+  B, T = new.shape[:2]
+  pos = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
+
+
+def _row_shifted_mask(mask, offsets_B, T, S, num_heads, batch):
+  """`mask` evaluated at `(q + offsets_B[b], kv)` per row, as an array mask
+  `[B, 1 | N, T, S]` (decoding a ragged batch: each row's queries sit at its own length)."""
+  Nm = num_heads if mask.head_dependent else 1
+  b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.arange(Nm, dtype=jnp.int32)[None, :, None, None]
+  q = offsets_B[:, None, None, None] + jnp.arange(T, dtype=jnp.int32)[None, None, :, None]
+  kv = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
+  arr = mask(b, h, q, kv, num_heads=num_heads, batch=batch)
+  return _masks.from_array(jnp.broadcast_to(jnp.asarray(arr, bool), (batch, Nm, T, S)))
+
+
+def _row_shift_score_mod(mod, offsets_B):
+  def shifted(score, b, h, q_idx, kv_idx):
+    return mod(score, b, h, q_idx + offsets_B[b], kv_idx)
+  return shifted
 
 
 # ----------------------------------------------------------------------------- forward
@@ -471,8 +514,11 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     positions: RoPE positions of `x`: `[B, T]` (rope='1d') or `[B, T, D]` (axial/mixed);
       default token index (plus the cache index when decoding) or grid coordinates.
     context_positions: same for `context`.
-    cache: a `KVCache` (self-attention on 1D inputs only): the new keys/values are written
-      at `cache.index`, queries attend to everything written so far.
+    cache: a `KVCache` (self-attention on 1D inputs only): row b's new keys/values are
+      written at slots `cache.lengths[b] ..`, its queries sit at those positions and attend
+      to the row's first `lengths[b] + n_b` keys (`kv_lengths`). With a cache,
+      `segment_ids < 0` mark right padding: `n_b` counts the tokens with id >= 0, padding
+      queries return 0 and the next call overwrites padding slots (ragged prefill).
     dropout: applied to the output (after the output projection).
   Returns:
     `[B, T, out_features]` (same leading shape as `x`), and the updated cache if one was given.
@@ -522,7 +568,11 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
                        f"K={cfg.num_kv_heads}, H={cfg.head_dim}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
-    q_offset = cache.index
+    if cache.lengths.shape != (B,):
+      raise ValueError(f"cache lengths must be [B={B}], got shape {cache.lengths.shape}")
+    # a uniform cache: one scalar offset (every row has the same length); else per row
+    q_offset = cache.lengths[0] if cache.uniform else cache.lengths
+    pos_offset = cache.lengths[:, None] if cfg.rope == "1d" else cache.lengths[:, None, None]
 
   segment_ids = _check_ids("segment_ids", segment_ids, B, T)
   if context is not None:
@@ -534,7 +584,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     q_seg = kv_seg = segment_ids
 
   if cfg.rope is not None:
-    q_pos = positions if positions is not None else _default_positions(cfg, grid, B, q_offset)
+    q_pos = positions if positions is not None else _default_positions(
+        cfg, grid, B, q_offset if cache is None else pos_offset)
     if context is None:
       k_pos = q_pos
     else:
@@ -547,24 +598,35 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
 
   new_cache = None
   if cache is not None:
-    idx = cache.index
-    zero = jnp.zeros((), jnp.int32)
+    # row b's new tokens go to slots lengths[b] ..; padding (segment id < 0) is written
+    # but not counted, so the next call overwrites it
+    lengths = cache.lengths
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype),
-                                         (zero, idx, zero, zero))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype),
-                                         (zero, idx, zero, zero))
-    seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, seg_new, (zero, idx))
-    new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, index=idx + T)
+    n_new = _new_token_counts(segment_ids, B, T)
+    k_all = _write_rows(cache.k, k_BSKH, lengths)
+    v_all = _write_rows(cache.v, v_BSKH, lengths)
+    seg_all = _write_rows(cache.segment_ids, seg_new, lengths)
+    new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, lengths=lengths + n_new,
+                        uniform=cache.uniform and segment_ids is None)
     k_BSKH, v_BSKH = k_all.astype(dtype), v_all.astype(dtype)
-    q_seg, kv_seg = seg_new, seg_all
+    q_seg, kv_seg = (None, None) if segment_ids is None else (seg_new, seg_all)
     S = cache.max_len
+    # keys past each row's length (unwritten or padding) and padding queries take no part
+    attention = functools.partial(
+        attention, kv_lengths=lengths + n_new,
+        q_lengths=None if segment_ids is None else n_new)
 
   mask = build_mask(cfg.mask, grid, cfg.num_heads)
   if cfg.causal:
     mask = _masks.causal() if mask is None else (mask & _masks.causal())
   if mask is not None and cache is not None:
-    mask = mask.shifted(q_offset, 0)
+    if cache.uniform:
+      mask = mask.shifted(q_offset, 0)
+    elif not (T == 1 and cfg.mask is None):
+      # per-row positions; one causal query per row needs no mask beyond kv_lengths
+      mask = _row_shifted_mask(mask, q_offset, T, S, cfg.num_heads, B)
+    else:
+      mask = None
 
   mods = []
   if cfg.alibi:
@@ -585,7 +647,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
   if mods:
     score_mod = mods[0] if len(mods) == 1 else _score_mods.compose(*mods)
     if cache is not None:
-      score_mod = _shift_score_mod(score_mod, q_offset)
+      score_mod = (_shift_score_mod(score_mod, q_offset) if cache.uniform
+                   else _row_shift_score_mod(score_mod, q_offset))
 
   out_BTNH = attention(
       q_BTNH, k_BSKH, v_BSKH, mask=mask, score_mod=score_mod,
