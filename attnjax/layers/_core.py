@@ -372,17 +372,31 @@ class KVCache:
   `0 .. lengths[b] - 1` (left-aligned; rows may differ: ragged prompts). `uniform` (static)
   says every row has the same length (true until a call with padding tokens); uniform
   caches shift masks by one scalar offset, ragged ones evaluate them per row.
+
+  Paged layout (`init_kv_cache(..., page_size=)`, as in "Efficient Memory Management for
+  Large Language Model Serving with PagedAttention", Kwon et al. 2023): k / v are a pool
+  of pages `[num_pages, page_size, K, H]`, segment_ids `[num_pages, page_size]`, and
+  `page_table [B, pages_per_seq]` int32 maps row `b`'s slot `s` to page
+  `page_table[b, s // page_size]`, offset `s % page_size`; attention gathers each row's
+  pages into a contiguous `[B, pages_per_seq * page_size, K, H]` view.
   """
 
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
   lengths: jax.Array
+  page_table: Any = None
   uniform: bool = flax.struct.field(pytree_node=False, default=True)
 
   @property
+  def paged(self) -> bool:
+    return self.page_table is not None
+
+  @property
   def max_len(self) -> int:
-    return self.k.shape[1]
+    if self.paged:
+      return self.page_table.shape[-1] * self.k.shape[-3]
+    return self.k.shape[-3]
 
   @property
   def index(self) -> jax.Array:
@@ -390,17 +404,61 @@ class KVCache:
     return jnp.max(self.lengths)
 
 
-def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache for `batch` sequences of at most `max_len` tokens."""
+def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None, *,
+                  page_size: int | None = None, num_pages: int | None = None,
+                  page_table=None) -> KVCache:
+  """An empty cache for `batch` sequences of at most `max_len` tokens.
+
+  With `page_size`, a paged cache: a pool of `num_pages` pages (default
+  `batch * ceil(max_len / page_size)`) and `page_table [batch, ceil(max_len / page_size)]`
+  int (default: row `b` owns pages `b * pages_per_seq ..`); rows must not share pages.
+  """
   _positive_int("batch", batch)
   _positive_int("max_len", max_len)
   dtype = jnp.dtype(dtype or cfg.dtype or jnp.float32)
+  if page_size is not None or num_pages is not None or page_table is not None:
+    _positive_int("page_size", page_size)
+    pps = -(-max_len // page_size)
+    num_pages = batch * pps if num_pages is None else num_pages
+    _positive_int("num_pages", num_pages)
+    if page_table is None:
+      if num_pages < batch * pps:
+        raise ValueError(f"num_pages={num_pages} is fewer than batch * pages_per_seq = "
+                         f"{batch * pps}; pass page_table= to share the pool differently")
+      page_table = jnp.arange(batch * pps, dtype=jnp.int32).reshape(batch, pps)
+    page_table = jnp.asarray(page_table)
+    if page_table.shape != (batch, pps) or not jnp.issubdtype(page_table.dtype, jnp.integer):
+      raise ValueError(f"page_table must be int [batch={batch}, pages_per_seq={pps}], got shape "
+                       f"{page_table.shape}, dtype {page_table.dtype}")
+    return KVCache(
+        k=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), dtype),
+        v=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.v_head_dim), dtype),
+        segment_ids=jnp.full((num_pages, page_size), -1, jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32), page_table=page_table.astype(jnp.int32))
   return KVCache(
       k=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype),
       v=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.v_head_dim), dtype),
       segment_ids=jnp.full((batch, max_len), -1, jnp.int32),
       lengths=jnp.zeros((batch,), jnp.int32),
   )
+
+
+def paged_like(cache: KVCache, page_size: int) -> KVCache:
+  """An empty paged cache with the shape, dtype and capacity of the empty contiguous
+  `cache` (leading axes, e.g. stacked layers, kept): `ceil(max_len / page_size)` pages
+  per row, row `b` owning pages `b * pages_per_seq ..` of its pool."""
+  _positive_int("page_size", page_size)
+  if cache.paged:
+    raise ValueError("cache is already paged")
+  lead = cache.k.shape[:-4]
+  B, S = cache.k.shape[-4:-2]
+  pps = -(-S // page_size)
+  pool = lambda a: jnp.zeros(lead + (B * pps, page_size) + a.shape[-2:], a.dtype)
+  table = jnp.arange(B * pps, dtype=jnp.int32).reshape(B, pps)
+  return KVCache(k=pool(cache.k), v=pool(cache.v),
+                 segment_ids=jnp.full(lead + (B * pps, page_size), -1, jnp.int32),
+                 lengths=jnp.zeros(lead + (B,), jnp.int32),
+                 page_table=jnp.broadcast_to(table, lead + (B, pps)))
 
 
 def _new_token_counts(segment_ids_BT, B, T):
@@ -411,11 +469,29 @@ def _new_token_counts(segment_ids_BT, B, T):
   return jnp.sum(segment_ids_BT >= 0, axis=1).astype(jnp.int32)
 
 
-def _write_rows(buf, new, start_B):
-  """`buf[b, start_B[b] + t] = new[b, t]` (slots past the end are dropped)."""
-  B, T = new.shape[:2]
-  pos = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-  return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
+def _cache_slots(cache: KVCache, B: int, T: int):
+  """Where row b's new tokens `t` go: slot `lengths[b] + t` of the row, as `(row, slot)`
+  indices of a contiguous cache or `(page, offset)` of a paged one (slots past the end
+  are out of range, so writes there are dropped)."""
+  pos = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  if not cache.paged:
+    return jnp.arange(B, dtype=jnp.int32)[:, None], pos
+  ps, pps = cache.k.shape[1], cache.page_table.shape[1]
+  page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // ps, 0, pps - 1), axis=1)
+  return jnp.where(pos < pps * ps, page, cache.k.shape[0]), pos % ps
+
+
+def _write_rows(buf, new, slots):
+  """`buf[slots] = new` (`slots` from `_cache_slots`; out-of-range ones dropped)."""
+  return buf.at[slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def _row_view(cache: KVCache, buf):
+  """A cache buffer as `[B, max_len, ...]`: itself, or each row's pages gathered in order."""
+  if not cache.paged:
+    return buf
+  pages = buf[cache.page_table]                    # [B, pages_per_seq, page_size, ...]
+  return pages.reshape((pages.shape[0], -1) + buf.shape[2:])
 
 
 def _row_shifted_mask(mask, offsets_B, T, S, num_heads, batch):
@@ -563,13 +639,13 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       raise ValueError(f"decoding with a cache needs 1D inputs [B, T, D], got grid {grid}")
     if cfg.spatial_mask:
       raise ValueError(f"decoding with a cache is not supported with the spatial mask {cfg.mask}")
-    if cache.k.shape[0] != B or cache.k.shape[2:] != k_BSKH.shape[2:]:
-      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, "
-                       f"K={cfg.num_kv_heads}, H={cfg.head_dim}]")
+    if cache.lengths.shape != (B,) or cache.k.shape[2:] != k_BSKH.shape[2:] or (
+        not cache.paged and cache.k.shape[0] != B):
+      raise ValueError(f"cache k has shape {cache.k.shape}, lengths {cache.lengths.shape}; "
+                       f"expected [B={B} (or pages), S, K={cfg.num_kv_heads}, "
+                       f"H={cfg.head_dim}] and lengths [B={B}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
-    if cache.lengths.shape != (B,):
-      raise ValueError(f"cache lengths must be [B={B}], got shape {cache.lengths.shape}")
     # a uniform cache: one scalar offset (every row has the same length); else per row
     q_offset = cache.lengths[0] if cache.uniform else cache.lengths
     pos_offset = cache.lengths[:, None] if cfg.rope == "1d" else cache.lengths[:, None, None]
@@ -603,12 +679,15 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     lengths = cache.lengths
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
     n_new = _new_token_counts(segment_ids, B, T)
-    k_all = _write_rows(cache.k, k_BSKH, lengths)
-    v_all = _write_rows(cache.v, v_BSKH, lengths)
-    seg_all = _write_rows(cache.segment_ids, seg_new, lengths)
-    new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, lengths=lengths + n_new,
+    slots = _cache_slots(cache, B, T)
+    new_cache = KVCache(k=_write_rows(cache.k, k_BSKH, slots),
+                        v=_write_rows(cache.v, v_BSKH, slots),
+                        segment_ids=_write_rows(cache.segment_ids, seg_new, slots),
+                        lengths=lengths + n_new, page_table=cache.page_table,
                         uniform=cache.uniform and segment_ids is None)
-    k_BSKH, v_BSKH = k_all.astype(dtype), v_all.astype(dtype)
+    k_BSKH = _row_view(new_cache, new_cache.k).astype(dtype)
+    v_BSKH = _row_view(new_cache, new_cache.v).astype(dtype)
+    seg_all = _row_view(new_cache, new_cache.segment_ids)
     q_seg, kv_seg = (None, None) if segment_ids is None else (seg_new, seg_all)
     S = cache.max_len
     # keys past each row's length (unwritten or padding) and padding queries take no part

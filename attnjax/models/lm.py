@@ -58,9 +58,17 @@ class DecoderLM(nnx.Module):
     self.unembed = None if self.tie_embeddings else Dense(
         d_model, vocab, names=("embed", "vocab"), use_bias=False, rngs=rngs)
 
-  def init_cache(self, batch: int, max_len: int):
-    """Per-layer decoding caches for `batch` sequences of up to `max_len` tokens."""
-    return self.blocks.init_cache(batch, max_len, self.dtype)
+  def init_cache(self, batch: int, max_len: int, *, page_size: int | None = None):
+    """Per-layer decoding caches for `batch` sequences of up to `max_len` tokens; with
+    `page_size`, the softmax layers' KV caches are paged (`attnjax.layers.KVCache`)."""
+    caches = self.blocks.init_cache(batch, max_len, self.dtype)
+    if page_size is None:
+      return caches
+    from attnjax.layers import _core  # pylint: disable=import-outside-toplevel
+    page = lambda c: _core.paged_like(c, page_size) if isinstance(c, _core.KVCache) else c
+    if isinstance(caches, list):
+      return [page(c) for c in caches]
+    return page(caches)
 
   def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None, lengths=None,
                deterministic: bool = True):
@@ -111,12 +119,12 @@ def sample_logits(logits, rng, *, temperature: float, top_k: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature",
-                                             "top_k", "ragged"))
+                                             "top_k", "ragged", "page_size"))
 def _generate(graphdef, state, prompt, prompt_lengths, rng, *, max_new_tokens, max_len,
-              temperature, top_k, ragged):
+              temperature, top_k, ragged, page_size):
   model = nnx.merge(graphdef, state)
   B, P = prompt.shape
-  cache = model.init_cache(B, max_len)
+  cache = model.init_cache(B, max_len, page_size=page_size)
   rows = jnp.arange(B)
   if ragged:
     logits, cache = model(prompt, cache=cache, lengths=prompt_lengths)
@@ -149,7 +157,7 @@ def _generate(graphdef, state, prompt, prompt_lengths, rng, *, max_new_tokens, m
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, *, rng=None, max_len: int | None = None,
-             prompt_lengths=None):
+             prompt_lengths=None, page_size: int | None = None):
   """Autoregressive decoding with a static-length KV cache.
 
   Args:
@@ -164,6 +172,8 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float =
     prompt_lengths: `[B]` ints in `[1, P]` (None: every row has `P` tokens). Ragged
       prompts decode together, each row at its own positions (per-row cache lengths);
       greedy decoding equals decoding each sequence alone.
+    page_size: None (contiguous KV caches) or the page size of paged KV caches (same
+      tokens; see `attnjax.layers.KVCache`).
   Returns:
     `[B, P + max_new_tokens]` int32: row `b` holds its prompt, its `max_new_tokens` new
     tokens, then `P - prompt_lengths[b]` zeros.
@@ -198,6 +208,9 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float =
     prompt_lengths = prompt_lengths.astype(jnp.int32)
   else:
     prompt_lengths = jnp.full((B,), P, jnp.int32)
+  if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int)
+                                or page_size < 1):
+    raise ValueError(f"page_size must be None or a positive int, got page_size={page_size!r}")
   total = P + max_new_tokens
   max_len = total if max_len is None else max_len
   if max_len < total:
@@ -205,4 +218,5 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, temperature: float =
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(graphdef, state, prompt, prompt_lengths, rng, max_new_tokens=max_new_tokens,
-                   max_len=max_len, temperature=temperature, top_k=top_k, ragged=ragged)
+                   max_len=max_len, temperature=temperature, top_k=top_k, ragged=ragged,
+                   page_size=page_size)
