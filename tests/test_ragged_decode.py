@@ -38,13 +38,21 @@ def _ragged_prompt(seed=0, lens=LENS, vocab=64):
 
 
 VARIANTS = [
-    pytest.param(dict(), id="dense"),
-    pytest.param(dict(num_kv_heads=2, scan_layers=True), id="gqa_scan"),
+    # one model covering them all (GQA softmax layers)
+    pytest.param(dict(num_kv_heads=2, num_layers=4, layers_attention=[
+        {"name": "sliding_window", "window": 3}, {"name": "sinks", "window": 4},
+        {"name": "retention", "gate": True}, {"name": "mha"}]), id="mixed_gqa",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(), id="dense", marks=pytest.mark.slow),
+    pytest.param(dict(num_kv_heads=2, scan_layers=True), id="gqa_scan", marks=pytest.mark.slow),
     pytest.param(dict(layers_attention=[{"name": "sliding_window", "window": 3},
-                                        {"name": "mha"}]), id="sliding_window"),
-    pytest.param(dict(attention={"name": "sinks", "window": 4}, num_kv_heads=1), id="sinks"),
+                                        {"name": "mha"}]), id="sliding_window",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(attention={"name": "sinks", "window": 4}, num_kv_heads=1), id="sinks",
+                 marks=pytest.mark.slow),
     pytest.param(dict(layers_attention=[{"name": "retention", "gate": True},
-                                        {"name": "mha"}]), id="linear_retention"),
+                                        {"name": "mha"}]), id="linear_retention",
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -73,10 +81,24 @@ def test_generate_ragged_equals_per_sequence(variant):
   last = cache[-1] if isinstance(cache, list) else cache       # scanned layers: stacked
   got = last["lengths"] if isinstance(last, dict) else last.lengths
   np.testing.assert_array_equal(np.asarray(got).reshape(-1, 3)[-1], np.asarray(LENS) + NEW - 1)
+  full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
   for b, n in enumerate(LENS):
     seq = jnp.asarray(out[b:b + 1, :n + NEW - 1])
-    np.testing.assert_allclose(np.concatenate(rows[b]), np.asarray(model(seq))[0], **TOL,
+    np.testing.assert_allclose(np.concatenate(rows[b]), np.asarray(full(state, seq))[0], **TOL,
                                err_msg=f"row {b}")
+
+
+def test_generate_ragged_small():
+  """The default-suite end-to-end case (the full matrix above is slow): one GQA layer with
+  a sliding window and sinks, then a retention layer; greedy tokens equal per-sequence
+  generation."""
+  model = _model(dict(num_kv_heads=2, layers_attention=[{"name": "sinks", "window": 2},
+                                                        {"name": "retention"}]))
+  prompt, lens = _ragged_prompt(seed=2, lens=(4, 1))
+  out = np.asarray(models.generate(model, prompt, 3, prompt_lengths=lens))
+  for b, n in enumerate((4, 1)):
+    alone = np.asarray(models.generate(model, prompt[b:b + 1, :n], 3))[0]
+    np.testing.assert_array_equal(out[b, :n + 3], alone, err_msg=f"row {b}")
 
 
 def test_layer_cache_per_row_lengths_and_padding():
@@ -90,22 +112,23 @@ def test_layer_cache_per_row_lengths_and_padding():
   x = jax.random.normal(jax.random.key(2), (B, 7, D))
   lens = jnp.asarray([4, 1, 3], jnp.int32)
   seg = jnp.where(jnp.arange(4)[None] < lens[:, None], 0, -1)
+  run = jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))
   cache = layer.init_cache(B, 8)
   assert cache.lengths.shape == (B,) and cache.uniform
-  y0, cache = layer(x[:, :4], segment_ids=seg, cache=cache)
+  y0, cache = run(x[:, :4], cache, seg)
   np.testing.assert_array_equal(cache.lengths, lens)
   assert not cache.uniform
   assert np.all(np.asarray(y0)[1, 1:] == 0) and np.all(np.asarray(y0)[2, 3:] == 0)
   # rows continue from their own lengths with tokens x[b, len_b:len_b + 2]
   step = jnp.stack([x[b, int(n):int(n) + 2] for b, n in enumerate(lens)])
-  y1, cache = layer(step, cache=cache)
+  y1, cache = run(step, cache)
   np.testing.assert_array_equal(cache.lengths, lens + 2)
   for b, n in enumerate(np.asarray(lens)):
-    full = layer(x[b:b + 1, :n + 2])[0]
-    np.testing.assert_allclose(y0[b, :n], full[:n], **TOL)
-    np.testing.assert_allclose(y1[b], full[n:], **TOL)
+    full, alone = run(x[b:b + 1, :n + 2], layer.init_cache(1, 8))
+    np.testing.assert_allclose(y0[b, :n], full[0, :n], **TOL)
+    np.testing.assert_allclose(y1[b], full[0, n:], **TOL)
     # keys of row b sit at slots 0 .. n + 1 (padding slots were overwritten)
-    kfull = layer(x[b:b + 1, :n + 2], cache=layer.init_cache(1, 8))[1].k
+    kfull = alone.k
     np.testing.assert_allclose(cache.k[b, :n + 2], kfull[0, :n + 2], **TOL)
 
 
