@@ -56,6 +56,30 @@ VARIANTS = [
 ]
 
 
+def _assert_logits_match(model, prompt, lens, out, new):
+  """Ragged prefill + one-token steps (the tokens `out` generated) give each row the
+  logits of its own sequence's full forward pass."""
+  B = len(lens)
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda s, t, c, ln=None: nnx.merge(graphdef, s)(t, cache=c, lengths=ln))
+  cache = model.init_cache(B, max(lens) + new)
+  logits, cache = run(state, prompt, cache, jnp.asarray(lens, jnp.int32))
+  rows = [[np.asarray(logits[b, :n])] for b, n in enumerate(lens)]
+  for i in range(new - 1):
+    tok = jnp.asarray([[out[b, n + i]] for b, n in enumerate(lens)], jnp.int32)
+    logits, cache = run(state, tok, cache)
+    for b in range(B):
+      rows[b].append(np.asarray(logits[b]))
+  last = cache[-1] if isinstance(cache, list) else cache       # scanned layers: stacked
+  got = last["lengths"] if isinstance(last, dict) else last.lengths
+  np.testing.assert_array_equal(np.asarray(got).reshape(-1, B)[-1], np.asarray(lens) + new - 1)
+  full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+  for b, n in enumerate(lens):
+    seq = jnp.asarray(out[b:b + 1, :n + new - 1])
+    np.testing.assert_allclose(np.concatenate(rows[b]), np.asarray(full(state, seq))[0], **TOL,
+                               err_msg=f"row {b}")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generate_ragged_equals_per_sequence(variant):
   model = _model(variant)
@@ -67,31 +91,13 @@ def test_generate_ragged_equals_per_sequence(variant):
     np.testing.assert_array_equal(out[b, :n + NEW], alone, err_msg=f"row {b}")
     assert np.all(out[b, n + NEW:] == 0)
 
-  # logits: ragged prefill + one-token steps equal each sequence's full forward pass
-  graphdef, state = nnx.split(model)
-  run = jax.jit(lambda s, t, c, ln=None: nnx.merge(graphdef, s)(t, cache=c, lengths=ln))
-  cache = model.init_cache(3, max(LENS) + NEW)
-  logits, cache = run(state, prompt, cache, lens)
-  rows = [[np.asarray(logits[b, :n])] for b, n in enumerate(LENS)]
-  for i in range(NEW - 1):
-    tok = jnp.asarray([[out[b, n + i]] for b, n in enumerate(LENS)], jnp.int32)
-    logits, cache = run(state, tok, cache)
-    for b in range(3):
-      rows[b].append(np.asarray(logits[b]))
-  last = cache[-1] if isinstance(cache, list) else cache       # scanned layers: stacked
-  got = last["lengths"] if isinstance(last, dict) else last.lengths
-  np.testing.assert_array_equal(np.asarray(got).reshape(-1, 3)[-1], np.asarray(LENS) + NEW - 1)
-  full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
-  for b, n in enumerate(LENS):
-    seq = jnp.asarray(out[b:b + 1, :n + NEW - 1])
-    np.testing.assert_allclose(np.concatenate(rows[b]), np.asarray(full(state, seq))[0], **TOL,
-                               err_msg=f"row {b}")
+  _assert_logits_match(model, prompt, LENS, out, NEW)
 
 
 def test_generate_ragged_small():
   """The default-suite end-to-end case (the full matrix above is slow): one GQA layer with
   a sliding window and sinks, then a retention layer; greedy tokens equal per-sequence
-  generation."""
+  generation and the logits each sequence's full forward pass."""
   model = _model(dict(num_kv_heads=2, layers_attention=[{"name": "sinks", "window": 2},
                                                         {"name": "retention"}]))
   prompt, lens = _ragged_prompt(seed=2, lens=(4, 1))
@@ -99,6 +105,7 @@ def test_generate_ragged_small():
   for b, n in enumerate((4, 1)):
     alone = np.asarray(models.generate(model, prompt[b:b + 1, :n], 3))[0]
     np.testing.assert_array_equal(out[b, :n + 3], alone, err_msg=f"row {b}")
+  _assert_logits_match(model, prompt, (4, 1), out, 3)
 
 
 def test_layer_cache_per_row_lengths_and_padding():
