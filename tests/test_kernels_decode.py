@@ -325,3 +325,68 @@ def test_broadcast_bias_grad_buffer_has_bias_shape(platform):
   # array exists); the gradient buffer is [B, 1, block_q, S]
   reduced = f"tensor<{B}x1x{8 if platform == 'tpu' else 16}x{S}xf32>"
   assert reduced in text((B, 1, T, S))
+
+
+# =============================================================================== kv_lengths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 4])
+def test_decode_kv_lengths_per_row(backend, T):
+  """A ragged KV cache: ``masks.lengths`` (``attention(kv_lengths=)``) per batch row is
+  evaluated in-kernel (a lookup by the program's batch index; no dense mask), tiles past
+  each row's length are skipped, and the split path matches the reference forward and
+  backward: a full row, a row ending mid-tile, a row with no key (0 output, lse = sink),
+  padded queries (``q_lengths``) with zero gradients; GQA, sinks, softcap."""
+  B, S = 3, 1000
+  kl = jnp.asarray([1000, 130, 0], jnp.int32)
+  ql = jnp.asarray([T, max(T - 2, 1), T], jnp.int32)
+  sinks = np.random.default_rng(5).standard_normal(4).astype(np.float32)
+  mk = lambda s: dict(mask=masks.lengths(ql, kl), sinks=s, softcap=6.0)
+  got, want = _run_pair(backend, jnp.float32, (B, T, S, 4, 2, 64, 64), num_splits=3, seed=6,
+                        diff=(sinks,), make_kwargs=mk)
+  _assert_close(got, want, jnp.float32)
+  (out, _), grads = got
+  assert np.all(np.asarray(out)[2] == 0)
+  if T > 1:
+    assert np.all(np.asarray(out)[1, T - 2:] == 0) and np.all(np.asarray(grads[0])[1, T - 2:] == 0)
+  # the plan keeps the lengths in-kernel, and counts only tiles below each row's length
+  mod = _mod(backend)
+  q, k = jnp.zeros((B, T, 4, 64)), jnp.zeros((B, S, 2, 64))
+  bk = BLOCK_K[backend]
+  info = mod.grid_steps(q, k, k, mask=masks.lengths(kv_lengths=kl),
+                        block_sizes=mod.BlockSizes(block_k=bk, num_splits=1))
+  tiles = sum(-(-int(n) // bk) for n in kl)
+  heads = 2 if backend == "tpu" else 4      # TPU steps per kv head, GPU programs per head
+  assert int(info["fwd_active"]) == tiles * heads
+  assert plan_lib._kernel_data_only(masks.lengths(ql, kl) & masks.causal(offset=S - T))  # pylint: disable=protected-access
+  assert not plan_lib._kernel_data_only(masks.from_array(jnp.ones((T, S), bool)))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_lowering_decode_kv_lengths(platform):
+  """Forward and grad of the split decode path with per-row ``kv_lengths`` lower for the
+  hardware backend with no dense ``[B, 1, T, S]`` mask operand (the lengths are read
+  in-kernel)."""
+  backend = "tpu" if platform == "tpu" else "gpu"
+  mod = _mod(backend)
+  B, T, S, N, K, H = 2, 1, 2048, 8, 2, 64
+  rng = np.random.default_rng(0)
+  q = _rand(rng, (B, T, N, H), jnp.bfloat16)
+  k = _rand(rng, (B, S, K, H), jnp.bfloat16)
+  kl = jnp.asarray([2048, 300], jnp.int32)
+  bs = mod.BlockSizes(block_k=BLOCK_K[backend], num_splits=4)
+
+  def fwd(q, k, v, kl):
+    return mod.flash_attention(q, k, v, mask=masks.lengths(kv_lengths=kl), block_sizes=bs,
+                               interpret=False)
+
+  def loss(q, k, v, kl):
+    return jnp.sum(fwd(q, k, v, kl).astype(jnp.float32))
+
+  for e in (_export(platform, fwd, q, k, k, kl),
+            _export(platform, jax.grad(loss, argnums=(0, 1, 2)), q, k, k, kl)):
+    text = e.mlir_module()
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
+    assert "attnjax_flash_fwd_split" in text
+    assert f"tensor<{B}x1x{T}x{S}xi1>" not in text, "a dense mask was built"

@@ -177,6 +177,19 @@ def _split_mask(mask):
   return [mask], [], []
 
 
+def _kernel_data_only(mask) -> bool:
+  """True when every JAX value the mask reads is a scalar offset or the ``[B]`` vectors
+  of a :func:`~attnjax.masks.lengths` mask (ragged batches, KV caches): the predicate
+  then runs in-kernel, no dense ``[B, T, S]`` mask is built."""
+  if mask.kind == "lengths":
+    return True
+  if mask.kind == "fn" and mask.data_dependent:
+    return False
+  if any(np.size(x) != 1 for x in mask.arrays.values()):
+    return False
+  return all(_kernel_data_only(c) for c in mask.children)
+
+
 def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   """Tile table and mask decomposition for block sizes ``bq x bk``."""
   T, S, N, B = a.T, a.S, a.N, a.B
@@ -211,9 +224,10 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
     for m in others[1:]:
       pred = pred & m
     tables.append(pred.block_table(T, S, bq, bk, num_heads=N, batch=B))
-    if pred.data_dependent and not pred.scalar_data_only:
+    if pred.data_dependent and not _kernel_data_only(pred):
       # Arrays (not just scalar offsets) the predicate reads: a dense mask.  Scalar
-      # offsets stay in the predicate and reach the kernel as scalar operands.
+      # offsets and per-row lengths stay in the predicate and reach the kernel as
+      # small operands (``kv < kv_lengths[b]``: a lookup by the program's batch index).
       dense = pred.to_array(T, S, num_heads=N if pred.head_dependent else 1, batch=B)
       reasons.append(f"data-dependent mask {pred.name} materialised as a dense array")
       pred = None

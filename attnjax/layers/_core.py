@@ -11,12 +11,13 @@ Pieces:
 - `param_specs(cfg)`: the parameters (name -> shape, initializer, logical axis names).
 - `attention_forward(cfg, params, x, ...)`: projections, qk-norm, RoPE, masks, score mods,
   KV cache, `attnjax.attention`, output projection.
-- `KVCache` / `init_kv_cache`: static-length decoding cache.
+- `KVCache` / `init_kv_cache`: static-length decoding cache, one length per sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -365,33 +366,151 @@ def param_specs(cfg: AttentionConfig) -> dict[str, ParamSpec]:
 
 @flax.struct.dataclass
 class KVCache:
-  """Static-length key/value cache of one attention layer.
+  """Static-length key/value cache of one attention layer, one length per sequence.
 
   k [B, S, K, H], v [B, S, K, Hv] (after RoPE / qk-norm), segment_ids [B, S] int32
-  (-1 = slot not written yet), index: int32 scalar, the number of tokens written.
+  (-1 = slot not written yet), lengths [B] int32: the tokens written to row `b`, at slots
+  `0 .. lengths[b] - 1` (left-aligned; rows may differ: ragged prompts). `uniform` (static)
+  says every row has the same length (true until a call with padding tokens); uniform
+  caches shift masks by one scalar offset, ragged ones evaluate them per row.
+
+  Paged layout (`init_kv_cache(..., page_size=)`, as in "Efficient Memory Management for
+  Large Language Model Serving with PagedAttention", Kwon et al. 2023): k / v are a pool
+  of pages `[num_pages, page_size, K, H]`, segment_ids `[num_pages, page_size]`, and
+  `page_table [B, pages_per_seq]` int32 maps row `b`'s slot `s` to page
+  `page_table[b, s // page_size]`, offset `s % page_size`; attention gathers each row's
+  pages into a contiguous `[B, pages_per_seq * page_size, K, H]` view.
   """
 
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
-  index: jax.Array
+  lengths: jax.Array
+  page_table: Any = None
+  uniform: bool = flax.struct.field(pytree_node=False, default=True)
+
+  @property
+  def paged(self) -> bool:
+    return self.page_table is not None
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[1]
+    if self.paged:
+      return self.page_table.shape[-1] * self.k.shape[-3]
+    return self.k.shape[-3]
+
+  @property
+  def index(self) -> jax.Array:
+    """The longest row's length (int32 scalar): the common position of a uniform cache."""
+    return jnp.max(self.lengths)
 
 
-def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache for `batch` sequences of at most `max_len` tokens."""
+def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None, *,
+                  page_size: int | None = None, num_pages: int | None = None,
+                  page_table=None) -> KVCache:
+  """An empty cache for `batch` sequences of at most `max_len` tokens.
+
+  With `page_size`, a paged cache: a pool of `num_pages` pages (default
+  `batch * ceil(max_len / page_size)`) and `page_table [batch, ceil(max_len / page_size)]`
+  int (default: row `b` owns pages `b * pages_per_seq ..`); rows must not share pages.
+  """
   _positive_int("batch", batch)
   _positive_int("max_len", max_len)
   dtype = jnp.dtype(dtype or cfg.dtype or jnp.float32)
+  if page_size is not None or num_pages is not None or page_table is not None:
+    _positive_int("page_size", page_size)
+    pps = -(-max_len // page_size)
+    num_pages = batch * pps if num_pages is None else num_pages
+    _positive_int("num_pages", num_pages)
+    if page_table is None:
+      if num_pages < batch * pps:
+        raise ValueError(f"num_pages={num_pages} is fewer than batch * pages_per_seq = "
+                         f"{batch * pps}; pass page_table= to share the pool differently")
+      page_table = jnp.arange(batch * pps, dtype=jnp.int32).reshape(batch, pps)
+    page_table = jnp.asarray(page_table)
+    if page_table.shape != (batch, pps) or not jnp.issubdtype(page_table.dtype, jnp.integer):
+      raise ValueError(f"page_table must be int [batch={batch}, pages_per_seq={pps}], got shape "
+                       f"{page_table.shape}, dtype {page_table.dtype}")
+    return KVCache(
+        k=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), dtype),
+        v=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.v_head_dim), dtype),
+        segment_ids=jnp.full((num_pages, page_size), -1, jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32), page_table=page_table.astype(jnp.int32))
   return KVCache(
       k=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype),
       v=jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.v_head_dim), dtype),
       segment_ids=jnp.full((batch, max_len), -1, jnp.int32),
-      index=jnp.zeros((), jnp.int32),
+      lengths=jnp.zeros((batch,), jnp.int32),
   )
+
+
+def paged_like(cache: KVCache, page_size: int) -> KVCache:
+  """An empty paged cache with the shape, dtype and capacity of the empty contiguous
+  `cache` (leading axes, e.g. stacked layers, kept): `ceil(max_len / page_size)` pages
+  per row, row `b` owning pages `b * pages_per_seq ..` of its pool."""
+  _positive_int("page_size", page_size)
+  if cache.paged:
+    raise ValueError("cache is already paged")
+  lead = cache.k.shape[:-4]
+  B, S = cache.k.shape[-4:-2]
+  pps = -(-S // page_size)
+  pool = lambda a: jnp.zeros(lead + (B * pps, page_size) + a.shape[-2:], a.dtype)
+  table = jnp.arange(B * pps, dtype=jnp.int32).reshape(B, pps)
+  return KVCache(k=pool(cache.k), v=pool(cache.v),
+                 segment_ids=jnp.full(lead + (B * pps, page_size), -1, jnp.int32),
+                 lengths=jnp.zeros(lead + (B,), jnp.int32),
+                 page_table=jnp.broadcast_to(table, lead + (B, pps)))
+
+
+def _new_token_counts(segment_ids_BT, B, T):
+  """Real (non-padding) tokens per row of a cached call: segment id < 0 marks padding,
+  which must trail the row's real tokens (right padding)."""
+  if segment_ids_BT is None:
+    return jnp.full((B,), T, jnp.int32)
+  return jnp.sum(segment_ids_BT >= 0, axis=1).astype(jnp.int32)
+
+
+def _cache_slots(cache: KVCache, B: int, T: int):
+  """Where row b's new tokens `t` go: slot `lengths[b] + t` of the row, as `(row, slot)`
+  indices of a contiguous cache or `(page, offset)` of a paged one (slots past the end
+  are out of range, so writes there are dropped)."""
+  pos = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+  if not cache.paged:
+    return jnp.arange(B, dtype=jnp.int32)[:, None], pos
+  ps, pps = cache.k.shape[1], cache.page_table.shape[1]
+  page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // ps, 0, pps - 1), axis=1)
+  return jnp.where(pos < pps * ps, page, cache.k.shape[0]), pos % ps
+
+
+def _write_rows(buf, new, slots):
+  """`buf[slots] = new` (`slots` from `_cache_slots`; out-of-range ones dropped)."""
+  return buf.at[slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def _row_view(cache: KVCache, buf):
+  """A cache buffer as `[B, max_len, ...]`: itself, or each row's pages gathered in order."""
+  if not cache.paged:
+    return buf
+  pages = buf[cache.page_table]                    # [B, pages_per_seq, page_size, ...]
+  return pages.reshape((pages.shape[0], -1) + buf.shape[2:])
+
+
+def _row_shifted_mask(mask, offsets_B, T, S, num_heads, batch):
+  """`mask` evaluated at `(q + offsets_B[b], kv)` per row, as an array mask
+  `[B, 1 | N, T, S]` (decoding a ragged batch: each row's queries sit at its own length)."""
+  Nm = num_heads if mask.head_dependent else 1
+  b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.arange(Nm, dtype=jnp.int32)[None, :, None, None]
+  q = offsets_B[:, None, None, None] + jnp.arange(T, dtype=jnp.int32)[None, None, :, None]
+  kv = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
+  arr = mask(b, h, q, kv, num_heads=num_heads, batch=batch)
+  return _masks.from_array(jnp.broadcast_to(jnp.asarray(arr, bool), (batch, Nm, T, S)))
+
+
+def _row_shift_score_mod(mod, offsets_B):
+  def shifted(score, b, h, q_idx, kv_idx):
+    return mod(score, b, h, q_idx + offsets_B[b], kv_idx)
+  return shifted
 
 
 # ----------------------------------------------------------------------------- forward
@@ -472,8 +591,11 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     positions: RoPE positions of `x`: `[B, T]` (rope='1d') or `[B, T, D]` (axial/mixed);
       default token index (plus the cache index when decoding) or grid coordinates.
     context_positions: same for `context`.
-    cache: a `KVCache` (self-attention on 1D inputs only): the new keys/values are written
-      at `cache.index`, queries attend to everything written so far.
+    cache: a `KVCache` (self-attention on 1D inputs only): row b's new keys/values are
+      written at slots `cache.lengths[b] ..`, its queries sit at those positions and attend
+      to the row's first `lengths[b] + n_b` keys (`kv_lengths`). With a cache,
+      `segment_ids < 0` mark right padding: `n_b` counts the tokens with id >= 0, padding
+      queries return 0 and the next call overwrites padding slots (ragged prefill).
     dropout: applied to the output (after the output projection).
   Returns:
     `[B, T, out_features]` (same leading shape as `x`), and the updated cache if one was given.
@@ -518,12 +640,16 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       raise ValueError(f"decoding with a cache needs 1D inputs [B, T, D], got grid {grid}")
     if cfg.spatial_mask:
       raise ValueError(f"decoding with a cache is not supported with the spatial mask {cfg.mask}")
-    if cache.k.shape[0] != B or cache.k.shape[2:] != k_BSKH.shape[2:]:
-      raise ValueError(f"cache k has shape {cache.k.shape}, expected [B={B}, S, "
-                       f"K={cfg.num_kv_heads}, H={cfg.head_dim}]")
+    if cache.lengths.shape != (B,) or cache.k.shape[2:] != k_BSKH.shape[2:] or (
+        not cache.paged and cache.k.shape[0] != B):
+      raise ValueError(f"cache k has shape {cache.k.shape}, lengths {cache.lengths.shape}; "
+                       f"expected [B={B} (or pages), S, K={cfg.num_kv_heads}, "
+                       f"H={cfg.head_dim}] and lengths [B={B}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
-    q_offset = cache.index
+    # a uniform cache: one scalar offset (every row has the same length); else per row
+    q_offset = cache.lengths[0] if cache.uniform else cache.lengths
+    pos_offset = cache.lengths[:, None] if cfg.rope == "1d" else cache.lengths[:, None, None]
 
   segment_ids = _check_ids("segment_ids", segment_ids, B, T)
   if context is not None:
@@ -535,7 +661,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     q_seg = kv_seg = segment_ids
 
   if cfg.rope is not None:
-    q_pos = positions if positions is not None else _default_positions(cfg, grid, B, q_offset)
+    q_pos = positions if positions is not None else _default_positions(
+        cfg, grid, B, q_offset if cache is None else pos_offset)
     if context is None:
       k_pos = q_pos
     else:
@@ -548,24 +675,38 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
 
   new_cache = None
   if cache is not None:
-    idx = cache.index
-    zero = jnp.zeros((), jnp.int32)
+    # row b's new tokens go to slots lengths[b] ..; padding (segment id < 0) is written
+    # but not counted, so the next call overwrites it
+    lengths = cache.lengths
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k_BSKH.astype(cache.k.dtype),
-                                         (zero, idx, zero, zero))
-    v_all = jax.lax.dynamic_update_slice(cache.v, v_BSKH.astype(cache.v.dtype),
-                                         (zero, idx, zero, zero))
-    seg_all = jax.lax.dynamic_update_slice(cache.segment_ids, seg_new, (zero, idx))
-    new_cache = KVCache(k=k_all, v=v_all, segment_ids=seg_all, index=idx + T)
-    k_BSKH, v_BSKH = k_all.astype(dtype), v_all.astype(dtype)
-    q_seg, kv_seg = seg_new, seg_all
+    n_new = _new_token_counts(segment_ids, B, T)
+    slots = _cache_slots(cache, B, T)
+    new_cache = KVCache(k=_write_rows(cache.k, k_BSKH, slots),
+                        v=_write_rows(cache.v, v_BSKH, slots),
+                        segment_ids=_write_rows(cache.segment_ids, seg_new, slots),
+                        lengths=lengths + n_new, page_table=cache.page_table,
+                        uniform=cache.uniform and segment_ids is None)
+    k_BSKH = _row_view(new_cache, new_cache.k).astype(dtype)
+    v_BSKH = _row_view(new_cache, new_cache.v).astype(dtype)
+    seg_all = _row_view(new_cache, new_cache.segment_ids)
+    q_seg, kv_seg = (None, None) if segment_ids is None else (seg_new, seg_all)
     S = cache.max_len
+    # keys past each row's length (unwritten or padding) and padding queries take no part
+    attention = functools.partial(
+        attention, kv_lengths=lengths + n_new,
+        q_lengths=None if segment_ids is None else n_new)
 
   mask = build_mask(cfg.mask, grid, cfg.num_heads)
   if cfg.causal:
     mask = _masks.causal() if mask is None else (mask & _masks.causal())
   if mask is not None and cache is not None:
-    mask = mask.shifted(q_offset, 0)
+    if cache.uniform:
+      mask = mask.shifted(q_offset, 0)
+    elif not (T == 1 and cfg.mask is None):
+      # per-row positions; one causal query per row needs no mask beyond kv_lengths
+      mask = _row_shifted_mask(mask, q_offset, T, S, cfg.num_heads, B)
+    else:
+      mask = None
 
   mods = []
   if cfg.alibi:
@@ -586,7 +727,8 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
   if mods:
     score_mod = mods[0] if len(mods) == 1 else _score_mods.compose(*mods)
     if cache is not None:
-      score_mod = _shift_score_mod(score_mod, q_offset)
+      score_mod = (_shift_score_mod(score_mod, q_offset) if cache.uniform
+                   else _row_shift_score_mod(score_mod, q_offset))
 
   sinks = p["sinks"].astype(jnp.float32) if cfg.sinks else None
   if cache is None and context is None and _context.context_size() > 1:

@@ -220,7 +220,8 @@ def decays(lc: LinearConfig, params: dict):
 
 
 def init_state(lc: LinearConfig, batch: int, max_len: int) -> dict:
-  """The decoding cache `{'state': <op state>, 'index': int32 []}` (constant size)."""
+  """The decoding cache `{'state': <op state>, 'index': int32 [], 'lengths': int32 [B]}`
+  (constant size; `lengths`: tokens consumed per row, `index`: per call, the longest)."""
   if not lc.causal:
     raise ValueError(f"variant {lc.mechanism!r} with causal=False has no decoding state; "
                      f"build it with causal=True to decode")
@@ -241,7 +242,8 @@ def init_state(lc: LinearConfig, batch: int, max_len: int) -> dict:
     state = (z(B, K, H), z(B, N, H), z(B, N, H), z(B, N, H), z(B, N), z(B, N, H, Hv), z(B))
   else:  # inline
     state = (z(B, K, H, Hv), z(B, K, H), z(B, K, Hv), z(B))
-  return {"state": state, "index": jnp.zeros((), jnp.int32)}
+  return {"state": state, "index": jnp.zeros((), jnp.int32),
+          "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
 def apply_op(lc: LinearConfig, params: dict, q, k, v, *, x=None, grid=None, state=None,
@@ -317,11 +319,33 @@ def _context_parallel_op(lc: LinearConfig, params: dict, q, k, v, *, x, grid):
   return (o.astype(jnp.float32) + conv).astype(v.dtype)
 
 
+def _ragged_steps(lc: LinearConfig, params: dict, q, k, v, x_BTD, state, n_new_B):
+  """A right-padded cached call (ragged prefill): the recurrent form token by token, row
+  `b`'s state advancing only on its first `n_new_B[b]` tokens, so the final state is the
+  state at each row's own length; padding outputs are 0."""
+  T = q.shape[1]
+
+  def step(st, xs):
+    t, q_t, k_t, v_t, x_t = xs
+    o_t, st_t = apply_op(lc, params, q_t[:, None], k_t[:, None], v_t[:, None], x=x_t[:, None],
+                         grid=(1,), state=st, return_state=True, form="recurrent")
+    keep = t < n_new_B
+    st = jax.tree.map(lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                      st_t, st)
+    o_t = jnp.where(keep.reshape((-1,) + (1,) * (o_t.ndim - 2)), o_t[:, 0], 0)
+    return st, o_t
+
+  swap = lambda a: jnp.swapaxes(a, 0, 1)
+  st, o = jax.lax.scan(step, state, (jnp.arange(T, dtype=jnp.int32), swap(q), swap(k),
+                                     swap(v), swap(x_BTD)))
+  return swap(o), st
+
+
 def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=None, cache=None,
             dropout=None):
   """The layer's forward pass on a parameter dict (see `LinearAttention`); `dropout` is
   None or a function applied to the output."""
-  if segment_ids is not None:
+  if segment_ids is not None and cache is None:
     raise ValueError("segment_ids are not supported by the linear-attention layer "
                      f"{lc.mechanism!r} (its state mixes all earlier tokens); expected "
                      "segment_ids=None")
@@ -349,12 +373,14 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
   if cache is not None:
     if not lc.causal:
       raise ValueError(f"variant {lc.mechanism!r} (causal=False) cannot decode with a cache")
-    if not isinstance(cache, dict) or set(cache) != {"state", "index"}:
-      raise TypeError(f"cache must be the dict from init_cache ({{'state', 'index'}}), got "
-                      f"{type(cache).__name__}")
+    if not isinstance(cache, dict) or set(cache) != {"state", "index", "lengths"}:
+      raise TypeError("cache must be the dict from init_cache ({'state', 'index', 'lengths'}), "
+                      f"got {type(cache).__name__}")
     if len(grid) != 1:
       raise ValueError(f"decoding with a cache needs [B, T, D] inputs, got grid {grid}")
-    offset = cache["index"]
+    offset = cache["lengths"][:, None]      # RoPE positions per row
+    n_new = _core._new_token_counts(  # pylint: disable=protected-access
+        _core._check_ids("segment_ids", segment_ids, B, T), B, T)  # pylint: disable=protected-access
   if cfg.rope is not None:
     pos = positions if positions is not None else jnp.broadcast_to(
         jnp.arange(T, dtype=jnp.int32) + offset, (B, T))
@@ -374,10 +400,13 @@ def forward(lc: LinearConfig, params: dict, x, *, segment_ids=None, positions=No
       o = apply_op(lc, p, q, k, v, x=x_BTD, grid=grid)
     new_cache = None
   else:
-    form = "recurrent" if T == 1 else "chunked"
-    o, st = apply_op(lc, p, q, k, v, x=x_BTD, grid=grid, state=cache["state"], return_state=True,
-                     form=form)
-    new_cache = {"state": st, "index": cache["index"] + T}
+    if segment_ids is None:
+      form = "recurrent" if T == 1 else "chunked"
+      o, st = apply_op(lc, p, q, k, v, x=x_BTD, grid=grid, state=cache["state"],
+                       return_state=True, form=form)
+    else:
+      o, st = _ragged_steps(lc, p, q, k, v, x_BTD, cache["state"], n_new)
+    new_cache = {"state": st, "index": cache["index"] + T, "lengths": cache["lengths"] + n_new}
   if lc.out_norm:
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + 1e-6)
