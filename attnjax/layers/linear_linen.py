@@ -68,7 +68,8 @@ class LinearAttention(nn.Module):
     self._config()  # bad options raise at construction, as for the NNX layer
 
   def init_cache(self, batch: int, max_len: int) -> dict:
-    """The decoding cache `{'state': ..., 'index': int32 []}` (works on an unbound module)."""
+    """The decoding cache `{'state': ..., 'index': int32 [], 'lengths': int32 [B]}` (works
+    on an unbound module)."""
     return _lin.init_state(self._config()[0], batch, max_len)
 
   @nn.compact
