@@ -145,10 +145,17 @@ def test_tiled_order_by_loops():
                                 np.arange(48, 60))          # padding maps to itself
   plan = tiling.TilePlan(shape, tile, off, 12, 12)
   x = rnd(1, (2, 48, 3, 5))
-  xt = tiling.permute_axis(x, 1, plan)
-  np.testing.assert_array_equal(np.asarray(xt), np.asarray(x)[:, want])
-  np.testing.assert_array_equal(np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True)),
-                                np.asarray(x))
+  for method in ("gather", "transpose", None):
+    xt = tiling.permute_axis(x, 1, plan, method=method)
+    np.testing.assert_array_equal(np.asarray(xt), np.asarray(x)[:, want])
+    np.testing.assert_array_equal(
+        np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True, method=method)), np.asarray(x))
+    # vjp: the cotangent moves back with the inverse permutation (either way)
+    ct = rnd(2, xt.shape)
+    (g,) = jax.vjp(lambda x: tiling.permute_axis(x, 1, plan, method=method), x)[1](ct)
+    np.testing.assert_array_equal(np.asarray(g)[:, want], np.asarray(ct))
+  with pytest.raises(ValueError, match="method must be"):
+    tiling.permute_axis(x, 1, plan, method="roll")
 
 
 def test_tiled_mask_is_permuted_mask():
