@@ -77,6 +77,7 @@ def main():
   p.add_argument("--bk", type=int, default=None)
   p.add_argument("--only", default=None, help="case names separated by ;")
   p.add_argument("--impl", default="auto", help="'auto' (cpu_flash when built) or a name")
+  p.add_argument("--fwd-only", action="store_true", help="skip the fwd+bwd timings")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   g = args.grid
@@ -106,6 +107,8 @@ def main():
   if args.only:
     keep = set(args.only.split(";"))
     cases = [c for c in cases if c[0] in keep]
+  if args.fwd_only:
+    cases = [(n, m, False) for n, m, _ in cases]
 
   def fwd(m):
     return jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs,
