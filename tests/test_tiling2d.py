@@ -152,7 +152,7 @@ def test_tiled_order_by_loops():
         np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True, method=method)), np.asarray(x))
     # vjp: the cotangent moves back with the inverse permutation (either way)
     ct = rnd(2, xt.shape)
-    (g,) = jax.vjp(lambda x: tiling.permute_axis(x, 1, plan, method=method), x)[1](ct)
+    (g,) = jax.vjp(lambda x, m=method: tiling.permute_axis(x, 1, plan, method=m), x)[1](ct)
     np.testing.assert_array_equal(np.asarray(g)[:, want], np.asarray(ct))
   with pytest.raises(ValueError, match="method must be"):
     tiling.permute_axis(x, 1, plan, method="roll")
