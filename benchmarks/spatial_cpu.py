@@ -1,10 +1,11 @@
 """CPU benchmark of spatial masks with 2D tiling (issue 18), as ratios to dense attention.
 
 Every case runs ``attnjax.attention`` with its default implementation (on CPU the
-spatial masks run on ``xla_chunked``, 2D-tiled by the dispatcher; see
-``attnjax.core.tiling``) and is divided by dense ``attnjax.attention`` (no mask, default
-implementation: ``cpu_flash``) timed in the same process, interleaved round by round
-(each time is the best over ``--rounds``), so a shared machine's drift hits both alike.
+spatial masks run on ``cpu_flash``'s block-sparse mode, 2D-tiled by the dispatcher; see
+``attnjax.core.tiling`` and ``attnjax.cpu.flash``; ``--impl xla_chunked`` for the XLA
+path) and is divided by dense ``attnjax.attention`` (no mask, default implementation:
+``cpu_flash``) timed in the same process, interleaved round by round (each time is the
+best over ``--rounds``), so a shared machine's drift hits both alike.
 Float32, ``B=1, N=8, H=64`` (the head config of ``benchmarks/attention_cpu.py``) on a
 128 x 128 map (``T = S = 16384``).
 
@@ -42,21 +43,29 @@ def make(S, B=1, N=8, H=64, dtype=jnp.float32):
                for _ in range(3))
 
 
-def densities(q, m, block_sizes):
-  """(2D-tiled tile density at the kernel's block sizes, flattened density at the
-  flattened default block sizes)."""
+def densities(q, m, impl_name, block_sizes):
+  """(tile density of the table the kernel runs, in the 2D-tiled order when tiled, at
+  its block sizes; flattened density at the implementation's default block sizes; the
+  tiling plan).  For 'cpu_flash' the density is its block-sparse schedule's (tiles
+  whose pattern allows nothing dropped)."""
   a = args_lib.check_attention_args(q, q, q, mask=m)
-  impl = registry.get("xla_chunked")
-  tplan, cfg = registry._spatial_tiling(impl, a, block_sizes)
+  impl = registry.get(impl_name)
+  cfg = registry.config_for(impl, block_sizes)
+  tplan, cfg = registry._spatial_tiling(impl, a, cfg)
   T = a.T
-  if tplan is None:
-    bq, bk = (cfg or attnjax.ChunkedBlockSizes()).resolve(T, T, 1)
-    tiled = float(np.mean(m.block_table(T, T, bq, bk) != masks.EMPTY))
+  tm = m if tplan is None else masks.tiled2d(m, tplan.tile, shape=tplan.shape,
+                                             offset=tplan.offset)
+  if impl_name == "cpu_flash":
+    from attnjax.cpu import flash
+    cfg = cfg or flash.CpuFlashBlockSizes()
+    bq, bk, _ = cfg.resolve()
+    tiled = flash.block_sparse_schedule(tm, T, T, bq, bk).density
+    fq, fk, _ = flash.CpuFlashBlockSizes().resolve()
   else:
-    tm = masks.tiled2d(m, tplan.tile, shape=tplan.shape, offset=tplan.offset)
-    tiled = float(np.mean(tm.block_table(T, T, tplan.block_q, tplan.block_k) != masks.EMPTY))
-  bq, bk = attnjax.ChunkedBlockSizes().resolve(T, T, 1)
-  flat = float(np.mean(m.block_table(T, T, bq, bk) != masks.EMPTY))
+    bq, bk = (cfg or attnjax.ChunkedBlockSizes()).resolve(T, T, 1)
+    tiled = float(np.mean(tm.block_table(T, T, bq, bk) != masks.EMPTY))
+    fq, fk = attnjax.ChunkedBlockSizes().resolve(T, T, 1)
+  flat = float(np.mean(m.block_table(T, T, fq, fk) != masks.EMPTY))
   return tiled, flat, tplan
 
 
@@ -67,13 +76,22 @@ def main():
   p.add_argument("--bq", type=int, default=None)
   p.add_argument("--bk", type=int, default=None)
   p.add_argument("--only", default=None, help="case names separated by ;")
+  p.add_argument("--impl", default="auto", help="'auto' (cpu_flash when built) or a name")
+  p.add_argument("--fwd-only", action="store_true", help="skip the fwd+bwd timings")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   g = args.grid
   shape = (g, g)
   S = g * g
   q, k, v = make(S)
-  bs = attnjax.ChunkedBlockSizes(block_q=args.bq, block_k=args.bk)
+  from attnjax.cpu import flash
+  impl = args.impl
+  if impl == "auto":
+    impl = "cpu_flash" if flash.available() else "xla_chunked"
+  if impl == "cpu_flash":
+    bs = {"cpu_flash": flash.CpuFlashBlockSizes(block_q=args.bq, block_k=args.bk)}
+  else:
+    bs = {impl: attnjax.ChunkedBlockSizes(block_q=args.bq, block_k=args.bk)}
   cases = [
       ("neighborhood(7)", masks.neighborhood(shape, 7), True),
       ("neighborhood(7, dilation=2)", masks.neighborhood(shape, 7, dilation=2), False),
@@ -83,16 +101,22 @@ def main():
       ("grid(8)", masks.grid(shape, 8), False),
       ("axial(1)", masks.axial(shape, 1), False),
       ("criss_cross", masks.criss_cross(shape), False),
+      ("stripe(8, axis=0)", masks.stripe(shape, 8, 0), False),
+      ("halo(8, 3)", masks.halo(shape, 8, 3), False),
   ]
   if args.only:
     keep = set(args.only.split(";"))
     cases = [c for c in cases if c[0] in keep]
+  if args.fwd_only:
+    cases = [(n, m, False) for n, m, _ in cases]
 
   def fwd(m):
-    return jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs))
+    return jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs,
+                                                     implementation=impl))
 
   def fb(m):
-    f = lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs)
+    f = lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs,
+                                          implementation=impl)
     return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
 
   dense_f = jax.jit(lambda q, k, v: attnjax.attention(q, k, v))
@@ -105,7 +129,7 @@ def main():
   info = {}
   for name, m, with_fb in cases:
     t0 = time.perf_counter()
-    info[name] = densities(q, m, bs)
+    info[name] = densities(q, m, impl, bs)
     fns[name] = fwd(m)
     if with_fb:
       fns[name + " fwd+bwd"] = fb(m)
@@ -119,7 +143,8 @@ def main():
       jax.block_until_ready(f(q, k, v))
       best[n] = min(best[n], time.perf_counter() - t0)
   load = os.getloadavg()
-  print(f"grid {g}x{g}, T=S={S}, B=1 N=8 H=64 float32; load {load[0]:.2f} {load[1]:.2f}")
+  print(f"grid {g}x{g}, T=S={S}, B=1 N=8 H=64 float32, masks on {impl!r}; load "
+        f"{load[0]:.2f} {load[1]:.2f}")
   print(f"dense fwd {best['dense']:.3f}s" +
         (f", fwd+bwd {best['dense fwd+bwd']:.3f}s" if need_fb else ""))
   print(f"{'case':30s} {'tile':>8s} {'2D dens':>8s} {'flat dens':>9s} {'fwd s':>7s} "
@@ -136,7 +161,8 @@ def main():
                      fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb))
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(dict(load=load, dense_fwd_s=best["dense"], rows=rows), f, indent=1)
+      json.dump(dict(load=load, impl=impl, dense_fwd_s=best["dense"], rows=rows), f,
+                indent=1)
 
 
 if __name__ == "__main__":

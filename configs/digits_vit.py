@@ -5,13 +5,18 @@ criss_cross) act on that grid.
 
   python train.py --config configs/digits_vit.py
   python train.py --config configs/digits_vit.py:variant=neighborhood
+  python train.py --config configs/digits_vit.py:peg      # + a PEG after the first block
+
+`peg` (default False): a conditional positional encoding (CPVT's PEG, `x + DWConv3x3(x)`)
+after the first block, on top of the model's learned position table.
 """
 
 from attnjax.train import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size='S', variant='mha', patch=2, steps=600, runlocal=False)
+  a = config_lib.parse_arg(arg, size='S', variant='mha', patch=2, steps=600, runlocal=False,
+                            peg=False)
   c = config_lib.base_config()
   c.task = 'classification'
   c.data.name = 'digits'
@@ -29,4 +34,7 @@ def get_config(arg=None):
                                       grid=(grid, grid), image_size=8, patch_size=a.patch,
                                       channels=1, num_classes=10)
     config_lib.apply_runlocal(c, eval_batch_size=40, small_data=False)
+  if not isinstance(a.peg, bool):
+    raise ValueError(f'config argument peg must be true or false, got {a.peg!r}.')
+  c.model.peg = a.peg
   return c

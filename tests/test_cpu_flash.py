@@ -32,7 +32,9 @@ pytestmark = pytest.mark.skipif(
     build.unavailable_reason() is not None and not os.environ.get("CI"),
     reason=f"cpu_flash unavailable on this machine: {build.unavailable_reason()}")
 
-BAND_FAMILIES = ("none", "causal", "causal0", "window", "chunked_causal", "prefix")
+# Band masks run the band kernel; the others ('dual', 'or_not', 'array') the
+# block-sparse mode.
+FAMILIES = tuple(sorted(MASK_FAMILIES))
 EXAMPLES = 8
 
 
@@ -52,11 +54,11 @@ class TestCpuFlash(AttentionTestBase):
       B=st.integers(1, 2), T=st.integers(1, 70), S=st.integers(1, 70),
       heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4), (6, 2)]),
       H=st.sampled_from([32, 64, 128]), Hv=st.sampled_from([None, 16, 48]),
-      family=st.sampled_from(BAND_FAMILIES), dtype=st.sampled_from(["float32", "bfloat16"]))
+      family=st.sampled_from(FAMILIES), dtype=st.sampled_from(["float32", "bfloat16"]))
   def test_matches_reference(self, B, T, S, heads, H, Hv, family, dtype):
     N, K = heads
     dtype = jnp.dtype(dtype)
-    if family in ("prefix", "causal0", "chunked_causal", "window"):
+    if family in ("prefix", "dual", "or_not", "causal0", "chunked_causal", "window"):
       S = T
     q, k, v = make_qkv(T * 7 + S, B, T, S, N, K, H, Hv or H, dtype)
     self.check(q, k, v, dtype, mask=MASK_FAMILIES[family](T, S))
@@ -167,7 +169,6 @@ class TestCpuFlash(AttentionTestBase):
   test_segment_ids_cross = None
   test_document_mask_under_jit = None
   test_score_mod_table_grads = None
-  test_spatial_masks = None
 
   def test_bias_is_refused_and_falls_back(self):
     q, k, v = make_qkv(11, 2, 19, 23, 4, 2, 32, 32, jnp.float32)
@@ -201,17 +202,143 @@ class TestCpuFlash(AttentionTestBase):
     mod = attnjax.score_mods.alibi(attnjax.score_mods.alibi_slopes(4))
     self._unsupported("score_mod", q, k, v, score_mod=mod)
 
-  def test_spatial_masks_are_refused_and_fall_back(self):
-    q, k, v = make_qkv(18, 1, 48, 48, 2, 1, 32, 32, jnp.float32)
-    self._unsupported("band masks", q, k, v, mask=masks.neighborhood((6, 8), (3, 5)))
+  def test_head_dependent_mask_is_refused_and_falls_back(self):
+    q, k, v = make_qkv(18, 1, 24, 24, 2, 1, 32, 32, jnp.float32)
+    per_head = np.random.default_rng(3).random((2, 24, 24)) < 0.5
+    self._unsupported("band masks", q, k, v, mask=masks.from_array(per_head))
+
+  # -------------------------------------------------- block-sparse mode
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("case", ["nbhd_13x17", "nbhd_dilated", "window_shift", "criss_cross",
+                                    "grid", "axial", "stripe", "halo"])
+  def test_spatial_masks_block_sparse(self, case, dtype):
+    """Spatial masks on the block-sparse mode, in the flattened order (the odd 13 x 17
+    map: no patch divides it) or 2D-tiled by the dispatcher: out, lse and the vjp
+    (random cotangents) against reference_attention; the kernel is in the program."""
+    shape = (13, 17) if case == "nbhd_13x17" else (12, 16)
+    mask = {"nbhd_13x17": lambda: masks.neighborhood(shape, 3),
+            "nbhd_dilated": lambda: masks.neighborhood(shape, (3, 5), dilation=(2, 1)),
+            "window_shift": lambda: masks.window(shape, (4, 8), shift=(2, 4)),
+            "criss_cross": lambda: masks.criss_cross(shape),
+            "grid": lambda: masks.grid(shape, 4),
+            "axial": lambda: masks.axial(shape, 1),
+            "stripe": lambda: masks.stripe(shape, 3, 0),
+            "halo": lambda: masks.halo(shape, 4, 1)}[case]()
+    T = int(np.prod(shape))
+    dtype = jnp.dtype(dtype)
+    q, k, v = make_qkv(90 + T, 2, T, T, 4, 2, 32, 32, dtype)
+    self.check(q, k, v, dtype, mask=mask)
+    f = lambda q, k, v: attnjax.attention(q, k, v, mask=mask, implementation="cpu_flash",
+                                          block_sizes=self.BLOCK_SIZES)
+    g = jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    assert set(_custom_calls(g, q, k, v)) == {"attnjax_sparse_fwd", "attnjax_sparse_bwd"}
+
+  def test_block_sparse_default_blocks_tiled(self):
+    """The dispatcher's 2D tiling with cpu_flash's default tiles (an explicit 8 x 8
+    patch: 64-query, 64-key tiles) of a shifted Swin window on a 24 x 24 map, GQA,
+    f32: exact, and the tiled table is sparser than the flattened one at the same
+    block sizes."""
+    from attnjax.core import args as args_lib
+    from attnjax.dispatch import registry
+    shape, T = (24, 24), 576
+    mask = masks.window(shape, 8, shift=4)
+    q, k, v = make_qkv(93, 1, T, T, 4, 2, 32, 32, jnp.float32)
+    self.BLOCK_SIZES = CpuFlashBlockSizes(matmul=self.MATMUL, spatial_tile=(8, 8))
+    a = args_lib.check_attention_args(q, k, v, mask=mask)
+    plan, cfg = registry._spatial_tiling(registry.get("cpu_flash"), a, self.BLOCK_SIZES)
+    assert plan is not None and plan.tile == (8, 8) and (cfg.block_q, cfg.block_k) == (64, 64)
+    tiled = flash.block_sparse_schedule(plan.tiled_mask, T, T, 64, 64)
+    flat = flash.block_sparse_schedule(mask, T, T, 64, 64)
+    assert tiled.density < flat.density
+    self.check(q, k, v, jnp.float32, mask=mask)
+    with pytest.raises(ValueError, match="CpuFlashBlockSizes.spatial_tile"):
+      CpuFlashBlockSizes(spatial_tile=(0, 8))
+
+  def test_block_sparse_schedule_structure(self):
+    """Lists ascending and transposed of each other; codes -1 (full) only on tiles the
+    mask fully allows with keys in range; partial patterns equal the mask on the tile;
+    patterns deduplicated; tiles whose pattern allows nothing are dropped."""
+    T, S, bq, bk = 40, 50, 8, 16
+    arr = np.random.default_rng(5).random((T, S)) < 0.3
+    arr[:, 20:] = False          # a column band with nothing allowed (empty tiles)
+    arr[8:16, :16] = True        # one full tile
+    arr[16:24, :16] = arr[8:16, :16]
+    m = masks.from_array(arr)
+    sch = flash.block_sparse_schedule(m, T, S, bq, bk)
+    nq, nk = 5, 4
+    assert sch.qlist.shape[0] == nq and sch.klist.shape[0] == nk
+    seen = set()
+    for qb in range(nq):
+      for i, kb in enumerate(sch.qlist[qb]):
+        if kb < 0:
+          assert (sch.qlist[qb, i:] == -1).all()
+          break
+        assert i == 0 or kb > sch.qlist[qb, i - 1]
+        code = sch.qcode[qb, i]
+        seen.add((qb, int(kb), int(code)))
+        tile = np.zeros((bq, bk), bool)
+        blk = arr[qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk]
+        tile[:blk.shape[0], :blk.shape[1]] = blk
+        if code == -1:
+          assert blk.all() and blk.shape == (bq, bk)
+        else:
+          np.testing.assert_array_equal(sch.pats[code] != 0, tile)
+    assert (0, 2, -1) not in seen and all(kb < 2 for _, kb, _ in seen)
+    assert (1, 0, -1) in seen and (2, 0, -1) in seen
+    back = {(int(qb), kb, int(c)) for kb in range(nk) for qb, c in
+            zip(sch.klist[kb], sch.kcode[kb]) if qb >= 0}
+    assert back == seen
+    assert len({p.tobytes() for p in sch.pats}) == len(sch.pats)
+
+  def test_block_sparse_direct_entry_and_errors(self):
+    """cpu_flash_block_sparse with a hand-made tile table (as a routing would give):
+    equal to reference_attention with the same element mask; grads by vjp; empty query
+    blocks give 0 with zero grads; a schedule at other block sizes is refused."""
+    T, S, bq, bk = 48, 64, 16, 16
+    rng = np.random.default_rng(7)
+    table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(3, 4))
+    table[1] = masks.EMPTY                               # query block 1 sees nothing
+    elem = rng.random((T, S)) < 0.5
+    allowed = np.repeat(np.repeat(table, bq, 0), bk, 1)
+    allowed = (allowed == masks.FULL) | ((allowed == masks.PARTIAL) & elem)
+    sch = flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+    q, k, v = make_qkv(94, 2, T, S, 4, 2, 32, 32, jnp.float32)
+    ct = rnd(95, (2, T, 4, 32))
+    f = lambda q, k, v: flash.cpu_flash_block_sparse(q, k, v, sch, scale=32 ** -0.5)[0]
+    r = lambda q, k, v: attnjax.reference_attention(q, k, v, mask=allowed)
+    out, vjp = jax.vjp(f, q, k, v)
+    ref, vjp_r = jax.vjp(r, q, k, v)
+    assert_close(out, ref, jnp.float32, "out")
+    grads = vjp(ct)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, vjp_r(ct)):
+      assert_close(g, gr, jnp.float32, name)
+    np.testing.assert_array_equal(np.asarray(out)[:, 16:32], 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[0])[:, 16:32], 0.0)
+    with pytest.raises(ValueError, match="query-block"):
+      flash.cpu_flash_block_sparse(q[:, :20], k, v, sch, scale=1.0)
+    with pytest.raises(ValueError, match="kernel_blocks"):
+      flash.cpu_flash_block_sparse(q[:, :8], k, v, sch, scale=1.0)
+    with pytest.raises(ValueError, match="table must be"):
+      flash.schedule_from_table(table[:2], lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+
+  def test_band_empty_rows(self):
+    """Band masks: rows with no key (causal(-7)) give 0 with zero gradients."""
+    T, S = 12, 20
+    q, k, v = make_qkv(19, 2, T, S, 2, 1, 32, 32, jnp.float32)
+    f = lambda q, k, v: self.attn(q, k, v, mask=masks.causal(-7))
+    out, vjp = jax.vjp(f, q, k, v)
+    dq, dk, dv = vjp(rnd(4, out.shape))
+    for x in (out, dq, dk, dv):
+      assert np.all(np.isfinite(np.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(out)[:, :7], 0.0)
+    np.testing.assert_array_equal(np.asarray(dq)[:, :7], 0.0)
+    o, lse = self.attn(q, k, v, mask=masks.causal(-100), return_lse=True)
+    np.testing.assert_array_equal(np.asarray(o), 0.0)
+    assert np.all(np.asarray(lse) == -np.inf)
 
   def test_odd_head_dim_falls_back(self):
     q, k, v = make_qkv(19, 1, 20, 20, 2, 1, 24, 24, jnp.float32)
     self._unsupported("multiples of 16", q, k, v, mask=masks.causal())
-
-  def empty_rows_case(self, T, S):
-    # Band masks only: rows 0..6 see no key; causal(-100) masks everything.
-    return masks.causal(-7), list(range(7)), masks.causal(-100)
 
   # -------------------------------------------------- dispatch, errors, build
   def test_auto_uses_kernel_for_long_sequences(self):
@@ -220,9 +347,16 @@ class TestCpuFlash(AttentionTestBase):
     assert _custom_calls(f, q, k, v) == ["attnjax_flash_fwd"]
     g = jax.grad(lambda q, k, v: f(q, k, v).sum())
     assert set(_custom_calls(g, q, k, v)) == {"attnjax_flash_fwd", "attnjax_flash_bwd"}
-    # A mask the kernel does not serve: 'auto' takes the XLA path.
+    # A spatial mask: the block-sparse mode (2D-tiled by the dispatcher).
     m = masks.neighborhood((32, 32), 5)
-    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=m), q, k, v) == []
+    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=m),
+                         q, k, v) == ["attnjax_sparse_fwd"]
+    g = jax.grad(lambda q, k, v: attnjax.attention(q, k, v, mask=m).sum())
+    assert set(_custom_calls(g, q, k, v)) == {"attnjax_sparse_fwd", "attnjax_sparse_bwd"}
+    # A mask the kernel does not serve (data-dependent): 'auto' takes the XLA path.
+    seg = jnp.asarray(np.repeat(np.arange(2), 512)[None], jnp.int32)
+    md = masks.document(seg)
+    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=md), q, k, v) == []
 
   def test_traced_band_offset(self):
     """A causal offset that is a traced value (decoding) is served in-graph."""

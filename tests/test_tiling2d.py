@@ -145,10 +145,17 @@ def test_tiled_order_by_loops():
                                 np.arange(48, 60))          # padding maps to itself
   plan = tiling.TilePlan(shape, tile, off, 12, 12)
   x = rnd(1, (2, 48, 3, 5))
-  xt = tiling.permute_axis(x, 1, plan)
-  np.testing.assert_array_equal(np.asarray(xt), np.asarray(x)[:, want])
-  np.testing.assert_array_equal(np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True)),
-                                np.asarray(x))
+  for method in ("gather", "transpose", None):
+    xt = tiling.permute_axis(x, 1, plan, method=method)
+    np.testing.assert_array_equal(np.asarray(xt), np.asarray(x)[:, want])
+    np.testing.assert_array_equal(
+        np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True, method=method)), np.asarray(x))
+    # vjp: the cotangent moves back with the inverse permutation (either way)
+    ct = rnd(2, xt.shape)
+    (g,) = jax.vjp(lambda x, m=method: tiling.permute_axis(x, 1, plan, method=m), x)[1](ct)
+    np.testing.assert_array_equal(np.asarray(g)[:, want], np.asarray(ct))
+  with pytest.raises(ValueError, match="method must be"):
+    tiling.permute_axis(x, 1, plan, method="roll")
 
 
 def test_tiled_mask_is_permuted_mask():
@@ -210,7 +217,13 @@ def test_plan_choices():
   assert _plan(masks.causal(), 256)[0] is None
   assert _plan(masks.neighborhood((16, 16), 5) & masks.causal(), 256)[0] is None
   assert _plan(masks.neighborhood((16,), 5), 16)[0] is None       # 1D: nothing to gain
-  assert _plan(masks.neighborhood((16, 16), 5), 256, "cpu_flash")[0] is None
+  # cpu_flash tiles for its block-sparse mode: 64-token patches, 64-key tiles by default
+  from attnjax.cpu.flash import CpuFlashBlockSizes
+  tp, cfg = _plan(masks.window((32, 32), 8, shift=4), 1024, "cpu_flash")
+  assert tp.tile == (8, 8) and tp.offset == (4, 4) and (cfg.block_q, cfg.block_k) == (64, 64)
+  assert _plan(masks.window((32, 32), 8, shift=4), 1024, "cpu_flash",
+               CpuFlashBlockSizes(spatial_tile=False))[0] is None
+  assert _plan(masks.neighborhood((13, 17), 3), 221, "cpu_flash")[0] is None
 
 
 def test_tile_density_2d_below_flat():
@@ -284,6 +297,32 @@ def test_xla_chunked_gathered_and_loop_paths(block_sizes):
   half the keys); both exact."""
   mask, allowed = CASES["nbhd"]()
   _check(mask, allowed, jnp.float32, "xla_chunked", block_sizes=block_sizes, N=2, K=2)
+
+
+# ----------------------------------------------------------------- exactness, cpu_flash
+
+
+def _cpu_flash_or_skip():
+  from attnjax.cpu import build
+  if build.unavailable_reason() is not None and not __import__("os").environ.get("CI"):
+    pytest.skip(f"cpu_flash unavailable: {build.unavailable_reason()}")
+  from attnjax.cpu.flash import CpuFlashBlockSizes
+  return CpuFlashBlockSizes
+
+
+@pytest.mark.parametrize("case,dtype", [
+    ("nbhd", jnp.float32), ("window_shift", jnp.float32), ("nbhd_dil_causal", jnp.bfloat16),
+    ("nbhd_13x17", jnp.float32), ("nbhd_12x20", jnp.float32),
+    pytest.param("nbhd", jnp.bfloat16, marks=_SLOW),
+    pytest.param("nbhd_13x17", jnp.bfloat16, marks=_SLOW)])
+def test_cpu_flash_block_sparse_exact(case, dtype):
+  """cpu_flash's block-sparse mode in the tiled order (4 x 4 patches, 16-key tiles;
+  13x17: no dividing patch, flattened order): out and the vjp against the loop-built
+  reference, GQA."""
+  tile = True if case == "nbhd_13x17" else (4, 4)
+  bs = _cpu_flash_or_skip()(block_q=16, block_k=16, spatial_tile=tile)
+  mask, allowed = CASES[case]()
+  _check(mask, allowed, dtype, "cpu_flash", block_sizes=bs, tiled=case != "nbhd_13x17")
 
 
 # ----------------------------------------------------------------- Pallas (interpreted)

@@ -174,13 +174,52 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
   return plan
 
 
-def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False):
-  """Moves ``x``'s token axis ``axis`` (length ``prod(shape)``) between row-major and the
-  tiled order (``inverse``: back), with reshape/transpose and a roll for an offset."""
+def _tiled_index(plan: TilePlan, inverse: bool):
+  """Static int32 indices: ``x_tiled = x[idx]`` (forward) or ``x = x_tiled[inv]``."""
+  n = int(np.prod(plan.shape))
+  idx = np.asarray(masks_lib.tiled_to_flat(np.arange(n), plan.shape, plan.tile, plan.offset),
+                   np.int32)
+  if not inverse:
+    return idx
+  inv = np.empty_like(idx)
+  inv[idx] = np.arange(n, dtype=np.int32)
+  return inv
+
+
+def _gather_permute(x, axis: int, plan: TilePlan, inverse: bool):
+  """The permutation as a gather with static indices, whose vjp is the inverse gather
+  (not a scatter).  On XLA:CPU this is about 4x faster than the reshape/transpose/roll
+  (128 x 128 map, ``[1, 16384, 8, 64]`` float32)."""
+  import jax
   import jax.numpy as jnp
+  idx, back = _tiled_index(plan, inverse), _tiled_index(plan, not inverse)
+
+  @jax.custom_vjp
+  def perm(x):
+    return jnp.take(x, idx, axis=axis)
+
+  perm.defvjp(lambda x: (perm(x), None),
+              lambda _, g: (jnp.take(g, back, axis=axis),))
+  return perm(x)
+
+
+def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False,
+                 method: Optional[str] = None):
+  """Moves ``x``'s token axis ``axis`` (length ``prod(shape)``) between row-major and the
+  tiled order (``inverse``: back).  ``method``: ``'gather'`` (static indices; its vjp
+  the inverse gather), ``'transpose'`` (reshape/transpose and a roll for an offset), or
+  None: gather on the CPU backend, transpose elsewhere."""
+  import jax
+  import jax.numpy as jnp
+  axis = axis % x.ndim
+  if method not in (None, "gather", "transpose"):
+    raise ValueError(f"method must be None, 'gather' or 'transpose', got {method!r}")
+  if method is None:
+    method = "gather" if jax.default_backend() == "cpu" else "transpose"
+  if method == "gather":
+    return _gather_permute(x, axis, plan, inverse)
   shape, tile, off = plan.shape, plan.tile, plan.offset
   nd = len(shape)
-  axis = axis % x.ndim
   lead, trail = x.shape[:axis], x.shape[axis + 1:]
   la, lt = len(lead), len(trail)
   pgrid = tuple(L // t for L, t in zip(shape, tile))

@@ -67,7 +67,8 @@ _SOURCE = _DIR / "flash_cpu.cc"
 _BASE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
                "-Wall", "-Wextra")
 # FFI handler symbols in the library -> XLA custom-call target names.
-TARGETS = {"AttnjaxFlashFwd": "attnjax_flash_fwd", "AttnjaxFlashBwd": "attnjax_flash_bwd"}
+TARGETS = {"AttnjaxFlashFwd": "attnjax_flash_fwd", "AttnjaxFlashBwd": "attnjax_flash_bwd",
+           "AttnjaxSparseFwd": "attnjax_sparse_fwd", "AttnjaxSparseBwd": "attnjax_sparse_bwd"}
 
 
 def _sources() -> list[Path]:

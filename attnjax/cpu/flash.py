@@ -11,14 +11,21 @@ where the CPU has them; see ``CpuFlashBlockSizes.matmul``), split over all cores
 the backward.  The library is compiled for the machine on first use
 (:mod:`attnjax.cpu.build`), or ahead of time with ``python -m attnjax.cpu.build``.
 
-It serves calls whose mask is a band — each query attends to a contiguous key range
+It serves calls whose mask is a band (below), and every other static mask through a
+block-sparse mode (:func:`block_sparse_schedule`, :func:`cpu_flash_block_sparse`): per
+query block a list of key blocks, each run unmasked (full) or with a per-element byte
+pattern (partial), and the transposed lists for the backward's key-block work items.
+The dispatcher runs spatial masks (neighborhood, windows, criss-cross, grid, axial,
+stripes, ...) in the 2D-tiled token order (:mod:`attnjax.core.tiling`) on it.
+
+Band masks: each query attends to a contiguous key range
 ``lo(t) <= s <= hi(t)`` (``None``, ``causal``, ``sliding_window``, ``chunked``,
 ``prefix_lm``, ``shifted`` views, ``&`` of those, ``~`` of one-sided bands and ``|`` of
 bands that stay intervals, classified by structure in
 :meth:`attnjax.masks.Mask.row_band`) — with
 GQA/MQA (K/V never repeated), ``T != S``, ``sinks``, ``return_lse`` and head dims
-that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids and
-other masks are refused (:func:`unsupported_reason`, raised as
+that are multiples of 16.  ``bias``, ``score_mod``, ``softcap``, segment ids,
+data-dependent and head-dependent non-band masks are refused (:func:`unsupported_reason`, raised as
 :class:`attnjax.core.Unsupported`) so the dispatcher falls back to ``'xla_chunked'``.
 bf16/f16 inputs are computed in float32 and cast back.
 
@@ -37,13 +44,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax import masks as masks_lib
+from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.errors import Unsupported
 from attnjax.core.vma import sum_to_vma, vary_like
 from attnjax.cpu import build
 
 __all__ = ["CpuFlashBlockSizes", "cpu_flash_attention", "unsupported_reason", "available",
-           "has_amx"]
+           "has_amx", "BlockSparseSchedule", "block_sparse_schedule", "schedule_from_table",
+           "cpu_flash_block_sparse"]
 
 # CpuFlashBlockSizes.matmul -> the kernel's "matmul" attribute.  'avx512' is the
 # older name of 'simd' (kept: the SIMD engine is AVX-512 where the CPU has it).
@@ -71,13 +81,20 @@ class CpuFlashBlockSizes:
       block_k that is a multiple of 32.  Unless ``'simd'``, the backward runs on AMX
       for bf16 data with a bf16 result when block_q and block_k are multiples of 32 (P
       and dS rounded to bf16 for their products); otherwise on the SIMD engine.
+      Block-sparse (non-band) masks always run on the SIMD engine.
+    spatial_tile: 2D tiling of spatial masks by the dispatcher
+      (:mod:`attnjax.core.tiling`): ``True`` automatic (64-token patches, 64-key tiles
+      unless block_q / block_k are given), ``False`` the flattened order, a tuple a
+      fixed patch.
   """
   block_q: Optional[int] = None
   block_k: Optional[int] = None
   num_threads: Optional[int] = None
   matmul: str = "auto"
+  spatial_tile: object = True
 
   def __post_init__(self):
+    tiling_lib.check_spatial_tile(self.spatial_tile, "CpuFlashBlockSizes")
     for name in ("block_q", "block_k", "num_threads"):
       val = getattr(self, name)
       if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
@@ -197,6 +214,246 @@ def _block_sizes(block_sizes) -> CpuFlashBlockSizes:
                   f"{type(block_sizes).__name__}")
 
 
+# ------------------------------------------------------------------ block-sparse mode
+
+# Partial-tile entries a mask may have for the block-sparse mode: their patterns are
+# evaluated with NumPy at trace time (bytes; deduplicated, so the kernel's constant is
+# usually far smaller).  Beyond it the call is refused ('auto' falls back).
+_PATTERN_LIMIT = 1 << 25
+_EMPTY_CODE, _FULL_CODE = -2, -1
+
+
+def kernel_blocks(T: int, S: int, block_q: int, block_k: int) -> tuple[int, int]:
+  """The block sizes the kernel runs with: ``block_q``/``block_k`` shrunk to a short
+  sequence (rounded up to 32 when a multiple of 32, else to 1 / 16), as
+  ``MakeGeometry`` in ``flash_cpu.cc`` does."""
+  mq = 32 if block_q % 32 == 0 else 1
+  mk = 32 if block_k % 32 == 0 else 16
+  rup = lambda x, m: -(-x // m) * m
+  return min(block_q, max(rup(T, mq), mq)), min(block_k, max(rup(S, mk), mk))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockSparseSchedule:
+  """The block table of a block-sparse call, as the kernel reads it (NumPy arrays).
+
+  Attributes:
+    qlist: ``int32 [nq, Lq]``: query block ``i`` visits key blocks ``qlist[i, :c]``
+      (ascending; ``-1`` after the last).
+    qcode: ``int32 [nq, Lq]``: ``-1`` a full tile (no mask), ``c >= 0`` a partial tile
+      with pattern ``pats[c]``.
+    klist, kcode: the transposed lists ``[nk, Lk]`` (query blocks per key block), for
+      the backward.
+    pats: ``uint8 [U, block_q, block_k]``: the distinct partial-tile patterns (nonzero:
+      allowed; zero for keys ``>= S``).
+    block_q, block_k: the kernel's block sizes (:func:`kernel_blocks`).
+    density: non-empty tiles / all tiles.
+  """
+  qlist: np.ndarray
+  qcode: np.ndarray
+  klist: np.ndarray
+  kcode: np.ndarray
+  pats: np.ndarray
+  block_q: int
+  block_k: int
+  density: float
+
+
+def _lists(codes):
+  """(ids [n, L], codes [n, L]) of the non-empty entries of each row of codes [n, m]."""
+  live = codes != _EMPTY_CODE
+  L = max(1, int(live.sum(axis=1).max(initial=0)))
+  order = np.argsort(~live, axis=1, kind="stable")[:, :L].astype(np.int32)
+  keep = np.take_along_axis(live, order, axis=1)
+  ids = np.where(keep, order, -1).astype(np.int32)
+  code = np.where(keep, np.take_along_axis(codes, order, axis=1), _EMPTY_CODE)
+  return ids, code.astype(np.int32)
+
+
+def schedule_from_table(table, pattern_fn, T: int, S: int, block_q: int,
+                        block_k: int) -> BlockSparseSchedule:
+  """A :class:`BlockSparseSchedule` from a tile classification.
+
+  Args:
+    table: ``[nq, nk]`` EMPTY (0) / PARTIAL (1) / FULL (2) (:data:`attnjax.masks.EMPTY`
+      ...) at the kernel's block sizes ``block_q, block_k`` (:func:`kernel_blocks`).
+    pattern_fn: ``(q_idx [n, bq, 1], kv_idx [n, 1, bk]) -> bool [n, bq, bk]`` the
+      allowed entries (NumPy), called on in-range indices of the partial tiles in
+      chunks.  Patterns are checked: an all-False one drops its tile, an all-True one
+      (all keys in range) makes it full.
+  Raises :class:`attnjax.core.Unsupported` when the partial tiles hold more than
+  ``2**25`` entries.
+  """
+  table = np.asarray(table)
+  nq, nk = -(-T // block_q), -(-S // block_k)
+  if table.shape != (nq, nk):
+    raise ValueError(f"table must be [{nq}, {nk}] for T={T}, S={S}, blocks "
+                     f"{block_q}x{block_k}, got {table.shape}")
+  codes = np.where(table == masks_lib.EMPTY, _EMPTY_CODE, _FULL_CODE).astype(np.int32)
+  part = table == masks_lib.PARTIAL
+  if S % block_k:                     # keys past S in the last column must be masked
+    part[:, -1] |= table[:, -1] == masks_lib.FULL
+  qb, kb = np.nonzero(part)
+  if qb.size * block_q * block_k > _PATTERN_LIMIT:
+    raise Unsupported(f"'cpu_flash' block-sparse mode: {qb.size} partial {block_q}x{block_k} "
+                      f"tiles exceed the {_PATTERN_LIMIT} entries evaluated at trace time")
+  ar_q, ar_k = np.arange(block_q), np.arange(block_k)
+  seen, pats = {}, []
+  chunk = max(1, (1 << 22) // (block_q * block_k))
+  for s0 in range(0, qb.size, chunk):
+    qi = qb[s0:s0 + chunk, None] * block_q + ar_q[None, :]          # [n, bq]
+    ki = kb[s0:s0 + chunk, None] * block_k + ar_k[None, :]          # [n, bk]
+    inq, ink = qi < T, ki < S
+    allowed = np.asarray(pattern_fn(np.minimum(qi, T - 1)[:, :, None],
+                                    np.minimum(ki, S - 1)[:, None, :]), bool)
+    allowed = np.broadcast_to(allowed, (qi.shape[0], block_q, block_k))
+    allowed = allowed & inq[:, :, None] & ink[:, None, :]
+    for i in range(allowed.shape[0]):
+      t, j = qb[s0 + i], kb[s0 + i]
+      pat = allowed[i]
+      if not pat.any():
+        codes[t, j] = _EMPTY_CODE
+        continue
+      if ink[i].all() and pat[inq[i]].all():
+        codes[t, j] = _FULL_CODE
+        continue
+      key = np.packbits(pat).tobytes()
+      c = seen.get(key)
+      if c is None:
+        c = seen[key] = len(pats)
+        pats.append(pat.astype(np.uint8))
+      codes[t, j] = c
+  qlist, qcode = _lists(codes)
+  klist, kcode = _lists(codes.T)
+  pats_arr = np.stack(pats) if pats else np.zeros((1, block_q, block_k), np.uint8)
+  density = float(np.mean(codes != _EMPTY_CODE))
+  return BlockSparseSchedule(qlist, qcode, klist, kcode, pats_arr, block_q, block_k, density)
+
+
+_SCHEDULES: dict = {}
+_SCHEDULES_MAX = 64
+
+
+def block_sparse_schedule(mask, T: int, S: int, block_q: int, block_k: int, *,
+                          num_heads: int = 1, batch: int = 1) -> BlockSparseSchedule:
+  """The :class:`BlockSparseSchedule` of a static mask at the kernel's block sizes for
+  ``block_q, block_k`` (from :meth:`attnjax.masks.Mask.block_table`, partial tiles
+  evaluated with the mask's predicate).  Cached per mask object and shape.
+
+  Raises :class:`attnjax.core.Unsupported` for data-dependent masks and masks that
+  differ between heads or batch rows.
+  """
+  if mask.data_dependent or mask.head_dependent:
+    raise Unsupported(f"'cpu_flash' block-sparse mode needs a static mask shared by the "
+                      f"heads, not {mask.name}")
+  bq, bk = kernel_blocks(T, S, block_q, block_k)
+  key = (id(mask), T, S, bq, bk, num_heads, batch)
+  hit = _SCHEDULES.get(key)
+  if hit is not None and hit[0] is mask:
+    return hit[1]
+  table = mask.block_table(T, S, bq, bk, num_heads=num_heads, batch=batch)
+  if table.shape[:2] != (1, 1):
+    raise Unsupported(f"'cpu_flash' block-sparse mode needs a mask shared by the batch "
+                      f"rows and heads, not {mask.name}")
+  fn = lambda qi, ki: mask(0, 0, qi, ki, num_heads=num_heads, batch=batch)
+  sched = schedule_from_table(table[0, 0], fn, T, S, bq, bk)
+  if len(_SCHEDULES) >= _SCHEDULES_MAX:
+    _SCHEDULES.clear()
+  _SCHEDULES[key] = (mask, sched)
+  return sched
+
+
+def _ffi_sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, *, scale, block_q, block_k,
+                    num_threads):
+  B, T, N, _ = q.shape
+  Hv = v.shape[-1]
+  return jax.ffi.ffi_call(
+      build.TARGETS["AttnjaxSparseFwd"],
+      (jax.ShapeDtypeStruct((B, T, N, Hv), jnp.float32),
+       jax.ShapeDtypeStruct((B, N, T), jnp.float32),
+       jax.ShapeDtypeStruct((2, B, N, T), jnp.float32)),
+      vmap_method="sequential",
+  )(q, k, v, qlist, qcode, klist, kcode, pats, scale=np.float32(scale),
+    block_q=np.int64(block_q), block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+
+
+def _ffi_sparse_bwd(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, *, scale,
+                    block_q, block_k, num_threads):
+  return jax.ffi.ffi_call(
+      build.TARGETS["AttnjaxSparseBwd"],
+      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+      vmap_method="sequential",
+  )(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, scale=np.float32(scale),
+    block_q=np.int64(block_q), block_k=np.int64(block_k), num_threads=np.int64(num_threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _sparse(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
+  out, lse, _ = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg)
+  return out, lse
+
+
+def _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
+  scale, bq, bk, nt = cfg
+  tables = (qlist, qcode, klist, kcode, pats)
+  return vary_like(_ffi_sparse_fwd(q, k, v, *tables, scale=scale, block_q=bq, block_k=bk,
+                                   num_threads=nt), q, k, v, *tables)
+
+
+def _sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
+  out, lse, stats = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg)
+  return (out, lse), (q, k, v, qlist, qcode, klist, kcode, pats, out, stats)
+
+
+def _sparse_bwd(cfg, res, cts):
+  scale, bq, bk, nt = cfg
+  q, k, v, qlist, qcode, klist, kcode, pats, out, stats = res
+  do, dlse = cts
+  do = do.astype(jnp.float32)
+  delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
+  tables = (qlist, qcode, klist, kcode, pats)
+  grads = _ffi_sparse_bwd(q, k, v, do, stats, delta, *tables, scale=scale, block_q=bq,
+                          block_k=bk, num_threads=nt)
+  grads = vary_like(grads, q, k, v, do, stats, delta, *tables)
+  return (*sum_to_vma(grads, (q, k, v)), None, None, None, None, None)
+
+
+_sparse.defvjp(_sparse_fwd, _sparse_bwd)
+
+
+def cpu_flash_block_sparse(q, k, v, schedule: BlockSparseSchedule, *, scale: float,
+                           num_threads: int = 0):
+  """Block-sparse flash attention on the CPU kernel (differentiable in q, k, v).
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]`` (``N % K == 0``;
+      H, Hv multiples of 16); any float dtype, computed in float32.
+    schedule: the block table (:func:`block_sparse_schedule` for a mask,
+      :func:`schedule_from_table` for any tile classification, e.g. a routing's), at
+      block sizes equal to ``kernel_blocks(T, S, ...)``; the same for every batch row
+      and head.
+    scale: the logit scale (a Python float).
+    num_threads: worker threads (0: all).
+  Returns:
+    ``(out [B, T, N, Hv] float32, lse [B, N, T] float32)``; rows with no allowed key
+    give 0, ``lse = -inf`` and zero gradients.
+  """
+  bq, bk = schedule.block_q, schedule.block_k
+  T, S = q.shape[1], k.shape[1]
+  if kernel_blocks(T, S, bq, bk) != (bq, bk):
+    raise ValueError(f"schedule block sizes must be kernel_blocks(T={T}, S={S}, ...), got "
+                     f"{bq}x{bk}")
+  if schedule.qlist.shape[0] != -(-T // bq) or schedule.klist.shape[0] != -(-S // bk):
+    raise ValueError(f"schedule must have {-(-T // bq)} query-block and {-(-S // bk)} "
+                     f"key-block lists, got {schedule.qlist.shape[0]} and "
+                     f"{schedule.klist.shape[0]}")
+  cfg = (float(scale), int(bq), int(bk), int(num_threads))
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  return _sparse(f32(q), f32(k), f32(v), jnp.asarray(schedule.qlist),
+                 jnp.asarray(schedule.qcode), jnp.asarray(schedule.klist),
+                 jnp.asarray(schedule.kcode), jnp.asarray(schedule.pats), cfg)
+
+
 def unsupported_reason(a: AttentionArgs, block_sizes=None) -> Optional[str]:
   """Why ``'cpu_flash'`` cannot serve the call ``a`` (None: it can).  Checked by the
   dispatcher before running (``supports``) and again by :func:`cpu_flash_attention`."""
@@ -207,8 +464,10 @@ def unsupported_reason(a: AttentionArgs, block_sizes=None) -> Optional[str]:
     return f"'cpu_flash' does not support {', '.join(unsupported)}"
   if a.H % 16 or a.Hv % 16:
     return f"'cpu_flash' needs head dims that are multiples of 16, got H={a.H}, Hv={a.Hv}"
-  if a.mask is not None and a.mask.row_band(a.T, a.S) is None:
-    return f"'cpu_flash' serves band masks (lo(q) <= kv <= hi(q)), not {a.mask.name}"
+  if a.mask is not None and a.mask.row_band(a.T, a.S) is None and (
+      a.mask.data_dependent or a.mask.head_dependent):
+    return (f"'cpu_flash' serves band masks (lo(q) <= kv <= hi(q)) and static masks shared "
+            f"by the heads (block-sparse), not {a.mask.name}")
   reason = build.unavailable_reason()
   if reason is not None:
     return f"'cpu_flash' kernel unavailable: {reason}"
@@ -233,23 +492,34 @@ def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_si
   if reason is not None:
     raise Unsupported(reason)
   q, a = static_scale(q, a)
+  bs = _block_sizes(block_sizes)
+  bq, bk, nt = bs.resolve()
+  band = None if a.mask is None else a.mask.row_band(a.T, a.S)
   if a.mask is None:
     lo = np.zeros((a.T,), np.int32)
     hi = np.full((a.T,), a.S - 1, np.int32)
+  elif band is None:
+    sched = block_sparse_schedule(a.mask, a.T, a.S, bq, bk, num_heads=a.N, batch=a.B)
+    out, lse = cpu_flash_block_sparse(q, k, v, sched, scale=float(a.scale), num_threads=nt)
+    return _finish(out, lse, q.dtype, a, return_lse)
   else:
-    lo, hi = a.mask.row_band(a.T, a.S)
-  bs = _block_sizes(block_sizes)
-  bq, bk, nt = bs.resolve()
+    lo, hi = band
   # A bf16 result lets the AMX forward round P to bf16 for P @ V (as GPU flash kernels
   # do): its 2^-9 relative error is that of the bf16 output.
   bf16_out = jnp.dtype(q.dtype) == jnp.bfloat16
   cfg = (float(a.scale), int(bq), int(bk), int(nt), bs.matmul, bool(bf16_out))
   f32 = lambda x: x.astype(jnp.float32)
   out, lse = _flash(f32(q), f32(k), f32(v), jnp.asarray(lo), jnp.asarray(hi), cfg)
+  return _finish(out, lse, q.dtype, a, return_lse)
+
+
+def _finish(out, lse, dtype, a: AttentionArgs, return_lse):
+  """Sinks, the result dtype and the lse option of a kernel result (float32)."""
+  f32 = lambda x: x.astype(jnp.float32)
   if a.sinks is not None:
     # The sink joins the denominator only: rescale the sink-free result.
     lse_s = jnp.logaddexp(lse, f32(a.sinks)[None, :, None])
     out = out * jnp.exp(lse - lse_s).transpose(0, 2, 1)[..., None]
     lse = lse_s
-  out = out.astype(q.dtype)
+  out = out.astype(dtype)
   return (out, lse) if return_lse else out

@@ -123,7 +123,129 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// The block lists of a block-sparse call (see SparseTiles): qlist, qcode [nq, Lq];
+// klist, kcode [nk, Lk]; pats [U, bq, bk] with the geometry's (shrunk) block sizes.
+// Entries must be valid block / pattern indices; Lq = 0 (Lk = 0) when unused.
+ffi::Error CheckSparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist,
+                       ffi::Buffer<ffi::S32> qcode, ffi::Buffer<ffi::S32> klist,
+                       ffi::Buffer<ffi::S32> kcode, ffi::Buffer<ffi::U8> pats) {
+  const auto qd = qlist.dimensions(), kd = klist.dimensions(), pd = pats.dimensions();
+  if (qd.size() != 2 || kd.size() != 2 || pd.size() != 3 || qd[0] != g.nq || kd[0] != g.nk ||
+      qcode.element_count() != qlist.element_count() ||
+      kcode.element_count() != klist.element_count() || pd[1] != g.bq || pd[2] != g.bk)
+    return ffi::Error::InvalidArgument(
+        "block lists must be qlist, qcode [nq, Lq]; klist, kcode [nk, Lk]; patterns "
+        "[U, block_q, block_k] at the kernel's block sizes");
+  const int64_t U = pd[0];
+  const int32_t* ql = qlist.typed_data();
+  const int32_t* qc = qcode.typed_data();
+  const int32_t* kl = klist.typed_data();
+  const int32_t* kc = kcode.typed_data();
+  for (int64_t i = 0; i < static_cast<int64_t>(qlist.element_count()); ++i)
+    if (ql[i] >= g.nk || (ql[i] >= 0 && qc[i] >= U))
+      return ffi::Error::InvalidArgument("qlist / qcode entry out of range");
+  for (int64_t i = 0; i < static_cast<int64_t>(klist.element_count()); ++i)
+    if (kl[i] >= g.nq || (kl[i] >= 0 && kc[i] >= U))
+      return ffi::Error::InvalidArgument("klist / kcode entry out of range");
+  return ffi::Error::Success();
+}
+
+SparseTiles Sparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist, ffi::Buffer<ffi::S32> qcode,
+                   ffi::Buffer<ffi::S32> klist, ffi::Buffer<ffi::S32> kcode,
+                   ffi::Buffer<ffi::U8> pats) {
+  return SparseTiles{g, qlist.typed_data(), qcode.typed_data(), qlist.dimensions()[1],
+                     klist.typed_data(), kcode.typed_data(), klist.dimensions()[1],
+                     pats.typed_data()};
+}
+
+ffi::Error SparseFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qlist,
+                         ffi::Buffer<ffi::S32> qcode, ffi::Buffer<ffi::S32> klist,
+                         ffi::Buffer<ffi::S32> kcode, ffi::Buffer<ffi::U8> pats, float scale,
+                         int64_t block_q, int64_t block_k, int64_t num_threads,
+                         ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                         ffi::ResultBuffer<ffi::F32> stats) {
+  Geometry g;
+  if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
+      e.failure())
+    return e;
+  if (auto e = CheckSparse(g, qlist, qcode, klist, kcode, pats); e.failure()) return e;
+  const SparseTiles t = Sparse(g, qlist, qcode, klist, kcode, pats);
+  if (!ForwardSparse(g, q.typed_data(), k.typed_data(), v.typed_data(), t, scale,
+                     NumThreads(num_threads), o->typed_data(), lse->typed_data(),
+                     stats->typed_data()))
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "attnjax cpu_flash block-sparse forward: out of memory for packed K/V");
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> dout,
+                         ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> delta,
+                         ffi::Buffer<ffi::S32> qlist, ffi::Buffer<ffi::S32> qcode,
+                         ffi::Buffer<ffi::S32> klist, ffi::Buffer<ffi::S32> kcode,
+                         ffi::Buffer<ffi::U8> pats, float scale, int64_t block_q,
+                         int64_t block_k, int64_t num_threads, ffi::ResultBuffer<ffi::F32> dq,
+                         ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  Geometry g;
+  if (auto e = MakeGeometry(q.dimensions(), k.dimensions(), v.dimensions(), block_q, block_k, &g);
+      e.failure())
+    return e;
+  if (auto e = CheckSparse(g, qlist, qcode, klist, kcode, pats); e.failure()) return e;
+  const SparseTiles t = Sparse(g, qlist, qcode, klist, kcode, pats);
+  if (static_cast<int64_t>(dout.element_count()) != g.B * g.T * g.N * g.Hv ||
+      static_cast<int64_t>(stats.element_count()) != 2 * g.B * g.N * g.T ||
+      static_cast<int64_t>(delta.element_count()) != g.B * g.N * g.T)
+    return ffi::Error::InvalidArgument(
+        "do must be [B, T, N, Hv]; stats [2, B, N, T]; delta [B, N, T]");
+  if (!BackwardSparse(g, q.typed_data(), k.typed_data(), v.typed_data(), dout.typed_data(),
+                      stats.typed_data(), delta.typed_data(), t, scale, NumThreads(num_threads),
+                      dq->typed_data(), dk->typed_data(), dv->typed_data()))
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "attnjax cpu_flash block-sparse backward: out of memory for packed tiles");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxSparseFwd, SparseFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("num_threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxSparseBwd, SparseBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("num_threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxFlashFwd, FwdImpl,
                               ffi::Ffi::Bind()

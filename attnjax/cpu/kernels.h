@@ -114,6 +114,84 @@ inline void ForEachTile(const Geometry& g, const QBlockBand& band, F&& f) {
   }
 }
 
+// ---------------------------------------------------------------- tile sources
+//
+// The SIMD forward and backward visit tiles through a tile source: ForKeys(qb, f)
+// calls f(kb, full, tag) for the non-empty key blocks of query block qb (forward),
+// ForQueries(kb, f) calls f(qb, full, tag) for the non-empty query blocks of key block
+// kb (backward), and Mask(s, ld, rows, t0, r0, j0, tag) sets to -inf the disallowed
+// entries of rows r0 .. r0 + rows - 1 of the partial tile (query block starting at t0,
+// keys from j0) whose visit passed `tag`.
+
+// Band masks: query row t attends to lo[t] <= s <= hi[t].
+struct BandTiles {
+  const Geometry& g;
+  const int32_t* lo;
+  const int32_t* hi;
+  std::vector<QBlockBand> bands;
+  BandTiles(const Geometry& g_, const int32_t* lo_, const int32_t* hi_)
+      : g(g_), lo(lo_), hi(hi_), bands(BlockBands(g_, lo_, hi_)) {}
+  template <class F>
+  void ForKeys(int64_t qb, F&& f) const {
+    ForEachTile(g, bands[qb], [&](int64_t kb, Tile tile, int64_t) {
+      f(kb, tile == Tile::kFull, int64_t{0});
+    });
+  }
+  template <class F>
+  void ForQueries(int64_t kb, F&& f) const {
+    for (int64_t qb = 0; qb < g.nq; ++qb) {
+      const Tile tile = Classify(g, bands[qb], kb);
+      if (tile != Tile::kEmpty) f(qb, tile == Tile::kFull, int64_t{0});
+    }
+  }
+  void Mask(float* s, int64_t ld, int64_t rows, int64_t t0, int64_t r0, int64_t j0,
+            int64_t) const {
+    MaskTile(s, ld, rows, g.bk, t0 + r0, j0, g.S, lo, hi);
+  }
+};
+
+// Block-sparse masks (a block table, as splash attention's): query block qb visits the
+// key blocks qlist[qb, 0 .. ] up to the first -1 (at most Lq), key block kb the query
+// blocks klist[kb, 0 .. ] (the transposed lists, at most Lk).  The codes beside them
+// say how: -1 a full tile (no mask), c >= 0 a partial tile whose allowed entries are
+// the nonzero bytes of pattern c, pats[c] [bq, bk] (row-major; zero for keys >= S).
+struct SparseTiles {
+  const Geometry& g;
+  const int32_t* qlist;
+  const int32_t* qcode;
+  int64_t Lq;
+  const int32_t* klist;
+  const int32_t* kcode;
+  int64_t Lk;
+  const uint8_t* pats;
+  template <class F>
+  void ForKeys(int64_t qb, F&& f) const {
+    for (int64_t i = 0; i < Lq; ++i) {
+      const int64_t kb = qlist[qb * Lq + i];
+      if (kb < 0) break;
+      f(kb, qcode[qb * Lq + i] < 0, static_cast<int64_t>(qcode[qb * Lq + i]));
+    }
+  }
+  template <class F>
+  void ForQueries(int64_t kb, F&& f) const {
+    for (int64_t i = 0; i < Lk; ++i) {
+      const int64_t qb = klist[kb * Lk + i];
+      if (qb < 0) break;
+      f(qb, kcode[kb * Lk + i] < 0, static_cast<int64_t>(kcode[kb * Lk + i]));
+    }
+  }
+  void Mask(float* s, int64_t ld, int64_t rows, int64_t, int64_t r0, int64_t,
+            int64_t tag) const {
+    const uint8_t* pat = pats + (tag * g.bq + r0) * g.bk;
+    const float ninf = kNegInf;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * ld;
+      const uint8_t* pr = pat + r * g.bk;
+      for (int64_t j = 0; j < g.bk; ++j) row[j] = pr[j] ? row[j] : ninf;
+    }
+  }
+};
+
 // Work item `item` of the forward: (batch, head, query block), largest blocks first
 // under causal masks (later query blocks see more keys).
 struct ForwardItem {
@@ -126,11 +204,11 @@ struct ForwardItem {
   }
 };
 
+template <class Tiles>
 bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
-                   const int32_t* lo, const int32_t* hi, float scale, int nthreads, float* o,
-                   float* lse, float* stats) {
+                 const Tiles& tiles, float scale, int nthreads, float* o, float* lse,
+                 float* stats) {
   const float c = scale * kLog2e;
-  const auto bands = BlockBands(g, lo, hi);
   const int64_t Sp = g.nk * g.bk;
   // K^T per key block and V per (b, kv head), in column panels one register tile
   // wide, so that every GEMM streams contiguous memory.
@@ -144,7 +222,6 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
     const ForwardItem it(g, item);
-    const QBlockBand& band = bands[it.qb];
     thread_local std::vector<float> scratch;
     scratch.resize(kStrip * g.bk + g.bq * g.Hv + (kLanes + 1) * g.bq + g.bq * g.H + kLanes * kStrip);
     float* s = scratch.data();
@@ -163,18 +240,17 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
     std::fill(l, l + kLanes * it.rows, 0.0f);
 
     const float* vhead = vp.p + (it.b * g.K + it.kvh) * vsize;
-    ForEachTile(g, band, [&](int64_t kb, Tile tile, int64_t j0) {
-      const int64_t cols = std::min(g.bk, g.S - j0);
+    tiles.ForKeys(it.qb, [&](int64_t kb, bool full, int64_t tag) {
+      const int64_t j0 = kb * g.bk, cols = std::min(g.bk, g.S - j0);
       const float* ktile = kt.p + ((it.b * g.K + it.kvh) * g.nk + kb) * ktsize;
       // Strips of kStrip rows: scores, softmax and P @ V while the strip is in L1.
       for (int64_t r0 = 0; r0 < it.rows; r0 += kStrip) {
         const int64_t nr = std::min(kStrip, it.rows - r0);
         std::fill(rmax, rmax + kLanes * nr, kNegInf);
-        const bool full = tile == Tile::kFull;
         Gemm<false, kMR, kNV>(nr, g.bk, g.H, qrows + r0 * g.H, g.H, 1, ktile, kPanel, s, g.bk,
                               full ? rmax : nullptr, g.H * kPanel);
         if (!full) {
-          MaskTile(s, g.bk, nr, g.bk, it.t0 + r0, j0, g.S, lo, hi);
+          tiles.Mask(s, g.bk, nr, it.t0, r0, j0, tag);
           for (int64_t r = 0; r < nr; ++r) Store(rmax + kLanes * r, RowMax(s + r * g.bk, g.bk));
         }
         for (int64_t r = 0; r < nr; ++r) {
@@ -305,7 +381,7 @@ bool Forward(const Geometry& g, const float* q, const float* k, const float* v,
       return ForwardAmx(g, q, k, v, lo, hi, scale, nthreads, qn, kn, vn,
                         bf16_out ? 1 : kPieces, o, lse, stats);
   }
-  return ForwardSimd(g, q, k, v, lo, hi, scale, nthreads, o, lse, stats);
+  return ForwardSimd(g, q, k, v, BandTiles(g, lo, hi), scale, nthreads, o, lse, stats);
 }
 
 // ---------------------------------------------------------------- backward
@@ -353,12 +429,13 @@ struct RowStats {
 // as the forward packs it) and the same GEMM, then P = 2^(s - m) / l with the forward's
 // m and 1 / l (stats), so each row of P sums to 1 to float32 rounding whatever the
 // logits' size.  dK = sum dS^T (c Q) is divided by c = scale * log2(e) at the end.
+template <class Tiles>
 bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float* v,
-              const float* dout, const float* stats, const float* delta, const int32_t* lo,
-              const int32_t* hi, float scale, int nthreads, float* dq, float* dk, float* dv) {
+                  const float* dout, const float* stats, const float* delta,
+                  const Tiles& tiles, float scale, int nthreads, float* dq, float* dk,
+                  float* dv) {
   const float c = scale * kLog2e;
   const float inv_c = c != 0.0f ? 1.0f / c : 0.0f;
-  const auto bands = BlockBands(g, lo, hi);
   Buffer kt(g.B * g.K * g.nk * g.H * g.bk), vt(g.B * g.K * g.nk * g.Hv * g.bk);
   if (!kt.p || !vt.p) return false;
   PackTransposed(g, k, g.H, kt.p, nthreads, g.bk);
@@ -400,16 +477,14 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
     const Vf vscale = Set1(scale);
     for (int64_t gi = 0; gi < g.G; ++gi) {
       const int64_t n = kvh * g.G + gi, bn = b * g.N + n;
-      for (int64_t qb = 0; qb < g.nq; ++qb) {
-        const Tile tile = Classify(g, bands[qb], kb);
-        if (tile == Tile::kEmpty) continue;
+      tiles.ForQueries(kb, [&](int64_t qb, bool full, int64_t tag) {
         const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
         const float* qrows = qp.p + (bn * Tp + t0) * g.H;
         const float* dorows = dop.p + (bn * Tp + t0) * g.Hv;
         const float* drow = delta + bn * g.T + t0;
         // P = 2^(s - m) / l, s = (c q) . k in log2 units, as the forward computed it.
         Gemm<false, kMR, kNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
-        if (tile == Tile::kPartial) MaskTile(p, g.bk, rows, g.bk, t0, j0, g.S, lo, hi);
+        if (!full) tiles.Mask(p, g.bk, rows, t0, 0, j0, tag);
         for (int64_t r = 0; r < rows; ++r) {
           const RowStats st(g, stats, bn * g.T + t0 + r);
           const Vf vm = Set1(st.m), vi = Set1(st.inv);
@@ -435,7 +510,7 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
         Gemm<true, kMR, kNV>(cols, g.H, rows, ds, 1, g.bk, qrows, g.H, dk_acc, g.H);
         Gemm<true, kMR, kNV>(rows, g.H, cols, ds, g.bk, 1, krows, g.H,
                                      dqt + (bn * Tp + t0) * g.H, g.H);
-      }
+      });
     }
     const Vf vinv_c = Set1(inv_c);
     for (int64_t jj = 0; jj < cols; ++jj) {
@@ -613,7 +688,22 @@ bool Backward(const Geometry& g, const float* q, const float* k, const float* v,
       IsBf16Exact(q, g.B * g.T * g.N * g.H) && IsBf16Exact(k, g.B * g.S * g.K * g.H) &&
       IsBf16Exact(v, g.B * g.S * g.K * g.Hv) && IsBf16Exact(dout, g.B * g.T * g.N * g.Hv))
     return BackwardAmx(g, q, k, v, dout, stats, delta, lo, hi, scale, nthreads, dq, dk, dv);
-  return BackwardSimd(g, q, k, v, dout, stats, delta, lo, hi, scale, nthreads, dq, dk, dv);
+  return BackwardSimd(g, q, k, v, dout, stats, delta, BandTiles(g, lo, hi), scale, nthreads,
+                      dq, dk, dv);
+}
+
+// Block-sparse masks (SparseTiles) run on the SIMD engine, forward and backward.
+bool ForwardSparse(const Geometry& g, const float* q, const float* k, const float* v,
+                   const SparseTiles& tiles, float scale, int nthreads, float* o, float* lse,
+                   float* stats) {
+  return ForwardSimd(g, q, k, v, tiles, scale, nthreads, o, lse, stats);
+}
+
+bool BackwardSparse(const Geometry& g, const float* q, const float* k, const float* v,
+                    const float* dout, const float* stats, const float* delta,
+                    const SparseTiles& tiles, float scale, int nthreads, float* dq, float* dk,
+                    float* dv) {
+  return BackwardSimd(g, q, k, v, dout, stats, delta, tiles, scale, nthreads, dq, dk, dv);
 }
 
 }  // namespace

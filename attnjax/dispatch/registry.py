@@ -440,6 +440,8 @@ def softmax_signature(q, k, v, a, implementation, return_lse) -> tuple:
 # (query, key) tile in tokens and the block sizes the implementation accepts.
 _TILING = {
     "xla_chunked": (64, 32, lambda bq, bk: True),
+    # cpu_flash runs tiled spatial masks in its block-sparse mode (SIMD engine).
+    "cpu_flash": (64, 64, lambda bq, bk: bk % 16 == 0),
     "pallas_tpu": (128, 128, lambda bq, bk: bq % 8 == 0 and bk % 128 == 0),
     "pallas_gpu": (64, 64, lambda bq, bk: min(bq, bk) >= 16 and not (bq & (bq - 1))
                    and not (bk & (bk - 1))),
@@ -463,7 +465,12 @@ def _spatial_tiling(impl: Implementation, a, cfg):
   if not hasattr(base, "spatial_tile"):
     return None, cfg
   default_q, default_k, valid = spec
-  flat = base.resolve(a.T, a.S, a.G) if name == "xla_chunked" else base.resolve(a.T, a.S)
+  if name == "xla_chunked":
+    flat = base.resolve(a.T, a.S, a.G)
+  elif name == "cpu_flash":
+    flat = base.resolve()[:2]
+  else:
+    flat = base.resolve(a.T, a.S)
   tplan = tiling_lib.plan_tiling(a, base.spatial_tile, base.block_q, base.block_k,
                                  default_q, default_k, valid, flat)
   if tplan is None:

@@ -11,6 +11,11 @@
 Blocks see the token grid `[B, h, w, D]`, so every spatial mask (neighborhood, swin,
 grid, axial, criss-cross) applies; 1D variants see the row-major flattening. Only
 `pool='mean'` is offered: a CLS token has no place on the grid that spatial masks need.
+
+`peg=True` (both models) inserts a positional encoding generator (`layers.PEG`,
+`x + DWConv3x3(x)`, "Conditional Positional Encodings for Vision Transformers", Chu et
+al.) after the first block (of each stage): the blocks are then held as `first_block`
+(one layer) and `blocks` (the rest), with `peg` between them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.layers import Dense, RMSNorm, constrain
+from attnjax.layers.positional import PEG
 from attnjax.models import common as C
 from attnjax.ops import positional
 
@@ -50,6 +56,34 @@ def _image_config(cfg):
   return image_size, patch, channels
 
 
+def _peg_option(cfg) -> bool:
+  peg = C.get(cfg, "peg", False)
+  if not isinstance(peg, bool):
+    raise ValueError(f"model config field peg must be a bool, got {peg!r}")
+  return peg
+
+
+class _PegStack(nnx.Module):
+  """`first_block` (one layer), then `peg` (PEG), then `blocks` (the other layers, or
+  None): a `BlockStack` with a conditional positional encoding after its first layer."""
+
+  def __init__(self, make_stack, num_layers: int, layers_attention, dim: int, *, rngs):
+    la = None if layers_attention is None else list(layers_attention)
+    if la is not None and len(la) != num_layers:
+      raise ValueError(f"layers_attention must have num_layers={num_layers} entries, got "
+                       f"{len(la)}")
+    self.first_block = make_stack(1, None if la is None else la[:1], 0)
+    self.peg = PEG(dim, rngs=rngs)
+    self.blocks = (make_stack(num_layers - 1, None if la is None else la[1:], 1)
+                   if num_layers > 1 else None)
+
+  def __call__(self, x, *, deterministic: bool = True):
+    x = self.peg(self.first_block(x, deterministic=deterministic))
+    if self.blocks is not None:
+      x = self.blocks(x, deterministic=deterministic)
+    return x
+
+
 def _check_images(images, image_size, channels):
   if images.ndim != 4 or tuple(images.shape[1:3]) != image_size or images.shape[3] != channels:
     raise ValueError(f"images must be [B, {image_size[0]}, {image_size[1]}, {channels}], got shape "
@@ -62,7 +96,8 @@ class ViT(nnx.Module):
   Config fields: image_size, patch_size, channels, num_classes, d_model, num_layers,
   num_heads, num_kv_heads, head_dim, mlp_dim, dropout_rate, dtype, attention /
   layers_attention, position_embedding ('learned' | 'sinusoidal' | 'rope' (axial) |
-  'none'), pool ('mean'), remat_policy, scan_layers.
+  'none'), pool ('mean'), remat_policy, scan_layers, peg (bool, default False: a PEG
+  after the first block).
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -79,10 +114,21 @@ class ViT(nnx.Module):
     self.pos_embed = (C.learned_table(rngs, self.grid + (d_model,), (None, None, "embed"),
                                       jax.nn.initializers.normal(0.02))
                       if self.pe == "learned" else None)
-    self.blocks = C.build_stack(cfg, num_layers=C.positive(cfg, "num_layers"), d_model=d_model,
-                                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                mlp_dim=C.positive(cfg, "mlp_dim"), defaults=defaults,
-                                mlp_activation="gelu", gated_mlp=False, rngs=rngs)
+    num_layers = C.positive(cfg, "num_layers")
+
+    def make_stack(n, layers_attention, first):
+      del first
+      kw = {} if layers_attention is None else {"layers_attention": layers_attention}
+      return C.build_stack(cfg, num_layers=n, d_model=d_model, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           mlp_dim=C.positive(cfg, "mlp_dim"), defaults=defaults,
+                           mlp_activation="gelu", gated_mlp=False, rngs=rngs, **kw)
+
+    if _peg_option(cfg):
+      self.blocks = _PegStack(make_stack, num_layers, C.get(cfg, "layers_attention", None),
+                              d_model, rngs=rngs)
+    else:
+      self.blocks = make_stack(num_layers, None, 0)
     self.final_norm = RMSNorm(d_model, rngs=rngs)
     self.head = Dense(d_model, num_classes, names=("embed", "classes"), rngs=rngs)
 
@@ -122,7 +168,8 @@ class HierarchicalViT(nnx.Module):
 
   Extra config fields: stage_depths (tuple, default (num_layers // 2, num_layers -
   num_layers // 2)), stage_heads (default num_heads * 2^stage); width doubles per stage
-  from d_model, mlp width is `mlp_dim / d_model` times the stage width.
+  from d_model, mlp width is `mlp_dim / d_model` times the stage width; peg (bool,
+  default False: a PEG after the first block of each stage).
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -156,23 +203,29 @@ class HierarchicalViT(nnx.Module):
       raise ValueError(f"layers_attention must have sum(stage_depths)={sum(depths)} entries")
     self.patch_embed = Dense(self.patch * self.patch * self.channels, d_model,
                              names=("patch", "embed"), rngs=rngs)
+    peg = _peg_option(cfg)
     stages, merges = [], []
     dim, start = d_model, 0
     for s, (depth, nh) in enumerate(zip(depths, heads)):
       if dim % nh:
         raise ValueError(f"stage {s} width {dim} must be divisible by its heads {nh}")
 
-      def per_layer(i, spec):
-        if spec.get("name") == "swin" and "shift" not in spec and i % 2 == 1:
-          w = spec.get("window")
-          spec["shift"] = tuple(x // 2 for x in w) if isinstance(w, tuple) else w // 2
-        return spec
+      def make_stack(n, la, first, dim=dim, nh=nh):
+        def per_layer(i, spec):   # i: the layer's index in its stage
+          if spec.get("name") == "swin" and "shift" not in spec and (i + first) % 2 == 1:
+            w = spec.get("window")
+            spec["shift"] = tuple(x // 2 for x in w) if isinstance(w, tuple) else w // 2
+          return spec
+        return C.build_stack(cfg, num_layers=n, d_model=dim, num_heads=nh, num_kv_heads=None,
+                             head_dim=None, mlp_dim=int(mlp_ratio * dim), defaults=defaults,
+                             layers_attention=la, per_layer=per_layer, mlp_activation="gelu",
+                             gated_mlp=False, rngs=rngs)
 
       stage_la = None if layers_attention is None else list(layers_attention)[start:start + depth]
-      stages.append(C.build_stack(cfg, num_layers=depth, d_model=dim, num_heads=nh,
-                                  num_kv_heads=None, head_dim=None, mlp_dim=int(mlp_ratio * dim),
-                                  defaults=defaults, layers_attention=stage_la, per_layer=per_layer,
-                                  mlp_activation="gelu", gated_mlp=False, rngs=rngs))
+      if peg:
+        stages.append(_PegStack(make_stack, depth, stage_la, dim, rngs=rngs))
+      else:
+        stages.append(make_stack(depth, stage_la, 0))
       start += depth
       if s + 1 < len(depths):
         merges.append(PatchMerging(dim, 2 * dim, rngs=rngs))
