@@ -329,8 +329,9 @@ def test_block_attention_matches_maxvit_reference(dtype):
 # ----------------------------------------------------------------------------- implementations
 
 # One small case per op; every implementation must agree with the plain reference,
-# forward and backward.  'cpu_flash' serves band masks only: it is asked first and may
-# hand the call to 'xla_chunked' (the dispatcher's fallback), which must still be right.
+# forward and backward.  'cpu_flash' serves band masks and (block-sparse mode) static
+# head-independent masks: it is asked first and may hand the call to 'xla_chunked' (the
+# dispatcher's fallback), which must still be right.
 _SMALL = (4, 6)
 _IMPL_CASES = {
     "window": (lambda q, k, v, t: S.window_attention(q, k, v, window_size=(2, 3), shift=(1, 1),
