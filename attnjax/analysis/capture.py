@@ -85,6 +85,8 @@ def linear_weights(fn: Callable, q, k, kwargs: Optional[dict] = None) -> jax.Arr
 
 
 def _probs_of(call: hooks.AttentionCall):
+  if call.probs is not None:   # the op's own recomputation (see attnjax.core.hooks)
+    return jnp.asarray(call.probs(), jnp.float32)
   if call.kind == "softmax":
     return softmax_probs(call.q, call.k, call.args)
   return linear_weights(call.fn, call.q, call.k, call.kwargs)
@@ -159,8 +161,9 @@ def _module_paths(model, namer: _Namer):
 
 @dataclasses.dataclass(frozen=True)
 class CallInfo:
-  """One intercepted call: its layer ``name``, ``kind`` ('softmax' | 'linear'), query heads
-  ``N``, lengths ``T``, ``S`` and batch ``B``."""
+  """One intercepted call: its layer ``name``, ``kind`` ('softmax' | 'linear' | 'sinkhorn' |
+  'talking_heads' | 'pooling', see ``docs/analysis.md``), query heads ``N``, lengths
+  ``T``, ``S`` and batch ``B``."""
   name: str
   kind: str
   B: int
@@ -230,12 +233,18 @@ class Recorder:
 
   def __call__(self, call: hooks.AttentionCall):
     name = self._namer.next_name()
-    B, T, N = call.q.shape[:3]
-    S = call.k.shape[1]
+    if call.dims is not None:
+      B, N, T, S = call.dims
+    else:
+      B, T, N = call.q.shape[:3]
+      S = call.k.shape[1]
     index = len(self.calls)
     self.calls.append(CallInfo(name, call.kind, int(B), int(N), int(T), int(S)))
     if self.record and self._select(name, index):
       p = _probs_of(call)
+      if tuple(p.shape) != (B, N, T, S):
+        raise ValueError(f"attnjax.analysis: the map of {name!r} ({call.kind}) has shape "
+                         f"{tuple(p.shape)}, expected [B, N, T, S] = {(B, N, T, S)}")
       if isinstance(p, jax.core.Tracer) and not self._traced:
         raise ValueError(
             f"attnjax.analysis: the attention call {name!r} runs inside a JAX transformation "
@@ -248,6 +257,10 @@ class Recorder:
         p = p[:, np.asarray(self.heads)]
       self.probs[name] = p if self._traced else np.asarray(p)
     out = call.out
+    if call.dims is not None and (name in self.keep_outputs or name in self.gates
+                                  or name in self.patch):
+      raise ValueError(f"attnjax.analysis: {name!r} ({call.kind}) has no per-head output "
+                       f"[B, T, N, Hv]: head gates, patching and keep_outputs do not apply")
     if name in self.keep_outputs:
       hs = np.asarray(list(self.keep_outputs[name]))
       first = out[0] if isinstance(out, tuple) else out
