@@ -294,7 +294,7 @@ def _call_model(model, inputs, call_kwargs):
 
 
 def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = True,
-            **call_kwargs) -> dict[str, np.ndarray]:
+            return_output: bool = False, **call_kwargs):
   """Attention probabilities of every attention call of ``model(inputs, **call_kwargs)``.
 
   Works for any model and any registered variant without changing the model: see the
@@ -310,17 +310,21 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
       model is split into graph and state first; much faster than eager op-by-op
       execution) -- or run eagerly (``jit=False``).  Either way a model applying its
       layers inside ``lax.scan`` (``scan_layers=True``) cannot be captured (ValueError).
+    return_output: also return the model's output of the same (observed) forward pass.
     **call_kwargs: passed to the model unchanged (static, e.g. ``deterministic=True``).
 
   Returns:
     ``{layer name: probs [B, N, T, S]}`` (``np.ndarray`` float32, in call order), softmax
-    rows summing to 1 (minus sink mass), linear ops their implied weights.
+    rows summing to 1 (minus sink mass), linear ops their implied weights, the other
+    families as listed in ``docs/analysis.md``; with ``return_output``: ``(maps, output)``.
   """
+  if not isinstance(return_output, bool):
+    raise TypeError(f"return_output must be a bool, got {type(return_output).__name__}")
   if not jit:
     rec = Recorder(model, layers=layers, heads=heads)
     with rec.active():
-      _call_model(model, inputs, call_kwargs)
-    return rec.probs
+      out = _call_model(model, inputs, call_kwargs)
+    return (rec.probs, out) if return_output else rec.probs
   try:
     from flax import nnx  # pylint: disable=import-outside-toplevel
     is_nnx = isinstance(model, nnx.Module)
@@ -333,16 +337,17 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
     rec = Recorder(m, layers=layers, heads=heads)
     rec._traced = True  # pylint: disable=protected-access
     with rec.active():
-      _call_model(m, inputs, call_kwargs)
-    return rec.probs
+      out = _call_model(m, inputs, call_kwargs)
+    return rec.probs, (out if return_output else None)
 
   try:
-    probs = jax.jit(run)(state, inputs)
+    probs, out = jax.jit(run)(state, inputs)
   except jax.errors.UnexpectedTracerError as e:
     raise ValueError("attnjax.analysis.capture: an attention call ran inside a transformation "
                      "of the model (lax.scan over layers, scan_layers=True?); its map cannot be "
                      "returned; build the model with scan_layers=False") from e
-  return {name: np.asarray(p) for name, p in probs.items()}
+  probs = {name: np.asarray(p) for name, p in probs.items()}
+  return (probs, out) if return_output else probs
 
 
 def attention_calls(model, inputs, **call_kwargs) -> list[CallInfo]:
