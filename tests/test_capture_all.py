@@ -14,7 +14,6 @@ until it is added there), be finite and have the row sums of its family (``ROWS`
 The default suite runs one or two variants per family; the full sweep is ``slow``.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import attnjax
 from attnjax import analysis, variants
 from attnjax.analysis import Recorder
 from attnjax.ops import dense, heads, pooling, routing

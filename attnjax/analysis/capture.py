@@ -15,7 +15,12 @@ reference math:
 - linear family: the implied weights ``W [B, N, T, S]`` with ``o_t = sum_s W_ts v_s``,
   obtained by running the same op (same feature map, decay, gates, normaliser, causal
   flag) on one-hot values in float32 (every op of the family is linear in ``v``); a
-  ``state`` passed to the call is dropped (the map covers the call's own tokens).
+  ``state`` passed to the call is dropped (the map covers the call's own tokens);
+- ops whose weights neither path sees (additive, Sinkhorn and talking-heads attention,
+  Sparsifiner, the MoBA gather path, GLA, the (gated) delta rule, SSD, HIIF, FEAT's
+  channel attention, slot attention, MIL pooling) report themselves with a ``probs`` thunk
+  (:mod:`attnjax.core.hooks`): the map is the thunk's ``[B, N, T, S]`` weights, evaluated
+  only here (``docs/analysis.md`` lists what each variant family gives).
 
 Nothing is stored during training: without an active recorder the interception costs
 one thread-local lookup.  :func:`capture` traces the forward pass under ``jax.jit`` by
