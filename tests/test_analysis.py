@@ -220,6 +220,45 @@ def test_capture_eager_equals_jit():
     np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_hooks_probs_thunk_observing_and_dims():
+  """An op reporting its own map: the thunk runs only while a recorder records, its shape
+  is checked, ``observing`` is False inside an observed call, dims-calls refuse gates."""
+  q, k, v = rnd(20, (1, 3, 2, 4)), rnd(21, (1, 5, 2, 4)), rnd(22, (1, 5, 2, 4))
+  p = jax.nn.softmax(rnd(23, (1, 2, 3, 5)), axis=-1)
+  runs, inside = [], []
+
+  def thunk():
+    runs.append(1)
+    return p
+
+  def op(probs=thunk, dims=None):
+    inside.append(hooks.observing())
+    out = jnp.einsum("bnts,bsnh->btnh", p, v)
+    return hooks.intercepted("softmax", lambda: out, q, k, v, probs=probs, dims=dims)
+
+  assert not hooks.observing()
+  np.testing.assert_array_equal(op(), jnp.einsum("bnts,bsnh->btnh", p, v))
+  assert runs == [] and inside == [False]                 # no observer: thunk never runs
+  rec, out = _record(op)
+  assert runs == [1] and inside == [False, True]
+  np.testing.assert_array_equal(rec.probs["attention_0"], p)
+  rec = Recorder(record=False)
+  with rec.active():
+    op()
+    assert hooks.observing()
+  assert runs == [1] and rec.calls[0].S == 5               # record=False: not evaluated
+  with pytest.raises(ValueError, match=r"expected \[B, N, T, S\] = \(1, 2, 3, 5\)"):
+    _record(lambda: op(probs=lambda: p[..., :4]))
+  with pytest.raises(TypeError, match="probs must be None or a thunk"):
+    _record(lambda: op(probs=p))
+  with pytest.raises(ValueError, match="no per-head output"):
+    with Recorder(gates={"attention_0": jnp.ones(1)}).active():
+      op(dims=(1, 1, 3, 5), probs=lambda: p[:, :1])
+  # nested: an observed call made inside another observed call is not seen
+  rec, _ = _record(lambda: hooks.intercepted("softmax", op, q, k, v, probs=lambda: p))
+  assert len(rec.calls) == 1 and inside[-1] is False
+
+
 # ----------------------------------------------------------------------------- attribution
 
 def test_rollout_identity_and_product():

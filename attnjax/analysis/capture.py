@@ -15,7 +15,12 @@ reference math:
 - linear family: the implied weights ``W [B, N, T, S]`` with ``o_t = sum_s W_ts v_s``,
   obtained by running the same op (same feature map, decay, gates, normaliser, causal
   flag) on one-hot values in float32 (every op of the family is linear in ``v``); a
-  ``state`` passed to the call is dropped (the map covers the call's own tokens).
+  ``state`` passed to the call is dropped (the map covers the call's own tokens);
+- ops whose weights neither path sees (additive, Sinkhorn and talking-heads attention,
+  Sparsifiner, the MoBA gather path, GLA, the (gated) delta rule, SSD, HIIF, FEAT's
+  channel attention, slot attention, MIL pooling) report themselves with a ``probs`` thunk
+  (:mod:`attnjax.core.hooks`): the map is the thunk's ``[B, N, T, S]`` weights, evaluated
+  only here (``docs/analysis.md`` lists what each variant family gives).
 
 Nothing is stored during training: without an active recorder the interception costs
 one thread-local lookup.  :func:`capture` traces the forward pass under ``jax.jit`` by
@@ -85,6 +90,8 @@ def linear_weights(fn: Callable, q, k, kwargs: Optional[dict] = None) -> jax.Arr
 
 
 def _probs_of(call: hooks.AttentionCall):
+  if call.probs is not None:   # the op's own recomputation (see attnjax.core.hooks)
+    return jnp.asarray(call.probs(), jnp.float32)
   if call.kind == "softmax":
     return softmax_probs(call.q, call.k, call.args)
   return linear_weights(call.fn, call.q, call.k, call.kwargs)
@@ -159,8 +166,9 @@ def _module_paths(model, namer: _Namer):
 
 @dataclasses.dataclass(frozen=True)
 class CallInfo:
-  """One intercepted call: its layer ``name``, ``kind`` ('softmax' | 'linear'), query heads
-  ``N``, lengths ``T``, ``S`` and batch ``B``."""
+  """One intercepted call: its layer ``name``, ``kind`` ('softmax' | 'linear' | 'sinkhorn' |
+  'talking_heads' | 'pooling', see ``docs/analysis.md``), query heads ``N``, lengths
+  ``T``, ``S`` and batch ``B``."""
   name: str
   kind: str
   B: int
@@ -230,12 +238,18 @@ class Recorder:
 
   def __call__(self, call: hooks.AttentionCall):
     name = self._namer.next_name()
-    B, T, N = call.q.shape[:3]
-    S = call.k.shape[1]
+    if call.dims is not None:
+      B, N, T, S = call.dims
+    else:
+      B, T, N = call.q.shape[:3]
+      S = call.k.shape[1]
     index = len(self.calls)
     self.calls.append(CallInfo(name, call.kind, int(B), int(N), int(T), int(S)))
     if self.record and self._select(name, index):
       p = _probs_of(call)
+      if tuple(p.shape) != (B, N, T, S):
+        raise ValueError(f"attnjax.analysis: the map of {name!r} ({call.kind}) has shape "
+                         f"{tuple(p.shape)}, expected [B, N, T, S] = {(B, N, T, S)}")
       if isinstance(p, jax.core.Tracer) and not self._traced:
         raise ValueError(
             f"attnjax.analysis: the attention call {name!r} runs inside a JAX transformation "
@@ -248,6 +262,10 @@ class Recorder:
         p = p[:, np.asarray(self.heads)]
       self.probs[name] = p if self._traced else np.asarray(p)
     out = call.out
+    if call.dims is not None and (name in self.keep_outputs or name in self.gates
+                                  or name in self.patch):
+      raise ValueError(f"attnjax.analysis: {name!r} ({call.kind}) has no per-head output "
+                       f"[B, T, N, Hv]: head gates, patching and keep_outputs do not apply")
     if name in self.keep_outputs:
       hs = np.asarray(list(self.keep_outputs[name]))
       first = out[0] if isinstance(out, tuple) else out
@@ -281,7 +299,7 @@ def _call_model(model, inputs, call_kwargs):
 
 
 def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = True,
-            **call_kwargs) -> dict[str, np.ndarray]:
+            return_output: bool = False, **call_kwargs):
   """Attention probabilities of every attention call of ``model(inputs, **call_kwargs)``.
 
   Works for any model and any registered variant without changing the model: see the
@@ -297,17 +315,21 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
       model is split into graph and state first; much faster than eager op-by-op
       execution) -- or run eagerly (``jit=False``).  Either way a model applying its
       layers inside ``lax.scan`` (``scan_layers=True``) cannot be captured (ValueError).
+    return_output: also return the model's output of the same (observed) forward pass.
     **call_kwargs: passed to the model unchanged (static, e.g. ``deterministic=True``).
 
   Returns:
     ``{layer name: probs [B, N, T, S]}`` (``np.ndarray`` float32, in call order), softmax
-    rows summing to 1 (minus sink mass), linear ops their implied weights.
+    rows summing to 1 (minus sink mass), linear ops their implied weights, the other
+    families as listed in ``docs/analysis.md``; with ``return_output``: ``(maps, output)``.
   """
+  if not isinstance(return_output, bool):
+    raise TypeError(f"return_output must be a bool, got {type(return_output).__name__}")
   if not jit:
     rec = Recorder(model, layers=layers, heads=heads)
     with rec.active():
-      _call_model(model, inputs, call_kwargs)
-    return rec.probs
+      out = _call_model(model, inputs, call_kwargs)
+    return (rec.probs, out) if return_output else rec.probs
   try:
     from flax import nnx  # pylint: disable=import-outside-toplevel
     is_nnx = isinstance(model, nnx.Module)
@@ -320,16 +342,17 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
     rec = Recorder(m, layers=layers, heads=heads)
     rec._traced = True  # pylint: disable=protected-access
     with rec.active():
-      _call_model(m, inputs, call_kwargs)
-    return rec.probs
+      out = _call_model(m, inputs, call_kwargs)
+    return rec.probs, (out if return_output else None)
 
   try:
-    probs = jax.jit(run)(state, inputs)
+    probs, out = jax.jit(run)(state, inputs)
   except jax.errors.UnexpectedTracerError as e:
     raise ValueError("attnjax.analysis.capture: an attention call ran inside a transformation "
                      "of the model (lax.scan over layers, scan_layers=True?); its map cannot be "
                      "returned; build the model with scan_layers=False") from e
-  return {name: np.asarray(p) for name, p in probs.items()}
+  probs = {name: np.asarray(p) for name, p in probs.items()}
+  return (probs, out) if return_output else probs
 
 
 def attention_calls(model, inputs, **call_kwargs) -> list[CallInfo]:

@@ -16,6 +16,18 @@ and may return a replacement output (head gates, patching).  Calls made while an
 observer runs, or nested inside an intercepted call (a linear op calling another, the
 block-by-block recursion), are not observed.  With no observer the cost is one
 thread-local lookup per call.
+
+Ops whose map the two paths above do not see (plain-``jnp`` recipes such as additive,
+Sinkhorn and talking-heads attention, gathered or routed ops, gated recurrences, pooling
+weights) call :func:`intercepted` themselves, at their exit, with ``run=lambda: out`` and
+``probs=``: a thunk returning the weights ``P [B, N, T, S]`` the op applies to its values
+(``out = P @ v`` per head), evaluated only by an observer that records maps (so never
+while training: with no observer the thunk is dropped, and under ``jit`` whatever it
+closes over is dead code).  An op that itself calls an intercepted op (the MoBA gather
+path, Mamba-2's SSD) checks :func:`observing` and re-enters itself through
+:func:`intercepted`, so that its inner calls are nested and the observer sees one call.
+``dims=(B, N, T, S)`` describes a map whose call has no ``[B, T, N, H]`` queries (MIL
+pooling, FEAT's channel attention); head gates and patching do not apply to such calls.
 """
 
 from __future__ import annotations
@@ -25,7 +37,8 @@ import dataclasses
 import threading
 from typing import Any, Callable, Optional
 
-__all__ = ["attention", "register_attention", "AttentionCall", "observe", "intercepted"]
+__all__ = ["attention", "register_attention", "AttentionCall", "observe", "intercepted",
+           "observing"]
 
 _ATTENTION: list[Callable] = []
 
@@ -49,10 +62,15 @@ def attention(q, k, v, **kwargs):
 class AttentionCall:
   """One observed attention call.
 
-  ``kind``: ``'softmax'`` (``args`` is the normalised :class:`attnjax.core.args.AttentionArgs`)
-  or ``'linear'`` (``fn`` is the public linear op, ``kwargs`` its keyword arguments as
-  passed).  ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]``; ``out`` the call's
-  result (a tuple where the call returns one: ``(out, lse)`` or ``(out, state)``).
+  ``kind``: ``'softmax'`` (``args`` is the normalised :class:`attnjax.core.args.AttentionArgs`,
+  or ``probs`` is given), ``'linear'`` (``fn`` is the public linear op, ``kwargs`` its
+  keyword arguments as passed, or ``probs`` is given: implied weights) or another name an
+  op reports with ``probs`` (``'sinkhorn'``, ``'talking_heads'``, ``'pooling'``).
+  ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, Hv]`` (or None with ``dims``);
+  ``out`` the call's result (a tuple where the call returns one: ``(out, lse)`` or
+  ``(out, state)``).  ``probs``: None or a thunk returning the call's weights
+  ``[B, N, T, S]`` (recomputed on demand); ``dims``: None or ``(B, N, T, S)`` for a call
+  whose output is not ``[B, T, N, Hv]``.
   """
   kind: str
   q: Any
@@ -62,6 +80,8 @@ class AttentionCall:
   args: Any = None
   fn: Optional[Callable] = None
   kwargs: Optional[dict] = None
+  probs: Optional[Callable[[], Any]] = None
+  dims: Optional[tuple] = None
 
 
 _LOCAL = threading.local()
@@ -89,17 +109,27 @@ def observe(observer: Callable[[AttentionCall], Any]):
     obs.remove(observer)
 
 
+def observing() -> bool:
+  """Whether a call made now would be shown to an observer (one is installed on this
+  thread and no intercepted call is running)."""
+  return bool(_observers()) and not _LOCAL.depth
+
+
 def intercepted(kind: str, run: Callable[[], Any], q, k, v, *, args=None, fn=None,
-                kwargs=None):
+                kwargs=None, probs=None, dims=None):
   """``run()``, shown to the installed observers (see the module docstring)."""
   obs = _observers()
   if not obs or _LOCAL.depth:
     return run()
+  if probs is not None and not callable(probs):
+    raise TypeError(f"probs must be None or a thunk returning [B, N, T, S], got "
+                    f"{type(probs).__name__}")
   _LOCAL.depth += 1
   try:
     out = run()
     for o in list(obs):
-      new = o(AttentionCall(kind, q, k, v, out, args=args, fn=fn, kwargs=kwargs))
+      new = o(AttentionCall(kind, q, k, v, out, args=args, fn=fn, kwargs=kwargs, probs=probs,
+                            dims=None if dims is None else tuple(int(d) for d in dims)))
       if new is not None:
         out = new
   finally:

@@ -159,6 +159,8 @@ def sinkhorn_attention(q, k, v, *, num_iters: int = 3, scale=None, causal: bool 
       L = _jnp.where(ok, L - _masked_lse(L, ok, -2) + col, 0.0)
   P = _jnp.where(ok, _jnp.exp(_jnp.where(ok, L, 0.0)), 0.0)
   out = _jnp.einsum("bnts,bsnh->btnh", P, _expand_kv(v, N).astype(_jnp.float32)).astype(q.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): the map is P
+  out = _hooks.intercepted("sinkhorn", lambda: out, q, k, v, probs=lambda: P)
   return (out, P) if return_weights else out
 
 
@@ -216,7 +218,9 @@ def additive_attention(q, k, v, w, *, bias=None, activation="tanh", causal: bool
   ok = plain_allowed(B, T, S, causal=causal, q_segment_ids=q_segment_ids,
                      kv_segment_ids=kv_segment_ids)
   p = masked_softmax(e, ok)
-  return _jnp.einsum("bnts,bsnh->btnh", p, _expand_kv(v, N).astype(_jnp.float32)).astype(q.dtype)
+  out = _jnp.einsum("bnts,bsnh->btnh", p, _expand_kv(v, N).astype(_jnp.float32)).astype(q.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): the map is p
+  return _hooks.intercepted("softmax", lambda: out, q, k, v, probs=lambda: p)
 
 
 def collapsed_qk_attention(x, w, *, symmetric: bool = False, v=None, **attention_kwargs):

@@ -370,7 +370,9 @@ def talking_heads_attention(q, k, v, *, pre_mix=None, post_mix=None, scale=None,
   w = masked_softmax(s, ok)
   if post_mix is not None:
     w = jnp.einsum("bmts,ml->blts", w, post_mix.astype(jnp.float32))
-  return jnp.einsum("bnts,bsnh->btnh", w, vx).astype(q.dtype)
+  out = jnp.einsum("bnts,bsnh->btnh", w, vx).astype(q.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): the weights after mixing
+  return hooks.intercepted("talking_heads", lambda: out, q, k, v, probs=lambda: w)
 
 
 # ----------------------------------------------------------------------------- relational heads

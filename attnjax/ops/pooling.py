@@ -170,6 +170,9 @@ def slot_attention_step(q, k, v, *, scale=None, eps=1e-8, segment_ids=None, retu
     attn = jnp.where((kv_ids >= 0)[:, None, :, None], attn, 0.0)
   w = w / jnp.maximum(jnp.sum(w, axis=2, keepdims=True), 1e-30)  # no valid input: 0
   updates = jnp.einsum("bnsm,bsnh->bmnh", w, vf).astype(q.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): slots x inputs, w^T
+  updates = hooks.intercepted("softmax", lambda: updates, q, k, v,
+                              probs=lambda: jnp.swapaxes(w, -1, -2))
   return (updates, attn) if return_weights else updates
 
 
@@ -236,6 +239,9 @@ def gated_mil_pooling(h, V, U, w, *, gated=True, segment_ids=None, instance_mask
   else:
     a = jax.nn.softmax(e, axis=-1)
   z = jnp.einsum("bmn,bnd->bmd", a, hf).astype(h.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): a as [B, 1, M, n]
+  z = hooks.intercepted("pooling", lambda: z, None, h, h, probs=lambda: a[:, None],
+                        dims=(B, 1, a.shape[1], n))
   if one:
     z, a = z[:, 0], a[:, 0]
   return (z, a) if return_weights else z

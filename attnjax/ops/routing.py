@@ -160,6 +160,21 @@ def moba_selection(q, k, *, block_size: int, top_k: int, causal: bool = True):
   return _onehot_any(idx, nk)
 
 
+def _moba_probs(q, k, bs, top_k, causal, scale):
+  """MoBA's weights ``[B, N, T, S]`` float32, for :mod:`attnjax.analysis` only: the softmax
+  of ``scale q.k`` over the chosen blocks (and ``j <= i`` when causal)."""
+  T, N, H, S = q.shape[1], q.shape[2], q.shape[3], k.shape[1]
+  sel = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)     # [B, N, T, nk]
+  ok = sel[..., np.arange(S) // bs] & (np.tril(np.ones((T, S), bool)) if causal else True)
+  kx = jnp.repeat(k, N // k.shape[2], axis=2)
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(_F32), kx.astype(_F32),
+                 precision=jax.lax.Precision.HIGHEST)
+  s = jnp.where(ok, s * ((1.0 / math.sqrt(H)) if scale is None else scale), -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+
+
 def _moba_gather_chunk(block_size: int) -> int:
   """Queries per gathered chunk ``P``: a power of two in ``[8, 128]``, at most the block
   (padding costs at most ``P - 1`` slots per key block and head)."""
@@ -448,6 +463,13 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
                      f"{nk} (T={T}, block_size={bs}), got top_k={top_k}")
   gather = (isinstance(implementation, str) and implementation == "gather") or (
       implementation is None and block_sizes is None and jax.default_backend() == "cpu")
+  if gather and hooks.observing():
+    # attnjax.analysis (only while a capture observes; never in training): the gather path
+    # as one observed call, its map that of the equivalent mask (selection AND causal)
+    return hooks.intercepted("softmax", lambda: moba_attention(
+        q, k, v, block_size=bs, top_k=top_k, causal=causal, scale=scale,
+        implementation=implementation, block_sizes=block_sizes), q, k, v,
+        probs=lambda: _moba_probs(q, k, bs, top_k, causal, scale))
   if gather:
     if block_sizes is not None:
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
@@ -847,7 +869,10 @@ def sparsifiner_attention(q, k, v, connectivity, *, keep: int, scale: Optional[f
   s = jnp.einsum("bnth,bntkh->bntk", q_BNTH.astype(_F32), k_g.astype(_F32)) * scale
   p = jax.nn.softmax(s, axis=-1)
   o = jnp.einsum("bntk,bntkd->bntd", p, v_g.astype(_F32))
-  return jnp.transpose(o, (0, 2, 1, 3)).astype(q.dtype)
+  o = jnp.transpose(o, (0, 2, 1, 3)).astype(q.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): p scattered to [B, N, T, S]
+  return hooks.intercepted("softmax", lambda: o, q, k, v, probs=lambda: jnp.einsum(
+      "bntk,bntks->bnts", p, jax.nn.one_hot(idx_BNTk, S, dtype=_F32)))
 
 
 def sparsifiner_distillation_loss(connectivity, q, k, *, scale: Optional[float] = None):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import hooks
 from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN
 from attnjax.ops.linear.gated import (
   _chunk_len,
@@ -128,7 +129,10 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
   blen = a.block_len if a.form == 'chunked' else None
   o, S = run_blocks(step, a.S0, (q, k, v, beta, log_alpha), a.T, blen)
   o = o.astype(v.dtype)
-  return (o, S) if return_state else o
+  out = (o, S) if return_state else o
+  # attnjax.analysis interception point (a no-op unless observed): the implied weights
+  return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: delta_implied_attention(
+      q, k, beta, log_alpha, scale=scale))
 
 
 def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: int = 64,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import hooks
 from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, _check_block_len, prepare
 from attnjax.ops.linear._core import _in_blocks
 
@@ -284,7 +285,10 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
   blen = a.block_len if a.form == 'chunked' else None
   o, S = run_blocks(step, a.S0, (q, k, v, log_alpha), a.T, blen)
   o = o.astype(v.dtype)
-  return (o, S) if return_state else o
+  out = (o, S) if return_state else o
+  # attnjax.analysis interception point (a no-op unless observed): the implied weights
+  return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: gla_implied_attention(
+      q, k, log_alpha, scale=scale))
 
 
 def gla_implied_attention(q, k, log_alpha, *, scale=None):

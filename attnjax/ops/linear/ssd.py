@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.core import hooks
 from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, FORMS
 from attnjax.ops.linear.decayed import decayed_linear_attention
 from attnjax.ops.linear.delta import delta_implied_attention
@@ -90,6 +91,11 @@ def ssd_attention(x, dt, A, B, C, *, D=None, form: str = 'chunked', chunk_size: 
     ``y [B, T, N, P]`` in ``x.dtype``, or ``(y, state)``.
   """
   Bt, T, N, P, G, S = _check_ssd(x, dt, A, B, C, D)
+  if hooks.observing():  # attnjax.analysis: one observed call (C queries, B keys, x values)
+    return hooks.intercepted('linear', lambda: ssd_attention(
+        x, dt, A, B, C, D=D, form=form, chunk_size=chunk_size, state=state,
+        return_state=return_state, block_len=block_len), _heads(C, N), _heads(B, N), x,
+        probs=lambda: ssd_implied_attention(dt, A, B, C, D))
   if form not in FORMS:
     raise ValueError(f'form must be one of {FORMS}, got form={form!r}')
   check_pow2_chunk(chunk_size)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax.core import hooks
 from attnjax.ops.linear._args import _F32, DEFAULT_EPS, FeatureMap, _check_eps
 from attnjax.ops.linear.kernelized import linear_attention
 
@@ -249,7 +250,11 @@ def hiif_attention(q, k, v, *, eps: float = 1e-5):
   ctx = jnp.einsum('bskh,bskv->bkhv', kn, vn, precision=_HI) / S
   qg = q.astype(_F32).reshape(B, T, K, N // K, H)
   o = jnp.einsum('btkgh,bkhv->btkgv', qg, ctx, precision=_HI)
-  return o.reshape(B, T, N, v.shape[-1]).astype(v.dtype)
+  o = o.reshape(B, T, N, v.shape[-1]).astype(v.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): the implied weights
+  # q_t . LN(k_s) / S, applied to the normalised values LN(v)
+  return hooks.intercepted('linear', lambda: o, q, k, v, probs=lambda: jnp.einsum(
+      'btkgh,bskh->bkgts', qg, kn, precision=_HI).reshape(B, N, T, S) / S)
 
 
 # --------------------------------------------------------------------------------------
@@ -385,7 +390,10 @@ def feat_attention(r, k, v, *, spatial_decay, spatial_bonus, temporal_decay=None
   yn = _safe_l2(yc, axis=1)
   a = jax.nn.softmax(tau * jnp.einsum('bsc,bsd->bcd', yn, yn, precision=_HI), axis=-1)
   o = jnp.einsum('bsd,bcd->bsc', yc, a, precision=_HI)
-  return o.reshape(shape).astype(v.dtype)
+  o = o.reshape(shape).astype(v.dtype)
+  # attnjax.analysis interception point (a no-op unless observed): the channel map [C, C]
+  return hooks.intercepted('softmax', lambda: o, None, yc, yc, probs=lambda: a[:, None],
+                           dims=(B, 1, N * H, N * H))
 
 
 __all__ = ['l2vit_attention', 'care_attention', 'hiif_attention', 'feat_attention',
