@@ -370,6 +370,7 @@ CHANNEL_NOT_CAPTURED = {
     "triplet": "gate", "ulsam": "gate", "a2n": "gate", "lka": "convolution",
     "lkca": "convolution", "psa_parallel": "pooling softmax of one query",
     "psa_sequential": "pooling softmax of one query",
+    "sdlska": "convolution", "gcg": "gate (its global-context pooling softmax has one query)",
 }
 
 
