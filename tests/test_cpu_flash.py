@@ -207,7 +207,80 @@ class TestCpuFlash(AttentionTestBase):
     per_head = np.random.default_rng(3).random((2, 24, 24)) < 0.5
     self._unsupported("band masks", q, k, v, mask=masks.from_array(per_head))
 
-  # -------------------------------------------------- block-sparse mode
+  def test_band_empty_rows(self):
+    """Band masks: rows with no key (causal(-7)) give 0 with zero gradients."""
+    T, S = 12, 20
+    q, k, v = make_qkv(19, 2, T, S, 2, 1, 32, 32, jnp.float32)
+    f = lambda q, k, v: self.attn(q, k, v, mask=masks.causal(-7))
+    out, vjp = jax.vjp(f, q, k, v)
+    dq, dk, dv = vjp(rnd(4, out.shape))
+    for x in (out, dq, dk, dv):
+      assert np.all(np.isfinite(np.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(out)[:, :7], 0.0)
+    np.testing.assert_array_equal(np.asarray(dq)[:, :7], 0.0)
+    o, lse = self.attn(q, k, v, mask=masks.causal(-100), return_lse=True)
+    np.testing.assert_array_equal(np.asarray(o), 0.0)
+    assert np.all(np.asarray(lse) == -np.inf)
+
+  def test_odd_head_dim_falls_back(self):
+    q, k, v = make_qkv(19, 1, 20, 20, 2, 1, 24, 24, jnp.float32)
+    self._unsupported("multiples of 16", q, k, v, mask=masks.causal())
+
+  # -------------------------------------------------- dispatch, errors, build
+  def test_auto_uses_kernel_for_long_sequences(self):
+    q, k, v = make_qkv(60, 1, 1024, 1024, 2, 1, 32, 32, jnp.float32)
+    f = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
+    assert _custom_calls(f, q, k, v) == ["attnjax_flash_fwd"]
+    g = jax.grad(lambda q, k, v: f(q, k, v).sum())
+    assert set(_custom_calls(g, q, k, v)) == {"attnjax_flash_fwd", "attnjax_flash_bwd"}
+    # A spatial mask: the block-sparse mode (2D-tiled by the dispatcher).
+    m = masks.neighborhood((32, 32), 5)
+    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=m),
+                         q, k, v) == ["attnjax_sparse_fwd"]
+    g = jax.grad(lambda q, k, v: attnjax.attention(q, k, v, mask=m).sum())
+    assert set(_custom_calls(g, q, k, v)) == {"attnjax_sparse_fwd", "attnjax_sparse_bwd"}
+    # A mask the kernel does not serve (data-dependent): 'auto' takes the XLA path.
+    seg = jnp.asarray(np.repeat(np.arange(2), 512)[None], jnp.int32)
+    md = masks.document(seg)
+    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=md), q, k, v) == []
+
+  def test_traced_band_offset(self):
+    """A causal offset that is a traced value (decoding) is served in-graph."""
+    q, k, v = make_qkv(61, 1, 8, 50, 2, 1, 32, 32, jnp.float32)
+
+    @jax.jit
+    def f(q, k, v, off):
+      return attnjax.attention(q, k, v, mask=masks.causal(off), implementation="cpu_flash",
+                               block_sizes=self.BLOCK_SIZES)
+    for off in (3, 42):
+      want = attnjax.reference_attention(q, k, v, mask=masks.causal(off))
+      assert_close(f(q, k, v, jnp.int32(off)), want, jnp.float32, f"offset {off}")
+
+  def test_block_size_errors(self):
+    with pytest.raises(ValueError, match="block_k must be a multiple of 16"):
+      CpuFlashBlockSizes(block_k=40)
+    with pytest.raises(ValueError, match="block_q must be a positive int"):
+      CpuFlashBlockSizes(block_q=0)
+    with pytest.raises(ValueError, match="num_threads"):
+      CpuFlashBlockSizes(num_threads=-2)
+    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', "
+                                         r"'simd'\]"):
+      CpuFlashBlockSizes(matmul="tf32")
+    with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
+      CpuFlashBlockSizes(block_k=48, matmul="amx")
+    q, k, v = make_qkv(62, 1, 16, 16, 2, 1, 32, 32, jnp.float32)
+    # Another implementation's config is not reinterpreted (no duck typing).
+    with pytest.raises(TypeError, match="'cpu_flash' must be CpuFlashBlockSizes"):
+      attnjax.attention(q, k, v, implementation="cpu_flash",
+                        block_sizes=attnjax.ChunkedBlockSizes(8, 40))
+
+
+class TestCpuFlashBlockSparse(AttentionTestBase):
+  """The block-sparse mode (SIMD engine only, so not rerun by the AMX class)."""
+  IMPL = "cpu_flash"
+  MATMUL = "auto"
+  BLOCK_SIZES = TestCpuFlash.BLOCK_SIZES
+
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
   @pytest.mark.parametrize("case", ["nbhd_13x17", "nbhd_dilated", "window_shift", "criss_cross",
                                     "grid", "axial", "stripe", "halo"])
@@ -320,73 +393,6 @@ class TestCpuFlash(AttentionTestBase):
       flash.cpu_flash_block_sparse(q[:, :8], k, v, sch, scale=1.0)
     with pytest.raises(ValueError, match="table must be"):
       flash.schedule_from_table(table[:2], lambda qi, ki: elem[qi, ki], T, S, bq, bk)
-
-  def test_band_empty_rows(self):
-    """Band masks: rows with no key (causal(-7)) give 0 with zero gradients."""
-    T, S = 12, 20
-    q, k, v = make_qkv(19, 2, T, S, 2, 1, 32, 32, jnp.float32)
-    f = lambda q, k, v: self.attn(q, k, v, mask=masks.causal(-7))
-    out, vjp = jax.vjp(f, q, k, v)
-    dq, dk, dv = vjp(rnd(4, out.shape))
-    for x in (out, dq, dk, dv):
-      assert np.all(np.isfinite(np.asarray(x)))
-    np.testing.assert_array_equal(np.asarray(out)[:, :7], 0.0)
-    np.testing.assert_array_equal(np.asarray(dq)[:, :7], 0.0)
-    o, lse = self.attn(q, k, v, mask=masks.causal(-100), return_lse=True)
-    np.testing.assert_array_equal(np.asarray(o), 0.0)
-    assert np.all(np.asarray(lse) == -np.inf)
-
-  def test_odd_head_dim_falls_back(self):
-    q, k, v = make_qkv(19, 1, 20, 20, 2, 1, 24, 24, jnp.float32)
-    self._unsupported("multiples of 16", q, k, v, mask=masks.causal())
-
-  # -------------------------------------------------- dispatch, errors, build
-  def test_auto_uses_kernel_for_long_sequences(self):
-    q, k, v = make_qkv(60, 1, 1024, 1024, 2, 1, 32, 32, jnp.float32)
-    f = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
-    assert _custom_calls(f, q, k, v) == ["attnjax_flash_fwd"]
-    g = jax.grad(lambda q, k, v: f(q, k, v).sum())
-    assert set(_custom_calls(g, q, k, v)) == {"attnjax_flash_fwd", "attnjax_flash_bwd"}
-    # A spatial mask: the block-sparse mode (2D-tiled by the dispatcher).
-    m = masks.neighborhood((32, 32), 5)
-    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=m),
-                         q, k, v) == ["attnjax_sparse_fwd"]
-    g = jax.grad(lambda q, k, v: attnjax.attention(q, k, v, mask=m).sum())
-    assert set(_custom_calls(g, q, k, v)) == {"attnjax_sparse_fwd", "attnjax_sparse_bwd"}
-    # A mask the kernel does not serve (data-dependent): 'auto' takes the XLA path.
-    seg = jnp.asarray(np.repeat(np.arange(2), 512)[None], jnp.int32)
-    md = masks.document(seg)
-    assert _custom_calls(lambda q, k, v: attnjax.attention(q, k, v, mask=md), q, k, v) == []
-
-  def test_traced_band_offset(self):
-    """A causal offset that is a traced value (decoding) is served in-graph."""
-    q, k, v = make_qkv(61, 1, 8, 50, 2, 1, 32, 32, jnp.float32)
-
-    @jax.jit
-    def f(q, k, v, off):
-      return attnjax.attention(q, k, v, mask=masks.causal(off), implementation="cpu_flash",
-                               block_sizes=self.BLOCK_SIZES)
-    for off in (3, 42):
-      want = attnjax.reference_attention(q, k, v, mask=masks.causal(off))
-      assert_close(f(q, k, v, jnp.int32(off)), want, jnp.float32, f"offset {off}")
-
-  def test_block_size_errors(self):
-    with pytest.raises(ValueError, match="block_k must be a multiple of 16"):
-      CpuFlashBlockSizes(block_k=40)
-    with pytest.raises(ValueError, match="block_q must be a positive int"):
-      CpuFlashBlockSizes(block_q=0)
-    with pytest.raises(ValueError, match="num_threads"):
-      CpuFlashBlockSizes(num_threads=-2)
-    with pytest.raises(ValueError, match=r"matmul must be one of \['amx', 'auto', 'avx512', "
-                                         r"'simd'\]"):
-      CpuFlashBlockSizes(matmul="tf32")
-    with pytest.raises(ValueError, match="multiple of 32 with matmul='amx'"):
-      CpuFlashBlockSizes(block_k=48, matmul="amx")
-    q, k, v = make_qkv(62, 1, 16, 16, 2, 1, 32, 32, jnp.float32)
-    # Another implementation's config is not reinterpreted (no duck typing).
-    with pytest.raises(TypeError, match="'cpu_flash' must be CpuFlashBlockSizes"):
-      attnjax.attention(q, k, v, implementation="cpu_flash",
-                        block_sizes=attnjax.ChunkedBlockSizes(8, 40))
 
 
 @pytest.mark.skipif(not flash.has_amx(), reason="the CPU has no AMX-BF16 tiles")
