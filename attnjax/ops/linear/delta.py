@@ -57,12 +57,87 @@ def _delta_recurrent(q, k, v, beta, g, S0):
   return jnp.moveaxis(o, 0, 2), S
 
 
+_INV_BLOCK = 16  # diagonal block size of :func:`unit_lower_inverse`
+
+
+def _mm(a, b):
+  return _einsum('...ij,...jk->...ik', a, b)
+
+
+def _inverse_blocks(M):
+  """``M^{-1}`` of unit lower-triangular ``M [..., C, C]``, ``C = b 2^k`` (``b <= 16``).
+
+  The ``b x b`` diagonal blocks are inverted all at once by the nilpotent doubling
+  ``(I - L)^{-1} = (I + L)(I + L^2)(I + L^4)...`` (``L = I - M`` strictly lower, ``L^b =
+  0``); then pairs of neighbouring inverses are merged level by level,
+  ``[[A, 0], [X, D]]^{-1} = [[A^{-1}, 0], [-D^{-1} X A^{-1}, D^{-1}]]``, every pair of a
+  level in one batched product. ``O(C^3)`` work in ``log2(C / b) + log2(b)`` rounds of
+  matrix products (XLA:CPU's batched triangular solve is a slow scalar loop).
+  """
+  C = M.shape[-1]
+  lead = M.shape[:-2]
+  b = min(C, _INV_BLOCK)
+  m = C // b
+  eye = jnp.eye(b, dtype=_F32)
+  Mb = M.reshape(lead + (m, b, m, b))
+  D = jnp.moveaxis(jnp.diagonal(Mb, axis1=-4, axis2=-2), -1, -3)         # [..., m, b, b]
+  P = eye - D
+  X = eye + P
+  s = 2
+  while s < b:
+    P = _mm(P, P)
+    X = X + _mm(X, P)
+    s *= 2
+  s = b
+  while m > 1:
+    m //= 2
+    Ms = M.reshape(lead + (m, 2, s, m, 2, s))
+    off = jnp.moveaxis(jnp.diagonal(Ms, axis1=-6, axis2=-3), -1, -5)     # [..,m,2,s,2,s]
+    off = off[..., 1, :, 0, :]                                           # [..., m, s, s]
+    X = X.reshape(lead + (m, 2, s, s))
+    A, Dn = X[..., 0, :, :], X[..., 1, :, :]
+    low = -_mm(_mm(Dn, off), A)
+    top = jnp.concatenate([A, jnp.zeros_like(A)], axis=-1)
+    bot = jnp.concatenate([low, Dn], axis=-1)
+    X = jnp.concatenate([top, bot], axis=-2)                             # [..., m, 2s, 2s]
+    s *= 2
+  return X.reshape(lead + (C, C))
+
+
+@jax.custom_vjp
+def unit_lower_inverse(M):
+  """The inverse of a unit lower-triangular ``M [..., C, C]`` (any ``C``; padded with an
+  identity block to ``16 * 2^k``), with the gradient ``dM = -tril(Y^T dY Y^T, -1)``
+  (``Y = M^{-1}``; only the strictly lower entries of ``M`` are variables)."""
+  C = M.shape[-1]
+  Cp = C if C <= _INV_BLOCK else _INV_BLOCK << max(0, (-(-C // _INV_BLOCK) - 1).bit_length())
+  if Cp == C:
+    return _inverse_blocks(M)
+  pad = [(0, 0)] * (M.ndim - 2) + [(0, Cp - C), (0, Cp - C)]
+  Mp = jnp.pad(M, pad) + jnp.diag(jnp.concatenate([jnp.zeros((C,), _F32), jnp.ones((Cp - C,), _F32)]))
+  return _inverse_blocks(Mp)[..., :C, :C]
+
+
+def _uli_fwd(M):
+  Y = unit_lower_inverse(M)
+  return Y, Y
+
+
+def _uli_bwd(Y, dY):
+  C = Y.shape[-1]
+  Yt = jnp.swapaxes(Y, -1, -2)
+  dM = -_mm(_mm(Yt, dY), Yt)
+  return (jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dM, 0.0),)
+
+
+unit_lower_inverse.defvjp(_uli_fwd, _uli_bwd)
+
+
 def _ut_chunks(q, k, v, beta, g):
   """Per-chunk quantities of the UT form; inputs ``[..., C, *]`` (``beta``, ``g``
   ``[..., C]``). Returns ``P [.., C, C]``, ``U [.., C, V]``, ``W [.., C, H]``,
   ``Gam [.., C]`` and ``kdec = diag(D_Cj) K [.., C, H]``."""
   C = q.shape[-2]
-  V = v.shape[-1]
   gc = jnp.cumsum(g, axis=-1)
   incl = jnp.tril(jnp.ones((C, C), bool))
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
@@ -71,9 +146,9 @@ def _ut_chunks(q, k, v, beta, g):
   kk = _einsum('...ih,...jh->...ij', k, k)
   M = jnp.eye(C, dtype=_F32) + jnp.where(strict, beta[..., :, None] * D * kk, 0.0)
   Gam = jnp.exp(gc)
-  rhs = jnp.concatenate([beta[..., None] * v, (beta * Gam)[..., None] * k], axis=-1)
-  X = jax.lax.linalg.triangular_solve(M, rhs, left_side=True, lower=True, unit_diagonal=True)
-  U, W = X[..., :V], X[..., V:]
+  Minv = unit_lower_inverse(M)
+  U = _einsum('...ij,...jv->...iv', Minv, beta[..., None] * v)
+  W = _einsum('...ij,...jh->...ih', Minv, (beta * Gam)[..., None] * k)
   P = D * _einsum('...ih,...jh->...ij', q, k)
   kdec = jnp.exp(gc[..., -1:] - gc)[..., None] * k
   return P, U, W, Gam, kdec
