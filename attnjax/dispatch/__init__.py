@@ -54,6 +54,22 @@ for _impl in implementations("linear"):
     linear_ops.register_chunk_kernel(_impl.name, _impl.run)
 linear_ops.register_selector(registry.select_linear)
 
+
+def _delta_kernel(target):
+  def run(q, k, v, beta, log_alpha, state, *, scale, chunk_size):
+    if target == "tpu":
+      from attnjax.kernels.tpu import linear_gated as kmod
+    else:
+      from attnjax.kernels.gpu import linear_gated as kmod
+    return kmod.gated_delta_rule(q, k, v, beta, log_alpha, state, scale=scale,
+                                 chunk_size=chunk_size)
+  return run
+
+
+# The (gated) delta-rule chunk kernels (imported on first call).
+linear_ops.register_delta_kernel("pallas_tpu", _delta_kernel("tpu"))
+linear_ops.register_delta_kernel("pallas_gpu", _delta_kernel("gpu"))
+
 def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
               kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,
               implementation: Union[None, str, Sequence[str]] = None, block_sizes=None,

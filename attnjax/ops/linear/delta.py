@@ -30,7 +30,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN
+from attnjax.core.errors import Unsupported
+from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, IMPLEMENTATIONS
+from attnjax.ops.linear._core import DELTA_KERNELS
 from attnjax.ops.linear.gated import (
   _chunk_len,
   _einsum,
@@ -180,15 +182,39 @@ def _delta_chunked(q, k, v, beta, g, S0, C):
   return o.reshape(B, N, nc * C, V)[:, :, :T], S
 
 
+def _check_delta_implementation(implementation, form):
+  """``None``/``'auto'``/``'xla'``: the XLA forms; ``'pallas_tpu'``/``'pallas_gpu'``: the
+  Pallas chunk kernel (chunked form only)."""
+  if implementation is None or implementation == 'auto':
+    return 'xla'
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None, 'auto' or one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation != 'xla' and form != 'chunked':
+    raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got "
+                     f"form={form!r}")
+  return implementation
+
+
 def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, return_state,
-                  block_len):
+                  block_len, implementation=None):
   a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
                     block_len=block_len)
+  implementation = _check_delta_implementation(implementation, form)
   beta = check_beta(beta, (a.B, a.T, a.N))
   if log_alpha is None:
     log_alpha = jnp.zeros((a.B, a.T, a.N), _F32)
   else:
     log_alpha = check_log_alpha(log_alpha, (a.B, a.T, a.N))
+  if implementation != 'xla':
+    kernel = DELTA_KERNELS.get(implementation)
+    if kernel is None:
+      raise Unsupported(f'no delta-rule kernel is registered for implementation='
+                        f'{implementation!r} (registered: {sorted(DELTA_KERNELS)}); '
+                        'attnjax.dispatch registers the Pallas kernels when attnjax is imported')
+    o, S = kernel(q, k, v, beta, log_alpha, a.S0, scale=a.scale,
+                  chunk_size=_chunk_len(a.T, a.chunk_size))
+    return (o, S) if return_state else o
 
   def step(S, q_, k_, v_, b_, g_):
     qh, kh, vh = to_heads(q_, a.N) * a.scale, to_heads(k_, a.N), to_heads(v_, a.N)
@@ -208,7 +234,7 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
 
 def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: int = 64,
                          scale=None, state=None, return_state: bool = False,
-                         block_len: int | None = DEFAULT_BLOCK_LEN):
+                         block_len: int | None = DEFAULT_BLOCK_LEN, implementation=None):
   """DeltaNet: causal linear attention with the delta-rule state update.
 
   "Parallelizing Linear Transformers with the Delta Rule over Sequence Length".
@@ -228,18 +254,23 @@ def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: in
     form, chunk_size (a positive power of two), scale (default ``1/sqrt(H)``), state
       (``[B, N, Hv, H]`` float32), return_state, block_len: as in
       :func:`~attnjax.ops.linear.gated_linear_attention`.
+    implementation: ``None``/``'auto'``/``'xla'`` (the XLA forms) or ``'pallas_tpu'`` /
+      ``'pallas_gpu'``: the Pallas chunk kernel of :mod:`attnjax.kernels.tpu.linear_gated`
+      / :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; forward kernel, backward
+      the VJP of the kernel's XLA twin; interpret mode off its backend).
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)``.
   """
   return _delta_public(q, k, v, beta, None, form=form, chunk_size=chunk_size, scale=scale,
-                       state=state, return_state=return_state, block_len=block_len)
+                       state=state, return_state=return_state, block_len=block_len,
+                       implementation=implementation)
 
 
 def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked',
                                chunk_size: int = 64, scale=None, state=None,
                                return_state: bool = False,
-                               block_len: int | None = DEFAULT_BLOCK_LEN):
+                               block_len: int | None = DEFAULT_BLOCK_LEN, implementation=None):
   """Gated DeltaNet: the delta rule with a scalar per-head, per-token decay.
 
   "Gated Delta Networks: Improving Mamba2 with Delta Rule".
@@ -250,7 +281,7 @@ def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked
   Args:
     q, k, v, beta: as in :func:`delta_rule_attention`.
     log_alpha: ``[B, T, N]`` float, ``<= 0`` (checked when concrete).
-    form, chunk_size, scale, state, return_state, block_len: as in
+    form, chunk_size, scale, state, return_state, block_len, implementation: as in
       :func:`delta_rule_attention`.
 
   Returns:
@@ -258,7 +289,7 @@ def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked
   """
   return _delta_public(q, k, v, beta, log_alpha, form=form, chunk_size=chunk_size,
                        scale=scale, state=state, return_state=return_state,
-                       block_len=block_len)
+                       block_len=block_len, implementation=implementation)
 
 
 def delta_implied_attention(q, k, beta, log_alpha=None, *, scale=None):
