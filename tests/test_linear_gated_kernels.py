@@ -202,3 +202,28 @@ def test_ops_implementation_errors():
   # None / 'auto' keep the XLA chunked form
   _close(L.delta_rule_attention(q, k, v, beta, implementation='auto'),
          L.delta_rule_attention(q, k, v, beta), 0, 0)
+
+
+def test_default_chunk_fits_vmem():
+  """The default chunk (64) fits 3/4 of every tabulated chip's VMEM for head dims up to 256
+  in bf16 and f32; the count grows with the chunk and the head dim."""
+  from attnjax.kernels.tpu import vmem
+  C = tpu_gated.BlockSizes.get_default().chunk
+  for chip in vmem.CHIPS:
+    cap = vmem.vmem_capacity(chip)
+    for H in (64, 128, 256):
+      for dtype in (jnp.bfloat16, jnp.float32):
+        assert vmem.delta_vmem_bytes(C, head_dim=H, dtype=dtype) <= 0.75 * cap
+  small = vmem.delta_vmem_bytes(64, head_dim=64)
+  assert vmem.delta_vmem_bytes(128, head_dim=64) > small
+  assert vmem.delta_vmem_bytes(64, head_dim=128) > small
+  # by hand, C = 64, H = Hv = 64, bf16: blocks (q, k, v; beta, gc columns; gc row; state)
+  # in and (o; state) out, double-buffered, plus state scratch and the body's temporaries
+  t = lambda r, c, b: (-(-r // (8 if b == 4 else 16)) * (8 if b == 4 else 16)) * (
+      -(-c // 128) * 128) * b
+  st = t(64, 64, 4)
+  ins = 3 * t(64, 64, 2) + 2 * t(64, 1, 4) + t(1, 64, 4) + st
+  outs = t(64, 64, 2) + st
+  assert small == 2 * (ins + outs) + st + 6 * t(64, 64, 4) + 8 * t(64, 64, 4)
+  with pytest.raises(ValueError, match='chunk'):
+    vmem.delta_vmem_bytes(0, head_dim=64)

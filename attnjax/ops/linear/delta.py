@@ -116,7 +116,8 @@ def unit_lower_inverse(M):
   if Cp == C:
     return _inverse_blocks(M)
   pad = [(0, 0)] * (M.ndim - 2) + [(0, Cp - C), (0, Cp - C)]
-  Mp = jnp.pad(M, pad) + jnp.diag(jnp.concatenate([jnp.zeros((C,), _F32), jnp.ones((Cp - C,), _F32)]))
+  ones_tail = jnp.concatenate([jnp.zeros((C,), _F32), jnp.ones((Cp - C,), _F32)])
+  Mp = jnp.pad(M, pad) + jnp.diag(ones_tail)
   return _inverse_blocks(Mp)[..., :C, :C]
 
 
