@@ -227,3 +227,126 @@ def test_default_chunk_fits_vmem():
   assert small == 2 * (ins + outs) + st + 6 * t(64, 64, 4) + 8 * t(64, 64, 4)
   with pytest.raises(ValueError, match='chunk'):
     vmem.delta_vmem_bytes(0, head_dim=64)
+
+
+# --------------------------------------------------------------------------------------
+# GLA kernels
+# --------------------------------------------------------------------------------------
+
+
+def _gla_inputs(seed, B, T, N, K, H, V, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q = jax.random.normal(ks[0], (B, T, N, H))
+  k = jax.random.normal(ks[1], (B, T, K, H))
+  v = jax.random.normal(ks[2], (B, T, K, V))
+  la = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, N, H))) * 0.5
+  S0 = jax.random.normal(ks[4], (B, N, V, H)) * 0.5
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), la, S0
+
+
+def _gla_quadratic(q, k, v, la, S0):
+  return L.gated_linear_attention(q, k, v, la, form='quadratic', state=S0, return_state=True)
+
+
+class _GlaTest:
+  MOD = None
+  CHUNK = 16
+  PLATFORM = None
+  DISABLED = ()
+  IMPL = None
+
+  def _run(self, *a, **kw):
+    return self.MOD.gated_linear_attention(*a, chunk_size=self.CHUNK,
+                                           interpret=kw.pop('interpret', True), **kw)
+
+  @pytest.mark.parametrize('B,T,N,K,H,V', [
+      (1, 37, 4, 2, 16, 8), pytest.param(2, 20, 2, 2, 32, 16, marks=pytest.mark.slow)])
+  def test_interpret_matches_quadratic_fwd_vjp(self, B, T, N, K, H, V):
+    args = _gla_inputs(0, B, T, N, K, H, V)
+    (o, S), vjp = jax.vjp(self._run, *args)
+    (ro, rS), rvjp = jax.vjp(_gla_quadratic, *args)
+    assert o.shape == (B, T, N, V) and S.shape == (B, N, V, H)
+    _close(o, ro, 2e-5, 2e-5 * max(1.0, float(jnp.max(jnp.abs(ro)))))
+    _close(S, rS, 2e-5, 2e-5 * max(1.0, float(jnp.max(jnp.abs(rS)))))
+    ct = (jax.random.normal(jax.random.PRNGKey(1), o.shape),
+          jax.random.normal(jax.random.PRNGKey(2), S.shape))
+    for g, rg in zip(vjp(ct), rvjp(ct)):
+      _close(g, rg, 1e-4, 1e-4 * max(1.0, float(jnp.max(jnp.abs(rg)))))
+
+  def test_interpret_bf16_close_to_f32(self):
+    q, k, v, la, S0 = _gla_inputs(3, 1, 40, 2, 1, 16, 16, jnp.bfloat16)
+    o, S = self._run(q, k, v, la, S0)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    ro, rS = _gla_quadratic(*(x.astype(jnp.float32) for x in (q, k, v)), la, S0)
+    _close(o.astype(jnp.float32), ro, 0, 2e-2 * max(1.0, float(jnp.max(jnp.abs(ro)))))
+    _close(S, rS, 0, 2e-2 * max(1.0, float(jnp.max(jnp.abs(rS)))))
+
+  @pytest.mark.parametrize('dtype', [pytest.param(jnp.float32, marks=pytest.mark.slow),
+                                     jnp.bfloat16])
+  def test_lowers_fwd_and_grad(self, dtype):
+    B, T, N, K, H, V = 2, 200, 4, 2, 64, 64
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, T, N, H), dtype), sd((B, T, K, H), dtype), sd((B, T, K, V), dtype),
+            sd((B, T, N, H), jnp.float32), sd((B, N, V, H), jnp.float32))
+    f = lambda *a: self.MOD.gated_linear_attention(*a, chunk_size=16, interpret=False)[0]
+    g = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
+    for fn in (f, g):
+      exp = jax.export.export(jax.jit(fn), platforms=[self.PLATFORM],
+                              disabled_checks=list(self.DISABLED))(*args)
+      assert exp.platforms == (self.PLATFORM,)
+
+  def test_ops_dispatch(self):
+    q, k, v, la, S0 = _gla_inputs(4, 1, 21, 2, 1, 8, 8)
+
+    def run(impl):
+      return lambda *a: L.gated_linear_attention(*a[:4], state=a[4], return_state=True,
+                                                 implementation=impl)
+
+    (o, S), vjp = jax.vjp(run(self.IMPL), q, k, v, la, S0)
+    (ro, rS), rvjp = jax.vjp(run('xla'), q, k, v, la, S0)
+    _close(o, ro, 2e-5, 2e-5)
+    _close(S, rS, 2e-5, 2e-5)
+    ct = (jax.random.normal(jax.random.PRNGKey(6), o.shape),
+          jax.random.normal(jax.random.PRNGKey(7), S.shape))
+    for g, rg in zip(vjp(ct), rvjp(ct)):
+      _close(g, rg, 1e-4, 1e-4)
+
+  def test_bad_arguments(self):
+    q, k, v, la, S0 = _gla_inputs(5, 1, 8, 4, 2, 8, 8)
+    with pytest.raises(ValueError, match='chunk'):
+      self.MOD.gated_linear_attention(q, k, v, la, S0, chunk_size=12)
+    with pytest.raises(ValueError, match='log_alpha must have shape'):
+      self.MOD.gated_linear_attention(q, k, v, la[..., 0], S0)
+    with pytest.raises(ValueError, match='state must have shape'):
+      self.MOD.gated_linear_attention(q, k, v, la, S0[:, :2])
+
+
+class TestTpuGla(_GlaTest):
+  MOD = tpu_gated
+  CHUNK = 8
+  PLATFORM = 'tpu'
+  IMPL = 'pallas_tpu'
+
+  def test_tpu_semantics_interpreter(self):
+    q, k, v, la, S0 = _gla_inputs(8, 1, 16, 2, 1, 8, 8)
+    params = pltpu.InterpretParams(detect_races=True, uninitialized_memory='nan')
+    o, S = self._run(q, k, v, la, S0, interpret=params)
+    ro, rS = _gla_quadratic(q, k, v, la, S0)
+    _close(o, ro, 2e-5, 2e-5)
+    _close(S, rS, 2e-5, 2e-5)
+
+
+class TestGpuGla(_GlaTest):
+  MOD = gpu_gated
+  CHUNK = 16
+  PLATFORM = 'cuda'
+  DISABLED = _TRITON
+  IMPL = 'pallas_gpu'
+
+  @pytest.mark.slow
+  def test_ops_dispatch(self):
+    super().test_ops_dispatch()
+
+  @pytest.mark.slow
+  def test_interpret_bf16_close_to_f32(self):
+    super().test_interpret_bf16_close_to_f32()

@@ -66,9 +66,21 @@ def _delta_kernel(target):
   return run
 
 
-# The (gated) delta-rule chunk kernels (imported on first call).
-linear_ops.register_delta_kernel("pallas_tpu", _delta_kernel("tpu"))
-linear_ops.register_delta_kernel("pallas_gpu", _delta_kernel("gpu"))
+def _gla_kernel(target):
+  def run(q, k, v, log_alpha, state, *, scale, chunk_size):
+    if target == "tpu":
+      from attnjax.kernels.tpu import linear_gated as kmod
+    else:
+      from attnjax.kernels.gpu import linear_gated as kmod
+    return kmod.gated_linear_attention(q, k, v, log_alpha, state, scale=scale,
+                                       chunk_size=chunk_size)
+  return run
+
+
+# The (gated) delta-rule and GLA chunk kernels (imported on first call).
+for _t in ("tpu", "gpu"):
+  linear_ops.register_delta_kernel(f"pallas_{_t}", _delta_kernel(_t))
+  linear_ops.register_gla_kernel(f"pallas_{_t}", _gla_kernel(_t))
 
 def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
               kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,

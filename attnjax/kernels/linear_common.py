@@ -297,3 +297,121 @@ def delta_rule_custom_vjp(forward):
 
   f.defvjp(fwd, bwd)
   return f
+
+
+# --------------------------------------------------------------------------------------
+# Gated linear attention (GLA): one chunk
+# --------------------------------------------------------------------------------------
+
+
+def gla_chunk(q, k, v, b, S, scale):
+  """One chunk of GLA, float32 throughout ("Gated Linear Attention Transformers with
+  Hardware-Efficient Training").
+
+  Args: ``q, k [C, H]``, ``v [C, V]``, ``b [C, H]`` the chunk-local inclusive cumulative
+  log-decay (f32), ``S [V, H]`` the state before the chunk, ``scale``.
+
+      A_ij   = sum_h scale q_ih k_jh exp(b_ih - b_jh)   (j <= i; exact [C, C, H] decays,
+               every exponent <= 0)
+      O      = A V + (scale Q * e^b) S^T
+      S_new  = S * e^(b_C) + V^T (K * e^(b_C - b))
+
+  Returns ``(o [C, V], S_new [V, H])``.
+  """
+  C = q.shape[0]
+  f32 = lambda x: x.astype(_F32)
+  q, k, v = f32(q) * scale, f32(k), f32(v)
+  row, col = _iota2(C)
+  m3 = (row >= col)[:, :, None]
+  dec = jnp.where(m3, jnp.exp(jnp.where(m3, b[:, None, :] - b[None, :, :], 0.0)), 0.0)
+  A = jnp.sum(q[:, None, :] * k[None, :, :] * dec, axis=-1)
+  o = dot_nn(A, v) + dot_nt(q * jnp.exp(b), S)
+  last = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  b_last = jnp.sum(jnp.where(last, b, 0.0), axis=0, keepdims=True)                # [1, H]
+  return o, S * jnp.exp(b_last) + dot_tn(v, jnp.exp(b_last - b) * k)
+
+
+def gla_chunk_inputs(q, k, v, log_alpha, C):
+  """``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,V]``, ``log_alpha [B,T,N,H]`` -> head-major
+  ``q [B,N,Tp,H]``, ``k [B,K,Tp,H]``, ``v [B,K,Tp,V]``, ``b [B,N,Tp,H]`` f32 (the cumulative
+  log-decay within each chunk; padding has ``log_alpha = 0`` and zero keys/values)."""
+  T = q.shape[1]
+  Tp = -(-T // C) * C
+
+  def heads(x):
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, [(0, 0), (0, 0), (0, Tp - T), (0, 0)]) if Tp != T else x
+
+  la = heads(log_alpha.astype(_F32))
+  B, N, _, H = la.shape
+  b = jnp.cumsum(la.reshape(B, N, Tp // C, C, H), axis=3).reshape(B, N, Tp, H)
+  return heads(q), heads(k), heads(v), b
+
+
+def gla_scan(q, k, v, log_alpha, S0, *, scale, chunk):
+  """The XLA twin of the GLA chunk kernels (:func:`gla_chunk` vmapped over batch and heads,
+  ``lax.scan`` over chunks); their backward pass is its VJP. ``S0 [B, N, V, H]`` f32.
+  Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] f32)``."""
+  B, T, N, _ = q.shape
+  G = N // k.shape[2]
+  C = chunk
+  qh, kh, vh, b = gla_chunk_inputs(q, k, v, log_alpha, C)
+  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
+  nc = qh.shape[2] // C
+
+  def chunks(x):
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
+
+  one = jax.vmap(jax.vmap(functools.partial(gla_chunk, scale=scale)))
+
+  def step(S, xs):
+    o, S = one(*xs, S)
+    return S, o
+
+  S, o = jax.lax.scan(step, S0.astype(_F32), tuple(chunks(x) for x in (qh, kh, vh, b)))
+  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
+  return jnp.swapaxes(o, 1, 2).astype(v.dtype), S
+
+
+def validate_gla(q, k, v, log_alpha, S0, chunk):
+  """Checks of the GLA kernels' entry points; returns ``S0`` (zeros when None)."""
+  for name, x in (('q', q), ('k', k), ('v', v)):
+    if x.ndim != 4:
+      raise ValueError(f'{name} must have rank 4 [B, T, heads, dim], got shape {x.shape}')
+  B, T, N, H = q.shape
+  if k.shape[:2] != (B, T) or k.shape[3] != H:
+    raise ValueError(f'k must have shape [B={B}, T={T}, K, H={H}], got {k.shape}')
+  K = k.shape[2]
+  if v.shape[:3] != (B, T, K):
+    raise ValueError(f'v must have shape [B={B}, T={T}, K={K}, V], got {v.shape}')
+  if N % K:
+    raise ValueError(f'number of query heads N={N} must be a multiple of kv heads K={K}')
+  if log_alpha.shape != (B, T, N, H):
+    raise ValueError(f'log_alpha must have shape (B, T, N, H)={(B, T, N, H)}, got '
+                     f'{log_alpha.shape}')
+  V = v.shape[-1]
+  if S0 is None:
+    S0 = jnp.zeros((B, N, V, H), _F32)
+  if S0.shape != (B, N, V, H):
+    raise ValueError(f'state must have shape (B, N, V, H)={(B, N, V, H)}, got {S0.shape}')
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk!r}')
+  return S0
+
+
+def gla_custom_vjp(forward):
+  """``forward(q, k, v, log_alpha, S0, scale, static) -> (o, S)`` with the gradient of
+  :func:`gla_scan` (``static[0]``: the chunk length)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+  def f(q, k, v, log_alpha, S0, scale, static):
+    return forward(q, k, v, log_alpha, S0, scale, static)
+
+  def fwd(q, k, v, log_alpha, S0, scale, static):
+    return forward(q, k, v, log_alpha, S0, scale, static), (q, k, v, log_alpha, S0)
+
+  def bwd(scale, static, res, ct):
+    _, vjp = jax.vjp(functools.partial(gla_scan, scale=scale, chunk=static[0]), *res)
+    return tuple(sum_to_vma(g, x) for g, x in zip(vjp(ct), res))
+
+  f.defvjp(fwd, bwd)
+  return f

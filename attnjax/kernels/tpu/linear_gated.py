@@ -36,7 +36,7 @@ from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels import pallas_shard
 
-__all__ = ['BlockSizes', 'gated_delta_rule']
+__all__ = ["BlockSizes", "gated_delta_rule", "gated_linear_attention"]
 
 _F32 = jnp.float32
 _SUBLANES = 8
@@ -135,3 +135,77 @@ def _kernel_fwd(q, k, v, beta, log_alpha, S0, scale, static):
 
 
 _delta = lc.delta_rule_custom_vjp(_kernel_fwd)
+
+
+# --------------------------------------------------------------------------------------
+# GLA
+# --------------------------------------------------------------------------------------
+
+
+def _gla_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, s_ref, st_ref, *, scale):
+  c = pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    st_ref[...] = s0_ref[...]
+
+  o, st = lc.gla_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], st_ref[...], scale)
+  o_ref[...] = o.astype(o_ref.dtype)
+  st_ref[...] = st
+
+  @pl.when(c == pl.num_programs(2) - 1)
+  def _():
+    s_ref[...] = st
+
+
+def _gla_forward(q, k, v, log_alpha, S0, scale, static):
+  C, interpret = static
+  B, T, N, H = q.shape
+  K, V = k.shape[2], v.shape[-1]
+  G = N // K
+  qh, kh, vh, b = lc.gla_chunk_inputs(q, k, v, log_alpha, C)
+  Tp = qh.shape[2]
+  row = lambda d: pl.BlockSpec((None, None, C, d), lambda b_, n, c: (b_, n, c, 0))
+  kv = lambda d: pl.BlockSpec((None, None, C, d), lambda b_, n, c: (b_, jax.lax.div(n, G), c, 0))
+  st_spec = pl.BlockSpec((None, None, V, H), lambda b_, n, c: (b_, n, 0, 0))
+  o, S = pallas_shard.pallas_call(
+      functools.partial(_gla_kernel, scale=scale),
+      grid=(B, N, Tp // C),
+      in_specs=[row(H), kv(H), kv(V), row(H), st_spec],
+      out_specs=[row(V), st_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, N, Tp, V), v.dtype),
+                 jax.ShapeDtypeStruct((B, N, V, H), _F32)],
+      scratch_shapes=[pltpu.VMEM((V, H), _F32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'arbitrary')),
+      interpret=interpret, name='gla_fwd',
+  )(qh, kh, vh, b, S0)
+  return jnp.swapaxes(o[:, :, :T], 1, 2), S
+
+
+_gla = lc.gla_custom_vjp(_gla_forward)
+
+
+def gated_linear_attention(q, k, v, log_alpha, state=None, *, scale: float | None = None,
+                           chunk_size: int = 16, interpret=None):
+  """GLA on TPU (Pallas Mosaic): forward kernel (grid ``(B, N, T // C)``, state ``[V, H]``
+  f32 in VMEM scratch, exact ``[C, C, H]`` in-chunk decays of
+  :func:`attnjax.kernels.linear_common.gla_chunk`), custom VJP through the XLA twin
+  :func:`~attnjax.kernels.linear_common.gla_scan`.
+
+  Args:
+    q: ``[B, T, N, H]``. k: ``[B, T, K, H]``. v: ``[B, T, K, V]``.
+    log_alpha: ``[B, T, N, H]`` ``<= 0``. state: ``S [B, N, V, H]`` f32 or None.
+    scale: default ``1/sqrt(H)``. chunk_size: multiple of 8 (default 16: the body holds
+      ``[C, C, H]`` f32 decays).
+    interpret: as in :func:`gated_delta_rule`.
+
+  Returns:
+    ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] float32)``.
+  """
+  BlockSizes(chunk=int(chunk_size))
+  state = lc.validate_gla(q, k, v, log_alpha, state, int(chunk_size))
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  interpret = fw.default_interpret(interpret, ('tpu',), pltpu.InterpretParams)
+  return _gla(q, k, v, log_alpha.astype(_F32), state.astype(_F32), scale,
+              (int(chunk_size), interpret))

@@ -183,6 +183,9 @@ def _delta_chunked(q, k, v, beta, g, S0, C):
   return o.reshape(B, N, nc * C, V)[:, :, :T], S
 
 
+KERNEL_MIN_CHUNK = 16  # the kernels' chunk: max(16, the chunked form's chunk length)
+
+
 def _check_delta_implementation(implementation, form):
   """``None``/``'auto'``/``'xla'``: the XLA forms; ``'pallas_tpu'``/``'pallas_gpu'``: the
   Pallas chunk kernel (chunked form only)."""
@@ -214,7 +217,7 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
                         f'{implementation!r} (registered: {sorted(DELTA_KERNELS)}); '
                         'attnjax.dispatch registers the Pallas kernels when attnjax is imported')
     o, S = kernel(q, k, v, beta, log_alpha, a.S0, scale=a.scale,
-                  chunk_size=_chunk_len(a.T, a.chunk_size))
+                  chunk_size=max(KERNEL_MIN_CHUNK, _chunk_len(a.T, a.chunk_size)))
     return (o, S) if return_state else o
 
   def step(S, q_, k_, v_, b_, g_):
