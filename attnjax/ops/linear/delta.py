@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core.errors import Unsupported
-from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, IMPLEMENTATIONS
+from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN
 from attnjax.ops.linear._core import DELTA_KERNELS
 from attnjax.ops.linear.gated import (
   _chunk_len,
@@ -39,6 +39,7 @@ from attnjax.ops.linear.gated import (
   _masked_exp,
   _pad_t,
   check_beta,
+  check_implementation,
   check_log_alpha,
   prepare_gated,
   run_blocks,
@@ -186,25 +187,11 @@ def _delta_chunked(q, k, v, beta, g, S0, C):
 KERNEL_MIN_CHUNK = 16  # the kernels' chunk: max(16, the chunked form's chunk length)
 
 
-def _check_delta_implementation(implementation, form):
-  """``None``/``'auto'``/``'xla'``: the XLA forms; ``'pallas_tpu'``/``'pallas_gpu'``: the
-  Pallas chunk kernel (chunked form only)."""
-  if implementation is None or implementation == 'auto':
-    return 'xla'
-  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be None, 'auto' or one of {IMPLEMENTATIONS}, got "
-                     f"{implementation!r}")
-  if implementation != 'xla' and form != 'chunked':
-    raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got "
-                     f"form={form!r}")
-  return implementation
-
-
 def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, return_state,
                   block_len, implementation=None):
   a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
                     block_len=block_len)
-  implementation = _check_delta_implementation(implementation, form)
+  implementation = check_implementation(implementation, form)
   beta = check_beta(beta, (a.B, a.T, a.N))
   if log_alpha is None:
     log_alpha = jnp.zeros((a.B, a.T, a.N), _F32)

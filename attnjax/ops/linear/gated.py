@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.core.errors import Unsupported
-from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, _check_block_len, prepare
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  IMPLEMENTATIONS,
+  _check_block_len,
+  prepare,
+)
 from attnjax.ops.linear._core import GLA_KERNELS, _in_blocks
 
 SUBCHUNK = 16  # secondary chunk length of the GLA chunked form
@@ -78,6 +84,20 @@ def check_beta(beta, shape):
       raise ValueError('beta must lie in [0, 1] everywhere, got values in '
                        f'[{np.nanmin(x)!r}, {np.nanmax(x)!r}]')
   return jnp.asarray(beta).astype(_F32)
+
+
+def check_implementation(implementation, form):
+  """``None``/``'auto'``/``'xla'``: the XLA forms; ``'pallas_tpu'``/``'pallas_gpu'``: the
+  Pallas chunk kernel (chunked form only)."""
+  if implementation is None or implementation == 'auto':
+    return 'xla'
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None, 'auto' or one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation != 'xla' and form != 'chunked':
+    raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got "
+                     f"form={form!r}")
+  return implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +299,9 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state [B, N, Hv, H] float32)``.
   """
-  from attnjax.ops.linear.delta import _check_delta_implementation
   a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
                     block_len=block_len)
-  implementation = _check_delta_implementation(implementation, form)
+  implementation = check_implementation(implementation, form)
   log_alpha = check_log_alpha(log_alpha, (a.B, a.T, a.N, a.H))
   if implementation != 'xla':
     kernel = GLA_KERNELS.get(implementation)
