@@ -20,8 +20,8 @@ run) the jitted forward and forward+backward (``jax.grad`` of a sum) of
 Ratios printed (medians and minima of the ``--reps`` runs): fwd+bwd
 time(T=65536)/time(T=8192) per method (target <= 9), and for the gated family recurrent /
 chunked at T=8192 (target >= 3); on a shared machine use ``--reps 5`` or more and read
-the minima. ``--dtype bfloat16`` runs the inputs in bf16 and reports the largest |bf16 - float32| output difference per row (target
-<= 2e-2, relative to max(1, |float32|)).
+the minima. ``--dtype bfloat16`` runs the inputs in bf16 and reports the largest
+|bf16 - float32| output difference per row (target <= 2e-2, relative to max(1, |float32|)).
 
 Memory is XLA's compiled estimate (``memory_analysis()``: temporaries + outputs) of the
 forward+backward program. Softmax runs are skipped when their ``[B, N, T, T]`` float32
