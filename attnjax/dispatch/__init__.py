@@ -37,6 +37,7 @@ from attnjax.core.errors import Unsupported
 from attnjax.dispatch import registry
 from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates, implementations
 from attnjax.ops import linear as linear_ops
+from attnjax.ops.linear import _core as _linear_core
 
 __all__ = ["attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS", "auto_candidates",
            "implementations", "Implementation", "FAMILIES", "Unsupported", "registry"]
@@ -79,8 +80,8 @@ def _gla_kernel(target):
 
 # The (gated) delta-rule and GLA chunk kernels (imported on first call).
 for _t in ("tpu", "gpu"):
-  linear_ops.register_delta_kernel(f"pallas_{_t}", _delta_kernel(_t))
-  linear_ops.register_gla_kernel(f"pallas_{_t}", _gla_kernel(_t))
+  _linear_core.register_delta_kernel(f"pallas_{_t}", _delta_kernel(_t))
+  _linear_core.register_gla_kernel(f"pallas_{_t}", _gla_kernel(_t))
 
 def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
               kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,

@@ -94,12 +94,7 @@ from attnjax.ops.linear._args import (
                                       IMPLEMENTATIONS,
                                       FeatureMap,
 )
-from attnjax.ops.linear._core import (
-  register_chunk_kernel,
-  register_delta_kernel,
-  register_gla_kernel,
-  register_selector,
-)
+from attnjax.ops.linear._core import register_chunk_kernel, register_selector
 from attnjax.ops.linear.decayed import decayed_linear_attention, lightning_attention
 from attnjax.ops.linear.delta import delta_rule_attention, gated_delta_rule_attention
 from attnjax.ops.linear.flow import flow_attention
@@ -120,8 +115,7 @@ __all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "DEFAULT_BLOCK_LEN", "FEATURE_MAPS", "linear_attention", "decayed_linear_attention",
            "lightning_attention", "efficient_attention", "focused_feature_map",
            "depthwise_conv", "focused_linear_attention", "inline_attention", "flow_attention",
-           "register_chunk_kernel", "register_delta_kernel", "register_gla_kernel",
-           "register_selector", "gated_linear_attention",
+           "register_chunk_kernel", "register_selector", "gated_linear_attention",
            "delta_rule_attention", "gated_delta_rule_attention", "ssd_attention",
            "implied_attention", "l2vit_attention", "care_attention", "hiif_attention",
            "feat_attention", "bidirectional_wkv"]
