@@ -37,6 +37,7 @@ from attnjax.core.errors import Unsupported
 from attnjax.dispatch import registry
 from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates, implementations
 from attnjax.ops import linear as linear_ops
+from attnjax.ops.linear import _core as _linear_core
 
 __all__ = ["attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS", "auto_candidates",
            "implementations", "Implementation", "FAMILIES", "Unsupported", "registry"]
@@ -53,6 +54,34 @@ for _impl in implementations("linear"):
   if _impl.run is not None:
     linear_ops.register_chunk_kernel(_impl.name, _impl.run)
 linear_ops.register_selector(registry.select_linear)
+
+
+def _delta_kernel(target):
+  def run(q, k, v, beta, log_alpha, state, *, scale, chunk_size):
+    if target == "tpu":
+      from attnjax.kernels.tpu import linear_gated as kmod
+    else:
+      from attnjax.kernels.gpu import linear_gated as kmod
+    return kmod.gated_delta_rule(q, k, v, beta, log_alpha, state, scale=scale,
+                                 chunk_size=chunk_size)
+  return run
+
+
+def _gla_kernel(target):
+  def run(q, k, v, log_alpha, state, *, scale, chunk_size):
+    if target == "tpu":
+      from attnjax.kernels.tpu import linear_gated as kmod
+    else:
+      from attnjax.kernels.gpu import linear_gated as kmod
+    return kmod.gated_linear_attention(q, k, v, log_alpha, state, scale=scale,
+                                       chunk_size=chunk_size)
+  return run
+
+
+# The (gated) delta-rule and GLA chunk kernels (imported on first call).
+for _t in ("tpu", "gpu"):
+  _linear_core.register_delta_kernel(f"pallas_{_t}", _delta_kernel(_t))
+  _linear_core.register_gla_kernel(f"pallas_{_t}", _gla_kernel(_t))
 
 def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=None,
               kv_segment_ids=None, scale=None, softcap=None, sinks=None, return_lse=False,

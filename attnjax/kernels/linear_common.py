@@ -135,3 +135,283 @@ def lightning_attention_reference(q, k, v, log_decay):
                  precision=jax.lax.Precision.HIGHEST) * mask
   return jnp.einsum('bnts,bsnv->btnv', s, vr,
                     precision=jax.lax.Precision.HIGHEST).astype(v.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Gated delta rule (Gated DeltaNet; DeltaNet with a zero log-decay): one chunk
+# --------------------------------------------------------------------------------------
+
+
+def _iota2(C):
+  return (jax.lax.broadcasted_iota(jnp.int32, (C, C), 0),
+          jax.lax.broadcasted_iota(jnp.int32, (C, C), 1))
+
+
+def delta_chunk(q, k, v, beta_col, gc_col, gc_row, St, scale):
+  """One chunk of the gated delta rule in the UT (WY) form, float32 throughout.
+
+  "Gated Delta Networks: Improving Mamba2 with Delta Rule"; "Parallelizing Linear
+  Transformers with the Delta Rule over Sequence Length".
+
+  Args (one batch row and head, ``C`` tokens): ``q [C, H]`` (unscaled), ``k [C, H]``,
+  ``v [C, V]``, ``beta_col [C, 1]``, the chunk-local inclusive cumulative log-decay ``gc``
+  as a column ``[C, 1]`` and a row ``[1, C]``, the state ``St = S^T [H, V]`` before the
+  chunk, ``scale`` (a Python float).
+
+  With ``D_ij = exp(gc_i - gc_j) [i >= j]``, ``M = I + tril(diag(beta) (D * K K^T), -1)``
+  (inverted by the nilpotent doubling ``M^{-1} = prod_i (I + L^(2^i))``, ``L = I - M``),
+  ``U = M^{-1} diag(beta) V``, ``W = M^{-1} diag(beta e^gc) K``,
+  ``Delta = U - W St``:
+
+      O      = tril(D * scale Q K^T) Delta + (e^gc * scale Q) St
+      St_new = e^(gc_C) St + (e^(gc_C - gc) * K)^T Delta
+
+  Returns ``(o [C, V], St_new [H, V])``.
+  """
+  C = q.shape[0]
+  row, col = _iota2(C)
+  incl, strict = row >= col, row > col
+  f32 = lambda x: x.astype(_F32)
+  q, k, v = f32(q) * scale, f32(k), f32(v)
+  D = jnp.where(incl, jnp.exp(jnp.where(incl, gc_col - gc_row, 0.0)), 0.0)
+  L = -jnp.where(strict, beta_col * D * dot_nt(k, k), 0.0)
+  eye = jnp.where(row == col, 1.0, 0.0).astype(_F32)
+  Minv, P = eye + L, L
+  span = 2
+  while span < C:
+    P = dot_nn(P, P)
+    Minv = Minv + dot_nn(Minv, P)
+    span *= 2
+  gam = jnp.exp(gc_col)
+  U = dot_nn(Minv, beta_col * v)
+  W = dot_nn(Minv, (beta_col * gam) * k)
+  A = jnp.where(incl, D * dot_nt(q, k), 0.0)
+  delta = U - dot_nn(W, St)
+  o = dot_nn(A, delta) + dot_nn(gam * q, St)
+  last = jax.lax.broadcasted_iota(jnp.int32, (1, C), 1) == C - 1
+  g_last = jnp.sum(jnp.where(last, gc_row, 0.0), axis=1, keepdims=True)          # [1, 1]
+  kdec = jnp.exp(g_last - gc_col) * k
+  return o, jnp.exp(g_last) * St + dot_tn(kdec, delta)
+
+
+def delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C):
+  """Head-major, chunk-padded inputs of the delta-rule kernels.
+
+  ``q [B, T, N, H]``, ``k [B, T, K, H]``, ``v [B, T, K, V]``, ``beta, log_alpha [B, T, N]``,
+  ``S0 [B, N, V, H]`` -> ``q [B, N, Tp, H]``, ``k [B, K, Tp, H]``, ``v [B, K, Tp, V]``,
+  ``beta, gc [B, N, Tp]`` float32 (``gc``: inclusive cumulative log-decay within each chunk),
+  ``St0 [B, N, H, V]`` float32. Padding (``beta = 0``, ``log_alpha = 0``) leaves the state
+  unchanged.
+  """
+  T = q.shape[1]
+  Tp = -(-T // C) * C
+
+  def heads(x):
+    x = jnp.swapaxes(x, 1, 2)
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, Tp - T)
+    return jnp.pad(x, pad) if Tp != T else x
+
+  beta, log_alpha = heads(beta.astype(_F32)), heads(log_alpha.astype(_F32))
+  B, N = beta.shape[:2]
+  gc = jnp.cumsum(log_alpha.reshape(B, N, Tp // C, C), axis=-1).reshape(B, N, Tp)
+  return (heads(q), heads(k), heads(v), beta, gc,
+          jnp.swapaxes(S0.astype(_F32), -1, -2))
+
+
+def delta_rule_scan(q, k, v, beta, log_alpha, S0, *, scale, chunk):
+  """The XLA twin of the delta-rule chunk kernels (same inputs and outputs as their
+  public entry points; :func:`delta_chunk` vmapped over batch and heads, ``lax.scan``
+  over chunks). Their backward pass is this function's VJP (recomputing the chunks).
+
+  Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] float32)``.
+  """
+  B, T, N, _ = q.shape
+  G = N // k.shape[2]
+  C = chunk
+  qh, kh, vh, bh, gc, St = delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C)
+  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
+  nc = qh.shape[2] // C
+
+  def chunks(x):   # [B, N, Tp, *] -> [nc, B, N, C, *]
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
+
+  one = jax.vmap(jax.vmap(functools.partial(delta_chunk, scale=scale)))
+
+  def step(St, xs):
+    qc, kc, vc, bc, gcc = xs
+    o, St = one(qc, kc, vc, bc[..., None], gcc[..., None], gcc[..., None, :], St)
+    return St, o
+
+  St, o = jax.lax.scan(step, St, tuple(chunks(x) for x in (qh, kh, vh, bh, gc)))
+  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
+  return jnp.swapaxes(o, 1, 2).astype(v.dtype), jnp.swapaxes(St, -1, -2)
+
+
+def validate_delta(q, k, v, beta, log_alpha, S0, chunk):
+  """Checks of the delta-rule kernels' entry points; returns ``(log_alpha, S0)`` (zeros
+  when None)."""
+  for name, x in (('q', q), ('k', k), ('v', v)):
+    if x.ndim != 4:
+      raise ValueError(f'{name} must have rank 4 [B, T, heads, dim], got shape {x.shape}')
+  B, T, N, H = q.shape
+  if k.shape[:2] != (B, T) or k.shape[3] != H:
+    raise ValueError(f'k must have shape [B={B}, T={T}, K, H={H}], got {k.shape}')
+  K = k.shape[2]
+  if v.shape[:3] != (B, T, K):
+    raise ValueError(f'v must have shape [B={B}, T={T}, K={K}, V], got {v.shape}')
+  if N % K:
+    raise ValueError(f'number of query heads N={N} must be a multiple of kv heads K={K}')
+  if beta.shape != (B, T, N):
+    raise ValueError(f'beta must have shape (B, T, N)={(B, T, N)}, got {beta.shape}')
+  if log_alpha is None:
+    log_alpha = jnp.zeros((B, T, N), _F32)
+  if log_alpha.shape != (B, T, N):
+    raise ValueError(f'log_alpha must have shape (B, T, N)={(B, T, N)}, got {log_alpha.shape}')
+  V = v.shape[-1]
+  if S0 is None:
+    S0 = jnp.zeros((B, N, V, H), _F32)
+  if S0.shape != (B, N, V, H):
+    raise ValueError(f'state must have shape (B, N, V, H)={(B, N, V, H)}, got {S0.shape}')
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk!r}')
+  return log_alpha, S0
+
+
+def delta_rule_custom_vjp(forward):
+  """``forward(q, k, v, beta, log_alpha, S0, scale, static) -> (o, S)`` (a kernel;
+  ``static`` a hashable tuple whose first entry is the chunk length) with the gradient of
+  :func:`delta_rule_scan` (recomputed from the saved inputs)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+  def f(q, k, v, beta, log_alpha, S0, scale, static):
+    return forward(q, k, v, beta, log_alpha, S0, scale, static)
+
+  def fwd(q, k, v, beta, log_alpha, S0, scale, static):
+    out = forward(q, k, v, beta, log_alpha, S0, scale, static)
+    return out, (q, k, v, beta, log_alpha, S0)
+
+  def bwd(scale, static, res, ct):
+    ref = functools.partial(delta_rule_scan, scale=scale, chunk=static[0])
+    _, vjp = jax.vjp(ref, *res)
+    return tuple(sum_to_vma(g, x) for g, x in zip(vjp(ct), res))
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+# --------------------------------------------------------------------------------------
+# Gated linear attention (GLA): one chunk
+# --------------------------------------------------------------------------------------
+
+
+def gla_chunk(q, k, v, b, S, scale):
+  """One chunk of GLA, float32 throughout ("Gated Linear Attention Transformers with
+  Hardware-Efficient Training").
+
+  Args: ``q, k [C, H]``, ``v [C, V]``, ``b [C, H]`` the chunk-local inclusive cumulative
+  log-decay (f32), ``S [V, H]`` the state before the chunk, ``scale``.
+
+      A_ij   = sum_h scale q_ih k_jh exp(b_ih - b_jh)   (j <= i; exact [C, C, H] decays,
+               every exponent <= 0)
+      O      = A V + (scale Q * e^b) S^T
+      S_new  = S * e^(b_C) + V^T (K * e^(b_C - b))
+
+  Returns ``(o [C, V], S_new [V, H])``.
+  """
+  C = q.shape[0]
+  f32 = lambda x: x.astype(_F32)
+  q, k, v = f32(q) * scale, f32(k), f32(v)
+  row, col = _iota2(C)
+  m3 = (row >= col)[:, :, None]
+  dec = jnp.where(m3, jnp.exp(jnp.where(m3, b[:, None, :] - b[None, :, :], 0.0)), 0.0)
+  A = jnp.sum(q[:, None, :] * k[None, :, :] * dec, axis=-1)
+  o = dot_nn(A, v) + dot_nt(q * jnp.exp(b), S)
+  last = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  b_last = jnp.sum(jnp.where(last, b, 0.0), axis=0, keepdims=True)                # [1, H]
+  return o, S * jnp.exp(b_last) + dot_tn(v, jnp.exp(b_last - b) * k)
+
+
+def gla_chunk_inputs(q, k, v, log_alpha, C):
+  """``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,V]``, ``log_alpha [B,T,N,H]`` -> head-major
+  ``q [B,N,Tp,H]``, ``k [B,K,Tp,H]``, ``v [B,K,Tp,V]``, ``b [B,N,Tp,H]`` f32 (the cumulative
+  log-decay within each chunk; padding has ``log_alpha = 0`` and zero keys/values)."""
+  T = q.shape[1]
+  Tp = -(-T // C) * C
+
+  def heads(x):
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, [(0, 0), (0, 0), (0, Tp - T), (0, 0)]) if Tp != T else x
+
+  la = heads(log_alpha.astype(_F32))
+  B, N, _, H = la.shape
+  b = jnp.cumsum(la.reshape(B, N, Tp // C, C, H), axis=3).reshape(B, N, Tp, H)
+  return heads(q), heads(k), heads(v), b
+
+
+def gla_scan(q, k, v, log_alpha, S0, *, scale, chunk):
+  """The XLA twin of the GLA chunk kernels (:func:`gla_chunk` vmapped over batch and heads,
+  ``lax.scan`` over chunks); their backward pass is its VJP. ``S0 [B, N, V, H]`` f32.
+  Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] f32)``."""
+  B, T, N, _ = q.shape
+  G = N // k.shape[2]
+  C = chunk
+  qh, kh, vh, b = gla_chunk_inputs(q, k, v, log_alpha, C)
+  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
+  nc = qh.shape[2] // C
+
+  def chunks(x):
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
+
+  one = jax.vmap(jax.vmap(functools.partial(gla_chunk, scale=scale)))
+
+  def step(S, xs):
+    o, S = one(*xs, S)
+    return S, o
+
+  S, o = jax.lax.scan(step, S0.astype(_F32), tuple(chunks(x) for x in (qh, kh, vh, b)))
+  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
+  return jnp.swapaxes(o, 1, 2).astype(v.dtype), S
+
+
+def validate_gla(q, k, v, log_alpha, S0, chunk):
+  """Checks of the GLA kernels' entry points; returns ``S0`` (zeros when None)."""
+  for name, x in (('q', q), ('k', k), ('v', v)):
+    if x.ndim != 4:
+      raise ValueError(f'{name} must have rank 4 [B, T, heads, dim], got shape {x.shape}')
+  B, T, N, H = q.shape
+  if k.shape[:2] != (B, T) or k.shape[3] != H:
+    raise ValueError(f'k must have shape [B={B}, T={T}, K, H={H}], got {k.shape}')
+  K = k.shape[2]
+  if v.shape[:3] != (B, T, K):
+    raise ValueError(f'v must have shape [B={B}, T={T}, K={K}, V], got {v.shape}')
+  if N % K:
+    raise ValueError(f'number of query heads N={N} must be a multiple of kv heads K={K}')
+  if log_alpha.shape != (B, T, N, H):
+    raise ValueError(f'log_alpha must have shape (B, T, N, H)={(B, T, N, H)}, got '
+                     f'{log_alpha.shape}')
+  V = v.shape[-1]
+  if S0 is None:
+    S0 = jnp.zeros((B, N, V, H), _F32)
+  if S0.shape != (B, N, V, H):
+    raise ValueError(f'state must have shape (B, N, V, H)={(B, N, V, H)}, got {S0.shape}')
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk!r}')
+  return S0
+
+
+def gla_custom_vjp(forward):
+  """``forward(q, k, v, log_alpha, S0, scale, static) -> (o, S)`` with the gradient of
+  :func:`gla_scan` (``static[0]``: the chunk length)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+  def f(q, k, v, log_alpha, S0, scale, static):
+    return forward(q, k, v, log_alpha, S0, scale, static)
+
+  def fwd(q, k, v, log_alpha, S0, scale, static):
+    return forward(q, k, v, log_alpha, S0, scale, static), (q, k, v, log_alpha, S0)
+
+  def bwd(scale, static, res, ct):
+    _, vjp = jax.vjp(functools.partial(gla_scan, scale=scale, chunk=static[0]), *res)
+    return tuple(sum_to_vma(g, x) for g, x in zip(vjp(ct), res))
+
+  f.defvjp(fwd, bwd)
+  return f

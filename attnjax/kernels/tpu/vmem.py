@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["flash_vmem_bytes", "vmem_capacity", "largest_fitting", "CHIPS"]
+__all__ = ["flash_vmem_bytes", "delta_vmem_bytes", "vmem_capacity", "largest_fitting",
+           "CHIPS"]
 
 _LANES = 128
 _F32 = 4
@@ -82,6 +83,31 @@ def flash_vmem_bytes(block_q: int, block_k: int, *, head_dim: int, head_dim_v=No
   dkv = (2 * (bwd_in + _tile(bk, H, it) + _tile(bk, Hv, it)) + _tile(bk, H, _F32)
          + _tile(bk, Hv, _F32) + 3 * logits)
   return {"fwd": fwd, "dq": dq, "dkv": dkv}
+
+
+def delta_vmem_bytes(chunk: int, *, head_dim: int, head_dim_v=None,
+                     dtype=jnp.bfloat16) -> int:
+  """Estimated VMEM bytes of the gated delta-rule forward kernel
+  (:mod:`attnjax.kernels.tpu.linear_gated`) at chunk length ``chunk``.
+
+  Pipelined (double-buffered) blocks: q, k ``[C, H]`` and v ``[C, Hv]`` (``dtype``), the
+  float32 columns beta and ``gc`` ``[C, 1]``, the row ``gc`` ``[1, C]``, the initial state
+  ``[H, Hv]``; outputs o ``[C, Hv]`` and the final state ``[H, Hv]`` (f32). Scratch: the
+  state ``[H, Hv]`` f32. Body: six ``[C, C]`` f32 matrices (decays, ``L``, its powers,
+  ``M^{-1}``, the scores, the identity) and eight f32 ``[C, max(H, Hv)]`` temporaries
+  (q, k, v in f32, ``U``, ``W``, ``Delta``, o, the decayed keys).
+  """
+  for name, val in (("chunk", chunk), ("head_dim", head_dim)):
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
+      raise ValueError(f"{name} must be a positive int, got {val!r}")
+  C, H, Hv = int(chunk), int(head_dim), int(head_dim_v or head_dim)
+  it = jnp.dtype(dtype).itemsize
+  state = _tile(H, Hv, _F32)
+  ins = (2 * _tile(C, H, it) + _tile(C, Hv, it) + 2 * _tile(C, 1, _F32) + _tile(1, C, _F32)
+         + state)
+  outs = _tile(C, Hv, it) + state
+  body = 6 * _tile(C, C, _F32) + 8 * _tile(C, max(H, Hv), _F32)
+  return 2 * (ins + outs) + state + body
 
 
 def vmem_capacity(chip: str) -> int:

@@ -47,6 +47,30 @@ def register_chunk_kernel(implementation: str, kernel: Callable) -> None:
   CHUNK_KERNELS[implementation] = kernel
 
 
+# implementation name -> kernel(q, k, v, beta [B,T,N], log_alpha [B,T,N] | None,
+# state [B,N,Hv,H] f32, *, scale, chunk_size) -> (o [B,T,N,Hv], state): the delta-rule chunk
+# kernels serving delta_rule_attention / gated_delta_rule_attention(implementation=...).
+DELTA_KERNELS: dict[str, Callable] = {}
+
+
+def register_delta_kernel(implementation: str, kernel: Callable) -> None:
+  """Registers the (gated) delta-rule chunk kernel serving ``implementation`` (called by
+  :mod:`attnjax.dispatch`; a later registration replaces an earlier one)."""
+  DELTA_KERNELS[implementation] = kernel
+
+
+# implementation name -> kernel(q, k, v, log_alpha [B,T,N,H], state [B,N,Hv,H] f32, *, scale,
+# chunk_size) -> (o, state): the GLA chunk kernels serving
+# gated_linear_attention(implementation=...).
+GLA_KERNELS: dict[str, Callable] = {}
+
+
+def register_gla_kernel(implementation: str, kernel: Callable) -> None:
+  """Registers the GLA chunk kernel serving ``implementation`` (called by
+  :mod:`attnjax.dispatch`)."""
+  GLA_KERNELS[implementation] = kernel
+
+
 # (call: LinearCall, implementation) -> name, raising Unsupported when none serves.
 _SELECTOR: list[Callable] = []
 # The ExitStack of the innermost dispatched call: choose() enters its named scope there.

@@ -31,13 +31,16 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core import hooks
+from attnjax.core.errors import Unsupported
 from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN
+from attnjax.ops.linear._core import DELTA_KERNELS
 from attnjax.ops.linear.gated import (
   _chunk_len,
   _einsum,
   _masked_exp,
   _pad_t,
   check_beta,
+  check_implementation,
   check_log_alpha,
   prepare_gated,
   run_blocks,
@@ -58,12 +61,88 @@ def _delta_recurrent(q, k, v, beta, g, S0):
   return jnp.moveaxis(o, 0, 2), S
 
 
+_INV_BLOCK = 16  # diagonal block size of :func:`unit_lower_inverse`
+
+
+def _mm(a, b):
+  return _einsum('...ij,...jk->...ik', a, b)
+
+
+def _inverse_blocks(M):
+  """``M^{-1}`` of unit lower-triangular ``M [..., C, C]``, ``C = b 2^k`` (``b <= 16``).
+
+  The ``b x b`` diagonal blocks are inverted all at once by the nilpotent doubling
+  ``(I - L)^{-1} = (I + L)(I + L^2)(I + L^4)...`` (``L = I - M`` strictly lower, ``L^b =
+  0``); then pairs of neighbouring inverses are merged level by level,
+  ``[[A, 0], [X, D]]^{-1} = [[A^{-1}, 0], [-D^{-1} X A^{-1}, D^{-1}]]``, every pair of a
+  level in one batched product. ``O(C^3)`` work in ``log2(C / b) + log2(b)`` rounds of
+  matrix products (XLA:CPU's batched triangular solve is a slow scalar loop).
+  """
+  C = M.shape[-1]
+  lead = M.shape[:-2]
+  b = min(C, _INV_BLOCK)
+  m = C // b
+  eye = jnp.eye(b, dtype=_F32)
+  Mb = M.reshape(lead + (m, b, m, b))
+  D = jnp.moveaxis(jnp.diagonal(Mb, axis1=-4, axis2=-2), -1, -3)         # [..., m, b, b]
+  P = eye - D
+  X = eye + P
+  s = 2
+  while s < b:
+    P = _mm(P, P)
+    X = X + _mm(X, P)
+    s *= 2
+  s = b
+  while m > 1:
+    m //= 2
+    Ms = M.reshape(lead + (m, 2, s, m, 2, s))
+    off = jnp.moveaxis(jnp.diagonal(Ms, axis1=-6, axis2=-3), -1, -5)     # [..,m,2,s,2,s]
+    off = off[..., 1, :, 0, :]                                           # [..., m, s, s]
+    X = X.reshape(lead + (m, 2, s, s))
+    A, Dn = X[..., 0, :, :], X[..., 1, :, :]
+    low = -_mm(_mm(Dn, off), A)
+    top = jnp.concatenate([A, jnp.zeros_like(A)], axis=-1)
+    bot = jnp.concatenate([low, Dn], axis=-1)
+    X = jnp.concatenate([top, bot], axis=-2)                             # [..., m, 2s, 2s]
+    s *= 2
+  return X.reshape(lead + (C, C))
+
+
+@jax.custom_vjp
+def unit_lower_inverse(M):
+  """The inverse of a unit lower-triangular ``M [..., C, C]`` (any ``C``; padded with an
+  identity block to ``16 * 2^k``), with the gradient ``dM = -tril(Y^T dY Y^T, -1)``
+  (``Y = M^{-1}``; only the strictly lower entries of ``M`` are variables)."""
+  C = M.shape[-1]
+  Cp = C if C <= _INV_BLOCK else _INV_BLOCK << max(0, (-(-C // _INV_BLOCK) - 1).bit_length())
+  if Cp == C:
+    return _inverse_blocks(M)
+  pad = [(0, 0)] * (M.ndim - 2) + [(0, Cp - C), (0, Cp - C)]
+  ones_tail = jnp.concatenate([jnp.zeros((C,), _F32), jnp.ones((Cp - C,), _F32)])
+  Mp = jnp.pad(M, pad) + jnp.diag(ones_tail)
+  return _inverse_blocks(Mp)[..., :C, :C]
+
+
+def _uli_fwd(M):
+  Y = unit_lower_inverse(M)
+  return Y, Y
+
+
+def _uli_bwd(Y, dY):
+  C = Y.shape[-1]
+  Yt = jnp.swapaxes(Y, -1, -2)
+  dM = -_mm(_mm(Yt, dY), Yt)
+  return (jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dM, 0.0),)
+
+
+unit_lower_inverse.defvjp(_uli_fwd, _uli_bwd)
+
+
 def _ut_chunks(q, k, v, beta, g):
   """Per-chunk quantities of the UT form; inputs ``[..., C, *]`` (``beta``, ``g``
   ``[..., C]``). Returns ``P [.., C, C]``, ``U [.., C, V]``, ``W [.., C, H]``,
   ``Gam [.., C]`` and ``kdec = diag(D_Cj) K [.., C, H]``."""
   C = q.shape[-2]
-  V = v.shape[-1]
   gc = jnp.cumsum(g, axis=-1)
   incl = jnp.tril(jnp.ones((C, C), bool))
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
@@ -72,9 +151,9 @@ def _ut_chunks(q, k, v, beta, g):
   kk = _einsum('...ih,...jh->...ij', k, k)
   M = jnp.eye(C, dtype=_F32) + jnp.where(strict, beta[..., :, None] * D * kk, 0.0)
   Gam = jnp.exp(gc)
-  rhs = jnp.concatenate([beta[..., None] * v, (beta * Gam)[..., None] * k], axis=-1)
-  X = jax.lax.linalg.triangular_solve(M, rhs, left_side=True, lower=True, unit_diagonal=True)
-  U, W = X[..., :V], X[..., V:]
+  Minv = unit_lower_inverse(M)
+  U = _einsum('...ij,...jv->...iv', Minv, beta[..., None] * v)
+  W = _einsum('...ij,...jh->...ih', Minv, (beta * Gam)[..., None] * k)
   P = D * _einsum('...ih,...jh->...ij', q, k)
   kdec = jnp.exp(gc[..., -1:] - gc)[..., None] * k
   return P, U, W, Gam, kdec
@@ -106,15 +185,28 @@ def _delta_chunked(q, k, v, beta, g, S0, C):
   return o.reshape(B, N, nc * C, V)[:, :, :T], S
 
 
+KERNEL_MIN_CHUNK = 16  # the kernels' chunk: max(16, the chunked form's chunk length)
+
+
 def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, return_state,
-                  block_len):
+                  block_len, implementation=None):
   a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
                     block_len=block_len)
+  implementation = check_implementation(implementation, form)
   beta = check_beta(beta, (a.B, a.T, a.N))
   if log_alpha is None:
     log_alpha = jnp.zeros((a.B, a.T, a.N), _F32)
   else:
     log_alpha = check_log_alpha(log_alpha, (a.B, a.T, a.N))
+  if implementation != 'xla':
+    kernel = DELTA_KERNELS.get(implementation)
+    if kernel is None:
+      raise Unsupported(f'no delta-rule kernel is registered for implementation='
+                        f'{implementation!r} (registered: {sorted(DELTA_KERNELS)}); '
+                        'attnjax.dispatch registers the Pallas kernels when attnjax is imported')
+    o, S = kernel(q, k, v, beta, log_alpha, a.S0, scale=a.scale,
+                  chunk_size=max(KERNEL_MIN_CHUNK, _chunk_len(a.T, a.chunk_size)))
+    return (o, S) if return_state else o
 
   def step(S, q_, k_, v_, b_, g_):
     qh, kh, vh = to_heads(q_, a.N) * a.scale, to_heads(k_, a.N), to_heads(v_, a.N)
@@ -137,7 +229,7 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
 
 def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: int = 64,
                          scale=None, state=None, return_state: bool = False,
-                         block_len: int | None = DEFAULT_BLOCK_LEN):
+                         block_len: int | None = DEFAULT_BLOCK_LEN, implementation=None):
   """DeltaNet: causal linear attention with the delta-rule state update.
 
   "Parallelizing Linear Transformers with the Delta Rule over Sequence Length".
@@ -157,18 +249,23 @@ def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: in
     form, chunk_size (a positive power of two), scale (default ``1/sqrt(H)``), state
       (``[B, N, Hv, H]`` float32), return_state, block_len: as in
       :func:`~attnjax.ops.linear.gated_linear_attention`.
+    implementation: ``None``/``'auto'``/``'xla'`` (the XLA forms) or ``'pallas_tpu'`` /
+      ``'pallas_gpu'``: the Pallas chunk kernel of :mod:`attnjax.kernels.tpu.linear_gated`
+      / :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; forward kernel, backward
+      the VJP of the kernel's XLA twin; interpret mode off its backend).
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)``.
   """
   return _delta_public(q, k, v, beta, None, form=form, chunk_size=chunk_size, scale=scale,
-                       state=state, return_state=return_state, block_len=block_len)
+                       state=state, return_state=return_state, block_len=block_len,
+                       implementation=implementation)
 
 
 def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked',
                                chunk_size: int = 64, scale=None, state=None,
                                return_state: bool = False,
-                               block_len: int | None = DEFAULT_BLOCK_LEN):
+                               block_len: int | None = DEFAULT_BLOCK_LEN, implementation=None):
   """Gated DeltaNet: the delta rule with a scalar per-head, per-token decay.
 
   "Gated Delta Networks: Improving Mamba2 with Delta Rule".
@@ -179,7 +276,7 @@ def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked
   Args:
     q, k, v, beta: as in :func:`delta_rule_attention`.
     log_alpha: ``[B, T, N]`` float, ``<= 0`` (checked when concrete).
-    form, chunk_size, scale, state, return_state, block_len: as in
+    form, chunk_size, scale, state, return_state, block_len, implementation: as in
       :func:`delta_rule_attention`.
 
   Returns:
@@ -187,7 +284,7 @@ def gated_delta_rule_attention(q, k, v, beta, log_alpha, *, form: str = 'chunked
   """
   return _delta_public(q, k, v, beta, log_alpha, form=form, chunk_size=chunk_size,
                        scale=scale, state=state, return_state=return_state,
-                       block_len=block_len)
+                       block_len=block_len, implementation=implementation)
 
 
 def delta_implied_attention(q, k, beta, log_alpha=None, *, scale=None):

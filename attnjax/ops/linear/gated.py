@@ -21,8 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.core import hooks
-from attnjax.ops.linear._args import _F32, DEFAULT_BLOCK_LEN, _check_block_len, prepare
-from attnjax.ops.linear._core import _in_blocks
+from attnjax.core.errors import Unsupported
+from attnjax.ops.linear._args import (
+  _F32,
+  DEFAULT_BLOCK_LEN,
+  IMPLEMENTATIONS,
+  _check_block_len,
+  prepare,
+)
+from attnjax.ops.linear._core import GLA_KERNELS, _in_blocks
 
 SUBCHUNK = 16  # secondary chunk length of the GLA chunked form
 
@@ -78,6 +85,20 @@ def check_beta(beta, shape):
       raise ValueError('beta must lie in [0, 1] everywhere, got values in '
                        f'[{np.nanmin(x)!r}, {np.nanmax(x)!r}]')
   return jnp.asarray(beta).astype(_F32)
+
+
+def check_implementation(implementation, form):
+  """``None``/``'auto'``/``'xla'``: the XLA forms; ``'pallas_tpu'``/``'pallas_gpu'``: the
+  Pallas chunk kernel (chunked form only)."""
+  if implementation is None or implementation == 'auto':
+    return 'xla'
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None, 'auto' or one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation != 'xla' and form != 'chunked':
+    raise ValueError(f"implementation={implementation!r} serves form='chunked' only, got "
+                     f"form={form!r}")
+  return implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +262,12 @@ def _gla_forms(q, k, v, g, S0, *, form, chunk_size):
   return _gla_chunked(q, k, v, g, S0, chunk_size)
 
 
+GLA_KERNEL_CHUNK = 16  # chunk of the GLA kernels (their body holds [C, C, H] f32 decays)
+
+
 def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_size: int = 64,
                            scale=None, state=None, return_state: bool = False,
-                           block_len: int | None = DEFAULT_BLOCK_LEN):
+                           block_len: int | None = DEFAULT_BLOCK_LEN, implementation=None):
   """Gated linear attention (GLA), causal, with a per-key-dimension data-dependent decay.
 
   "Gated Linear Attention Transformers with Hardware-Efficient Training".
@@ -268,13 +292,26 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
     state: ``S [B, N, Hv, H]`` float32 from a previous call (zeros when None).
     return_state: also return the state after the last token.
     block_len: chunked form only: run blocks of this many tokens (None: one block).
+    implementation: ``None``/``'auto'``/``'xla'`` (the XLA forms) or ``'pallas_tpu'`` /
+      ``'pallas_gpu'``: the Pallas GLA kernel of :mod:`attnjax.kernels.tpu.linear_gated` /
+      :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; chunks of 16 whatever
+      ``chunk_size``; forward kernel, backward the VJP of its XLA twin).
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state [B, N, Hv, H] float32)``.
   """
   a = prepare_gated(q, k, v, form=form, chunk_size=chunk_size, scale=scale, state=state,
                     block_len=block_len)
+  implementation = check_implementation(implementation, form)
   log_alpha = check_log_alpha(log_alpha, (a.B, a.T, a.N, a.H))
+  if implementation != 'xla':
+    kernel = GLA_KERNELS.get(implementation)
+    if kernel is None:
+      raise Unsupported(f'no GLA kernel is registered for implementation={implementation!r} '
+                        f'(registered: {sorted(GLA_KERNELS)}); attnjax.dispatch registers the '
+                        'Pallas kernels when attnjax is imported')
+    o, S = kernel(q, k, v, log_alpha, a.S0, scale=a.scale, chunk_size=GLA_KERNEL_CHUNK)
+    return (o, S) if return_state else o
 
   def step(S, q_, k_, v_, g_):
     qh = to_heads(q_, a.N) * a.scale
