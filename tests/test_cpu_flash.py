@@ -275,11 +275,14 @@ class TestCpuFlash(AttentionTestBase):
                         block_sizes=attnjax.ChunkedBlockSizes(8, 40))
 
 
-class TestCpuFlashBlockSparse(AttentionTestBase):
-  """The block-sparse mode (SIMD engine only, so not rerun by the AMX class)."""
+class TestCpuFlashBlockSparse:
+  """The block-sparse mode (SIMD engine only, so not rerun by the AMX class; the shared
+  AttentionTestBase tests already run in TestCpuFlash, only its helpers are used here)."""
   IMPL = "cpu_flash"
   MATMUL = "auto"
   BLOCK_SIZES = TestCpuFlash.BLOCK_SIZES
+  attn = AttentionTestBase.attn
+  check = AttentionTestBase.check
 
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
   @pytest.mark.parametrize("case", ["nbhd_13x17", "nbhd_dilated", "window_shift", "criss_cross",
@@ -472,20 +475,20 @@ def test_simd_engine_names_and_width():
                jnp.float32, "simd")
 
 
-@pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
-def test_avx512_paths_emulated():
-  """The AVX-512 build (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps
-  2^n) and its AMX paths on this CPU, whatever it has: this file's tests rerun in a
-  fresh process with ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 and AMX
-  intrinsic is emulated (avx512_emulation.h), so TestCpuFlashAmx runs there too.  On a
-  machine without AVX-512 or AMX this is the only run of that code before it meets
-  such a CPU."""
+# The emulated rerun of the default suite: the kernel's code paths (band forward/backward,
+# AMX, block-sparse) each once, without the hypothesis sweep and the per-mask repeats.
+_EMULATED_SUBSET = ("not test_avx512_paths_emulated and not test_matches_reference and "
+                    "not test_spatial_masks_block_sparse or "
+                    "test_spatial_masks_block_sparse and (criss_cross or nbhd_13x17)")
+
+
+def _rerun_emulated(select: str, min_passed: int):
   env = dict(os.environ, ATTNJAX_CPU_EMULATE_AVX512="1", JAX_PLATFORMS="cpu")
   for key in [k for k in env if k.startswith(("PYTEST_", "HYPOTHESIS"))]:
     env.pop(key)  # a plain pytest run, not an xdist worker's
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-       "-k", "not test_avx512_paths_emulated", __file__],
+       "-k", select, __file__],
       env=env, capture_output=True, text=True, timeout=1200,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
   tail = proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -493,7 +496,25 @@ def test_avx512_paths_emulated():
   summary = proc.stdout.strip().splitlines()[-1]
   passed = re.search(r"(\d+) passed", summary)
   # Nothing skipped: the AMX tests run on the emulated tiles.
-  assert passed and int(passed.group(1)) >= 60 and "skipped" not in summary, tail
+  assert passed and int(passed.group(1)) >= min_passed and "skipped" not in summary, tail
+
+
+@pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
+def test_avx512_paths_emulated():
+  """The AVX-512 build (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps
+  2^n) and its AMX paths on this CPU, whatever it has: this file's tests (less the
+  hypothesis sweep and most per-mask repeats; all of them under -m slow) rerun in a fresh
+  process with ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 and AMX intrinsic is
+  emulated (avx512_emulation.h), so TestCpuFlashAmx runs there too.  On a machine
+  without AVX-512 or AMX this is the only run of that code before it meets such a CPU."""
+  _rerun_emulated(_EMULATED_SUBSET, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
+def test_avx512_paths_emulated_all():
+  """As above, every test of this file (the default selection) on the emulated build."""
+  _rerun_emulated("not test_avx512_paths_emulated", 60)
 
 
 def test_disabled_by_environment():
