@@ -43,6 +43,7 @@ from flax import nnx
 
 from attnjax import masks as _masks
 from attnjax.layers import _core
+from attnjax.layers import _options as _opt
 from attnjax.layers._core import ParamSpec, _positive_int
 from attnjax.layers.attention import make_param
 from attnjax.ops.spatial import reduced as R
@@ -97,37 +98,10 @@ class ReducedConfig:
 def reduced_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim=None, **options):
   """Validates `options` for `mechanism` and returns a `ReducedConfig` (ValueError/TypeError
   naming a bad option and what it expects)."""
-  if mechanism not in MECHANISMS:
-    raise ValueError(f"mechanism must be one of {MECHANISMS}, got mechanism={mechanism!r}")
-  _positive_int("d_model", d_model)
-  _positive_int("num_heads", num_heads)
-  own = dict(_OPTIONS[mechanism])
-  common = dict(_COMMON)
-  for k, v in options.items():
-    if k in own:
-      own[k] = v
-    elif k in common:
-      common[k] = v
-    else:
-      raise TypeError(f"variant {mechanism!r} got an unknown option {k!r}; expected one of "
-                      f"{sorted(own) + sorted(common)}")
-  if common["rope"] is not None:
-    raise ValueError(f"rope must be None for variant {mechanism!r} (its reduced/channel tokens "
-                     f"have no RoPE positions), got rope={common['rope']!r}")
-  if common["dropout_rate"]:
-    raise ValueError(f"dropout_rate must be 0.0 for variant {mechanism!r} (the model's residual "
-                     f"dropout applies), got dropout_rate={common['dropout_rate']!r}")
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  _positive_int("num_kv_heads", num_kv_heads)
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
-                     f"num_kv_heads={num_kv_heads}")
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model must be divisible by num_heads when head_dim is not given, got "
-                       f"d_model={d_model}, num_heads={num_heads}")
-    head_dim = d_model // num_heads
-  _positive_int("head_dim", head_dim)
+  own, common = _opt.split_options(mechanism, options, _OPTIONS.get(mechanism, {}), _COMMON,
+                                   mechanisms=MECHANISMS)
+  _opt.reject_common(mechanism, common, rope="its reduced/channel tokens have no RoPE positions")
+  num_kv_heads, head_dim = _opt.head_layout(d_model, num_heads, num_kv_heads, head_dim)
   mode = own.get("mode")
   if mechanism in _MODES and mode not in _MODES[mechanism]:
     raise ValueError(f"mode must be one of {_MODES[mechanism]} for variant {mechanism!r}, got "

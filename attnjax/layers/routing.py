@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.layers import _core
+from attnjax.layers import _options as _opt
 from attnjax.layers._core import ParamSpec, _positive_int
 from attnjax.layers.attention import make_param
 from attnjax.ops import positional as _pos
@@ -86,33 +87,10 @@ class RoutingConfig:
 def routing_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim=None,
                    **options) -> RoutingConfig:
   """Validates `options` for `mechanism` (ValueError/TypeError naming a bad option)."""
-  if mechanism not in MECHANISMS:
-    raise ValueError(f"mechanism must be one of {MECHANISMS}, got mechanism={mechanism!r}")
-  _positive_int("d_model", d_model)
-  _positive_int("num_heads", num_heads)
-  own, common = dict(_OPTIONS[mechanism]), dict(_COMMON)
-  for k, v in options.items():
-    if k in own:
-      own[k] = v
-    elif k in common:
-      common[k] = v
-    else:
-      raise TypeError(f"variant {mechanism!r} got an unknown option {k!r}; expected one of "
-                      f"{sorted(own) + sorted(common)}")
-  if common["dropout_rate"]:
-    raise ValueError(f"dropout_rate must be 0.0 for variant {mechanism!r} (the model's residual "
-                     f"dropout applies), got dropout_rate={common['dropout_rate']!r}")
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  _positive_int("num_kv_heads", num_kv_heads)
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
-                     f"num_kv_heads={num_kv_heads}")
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model must be divisible by num_heads when head_dim is not given, got "
-                       f"d_model={d_model}, num_heads={num_heads}")
-    head_dim = d_model // num_heads
-  _positive_int("head_dim", head_dim)
+  own, common = _opt.split_options(mechanism, options, _OPTIONS.get(mechanism, {}), _COMMON,
+                                   mechanisms=MECHANISMS)
+  _opt.reject_common(mechanism, common)
+  num_kv_heads, head_dim = _opt.head_layout(d_model, num_heads, num_kv_heads, head_dim)
   for name in ("block_size", "top_k", "num_regions", "keep_window"):
     if name in own:
       _positive_int(name, own[name])
