@@ -25,9 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from attnjax.core import args as _args
 from attnjax.parallel import ring as _ring
-from attnjax.parallel import rules as _rules
 
 
 def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
@@ -59,14 +57,7 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
       softcap=softcap, sinks=sinks)
   b, t, n, _ = q.shape
   kh = k.shape[2]
-  if not _args.is_static_scale(scale):
-    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    scale = 1.0
-  mesh = mesh if mesh is not None else _rules.current_mesh()
-  if mesh is not None and axis_name not in mesh.shape:
-    raise ValueError(f'allgather_attention: axis_name={axis_name!r} is not a mesh axis '
-                     f'{tuple(mesh.shape)}.')
-  p = dict(mesh.shape).get(axis_name, 1) if mesh is not None else 1
+  q, scale, mesh, p = _ring.context_setup('allgather_attention', q, scale, mesh, axis_name)
   if t % p:
     raise ValueError(f'allgather_attention: sequence length T={t} must be a multiple of the '
                      f'{axis_name} axis size {p}.')
@@ -75,11 +66,8 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
     return reference_attention(q, k, v, mask=mask, score_mod=score_mod,
                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                scale=scale, softcap=softcap, sinks=sinks)
-  has_seg = q_segment_ids is not None
-  if not has_seg:
-    q_segment_ids = kv_segment_ids = jnp.zeros((b, t), jnp.int32)
-  has_sinks = sinks is not None
-  sinks = (sinks if has_sinks else jnp.zeros((n,), jnp.float32)).astype(jnp.float32)
+  has_seg, q_segment_ids, kv_segment_ids, has_sinks, sinks = _ring.default_segments_and_sinks(
+      q_segment_ids, kv_segment_ids, sinks, b, t, n)
   b_axes = _ring.fit_axes(b, batch_axes, mesh)
   h_axes = _ring.fit_axes(math.gcd(n, kh), head_axes, mesh)
   t_local = t // p

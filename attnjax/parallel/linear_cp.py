@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from attnjax.parallel import ring as _ring
 from attnjax.parallel import rules as _rules
 
 TRANSITIONS = ('diagonal', 'matrix')
@@ -70,18 +71,6 @@ def context_mesh(axis_name: str = 'context') -> jax.sharding.Mesh | None:
   if mesh is None or dict(mesh.shape).get(axis_name, 1) <= 1:
     return None
   return mesh
-
-
-def _fit_axes(dim: int, axes: Sequence[str], mesh) -> tuple[str, ...]:
-  """The mesh axes of ``axes`` (in order, size > 1) whose sizes together divide ``dim``."""
-  chosen, size = [], 1
-  shape = dict(mesh.shape)
-  for a in axes:
-    n = shape.get(a, 1)
-    if n > 1 and dim % (size * n) == 0:
-      chosen.append(a)
-      size *= n
-  return tuple(chosen)
 
 
 def _matrix_part(lin, state):
@@ -168,7 +157,7 @@ def context_parallel_linear(fn: Callable, *xs: jax.Array, mesh=None, axis_name: 
     raise ValueError(f'context_parallel_linear: sequence length T={T} must be a multiple of '
                      f'the {axis_name!r} axis size {p}')
 
-  b_axes = _fit_axes(B, batch_axes, mesh)
+  b_axes = _ring.fit_axes(B, batch_axes, mesh)
   bspec = None if not b_axes else b_axes[0] if len(b_axes) == 1 else b_axes
   local_shapes = [jax.ShapeDtypeStruct((B // math.prod(dict(mesh.shape)[a] for a in b_axes),
                                         T // p) + x.shape[2:], x.dtype) for x in xs]

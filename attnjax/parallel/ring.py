@@ -97,6 +97,32 @@ def check_cp_args(fn_name, q, k, v, *, mask, score_mod, q_segment_ids, kv_segmen
   return a.mask, scale
 
 
+def context_setup(op: str, q, scale, mesh, axis_name: str):
+  """The start shared by the context-parallel calls: a traced (learnable) scale folded into
+  q in float32 (every block then sees 1.0), the mesh (default: the trainer's) and the size
+  of its ``axis_name`` axis (1 without a mesh). Returns ``(q, scale, mesh, p)``."""
+  if not _args.is_static_scale(scale):
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    scale = 1.0
+  mesh = mesh if mesh is not None else _rules.current_mesh()
+  if mesh is not None and axis_name not in mesh.shape:
+    raise ValueError(f'{op}: axis_name={axis_name!r} is not a mesh axis '
+                     f'{tuple(mesh.shape)}.')
+  p = dict(mesh.shape).get(axis_name, 1) if mesh is not None else 1
+  return q, scale, mesh, p
+
+
+def default_segments_and_sinks(q_segment_ids, kv_segment_ids, sinks, b: int, t: int, n: int):
+  """Zero segment ids ``[B, T]`` and zero sink logits ``[N]`` where none are given (the
+  shard_map bodies take arrays). Returns ``(has_seg, q_seg, kv_seg, has_sinks, sinks)``."""
+  has_seg = q_segment_ids is not None
+  if not has_seg:
+    q_segment_ids = kv_segment_ids = jnp.zeros((b, t), jnp.int32)
+  has_sinks = sinks is not None
+  sinks = (sinks if has_sinks else jnp.zeros((n,), jnp.float32)).astype(jnp.float32)
+  return has_seg, q_segment_ids, kv_segment_ids, has_sinks, sinks
+
+
 def fit_axes(dim: int, axes: Sequence[str], mesh) -> tuple[str, ...]:
   """The mesh axes among ``axes`` (size > 1) whose running product divides ``dim``."""
   chosen, size = [], 1
@@ -318,15 +344,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                               scale=scale, softcap=softcap, sinks=sinks)
   b, t, n, _ = q.shape
   kh = k.shape[2]
-  if not _args.is_static_scale(scale):
-    # A traced (learnable) scale: folded into q in float32, so every block sees 1.0.
-    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    scale = 1.0
-  mesh = mesh if mesh is not None else _rules.current_mesh()
-  if mesh is not None and axis_name not in mesh.shape:
-    raise ValueError(f'ring_attention: axis_name={axis_name!r} is not a mesh axis '
-                     f'{tuple(mesh.shape)}.')
-  p = dict(mesh.shape).get(axis_name, 1) if mesh is not None else 1
+  q, scale, mesh, p = context_setup('ring_attention', q, scale, mesh, axis_name)
   n_sub = 2 if (layout == 'zigzag' and p > 1) else 1
   if t % (p * n_sub):
     raise ValueError(f'ring_attention: sequence length T={t} must be a multiple of '
@@ -338,11 +356,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh=None,
                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                scale=scale, softcap=softcap, sinks=sinks)
 
-  has_seg = q_segment_ids is not None
-  if not has_seg:
-    q_segment_ids = kv_segment_ids = jnp.zeros((b, t), jnp.int32)
-  has_sinks = sinks is not None
-  sinks = (sinks if has_sinks else jnp.zeros((n,), jnp.float32)).astype(jnp.float32)
+  has_seg, q_segment_ids, kv_segment_ids, has_sinks, sinks = default_segments_and_sinks(
+      q_segment_ids, kv_segment_ids, sinks, b, t, n)
   b_axes = fit_axes(b, batch_axes, mesh)
   h_axes = fit_axes(math.gcd(n, kh), head_axes, mesh)
   c = t // (p * n_sub)
