@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels import pallas_shard
+from attnjax.kernels.gpu.linear import BlockSizes  # the lightning kernel's tiling, shared
 
 __all__ = ["BlockSizes", "gated_delta_rule", "gated_linear_attention"]
 
@@ -42,26 +43,6 @@ _F32 = jnp.float32
 _MIN_DIM = 16
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiling of the chunk kernel: ``chunk`` tokens per step (power of two, >= 16)."""
-
-  chunk: int = 64
-  num_warps: int = 4
-  num_stages: int = 1
-
-  def __post_init__(self):
-    c = self.chunk
-    if not isinstance(c, int) or c < _MIN_DIM or c & (c - 1):
-      raise ValueError(f'BlockSizes.chunk must be a power of two >= {_MIN_DIM}, got {c!r}')
-    if not isinstance(self.num_warps, int) or self.num_warps < 1:
-      raise ValueError(f'BlockSizes.num_warps must be a positive int, got {self.num_warps!r}')
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f'BlockSizes.num_stages must be a positive int, got {self.num_stages!r}')
-
-  @classmethod
-  def get_default(cls) -> 'BlockSizes':
-    return cls()
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, g_ref, s0_ref, o_ref, s_ref, *, C, nc, scale):

@@ -35,27 +35,13 @@ from jax.experimental.pallas import tpu as pltpu
 from attnjax.kernels import flash_wrapper as fw
 from attnjax.kernels import linear_common as lc
 from attnjax.kernels import pallas_shard
+from attnjax.kernels.tpu.linear import BlockSizes  # the lightning kernel's tiling, shared
 
 __all__ = ["BlockSizes", "gated_delta_rule", "gated_linear_attention"]
 
 _F32 = jnp.float32
-_SUBLANES = 8
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiling of the chunk kernel: ``chunk`` tokens per grid step (multiple of 8)."""
-
-  chunk: int = 64
-
-  def __post_init__(self):
-    if not isinstance(self.chunk, int) or self.chunk < _SUBLANES or self.chunk % _SUBLANES:
-      raise ValueError(f'BlockSizes.chunk must be a positive multiple of {_SUBLANES}, '
-                       f'got {self.chunk!r}')
-
-  @classmethod
-  def get_default(cls) -> 'BlockSizes':
-    return cls()
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, gcol_ref, grow_ref, s0_ref, o_ref, s_ref,
