@@ -43,8 +43,6 @@ _F32 = jnp.float32
 _MIN_DIM = 16
 
 
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, g_ref, s0_ref, o_ref, s_ref, *, C, nc, scale):
   def body(c, st):
     sl = pl.ds(pl.multiple_of(c * C, C), C)

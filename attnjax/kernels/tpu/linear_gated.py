@@ -42,8 +42,6 @@ __all__ = ["BlockSizes", "gated_delta_rule", "gated_linear_attention"]
 _F32 = jnp.float32
 
 
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, gcol_ref, grow_ref, s0_ref, o_ref, s_ref,
                 st_ref, *, scale):
   c = pl.program_id(2)
