@@ -18,22 +18,11 @@ from attnjax.layers import linen as _linen
 __all__ = ["HeadsAttention"]
 
 
-class HeadsAttention(nn.Module):
-  """Linen twin of `attnjax.layers.heads.HeadsAttention`; `options` holds the mechanism's
-  options as sorted `(name, value)` pairs (Linen fields must be hashable).  MoH sows its
-  weighted load-balance loss in the 'intermediates' collection as 'aux_loss'."""
+class HeadsAttention(_linen.MechanismTwin):
+  """Linen twin of `attnjax.layers.heads.HeadsAttention` (fields: `MechanismTwin`).  MoH
+  sows its weighted load-balance loss in the 'intermediates' collection as 'aux_loss'."""
 
-  d_model: int
-  num_heads: int
-  mechanism: str
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  options: tuple = ()
-
-  def _config(self):
-    return _heads.heads_config(self.mechanism, self.d_model, self.num_heads,
-                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                               **dict(self.options))
+  config_fn = staticmethod(_heads.heads_config)
 
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,

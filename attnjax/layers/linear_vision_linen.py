@@ -15,21 +15,11 @@ from attnjax.layers import linen as _linen
 __all__ = ["VisionLinearAttention"]
 
 
-class VisionLinearAttention(nn.Module):
-  """Linen twin of `attnjax.layers.linear_vision.VisionLinearAttention`; `options` holds the
-  mechanism's options as sorted `(name, value)` pairs (Linen fields must be hashable)."""
+class VisionLinearAttention(_linen.MechanismTwin):
+  """Linen twin of `attnjax.layers.linear_vision.VisionLinearAttention` (fields:
+  `MechanismTwin`)."""
 
-  d_model: int
-  num_heads: int
-  mechanism: str
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  options: tuple = ()
-
-  def _config(self):
-    return _lv.vision_config(self.mechanism, self.d_model, self.num_heads,
-                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                             **dict(self.options))
+  config_fn = staticmethod(_lv.vision_config)
 
   def __post_init__(self):
     super().__post_init__()

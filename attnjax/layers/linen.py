@@ -25,7 +25,7 @@ from attnjax.layers import _core, common
 from attnjax.layers._core import AttentionConfig, KVCache, _positive_int
 from attnjax.layers.pooling import SEED_INIT, pooling_segment_ids
 
-__all__ = ["MultiHeadAttention", "RMSNorm", "MLP", "PoolingAttention"]
+__all__ = ["MultiHeadAttention", "RMSNorm", "MLP", "PoolingAttention", "MechanismTwin"]
 
 
 def _param(module: nn.Module, name: str, spec: _core.ParamSpec, dtype):
@@ -45,6 +45,28 @@ def dropout_fn(rate: float, deterministic: bool):
     return None
   drop = nn.Dropout(rate=rate)
   return lambda y: drop(y, deterministic=False)
+
+
+class MechanismTwin(nn.Module):
+  """Base of the Linen twins of the mechanism-family layers (heads, tokens, routing,
+  reduced, linear_vision): the fields every one of them has, and ``_config()``, which
+  builds the family's config through the subclass's ``config_fn`` (the NNX layer's
+  ``*_config`` function).  ``options`` holds the mechanism's options as sorted
+  ``(name, value)`` pairs (Linen fields must be hashable)."""
+
+  d_model: int
+  num_heads: int
+  mechanism: str
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  options: tuple = ()
+
+  config_fn = None  # set by each subclass: fn(mechanism, d_model, num_heads, **kw) -> config
+
+  def _config(self):
+    return type(self).config_fn(self.mechanism, self.d_model, self.num_heads,
+                                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                **dict(self.options))
 
 
 class MultiHeadAttention(nn.Module):

@@ -15,21 +15,10 @@ from attnjax.layers import routing as _rt
 __all__ = ["RoutingAttention"]
 
 
-class RoutingAttention(nn.Module):
-  """Linen twin of `attnjax.layers.routing.RoutingAttention`; `options` holds the
-  mechanism's options as sorted `(name, value)` pairs (Linen fields must be hashable)."""
+class RoutingAttention(_linen.MechanismTwin):
+  """Linen twin of `attnjax.layers.routing.RoutingAttention` (fields: `MechanismTwin`)."""
 
-  d_model: int
-  num_heads: int
-  mechanism: str
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  options: tuple = ()
-
-  def _config(self):
-    return _rt.routing_config(self.mechanism, self.d_model, self.num_heads,
-                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                              **dict(self.options))
+  config_fn = staticmethod(_rt.routing_config)
 
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
