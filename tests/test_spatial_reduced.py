@@ -359,7 +359,8 @@ def ref_sra_rope(q, k, v, r, pad, rope, freqs=None):
 
 
 ROPE_CASES = [("axial", 4, 2), ("mixed", 4, 4)]   # (rope, N, K): mixed needs K == N
-ROPE_DTYPES = [("xla", jnp.float32), ("xla", jnp.bfloat16), ("xla_chunked", jnp.float32)]
+ROPE_DTYPES = [("xla", jnp.float32), ("xla", jnp.bfloat16),
+               pytest.param("xla_chunked", jnp.float32, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("impl, dtype", ROPE_DTYPES)
