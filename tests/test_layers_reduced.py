@@ -71,33 +71,43 @@ def test_shapes_gradients_and_linen_twin(name):
   np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
 
 
-def test_pvt_layer_matches_loop_reference():
-  """PVT SRA written out: per-cell strided conv, LayerNorm, projections, dense softmax."""
-  D, N, r = 8, 2, 2
-  m = variants.build("pvt", d_model=D, num_heads=N, sr_ratio=r, rngs=nnx.Rngs(1))
-  p = {k: np.asarray(v, np.float64) for k, v in _perturbed(m).items()}
-  x = rnd(2, (1, 4, 6, D))
-  xs = np.asarray(x, np.float64)[0]
-  Hh, Ww = 4, 6
-  red = []
+def _pvt_loop_reference(p, xs, r, N, rope=None):
+  """PVT SRA written out (NumPy float64, one map `xs [Hh, Ww, D]`): per-cell strided conv,
+  LayerNorm, projections, dense softmax; with `rope`, queries rotate at (y, x) and each
+  conv-reduced key at the centre (i r + (r-1)/2, j r + (r-1)/2) of its r x r cell."""
+  Hh, Ww, D = xs.shape
+  red, kpos = [], []
   for i in range(Hh // r):
     for j in range(Ww // r):
       patch = xs[i * r:(i + 1) * r, j * r:(j + 1) * r].reshape(-1)
       c = patch @ p["sra_sr_kernel"] + p["sra_sr_bias"]
       c = (c - c.mean()) / np.sqrt(c.var() + 1e-5) * p["sra_sr_norm_scale"] + p["sra_sr_norm_bias"]
       red.append(c)
+      kpos.append((i * r + (r - 1) / 2, j * r + (r - 1) / 2))
   red = np.stack(red)
+  qpos = [(y, xx) for y in range(Hh) for xx in range(Ww)]
   tok = xs.reshape(-1, D)
   out = np.zeros((Hh * Ww, D))
   for n in range(N):
     q = tok @ p["sra_q_kernel"][:, n]
     k = red @ p["sra_k_kernel"][:, n]
+    if rope is not None:
+      freqs = p["sra_rope_freqs"][n] if rope == "mixed" else None
+      q, k = _rotate(q, qpos, rope, freqs), _rotate(k, kpos, rope, freqs)
     v = red @ p["sra_v_kernel"][:, n]
     s = q @ k.T / np.sqrt(q.shape[-1])
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     out += (a @ v) @ p["sra_o_kernel"][n]
-  assert_close(m(x)[0], out.reshape(Hh, Ww, D), jnp.float32)
+  return out.reshape(Hh, Ww, D)
+
+
+def test_pvt_layer_matches_loop_reference():
+  D, N, r = 8, 2, 2
+  m = variants.build("pvt", d_model=D, num_heads=N, sr_ratio=r, rngs=nnx.Rngs(1))
+  p = {k: np.asarray(v, np.float64) for k, v in _perturbed(m).items()}
+  x = rnd(2, (1, 4, 6, D))
+  assert_close(m(x)[0], _pvt_loop_reference(p, np.asarray(x, np.float64)[0], r, N), jnp.float32)
 
 
 @pytest.mark.parametrize("name, modes", [("davit", ("window", "channel")),
@@ -200,35 +210,13 @@ def _rotate(x_TH, pos_T2, rope, freqs=None, base=10000.0):
 
 @pytest.mark.parametrize("rope", ["axial", "mixed"])
 def test_pvt_rope_layer_matches_loop_reference(rope):
-  """PVT with RoPE written out: queries rotate at (y, x), each conv-reduced key at the
-  centre (i r + (r-1)/2, j r + (r-1)/2) of its r x r cell."""
-  D, N, r, Hh, Ww = 16, 2, 2, 4, 6
+  """Keys of the conv reduction rotate at their cells' centres (see _pvt_loop_reference)."""
+  D, N, r = 16, 2, 2
   m = variants.build("pvt", d_model=D, num_heads=N, sr_ratio=r, rope=rope, rngs=nnx.Rngs(1))
   p = {k: np.asarray(v, np.float64) for k, v in _perturbed(m).items()}
-  x = rnd(2, (1, Hh, Ww, D))
-  xs = np.asarray(x, np.float64)[0]
-  red, kpos = [], []
-  for i in range(Hh // r):
-    for j in range(Ww // r):
-      patch = xs[i * r:(i + 1) * r, j * r:(j + 1) * r].reshape(-1)
-      c = patch @ p["sra_sr_kernel"] + p["sra_sr_bias"]
-      c = (c - c.mean()) / np.sqrt(c.var() + 1e-5) * p["sra_sr_norm_scale"] + p["sra_sr_norm_bias"]
-      red.append(c)
-      kpos.append((i * r + (r - 1) / 2, j * r + (r - 1) / 2))
-  red = np.stack(red)
-  qpos = [(y, xx) for y in range(Hh) for xx in range(Ww)]
-  tok = xs.reshape(-1, D)
-  out = np.zeros((Hh * Ww, D))
-  for n in range(N):
-    freqs = p["sra_rope_freqs"][n] if rope == "mixed" else None
-    q = _rotate(tok @ p["sra_q_kernel"][:, n], qpos, rope, freqs)
-    k = _rotate(red @ p["sra_k_kernel"][:, n], kpos, rope, freqs)
-    v = red @ p["sra_v_kernel"][:, n]
-    s = q @ k.T / np.sqrt(q.shape[-1])
-    a = np.exp(s - s.max(-1, keepdims=True))
-    a /= a.sum(-1, keepdims=True)
-    out += (a @ v) @ p["sra_o_kernel"][n]
-  assert_close(m(x)[0], out.reshape(Hh, Ww, D), jnp.float32)
+  x = rnd(2, (1, 4, 6, D))
+  want = _pvt_loop_reference(p, np.asarray(x, np.float64)[0], r, N, rope)
+  assert_close(m(x)[0], want, jnp.float32)
 
 
 @pytest.mark.parametrize("name", ["twins", "hilo", "s2a"])
