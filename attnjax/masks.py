@@ -118,7 +118,7 @@ class Mask:
 
   def __init__(self, fn, name, *, kind, params=None, arrays=None, children=(), band=None,
                table=None, data_dependent=False, grid_size=None, head_dependent=False,
-               check=None, parts=None, bounds=(False, False)):
+               check=None, parts=None, bounds=(False, False), axes=None):
     if kind not in KINDS:
       raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     self._fn = fn                  # (ctx, b, h, q, kv) -> bool (np or jnp)
@@ -137,6 +137,9 @@ class Mask:
     # Operands evaluated by table algebra ('and'/'or'/'not' and criss_cross).
     self._parts = tuple(children) if parts is None else tuple(parts)
     self._op = kind if kind in _COMPOSITE else ("or" if kind == "criss_cross" else None)
+    # Separable grid masks: (ax, q_coord, kv_coord, xp) -> bool, the predicate is the AND
+    # of it over the grid axes (static; gives the fast block tables of _separable_table).
+    self._axes = axes
     self._cache = {}
 
   @property
@@ -383,6 +386,10 @@ class Mask:
       got = self._band_fn()
       if got is not None:
         return _band_table(got, ctx, T, S, bq, bk, jnp if self.data_dependent else np)
+    if not self.data_dependent and not self.head_dependent:
+      fast = _separable_table(self, T, S, bq, bk)
+      if fast is not None:
+        return fast
     if self._op is not None and (self.data_dependent or
                                  T * S * ctx.num_heads * ctx.batch > _EXACT_LIMIT):
       tabs = [c._block_table(ctx, T, S, bq, bk) for c in self._parts]
@@ -576,6 +583,153 @@ def _band_table(band, ctx, T, S, bq, bk, xp):
   any_ = inter.reshape(nq, bq, nk).any(axis=1)
   all_ = cover.reshape(nq, bq, nk).all(axis=1)
   return _classify(any_, all_, xp)[None, None]
+
+
+def _separable_form(mask: Mask):
+  """``(shape, order, leaves, expr)`` when ``mask`` is an ``&``/``|``/``~`` formula
+  (``expr``: nested tuples over leaf numbers) of separable grid masks on one ``shape``,
+  seen in the token order ``order`` (grid index of each position; None = row-major,
+  else a :func:`tiled2d` order); None otherwise."""
+  if mask.data_dependent or mask.head_dependent:
+    return None
+  if mask._axes is not None:
+    return mask.params["shape"], None, [mask], ("leaf", 0)
+  if mask.kind == "tiled2d":
+    inner = _separable_form(mask.children[0])
+    p = mask.params
+    if inner is None or tuple(inner[0]) != tuple(p["shape"]):
+      return None
+    n = int(np.prod(p["shape"]))
+    order = np.asarray(tiled_to_flat(np.arange(n), p["shape"], p["tile"], p["offset"]))
+    if inner[1] is not None:
+      order = inner[1][order]
+    return inner[0], order, inner[2], inner[3]
+  if mask._op is None:
+    return None
+  forms = [_separable_form(c) for c in mask._parts]
+  if any(f is None or f[1] is not None for f in forms) or len({f[0] for f in forms}) != 1:
+    return None
+  leaves, exprs = [], []
+  for f in forms:
+    exprs.append(_renumber(f[3], len(leaves)))
+    leaves += f[2]
+  return forms[0][0], None, leaves, (mask._op, *exprs)
+
+
+def _renumber(expr, offset):
+  if expr[0] == "leaf":
+    return ("leaf", expr[1] + offset)
+  return (expr[0],) + tuple(_renumber(e, offset) for e in expr[1:])
+
+
+def _eval_expr(expr, vals):
+  op = expr[0]
+  if op == "leaf":
+    return vals[expr[1]]
+  args = [_eval_expr(e, vals) for e in expr[1:]]
+  if op == "not":
+    return ~args[0]
+  return (args[0] & args[1]) if op == "and" else (args[0] | args[1])
+
+
+def _segments(order, block, W):
+  """Maximal runs of positions in one tile whose grid indices are consecutive on one
+  grid row: ``(first segment of each tile, row index of the leading coordinates, x0, x1)``."""
+  n = order.shape[0]
+  pos = np.arange(n)
+  brk = np.ones(n, bool)
+  brk[1:] = (pos[1:] % block == 0) | (order[1:] != order[:-1] + 1) | (order[1:] % W == 0)
+  starts = np.flatnonzero(brk)
+  ends = np.append(starts[1:], n)
+  g = order[starts]
+  first = np.flatnonzero(np.diff(starts // block, prepend=-1))
+  return first, g // W, g % W, g % W + (ends - starts)
+
+
+def _struct_key(mask: Mask):
+  return (mask.kind, mask._params, tuple(_struct_key(c) for c in mask.children))
+
+
+_PAIR_CHUNK = 1 << 22
+_TABLE_CACHE: dict = {}   # (structure, T, S, bq, bk) -> table; separable masks only
+
+
+def _separable_table(mask: Mask, T, S, bq, bk):
+  """Exact block table of a formula of separable grid masks (see :func:`_separable_form`),
+  without evaluating the ``T x S`` predicate.
+
+  Every tile is cut into segments (runs of one grid row, consecutive in both orders).
+  On a pair of segments the leading grid coordinates are fixed, so each leaf is either
+  off on the whole pair or equal to its last-axis matrix ``A[x_q, x_kv]``: the pair's
+  class (empty / partial / full) depends only on the leaves' on/off pattern (looked up
+  for each pair of leading-coordinate rows) and the two ``x`` ranges, and is read from a
+  table built with 2D prefix sums of the formula's last-axis matrix per pattern.  A tile
+  pair is FULL when all its segment pairs are, EMPTY when all are, else PARTIAL.  Cost
+  ``O(segments_q * segments_kv)`` small-int lookups instead of ``O(T * S)`` predicate
+  evaluations; results are cached by the mask's structure.  None when not applicable.
+  """
+  form = _separable_form(mask)
+  if form is None:
+    return None
+  shape, order, leaves, expr = form
+  n = int(np.prod(shape))
+  if T != n or S != n or len(leaves) > 6:
+    return None
+  key = (_struct_key(mask), T, S, bq, bk)
+  if key in _TABLE_CACHE:
+    return _TABLE_CACHE[key]
+  order = np.arange(n) if order is None else order
+  W, lead = shape[-1], shape[:-1]
+  mats = []
+  for leaf in leaves:
+    per = []
+    for ax, L in enumerate(shape):
+      i = np.arange(L)
+      a = leaf._axes(ax, i[:, None], i[None, :], np)
+      per.append(np.ones((L, L), bool) if a is None else np.asarray(a, bool))
+    mats.append(per)
+  nl = len(leaves)
+  zero = np.zeros((W, W), bool)
+  last = np.stack([_eval_expr(expr, [mats[j][-1] if (c >> j) & 1 else zero for j in range(nl)])
+                   for c in range(1 << nl)])
+  pre = np.zeros((1 << nl, W + 1, W + 1), np.int64)
+  pre[:, 1:, 1:] = last.cumsum(1).cumsum(2)
+  qf, qrow, qx0, qx1 = _segments(order, bq, W)
+  kf, krow, kx0, kx1 = _segments(order, bk, W)
+  # leaves' on/off pattern for each pair of (unique) leading-coordinate rows
+  uq, qinv = np.unique(qrow, return_inverse=True)
+  uk, kinv = np.unique(krow, return_inverse=True)
+  qc = np.unravel_index(uq, lead) if lead else ()
+  kc = np.unravel_index(uk, lead) if lead else ()
+  code = np.zeros((len(uq), len(uk)), np.int8)
+  for j in range(nl):
+    on = np.ones(code.shape, bool)
+    for ax in range(len(lead)):
+      on &= mats[j][ax][qc[ax][:, None], kc[ax][None, :]]
+    code |= on.astype(np.int8) << j
+  # class of each (pattern, q x-range, kv x-range)
+  qr, qrinv = np.unique(np.stack([qx0, qx1], 1), axis=0, return_inverse=True)
+  kr, krinv = np.unique(np.stack([kx0, kx1], 1), axis=0, return_inverse=True)
+  qrinv, krinv = qrinv.reshape(-1), krinv.reshape(-1)
+  x0, x1 = qr[:, 0][None, :, None], qr[:, 1][None, :, None]
+  y0, y1 = kr[:, 0][None, None, :], kr[:, 1][None, None, :]
+  c = np.arange(1 << nl)[:, None, None]
+  cnt = pre[c, x1, y1] - pre[c, x0, y1] - pre[c, x1, y0] + pre[c, x0, y0]
+  state = _classify(cnt > 0, cnt == (x1 - x0) * (y1 - y0), np)
+  rows_per = max(1, _PAIR_CHUNK // len(krow))
+  lo_rows, hi_rows = [], []
+  for a in range(0, len(qrow), rows_per):
+    sl = slice(a, a + rows_per)
+    st = state[code[qinv[sl]][:, kinv], qrinv[sl, None], krinv[None, :]]
+    lo_rows.append(np.minimum.reduceat(st, kf, axis=1))
+    hi_rows.append(np.maximum.reduceat(st, kf, axis=1))
+  lo = np.minimum.reduceat(np.concatenate(lo_rows), qf, axis=0)
+  hi = np.maximum.reduceat(np.concatenate(hi_rows), qf, axis=0)
+  table = _classify(hi > EMPTY, lo == FULL, np)[None, None]
+  if len(_TABLE_CACHE) >= 64:
+    _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+  _TABLE_CACHE[key] = table
+  return table
 
 
 def _eval_table(mask: Mask, ctx, T, S, bq, bk):
@@ -906,6 +1060,22 @@ def _coords(idx, shape, xp):
   return out
 
 
+def _separable_mask(per_axis, shape, name, *, kind, params) -> Mask:
+  """A grid mask whose predicate is the AND over the axes ``ax`` of
+  ``per_axis(ax, q_coord, kv_coord, xp)`` (None: that axis does not constrain)."""
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(q, kv)
+    ok = None
+    for ax, (qi, ki) in enumerate(zip(_coords(q, shape, xp), _coords(kv, shape, xp))):
+      a = per_axis(ax, qi, ki, xp)
+      if a is not None:
+        ok = a if ok is None else ok & a
+    if ok is None:
+      return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
+    return ok
+  return Mask(fn, name, kind=kind, params=params, grid_size=int(np.prod(shape)), axes=per_axis)
+
+
 def neighborhood(shape, kernel, dilation=1, causal: Union[bool, Sequence[bool]] = False) -> Mask:
   """Neighborhood attention (NATTEN semantics) on a 1D/2D/3D token grid.
 
@@ -939,28 +1109,22 @@ def neighborhood(shape, kernel, dilation=1, causal: Union[bool, Sequence[bool]] 
       raise ValueError(f"kernel * dilation must be <= the grid size per axis; got "
                        f"kernel={kernel}, dilation={dilation} for shape={shape}")
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    ok = None
-    for (qi, ki, L, k, d, c) in zip(_coords(q, shape, xp), _coords(kv, shape, xp), shape,
-                                    kernel, dilation, causal_t):
-      r = qi % d
-      same = r == (ki % d)
-      p, pk = qi // d, ki // d
-      if c:
-        inw = (pk <= p) & (pk >= p - k + 1)
-      else:
-        Lr = (L - r + d - 1) // d
-        s = xp.clip(p - k // 2, 0, xp.maximum(Lr - k, 0))
-        inw = (pk >= s) & (pk < s + k)
-      a = same & inw
-      ok = a if ok is None else ok & a
-    return ok
-  n = int(np.prod(shape))
-  return Mask(fn, f"neighborhood({shape}, {kernel}, {dilation}, {causal_t})",
-              kind="neighborhood", params={"shape": shape, "kernel": kernel,
-                                           "dilation": dilation, "causal": causal_t},
-              grid_size=n)
+  def per_axis(ax, qi, ki, xp):
+    L, k, d = shape[ax], kernel[ax], dilation[ax]
+    r = qi % d
+    same = r == (ki % d)
+    p, pk = qi // d, ki // d
+    if causal_t[ax]:
+      inw = (pk <= p) & (pk >= p - k + 1)
+    else:
+      Lr = (L - r + d - 1) // d
+      s = xp.clip(p - k // 2, 0, xp.maximum(Lr - k, 0))
+      inw = (pk >= s) & (pk < s + k)
+    return same & inw
+  return _separable_mask(per_axis, shape, f"neighborhood({shape}, {kernel}, {dilation}, "
+                         f"{causal_t})", kind="neighborhood",
+                         params={"shape": shape, "kernel": kernel, "dilation": dilation,
+                                 "causal": causal_t})
 
 
 def window(shape, window, shift=0) -> Mask:
@@ -984,21 +1148,17 @@ def window(shape, window, shift=0) -> Mask:
     if s >= w:
       raise ValueError(f"shift must be < window per axis; got shift={sh}, window={win}")
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    ok = None
-    for qi, ki, L, w, s in zip(_coords(q, shape, xp), _coords(kv, shape, xp), shape, win, sh):
-      pq, pk = (qi - s) % L, (ki - s) % L
-      a = (pq // w) == (pk // w)
-      if s:
-        def region(p, L=L, w=w, s=s):
-          return (p >= L - w).astype(np.int32) + (p >= L - s).astype(np.int32)
-        a = a & (region(pq) == region(pk))
-      ok = a if ok is None else ok & a
-    return ok
-  return Mask(fn, f"window({shape}, {win}, shift={sh})", kind="window",
-              params={"shape": shape, "window": win, "shift": sh},
-              grid_size=int(np.prod(shape)))
+  def per_axis(ax, qi, ki, xp):
+    L, w, s = shape[ax], win[ax], sh[ax]
+    pq, pk = (qi - s) % L, (ki - s) % L
+    a = (pq // w) == (pk // w)
+    if s:
+      def region(p):
+        return (p >= L - w).astype(np.int32) + (p >= L - s).astype(np.int32)
+      a = a & (region(pq) == region(pk))
+    return a
+  return _separable_mask(per_axis, shape, f"window({shape}, {win}, shift={sh})", kind="window",
+                         params={"shape": shape, "window": win, "shift": sh})
 
 
 def grid(shape, grid) -> Mask:
@@ -1015,15 +1175,10 @@ def grid(shape, grid) -> Mask:
       raise ValueError(f"grid must divide shape per axis; got grid={g}, shape={shape}")
   steps = tuple(L // G for L, G in zip(shape, g))
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    ok = None
-    for qi, ki, st in zip(_coords(q, shape, xp), _coords(kv, shape, xp), steps):
-      a = (qi % st) == (ki % st)
-      ok = a if ok is None else ok & a
-    return ok
-  return Mask(fn, f"grid({shape}, {g})", kind="grid", params={"shape": shape, "grid": g},
-              grid_size=int(np.prod(shape)))
+  def per_axis(ax, qi, ki, xp):
+    return (qi % steps[ax]) == (ki % steps[ax])
+  return _separable_mask(per_axis, shape, f"grid({shape}, {g})", kind="grid",
+                         params={"shape": shape, "grid": g})
 
 
 def axial(shape, axis: int) -> Mask:
@@ -1037,19 +1192,10 @@ def axial(shape, axis: int) -> Mask:
     raise ValueError(f"axis must be in [-{len(shape)}, {len(shape)}), got {axis}")
   axis %= len(shape)
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    ok = None
-    for ax, (qi, ki) in enumerate(zip(_coords(q, shape, xp), _coords(kv, shape, xp))):
-      if ax == axis:
-        continue
-      a = qi == ki
-      ok = a if ok is None else ok & a
-    if ok is None:
-      return xp.ones(np.broadcast_shapes(xp.shape(q), xp.shape(kv)), bool)
-    return ok
-  return Mask(fn, f"axial({shape}, {axis})", kind="axial",
-              params={"shape": shape, "axis": axis}, grid_size=int(np.prod(shape)))
+  def per_axis(ax, qi, ki, xp):
+    return None if ax == axis else qi == ki
+  return _separable_mask(per_axis, shape, f"axial({shape}, {axis})", kind="axial",
+                         params={"shape": shape, "axis": axis})
 
 
 def criss_cross(shape) -> Mask:
@@ -1087,17 +1233,11 @@ def halo(shape, block, halo) -> Mask:  # pylint: disable=redefined-outer-name
       raise ValueError(f"block must be <= the grid size per axis; got block={blk} for "
                        f"shape={shape}")
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    ok = None
-    for qi, ki, bb, hh in zip(_coords(q, shape, xp), _coords(kv, shape, xp), blk, hl):
-      start = (qi // bb) * bb
-      a = (ki >= start - hh) & (ki < start + bb + hh)
-      ok = a if ok is None else ok & a
-    return ok
-  return Mask(fn, f"halo({shape}, {blk}, {hl})", kind="halo",
-              params={"shape": shape, "block": blk, "halo": hl},
-              grid_size=int(np.prod(shape)))
+  def per_axis(ax, qi, ki, xp):
+    start = (qi // blk[ax]) * blk[ax]
+    return (ki >= start - hl[ax]) & (ki < start + blk[ax] + hl[ax])
+  return _separable_mask(per_axis, shape, f"halo({shape}, {blk}, {hl})", kind="halo",
+                         params={"shape": shape, "block": blk, "halo": hl})
 
 
 def stripe(shape, width, axis: int) -> Mask:
@@ -1121,12 +1261,10 @@ def stripe(shape, width, axis: int) -> Mask:
   if width > shape[axis]:
     raise ValueError(f"width must be <= shape[{axis}]={shape[axis]}, got width={width}")
 
-  def fn(ctx, b, h, q, kv):
-    xp = _xp(q, kv)
-    return (_coords(q, shape, xp)[axis] // width) == (_coords(kv, shape, xp)[axis] // width)
-  return Mask(fn, f"stripe({shape}, {width}, axis={axis})", kind="stripe",
-              params={"shape": shape, "width": width, "axis": axis},
-              grid_size=int(np.prod(shape)))
+  def per_axis(ax, qi, ki, xp):
+    return (qi // width) == (ki // width) if ax == axis else None
+  return _separable_mask(per_axis, shape, f"stripe({shape}, {width}, axis={axis})",
+                         kind="stripe", params={"shape": shape, "width": width, "axis": axis})
 
 
 # ------------------------------------------------------------------ generic masks

@@ -735,6 +735,43 @@ def test_block_table_exact_static_grid(case, bq, bk):
     check_table(tab, arr, bq, bk, exact=True)
 
 
+SEPARABLE = [  # (mask, tiled2d (tile, offset) or None): odd sizes, dilation, shifts, 3D, formulas
+    (lambda: M.neighborhood((7, 9), 3), None),
+    (lambda: M.neighborhood((9, 11), (3, 5), dilation=(2, 2)), None),
+    (lambda: M.neighborhood((7, 8), 3, causal=(True, False)), None),
+    (lambda: M.neighborhood((3, 6, 7), (3, 3, 3), dilation=(1, 2, 2)), None),
+    (lambda: M.window((9, 12), (3, 4), shift=(2, 1)), None),
+    (lambda: M.axial((7, 10), 0), None),
+    (lambda: M.criss_cross((7, 5)), None),
+    (lambda: M.halo((9, 7), 3, 1) | M.stripe((9, 7), 2, 1), None),
+    (lambda: M.neighborhood((8, 9), 3) & ~M.window((8, 9), (4, 3), shift=1), None),
+    (lambda: M.window((8, 12), (4, 3), shift=(2, 1)), ((4, 3), (2, 1))),
+    (lambda: M.neighborhood((9, 12), 3, dilation=2), ((3, 4), (0, 0))),
+    (lambda: M.criss_cross((6, 9)), ((3, 3), (1, 2))),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SEPARABLE)))
+def test_block_table_separable_fast_path_equals_brute_force(case):
+    """The segment/prefix-sum tables of separable grid masks (and their formulas, plain or
+    tiled2d) equal the element-wise evaluation, ragged blocks included."""
+    make, tiled = SEPARABLE[case]
+    m = make()
+    if tiled is not None:
+        m = M.tiled2d(m, tiled[0], offset=tiled[1])
+    n = math.prod(M.find_spatial_shape(m) or m.params["shape"])
+    for bq, bk in [(1, 1), (3, 5), (8, 4), (16, 16), (n, 7), (64, 128)]:
+        fast = M._separable_table(m, n, n, bq, bk)
+        assert fast is not None
+        np.testing.assert_array_equal(fast, M._eval_table(m, M._Ctx(), n, n, bq, bk))
+    check_table(m.block_table(n, n, 5, 3), dense(m, n, n), 5, 3, exact=True)
+
+
+def test_block_table_separable_not_used_for_other_masks():
+    assert M._separable_table(M.neighborhood((4, 4), 3) & M.causal(), 16, 16, 4, 4) is None
+    assert M._separable_table(M.from_fn(lambda b, h, q, kv: q >= kv), 16, 16, 4, 4) is None
+
+
 @SETTINGS
 @given(case=broadcast_array(), bq=st.integers(1, 6), bk=st.integers(1, 6))
 def test_block_table_from_array_numpy_exact(case, bq, bk):

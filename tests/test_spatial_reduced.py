@@ -306,3 +306,120 @@ def test_dynamic_position_bias_matches_offset_loop_and_has_gradients():
              for g in grads.values())
   with pytest.raises(ValueError, match="missing"):
     S.dynamic_position_bias({k: v for k, v in params.items() if k != "w1"}, G)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def _ref_rotate(x_BTNH, pos_T2, rope, freqs=None, base=10000.0):
+  """Rotary embedding written out: angle of pair i from the (y, x) position, pairs
+  (i, i + H/2) rotated; 'axial': the first H/4 pairs use y, the rest x, each with the
+  ladder base^(-2i / (H/2)); 'mixed': angle = freqs[n, i] . (y, x) per head."""
+  T, N, H = x_BTNH.shape[1:]
+  half = H // 2
+  ang = np.zeros((T, N, half))
+  for t in range(T):
+    for i in range(half):
+      if rope == "axial":
+        d, j = divmod(i, half // 2)
+        ang[t, :, i] = pos_T2[t][d] * base ** (-2.0 * j / half)
+      else:
+        ang[t, :, i] = [float(np.dot(np.asarray(freqs)[n, i], pos_T2[t])) for n in range(N)]
+  c, s = jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+  xf = jnp.asarray(x_BTNH, jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def _grid_pos(Hh, Ww):
+  return np.array([[y, x] for y in range(Hh) for x in range(Ww)], np.float64)
+
+
+def _cell_centres(Hh, Ww, rh, rw):
+  """Mean (y, x) of the positions of each cell (clipped to the map), by loops."""
+  out = []
+  for i in range(-(-Hh // rh)):
+    for j in range(-(-Ww // rw)):
+      cell = [(y, x) for y in range(i * rh, min((i + 1) * rh, Hh))
+              for x in range(j * rw, min((j + 1) * rw, Ww))]
+      out.append(np.mean(np.asarray(cell, np.float64), 0))
+  return np.asarray(out)
+
+
+def ref_sra_rope(q, k, v, r, pad, rope, freqs=None):
+  """SRA with q rotated at its (y, x) and each pooled key at the mean of its cell's
+  coordinates (the cell centre), pooled by the explicit-loop averaging of _ref_pool."""
+  del pad
+  rh, rw = r
+  kr, vr = _ref_pool(k, rh, rw), _ref_pool(v, rh, rw)
+  kpos = _cell_centres(*k.shape[1:3], rh, rw)
+  qpos = _grid_pos(*q.shape[1:3])
+  o = _dense(_ref_rotate(_flat(q), qpos, rope, freqs), _ref_rotate(_flat(kr), kpos, rope, freqs),
+             _flat(vr))
+  return o.reshape(q.shape[:4] + (v.shape[-1],))
+
+
+ROPE_CASES = [("axial", 4, 2), ("mixed", 4, 4)]   # (rope, N, K): mixed needs K == N
+ROPE_DTYPES = [("xla", jnp.float32), ("xla", jnp.bfloat16),
+               pytest.param("xla_chunked", jnp.float32, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("impl, dtype", ROPE_DTYPES)
+@pytest.mark.parametrize("rope, N, K, shape, r, pad", [
+    ("axial", 4, 2, (9, 15), (3, 3), False),    # GQA, odd map, full cells
+    ("axial", 2, 1, (13, 17), (3, 4), True),    # partial border cells (centres move)
+    ("mixed", 2, 2, (7, 11), (2, 3), True)])
+def test_sra_rope_at_pooled_cell_centres_matches_reference(impl, dtype, rope, N, K, shape, r, pad):
+  q, k, v = _qkv(60, 1, *shape, N, K, 8, 6)
+  freqs = np.asarray(rnd(64, (N, 4, 2), scale=0.5)) if rope == "mixed" else None
+  op = lambda q, k, v: S.spatial_reduction_attention(q, k, v, sr_ratio=r, pad=pad, rope=rope,
+                                                     rope_freqs=freqs, implementation=impl)
+  ref = lambda q, k, v: ref_sra_rope(q, k, v, r, pad, rope, freqs)
+  _check_fwd_vjp(op, ref, (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("impl, dtype", ROPE_DTYPES[:2])
+@pytest.mark.parametrize("rope, N, K", ROPE_CASES)
+def test_hilo_rope_matches_reference(impl, dtype, rope, N, K):
+  s, lo = 3, 2
+  q, k, v = _qkv(70, 1, 6, 9, N, K, 8, 8)
+  freqs = np.asarray(rnd(74, (N, 4, 2), scale=0.5)) if rope == "mixed" else None
+  hi, hi_kv = N - lo, K - lo * K // N
+  pos = _grid_pos(6, 9)
+
+  def ref(q, k, v):  # Hi-Fi heads rotated at the map coordinates, then the plain HiLo
+    fq = None if freqs is None else freqs[:hi]
+    qh = _ref_rotate(_flat(q[..., :hi, :]), pos, rope, fq).reshape(q[..., :hi, :].shape)
+    kh = _ref_rotate(_flat(k[..., :hi_kv, :]), pos, rope, fq).reshape(k[..., :hi_kv, :].shape)
+    o_hi = ref_hilo(qh, kh, v[..., :hi_kv, :], s, 0)
+    o_lo = ref_sra_rope(q[..., hi:, :], k[..., hi_kv:, :], v[..., hi_kv:, :], (s, s), False,
+                        rope, None if freqs is None else freqs[hi:])
+    return jnp.concatenate([o_hi, o_lo], 3)
+
+  op = lambda q, k, v: S.hilo_attention(q, k, v, window_size=s, lo_heads=lo, rope=rope,
+                                        rope_freqs=freqs, implementation=impl)
+  _check_fwd_vjp(op, ref, (q, k, v), dtype)
+
+
+def test_pooled_positions_are_cell_centres():
+  got = S.pooled_positions((5, 4), 2, pad=True)
+  want = [[y, x] for y in (0.5, 2.5, 4.0) for x in (0.5, 2.5)]
+  np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+  np.testing.assert_array_equal(S.pooled_positions((4, 6), (1, 3)),
+                                [[y, x] for y in range(4) for x in (1.0, 4.0)])
+
+
+def test_rope_errors():
+  q, k, v = _qkv(80, 1, 6, 4, 4, 2, 8, 8)
+  with pytest.raises(ValueError, match=r"rope must be one of \(None, 'axial', 'mixed'\)"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="1d")
+  with pytest.raises(ValueError, match="rope_base must be a number > 1"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="axial", rope_base=1.0)
+  with pytest.raises(ValueError, match="head_dim divisible by 4"):
+    S.hilo_attention(q[..., :6], k[..., :6], v, window_size=2, lo_heads=2, rope="axial")
+  with pytest.raises(ValueError, match=r"rope_freqs \[N, H/2, 2\] = \[4, 4, 2\]"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="mixed", rope_freqs=jnp.ones((4, 4)))
+  with pytest.raises(ValueError, match="as many kv heads as query heads"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="mixed",
+                                  rope_freqs=jnp.ones((4, 4, 2)))
+  with pytest.raises(ValueError, match="rope_freqs must be None unless rope='mixed'"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope_freqs=jnp.ones((4, 4, 2)))

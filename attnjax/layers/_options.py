@@ -16,7 +16,7 @@ from typing import Any
 
 from attnjax.layers._core import _positive_int
 
-__all__ = ["split_options", "head_layout", "reject_common"]
+__all__ = ["split_options", "head_layout", "reject_common", "check_rope", "check_dropout_rate"]
 
 
 def split_options(mechanism: str, options: Mapping[str, Any], own: Mapping[str, Any],
@@ -84,3 +84,28 @@ def reject_common(mechanism: str, common: Mapping[str, Any], *, rope: str | None
   if dropout and common.get("dropout_rate"):
     raise ValueError(f"dropout_rate must be 0.0 for variant {mechanism!r} (the model's residual "
                      f"dropout applies), got dropout_rate={common['dropout_rate']!r}")
+
+
+def check_rope(mechanism: str, rope: Any, rope_base: Any, *, kinds: Sequence[Any],
+               head_dim: int) -> None:
+  """`rope` one of `kinds` (None = no RoPE), `rope_base > 1`, and a `head_dim` the kind
+  can rotate: even for `'1d'` / `'mixed'`, a multiple of 4 for `'axial'` (two grid axes);
+  each a `ValueError` naming the option."""
+  if rope not in kinds:
+    raise ValueError(f"rope must be one of {tuple(kinds)} for variant {mechanism!r}, got "
+                     f"rope={rope!r}")
+  if rope is None:
+    return
+  if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1:
+    raise ValueError(f"rope_base must be a number > 1, got rope_base={rope_base!r}")
+  need = 4 if rope == "axial" else 2
+  if head_dim % need:
+    raise ValueError(f"rope={rope!r} needs a head_dim (of q and k) divisible by {need}, got "
+                     f"head_dim={head_dim}")
+
+
+def check_dropout_rate(rate: Any) -> float:
+  """`dropout_rate` in `[0, 1)` (dropout on the layer output), as a float."""
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout_rate must be a number in [0, 1), got dropout_rate={rate!r}")
+  return float(rate)

@@ -28,8 +28,16 @@ per layer with `layers_attention` (e.g. `[{'name': 'davit', 'mode': 'window'},
 
 The configuration (`reduced_config`), the parameter specs (`param_specs`) and the forward
 pass on a parameter dict (`forward`) are plain functions shared with the Linen twin
-`attnjax.layers.reduced_linen.ReducedSpatialAttention`. No RoPE (`rope` must be None; the
-ViTs use learned position embeddings) and no decoding cache.
+`attnjax.layers.reduced_linen.ReducedSpatialAttention`.
+
+Common options: `rope` (None | 'axial' | 'mixed', `rope_base`): queries and keys rotate at
+their map coordinates `(y, x)`; a pooled or conv-reduced key (PVT/Twins GSA, HiLo Lo-Fi,
+S2AFormer) at the centre of its `r x r` cell (`attnjax.ops.spatial.pooled_positions`);
+'mixed' adds learnable `<unit>_rope_freqs [N, H/2, 2]` and needs `num_kv_heads ==
+num_heads`; DaViT's channel attention has no positions (rope must be None with a channel
+sub-layer). `dropout_rate`: dropout on the layer output when `deterministic=False`, as in
+every attnjax layer (no attention-probability dropout, see docs/layers.md). No decoding
+cache.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from attnjax.layers import _core
 from attnjax.layers import _options as _opt
 from attnjax.layers._core import ParamSpec, _positive_int
 from attnjax.layers.attention import make_param
+from attnjax.ops import positional as _pos
 from attnjax.ops.spatial import reduced as R
 
 __all__ = ["ReducedSpatialAttention", "ReducedConfig", "MECHANISMS", "reduced_config",
@@ -71,7 +80,7 @@ _OPTIONS = {  # mechanism -> its own options with defaults (sized for a 4x4 map)
     "crossformer": dict(mode="dual", group_size=2, dpb_dim=None),
 }
 _COMMON = dict(implementation=None, dtype=None, param_dtype=jnp.float32, rope=None,
-               dropout_rate=0.0, use_bias=False)
+               rope_base=10000.0, dropout_rate=0.0, use_bias=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +98,9 @@ class ReducedConfig:
   dtype: Any
   param_dtype: Any
   use_bias: bool
+  rope: Any = None
+  rope_base: float = 10000.0
+  dropout_rate: float = 0.0
 
   @property
   def opts(self) -> dict:
@@ -100,13 +112,24 @@ def reduced_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim
   naming a bad option and what it expects)."""
   own, common = _opt.split_options(mechanism, options, _OPTIONS.get(mechanism, {}), _COMMON,
                                    mechanisms=MECHANISMS)
-  _opt.reject_common(mechanism, common, rope="its reduced/channel tokens have no RoPE positions")
   num_kv_heads, head_dim = _opt.head_layout(d_model, num_heads, num_kv_heads, head_dim)
   mode = own.get("mode")
   if mechanism in _MODES and mode not in _MODES[mechanism]:
     raise ValueError(f"mode must be one of {_MODES[mechanism]} for variant {mechanism!r}, got "
                      f"mode={mode!r}")
   units = _UNITS[mechanism][mode]
+  rope = common["rope"]
+  if "chan" in units:
+    _opt.reject_common(mechanism, common, dropout=False,
+                       rope="channel attention's tokens are channels, with no map position")
+  if mechanism == "s2a":
+    _positive_int("qk_ratio", own["qk_ratio"])
+  qk_dim = head_dim // own["qk_ratio"] if mechanism == "s2a" else head_dim
+  _opt.check_rope(mechanism, rope, common["rope_base"], kinds=R.ROPE_KINDS, head_dim=qk_dim)
+  if rope == "mixed" and num_kv_heads != num_heads:
+    raise ValueError(f"rope='mixed' rotates keys with per-head frequencies: num_kv_heads must "
+                     f"equal num_heads={num_heads}, got num_kv_heads={num_kv_heads}")
+  dropout_rate = _opt.check_dropout_rate(common["dropout_rate"])
   for name in ("sr_ratio", "window", "group_size"):
     if name in own:
       R._pair(name, own[name])  # pylint: disable=protected-access
@@ -119,7 +142,6 @@ def reduced_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim
                        f"multiple of num_heads, got alpha={alpha!r}, num_heads={num_heads}, "
                        f"num_kv_heads={num_kv_heads}")
   if mechanism == "s2a":
-    _positive_int("qk_ratio", own["qk_ratio"])
     if head_dim % own["qk_ratio"]:
       raise ValueError(f"qk_ratio must divide head_dim={head_dim}, got qk_ratio={own['qk_ratio']}")
   if "chan" in units:
@@ -144,7 +166,8 @@ def reduced_config(mechanism, d_model, num_heads, *, num_kv_heads=None, head_dim
                        options=tuple(sorted(own.items())), implementation=impl,
                        dtype=_core._canonical_dtype("dtype", common["dtype"]),
                        param_dtype=_core._canonical_dtype("param_dtype", common["param_dtype"]),
-                       use_bias=bool(common["use_bias"]))
+                       use_bias=bool(common["use_bias"]), rope=rope,
+                       rope_base=float(common["rope_base"]), dropout_rate=dropout_rate)
 
 
 # ----------------------------------------------------------------------------- params
@@ -157,6 +180,10 @@ def _ones(key, shape, dtype=jnp.float32):
 def _zeros(key, shape, dtype=jnp.float32):
   del key
   return jnp.zeros(shape, dtype)
+
+
+def _mixed_init(key, shape, dtype=jnp.float32):
+  return _pos.init_rope_mixed_frequencies(key, shape[0], 2 * shape[1], shape[2]).astype(dtype)
 
 
 def _unit_specs(cfg: ReducedConfig, unit: str) -> dict[str, ParamSpec]:
@@ -182,6 +209,8 @@ def _unit_specs(cfg: ReducedConfig, unit: str) -> dict[str, ParamSpec]:
       specs["sr_bias"] = ParamSpec((D,), _zeros, ("embed",))
       specs["sr_norm_scale"] = ParamSpec((D,), _ones, ("embed",))
       specs["sr_norm_bias"] = ParamSpec((D,), _zeros, ("embed",))
+  if cfg.rope == "mixed":
+    specs["rope_freqs"] = ParamSpec((N, Hqk // 2, 2), _mixed_init, ("heads", None, None))
   if unit == "s2a" and o["local_perception"]:
     specs["lp_kernel"] = ParamSpec((3, 3, K, H), jax.nn.initializers.normal(0.02),
                                    (None, None, "kv_heads", "head_dim"))
@@ -207,7 +236,7 @@ def param_specs(cfg: ReducedConfig) -> dict[str, ParamSpec]:
   """Parameters `'<unit>_<name>'` of every sub-layer: `q_kernel [D,N,H]`, `k_kernel
   [D,K,H]`, `v_kernel [D,K,H]`, `o_kernel [N,H,D]` (+ biases); 'sra': `sr_kernel
   [r*r*D, D]`, `sr_bias`, `sr_norm_scale/bias [D]`; 's2a': `lp_kernel [3,3,K,H]`;
-  'sda'/'lda': the DPB MLP `dpb_*`."""
+  'sda'/'lda': the DPB MLP `dpb_*`; `rope='mixed'`: `rope_freqs [N, H/2, 2]`."""
   out = {}
   for unit in cfg.units:
     for name, spec in _unit_specs(cfg, unit).items():
@@ -266,6 +295,11 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
     if r != (1, 1):
       kv_in = _sr_reduce(x, p, r, dtype)
   k, v = proj(kv_in, "k"), proj(kv_in, "v")
+  rope = dict(rope=cfg.rope, rope_base=cfg.rope_base, rope_freqs=p.get("rope_freqs"))
+  if cfg.rope is not None and unit not in ("hilo", "s2a"):  # the ops rotate HiLo / S2A
+    grid = _pos.grid_coordinates((Hh, Ww))
+    q = R.rope_map(q, grid, **rope)
+    k = R.rope_map(k, grid if kv_in is x else R.pooled_positions((Hh, Ww), r), **rope)
   if unit == "win":
     w = R._pair("window", o["window"])  # pylint: disable=protected-access
     if Hh % w[0] or Ww % w[1]:
@@ -279,9 +313,11 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
     out = R.spatial_reduction_attention(q, k, v, sr_ratio=1, implementation=impl)
   elif unit == "hilo":
     lo = round(float(o["alpha"]) * cfg.num_heads)
-    out = R.hilo_attention(q, k, v, window_size=o["window"], lo_heads=lo, implementation=impl)
+    out = R.hilo_attention(q, k, v, window_size=o["window"], lo_heads=lo, implementation=impl,
+                           **rope)
   elif unit == "s2a":
-    out = R.spatial_reduction_attention(q, k, v, sr_ratio=o["sr_ratio"], implementation=impl)
+    out = R.spatial_reduction_attention(q, k, v, sr_ratio=o["sr_ratio"], implementation=impl,
+                                        **rope)
     if o["local_perception"]:
       out = out + jnp.repeat(_depthwise3x3(v, p["lp_kernel"]), cfg.num_heads // cfg.num_kv_heads, 3)
   elif unit == "chan":
@@ -298,9 +334,10 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
   return y
 
 
-def forward(cfg: ReducedConfig, params: dict, x):
+def forward(cfg: ReducedConfig, params: dict, x, *, dropout=None):
   """The layer on a parameter dict: `x [B, Hh, Ww, D] -> [B, Hh, Ww, D]`; one sub-layer
-  `f1(x)`, or two: `f1(x) + f2(x + f1(x))`."""
+  `f1(x)`, or two: `f1(x) + f2(x + f1(x))`; `dropout` (a callable or None) is applied to
+  the result."""
   if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[-1] != cfg.d_model:
     raise ValueError(f"x must be a token map [B, Hh, Ww, D={cfg.d_model}] for variant "
                      f"{cfg.mechanism!r}, got shape {getattr(x, 'shape', None)}")
@@ -312,6 +349,8 @@ def forward(cfg: ReducedConfig, params: dict, x):
     inp = x if y is None else x + y
     out = _unit_forward(cfg, unit, p, inp, dtype)
     y = out if y is None else y + out
+  if dropout is not None:
+    y = dropout(y)
   return _core.constrain(y, ("batch", None, None, "embed"))
 
 
@@ -328,8 +367,9 @@ class ReducedSpatialAttention(nnx.Module):
     mechanism: one of `MECHANISMS`.
     **options: the mechanism's options (`sr_ratio`, `mode`, `window`, `alpha`,
       `qk_ratio`, `local_perception`, `num_groups`, `group_size`, `dpb_dim`) and
-      `implementation`, `dtype`, `param_dtype`, `use_bias`.
-    rngs: `nnx.Rngs`.
+      `implementation`, `dtype`, `param_dtype`, `use_bias`, `rope`, `rope_base`,
+      `dropout_rate` (see the module docstring).
+    rngs: `nnx.Rngs` ('params'; 'dropout' when `dropout_rate > 0`).
 
   Call: `layer(x [B, Hh, Ww, D], *, deterministic=True) -> [B, Hh, Ww, D]`.
   """
@@ -342,15 +382,18 @@ class ReducedSpatialAttention(nnx.Module):
     self._param_names = tuple(specs)
     for name, spec in specs.items():
       setattr(self, name, make_param(rngs, spec, self.config.param_dtype))
+    self.dropout = nnx.Dropout(self.config.dropout_rate, rngs=rngs)
 
   def params_dict(self) -> dict:
     return {name: getattr(self, name)[...] for name in self._param_names}
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    del deterministic
     _check_call(segment_ids, positions, cache)
-    return forward(self.config, self.params_dict(), x)
+    dropout = None
+    if self.config.dropout_rate > 0 and not deterministic:
+      dropout = lambda y: self.dropout(y, deterministic=False)
+    return forward(self.config, self.params_dict(), x, dropout=dropout)
 
 
 # The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).

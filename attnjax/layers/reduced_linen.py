@@ -34,8 +34,7 @@ class ReducedSpatialAttention(nn.Module):
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    del deterministic
     _red._check_call(segment_ids, positions, cache)  # pylint: disable=protected-access
     cfg = self._config()
     params = _linen.params_from_specs(self, _red.param_specs(cfg), cfg.param_dtype)
-    return _red.forward(cfg, params, x)
+    return _red.forward(cfg, params, x, dropout=_linen.dropout_fn(cfg.dropout_rate, deterministic))

@@ -14,6 +14,8 @@ from attnjax.ops.spatial.reduced import (
     dynamic_position_bias,
     hilo_attention,
     long_short_distance_attention,
+    pooled_positions,
+    rope_map,
     spatial_reduction_attention,
 )
 from attnjax.ops.spatial.windowed import (
@@ -34,5 +36,5 @@ __all__ = [
     # spatial reduction, channel-group, long/short distance (attnjax.ops.spatial.reduced)
     "avg_pool_map", "channel_group_attention", "dpb_relative_coordinates",
     "dynamic_position_bias", "hilo_attention", "long_short_distance_attention",
-    "spatial_reduction_attention",
+    "pooled_positions", "rope_map", "spatial_reduction_attention",
 ]

@@ -26,12 +26,15 @@ import numpy as np
 
 from attnjax import masks as _masks
 from attnjax.core import hooks
+from attnjax.ops import positional as _pos
 
 __all__ = ["avg_pool_map", "spatial_reduction_attention", "hilo_attention",
            "channel_group_attention", "long_short_distance_attention",
-           "dynamic_position_bias", "dpb_relative_coordinates", "LSDA_MODES"]
+           "dynamic_position_bias", "dpb_relative_coordinates", "LSDA_MODES", "ROPE_KINDS",
+           "pooled_positions", "rope_map"]
 
 LSDA_MODES = ("short", "long")
+ROPE_KINDS = (None, "axial", "mixed")
 _LN_EPS = 1e-5
 
 
@@ -67,6 +70,13 @@ def _check_qkv_maps(q, k, v, *, same_q_map=True):
   if q.shape[3] % k.shape[3]:
     raise ValueError(f"the heads N={q.shape[3]} of q must be a multiple of the kv heads "
                      f"K={k.shape[3]} of k")
+
+
+def _check_rope_heads(rope, rope_base, rope_freqs, q, k):
+  _check_rope(rope, rope_base, rope_freqs, q.shape[3], q.shape[4])
+  if rope == "mixed" and k.shape[3] != q.shape[3]:
+    raise ValueError(f"rope='mixed' needs as many kv heads as query heads (per-head "
+                     f"frequencies), got N={q.shape[3]}, K={k.shape[3]}")
 
 
 def _flat(x):
@@ -114,9 +124,81 @@ def avg_pool_map(x, sr_ratio, *, pad=False):
   return (sums / count).astype(x.dtype)
 
 
+# ----------------------------------------------------------------------------- RoPE
+
+def pooled_positions(shape, sr_ratio, *, pad=False):
+  """RoPE positions of the pooled keys: the centres of the ``r x r`` cells.
+
+  Cell ``(i, j)`` of :func:`avg_pool_map` covers rows ``[i rh, i rh + n_i)`` and columns
+  ``[j rw, j rw + m_j)`` of the map (``n_i = min(rh, Hh - i rh)``, ``m_j`` likewise, so
+  a partial border cell with ``pad=True`` counts only its positions inside the map); its
+  position is the centre ``(i rh + (n_i - 1) / 2, j rw + (m_j - 1) / 2)``, in the
+  coordinates of the unpooled map (row, column).
+
+  Returns:
+    float32 NumPy ``[ceil(Hh/rh) * ceil(Ww/rw), 2]``, row-major over the cells.
+  """
+  Hh, Ww = _pair("shape", shape)
+  rh, rw = _pair("sr_ratio", sr_ratio)
+  if not pad and (Hh % rh or Ww % rw):
+    raise ValueError(f"sr_ratio={(rh, rw)} must divide the map (Hh, Ww)={(Hh, Ww)}; pass "
+                     f"pad=True for partial border cells")
+  axes = []
+  for L, r in ((Hh, rh), (Ww, rw)):
+    start = r * np.arange(-(-L // r))
+    axes.append(start + (np.minimum(r, L - start) - 1) / 2)
+  yy, xx = np.meshgrid(*axes, indexing="ij")
+  return np.stack([yy.reshape(-1), xx.reshape(-1)], -1).astype(np.float32)
+
+
+def _check_rope(rope, rope_base, rope_freqs, num_heads, head_dim):
+  if rope not in ROPE_KINDS:
+    raise ValueError(f"rope must be one of {ROPE_KINDS} (positions are map coordinates), got "
+                     f"rope={rope!r}")
+  if rope is None:
+    if rope_freqs is not None:
+      raise ValueError("rope_freqs must be None unless rope='mixed'")
+    return
+  if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1:
+    raise ValueError(f"rope_base must be a number > 1, got rope_base={rope_base!r}")
+  if rope == "axial" and head_dim % 4:
+    raise ValueError(f"rope='axial' needs a head_dim divisible by 4 (two axes of rotation "
+                     f"pairs), got head_dim={head_dim}")
+  if rope == "mixed" and (head_dim % 2 or getattr(rope_freqs, "shape", None)
+                          != (num_heads, head_dim // 2, 2)):
+    raise ValueError(f"rope='mixed' needs an even head_dim and rope_freqs [N, H/2, 2] = "
+                     f"[{num_heads}, {head_dim // 2}, 2], got head_dim={head_dim}, rope_freqs "
+                     f"shape {getattr(rope_freqs, 'shape', None)}")
+
+
+def rope_map(x, positions, rope, *, rope_base=10000.0, rope_freqs=None):
+  """Rotary embedding of a map's tokens at given 2D positions.
+
+  ``x [B, Hh, Ww, N, H]`` (or flat ``[B, T, N, H]``), ``positions [T, 2]`` (row, column;
+  float allowed: pooled cell centres). ``rope='axial'``: RoPE-Axial with ``rope_base``
+  (:func:`attnjax.ops.positional.apply_rope_axial`); ``'mixed'``: RoPE-Mixed with the
+  per-head frequencies ``rope_freqs [N, H/2, 2]``
+  (:func:`attnjax.ops.positional.rope_angles_mixed`); None: ``x`` unchanged.
+  """
+  if rope is None:
+    return x
+  flat = x.reshape((x.shape[0], -1) + x.shape[-2:])
+  pos = jnp.asarray(positions, jnp.float32)
+  if rope == "axial":
+    out = _pos.apply_rope_axial(flat, pos, base=rope_base)
+  else:
+    out = _pos.apply_rotary(flat, _pos.rope_angles_mixed(pos[None], rope_freqs))
+  return out.reshape(x.shape)
+
+
+def _grid_positions(x):
+  return _pos.grid_coordinates(x.shape[1:3]).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- SRA
 
-def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, implementation=None,
+def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, rope=None,
+                                rope_base=10000.0, rope_freqs=None, implementation=None,
                                 block_sizes=None):
   """Spatial-reduction attention (PVT SRA; Twins-SVT GSA; LITv2 Lo-Fi).
 
@@ -140,13 +222,24 @@ def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, imp
     sr_ratio: ``r`` (int or ``(rh, rw)``); must divide ``(Hh, Ww)`` unless ``pad``.
     pad: average partial border cells when ``r`` does not divide the map.
     scale: logit scale (default ``1/sqrt(H)``).
+    rope: None, ``'axial'`` or ``'mixed'``: rotary embedding of ``q`` at its map
+      coordinates ``(y, x)`` and of each pooled key at the centre of its cell
+      (:func:`pooled_positions`, in ``k``'s map coordinates), applied after pooling;
+      see :func:`rope_map`.
+    rope_base: base of ``'axial'``. rope_freqs: ``[N, H/2, 2]`` for ``'mixed'`` (then
+      ``K == N``: a shared key cannot rotate with several query heads' frequencies).
     implementation, block_sizes: passed to :func:`attnjax.attention`.
   Returns:
     ``[B, Hq, Wq, N, Hv]`` in ``q.dtype``.
   """
   _check_qkv_maps(q, k, v, same_q_map=False)
+  _check_rope_heads(rope, rope_base, rope_freqs, q, k)
   k_red = avg_pool_map(k, sr_ratio, pad=pad)
   v_red = avg_pool_map(v, sr_ratio, pad=pad)
+  if rope is not None:
+    q = rope_map(q, _grid_positions(q), rope, rope_base=rope_base, rope_freqs=rope_freqs)
+    k_red = rope_map(k_red, pooled_positions(k.shape[1:3], sr_ratio, pad=pad), rope,
+                     rope_base=rope_base, rope_freqs=rope_freqs)
   out_BTNH = hooks.attention(_flat(q), _flat(k_red), _flat(v_red), scale=scale,
                              implementation=implementation, block_sizes=block_sizes)
   return out_BTNH.reshape(q.shape[:4] + (v.shape[-1],))
@@ -154,8 +247,8 @@ def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, imp
 
 # ----------------------------------------------------------------------------- HiLo
 
-def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, implementation=None,
-                   block_sizes=None):
+def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, rope=None,
+                   rope_base=10000.0, rope_freqs=None, implementation=None, block_sizes=None):
   """HiLo attention (LITv2): Hi-Fi heads attend inside ``s x s`` windows, Lo-Fi heads
   attend from every query to the ``s x s`` average-pooled keys/values.
 
@@ -171,11 +264,15 @@ def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, implementation
     q: ``[B, Hh, Ww, N, H]``; k ``[B, Hh, Ww, K, H]``; v ``[B, Hh, Ww, K, Hv]``.
     window_size: ``s`` (int or pair), dividing ``(Hh, Ww)``.
     lo_heads: number of Lo-Fi query heads, ``0 <= lo_heads <= N`` (LITv2's ``alpha N``).
+    rope, rope_base, rope_freqs: as in :func:`spatial_reduction_attention`: Hi-Fi heads
+      rotate queries and keys at their map coordinates, Lo-Fi heads rotate the pooled
+      keys at the cell centres (``rope_freqs`` rows split with the heads).
     scale, implementation, block_sizes: as in :func:`spatial_reduction_attention`.
   Returns:
     ``[B, Hh, Ww, N, Hv]``.
   """
   _check_qkv_maps(q, k, v)
+  _check_rope_heads(rope, rope_base, rope_freqs, q, k)
   s = _pair("window_size", window_size)
   Hh, Ww, N, K = q.shape[1], q.shape[2], q.shape[3], k.shape[3]
   if Hh % s[0] or Ww % s[1]:
@@ -189,16 +286,21 @@ def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, implementation
   lo_kv = lo_heads * K // N
   hi, hi_kv = N - lo_heads, K - lo_kv
   outs = []
+  freqs = (None, None) if rope_freqs is None else (rope_freqs[:hi], rope_freqs[hi:])
   if hi:
     mask = _masks.window((Hh, Ww), s)
-    o = hooks.attention(_flat(q[..., :hi, :]), _flat(k[..., :hi_kv, :]), _flat(v[..., :hi_kv, :]),
+    pos = _grid_positions(q)
+    qh, kh = (rope_map(x, pos, rope, rope_base=rope_base, rope_freqs=freqs[0])
+              for x in (q[..., :hi, :], k[..., :hi_kv, :]))
+    o = hooks.attention(_flat(qh), _flat(kh), _flat(v[..., :hi_kv, :]),
                         mask=mask, scale=scale, implementation=implementation,
                         block_sizes=block_sizes)
     outs.append(o.reshape(q.shape[:3] + (hi, v.shape[-1])))
   if lo_heads:
     outs.append(spatial_reduction_attention(
         q[..., hi:, :], k[..., hi_kv:, :], v[..., hi_kv:, :], sr_ratio=s, scale=scale,
-        implementation=implementation, block_sizes=block_sizes))
+        rope=rope, rope_base=rope_base, rope_freqs=freqs[1], implementation=implementation,
+        block_sizes=block_sizes))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
