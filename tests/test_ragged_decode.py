@@ -256,7 +256,8 @@ def test_gated_layer_ragged_state_and_conv_are_each_rows_own(mechanism):
     np.testing.assert_allclose(y1[b], yb1[0], **TOL, err_msg=f"row {b} step")
 
 
-@pytest.mark.parametrize("mechanism", GATED)
+@pytest.mark.parametrize("mechanism", [
+    "gla", *(pytest.param(m, marks=pytest.mark.slow) for m in GATED[1:])])
 def test_generate_ragged_gated_equals_per_sequence(mechanism):
   """generate(prompt_lengths=) with a gated / delta-rule / Mamba-2 layer (plus an MHA
   layer) equals per-sequence generation, tokens and logits."""
