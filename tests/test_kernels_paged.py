@@ -159,3 +159,42 @@ def test_paged_errors():
     mod.paged_flash_attention(q, kp[0], vp, table)
   with pytest.raises(ValueError, match="block_k must be None or page_size=128"):
     mod.paged_flash_attention(q, kp, vp, table, block_sizes=mod.BlockSizes(block_k=256))
+
+
+def test_layer_paged_cache_runs_the_paged_kernel():
+  """An MHA layer with ``implementation='pallas_tpu'`` and a paged cache (128-token pages,
+  a shuffled table with spare pages) runs the paged kernel (no gather of the K/V pools in
+  the graph) over a ragged prefill and a step, and equals the contiguous cache on 'xla'."""
+  from flax import nnx
+
+  from attnjax import layers
+  D, B, ps = 16, 2, 128
+  opts = dict(num_kv_heads=2, causal=True, rope="1d", sinks=True,
+              mask=layers.MaskSpec("sliding_window", left=150))
+  paged_layer = layers.MultiHeadAttention(D, 4, implementation="pallas_tpu", rngs=nnx.Rngs(3),
+                                          **opts)
+  flat_layer = layers.MultiHeadAttention(D, 4, implementation="xla", rngs=nnx.Rngs(3), **opts)
+  x = jax.random.normal(jax.random.key(4), (B, 200, D))
+  lens = jnp.asarray([180, 140], jnp.int32)
+  seg = jnp.where(jnp.arange(180)[None] < lens[:, None], 0, -1)
+  table = jnp.asarray([[4, 1], [0, 3]], jnp.int32)
+  paged = layers.init_kv_cache(paged_layer.config, B, 2 * ps, page_size=ps, num_pages=5,
+                               page_table=table)
+  flat = flat_layer.init_cache(B, 2 * ps)
+  run = lambda layer: jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))
+  rp, rf = run(paged_layer), run(flat_layer)
+  jaxpr = str(jax.make_jaxpr(lambda a, c, s: paged_layer(a, segment_ids=s, cache=c))(
+      x[:, :180], paged, seg))
+  assert "attnjax_flash_fwd_paged" in jaxpr or "attnjax_flash_fwd_split_paged" in jaxpr
+  # a page size the TPU kernel cannot tile (not a multiple of 128) takes the gather path
+  small = layers.init_kv_cache(paged_layer.config, B, 2 * ps, page_size=64)
+  jaxpr64 = str(jax.make_jaxpr(lambda a, c: paged_layer(a, cache=c))(x[:, :3], small))
+  assert "attnjax_flash_fwd" in jaxpr64 and "_paged" not in jaxpr64
+  ya, paged = rp(x[:, :180], paged, seg)
+  yb, flat = rf(x[:, :180], flat, seg)
+  np.testing.assert_allclose(ya, yb, **TOL[jnp.float32])
+  step = jnp.stack([x[b, int(n):int(n) + 1] for b, n in enumerate(lens)])
+  ya, paged = rp(step, paged)
+  yb, flat = rf(step, flat)
+  np.testing.assert_allclose(ya, yb, **TOL[jnp.float32])
+  assert np.all(np.asarray(paged.k)[2] == 0)                       # the spare page

@@ -193,7 +193,7 @@ def test_paged_cache_equals_contiguous():
   table = jnp.asarray([[7, 2, 5], [0, 6, 3]], jnp.int32)          # 3 pages per row, 8 in pool
   paged = layers.init_kv_cache(layer.config, B, 9, page_size=ps, num_pages=8, page_table=table)
   flat = layer.init_cache(B, 9)
-  assert paged.paged and paged.max_len == 9 and paged.k.shape == (8, ps, 2, 4)
+  assert paged.paged and paged.max_len == 9 and paged.k.shape == (8, 2, ps, 4)
   run = jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))
   ya, paged = run(x[:, :5], paged, seg)
   yb, flat = run(x[:, :5], flat, seg)
