@@ -198,3 +198,25 @@ def test_layer_paged_cache_runs_the_paged_kernel():
   yb, flat = rf(step, flat)
   np.testing.assert_allclose(ya, yb, **TOL[jnp.float32])
   assert np.all(np.asarray(paged.k)[2] == 0)                       # the spare page
+
+
+def test_generate_paged_pallas_equals_contiguous():
+  """``generate(page_size=128)`` of an LM whose layers ask for 'pallas_tpu' (the paged
+  kernel in interpret mode) equals the contiguous cache, ragged prompts included."""
+  import ml_collections
+  from flax import nnx
+
+  from attnjax import models
+  cfg = models.default_config("lm")
+  cfg.num_layers = 1
+  cfg.num_kv_heads = 2
+  cfg.attention = ml_collections.ConfigDict({"name": "mha", "implementation": "pallas_tpu"})
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  prompt = jax.random.randint(jax.random.key(1), (2, 5), 1, 64)
+  cache = model.init_cache(2, 200, page_size=128)
+  jaxpr = str(jax.make_jaxpr(lambda t, c: model(t, cache=c))(prompt, cache))
+  assert "attnjax_flash_fwd_paged" in jaxpr
+  lens = jnp.asarray([5, 3], jnp.int32)
+  want = models.generate(model, prompt, 3, prompt_lengths=lens, max_len=200)
+  got = models.generate(model, prompt, 3, prompt_lengths=lens, max_len=200, page_size=128)
+  np.testing.assert_array_equal(got, want)
