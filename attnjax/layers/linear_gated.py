@@ -28,8 +28,9 @@ Decoding: `init_cache(batch, max_len)` returns `{'state': S [B, N, Hv, H] float3
 token and the chunked form for a prefill. Ragged prompts: with a cache, `segment_ids < 0`
 mark right padding; padded steps are identity transitions (zero key / beta / dt, decay 1),
 so each row's state is the state at its own length, its conv inputs are taken at that
-length, its RoPE positions continue from `lengths[b]`, and padding outputs are 0. Context parallelism: under the trainer's mesh with a `context` axis > 1 (and
-no cache) the op runs with the sequence split over it, the state passed between the shards
+length, its RoPE positions continue from `lengths[b]`, and padding outputs are 0.
+Context parallelism: under the trainer's mesh with a `context` axis > 1 (and no cache)
+the op runs with the sequence split over it, the state passed between the shards
 (`attnjax.parallel.linear_cp`); the short convs run on the whole sequence, so the result
 is the same as on one device. The option validation (`gated_config`), `init_state` and
 `forward` are plain functions shared with the Linen twin

@@ -235,10 +235,10 @@ def _tile_index(cfg, b, kh, qb, kb):
 
 def _refs(cfg, refs, n_out, n_scratch, kind):
   """The kernel's refs (:class:`tm.KernelRefs`) after the ``rows, cols, flags``
-  scalar-prefetch schedule."""
+  scalar-prefetch schedule (and the page table of a paged forward)."""
   aliased = kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias)
-  r = tm.KernelRefs(cfg, refs, n_lead=4 if cfg.paged else 3, kind=kind, n_out=n_out, n_scratch=n_scratch,
-                        aliased=aliased)
+  r = tm.KernelRefs(cfg, refs, n_lead=4 if cfg.paged else 3, kind=kind, n_out=n_out,
+                    n_scratch=n_scratch, aliased=aliased)
   r.rows, r.cols, r.flags = r.lead[:3]
   return r
 
