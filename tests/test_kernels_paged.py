@@ -6,7 +6,8 @@ table and the K/V index map picks page ``page_table[b, kb]`` for row ``b``'s key
 oracle is :func:`attnjax.reference_attention` on the gathered view (the XLA gather path),
 differentiated through the gather (so pool gradients sum over rows sharing a page).
 Checked three ways: interpret mode forward and backward (random cotangents on the output
-and ``lse``), the TPU-semantics interpreter with race detection, and ``jax.export``
+and ``lse``), the TPU-semantics interpreter with race detection (in
+test_kernels_tpu_semantics.py, with this file's runner), and ``jax.export``
 lowering for the hardware platform, forward and backward; plus the layer and ``generate``
 wiring (``implementation='pallas_*'`` with a paged cache equals the contiguous cache).
 """
@@ -97,31 +98,6 @@ def test_paged_kernel_equals_gathered_reference(backend, T, dtype, splits):
   spare = [p for p in range(NUM_PAGES) if p not in TABLE]
   for g in got[1][1:3]:                       # pools: spare pages get no gradient
     assert np.all(np.asarray(g)[spare] == 0)
-
-
-def test_paged_tpu_semantics_no_races():
-  """The paged forward (and the gathered backward kernels) under the TPU-semantics
-  interpreter: NaN-filled buffers, two simulated cores, race detection."""
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _ipc
-  from jax.experimental.pallas import tpu as pltpu
-  states = []
-  base = _ipc.RaceDetectionState
-
-  class Recorded(base):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      states.append(self)
-
-  params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
-                                 num_cores_or_threads=2)
-  _ipc.RaceDetectionState = Recorded
-  try:
-    got, want = _pair("tpu", jnp.float32, 1, num_splits=2, seed=9, interpret=params)
-  finally:
-    _ipc.RaceDetectionState = base
-    pltpu.reset_tpu_interpret_mode_state()
-  _assert_close(got, want, jnp.float32)
-  assert len(states) >= 3 and not [i for i, s in enumerate(states) if s.races_found]
 
 
 @pytest.mark.parametrize("backend,platform", [("tpu", "tpu")])

@@ -42,7 +42,8 @@ from attnjax.ops import linear as linear_ops
 from attnjax.ops.linear import _core as _linear_core
 
 __all__ = ["attention", "paged_attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS",
-           "auto_candidates", "implementations", "Implementation", "FAMILIES", "Unsupported", "registry"]
+           "auto_candidates", "implementations", "Implementation", "FAMILIES", "Unsupported",
+           "registry"]
 
 #: The softmax implementation names (compatibility; see :func:`implementations`).
 IMPLEMENTATIONS = registry.IMPLEMENTATIONS
