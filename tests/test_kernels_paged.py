@@ -22,7 +22,9 @@ import attnjax
 from attnjax import masks
 from attnjax.kernels import flash_wrapper as fw
 
-PAGE = {"tpu": 128}
+PAGE = {"tpu": 128, "gpu": 64}
+# per-row lengths: row 0 ends inside its third page, row 1 inside its second
+LENGTHS = {"tpu": (300, 200), "gpu": (150, 100)}
 PAGED_BACKENDS = tuple(PAGE)
 # row 0: 3 pages (last partly used); row 1: 2 pages, shares page 5 with row 0, one spare
 TABLE = np.asarray([[7, 2, 5], [5, 0, 6]], np.int32)
@@ -39,12 +41,12 @@ def _inputs(backend, dtype, T, seed, N=4, K=2, H=32, Hv=16):
   return rng, q, kp, vp, sinks
 
 
-def _pair(backend, dtype, T, *, num_splits, seed=0, interpret=True, kv_lengths=(300, 200)):
+def _pair(backend, dtype, T, *, num_splits, seed=0, interpret=True):
   """Paged kernel vs the reference on the gathered view: ((out, lse), grads) of both, the
   grads w.r.t. q, k_pages, v_pages and the sinks under random cotangents."""
   rng, q, kp, vp, sinks = _inputs(backend, dtype, T, seed)
   table = jnp.asarray(TABLE)
-  S = TABLE.shape[1] * PAGE[backend]
+  kv_lengths = LENGTHS[backend]
   kl = jnp.asarray(kv_lengths, jnp.int32)
   mask = masks.lengths(None, kl) & masks.causal(offset=int(max(kv_lengths)) - T)
   mod = kernel_module(backend)
@@ -58,7 +60,6 @@ def _pair(backend, dtype, T, *, num_splits, seed=0, interpret=True, kv_lengths=(
     return attnjax.reference_attention(q, fw.gather_pages(kp, table), fw.gather_pages(vp, table),
                                        mask=mask, sinks=s, softcap=8.0, return_lse=True)
 
-  del S
   args = (q, kp, vp, sinks)
   outs = []
   cts = None
@@ -90,8 +91,7 @@ def _assert_close(got, want, dtype):
     pytest.param(4, jnp.float32, 2, id="T4-f32-split2", marks=pytest.mark.slow),
     pytest.param(1, jnp.bfloat16, 3, id="T1-bf16-split3", marks=pytest.mark.slow)])
 def test_paged_kernel_equals_gathered_reference(backend, T, dtype, splits):
-  """GQA (N=4, K=2), per-row lengths (300: a partly used third page; 200), causal at each
-  row's offset, sinks and softcap, a shuffled table whose rows share a page and leave
+  """GQA (N=4, K=2), per-row lengths (a partly used third / second page), causal, sinks and softcap, a shuffled table whose rows share a page and leave
   spare pages: forward, lse and the q / pool / sink gradients equal the reference."""
   got, want = _pair(backend, dtype, T, num_splits=splits, seed=T)
   _assert_close(got, want, dtype)
@@ -100,14 +100,14 @@ def test_paged_kernel_equals_gathered_reference(backend, T, dtype, splits):
     assert np.all(np.asarray(g)[spare] == 0)
 
 
-@pytest.mark.parametrize("backend,platform", [("tpu", "tpu")])
+@pytest.mark.parametrize("backend,platform", [("tpu", "tpu"), ("gpu", "cuda")])
 def test_paged_lowering(backend, platform):
   """Forward and grad lower for the hardware platform; the forward kernel is the paged
-  one (4 scalar-prefetch operands on TPU) and the forward graph gathers no K/V pages."""
+  one and the forward graph gathers no K/V pages."""
   mod = kernel_module(backend)
   _, q, kp, vp, _ = _inputs(backend, jnp.bfloat16, 1, 0, N=8, K=2, H=64, Hv=64)
   table = jnp.asarray(TABLE)
-  kl = jnp.asarray([300, 200], jnp.int32)
+  kl = jnp.asarray(LENGTHS[backend], jnp.int32)
 
   def fwd(q, kp, vp, kl):
     return mod.paged_flash_attention(q, kp, vp, table, mask=masks.lengths(kv_lengths=kl),
@@ -118,6 +118,7 @@ def test_paged_lowering(backend, platform):
 
   text = export_for(platform, fwd, q, kp, vp, kl).mlir_module()
   assert "attnjax_flash_fwd_split_paged" in text
+  assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
   pool_gather = f"tensor<2x3x2x{PAGE[backend]}x64xbf16>"     # [B, pages, K, page, H]
   assert pool_gather not in text, "the forward gathered the pages"
   export_for(platform, jax.grad(loss, argnums=(0, 1, 2)), q, kp, vp, kl)
@@ -137,22 +138,25 @@ def test_paged_errors():
     mod.paged_flash_attention(q, kp, vp, table, block_sizes=mod.BlockSizes(block_k=256))
 
 
-def test_layer_paged_cache_runs_the_paged_kernel():
-  """An MHA layer with ``implementation='pallas_tpu'`` and a paged cache (128-token pages,
-  a shuffled table with spare pages) runs the paged kernel (no gather of the K/V pools in
-  the graph) over a ragged prefill and a step, and equals the contiguous cache on 'xla'."""
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_layer_paged_cache_runs_the_paged_kernel(backend):
+  """An MHA layer with ``implementation='pallas_*'`` and a paged cache (pages of one key
+  block, a shuffled table with a spare page) runs the paged kernel over a ragged prefill
+  and a step, and equals the contiguous cache on 'xla'; a page that is not a key block
+  takes the gather path."""
   from flax import nnx
 
   from attnjax import layers
-  D, B, ps = 16, 2, 128
+  D, B, ps = 16, 2, PAGE[backend]
+  P = int(ps * 1.4)
   opts = dict(num_kv_heads=2, causal=True, rope="1d", sinks=True,
-              mask=layers.MaskSpec("sliding_window", left=150))
-  paged_layer = layers.MultiHeadAttention(D, 4, implementation="pallas_tpu", rngs=nnx.Rngs(3),
-                                          **opts)
+              mask=layers.MaskSpec("sliding_window", left=int(ps * 1.2)))
+  paged_layer = layers.MultiHeadAttention(D, 4, implementation=f"pallas_{backend}",
+                                          rngs=nnx.Rngs(3), **opts)
   flat_layer = layers.MultiHeadAttention(D, 4, implementation="xla", rngs=nnx.Rngs(3), **opts)
-  x = jax.random.normal(jax.random.key(4), (B, 200, D))
-  lens = jnp.asarray([180, 140], jnp.int32)
-  seg = jnp.where(jnp.arange(180)[None] < lens[:, None], 0, -1)
+  x = jax.random.normal(jax.random.key(4), (B, P + 1, D))
+  lens = jnp.asarray([P, int(ps * 1.1)], jnp.int32)
+  seg = jnp.where(jnp.arange(P)[None] < lens[:, None], 0, -1)
   table = jnp.asarray([[4, 1], [0, 3]], jnp.int32)
   paged = layers.init_kv_cache(paged_layer.config, B, 2 * ps, page_size=ps, num_pages=5,
                                page_table=table)
@@ -160,14 +164,14 @@ def test_layer_paged_cache_runs_the_paged_kernel():
   run = lambda layer: jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))
   rp, rf = run(paged_layer), run(flat_layer)
   jaxpr = str(jax.make_jaxpr(lambda a, c, s: paged_layer(a, segment_ids=s, cache=c))(
-      x[:, :180], paged, seg))
+      x[:, :P], paged, seg))
   assert "attnjax_flash_fwd_paged" in jaxpr or "attnjax_flash_fwd_split_paged" in jaxpr
-  # a page size the TPU kernel cannot tile (not a multiple of 128) takes the gather path
-  small = layers.init_kv_cache(paged_layer.config, B, 2 * ps, page_size=64)
-  jaxpr64 = str(jax.make_jaxpr(lambda a, c: paged_layer(a, cache=c))(x[:, :3], small))
-  assert "attnjax_flash_fwd" in jaxpr64 and "_paged" not in jaxpr64
-  ya, paged = rp(x[:, :180], paged, seg)
-  yb, flat = rf(x[:, :180], flat, seg)
+  # a page the kernel cannot use as a key block takes the gather path
+  small = layers.init_kv_cache(paged_layer.config, B, 2 * ps, page_size=ps // 2 + 1)
+  jaxpr_small = str(jax.make_jaxpr(lambda a, c: paged_layer(a, cache=c))(x[:, :3], small))
+  assert "attnjax_flash_fwd" in jaxpr_small and "_paged" not in jaxpr_small
+  ya, paged = rp(x[:, :P], paged, seg)
+  yb, flat = rf(x[:, :P], flat, seg)
   np.testing.assert_allclose(ya, yb, **TOL[jnp.float32])
   step = jnp.stack([x[b, int(n):int(n) + 1] for b, n in enumerate(lens)])
   ya, paged = rp(step, paged)

@@ -175,9 +175,11 @@ def paged_attention(q, k_pages, v_pages, page_table, *, mask=None, score_mod=Non
   ``k_pages [num_pages, K, page_size, H]``, ``v_pages [num_pages, K, page_size, Hv]`` and
   ``page_table`` int ``[B, pages_per_seq]``: row ``b``'s key ``s`` is
   ``k_pages[page_table[b, s // page_size], :, s % page_size]``.  When ``implementation``
-  asks for a Pallas kernel that reads pages itself (``'pallas_tpu'``, or 'pallas' / None /
-  'auto' on TPU, and ``page_size`` a multiple of 128) the kernel reads K/V through the
-  page table (:func:`attnjax.kernels.tpu.flash.paged_flash_attention`); otherwise the
+  asks for a Pallas kernel (``'pallas_tpu'`` / ``'pallas_gpu'``, or 'pallas' / None /
+  'auto' on a TPU / GPU backend; the first of a sequence) and the page is one of its key
+  blocks (TPU: ``page_size`` a multiple of 128; GPU: a power of two >= 16, and power-of-two
+  head dims) the kernel reads K/V through the page table
+  (``attnjax.kernels.{tpu,gpu}.paged_flash_attention``); otherwise the
   pages are gathered into a contiguous ``[B, pages_per_seq * page_size, K, D]`` view in XLA
   and :func:`attention` runs on it.  Other arguments as in :func:`attention` (no
   ``return_lse``).  Both paths give the same result (tested)."""
@@ -189,11 +191,13 @@ def paged_attention(q, k_pages, v_pages, page_table, *, mask=None, score_mod=Non
   if kmod is not None:
     bs = block_sizes.get(f"pallas_{target}") if isinstance(block_sizes, dict) else block_sizes
     bs = bs if isinstance(bs, kmod.BlockSizes) else None
-    try:
+    try:       # a page must be a key block; the GPU kernel does not pad head dims
       ok = bs is None or bs.block_k in (None, k_pages.shape[2])
       kmod.BlockSizes(block_k=k_pages.shape[2])
     except ValueError:
       ok = False
+    if target == "gpu":
+      ok = ok and all(d & (d - 1) == 0 for d in (k_pages.shape[3], v_pages.shape[3]))
     if ok:
       if q_lengths is not None or kv_lengths is not None:
         kw["mask"] = _with_lengths(q, k_rows, mask, q_lengths, kv_lengths)

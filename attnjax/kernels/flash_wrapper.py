@@ -27,7 +27,7 @@ from attnjax.kernels.tile_math import TileMath, float0_like, sink_grads
 __all__ = ["as_block_sizes", "default_interpret", "plan_call", "make_flash_attention",
            "tile_math", "cfg_flags", "side_inputs", "backward_rows", "finish_grads",
            "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference",
-           "check_pages", "gather_pages", "make_paged_flash_attention"]
+           "check_pages", "gather_pages", "scatter_pages", "make_paged_flash_attention"]
 
 _F32 = jnp.float32
 
@@ -124,6 +124,14 @@ def gather_pages(pool, page_table):
   pages = pool[page_table].transpose(0, 1, 3, 2, 4)   # [B, pages, page_size, K, D]
   B, n, ps, K, D = pages.shape
   return pages.reshape(B, n * ps, K, D)
+
+
+def scatter_pages(pool, page_table, d):
+  """The adjoint of :func:`gather_pages`: ``d [B, pages_per_seq * page_size, K, D]`` summed
+  into a zero pool shaped like ``pool`` (pages shared by rows add up)."""
+  B, n = page_table.shape
+  d = d.reshape((B, n, pool.shape[2]) + d.shape[2:]).transpose(0, 1, 3, 2, 4)
+  return jnp.zeros(pool.shape, d.dtype).at[page_table].add(d)
 
 
 def make_paged_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,

@@ -694,10 +694,6 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   def to_k(x):                    # [B, S, K, D] -> [B, K, Sp, D]
     return jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-  def to_pool(st, pool, d):       # d [B, S, K, D] -> its sum into each row's pages
-    d = d.reshape((B, pps, bk) + d.shape[2:]).transpose(0, 1, 3, 2, 4)
-    return jnp.zeros(pool.shape, d.dtype).at[st["pages"]].add(d)
-
   def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
     st = restore(aux)
     side = prep_side(st, bias, seg)
@@ -728,7 +724,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       db = lay.rows_to_bnts(db_r, T, S)
     dk, dv = dk_r.transpose(0, 2, 1, 3)[:, :S], dv_r.transpose(0, 2, 1, 3)[:, :S]
     if pps is not None:
-      dk, dv = to_pool(st, k, dk), to_pool(st, v, dv)
+      dk, dv = fw.scatter_pages(k, st["pages"], dk), fw.scatter_pages(v, st["pages"], dv)
     return (lay.from_rows(dq_r), dk, dv, db, lay.rows_to_bnt(lse_r), lay.rows_to_bnt(delta),
             dcs)
 
