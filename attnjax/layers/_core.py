@@ -388,8 +388,8 @@ class KVCache:
   `page_table [B, pages_per_seq]` int32 maps row `b`'s slot `s` to page
   `page_table[b, s // page_size]`, offset `s % page_size`. Attention runs through
   `attnjax.dispatch.paged_attention`: a Pallas kernel reads the pages through the table
-  (`implementation='pallas_tpu'` or the TPU default, `page_size` a multiple of 128); other
-  implementations get each row's pages gathered into a contiguous
+  (`implementation='pallas_tpu'` / `'pallas_gpu'` or the TPU / GPU default, a page being
+  one of its key blocks); other implementations get each row's pages gathered into a contiguous
   `[B, pages_per_seq * page_size, K, H]` view in XLA.
   """
 
