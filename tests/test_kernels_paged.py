@@ -91,8 +91,9 @@ def _assert_close(got, want, dtype):
     pytest.param(4, jnp.float32, 2, id="T4-f32-split2", marks=pytest.mark.slow),
     pytest.param(1, jnp.bfloat16, 3, id="T1-bf16-split3", marks=pytest.mark.slow)])
 def test_paged_kernel_equals_gathered_reference(backend, T, dtype, splits):
-  """GQA (N=4, K=2), per-row lengths (a partly used third / second page), causal, sinks and softcap, a shuffled table whose rows share a page and leave
-  spare pages: forward, lse and the q / pool / sink gradients equal the reference."""
+  """GQA (N=4, K=2), per-row lengths (a partly used third / second page), causal, sinks
+  and softcap, a shuffled table whose rows share a page and leave spare pages: forward,
+  lse and the q / pool / sink gradients equal the reference."""
   got, want = _pair(backend, dtype, T, num_splits=splits, seed=T)
   _assert_close(got, want, dtype)
   spare = [p for p in range(NUM_PAGES) if p not in TABLE]
