@@ -6,8 +6,8 @@ also simulates what Mosaic guarantees and what it does not: buffers start filled
 writing it gives NaN, which the comparisons below catch), every DMA and memory access is
 checked for races between the simulated cores (`detect_races=True`,
 `num_cores_or_threads=2`), and out-of-bounds reads raise. Each kernel (flash forward and
-its backward kernels, split-S decode, the lightning chunk kernels) runs on small shapes
-against the reference, forward and backward with random cotangents, and no race may be
+its backward kernels, split-S decode, paged decode, the lightning chunk kernels) runs on
+small shapes against the reference, forward and backward with random cotangents, and no race may be
 reported. The plain interpret tests (test_kernels_*.py) stay: they cover far more cases.
 """
 
@@ -89,6 +89,15 @@ def test_split_s_decode(race_states):
                               interpret=PARAMS,
                               make_kwargs=lambda: dict(mask=masks.causal(offset=S - 1)))
   assert_kernel_close(got, want, jnp.float32)
+  _no_races(race_states, 3)
+
+
+def test_paged_decode(race_states):
+  """The paged forward kernel (K/V pages through the scalar-prefetched page table, 2
+  splits) and the backward kernels on the gathered pages (test_kernels_paged.py)."""
+  from test_kernels_paged import _assert_close, _pair
+  got, want = _pair("tpu", jnp.float32, 1, num_splits=2, seed=9, interpret=PARAMS)
+  _assert_close(got, want, jnp.float32)
   _no_races(race_states, 3)
 
 

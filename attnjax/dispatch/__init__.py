@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import jax
+
 from attnjax import masks as masks_lib
 from attnjax.core import args as args_lib
 from attnjax.core import hooks as _hooks
@@ -39,8 +41,9 @@ from attnjax.dispatch.registry import FAMILIES, Implementation, auto_candidates,
 from attnjax.ops import linear as linear_ops
 from attnjax.ops.linear import _core as _linear_core
 
-__all__ = ["attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS", "auto_candidates",
-           "implementations", "Implementation", "FAMILIES", "Unsupported", "registry"]
+__all__ = ["attention", "paged_attention", "IMPLEMENTATIONS", "LINEAR_IMPLEMENTATIONS",
+           "auto_candidates", "implementations", "Implementation", "FAMILIES", "Unsupported",
+           "registry"]
 
 #: The softmax implementation names (compatibility; see :func:`implementations`).
 IMPLEMENTATIONS = registry.IMPLEMENTATIONS
@@ -143,6 +146,70 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, q_segment_ids=No
       "softmax", lambda: registry.run_softmax(q, k, v, a, implementation=implementation,
                                               return_lse=return_lse, block_sizes=block_sizes),
       q, k, v, args=a)
+
+
+def _paged_kernel(implementation):
+  """``(kernel module, target)`` of the Pallas kernel that reads pages itself for this
+  ``implementation`` request (a Pallas name, or 'pallas' / None / 'auto' on a TPU or GPU
+  backend; the first name of a sequence), or ``(None, None)``."""
+  names = (implementation,) if implementation is None or isinstance(implementation, str) \
+      else tuple(implementation)
+  first = names[0] if names else None
+  target = None
+  if first in ("pallas_tpu", "pallas_gpu"):
+    target = first.split("_")[1]
+  elif first in (None, "auto", "pallas"):
+    target = registry._native_target()  # pylint: disable=protected-access
+  if target is None:
+    return None, None
+  kmod = registry._flash_module(target)  # pylint: disable=protected-access
+  return (kmod, target) if hasattr(kmod, "paged_flash_attention") else (None, None)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, *, mask=None, score_mod=None, bias=None,
+                    q_segment_ids=None, kv_segment_ids=None, scale=None, softcap=None,
+                    sinks=None, implementation=None, block_sizes=None, q_lengths=None,
+                    kv_lengths=None):
+  """:func:`attention` on K/V page pools (a paged KV cache).
+
+  ``k_pages [num_pages, K, page_size, H]``, ``v_pages [num_pages, K, page_size, Hv]`` and
+  ``page_table`` int ``[B, pages_per_seq]``: row ``b``'s key ``s`` is
+  ``k_pages[page_table[b, s // page_size], :, s % page_size]``.  When ``implementation``
+  asks for a Pallas kernel (``'pallas_tpu'`` / ``'pallas_gpu'``, or 'pallas' / None /
+  'auto' on a TPU / GPU backend; the first of a sequence) and the page is one of its key
+  blocks (TPU: ``page_size`` a multiple of 128; GPU: a power of two >= 16, and power-of-two
+  head dims) the kernel reads K/V through the page table
+  (``attnjax.kernels.{tpu,gpu}.paged_flash_attention``); otherwise the
+  pages are gathered into a contiguous ``[B, pages_per_seq * page_size, K, D]`` view in XLA
+  and :func:`attention` runs on it.  Other arguments as in :func:`attention` (no
+  ``return_lse``).  Both paths give the same result (tested)."""
+  from attnjax.kernels import flash_wrapper  # pylint: disable=import-outside-toplevel
+  k_rows, _ = flash_wrapper.check_pages(q, k_pages, v_pages, page_table)
+  kw = dict(mask=mask, score_mod=score_mod, bias=bias, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap, sinks=sinks)
+  kmod, target = _paged_kernel(implementation)
+  if kmod is not None:
+    bs = block_sizes.get(f"pallas_{target}") if isinstance(block_sizes, dict) else block_sizes
+    bs = bs if isinstance(bs, kmod.BlockSizes) else None
+    try:       # a page must be a key block; the GPU kernel does not pad head dims
+      ok = bs is None or bs.block_k in (None, k_pages.shape[2])
+      kmod.BlockSizes(block_k=k_pages.shape[2])
+    except ValueError:
+      ok = False
+    if target == "gpu":
+      ok = ok and all(d & (d - 1) == 0 for d in (k_pages.shape[3], v_pages.shape[3]))
+    if ok:
+      if q_lengths is not None or kv_lengths is not None:
+        kw["mask"] = _with_lengths(q, k_rows, mask, q_lengths, kv_lengths)
+      native = ("tpu",) if target == "tpu" else registry._GPU  # pylint: disable=protected-access
+      with jax.named_scope("attnjax/paged"):
+        return kmod.paged_flash_attention(q, k_pages, v_pages, page_table, **kw,
+                                          block_sizes=bs,
+                                          interpret=jax.default_backend() not in native)
+  return attention(q, flash_wrapper.gather_pages(k_pages, page_table),
+                   flash_wrapper.gather_pages(v_pages, page_table), **kw,
+                   implementation=implementation, block_sizes=block_sizes,
+                   q_lengths=q_lengths, kv_lengths=kv_lengths)
 
 
 def _with_lengths(q, k, mask, q_lengths, kv_lengths):

@@ -16,6 +16,7 @@ BACKEND_EXPORTS = {
     "flash_attention_reference": "flash",
     "BlockSizes": "flash",
     "grid_steps": "flash",
+    "paged_flash_attention": "flash",
     "lightning_attention": "linear",
     "lightning_attention_reference": "linear",
 }

@@ -10,6 +10,7 @@ over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -25,7 +26,8 @@ from attnjax.kernels.tile_math import TileMath, float0_like, sink_grads
 
 __all__ = ["as_block_sizes", "default_interpret", "plan_call", "make_flash_attention",
            "tile_math", "cfg_flags", "side_inputs", "backward_rows", "finish_grads",
-           "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference"]
+           "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference",
+           "check_pages", "gather_pages", "scatter_pages", "make_paged_flash_attention"]
 
 _F32 = jnp.float32
 
@@ -93,6 +95,81 @@ def make_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,
   flash_attention.__doc__ = doc
   flash_attention.__module__ = module
   return flash_attention
+
+
+def check_pages(q, k_pages, v_pages, page_table):
+  """Validates a paged call; returns the row views' shapes ``(k_rows, v_rows)`` as
+  ``jax.ShapeDtypeStruct`` ``[B, pages_per_seq * page_size, K, D]``."""
+  for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be a page pool [num_pages, K, page_size, D], got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+  if k_pages.shape[:3] != v_pages.shape[:3]:
+    raise ValueError(f"k_pages and v_pages must share [num_pages, K, page_size], got "
+                     f"{k_pages.shape} and {v_pages.shape}")
+  B = getattr(q, "shape", (None,))[0]
+  if (getattr(page_table, "ndim", None) != 2 or page_table.shape[0] != B
+      or not jnp.issubdtype(page_table.dtype, jnp.integer)):
+    raise ValueError(f"page_table must be int [B={B}, pages_per_seq], got "
+                     f"{getattr(page_table, 'shape', type(page_table).__name__)}")
+  S = page_table.shape[1] * k_pages.shape[2]
+  return tuple(jax.ShapeDtypeStruct((B, S, x.shape[1], x.shape[3]), x.dtype)
+               for x in (k_pages, v_pages))
+
+
+def gather_pages(pool, page_table):
+  """Each row's pages in table order: ``pool [num_pages, K, page_size, D]``,
+  ``page_table [B, pages_per_seq]`` -> ``[B, pages_per_seq * page_size, K, D]`` (the XLA
+  gather the paged kernels avoid)."""
+  pages = pool[page_table].transpose(0, 1, 3, 2, 4)   # [B, pages, page_size, K, D]
+  B, n, ps, K, D = pages.shape
+  return pages.reshape(B, n * ps, K, D)
+
+
+def scatter_pages(pool, page_table, d):
+  """The adjoint of :func:`gather_pages`: ``d [B, pages_per_seq * page_size, K, D]`` summed
+  into a zero pool shaped like ``pool`` (pages shared by rows add up)."""
+  B, n = page_table.shape
+  d = d.reshape((B, n, pool.shape[2]) + d.shape[2:]).transpose(0, 1, 3, 2, 4)
+  return jnp.zeros(pool.shape, d.dtype).at[page_table].add(d)
+
+
+def make_paged_flash_attention(build, block_sizes_cls, backend: str, native, doc: str,
+                               module: str, interpret_params=None, block_k="block_k"):
+  """The public ``paged_flash_attention`` of a backend: ``flash_attention`` on K/V page
+  pools read through a page table. ``build(a, block_sizes, interpret, page_table)(q,
+  k_pages, v_pages)`` runs the kernel with key blocks of one page (``block_sizes`` gets
+  ``block_k = page_size``; a page size the kernel cannot tile raises ValueError)."""
+
+  def paged_flash_attention(q, k_pages, v_pages, page_table, *, mask=None, score_mod=None,
+                            bias=None, q_segment_ids=None, kv_segment_ids=None, scale=None,
+                            softcap=None, sinks=None, return_lse=False, block_sizes=None,
+                            interpret=None):
+    bs = as_block_sizes(block_sizes, block_sizes_cls, backend)
+    k_rows, v_rows = check_pages(q, k_pages, v_pages, page_table)
+    ps = k_pages.shape[2]
+    if getattr(bs, block_k) not in (None, ps):
+      raise ValueError(f"the paged kernel's key block is one page: BlockSizes.{block_k} must "
+                       f"be None or page_size={ps}, got {getattr(bs, block_k)}")
+    try:
+      bs = dataclasses.replace(bs, **{block_k: ps})
+    except ValueError as e:
+      raise ValueError(f"page_size={ps} is not a key block of the {backend} kernel: {e}") from e
+    a = check_attention_args(
+        q, k_rows, v_rows, mask=mask, score_mod=score_mod, bias=bias,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+        softcap=softcap, sinks=sinks)
+    if not isinstance(return_lse, bool):
+      raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    q, a = static_scale(q, a)
+    run = build(a, bs, default_interpret(interpret, native, interpret_params),
+                jnp.asarray(page_table).astype(jnp.int32))
+    out, lse = run(q, k_pages, v_pages)
+    return (out, lse) if return_lse else out
+
+  paged_flash_attention.__doc__ = doc
+  paged_flash_attention.__module__ = module
+  return paged_flash_attention
 
 
 def tile_math(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, dtype) -> TileMath:

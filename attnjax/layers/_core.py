@@ -45,6 +45,13 @@ def _attention_fn():
   return attention
 
 
+def _paged_attention_fn():
+  """`attention(q, k_pages, v_pages, *, page_table, ...)` on a paged cache's pools
+  (`attnjax.dispatch.paged_attention`)."""
+  from attnjax.dispatch import paged_attention  # pylint: disable=import-outside-toplevel
+  return lambda q, k, v, *, page_table, **kw: paged_attention(q, k, v, page_table, **kw)
+
+
 # ----------------------------------------------------------------------------- masks
 
 _MASK_KINDS = {
@@ -376,10 +383,14 @@ class KVCache:
 
   Paged layout (`init_kv_cache(..., page_size=)`, as in "Efficient Memory Management for
   Large Language Model Serving with PagedAttention", Kwon et al. 2023): k / v are a pool
-  of pages `[num_pages, page_size, K, H]`, segment_ids `[num_pages, page_size]`, and
+  of pages `[num_pages, K, page_size, H]` (each page head-major: one `[page_size, H]` tile
+  per kv head, the Pallas kernels' block), segment_ids `[num_pages, page_size]`, and
   `page_table [B, pages_per_seq]` int32 maps row `b`'s slot `s` to page
-  `page_table[b, s // page_size]`, offset `s % page_size`; attention gathers each row's
-  pages into a contiguous `[B, pages_per_seq * page_size, K, H]` view.
+  `page_table[b, s // page_size]`, offset `s % page_size`. Attention runs through
+  `attnjax.dispatch.paged_attention`: a Pallas kernel reads the pages through the table
+  (`implementation='pallas_tpu'` / `'pallas_gpu'` or the TPU / GPU default, a page being
+  one of its key blocks); other implementations get each row's pages gathered into a contiguous
+  `[B, pages_per_seq * page_size, K, H]` view in XLA.
   """
 
   k: jax.Array
@@ -396,7 +407,7 @@ class KVCache:
   @property
   def max_len(self) -> int:
     if self.paged:
-      return self.page_table.shape[-1] * self.k.shape[-3]
+      return self.page_table.shape[-1] * self.k.shape[-2]
     return self.k.shape[-3]
 
   @property
@@ -432,8 +443,8 @@ def init_kv_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=None, *,
       raise ValueError(f"page_table must be int [batch={batch}, pages_per_seq={pps}], got shape "
                        f"{page_table.shape}, dtype {page_table.dtype}")
     return KVCache(
-        k=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), dtype),
-        v=jnp.zeros((num_pages, page_size, cfg.num_kv_heads, cfg.v_head_dim), dtype),
+        k=jnp.zeros((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim), dtype),
+        v=jnp.zeros((num_pages, cfg.num_kv_heads, page_size, cfg.v_head_dim), dtype),
         segment_ids=jnp.full((num_pages, page_size), -1, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32), page_table=page_table.astype(jnp.int32))
   return KVCache(
@@ -454,7 +465,7 @@ def paged_like(cache: KVCache, page_size: int) -> KVCache:
   lead = cache.k.shape[:-4]
   B, S = cache.k.shape[-4:-2]
   pps = -(-S // page_size)
-  pool = lambda a: jnp.zeros(lead + (B * pps, page_size) + a.shape[-2:], a.dtype)
+  pool = lambda a: jnp.zeros(lead + (B * pps, a.shape[-2], page_size, a.shape[-1]), a.dtype)
   table = jnp.arange(B * pps, dtype=jnp.int32).reshape(B, pps)
   return KVCache(k=pool(cache.k), v=pool(cache.v),
                  segment_ids=jnp.full(lead + (B * pps, page_size), -1, jnp.int32),
@@ -477,13 +488,16 @@ def _cache_slots(cache: KVCache, B: int, T: int):
   pos = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
   if not cache.paged:
     return jnp.arange(B, dtype=jnp.int32)[:, None], pos
-  ps, pps = cache.k.shape[1], cache.page_table.shape[1]
+  ps, pps = cache.k.shape[2], cache.page_table.shape[1]
   page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // ps, 0, pps - 1), axis=1)
   return jnp.where(pos < pps * ps, page, cache.k.shape[0]), pos % ps
 
 
-def _write_rows(buf, new, slots):
-  """`buf[slots] = new` (`slots` from `_cache_slots`; out-of-range ones dropped)."""
+def _write_rows(cache: KVCache, buf, new, slots):
+  """`buf[slots] = new` (`slots` from `_cache_slots`; out-of-range ones dropped); a paged
+  K/V pool `[pages, K, page_size, D]` is written at `[page, :, offset]`."""
+  if cache.paged and buf.ndim == 4:
+    return buf.at[slots[0], :, slots[1]].set(new.astype(buf.dtype), mode="drop")
   return buf.at[slots].set(new.astype(buf.dtype), mode="drop")
 
 
@@ -491,7 +505,10 @@ def _row_view(cache: KVCache, buf):
   """A cache buffer as `[B, max_len, ...]`: itself, or each row's pages gathered in order."""
   if not cache.paged:
     return buf
-  pages = buf[cache.page_table]                    # [B, pages_per_seq, page_size, ...]
+  if buf.ndim == 4:
+    from attnjax.kernels import flash_wrapper  # pylint: disable=import-outside-toplevel
+    return flash_wrapper.gather_pages(buf, cache.page_table)
+  pages = buf[cache.page_table]                    # [B, pages_per_seq, page_size]
   return pages.reshape((pages.shape[0], -1) + buf.shape[2:])
 
 
@@ -640,11 +657,12 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
       raise ValueError(f"decoding with a cache needs 1D inputs [B, T, D], got grid {grid}")
     if cfg.spatial_mask:
       raise ValueError(f"decoding with a cache is not supported with the spatial mask {cfg.mask}")
-    if cache.lengths.shape != (B,) or cache.k.shape[2:] != k_BSKH.shape[2:] or (
+    kh = (cache.k.shape[1], cache.k.shape[3]) if cache.paged else cache.k.shape[2:]
+    if cache.lengths.shape != (B,) or kh != k_BSKH.shape[2:] or (
         not cache.paged and cache.k.shape[0] != B):
       raise ValueError(f"cache k has shape {cache.k.shape}, lengths {cache.lengths.shape}; "
-                       f"expected [B={B} (or pages), S, K={cfg.num_kv_heads}, "
-                       f"H={cfg.head_dim}] and lengths [B={B}]")
+                       f"expected [B={B}, S, K={cfg.num_kv_heads}, H={cfg.head_dim}] (paged: "
+                       f"[pages, K, page_size, H]) and lengths [B={B}]")
     if T > cache.max_len:
       raise ValueError(f"x has T={T} tokens, more than the cache max_len={cache.max_len}")
     # a uniform cache: one scalar offset (every row has the same length); else per row
@@ -681,13 +699,14 @@ def attention_forward(cfg: AttentionConfig, params: dict, x, context=None, *, se
     seg_new = segment_ids if segment_ids is not None else jnp.zeros((B, T), jnp.int32)
     n_new = _new_token_counts(segment_ids, B, T)
     slots = _cache_slots(cache, B, T)
-    new_cache = KVCache(k=_write_rows(cache.k, k_BSKH, slots),
-                        v=_write_rows(cache.v, v_BSKH, slots),
-                        segment_ids=_write_rows(cache.segment_ids, seg_new, slots),
+    new_cache = KVCache(k=_write_rows(cache, cache.k, k_BSKH, slots),
+                        v=_write_rows(cache, cache.v, v_BSKH, slots),
+                        segment_ids=_write_rows(cache, cache.segment_ids, seg_new, slots),
                         lengths=lengths + n_new, page_table=cache.page_table,
                         uniform=cache.uniform and segment_ids is None)
-    k_BSKH = _row_view(new_cache, new_cache.k).astype(dtype)
-    v_BSKH = _row_view(new_cache, new_cache.v).astype(dtype)
+    k_BSKH, v_BSKH = new_cache.k.astype(dtype), new_cache.v.astype(dtype)
+    if cache.paged:   # the pools and the table (a Pallas kernel reads pages itself)
+      attention = functools.partial(_paged_attention_fn(), page_table=new_cache.page_table)
     seg_all = _row_view(new_cache, new_cache.segment_ids)
     q_seg, kv_seg = (None, None) if segment_ids is None else (seg_new, seg_all)
     S = cache.max_len

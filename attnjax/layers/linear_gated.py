@@ -23,10 +23,14 @@ Parameters: `q_kernel`, `k_kernel`, `v_kernel`, `o_kernel` as in `MultiHeadAtten
 depthwise and causal.
 
 Decoding: `init_cache(batch, max_len)` returns `{'state': S [B, N, Hv, H] float32, 'conv':
-(the last W - 1 conv inputs of q, k, v, float32, or ()), 'index': int32}`; constant size.
-`layer(x, cache=c) -> (y, new_c)` runs the recurrent form for one token and the chunked form
-for a prefill. Context parallelism: under the trainer's mesh with a `context` axis > 1 (and
-no cache) the op runs with the sequence split over it, the state passed between the shards
+(the last W - 1 conv inputs of q, k, v, float32, or ()), 'index': int32, 'lengths': int32
+[B]}`; constant size. `layer(x, cache=c) -> (y, new_c)` runs the recurrent form for one
+token and the chunked form for a prefill. Ragged prompts: with a cache, `segment_ids < 0`
+mark right padding; padded steps are identity transitions (zero key / beta / dt, decay 1),
+so each row's state is the state at its own length, its conv inputs are taken at that
+length, its RoPE positions continue from `lengths[b]`, and padding outputs are 0.
+Context parallelism: under the trainer's mesh with a `context` axis > 1 (and no cache)
+the op runs with the sequence split over it, the state passed between the shards
 (`attnjax.parallel.linear_cp`); the short convs run on the whole sequence, so the result
 is the same as on one device. The option validation (`gated_config`), `init_state` and
 `forward` are plain functions shared with the Linen twin
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.layers import _core
 from attnjax.layers._core import AttentionConfig, ParamSpec, _dense_init, constrain
 from attnjax.layers.attention import make_param
 from attnjax.ops import linear as L
@@ -166,8 +171,8 @@ def gated_config(d_model: int, num_heads: int, *, mechanism: str,
 
 
 def init_state(gc: GatedConfig, batch: int, max_len: int) -> dict:
-  """The decoding cache `{'state', 'conv', 'index'}` (constant size; `max_len` is checked
-  only)."""
+  """The decoding cache `{'state', 'conv', 'index', 'lengths'}` (constant size; `max_len`
+  is checked only)."""
   for name, val in (("batch", batch), ("max_len", max_len)):
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
       raise ValueError(f"{name} must be a positive int, got {name}={val!r}")
@@ -182,20 +187,24 @@ def init_state(gc: GatedConfig, batch: int, max_len: int) -> dict:
       dims = ((N, H), (K, H), (K, Hv))
     conv = tuple(jnp.zeros((B, W, a, b), jnp.float32) for a, b in dims)
   return {"state": jnp.zeros((B, N, Hv, H), jnp.float32), "conv": conv,
-          "index": jnp.zeros((), jnp.int32)}
+          "index": jnp.zeros((), jnp.int32), "lengths": jnp.zeros((B,), jnp.int32)}
 
 
-def _short_conv(u, w, prev):
+def _short_conv(u, w, prev, n_B=None):
   """Depthwise causal conv: `out_t = sum_i w[i] u_{t - W + 1 + i}` over `[prev, u]`.
 
   u [B, T, A, C], w [W, A, C], prev [B, W-1, A, C] (the inputs before `u`; zeros at the
-  sequence start). Returns (out [B, T, A, C] float32, the last W-1 inputs)."""
+  sequence start). Returns (out [B, T, A, C] float32, the last W-1 inputs: those before
+  row `b`'s position `n_B[b]` when `n_B` [B] is given, i.e. ignoring right padding)."""
   W = w.shape[0]
   T = u.shape[1]
   ext = jnp.concatenate([prev.astype(jnp.float32), u.astype(jnp.float32)], axis=1)
   w32 = w.astype(jnp.float32)
   out = sum(w32[i] * ext[:, i:i + T] for i in range(W))
-  return out, ext[:, ext.shape[1] - (W - 1):]
+  if n_B is None:
+    return out, ext[:, ext.shape[1] - (W - 1):]
+  idx = n_B[:, None] + jnp.arange(W - 1, dtype=jnp.int32)[None, :]
+  return out, jnp.take_along_axis(ext, idx[:, :, None, None], axis=1)
 
 
 def _rms(x, eps=1e-6):
@@ -210,18 +219,30 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
             dropout=None):
   """The layer's forward pass on a parameter dict (see `GatedLinearAttention`)."""
   cfg, p, m = gc.cfg, params, gc.mechanism
-  if segment_ids is not None:
+  if segment_ids is not None and cache is None:
     raise ValueError(f"segment_ids are not supported by the recurrent layer {m!r} (its state "
-                     "mixes all earlier tokens); expected segment_ids=None")
+                     "mixes all earlier tokens); expected segment_ids=None (with a cache, "
+                     "segment_ids < 0 mark right padding)")
   if positions is not None and cfg.rope is None:
     raise ValueError("positions were given but the layer has rope=None")
   if x.ndim != 3 or x.shape[-1] != cfg.d_model:
     raise ValueError(f"x must be [B, T, d_model={cfg.d_model}], got shape {x.shape}")
   if cache is not None and (not isinstance(cache, dict)
-                            or set(cache) != {"state", "conv", "index"}):
-    raise TypeError("cache must be the dict from init_cache ({'state', 'conv', 'index'}), got "
-                    f"{type(cache).__name__}")
+                            or set(cache) != {"state", "conv", "index", "lengths"}):
+    raise TypeError("cache must be the dict from init_cache ({'state', 'conv', 'index', "
+                    f"'lengths'}}), got {type(cache).__name__}")
   B, T, _ = x.shape
+  n_new = live = None      # ragged (right-padded) cached call: real tokens per row
+  if cache is not None and segment_ids is not None:
+    n_new = _core._new_token_counts(  # pylint: disable=protected-access
+        _core._check_ids("segment_ids", segment_ids, B, T), B, T)  # pylint: disable=protected-access
+    live = jnp.arange(T, dtype=jnp.int32)[None, :] < n_new[:, None]
+
+  def unpadded(a):
+    """`a [B, T, ...]` with padded steps set to 0 (identity transitions, zero outputs)."""
+    if live is None:
+      return a
+    return jnp.where(live.reshape((B, T) + (1,) * (a.ndim - 2)), a, jnp.zeros((), a.dtype))
   dtype = cfg.dtype or x.dtype
   xd = x.astype(dtype)
   x32 = x.astype(jnp.float32)
@@ -240,14 +261,15 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
   if m in _CONV:
     prevs = cache["conv"] if cache is not None else tuple(
         jnp.zeros((B, gc.conv_size - 1) + u.shape[2:], jnp.float32) for u in (q, k, v))
-    outs = [_short_conv(u, p[f"{n}_conv"], pv) for u, n, pv in zip((q, k, v), "qkv", prevs)]
+    outs = [_short_conv(u, p[f"{n}_conv"], pv, n_new)
+            for u, n, pv in zip((q, k, v), "qkv", prevs)]
     q, k, v = (jax.nn.silu(o).astype(dtype) for o, _ in outs)
     new_conv = tuple(c for _, c in outs)
   if m in ("deltanet", "gated_deltanet"):
     q = _l2(q.astype(jnp.float32)).astype(dtype)
     k = _l2(k.astype(jnp.float32)).astype(dtype)
   if cfg.rope is not None:   # rotations keep the L2-normalised keys of the delta rule unit
-    offset = 0 if cache is None else cache["index"]
+    offset = 0 if cache is None else cache["lengths"][:, None]   # each row's own positions
     pos = jnp.asarray(positions if positions is not None else jnp.broadcast_to(
         jnp.arange(T, dtype=jnp.int32) + offset, (B, T)))
     if pos.shape != (B, T):
@@ -257,6 +279,7 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
     k = _pos.apply_rope(k, pos, base=cfg.rope_base)
   if m != "mamba2":
     q = constrain(q, ("batch", "length", "heads", None))
+  k = unpadded(k)
   form = "recurrent" if cache is not None and T == 1 else "chunked"
   kw = dict(form=form, chunk_size=gc.chunk_size, return_state=True,
             state=None if cache is None else cache["state"])
@@ -280,22 +303,23 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
   if m == "gla":
     g = jnp.einsum("btr,rnh->btnh", lin32("gate_a_kernel"),
                    p["gate_b_kernel"].astype(jnp.float32)) + p["gate_bias"].astype(jnp.float32)
-    log_alpha = jax.nn.log_sigmoid(g) / _GATE_TEMPERATURE
+    log_alpha = unpadded(jax.nn.log_sigmoid(g) / _GATE_TEMPERATURE)
     o, st = run(L.gated_linear_attention, q, k, v, log_alpha)
   elif m in ("deltanet", "gated_deltanet"):
-    beta = jax.nn.sigmoid(lin32("beta_kernel"))
+    beta = unpadded(jax.nn.sigmoid(lin32("beta_kernel")))
     if m == "deltanet":
       o, st = run(L.delta_rule_attention, q, k, v, beta, transition="matrix")
     else:
       dt = jax.nn.softplus(lin32("dt_kernel") + p["dt_bias"].astype(jnp.float32))
-      log_alpha = -jnp.exp(p["A_log"].astype(jnp.float32)) * dt
+      log_alpha = unpadded(-jnp.exp(p["A_log"].astype(jnp.float32)) * dt)
       o, st = run(L.gated_delta_rule_attention, q, k, v, beta, log_alpha, transition="matrix")
   else:  # mamba2
-    dt = jax.nn.softplus(lin32("dt_kernel") + p["dt_bias"].astype(jnp.float32))
+    dt = unpadded(jax.nn.softplus(lin32("dt_kernel") + p["dt_bias"].astype(jnp.float32)))
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     D_skip = p["D_skip"].astype(jnp.float32)
     o, st = run(lambda x_, dt_, B_, C_, **kw_: L.ssd_attention(x_, dt_, A, B_, C_, D=D_skip,
                                                                **kw_), v, dt, k, q)
+  o = unpadded(o)
   gate = jnp.einsum("btd,dnv->btnv", x32, p["g_kernel"].astype(jnp.float32))
   o = _rms(o.astype(jnp.float32)) * p["out_norm"].astype(jnp.float32) * jax.nn.silu(gate)
   y = jnp.einsum("btnv,nvd->btd", o.astype(dtype), p["o_kernel"].astype(dtype))
@@ -305,7 +329,9 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
     y = dropout(y)
   if cache is None:
     return y
-  return y, {"state": st, "conv": new_conv, "index": cache["index"] + T}
+  n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
+  return y, {"state": st, "conv": new_conv, "index": cache["index"] + T,
+             "lengths": cache["lengths"] + n_new}
 
 
 class GatedLinearAttention(nnx.Module):

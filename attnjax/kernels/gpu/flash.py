@@ -50,7 +50,8 @@ from attnjax.kernels import pallas_shard
 from attnjax.kernels import tile_math as tm
 from attnjax.kernels.flash_wrapper import flash_attention_reference
 
-__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
+__all__ = ["BlockSizes", "flash_attention", "paged_flash_attention", "flash_attention_reference",
+           "grid_steps"]
 
 _F32 = jnp.float32
 # Programs below which the heuristic splits the key list (about two waves of programs
@@ -142,6 +143,7 @@ class _Cfg:
   sm_widths: tuple
   P: int = 1          # splits of each q block's tile list; grid axis 2 runs over qb * P + p
   db_atomic: bool = False   # dbias summed over broadcast batch/heads by atomic adds
+  paged: bool = False       # forward on page pools: a page-table row follows the schedule
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -156,9 +158,10 @@ def _tiles(b, h, q0, k0, bq, bk):
 
 def _refs(cfg, refs, kind, n_out):
   """The kernel's refs (:class:`tm.KernelRefs`); ``sched`` is the index array row."""
-  r = tm.KernelRefs(cfg, refs, n_lead=1, kind=kind, n_out=n_out,
-                        aliased=kind == "dq" and cfg.has_bias)
+  r = tm.KernelRefs(cfg, refs, n_lead=2 if cfg.paged else 1, kind=kind, n_out=n_out,
+                    aliased=kind == "dq" and cfg.has_bias)
   r.sched = r.lead[0]
+  r.pages = r.lead[1] if cfg.paged else None
   return r
 
 
@@ -185,7 +188,11 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     m, l, acc = carry
     kb = r.sched[2 + t]
     ks = pl.ds(kb * bk, bk)
-    k, v = r.k[ks, :], r.v[ks, :]
+    if cfg.paged:            # key block kb of this row is page pages[kb] of the pools
+      page = r.pages[kb]
+      k, v = r.k[page], r.v[page]
+    else:
+      k, v = r.k[ks, :], r.v[ks, :]
     bias = r.bias[:, ks] if r.bias is not None else None
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
@@ -319,7 +326,11 @@ def _pad1(x):
   return jnp.pad(x, (0, tm.next_pow2(n) - n))
 
 
-def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
+def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
+  """Traces/plans a call; returns ``(apply, plan, P)``. With ``page_table [B,
+  pages_per_seq]``, ``k``/``v`` are page pools ``[num_pages, K, block_k, D]`` (``D`` a
+  power of two): the forward program loads key block ``kb`` of row ``b`` from page
+  ``page_table[b, kb]``; the backward gathers the pages and scatters dk/dv back."""
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
   bq, bk = bs.resolve(T, S)
   plan = plan_lib.make_plan(a, bq, bk)
@@ -342,7 +353,12 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=bs.num_stages)
 
   # Schedules and a dense mask built from traced inputs enter the custom_vjp as arguments.
-  aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense))
+  aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense,
+                                       pages=page_table))
+  pps = None if page_table is None else page_table.shape[1]
+  if pps is not None and (H != Hp or Hv != Hvp):
+    raise ValueError(f"the paged GPU kernel needs power-of-two head dims (the pools are not "
+                     f"padded), got H={H}, Hv={Hv}")
 
   def prep_side(st, bias, seg):
     pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
@@ -388,14 +404,24 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
 
   def run_fwd(st, qr, kr, vr, sinks, side, pred_c, sm_c):
     """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
-    cfg = make_cfg(qr.dtype, splits=P)
+    cfg = dataclasses.replace(make_cfg(qr.dtype, splits=P), paged=pps is not None)
     W = fwd_sched.shape[-1]
     qbl = functools.partial(q_block, cfg)
     specs = [pl.BlockSpec((None, None, None, W),
-                          lambda b, n, i: (*sel(cfg, b, n // G), qbl(i), 0)),
-             pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, qbl(i), 0)),
-             pl.BlockSpec((None, None, Sp, Hp), lambda b, n, i: (b, n // G, 0, 0)),
-             pl.BlockSpec((None, None, Sp, Hvp), lambda b, n, i: (b, n // G, 0, 0))]
+                          lambda b, n, i: (*sel(cfg, b, n // G), qbl(i), 0))]
+    lead = [st["fwd"]]
+    if pps is None:
+      kv_specs = [pl.BlockSpec((None, None, Sp, D), lambda b, n, i: (b, n // G, 0, 0))
+                  for D in (Hp, Hvp)]
+    else:                 # the kv head's slice of every page; the row's page-table row
+      table = st["pages"].astype(jnp.int32)
+      table = jnp.pad(table, ((0, 0), (0, tm.next_pow2(pps) - pps)))
+      lead.append(table)
+      specs.append(pl.BlockSpec((None, table.shape[1]), lambda b, n, i: (b, 0)))
+      kv_specs = [pl.BlockSpec((kr.shape[0], None, bk, D), lambda b, n, i: (0, n // G, 0, 0))
+                  for D in (Hp, Hvp)]
+    specs += [pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, qbl(i), 0)),
+              *kv_specs]
     extra = []
     if cfg.has_sinks:
       sk = _pad1(sinks.astype(_F32))
@@ -410,8 +436,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
         out_shape=[jax.ShapeDtypeStruct((B, N, Tp * P, Hvp), qr.dtype if P == 1 else _F32),
                    jax.ShapeDtypeStruct((B, N, Tp * P), _F32)],
         compiler_params=params(), interpret=interpret,
-        name="attnjax_flash_fwd_gpu" if P == 1 else "attnjax_flash_fwd_split_gpu",
-    )(st["fwd"], qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+        name=("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
+        + ("" if pps is None else "_paged") + "_gpu",
+    )(*lead, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
     if P == 1:
       return o, lse
     sink = None if sinks is None else sinks.reshape(1, N, 1, 1)
@@ -488,20 +515,26 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   def forward(q, k, v, bias, sinks, seg, pred_c, sm_c, aux):
     st = restore(aux)
     side = prep_side(st, bias, seg)
-    return run_fwd(st, to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp),
-                   sinks, side, storage(pred_c), storage(sm_c))
+    if pps is None:
+      k, v = to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp)
+    return run_fwd(st, to_bnth(q, T, Tp, Hp), k, v, sinks, side, storage(pred_c),
+                   storage(sm_c))
 
   def backward(args, aux, out, lse, dout, dlse):
     q, k, v, bias, sinks, seg, pred_c, sm_c = args
     st = restore(aux)
     valid = (jnp.arange(Tp) < T)[None, None, :]
     delta, lse_b, dor, delta_b = fw.backward_rows(out, lse, dout, dlse, valid, q.dtype)
+    kl, vl = (k, v) if pps is None else (fw.gather_pages(k, st["pages"]),
+                                         fw.gather_pages(v, st["pages"]))
     dq, dk, dv, db, dcs = run_bwd(
-        st, to_bnth(q, T, Tp, Hp), to_bnth(k, S, Sp, Hp), to_bnth(v, S, Sp, Hvp), dor, lse_b,
+        st, to_bnth(q, T, Tp, Hp), to_bnth(kl, S, Sp, Hp), to_bnth(vl, S, Sp, Hvp), dor, lse_b,
         delta_b, prep_side(st, bias, seg), storage(pred_c), storage(sm_c), bias is not None)
-    return (dq.transpose(0, 2, 1, 3)[:, :T, :, :H], dk.transpose(0, 2, 1, 3)[:, :S, :, :H],
-            dv.transpose(0, 2, 1, 3)[:, :S, :, :Hv], None if db is None else db[:, :, :T, :S],
-            lse[:, :, :T], delta[:, :, :T], dcs)
+    dk, dv = dk.transpose(0, 2, 1, 3)[:, :S, :, :H], dv.transpose(0, 2, 1, 3)[:, :S, :, :Hv]
+    if pps is not None:
+      dk, dv = fw.scatter_pages(k, st["pages"], dk), fw.scatter_pages(v, st["pages"], dv)
+    return (dq.transpose(0, 2, 1, 3)[:, :T, :, :H], dk, dv,
+            None if db is None else db[:, :, :T, :S], lse[:, :, :T], delta[:, :, :T], dcs)
 
   core = fw.flash_core(forward, backward)
 
@@ -534,6 +567,30 @@ _FLASH_DOC = """Block-sparse flash attention on GPU (Pallas Triton), forward and
 flash_attention = fw.make_flash_attention(
     lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "GPU",
     ("gpu", "cuda", "rocm"), doc=_FLASH_DOC, module=__name__)
+
+
+_PAGED_DOC = """Flash attention on K/V page pools read through a page table (paged decode).
+
+  Equals ``flash_attention(q, gather(k_pages), gather(v_pages), ...)`` with ``gather`` =
+  :func:`attnjax.kernels.flash_wrapper.gather_pages`, without the gather: each program
+  gets its row of the page table and its kv head's slice of the pools, and loads key
+  block ``kb`` from page ``page_table[b, kb]`` (one page per key block: ``page_size`` a
+  power of two >= 16; head dims powers of two, since the pools are not padded).  The
+  backward pass gathers the pages and scatters dk/dv back into the pools.
+
+  Args:
+    q: ``[B, T, N, H]``; k_pages: ``[num_pages, K, page_size, H]``; v_pages: ``[num_pages,
+      K, page_size, Hv]``; page_table: int ``[B, pages_per_seq]``.
+    mask, ..., interpret: as in :func:`flash_attention`; ``block_sizes.block_k`` must be
+      None or ``page_size``.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
+  """
+
+paged_flash_attention = fw.make_paged_flash_attention(
+    lambda a, bs, interpret, table: _build(a, bs, interpret, page_table=table)[0], BlockSizes,
+    "GPU", ("gpu", "cuda", "rocm"), doc=_PAGED_DOC, module=__name__)
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):

@@ -54,7 +54,8 @@ from attnjax.kernels import pallas_shard
 from attnjax.kernels import tile_math as tm
 from attnjax.kernels.flash_wrapper import flash_attention_reference
 
-__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference", "grid_steps"]
+__all__ = ["BlockSizes", "flash_attention", "paged_flash_attention", "flash_attention_reference",
+           "grid_steps"]
 
 _F32 = jnp.float32
 _LANES = 128
@@ -193,6 +194,7 @@ class _Cfg:
   sm_widths: tuple   # padded widths of the differentiable ones
   P: int = 1         # splits of each row's tile list; grid axis 1 runs over kh * P + p
   dq_dbias: bool = True   # the dq kernel writes the (unreduced) bias gradient
+  paged: bool = False     # a 4th scalar-prefetch array: the page table (forward only)
 
 
 def _kv_head(cfg, kp):
@@ -233,11 +235,11 @@ def _tile_index(cfg, b, kh, qb, kb):
 
 def _refs(cfg, refs, n_out, n_scratch, kind):
   """The kernel's refs (:class:`tm.KernelRefs`) after the ``rows, cols, flags``
-  scalar-prefetch schedule."""
+  scalar-prefetch schedule (and the page table of a paged forward)."""
   aliased = kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias)
-  r = tm.KernelRefs(cfg, refs, n_lead=3, kind=kind, n_out=n_out, n_scratch=n_scratch,
-                        aliased=aliased)
-  r.rows, r.cols, r.flags = r.lead
+  r = tm.KernelRefs(cfg, refs, n_lead=4 if cfg.paged else 3, kind=kind, n_out=n_out,
+                    n_scratch=n_scratch, aliased=aliased)
+  r.rows, r.cols, r.flags = r.lead[:3]
   return r
 
 
@@ -424,12 +426,15 @@ def _dkv_kernel(*refs, cfg: _Cfg):
 # ====================================================================== pallas_call wrappers
 
 
-def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
-  """BlockSpecs of the inputs after the 3 scalar-prefetch arrays."""
+def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes, pages=None):
+  """BlockSpecs of the inputs after the scalar-prefetch arrays (the 3 of the schedule,
+  then, with ``pages`` = pages per row, the flat page table: K/V are page pools
+  ``[num_pages, K, page_size = block_k, D]`` and k block ``kb`` of row ``b`` is page
+  ``page_table[b * pages + kb]``)."""
   R, bk = cfg.R, cfg.bk
   tr = kind == "dkv"
 
-  def blocks(b, kp, s, rows, cols, flags):
+  def blocks(b, kp, s, rows, cols, flags, *_):
     i = _step_index(cfg, b, kp, s)
     if tr:
       return cols[i], rows[i]
@@ -443,9 +448,15 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
     _, kb = blocks(b, kp, s, *sched)
     return (b, _kv_head(cfg, kp), kb, 0)
 
-  specs = [pl.BlockSpec((None, None, R, H), qmap),
-           pl.BlockSpec((None, None, bk, H), kmap),
-           pl.BlockSpec((None, None, bk, Hv), kmap)]
+  def page_map(b, kp, s, *sched):
+    _, kb = blocks(b, kp, s, *sched)
+    return (sched[3][b * pages + kb], _kv_head(cfg, kp), 0, 0)
+
+  if pages is None:
+    kv_specs = [pl.BlockSpec((None, None, bk, D), kmap) for D in (H, Hv)]
+  else:
+    kv_specs = [pl.BlockSpec((None, None, bk, D), page_map) for D in (H, Hv)]
+  specs = [pl.BlockSpec((None, None, R, H), qmap), *kv_specs]
   if kind != "fwd":
     specs += [pl.BlockSpec((None, None, R, Hv), qmap),
               pl.BlockSpec((None, None, R, 1), qmap),
@@ -484,8 +495,13 @@ def _params():
 # ====================================================================== the call
 
 
-def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
-  """Traces/plans a call; returns the differentiable function of the array inputs."""
+def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
+  """Traces/plans a call; returns the differentiable function of the array inputs.
+
+  With ``page_table [B, pages_per_seq]`` (int32), ``k``/``v`` are page pools ``[num_pages, K,
+  block_k, D]`` (``a.S = pages_per_seq * block_k``): the forward kernel reads row
+  ``b``'s k block ``kb`` from page ``page_table[b, kb]`` (scalar-prefetched); the backward
+  gathers the rows' pages and scatters dk/dv back into the pools."""
   B, T, S, N, K, G, H, Hv = a.B, a.T, a.S, a.N, a.K, a.G, a.H, a.Hv
   bq, bk = bs.resolve(T, S)
   plan = plan_lib.make_plan(a, bq, bk)
@@ -518,7 +534,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   # Schedules, the tile table and a dense mask built from traced inputs enter the
   # custom_vjp as arguments (:func:`fw.hoist_tracers`).
   aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, split=split_sched,
-                                           table=plan.table, dense=plan.dense))
+                                           table=plan.table, dense=plan.dense,
+                                           pages=page_table))
+  pps = None if page_table is None else page_table.shape[1]
 
   def prep_side(st, bias, seg):
     def q_seg(qs):                    # [B, Tp] -> rows [B, nq * R, 1] (same ids per head)
@@ -535,8 +553,10 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   def run_fwd(st, qr, kr, vr, sinks, side, pred_c, sm_c):
     """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
     sa, L = sched_arrays(st["fwd"] if P == 1 else st["split"])
-    cfg = make_cfg(L, qr.dtype, splits=P)
-    specs, _, _, blocks = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c)
+    if pps is not None:
+      sa.append(st["pages"].reshape(-1).astype(jnp.int32))
+    cfg = dataclasses.replace(make_cfg(L, qr.dtype, splits=P), paged=pps is not None)
+    specs, _, _, blocks = _in_specs(cfg, "fwd", H, Hv, None, None, pred_c, sm_c, pages=pps)
     extra = []
     if cfg.has_sinks:
       sk = sinks.astype(_F32).reshape(K, G, 1, 1)
@@ -553,11 +573,13 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
     o, lse = pallas_shard.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, K * P, L), in_specs=specs, out_specs=out_specs,
+            num_scalar_prefetch=len(sa), grid=(B, K * P, L), in_specs=specs,
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((R, 1), _F32), pltpu.VMEM((R, 1), _F32),
                             pltpu.VMEM((R, Hv), _F32)]),
         out_shape=out_shape, compiler_params=_params(), interpret=interpret,
-        name="attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split",
+        name=("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
+        + ("" if pps is None else "_paged"),
     )(*sa, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
     if P == 1:
       return o, lse
@@ -677,7 +699,8 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
     side = prep_side(st, bias, seg)
     pred_s = [jaxpr_lib.const_storage(c) for c in pred_c]
     sm_s = [jaxpr_lib.const_storage(c) for c in sm_c]
-    out_r, lse_r = run_fwd(st, lay.q_rows(q), to_k(k), to_k(v), sinks, side, pred_s, sm_s)
+    kr, vr = (to_k(k), to_k(v)) if pps is None else (k, v)
+    out_r, lse_r = run_fwd(st, lay.q_rows(q), kr, vr, sinks, side, pred_s, sm_s)
     return out_r, lse_r
 
   def backward(args, aux, out_r, lse_r, dout_r, dlse_r):
@@ -690,16 +713,20 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
     side = prep_side(st, bias, seg)
     pred_s = [jaxpr_lib.const_storage(c) for c in pred_c]
     sm_s = [jaxpr_lib.const_storage(c) for c in sm_c]
-    dq_r, dk_r, dv_r, db_r, dcs = run_bwd(st, lay.q_rows(q), to_k(k), to_k(v), dor, lse_b,
+    kl, vl = (k, v) if pps is None else (fw.gather_pages(k, st["pages"]),
+                                          fw.gather_pages(v, st["pages"]))
+    dq_r, dk_r, dv_r, db_r, dcs = run_bwd(st, lay.q_rows(q), to_k(kl), to_k(vl), dor, lse_b,
                                           delta_b, side, pred_s, sm_s, bias)
     db = None
     if bias is not None and red_n:                       # [Bb, 1, T, S]
       db = db_r.reshape(db_r.shape[0], 1, Tp, Sp)[:, :, :T, :S]
     elif bias is not None:                               # [Bb, N, T, S]
       db = lay.rows_to_bnts(db_r, T, S)
-    return (lay.from_rows(dq_r), dk_r.transpose(0, 2, 1, 3)[:, :S],
-            dv_r.transpose(0, 2, 1, 3)[:, :S], db, lay.rows_to_bnt(lse_r),
-            lay.rows_to_bnt(delta), dcs)
+    dk, dv = dk_r.transpose(0, 2, 1, 3)[:, :S], dv_r.transpose(0, 2, 1, 3)[:, :S]
+    if pps is not None:
+      dk, dv = fw.scatter_pages(k, st["pages"], dk), fw.scatter_pages(v, st["pages"], dv)
+    return (lay.from_rows(dq_r), dk, dv, db, lay.rows_to_bnt(lse_r), lay.rows_to_bnt(delta),
+            dcs)
 
   core = fw.flash_core(forward, backward)
 
@@ -734,6 +761,35 @@ _FLASH_DOC = """Block-sparse flash attention on TPU (Pallas Mosaic), forward and
 flash_attention = fw.make_flash_attention(
     lambda a, bs, interpret: _build(a, bs, interpret)[0], BlockSizes, "TPU", ("tpu",),
     doc=_FLASH_DOC, module=__name__, interpret_params=pltpu.InterpretParams)
+
+
+_PAGED_DOC = """Flash attention on K/V page pools read through a page table (paged decode).
+
+  Equals ``flash_attention(q, gather(k_pages), gather(v_pages), ...)`` with ``gather`` =
+  :func:`attnjax.kernels.flash_wrapper.gather_pages` (row ``b``'s pages in table order, as
+  ``[B, pages_per_seq * page_size, K, D]``), without the gather: the
+  page table is scalar-prefetched and the K/V ``BlockSpec`` index map picks page
+  ``page_table[b, kb]`` for row ``b``'s key block ``kb`` (one page per key block, so
+  ``page_size`` must be a multiple of 128; the key-block tile table, split-S decode and
+  ``masks.lengths`` work as in :func:`flash_attention`).  The backward pass gathers the
+  pages and scatters dk/dv back into the pools (pages shared by rows sum their gradients).
+
+  Args:
+    q: ``[B, T, N, H]``; k_pages: ``[num_pages, K, page_size, H]``; v_pages: ``[num_pages,
+      K, page_size, Hv]`` (each page head-major: a ``[page_size, D]`` tile per kv head);
+      page_table: int ``[B, pages_per_seq]`` (entries in
+      ``[0, num_pages)``).
+    mask, ..., interpret: as in :func:`flash_attention` (key positions are
+      ``0 .. pages_per_seq * page_size - 1`` of each row); ``block_sizes.block_k`` must be
+      None or ``page_size``.
+
+  Returns:
+    ``[B, T, N, Hv]`` in ``q.dtype`` (and ``lse [B, N, T]`` float32 with ``return_lse``).
+  """
+
+paged_flash_attention = fw.make_paged_flash_attention(
+    lambda a, bs, interpret, table: _build(a, bs, interpret, page_table=table)[0], BlockSizes,
+    "TPU", ("tpu",), doc=_PAGED_DOC, module=__name__, interpret_params=pltpu.InterpretParams)
 
 
 def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
