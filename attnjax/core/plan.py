@@ -307,10 +307,13 @@ def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   dealt into ``P`` splits by :func:`split_table`; ignored for a static table.
 
   Returns:
-    ``(row, col, flags, length, n_active)``: int32 ``[B' * K' * L]`` arrays (flags
-    bit 0 active, 1 partial, 2 first step of the row, 3 last step of the row), the
-    static step count ``L`` per ``(b', k')``, and the number of active steps
-    (a Python int for static tables).
+    ``(row, col, flags, length, n_active, n_steps)``: int32 ``[B' * K' * L]`` arrays
+    (flags bit 0 active, 1 partial, 2 first step of the row, 3 last step of the row),
+    the static step count ``L`` per ``(b', k')`` (the stride of the arrays), the number
+    of active steps, and the longest ``(b', k')`` list ``n_steps <= L``: Python ints
+    for a static table (``n_steps == L``); for a traced table ``n_active`` and
+    ``n_steps`` are int32 scalars, and ``n_steps`` is the data-dependent grid length
+    (TPU: a dynamic grid bound) so the grid walks the selected tiles only.
   """
   xp = _xp_of(table)
   if transpose:
@@ -347,8 +350,9 @@ def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   flags = (active.astype(xp.int32) | (partial.astype(xp.int32) << 1)
            | (first.astype(xp.int32) << 2) | (last.astype(xp.int32) << 3))
   n_active = int(count.sum()) if xp is np else count.sum()
+  n_steps = L if xp is np else total.max().astype(jnp.int32)
   return (row.reshape(-1).astype(xp.int32), col.reshape(-1).astype(xp.int32),
-          flags.reshape(-1).astype(xp.int32), L, n_active)
+          flags.reshape(-1).astype(xp.int32), L, n_active, n_steps)
 
 
 def union_table(table, axes):

@@ -5,11 +5,13 @@ block sizes, interpret mode); :func:`plan_call` gives ``grid_steps`` its plan;
 :func:`flash_core` is the ``custom_vjp`` core around a backend's forward and backward
 kernels, with :func:`side_inputs` (bias, dense mask, segment ids as kernel inputs),
 :func:`backward_rows` (row statistics) and :func:`finish_grads` (cotangents, summed
-over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).
+over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).  :func:`count_steps`
+is a test hook: kernels built inside it also count the grid steps they execute.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import jax
@@ -25,9 +27,42 @@ from attnjax.kernels.tile_math import TileMath, float0_like, sink_grads
 
 __all__ = ["as_block_sizes", "default_interpret", "plan_call", "make_flash_attention",
            "tile_math", "cfg_flags", "side_inputs", "backward_rows", "finish_grads",
-           "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference"]
+           "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference",
+           "count_steps", "counting_steps", "record_steps"]
 
 _F32 = jnp.float32
+_STEP_LOGS = []          # the open :func:`count_steps` records
+
+
+@contextlib.contextmanager
+def count_steps():
+  """Test hook: flash kernels *built* (traced) inside this context carry a step counter
+  and record, each time one runs, ``(kernel name, executed, active)``: the grid steps
+  (TPU) or list iterations (GPU) executed in all programs, and of those the ones that
+  computed a tile.  Yields the list the records are appended to (by
+  ``jax.debug.callback``; call ``jax.effects_barrier()`` before reading it)."""
+  log = []
+  _STEP_LOGS.append(log)
+  try:
+    yield log
+  finally:
+    _STEP_LOGS.remove(log)
+
+
+def counting_steps() -> bool:
+  """Whether kernels built now should count their steps (:func:`count_steps`)."""
+  return bool(_STEP_LOGS)
+
+
+def record_steps(name: str, executed, active):
+  """Appends ``(name, sum(executed), sum(active))`` to the open :func:`count_steps`
+  records when the computation runs."""
+  logs = list(_STEP_LOGS)
+
+  def cb(e, a):
+    for log in logs:
+      log.append((name, int(np.sum(e)), int(np.sum(a))))
+  jax.debug.callback(cb, executed, active)
 
 
 def as_block_sizes(block_sizes, cls, backend: str):
