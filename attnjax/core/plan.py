@@ -31,7 +31,8 @@ from attnjax.core.jaxpr import TileEvaluator, _ConstRef, const_storage, eval_jax
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT",
            "TracedFn", "Plan", "make_plan", "trace_predicate", "trace_score_mod",
-           "kv_group_table", "step_schedule", "union_table", "list_schedule",
+           "kv_group_table", "head_table", "group_heads", "step_schedule", "union_table",
+           "list_schedule",
            "validate_num_splits", "split_bounds", "split_table", "resolve_num_splits"]
 
 EMPTY, PARTIAL, FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
@@ -44,14 +45,10 @@ SCORE_MOD_CONST_LIMIT = 1 << 16
 _F32 = jnp.float32
 
 
-def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
-  """ANDs block tables and merges the ``G`` query heads of each kv head.
-
-  A tile is EMPTY for a GQA group only if it is empty for every head in it, and
-  FULL only if full for all; a ragged last key block is never FULL (its padded
-  columns need the in-range mask).  Returns int8 ``[B', K', nq, nk]``.
-  """
-  T, S, N, K, G = a.T, a.S, a.N, a.K, a.G
+def head_table(tables, a: AttentionArgs, bq: int, bk: int):
+  """ANDs block tables per query head: int8 ``[B', N', nq, nk]`` (``N'`` 1 or ``N``); a
+  ragged last key block is never FULL (its padded columns need the in-range mask)."""
+  T, S, N = a.T, a.S, a.N
   nq, nk = -(-T // bq), -(-S // bk)
   if not tables:
     table = np.full((1, 1, nq, nk), FULL, np.int8)
@@ -59,19 +56,33 @@ def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
     table = tables[0]
     for t in tables[1:]:
       table = masks_lib._table_algebra("and", [table, t])
-  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
-  Bt, Nt = table.shape[:2]
-  if Nt == N and N > 1:
-    t5 = table.reshape(Bt, K, G, nq, nk)
-    nonempty = (t5 != EMPTY).any(axis=2)
-    allfull = (t5 == FULL).all(axis=2)
-    table = xp.where(allfull, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
-  elif Nt != 1:
-    raise ValueError(f"mask block table has {Nt} heads, expected 1 or N={N}")
+  xp = _xp_of(table)
+  if table.shape[1] not in (1, N):
+    raise ValueError(f"mask block table has {table.shape[1]} heads, expected 1 or N={N}")
   if S % bk:
     last = xp.where(table[..., -1:] == FULL, PARTIAL, table[..., -1:]).astype(xp.int8)
     table = xp.concatenate([table[..., :-1], last], axis=-1)
   return table
+
+
+def group_heads(table, a: AttentionArgs):
+  """Merges the ``G`` query heads of each kv head of a :func:`head_table`: a tile is
+  EMPTY for a GQA group only if it is empty for every head in it, and FULL only if full
+  for all.  Returns int8 ``[B', K', nq, nk]``."""
+  Bt, Nt, nq, nk = table.shape
+  if not (Nt == a.N and a.N > 1):
+    return table
+  xp = _xp_of(table)
+  t5 = table.reshape(Bt, a.K, a.G, nq, nk)
+  nonempty = (t5 != EMPTY).any(axis=2)
+  allfull = (t5 == FULL).all(axis=2)
+  return xp.where(allfull, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
+
+
+def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
+  """ANDs block tables and merges the ``G`` query heads of each kv head
+  (:func:`head_table`, :func:`group_heads`).  Returns int8 ``[B', K', nq, nk]``."""
+  return group_heads(head_table(tables, a, bq, bk), a)
 
 
 
@@ -131,7 +142,8 @@ class Plan:
     dense: ``[Bm, N, T, S]`` boolean mask materialised when the predicate cannot run
       in-kernel (or None).
     seg: ``(q_segment_ids [B, T], kv_segment_ids [B, S])`` int32 (or None).
-    has_table_only_mask: the mask is fully described by FULL/EMPTY tiles.
+    head_table: ``[B', N', nq, nk]`` the same per query head (``N'`` 1 or ``N``; ``table``
+      merges a GQA group's heads): a GPU program of one head walks its own list.
   """
   a: AttentionArgs
   bq: int
@@ -143,6 +155,7 @@ class Plan:
   dense: Any
   seg: Any
   reasons: list
+  head_table: Any = None
 
   @property
   def Tp(self):
@@ -236,8 +249,8 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   if a.q_segment_ids is not None and not docs:
     tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
 
-  table = kv_group_table(tables, a, bq, bk)
-  return Plan(a, bq, bk, nq, nk, table, pred, dense, seg, reasons)
+  heads = head_table(tables, a, bq, bk)
+  return Plan(a, bq, bk, nq, nk, group_heads(heads, a), pred, dense, seg, reasons, heads)
 
 
 def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:
