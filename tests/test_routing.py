@@ -422,6 +422,173 @@ def test_moba_lowering(platform, monkeypatch):
   assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
 
 
+# ------------------------------------------------- MoBA: data-dependent block lists in the kernels
+
+def _kmod(backend):
+  from attnjax.kernels.gpu import flash as gpu_flash
+  from attnjax.kernels.tpu import flash as tpu_flash
+  return tpu_flash if backend == "pallas_tpu" else gpu_flash
+
+
+# TPU tiles are 128 keys wide (block_size 128); GPU 16.  GQA: N=4 query heads, K=2 kv heads.
+_LIST_CASES = {"pallas_tpu": dict(B=2, T=384, bs=128, bq=64, top_k=2),
+               "pallas_gpu": dict(B=2, T=80, bs=16, bq=16, top_k=2)}
+
+
+def _moba_kernel_case(backend, dtype, seed, B=None, N=4, K=2):
+  c = _LIST_CASES[backend]
+  B = c["B"] if B is None else B
+  q, k, v = _moba_inputs(seed, dtype, B=B, T=c["T"], N=N, K=K, H=16, Hv=16)
+  bsz = _kmod(backend).BlockSizes(block_q=c["bq"], block_k=c["bs"], num_splits=1)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=c["bs"], top_k=c["top_k"],
+                                             implementation=backend, block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, c["bs"], c["top_k"], causal=True)
+  return f, (q, k, v), allowed, c
+
+
+def _ref_tiles(allowed, bq, bk, G):
+  """Tiles holding an allowed key, from the reference's key sets: per query head
+  ``[B, N, nq, nk]`` and per GQA group (the TPU kernel's rows) ``[B, K, nq, nk]``."""
+  B, N, T, S = allowed.shape
+  nq, nk = -(-T // bq), -(-S // bk)
+  a = np.zeros((B, N, nq * bq, nk * bk), bool)
+  a[:, :, :T, :S] = allowed
+  head = a.reshape(B, N, nq, bq, nk, bk).any(axis=(3, 5))
+  return head, head.reshape(B, N // G, G, nq, nk).any(axis=2)
+
+
+def _program_lengths(tiles):
+  """Steps of each TPU program: one per selected tile of each row, one idle step for a
+  row with none (its output block is still written)."""
+  return np.maximum(tiles.sum(-1), 1).sum(-1)              # [B, K]
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    ("pallas_gpu", F32), pytest.param("pallas_gpu", BF16, marks=SLOW),
+    pytest.param("pallas_tpu", F32, marks=SLOW), pytest.param("pallas_tpu", BF16, marks=SLOW)])
+def test_moba_block_lists_match_reference(backend, dtype):
+  """MoBA through the kernels' data-dependent block lists (GQA, B=2): forward and jax.vjp
+  against the explicit-loop MoBA reference."""
+  f, args, allowed, _ = _moba_kernel_case(backend, dtype, 80)
+  assert_close(f(*args), softmax_ref_np(*args, allowed), dtype, f"moba {backend} fwd")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), args, dtype, 81,
+               f"moba {backend}")
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+def test_moba_kernels_walk_only_selected_tiles(backend):
+  """The kernels count the grid steps (TPU) / list iterations (GPU) they execute
+  (``fw.count_steps``): forward, dq and dk/dv walk exactly the tiles the reference's key
+  sets select (TPU: per GQA group, each program padded to the longest program's list by
+  skipped steps; GPU: per query head), far fewer than the ``nq * nk`` worst case."""
+  from attnjax.kernels import flash_wrapper as fw
+  f, args, allowed, c = _moba_kernel_case(backend, F32, 90)
+  B, T, N = args[0].shape[:3]
+  K = args[1].shape[2]
+  head, group = _ref_tiles(allowed, c["bq"], c["bs"], N // K)
+  nq, nk = head.shape[-2:]
+  with fw.count_steps() as log:
+    out, vjp = jax.vjp(f, *args)
+    vjp(rnd(91, out.shape, F32))
+    jax.effects_barrier()
+  got = {name: (executed, active) for name, executed, active in log}
+  if backend == "pallas_tpu":
+    fwd_len = _program_lengths(group)                       # [B, K]
+    dkv_len = _program_lengths(np.swapaxes(group, -1, -2))
+    want = {"attnjax_flash_fwd": (B * K * fwd_len.max(), group.sum()),
+            "attnjax_flash_bwd_dq": (B * K * fwd_len.max(), group.sum()),
+            "attnjax_flash_bwd_dkv": (B * K * dkv_len.max(), group.sum())}
+    worst = B * K * nq * nk
+  else:                           # one program per (b, head, q block) / (b, kv head, k block)
+    want = {n: (head.sum(), head.sum()) for n in (
+        "attnjax_flash_fwd_gpu", "attnjax_flash_bwd_dq_gpu", "attnjax_flash_bwd_dkv_gpu")}
+    worst = B * N * nq * nk
+  assert got == want
+  # causal MoBA selects the own block of every q block: no idle steps, and the grid is
+  # well below the worst case of a union table ([B, K, nq, nk] all visited)
+  assert all(executed < worst for executed, _ in got.values()), (got, worst)
+
+
+@SLOW
+def test_moba_block_lists_single_program_exact():
+  """One TPU program per (batch, kv head) with B = K = 1: its grid has exactly one step per
+  selected tile, forward and backward (no padding)."""
+  from attnjax.kernels import flash_wrapper as fw
+  f, args, allowed, c = _moba_kernel_case("pallas_tpu", F32, 95, B=1, N=2, K=1)
+  _, group = _ref_tiles(allowed, c["bq"], c["bs"], 2)
+  with fw.count_steps() as log:
+    out, vjp = jax.vjp(f, *args)
+    vjp(rnd(96, out.shape, F32))
+    jax.effects_barrier()
+  assert sorted(log) == sorted((n, int(group.sum()), int(group.sum())) for n in (
+      "attnjax_flash_fwd", "attnjax_flash_bwd_dq", "attnjax_flash_bwd_dkv"))
+  assert group.sum() < group.size                   # some tiles are skipped
+
+
+@SLOW
+def test_moba_block_lists_tpu_semantics():
+  """MoBA on the TPU kernels under the TPU-semantics interpreter (NaN-filled buffers, race
+  detection on 2 simulated cores), forward and jax.vjp against the reference: the
+  dynamic grid reads no uninitialised block and races nowhere."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _ipc
+  from jax.experimental.pallas import tpu as pltpu
+
+  from attnjax.kernels.tpu import flash as tpu_flash
+  params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
+                                 num_cores_or_threads=2)
+  q, k, v = _moba_inputs(100, F32, B=1, T=256, N=2, K=1, H=16, Hv=16)
+  bsz = tpu_flash.BlockSizes(block_q=64, block_k=128, num_splits=1)
+
+  def att(q, k, v, *, implementation=None, block_sizes=None, **kw):
+    del implementation, block_sizes
+    return tpu_flash.flash_attention(q, k, v, block_sizes=bsz, interpret=params, **kw)
+
+  states = []
+  base = _ipc.RaceDetectionState
+
+  class Recorded(base):
+    def __init__(self, *a, **kw):
+      super().__init__(*a, **kw)
+      states.append(self)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(_ipc, "RaceDetectionState", Recorded)
+    mp.setattr(hooks, "_ATTENTION", [att])
+    try:
+      f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=128, top_k=2,
+                                                 block_sizes=bsz)
+      allowed = moba_allowed_ref(q, k, 128, 2, causal=True)
+      assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, "moba tpu-semantics")
+      _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 101,
+                   "moba tpu-semantics")
+    finally:
+      pltpu.reset_tpu_interpret_mode_state()
+  assert len(states) >= 3 and not any(s.races_found for s in states)
+
+
+def test_moba_tpu_grid_is_dynamic():
+  """The TPU kernels' grids over a traced (routed) table have a data-dependent bound,
+  forward and backward (what the lowering passes to Mosaic)."""
+  from jax._src.pallas import core as pallas_core
+  f, args, _, _ = _moba_kernel_case("pallas_tpu", F32, 110, B=1)
+  loss = lambda q, k, v: jnp.sum(f(q, k, v))
+  grids = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        grids[eqn.params["name"]] = eqn.params["grid_mapping"].grid
+      for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else [v]):
+          x = getattr(x, "jaxpr", x)                    # ClosedJaxpr -> Jaxpr
+          if hasattr(x, "eqns"):
+            walk(x)
+  walk(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr)
+  assert {"attnjax_flash_fwd", "attnjax_flash_bwd_dq", "attnjax_flash_bwd_dkv"} <= set(grids)
+  for name, grid in grids.items():
+    assert isinstance(grid[-1], pallas_core.DynamicGridDim), (name, grid)
+
+
 # ----------------------------------------------------------------------------- VMoBA
 
 def vmoba_allowed_ref(q, k, block, top_k=None, threshold=None):
