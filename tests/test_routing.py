@@ -731,6 +731,36 @@ def test_dynamic_mask_matches_reference(impl, dtype):
   _check_grads(f, ref, (q, k, v, kb), dtype, 204, "dma")
 
 
+@SLOW
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_dynamic_mask_block_lists(backend):
+  """Dynamic mask attention through the kernels' data-dependent block lists (GQA):
+  forward and jax.vjp (key_bias too) against the explicit top-w reference, and the
+  kernels compute exactly the tiles holding a kept key (per query head on GPU, per GQA
+  group on TPU)."""
+  from attnjax.kernels import flash_wrapper as fw
+  T, bq, bk = (64, 16, 16) if backend == "pallas_gpu" else (256, 32, 128)
+  q, k, v = _moba_inputs(210, F32, B=1, T=T, N=4, K=2)
+  kb = _distinct(213, (1, T, 2), F32)
+  allowed = dma_allowed_ref(kb, 4, 5, causal=True)
+  bsz = _kmod(backend).BlockSizes(block_q=bq, block_k=bk, num_splits=1)
+  f = lambda q, k, v, kb: routing.dynamic_mask_attention(
+      q, k, v, kb, keep_window=5, implementation=backend, block_sizes=bsz)
+  bias = jnp.repeat(jnp.transpose(jnp.asarray(kb, F32), (0, 2, 1)), 2, axis=1)[:, :, None, :]
+  with fw.count_steps() as log:
+    out = f(q, k, v, kb)
+    jax.effects_barrier()
+  assert_close(out, softmax_ref_np(q, k, v, allowed, bias=_np(bias)), F32, "dma kernel fwd")
+  head, group = _ref_tiles(allowed, bq, bk, 2)
+  assert [active for _, _, active in log] == [int((head if backend == "pallas_gpu"
+                                                   else group).sum())]
+
+  def ref(q, k, v, kb):
+    b = jnp.repeat(jnp.transpose(kb, (0, 2, 1)), 2, axis=1)[:, :, None, :]
+    return softmax_ref_jnp(q, k, v, allowed, bias=b)
+  _check_grads(f, ref, (q, k, v, kb), F32, 214, "dma kernel")
+
+
 def test_dynamic_mask_noncausal_per_query_head():
   q, k, v = _moba_inputs(210, F32, T=16, N=2, K=2)
   kb = _distinct(213, (2, 16, 2), F32)
