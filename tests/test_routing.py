@@ -525,45 +525,40 @@ def test_moba_block_lists_single_program_exact():
   assert group.sum() < group.size                   # some tiles are skipped
 
 
-@SLOW
-def test_moba_block_lists_tpu_semantics():
-  """MoBA on the TPU kernels under the TPU-semantics interpreter (NaN-filled buffers, race
-  detection on 2 simulated cores), forward and jax.vjp against the reference: the
-  dynamic grid reads no uninitialised block and races nowhere."""
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _ipc
-  from jax.experimental.pallas import tpu as pltpu
+def test_row_selection_replaces_the_dense_mask():
+  """A ``from_row_block_mask`` whose key blocks are whole kernel tiles reaches the kernels
+  as its ``[B, N, T, nk]`` selection (``plan.dense_cols`` tiles per block), not as a dense
+  ``[B, N, T, S]`` mask; the causal part stays an in-kernel predicate.  Beside another
+  data-dependent mask the selection joins that mask's dense array as before."""
+  from attnjax.core import plan as plan_lib
+  from attnjax.core.args import check_attention_args
+  q, k, v = _moba_inputs(120, F32, B=2, T=72, N=4, K=2)
+  sel = routing.moba_selection(q, k, block_size=32, top_k=2)              # [2, 4, 72, 3]
+  a = check_attention_args(q, k, v, mask=masks.from_row_block_mask(sel, 32) & masks.causal())
+  plan = plan_lib.make_plan(a, 16, 16)
+  assert plan.dense.shape == (2, 4, 72, 3) and plan.dense_cols == 2
+  assert plan.pred is not None and plan.pred.kind == "causal"
+  arr = jnp.asarray(np.random.default_rng(0).random((72, 72)) < 0.7)
+  a2 = check_attention_args(q, k, v, mask=masks.from_row_block_mask(sel, 32) &
+                            masks.from_array(arr))
+  plan2 = plan_lib.make_plan(a2, 16, 16)
+  assert plan2.dense_cols == 0 and plan2.dense.shape[-1] == 72
 
-  from attnjax.kernels.tpu import flash as tpu_flash
-  params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
-                                 num_cores_or_threads=2)
-  q, k, v = _moba_inputs(100, F32, B=1, T=256, N=2, K=1, H=16, Hv=16)
-  bsz = tpu_flash.BlockSizes(block_q=64, block_k=128, num_splits=1)
 
-  def att(q, k, v, *, implementation=None, block_sizes=None, **kw):
-    del implementation, block_sizes
-    return tpu_flash.flash_attention(q, k, v, block_sizes=bsz, interpret=params, **kw)
-
-  states = []
-  base = _ipc.RaceDetectionState
-
-  class Recorded(base):
-    def __init__(self, *a, **kw):
-      super().__init__(*a, **kw)
-      states.append(self)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(_ipc, "RaceDetectionState", Recorded)
-    mp.setattr(hooks, "_ATTENTION", [att])
-    try:
-      f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=128, top_k=2,
-                                                 block_sizes=bsz)
-      allowed = moba_allowed_ref(q, k, 128, 2, causal=True)
-      assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, "moba tpu-semantics")
-      _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 101,
-                   "moba tpu-semantics")
-    finally:
-      pltpu.reset_tpu_interpret_mode_state()
-  assert len(states) >= 3 and not any(s.races_found for s in states)
+@pytest.mark.parametrize("backend", ["pallas_gpu", pytest.param("pallas_tpu", marks=SLOW)])
+def test_moba_row_selection_blocks_of_several_tiles(backend):
+  """MoBA blocks two kernel tiles wide (the tile reads column ``kb // 2`` of the
+  selection), ragged T (the last block short): forward and jax.vjp against the
+  explicit-loop reference."""
+  T, bs, bq, bk = (72, 32, 16, 16) if backend == "pallas_gpu" else (320, 256, 64, 128)
+  q, k, v = _moba_inputs(130, F32, B=1, T=T, N=2, K=1, H=16, Hv=16)
+  bsz = _kmod(backend).BlockSizes(block_q=bq, block_k=bk, num_splits=1)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=2,
+                                             implementation=backend, block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, bs, 2, causal=True)
+  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, f"moba {backend} fwd")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 131,
+               f"moba {backend} wide blocks")
 
 
 def test_moba_tpu_grid_is_dynamic():

@@ -140,7 +140,9 @@ class Plan:
     table: ``[B', K', nq, nk]`` int8 tile classes (numpy when static, else JAX).
     pred: the mask predicate evaluated in-kernel on partial tiles (or None).
     dense: ``[Bm, N, T, S]`` boolean mask materialised when the predicate cannot run
-      in-kernel (or None).
+      in-kernel (or None); with ``dense_cols > 0`` instead a per-row key-block selection
+      ``[Bm, Nm, T, nk_sel]`` (:func:`~attnjax.masks.from_row_block_mask`): row ``i`` may
+      see tile ``kb`` iff ``dense[..., i, kb // dense_cols]`` (no ``[T, S]`` array).
     seg: ``(q_segment_ids [B, T], kv_segment_ids [B, S])`` int32 (or None).
     head_table: ``[B', N', nq, nk]`` the same per query head (``N'`` 1 or ``N``; ``table``
       merges a GQA group's heads): a GPU program of one head walks its own list.
@@ -156,6 +158,8 @@ class Plan:
   seg: Any
   reasons: list
   head_table: Any = None
+  dense_cols: int = 0
+  row_mask: Any = None
 
   @property
   def Tp(self):
@@ -203,12 +207,26 @@ def _kernel_data_only(mask) -> bool:
   return all(_kernel_data_only(c) for c in mask.children)
 
 
+def _row_selection(others, bk):
+  """The :func:`~attnjax.masks.from_row_block_mask` among ``others`` whose key blocks are
+  whole tiles (``block_k % bk == 0``), when the rest of the mask runs in-kernel: the
+  kernel then reads its ``[B, N, T, nk]`` selection per tile instead of a dense mask."""
+  rows = [m for m in others if m.kind == "row_block_mask" and m.params["block_k"] % bk == 0]
+  if not rows:
+    return None
+  rest = [m for m in others if m is not rows[0]]
+  if any(m.data_dependent and not _kernel_data_only(m) for m in rest):
+    return None
+  return rows[0]
+
+
 def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   """Tile table and mask decomposition for block sizes ``bq x bk``."""
   T, S, N, B = a.T, a.S, a.N, a.B
   nq, nk = -(-T // bq), -(-S // bk)
   others, docs, blocks = _split_mask(a.mask)
   reasons = []
+  row_mask = _row_selection(others, bk)
 
   segs = []
   if a.q_segment_ids is not None:
@@ -227,6 +245,13 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   tables = []
   pred = None
   dense = None
+  dense_cols = 0
+  if row_mask is not None:
+    others = [m for m in others if m is not row_mask]
+    tables.append(row_mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
+    sel = row_mask.arrays["row_block_mask"]
+    dense = sel.reshape((1,) * (4 - sel.ndim) + tuple(sel.shape))
+    dense_cols = row_mask.params["block_k"] // bk
   for m in blocks:
     if (m.params["block_q"], m.params["block_k"]) == (bq, bk):
       tables.append(m.block_table(T, S, bq, bk, num_heads=N, batch=B))
@@ -250,7 +275,8 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
     tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
 
   heads = head_table(tables, a, bq, bk)
-  return Plan(a, bq, bk, nq, nk, group_heads(heads, a), pred, dense, seg, reasons, heads)
+  return Plan(a, bq, bk, nq, nk, group_heads(heads, a), pred, dense, seg, reasons, heads,
+              dense_cols, row_mask)
 
 
 def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:
@@ -273,6 +299,9 @@ def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:
     ok, total = False, str(e)
   if ok:
     return tf
+  if plan.row_mask is not None:       # one dense mask for both (the row selection too)
+    pred = pred & plan.row_mask
+    plan.dense_cols, plan.row_mask = 0, None
   plan.dense = pred.to_array(a.T, a.S, num_heads=a.N if pred.head_dependent else 1,
                              batch=a.B)
   plan.reasons.append(f"mask {pred.name} materialised as a dense array ({total})")

@@ -146,25 +146,32 @@ def cfg_flags(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
               bias_b=a.bias is not None and a.bias.shape[0] > 1,
               has_dense=plan.dense is not None,
               dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
+              dense_cols=plan.dense_cols,
               has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
               n_pred=0 if pred_tf is None else len(pred_tf.shapes),
               n_sm=len(sm_sizes), n_sm_grad=n_grad,
               sm_widths=tuple(width(max(sz, 1)) for sz in sm_sizes[:n_grad]))
 
 
-def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg):
+def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg,
+                place_sel=None):
   """The bias (float32), dense mask (int32) and segment ids as kernel inputs.
 
   ``bias``/``dense`` are broadcast over the query heads to ``[X, N, T, S]`` and laid out
   by ``place_bnts``; the segment ids are padded to ``Tp``/``Sp`` with ``-1``/``-2`` (padded
-  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.
+  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.  A row
+  selection (``plan.dense_cols > 0``) is ``[X, N, T, nk_sel]`` float32 0/1, laid out by
+  ``place_sel``.
   """
   a = plan.a
   N, T, S = a.N, a.T, a.S
   side = []
   if bias is not None:
     side.append(place_bnts(jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))))
-  if dense is not None:
+  if dense is not None and plan.dense_cols:
+    d = jnp.asarray(dense)
+    side.append(place_sel(jnp.broadcast_to(d, (d.shape[0], N, T, d.shape[3])).astype(_F32)))
+  elif dense is not None:
     d = jnp.asarray(dense)
     side.append(place_bnts(jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)))
   if seg is not None:

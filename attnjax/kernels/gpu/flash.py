@@ -144,6 +144,8 @@ class _Cfg:
   db_atomic: bool = False   # dbias summed over broadcast batch/heads by atomic adds
   head_stride: int = 0      # dk/dv lists: head g of the group reads sched[g * stride:]
   count: bool = False       # a last output counts the list iterations (fw.count_steps)
+  dense_cols: int = 0       # > 0: ``dense`` is a row selection, tile kb reads column kb // it
+  sel_width: int = 0        # columns of the row selection input
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -165,6 +167,16 @@ def _refs(cfg, refs, kind, n_out):
   r.count = r.outs[-1] if cfg.count else None
   r.outs = r.outs[:n_out]
   return r
+
+
+def _dense_tile(cfg, rows, kb, ks):
+  """The dense-mask tile of k block ``kb`` from the mask's ``rows`` ref view (``[bq, W]``):
+  columns ``ks``, or (a row selection) column ``kb // dense_cols`` broadcast."""
+  if not cfg.dense_cols:
+    return rows(ks)
+  col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
+  lane = jnp.arange(cfg.sel_width, dtype=jnp.int32)[None, :]
+  return jnp.broadcast_to(tm.select_column(rows(slice(None)), col, lane), (cfg.bq, cfg.bk))
 
 
 def _count_steps(r, n):
@@ -203,7 +215,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     seg_eq = dense = None
     if masked:
       seg_eq = None if qseg is None else qseg[:, None] == r.kseg[ks][None, :]
-      dense = r.dense[:, ks] if r.dense is not None else None
+      if r.dense is not None:
+        dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
     _, _, s, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
     return M.online_softmax(m, l, acc, s, v)
 
@@ -245,7 +258,9 @@ def _dq_kernel(*refs, cfg: _Cfg):
     ks = pl.ds(kb * bk, bk)
     k, v = r.k[ks, :], r.v[ks, :]
     bias = r.bias[:, ks] if r.bias is not None else None
-    dense = r.dense[:, ks] if (masked and r.dense is not None) else None
+    dense = None
+    if masked and r.dense is not None:
+      dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
     seg_eq = None if (qseg is None or not masked) else qseg[:, None] == r.kseg[ks][None, :]
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
@@ -294,7 +309,9 @@ def _dkv_kernel(*refs, cfg: _Cfg):
       q, do = r.q[g, qs, :], r.do[g, qs, :]
       lse, delta = r.lse[g, qs], r.delta[g, qs]
       bias = r.bias[g, qs, ks] if r.bias is not None else None
-      dense = r.dense[g, qs, ks] if (masked and r.dense is not None) else None
+      dense = None
+      if masked and r.dense is not None:
+        dense = _dense_tile(cfg, lambda c, g=g, qs=qs: r.dense[g, qs, c], kb, ks)
       seg_eq = None if (kseg is None or not masked) else r.qseg[qs][:, None] == kseg[None, :]
       idx = functools.lru_cache(maxsize=None)(
           lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
@@ -364,12 +381,14 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
   fwd_sched = _sched_array(plan.head_table, False)      # [Bt, Nt, nq, W]
   bwd_sched, head_stride = _group_lists(_sched_array(plan.head_table, True), K, G)
   count = fw.counting_steps()
+  sel_w = tm.next_pow2(plan.dense.shape[3]) if plan.dense_cols else 0
+  dense_w = sel_w or Sp             # columns of the dense mask input
   num_warps = bs.num_warps or (4 if max(Hp, Hvp) <= 64 else 8)
   P = bs.resolve_splits(plan.table, B * N * nq)
 
   def make_cfg(dtype, splits=1):
     return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, dtype), G=G, bq=bq, bk=bk,
-                Bt=Bt, Kt=Kt, P=splits, head_stride=head_stride, count=count,
+                Bt=Bt, Kt=Kt, P=splits, head_stride=head_stride, count=count, sel_width=sel_w,
                 **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, tm.next_pow2))
 
   def params():
@@ -380,7 +399,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
 
   def prep_side(st, bias, seg):
     pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
-    return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x)
+    pad_sel = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, sel_w - x.shape[3])))
+    return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x,
+                          place_sel=pad_sel)
 
   def sel(b, n):          # the list of head n (fwd / dq)
     return (b if Bt > 1 else 0, n if Nt > 1 else 0)
@@ -412,7 +433,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
       specs.append(pl.BlockSpec((None, None, bq, Sp),
                                 lambda b, n, i: (b if cfg.bias_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_dense:
-      specs.append(pl.BlockSpec((None, None, bq, Sp),
+      specs.append(pl.BlockSpec((None, None, bq, dense_w),
                                 lambda b, n, i: (b if cfg.dense_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, q_block(cfg, i))),
@@ -426,7 +447,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
       specs.append(pl.BlockSpec((None, G, Tp, Sp),
                                 lambda b, kh, j: (b if cfg.bias_b else 0, kh, 0, 0)))
     if cfg.has_dense:
-      specs.append(pl.BlockSpec((None, G, Tp, Sp),
+      specs.append(pl.BlockSpec((None, G, Tp, dense_w),
                                 lambda b, kh, j: (b if cfg.dense_b else 0, kh, 0, 0)))
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),

@@ -194,6 +194,8 @@ class _Cfg:
   P: int = 1         # splits of each row's tile list; grid axis 1 runs over kh * P + p
   dq_dbias: bool = True   # the dq kernel writes the (unreduced) bias gradient
   count: bool = False     # a last output counts executed / active steps (fw.count_steps)
+  dense_cols: int = 0     # > 0: ``dense`` is a row selection, tile kb reads column kb // it
+  sel_width: int = 0      # lanes of the row selection input
 
 
 def _kv_head(cfg, kp):
@@ -260,6 +262,10 @@ def _count_step(r, s, active):
 def _tile_inputs(cfg, r, b, kh, qb, kb):
   bias = r.bias[...] if r.bias is not None else None
   dense = r.dense[...] if r.dense is not None else None
+  if dense is not None and cfg.dense_cols:      # the rows' choice of this key block
+    col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
+    lane = jax.lax.broadcasted_iota(jnp.int32, dense.shape, 1)
+    dense = jnp.broadcast_to(tm.select_column(dense, col, lane), (cfg.R, cfg.bk))
   seg_eq = None
   if r.qseg is not None:
     seg_eq = r.qseg[...] == r.kseg[...]            # [R, 1] == [1, bk]
@@ -480,8 +486,8 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes):
   if cfg.has_dense:
     def dmap(b, kp, s, *sched):
       qb, kb = blocks(b, kp, s, *sched)
-      return (b if cfg.dense_b else 0, _kv_head(cfg, kp), qb, kb)
-    specs.append(pl.BlockSpec((None, None, R, bk), dmap))
+      return (b if cfg.dense_b else 0, _kv_head(cfg, kp), qb, 0 if cfg.dense_cols else kb)
+    specs.append(pl.BlockSpec((None, None, R, cfg.sel_width if cfg.dense_cols else bk), dmap))
   if cfg.has_seg:
     def qsmap(b, kp, s, *sched):
       qb, _ = blocks(b, kp, s, *sched)
@@ -528,11 +534,12 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
                                        max_per_row=-(-plan.nk // P))
 
   count = fw.counting_steps()
+  sel_w = tm.round_up(plan.dense.shape[3], _LANES) if plan.dense_cols else 0
 
   def make_cfg(L, q_dtype, splits=1):
     lanes = lambda sz: tm.round_up(sz, _LANES)
     return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, q_dtype), B=B, K=K, G=G,
-                bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits, count=count,
+                bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits, count=count, sel_width=sel_w,
                 **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, lanes))
 
   # ------------------------------------------------------------ input preparation
@@ -547,7 +554,8 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool):
       return qs.reshape(B, plan.nq * R, 1)
     return fw.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
                               q_seg,
-                              lambda ks: ks.reshape(B, 1, Sp))
+                              lambda ks: ks.reshape(B, 1, Sp),
+                              place_sel=lambda x: lay.bnts_to_rows(x, sel_w))
 
   def sched_arrays(sched):
     """``(rows, cols, flags)``, the static stride ``L`` of each program's list and the
