@@ -226,7 +226,6 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   nq, nk = -(-T // bq), -(-S // bk)
   others, docs, blocks = _split_mask(a.mask)
   reasons = []
-  row_mask = _row_selection(others, bk)
 
   segs = []
   if a.q_segment_ids is not None:
@@ -246,17 +245,18 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   pred = None
   dense = None
   dense_cols = 0
-  if row_mask is not None:
-    others = [m for m in others if m is not row_mask]
-    tables.append(row_mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
-    sel = row_mask.arrays["row_block_mask"]
-    dense = sel.reshape((1,) * (4 - sel.ndim) + tuple(sel.shape))
-    dense_cols = row_mask.params["block_k"] // bk
   for m in blocks:
     if (m.params["block_q"], m.params["block_k"]) == (bq, bk):
       tables.append(m.block_table(T, S, bq, bk, num_heads=N, batch=B))
     else:
       others.append(m)
+  row_mask = _row_selection(others, bk)
+  if row_mask is not None:          # read per tile from its selection, not as a predicate
+    others = [m for m in others if m is not row_mask]
+    tables.append(row_mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
+    sel = row_mask.arrays["row_block_mask"]
+    dense = sel.reshape((1,) * (4 - sel.ndim) + tuple(sel.shape))
+    dense_cols = row_mask.params["block_k"] // bk
   if others:
     pred = others[0]
     for m in others[1:]:
