@@ -54,7 +54,7 @@ def main(argv=None):
   sel = routing.moba_selection(q, k, block_size=bs, top_k=args.top_k)
   a = check_attention_args(q, k, k, mask=masks.from_row_block_mask(sel, bs) & masks.causal())
   plan = plan_lib.make_plan(a, bs, bs)
-  nq, nk, G = plan.nq, plan.nk, N // K
+  nq, G = plan.nq, N // K
   table, heads = np.asarray(plan.table), np.asarray(plan.head_table)
   fwd = plan_lib.step_schedule(jnp.asarray(table))
   dkv = plan_lib.step_schedule(jnp.asarray(table), transpose=True)
