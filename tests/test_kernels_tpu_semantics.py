@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_kernel_close, run_kernel_pair
+from helpers import assert_close, assert_kernel_close, run_kernel_pair
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _ipc
 from jax.experimental.pallas import tpu as pltpu
 
@@ -127,3 +127,34 @@ def test_interpret_argument_is_checked():
   q = jnp.ones((1, 8, 1, 8))
   with pytest.raises(TypeError, match="interpret must be None, a bool or an instance of Interp"):
     tpu_flash.flash_attention(q, q, q, interpret="yes")
+
+
+@pytest.mark.slow
+def test_moba_data_dependent_block_lists(race_states, monkeypatch):
+  """MoBA (tests/test_routing.py): a routed, traced tile table, so every kernel's grid has
+  a dynamic step bound and the selection is read per tile; forward and jax.vjp against the
+  explicit-loop MoBA reference, no race, no uninitialised read."""
+  from test_routing import (
+    _check_grads,
+    _moba_inputs,
+    moba_allowed_ref,
+    softmax_ref_jnp,
+    softmax_ref_np,
+  )
+
+  from attnjax.core import hooks
+  from attnjax.ops import routing
+  q, k, v = _moba_inputs(100, jnp.float32, B=1, T=256, N=2, K=1, H=16, Hv=16)
+  bsz = tpu_flash.BlockSizes(block_q=64, block_k=128, num_splits=1)
+
+  def att(q, k, v, *, implementation=None, block_sizes=None, **kw):
+    del implementation, block_sizes
+    return tpu_flash.flash_attention(q, k, v, block_sizes=bsz, interpret=PARAMS, **kw)
+  monkeypatch.setattr(hooks, "_ATTENTION", [att])
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=128, top_k=2,
+                                             block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, 128, 2, causal=True)
+  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), jnp.float32, "moba fwd")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), jnp.float32,
+               101, "moba")
+  _no_races(race_states, 3)

@@ -422,6 +422,168 @@ def test_moba_lowering(platform, monkeypatch):
   assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
 
 
+# ------------------------------------------------- MoBA: data-dependent block lists in the kernels
+
+def _kmod(backend):
+  from attnjax.kernels.gpu import flash as gpu_flash
+  from attnjax.kernels.tpu import flash as tpu_flash
+  return tpu_flash if backend == "pallas_tpu" else gpu_flash
+
+
+# TPU tiles are 128 keys wide (block_size 128); GPU 16.  GQA: N=4 query heads, K=2 kv heads.
+_LIST_CASES = {"pallas_tpu": dict(B=2, T=384, bs=128, bq=64, top_k=2),
+               "pallas_gpu": dict(B=2, T=80, bs=16, bq=16, top_k=2)}
+
+
+def _moba_kernel_case(backend, dtype, seed, B=None, N=4, K=2):
+  c = _LIST_CASES[backend]
+  B = c["B"] if B is None else B
+  q, k, v = _moba_inputs(seed, dtype, B=B, T=c["T"], N=N, K=K, H=16, Hv=16)
+  bsz = _kmod(backend).BlockSizes(block_q=c["bq"], block_k=c["bs"], num_splits=1)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=c["bs"], top_k=c["top_k"],
+                                             implementation=backend, block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, c["bs"], c["top_k"], causal=True)
+  return f, (q, k, v), allowed, c
+
+
+def _ref_tiles(allowed, bq, bk, G):
+  """Tiles holding an allowed key, from the reference's key sets: per query head
+  ``[B, N, nq, nk]`` and per GQA group (the TPU kernel's rows) ``[B, K, nq, nk]``."""
+  B, N, T, S = allowed.shape
+  nq, nk = -(-T // bq), -(-S // bk)
+  a = np.zeros((B, N, nq * bq, nk * bk), bool)
+  a[:, :, :T, :S] = allowed
+  head = a.reshape(B, N, nq, bq, nk, bk).any(axis=(3, 5))
+  return head, head.reshape(B, N // G, G, nq, nk).any(axis=2)
+
+
+def _program_lengths(tiles):
+  """Steps of each TPU program: one per selected tile of each row, one idle step for a
+  row with none (its output block is still written)."""
+  return np.maximum(tiles.sum(-1), 1).sum(-1)              # [B, K]
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    ("pallas_gpu", F32), pytest.param("pallas_gpu", BF16, marks=SLOW),
+    pytest.param("pallas_tpu", F32, marks=SLOW), pytest.param("pallas_tpu", BF16, marks=SLOW)])
+def test_moba_block_lists_match_reference(backend, dtype):
+  """MoBA through the kernels' data-dependent block lists (GQA, B=2): forward and jax.vjp
+  against the explicit-loop MoBA reference."""
+  f, args, allowed, _ = _moba_kernel_case(backend, dtype, 80)
+  assert_close(f(*args), softmax_ref_np(*args, allowed), dtype, f"moba {backend} fwd")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), args, dtype, 81,
+               f"moba {backend}")
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+def test_moba_kernels_walk_only_selected_tiles(backend):
+  """The kernels count the grid steps (TPU) / list iterations (GPU) they execute
+  (``fw.count_steps``): forward, dq and dk/dv walk exactly the tiles the reference's key
+  sets select (TPU: per GQA group, each program padded to the longest program's list by
+  skipped steps; GPU: per query head), far fewer than the ``nq * nk`` worst case."""
+  from attnjax.kernels import flash_wrapper as fw
+  f, args, allowed, c = _moba_kernel_case(backend, F32, 90)
+  B, T, N = args[0].shape[:3]
+  K = args[1].shape[2]
+  head, group = _ref_tiles(allowed, c["bq"], c["bs"], N // K)
+  nq, nk = head.shape[-2:]
+  with fw.count_steps() as log:
+    out, vjp = jax.vjp(f, *args)
+    vjp(rnd(91, out.shape, F32))
+    jax.effects_barrier()
+  got = {name: (executed, active) for name, executed, active in log}
+  if backend == "pallas_tpu":
+    fwd_len = _program_lengths(group)                       # [B, K]
+    dkv_len = _program_lengths(np.swapaxes(group, -1, -2))
+    want = {"attnjax_flash_fwd": (B * K * fwd_len.max(), group.sum()),
+            "attnjax_flash_bwd_dq": (B * K * fwd_len.max(), group.sum()),
+            "attnjax_flash_bwd_dkv": (B * K * dkv_len.max(), group.sum())}
+    worst = B * K * nq * nk
+  else:                           # one program per (b, head, q block) / (b, kv head, k block)
+    want = {n: (head.sum(), head.sum()) for n in (
+        "attnjax_flash_fwd_gpu", "attnjax_flash_bwd_dq_gpu", "attnjax_flash_bwd_dkv_gpu")}
+    worst = B * N * nq * nk
+  assert got == want
+  # causal MoBA selects the own block of every q block: no idle steps, and the grid is
+  # well below the worst case of a union table ([B, K, nq, nk] all visited)
+  assert all(executed < worst for executed, _ in got.values()), (got, worst)
+
+
+@SLOW
+def test_moba_block_lists_single_program_exact():
+  """One TPU program per (batch, kv head) with B = K = 1: its grid has exactly one step per
+  selected tile, forward and backward (no padding)."""
+  from attnjax.kernels import flash_wrapper as fw
+  f, args, allowed, c = _moba_kernel_case("pallas_tpu", F32, 95, B=1, N=2, K=1)
+  _, group = _ref_tiles(allowed, c["bq"], c["bs"], 2)
+  with fw.count_steps() as log:
+    out, vjp = jax.vjp(f, *args)
+    vjp(rnd(96, out.shape, F32))
+    jax.effects_barrier()
+  assert sorted(log) == sorted((n, int(group.sum()), int(group.sum())) for n in (
+      "attnjax_flash_fwd", "attnjax_flash_bwd_dq", "attnjax_flash_bwd_dkv"))
+  assert group.sum() < group.size                   # some tiles are skipped
+
+
+def test_row_selection_replaces_the_dense_mask():
+  """A ``from_row_block_mask`` whose key blocks are whole kernel tiles reaches the kernels
+  as its ``[B, N, T, nk]`` selection (``plan.dense_cols`` tiles per block), not as a dense
+  ``[B, N, T, S]`` mask; the causal part stays an in-kernel predicate.  Beside another
+  data-dependent mask the selection joins that mask's dense array as before."""
+  from attnjax.core import plan as plan_lib
+  from attnjax.core.args import check_attention_args
+  q, k, v = _moba_inputs(120, F32, B=2, T=72, N=4, K=2)
+  sel = routing.moba_selection(q, k, block_size=32, top_k=2)              # [2, 4, 72, 3]
+  a = check_attention_args(q, k, v, mask=masks.from_row_block_mask(sel, 32) & masks.causal())
+  plan = plan_lib.make_plan(a, 16, 16)
+  assert plan.dense.shape == (2, 4, 72, 3) and plan.dense_cols == 2
+  assert plan.pred is not None and plan.pred.kind == "causal"
+  arr = jnp.asarray(np.random.default_rng(0).random((72, 72)) < 0.7)
+  a2 = check_attention_args(q, k, v, mask=masks.from_row_block_mask(sel, 32) &
+                            masks.from_array(arr))
+  plan2 = plan_lib.make_plan(a2, 16, 16)
+  assert plan2.dense_cols == 0 and plan2.dense.shape[-1] == 72
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", pytest.param("pallas_tpu", marks=SLOW)])
+def test_moba_row_selection_blocks_of_several_tiles(backend):
+  """MoBA blocks two kernel tiles wide (the tile reads column ``kb // 2`` of the
+  selection), ragged T (the last block short): forward and jax.vjp against the
+  explicit-loop reference."""
+  T, bs, bq, bk = (72, 32, 16, 16) if backend == "pallas_gpu" else (320, 256, 64, 128)
+  q, k, v = _moba_inputs(130, F32, B=1, T=T, N=2, K=1, H=16, Hv=16)
+  bsz = _kmod(backend).BlockSizes(block_q=bq, block_k=bk, num_splits=1)
+  f = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=2,
+                                             implementation=backend, block_sizes=bsz)
+  allowed = moba_allowed_ref(q, k, bs, 2, causal=True)
+  assert_close(f(q, k, v), softmax_ref_np(q, k, v, allowed), F32, f"moba {backend} fwd")
+  _check_grads(f, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), F32, 131,
+               f"moba {backend} wide blocks")
+
+
+def test_moba_tpu_grid_is_dynamic():
+  """The TPU kernels' grids over a traced (routed) table have a data-dependent bound,
+  forward and backward (what the lowering passes to Mosaic)."""
+  from jax._src.pallas import core as pallas_core
+  f, args, _, _ = _moba_kernel_case("pallas_tpu", F32, 110, B=1)
+  loss = lambda q, k, v: jnp.sum(f(q, k, v))
+  grids = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        grids[eqn.params["name"]] = eqn.params["grid_mapping"].grid
+      for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else [v]):
+          x = getattr(x, "jaxpr", x)                    # ClosedJaxpr -> Jaxpr
+          if hasattr(x, "eqns"):
+            walk(x)
+  walk(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr)
+  assert {"attnjax_flash_fwd", "attnjax_flash_bwd_dq", "attnjax_flash_bwd_dkv"} <= set(grids)
+  for name, grid in grids.items():
+    assert isinstance(grid[-1], pallas_core.DynamicGridDim), (name, grid)
+
+
 # ----------------------------------------------------------------------------- VMoBA
 
 def vmoba_allowed_ref(q, k, block, top_k=None, threshold=None):
@@ -562,6 +724,36 @@ def test_dynamic_mask_matches_reference(impl, dtype):
     b = jnp.repeat(jnp.transpose(kb, (0, 2, 1)), 2, axis=1)[:, :, None, :]
     return softmax_ref_jnp(q, k, v, allowed, bias=b)
   _check_grads(f, ref, (q, k, v, kb), dtype, 204, "dma")
+
+
+@SLOW
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_dynamic_mask_block_lists(backend):
+  """Dynamic mask attention through the kernels' data-dependent block lists (GQA):
+  forward and jax.vjp (key_bias too) against the explicit top-w reference, and the
+  kernels compute exactly the tiles holding a kept key (per query head on GPU, per GQA
+  group on TPU)."""
+  from attnjax.kernels import flash_wrapper as fw
+  T, bq, bk = (64, 16, 16) if backend == "pallas_gpu" else (256, 32, 128)
+  q, k, v = _moba_inputs(210, F32, B=1, T=T, N=4, K=2)
+  kb = _distinct(213, (1, T, 2), F32)
+  allowed = dma_allowed_ref(kb, 4, 5, causal=True)
+  bsz = _kmod(backend).BlockSizes(block_q=bq, block_k=bk, num_splits=1)
+  f = lambda q, k, v, kb: routing.dynamic_mask_attention(
+      q, k, v, kb, keep_window=5, implementation=backend, block_sizes=bsz)
+  bias = jnp.repeat(jnp.transpose(jnp.asarray(kb, F32), (0, 2, 1)), 2, axis=1)[:, :, None, :]
+  with fw.count_steps() as log:
+    out = f(q, k, v, kb)
+    jax.effects_barrier()
+  assert_close(out, softmax_ref_np(q, k, v, allowed, bias=_np(bias)), F32, "dma kernel fwd")
+  head, group = _ref_tiles(allowed, bq, bk, 2)
+  assert [active for _, _, active in log] == [int((head if backend == "pallas_gpu"
+                                                   else group).sum())]
+
+  def ref(q, k, v, kb):
+    b = jnp.repeat(jnp.transpose(kb, (0, 2, 1)), 2, axis=1)[:, :, None, :]
+    return softmax_ref_jnp(q, k, v, allowed, bias=b)
+  _check_grads(f, ref, (q, k, v, kb), F32, 214, "dma kernel")
 
 
 def test_dynamic_mask_noncausal_per_query_head():

@@ -31,7 +31,8 @@ from attnjax.core.jaxpr import TileEvaluator, _ConstRef, const_storage, eval_jax
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "MASK_CONST_LIMIT", "SCORE_MOD_CONST_LIMIT",
            "TracedFn", "Plan", "make_plan", "trace_predicate", "trace_score_mod",
-           "kv_group_table", "step_schedule", "union_table", "list_schedule",
+           "kv_group_table", "head_table", "group_heads", "step_schedule", "union_table",
+           "list_schedule",
            "validate_num_splits", "split_bounds", "split_table", "resolve_num_splits"]
 
 EMPTY, PARTIAL, FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
@@ -44,14 +45,10 @@ SCORE_MOD_CONST_LIMIT = 1 << 16
 _F32 = jnp.float32
 
 
-def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
-  """ANDs block tables and merges the ``G`` query heads of each kv head.
-
-  A tile is EMPTY for a GQA group only if it is empty for every head in it, and
-  FULL only if full for all; a ragged last key block is never FULL (its padded
-  columns need the in-range mask).  Returns int8 ``[B', K', nq, nk]``.
-  """
-  T, S, N, K, G = a.T, a.S, a.N, a.K, a.G
+def head_table(tables, a: AttentionArgs, bq: int, bk: int):
+  """ANDs block tables per query head: int8 ``[B', N', nq, nk]`` (``N'`` 1 or ``N``); a
+  ragged last key block is never FULL (its padded columns need the in-range mask)."""
+  T, S, N = a.T, a.S, a.N
   nq, nk = -(-T // bq), -(-S // bk)
   if not tables:
     table = np.full((1, 1, nq, nk), FULL, np.int8)
@@ -59,19 +56,33 @@ def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
     table = tables[0]
     for t in tables[1:]:
       table = masks_lib._table_algebra("and", [table, t])
-  xp = jnp if isinstance(table, (jax.Array, jax.core.Tracer)) else np
-  Bt, Nt = table.shape[:2]
-  if Nt == N and N > 1:
-    t5 = table.reshape(Bt, K, G, nq, nk)
-    nonempty = (t5 != EMPTY).any(axis=2)
-    allfull = (t5 == FULL).all(axis=2)
-    table = xp.where(allfull, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
-  elif Nt != 1:
-    raise ValueError(f"mask block table has {Nt} heads, expected 1 or N={N}")
+  xp = _xp_of(table)
+  if table.shape[1] not in (1, N):
+    raise ValueError(f"mask block table has {table.shape[1]} heads, expected 1 or N={N}")
   if S % bk:
     last = xp.where(table[..., -1:] == FULL, PARTIAL, table[..., -1:]).astype(xp.int8)
     table = xp.concatenate([table[..., :-1], last], axis=-1)
   return table
+
+
+def group_heads(table, a: AttentionArgs):
+  """Merges the ``G`` query heads of each kv head of a :func:`head_table`: a tile is
+  EMPTY for a GQA group only if it is empty for every head in it, and FULL only if full
+  for all.  Returns int8 ``[B', K', nq, nk]``."""
+  Bt, Nt, nq, nk = table.shape
+  if not (Nt == a.N and a.N > 1):
+    return table
+  xp = _xp_of(table)
+  t5 = table.reshape(Bt, a.K, a.G, nq, nk)
+  nonempty = (t5 != EMPTY).any(axis=2)
+  allfull = (t5 == FULL).all(axis=2)
+  return xp.where(allfull, FULL, xp.where(nonempty, PARTIAL, EMPTY)).astype(xp.int8)
+
+
+def kv_group_table(tables, a: AttentionArgs, bq: int, bk: int):
+  """ANDs block tables and merges the ``G`` query heads of each kv head
+  (:func:`head_table`, :func:`group_heads`).  Returns int8 ``[B', K', nq, nk]``."""
+  return group_heads(head_table(tables, a, bq, bk), a)
 
 
 
@@ -129,9 +140,12 @@ class Plan:
     table: ``[B', K', nq, nk]`` int8 tile classes (numpy when static, else JAX).
     pred: the mask predicate evaluated in-kernel on partial tiles (or None).
     dense: ``[Bm, N, T, S]`` boolean mask materialised when the predicate cannot run
-      in-kernel (or None).
+      in-kernel (or None); with ``dense_cols > 0`` instead a per-row key-block selection
+      ``[Bm, Nm, T, nk_sel]`` (:func:`~attnjax.masks.from_row_block_mask`): row ``i`` may
+      see tile ``kb`` iff ``dense[..., i, kb // dense_cols]`` (no ``[T, S]`` array).
     seg: ``(q_segment_ids [B, T], kv_segment_ids [B, S])`` int32 (or None).
-    has_table_only_mask: the mask is fully described by FULL/EMPTY tiles.
+    head_table: ``[B', N', nq, nk]`` the same per query head (``N'`` 1 or ``N``; ``table``
+      merges a GQA group's heads): a GPU program of one head walks its own list.
   """
   a: AttentionArgs
   bq: int
@@ -143,6 +157,9 @@ class Plan:
   dense: Any
   seg: Any
   reasons: list
+  head_table: Any = None
+  dense_cols: int = 0
+  row_mask: Any = None
 
   @property
   def Tp(self):
@@ -190,6 +207,19 @@ def _kernel_data_only(mask) -> bool:
   return all(_kernel_data_only(c) for c in mask.children)
 
 
+def _row_selection(others, bk):
+  """The :func:`~attnjax.masks.from_row_block_mask` among ``others`` whose key blocks are
+  whole tiles (``block_k % bk == 0``), when the rest of the mask runs in-kernel: the
+  kernel then reads its ``[B, N, T, nk]`` selection per tile instead of a dense mask."""
+  rows = [m for m in others if m.kind == "row_block_mask" and m.params["block_k"] % bk == 0]
+  if not rows:
+    return None
+  rest = [m for m in others if m is not rows[0]]
+  if any(m.data_dependent and not _kernel_data_only(m) for m in rest):
+    return None
+  return rows[0]
+
+
 def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   """Tile table and mask decomposition for block sizes ``bq x bk``."""
   T, S, N, B = a.T, a.S, a.N, a.B
@@ -214,11 +244,19 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   tables = []
   pred = None
   dense = None
+  dense_cols = 0
   for m in blocks:
     if (m.params["block_q"], m.params["block_k"]) == (bq, bk):
       tables.append(m.block_table(T, S, bq, bk, num_heads=N, batch=B))
     else:
       others.append(m)
+  row_mask = _row_selection(others, bk)
+  if row_mask is not None:          # read per tile from its selection, not as a predicate
+    others = [m for m in others if m is not row_mask]
+    tables.append(row_mask.block_table(T, S, bq, bk, num_heads=N, batch=B))
+    sel = row_mask.arrays["row_block_mask"]
+    dense = sel.reshape((1,) * (4 - sel.ndim) + tuple(sel.shape))
+    dense_cols = row_mask.params["block_k"] // bk
   if others:
     pred = others[0]
     for m in others[1:]:
@@ -236,8 +274,9 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
   if a.q_segment_ids is not None and not docs:
     tables.append(masks_lib.document(a.q_segment_ids, a.kv_segment_ids).block_table(T, S, bq, bk))
 
-  table = kv_group_table(tables, a, bq, bk)
-  return Plan(a, bq, bk, nq, nk, table, pred, dense, seg, reasons)
+  heads = head_table(tables, a, bq, bk)
+  return Plan(a, bq, bk, nq, nk, group_heads(heads, a), pred, dense, seg, reasons, heads,
+              dense_cols, row_mask)
 
 
 def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:
@@ -260,6 +299,9 @@ def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:
     ok, total = False, str(e)
   if ok:
     return tf
+  if plan.row_mask is not None:       # one dense mask for both (the row selection too)
+    pred = pred & plan.row_mask
+    plan.dense_cols, plan.row_mask = 0, None
   plan.dense = pred.to_array(a.T, a.S, num_heads=a.N if pred.head_dependent else 1,
                              batch=a.B)
   plan.reasons.append(f"mask {pred.name} materialised as a dense array ({total})")
@@ -307,10 +349,13 @@ def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   dealt into ``P`` splits by :func:`split_table`; ignored for a static table.
 
   Returns:
-    ``(row, col, flags, length, n_active)``: int32 ``[B' * K' * L]`` arrays (flags
-    bit 0 active, 1 partial, 2 first step of the row, 3 last step of the row), the
-    static step count ``L`` per ``(b', k')``, and the number of active steps
-    (a Python int for static tables).
+    ``(row, col, flags, length, n_active, n_steps)``: int32 ``[B' * K' * L]`` arrays
+    (flags bit 0 active, 1 partial, 2 first step of the row, 3 last step of the row),
+    the static step count ``L`` per ``(b', k')`` (the stride of the arrays), the number
+    of active steps, and the longest ``(b', k')`` list ``n_steps <= L``: Python ints
+    for a static table (``n_steps == L``); for a traced table ``n_active`` and
+    ``n_steps`` are int32 scalars, and ``n_steps`` is the data-dependent grid length
+    (TPU: a dynamic grid bound) so the grid walks the selected tiles only.
   """
   xp = _xp_of(table)
   if transpose:
@@ -347,8 +392,9 @@ def step_schedule(table, *, transpose: bool = False, max_per_row=None):
   flags = (active.astype(xp.int32) | (partial.astype(xp.int32) << 1)
            | (first.astype(xp.int32) << 2) | (last.astype(xp.int32) << 3))
   n_active = int(count.sum()) if xp is np else count.sum()
+  n_steps = L if xp is np else total.max().astype(jnp.int32)
   return (row.reshape(-1).astype(xp.int32), col.reshape(-1).astype(xp.int32),
-          flags.reshape(-1).astype(xp.int32), L, n_active)
+          flags.reshape(-1).astype(xp.int32), L, n_active, n_steps)
 
 
 def union_table(table, axes):

@@ -5,11 +5,13 @@ block sizes, interpret mode); :func:`plan_call` gives ``grid_steps`` its plan;
 :func:`flash_core` is the ``custom_vjp`` core around a backend's forward and backward
 kernels, with :func:`side_inputs` (bias, dense mask, segment ids as kernel inputs),
 :func:`backward_rows` (row statistics) and :func:`finish_grads` (cotangents, summed
-over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).
+over ``shard_map`` axes with :func:`attnjax.core.vma.sum_to_vma`).  :func:`count_steps`
+is a test hook: kernels built inside it also count the grid steps they execute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -27,9 +29,42 @@ from attnjax.kernels.tile_math import TileMath, float0_like, sink_grads
 __all__ = ["as_block_sizes", "default_interpret", "plan_call", "make_flash_attention",
            "tile_math", "cfg_flags", "side_inputs", "backward_rows", "finish_grads",
            "hoist_tracers", "flash_core", "traced_consts", "flash_attention_reference",
-           "check_pages", "gather_pages", "scatter_pages", "make_paged_flash_attention"]
+           "check_pages", "gather_pages", "scatter_pages", "make_paged_flash_attention",
+           "count_steps", "counting_steps", "record_steps"]
 
 _F32 = jnp.float32
+_STEP_LOGS = []          # the open :func:`count_steps` records
+
+
+@contextlib.contextmanager
+def count_steps():
+  """Test hook: flash kernels *built* (traced) inside this context carry a step counter
+  and record, each time one runs, ``(kernel name, executed, active)``: the grid steps
+  (TPU) or list iterations (GPU) executed in all programs, and of those the ones that
+  computed a tile.  Yields the list the records are appended to (by
+  ``jax.debug.callback``; call ``jax.effects_barrier()`` before reading it)."""
+  log = []
+  _STEP_LOGS.append(log)
+  try:
+    yield log
+  finally:
+    _STEP_LOGS.remove(log)
+
+
+def counting_steps() -> bool:
+  """Whether kernels built now should count their steps (:func:`count_steps`)."""
+  return bool(_STEP_LOGS)
+
+
+def record_steps(name: str, executed, active):
+  """Appends ``(name, sum(executed), sum(active))`` to the open :func:`count_steps`
+  records when the computation runs."""
+  logs = list(_STEP_LOGS)
+
+  def cb(e, a):
+    for log in logs:
+      log.append((name, int(np.sum(e)), int(np.sum(a))))
+  jax.debug.callback(cb, executed, active)
 
 
 def as_block_sizes(block_sizes, cls, backend: str):
@@ -188,25 +223,32 @@ def cfg_flags(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
               bias_b=a.bias is not None and a.bias.shape[0] > 1,
               has_dense=plan.dense is not None,
               dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
+              dense_cols=plan.dense_cols,
               has_seg=plan.seg is not None, has_sinks=a.sinks is not None and splits == 1,
               n_pred=0 if pred_tf is None else len(pred_tf.shapes),
               n_sm=len(sm_sizes), n_sm_grad=n_grad,
               sm_widths=tuple(width(max(sz, 1)) for sz in sm_sizes[:n_grad]))
 
 
-def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg):
+def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg,
+                place_sel=None):
   """The bias (float32), dense mask (int32) and segment ids as kernel inputs.
 
   ``bias``/``dense`` are broadcast over the query heads to ``[X, N, T, S]`` and laid out
   by ``place_bnts``; the segment ids are padded to ``Tp``/``Sp`` with ``-1``/``-2`` (padded
-  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.
+  rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.  A row
+  selection (``plan.dense_cols > 0``) is ``[X, N, T, nk_sel]`` float32 0/1, laid out by
+  ``place_sel``.
   """
   a = plan.a
   N, T, S = a.N, a.T, a.S
   side = []
   if bias is not None:
     side.append(place_bnts(jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))))
-  if dense is not None:
+  if dense is not None and plan.dense_cols:
+    d = jnp.asarray(dense)
+    side.append(place_sel(jnp.broadcast_to(d, (d.shape[0], N, T, d.shape[3])).astype(_F32)))
+  elif dense is not None:
     d = jnp.asarray(dense)
     side.append(place_bnts(jnp.broadcast_to(d, (d.shape[0], N, T, S)).astype(jnp.int32)))
   if seg is not None:

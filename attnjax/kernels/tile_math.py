@@ -200,6 +200,13 @@ def finish_softmax(m, l, acc):
 # =========================================================================== shared wrappers
 
 
+def select_column(tile, col, lane):
+  """Column ``col`` (a traced int) of a ``[rows, width]`` float tile, as ``[rows, 1]``: a
+  masked lane sum (no dynamic lane slicing); ``lane``: the column indices, broadcastable
+  to the tile (an iota the backend lowers)."""
+  return jnp.sum(jnp.where(lane == col, tile, 0.0), axis=1, keepdims=True)
+
+
 class KernelRefs:
   """Unpacks a flash kernel's positional refs: ``lead`` schedule refs, ``q, k, v``,
   (backward) ``do, lse, delta``, (forward) ``sinks``, then ``bias``, ``dense``,

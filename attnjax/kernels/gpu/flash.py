@@ -144,6 +144,10 @@ class _Cfg:
   P: int = 1          # splits of each q block's tile list; grid axis 2 runs over qb * P + p
   db_atomic: bool = False   # dbias summed over broadcast batch/heads by atomic adds
   paged: bool = False       # forward on page pools: a page-table row follows the schedule
+  head_stride: int = 0      # dk/dv lists: head g of the group reads sched[g * stride:]
+  count: bool = False       # a last output counts the list iterations (fw.count_steps)
+  dense_cols: int = 0       # > 0: ``dense`` is a row selection, tile kb reads column kb // it
+  sel_width: int = 0        # columns of the row selection input
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -157,12 +161,32 @@ def _tiles(b, h, q0, k0, bq, bk):
 
 
 def _refs(cfg, refs, kind, n_out):
-  """The kernel's refs (:class:`tm.KernelRefs`); ``sched`` is the index array row."""
-  r = tm.KernelRefs(cfg, refs, n_lead=2 if cfg.paged else 1, kind=kind, n_out=n_out,
-                    aliased=kind == "dq" and cfg.has_bias)
+  """The kernel's refs (:class:`tm.KernelRefs`); ``sched`` is the index array row,
+  ``pages`` the page-table row of a paged forward, ``count`` the step counter output (or
+  None)."""
+  r = tm.KernelRefs(cfg, refs, n_lead=2 if cfg.paged else 1, kind=kind,
+                    n_out=n_out + cfg.count, aliased=kind == "dq" and cfg.has_bias)
   r.sched = r.lead[0]
   r.pages = r.lead[1] if cfg.paged else None
+  r.count = r.outs[-1] if cfg.count else None
+  r.outs = r.outs[:n_out]
   return r
+
+
+def _dense_tile(cfg, rows, kb, ks):
+  """The dense-mask tile of k block ``kb`` from the mask's ``rows`` ref view (``[bq, W]``):
+  columns ``ks``, or (a row selection) column ``kb // dense_cols`` broadcast."""
+  if not cfg.dense_cols:
+    return rows(ks)
+  col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
+  lane = jnp.arange(cfg.sel_width, dtype=jnp.int32)[None, :]
+  return jnp.broadcast_to(tm.select_column(rows(slice(None)), col, lane), (cfg.bq, cfg.bk))
+
+
+def _count_steps(r, n):
+  """Writes the iterations this program's loops ran (:func:`fw.count_steps`)."""
+  if r.count is not None:
+    r.count[...] = jnp.zeros(r.count.shape, jnp.int32) + n
 
 
 def _fwd_kernel(*refs, cfg: _Cfg):
@@ -199,7 +223,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     seg_eq = dense = None
     if masked:
       seg_eq = None if qseg is None else qseg[:, None] == r.kseg[ks][None, :]
-      dense = r.dense[:, ks] if r.dense is not None else None
+      if r.dense is not None:
+        dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
     _, _, s, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
     return M.online_softmax(m, l, acc, s, v)
 
@@ -212,6 +237,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
                             (m0, l0, acc0))
   m, l, acc = jax.lax.fori_loop(bounds[2], bounds[3], functools.partial(body, masked=False),
                                 carry)
+  _count_steps(r, bounds[1] - bounds[0] + bounds[3] - bounds[2])
   o, lse = tm.finish_softmax(m, l, acc)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -240,7 +266,9 @@ def _dq_kernel(*refs, cfg: _Cfg):
     ks = pl.ds(kb * bk, bk)
     k, v = r.k[ks, :], r.v[ks, :]
     bias = r.bias[:, ks] if r.bias is not None else None
-    dense = r.dense[:, ks] if (masked and r.dense is not None) else None
+    dense = None
+    if masked and r.dense is not None:
+      dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
     seg_eq = None if (qseg is None or not masked) else qseg[:, None] == r.kseg[ks][None, :]
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
@@ -258,6 +286,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
   dq = jax.lax.fori_loop(0, n_part, functools.partial(body, masked=True), dq)
   dq = jax.lax.fori_loop(n_part, n_tot, functools.partial(body, masked=False), dq)
   dq_ref[...] = dq.astype(dq_ref.dtype)
+  _count_steps(r, n_tot)
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
@@ -270,22 +299,27 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   k, v = r.k[...], r.v[...]
   ks = pl.ds(kb * bk, bk)
   kseg = r.kseg[...] if r.kseg is not None else None
-  n_part, n_tot = r.sched[0], r.sched[1]
+  executed = jnp.int32(0)
   dk = jnp.zeros(k.shape, _F32)
   dv = jnp.zeros(v.shape, _F32)
   dcs = tuple(jnp.zeros((1, w), _F32) for w in cfg.sm_widths)
 
   for g in range(G):
     n = kh * G + g
+    base = g * cfg.head_stride          # head g's list (the group's shared one: 0)
+    n_part, n_tot = r.sched[base], r.sched[base + 1]
+    executed = executed + n_tot
 
-    def body(t, carry, masked, g=g, n=n):
+    def body(t, carry, masked, g=g, n=n, base=base):
       dk, dv, dcs = carry
-      qb = r.sched[2 + t]
+      qb = r.sched[base + 2 + t]
       qs = pl.ds(qb * bq, bq)
       q, do = r.q[g, qs, :], r.do[g, qs, :]
       lse, delta = r.lse[g, qs], r.delta[g, qs]
       bias = r.bias[g, qs, ks] if r.bias is not None else None
-      dense = r.dense[g, qs, ks] if (masked and r.dense is not None) else None
+      dense = None
+      if masked and r.dense is not None:
+        dense = _dense_tile(cfg, lambda c, g=g, qs=qs: r.dense[g, qs, c], kb, ks)
       seg_eq = None if (kseg is None or not masked) else r.qseg[qs][:, None] == kseg[None, :]
       idx = functools.lru_cache(maxsize=None)(
           lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
@@ -305,6 +339,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   dv_ref[...] = dv.astype(dv_ref.dtype)
   for ref, d in zip(dc_refs, dcs):
     ref[...] = d[0]
+  _count_steps(r, executed)
 
 
 # ====================================================================== the call
@@ -319,6 +354,19 @@ def _sched_array(table, transpose):
   if Wp != W:
     arr = xp.concatenate([arr, xp.zeros(arr.shape[:-1] + (Wp - W,), xp.int32)], axis=-1)
   return jnp.asarray(arr)
+
+
+def _group_lists(lists, K, G):
+  """Transposed per-head lists ``[B', N', nk, W]`` -> the dk/dv program's row per kv head:
+  ``N' = N`` (G > 1): the ``G`` heads' lists side by side (``[B', K, nk, G * W]`` padded to
+  a power of two), head ``g`` at offset ``g * W``; else as is (every head of a group
+  shares one list, offset 0).  Returns ``(lists, stride)``."""
+  Bt, Nt, nk, W = lists.shape
+  if Nt == 1 or G == 1:
+    return lists, 0
+  x = lists.reshape(Bt, K, G, nk, W).transpose(0, 1, 3, 2, 4).reshape(Bt, K, nk, G * W)
+  Wp = tm.next_pow2(G * W)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, Wp - G * W))), W
 
 
 def _pad1(x):
@@ -339,14 +387,20 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   sm_tf = plan_lib.trace_score_mod(a, bq, bk)
   Hp, Hvp = tm.next_pow2(H), tm.next_pow2(Hv)
   Bt, Kt = plan.table.shape[:2]
-  fwd_sched = _sched_array(plan.table, False)      # [Bt, Kt, nq, W]
-  bwd_sched = _sched_array(plan.table, True)       # [Bt, Kt, nk, W2]
+  # Lists per query head (a program of head n walks its own head's tiles, not the
+  # union over its GQA group); the dk/dv program of kv head kh reads its G heads' lists.
+  Nt = plan.head_table.shape[1]
+  fwd_sched = _sched_array(plan.head_table, False)      # [Bt, Nt, nq, W]
+  bwd_sched, head_stride = _group_lists(_sched_array(plan.head_table, True), K, G)
+  count = fw.counting_steps()
+  sel_w = tm.next_pow2(plan.dense.shape[3]) if plan.dense_cols else 0
+  dense_w = sel_w or Sp             # columns of the dense mask input
   num_warps = bs.num_warps or (4 if max(Hp, Hvp) <= 64 else 8)
   P = bs.resolve_splits(plan.table, B * N * nq)
 
   def make_cfg(dtype, splits=1):
     return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, dtype), G=G, bq=bq, bk=bk,
-                Bt=Bt, Kt=Kt, P=splits,
+                Bt=Bt, Kt=Kt, P=splits, head_stride=head_stride, count=count, sel_width=sel_w,
                 **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, tm.next_pow2))
 
   def params():
@@ -362,10 +416,28 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
 
   def prep_side(st, bias, seg):
     pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
-    return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x)
+    pad_sel = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, sel_w - x.shape[3])))
+    return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x,
+                          place_sel=pad_sel)
 
-  def sel(cfg, b, kh):
-    return (b if cfg.Bt > 1 else 0, kh if cfg.Kt > 1 else 0)
+  def sel(b, n):          # the list of head n (fwd / dq)
+    return (b if Bt > 1 else 0, n if Nt > 1 else 0)
+
+  def sel_kv(b, kh):      # the lists of kv head kh's group (dk / dv)
+    return (b if Bt > 1 else 0, kh if bwd_sched.shape[1] > 1 else 0)
+
+  def counter(cfg, out_specs, out_shape, grid):
+    """The step counter output of a counting build (:func:`fw.count_steps`)."""
+    if cfg.count:
+      out_specs.append(pl.BlockSpec((None, None, None, 16), lambda *i: (*i, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((*grid, 16), jnp.int32))
+
+  def record(cfg, name, outs):
+    if cfg.count:
+      n = outs[-1][..., 0]
+      fw.record_steps(name, n, n)
+      return outs[:-1]
+    return outs
 
   def q_block(cfg, i):
     """The q block of grid index ``i = qb * P + p``."""
@@ -378,7 +450,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       specs.append(pl.BlockSpec((None, None, bq, Sp),
                                 lambda b, n, i: (b if cfg.bias_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_dense:
-      specs.append(pl.BlockSpec((None, None, bq, Sp),
+      specs.append(pl.BlockSpec((None, None, bq, dense_w),
                                 lambda b, n, i: (b if cfg.dense_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, q_block(cfg, i))),
@@ -392,7 +464,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       specs.append(pl.BlockSpec((None, G, Tp, Sp),
                                 lambda b, kh, j: (b if cfg.bias_b else 0, kh, 0, 0)))
     if cfg.has_dense:
-      specs.append(pl.BlockSpec((None, G, Tp, Sp),
+      specs.append(pl.BlockSpec((None, G, Tp, dense_w),
                                 lambda b, kh, j: (b if cfg.dense_b else 0, kh, 0, 0)))
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),
@@ -408,7 +480,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     W = fwd_sched.shape[-1]
     qbl = functools.partial(q_block, cfg)
     specs = [pl.BlockSpec((None, None, None, W),
-                          lambda b, n, i: (*sel(cfg, b, n // G), qbl(i), 0))]
+                          lambda b, n, i: (*sel(b, n), qbl(i), 0))]
     lead = [st["fwd"]]
     if pps is None:
       kv_specs = [pl.BlockSpec((None, None, Sp, D), lambda b, n, i: (b, n // G, 0, 0))
@@ -429,16 +501,19 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       specs.append(pl.BlockSpec(sk.shape, lambda *_: (0,)))
     specs += side_specs_q(cfg) + const_specs(pred_c) + const_specs(sm_c)
     # Rows (q block, split, t): program i = qb * P + p writes row block i.
-    o, lse = pallas_shard.pallas_call(
+    out_specs = [pl.BlockSpec((None, None, bq, Hvp), lambda b, n, i: (b, n, i, 0)),
+                 pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))]
+    out_shape = [jax.ShapeDtypeStruct((B, N, Tp * P, Hvp), qr.dtype if P == 1 else _F32),
+                 jax.ShapeDtypeStruct((B, N, Tp * P), _F32)]
+    counter(cfg, out_specs, out_shape, (B, N, nq * P))
+    name = (("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
+            + ("" if pps is None else "_paged") + "_gpu")
+    outs = pallas_shard.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg), grid=(B, N, nq * P), in_specs=specs,
-        out_specs=[pl.BlockSpec((None, None, bq, Hvp), lambda b, n, i: (b, n, i, 0)),
-                   pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
-        out_shape=[jax.ShapeDtypeStruct((B, N, Tp * P, Hvp), qr.dtype if P == 1 else _F32),
-                   jax.ShapeDtypeStruct((B, N, Tp * P), _F32)],
-        compiler_params=params(), interpret=interpret,
-        name=("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
-        + ("" if pps is None else "_paged") + "_gpu",
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=params(), interpret=interpret, name=name,
     )(*lead, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+    o, lse = record(cfg, name, outs)
     if P == 1:
       return o, lse
     sink = None if sinks is None else sinks.reshape(1, N, 1, 1)
@@ -449,7 +524,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   def run_bwd(st, qr, kr, vr, dor, lse, delta, side, pred_c, sm_c, has_bias):
     cfg = make_cfg(qr.dtype)
     W = fwd_sched.shape[-1]
-    specs = [pl.BlockSpec((None, None, None, W), lambda b, n, i: (*sel(cfg, b, n // G), i, 0)),
+    specs = [pl.BlockSpec((None, None, None, W), lambda b, n, i: (*sel(b, n), i, 0)),
              pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, i, 0)),
              pl.BlockSpec((None, None, Sp, Hp), lambda b, n, i: (b, n // G, 0, 0)),
              pl.BlockSpec((None, None, Sp, Hvp), lambda b, n, i: (b, n // G, 0, 0)),
@@ -473,16 +548,18 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       out_specs.append(pl.BlockSpec((None, None, bq, Sp), dbmap))
       out_shape.append(jax.ShapeDtypeStruct((Bb, Nb, Tp, Sp), _F32))
       aliases = {1 + 6 + len(side) + len(pred_c) + len(sm_c): 1}
+    counter(cfg, out_specs, out_shape, (B, N, nq))
     outs = pallas_shard.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), grid=(B, N, nq), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dq_gpu",
     )(st["fwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c, *extra)
+    outs = record(cfg, "attnjax_flash_bwd_dq_gpu", outs)
     dq = outs[0]
     dbias = outs[1] if has_bias else None
 
     W2 = bwd_sched.shape[-1]
-    specs = [pl.BlockSpec((None, None, None, W2), lambda b, kh, j: (*sel(cfg, b, kh), j, 0)),
+    specs = [pl.BlockSpec((None, None, None, W2), lambda b, kh, j: (*sel_kv(b, kh), j, 0)),
              pl.BlockSpec((None, G, Tp, Hp), lambda b, kh, j: (b, kh, 0, 0)),
              pl.BlockSpec((None, None, bk, Hp), lambda b, kh, j: (b, kh, j, 0)),
              pl.BlockSpec((None, None, bk, Hvp), lambda b, kh, j: (b, kh, j, 0)),
@@ -497,11 +574,13 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, None, w), lambda b, kh, j: (b, kh, j, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, nk, w), _F32))
+    counter(cfg, out_specs, out_shape, (B, K, nk))
     outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg), grid=(B, K, nk), in_specs=specs,
         out_specs=out_specs, out_shape=out_shape,
         compiler_params=params(), interpret=interpret, name="attnjax_flash_bwd_dkv_gpu",
     )(st["bwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c)
+    outs = record(cfg, "attnjax_flash_bwd_dkv_gpu", outs)
     dk, dv = outs[:2]
     dcs = [x.sum(axis=(0, 1, 2)) for x in outs[2:]]
     return dq, dk, dv, dbias, dcs
@@ -597,16 +676,17 @@ def grid_steps(q, k, v, *, block_sizes=None, **kwargs):
   """Forward programs and tiles for a call with a static mask.
 
   Returns ``num_splits`` (``P``), ``fwd_programs`` (``B * N * nq * P``), ``fwd_tiles``
-  (``[B', K', nq, P]``: tiles each split program of a head visits), ``fwd_active``
-  (tiles computed in all), the ``table``, ``block_q`` and ``block_k``.
+  (``[B', N', nq, P]``: tiles each split program of a head visits, from the head's own
+  list), ``fwd_active`` (tiles computed in all), the ``table`` (GQA groups merged),
+  ``block_q`` and ``block_k``.
   """
   bs = fw.as_block_sizes(block_sizes, BlockSizes, "GPU")
   a, plan, P = fw.plan_call(q, k, v, bs, kwargs, lambda a, plan: a.B * a.N * plan.nq)
-  _, _, n_tot = plan_lib.list_schedule(plan.table)
+  _, _, n_tot = plan_lib.list_schedule(plan.head_table)
   lo, hi = plan_lib.split_bounds(n_tot[..., None], np.arange(P), P)   # as the kernel does
   tiles = hi - lo
-  Bt, Kt = plan.table.shape[:2]
-  rep = (a.B // Bt) * (a.K // Kt) * a.G
+  Bt, Nt = plan.head_table.shape[:2]
+  rep = (a.B // Bt) * (a.N // Nt)
   return dict(num_splits=P, fwd_programs=a.B * a.N * plan.nq * P, fwd_tiles=tiles,
               fwd_active=int(np.sum(tiles)) * rep, table=plan.table, block_q=plan.bq,
               block_k=plan.bk)

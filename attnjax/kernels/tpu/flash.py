@@ -195,6 +195,9 @@ class _Cfg:
   P: int = 1         # splits of each row's tile list; grid axis 1 runs over kh * P + p
   dq_dbias: bool = True   # the dq kernel writes the (unreduced) bias gradient
   paged: bool = False     # a 4th scalar-prefetch array: the page table (forward only)
+  count: bool = False     # a last output counts executed / active steps (fw.count_steps)
+  dense_cols: int = 0     # > 0: ``dense`` is a row selection, tile kb reads column kb // it
+  sel_width: int = 0      # lanes of the row selection input
 
 
 def _kv_head(cfg, kp):
@@ -235,17 +238,37 @@ def _tile_index(cfg, b, kh, qb, kb):
 
 def _refs(cfg, refs, n_out, n_scratch, kind):
   """The kernel's refs (:class:`tm.KernelRefs`) after the ``rows, cols, flags``
-  scalar-prefetch schedule (and the page table of a paged forward)."""
+  scalar-prefetch schedule (and the page table of a paged forward); ``r.count`` is the step
+  counter output (or None)."""
   aliased = kind == "dbias" or (kind == "dq" and cfg.has_bias and cfg.dq_dbias)
-  r = tm.KernelRefs(cfg, refs, n_lead=4 if cfg.paged else 3, kind=kind, n_out=n_out,
-                    n_scratch=n_scratch, aliased=aliased)
+  r = tm.KernelRefs(cfg, refs, n_lead=4 if cfg.paged else 3, kind=kind,
+                    n_out=n_out + cfg.count, n_scratch=n_scratch, aliased=aliased)
   r.rows, r.cols, r.flags = r.lead[:3]
+  r.count = r.outs[-1] if cfg.count else None
+  r.outs = r.outs[:n_out]
   return r
+
+
+def _count_step(r, s, active):
+  """Step counter (:func:`fw.count_steps`): lane 0 counts the grid steps this program
+  executes, lane 1 those that compute a tile."""
+  if r.count is None:
+    return
+
+  @pl.when(s == 0)
+  def _():
+    r.count[...] = jnp.zeros_like(r.count)
+  lane = jax.lax.broadcasted_iota(jnp.int32, r.count.shape, 1)
+  r.count[...] += jnp.where(lane == 0, 1, jnp.where(lane == 1, active.astype(jnp.int32), 0))
 
 
 def _tile_inputs(cfg, r, b, kh, qb, kb):
   bias = r.bias[...] if r.bias is not None else None
   dense = r.dense[...] if r.dense is not None else None
+  if dense is not None and cfg.dense_cols:      # the rows' choice of this key block
+    col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
+    lane = jax.lax.broadcasted_iota(jnp.int32, dense.shape, 1)
+    dense = jnp.broadcast_to(tm.select_column(dense, col, lane), (cfg.R, cfg.bk))
   seg_eq = None
   if r.qseg is not None:
     seg_eq = r.qseg[...] == r.kseg[...]            # [R, 1] == [1, bk]
@@ -260,6 +283,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kh, qb, kb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)
   M = cfg.math
+  _count_step(r, s, active)
 
   @pl.when(first)
   def _():
@@ -323,6 +347,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kh, qb, kb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)
   M = cfg.math
+  _count_step(r, s, active)
 
   @pl.when(first)
   def _():
@@ -393,6 +418,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kh, kb, qb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)   # transposed
   M = cfg.math
+  _count_step(r, s, active)
 
   @pl.when(first)
   def _():
@@ -472,8 +498,8 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes, p
   if cfg.has_dense:
     def dmap(b, kp, s, *sched):
       qb, kb = blocks(b, kp, s, *sched)
-      return (b if cfg.dense_b else 0, _kv_head(cfg, kp), qb, kb)
-    specs.append(pl.BlockSpec((None, None, R, bk), dmap))
+      return (b if cfg.dense_b else 0, _kv_head(cfg, kp), qb, 0 if cfg.dense_cols else kb)
+    specs.append(pl.BlockSpec((None, None, R, cfg.sel_width if cfg.dense_cols else bk), dmap))
   if cfg.has_seg:
     def qsmap(b, kp, s, *sched):
       qb, _ = blocks(b, kp, s, *sched)
@@ -524,10 +550,13 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     split_sched = plan_lib.step_schedule(plan_lib.split_table(plan.table, P),
                                        max_per_row=-(-plan.nk // P))
 
+  count = fw.counting_steps()
+  sel_w = tm.round_up(plan.dense.shape[3], _LANES) if plan.dense_cols else 0
+
   def make_cfg(L, q_dtype, splits=1):
     lanes = lambda sz: tm.round_up(sz, _LANES)
     return _Cfg(math=fw.tile_math(a, plan, pred_tf, sm_tf, q_dtype), B=B, K=K, G=G,
-                bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits,
+                bq=bq, bk=bk, R=R, Bt=Bt, Kt=Kt, L=L, P=splits, count=count, sel_width=sel_w,
                 **fw.cfg_flags(a, plan, pred_tf, sm_tf, splits, lanes))
 
   # ------------------------------------------------------------ input preparation
@@ -544,15 +573,32 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       return qs.reshape(B, plan.nq * R, 1)
     return fw.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
                               q_seg,
-                              lambda ks: ks.reshape(B, 1, Sp))
+                              lambda ks: ks.reshape(B, 1, Sp),
+                              place_sel=lambda x: lay.bnts_to_rows(x, sel_w))
 
   def sched_arrays(sched):
-    rows, cols, flags, L, _ = sched
-    return [jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(flags)], L
+    """``(rows, cols, flags)``, the static stride ``L`` of each program's list and the
+    grid length: ``L`` for a static table, else the longest list (a traced scalar, a
+    dynamic grid bound: the grid walks the selected tiles, not the worst case)."""
+    rows, cols, flags, L, _, n = sched
+    return [jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(flags)], L, n
+
+  def counter(cfg, out_specs, out_shape, kp):
+    """The step counter output of a counting build (:func:`fw.count_steps`)."""
+    if cfg.count:
+      out_specs.append(pl.BlockSpec((None, None, _SUBLANES, _LANES),
+                                    lambda b, k, s, *sched: (b, k, 0, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((B, kp, _SUBLANES, _LANES), jnp.int32))
+
+  def record(cfg, name, outs):
+    if cfg.count:
+      fw.record_steps(name, outs[-1][..., 0, 0], outs[-1][..., 0, 1])
+      return outs[:-1]
+    return outs
 
   def run_fwd(st, qr, kr, vr, sinks, side, pred_c, sm_c):
     """Forward kernel; with ``P > 1`` splits, per-split partials merged in XLA."""
-    sa, L = sched_arrays(st["fwd"] if P == 1 else st["split"])
+    sa, L, n = sched_arrays(st["fwd"] if P == 1 else st["split"])
     if pps is not None:
       sa.append(st["pages"].reshape(-1).astype(jnp.int32))
     cfg = dataclasses.replace(make_cfg(L, qr.dtype, splits=P), paged=pps is not None)
@@ -570,17 +616,19 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     out_specs = [pl.BlockSpec((None, None, R, Hv), omap), pl.BlockSpec((None, None, R, 1), omap)]
     out_shape = [jax.ShapeDtypeStruct((B, K * P, rows, Hv), qr.dtype if P == 1 else _F32),
                  jax.ShapeDtypeStruct((B, K * P, rows, 1), _F32)]
-    o, lse = pallas_shard.pallas_call(
+    counter(cfg, out_specs, out_shape, K * P)
+    name = (("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
+            + ("" if pps is None else "_paged"))
+    outs = pallas_shard.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(sa), grid=(B, K * P, L), in_specs=specs,
+            num_scalar_prefetch=len(sa), grid=(B, K * P, n), in_specs=specs,
             out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((R, 1), _F32), pltpu.VMEM((R, 1), _F32),
                             pltpu.VMEM((R, Hv), _F32)]),
-        out_shape=out_shape, compiler_params=_params(), interpret=interpret,
-        name=("attnjax_flash_fwd" if P == 1 else "attnjax_flash_fwd_split")
-        + ("" if pps is None else "_paged"),
+        out_shape=out_shape, compiler_params=_params(), interpret=interpret, name=name,
     )(*sa, qr, kr, vr, *extra, *side, *pred_c, *sm_c)
+    o, lse = record(cfg, name, outs)
     if P == 1:
       return o, lse
     sink_rows = None
@@ -596,8 +644,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     ``Bb = 1`` when summed over the batch, ``Kb = 1, Rb = block_q`` over the heads."""
     axes = [ax for ax, red in ((0, red_b), (1, red_n)) if red and st["table"].shape[ax] > 1]
     table = plan_lib.union_table(st["table"], axes)
-    sa, L = sched_arrays(plan_lib.step_schedule(table))
-    cfg = dataclasses.replace(make_cfg(L, qr.dtype), Bt=table.shape[0], Kt=table.shape[1])
+    sa, L, n = sched_arrays(plan_lib.step_schedule(table))
+    cfg = dataclasses.replace(make_cfg(L, qr.dtype), Bt=table.shape[0], Kt=table.shape[1],
+                              count=False)
     if red_b and red_n:
       X, Y = 1, B * K
       coords = lambda x, y: (jax.lax.div(y, jnp.int32(K)), jax.lax.rem(y, jnp.int32(K)))
@@ -628,7 +677,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     return pallas_shard.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, coords=coords, sum_heads=red_n),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(X, L, Y), in_specs=specs,
+            num_scalar_prefetch=3, grid=(X, n, Y), in_specs=specs,
             out_specs=[pl.BlockSpec((None, None, Rb, bk), omap)]),
         out_shape=[jax.ShapeDtypeStruct(shape, _F32)],
         compiler_params=pltpu.CompilerParams(
@@ -638,7 +687,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
 
   def run_bwd(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
     # ---- dq (+ dbias when the bias is not broadcast over B or N)
-    sa, L = sched_arrays(st["fwd"])
+    sa, L, n = sched_arrays(st["fwd"])
     cfg = dataclasses.replace(make_cfg(L, qr.dtype), dq_dbias=not (red_b or red_n))
     specs, qmap, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, R, H), qmap)]
@@ -654,21 +703,23 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
       out_shape.append(jax.ShapeDtypeStruct((B, K, plan.nq * R, Sp), _F32))
       n_in = 3 + 6 + len(side) + len(pred_c) + len(sm_c)
       aliases = {n_in: 1}
+    counter(cfg, out_specs, out_shape, K)
     outs = pallas_shard.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            num_scalar_prefetch=3, grid=(B, K, n), in_specs=specs, out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((R, H), _F32)]),
         out_shape=out_shape, compiler_params=_params(), interpret=interpret,
         input_output_aliases=aliases, name="attnjax_flash_bwd_dq",
     )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c, *extra)
+    outs = record(cfg, "attnjax_flash_bwd_dq", outs)
     dq = outs[0]
     dbias_rows = outs[1] if bias is not None and cfg.dq_dbias else None
     if bias is not None and not cfg.dq_dbias:
       dbias_rows = run_dbias(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c)
 
     # ---- dk, dv (+ score_mod array grads)
-    sa, L = sched_arrays(st["bwd"])
+    sa, L, n = sched_arrays(st["bwd"])
     cfg = make_cfg(L, qr.dtype)
     specs, _, kmap, _ = _in_specs(cfg, "dkv", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, bk, H), kmap),
@@ -678,14 +729,16 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, 1, w), lambda b, kh, s, *sched: (b, kh, 0, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, 1, w), _F32))
+    counter(cfg, out_specs, out_shape, K)
     outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, K, L), in_specs=specs, out_specs=out_specs,
+            num_scalar_prefetch=3, grid=(B, K, n), in_specs=specs, out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bk, H), _F32), pltpu.VMEM((bk, Hv), _F32)]),
         out_shape=out_shape, compiler_params=_params(), interpret=interpret,
         name="attnjax_flash_bwd_dkv",
     )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c)
+    outs = record(cfg, "attnjax_flash_bwd_dkv", outs)
     dk, dv = outs[:2]
     dcs = [x.sum(axis=(0, 1))[0] for x in outs[2:]]
     return dq, dk, dv, dbias_rows, dcs
