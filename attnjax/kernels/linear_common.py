@@ -258,26 +258,34 @@ def delta_rule_scan(q, k, v, beta, log_alpha, S0, *, scale, chunk):
 
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] float32)``.
   """
-  B, T, N, _ = q.shape
-  G = N // k.shape[2]
-  C = chunk
-  qh, kh, vh, bh, gc, St = delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C)
-  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
-  nc = qh.shape[2] // C
+  qh, kh, vh, bh, gc, St = delta_chunk_inputs(q, k, v, beta, log_alpha, S0, chunk)
+
+  def one(qc, kc, vc, bc, gcc, St):
+    return delta_chunk(qc, kc, vc, bc[:, None], gcc[:, None], gcc[None, :], St, scale)
+
+  o, St = scan_chunks(one, (qh, kh, vh, bh, gc), St, chunk, q.shape[1], v.dtype)
+  return o, jnp.swapaxes(St, -1, -2)
+
+
+def scan_chunks(one, xs, S, C, T, dtype):
+  """``one(*chunk_inputs, S) -> (o, S)`` (one batch row and head) vmapped over batch and
+  heads and scanned over the chunks of the head-major ``xs = (q, k, v, ...) [B, *, Tp,
+  ...]`` (k and v have the kv heads; repeated here to the query heads). Returns
+  ``(o [B, T, N, V] in dtype, S)``."""
+  B, N, Tp = xs[0].shape[:3]
+  G, nc = N // xs[1].shape[1], Tp // C
+  xs = (xs[0], jnp.repeat(xs[1], G, axis=1), jnp.repeat(xs[2], G, axis=1)) + tuple(xs[3:])
 
   def chunks(x):   # [B, N, Tp, *] -> [nc, B, N, C, *]
     return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
 
-  one = jax.vmap(jax.vmap(functools.partial(delta_chunk, scale=scale)))
+  def step(S, xc):
+    o, S = jax.vmap(jax.vmap(one))(*xc, S)
+    return S, o
 
-  def step(St, xs):
-    qc, kc, vc, bc, gcc = xs
-    o, St = one(qc, kc, vc, bc[..., None], gcc[..., None], gcc[..., None, :], St)
-    return St, o
-
-  St, o = jax.lax.scan(step, St, tuple(chunks(x) for x in (qh, kh, vh, bh, gc)))
-  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
-  return jnp.swapaxes(o, 1, 2).astype(v.dtype), jnp.swapaxes(St, -1, -2)
+  S, o = jax.lax.scan(step, S, tuple(chunks(x) for x in xs))
+  o = jnp.moveaxis(o, 0, 2).reshape(B, N, Tp, -1)[:, :, :T]
+  return jnp.swapaxes(o, 1, 2).astype(dtype), S
 
 
 def validate_delta(q, k, v, beta, log_alpha, S0, chunk):
@@ -356,25 +364,9 @@ def gla_scan(q, k, v, log_alpha, S0, *, scale, chunk):
   """The XLA twin of the GLA chunk kernels (:func:`gla_chunk` vmapped over batch and heads,
   ``lax.scan`` over chunks); their backward pass is its VJP. ``S0 [B, N, V, H]`` f32.
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] f32)``."""
-  B, T, N, _ = q.shape
-  G = N // k.shape[2]
-  C = chunk
-  qh, kh, vh, b = gla_chunk_inputs(q, k, v, log_alpha, C)
-  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
-  nc = qh.shape[2] // C
-
-  def chunks(x):
-    return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
-
-  one = jax.vmap(jax.vmap(functools.partial(gla_chunk, scale=scale)))
-
-  def step(S, xs):
-    o, S = one(*xs, S)
-    return S, o
-
-  S, o = jax.lax.scan(step, S0.astype(_F32), tuple(chunks(x) for x in (qh, kh, vh, b)))
-  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
-  return jnp.swapaxes(o, 1, 2).astype(v.dtype), S
+  return scan_chunks(functools.partial(gla_chunk, scale=scale),
+                     gla_chunk_inputs(q, k, v, log_alpha, chunk), S0.astype(_F32), chunk,
+                     q.shape[1], v.dtype)
 
 
 def validate_gla(q, k, v, log_alpha, S0, chunk):
@@ -401,6 +393,11 @@ def validate_gla(q, k, v, log_alpha, S0, chunk):
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk!r}')
   return S0
+
+
+# --------------------------------------------------------------------------------------
+# Gated chunk kernels: backward selection and custom VJP
+# --------------------------------------------------------------------------------------
 
 
 BACKWARDS = ('pallas', 'xla')
