@@ -142,10 +142,14 @@ class _Gpu:
   DISABLED = _TRITON
   IMPL = 'pallas_gpu'
 
-  # This repeats the TPU class's check through the Triton interpreter; `-m slow`.
+  # These repeat the TPU class's checks through the Triton interpreter; `-m slow`.
   @pytest.mark.slow
   def test_ops_dispatch(self):
     super().test_ops_dispatch()
+
+  @pytest.mark.slow
+  def test_backward_choice(self):
+    super().test_backward_choice()
 
 
 class _Delta(_Kernels):

@@ -1,5 +1,7 @@
 """Backend-independent pieces of the Lightning Attention-2 chunk kernels
-(:mod:`attnjax.kernels.tpu.linear`, :mod:`attnjax.kernels.gpu.linear`).
+(:mod:`attnjax.kernels.tpu.linear`, :mod:`attnjax.kernels.gpu.linear`) and of the gated
+chunk kernels (:mod:`attnjax.kernels.tpu.linear_gated`, :mod:`attnjax.kernels.gpu.linear_gated`:
+per-chunk math and its in-kernel VJP, input preparation, XLA twins, ``custom_vjp``).
 
 * in-kernel helpers: float32-accumulating matmuls and the per-chunk decay tables;
 * :func:`validate`: argument checks of ``lightning_attention``;
@@ -254,7 +256,8 @@ def delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C):
 def delta_rule_scan(q, k, v, beta, log_alpha, S0, *, scale, chunk):
   """The XLA twin of the delta-rule chunk kernels (same inputs and outputs as their
   public entry points; :func:`delta_chunk` vmapped over batch and heads, ``lax.scan``
-  over chunks). Their backward pass is this function's VJP (recomputing the chunks).
+  over chunks). Its VJP is their ``backward='xla'`` gradient and the reference of their
+Pallas backward kernels.
 
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] float32)``.
   """
@@ -362,7 +365,8 @@ def gla_chunk_inputs(q, k, v, log_alpha, C):
 
 def gla_scan(q, k, v, log_alpha, S0, *, scale, chunk):
   """The XLA twin of the GLA chunk kernels (:func:`gla_chunk` vmapped over batch and heads,
-  ``lax.scan`` over chunks); their backward pass is its VJP. ``S0 [B, N, V, H]`` f32.
+  ``lax.scan`` over chunks); its VJP is their ``backward='xla'`` gradient. ``S0 [B, N, V,
+  H]`` f32.
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] f32)``."""
   return scan_chunks(functools.partial(gla_chunk, scale=scale),
                      gla_chunk_inputs(q, k, v, log_alpha, chunk), S0.astype(_F32), chunk,
