@@ -74,6 +74,12 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, bs, interpret):
       interpret=interpret, name=name)
 
 
+def _delta_chunk_vectors(b, g, q, k, v, st, scale):
+  """:func:`~attnjax.kernels.linear_common.delta_chunk` taking beta and the cumulative
+  log-decay as vectors (so each gets one gradient, row and column parts summed)."""
+  return lc.delta_chunk(q, k, v, b[:, None], g[:, None], g[None, :], st, scale)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, g_ref, s0_ref, o_ref, s_ref, *cs_ref, C, nc,
                 scale):
   d = s0_ref.shape[0]
@@ -82,9 +88,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, g_ref, s0_ref, o_ref, s_ref, *cs_ref
     sl = pl.ds(pl.multiple_of(c * C, C), C)
     if cs_ref:                      # the state before this chunk (for backward)
       cs_ref[0][pl.ds(pl.multiple_of(c * d, d), d), :] = st
-    b, g = b_ref[sl], g_ref[sl]
-    o, st = lc.delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b[:, None], g[:, None],
-                           g[None, :], st, scale)
+    o, st = _delta_chunk_vectors(b_ref[sl], g_ref[sl], q_ref[sl, :], k_ref[sl, :],
+                                 v_ref[sl, :], st, scale)
     o_ref[sl, :] = o.astype(o_ref.dtype)
     return st
 
@@ -120,23 +125,22 @@ def _delta_forward(args, scale, static, with_states):
           *states)
 
 
-def _delta_bwd_kernel(q_ref, k_ref, v_ref, b_ref, g_ref, cs_ref, do_ref, ds_ref,
-                      dq_ref, dk_ref, dv_ref, db_ref, dg_ref, ds0_ref, *, C, nc, scale):
+def _bwd_kernel(*refs, chunk_fn, n, C, nc, scale):
+  """Backward of either family, chunks in reverse order: refs are the ``n`` inputs
+  (sequences, sliced per chunk along their first axis), the saved chunk states, ``do``, the
+  final state's cotangent; the ``n`` input gradients, the initial state's cotangent."""
+  ins, (cs_ref, do_ref, ds_ref) = refs[:n], refs[n:n + 3]
+  outs, ds0_ref = refs[n + 3:2 * n + 3], refs[2 * n + 3]
   d = ds_ref.shape[0]
-
-  def chunk(b, g, q, k, v, st, scale):   # the beta and decay vectors: one gradient each
-    return lc.delta_chunk(q, k, v, b[:, None], g[:, None], g[None, :], st, scale)
 
   def body(i, dst):
     c = nc - 1 - i
     sl = pl.ds(pl.multiple_of(c * C, C), C)
     st = cs_ref[pl.ds(pl.multiple_of(c * d, d), d), :]
-    db, dg, dq, dk, dv, dst = lc.chunk_vjp(
-        chunk, (b_ref[sl], g_ref[sl], q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], st),
-        (do_ref[sl, :], dst), scale)
-    for ref, x in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
-      ref[sl, :] = x
-    db_ref[sl], dg_ref[sl] = db, dg
+    *grads, dst = lc.chunk_vjp(chunk_fn, tuple(r[sl] for r in ins) + (st,),
+                               (do_ref[sl, :], dst), scale)
+    for ref, g in zip(outs, grads):
+      ref[sl] = g
     return dst
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, ds_ref[...])
@@ -154,14 +158,15 @@ def _delta_backward(args, states, ct, scale, static):
   do = _pad_last(lc.head_major(ct[0], Tp), Vp)
   dS = jnp.swapaxes(ct[1], -1, -2)
   dS = _pad_last(jnp.pad(dS, [(0, 0), (0, 0), (0, Hp - dS.shape[2]), (0, 0)]), Vp)
-  dq, dk, dv, db, dg, dSt = _call(
-      functools.partial(_delta_bwd_kernel, C=C, nc=Tp // C, scale=scale), 'gated_delta_bwd',
-      (B, N), [row(Hp), kv(Hp), kv(Vp), whole(Tp), whole(Tp), whole(Tp // C * Hp, Vp),
+  db, dg, dq, dk, dv, dSt = _call(
+      functools.partial(_bwd_kernel, chunk_fn=_delta_chunk_vectors, n=5, C=C, nc=Tp // C,
+                        scale=scale), 'gated_delta_bwd',
+      (B, N), [whole(Tp), whole(Tp), row(Hp), kv(Hp), kv(Vp), whole(Tp // C * Hp, Vp),
                row(Vp), whole(Hp, Vp)],
-      [row(Hp), row(Hp), row(Vp), whole(Tp), whole(Tp), whole(Hp, Vp)],
-      [shape(Tp, Hp), shape(Tp, Hp), shape(Tp, Vp), shape(Tp), shape(Tp), shape(Hp, Vp)],
+      [whole(Tp), whole(Tp), row(Hp), row(Hp), row(Vp), whole(Hp, Vp)],
+      [shape(Tp), shape(Tp), shape(Tp, Hp), shape(Tp, Hp), shape(Tp, Vp), shape(Hp, Vp)],
       bs, interpret,
-  )(qh, kh, vh, bh, gc, states, do, dS)
+  )(bh, gc, qh, kh, vh, states, do, dS)
   return prep_vjp((dq.astype(qh.dtype), lc.kv_group_sum(dk, G).astype(kh.dtype),
                    lc.kv_group_sum(dv, G).astype(vh.dtype), db, dg, dSt))
 
@@ -249,24 +254,6 @@ def _gla_forward(args, scale, static, with_states):
   return (jnp.swapaxes(o[:, :, :T, :V], 1, 2), S[:, :, :V, :H], *states)
 
 
-def _gla_bwd_kernel(q_ref, k_ref, v_ref, b_ref, cs_ref, do_ref, ds_ref,
-                    dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, *, C, nc, scale):
-  d = ds_ref.shape[0]
-
-  def body(i, dst):
-    c = nc - 1 - i
-    sl = pl.ds(pl.multiple_of(c * C, C), C)
-    st = cs_ref[pl.ds(pl.multiple_of(c * d, d), d), :]
-    *grads, dst = lc.chunk_vjp(
-        lc.gla_chunk, (q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], st),
-        (do_ref[sl, :], dst), scale)
-    for ref, x in zip((dq_ref, dk_ref, dv_ref, db_ref), grads):
-      ref[sl, :] = x
-    return dst
-
-  ds0_ref[...] = jax.lax.fori_loop(0, nc, body, ds_ref[...])
-
-
 def _gla_backward(args, states, ct, scale, static):
   C, _, bs, interpret = static
   q, k = args[:2]
@@ -277,7 +264,8 @@ def _gla_backward(args, states, ct, scale, static):
   row, kv, whole = _specs(Tp, G)
   shape = lambda *s: jax.ShapeDtypeStruct((B, N) + s, _F32)
   dq, dk, dv, db, dS = _call(
-      functools.partial(_gla_bwd_kernel, C=C, nc=Tp // C, scale=scale), 'gla_bwd', (B, N),
+      functools.partial(_bwd_kernel, chunk_fn=lc.gla_chunk, n=4, C=C, nc=Tp // C,
+                        scale=scale), 'gla_bwd', (B, N),
       [row(Hp), kv(Hp), kv(Vp), row(Hp), whole(Tp // C * Vp, Hp), row(Vp), whole(Vp, Hp)],
       [row(Hp), row(Hp), row(Vp), row(Hp), whole(Vp, Hp)],
       [shape(Tp, Hp), shape(Tp, Hp), shape(Tp, Vp), shape(Tp, Hp), shape(Vp, Hp)],

@@ -117,19 +117,21 @@ def _delta_forward(args, scale, static, with_states):
   return (jnp.swapaxes(o[:, :, :T], 1, 2), jnp.swapaxes(S, -1, -2), *states)
 
 
-def _delta_bwd_kernel(q_ref, k_ref, v_ref, b_ref, gcol_ref, grow_ref, cs_ref, do_ref, ds_ref,
-                      dq_ref, dk_ref, dv_ref, db_ref, dgcol_ref, dgrow_ref, ds0_ref, acc_ref,
-                      *, scale):
+def _bwd_kernel(*refs, chunk_fn, n, scale):
+  """Backward step (chunk ``nc - 1 - c``) of either family: refs are the chunk's ``n``
+  inputs, its saved state, ``do``, the final state's cotangent; the ``n`` input gradients,
+  the initial state's cotangent; the scratch ``dS`` carried towards the first chunk."""
+  ins, (cs_ref, do_ref, ds_ref) = refs[:n], refs[n:n + 3]
+  outs, ds0_ref, acc_ref = refs[n + 3:2 * n + 3], refs[2 * n + 3], refs[2 * n + 4]
   c = pl.program_id(2)
 
   @pl.when(c == 0)
   def _():
     acc_ref[...] = ds_ref[...]
 
-  grads = lc.chunk_vjp(lc.delta_chunk,
-                       (q_ref[...], k_ref[...], v_ref[...], b_ref[...], gcol_ref[...],
-                        grow_ref[...], cs_ref[...]), (do_ref[...], acc_ref[...]), scale)
-  for ref, g in zip((dq_ref, dk_ref, dv_ref, db_ref, dgcol_ref, dgrow_ref, acc_ref), grads):
+  grads = lc.chunk_vjp(chunk_fn, tuple(r[...] for r in ins) + (cs_ref[...],),
+                       (do_ref[...], acc_ref[...]), scale)
+  for ref, g in zip(outs + (acc_ref,), grads):
     ref[...] = g
 
   @pl.when(c == pl.num_programs(2) - 1)
@@ -149,7 +151,8 @@ def _delta_backward(args, states, ct, scale, static):
   row, kv, whole, chunk = _specs(C, G, nc, reverse=True)
   shape = lambda *s: jax.ShapeDtypeStruct((B, N) + s, _F32)
   dq, dk, dv, db, dgcol, dgrow, dSt = _call(
-      functools.partial(_delta_bwd_kernel, scale=scale), 'gated_delta_bwd', (B, N, nc),
+      functools.partial(_bwd_kernel, chunk_fn=lc.delta_chunk, n=6, scale=scale),
+      'gated_delta_bwd', (B, N, nc),
       [row(H), kv(H), kv(V), row(1), row(1), chunk(1, C), chunk(H, V), row(V), whole(H, V)],
       [row(H), row(H), row(V), row(1), row(1), chunk(1, C), whole(H, V)],
       [shape(Tp, H), shape(Tp, H), shape(Tp, V), shape(Tp, 1), shape(Tp, 1),
@@ -238,24 +241,6 @@ def _gla_forward(args, scale, static, with_states):
   return (jnp.swapaxes(o[:, :, :T], 1, 2), S, *states)
 
 
-def _gla_bwd_kernel(q_ref, k_ref, v_ref, b_ref, cs_ref, do_ref, ds_ref,
-                    dq_ref, dk_ref, dv_ref, db_ref, ds0_ref, acc_ref, *, scale):
-  c = pl.program_id(2)
-
-  @pl.when(c == 0)
-  def _():
-    acc_ref[...] = ds_ref[...]
-
-  grads = lc.chunk_vjp(lc.gla_chunk, (q_ref[...], k_ref[...], v_ref[...], b_ref[...],
-                                      cs_ref[...]), (do_ref[...], acc_ref[...]), scale)
-  for ref, g in zip((dq_ref, dk_ref, dv_ref, db_ref, acc_ref), grads):
-    ref[...] = g
-
-  @pl.when(c == pl.num_programs(2) - 1)
-  def _():
-    ds0_ref[...] = acc_ref[...]
-
-
 def _gla_backward(args, states, ct, scale, static):
   C, _, interpret = static
   q, k = args[:2]
@@ -267,7 +252,8 @@ def _gla_backward(args, states, ct, scale, static):
   row, kv, whole, chunk = _specs(C, G, nc, reverse=True)
   shape = lambda *s: jax.ShapeDtypeStruct((B, N) + s, _F32)
   dq, dk, dv, db, dS = _call(
-      functools.partial(_gla_bwd_kernel, scale=scale), 'gla_bwd', (B, N, nc),
+      functools.partial(_bwd_kernel, chunk_fn=lc.gla_chunk, n=4, scale=scale), 'gla_bwd',
+      (B, N, nc),
       [row(H), kv(H), kv(V), row(H), chunk(V, H), row(V), whole(V, H)],
       [row(H), row(H), row(V), row(H), whole(V, H)],
       [shape(Tp, H), shape(Tp, H), shape(Tp, V), shape(Tp, H), shape(V, H)], [(V, H)],
