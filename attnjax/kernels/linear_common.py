@@ -1,5 +1,7 @@
 """Backend-independent pieces of the Lightning Attention-2 chunk kernels
-(:mod:`attnjax.kernels.tpu.linear`, :mod:`attnjax.kernels.gpu.linear`).
+(:mod:`attnjax.kernels.tpu.linear`, :mod:`attnjax.kernels.gpu.linear`) and of the gated
+chunk kernels (:mod:`attnjax.kernels.tpu.linear_gated`, :mod:`attnjax.kernels.gpu.linear_gated`:
+per-chunk math and its in-kernel VJP, input preparation, XLA twins, ``custom_vjp``).
 
 * in-kernel helpers: float32-accumulating matmuls and the per-chunk decay tables;
 * :func:`validate`: argument checks of ``lightning_attention``;
@@ -147,6 +149,32 @@ def _iota2(C):
           jax.lax.broadcasted_iota(jnp.int32, (C, C), 1))
 
 
+def masked_decay(keep, logdiff):
+  """``exp(logdiff)`` where ``keep`` (the causal ``j <= i`` entries), 0 elsewhere; the
+  exponent is zeroed off the mask first, so neither the value nor its gradient can see an
+  overflowing ``exp`` (no ``inf * 0``)."""
+  return jnp.where(keep, jnp.exp(jnp.where(keep, logdiff, 0.0)), 0.0)
+
+
+def last_entry(x, axis):
+  """The last entry of ``x`` along ``axis`` (kept as a size-1 axis), as a masked sum (no
+  dynamic slice, so it lowers alike in Mosaic and Triton)."""
+  shape = [1] * x.ndim
+  shape[axis] = x.shape[axis]
+  last = jax.lax.broadcasted_iota(jnp.int32, tuple(shape), axis) == x.shape[axis] - 1
+  return jnp.sum(jnp.where(last, x, 0.0), axis=axis, keepdims=True)
+
+
+def chunk_vjp(chunk_fn, primals, cts, scale):
+  """In-kernel backward of one chunk: the gradients, float32, of ``(o, state) =
+  chunk_fn(*primals, scale)`` (:func:`delta_chunk` or :func:`gla_chunk`, the primals cast
+  to float32) w.r.t. every primal, for the cotangents ``cts = (do, dstate)``. The chunk is
+  recomputed from its inputs and the state before it; the transposed program is traced
+  into the backward kernel's body."""
+  _, vjp = jax.vjp(lambda *a: chunk_fn(*a, scale), *(x.astype(_F32) for x in primals))
+  return vjp(tuple(c.astype(_F32) for c in cts))
+
+
 def delta_chunk(q, k, v, beta_col, gc_col, gc_row, St, scale):
   """One chunk of the gated delta rule in the UT (WY) form, float32 throughout.
 
@@ -173,7 +201,7 @@ def delta_chunk(q, k, v, beta_col, gc_col, gc_row, St, scale):
   incl, strict = row >= col, row > col
   f32 = lambda x: x.astype(_F32)
   q, k, v = f32(q) * scale, f32(k), f32(v)
-  D = jnp.where(incl, jnp.exp(jnp.where(incl, gc_col - gc_row, 0.0)), 0.0)
+  D = masked_decay(incl, gc_col - gc_row)
   L = -jnp.where(strict, beta_col * D * dot_nt(k, k), 0.0)
   eye = jnp.where(row == col, 1.0, 0.0).astype(_F32)
   Minv, P = eye + L, L
@@ -188,10 +216,23 @@ def delta_chunk(q, k, v, beta_col, gc_col, gc_row, St, scale):
   A = jnp.where(incl, D * dot_nt(q, k), 0.0)
   delta = U - dot_nn(W, St)
   o = dot_nn(A, delta) + dot_nn(gam * q, St)
-  last = jax.lax.broadcasted_iota(jnp.int32, (1, C), 1) == C - 1
-  g_last = jnp.sum(jnp.where(last, gc_row, 0.0), axis=1, keepdims=True)          # [1, 1]
+  g_last = last_entry(gc_row, 1)                                                  # [1, 1]
   kdec = jnp.exp(g_last - gc_col) * k
   return o, jnp.exp(g_last) * St + dot_tn(kdec, delta)
+
+
+def head_major(x, Tp):
+  """``[B, T, N, ...] -> [B, N, Tp, ...]``, zero-padded along time to ``Tp``."""
+  x = jnp.swapaxes(x, 1, 2)
+  pad = [(0, 0)] * x.ndim
+  pad[2] = (0, Tp - x.shape[2])
+  return jnp.pad(x, pad) if Tp != x.shape[2] else x
+
+
+def kv_group_sum(x, G):
+  """Per-query-head gradients ``[B, N, ...]`` summed over each GQA group -> ``[B, N // G,
+  ...]`` (query head ``n`` reads kv head ``n // G``)."""
+  return x.reshape((x.shape[0], x.shape[1] // G, G) + x.shape[2:]).sum(2) if G > 1 else x
 
 
 def delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C):
@@ -203,15 +244,8 @@ def delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C):
   ``St0 [B, N, H, V]`` float32. Padding (``beta = 0``, ``log_alpha = 0``) leaves the state
   unchanged.
   """
-  T = q.shape[1]
-  Tp = -(-T // C) * C
-
-  def heads(x):
-    x = jnp.swapaxes(x, 1, 2)
-    pad = [(0, 0)] * x.ndim
-    pad[2] = (0, Tp - T)
-    return jnp.pad(x, pad) if Tp != T else x
-
+  Tp = -(-q.shape[1] // C) * C
+  heads = functools.partial(head_major, Tp=Tp)
   beta, log_alpha = heads(beta.astype(_F32)), heads(log_alpha.astype(_F32))
   B, N = beta.shape[:2]
   gc = jnp.cumsum(log_alpha.reshape(B, N, Tp // C, C), axis=-1).reshape(B, N, Tp)
@@ -222,30 +256,39 @@ def delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C):
 def delta_rule_scan(q, k, v, beta, log_alpha, S0, *, scale, chunk):
   """The XLA twin of the delta-rule chunk kernels (same inputs and outputs as their
   public entry points; :func:`delta_chunk` vmapped over batch and heads, ``lax.scan``
-  over chunks). Their backward pass is this function's VJP (recomputing the chunks).
+  over chunks). Its VJP is their ``backward='xla'`` gradient and the reference of their
+Pallas backward kernels.
 
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] float32)``.
   """
-  B, T, N, _ = q.shape
-  G = N // k.shape[2]
-  C = chunk
-  qh, kh, vh, bh, gc, St = delta_chunk_inputs(q, k, v, beta, log_alpha, S0, C)
-  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
-  nc = qh.shape[2] // C
+  qh, kh, vh, bh, gc, St = delta_chunk_inputs(q, k, v, beta, log_alpha, S0, chunk)
+
+  def one(qc, kc, vc, bc, gcc, St):
+    return delta_chunk(qc, kc, vc, bc[:, None], gcc[:, None], gcc[None, :], St, scale)
+
+  o, St = scan_chunks(one, (qh, kh, vh, bh, gc), St, chunk, q.shape[1], v.dtype)
+  return o, jnp.swapaxes(St, -1, -2)
+
+
+def scan_chunks(one, xs, S, C, T, dtype):
+  """``one(*chunk_inputs, S) -> (o, S)`` (one batch row and head) vmapped over batch and
+  heads and scanned over the chunks of the head-major ``xs = (q, k, v, ...) [B, *, Tp,
+  ...]`` (k and v have the kv heads; repeated here to the query heads). Returns
+  ``(o [B, T, N, V] in dtype, S)``."""
+  B, N, Tp = xs[0].shape[:3]
+  G, nc = N // xs[1].shape[1], Tp // C
+  xs = (xs[0], jnp.repeat(xs[1], G, axis=1), jnp.repeat(xs[2], G, axis=1)) + tuple(xs[3:])
 
   def chunks(x):   # [B, N, Tp, *] -> [nc, B, N, C, *]
     return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
 
-  one = jax.vmap(jax.vmap(functools.partial(delta_chunk, scale=scale)))
+  def step(S, xc):
+    o, S = jax.vmap(jax.vmap(one))(*xc, S)
+    return S, o
 
-  def step(St, xs):
-    qc, kc, vc, bc, gcc = xs
-    o, St = one(qc, kc, vc, bc[..., None], gcc[..., None], gcc[..., None, :], St)
-    return St, o
-
-  St, o = jax.lax.scan(step, St, tuple(chunks(x) for x in (qh, kh, vh, bh, gc)))
-  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
-  return jnp.swapaxes(o, 1, 2).astype(v.dtype), jnp.swapaxes(St, -1, -2)
+  S, o = jax.lax.scan(step, S, tuple(chunks(x) for x in xs))
+  o = jnp.moveaxis(o, 0, 2).reshape(B, N, Tp, -1)[:, :, :T]
+  return jnp.swapaxes(o, 1, 2).astype(dtype), S
 
 
 def validate_delta(q, k, v, beta, log_alpha, S0, chunk):
@@ -278,27 +321,6 @@ def validate_delta(q, k, v, beta, log_alpha, S0, chunk):
   return log_alpha, S0
 
 
-def delta_rule_custom_vjp(forward):
-  """``forward(q, k, v, beta, log_alpha, S0, scale, static) -> (o, S)`` (a kernel;
-  ``static`` a hashable tuple whose first entry is the chunk length) with the gradient of
-  :func:`delta_rule_scan` (recomputed from the saved inputs)."""
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-  def f(q, k, v, beta, log_alpha, S0, scale, static):
-    return forward(q, k, v, beta, log_alpha, S0, scale, static)
-
-  def fwd(q, k, v, beta, log_alpha, S0, scale, static):
-    out = forward(q, k, v, beta, log_alpha, S0, scale, static)
-    return out, (q, k, v, beta, log_alpha, S0)
-
-  def bwd(scale, static, res, ct):
-    ref = functools.partial(delta_rule_scan, scale=scale, chunk=static[0])
-    _, vjp = jax.vjp(ref, *res)
-    return tuple(sum_to_vma(g, x) for g, x in zip(vjp(ct), res))
-
-  f.defvjp(fwd, bwd)
-  return f
-
-
 # --------------------------------------------------------------------------------------
 # Gated linear attention (GLA): one chunk
 # --------------------------------------------------------------------------------------
@@ -322,12 +344,10 @@ def gla_chunk(q, k, v, b, S, scale):
   f32 = lambda x: x.astype(_F32)
   q, k, v = f32(q) * scale, f32(k), f32(v)
   row, col = _iota2(C)
-  m3 = (row >= col)[:, :, None]
-  dec = jnp.where(m3, jnp.exp(jnp.where(m3, b[:, None, :] - b[None, :, :], 0.0)), 0.0)
+  dec = masked_decay((row >= col)[:, :, None], b[:, None, :] - b[None, :, :])
   A = jnp.sum(q[:, None, :] * k[None, :, :] * dec, axis=-1)
   o = dot_nn(A, v) + dot_nt(q * jnp.exp(b), S)
-  last = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
-  b_last = jnp.sum(jnp.where(last, b, 0.0), axis=0, keepdims=True)                # [1, H]
+  b_last = last_entry(b, 0)                                                       # [1, H]
   return o, S * jnp.exp(b_last) + dot_tn(v, jnp.exp(b_last - b) * k)
 
 
@@ -335,13 +355,8 @@ def gla_chunk_inputs(q, k, v, log_alpha, C):
   """``q [B,T,N,H]``, ``k [B,T,K,H]``, ``v [B,T,K,V]``, ``log_alpha [B,T,N,H]`` -> head-major
   ``q [B,N,Tp,H]``, ``k [B,K,Tp,H]``, ``v [B,K,Tp,V]``, ``b [B,N,Tp,H]`` f32 (the cumulative
   log-decay within each chunk; padding has ``log_alpha = 0`` and zero keys/values)."""
-  T = q.shape[1]
-  Tp = -(-T // C) * C
-
-  def heads(x):
-    x = jnp.swapaxes(x, 1, 2)
-    return jnp.pad(x, [(0, 0), (0, 0), (0, Tp - T), (0, 0)]) if Tp != T else x
-
+  Tp = -(-q.shape[1] // C) * C
+  heads = functools.partial(head_major, Tp=Tp)
   la = heads(log_alpha.astype(_F32))
   B, N, _, H = la.shape
   b = jnp.cumsum(la.reshape(B, N, Tp // C, C, H), axis=3).reshape(B, N, Tp, H)
@@ -350,27 +365,12 @@ def gla_chunk_inputs(q, k, v, log_alpha, C):
 
 def gla_scan(q, k, v, log_alpha, S0, *, scale, chunk):
   """The XLA twin of the GLA chunk kernels (:func:`gla_chunk` vmapped over batch and heads,
-  ``lax.scan`` over chunks); their backward pass is its VJP. ``S0 [B, N, V, H]`` f32.
+  ``lax.scan`` over chunks); its VJP is their ``backward='xla'`` gradient. ``S0 [B, N, V,
+  H]`` f32.
   Returns ``(o [B, T, N, V] in v.dtype, S [B, N, V, H] f32)``."""
-  B, T, N, _ = q.shape
-  G = N // k.shape[2]
-  C = chunk
-  qh, kh, vh, b = gla_chunk_inputs(q, k, v, log_alpha, C)
-  kh, vh = jnp.repeat(kh, G, axis=1), jnp.repeat(vh, G, axis=1)
-  nc = qh.shape[2] // C
-
-  def chunks(x):
-    return jnp.moveaxis(x.reshape(x.shape[:2] + (nc, C) + x.shape[3:]), 2, 0)
-
-  one = jax.vmap(jax.vmap(functools.partial(gla_chunk, scale=scale)))
-
-  def step(S, xs):
-    o, S = one(*xs, S)
-    return S, o
-
-  S, o = jax.lax.scan(step, S0.astype(_F32), tuple(chunks(x) for x in (qh, kh, vh, b)))
-  o = jnp.moveaxis(o, 0, 2).reshape(B, N, nc * C, -1)[:, :, :T]
-  return jnp.swapaxes(o, 1, 2).astype(v.dtype), S
+  return scan_chunks(functools.partial(gla_chunk, scale=scale),
+                     gla_chunk_inputs(q, k, v, log_alpha, chunk), S0.astype(_F32), chunk,
+                     q.shape[1], v.dtype)
 
 
 def validate_gla(q, k, v, log_alpha, S0, chunk):
@@ -399,19 +399,51 @@ def validate_gla(q, k, v, log_alpha, S0, chunk):
   return S0
 
 
-def gla_custom_vjp(forward):
-  """``forward(q, k, v, log_alpha, S0, scale, static) -> (o, S)`` with the gradient of
-  :func:`gla_scan` (``static[0]``: the chunk length)."""
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-  def f(q, k, v, log_alpha, S0, scale, static):
-    return forward(q, k, v, log_alpha, S0, scale, static)
+# --------------------------------------------------------------------------------------
+# Gated chunk kernels: backward selection and custom VJP
+# --------------------------------------------------------------------------------------
 
-  def fwd(q, k, v, log_alpha, S0, scale, static):
-    return forward(q, k, v, log_alpha, S0, scale, static), (q, k, v, log_alpha, S0)
+
+BACKWARDS = ('pallas', 'xla')
+
+
+def validate_backward(backward):
+  """Checks the ``backward=`` argument of the gated kernels' entry points."""
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+  return backward
+
+
+def kernel_custom_vjp(forward, backward, reference):
+  """The ``custom_vjp`` of a gated chunk kernel: ``f(args, scale, static) -> (o, S)``.
+
+  ``forward(args, scale, static, with_states)`` runs the forward kernel (returning also the
+  float32 state before every chunk when ``with_states``); ``static`` is a hashable tuple
+  ``(chunk, backward, ...)``. With ``backward == 'pallas'`` the forward saves the per-chunk
+  states and the gradient is ``backward(args, states, (do, dS), scale, static)`` (the
+  reverse-chunk-order Pallas kernel); with ``'xla'`` it is the VJP of the XLA twin
+  ``reference(*args, scale=, chunk=)`` (:func:`delta_rule_scan`, :func:`gla_scan`),
+  recomputed from the saved inputs.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+  def f(args, scale, static):
+    return forward(args, scale, static, False)
+
+  def fwd(args, scale, static):
+    if static[1] == 'xla':
+      return forward(args, scale, static, False), (args, None)
+    o, S, states = forward(args, scale, static, True)
+    return (o, S), (args, states)
 
   def bwd(scale, static, res, ct):
-    _, vjp = jax.vjp(functools.partial(gla_scan, scale=scale, chunk=static[0]), *res)
-    return tuple(sum_to_vma(g, x) for g, x in zip(vjp(ct), res))
+    args, states = res
+    if states is None:
+      _, vjp = jax.vjp(functools.partial(reference, scale=scale, chunk=static[0]), *args)
+      grads = vjp(ct)
+    else:
+      grads = backward(args, states, ct, scale, static)
+    # Inside shard_map: inputs replicated over axes the data is split over get the sum.
+    return (tuple(sum_to_vma(g, x) for g, x in zip(grads, args)),)
 
   f.defvjp(fwd, bwd)
   return f

@@ -251,8 +251,8 @@ def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: in
       :func:`~attnjax.ops.linear.gated_linear_attention`.
     implementation: ``None``/``'auto'``/``'xla'`` (the XLA forms) or ``'pallas_tpu'`` /
       ``'pallas_gpu'``: the Pallas chunk kernel of :mod:`attnjax.kernels.tpu.linear_gated`
-      / :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; forward kernel, backward
-      the VJP of the kernel's XLA twin; interpret mode off its backend).
+      / :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; forward and reverse-chunk-order
+      backward kernels; interpret mode off its backend).
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state)``.

@@ -295,7 +295,7 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
     implementation: ``None``/``'auto'``/``'xla'`` (the XLA forms) or ``'pallas_tpu'`` /
       ``'pallas_gpu'``: the Pallas GLA kernel of :mod:`attnjax.kernels.tpu.linear_gated` /
       :mod:`attnjax.kernels.gpu.linear_gated` (chunked form; chunks of 16 whatever
-      ``chunk_size``; forward kernel, backward the VJP of its XLA twin).
+      ``chunk_size``; forward and reverse-chunk-order backward kernels).
 
   Returns:
     ``[B, T, N, Hv]`` in ``v.dtype``, or ``(out, state [B, N, Hv, H] float32)``.
