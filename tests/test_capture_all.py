@@ -257,9 +257,192 @@ def test_feat_channel_map():
   np.testing.assert_allclose(p[:, 0], want, rtol=1e-4, atol=ATOL)
   np.testing.assert_allclose(np.einsum("bcd,bsd->bsc", p[:, 0], y), out.reshape(B, -1, C),
                              rtol=1e-4, atol=1e-4)
+  ex, _, _ = _extras(run, r, k, v, dec, bon)
+  np.testing.assert_allclose(ex["wkv"], (w / w.sum(2, keepdims=True)).transpose(0, 3, 1, 2),
+                             rtol=1e-4, atol=ATOL)
   with pytest.raises(ValueError, match="no per-head output"):
     with Recorder(record=False, gates={"attention_0": jnp.ones(1)}).active():
       jax.eval_shape(lambda *a: run(*a), r, k, v, dec, bon)   # fresh: no trace cache
+
+
+def _extras(fn, *args):
+  """``({suffix: array}, main map, out)`` of the single call of ``fn(*args)`` with extras."""
+  maps, out = analysis.capture(fn, args, return_output=True, extras=True)
+  (main,) = [m for m in maps if ":" not in m]
+  return {m.split(":", 1)[1]: p for m, p in maps.items() if m != main}, maps[main], out
+
+
+def _np_wkv(k, d, bo):
+  """``bidirectional_wkv``'s weights along axis 1 of ``k [X, L, C]``: ``[X, C, L, L]``."""
+  L = k.shape[1]
+  dist = np.abs(np.arange(L)[:, None] - np.arange(L)[None, :])
+  w = np.empty(k.shape[:1] + (k.shape[2], L, L))
+  for t, i in np.ndindex(L, L):
+    w[:, :, t, i] = np.exp((bo if t == i else -(dist[t, i] - 1) * d / L) + k[:, i])
+  return w / w.sum(-1, keepdims=True)
+
+
+def test_feat_video_wkv_extra_is_the_space_time_token_map():
+  B, F, Hh, Ww, N, H = 1, 3, 2, 2, 2, 2
+  r, k, v = (rnd(60 + i, (B, F, Hh, Ww, N, H)) for i in range(3))
+  sd, sb, td, tb = (jnp.abs(rnd(63, (N, H))), rnd(64, (N, H)), jnp.abs(rnd(65, (N, H))),
+                    rnd(66, (N, H)))
+  ex, a, out = _extras(lambda r, k, v: L.feat_attention(
+      r, k, v, spatial_decay=sd, spatial_bonus=sb, temporal_decay=td, temporal_bonus=tb), r, k, v)
+  C, P = N * H, Hh * Ww
+  assert list(ex) == ["wkv"] and ex["wkv"].shape == (B, C, F * P, F * P)
+  kk = np.asarray(k, np.float64).reshape(B, F, P, C)
+  ws = _np_wkv(kk.reshape(B * F, P, C), np.asarray(sd, np.float64).reshape(C),
+               np.asarray(sb, np.float64).reshape(C)).reshape(B, F, C, P, P)
+  wt = _np_wkv(kk.transpose(0, 2, 1, 3).reshape(B * P, F, C), np.asarray(td, np.float64).reshape(
+      C), np.asarray(tb, np.float64).reshape(C)).reshape(B, P, C, F, F)
+  want = np.zeros((B, C, F, P, F, P))
+  for f, t, g, i in np.ndindex(F, P, F, P):   # frame f pixel t <- frame g pixel i
+    want[:, :, f, t, g, i] = wt[:, t, :, f, g] * ws[:, g, :, t, i]
+  want = want.reshape(B, C, F * P, F * P)
+  np.testing.assert_allclose(ex["wkv"], want, rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(ex["wkv"].sum(-1), 1, rtol=1e-5)
+  y = (np.einsum("bcts,bsc->btc", want, np.asarray(v, np.float64).reshape(B, -1, C))
+       / (1 + np.exp(-np.asarray(r, np.float64).reshape(B, -1, C))))
+  np.testing.assert_allclose(np.einsum("btd,bcd->btc", y, a[:, 0]), out.reshape(B, -1, C),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _np_conv_matrix(kernel, Hh, Ww):
+  """'SAME' depthwise convolution ``[kh, kw, C]`` as ``[C, T, T]`` token matrices."""
+  kh, kw, C = kernel.shape
+  m = np.zeros((C, Hh * Ww, Hh * Ww))
+  for y, x, dy, dx in np.ndindex(Hh, Ww, kh, kw):
+    yy, xx = y + dy - kh // 2, x + dx - kw // 2
+    if 0 <= yy < Hh and 0 <= xx < Ww:
+      m[:, y * Ww + x, yy * Ww + xx] = kernel[dy, dx]
+  return m
+
+
+def _np_linear_map(q, k, phi):
+  """Normalised kernelized attention weights ``[B, N, T, S]`` (one kv head per head)."""
+  s = np.einsum("btnh,bsnh->bnts", phi(q), phi(k))
+  return s / (s.sum(-1, keepdims=True) + 1e-6)
+
+
+def test_l2vit_lcm_extras_are_the_whole_mechanism_per_channel():
+  from math import erf
+  B, Hh, Ww, N, H, Hv = 1, 3, 3, 2, 3, 2
+  q, k, v = rnd(70, (B, Hh, Ww, N, H)), rnd(71, (B, Hh, Ww, N, H)), rnd(72, (B, Hh, Ww, N, Hv))
+  kern = (rnd(73, (3, 3, N, Hv)), rnd(74, (3, 3, N, Hv)))
+  bias = (rnd(75, (N, Hv)), rnd(76, (N, Hv)))
+  run = lambda q, k, v: L.l2vit_attention(q, k, v, lcm_kernels=kern, lcm_biases=bias)
+  ex, p, out = _extras(run, q, k, v)
+  np.testing.assert_allclose(out, jax.jit(run)(q, k, v), rtol=1e-6, atol=1e-6)
+  T, C = Hh * Ww, N * Hv
+  relu = lambda x: np.maximum(x, 0.0)
+  f64 = lambda x: np.asarray(x, np.float64).reshape(B, T, *x.shape[3:])
+  w = _np_linear_map(f64(q), f64(k), relu)
+  np.testing.assert_allclose(p, w, rtol=1e-4, atol=ATOL)
+  k1, k2 = (_np_conv_matrix(np.asarray(x, np.float64).reshape(3, 3, C), Hh, Ww) for x in kern)
+  b1, b2 = (np.asarray(x, np.float64).reshape(C) for x in bias)
+  wc = np.repeat(w, Hv, axis=1)                                          # [B, C, T, S]
+  vc = f64(v).reshape(B, T, C)
+  o = np.einsum("bcts,bsc->btc", wc, vc)
+  h = np.einsum("cts,bsc->btc", k1, o) + b1
+  cdf = 0.5 * (1 + np.vectorize(erf)(h / np.sqrt(2)))
+  want = np.stack([[(np.eye(T) + k2[c] @ np.diag(cdf[b, :, c]) @ k1[c]) @ wc[b, c]
+                    for c in range(C)] for b in range(B)])
+  offset = np.einsum("cts,bsc->btc", k2, cdf * b1) + b2
+  assert sorted(ex) == ["lcm", "lcm_offset"]
+  np.testing.assert_allclose(ex["lcm"], want, rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(ex["lcm_offset"].reshape(B, T, C), offset, rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(np.einsum("bcts,bsc->btc", want, vc) + offset,
+                             out.reshape(B, T, C), rtol=1e-4, atol=1e-4)
+
+
+def test_care_extras_are_the_gated_branches():
+  B, Hh, Ww, N, H, Hv, Cl = 1, 3, 3, 2, 3, 2, 3
+  q, k, v = rnd(80, (B, Hh, Ww, N, H)), rnd(81, (B, Hh, Ww, N, H)), rnd(82, (B, Hh, Ww, N, Hv))
+  xl, ck, cb = rnd(83, (B, Hh, Ww, Cl)), rnd(84, (3, 3, Cl)), rnd(85, (Cl,))
+  lg, gl = rnd(86, (Cl, N, Hv)), rnd(87, (N, Hv, Cl))
+  run = lambda q, k, v, xl: L.care_attention(q, k, v, xl, conv_kernel=ck, local_to_global=lg,
+                                             global_to_local=gl, conv_bias=cb)
+  ex, p, out = _extras(run, q, k, v, xl)
+  for a, b in zip(out, jax.jit(run)(q, k, v, xl)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  T, C = Hh * Ww, N * Hv
+  elu1 = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+  f64 = lambda x: np.asarray(x, np.float64).reshape((B, T) + x.shape[3:])
+  w = _np_linear_map(f64(q), f64(k), elu1)
+  np.testing.assert_allclose(p, w, rtol=1e-4, atol=ATOL)
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  g = np.einsum("bcts,bsc->btc", np.repeat(w, Hv, axis=1), f64(v).reshape(B, T, C))
+  kc = _np_conv_matrix(np.asarray(ck, np.float64), Hh, Ww)
+  loc = np.einsum("cts,bsc->btc", kc, f64(xl)) + np.asarray(cb, np.float64)
+  sg = sig(loc @ np.asarray(lg, np.float64).reshape(Cl, C))              # [B, T, C]
+  sl = sig(g @ np.asarray(gl, np.float64).reshape(C, Cl))                # [B, T, Cl]
+  assert sorted(ex) == ["global", "local", "local_offset"]
+  np.testing.assert_allclose(ex["global"], np.repeat(w, Hv, 1) * sg.transpose(0, 2, 1)[..., None],
+                             rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(ex["local"], kc[None] * sl.transpose(0, 2, 1)[..., None],
+                             rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(ex["local_offset"], sl * np.asarray(cb), rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(np.einsum("bcts,bsc->btc", ex["global"], f64(v).reshape(B, T, C)),
+                             out[0].reshape(B, T, C), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.einsum("bcts,bsc->btc", ex["local"], f64(xl))
+                             + ex["local_offset"], out[1].reshape(B, T, Cl), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- recurrent state
+
+def _state_case(name):
+  B, T, N, H, Hv = 1, 6, 2, 4, 3
+  q, k, v = rnd(90, (B, T, N, H)), rnd(91, (B, T, N, H)), rnd(92, (B, T, N, Hv))
+  kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  S0 = rnd(93, (B, N, Hv, H))
+  la = -jnp.abs(rnd(94, (B, T, N, H), scale=0.3))
+  beta = jax.nn.sigmoid(rnd(95, (B, T, N)))
+  if name == "linear":   # normalised: the state's normaliser z enters the map
+    st = (rnd(96, (B, N, H, Hv)), jnp.abs(rnd(97, (B, N, H))) + 1.0)
+    return (lambda q, k, v: L.linear_attention(q, k, v, causal=True, chunk_size=4, state=st),
+            (q, k, v), st)
+  if name == "decayed":
+    st = rnd(96, (B, N, H, Hv))
+    return (lambda q, k, v: L.decayed_linear_attention(q, k, v, decay=0.8, chunk_size=4,
+                                                       state=st), (q, k, v), st)
+  if name == "gla":
+    return (lambda q, k, v: L.gated_linear_attention(q, k, v, la, chunk_size=4, state=S0,
+                                                     return_state=True), (q, k, v), S0)
+  if name == "delta":
+    return (lambda q, k, v: L.delta_rule_attention(q, k, v, beta, chunk_size=4, state=S0),
+            (q, kn, v), S0)
+  dt, A = jax.nn.softplus(rnd(98, (B, T, N))), -jnp.exp(rnd(99, (N,)))
+  Bm, Cm = rnd(100, (B, T, 1, H)), rnd(101, (B, T, 1, H))
+  return (lambda x: L.ssd_attention(x, dt, A, Bm, Cm, chunk_size=4, state=S0), (v,), S0)
+
+
+@pytest.mark.parametrize("name", ["linear", "decayed", "gla", "delta", "ssd"])
+def test_state_contribution_completes_the_map(name):
+  fn, args, st = _state_case(name)
+  ex, p, out = _extras(fn, *args)
+  o = out[0] if isinstance(out, tuple) else out
+  np.testing.assert_allclose(o, (jax.jit(fn)(*args)[0] if isinstance(out, tuple)
+                                 else jax.jit(fn)(*args)), rtol=1e-6, atol=1e-6)
+  v = args[-1] if name != "ssd" else args[0]
+  assert list(ex) == ["state"] and ex["state"].shape == o.shape
+  assert np.abs(ex["state"]).max() > 1e-2
+  np.testing.assert_allclose(_pv(p, v) + ex["state"], o, rtol=1e-4, atol=1e-4)
+  q, k = (np.asarray(x, np.float64) for x in args[:2]) if name != "ssd" else (None, None)
+  T = o.shape[1]
+  if name == "linear":
+    # W_ts = phi_t.phi_s / (phi_t.(z0 + sum_{s'<=t} phi_s')), term phi_t S0 / den
+    phi = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+    s = np.einsum("btnh,bsnh->bnts", phi(q), phi(k)) * np.tril(np.ones((T, T)))
+    den = s.sum(-1) + np.einsum("btnh,bnh->bnt", phi(q), np.asarray(st[1], np.float64))
+    np.testing.assert_allclose(p, s / den[..., None], rtol=1e-4, atol=ATOL)
+    term = np.einsum("btnh,bnhv->btnv", phi(q), np.asarray(st[0], np.float64))
+    np.testing.assert_allclose(ex["state"], term / den.transpose(0, 2, 1)[..., None],
+                               rtol=1e-4, atol=ATOL)
+  if name == "gla":      # term: S0 (exp(b_t) scale q_t)
+    b = np.cumsum(np.asarray(-jnp.abs(rnd(94, q.shape, scale=0.3)), np.float64), axis=1)
+    term = np.einsum("bnvh,btnh->btnv", np.asarray(st, np.float64), np.exp(b) * q / 2.0)
+    np.testing.assert_allclose(ex["state"], term, rtol=1e-4, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -281,6 +464,38 @@ def test_slot_attention_map_is_the_weighted_mean():
   assert (p[1, ..., 5:] == 0).all()
   np.testing.assert_allclose(p.sum(-1), 1, rtol=1e-5)
   np.testing.assert_allclose(_pv(p, v), out, rtol=1e-4, atol=ATOL)
+
+
+def test_super_token_association_and_upsample_maps():
+  B, Hh, Ww, C, st_size = 2, 4, 6, 3, 2
+  x, y = rnd(50, (B, Hh, Ww, C)), rnd(51, (B, Hh // 2, Ww // 2, C))
+  kind, p, st = _one(lambda x: pooling.super_token_association(x, stoken_size=st_size)[0], x)
+  h, w = Hh // st_size, Ww // st_size
+  M, T = h * w, Hh * Ww
+  assert kind == "pooling" and p.shape == (B, 1, M, T)
+  # independent: grid means, then a softmax of x_i . S_j / sqrt(C) over the (up to) 9 super
+  # tokens around pixel i's cell; the super tokens are the column-normalised means
+  xn = np.asarray(x, np.float64)
+  s0 = xn.reshape(B, h, st_size, w, st_size, C).mean((2, 4)).reshape(B, M, C)
+  A = np.zeros((B, T, M))
+  for i in range(T):
+    cy, cx = (i // Ww) // st_size, (i % Ww) // st_size
+    nb = [(cy + dy) * w + cx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+          if 0 <= cy + dy < h and 0 <= cx + dx < w]
+    logits = np.einsum("bc,bjc->bj", xn.reshape(B, T, C)[:, i], s0[:, nb]) / np.sqrt(C)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    A[:, i, nb] = e / e.sum(-1, keepdims=True)
+  P = A.transpose(0, 2, 1) / A.sum(1)[..., None]
+  np.testing.assert_allclose(p[:, 0], P, rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(p.sum(-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(np.einsum("bmt,btc->bmc", p[:, 0], xn.reshape(B, T, C)),
+                             st.reshape(B, M, C), rtol=1e-4, atol=ATOL)
+  Q = pooling.super_token_association(x, stoken_size=st_size)[1]
+  kind, a, up = _one(lambda y, Q: pooling.super_token_upsample(y, Q, stoken_size=st_size), y, Q)
+  assert kind == "pooling" and a.shape == (B, 1, T, M)
+  np.testing.assert_allclose(a[:, 0], A, rtol=1e-4, atol=ATOL)
+  np.testing.assert_allclose(np.einsum("btm,bmc->btc", a[:, 0], np.asarray(y, np.float64).reshape(
+      B, M, C)), up.reshape(B, T, C), rtol=1e-4, atol=ATOL)
 
 
 def test_mil_pooling_map_one_head_branches_as_queries():
@@ -335,7 +550,8 @@ EXPECTED = {
     "registers": [(2, 2, 12, 12)],                              # 4 registers + 8 tokens
     "s2a": [(2, 2, 16, 4)],
     "shvit": [(2, 1, 8, 8)],                                    # single head on a channel part
-    "super_token": [(2, 2, 4, 4)],                              # 2 x 2 super tokens
+    # association (super tokens <- pixels), attention among the 2 x 2 super tokens, upsample
+    "super_token": [(2, 1, 4, 16), (2, 2, 4, 4), (2, 1, 16, 4)],
     "twins": [_GRID, (2, 2, 16, 4)],                            # LSA window, GSA pooled keys
     "class_attention": [(2, 2, 1, 9)],                          # CLS <- CLS + 8 tokens
     "mil_pool": [(2, 1, 1, 8)],                                 # one head, branches x instances

@@ -20,6 +20,7 @@ from attnjax.analysis.capture import (
   attention_calls,
   capture,
   capture_attention,
+  linear_state_term,
   linear_weights,
   softmax_probs,
 )
@@ -51,7 +52,8 @@ from attnjax.analysis.stats import (
 )
 
 __all__ = ["capture", "Recorder", "CallInfo", "attention_calls", "capture_attention",
-           "softmax_probs", "linear_weights", "rollout", "attention_flow", "max_flow",
+           "softmax_probs", "linear_weights", "linear_state_term", "rollout", "attention_flow",
+           "max_flow",
            "residual_attention", "entropy", "mean_distance", "topk_mass", "sink_score",
            "sink_logit_mass", "head_stats", "sink_report", "gated_call", "head_importance",
            "ablation_curve", "importance_order", "random_order", "head_outputs", "patch_head",

@@ -14,13 +14,16 @@ reference math:
   applied to one-hot values ``v[b, s, k, :] = e_s``, so ``out = P @ V`` exactly;
 - linear family: the implied weights ``W [B, N, T, S]`` with ``o_t = sum_s W_ts v_s``,
   obtained by running the same op (same feature map, decay, gates, normaliser, causal
-  flag) on one-hot values in float32 (every op of the family is linear in ``v``); a
-  ``state`` passed to the call is dropped (the map covers the call's own tokens);
+  flag) on one-hot values in float32 (every op of the family is linear in ``v``); with a
+  ``state`` passed to the call the map keeps the state's normaliser and the state's
+  contribution is an extra (``extras=True``: ``'<name>:state'``, ``out = W v + term``);
 - ops whose weights neither path sees (additive, Sinkhorn and talking-heads attention,
   Sparsifiner, the MoBA gather path, GLA, the (gated) delta rule, SSD, HIIF, FEAT's
   channel attention, slot attention, MIL pooling) report themselves with a ``probs`` thunk
   (:mod:`attnjax.core.hooks`): the map is the thunk's ``[B, N, T, S]`` weights, evaluated
-  only here (``docs/analysis.md`` lists what each variant family gives).
+  only here (``docs/analysis.md`` lists what each variant family gives); what a map
+  cannot express (per-channel weights, local convolutions, gates, a state) an op reports
+  as ``extras``, returned with ``extras=True``.
 
 Nothing is stored during training: without an active recorder the interception costs
 one thread-local lookup.  :func:`capture` traces the forward pass under ``jax.jit`` by
@@ -53,7 +56,7 @@ from attnjax.core import hooks
 from attnjax.core import softmax as _softmax
 
 __all__ = ["capture", "Recorder", "CallInfo", "softmax_probs", "linear_weights",
-           "attention_calls", "capture_attention"]
+           "linear_state_term", "attention_calls", "capture_attention"]
 
 LayerSel = Union[None, str, int, Sequence[Union[str, int]], Callable[[str], bool]]
 
@@ -74,19 +77,49 @@ def softmax_probs(q, k, args) -> jax.Array:
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
-def linear_weights(fn: Callable, q, k, kwargs: Optional[dict] = None) -> jax.Array:
+def linear_weights(fn: Callable, q, k, kwargs: Optional[dict] = None, v=None) -> jax.Array:
   """Implied weights ``W [B, N, T, S]`` float32 of a linear-attention op ``fn(q, k, v,
-  **kwargs)`` (linear in ``v``): ``fn`` on one-hot values, ``state`` dropped."""
+  **kwargs)`` (linear in ``v``): ``fn`` on one-hot values.  With a ``state`` in ``kwargs``
+  (then ``v`` is needed for its shape) the state is kept -- a normalised op's denominator
+  includes the state's normaliser -- and ``W`` is the derivative of the output in ``v``,
+  one backward pass per query and head (``jax.vjp``); the state's own contribution is
+  :func:`linear_state_term`."""
+  kw = _plain_kwargs(kwargs)
+  if kw.get("state") is not None:
+    if v is None:
+      raise ValueError("linear_weights: a call with a state needs its values v (for the shape)")
+    B, T, N = q.shape[:3]
+    S, K, Hv = v.shape[1:]
+    out, pull = jax.vjp(lambda x: fn(q.astype(jnp.float32), k.astype(jnp.float32), x, **kw),
+                        jnp.zeros(v.shape, jnp.float32))
+    basis = jnp.eye(T * N, dtype=jnp.float32).reshape(T * N, 1, T, N)
+    ct = jnp.zeros((T * N, B, T, N, Hv), jnp.float32).at[..., 0].set(
+        jnp.broadcast_to(basis, (T * N, B, T, N)))
+    (g,) = jax.vmap(pull)(ct)                                   # [T N, B, S, K, Hv]
+    g = g[..., 0].reshape(T, N, B, S, K)
+    heads = jax.nn.one_hot(jnp.arange(N) // (N // K), K, dtype=jnp.float32)
+    return jnp.einsum("tnbsk,nk->bnts", g, heads, precision=jax.lax.Precision.HIGHEST)
+  onehot = _onehot_values(q.shape[0], k.shape[1], k.shape[2])
+  out = fn(q.astype(jnp.float32), k.astype(jnp.float32), onehot, **kw)
+  return jnp.transpose(out, (0, 2, 1, 3)).astype(jnp.float32)
+
+
+def linear_state_term(fn: Callable, q, k, v, kwargs: Optional[dict] = None) -> jax.Array:
+  """The contribution ``[B, T, N, Hv]`` float32 of the ``state`` passed to a linear op:
+  the op on zero values (so ``out = W v + term``, ``W`` from :func:`linear_weights`)."""
+  kw = _plain_kwargs(kwargs)
+  return jnp.asarray(fn(q.astype(jnp.float32), k.astype(jnp.float32),
+                        jnp.zeros(v.shape, jnp.float32), **kw), jnp.float32)
+
+
+def _plain_kwargs(kwargs):
+  """The call's keyword arguments for a recomputation: one output, the XLA path."""
   kw = dict(kwargs or {})
-  if "state" in kw:
-    kw["state"] = None
   if "return_state" in kw:
     kw["return_state"] = False
   if kw.get("implementation") not in (None, "auto"):
     kw["implementation"] = "xla"
-  onehot = _onehot_values(q.shape[0], k.shape[1], k.shape[2])
-  out = fn(q.astype(jnp.float32), k.astype(jnp.float32), onehot, **kw)
-  return jnp.transpose(out, (0, 2, 1, 3)).astype(jnp.float32)
+  return kw
 
 
 def _probs_of(call: hooks.AttentionCall):
@@ -94,7 +127,18 @@ def _probs_of(call: hooks.AttentionCall):
     return jnp.asarray(call.probs(), jnp.float32)
   if call.kind == "softmax":
     return softmax_probs(call.q, call.k, call.args)
-  return linear_weights(call.fn, call.q, call.k, call.kwargs)
+  return linear_weights(call.fn, call.q, call.k, call.kwargs, call.v)
+
+
+def _extras_of(call: hooks.AttentionCall) -> dict:
+  """``{suffix: array}``: what the op reports beside its map (``extras=``), and for a
+  public linear op called with a ``state`` the state's contribution ``'state'``."""
+  out = {}
+  if call.extras is not None:
+    out.update(call.extras())
+  if call.fn is not None and (call.kwargs or {}).get("state") is not None:
+    out["state"] = linear_state_term(call.fn, call.q, call.k, call.v, call.kwargs)
+  return {name: jnp.asarray(x, jnp.float32) for name, x in out.items()}
 
 
 # ----------------------------------------------------------------------------- naming
@@ -212,13 +256,20 @@ class Recorder:
     patch: ``{name: {head: value [B, T, Hv]}}``; that head's output is replaced.
     keep_outputs: ``{name: heads}``; the outputs ``out[:, :, heads, :]`` are kept in
       ``outputs[name]`` (``[B, T, len(heads), Hv]``).
+    extras: also record what a call reports beside its map (``docs/analysis.md``: FEAT's
+      per-channel WKV weights, L^2ViT's local concentration, CARE's gated branches, the
+      contribution of a recurrent ``state``) in ``probs`` as ``'<name>:<suffix>'``
+      (float32, all heads: ``heads`` selects in the maps only).
 
   Attributes: ``calls`` (list of :class:`CallInfo`, in call order), ``probs``
   (``{name: P [B, N', T, S]}`` as ``np.ndarray`` float32), ``outputs``.
   """
 
   def __init__(self, model=None, *, layers: LayerSel = None, heads=None, record=True,
-               gates=None, patch=None, keep_outputs=None):
+               gates=None, patch=None, keep_outputs=None, extras=False):
+    if not isinstance(extras, bool):
+      raise TypeError(f"extras must be a bool, got {type(extras).__name__}")
+    self.extras = extras
     self.model = model
     self._select = _selector(layers)
     if heads is not None:
@@ -261,6 +312,9 @@ class Recorder:
           raise ValueError(f"heads must be in [0, N={N}) for {name!r}, got {bad}")
         p = p[:, np.asarray(self.heads)]
       self.probs[name] = p if self._traced else np.asarray(p)
+      if self.extras:
+        for suffix, x in _extras_of(call).items():
+          self.probs[f"{name}:{suffix}"] = x if self._traced else np.asarray(x)
     out = call.out
     if call.dims is not None and (name in self.keep_outputs or name in self.gates
                                   or name in self.patch):
@@ -299,7 +353,7 @@ def _call_model(model, inputs, call_kwargs):
 
 
 def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = True,
-            return_output: bool = False, **call_kwargs):
+            return_output: bool = False, extras: bool = False, **call_kwargs):
   """Attention probabilities of every attention call of ``model(inputs, **call_kwargs)``.
 
   Works for any model and any registered variant without changing the model: see the
@@ -316,6 +370,8 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
       execution) -- or run eagerly (``jit=False``).  Either way a model applying its
       layers inside ``lax.scan`` (``scan_layers=True``) cannot be captured (ValueError).
     return_output: also return the model's output of the same (observed) forward pass.
+    extras: also return, as ``'<layer name>:<suffix>'`` entries after the layer's map, what
+      a call reports beside its ``[B, N, T, S]`` map (see :class:`Recorder`).
     **call_kwargs: passed to the model unchanged (static, e.g. ``deterministic=True``).
 
   Returns:
@@ -326,7 +382,7 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
   if not isinstance(return_output, bool):
     raise TypeError(f"return_output must be a bool, got {type(return_output).__name__}")
   if not jit:
-    rec = Recorder(model, layers=layers, heads=heads)
+    rec = Recorder(model, layers=layers, heads=heads, extras=extras)
     with rec.active():
       out = _call_model(model, inputs, call_kwargs)
     return (rec.probs, out) if return_output else rec.probs
@@ -339,7 +395,7 @@ def capture(model, inputs, *, layers: LayerSel = None, heads=None, jit: bool = T
 
   def run(state, inputs):
     m = nnx.merge(graphdef, state) if is_nnx else model
-    rec = Recorder(m, layers=layers, heads=heads)
+    rec = Recorder(m, layers=layers, heads=heads, extras=extras)
     rec._traced = True  # pylint: disable=protected-access
     with rec.active():
       out = _call_model(m, inputs, call_kwargs)

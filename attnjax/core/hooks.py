@@ -28,6 +28,10 @@ path, Mamba-2's SSD) checks :func:`observing` and re-enters itself through
 :func:`intercepted`, so that its inner calls are nested and the observer sees one call.
 ``dims=(B, N, T, S)`` describes a map whose call has no ``[B, T, N, H]`` queries (MIL
 pooling, FEAT's channel attention); head gates and patching do not apply to such calls.
+``extras=``: a thunk returning ``{suffix: array}``, the parts of a mechanism that its
+``[B, N, T, S]`` map cannot express (FEAT's per-channel WKV weights, L^2ViT's local
+concentration, CARE's gates and convolution, the contribution of a recurrent ``state``);
+evaluated, like ``probs``, only by a recorder asked for them.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ class AttentionCall:
   ``out`` the call's result (a tuple where the call returns one: ``(out, lse)`` or
   ``(out, state)``).  ``probs``: None or a thunk returning the call's weights
   ``[B, N, T, S]`` (recomputed on demand); ``dims``: None or ``(B, N, T, S)`` for a call
-  whose output is not ``[B, T, N, Hv]``.
+  whose output is not ``[B, T, N, Hv]``; ``extras``: None or a thunk returning
+  ``{suffix: array}`` (see the module docstring).
   """
   kind: str
   q: Any
@@ -82,6 +87,7 @@ class AttentionCall:
   kwargs: Optional[dict] = None
   probs: Optional[Callable[[], Any]] = None
   dims: Optional[tuple] = None
+  extras: Optional[Callable[[], dict]] = None
 
 
 _LOCAL = threading.local()
@@ -116,7 +122,7 @@ def observing() -> bool:
 
 
 def intercepted(kind: str, run: Callable[[], Any], q, k, v, *, args=None, fn=None,
-                kwargs=None, probs=None, dims=None):
+                kwargs=None, probs=None, dims=None, extras=None):
   """``run()``, shown to the installed observers (see the module docstring)."""
   obs = _observers()
   if not obs or _LOCAL.depth:
@@ -124,12 +130,16 @@ def intercepted(kind: str, run: Callable[[], Any], q, k, v, *, args=None, fn=Non
   if probs is not None and not callable(probs):
     raise TypeError(f"probs must be None or a thunk returning [B, N, T, S], got "
                     f"{type(probs).__name__}")
+  if extras is not None and not callable(extras):
+    raise TypeError(f"extras must be None or a thunk returning {{suffix: array}}, got "
+                    f"{type(extras).__name__}")
   _LOCAL.depth += 1
   try:
     out = run()
     for o in list(obs):
       new = o(AttentionCall(kind, q, k, v, out, args=args, fn=fn, kwargs=kwargs, probs=probs,
-                            dims=None if dims is None else tuple(int(d) for d in dims)))
+                            dims=None if dims is None else tuple(int(d) for d in dims),
+                            extras=extras))
       if new is not None:
         out = new
   finally:

@@ -35,6 +35,7 @@ from attnjax.core import hooks
 
 __all__ = ["agent_attention", "slot_attention_step", "gated_mil_pooling", "simpool",
            "class_attention", "bidirectional_cross_attention", "super_token_association",
+           "super_token_weights",
            "super_token_upsample", "proxy_token_attention", "proxy_indices",
            "sink_redistributed_attention", "visual_sink_mask", "image_centric_heads",
            "kv_padding_ids"]
@@ -423,6 +424,23 @@ def _from_cells(x, s, Hh, Ww):
   return x.reshape(B, h, w, s[0], s[1], C).transpose(0, 1, 3, 2, 4, 5).reshape(B, Hh, Ww, C)
 
 
+def super_token_weights(Q, stoken_size):
+  """The association ``Q [B, h, w, s*s, 9]`` as a dense ``[B, Hh*Ww, h*w]`` float32 matrix:
+  entry ``(i, j)`` is ``Q[i, j]`` for the super tokens ``j`` around pixel ``i``'s cell and 0
+  elsewhere (pixels and super tokens row-major), so that :func:`super_token_upsample` is
+  ``x' = A @ S``; its column-normalised transpose gives the super tokens ``S = A^T x /
+  colsum(A)`` of :func:`super_token_association`."""
+  s = _stoken_pair(stoken_size)
+  B, h, w = Q.shape[:3]
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  idx = np.stack([(ys + dy) * w + (xs + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], -1)
+  sel = np.eye(h * w, dtype=np.float32)[np.clip(idx, 0, h * w - 1)]
+  sel = sel * _neighbour_valid(h, w)[..., None]                        # [h, w, 9, M]
+  a = jnp.einsum("bhwpj,hwjm->bhwpm", Q.astype(jnp.float32), jnp.asarray(sel),
+                 precision=jax.lax.Precision.HIGHEST)
+  return _from_cells(a, s, h * s[0], w * s[1]).reshape(B, h * w * s[0] * s[1], h * w)
+
+
 def _stoken_pair(stoken_size):
   vals = tuple(stoken_size) if isinstance(stoken_size, (tuple, list)) else (stoken_size,) * 2
   if len(vals) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0
@@ -474,7 +492,13 @@ def super_token_association(x, *, stoken_size, num_iters=1, scale=None):
     num = _scatter_neighbours(jnp.einsum("bhwpj,bhwpc->bhwjc", Q, cells))
     den = _scatter_neighbours(jnp.sum(Q, axis=3)[..., None])
     st = num / jnp.maximum(den, 1e-12)
-  return st.astype(x.dtype), Q
+
+  def pool_map():  # attnjax.analysis: super tokens as queries, pixels as keys, S = P x
+    a = jnp.swapaxes(super_token_weights(Q, s), 1, 2)
+    return (a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), 1e-12))[:, None]
+  out = (st.astype(x.dtype), Q)
+  return hooks.intercepted("pooling", lambda: out, None, None, None, probs=pool_map,
+                           dims=(B, 1, h * w, Hh * Ww))
 
 
 def _scatter_neighbours(contrib):
@@ -503,7 +527,11 @@ def super_token_upsample(st, Q, *, stoken_size):
                      f"{Q.shape}")
   nb = _neighbours(st.astype(jnp.float32))
   cells = jnp.einsum("bhwpj,bhwjc->bhwpc", Q.astype(jnp.float32), nb)
-  return _from_cells(cells, s, h * s[0], w * s[1]).astype(st.dtype)
+  out = _from_cells(cells, s, h * s[0], w * s[1]).astype(st.dtype)
+  # attnjax.analysis: pixels as queries, super tokens as keys, x' = A S
+  return hooks.intercepted("pooling", lambda: out, None, None, None,
+                           probs=lambda: super_token_weights(Q, s)[:, None],
+                           dims=(B, 1, h * w * s[0] * s[1], h * w))
 
 
 # ----------------------------------------------------------------------------- proxy tokens

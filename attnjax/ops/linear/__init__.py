@@ -109,6 +109,7 @@ from attnjax.ops.linear.vision import (
                                         feat_attention,
                                         hiif_attention,
                                         l2vit_attention,
+                                        wkv_weights,
 )
 
 __all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
@@ -118,4 +119,4 @@ __all__ = ["FeatureMap", "FORMS", "IMPLEMENTATIONS", "DEFAULT_EPS",
            "register_chunk_kernel", "register_selector", "gated_linear_attention",
            "delta_rule_attention", "gated_delta_rule_attention", "ssd_attention",
            "implied_attention", "l2vit_attention", "care_attention", "hiif_attention",
-           "feat_attention", "bidirectional_wkv"]
+           "feat_attention", "bidirectional_wkv", "wkv_weights"]

@@ -222,9 +222,13 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
   o, S = run_blocks(step, a.S0, (q, k, v, beta, log_alpha), a.T, blen)
   o = o.astype(v.dtype)
   out = (o, S) if return_state else o
-  # attnjax.analysis interception point (a no-op unless observed): the implied weights
+  # attnjax.analysis interception point (a no-op unless observed): the implied weights, and
+  # a given state's contribution (the op on zero values)
   return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: delta_implied_attention(
-      q, k, beta, log_alpha, scale=scale))
+      q, k, beta, log_alpha, scale=scale), extras=None if state is None else lambda: {
+          'state': _delta_public(q, k, jnp.zeros(v.shape, _F32), beta, log_alpha, form=form,
+                                 chunk_size=chunk_size, scale=scale, state=state,
+                                 return_state=False, block_len=block_len)})
 
 
 def delta_rule_attention(q, k, v, beta, *, form: str = 'chunked', chunk_size: int = 64,

@@ -323,9 +323,13 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
   o, S = run_blocks(step, a.S0, (q, k, v, log_alpha), a.T, blen)
   o = o.astype(v.dtype)
   out = (o, S) if return_state else o
-  # attnjax.analysis interception point (a no-op unless observed): the implied weights
+  # attnjax.analysis interception point (a no-op unless observed): the implied weights, and
+  # a given state's contribution (the op on zero values)
   return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: gla_implied_attention(
-      q, k, log_alpha, scale=scale))
+      q, k, log_alpha, scale=scale), extras=None if state is None else lambda: {
+          'state': gated_linear_attention(q, k, jnp.zeros(v.shape, _F32), log_alpha, form=form,
+                                          chunk_size=chunk_size, scale=scale, state=state,
+                                          block_len=block_len)})
 
 
 def gla_implied_attention(q, k, log_alpha, *, scale=None):

@@ -95,7 +95,10 @@ def ssd_attention(x, dt, A, B, C, *, D=None, form: str = 'chunked', chunk_size: 
     return hooks.intercepted('linear', lambda: ssd_attention(
         x, dt, A, B, C, D=D, form=form, chunk_size=chunk_size, state=state,
         return_state=return_state, block_len=block_len), _heads(C, N), _heads(B, N), x,
-        probs=lambda: ssd_implied_attention(dt, A, B, C, D))
+        probs=lambda: ssd_implied_attention(dt, A, B, C, D),
+        extras=None if state is None else lambda: {'state': ssd_attention(   # zero inputs x
+            jnp.zeros(x.shape, _F32), dt, A, B, C, form=form, chunk_size=chunk_size,
+            state=state, block_len=block_len)})
   if form not in FORMS:
     raise ValueError(f'form must be one of {FORMS}, got form={form!r}')
   check_pow2_chunk(chunk_size)

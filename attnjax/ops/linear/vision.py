@@ -87,9 +87,57 @@ def _depthwise2d(x_BHWC, kernel, bias, name):
   return y
 
 
+def _global_map(q, k, feature_map, eps):
+  """The normalised global linear attention's weights ``[B, N, T, S]`` float32 (tokens
+  row-major): the op on one-hot values (it is linear in ``v``)."""
+  qt, kt = _as_tokens(q), _as_tokens(k)
+  B, S, K = kt.shape[:3]
+  onehot = jnp.broadcast_to(jnp.eye(S, dtype=_F32)[None, :, None, :], (B, S, K, S))
+  w = linear_attention(qt.astype(_F32), kt.astype(_F32), onehot, feature_map=feature_map,
+                       normalize=True, eps=eps, implementation='xla')
+  return jnp.transpose(w, (0, 2, 1, 3))
+
+
+def _per_channel(w, Hv):
+  """``[B, N, T, S] -> [B, N * Hv, T, S]``: each head's map repeated for its channels."""
+  return jnp.repeat(w, Hv, axis=1)
+
+
+def _conv_map(kernel, Hh, Ww):
+  """The 'SAME' depthwise convolution ``kernel [kh, kw, C]`` as per-channel token matrices
+  ``[C, T, T]`` (``conv(x)[t, c] = sum_s m[c, t, s] x[s, c]``, row-major tokens)."""
+  T, C = Hh * Ww, kernel.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(T, dtype=_F32).reshape(T, Hh, Ww, 1), (T, Hh, Ww, C))
+  cols = _depthwise2d(eye, kernel, None, 'kernel')                    # [s, Hh, Ww, C]
+  return jnp.transpose(cols.reshape(T, T, C), (2, 1, 0))
+
+
+def _std_normal_cdf(x):
+  return 0.5 * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+
+
 # --------------------------------------------------------------------------------------
 # L^2ViT: enhanced linear global attention + Local Concentration Module
 # --------------------------------------------------------------------------------------
+
+
+def _lcm_extras(q, k, v, flat, eps):
+  """L^2ViT's whole mechanism as per-channel token maps (see :func:`l2vit_attention`)."""
+  B, Hh, Ww, N, _ = q.shape
+  Hv = v.shape[-1]
+  T, C = Hh * Ww, N * Hv
+  w = _global_map(q, k, 'relu', eps)                                   # [B, N, T, S]
+  (k1, b1), (k2, b2) = flat
+  x = jnp.einsum('bnts,bsnv->btnv', w, jnp.repeat(_as_tokens(v).astype(_F32), N // v.shape[3],
+                                                   axis=2), precision=_HI)
+  phi = _std_normal_cdf(_depthwise2d(x.reshape(B, Hh, Ww, C), k1, b1, 'lcm_kernels[0]'))
+  m1, m2 = _conv_map(k1, Hh, Ww), _conv_map(k2, Hh, Ww)                # [C, T, T]
+  gated = m1[None] * phi.reshape(B, T, C).transpose(0, 2, 1)[..., None]
+  lcm = jnp.eye(T, dtype=_F32) + jnp.einsum('cts,bcsu->bctu', m2, gated, precision=_HI)
+  full = jnp.einsum('bctu,bcus->bcts', lcm, _per_channel(w, Hv), precision=_HI)
+  zero = jnp.zeros((C,), _F32)
+  off = _depthwise2d(phi * (zero if b1 is None else b1), k2, b2, 'lcm_kernels[1]')
+  return {'lcm': full, 'lcm_offset': off.reshape(B, T, N, Hv)}
 
 
 def l2vit_attention(q, k, v, *, lcm_kernels=None, lcm_biases=None, eps: float = DEFAULT_EPS):
@@ -103,6 +151,14 @@ def l2vit_attention(q, k, v, *, lcm_kernels=None, lcm_biases=None, eps: float = 
   ``O' = O + DW_2(GELU(DW_1(O)))`` with ``DW`` a 'SAME' depthwise 2-D convolution over the
   ``N * Hv`` output channels (exact erf GELU).
 
+  Observed by :mod:`attnjax.analysis` with the LCM, the op is one call whose map is the
+  global attention ``[B, N, T, S]`` (head gates act on the op's output), and whose extras
+  write the whole mechanism per output channel ``c`` with ``GELU(h) = h Phi(h)`` at the
+  actual pre-activations ``h``: ``'lcm'`` ``[B, N * Hv, T, S] = (I + K2_c diag(Phi(h_c))
+  K1_c) W_n`` (``K_c`` a convolution's token matrix) and ``'lcm_offset'`` ``[B, T, N, Hv]
+  = K2_c (Phi(h_c) b1_c) + b2_c``, so that ``out[:, t, c] = sum_s lcm[c, t, s] v[s, c] +
+  offset[t, c]``.
+
   Args:
     q: ``[B, Hh, Ww, N, H]``. k: ``[B, Hh, Ww, K, H]``. v: ``[B, Hh, Ww, K, Hv]``.
     lcm_kernels: None (no LCM) or a pair of ``[kh, kw, N, Hv]`` depthwise kernels (odd
@@ -115,13 +171,15 @@ def l2vit_attention(q, k, v, *, lcm_kernels=None, lcm_biases=None, eps: float = 
   """
   B, Hh, Ww, N, H, K, Hv = _check_grid_qkv(q, k, v)
   eps = _check_eps(eps)
-  o = linear_attention(_as_tokens(q), _as_tokens(k), _as_tokens(v), feature_map='relu',
-                       normalize=True, eps=eps, implementation='xla')
-  o = o.astype(_F32).reshape(B, Hh, Ww, N, Hv)
+
+  def global_attention():
+    o = linear_attention(_as_tokens(q), _as_tokens(k), _as_tokens(v), feature_map='relu',
+                         normalize=True, eps=eps, implementation='xla')
+    return o.astype(_F32).reshape(B, Hh, Ww, N, Hv)
   if lcm_kernels is None:
     if lcm_biases is not None:
       raise ValueError('lcm_biases needs lcm_kernels (got lcm_kernels=None)')
-    return o.astype(v.dtype)
+    return global_attention().astype(v.dtype)
   if not isinstance(lcm_kernels, (tuple, list)) or len(lcm_kernels) != 2:
     raise ValueError(f'lcm_kernels must be None or a pair of [kh, kw, N={N}, Hv={Hv}] arrays, '
                      f'got {type(lcm_kernels).__name__}')
@@ -137,7 +195,14 @@ def l2vit_attention(q, k, v, *, lcm_kernels=None, lcm_biases=None, eps: float = 
       raise ValueError(f'lcm_biases[{i}] must have shape ({N}, {Hv}), got {jnp.shape(b)}')
     flat.append((w.reshape(w.shape[:2] + (N * Hv,)),
                  None if b is None else jnp.reshape(b, (N * Hv,))))
-  x = o.reshape(B, Hh, Ww, N * Hv)
+  if hooks.observing():  # attnjax.analysis: one observed call (the inner one is nested)
+    T = Hh * Ww
+    return hooks.intercepted('linear', lambda: l2vit_attention(
+        q, k, v, lcm_kernels=lcm_kernels, lcm_biases=lcm_biases, eps=eps).reshape(
+            B, T, N, Hv), _as_tokens(q), _as_tokens(k), _as_tokens(v),
+        probs=lambda: _global_map(q, k, 'relu', eps),
+        extras=lambda: _lcm_extras(q, k, v, flat, eps)).reshape(B, Hh, Ww, N, Hv)
+  x = global_attention().reshape(B, Hh, Ww, N * Hv)
   h = jax.nn.gelu(_depthwise2d(x, *flat[0], 'lcm_kernels[0]'), approximate=False)
   h = _depthwise2d(h, *flat[1], 'lcm_kernels[1]')
   return (x + h).reshape(B, Hh, Ww, N, Hv).astype(v.dtype)
@@ -167,6 +232,13 @@ def care_attention(q, k, v, x_local, *, conv_kernel, local_to_global, global_to_
   The paper's dynamic memory unit (a feature carried from layer to layer into the second
   interaction) is not part of this op (see docs/linear.md).
 
+  Observed by :mod:`attnjax.analysis`, the op is one call whose map is the global attention
+  ``W [B, N, T, S]`` (head gates act on ``G'``); its extras are ``'global'`` ``[B, N * Hv,
+  T, S] = sigmoid(L W_lg)_tc W_n,ts`` (``G' = global @ v`` per channel), ``'local'``
+  ``[B, Cl, T, T] = sigmoid(G W_gl)_tc K_c,ts`` (``K_c`` the convolution's token matrix)
+  and ``'local_offset'`` ``[B, T, Cl] = sigmoid(G W_gl)_tc conv_bias_c``, so that
+  ``L'[t, c] = sum_s local[c, t, s] x_local[s, c] + local_offset[t, c]``.
+
   Args:
     q: ``[B, Hh, Ww, N, H]``. k: ``[B, Hh, Ww, K, H]``. v: ``[B, Hh, Ww, K, Hv]``.
     x_local: ``[B, Hh, Ww, Cl]``.
@@ -191,14 +263,40 @@ def care_attention(q, k, v, x_local, *, conv_kernel, local_to_global, global_to_
   if jnp.shape(global_to_local) != (N, Hv, Cl):
     raise ValueError(f'global_to_local must have shape ({N}, {Hv}, {Cl}) [N, Hv, Cl], got '
                      f'{jnp.shape(global_to_local)}')
-  g = linear_attention(_as_tokens(q), _as_tokens(k), _as_tokens(v), feature_map=feature_map,
-                       normalize=True, eps=eps, implementation='xla')
-  g = g.astype(_F32).reshape(B, Hh, Ww, N, Hv)
-  loc = _depthwise2d(x_local, conv_kernel, conv_bias, 'conv_kernel')
-  gate_g = jnp.einsum('bhwc,cnv->bhwnv', loc, jnp.asarray(local_to_global, _F32), precision=_HI)
-  gate_l = jnp.einsum('bhwnv,nvc->bhwc', g, jnp.asarray(global_to_local, _F32), precision=_HI)
-  return ((g * jax.nn.sigmoid(gate_g)).astype(v.dtype),
-          (loc * jax.nn.sigmoid(gate_l)).astype(x_local.dtype))
+
+  def parts():  # the two branches and their sigmoid gates, float32
+    g = linear_attention(_as_tokens(q), _as_tokens(k), _as_tokens(v), feature_map=feature_map,
+                         normalize=True, eps=eps, implementation='xla')
+    g = g.astype(_F32).reshape(B, Hh, Ww, N, Hv)
+    loc = _depthwise2d(x_local, conv_kernel, conv_bias, 'conv_kernel')
+    gate_g = jnp.einsum('bhwc,cnv->bhwnv', loc, jnp.asarray(local_to_global, _F32),
+                        precision=_HI)
+    gate_l = jnp.einsum('bhwnv,nvc->bhwc', g, jnp.asarray(global_to_local, _F32),
+                        precision=_HI)
+    return g, loc, jax.nn.sigmoid(gate_g), jax.nn.sigmoid(gate_l)
+
+  if hooks.observing():  # attnjax.analysis: one observed call (the inner one is nested)
+    T = Hh * Ww
+
+    def run():
+      gp, lp = care_attention(q, k, v, x_local, conv_kernel=conv_kernel,
+                              local_to_global=local_to_global, global_to_local=global_to_local,
+                              conv_bias=conv_bias, feature_map=feature_map, eps=eps)
+      return gp.reshape(B, T, N, Hv), lp
+
+    def extras():
+      _, _, sg, sl = parts()
+      sl = sl.reshape(B, T, Cl)
+      bias = jnp.zeros((Cl,), _F32) if conv_bias is None else jnp.asarray(conv_bias, _F32)
+      return {'global': _per_channel(_global_map(q, k, feature_map, eps), Hv)
+                        * jnp.swapaxes(sg.reshape(B, T, N * Hv), 1, 2)[..., None],
+              'local': _conv_map(conv_kernel, Hh, Ww)[None] * jnp.swapaxes(sl, 1, 2)[..., None],
+              'local_offset': sl * bias}
+    gp, lp = hooks.intercepted('linear', run, _as_tokens(q), _as_tokens(k), _as_tokens(v),
+                               probs=lambda: _global_map(q, k, feature_map, eps), extras=extras)
+    return gp.reshape(B, Hh, Ww, N, Hv), lp
+  g, loc, sg, sl = parts()
+  return (g * sg).astype(v.dtype), (loc * sl).astype(x_local.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,6 +417,40 @@ def bidirectional_wkv(k, v, *, decay, bonus, axis: int = 1):
   return jnp.moveaxis(out, 1, axis)
 
 
+def wkv_weights(k, *, decay, bonus):
+  """The weights of :func:`bidirectional_wkv` along axis 1: ``k [X, L, N, H]`` ->
+  ``[X, N, H, L, L]`` float32, ``W[.., t, i] = w_ti / sum_i w_ti`` (rows sum to 1), so that
+  ``bidirectional_wkv(k, v)[:, t] == sum_i W[.., t, i] v[:, i]`` per channel."""
+  L = k.shape[1]
+  pos = jnp.arange(L)
+  dist = jnp.abs(pos[:, None] - pos[None, :]).astype(_F32)              # [t, i]
+  kk = jnp.moveaxis(k.astype(_F32), 1, -1)[..., None, :]                # [X, N, H, 1, i]
+  d = jnp.asarray(decay, _F32)[..., None, None]
+  logits = jnp.where(dist == 0, jnp.asarray(bonus, _F32)[..., None, None] + kk,
+                     -(dist - 1.0) * d / L + kk)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _feat_wkv_map(k, video, temporal_decay, temporal_bonus, spatial_decay, spatial_bonus):
+  """FEAT's spatial (x temporal) WKV as one per-channel token map ``[B, C, L, L]`` over the
+  ``L`` tokens of a sample (frame-major, row-major inside a frame): the WKV output of
+  channel ``c`` is ``M[c] @ v[:, c]``."""
+  shape = k.shape
+  B, N, H = shape[0], shape[-2], shape[-1]
+  P = shape[-4] * shape[-3]
+  if not video:
+    ws = wkv_weights(k.reshape(B, P, N, H), decay=spatial_decay, bonus=spatial_bonus)
+    return ws.reshape(B, N * H, P, P)
+  T = shape[1]
+  ks = k.reshape(B, T, P, N, H)
+  ws = wkv_weights(ks.reshape(B * T, P, N, H), decay=spatial_decay, bonus=spatial_bonus)
+  ws = ws.reshape(B, T, N * H, P, P)                                     # [B, f', c, t, i]
+  wt = wkv_weights(jnp.swapaxes(ks, 1, 2).reshape(B * P, T, N, H), decay=temporal_decay,
+                   bonus=temporal_bonus).reshape(B, P, N * H, T, T)      # [B, t, c, f, f']
+  m = jnp.einsum('btcfg,bgcti->bcftgi', wt, ws, precision=_HI)
+  return m.reshape(B, N * H, T * P, T * P)
+
+
 def _safe_l2(x, axis):
   ss = jnp.sum(x * x, axis=axis, keepdims=True)
   pos = ss > 0
@@ -391,10 +523,13 @@ def feat_attention(r, k, v, *, spatial_decay, spatial_bonus, temporal_decay=None
   a = jax.nn.softmax(tau * jnp.einsum('bsc,bsd->bcd', yn, yn, precision=_HI), axis=-1)
   o = jnp.einsum('bsd,bcd->bsc', yc, a, precision=_HI)
   o = o.reshape(shape).astype(v.dtype)
-  # attnjax.analysis interception point (a no-op unless observed): the channel map [C, C]
+  # attnjax.analysis interception point (a no-op unless observed): the channel map [C, C],
+  # and as an extra the per-channel WKV token map [B, C, L, L]
   return hooks.intercepted('softmax', lambda: o, None, yc, yc, probs=lambda: a[:, None],
-                           dims=(B, 1, N * H, N * H))
+                           dims=(B, 1, N * H, N * H), extras=lambda: {'wkv': _feat_wkv_map(
+                               k, video, temporal_decay, temporal_bonus, spatial_decay,
+                               spatial_bonus)})
 
 
 __all__ = ['l2vit_attention', 'care_attention', 'hiif_attention', 'feat_attention',
-           'bidirectional_wkv']
+           'bidirectional_wkv', 'wkv_weights']
