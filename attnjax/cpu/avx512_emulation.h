@@ -55,17 +55,17 @@ inline __m512 sub_ps(__m512 a, __m512 b) { return Ps(F(a) - F(b)); }
 inline __m512 mul_ps(__m512 a, __m512 b) { return Ps(F(a) * F(b)); }
 // MAXPS: a where a > b, else b (b also when either is NaN).
 inline __m512 max_ps(__m512 a, __m512 b) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   for (int i = 0; i < 16; ++i) r[i] = x[i] > y[i] ? x[i] : y[i];
   return Ps(r);
 }
 inline __m512 fmadd_ps(__m512 a, __m512 b, __m512 c) {
-  F16 x = F(a), y = F(b), z = F(c), r;
+  F16 x = F(a), y = F(b), z = F(c), r{};
   for (int i = 0; i < 16; ++i) r[i] = std::fma(x[i], y[i], z[i]);
   return Ps(r);
 }
 inline __m512 fmsub_ps(__m512 a, __m512 b, __m512 c) {
-  F16 x = F(a), y = F(b), z = F(c), r;
+  F16 x = F(a), y = F(b), z = F(c), r{};
   for (int i = 0; i < 16; ++i) r[i] = std::fma(x[i], y[i], -z[i]);
   return Ps(r);
 }
@@ -97,21 +97,21 @@ inline __mmask16 cmp_ps_mask(__m512 a, __m512 b, int predicate) {
   return static_cast<__mmask16>(m);
 }
 inline __m512 maskz_mov_ps(__mmask16 k, __m512 a) {
-  F16 x = F(a), r;
+  F16 x = F(a), r{};
   for (int i = 0; i < 16; ++i) r[i] = (k >> i) & 1 ? x[i] : 0.0f;
   return Ps(r);
 }
 // VRNDSCALEPS with zero fraction bits and round-to-nearest-even (the kernel's use).
 inline __m512 roundscale_ps(__m512 a, int imm) {
   if (imm != (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) std::abort();
-  F16 x = F(a), r;
+  F16 x = F(a), r{};
   for (int i = 0; i < 16; ++i) r[i] = std::nearbyint(x[i]);
   return Ps(r);
 }
 // VSCALEFPS: a * 2^floor(b) (b = -inf gives 0 for finite a); results below the normal
 // range are flushed to 0 when MXCSR.FTZ is set, as the instruction does.
 inline __m512 scalef_ps(__m512 a, __m512 b) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   const bool ftz = (_mm_getcsr() & 0x8000) != 0;
   for (int i = 0; i < 16; ++i) {
     const float e = std::floor(std::fmax(std::fmin(y[i], 400.0f), -400.0f));
@@ -124,33 +124,33 @@ inline __m512 castsi512_ps(__m512i a) { return As<__m512>(a); }
 inline __m512i castps_si512(__m512 a) { return As<__m512i>(a); }
 inline __m512i add_epi32(__m512i a, __m512i b) {
   // Wrapping lane adds (as unsigned, which has no overflow).
-  I16 x = I(a), y = I(b), r;
+  I16 x = I(a), y = I(b), r{};
   for (int i = 0; i < 16; ++i)
     r[i] = static_cast<int32_t>(static_cast<uint32_t>(x[i]) + static_cast<uint32_t>(y[i]));
   return Si(r);
 }
 inline __m512i slli_epi32(__m512i a, unsigned n) {
-  I16 x = I(a), r;
+  I16 x = I(a), r{};
   for (int i = 0; i < 16; ++i)
     r[i] = n > 31 ? 0 : static_cast<int32_t>(static_cast<uint32_t>(x[i]) << n);
   return Si(r);
 }
 // Within each 128-bit lane j: (a0, b0, a1, b1) and (a2, b2, a3, b3).
 inline __m512 unpacklo_ps(__m512 a, __m512 b) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   for (int j = 0; j < 16; j += 4)
     r[j] = x[j], r[j + 1] = y[j], r[j + 2] = x[j + 1], r[j + 3] = y[j + 1];
   return Ps(r);
 }
 inline __m512 unpackhi_ps(__m512 a, __m512 b) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   for (int j = 0; j < 16; j += 4)
     r[j] = x[j + 2], r[j + 1] = y[j + 2], r[j + 2] = x[j + 3], r[j + 3] = y[j + 3];
   return Ps(r);
 }
 // Within each 128-bit lane: two elements of a, then two of b, chosen by 2-bit fields.
 inline __m512 shuffle_ps(__m512 a, __m512 b, int imm) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   for (int j = 0; j < 16; j += 4) {
     r[j] = x[j + (imm & 3)];
     r[j + 1] = x[j + ((imm >> 2) & 3)];
@@ -161,7 +161,7 @@ inline __m512 shuffle_ps(__m512 a, __m512 b, int imm) {
 }
 // Whole 128-bit lanes: two of a, then two of b, chosen by 2-bit fields.
 inline __m512 shuffle_f32x4(__m512 a, __m512 b, int imm) {
-  F16 x = F(a), y = F(b), r;
+  F16 x = F(a), y = F(b), r{};
   for (int l = 0; l < 4; ++l) {
     const F16& src = l < 2 ? x : y;
     const int from = (imm >> (2 * l)) & 3;
@@ -182,13 +182,13 @@ inline __m512i setr_epi32(int e0, int e1, int e2, int e3, int e4, int e5, int e6
 inline __m512i and_si512(__m512i a, __m512i b) { return Si(I(a) & I(b)); }
 inline __m512i or_si512(__m512i a, __m512i b) { return Si(I(a) | I(b)); }
 inline __m512i srli_epi32(__m512i a, unsigned n) {
-  I16 x = I(a), r;
+  I16 x = I(a), r{};
   for (int i = 0; i < 16; ++i)
     r[i] = n > 31 ? 0 : static_cast<int32_t>(static_cast<uint32_t>(x[i]) >> n);
   return Si(r);
 }
 inline __m512i mullo_epi32(__m512i a, __m512i b) {
-  I16 x = I(a), y = I(b), r;
+  I16 x = I(a), y = I(b), r{};
   for (int i = 0; i < 16; ++i)
     r[i] = static_cast<int32_t>(static_cast<uint32_t>(x[i]) * static_cast<uint32_t>(y[i]));
   return Si(r);

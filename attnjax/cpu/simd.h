@@ -5,7 +5,15 @@
 #ifndef ATTNJAX_CPU_SIMD_H_
 #define ATTNJAX_CPU_SIMD_H_
 
+// GCC 12's AVX-512 intrinsics (vmaxps, vscalefps, vrndscaleps, ...) pass
+// _mm512_undefined_ps() as the unused pass-through operand, a self-initialised variable
+// that -W(maybe-)uninitialized reports wherever they are inlined (a compiler bug fixed in
+// later GCC); silence it for the intrinsics headers only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #ifdef ATTNJAX_EMULATE_AVX512  // tests: the AVX-512 paths on any x86-64 CPU, emulated
 #include "avx512_emulation.h"
 #endif
