@@ -113,11 +113,13 @@ def linear_state_term(fn: Callable, q, k, v, kwargs: Optional[dict] = None) -> j
 
 
 def _plain_kwargs(kwargs):
-  """The call's keyword arguments for a recomputation: one output, the XLA path."""
+  """The call's keyword arguments for a recomputation: one output, the XLA path (whatever
+  implementation served the call -- a Pallas chunk kernel, or the one ``None``/``'auto'``
+  picks on this backend -- the map is the XLA forms' one)."""
   kw = dict(kwargs or {})
   if "return_state" in kw:
     kw["return_state"] = False
-  if kw.get("implementation") not in (None, "auto"):
+  if "implementation" in kw:
     kw["implementation"] = "xla"
   return kw
 

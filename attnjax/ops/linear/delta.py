@@ -206,24 +206,24 @@ def _delta_public(q, k, v, beta, log_alpha, *, form, chunk_size, scale, state, r
                         'attnjax.dispatch registers the Pallas kernels when attnjax is imported')
     o, S = kernel(q, k, v, beta, log_alpha, a.S0, scale=a.scale,
                   chunk_size=max(KERNEL_MIN_CHUNK, _chunk_len(a.T, a.chunk_size)))
-    return (o, S) if return_state else o
+  else:
+    def step(S, q_, k_, v_, b_, g_):
+      qh, kh, vh = to_heads(q_, a.N) * a.scale, to_heads(k_, a.N), to_heads(v_, a.N)
+      bh, gh = jnp.moveaxis(b_, 2, 1), jnp.moveaxis(g_, 2, 1)
+      if a.form == 'recurrent':
+        o, S = _delta_recurrent(qh, kh, vh, bh, gh, S)
+      else:
+        C = q_.shape[1] if a.form == 'quadratic' else _chunk_len(q_.shape[1], a.chunk_size)
+        o, S = _delta_chunked(qh, kh, vh, bh, gh, S, C)
+      return jnp.moveaxis(o, 1, 2), S
 
-  def step(S, q_, k_, v_, b_, g_):
-    qh, kh, vh = to_heads(q_, a.N) * a.scale, to_heads(k_, a.N), to_heads(v_, a.N)
-    bh, gh = jnp.moveaxis(b_, 2, 1), jnp.moveaxis(g_, 2, 1)
-    if a.form == 'recurrent':
-      o, S = _delta_recurrent(qh, kh, vh, bh, gh, S)
-    else:
-      C = q_.shape[1] if a.form == 'quadratic' else _chunk_len(q_.shape[1], a.chunk_size)
-      o, S = _delta_chunked(qh, kh, vh, bh, gh, S, C)
-    return jnp.moveaxis(o, 1, 2), S
-
-  blen = a.block_len if a.form == 'chunked' else None
-  o, S = run_blocks(step, a.S0, (q, k, v, beta, log_alpha), a.T, blen)
-  o = o.astype(v.dtype)
+    blen = a.block_len if a.form == 'chunked' else None
+    o, S = run_blocks(step, a.S0, (q, k, v, beta, log_alpha), a.T, blen)
+    o = o.astype(v.dtype)
   out = (o, S) if return_state else o
-  # attnjax.analysis interception point (a no-op unless observed): the implied weights, and
-  # a given state's contribution (the op on zero values)
+  # attnjax.analysis interception point of every implementation, the Pallas kernels included
+  # (a no-op unless observed): the implied weights, and a given state's contribution (the op
+  # on zero values), both recomputed by the XLA forms
   return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: delta_implied_attention(
       q, k, beta, log_alpha, scale=scale), extras=None if state is None else lambda: {
           'state': _delta_public(q, k, jnp.zeros(v.shape, _F32), beta, log_alpha, form=form,

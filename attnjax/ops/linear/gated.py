@@ -311,20 +311,20 @@ def gated_linear_attention(q, k, v, log_alpha, *, form: str = 'chunked', chunk_s
                         f'(registered: {sorted(GLA_KERNELS)}); attnjax.dispatch registers the '
                         'Pallas kernels when attnjax is imported')
     o, S = kernel(q, k, v, log_alpha, a.S0, scale=a.scale, chunk_size=GLA_KERNEL_CHUNK)
-    return (o, S) if return_state else o
+  else:
+    def step(S, q_, k_, v_, g_):
+      qh = to_heads(q_, a.N) * a.scale
+      o, S = _gla_forms(qh, to_heads(k_, a.N), to_heads(v_, a.N), to_heads(g_, a.N), S,
+                        form=a.form, chunk_size=a.chunk_size)
+      return jnp.moveaxis(o, 1, 2), S
 
-  def step(S, q_, k_, v_, g_):
-    qh = to_heads(q_, a.N) * a.scale
-    o, S = _gla_forms(qh, to_heads(k_, a.N), to_heads(v_, a.N), to_heads(g_, a.N), S,
-                      form=a.form, chunk_size=a.chunk_size)
-    return jnp.moveaxis(o, 1, 2), S
-
-  blen = a.block_len if a.form == 'chunked' else None
-  o, S = run_blocks(step, a.S0, (q, k, v, log_alpha), a.T, blen)
-  o = o.astype(v.dtype)
+    blen = a.block_len if a.form == 'chunked' else None
+    o, S = run_blocks(step, a.S0, (q, k, v, log_alpha), a.T, blen)
+    o = o.astype(v.dtype)
   out = (o, S) if return_state else o
-  # attnjax.analysis interception point (a no-op unless observed): the implied weights, and
-  # a given state's contribution (the op on zero values)
+  # attnjax.analysis interception point of every implementation, the Pallas kernels included
+  # (a no-op unless observed): the implied weights, and a given state's contribution (the op
+  # on zero values), both recomputed by the XLA forms
   return hooks.intercepted('linear', lambda: out, q, k, v, probs=lambda: gla_implied_attention(
       q, k, log_alpha, scale=scale), extras=None if state is None else lambda: {
           'state': gated_linear_attention(q, k, jnp.zeros(v.shape, _F32), log_alpha, form=form,
