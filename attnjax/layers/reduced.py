@@ -300,9 +300,8 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype, positions):
   k, v = proj(kv_in, "k"), proj(kv_in, "v")
   rope = dict(rope=cfg.rope, rope_base=cfg.rope_base, rope_freqs=p.get("rope_freqs"))
   if cfg.rope is not None and unit not in ("hilo", "s2a"):  # the ops rotate HiLo / S2A
-    q_pos = _pos.grid_coordinates((Hh, Ww)) if positions is None else positions
-    k_pos = q_pos if kv_in is x else R.pooled_positions((Hh, Ww), r, positions=positions)
-    q = R.rope_map(q, q_pos, **rope)
+    k_pos = positions if kv_in is x else R.pooled_positions((Hh, Ww), r, positions=positions)
+    q = R.rope_map(q, positions, **rope)
     k = R.rope_map(k, k_pos, **rope)
   if unit == "win":
     w = R._pair("window", o["window"])  # pylint: disable=protected-access
@@ -362,6 +361,9 @@ def forward(cfg: ReducedConfig, params: dict, x, *, positions=None, dropout=None
     raise ValueError(f"x must be a token map [B, Hh, Ww, D={cfg.d_model}] for variant "
                      f"{cfg.mechanism!r}, got shape {getattr(x, 'shape', None)}")
   positions = check_positions(cfg, x, positions)
+  if cfg.rope is not None and positions is None:  # the grid, as explicit per-row positions
+    grid = jnp.asarray(_pos.grid_coordinates(x.shape[1:3]), jnp.float32)
+    positions = jnp.broadcast_to(grid, (x.shape[0],) + grid.shape)
   dtype = cfg.dtype or x.dtype
   x = x.astype(dtype)
   y = None

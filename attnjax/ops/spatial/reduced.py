@@ -234,7 +234,12 @@ def rope_map(x, positions, rope, *, rope_base=10000.0, rope_freqs=None):
   if rope == "axial":
     out = _pos.apply_rope_axial(flat, pos, base=rope_base)
   else:
-    out = _pos.apply_rotary(flat, _pos.rope_angles_mixed(pos, rope_freqs))
+    # rope_angles_mixed's angles, a[b, t, n, i] = sum_d freqs[n, i, d] p[b, t, d], written
+    # elementwise: a dot's accumulation can change with the batch size, and shared [T, 2]
+    # positions must give bit for bit the output of the same positions repeated per row.
+    f = jnp.asarray(rope_freqs, jnp.float32)
+    p = pos[:, :, None, None, :]
+    out = _pos.apply_rotary(flat, p[..., 0] * f[..., 0] + p[..., 1] * f[..., 1])
   return out.reshape(x.shape)
 
 
