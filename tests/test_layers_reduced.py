@@ -5,6 +5,7 @@ plain loop reference (PVT), dual = composition of the single modes, errors, one 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -265,3 +266,174 @@ def test_train_smoke_crossformer(tmp_path):
   losses = [r["loss"] for r in rows if r.get("split") == "train"]
   assert len(losses) >= 2 and all(np.isfinite(losses))
   assert losses[-1] < losses[0], losses  # it learns
+
+
+# ----------------------------------------------------------------------------- positions
+
+def _grid_positions(B, Hh, Ww):
+  g = np.array([[y, x] for y in range(Hh) for x in range(Ww)], np.int32)
+  return np.ascontiguousarray(np.broadcast_to(g, (B, Hh * Ww, 2)))
+
+
+# every sub-layer kind that rotates: sra (pvt; twins gsa), win (twins lsa; davit window),
+# hilo, s2a, sda/lda (crossformer); both rope kinds
+POS_LAYERS = [("pvt", {}, "axial"), ("pvt", {}, "mixed"), ("twins", {}, "axial"),
+              ("hilo", {}, "mixed"), ("s2a", {}, "axial"), ("davit", {"mode": "window"}, "mixed"),
+              ("crossformer", {}, "axial")]
+
+
+@pytest.mark.parametrize("name, extra, rope", POS_LAYERS)
+def test_positions_grid_is_the_default_and_shifts_change_nothing(name, extra, rope):
+  """positions = the grid reproduce the default bit for bit (forward and vjp, NNX and Linen);
+  RoPE logits depend on query minus key position and a pooled key sits at its cell's mean
+  position, so shifting every row's positions by a constant (per row) leaves the output and
+  its vjp unchanged; positions that are not a shifted grid change the output."""
+  B, Hh, Ww, D = 2, 4, 4, 32
+  x = rnd(40, (B, Hh, Ww, D))
+  m = variants.build(name, d_model=D, num_heads=4, rope=rope, rngs=nnx.Rngs(0), **extra)
+  params = _perturbed(m)
+  grid = _grid_positions(B, Hh, Ww)
+  ct = rnd(41, x.shape)
+
+  def run(pos):
+    y, vjp = jax.vjp(lambda p, a: R.forward(m.config, p, a, positions=pos), params, x)
+    return y, vjp(ct)
+
+  y0, (gp0, gx0) = run(None)
+  y1, (gp1, gx1) = run(grid)
+  np.testing.assert_array_equal(y1, y0)
+  np.testing.assert_array_equal(gx1, gx0)
+  for a, b in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(m(x, positions=grid), m(x))
+  lm = variants.get_linen(name)(d_model=D, num_heads=4, rope=rope, **extra)
+  np.testing.assert_array_equal(lm.apply({"params": params}, x, positions=grid), y0)
+
+  shifted = grid + np.array([[[3.0, -5.0]], [[-2.5, 7.25]]], np.float32)
+  y2, (gp2, gx2) = run(shifted)
+  assert_close(y2, y0, jnp.float32, "forward")
+  assert_close(gx2, gx0, jnp.float32, "grad x")
+  for a, b in zip(jax.tree.leaves(gp2), jax.tree.leaves(gp0)):
+    assert_close(a, b, jnp.float32, "grad params")
+  scaled = 2.0 * grid.astype(np.float32)
+  assert float(jnp.max(jnp.abs(m(x, positions=scaled) - y0))) > 1e-3   # positions are used
+
+
+def _rot(x_TNH, pos_T2, rope, freqs=None, base=10000.0):
+  """RoPE at explicit positions, pairs (i, i + H/2), differentiable in x and `freqs`:
+  'axial' angles by loops in float64 (as _rotate), 'mixed' angle[t, n, i] = freqs[n, i]
+  . pos[t] (one multiply-add per axis)."""
+  T, N, H = x_TNH.shape
+  half = H // 2
+  if rope == "axial":
+    ang = np.zeros((T, N, half))
+    for t in range(T):
+      for i in range(half):
+        d, j = divmod(i, half // 2)
+        ang[t, :, i] = pos_T2[t][d] * base ** (-2.0 * j / half)
+    ang = jnp.asarray(ang, jnp.float32)
+  else:
+    pos = jnp.asarray(pos_T2, jnp.float32)
+    ang = pos[:, None, None, 0] * freqs[..., 0] + pos[:, None, None, 1] * freqs[..., 1]
+  c, s = jnp.cos(ang), jnp.sin(ang)
+  x1, x2 = x_TNH[..., :half], x_TNH[..., half:]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def _ref_layer_at_positions(p, x, unit, r, rope, pos):
+  """PVT SRA (`unit='sra'`, conv cells `r x r`) or Twins LSA (`unit='win'`, windows
+  `r x r`) in plain jnp, one row at a time, with RoPE at explicit positions: queries at
+  `pos[b]`, LSA keys at `pos[b]`, each conv-reduced key at the mean of its cell's
+  positions; dense softmax (LSA: only keys of the query's window)."""
+  B, Hh, Ww, D = x.shape
+  pre = lambda n: p[f"{unit}_{n}"]
+  freqs = pre("rope_freqs") if rope == "mixed" else None
+  rows = []
+  for b in range(B):
+    tok = x[b].reshape(-1, D)
+    qpos = np.asarray(pos[b], np.float64)
+    cells = [(i, j) for i in range(Hh // r) for j in range(Ww // r)]
+    if unit == "sra":
+      patches = jnp.stack([x[b, i * r:(i + 1) * r, j * r:(j + 1) * r].reshape(-1)
+                           for i, j in cells])
+      c = patches @ pre("sr_kernel") + pre("sr_bias")
+      mu, var = c.mean(-1, keepdims=True), c.var(-1, keepdims=True)
+      kv = (c - mu) / jnp.sqrt(var + 1e-5) * pre("sr_norm_scale") + pre("sr_norm_bias")
+      q2 = qpos.reshape(Hh, Ww, 2)
+      kpos = np.stack([q2[i * r:(i + 1) * r, j * r:(j + 1) * r].reshape(-1, 2).mean(0)
+                       for i, j in cells])
+      allowed = np.ones((Hh * Ww, len(cells)), bool)
+    else:
+      kv, kpos = tok, qpos
+      win = [(y // r, xx // r) for y in range(Hh) for xx in range(Ww)]
+      allowed = np.array([[a == c for c in win] for a in win])
+    q = _rot(jnp.einsum("td,dnh->tnh", tok, pre("q_kernel")), qpos, rope, freqs)
+    k = _rot(jnp.einsum("sd,dnh->snh", kv, pre("k_kernel")), kpos, rope, freqs)
+    v = jnp.einsum("sd,dnh->snh", kv, pre("v_kernel"))
+    s = jnp.einsum("tnh,snh->nts", q, k) / np.sqrt(q.shape[-1])
+    s = jnp.where(allowed[None], s, -1e30)
+    a = jax.nn.softmax(s, -1)
+    rows.append(jnp.einsum("tnh,nhd->td", jnp.einsum("nts,snh->tnh", a, v), pre("o_kernel")))
+  return jnp.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name, extra, unit", [("pvt", {"sr_ratio": 2}, "sra"),
+                                               ("twins", {"mode": "lsa", "window": 2}, "win")])
+@pytest.mark.parametrize("rope", ["axial", "mixed"])
+def test_layer_at_random_positions_matches_reference(name, extra, unit, rope):
+  """Random float positions per row (scaled, jittered, shifted grid): forward and vjp
+  (x and the parameters) against the plain reference."""
+  B, Hh, Ww, D = 2, 4, 6, 16
+  m = variants.build(name, d_model=D, num_heads=2, rope=rope, rngs=nnx.Rngs(1), **extra)
+  params = _perturbed(m)
+  x = rnd(50, (B, Hh, Ww, D))
+  rng = np.random.default_rng(51)
+  g = _grid_positions(1, Hh, Ww)[0].astype(np.float32)
+  pos = np.stack([1.7 * g + rng.uniform(-0.4, 0.4, g.shape) + rng.uniform(-5, 5, (1, 2))
+                  for _ in range(B)]).astype(np.float32)
+  ct = rnd(52, x.shape)
+  y, vjp = jax.vjp(lambda p, a: R.forward(m.config, p, a, positions=pos),
+                   params, x)
+  y_ref, vjp_ref = jax.vjp(lambda p, a: _ref_layer_at_positions(p, a, unit, 2, rope, pos),
+                           params, x)
+  assert_close(y, y_ref, jnp.float32, "forward")
+  (gp, gx), (gp_ref, gx_ref) = vjp(ct), vjp_ref(ct)
+  assert_close(gx, gx_ref, jnp.float32, "grad x")
+  for k in gp:
+    assert_close(gp[k], gp_ref[k], jnp.float32, f"grad {k}")
+  np.testing.assert_array_equal(m(x, positions=pos), y)
+
+
+def test_positions_errors_name_the_argument():
+  x = rnd(60, (2, 4, 4, 16))
+  grid = _grid_positions(2, 4, 4)
+  m = variants.build("twins", d_model=16, num_heads=4, rope="axial", rngs=nnx.Rngs(0))
+  lm = variants.get_linen("twins")(d_model=16, num_heads=4, rope="axial")
+  lp = lm.init(jax.random.key(0), x)
+  shape_msg = r"positions must be \[2, Hh\*Ww, 2\] = \[2, 16, 2\]: .*got shape "
+  for bad in (grid[:, :, :1], grid[:1], grid[0], grid.reshape(2, 4, 4, 2)):
+    with pytest.raises(ValueError, match=shape_msg + re.escape(str(bad.shape))):
+      m(x, positions=bad)
+    with pytest.raises(ValueError, match=shape_msg):
+      lm.apply(lp, x, positions=bad)
+  with pytest.raises(TypeError, match="positions must be integer or floating.*bool"):
+    m(x, positions=grid > 0)
+  plain = variants.build("pvt", d_model=16, num_heads=4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="positions were given but variant 'pvt' has rope=None"):
+    plain(x, positions=grid)
+  chan = variants.get_linen("davit")(d_model=16, num_heads=4)
+  with pytest.raises(ValueError, match="positions were given but variant 'davit' has rope=None"):
+    chan.init(jax.random.key(0), x, positions=grid)
+  with pytest.raises(ValueError, match="no segment_ids and no cache"):
+    m(x, segment_ids=jnp.zeros((2, 16), jnp.int32))
+
+
+def test_linen_twin_is_a_mechanism_twin():
+  from attnjax.layers import linen as ajl
+  from attnjax.layers import reduced_linen
+  cls = reduced_linen.ReducedSpatialAttention
+  assert issubclass(cls, ajl.MechanismTwin) and cls.config_fn is R.reduced_config
+  fields = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+  assert fields == ["d_model", "num_heads", "mechanism", "num_kv_heads", "head_dim", "options"]
+  lm = cls(d_model=16, num_heads=4, mechanism="hilo", options=(("alpha", 0.5), ("rope", "axial")))
+  assert lm._config() == R.reduced_config("hilo", 16, 4, alpha=0.5, rope="axial")

@@ -423,3 +423,116 @@ def test_rope_errors():
                                   rope_freqs=jnp.ones((4, 4, 2)))
   with pytest.raises(ValueError, match="rope_freqs must be None unless rope='mixed'"):
     S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope_freqs=jnp.ones((4, 4, 2)))
+
+
+# ----------------------------------------------------------------------------- explicit positions
+
+def _cell_means(pos_T2, Hh, Ww, rh, rw):
+  """Mean of the given positions over each cell (clipped to the map), by loops."""
+  pos = np.asarray(pos_T2, np.float64).reshape(Hh, Ww, 2)
+  out = []
+  for i in range(-(-Hh // rh)):
+    for j in range(-(-Ww // rw)):
+      out.append(pos[i * rh:(i + 1) * rh, j * rw:(j + 1) * rw].reshape(-1, 2).mean(0))
+  return np.asarray(out)
+
+
+def _rand_positions(seed, B, Hh, Ww):
+  """Per-row random float positions: the grid scaled, jittered and shifted (not a grid)."""
+  rng = np.random.default_rng(seed)
+  g = _grid_pos(Hh, Ww)
+  return np.stack([1.7 * g + rng.uniform(-0.4, 0.4, g.shape) + rng.uniform(-5, 5, (1, 2))
+                   for _ in range(B)]).astype(np.float32)
+
+
+def ref_sra_rope_pos(q, k, v, r, rope, freqs, pos_BT2):
+  """SRA with RoPE at explicit per-row positions: q at pos[b], each pooled key at the mean
+  of its cell's positions (_cell_means), one row at a time."""
+  rh, rw = r
+  Hh, Ww = k.shape[1:3]
+  kr, vr = _ref_pool(k, rh, rw), _ref_pool(v, rh, rw)
+  rows = []
+  for b in range(q.shape[0]):
+    kpos = _cell_means(pos_BT2[b], Hh, Ww, rh, rw)
+    rows.append(_dense(_ref_rotate(_flat(q[b:b + 1]), pos_BT2[b], rope, freqs),
+                       _ref_rotate(_flat(kr[b:b + 1]), kpos, rope, freqs), _flat(vr[b:b + 1])))
+  return jnp.concatenate(rows).reshape(q.shape[:4] + (v.shape[-1],))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope, N, K, shape, r, pad", [
+    ("axial", 4, 2, (6, 9), (2, 3), False),
+    ("mixed", 2, 2, (7, 5), (3, 2), True)])     # partial border cells: means of fewer tokens
+def test_sra_rope_at_explicit_positions_matches_reference(dtype, rope, N, K, shape, r, pad):
+  q, k, v = _qkv(90, 2, *shape, N, K, 8, 6)
+  freqs = np.asarray(rnd(94, (N, 4, 2), scale=0.5)) if rope == "mixed" else None
+  pos = _rand_positions(95, 2, *shape)
+  op = lambda q, k, v: S.spatial_reduction_attention(q, k, v, sr_ratio=r, pad=pad, rope=rope,
+                                                     rope_freqs=freqs, positions=pos)
+  _check_fwd_vjp(op, lambda q, k, v: ref_sra_rope_pos(q, k, v, r, rope, freqs, pos), (q, k, v),
+                 dtype, jit_ref=False)
+
+
+@pytest.mark.parametrize("rope, N, K", ROPE_CASES)
+def test_hilo_rope_at_explicit_positions_matches_reference(rope, N, K):
+  s, lo, B, Hh, Ww = 2, 2, 2, 4, 6
+  q, k, v = _qkv(100, B, Hh, Ww, N, K, 8, 8)
+  freqs = np.asarray(rnd(104, (N, 4, 2), scale=0.5)) if rope == "mixed" else None
+  hi, hi_kv = N - lo, K - lo * K // N
+  pos = _rand_positions(105, B, Hh, Ww)
+
+  def ref(q, k, v):  # Hi-Fi heads rotated at pos[b] (queries and keys), Lo-Fi as above
+    fq = None if freqs is None else freqs[:hi]
+    rot = lambda a, b: _ref_rotate(_flat(a[b:b + 1]), pos[b], rope, fq).reshape(
+        (1,) + a.shape[1:])
+    qh = jnp.concatenate([rot(q[..., :hi, :], b) for b in range(B)])
+    kh = jnp.concatenate([rot(k[..., :hi_kv, :], b) for b in range(B)])
+    o_hi = ref_hilo(qh, kh, v[..., :hi_kv, :], s, 0)
+    o_lo = ref_sra_rope_pos(q[..., hi:, :], k[..., hi_kv:, :], v[..., hi_kv:, :], (s, s), rope,
+                            None if freqs is None else freqs[hi:], pos)
+    return jnp.concatenate([o_hi, o_lo], 3)
+
+  op = lambda q, k, v: S.hilo_attention(q, k, v, window_size=s, lo_heads=lo, rope=rope,
+                                        rope_freqs=freqs, positions=pos)
+  _check_fwd_vjp(op, ref, (q, k, v), jnp.float32, jit_ref=False)
+
+
+def test_grid_positions_reproduce_the_default_and_shared_positions_broadcast():
+  q, k, v = _qkv(110, 2, 5, 7, 2, 2, 8, 8)
+  grid = _grid_pos(5, 7).astype(np.int32)
+  freqs = rnd(111, (2, 4, 2), scale=0.5)
+  for op, kw in ((S.spatial_reduction_attention, dict(sr_ratio=(2, 3), pad=True)),
+                 (S.hilo_attention, dict(window_size=1, lo_heads=1))):
+    for rope, fr in (("axial", None), ("mixed", freqs)):
+      want = op(q, k, v, rope=rope, rope_freqs=fr, **kw)
+      np.testing.assert_array_equal(op(q, k, v, rope=rope, rope_freqs=fr, positions=grid, **kw),
+                                    want)
+      np.testing.assert_array_equal(
+          op(q, k, v, rope=rope, rope_freqs=fr, positions=np.stack([grid, grid]), **kw), want)
+  # pooled positions of the grid are the cell centres, bit for bit; of any positions the means
+  np.testing.assert_array_equal(S.pooled_positions((5, 7), (2, 3), pad=True, positions=grid),
+                                S.pooled_positions((5, 7), (2, 3), pad=True))
+  pos = _rand_positions(112, 2, 5, 7)
+  got = S.pooled_positions((5, 7), (2, 3), pad=True, positions=pos)
+  assert got.shape == (2, 9, 2)
+  for b in range(2):
+    np.testing.assert_allclose(got[b], _cell_means(pos[b], 5, 7, 2, 3), rtol=1e-6, atol=1e-6)
+
+
+def test_positions_errors():
+  q, k, v = _qkv(120, 2, 4, 6, 2, 2, 8, 8)
+  grid = _grid_pos(4, 6)
+  with pytest.raises(ValueError, match=r"positions must be \[2, Hh\*Ww, 2\] = \[2, 24, 2\] or "
+                                       r"\[24, 2\].*got shape \(24, 3\)"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="axial", positions=np.ones((24, 3)))
+  with pytest.raises(ValueError, match=r"positions must be \[2, Hh\*Ww, 2\].*got shape "
+                                       r"\(3, 24, 2\)"):
+    S.hilo_attention(q, k, v, window_size=2, lo_heads=1, rope="axial",
+                     positions=np.stack([grid] * 3))
+  with pytest.raises(ValueError, match="positions are RoPE coordinates.*rope=None"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, positions=grid)
+  with pytest.raises(TypeError, match="positions must be integer or floating.*bool"):
+    S.spatial_reduction_attention(q, k, v, sr_ratio=2, rope="axial",
+                                  positions=np.zeros((24, 2), bool))
+  with pytest.raises(ValueError, match="positions need q and k on one map"):
+    S.spatial_reduction_attention(q[:, :2], k, v, sr_ratio=2, rope="axial", positions=grid)

@@ -35,9 +35,12 @@ their map coordinates `(y, x)`; a pooled or conv-reduced key (PVT/Twins GSA, HiL
 S2AFormer) at the centre of its `r x r` cell (`attnjax.ops.spatial.pooled_positions`);
 'mixed' adds learnable `<unit>_rope_freqs [N, H/2, 2]` and needs `num_kv_heads ==
 num_heads`; DaViT's channel attention has no positions (rope must be None with a channel
-sub-layer). `dropout_rate`: dropout on the layer output when `deterministic=False`, as in
-every attnjax layer (no attention-probability dropout, see docs/layers.md). No decoding
-cache.
+sub-layer). `positions=` (call argument, with `rope` only): explicit RoPE coordinates
+`[B, Hh*Ww, 2]` of the tokens, row-major (default the grid); queries and unreduced keys
+rotate at them, a pooled / conv-reduced key at the mean of its cell's positions (the cell
+centre for the grid). `dropout_rate`: dropout on the layer output when
+`deterministic=False`, as in every attnjax layer (no attention-probability dropout, see
+docs/layers.md). No decoding cache.
 """
 
 from __future__ import annotations
@@ -277,7 +280,7 @@ def _depthwise3x3(v_BHWKH, kernel):
   return y.reshape(v_BHWKH.shape)
 
 
-def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
+def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype, positions):
   o = cfg.opts
   impl = cfg.implementation
   Hh, Ww = x.shape[1:3]
@@ -297,9 +300,9 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
   k, v = proj(kv_in, "k"), proj(kv_in, "v")
   rope = dict(rope=cfg.rope, rope_base=cfg.rope_base, rope_freqs=p.get("rope_freqs"))
   if cfg.rope is not None and unit not in ("hilo", "s2a"):  # the ops rotate HiLo / S2A
-    grid = _pos.grid_coordinates((Hh, Ww))
-    q = R.rope_map(q, grid, **rope)
-    k = R.rope_map(k, grid if kv_in is x else R.pooled_positions((Hh, Ww), r), **rope)
+    k_pos = positions if kv_in is x else R.pooled_positions((Hh, Ww), r, positions=positions)
+    q = R.rope_map(q, positions, **rope)
+    k = R.rope_map(k, k_pos, **rope)
   if unit == "win":
     w = R._pair("window", o["window"])  # pylint: disable=protected-access
     if Hh % w[0] or Ww % w[1]:
@@ -313,11 +316,11 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
     out = R.spatial_reduction_attention(q, k, v, sr_ratio=1, implementation=impl)
   elif unit == "hilo":
     lo = round(float(o["alpha"]) * cfg.num_heads)
-    out = R.hilo_attention(q, k, v, window_size=o["window"], lo_heads=lo, implementation=impl,
-                           **rope)
+    out = R.hilo_attention(q, k, v, window_size=o["window"], lo_heads=lo, positions=positions,
+                           implementation=impl, **rope)
   elif unit == "s2a":
-    out = R.spatial_reduction_attention(q, k, v, sr_ratio=o["sr_ratio"], implementation=impl,
-                                        **rope)
+    out = R.spatial_reduction_attention(q, k, v, sr_ratio=o["sr_ratio"], positions=positions,
+                                        implementation=impl, **rope)
     if o["local_perception"]:
       out = out + jnp.repeat(_depthwise3x3(v, p["lp_kernel"]), cfg.num_heads // cfg.num_kv_heads, 3)
   elif unit == "chan":
@@ -334,29 +337,50 @@ def _unit_forward(cfg: ReducedConfig, unit: str, p: dict, x, dtype):
   return y
 
 
-def forward(cfg: ReducedConfig, params: dict, x, *, dropout=None):
+def check_positions(cfg: ReducedConfig, x, positions):
+  """Validates the layers' `positions=` against `x [B, Hh, Ww, D]`: None, or the RoPE
+  coordinates `[B, Hh*Ww, 2]` (row, column) of `x`'s tokens, row-major, integer or float
+  (ValueError naming `positions` and that shape; TypeError for another dtype); only with
+  `rope` set. Returns None or the positions as float32."""
+  if positions is None:
+    return None
+  if cfg.rope is None:
+    raise ValueError(f"positions were given but variant {cfg.mechanism!r} has rope=None "
+                     f"(positions are RoPE coordinates): build it with rope='axial' or "
+                     f"'mixed', or pass positions=None")
+  return R.check_positions(positions, x.shape[1:3], x.shape[0], allow_shared=False)
+
+
+def forward(cfg: ReducedConfig, params: dict, x, *, positions=None, dropout=None):
   """The layer on a parameter dict: `x [B, Hh, Ww, D] -> [B, Hh, Ww, D]`; one sub-layer
   `f1(x)`, or two: `f1(x) + f2(x + f1(x))`; `dropout` (a callable or None) is applied to
-  the result."""
+  the result. `positions`: None (RoPE at the grid coordinates) or the RoPE coordinates
+  `[B, Hh*Ww, 2]` of `x`'s tokens (row-major; see `check_positions`), shared by both
+  sub-layers; reduced keys rotate at the mean position of their cell."""
   if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[-1] != cfg.d_model:
     raise ValueError(f"x must be a token map [B, Hh, Ww, D={cfg.d_model}] for variant "
                      f"{cfg.mechanism!r}, got shape {getattr(x, 'shape', None)}")
+  positions = check_positions(cfg, x, positions)
+  if cfg.rope is not None and positions is None:  # the grid, as explicit per-row positions
+    grid = jnp.asarray(_pos.grid_coordinates(x.shape[1:3]), jnp.float32)
+    positions = jnp.broadcast_to(grid, (x.shape[0],) + grid.shape)
   dtype = cfg.dtype or x.dtype
   x = x.astype(dtype)
   y = None
   for unit in cfg.units:
     p = {n[len(unit) + 1:]: a for n, a in params.items() if n.startswith(unit + "_")}
     inp = x if y is None else x + y
-    out = _unit_forward(cfg, unit, p, inp, dtype)
+    out = _unit_forward(cfg, unit, p, inp, dtype, positions)
     y = out if y is None else y + out
   if dropout is not None:
     y = dropout(y)
   return _core.constrain(y, ("batch", None, None, "embed"))
 
 
-def _check_call(segment_ids, positions, cache):
-  if segment_ids is not None or positions is not None or cache is not None:
-    raise ValueError("spatial-reduction variants take no segment_ids, positions or cache")
+def _check_call(segment_ids, cache):
+  if segment_ids is not None or cache is not None:
+    raise ValueError("spatial-reduction variants take no segment_ids and no cache; expected "
+                     "segment_ids=None, cache=None")
 
 
 class ReducedSpatialAttention(nnx.Module):
@@ -371,7 +395,9 @@ class ReducedSpatialAttention(nnx.Module):
       `dropout_rate` (see the module docstring).
     rngs: `nnx.Rngs` ('params'; 'dropout' when `dropout_rate > 0`).
 
-  Call: `layer(x [B, Hh, Ww, D], *, deterministic=True) -> [B, Hh, Ww, D]`.
+  Call: `layer(x [B, Hh, Ww, D], *, positions=None, deterministic=True) -> [B, Hh, Ww,
+  D]`; `positions [B, Hh*Ww, 2]`: RoPE coordinates (row, column) of the tokens, row-major
+  (default the grid `(y, x)`; needs `rope`); no `segment_ids`, no `cache`.
   """
 
   def __init__(self, d_model: int, num_heads: int, *, mechanism: str, num_kv_heads=None,
@@ -389,11 +415,11 @@ class ReducedSpatialAttention(nnx.Module):
 
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    _check_call(segment_ids, positions, cache)
+    _check_call(segment_ids, cache)
     dropout = None
     if self.config.dropout_rate > 0 and not deterministic:
       dropout = lambda y: self.dropout(y, deterministic=False)
-    return forward(self.config, self.params_dict(), x, dropout=dropout)
+    return forward(self.config, self.params_dict(), x, positions=positions, dropout=dropout)
 
 
 # The registry factories: make_factory(mechanism) (NNX), make_linen_factory(mechanism).

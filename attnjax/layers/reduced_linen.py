@@ -15,26 +15,19 @@ from attnjax.layers import reduced as _red
 __all__ = ["ReducedSpatialAttention"]
 
 
-class ReducedSpatialAttention(nn.Module):
-  """Linen twin of `attnjax.layers.reduced.ReducedSpatialAttention`; `options` holds the
-  mechanism's options as sorted `(name, value)` pairs (Linen fields must be hashable)."""
+class ReducedSpatialAttention(_linen.MechanismTwin):
+  """Linen twin of `attnjax.layers.reduced.ReducedSpatialAttention` (fields:
+  `MechanismTwin`; `options` holds the mechanism's options as sorted `(name, value)`
+  pairs). Call: `(x [B, Hh, Ww, D], *, positions=None, deterministic=True)`, with
+  `positions [B, Hh*Ww, 2]` the tokens' RoPE coordinates (needs `rope`), as for NNX."""
 
-  d_model: int
-  num_heads: int
-  mechanism: str
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  options: tuple = ()
-
-  def _config(self):
-    return _red.reduced_config(self.mechanism, self.d_model, self.num_heads,
-                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                               **dict(self.options))
+  config_fn = staticmethod(_red.reduced_config)
 
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, cache=None,
                deterministic: bool = True):
-    _red._check_call(segment_ids, positions, cache)  # pylint: disable=protected-access
+    _red._check_call(segment_ids, cache)  # pylint: disable=protected-access
     cfg = self._config()
     params = _linen.params_from_specs(self, _red.param_specs(cfg), cfg.param_dtype)
-    return _red.forward(cfg, params, x, dropout=_linen.dropout_fn(cfg.dropout_rate, deterministic))
+    return _red.forward(cfg, params, x, positions=positions,
+                        dropout=_linen.dropout_fn(cfg.dropout_rate, deterministic))

@@ -10,6 +10,7 @@ take ``implementation=``; the output has the layout of ``q`` with ``Hv`` last.
 from attnjax.ops.spatial.reduced import (
     avg_pool_map,
     channel_group_attention,
+    check_positions,
     dpb_relative_coordinates,
     dynamic_position_bias,
     hilo_attention,
@@ -34,7 +35,7 @@ __all__ = [
     "window_attention", "neighborhood_attention", "halo_attention", "criss_cross_attention",
     "stripe_attention", "stripe_heads", "grid_attention", "block_attention",
     # spatial reduction, channel-group, long/short distance (attnjax.ops.spatial.reduced)
-    "avg_pool_map", "channel_group_attention", "dpb_relative_coordinates",
+    "avg_pool_map", "channel_group_attention", "check_positions", "dpb_relative_coordinates",
     "dynamic_position_bias", "hilo_attention", "long_short_distance_attention",
     "pooled_positions", "rope_map", "spatial_reduction_attention",
 ]

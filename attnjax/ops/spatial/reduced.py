@@ -31,7 +31,7 @@ from attnjax.ops import positional as _pos
 __all__ = ["avg_pool_map", "spatial_reduction_attention", "hilo_attention",
            "channel_group_attention", "long_short_distance_attention",
            "dynamic_position_bias", "dpb_relative_coordinates", "LSDA_MODES", "ROPE_KINDS",
-           "pooled_positions", "rope_map"]
+           "pooled_positions", "rope_map", "check_positions"]
 
 LSDA_MODES = ("short", "long")
 ROPE_KINDS = (None, "axial", "mixed")
@@ -126,7 +126,7 @@ def avg_pool_map(x, sr_ratio, *, pad=False):
 
 # ----------------------------------------------------------------------------- RoPE
 
-def pooled_positions(shape, sr_ratio, *, pad=False):
+def pooled_positions(shape, sr_ratio, *, pad=False, positions=None):
   """RoPE positions of the pooled keys: the centres of the ``r x r`` cells.
 
   Cell ``(i, j)`` of :func:`avg_pool_map` covers rows ``[i rh, i rh + n_i)`` and columns
@@ -135,20 +135,64 @@ def pooled_positions(shape, sr_ratio, *, pad=False):
   position is the centre ``(i rh + (n_i - 1) / 2, j rw + (m_j - 1) / 2)``, in the
   coordinates of the unpooled map (row, column).
 
+  With explicit token ``positions`` (``[B, Hh*Ww, 2]`` or ``[Hh*Ww, 2]``, row-major over
+  the map, see :func:`check_positions`) the position of a cell is the mean of its
+  tokens' positions, ``(1 / (n_i m_j)) sum_{(y, x) in cell(i, j)} positions[y Ww + x]``
+  (:func:`avg_pool_map` of the positions), which for the grid is the centre above.
+
   Returns:
-    float32 NumPy ``[ceil(Hh/rh) * ceil(Ww/rw), 2]``, row-major over the cells.
+    float32 NumPy ``[ceil(Hh/rh) * ceil(Ww/rw), 2]``, row-major over the cells; with
+    ``positions``, a float32 array ``[B, cells, 2]`` (``[cells, 2]`` for ``[Hh*Ww, 2]``).
   """
   Hh, Ww = _pair("shape", shape)
   rh, rw = _pair("sr_ratio", sr_ratio)
   if not pad and (Hh % rh or Ww % rw):
     raise ValueError(f"sr_ratio={(rh, rw)} must divide the map (Hh, Ww)={(Hh, Ww)}; pass "
                      f"pad=True for partial border cells")
+  if positions is not None:
+    pos = check_positions(positions, (Hh, Ww))
+    lead = pos.shape[:-2]
+    pos = pos.reshape((-1, Hh, Ww, 2))
+    pooled = avg_pool_map(pos, (rh, rw), pad=pad)
+    return pooled.reshape(lead + (-1, 2))
   axes = []
   for L, r in ((Hh, rh), (Ww, rw)):
     start = r * np.arange(-(-L // r))
     axes.append(start + (np.minimum(r, L - start) - 1) / 2)
   yy, xx = np.meshgrid(*axes, indexing="ij")
   return np.stack([yy.reshape(-1), xx.reshape(-1)], -1).astype(np.float32)
+
+
+def check_positions(positions, shape, batch=None, *, allow_shared=True):
+  """Validates explicit RoPE ``positions`` of the tokens of a ``shape = (Hh, Ww)`` map.
+
+  ``positions``: the (row, column) coordinates of the ``T = Hh * Ww`` tokens, row-major
+  over the map (token ``y Ww + x`` is map cell ``(y, x)``), integer or floating,
+  ``[B, T, 2]`` (``B = batch`` when given) or, with ``allow_shared``, ``[T, 2]`` shared by
+  the batch. Raises ValueError naming ``positions`` and the expected shape (TypeError for
+  a non-real dtype).
+
+  Returns:
+    ``positions`` as float32 (same shape).
+  """
+  Hh, Ww = _pair("shape", shape)
+  T = Hh * Ww
+  b = "B" if batch is None else str(batch)
+  want = f"[{b}, Hh*Ww, 2] = [{b}, {T}, 2]" + (f" or [{T}, 2]" if allow_shared else "")
+  shp = getattr(positions, "shape", None)
+  if shp is None:
+    positions = np.asarray(positions)
+    shp = positions.shape
+  shp = tuple(shp)
+  ok = (len(shp) == 3 and shp[1:] == (T, 2) and (batch is None or shp[0] == batch)) or (
+      allow_shared and shp == (T, 2))
+  if not ok:
+    raise ValueError(f"positions must be {want}: the (row, column) coordinates of the map's "
+                     f"tokens, row-major over (Hh, Ww)={(Hh, Ww)}; got shape {shp}")
+  dt = jnp.dtype(positions.dtype)
+  if dt == jnp.bool_ or not (jnp.issubdtype(dt, jnp.integer) or jnp.issubdtype(dt, jnp.floating)):
+    raise TypeError(f"positions must be integer or floating (map coordinates), got dtype {dt}")
+  return jnp.asarray(positions, jnp.float32)
 
 
 def _check_rope(rope, rope_base, rope_freqs, num_heads, head_dim):
@@ -174,8 +218,9 @@ def _check_rope(rope, rope_base, rope_freqs, num_heads, head_dim):
 def rope_map(x, positions, rope, *, rope_base=10000.0, rope_freqs=None):
   """Rotary embedding of a map's tokens at given 2D positions.
 
-  ``x [B, Hh, Ww, N, H]`` (or flat ``[B, T, N, H]``), ``positions [T, 2]`` (row, column;
-  float allowed: pooled cell centres). ``rope='axial'``: RoPE-Axial with ``rope_base``
+  ``x [B, Hh, Ww, N, H]`` (or flat ``[B, T, N, H]``), ``positions [T, 2]`` or
+  ``[B, T, 2]`` (row, column per token, row-major; float allowed: pooled cell centres).
+  ``rope='axial'``: RoPE-Axial with ``rope_base``
   (:func:`attnjax.ops.positional.apply_rope_axial`); ``'mixed'``: RoPE-Mixed with the
   per-head frequencies ``rope_freqs [N, H/2, 2]``
   (:func:`attnjax.ops.positional.rope_angles_mixed`); None: ``x`` unchanged.
@@ -184,10 +229,17 @@ def rope_map(x, positions, rope, *, rope_base=10000.0, rope_freqs=None):
     return x
   flat = x.reshape((x.shape[0], -1) + x.shape[-2:])
   pos = jnp.asarray(positions, jnp.float32)
+  if pos.ndim != 3:
+    pos = pos[None]
   if rope == "axial":
     out = _pos.apply_rope_axial(flat, pos, base=rope_base)
   else:
-    out = _pos.apply_rotary(flat, _pos.rope_angles_mixed(pos[None], rope_freqs))
+    # rope_angles_mixed's angles, a[b, t, n, i] = sum_d freqs[n, i, d] p[b, t, d], written
+    # elementwise: a dot's accumulation can change with the batch size, and shared [T, 2]
+    # positions must give bit for bit the output of the same positions repeated per row.
+    f = jnp.asarray(rope_freqs, jnp.float32)
+    p = pos[:, :, None, None, :]
+    out = _pos.apply_rotary(flat, p[..., 0] * f[..., 0] + p[..., 1] * f[..., 1])
   return out.reshape(x.shape)
 
 
@@ -195,11 +247,24 @@ def _grid_positions(x):
   return _pos.grid_coordinates(x.shape[1:3]).astype(np.float32)
 
 
+def _check_positions_arg(positions, rope, q, k):
+  """The ops' ``positions=`` argument: needs rope and one map shared by q and k."""
+  if positions is None:
+    return
+  if rope is None:
+    raise ValueError("positions are RoPE coordinates: they were given but rope=None; pass "
+                     "rope='axial' or 'mixed', or positions=None")
+  if q.shape[1:3] != k.shape[1:3]:
+    raise ValueError(f"positions need q and k on one map, got q map {q.shape[1:3]} and k map "
+                     f"{k.shape[1:3]}; expected positions=None")
+  check_positions(positions, q.shape[1:3], q.shape[0])
+
+
 # ----------------------------------------------------------------------------- SRA
 
 def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, rope=None,
-                                rope_base=10000.0, rope_freqs=None, implementation=None,
-                                block_sizes=None):
+                                rope_base=10000.0, rope_freqs=None, positions=None,
+                                implementation=None, block_sizes=None):
   """Spatial-reduction attention (PVT SRA; Twins-SVT GSA; LITv2 Lo-Fi).
 
   Every query attends to all keys/values of the reduced map:
@@ -228,18 +293,25 @@ def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, rop
       see :func:`rope_map`.
     rope_base: base of ``'axial'``. rope_freqs: ``[N, H/2, 2]`` for ``'mixed'`` (then
       ``K == N``: a shared key cannot rotate with several query heads' frequencies).
+    positions: optional explicit RoPE coordinates of the map's tokens, ``[B, Hh*Ww, 2]``
+      or ``[Hh*Ww, 2]`` (row, column; row-major; :func:`check_positions`), for maps where
+      ``q`` and ``k`` share ``(Hh, Ww)``; default the grid ``(y, x)``. Queries rotate at
+      their positions, each pooled key at the mean of its cell's positions
+      (:func:`pooled_positions` with ``positions``). Needs ``rope``.
     implementation, block_sizes: passed to :func:`attnjax.attention`.
   Returns:
     ``[B, Hq, Wq, N, Hv]`` in ``q.dtype``.
   """
   _check_qkv_maps(q, k, v, same_q_map=False)
   _check_rope_heads(rope, rope_base, rope_freqs, q, k)
+  _check_positions_arg(positions, rope, q, k)
   k_red = avg_pool_map(k, sr_ratio, pad=pad)
   v_red = avg_pool_map(v, sr_ratio, pad=pad)
   if rope is not None:
-    q = rope_map(q, _grid_positions(q), rope, rope_base=rope_base, rope_freqs=rope_freqs)
-    k_red = rope_map(k_red, pooled_positions(k.shape[1:3], sr_ratio, pad=pad), rope,
-                     rope_base=rope_base, rope_freqs=rope_freqs)
+    q_pos = _grid_positions(q) if positions is None else positions
+    k_pos = pooled_positions(k.shape[1:3], sr_ratio, pad=pad, positions=positions)
+    q = rope_map(q, q_pos, rope, rope_base=rope_base, rope_freqs=rope_freqs)
+    k_red = rope_map(k_red, k_pos, rope, rope_base=rope_base, rope_freqs=rope_freqs)
   out_BTNH = hooks.attention(_flat(q), _flat(k_red), _flat(v_red), scale=scale,
                              implementation=implementation, block_sizes=block_sizes)
   return out_BTNH.reshape(q.shape[:4] + (v.shape[-1],))
@@ -248,7 +320,8 @@ def spatial_reduction_attention(q, k, v, *, sr_ratio, pad=False, scale=None, rop
 # ----------------------------------------------------------------------------- HiLo
 
 def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, rope=None,
-                   rope_base=10000.0, rope_freqs=None, implementation=None, block_sizes=None):
+                   rope_base=10000.0, rope_freqs=None, positions=None, implementation=None,
+                   block_sizes=None):
   """HiLo attention (LITv2): Hi-Fi heads attend inside ``s x s`` windows, Lo-Fi heads
   attend from every query to the ``s x s`` average-pooled keys/values.
 
@@ -267,12 +340,16 @@ def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, rope=None,
     rope, rope_base, rope_freqs: as in :func:`spatial_reduction_attention`: Hi-Fi heads
       rotate queries and keys at their map coordinates, Lo-Fi heads rotate the pooled
       keys at the cell centres (``rope_freqs`` rows split with the heads).
+    positions: optional explicit token coordinates ``[B, Hh*Ww, 2]`` or ``[Hh*Ww, 2]``:
+      Hi-Fi queries and keys rotate at them, Lo-Fi pooled keys at their cells' means (as
+      in :func:`spatial_reduction_attention`). Needs ``rope``.
     scale, implementation, block_sizes: as in :func:`spatial_reduction_attention`.
   Returns:
     ``[B, Hh, Ww, N, Hv]``.
   """
   _check_qkv_maps(q, k, v)
   _check_rope_heads(rope, rope_base, rope_freqs, q, k)
+  _check_positions_arg(positions, rope, q, k)
   s = _pair("window_size", window_size)
   Hh, Ww, N, K = q.shape[1], q.shape[2], q.shape[3], k.shape[3]
   if Hh % s[0] or Ww % s[1]:
@@ -289,7 +366,7 @@ def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, rope=None,
   freqs = (None, None) if rope_freqs is None else (rope_freqs[:hi], rope_freqs[hi:])
   if hi:
     mask = _masks.window((Hh, Ww), s)
-    pos = _grid_positions(q)
+    pos = _grid_positions(q) if positions is None else positions
     qh, kh = (rope_map(x, pos, rope, rope_base=rope_base, rope_freqs=freqs[0])
               for x in (q[..., :hi, :], k[..., :hi_kv, :]))
     o = hooks.attention(_flat(qh), _flat(kh), _flat(v[..., :hi_kv, :]),
@@ -299,8 +376,8 @@ def hilo_attention(q, k, v, *, window_size, lo_heads, scale=None, rope=None,
   if lo_heads:
     outs.append(spatial_reduction_attention(
         q[..., hi:, :], k[..., hi_kv:, :], v[..., hi_kv:, :], sr_ratio=s, scale=scale,
-        rope=rope, rope_base=rope_base, rope_freqs=freqs[1], implementation=implementation,
-        block_sizes=block_sizes))
+        rope=rope, rope_base=rope_base, rope_freqs=freqs[1], positions=positions,
+        implementation=implementation, block_sizes=block_sizes))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
 
 
