@@ -463,7 +463,8 @@ def test_simd_engine_names_and_width():
   """'simd' and its older name 'avx512' are one engine (bit-identical results, equal to
   the reference), and the library reports the vector width this CPU offers."""
   flags = build._cpu_flags()
-  avx512 = {"avx512f", "avx512dq"} <= flags or build.emulating_avx512()
+  avx512 = ({"avx512f", "avx512dq"} <= flags and not build.forcing_avx2()
+            or build.emulating_avx512())
   assert build.simd_width() == (16 if avx512 else 8)
   q, k, v = make_qkv(74, 2, 75, 75, 4, 2, 48, 48, jnp.float32)
   outs = [np.asarray(attnjax.attention(
@@ -477,13 +478,13 @@ def test_simd_engine_names_and_width():
 
 # The emulated rerun of the default suite: the kernel's code paths (band forward/backward,
 # AMX, block-sparse) each once, without the hypothesis sweep and the per-mask repeats.
-_EMULATED_SUBSET = ("not test_avx512_paths_emulated and not test_matches_reference and "
+_EMULATED_SUBSET = ("not test_other_simd_build and not test_matches_reference and "
                     "not test_spatial_masks_block_sparse or "
                     "test_spatial_masks_block_sparse and (criss_cross or nbhd_13x17)")
 
 
-def _rerun_emulated(select: str, min_passed: int):
-  env = dict(os.environ, ATTNJAX_CPU_EMULATE_AVX512="1", JAX_PLATFORMS="cpu")
+def _rerun_emulated(select: str, min_passed: int, build_env=(("ATTNJAX_CPU_EMULATE_AVX512", "1"),)):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **dict(build_env))
   for key in [k for k in env if k.startswith(("PYTEST_", "HYPOTHESIS"))]:
     env.pop(key)  # a plain pytest run, not an xdist worker's
   proc = subprocess.run(
@@ -495,26 +496,39 @@ def _rerun_emulated(select: str, min_passed: int):
   assert proc.returncode == 0, tail
   summary = proc.stdout.strip().splitlines()[-1]
   passed = re.search(r"(\d+) passed", summary)
-  # Nothing skipped: the AMX tests run on the emulated tiles.
+  # Nothing skipped: the AMX tests run on the emulated tiles (the AVX2 rerun deselects them).
   assert passed and int(passed.group(1)) >= min_passed and "skipped" not in summary, tail
 
 
-@pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
-def test_avx512_paths_emulated():
-  """The AVX-512 build (16 lanes, 6 x 4 register tiles, 16 x 16 transposes, vscalefps
-  2^n) and its AMX paths on this CPU, whatever it has: this file's tests (less the
-  hypothesis sweep and most per-mask repeats; all of them under -m slow) rerun in a fresh
-  process with ATTNJAX_CPU_EMULATE_AVX512=1, where every AVX-512 and AMX intrinsic is
-  emulated (avx512_emulation.h), so TestCpuFlashAmx runs there too.  On a machine
-  without AVX-512 or AMX this is the only run of that code before it meets such a CPU."""
-  _rerun_emulated(_EMULATED_SUBSET, 40)
+def _native_avx512_amx() -> bool:
+  """This process's kernels are the native AVX-512 build with usable AMX tiles."""
+  return (not build.emulating_avx512() and not build.forcing_avx2()
+          and build.simd_width() == 16 and flash.has_amx())
+
+
+@pytest.mark.skipif(build.emulating_avx512() or build.forcing_avx2(),
+                    reason="runs another build itself")
+def test_other_simd_build():
+  """The code paths this CPU's native build does not take, in a fresh process on this
+  file's tests (less the hypothesis sweep and most per-mask repeats; all of them under
+  -m slow):
+  - on a CPU without AVX-512 or AMX, the AVX-512 build (16 lanes, 6 x 4 register tiles,
+    16 x 16 transposes, vscalefps 2^n) and its AMX paths with ATTNJAX_CPU_EMULATE_AVX512=1,
+    where every AVX-512 and AMX intrinsic is emulated (avx512_emulation.h), so
+    TestCpuFlashAmx runs there too: the only run of that code before it meets such a CPU;
+  - on a CPU with both (whose native run covers them), the AVX2 + FMA build (8 lanes)
+    with ATTNJAX_CPU_AVX2=1, AMX tests deselected."""
+  if _native_avx512_amx():
+    _rerun_emulated(f"({_EMULATED_SUBSET}) and not Amx", 40, (("ATTNJAX_CPU_AVX2", "1"),))
+  else:
+    _rerun_emulated(_EMULATED_SUBSET, 40)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
 def test_avx512_paths_emulated_all():
   """As above, every test of this file (the default selection) on the emulated build."""
-  _rerun_emulated("not test_avx512_paths_emulated", 60)
+  _rerun_emulated("not test_other_simd_build and not test_avx512_paths_emulated_all", 60)
 
 
 def test_disabled_by_environment():

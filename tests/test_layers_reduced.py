@@ -165,8 +165,9 @@ ROPE_LAYERS = [("pvt", {}), ("twins", {}), ("hilo", {}), ("s2a", {}),
                ("davit", {"mode": "window"}), ("crossformer", {})]
 
 
+# Default suite: each layer once (hilo with mixed RoPE, the rest axial); all under -m slow.
 @pytest.mark.parametrize("name, extra, rope", [
-    (n, e, r) if r == "axial" or n in ("pvt", "hilo", "s2a")
+    (n, e, r) if r == ("mixed" if n == "hilo" else "axial")
     else pytest.param(n, e, r, marks=pytest.mark.slow)
     for n, e in ROPE_LAYERS for r in ("axial", "mixed")])
 def test_rope_layers_gradients_and_linen_twin(name, extra, rope):
@@ -248,6 +249,7 @@ def test_dropout_on_the_output_nnx_and_linen(name):
   assert not np.array_equal(y1, y2)   # a fresh mask per call
 
 
+@pytest.mark.slow
 def test_train_smoke_crossformer(tmp_path):
   """One variant end to end: digits ViT (4x4 token grid) with the CrossFormer layer."""
   workdir = tmp_path / "w"
@@ -282,7 +284,9 @@ POS_LAYERS = [("pvt", {}, "axial"), ("pvt", {}, "mixed"), ("twins", {}, "axial")
               ("crossformer", {}, "axial")]
 
 
-@pytest.mark.parametrize("name, extra, rope", POS_LAYERS)
+@pytest.mark.parametrize("name, extra, rope", [
+    p if (p[0], p[2]) in {("pvt", "mixed"), ("twins", "axial"), ("hilo", "mixed")}
+    else pytest.param(*p, marks=pytest.mark.slow) for p in POS_LAYERS])
 def test_positions_grid_is_the_default_and_shifts_change_nothing(name, extra, rope):
   """positions = the grid reproduce the default bit for bit (forward and vjp, NNX and Linen);
   RoPE logits depend on query minus key position and a pooled key sits at its cell's mean
@@ -377,9 +381,11 @@ def _ref_layer_at_positions(p, x, unit, r, rope, pos):
   return jnp.stack(rows).reshape(x.shape)
 
 
-@pytest.mark.parametrize("name, extra, unit", [("pvt", {"sr_ratio": 2}, "sra"),
-                                               ("twins", {"mode": "lsa", "window": 2}, "win")])
-@pytest.mark.parametrize("rope", ["axial", "mixed"])
+@pytest.mark.parametrize("name, extra, unit, rope", [
+    ("pvt", {"sr_ratio": 2}, "sra", "mixed"),
+    ("twins", {"mode": "lsa", "window": 2}, "win", "axial"),
+    pytest.param("pvt", {"sr_ratio": 2}, "sra", "axial", marks=pytest.mark.slow),
+    pytest.param("twins", {"mode": "lsa", "window": 2}, "win", "mixed", marks=pytest.mark.slow)])
 def test_layer_at_random_positions_matches_reference(name, extra, unit, rope):
   """Random float positions per row (scaled, jittered, shifted grid): forward and vjp
   (x and the parameters) against the plain reference."""

@@ -227,7 +227,11 @@ def test_generate_paged_equals_contiguous():
 GATED = ("gla", "deltanet", "gated_deltanet", "mamba2")
 
 
-@pytest.mark.parametrize("mechanism", GATED)
+# Default suite: gla (per-dimension gate) and gated_deltanet (delta rule + scalar gate);
+# deltanet and mamba2 under -m slow.
+@pytest.mark.parametrize("mechanism", [
+    m if m in ("gla", "gated_deltanet") else pytest.param(m, marks=pytest.mark.slow)
+    for m in GATED])
 def test_gated_layer_ragged_state_and_conv_are_each_rows_own(mechanism):
   """A ragged prefill of a gated / delta-rule / Mamba-2 layer (chunked form, padding inside
   and across chunks) leaves each row's recurrent state and short-conv inputs at its own

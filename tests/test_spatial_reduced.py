@@ -459,10 +459,14 @@ def ref_sra_rope_pos(q, k, v, r, rope, freqs, pos_BT2):
   return jnp.concatenate(rows).reshape(q.shape[:4] + (v.shape[-1],))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rope, N, K, shape, r, pad", [
-    ("axial", 4, 2, (6, 9), (2, 3), False),
-    ("mixed", 2, 2, (7, 5), (3, 2), True)])     # partial border cells: means of fewer tokens
+_EXPLICIT = [("axial", 4, 2, (6, 9), (2, 3), False),
+             ("mixed", 2, 2, (7, 5), (3, 2), True)]    # partial border cells: means of fewer tokens
+
+
+# Default suite: axial in float32 and mixed in bfloat16; the other two under -m slow.
+@pytest.mark.parametrize("dtype, rope, N, K, shape, r, pad", [
+    (d, *c) if (c[0] == "axial") == (np.dtype(d) == np.float32)
+    else pytest.param(d, *c, marks=pytest.mark.slow) for d in DTYPES for c in _EXPLICIT])
 def test_sra_rope_at_explicit_positions_matches_reference(dtype, rope, N, K, shape, r, pad):
   q, k, v = _qkv(90, 2, *shape, N, K, 8, 6)
   freqs = np.asarray(rnd(94, (N, 4, 2), scale=0.5)) if rope == "mixed" else None
@@ -473,7 +477,8 @@ def test_sra_rope_at_explicit_positions_matches_reference(dtype, rope, N, K, sha
                  dtype, jit_ref=False)
 
 
-@pytest.mark.parametrize("rope, N, K", ROPE_CASES)
+@pytest.mark.parametrize("rope, N, K", [pytest.param(*ROPE_CASES[0], marks=pytest.mark.slow),
+                                         ROPE_CASES[1]])
 def test_hilo_rope_at_explicit_positions_matches_reference(rope, N, K):
   s, lo, B, Hh, Ww = 2, 2, 2, 4, 6
   q, k, v = _qkv(100, B, Hh, Ww, N, K, 8, 8)

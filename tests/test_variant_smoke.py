@@ -10,7 +10,8 @@ the options of `config_lib.variant_options`. One jitted Adam step on a real batc
 task must give a finite loss, finite gradients, a non-zero gradient on the attention layer's
 parameters and a loss that changes after the update (a variant whose output ignored its
 parameters would fail). The full `train.py` runs per config are the slow tests of
-tests/test_configs.py.
+tests/test_configs.py.  The default suite steps the variants of ``DEFAULT`` (one per
+family); all of them run with ``-m slow``.
 """
 
 import importlib.util
@@ -80,7 +81,21 @@ def _attention_grads(grads):
   return [v.value if hasattr(v, 'value') else v for p, v in flat if p in keys]
 
 
-@pytest.mark.parametrize('name', variants.names())
+# The default suite steps one variant per family (dense, routed, linear/gated, token,
+# head, spatial windowed/routed/reduced/linear, pooling); every other variant runs under
+# `-m slow` (each family's layers are also tested against references in its own file).
+DEFAULT = ('mha', 'moba', 'gla', 'lightning', 'agent', 'perceiver', 'moh', 'swin',
+           'biformer', 'twins', 'davit', 'care', 'pma', 'slot')
+
+
+def test_default_subset_is_registered_and_spans_every_kind():
+  names = set(variants.names())
+  assert set(DEFAULT) <= names, sorted(set(DEFAULT) - names)
+  assert {variants.info(n).kind for n in DEFAULT} == {variants.info(n).kind for n in names}
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in variants.names()])
 def test_every_variant_takes_a_training_step(name):
   model_cfg, batch, loss_fn = _setup(name)
   model = models.build_model(model_cfg, rngs=nnx.Rngs(0))

@@ -23,6 +23,9 @@ set (non-empty, not ``0``/``false``) or ``ATTNJAX_CPU_WERROR=1``.
 Set ``ATTNJAX_CPU_KERNELS=0`` to disable the kernels (``'auto'`` then uses the XLA
 paths).
 
+``ATTNJAX_CPU_AVX2=1`` (for tests) builds the AVX2 + FMA code paths (8 lanes, no AMX) on a
+CPU that has AVX-512, so that the suite checks them on such a machine too.
+
 ``ATTNJAX_CPU_EMULATE_AVX512=1`` (for tests) builds the kernels' AVX-512 and AMX code
 paths with every AVX-512 and AMX intrinsic emulated (``avx512_emulation.h``), so that
 the 16-lane build and the bf16 tile paths run, about 10x slower, on a CPU with only
@@ -51,6 +54,7 @@ __all__ = [
   "cache_key",
   "compile_flags",
   "emulating_avx512",
+  "forcing_avx2",
   "has_amx",
   "library_path",
   "load",
@@ -95,7 +99,12 @@ def werror() -> bool:
 
 def compile_flags() -> tuple[str, ...]:
   """The compiler flags of this process's build (they enter the cache key)."""
+  if forcing_avx2() and emulating_avx512():
+    raise ValueError("ATTNJAX_CPU_AVX2 and ATTNJAX_CPU_EMULATE_AVX512 exclude each other")
   return (_BASE_FLAGS + (("-Werror",) if werror() else ())
+          # after -march=native: the AVX2 + FMA subset of this CPU, no AVX-512 nor AMX
+          + (("-mno-avx512f", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+             if forcing_avx2() else ())
           # -Wno-psabi: the emulation passes __m512 values between inline functions of
           # one translation unit compiled without AVX-512 (GCC notes the ABI change).
           + (("-DATTNJAX_EMULATE_AVX512", "-Wno-psabi") if emulating_avx512() else ()))
@@ -137,6 +146,11 @@ def _cpu_simd_width() -> int | None:
   if {"avx2", "fma"} <= flags:
     return 8
   return None
+
+
+def forcing_avx2() -> bool:
+  """True when ATTNJAX_CPU_AVX2 asks for the AVX2 build on any CPU with AVX2 (tests)."""
+  return _truthy(os.environ.get("ATTNJAX_CPU_AVX2", "0"))
 
 
 def emulating_avx512() -> bool:
