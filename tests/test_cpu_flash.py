@@ -476,15 +476,21 @@ def test_simd_engine_names_and_width():
                jnp.float32, "simd")
 
 
-# The emulated rerun of the default suite: the kernel's code paths (band forward/backward,
+# The other-build rerun of the default suite: the kernel's code paths (band forward/backward,
 # AMX, block-sparse) each once, without the hypothesis sweep and the per-mask repeats.
 _EMULATED_SUBSET = ("not test_other_simd_build and not test_matches_reference and "
                     "not test_spatial_masks_block_sparse or "
                     "test_spatial_masks_block_sparse and (criss_cross or nbhd_13x17)")
 
 
-def _rerun_emulated(select: str, min_passed: int, build_env=(("ATTNJAX_CPU_EMULATE_AVX512", "1"),)):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **dict(build_env))
+_BUILD_VARS = ("ATTNJAX_CPU_EMULATE_AVX512", "ATTNJAX_CPU_AVX2")
+
+
+def _rerun_on_build(select: str, min_passed: int, build_var: str = "ATTNJAX_CPU_EMULATE_AVX512"):
+  """This file's tests matching `select` in a fresh process whose kernels are the build
+  that `build_var` (one of _BUILD_VARS) asks for, and only that one."""
+  env = {k: v for k, v in os.environ.items() if k not in _BUILD_VARS}
+  env.update(JAX_PLATFORMS="cpu", **{build_var: "1"})
   for key in [k for k in env if k.startswith(("PYTEST_", "HYPOTHESIS"))]:
     env.pop(key)  # a plain pytest run, not an xdist worker's
   proc = subprocess.run(
@@ -519,16 +525,16 @@ def test_other_simd_build():
   - on a CPU with both (whose native run covers them), the AVX2 + FMA build (8 lanes)
     with ATTNJAX_CPU_AVX2=1, AMX tests deselected."""
   if _native_avx512_amx():
-    _rerun_emulated(f"({_EMULATED_SUBSET}) and not Amx", 40, (("ATTNJAX_CPU_AVX2", "1"),))
+    _rerun_on_build(f"({_EMULATED_SUBSET}) and not Amx", 40, "ATTNJAX_CPU_AVX2")
   else:
-    _rerun_emulated(_EMULATED_SUBSET, 40)
+    _rerun_on_build(_EMULATED_SUBSET, 40)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(build.emulating_avx512(), reason="runs the emulated build itself")
 def test_avx512_paths_emulated_all():
   """As above, every test of this file (the default selection) on the emulated build."""
-  _rerun_emulated("not test_other_simd_build and not test_avx512_paths_emulated_all", 60)
+  _rerun_on_build("not test_other_simd_build and not test_avx512_paths_emulated_all", 60)
 
 
 def test_disabled_by_environment():
