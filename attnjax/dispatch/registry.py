@@ -142,10 +142,10 @@ def _cpu_flash_check(a, config):
   return flash.unsupported_reason(a, config)
 
 
-def _cpu_flash(q, k, v, a, *, return_lse, block_sizes):
+def _cpu_flash(q, k, v, a, *, return_lse, block_sizes, row_map=None):
   from attnjax.cpu import flash
   return flash.cpu_flash_attention(q, k, v, a, return_lse=return_lse,
-                                   block_sizes=block_sizes)
+                                   block_sizes=block_sizes, row_map=row_map)
 
 
 def _cpu_flash_config():
@@ -448,6 +448,12 @@ _TILING = {
 }
 
 
+# Implementations that take the tiled order as a row map (run(..., row_map=)) instead
+# of tile_call's permutation gathers; they serve no bias, segment ids or score_mod, so
+# the tiled mask is all of the call that changes.
+_FOLDS_TILING = frozenset({"cpu_flash"})
+
+
 def _spatial_tiling(impl: Implementation, a, cfg):
   """``(TilePlan or None, config)``: whether ``impl`` runs call ``a`` in the 2D-tiled
   token order (a static spatial mask on a 2D/3D grid; ``spatial_tile`` of the config
@@ -492,12 +498,19 @@ def run_softmax(q, k, v, a, *, implementation, return_lse, block_sizes):
       qi, ai = (q, a) if impl.traced_scale else args_lib.static_scale(q, a)
       ki, vi = k, v
       tplan, cfg = _spatial_tiling(impl, ai, cfg)
-      if tplan is not None:
+      run, untile = impl.run, tplan is not None
+      if tplan is not None and name in _FOLDS_TILING:
+        # The kernel reads q, k, v through the tiled order's row map and writes its
+        # outputs back to their rows: no permutation gathers (and none in the vjp).
+        ai = dataclasses.replace(ai, mask=tiling_lib.tiled_mask(ai, tplan))
+        run = functools.partial(run, row_map=tiling_lib.tiled_index(tplan))
+        untile = False
+      elif tplan is not None:
         qi, ki, vi, ai = tiling_lib.tile_call(qi, k, v, ai, tplan)
       try:
         with jax.named_scope(f"attnjax/{name}"):
-          out = impl.run(qi, ki, vi, ai, return_lse=return_lse, block_sizes=cfg)
-          if tplan is not None:
+          out = run(qi, ki, vi, ai, return_lse=return_lse, block_sizes=cfg)
+          if untile:
             out = tiling_lib.untile_outputs(out, tplan, return_lse)
       except Unsupported as e:
         reason = str(e)
