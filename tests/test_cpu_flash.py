@@ -331,8 +331,10 @@ class TestCpuFlashBlockSparse:
       CpuFlashBlockSizes(spatial_tile=(0, 8))
 
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-  def test_tiling_folded_into_kernel(self, dtype):
-    """The dispatcher passes the 2D-tiled order to cpu_flash as a row map (the kernel
+  def test_tiling_folded_into_kernel(self, dtype, monkeypatch):
+    """With cpu_flash among the dispatcher's folding implementations (off by default:
+    see registry._FOLDS_TILING), the dispatcher passes the 2D-tiled order to cpu_flash
+    as a row map (the kernel
     packs q, k, v through it and writes out, lse, dq, dk, dv back to their rows):
     out, lse and the vjp (random cotangents) equal the gather path (tile_call, the
     kernel in the tiled order, untile_outputs) bit for bit, and the lowered fwd + bwd
@@ -340,6 +342,7 @@ class TestCpuFlashBlockSparse:
     from attnjax.core import args as args_lib
     from attnjax.core import tiling
     from attnjax.dispatch import registry
+    monkeypatch.setattr(registry, "_FOLDS_TILING", frozenset({"cpu_flash"}))
     shape, T = (24, 24), 576
     mask = masks.window(shape, 8, shift=4)
     dtype = jnp.dtype(dtype)
