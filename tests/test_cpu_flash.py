@@ -330,6 +330,98 @@ class TestCpuFlashBlockSparse:
     with pytest.raises(ValueError, match="CpuFlashBlockSizes.spatial_tile"):
       CpuFlashBlockSizes(spatial_tile=(0, 8))
 
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_tiling_folded_into_kernel(self, dtype, monkeypatch):
+    """With cpu_flash among the dispatcher's folding implementations (off by default:
+    see registry._FOLDS_TILING), the dispatcher passes the 2D-tiled order to cpu_flash
+    as a row map (the kernel
+    packs q, k, v through it and writes out, lse, dq, dk, dv back to their rows):
+    out, lse and the vjp (random cotangents) equal the gather path (tile_call, the
+    kernel in the tiled order, untile_outputs) bit for bit, and the lowered fwd + bwd
+    program has no gather (the gather path's has them)."""
+    from attnjax.core import args as args_lib
+    from attnjax.core import tiling
+    from attnjax.dispatch import registry
+    monkeypatch.setattr(registry, "_FOLDS_TILING", frozenset({"cpu_flash"}))
+    shape, T = (24, 24), 576
+    mask = masks.window(shape, 8, shift=4)
+    dtype = jnp.dtype(dtype)
+    q, k, v = make_qkv(96, 2, T, T, 4, 2, 32, 32, dtype)
+    bs = CpuFlashBlockSizes(matmul=self.MATMUL, spatial_tile=(8, 8))
+    a = args_lib.check_attention_args(q, k, v, mask=mask)
+    plan, cfg = registry._spatial_tiling(registry.get("cpu_flash"), a, bs)
+    assert plan is not None
+
+    def folded(q, k, v):
+      return attnjax.attention(q, k, v, mask=mask, implementation="cpu_flash",
+                               block_sizes=bs, return_lse=True)
+
+    def gathered(q, k, v):
+      qt, kt, vt, at = tiling.tile_call(q, k, v, a, plan)
+      out = flash.cpu_flash_attention(qt, kt, vt, at, return_lse=True, block_sizes=cfg)
+      return tiling.untile_outputs(out, plan, True)
+
+    cts = (rnd(97, (2, T, 4, 32)).astype(dtype), rnd(98, (2, 4, T)))
+    (out, lse), vjp = jax.vjp(folded, q, k, v)
+    (out_g, lse_g), vjp_g = jax.vjp(gathered, q, k, v)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(out_g, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_g))
+    for name, g, gg in zip(("dq", "dk", "dv"), vjp(cts), vjp_g(cts)):
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(gg, np.float32),
+                                    err_msg=name)
+
+    def program(fn):
+      loss = lambda q, k, v: sum(x.astype(jnp.float32).sum() for x in fn(q, k, v))
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    assert "gather" in program(gathered)
+    text = program(folded)
+    assert "gather" not in text and "attnjax_sparse_fwd" in text
+
+  def test_block_sparse_row_maps(self):
+    """cpu_flash_block_sparse with row maps (different query and key permutations,
+    T != S, an empty query block) equals gathering q, k, v into the mapped order,
+    running the schedule and gathering out, lse and the grads back (to 1e-6); identity
+    maps run as no maps; maps that are not permutations are refused."""
+    T, S, bq, bk = 48, 64, 16, 16
+    rng = np.random.default_rng(8)
+    table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(3, 4))
+    table[1] = masks.EMPTY
+    elem = rng.random((T, S)) < 0.5
+    sch = flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+    qmap, kmap = rng.permutation(T), rng.permutation(S)
+    q, k, v = make_qkv(99, 2, T, S, 4, 2, 32, 32, jnp.float32)
+    sc = 32 ** -0.5
+
+    def mapped(q, k, v):
+      return flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc, q_rows=qmap, k_rows=kmap)
+
+    def gathered(q, k, v):
+      o, lse = flash.cpu_flash_block_sparse(q[:, qmap], k[:, kmap], v[:, kmap], sch, scale=sc)
+      back = np.argsort(qmap)
+      return o[:, back], lse[:, :, back]
+
+    cts = (rnd(100, (2, T, 4, 32)), rnd(101, (2, 4, T)))
+    res, vjp = jax.vjp(mapped, q, k, v)
+    res_g, vjp_g = jax.vjp(gathered, q, k, v)
+    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), (*res, *vjp(cts)),
+                          (*res_g, *vjp_g(cts))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6,
+                                 err_msg=name)
+    empty = qmap[16:32]  # original rows of the empty query block
+    np.testing.assert_array_equal(np.asarray(res[0])[:, empty], 0.0)
+    np.testing.assert_array_equal(np.asarray(vjp(cts)[0])[:, empty], 0.0)
+    ident = flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc, q_rows=np.arange(T),
+                                         k_rows=np.arange(S))
+    np.testing.assert_array_equal(np.asarray(ident[0]),
+                                  np.asarray(flash.cpu_flash_block_sparse(q, k, v, sch,
+                                                                          scale=sc)[0]))
+    bad = qmap.copy()
+    bad[0] = bad[1]
+    with pytest.raises(ValueError, match="q_rows must be a permutation"):
+      flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc, q_rows=bad)
+    with pytest.raises(ValueError, match="k_rows must be a permutation"):
+      flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc, k_rows=kmap[:-1])
+
   def test_block_sparse_schedule_structure(self):
     """Lists ascending and transposed of each other; codes -1 (full) only on tiles the
     mask fully allows with keys in range; partial patterns equal the mask on the tile;

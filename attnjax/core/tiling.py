@@ -186,6 +186,13 @@ def _tiled_index(plan: TilePlan, inverse: bool):
   return inv
 
 
+def tiled_index(plan: TilePlan):
+  """The row map of the tiled order, static int32 ``[prod(shape)]``: tiled token ``t``
+  is row-major token ``tiled_index(plan)[t]``.  Kernels that read their inputs through
+  a row map (``'cpu_flash'``) take it instead of :func:`tile_call`'s gathers."""
+  return _tiled_index(plan, False)
+
+
 def _gather_permute(x, axis: int, plan: TilePlan, inverse: bool):
   """The permutation as a gather with static indices, whose vjp is the inverse gather
   (not a scatter).  On XLA:CPU this is about 4x faster than the reshape/transpose/roll
@@ -249,14 +256,19 @@ def _tiled_score_mod(sm, plan: TilePlan):
   return score_mods_lib.ScoreMod(fn, f"tiled2d({getattr(sm, 'name', 'score_mod')})")
 
 
+def tiled_mask(a: AttentionArgs, plan: TilePlan):
+  """``a.mask`` in the tiled order (:func:`attnjax.masks.tiled2d`)."""
+  if plan.tiled_mask is not None:
+    return plan.tiled_mask
+  return masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
+
+
 def tile_call(q, k, v, a: AttentionArgs, plan: TilePlan):
   """``(q, k, v, a)`` in the tiled order: tokens permuted, the mask wrapped with
   :func:`attnjax.masks.tiled2d`, a bias's full ``T``/``S`` axes and segment ids
   permuted, the score_mod evaluated at the grid indices."""
   qt, kt, vt = (permute_axis(x, 1, plan) for x in (q, k, v))
-  mask = plan.tiled_mask
-  if mask is None:
-    mask = masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
+  mask = tiled_mask(a, plan)
   bias = a.bias
   if bias is not None:
     for ax in (2, 3):

@@ -363,8 +363,8 @@ def block_sparse_schedule(mask, T: int, S: int, block_q: int, block_k: int, *,
   return sched
 
 
-def _ffi_sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, *, scale, block_q, block_k,
-                    num_threads):
+def _ffi_sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, *, scale, block_q,
+                    block_k, num_threads):
   B, T, N, _ = q.shape
   Hv = v.shape[-1]
   return jax.ffi.ffi_call(
@@ -373,56 +373,57 @@ def _ffi_sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, *, scale, block_q
        jax.ShapeDtypeStruct((B, N, T), jnp.float32),
        jax.ShapeDtypeStruct((2, B, N, T), jnp.float32)),
       vmap_method="sequential",
-  )(q, k, v, qlist, qcode, klist, kcode, pats, scale=np.float32(scale),
+  )(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, scale=np.float32(scale),
     block_q=np.int64(block_q), block_k=np.int64(block_k), num_threads=np.int64(num_threads))
 
 
-def _ffi_sparse_bwd(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, *, scale,
-                    block_q, block_k, num_threads):
+def _ffi_sparse_bwd(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, qmap, kmap, *,
+                    scale, block_q, block_k, num_threads):
   return jax.ffi.ffi_call(
       build.TARGETS["AttnjaxSparseBwd"],
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
       vmap_method="sequential",
-  )(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, scale=np.float32(scale),
+  )(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, qmap, kmap,
+    scale=np.float32(scale),
     block_q=np.int64(block_q), block_k=np.int64(block_k), num_threads=np.int64(num_threads))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _sparse(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
-  out, lse, _ = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _sparse(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg):
+  out, lse, _ = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg)
   return out, lse
 
 
-def _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
+def _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg):
   scale, bq, bk, nt = cfg
-  tables = (qlist, qcode, klist, kcode, pats)
+  tables = (qlist, qcode, klist, kcode, pats, qmap, kmap)
   return vary_like(_ffi_sparse_fwd(q, k, v, *tables, scale=scale, block_q=bq, block_k=bk,
                                    num_threads=nt), q, k, v, *tables)
 
 
-def _sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, cfg):
-  out, lse, stats = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, cfg)
-  return (out, lse), (q, k, v, qlist, qcode, klist, kcode, pats, out, stats)
+def _sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg):
+  out, lse, stats = _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg)
+  return (out, lse), (q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, out, stats)
 
 
 def _sparse_bwd(cfg, res, cts):
   scale, bq, bk, nt = cfg
-  q, k, v, qlist, qcode, klist, kcode, pats, out, stats = res
+  q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, out, stats = res
   do, dlse = cts
   do = do.astype(jnp.float32)
   delta = jnp.einsum("btnh,btnh->bnt", do, out) - dlse.astype(jnp.float32)
-  tables = (qlist, qcode, klist, kcode, pats)
+  tables = (qlist, qcode, klist, kcode, pats, qmap, kmap)
   grads = _ffi_sparse_bwd(q, k, v, do, stats, delta, *tables, scale=scale, block_q=bq,
                           block_k=bk, num_threads=nt)
   grads = vary_like(grads, q, k, v, do, stats, delta, *tables)
-  return (*sum_to_vma(grads, (q, k, v)), None, None, None, None, None)
+  return (*sum_to_vma(grads, (q, k, v)), None, None, None, None, None, None, None)
 
 
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
 
 def cpu_flash_block_sparse(q, k, v, schedule: BlockSparseSchedule, *, scale: float,
-                           num_threads: int = 0):
+                           num_threads: int = 0, q_rows=None, k_rows=None):
   """Block-sparse flash attention on the CPU kernel (differentiable in q, k, v).
 
   Args:
@@ -434,9 +435,16 @@ def cpu_flash_block_sparse(q, k, v, schedule: BlockSparseSchedule, *, scale: flo
       and head.
     scale: the logit scale (a Python float).
     num_threads: worker threads (0: all).
+    q_rows, k_rows: optional static row maps (int ``[T]`` / ``[S]`` permutations, NumPy):
+      the schedule is in a permuted token order whose query ``t`` is row ``q_rows[t]``
+      of q (key ``s`` row ``k_rows[s]`` of k, v), e.g. the 2D-tiled order of
+      :mod:`attnjax.core.tiling`.  The kernel reads q, k, v through the maps while it
+      packs them and writes out, lse and the gradients back to the original rows, so
+      the result equals gathering q, k, v into that order, running the schedule and
+      gathering the outputs back, without the gathers.  None: the identity.
   Returns:
-    ``(out [B, T, N, Hv] float32, lse [B, N, T] float32)``; rows with no allowed key
-    give 0, ``lse = -inf`` and zero gradients.
+    ``(out [B, T, N, Hv] float32, lse [B, N, T] float32)`` in the original row order;
+    rows with no allowed key give 0, ``lse = -inf`` and zero gradients.
   """
   bq, bk = schedule.block_q, schedule.block_k
   T, S = q.shape[1], k.shape[1]
@@ -447,11 +455,31 @@ def cpu_flash_block_sparse(q, k, v, schedule: BlockSparseSchedule, *, scale: flo
     raise ValueError(f"schedule must have {-(-T // bq)} query-block and {-(-S // bk)} "
                      f"key-block lists, got {schedule.qlist.shape[0]} and "
                      f"{schedule.klist.shape[0]}")
+  maps = tuple(_row_map(m, n, name) for m, n, name in ((q_rows, T, "q_rows"),
+                                                        (k_rows, S, "k_rows")))
   cfg = (float(scale), int(bq), int(bk), int(num_threads))
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
   return _sparse(f32(q), f32(k), f32(v), jnp.asarray(schedule.qlist),
                  jnp.asarray(schedule.qcode), jnp.asarray(schedule.klist),
-                 jnp.asarray(schedule.kcode), jnp.asarray(schedule.pats), cfg)
+                 jnp.asarray(schedule.kcode), jnp.asarray(schedule.pats), *maps, cfg)
+
+
+def _row_map(rows, n: int, name: str):
+  """A row map as the kernel takes it: int32 ``[n]``, or ``[0]`` for the identity."""
+  if rows is None:
+    return jnp.zeros((0,), jnp.int32)
+  try:
+    arr = np.asarray(rows)
+  except TypeError as e:  # a tracer
+    raise TypeError(f"{name} must be a static (NumPy) row map, got {type(rows).__name__}") \
+        from e
+  if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or \
+      not np.array_equal(np.sort(arr), np.arange(n)):
+    raise ValueError(f"{name} must be a permutation of 0 .. {n - 1} (int [{n}]), got shape "
+                     f"{arr.shape} dtype {arr.dtype}")
+  if np.array_equal(arr, np.arange(n)):
+    return jnp.zeros((0,), jnp.int32)
+  return jnp.asarray(arr.astype(np.int32))
 
 
 def unsupported_reason(a: AttentionArgs, block_sizes=None) -> Optional[str]:
@@ -481,8 +509,15 @@ def unsupported_reason(a: AttentionArgs, block_sizes=None) -> Optional[str]:
   return None
 
 
-def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None):
+def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_sizes=None,
+                        row_map=None):
   """The 'cpu_flash' implementation; same contract as :func:`attnjax.attention`.
+
+  ``row_map`` (the dispatcher's 2D tiling, :func:`attnjax.core.tiling.tiled_index`):
+  ``a.mask`` is in a permuted token order whose token ``t`` is row ``row_map[t]`` of q,
+  k and v (self-attention, ``T == S``); the result is in the original order.  The
+  block-sparse kernel folds the permutation into its packing (no gathers); a band mask
+  gathers.
 
   Raises :class:`attnjax.core.Unsupported` (so ``'auto'`` falls back) when the kernel
   is not built for this machine or the call uses a feature it does not serve
@@ -500,10 +535,19 @@ def cpu_flash_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_si
     hi = np.full((a.T,), a.S - 1, np.int32)
   elif band is None:
     sched = block_sparse_schedule(a.mask, a.T, a.S, bq, bk, num_heads=a.N, batch=a.B)
-    out, lse = cpu_flash_block_sparse(q, k, v, sched, scale=float(a.scale), num_threads=nt)
+    out, lse = cpu_flash_block_sparse(q, k, v, sched, scale=float(a.scale), num_threads=nt,
+                                      q_rows=row_map, k_rows=row_map)
     return _finish(out, lse, q.dtype, a, return_lse)
   else:
     lo, hi = band
+  if row_map is not None:  # a band in the permuted order: gather in and out
+    idx = np.asarray(row_map)
+    back = np.argsort(idx)
+    res = cpu_flash_attention(jnp.take(q, idx, axis=1), jnp.take(k, idx, axis=1),
+                              jnp.take(v, idx, axis=1), a, return_lse=True,
+                              block_sizes=block_sizes)
+    out, lse = jnp.take(res[0], back, axis=1), jnp.take(res[1], back, axis=2)
+    return (out, lse) if return_lse else out
   # A bf16 result lets the AMX forward round P to bf16 for P @ V (as GPU flash kernels
   # do): its 2^-9 relative error is that of the bf16 output.
   bf16_out = jnp.dtype(q.dtype) == jnp.bfloat16

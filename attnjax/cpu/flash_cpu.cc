@@ -29,6 +29,7 @@
 //   flash_cpu.cc   (this file) the XLA FFI handlers
 
 #include <cstdint>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -123,7 +124,8 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// The block lists of a block-sparse call (see SparseTiles): qlist, qcode [nq, Lq];
+// The block lists of a block-sparse call (see SparseTiles), in the kernel's (mapped)
+// token order: qlist, qcode [nq, Lq];
 // klist, kcode [nk, Lk]; pats [U, bq, bk] with the geometry's (shrunk) block sizes.
 // Entries must be valid block / pattern indices; Lq = 0 (Lk = 0) when unused.
 ffi::Error CheckSparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist,
@@ -150,6 +152,29 @@ ffi::Error CheckSparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist,
   return ffi::Error::Success();
 }
 
+// The row maps of a block-sparse call (see Geometry): qmap [T] and kmap [S], each a
+// permutation, or empty for the identity.
+ffi::Error SetMaps(ffi::Buffer<ffi::S32> qmap, ffi::Buffer<ffi::S32> kmap, Geometry* g) {
+  const auto check = [](ffi::Buffer<ffi::S32> map, int64_t n, const int32_t** out) {
+    const int64_t size = static_cast<int64_t>(map.element_count());
+    if (size == 0) return true;
+    if (size != n) return false;
+    std::vector<char> seen(n, 0);
+    const int32_t* m = map.typed_data();
+    for (int64_t i = 0; i < n; ++i) {
+      if (m[i] < 0 || m[i] >= n || seen[m[i]]) return false;
+      seen[m[i]] = 1;
+    }
+    *out = m;
+    return true;
+  };
+  if (!check(qmap, g->T, &g->qmap) || !check(kmap, g->S, &g->kmap))
+    return ffi::Error::InvalidArgument(
+        "row maps must be empty or permutations of 0 .. T-1 (query map) and 0 .. S-1 "
+        "(key map)");
+  return ffi::Error::Success();
+}
+
 SparseTiles Sparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist, ffi::Buffer<ffi::S32> qcode,
                    ffi::Buffer<ffi::S32> klist, ffi::Buffer<ffi::S32> kcode,
                    ffi::Buffer<ffi::U8> pats) {
@@ -161,7 +186,8 @@ SparseTiles Sparse(const Geometry& g, ffi::Buffer<ffi::S32> qlist, ffi::Buffer<f
 ffi::Error SparseFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qlist,
                          ffi::Buffer<ffi::S32> qcode, ffi::Buffer<ffi::S32> klist,
-                         ffi::Buffer<ffi::S32> kcode, ffi::Buffer<ffi::U8> pats, float scale,
+                         ffi::Buffer<ffi::S32> kcode, ffi::Buffer<ffi::U8> pats,
+                         ffi::Buffer<ffi::S32> qmap, ffi::Buffer<ffi::S32> kmap, float scale,
                          int64_t block_q, int64_t block_k, int64_t num_threads,
                          ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
                          ffi::ResultBuffer<ffi::F32> stats) {
@@ -170,6 +196,7 @@ ffi::Error SparseFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       e.failure())
     return e;
   if (auto e = CheckSparse(g, qlist, qcode, klist, kcode, pats); e.failure()) return e;
+  if (auto e = SetMaps(qmap, kmap, &g); e.failure()) return e;
   const SparseTiles t = Sparse(g, qlist, qcode, klist, kcode, pats);
   if (!ForwardSparse(g, q.typed_data(), k.typed_data(), v.typed_data(), t, scale,
                      NumThreads(num_threads), o->typed_data(), lse->typed_data(),
@@ -184,7 +211,8 @@ ffi::Error SparseBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> delta,
                          ffi::Buffer<ffi::S32> qlist, ffi::Buffer<ffi::S32> qcode,
                          ffi::Buffer<ffi::S32> klist, ffi::Buffer<ffi::S32> kcode,
-                         ffi::Buffer<ffi::U8> pats, float scale, int64_t block_q,
+                         ffi::Buffer<ffi::U8> pats, ffi::Buffer<ffi::S32> qmap,
+                         ffi::Buffer<ffi::S32> kmap, float scale, int64_t block_q,
                          int64_t block_k, int64_t num_threads, ffi::ResultBuffer<ffi::F32> dq,
                          ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Geometry g;
@@ -192,6 +220,7 @@ ffi::Error SparseBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       e.failure())
     return e;
   if (auto e = CheckSparse(g, qlist, qcode, klist, kcode, pats); e.failure()) return e;
+  if (auto e = SetMaps(qmap, kmap, &g); e.failure()) return e;
   const SparseTiles t = Sparse(g, qlist, qcode, klist, kcode, pats);
   if (static_cast<int64_t>(dout.element_count()) != g.B * g.T * g.N * g.Hv ||
       static_cast<int64_t>(stats.element_count()) != 2 * g.B * g.N * g.T ||
@@ -218,6 +247,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxSparseFwd, SparseFwdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k")
@@ -239,6 +270,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnjaxSparseBwd, SparseBwdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block_q")
                                   .Attr<int64_t>("block_k")

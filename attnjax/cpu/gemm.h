@@ -99,9 +99,19 @@ constexpr int64_t kPanel = kLanes * kNV;
 
 // ---------------------------------------------------------------- geometry, masks
 
+// qmap [T] / kmap [S] (block-sparse calls only; null: the identity): the kernel works
+// in a permuted token order (e.g. 2D-tiled, attnjax.core.tiling) whose row t is row
+// qmap[t] of q, do, o, dq (and entry qmap[t] of lse, stats, delta) and whose key s is
+// row kmap[s] of k, v, dk, dv.  The packers read through the maps and the writers
+// write through them, so the permutation costs no pass of its own.
 struct Geometry {
   int64_t B, T, S, N, K, H, Hv, G, bq, bk, nq, nk;
+  const int32_t* qmap = nullptr;
+  const int32_t* kmap = nullptr;
 };
+
+// Row s of a permuted order: map[s] (s itself without a map).
+inline int64_t MapRow(const int32_t* map, int64_t s) { return map != nullptr ? map[s] : s; }
 
 // Per query block: bounds of the rows' allowed key ranges (only rows < T count).
 struct QBlockBand {
@@ -160,25 +170,34 @@ void MaskTile(float* s, int64_t ld, int64_t rows, int64_t bk, int64_t t0, int64_
 // Writes x [B, S, K, H] (K or V) transposed per (b, kv head, key block) into out:
 // blocks [B, K, nk] of RoundUp(bk, panel) * H floats, each [bk / panel][H][panel]
 // (column panels of the [H, bk] transposed block; panel = bk gives [H, bk]), zero
-// beyond S.  H % 16 == 0, bk % 16 == 0, panel % 16 == 0.
+// beyond S; key s is row g.kmap[s] of x when the geometry has a key map.  H % 16 == 0,
+// bk % 16 == 0, panel % 16 == 0.
 void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, int nthreads,
                     int64_t panel) {
   ParallelFor(g.B * g.K * g.nk, nthreads, [&](int64_t item, int) {
     const int64_t kb = item % g.nk, bh = item / g.nk, kvh = bh % g.K, b = bh / g.K;
     float* dst = out + item * H * RoundUp(g.bk, panel);
     auto at = [&](int64_t h, int64_t j) { return dst + (j / panel) * H * panel + h * panel + j % panel; };
+    auto row = [&](int64_t s) { return x + ((b * g.S + MapRow(g.kmap, s)) * g.K + kvh) * H; };
+    thread_local std::vector<float> gathered;  // kLanes mapped rows, contiguous
     for (int64_t j0 = 0; j0 < g.bk; j0 += kLanes) {
       const int64_t s0 = kb * g.bk + j0;
-      const float* src = x + ((b * g.S + s0) * g.K + kvh) * H;
       if (s0 + kLanes <= g.S) {
-        for (int64_t h = 0; h < H; h += kLanes)
-          TransposeBlock(src + h, g.K * H, at(h, j0), panel);
+        const float* src = row(s0);
+        int64_t ld = g.K * H;
+        if (g.kmap != nullptr) {
+          gathered.resize(kLanes * H);
+          for (int64_t r = 0; r < kLanes; ++r)
+            std::memcpy(gathered.data() + r * H, row(s0 + r), H * sizeof(float));
+          src = gathered.data(), ld = H;
+        }
+        for (int64_t h = 0; h < H; h += kLanes) TransposeBlock(src + h, ld, at(h, j0), panel);
         continue;
       }
       for (int64_t jj = j0; jj < j0 + kLanes; ++jj) {  // the ragged end of the keys
-        const bool in = kb * g.bk + jj < g.S;
-        for (int64_t h = 0; h < H; ++h)
-          *at(h, jj) = in ? src[(jj - j0) * g.K * H + h] : 0.0f;
+        const int64_t s = kb * g.bk + jj;
+        const float* src = s < g.S ? row(s) : nullptr;
+        for (int64_t h = 0; h < H; ++h) *at(h, jj) = src != nullptr ? src[h] : 0.0f;
       }
     }
   });
@@ -187,18 +206,20 @@ void PackTransposed(const Geometry& g, const float* x, int64_t H, float* out, in
 // Copies rows [s0, s0 + n) of head `head` of x [B, L, heads, D] (batch b) into out in
 // column panels of `panel` columns, [ceil(D / panel)][n][panel] (a narrower last panel
 // keeps the row stride panel; panel = D gives one contiguous [n, D] block), zero rows
-// beyond L.  Rows at a stride of heads * D floats alias in the L1 cache when the
+// beyond L; row s0 + r is row map[s0 + r] of x when a map is given.  Rows at a stride of heads * D floats alias in the L1 cache when the
 // stride is a multiple of 4 KiB / a few rows, so tiles are always packed before the
 // GEMMs read them repeatedly.
 void PackRows(const float* x, int64_t L, int64_t heads, int64_t D, int64_t b, int64_t head,
-              int64_t s0, int64_t n, int64_t panel, float* out) {
+              int64_t s0, int64_t n, int64_t panel, float* out,
+              const int32_t* map = nullptr) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t s = s0 + r;
     for (int64_t c = 0; c < D; c += panel) {
       float* dst = out + (c / panel) * n * panel + r * panel;
       const int64_t w = std::min(panel, D - c);
       if (s < L)
-        std::memcpy(dst, x + ((b * L + s) * heads + head) * D + c, w * sizeof(float));
+        std::memcpy(dst, x + ((b * L + MapRow(map, s)) * heads + head) * D + c,
+                    w * sizeof(float));
       else
         std::fill(dst, dst + w, 0.0f);
     }

@@ -32,7 +32,7 @@ void WriteRows(const Geometry& g, int64_t b, int64_t n, int64_t t0, int64_t rows
                float* stats) {
   const int64_t rows_total = g.B * g.N * g.T;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = t0 + r;
+    const int64_t t = MapRow(g.qmap, t0 + r);  // the row's original position
     float* dst = o + ((b * g.T + t) * g.N + n) * g.Hv;
     const float lr = ReduceAdd(Load(lv + kLanes * r));
     const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
@@ -217,7 +217,8 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
   if (!kt.p || !vp.p) return false;
   PackTransposed(g, k, g.H, kt.p, nthreads, kPanel);
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, kPanel, vp.p + bh * vsize);
+    PackRows(v, g.S, g.K, g.Hv, bh / g.K, bh % g.K, 0, Sp, kPanel, vp.p + bh * vsize,
+             g.kmap);
   });
 
   ParallelFor(g.B * g.N * g.nq, nthreads, [&](int64_t item, int) {
@@ -230,7 +231,7 @@ bool ForwardSimd(const Geometry& g, const float* q, const float* k, const float*
     float* l = m + g.bq;  // [bq, kLanes] lane sums
     float* qrows = l + kLanes * g.bq;
     float* rmax = qrows + g.bq * g.H;
-    PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, g.H, qrows);
+    PackRows(q, g.T, g.N, g.H, it.b, it.n, it.t0, it.rows, g.H, qrows, g.qmap);
     // Logits in log2 units straight from the GEMM (SoftmaxRow with c = 1).
     const Vf vc = Set1(c);
     for (int64_t i = 0; i < it.rows * g.H; i += kLanes)
@@ -404,7 +405,7 @@ struct PrivateDq {
     ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
       const int64_t b = bn / g.N, n = bn % g.N;
       for (int64_t t = 0; t < g.T; ++t) {
-        float* dst = dq + ((b * g.T + t) * g.N + n) * g.H;
+        float* dst = dq + ((b * g.T + MapRow(g.qmap, t)) * g.N + n) * g.H;
         const float* src = buf.p + (bn * Tp + t) * g.H;
         std::memcpy(dst, src, g.H * sizeof(float));
         for (int th = 1; th < nthreads; ++th)
@@ -448,13 +449,14 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
   if (!qp.p || !dop.p || !kp.p) return false;
   ParallelFor(g.B * g.N, nthreads, [&](int64_t bn, int) {
     float* qh = qp.p + bn * Tp * g.H;
-    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, g.H, qh);
+    PackRows(q, g.T, g.N, g.H, bn / g.N, bn % g.N, 0, Tp, g.H, qh, g.qmap);
     const Vf vc = Set1(c);  // as the forward scales its packed q
     for (int64_t i = 0; i < Tp * g.H; i += kLanes) Store(qh + i, Mul(Load(qh + i), vc));
-    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, g.Hv, dop.p + bn * Tp * g.Hv);
+    PackRows(dout, g.T, g.N, g.Hv, bn / g.N, bn % g.N, 0, Tp, g.Hv, dop.p + bn * Tp * g.Hv,
+             g.qmap);
   });
   ParallelFor(g.B * g.K, nthreads, [&](int64_t bh, int) {
-    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, g.H, kp.p + bh * Sp * g.H);
+    PackRows(k, g.S, g.K, g.H, bh / g.K, bh % g.K, 0, Sp, g.H, kp.p + bh * Sp * g.H, g.kmap);
   });
   // Each thread accumulates dq into its own packed copy; they are summed at the end.
   const PrivateDq dq_private(g, Tp, nthreads);
@@ -481,12 +483,11 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
         const int64_t t0 = qb * g.bq, rows = std::min(g.bq, g.T - t0);
         const float* qrows = qp.p + (bn * Tp + t0) * g.H;
         const float* dorows = dop.p + (bn * Tp + t0) * g.Hv;
-        const float* drow = delta + bn * g.T + t0;
         // P = 2^(s - m) / l, s = (c q) . k in log2 units, as the forward computed it.
         Gemm<false, kMR, kNV>(rows, g.bk, g.H, qrows, g.H, 1, ktile, g.bk, p, g.bk);
         if (!full) tiles.Mask(p, g.bk, rows, t0, 0, j0, tag);
         for (int64_t r = 0; r < rows; ++r) {
-          const RowStats st(g, stats, bn * g.T + t0 + r);
+          const RowStats st(g, stats, bn * g.T + MapRow(g.qmap, t0 + r));
           const Vf vm = Set1(st.m), vi = Set1(st.inv);
           float* row = p + r * g.bk;
           for (int64_t j = 0; j < g.bk; j += kLanes)
@@ -497,7 +498,7 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
         // dP = dO V^T ; dS = scale * P * (dP - delta)
         Gemm<false, kMR, kNV>(rows, g.bk, g.Hv, dorows, g.Hv, 1, vtile, g.bk, ds, g.bk);
         for (int64_t r = 0; r < rows; ++r) {
-          const Vf vd = Set1(drow[r]);
+          const Vf vd = Set1(delta[bn * g.T + MapRow(g.qmap, t0 + r)]);
           float* dsr = ds + r * g.bk;
           const float* pr = p + r * g.bk;
           for (int64_t j = 0; j < g.bk; j += kLanes) {
@@ -514,10 +515,11 @@ bool BackwardSimd(const Geometry& g, const float* q, const float* k, const float
     }
     const Vf vinv_c = Set1(inv_c);
     for (int64_t jj = 0; jj < cols; ++jj) {
-      float* dkr = dk + ((b * g.S + j0 + jj) * g.K + kvh) * g.H;
+      const int64_t s = MapRow(g.kmap, j0 + jj);  // the key's original position
+      float* dkr = dk + ((b * g.S + s) * g.K + kvh) * g.H;
       for (int64_t d = 0; d < g.H; d += kLanes)
         Store(dkr + d, Mul(Load(dk_acc + jj * g.H + d), vinv_c));
-      std::memcpy(dv + ((b * g.S + j0 + jj) * g.K + kvh) * g.Hv, dv_acc + jj * g.Hv,
+      std::memcpy(dv + ((b * g.S + s) * g.K + kvh) * g.Hv, dv_acc + jj * g.Hv,
                   g.Hv * sizeof(float));
     }
   });
