@@ -74,6 +74,31 @@ class TestCpuFlash(AttentionTestBase):
     q, k, v = make_qkv(50, 1, 181, 181, 6, 2, 64, 64, jnp.float32)
     self.check(q, k, v, jnp.float32, mask=mask)
 
+  @pytest.mark.parametrize("sparse", [False, True], ids=["band", "block_sparse"])
+  def test_recycled_scratch_holds_no_stale_data(self, sparse):
+    """The kernel's large scratch blocks (packed K/V, dq accumulators: over 1 MiB here)
+    are recycled between calls (ScratchCache).  A first call on inputs full of NaN and
+    huge values leaves them poisoned; later calls on clean inputs of the same and of a
+    slightly smaller ragged shape (so they reuse the blocks) must match the reference,
+    forward and vjp: every element a call reads it has written."""
+    mask = masks.neighborhood((24, 24), 5) if sparse else masks.causal()
+    bs = CpuFlashBlockSizes(matmul=self.MATMUL)
+    T = 576
+    q, k, v = make_qkv(61, 1, T, T, 8, 8, 64, 64, jnp.float32)
+    poison = lambda x: jnp.where(jnp.arange(x.shape[1])[None, :, None, None] % 3 == 0,
+                                 jnp.nan, x * 1e30)
+    step = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: attnjax.attention(q, k, v, mask=mask, implementation="cpu_flash",
+                                          block_sizes=bs), q, k, v)[1](q))
+    self.BLOCK_SIZES = bs
+    cases = [(q, k, v)]
+    if not sparse:            # a ragged, shorter sequence reuses the same blocks
+      cases.append(tuple(x[:, :T - 37] for x in make_qkv(62, 1, T, T, 8, 8, 64, 64,
+                                                         jnp.float32)))
+    for qc, kc, vc in cases:
+      jax.block_until_ready(step(poison(q), poison(k), poison(v)))
+      self.check(qc, kc, vc, jnp.float32, mask=mask)
+
   def test_thread_counts_agree(self):
     q, k, v = make_qkv(51, 2, 90, 77, 4, 2, 32, 32, jnp.float32)
     outs = []
@@ -331,10 +356,9 @@ class TestCpuFlashBlockSparse:
       CpuFlashBlockSizes(spatial_tile=(0, 8))
 
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-  def test_tiling_folded_into_kernel(self, dtype, monkeypatch):
-    """With cpu_flash among the dispatcher's folding implementations (off by default:
-    see registry._FOLDS_TILING), the dispatcher passes the 2D-tiled order to cpu_flash
-    as a row map (the kernel
+  def test_tiling_folded_into_kernel(self, dtype):
+    """cpu_flash is among the dispatcher's folding implementations (registry._FOLDS_TILING):
+    the dispatcher passes the 2D-tiled order to cpu_flash as a row map (the kernel
     packs q, k, v through it and writes out, lse, dq, dk, dv back to their rows):
     out, lse and the vjp (random cotangents) equal the gather path (tile_call, the
     kernel in the tiled order, untile_outputs) bit for bit, and the lowered fwd + bwd
@@ -342,7 +366,7 @@ class TestCpuFlashBlockSparse:
     from attnjax.core import args as args_lib
     from attnjax.core import tiling
     from attnjax.dispatch import registry
-    monkeypatch.setattr(registry, "_FOLDS_TILING", frozenset({"cpu_flash"}))
+    assert "cpu_flash" in registry._FOLDS_TILING
     shape, T = (24, 24), 576
     mask = masks.window(shape, 8, shift=4)
     dtype = jnp.dtype(dtype)

@@ -27,15 +27,88 @@ namespace {
 
 // ---------------------------------------------------------------- memory, threads
 
+// Large scratch blocks kept between calls.  The packed K/V panels of one call are tens
+// of MB; allocated fresh, each comes from mmap and its every page faults on first
+// touch (a quarter of a sparse call's time on a 128 x 128 map, where the tiles
+// themselves are few).  Freed blocks wait here for the next call of the same shapes:
+// a request takes the smallest cached block of at least its size (and at most twice
+// it), and the cache frees its oldest blocks beyond ATTNJAX_CPU_SCRATCH_MB (default
+// 512; 0 turns the cache off).  Blocks under kMinCached bytes go straight to malloc,
+// and so does everything in a forked child (whose copy of the lock may be held).
+class ScratchCache {
+ public:
+  static constexpr size_t kMinCached = size_t{1} << 20;
+  static ScratchCache& Get() {
+    static ScratchCache* cache = new ScratchCache;  // never destroyed, as the pool
+    return *cache;
+  }
+  void* Acquire(size_t bytes) {
+    if (Usable(bytes)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = blocks_.size();
+      for (size_t i = 0; i < blocks_.size(); ++i)
+        if (blocks_[i].bytes >= bytes && blocks_[i].bytes <= 2 * bytes &&
+            (best == blocks_.size() || blocks_[i].bytes < blocks_[best].bytes))
+          best = i;
+      if (best < blocks_.size()) {
+        void* p = blocks_[best].p;
+        cached_ -= blocks_[best].bytes;
+        blocks_.erase(blocks_.begin() + best);
+        return p;
+      }
+    }
+    return std::aligned_alloc(64, bytes);
+  }
+  void Release(void* p, size_t bytes) {
+    if (p == nullptr) return;
+    if (!Usable(bytes)) {
+      std::free(p);
+      return;
+    }
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks_.push_back({p, bytes});
+      cached_ += bytes;
+      while (cached_ > cap_) {  // oldest first
+        drop.push_back(blocks_.front().p);
+        cached_ -= blocks_.front().bytes;
+        blocks_.erase(blocks_.begin());
+      }
+    }
+    for (void* d : drop) std::free(d);
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  bool Usable(size_t bytes) const {
+    return bytes >= kMinCached && bytes <= cap_ && getpid() == pid_;
+  }
+  ScratchCache() : pid_(getpid()) {
+    const char* env = std::getenv("ATTNJAX_CPU_SCRATCH_MB");
+    const long mb = env ? std::atol(env) : 512;
+    cap_ = mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
+  }
+  std::mutex mu_;
+  std::vector<Block> blocks_;
+  size_t cached_ = 0, cap_ = 0;
+  const pid_t pid_;
+};
+
 // n uninitialised elements, 64-byte aligned; p is null when the allocation fails.
+// Large ones are recycled through the ScratchCache.
 template <class T>
 struct AlignedBuffer {
   T* p = nullptr;
-  explicit AlignedBuffer(size_t n) {
-    size_t bytes = ((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  size_t bytes;
+  explicit AlignedBuffer(size_t n)
+      : bytes(((std::max<size_t>(n, 1) * sizeof(T) + 63) / 64) * 64) {
+    p = static_cast<T*>(ScratchCache::Get().Acquire(bytes));
   }
-  ~AlignedBuffer() { std::free(p); }
+  ~AlignedBuffer() { ScratchCache::Get().Release(p, bytes); }
   T* data() const { return p; }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;

@@ -450,12 +450,10 @@ _TILING = {
 
 # Implementations run with the tiled order as a row map (run(..., row_map=)) instead
 # of tile_call's permutation gathers; they must serve no bias, segment ids or score_mod
-# (the tiled mask is all of the call that changes).  cpu_flash can (its block-sparse
-# kernel reads q, k, v through the map and writes the outputs and grads back), but it is
-# not listed: on a 128 x 128 map (B=1, N=8, H=64, f32) the folded forward measured
-# 4-6% slower than the gathers (the per-head packing reads mapped rows instead of one
-# contiguous gather over all heads) and fwd+bwd 2-8% faster; see docs/kernels.md.
-_FOLDS_TILING: frozenset = frozenset()
+# (the tiled mask is all of the call that changes).  cpu_flash's block-sparse kernel
+# reads q, k, v through the map while it packs them and writes the outputs and grads
+# back to their rows: no gather in the graph, forward or backward (docs/kernels.md).
+_FOLDS_TILING: frozenset = frozenset({"cpu_flash"})
 
 
 def _spatial_tiling(impl: Implementation, a, cfg):
