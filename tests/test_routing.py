@@ -349,7 +349,7 @@ def test_moba_gather_is_the_cpu_default():
   seen = []
   with hooks.observe(lambda call: seen.append(call.args)):
     routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=False)
-    routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=True)   # own block gathered
+    routing.moba_attention(q, k, v, block_size=4, top_k=2, causal=True)   # own block: a band call
   # one observed call each, the gather path's own (no dispatcher args, no masked call)
   assert seen == [None, None]
   with pytest.raises(ValueError, match="block_sizes"):

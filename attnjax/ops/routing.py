@@ -407,6 +407,37 @@ def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chu
   return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
+  """Causal MoBA on the gather path: the own block (slot 0 of ``idx_BNTk``) is the band
+  ``block_start(i) <= j <= i``, run by :func:`attnjax.attention` with
+  ``chunked(block_size) & causal()`` (on CPU the C++ kernel's band mode, which skips the
+  masked half of the block and runs at its GEMM rate), the earlier chosen blocks
+  (slots ``1..``) on the key-block-major gather path with no mask; the two partial
+  softmaxes are merged by log-sum-exp.  Gradients flow through both (the band's ``lse``
+  is differentiable).  Returns ``[B, T, N, Hv]`` in ``q.dtype``."""
+  B, T, N, _ = q.shape
+  Hv = v.shape[3]
+  own, lse_own = hooks.attention(q, k, v, mask=_masks.chunked(block_size) & _masks.causal(),
+                                 scale=scale, return_lse=True)
+  if idx_BNTk.shape[-1] == 1:
+    return own.astype(q.dtype)
+  H = q.shape[3]
+  sc = (1.0 / math.sqrt(H)) if scale is None else float(scale)
+  idx = jax.lax.stop_gradient(idx_BNTk[..., 1:]).astype(jnp.int32)
+  o_RTD, lse_RT = _moba_gather_partial(q, k, v, idx, int(block_size), False, sc,
+                                       _moba_gather_chunk(block_size))
+  o_g = o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3)
+  lse_g = lse_RT.reshape(B, N, T)
+  lse_own = lse_own.astype(_F32)
+  mx = jnp.maximum(lse_own, lse_g)               # the own block is never empty (j = i)
+  w_own = jnp.exp(lse_own - mx)
+  w_g = jnp.exp(lse_g - mx)                      # 0 where nothing earlier was chosen
+  den = w_own + w_g
+  t = lambda w: (w / den).transpose(0, 2, 1)[..., None]                # [B, T, N, 1]
+  out = own.astype(_F32) * t(w_own) + o_g * t(w_g)
+  return out.astype(q.dtype)
+
+
 def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
                    scale: Optional[float] = None, implementation=None, block_sizes=None):
   """MoBA: Mixture of Block Attention (per-query top-k key blocks).
@@ -420,12 +451,14 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
 
   Two evaluations.  ``implementation='gather'`` (the default on the CPU backend without
   ``block_sizes``) is
-  key-block-major: per head, the ``T * top_k`` (query, chosen block) pairs (causal: the
-  own block included, masked ``j <= i``) are grouped by block and processed in chunks of
-  queries gathered against their block's keys, with the partial softmaxes merged by
-  log-sum-exp; a custom VJP recomputes the chunks in a flash-style backward.  Its cost
-  is ``O(T * top_k * block_size)`` whatever the routing and it makes no
-  :func:`attnjax.attention` call.  Any other ``implementation`` (and ``None`` off CPU) passes the
+  key-block-major: per head, the (query, chosen block) pairs are grouped by block and
+  processed in chunks of queries gathered against their block's keys, with the partial
+  softmaxes merged by log-sum-exp; a custom VJP recomputes the chunks in a flash-style
+  backward.  Causal, the own block is the band ``block_start(i) <= j <= i`` and runs as
+  one :func:`attnjax.attention` call with ``chunked(block_size) & causal()`` (on CPU the
+  C++ kernel, skipping the masked half of the block), merged with the gathered earlier
+  blocks by log-sum-exp.  Its cost is ``O(T * top_k * block_size)`` whatever the
+  routing.  Any other ``implementation`` (and ``None`` off CPU) passes the
   choice (:func:`moba_selection`, a per-token ``[B, N, T, nk]`` array) as
   :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
   :func:`attnjax.attention`: blockwise implementations visit a ``(q block, k block)``
@@ -478,11 +511,11 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
                               not isinstance(scale, (int, float, np.floating, np.integer))):
       raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
                       f"None, got {type(scale).__name__}")
-    # every chosen block (causal: the own block too, masked j <= i) is gathered: no
-    # attnjax.attention call and no second merge
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
-    return _moba_gather(q, k, v, idx, block_size=bs, causal=causal, scale=scale,
-                        chunk=_moba_gather_chunk(bs))
+    if not causal:
+      return _moba_gather(q, k, v, idx, block_size=bs, causal=False, scale=scale,
+                          chunk=_moba_gather_chunk(bs))
+    return _moba_own_plus_gathered(q, k, v, idx, block_size=bs, scale=scale)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
   if causal:
