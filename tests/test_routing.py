@@ -268,6 +268,38 @@ def test_moba_gather_matches_reference_jit(causal, T, bs, top_k, dtype):
     assert_close(a, b, dtype, f"gather vs mask path: d{name}")
 
 
+@pytest.mark.parametrize("causal,T,bs,top_k,dtype", [
+    (True, 83, 16, 3, F32),
+    (False, 83, 16, 3, F32),    # S % 16 = 3: the straddling key tile is masked by a pattern
+    (False, 300, 256, 2, BF16),  # two 128-key tiles per block: the last block's second
+                                 # tile starts past S (dropped), its first straddles S
+    pytest.param(True, 300, 256, 2, BF16, marks=SLOW),
+    pytest.param(True, 160, 32, 4, F32, marks=SLOW),
+])
+def test_moba_gathered_blocks_on_cpu_kernel(causal, T, bs, top_k, dtype):
+  """With the C++ kernel built, the gather path runs the gathered blocks (causal: the
+  earlier ones; the own block is a band call) on its block-sparse mode (slots of the
+  key-block-major layout as one long query sequence, lists built in-graph): forward and
+  vjp against the plain reference under jit (GQA, ragged last block), and the program
+  holds the kernel's block-sparse forward and backward."""
+  from attnjax.cpu import flash
+  if not flash.available():
+    pytest.skip("the C++ kernel is not built on this machine")
+  q, k, v = _moba_inputs(300 + T, dtype, B=2, T=T, N=4, K=2, H=16, Hv=32)
+  allowed = moba_allowed_ref(q, k, bs, top_k, causal=causal)
+  if not causal:           # the ragged last block is chosen by some query
+    assert allowed[..., -1].any()
+  g = jax.jit(lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
+                                                     causal=causal, implementation="gather"))
+  assert routing._moba_kernel_blocks(bs, 16, 32) is not None
+  assert_close(g(q, k, v), softmax_ref_np(q, k, v, allowed), dtype, "kernel forward")
+  _check_grads(g, lambda q, k, v: softmax_ref_jnp(q, k, v, allowed), (q, k, v), dtype,
+               301 + T, "kernel")
+  text = jax.jit(jax.grad(lambda q, k, v: g(q, k, v).astype(F32).sum(), argnums=(0, 1, 2))
+                 ).lower(q, k, v).as_text()
+  assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
+
+
 def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):
   """Dense float32 jnp (o [B*N, T, Hv], lse [B*N, T]) over the keys of each query's
   gathered blocks (``idx`` entries ``>= nk`` select nothing); 0 / -inf with no key."""

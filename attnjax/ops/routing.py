@@ -298,25 +298,7 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
   # [steps, g * R, P] -> [R, steps * g * P] (chunk order of the layout)
   o_RXD = jnp.moveaxis(o_ZUPD.reshape(steps, g, R, P, Hv), 2, 0).reshape(R, -1, Hv)
   lse_RX = jnp.moveaxis(lse_ZUP.reshape(steps, g, R, P), 2, 0).reshape(R, -1)
-  total = lse_RX.shape[1]
-  kk = dest_RTk.shape[-1]
-  ok_RTk = dest_RTk < total
-  src_RTk = jnp.minimum(dest_RTk, total - 1)
-  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src_RTk.reshape(R, T * kk), axis=1)
-                      .reshape(R, T, kk), -jnp.inf)
-  mx = jnp.max(lse_RTk, axis=-1, keepdims=True)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
-  den = w.sum(-1)
-  pos = den > 0
-  den1 = jnp.where(pos, den, 1.0)
-  o_RTD = jnp.zeros((R, T, Hv), _F32)
-  for j in range(kk):                   # one [R, T, Hv] partial at a time
-    o_RTD = o_RTD + w[:, :, j, None] * jnp.take_along_axis(o_RXD, src_RTk[:, :, j, None],
-                                                           axis=1)
-  o_RTD = o_RTD / den1[..., None]
-  lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
-  return o_RTD, lse_RT
+  return _moba_merge_slots(o_RXD, lse_RX, dest_RTk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -385,26 +367,147 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
 _moba_gather_partial.defvjp(_moba_gather_partial_fwd, _moba_gather_partial_bwd)
 
 
-def _moba_gather(q, k, v, idx_BNTk, *, block_size: int, causal: bool, scale, chunk: int):
-  """MoBA, key-block-major: gather the queries of each chosen key block.
+def _moba_kernel_blocks(block_size: int, H: int, Hv: int):
+  """``(P, block_k)`` when the gathered blocks can run on the C++ kernel's block-sparse
+  mode (CPU backend, kernel built, head dims multiples of 16, a key tile of 16..128 keys
+  dividing ``block_size``), else None."""
+  if jax.default_backend() != "cpu" or H % 16 or Hv % 16:
+    return None
+  bk = next((b for b in (128, 64, 32, 16) if block_size % b == 0), None)
+  if bk is None:
+    return None
+  from attnjax.cpu import flash
+  if not flash.available():
+    return None
+  return _moba_gather_chunk(block_size), bk
 
-  The ``T * top_k`` (query, block) pairs of each row ``(b, h)`` are laid out grouped by
-  block, padded per block to a multiple of ``P = chunk`` slots
-  (:func:`_moba_gather_layout`, ``ceil((T * top_k + nk * (P - 1)) / P) * P`` slots); a
-  scan over steps of chunks computes each chunk's ``[P, block]`` float32 logits (padding
-  slots, keys past ``S`` and, causal, ``j > i`` masked), and the slots' partial softmaxes
-  are merged by log-sum-exp per query (:func:`_moba_gather_partial`, a custom VJP with a
-  flash-style backward).  Entries ``>= nk`` of ``idx_BNTk`` select nothing.  Work is
-  ``O(T * top_k * block)`` whatever the routing; memory ``O(T * top_k * Hv)`` per head
-  besides one step's logits.  Returns ``[B, T, N, Hv]`` in ``q.dtype``.
-  """
+
+def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float,
+                             chunk: int, block_k: int):
+  """The non-causal partial softmax of each query over its gathered blocks (entries
+  ``>= nk`` of ``idx_BNTk [B, N, T, k]`` select nothing), on the C++ kernel: float32
+  ``(o [R, T, Hv], lse [R, T])``, ``R = B * N``.
+
+  One kernel call per row ``(b, h)`` (``jax.lax.map``, rematerialised in the backward):
+  the row's slots of :func:`_moba_gather_layout` (its (query, block) pairs grouped by
+  block, each group padded to a multiple of ``P = chunk``) are gathered rows of ``q``
+  forming a query sequence ``[1, slots, 1, H]`` (padding slots are zero rows) against
+  the row's kv head ``[1, Sp, 1, H]`` (``Sp = nk * block_size``).  Query block ``i`` (a
+  chunk) visits the ``block_size / block_k`` key tiles of its chunk's key block, all full
+  except the one straddling ``S`` (a pattern; a tile starting past ``S`` is dropped);
+  key tile ``j``'s transposed list is the contiguous run of chunks of its block (found by
+  ``searchsorted``; lists built in-graph).  So the kernel computes exactly the chosen
+  blocks at its GEMM rate, and its custom VJP (flash backward over the lists) gives the
+  gradients of the gathered rows, which autodiff of the gathers returns to ``q``, ``k``,
+  ``v``.  Each slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by
+  log-sum-exp (:func:`_moba_merge_slots`).
+  ``[T, k]`` and merged by log-sum-exp."""
+  from attnjax.cpu import flash
   B, T, N, H = q.shape
-  Hv = v.shape[3]
-  scale = (1.0 / math.sqrt(H)) if scale is None else float(scale)
-  idx_BNTk = jax.lax.stop_gradient(idx_BNTk).astype(jnp.int32)
-  o_RTD, _ = _moba_gather_partial(q, k, v, idx_BNTk, int(block_size), bool(causal), scale,
-                                  int(chunk))
-  return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G, bs, P, bk = N // K, block_size, chunk, block_k
+  nk = -(-S // bs)
+  Sp = nk * bs
+  R = B * N
+  slot_q, chunk_blk, dest_RTk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P)
+  n_ch = chunk_blk.shape[1]
+  total = n_ch * P
+  nsub = bs // bk
+  r_R = jnp.arange(R, dtype=jnp.int32)
+  # Static parts of the lists (the same for every row).
+  sub = jnp.arange(nsub, dtype=jnp.int32)
+  ragged = S % bk != 0
+  last_tile = (S - 1) // bk                                   # the tile straddling S
+  blk_all = jnp.arange(nk, dtype=jnp.int32)
+  tile0_B = np.arange(nk)[:, None] * bs + np.arange(nsub)[None, :] * bk   # [nk, nsub]
+  live_BS = jnp.asarray(tile0_B < S)
+  part_BS = (tile0_B // bk == last_tile) if ragged else np.zeros((nk, nsub), bool)
+  kcode = jnp.asarray(np.broadcast_to(np.where(part_BS[:, :, None], 0, -1),
+                                      (nk, nsub, n_ch)).reshape(nk * nsub, n_ch)
+                      .astype(np.int32))
+  pats = np.zeros((1, P, bk), np.uint8)
+  pats[0, :, :S - last_tile * bk] = 1
+
+  def one_row(x):
+    """One (batch row, query head): its slots as a query sequence ``[1, slots, 1, H]``
+    against its kv head's keys ``[1, Sp, 1, H]``; (o [slots, Hv], lse [slots])."""
+    r, slot_q_r, blk_r, dest_r = x
+    b, n = r // N, r % N
+    zero = jnp.zeros((), jnp.int32)
+    q_r = jax.lax.dynamic_slice(q, (b, zero, n, zero), (1, T, 1, H)).reshape(T, H)
+    kv = lambda x: jax.lax.dynamic_slice(x, (b, zero, n // G, zero),
+                                         (1, S, 1, x.shape[3])).reshape(1, S, 1, x.shape[3])
+    k_r, v_r = kv(k), kv(v)
+    if Sp > S:
+      pad = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
+      k_r, v_r = jnp.pad(k_r, pad), jnp.pad(v_r, pad)
+    real = slot_q_r < T                                      # padding slots: zero rows
+    q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_q_r, T - 1)], 0)
+    q_long = q_long.reshape(1, total, 1, H)
+    # chunk c visits key tiles blk * nsub + s (a tile starting at or past S is
+    # dropped: -1 ends the list; the one straddling S has pattern 0)
+    tile0 = blk_r[:, None] * bs + sub[None, :] * bk                         # [n_ch, nsub]
+    qlist = jnp.where(tile0 < S, blk_r[:, None] * nsub + sub[None, :], -1)
+    part = (tile0 // bk == last_tile) if ragged else jnp.zeros(tile0.shape, bool)
+    qcode = jnp.where(part, 0, -1)
+    # key tile (blk, s) <- the contiguous run of chunks [start, end) of block blk
+    start = jnp.searchsorted(blk_r, blk_all, side="left")
+    end = jnp.searchsorted(blk_r, blk_all, side="right")
+    ch = start[:, None] + jnp.arange(n_ch, dtype=jnp.int32)[None, :]      # [nk, n_ch]
+    klist = jnp.where(ch < end[:, None], ch, -1)
+    klist = jnp.where(live_BS[:, :, None], klist[:, None, :], -1).reshape(nk * nsub, n_ch)
+    sched = flash.BlockSparseSchedule(qlist.astype(jnp.int32), qcode.astype(jnp.int32),
+                                      klist.astype(jnp.int32), kcode, pats, P, bk,
+                                      float("nan"))
+    o, lse = flash.cpu_flash_block_sparse(q_long, k_r, v_r, sched, scale=scale)
+    o_r, lse_r = _moba_merge_slots(o.reshape(1, total, Hv), lse.reshape(1, total),
+                                   dest_r[None])
+    return o_r[0], lse_r[0]
+
+  # One kernel call per row (lax.map), rematerialised in the backward (jax.checkpoint):
+  # the slots' partials [slots, Hv] (about top_k + 1 times the output) and the kernel's
+  # scratch exist for one head at a time, not for all.
+  # q, k and v are closed over and sliced per step (no transposed or stacked copies;
+  # their cotangents accumulate in place: this keeps S=65536, N=4 fwd+bwd under 2 GB).
+  return jax.lax.map(jax.checkpoint(one_row), (r_R, slot_q, chunk_blk, dest_RTk))
+
+
+def _moba_merge_slots(o_RXD, lse_RX, dest_RTk):
+  """Each query's slots ``dest_RTk [R, T, k]`` (``>= slots``: none) of the per-slot
+  partials ``(o [R, slots, Hv], lse [R, slots])`` merged by log-sum-exp: float32
+  ``(o [R, T, Hv], lse [R, T])`` (0 / -inf for a query with no slot)."""
+  R, total, Hv = o_RXD.shape
+  T, kk = dest_RTk.shape[1], dest_RTk.shape[2]
+  ok_RTk = dest_RTk < total
+  src_RTk = jnp.minimum(dest_RTk, total - 1)
+  lse_RTk = jnp.where(ok_RTk, jnp.take_along_axis(lse_RX, src_RTk.reshape(R, T * kk), axis=1)
+                      .reshape(R, T, kk), -jnp.inf)
+  mx = jnp.max(lse_RTk, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w = jnp.exp(lse_RTk - mx)                                                  # [R, T, kk]
+  den = w.sum(-1)
+  pos = den > 0
+  den1 = jnp.where(pos, den, 1.0)
+  o_RTD = jnp.zeros((R, T, Hv), _F32)
+  for j in range(kk):                   # one [R, T, Hv] partial at a time
+    o_RTD = o_RTD + w[:, :, j, None] * jnp.take_along_axis(o_RXD, src_RTk[:, :, j, None],
+                                                           axis=1)
+  o_RTD = o_RTD / den1[..., None]
+  lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
+  return o_RTD, lse_RT
+
+
+def _moba_gathered(q, k, v, idx_BNTk, *, block_size: int, scale: float):
+  """The unmasked partial softmax of each query over its chosen blocks ``idx_BNTk``
+  (entries ``>= nk`` select nothing): float32 ``(o [R, T, Hv], lse [R, T])``, on the C++
+  kernel where it serves (:func:`_moba_kernel_blocks`), else the XLA scan."""
+  idx = jax.lax.stop_gradient(idx_BNTk).astype(jnp.int32)
+  kernel = _moba_kernel_blocks(block_size, q.shape[3], v.shape[3])
+  if kernel is not None:
+    return _moba_gathered_on_kernel(q, k, v, idx, block_size=int(block_size), scale=scale,
+                                    chunk=kernel[0], block_k=kernel[1])
+  return _moba_gather_partial(q, k, v, idx, int(block_size), False, scale,
+                              _moba_gather_chunk(block_size))
 
 
 def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
@@ -423,9 +526,8 @@ def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
     return own.astype(q.dtype)
   H = q.shape[3]
   sc = (1.0 / math.sqrt(H)) if scale is None else float(scale)
-  idx = jax.lax.stop_gradient(idx_BNTk[..., 1:]).astype(jnp.int32)
-  o_RTD, lse_RT = _moba_gather_partial(q, k, v, idx, int(block_size), False, sc,
-                                       _moba_gather_chunk(block_size))
+  o_RTD, lse_RT = _moba_gathered(q, k, v, idx_BNTk[..., 1:], block_size=block_size,
+                                 scale=sc)
   o_g = o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3)
   lse_g = lse_RT.reshape(B, N, T)
   lse_own = lse_own.astype(_F32)
@@ -513,8 +615,10 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
                       f"None, got {type(scale).__name__}")
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
     if not causal:
-      return _moba_gather(q, k, v, idx, block_size=bs, causal=False, scale=scale,
-                          chunk=_moba_gather_chunk(bs))
+      B, T, N, H = q.shape
+      sc = (1.0 / math.sqrt(H)) if scale is None else float(scale)
+      o_RTD, _ = _moba_gathered(q, k, v, idx, block_size=bs, scale=sc)
+      return o_RTD.reshape(B, N, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
     return _moba_own_plus_gathered(q, k, v, idx, block_size=bs, scale=scale)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
