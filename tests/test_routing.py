@@ -709,6 +709,38 @@ def test_biformer_matches_reference(impl, dtype):
   _check_grads(f, ref, (q, k, v), dtype, 101, "biformer")
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_biformer_on_cpu_kernel(dtype):
+  """implementation=None on CPU with the C++ kernel built: the routed regions run on its
+  block-sparse mode (one call per batch row, the routing as tile lists, GQA): forward
+  and vjp against the reference, the kernel in the program; under an analysis observer
+  the call stays the observable attnjax.attention mask path (same output)."""
+  from attnjax.cpu import flash
+  if not flash.available():
+    pytest.skip("the C++ kernel is not built on this machine")
+  q, k, v = _map_inputs(130, dtype, B=2, Hh=8, Ww=16, N=4, K=2, H=16, Hv=32)
+  nr, top_k = 2, 2                     # regions of 4 x 8 = 32 tokens
+  allowed = biformer_allowed_ref(q, k, nr, top_k)[:, None]
+  f = jax.jit(lambda q, k, v: routing.bi_level_routing_attention(q, k, v, num_regions=nr,
+                                                                 top_k=top_k))
+  out = f(q, k, v)
+  assert out.shape == q.shape[:4] + (32,) and out.dtype == dtype
+  want = softmax_ref_np(_flat(q), _flat(k), _flat(v), allowed).reshape(out.shape)
+  assert_close(out, want, dtype, "biformer kernel forward")
+
+  def ref(q, k, v):
+    return softmax_ref_jnp(_flat(q), _flat(k), _flat(v), allowed).reshape(q.shape[:4] + (32,))
+  _check_grads(f, ref, (q, k, v), dtype, 131, "biformer kernel")
+  text = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).astype(F32).sum(), argnums=(0, 1, 2))
+                 ).lower(q, k, v).as_text()
+  assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
+  seen = []
+  with hooks.observe(lambda call: seen.append(call)):
+    observed = routing.bi_level_routing_attention(q, k, v, num_regions=nr, top_k=top_k)
+  assert len(seen) == 1 and seen[0].args is not None
+  assert_close(observed, want, dtype, "biformer observed")
+
+
 @pytest.mark.parametrize("backend", ["pallas_tpu", pytest.param("pallas_gpu", marks=SLOW)])
 def test_biformer_pallas_interpreted(backend):
   from attnjax.kernels.gpu import flash as gpu_flash

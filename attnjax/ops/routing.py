@@ -821,6 +821,45 @@ def region_routing(q, k, *, num_regions: int, top_k: int):
   return _onehot_any(idx, R)
 
 
+def _bra_kernel_serves(P: int, H: int, Hv: int) -> bool:
+  """Whether BiFormer's routed regions can run on the C++ kernel's block-sparse mode
+  (CPU backend, kernel built, regions of a multiple of 16 tokens, head dims multiples of
+  16)."""
+  if jax.default_backend() != "cpu" or P % 16 or H % 16 or Hv % 16:
+    return False
+  from attnjax.cpu import flash
+  return flash.available()
+
+
+def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
+  """Region-major ``q [B, T, N, H]``, ``k``, ``v`` attended through the region routing
+  ``route_BRR [B, R, R]`` on the C++ kernel: one block-sparse call per batch row
+  (``jax.lax.map``; all heads share the routing, as the kernel's lists), with region
+  tiles ``P x P``, query region ``i`` visiting its ``top_k`` chosen regions (full tiles)
+  and key region ``j`` the regions that chose it (the transposed lists, built
+  in-graph).  Returns ``[B, T, N, Hv]`` float32."""
+  from attnjax.cpu import flash
+  R = route_BRR.shape[1]
+  pats = np.zeros((1, P, P), np.uint8)
+  full = lambda shape: jnp.full(shape, -1, jnp.int32)
+  arange = jnp.arange(R, dtype=jnp.int32)
+
+  def one(x):
+    q_b, k_b, v_b, route = x
+    miss = (~jax.lax.stop_gradient(route)).astype(jnp.int32)
+    qlist = jnp.sort(jnp.argsort(miss, axis=1, stable=True)[:, :top_k], axis=1)
+    kl = jnp.argsort(miss.T, axis=1, stable=True)
+    klist = jnp.where(arange[None, :] < (1 - miss.T).sum(1)[:, None], kl, -1)
+    sched = flash.BlockSparseSchedule(qlist.astype(jnp.int32), full((R, top_k)),
+                                      klist.astype(jnp.int32), full((R, R)), pats, P, P,
+                                      float("nan"))
+    o, _ = flash.cpu_flash_block_sparse(q_b[None], k_b[None], v_b[None], sched,
+                                        scale=float(scale))
+    return o[0]
+
+  return jax.lax.map(one, (q, k, v, route_BRR))
+
+
 def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
                                scale: Optional[float] = None, implementation=None,
                                block_sizes=None):
@@ -847,7 +886,10 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
     scale: logit scale, default ``1/sqrt(H)``.
     implementation, block_sizes: passed to :func:`attnjax.attention`; ``block_sizes=None``
       gives ``'xla_chunked'`` tiles of one region (Pallas kernels need ``P`` to fit their
-      tile rules, else the block mask is evaluated per element).
+      tile rules, else the block mask is evaluated per element).  Both None on the CPU
+      backend (C++ kernel built, ``P`` and the head dims multiples of 16): the routed
+      regions run on the kernel's block-sparse mode, one call per batch row with the
+      routing as its tile lists (``P x P`` tiles, exactly the chosen ones).
 
   Returns:
     ``[B, Hh, Ww, N, Hv]`` in ``q.dtype``.
@@ -866,6 +908,13 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
                      f"top_k={top_k}")
   P = (Hh // r) * (Ww // r)
   route_BRR = region_routing(q, k, num_regions=r, top_k=top_k)
+  Hv = v.shape[-1]
+  if (implementation is None and block_sizes is None and not hooks.observing()
+      and _bra_kernel_serves(P, H, Hv)):
+    out = _bra_on_kernel(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
+                         route_BRR, P=P, top_k=top_k,
+                         scale=(1.0 / math.sqrt(H)) if scale is None else scale)
+    return from_region_major(out.astype(q.dtype), r, (Hh, Ww))
   mask = _masks.from_block_mask(route_BRR[:, None], P, P)
   out = hooks.attention(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
                         mask=mask, scale=scale, implementation=implementation,
