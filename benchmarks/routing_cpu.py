@@ -14,8 +14,9 @@ inputs the queries of one q block disagree and the union approaches causal-dense
 which is where block routing pays off.
 
 BiFormer (``--grids`` maps, default 64x64 and 128x128; ``--regions`` per axis,
-``--region-topk``) is timed forward against dense attention on the flattened map in the
-same process.  ``--paths gather`` skips the (slow) MoBA mask path.
+``--region-topk``) is timed, forward and fwd+bwd, with the default implementation (on CPU
+the C++ kernel's block-sparse mode) and with ``'xla_chunked'``, against dense attention on
+the flattened map in the same process.  ``--paths gather`` skips the (slow) MoBA mask path.
 
 ``--rss`` runs MoBA fwd+bwd at ``--rss-len`` tokens in a subprocess and reports its peak
 resident set size (``resource.getrusage``), showing no ``[T, S]`` array is formed.
@@ -114,15 +115,21 @@ def moba_case(S, N, H, bs, top_k, rounds, coherent, paths):
 def biformer_case(g, N, H, regions, top_k, rounds):
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((1, g, g, N, H), np.float32)) for _ in range(3))
-  bra = lambda q, k, v: routing.bi_level_routing_attention(q, k, v, num_regions=regions,
-                                                           top_k=top_k,
-                                                           implementation="xla_chunked")
+
+  def bra(impl):
+    return lambda q, k, v: routing.bi_level_routing_attention(
+        q, k, v, num_regions=regions, top_k=top_k, implementation=impl)
   flat = lambda x: x.reshape(1, g * g, N, H)
   dense = lambda q, k, v: attnjax.attention(flat(q), flat(k), flat(v))
-  fwd = _best([jax.jit(bra), jax.jit(dense)], (q, k, v), rounds)
+  fs = [bra(None), bra("xla_chunked"), dense]
+  fwd = _best([jax.jit(f) for f in fs], (q, k, v), rounds)
+  both = _best([_fwd_bwd(f) for f in fs], (q, k, v), rounds)
   return dict(case=f"biformer {g}x{g} regions={regions}x{regions} top_k={top_k}",
-              tile_fraction=top_k / regions ** 2, fwd_s=fwd[0], dense_fwd_s=fwd[1],
-              fwd_ratio=fwd[0] / fwd[1])
+              tile_fraction=top_k / regions ** 2, fwd_s=fwd[0], xla_chunked_fwd_s=fwd[1],
+              dense_fwd_s=fwd[2], fwd_ratio=fwd[0] / fwd[2],
+              xla_chunked_fwd_ratio=fwd[1] / fwd[2], fwd_bwd_s=both[0],
+              dense_fwd_bwd_s=both[2], fwd_bwd_ratio=both[0] / both[2],
+              xla_chunked_fwd_bwd_ratio=both[1] / both[2])
 
 
 def rss_child(S, N, H, bs, top_k, impl):
