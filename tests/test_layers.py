@@ -74,8 +74,9 @@ def test_self_attention_matches_reference_fwd_and_vjp(num_kv_heads, extras):
   apply = _functional(layer)
   run = lambda p, x: apply(p, x, segment_ids=seg)
 
-  y, vjp = jax.vjp(run, p, x)
-  y_ref, vjp_ref = jax.vjp(ref, p, x)
+  # Both sides jitted: eagerly every primitive of the forward and the vjp compiles separately.
+  y, vjp = jax.vjp(jax.jit(run), p, x)
+  y_ref, vjp_ref = jax.vjp(jax.jit(ref), p, x)
   np.testing.assert_allclose(y, y_ref, **TOL)
   ct = _x(y.shape, 3)
   (gp, gx), (gp_ref, gx_ref) = vjp(ct), vjp_ref(ct)
@@ -119,7 +120,7 @@ def _dependency(layer, x):
   def f(xf):
     return layer(xf.reshape(shape)).reshape(B, T, -1)[0].sum(-1)
 
-  jac = jax.jacrev(f)(flat)  # [T, B, T, D]
+  jac = jax.jit(jax.jacrev(f))(flat)  # [T, B, T, D]; jitted: not op by op
   return np.asarray(jnp.abs(jac[:, 0]).sum(-1) > 0)
 
 
@@ -256,9 +257,9 @@ def test_kv_cache_prefill_and_steps_equal_full(name, options):
   outs = []
   y, cache = layer(x[:, :5], segment_ids=seg[:, :5], cache=cache)
   outs.append(y)
+  step = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))   # compiled once
   for t in range(5, 11):
-    y, cache = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))(
-        x[:, t:t + 1], seg[:, t:t + 1], cache)
+    y, cache = step(x[:, t:t + 1], seg[:, t:t + 1], cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
   assert int(cache.index) == 11
