@@ -66,8 +66,9 @@ def test_shapes_gradients_and_linen_twin(name):
   lp = lm.init(jax.random.key(0), x)["params"]
   assert jax.tree.map(jnp.shape, nn.unbox(lp)) == jax.tree.map(jnp.shape, params), name
   ct = rnd(6, x.shape)
-  y1, vjp1 = jax.vjp(lambda a: m(a), x)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  # both jitted (one compilation each, not op by op); the twins stay bit-identical
+  y1, vjp1 = jax.vjp(jax.jit(lambda a: m(a)), x)
+  y2, vjp2 = jax.vjp(jax.jit(lambda a: lm.apply({"params": params}, a)), x)
   np.testing.assert_array_equal(y1, y2)
   np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
 
@@ -184,8 +185,9 @@ def test_rope_layers_gradients_and_linen_twin(name, extra, rope):
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0, (name, path)
   lm = variants.get_linen(name)(d_model=32, num_heads=4, rope=rope, **extra)
   ct = rnd(22, x.shape)
-  y1, vjp1 = jax.vjp(lambda a: m(a), x)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  # both jitted (one compilation each, not op by op); the twins stay bit-identical
+  y1, vjp1 = jax.vjp(jax.jit(lambda a: m(a)), x)
+  y2, vjp2 = jax.vjp(jax.jit(lambda a: lm.apply({"params": params}, a)), x)
   np.testing.assert_array_equal(y1, y2)
   np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
 
