@@ -469,7 +469,14 @@ def _digits_batch(n=64):
   return jnp.asarray(d["image"][:n]), jnp.asarray(d["label"][:n])
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The modules' own forward and vjp are checked against their references above for every
+# module; this end-to-end training check runs the cheaper modules by default and the ones
+# with the largest graphs to compile under -m slow.
+_TRAIN_SLOW = ("a2n", "sdlska", "psa_parallel", "cbam", "lka", "gcg")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _TRAIN_SLOW
+                                  else n for n in NAMES])
 def test_cnn_trains_in_process_every_module(name):
   """A few Adam steps of the CNN with each module on one digits batch: finite non-zero
   gradients for every parameter, and the loss goes down."""

@@ -74,8 +74,9 @@ def test_self_attention_matches_reference_fwd_and_vjp(num_kv_heads, extras):
   apply = _functional(layer)
   run = lambda p, x: apply(p, x, segment_ids=seg)
 
-  y, vjp = jax.vjp(run, p, x)
-  y_ref, vjp_ref = jax.vjp(ref, p, x)
+  # Both sides jitted: eagerly every primitive of the forward and the vjp compiles separately.
+  y, vjp = jax.vjp(jax.jit(run), p, x)
+  y_ref, vjp_ref = jax.vjp(jax.jit(ref), p, x)
   np.testing.assert_allclose(y, y_ref, **TOL)
   ct = _x(y.shape, 3)
   (gp, gx), (gp_ref, gx_ref) = vjp(ct), vjp_ref(ct)
@@ -119,7 +120,7 @@ def _dependency(layer, x):
   def f(xf):
     return layer(xf.reshape(shape)).reshape(B, T, -1)[0].sum(-1)
 
-  jac = jax.jacrev(f)(flat)  # [T, B, T, D]
+  jac = jax.jit(jax.jacrev(f))(flat)  # [T, B, T, D]; jitted: not op by op
   return np.asarray(jnp.abs(jac[:, 0]).sum(-1) > 0)
 
 
@@ -256,9 +257,9 @@ def test_kv_cache_prefill_and_steps_equal_full(name, options):
   outs = []
   y, cache = layer(x[:, :5], segment_ids=seg[:, :5], cache=cache)
   outs.append(y)
+  step = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))   # compiled once
   for t in range(5, 11):
-    y, cache = jax.jit(lambda a, s, c: layer(a, segment_ids=s, cache=c))(
-        x[:, t:t + 1], seg[:, t:t + 1], cache)
+    y, cache = step(x[:, t:t + 1], seg[:, t:t + 1], cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **TOL)
   assert int(cache.index) == 11
@@ -290,8 +291,9 @@ def test_nnx_and_linen_twins_are_identical_for_every_variant(name):
   assert jax.tree.structure(nn.unbox(linen_params)) == jax.tree.structure(params), name
   assert jax.tree.map(jnp.shape, nn.unbox(linen_params)) == jax.tree.map(jnp.shape, params), name
   ct = _x(m(inp).shape, 5)
-  y, vjp = jax.vjp(lambda a: m(a), inp)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), inp)
+  # both jitted (one compilation each, not op by op); the twins stay bit-identical
+  y, vjp = jax.vjp(jax.jit(lambda a: m(a)), inp)
+  y2, vjp2 = jax.vjp(jax.jit(lambda a: lm.apply({"params": params}, a)), inp)
   np.testing.assert_array_equal(y, y2, err_msg=name)
   np.testing.assert_array_equal(vjp(ct)[0], vjp2(ct)[0], err_msg=name)
 

@@ -56,7 +56,7 @@ def test_shapes_gradients_and_linen_twin(name):
     return jnp.sum(R.forward(m.config, p, inp) * rnd(5, x.shape))
 
   np.testing.assert_array_equal(R.forward(m.config, params, x), y)
-  gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
+  gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)   # jit: not op by op
   for path, g in jax.tree_util.tree_leaves_with_path(gp):
     assert bool(jnp.all(jnp.isfinite(g))), (name, path)
     assert float(jnp.max(jnp.abs(g))) > 0, (name, path, "zero gradient")
@@ -66,8 +66,9 @@ def test_shapes_gradients_and_linen_twin(name):
   lp = lm.init(jax.random.key(0), x)["params"]
   assert jax.tree.map(jnp.shape, nn.unbox(lp)) == jax.tree.map(jnp.shape, params), name
   ct = rnd(6, x.shape)
-  y1, vjp1 = jax.vjp(lambda a: m(a), x)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  # both jitted (one compilation each, not op by op); the twins stay bit-identical
+  y1, vjp1 = jax.vjp(jax.jit(lambda a: m(a)), x)
+  y2, vjp2 = jax.vjp(jax.jit(lambda a: lm.apply({"params": params}, a)), x)
   np.testing.assert_array_equal(y1, y2)
   np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
 
@@ -180,12 +181,13 @@ def test_rope_layers_gradients_and_linen_twin(name, extra, rope):
   y = m(x)
   assert float(jnp.max(jnp.abs(y - plain(x)))) > 1e-3   # the rotation is applied
   loss = lambda p: jnp.sum(R.forward(m.config, p, x) * rnd(21, x.shape))
-  for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(loss)(params)):
+  for path, g in jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss))(params)):
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0, (name, path)
   lm = variants.get_linen(name)(d_model=32, num_heads=4, rope=rope, **extra)
   ct = rnd(22, x.shape)
-  y1, vjp1 = jax.vjp(lambda a: m(a), x)
-  y2, vjp2 = jax.vjp(lambda a: lm.apply({"params": params}, a), x)
+  # both jitted (one compilation each, not op by op); the twins stay bit-identical
+  y1, vjp1 = jax.vjp(jax.jit(lambda a: m(a)), x)
+  y2, vjp2 = jax.vjp(jax.jit(lambda a: lm.apply({"params": params}, a)), x)
   np.testing.assert_array_equal(y1, y2)
   np.testing.assert_array_equal(vjp1(ct)[0], vjp2(ct)[0])
 
@@ -400,8 +402,9 @@ def test_layer_at_random_positions_matches_reference(name, extra, unit, rope):
   ct = rnd(52, x.shape)
   y, vjp = jax.vjp(lambda p, a: R.forward(m.config, p, a, positions=pos),
                    params, x)
-  y_ref, vjp_ref = jax.vjp(lambda p, a: _ref_layer_at_positions(p, a, unit, 2, rope, pos),
-                           params, x)
+  # The reference under jit: one compilation instead of its op-by-op loop.
+  y_ref, vjp_ref = jax.vjp(jax.jit(lambda p, a: _ref_layer_at_positions(p, a, unit, 2, rope,
+                                                                        pos)), params, x)
   assert_close(y, y_ref, jnp.float32, "forward")
   (gp, gx), (gp_ref, gx_ref) = vjp(ct), vjp_ref(ct)
   assert_close(gx, gx_ref, jnp.float32, "grad x")

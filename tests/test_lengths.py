@@ -31,8 +31,11 @@ def _explicit(ql, kl, T, S):
 
 
 def _run(fn, q, k, v, ct):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return out, vjp(ct)
+  """fn(q, k, v) and its vjp of ct, jitted once (eagerly every primitive compiles alone)."""
+  def run(q, k, v, ct):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(ct)
+  return jax.jit(run)(q, k, v, ct)
 
 
 # Interpreted Pallas kernels run in f32 here (their bf16 numerics: test_kernels_flash.py).

@@ -49,8 +49,8 @@ def _check_fwd_vjp(run, ref, args, dtype, seed=1):
   in float32: ``(o, S)``, then the VJP with random cotangents on both, w.r.t. every
   argument. Tolerances per dtype, scaled by the reference's largest magnitude."""
   low = tuple(x.astype(dtype) if i < 3 else x for i, x in enumerate(args))
-  (o, S), vjp = jax.vjp(run, *low)
-  (ro, rS), rvjp = jax.vjp(ref, *args)
+  (o, S), vjp = jax.vjp(jax.jit(run), *low)     # both jitted: eagerly every primitive
+  (ro, rS), rvjp = jax.vjp(jax.jit(ref), *args)  # compiles on its own
   assert o.shape == ro.shape and o.dtype == dtype and S.shape == rS.shape
   assert S.dtype == jnp.float32
   scaled = lambda r, tol: tol * max(1.0, float(jnp.max(jnp.abs(r))))

@@ -46,8 +46,9 @@ class _KernelTest:
   def test_interpret_matches_reference_fwd_bwd(self, B, T, N, K, F, V):
     q, k, v = _inputs(0, B, T, N, K, F, V)
     ld = jnp.log(jnp.linspace(0.5, 1.0, N))
-    out, vjp = jax.vjp(self._run, q, k, v, ld)
-    ref, vjp_ref = jax.vjp(self.MOD.lightning_attention_reference, q, k, v, ld)
+    # both jitted: eagerly every primitive (interpreted kernel included) compiles alone
+    out, vjp = jax.vjp(jax.jit(self._run), q, k, v, ld)
+    ref, vjp_ref = jax.vjp(jax.jit(self.MOD.lightning_attention_reference), q, k, v, ld)
     assert out.shape == (B, T, N, V) and out.dtype == v.dtype
     _close(out, ref, 2e-5, 2e-5)
     ct = jax.random.normal(jax.random.PRNGKey(1), out.shape)
@@ -77,8 +78,8 @@ class _KernelTest:
         return o, st
       return f
 
-    (o, st), vjp = jax.vjp(run(impl), q, k, v, s0)
-    (ro, rst), rvjp = jax.vjp(run('xla'), q, k, v, s0)
+    (o, st), vjp = jax.vjp(jax.jit(run(impl)), q, k, v, s0)   # jitted: not op by op
+    (ro, rst), rvjp = jax.vjp(jax.jit(run('xla')), q, k, v, s0)
     _close(o, ro, 2e-5, 2e-5)
     _close(st, rst, 2e-5, 2e-5)
     ct = (jax.random.normal(jax.random.PRNGKey(6), o.shape),
@@ -95,7 +96,8 @@ class _KernelTest:
     f = lambda d, impl: jnp.sum(jnp.sin(L.lightning_attention(
         q, k, v, decay=d, chunk_size=self.CHUNK, implementation=impl)))
     d = jnp.array([0.8, 0.97])
-    _close(jax.grad(f)(d, impl), jax.grad(f)(d, 'xla'), 2e-5, 2e-5)
+    g = jax.jit(jax.grad(f), static_argnums=1)   # jitted: not op by op
+    _close(g(d, impl), g(d, 'xla'), 2e-5, 2e-5)
 
   @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
   def test_lowers_fwd_and_grad(self, dtype):

@@ -143,13 +143,14 @@ def test_linear_layer_ragged_state_is_each_rows_own():
   """A ragged prefill leaves each row's recurrent state at its own length."""
   from attnjax import variants
   layer = variants.build("lightning", d_model=16, num_heads=4, rngs=nnx.Rngs(0), rope="1d")
+  run = jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))   # not op by op
   x = jax.random.normal(jax.random.key(5), (2, 6, 16))
   lens = jnp.asarray([6, 3], jnp.int32)
   seg = jnp.where(jnp.arange(6)[None] < lens[:, None], 0, -1)
-  y, cache = layer(x, segment_ids=seg, cache=layer.init_cache(2, 8))
+  y, cache = run(x, layer.init_cache(2, 8), seg)
   np.testing.assert_array_equal(cache["lengths"], lens)
   for b, n in enumerate(np.asarray(lens)):
-    yb, cb = layer(x[b:b + 1, :n], cache=layer.init_cache(1, 8))
+    yb, cb = run(x[b:b + 1, :n], layer.init_cache(1, 8))
     np.testing.assert_allclose(y[b, :n], yb[0], **TOL)
     np.testing.assert_allclose(cache["state"][b], cb["state"][0], **TOL)
   assert np.all(np.asarray(y)[1, 3:] == 0)
@@ -240,23 +241,25 @@ def test_gated_layer_ragged_state_and_conv_are_each_rows_own(mechanism):
   from attnjax import variants
   layer = variants.build(mechanism, d_model=16, num_heads=4, num_kv_heads=2, chunk_size=2,
                          rope="1d", rngs=nnx.Rngs(7))
+  # Every call jitted: eagerly each primitive of the layer compiles separately.
+  run = jax.jit(lambda a, c, s=None: layer(a, segment_ids=s, cache=c))
   x = jax.random.normal(jax.random.key(8), (3, 8, 16))
   lens = jnp.asarray([7, 1, 4], jnp.int32)
   seg = jnp.where(jnp.arange(7)[None] < lens[:, None], 0, -1)
-  y, cache = layer(x[:, :7], segment_ids=seg, cache=layer.init_cache(3, 9))
+  y, cache = run(x[:, :7], layer.init_cache(3, 9), seg)
   np.testing.assert_array_equal(cache["lengths"], lens)
   step = jnp.stack([x[b, int(n):int(n) + 1] for b, n in enumerate(lens)])
-  y1, cache1 = layer(step, cache=cache)
+  y1, cache1 = run(step, cache)
   np.testing.assert_array_equal(cache1["lengths"], lens + 1)
   for b, n in enumerate(np.asarray(lens)):
-    yb, cb = layer(x[b:b + 1, :n], cache=layer.init_cache(1, 9))
+    yb, cb = run(x[b:b + 1, :n], layer.init_cache(1, 9))
     np.testing.assert_allclose(y[b, :n], yb[0], **TOL, err_msg=f"row {b}")
     assert np.all(np.asarray(y)[b, n:] == 0)
     np.testing.assert_allclose(cache["state"][b], cb["state"][0], **TOL)
     assert len(cache["conv"]) == (0 if mechanism == "gla" else 3)
     for got, want in zip(cache["conv"], cb["conv"]):
       np.testing.assert_allclose(got[b], want[0], **TOL)
-    yb1, _ = layer(x[b:b + 1, n:n + 1], cache=cb)
+    yb1, _ = run(x[b:b + 1, n:n + 1], cb)
     np.testing.assert_allclose(y1[b], yb1[0], **TOL, err_msg=f"row {b} step")
 
 

@@ -116,7 +116,7 @@ def _check(mask, allowed, dtype, implementation, block_sizes=None, seed=0, N=4, 
 
   out, vjp = jax.vjp(jax.jit(f), q, k, v)
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-  ref, vjp_r = jax.vjp(r, qf, kf, vf)
+  ref, vjp_r = jax.vjp(jax.jit(r), qf, kf, vf)
   assert_close(out, ref, dtype, "out")
   for i, (g, gr) in enumerate(zip(vjp(ct), vjp_r(ct.astype(jnp.float32)))):
     assert_close(g, gr, dtype, f"grad {i}")
