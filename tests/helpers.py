@@ -226,9 +226,9 @@ class AttentionTestBase:
 
     want = attnjax.reference_attention(q, k, v, mask=masks.document(seg) & masks.causal())
     assert_close(f(q, k, v, seg), want, jnp.float32, "document")
-    g = jax.grad(lambda q: f(q, k, v, seg).sum())(q)
-    g_r = jax.grad(lambda q: attnjax.reference_attention(
-        q, k, v, mask=masks.document(seg) & masks.causal()).sum())(q)
+    g = jax.jit(jax.grad(lambda q: f(q, k, v, seg).sum()))(q)
+    g_r = jax.jit(jax.grad(lambda q: attnjax.reference_attention(
+        q, k, v, mask=masks.document(seg) & masks.causal()).sum()))(q)
     assert_close(g, g_r, jnp.float32, "document dq")
 
   def test_score_mod_table_grads(self):
@@ -244,8 +244,8 @@ class AttentionTestBase:
       return fn(q, k, v, score_mod=mod, mask=masks.neighborhood((Hh, Ww), 3))
 
     args = (q, k, v, table, slopes)
-    o, vjp = jax.vjp(functools.partial(run, self.attn), *args)
-    o_r, vjp_r = jax.vjp(functools.partial(run, attnjax.reference_attention), *args)
+    o, vjp = jax.vjp(jax.jit(functools.partial(run, self.attn)), *args)
+    o_r, vjp_r = jax.vjp(jax.jit(functools.partial(run, attnjax.reference_attention)), *args)
     assert_close(o, o_r, jnp.float32, "out")
     ct = rnd(3, o.shape)
     for name, a, b in zip(["dq", "dk", "dv", "dtable", "dslopes"], vjp(ct), vjp_r(ct)):
@@ -298,7 +298,7 @@ class AttentionTestBase:
     T, S = 12, 20
     q, k, v = make_qkv(19, 2, T, S, 2, 1, 32, 32, jnp.float32)
     m, rows, none = self.empty_rows_case(T, S)
-    f = lambda q, k, v: self.attn(q, k, v, mask=m)
+    f = jax.jit(lambda q, k, v: self.attn(q, k, v, mask=m))
     out, vjp = jax.vjp(f, q, k, v)
     dq, dk, dv = vjp(rnd(4, out.shape))
     for x in (out, dq, dk, dv):
@@ -310,7 +310,8 @@ class AttentionTestBase:
     o, lse = self.attn(q, k, v, mask=none, return_lse=True)
     np.testing.assert_array_equal(np.asarray(o), 0.0)
     assert np.all(np.asarray(lse) == -np.inf)
-    g = jax.grad(lambda q, k, v: self.attn(q, k, v, mask=none).sum(), argnums=(0, 1, 2))(q, k, v)
+    g = jax.jit(jax.grad(lambda q, k, v: self.attn(q, k, v, mask=none).sum(),
+                         argnums=(0, 1, 2)))(q, k, v)
     for x in g:
       np.testing.assert_array_equal(np.asarray(x), 0.0)
 
@@ -319,8 +320,8 @@ class AttentionTestBase:
     T = 37
     q, k, v = make_qkv(20, 1, T, T, 2, 1, 32, 32, jnp.float32)
     i = 13
-    g = jax.grad(lambda k, v: self.attn(q, k, v, mask=masks.causal())[:, : i + 1].sum(),
-                 argnums=(0, 1))(k, v)
+    g = jax.jit(jax.grad(lambda k, v: self.attn(q, k, v, mask=masks.causal())[:, : i + 1].sum(),
+                         argnums=(0, 1)))(k, v)
     for x in g:
       x = np.asarray(x)
       assert np.all(x[:, i + 1:] == 0.0)
