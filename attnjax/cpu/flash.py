@@ -235,7 +235,9 @@ def kernel_blocks(T: int, S: int, block_q: int, block_k: int) -> tuple[int, int]
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockSparseSchedule:
-  """The block table of a block-sparse call, as the kernel reads it (NumPy arrays).
+  """The block table of a block-sparse call, as the kernel reads it (NumPy arrays; the
+  four lists may also be jax arrays computed in the graph, as MoBA's and BiFormer's
+  routing builds them: the kernel checks every entry's range when it runs).
 
   Attributes:
     qlist: ``int32 [nq, Lq]``: query block ``i`` visits key blocks ``qlist[i, :c]``
