@@ -42,9 +42,10 @@ import threading
 from typing import Any, Callable, Optional
 
 __all__ = ["attention", "register_attention", "AttentionCall", "observe", "intercepted",
-           "observing"]
+           "observing", "register_block_sparse", "block_sparse", "block_sparse_available"]
 
 _ATTENTION: list[Callable] = []
+_BLOCK_SPARSE: list[tuple[Callable, Callable]] = []
 
 
 def register_attention(fn: Callable) -> None:
@@ -60,6 +61,32 @@ def attention(q, k, v, **kwargs):
   if not _ATTENTION:  # unreachable through ``import attnjax``; kept as a clear error
     raise RuntimeError("no attention dispatcher is registered: import attnjax first")
   return _ATTENTION[0](q, k, v, **kwargs)
+
+
+def register_block_sparse(fn: Callable, available: Callable[[], bool]) -> None:
+  """Registers the CPU kernel's block-sparse entry (called by :mod:`attnjax.dispatch`):
+  ``fn(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale) -> (out,
+  lse)`` with lists that may be computed in the graph (see
+  :class:`attnjax.cpu.flash.BlockSparseSchedule`), and ``available()``, whether it can
+  run in this process.  Ops (which may not import the kernels) reach it through
+  :func:`block_sparse`."""
+  if not callable(fn) or not callable(available):
+    raise TypeError("fn and available must be callable")
+  _BLOCK_SPARSE[:] = [(fn, available)]
+
+
+def block_sparse_available() -> bool:
+  """Whether a block-sparse CPU kernel is registered and can run in this process."""
+  return bool(_BLOCK_SPARSE) and bool(_BLOCK_SPARSE[0][1]())
+
+
+def block_sparse(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q: int, block_k: int,
+                 scale: float):
+  """The registered block-sparse CPU kernel (:func:`register_block_sparse`)."""
+  if not _BLOCK_SPARSE:
+    raise RuntimeError("no block-sparse kernel is registered: import attnjax first")
+  return _BLOCK_SPARSE[0][0](q, k, v, qlist, qcode, klist, kcode, pats, block_q=block_q,
+                             block_k=block_k, scale=scale)
 
 
 @dataclasses.dataclass(frozen=True)

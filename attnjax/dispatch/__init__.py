@@ -232,3 +232,18 @@ def _with_lengths(q, k, mask, q_lengths, kv_lengths):
 # Ops that compose on top of attention (spatial, routing, pooling) reach it through this
 # hook (``attnjax.core.hooks``), as the linear ops reach their kernels above.
 _hooks.register_attention(attention)
+
+
+def _cpu_block_sparse(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale):
+  from attnjax.cpu import flash
+  sched = flash.BlockSparseSchedule(qlist, qcode, klist, kcode, pats, block_q, block_k,
+                                    float("nan"))
+  return flash.cpu_flash_block_sparse(q, k, v, sched, scale=scale)
+
+
+def _cpu_block_sparse_available() -> bool:
+  from attnjax.cpu import flash
+  return flash.available()
+
+
+_hooks.register_block_sparse(_cpu_block_sparse, _cpu_block_sparse_available)

@@ -374,10 +374,7 @@ def _moba_kernel_blocks(block_size: int, H: int, Hv: int):
   if jax.default_backend() != "cpu" or H % 16 or Hv % 16:
     return None
   bk = next((b for b in (128, 64, 32, 16) if block_size % b == 0), None)
-  if bk is None:
-    return None
-  from attnjax.cpu import flash
-  if not flash.available():
+  if bk is None or not hooks.block_sparse_available():
     return None
   return _moba_gather_chunk(block_size), bk
 
@@ -402,7 +399,6 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   ``v``.  Each slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by
   log-sum-exp (:func:`_moba_merge_slots`).
   ``[T, k]`` and merged by log-sum-exp."""
-  from attnjax.cpu import flash
   B, T, N, H = q.shape
   S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
   G, bs, P, bk = N // K, block_size, chunk, block_k
@@ -456,10 +452,9 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     ch = start[:, None] + jnp.arange(n_ch, dtype=jnp.int32)[None, :]      # [nk, n_ch]
     klist = jnp.where(ch < end[:, None], ch, -1)
     klist = jnp.where(live_BS[:, :, None], klist[:, None, :], -1).reshape(nk * nsub, n_ch)
-    sched = flash.BlockSparseSchedule(qlist.astype(jnp.int32), qcode.astype(jnp.int32),
-                                      klist.astype(jnp.int32), kcode, pats, P, bk,
-                                      float("nan"))
-    o, lse = flash.cpu_flash_block_sparse(q_long, k_r, v_r, sched, scale=scale)
+    o, lse = hooks.block_sparse(q_long, k_r, v_r, qlist.astype(jnp.int32),
+                                qcode.astype(jnp.int32), klist.astype(jnp.int32), kcode,
+                                pats, block_q=P, block_k=bk, scale=scale)
     o_r, lse_r = _moba_merge_slots(o.reshape(1, total, Hv), lse.reshape(1, total),
                                    dest_r[None])
     return o_r[0], lse_r[0]
@@ -827,8 +822,7 @@ def _bra_kernel_serves(P: int, H: int, Hv: int) -> bool:
   16)."""
   if jax.default_backend() != "cpu" or P % 16 or H % 16 or Hv % 16:
     return False
-  from attnjax.cpu import flash
-  return flash.available()
+  return hooks.block_sparse_available()
 
 
 def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
@@ -838,7 +832,6 @@ def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
   tiles ``P x P``, query region ``i`` visiting its ``top_k`` chosen regions (full tiles)
   and key region ``j`` the regions that chose it (the transposed lists, built
   in-graph).  Returns ``[B, T, N, Hv]`` float32."""
-  from attnjax.cpu import flash
   R = route_BRR.shape[1]
   pats = np.zeros((1, P, P), np.uint8)
   full = lambda shape: jnp.full(shape, -1, jnp.int32)
@@ -850,11 +843,9 @@ def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
     qlist = jnp.sort(jnp.argsort(miss, axis=1, stable=True)[:, :top_k], axis=1)
     kl = jnp.argsort(miss.T, axis=1, stable=True)
     klist = jnp.where(arange[None, :] < (1 - miss.T).sum(1)[:, None], kl, -1)
-    sched = flash.BlockSparseSchedule(qlist.astype(jnp.int32), full((R, top_k)),
-                                      klist.astype(jnp.int32), full((R, R)), pats, P, P,
-                                      float("nan"))
-    o, _ = flash.cpu_flash_block_sparse(q_b[None], k_b[None], v_b[None], sched,
-                                        scale=float(scale))
+    o, _ = hooks.block_sparse(q_b[None], k_b[None], v_b[None], qlist.astype(jnp.int32),
+                              full((R, top_k)), klist.astype(jnp.int32), full((R, R)), pats,
+                              block_q=P, block_k=P, scale=float(scale))
     return o[0]
 
   return jax.lax.map(one, (q, k, v, route_BRR))
