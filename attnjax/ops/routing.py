@@ -367,14 +367,25 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
 _moba_gather_partial.defvjp(_moba_gather_partial_fwd, _moba_gather_partial_bwd)
 
 
+def _block_sparse_serves(*sizes: int) -> bool:
+  """Whether the C++ kernel's block-sparse mode (:func:`attnjax.core.hooks.block_sparse`)
+  can run here for these tile / head sizes: CPU backend, kernel built, every size a
+  multiple of 16."""
+  return (jax.default_backend() == "cpu" and not any(x % 16 for x in sizes)
+          and hooks.block_sparse_available())
+
+
+def _default_scale(scale, H: int) -> float:
+  """``scale`` as a Python float, ``1 / sqrt(H)`` when None."""
+  return (1.0 / math.sqrt(H)) if scale is None else float(scale)
+
+
 def _moba_kernel_blocks(block_size: int, H: int, Hv: int):
   """``(P, block_k)`` when the gathered blocks can run on the C++ kernel's block-sparse
-  mode (CPU backend, kernel built, head dims multiples of 16, a key tile of 16..128 keys
+  mode (:func:`_block_sparse_serves` for the head dims and a key tile of 16..128 keys
   dividing ``block_size``), else None."""
-  if jax.default_backend() != "cpu" or H % 16 or Hv % 16:
-    return None
   bk = next((b for b in (128, 64, 32, 16) if block_size % b == 0), None)
-  if bk is None or not hooks.block_sparse_available():
+  if bk is None or not _block_sparse_serves(H, Hv):
     return None
   return _moba_gather_chunk(block_size), bk
 
@@ -397,8 +408,7 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   blocks at its GEMM rate, and its custom VJP (flash backward over the lists) gives the
   gradients of the gathered rows, which autodiff of the gathers returns to ``q``, ``k``,
   ``v``.  Each slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by
-  log-sum-exp (:func:`_moba_merge_slots`).
-  ``[T, k]`` and merged by log-sum-exp."""
+  log-sum-exp (:func:`_moba_merge_slots`)."""
   B, T, N, H = q.shape
   S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
   G, bs, P, bk = N // K, block_size, chunk, block_k
@@ -519,10 +529,8 @@ def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
                                  scale=scale, return_lse=True)
   if idx_BNTk.shape[-1] == 1:
     return own.astype(q.dtype)
-  H = q.shape[3]
-  sc = (1.0 / math.sqrt(H)) if scale is None else float(scale)
   o_RTD, lse_RT = _moba_gathered(q, k, v, idx_BNTk[..., 1:], block_size=block_size,
-                                 scale=sc)
+                                 scale=_default_scale(scale, q.shape[3]))
   o_g = o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3)
   lse_g = lse_RT.reshape(B, N, T)
   lse_own = lse_own.astype(_F32)
@@ -611,8 +619,7 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
     if not causal:
       B, T, N, H = q.shape
-      sc = (1.0 / math.sqrt(H)) if scale is None else float(scale)
-      o_RTD, _ = _moba_gathered(q, k, v, idx, block_size=bs, scale=sc)
+      o_RTD, _ = _moba_gathered(q, k, v, idx, block_size=bs, scale=_default_scale(scale, H))
       return o_RTD.reshape(B, N, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
     return _moba_own_plus_gathered(q, k, v, idx, block_size=bs, scale=scale)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
@@ -816,15 +823,6 @@ def region_routing(q, k, *, num_regions: int, top_k: int):
   return _onehot_any(idx, R)
 
 
-def _bra_kernel_serves(P: int, H: int, Hv: int) -> bool:
-  """Whether BiFormer's routed regions can run on the C++ kernel's block-sparse mode
-  (CPU backend, kernel built, regions of a multiple of 16 tokens, head dims multiples of
-  16)."""
-  if jax.default_backend() != "cpu" or P % 16 or H % 16 or Hv % 16:
-    return False
-  return hooks.block_sparse_available()
-
-
 def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
   """Region-major ``q [B, T, N, H]``, ``k``, ``v`` attended through the region routing
   ``route_BRR [B, R, R]`` on the C++ kernel: one block-sparse call per batch row
@@ -845,7 +843,7 @@ def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
     klist = jnp.where(arange[None, :] < (1 - miss.T).sum(1)[:, None], kl, -1)
     o, _ = hooks.block_sparse(q_b[None], k_b[None], v_b[None], qlist.astype(jnp.int32),
                               full((R, top_k)), klist.astype(jnp.int32), full((R, R)), pats,
-                              block_q=P, block_k=P, scale=float(scale))
+                              block_q=P, block_k=P, scale=scale)
     return o[0]
 
   return jax.lax.map(one, (q, k, v, route_BRR))
@@ -901,10 +899,10 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
   route_BRR = region_routing(q, k, num_regions=r, top_k=top_k)
   Hv = v.shape[-1]
   if (implementation is None and block_sizes is None and not hooks.observing()
-      and _bra_kernel_serves(P, H, Hv)):
+      and _block_sparse_serves(P, H, Hv)):
     out = _bra_on_kernel(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
                          route_BRR, P=P, top_k=top_k,
-                         scale=(1.0 / math.sqrt(H)) if scale is None else scale)
+                         scale=_default_scale(scale, H))
     return from_region_major(out.astype(q.dtype), r, (Hh, Ww))
   mask = _masks.from_block_mask(route_BRR[:, None], P, P)
   out = hooks.attention(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
