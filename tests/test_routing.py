@@ -995,3 +995,15 @@ def test_train_runlocal_moba_mqar(tmp_path):
 @pytest.mark.slow
 def test_train_runlocal_biformer_digits(tmp_path):
   _train_runlocal("digits_vit", "variant=biformer,runlocal", tmp_path)
+
+
+def test_block_sparse_hook_is_registered_and_checks_its_arguments():
+  """The ops reach the C++ block-sparse kernel through core.hooks (attnjax.dispatch
+  registers it); registering something that is not callable raises TypeError."""
+  from attnjax.cpu import flash
+  assert hooks.block_sparse_available() == flash.available()
+  with pytest.raises(TypeError, match="callable"):
+    hooks.register_block_sparse(None, lambda: True)
+  with pytest.raises(TypeError, match="callable"):
+    hooks.register_block_sparse(lambda *a, **k: None, True)
+  assert hooks.block_sparse_available() == flash.available()   # the registration stands
