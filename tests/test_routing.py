@@ -277,13 +277,16 @@ def test_moba_gather_matches_reference_jit(causal, T, bs, top_k, dtype):
                                  # tile starts past S (dropped), its first straddles S
     pytest.param(True, 300, 256, 2, BF16, marks=SLOW),
     pytest.param(True, 160, 32, 4, F32, marks=SLOW),
+    (True, 100, 48, 2, F32),    # chunk 64 > block 48 > tile 16: three causal patterns,
+                                # padded own chunks, a ragged last block of 4 queries
 ])
 def test_moba_gathered_blocks_on_cpu_kernel(causal, T, bs, top_k, dtype):
-  """With the C++ kernel built, the gather path runs the gathered blocks (causal: the
-  earlier ones; the own block is a band call) on its block-sparse mode (slots of the
-  key-block-major layout as one long query sequence, lists built in-graph): forward and
-  vjp against the plain reference under jit (GQA, ragged last block), and the program
-  holds the kernel's block-sparse forward and backward."""
+  """With the C++ kernel built, the gather path runs on its block-sparse mode, one call
+  per row (slots of the key-block-major layout as one long query sequence, lists built
+  in-graph; causal: the own blocks first, their diagonal tiles as causal patterns):
+  forward and vjp against the plain reference under jit (GQA, ragged last block), and
+  the program holds the kernel's block-sparse forward and backward and no other
+  attention call (causal: no band call for the own block)."""
   from attnjax.cpu import flash
   if not flash.available():
     pytest.skip("the C++ kernel is not built on this machine")
@@ -300,6 +303,35 @@ def test_moba_gathered_blocks_on_cpu_kernel(causal, T, bs, top_k, dtype):
   text = jax.jit(jax.grad(lambda q, k, v: g(q, k, v).astype(F32).sum(), argnums=(0, 1, 2))
                  ).lower(q, k, v).as_text()
   assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
+  assert "attnjax_flash_fwd" not in text and "attnjax_flash_bwd" not in text
+
+
+@pytest.mark.parametrize("T,nk,kk,P", [(37, 5, 3, 8), (300, 12, 2, 128)])
+def test_moba_layout_ranks_without_a_sort(monkeypatch, T, nk, kk, P):
+  """The gather layout's two ways of ranking the (query, block) pairs -- prefix counts
+  of the one-hot choice (few blocks) and a stable sort (many) -- give the same slots,
+  and the slots group each block's queries in query order, padded to chunks of P."""
+  rng = np.random.default_rng(T)
+  idx = np.stack([np.stack([rng.permutation(nk + 1)[:kk] for _ in range(T)])
+                  for _ in range(6)]).reshape(2, 3, T, kk)       # nk: selects nothing
+  idx = jnp.asarray(idx, jnp.int32)
+  got = routing._moba_gather_layout(idx, T=T, nk=nk, chunk=P)
+  monkeypatch.setattr(routing, "_RANK_MAX_BLOCKS", 0)
+  want = routing._moba_gather_layout(idx, T=T, nk=nk, chunk=P)
+  for name, a, b in zip(("slot_q", "chunk_blk", "dest"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  slot_q, chunk_blk, dest = map(np.asarray, got)
+  total = slot_q.shape[1]
+  idx = np.asarray(idx).reshape(6, T, kk)
+  for r in range(6):
+    for c in range(nk):
+      qs = [i for i in range(T) if c in idx[r, i]]
+      slots = [dest[r, i, list(idx[r, i]).index(c)] for i in qs]
+      assert slots == list(range(slots[0], slots[0] + len(qs))) if qs else True
+      if qs:
+        assert slots[0] % P == 0 and (chunk_blk[r, slots[0] // P] == c)
+        np.testing.assert_array_equal(slot_q[r, slots], qs)
+    assert np.all(dest[r][idx[r] == nk] == total)
 
 
 def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):

@@ -181,6 +181,30 @@ def _moba_gather_chunk(block_size: int) -> int:
   return int(min(128, max(8, 1 << (int(block_size) - 1).bit_length())))
 
 
+_RANK_MAX_BLOCKS = 512   # above this many key blocks the layout sorts (see below)
+
+
+def _prefix_counts(sel_RTC, piece: int = 128):
+  """Exclusive prefix counts along ``T`` of a 0/1 array ``sel [R, T, C]`` (the number of
+  earlier rows with a 1 in the same column) and the column totals ``[R, C]`` (int32).
+
+  ``T`` is cut into pieces of ``piece`` rows: inside a piece a strictly lower-triangular
+  ``[piece, piece]`` matrix product, across pieces an exclusive cumulative sum of the
+  piece totals.  Exact (integers far below ``2**24`` in float32); on CPU several times
+  faster than a stable sort of the pairs or a cumulative sum along ``T``.
+  """
+  R, T, C = sel_RTC.shape
+  Tp = -(-T // piece) * piece
+  x = jnp.pad(sel_RTC.astype(_F32), ((0, 0), (0, Tp - T), (0, 0))).reshape(
+      R, Tp // piece, piece, C)
+  tri = jnp.asarray(np.tril(np.ones((piece, piece), np.float32), -1))
+  within = jnp.einsum("ij,rmjc->rmic", tri, x, precision=jax.lax.Precision.HIGHEST)
+  tot = x.sum(2)                                                       # [R, m, C]
+  before = jnp.cumsum(tot, axis=1) - tot
+  prefix = (within + before[:, :, None, :]).reshape(R, Tp, C)[:, :T]
+  return prefix.astype(jnp.int32), tot.sum(1).astype(jnp.int32)
+
+
 def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1):
   """Key-block-major slots of the (query, chosen block) pairs (integer bookkeeping).
 
@@ -190,6 +214,11 @@ def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1
   ``slot_q [R, n_chunks * P]`` (the query of each slot; ``T`` for a padding slot),
   ``chunk_blk [R, n_chunks]`` (the key block of each chunk) and ``dest [R, T, top_k]``
   (the slot of each pair; ``n_chunks * P`` where the pair selects nothing).
+
+  A query's entries are distinct, so a pair's rank in its block's group is the number
+  of earlier queries choosing that block: exclusive prefix counts of the one-hot choice
+  ``[R, T, nk]`` (:func:`_prefix_counts`) up to ``_RANK_MAX_BLOCKS`` blocks, above that
+  a stable sort of the pairs by block (``O(T top_k)`` memory per row).
   """
   P = chunk
   kk = idx_BNTk.shape[-1]
@@ -200,26 +229,30 @@ def _moba_gather_layout(idx_BNTk, *, T: int, nk: int, chunk: int, group: int = 1
   X = T * kk
   c_RX = jnp.minimum(jax.lax.stop_gradient(idx_BNTk).reshape(R, X), nk)   # nk: selects none
   rows_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
-  count_RC = jnp.zeros((R, nk + 1), jnp.int32).at[rows_R1, c_RX].add(1)[:, :nk]
+  cs = jnp.minimum(c_RX, nk - 1)
+  if nk <= _RANK_MAX_BLOCKS:
+    c_RTk = c_RX.reshape(R, T, kk)
+    sel_RTC = _onehot_any(c_RTk, nk)
+    prefix_RTC, count_RC = _prefix_counts(sel_RTC)
+    rank_RX = jnp.take_along_axis(prefix_RTC, jnp.minimum(c_RTk, nk - 1), axis=2).reshape(R, X)
+  else:
+    count_RC = jnp.zeros((R, nk + 1), jnp.int32).at[rows_R1, c_RX].add(1)[:, :nk]
+    start_RC = jnp.cumsum(count_RC, axis=-1) - count_RC     # group starts, unpadded
+    x_RX = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32), (R, X))
+    c_sorted, x_sorted = jax.lax.sort((c_RX, x_RX), dimension=1, is_stable=True, num_keys=1)
+    rank_sorted = (jnp.arange(X, dtype=jnp.int32)[None, :]
+                   - jnp.take_along_axis(start_RC, jnp.minimum(c_sorted, nk - 1), axis=1))
+    rank_RX = jnp.zeros((R, X), jnp.int32).at[rows_R1, x_sorted].set(rank_sorted)
   padded_RC = -(-count_RC // P) * P
   end_RC = jnp.cumsum(padded_RC, axis=-1)               # group ends, padded to P
-  off_RC = jnp.concatenate([jnp.zeros((R, 1), jnp.int32), end_RC[:, :-1]], axis=-1)
-  start_RC = jnp.cumsum(count_RC, axis=-1) - count_RC   # group starts, unpadded
-  # a stable sort of the pairs x = i * top_k + slot by block keeps query order inside a
-  # group: O(T top_k) memory per row (no [T, nk] arrays)
-  x_RX = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32), (R, X))
-  c_sorted, x_sorted = jax.lax.sort((c_RX, x_RX), dimension=1, is_stable=True, num_keys=1)
-  cs = jnp.minimum(c_sorted, nk - 1)
-  rank = jnp.arange(X, dtype=jnp.int32)[None, :] - jnp.take_along_axis(start_RC, cs, axis=1)
-  dest_sorted = jnp.where(c_sorted < nk, jnp.take_along_axis(off_RC, cs, axis=1) + rank,
-                          total)                                             # total: dropped
-  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_sorted].set(x_sorted // kk,
-                                                                           mode="drop")
-  dest_RTk = jnp.zeros((R, X), jnp.int32).at[rows_R1, x_sorted].set(dest_sorted).reshape(
-      R, T, kk)
+  off_RC = end_RC - padded_RC                           # group starts
+  dest_RX = jnp.where(c_RX < nk, jnp.take_along_axis(off_RC, cs, axis=1) + rank_RX,
+                      total)                                                 # total: none
+  slot_q = jnp.full((R, total), T, jnp.int32).at[rows_R1, dest_RX].set(
+      jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32) // kk, (R, X)), mode="drop")
   starts = jnp.arange(n_chunks, dtype=jnp.int32) * P
   chunk_blk = jnp.minimum((end_RC[:, None, :] <= starts[None, :, None]).sum(-1), nk - 1)
-  return slot_q, chunk_blk.astype(jnp.int32), dest_RTk
+  return slot_q, chunk_blk.astype(jnp.int32), dest_RX.reshape(R, T, kk)
 
 
 def _moba_gather_group(chunk: int) -> int:
@@ -390,11 +423,62 @@ def _moba_kernel_blocks(block_size: int, H: int, Hv: int):
   return _moba_gather_chunk(block_size), bk
 
 
+def _moba_own_lists(*, T: int, bs: int, P: int, bk: int):
+  """The static part of causal MoBA's kernel call: the own blocks as chunks of ``P``
+  query slots (block ``c``'s queries in order, padded to ``jn = ceil(bs / P)`` chunks)
+  against their block's key tiles under the causal mask (integer bookkeeping, NumPy).
+
+  Returns ``own_q [nk * jn * P]`` (the query of each own slot, ``T`` for padding),
+  ``own_slot [T]`` (each query's own slot), ``qlist, qcode [nk * jn, nsub]`` (the tiles of
+  each own chunk: ``-1`` ends a list / a full tile), ``klist, kcode [nk * nsub, jn]`` (the
+  own chunks of each key tile) and ``pats [n, P, bk]`` (the causal patterns, numbered
+  from 1: pattern 0 is the caller's); tiles wholly above the diagonal or past ``T`` are
+  not listed."""
+  nk, jn, nsub = -(-T // bs), -(-bs // P), bs // bk
+  r_P, c_B = np.arange(P), np.arange(bk)
+  own_q = np.full((nk, jn, P), T, np.int64)
+  qlist = np.full((nk * jn, nsub), -1, np.int32)
+  qcode = np.full((nk * jn, nsub), -1, np.int32)
+  klist = np.full((nk * nsub, jn), -1, np.int32)
+  kcode = np.full((nk * nsub, jn), -1, np.int32)
+  kfill = np.zeros(nk * nsub, np.int64)
+  pats, pat_of = [], {}
+  for c in range(nk):
+    n_rows = min(bs, T - c * bs)                       # the block's real queries
+    for j in range(jn):
+      lo, hi = j * P, min(j * P + P, n_rows) - 1       # the chunk's real rows (in block)
+      if hi < lo:
+        continue
+      own_q[c, j, :hi - lo + 1] = c * bs + lo + np.arange(hi - lo + 1)
+      ch, n = c * jn + j, 0
+      for t in range(nsub):
+        if t * bk > hi or c * bs + t * bk >= T:       # above the diagonal / past T
+          break
+        if t * bk + bk - 1 <= lo:
+          code = -1                                    # every row sees the whole tile
+        else:
+          d = lo - t * bk                              # row r sees column <= d + r
+          if d not in pat_of:
+            pat_of[d] = len(pats) + 1
+            pats.append((c_B[None, :] <= d + r_P[:, None]).astype(np.uint8))
+          code = pat_of[d]
+        qlist[ch, n], qcode[ch, n] = c * nsub + t, code
+        tile = c * nsub + t
+        klist[tile, kfill[tile]], kcode[tile, kfill[tile]] = ch, code
+        kfill[tile] += 1
+        n += 1
+  own_slot = (np.arange(T) // bs) * (jn * P) + np.arange(T) % bs
+  pats = np.stack(pats) if pats else np.zeros((0, P, bk), np.uint8)
+  return own_q.reshape(-1), own_slot, qlist, qcode, klist, kcode, pats
+
+
 def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float,
-                             chunk: int, block_k: int):
-  """The non-causal partial softmax of each query over its gathered blocks (entries
-  ``>= nk`` of ``idx_BNTk [B, N, T, k]`` select nothing), on the C++ kernel: float32
-  ``(o [R, T, Hv], lse [R, T])``, ``R = B * N``.
+                             chunk: int, block_k: int, own: bool = False):
+  """The partial softmax of each query over its chosen blocks on the C++ kernel: float32
+  ``(o [R, T, Hv], lse [R, T])``, ``R = B * N``.  ``idx_BNTk [B, N, T, k]`` (entries
+  ``>= nk`` select nothing) are gathered with no mask; with ``own`` (causal MoBA, needs
+  ``T == S``) the query's own block is computed too, under the causal mask, and ``idx``
+  holds only the earlier blocks.
 
   One kernel call per row ``(b, h)`` (``jax.lax.map``, rematerialised in the backward):
   the row's slots of :func:`_moba_gather_layout` (its (query, block) pairs grouped by
@@ -402,25 +486,37 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   forming a query sequence ``[1, slots, 1, H]`` (padding slots are zero rows) against
   the row's kv head ``[1, Sp, 1, H]`` (``Sp = nk * block_size``).  Query block ``i`` (a
   chunk) visits the ``block_size / block_k`` key tiles of its chunk's key block, all full
-  except the one straddling ``S`` (a pattern; a tile starting past ``S`` is dropped);
+  except the one straddling ``S`` (pattern 0; a tile starting past ``S`` is dropped);
   key tile ``j``'s transposed list is the contiguous run of chunks of its block (found by
-  ``searchsorted``; lists built in-graph).  So the kernel computes exactly the chosen
-  blocks at its GEMM rate, and its custom VJP (flash backward over the lists) gives the
-  gradients of the gathered rows, which autodiff of the gathers returns to ``q``, ``k``,
-  ``v``.  Each slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by
-  log-sum-exp (:func:`_moba_merge_slots`)."""
+  ``searchsorted``; lists built in-graph).  With ``own``, the slots start with the own
+  blocks (:func:`_moba_own_lists`: static, each block's queries in order, the diagonal
+  tiles as causal patterns, the tiles above it not visited), so the whole of causal
+  MoBA is one call per row.  So the kernel computes exactly the chosen blocks at its
+  GEMM rate, and its custom VJP (flash backward over the lists) gives the gradients of
+  the gathered rows, which autodiff of the gathers returns to ``q``, ``k``, ``v``.  Each
+  slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by log-sum-exp
+  (:func:`_moba_merge_slots`)."""
   B, T, N, H = q.shape
   S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
   G, bs, P, bk = N // K, block_size, chunk, block_k
   nk = -(-S // bs)
   Sp = nk * bs
   R = B * N
-  slot_q, chunk_blk, dest_RTk = _moba_gather_layout(idx_BNTk, T=T, nk=nk, chunk=P)
-  n_ch = chunk_blk.shape[1]
-  total = n_ch * P
   nsub = bs // bk
-  r_R = jnp.arange(R, dtype=jnp.int32)
-  # Static parts of the lists (the same for every row).
+  kk = idx_BNTk.shape[-1]
+  idx_RTk = idx_BNTk.reshape(R, T, kk)
+  # The static parts of the lists (the same for every row).
+  if own:
+    own_q, own_slot, oq_list, oq_code, ok_list, ok_code, own_pats = _moba_own_lists(
+        T=T, bs=bs, P=P, bk=bk)
+  else:
+    own_q, own_slot = np.zeros(0, np.int64), None
+    oq_list = oq_code = np.zeros((0, nsub), np.int32)
+    ok_list = ok_code = np.zeros((nk * nsub, 0), np.int32)
+    own_pats = np.zeros((0, P, bk), np.uint8)
+  n_own, own_total = oq_list.shape[0], own_q.shape[0]
+  n_ch = -(-(T * kk + nk * (P - 1)) // P) if kk else 0        # the layout's chunk count
+  total = own_total + n_ch * P
   sub = jnp.arange(nsub, dtype=jnp.int32)
   ragged = S % bk != 0
   last_tile = (S - 1) // bk                                   # the tile straddling S
@@ -428,16 +524,23 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   tile0_B = np.arange(nk)[:, None] * bs + np.arange(nsub)[None, :] * bk   # [nk, nsub]
   live_BS = jnp.asarray(tile0_B < S)
   part_BS = (tile0_B // bk == last_tile) if ragged else np.zeros((nk, nsub), bool)
-  kcode = jnp.asarray(np.broadcast_to(np.where(part_BS[:, :, None], 0, -1),
-                                      (nk, nsub, n_ch)).reshape(nk * nsub, n_ch)
-                      .astype(np.int32))
-  pats = np.zeros((1, P, bk), np.uint8)
-  pats[0, :, :S - last_tile * bk] = 1
+  kcode_g = np.where(part_BS.reshape(-1, 1), 0, -1).astype(np.int32)     # [nk * nsub, 1]
+  straddle = np.zeros((1, P, bk), np.uint8)
+  straddle[0, :, :S - last_tile * bk] = 1
+  pats = np.concatenate([straddle, own_pats])
+  # key tile lists: the tile's own chunks (static count n_o), then its gathered chunks
+  n_o = (ok_list >= 0).sum(1)                                             # [nk * nsub]
+  Lk = ok_list.shape[1] + n_ch
+  at_L = np.arange(Lk)[None, :] - n_o[:, None]               # gathered entry of position
+  own_part = jnp.asarray(np.pad(ok_list, ((0, 0), (0, Lk - ok_list.shape[1])),
+                                constant_values=-1))
+  own_kcode = jnp.asarray(np.pad(ok_code, ((0, 0), (0, Lk - ok_code.shape[1])),
+                                 constant_values=-1))
 
   def one_row(x):
     """One (batch row, query head): its slots as a query sequence ``[1, slots, 1, H]``
-    against its kv head's keys ``[1, Sp, 1, H]``; (o [slots, Hv], lse [slots])."""
-    r, slot_q_r, blk_r, dest_r = x
+    against its kv head's keys ``[1, Sp, 1, H]``; (o [T, Hv], lse [T]) merged."""
+    r, idx_r = x
     b, n = r // N, r % N
     zero = jnp.zeros((), jnp.int32)
     q_r = jax.lax.dynamic_slice(q, (b, zero, n, zero), (1, T, 1, H)).reshape(T, H)
@@ -447,34 +550,50 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     if Sp > S:
       pad = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
       k_r, v_r = jnp.pad(k_r, pad), jnp.pad(v_r, pad)
-    real = slot_q_r < T                                      # padding slots: zero rows
-    q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_q_r, T - 1)], 0)
+    if kk:
+      slot_q, blk_r, dest_g = _moba_gather_layout(idx_r[None, None], T=T, nk=nk, chunk=P)
+      slot_q, blk_r, dest_g = slot_q[0], blk_r[0], dest_g[0]
+    else:
+      slot_q = jnp.zeros((0,), jnp.int32)
+      blk_r = jnp.zeros((0,), jnp.int32)
+      dest_g = jnp.zeros((T, 0), jnp.int32)
+    slot_all = jnp.concatenate([jnp.asarray(own_q, jnp.int32), slot_q])
+    real = slot_all < T                                      # padding slots: zero rows
+    q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_all, T - 1)], 0)
     q_long = q_long.reshape(1, total, 1, H)
-    # chunk c visits key tiles blk * nsub + s (a tile starting at or past S is
+    # gathered chunk c visits key tiles blk * nsub + s (a tile starting at or past S is
     # dropped: -1 ends the list; the one straddling S has pattern 0)
     tile0 = blk_r[:, None] * bs + sub[None, :] * bk                         # [n_ch, nsub]
     qlist = jnp.where(tile0 < S, blk_r[:, None] * nsub + sub[None, :], -1)
     part = (tile0 // bk == last_tile) if ragged else jnp.zeros(tile0.shape, bool)
     qcode = jnp.where(part, 0, -1)
-    # key tile (blk, s) <- the contiguous run of chunks [start, end) of block blk
+    qlist = jnp.concatenate([jnp.asarray(oq_list), qlist.astype(jnp.int32)])
+    qcode = jnp.concatenate([jnp.asarray(oq_code), qcode.astype(jnp.int32)])
+    # key tile (blk, s) <- its own chunks, then the contiguous run of gathered chunks
+    # [start, end) of block blk (numbered after the own chunks)
     start = jnp.searchsorted(blk_r, blk_all, side="left")
     end = jnp.searchsorted(blk_r, blk_all, side="right")
-    ch = start[:, None] + jnp.arange(n_ch, dtype=jnp.int32)[None, :]      # [nk, n_ch]
-    klist = jnp.where(ch < end[:, None], ch, -1)
-    klist = jnp.where(live_BS[:, :, None], klist[:, None, :], -1).reshape(nk * nsub, n_ch)
-    o, lse = hooks.block_sparse(q_long, k_r, v_r, qlist.astype(jnp.int32),
-                                qcode.astype(jnp.int32), klist.astype(jnp.int32), kcode,
-                                pats, block_q=P, block_k=bk, scale=scale)
+    ch = jnp.repeat(start, nsub)[:, None] + at_L                           # [nk*nsub, Lk]
+    gathered = (at_L >= 0) & (ch < jnp.repeat(end, nsub)[:, None]) & live_BS.reshape(-1, 1)
+    klist = jnp.where(gathered, ch + n_own, own_part)
+    kcode = jnp.where(gathered, kcode_g, own_kcode)
+    o, lse = hooks.block_sparse(q_long, k_r, v_r, qlist, qcode, klist.astype(jnp.int32),
+                                kcode.astype(jnp.int32), pats, block_q=P, block_k=bk,
+                                scale=scale)
+    dest = dest_g + own_total                     # own_total + n_ch * P = total: none
+    if own:
+      dest = jnp.concatenate([jnp.broadcast_to(jnp.asarray(own_slot, jnp.int32)[:, None],
+                                               (T, 1)), dest], axis=1)
     o_r, lse_r = _moba_merge_slots(o.reshape(1, total, Hv), lse.reshape(1, total),
-                                   dest_r[None])
+                                   dest[None])
     return o_r[0], lse_r[0]
 
   # One kernel call per row (lax.map), rematerialised in the backward (jax.checkpoint):
-  # the slots' partials [slots, Hv] (about top_k + 1 times the output) and the kernel's
-  # scratch exist for one head at a time, not for all.
+  # the layout, the slots' partials [slots, Hv] (about top_k times the output) and the
+  # kernel's scratch exist for one head at a time, not for all.
   # q, k and v are closed over and sliced per step (no transposed or stacked copies;
   # their cotangents accumulate in place: this keeps S=65536, N=4 fwd+bwd under 2 GB).
-  return jax.lax.map(jax.checkpoint(one_row), (r_R, slot_q, chunk_blk, dest_RTk))
+  return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), idx_RTk))
 
 
 def _moba_merge_slots(o_RXD, lse_RX, dest_RTk):
@@ -516,21 +635,30 @@ def _moba_gathered(q, k, v, idx_BNTk, *, block_size: int, scale: float):
 
 
 def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
-  """Causal MoBA on the gather path: the own block (slot 0 of ``idx_BNTk``) is the band
-  ``block_start(i) <= j <= i``, run by :func:`attnjax.attention` with
-  ``chunked(block_size) & causal()`` (on CPU the C++ kernel's band mode, which skips the
-  masked half of the block and runs at its GEMM rate), the earlier chosen blocks
-  (slots ``1..``) on the key-block-major gather path with no mask; the two partial
-  softmaxes are merged by log-sum-exp.  Gradients flow through both (the band's ``lse``
-  is differentiable).  Returns ``[B, T, N, Hv]`` in ``q.dtype``."""
-  B, T, N, _ = q.shape
+  """Causal MoBA on the gather path: the own block (slot 0 of ``idx_BNTk``) under the
+  causal mask plus the earlier chosen blocks (slots ``1..``) with no mask.  Where the C++
+  kernel serves (:func:`_moba_kernel_blocks`) and blocks are chosen beyond the own one,
+  both are one kernel call per row (:func:`_moba_gathered_on_kernel` with ``own``).
+  Otherwise the own block is the band ``block_start(i) <= j <= i``, run by
+  :func:`attnjax.attention` with ``chunked(block_size) & causal()`` (on CPU the C++
+  kernel's band mode), the earlier blocks on the key-block-major gather path, and the two
+  partial softmaxes are merged by log-sum-exp (the band's ``lse`` is differentiable).
+  Returns ``[B, T, N, Hv]`` in ``q.dtype``."""
+  B, T, N, H = q.shape
   Hv = v.shape[3]
+  kernel = _moba_kernel_blocks(block_size, H, Hv)
+  if kernel is not None and idx_BNTk.shape[-1] > 1:
+    idx = jax.lax.stop_gradient(idx_BNTk[..., 1:]).astype(jnp.int32)
+    o_RTD, _ = _moba_gathered_on_kernel(q, k, v, idx, block_size=int(block_size),
+                                        scale=_default_scale(scale, H), chunk=kernel[0],
+                                        block_k=kernel[1], own=True)
+    return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
   own, lse_own = hooks.attention(q, k, v, mask=_masks.chunked(block_size) & _masks.causal(),
                                  scale=scale, return_lse=True)
   if idx_BNTk.shape[-1] == 1:
     return own.astype(q.dtype)
   o_RTD, lse_RT = _moba_gathered(q, k, v, idx_BNTk[..., 1:], block_size=block_size,
-                                 scale=_default_scale(scale, q.shape[3]))
+                                 scale=_default_scale(scale, H))
   o_g = o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3)
   lse_g = lse_RT.reshape(B, N, T)
   lse_own = lse_own.astype(_F32)
@@ -558,14 +686,15 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
   ``block_sizes``) is
   key-block-major: per head, the (query, chosen block) pairs are grouped by block and
   processed in chunks of queries gathered against their block's keys, with the partial
-  softmaxes merged by log-sum-exp; a custom VJP recomputes the chunks in a flash-style
-  backward.  Causal, the own block is the band ``block_start(i) <= j <= i`` and runs as
-  one :func:`attnjax.attention` call with ``chunked(block_size) & causal()`` (on CPU the
-  C++ kernel, skipping the masked half of the block), merged with the gathered earlier
-  blocks by log-sum-exp.  Its cost is ``O(T * top_k * block_size)`` whatever the
-  routing.  Any other ``implementation`` (and ``None`` off CPU) passes the
-  choice (:func:`moba_selection`, a per-token ``[B, N, T, nk]`` array) as
-  :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
+  softmaxes merged by log-sum-exp.  With the C++ kernel (CPU) every head is one
+  block-sparse call whose query sequence is the gathered slots (causal: the own blocks
+  first, their diagonal tiles under causal patterns); otherwise an XLA scan with a
+  flash-style custom VJP, and causal, the own block is the band
+  ``block_start(i) <= j <= i``, one :func:`attnjax.attention` call with
+  ``chunked(block_size) & causal()``, merged by log-sum-exp.  Its cost is
+  ``O(T * top_k * block_size)`` whatever the routing.  Any other ``implementation``
+  (and ``None`` off CPU) passes the choice (:func:`moba_selection`, a per-token
+  ``[B, N, T, nk]`` array) as :func:`attnjax.masks.from_row_block_mask` (``& causal()``) to
   :func:`attnjax.attention`: blockwise implementations visit a ``(q block, k block)``
   tile when some query of the q block chose the key block (by default ``'xla_chunked'``
   tiles are ``block_size x block_size``) and evaluate the per-row choice there.  The
