@@ -127,7 +127,10 @@ def _moba_choice(q, k, *, block_size: int, top_k: int, causal: bool):
   counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)       # [nk]
   kmean_BCKH = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
   q_BTKGH = q.astype(_F32).reshape(B, T, K, G, H)
-  gate_BKGTC = jnp.einsum("btkgh,bckh->bkgtc", q_BTKGH, kmean_BCKH,
+  # batch-major operands: XLA:CPU runs this form as one batched GEMM (about 2.5x faster
+  # than letting the dot transpose [B, T, K, G, H] itself)
+  gate_BKGTC = jnp.einsum("bkgth,bkch->bkgtc", q_BTKGH.transpose(0, 2, 3, 1, 4),
+                          kmean_BCKH.transpose(0, 2, 1, 3),
                           precision=jax.lax.Precision.HIGHEST)
   gate_BNTC = gate_BKGTC.reshape(B, N, T, nk)
   cb = jnp.arange(nk, dtype=jnp.int32)
