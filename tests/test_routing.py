@@ -334,7 +334,7 @@ def test_moba_layout_ranks_without_a_sort(monkeypatch, T, nk, kk, P):
     assert np.all(dest[r][idx[r] == nk] == total)
 
 
-def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):
+def _gathered_partial_ref(q, k, v, idx_BNTk, bs):
   """Dense float32 jnp (o [B*N, T, Hv], lse [B*N, T]) over the keys of each query's
   gathered blocks (``idx`` entries ``>= nk`` select nothing); 0 / -inf with no key."""
   B, T, N, H = q.shape
@@ -344,8 +344,6 @@ def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):
   blk = np.arange(S) // bs
   idx = np.asarray(idx_BNTk)
   allowed = (idx[..., None] == blk).any(-2)                                  # [B, N, T, S]
-  if causal:
-    allowed = allowed & np.tril(np.ones((T, S), bool))
   assert np.all(idx <= nk)
   kk = jnp.repeat(k.astype(F32), G, axis=2)
   vv = jnp.repeat(v.astype(F32), G, axis=2)
@@ -362,16 +360,17 @@ def _gathered_partial_ref(q, k, v, idx_BNTk, bs, causal):
   return o.reshape(B * N, T, -1), lse.reshape(B * N, T)
 
 
-@pytest.mark.parametrize("causal,B,T,N,K,bs,kk,dtype", [
+@pytest.mark.parametrize("earlier,B,T,N,K,bs,kk,dtype", [
     (True, 2, 37, 4, 2, 8, 2, F32),          # GQA, ragged last block, batch 2
     (False, 1, 30, 2, 1, 7, 3, BF16),        # GQA 2:1, ragged, bf16
     pytest.param(True, 1, 64, 2, 2, 4, 3, F32, marks=SLOW),   # many chunks per step
 ])
-def test_moba_gather_partial_custom_vjp(causal, B, T, N, K, bs, kk, dtype):
+def test_moba_gather_partial_custom_vjp(earlier, B, T, N, K, bs, kk, dtype):
   """The gather path's custom VJP (flash-style backward from the saved lse) against a
   dense reference: forward (o, lse) and jax.vjp with random cotangents on both o and lse,
   including queries whose gathered blocks are all empty (o = 0, lse = -inf, zero
-  gradients, no NaN)."""
+  gradients, no NaN).  ``earlier``: blocks before the query's own only (as causal MoBA
+  passes them), else any block."""
   q, k, v = _moba_inputs(300 + T, dtype, B=B, T=T, N=N, K=K)
   nk = -(-T // bs)
   rng = np.random.default_rng(T)
@@ -379,18 +378,18 @@ def test_moba_gather_partial_custom_vjp(causal, B, T, N, K, bs, kk, dtype):
   for b in range(B):
     for h in range(N):
       for i in range(T):
-        hi = i // bs if causal else nk     # causal: earlier blocks only (as MoBA's extra picks)
+        hi = i // bs if earlier else nk    # earlier blocks only (as MoBA's extra picks)
         cand = rng.permutation(hi)[:kk]
         idx[b, h, i] = np.concatenate([cand, np.full(kk - len(cand), nk)])
   idx = jnp.asarray(idx)
   got_fn = lambda q, k, v: routing._moba_gather_partial(
-      q, k, v, idx, bs, causal, 1.0 / np.sqrt(q.shape[-1]), routing._moba_gather_chunk(bs))
-  ref_fn = lambda q, k, v: _gathered_partial_ref(q, k, v, idx, bs, causal)
+      q, k, v, idx, bs, 1.0 / np.sqrt(q.shape[-1]), routing._moba_gather_chunk(bs))
+  ref_fn = lambda q, k, v: _gathered_partial_ref(q, k, v, idx, bs)
   (o, lse), vjp = jax.vjp(jax.jit(got_fn), q, k, v)
   f32_args = [jnp.asarray(a, F32) for a in (q, k, v)]
   (o_r, lse_r), vjp_r = jax.vjp(ref_fn, *f32_args)
   none = ~np.isfinite(np.asarray(lse_r))
-  if causal:
+  if earlier:
     assert none.any()                      # the first block's queries gather nothing
   np.testing.assert_array_equal(~np.isfinite(np.asarray(lse)), none)
   assert_close(o, o_r, dtype, "gather partial o")
@@ -403,7 +402,7 @@ def test_moba_gather_partial_custom_vjp(causal, B, T, N, K, bs, kk, dtype):
   for name, g, w in zip("qkv", got, want):
     assert g.dtype == dtype
     assert_close(g, w, dtype, f"gather partial custom vjp: d{name}")
-  if causal:   # queries with nothing gathered get zero dq
+  if earlier:  # queries with nothing gathered get zero dq
     dq = np.asarray(jnp.asarray(got[0], F32)).transpose(0, 2, 1, 3).reshape(B * N, T, -1)
     assert np.all(dq[none] == 0)
 

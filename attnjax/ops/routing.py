@@ -295,18 +295,16 @@ def _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk):
   return row_U, xs, dest_RTk, k_F, v_F, q_RTH
 
 
-def _moba_chunk_logits(q_UPH, k_USH, i_UP, c_U, *, T, S, bs, causal, scale):
+def _moba_chunk_logits(q_UPH, k_USH, i_UP, c_U, *, T, S, bs, scale):
   """float32 logits ``[U, P, bs]`` of chunks' slots against their key blocks, with the
-  mask (padding slots, keys past ``S`` and, causal, ``j > i``) applied as ``-inf``."""
+  mask (padding slots, keys past ``S``) applied as ``-inf``."""
   s = jnp.einsum("uph,ush->ups", q_UPH, k_USH, preferred_element_type=_F32) * scale
   j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
   allowed = (i_UP < T)[:, :, None] & (j_US < S)[:, None, :]
-  if causal:
-    allowed = allowed & (j_US[:, None, :] <= i_UP[:, :, None])
   return jnp.where(allowed, s, -jnp.inf), allowed
 
 
-def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
+def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, scale, chunk):
   B, T, N, H = q.shape
   S, Hv = k.shape[1], v.shape[3]
   R = B * N
@@ -317,7 +315,7 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
   def step(_, x):                       # each slot's partial softmax over its block
     i_UP, c_U, f_U = x
     s, _ = _moba_chunk_logits(q_RTH[row_U1, jnp.minimum(i_UP, T - 1)], k_F[f_U], i_UP, c_U,
-                              T=T, S=S, bs=block_size, causal=causal, scale=scale)
+                              T=T, S=S, bs=block_size, scale=scale)
     m = jnp.max(s, axis=-1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m[..., None])
@@ -337,9 +335,11 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, 
   return _moba_merge_slots(o_RXD, lse_RX, dest_RTk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _moba_gather_partial(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
-  """Softmax attention of each query over the keys of its gathered blocks: float32
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _moba_gather_partial(q, k, v, idx_BNTk, block_size, scale, chunk):
+  """Unmasked softmax attention of each query over the keys of its gathered blocks
+  (entries ``>= nk`` of ``idx_BNTk`` select nothing; causal MoBA passes only blocks
+  before the query's own, where ``j <= i`` holds throughout): float32
   ``(o [R, T, Hv], lse [R, T])`` with ``R = B * N`` (``lse = -inf``, ``o = 0`` where a
   query has no allowed key).  ``lax.scan`` over steps of :func:`_moba_gather_group` chunks
   of ``P`` slots, each chunk of one key block (:func:`_moba_gather_layout`); each slot's
@@ -347,16 +347,15 @@ def _moba_gather_partial(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
   log-sum-exp.  The backward is flash-style: it recomputes each chunk's probabilities from
   the saved per-query ``lse`` (no autodiff through the gathers), scatter-adds ``dq`` back
   to the slots' queries and accumulates ``dk``/``dv`` per key block."""
-  return _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal, scale, chunk)
+  return _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, scale, chunk)
 
 
-def _moba_gather_partial_fwd(q, k, v, idx_BNTk, block_size, causal, scale, chunk):
-  o_RTD, lse_RT = _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, causal,
-                                                scale, chunk)
+def _moba_gather_partial_fwd(q, k, v, idx_BNTk, block_size, scale, chunk):
+  o_RTD, lse_RT = _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, scale, chunk)
   return (o_RTD, lse_RT), (q, k, v, idx_BNTk, o_RTD, lse_RT)
 
 
-def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
+def _moba_gather_partial_bwd(block_size, scale, chunk, res, cts):
   q, k, v, idx_BNTk, o_RTD, lse_RT = res
   do_RTD, dlse_RT = cts
   B, T, N, H = q.shape
@@ -381,8 +380,6 @@ def _moba_gather_partial_bwd(block_size, causal, scale, chunk, res, cts):
     sT = jnp.einsum("ush,uph->usp", k_USH, q_UPH, preferred_element_type=_F32) * scale
     j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
     allowed = (i_UP < T)[:, None, :] & (j_US < S)[:, :, None]
-    if causal:
-      allowed = allowed & (j_US[:, :, None] <= i_UP[:, None, :])
     pT = jnp.where(allowed, jnp.exp(sT - lse0_RT[row_U1, ic][:, None, :]), 0.0)
     dpT = jnp.einsum("usd,upd->usp", v_USD.astype(_F32), do_UPD)
     dsT = pT * (dpT - D_RT[row_U1, ic][:, None, :]) * scale
@@ -633,7 +630,7 @@ def _moba_gathered(q, k, v, idx_BNTk, *, block_size: int, scale: float):
   if kernel is not None:
     return _moba_gathered_on_kernel(q, k, v, idx, block_size=int(block_size), scale=scale,
                                     chunk=kernel[0], block_k=kernel[1])
-  return _moba_gather_partial(q, k, v, idx, int(block_size), False, scale,
+  return _moba_gather_partial(q, k, v, idx, int(block_size), scale,
                               _moba_gather_chunk(block_size))
 
 
