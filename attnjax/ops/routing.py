@@ -540,7 +540,7 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   def one_row(x):
     """One (batch row, query head): its slots as a query sequence ``[1, slots, 1, H]``
     against its kv head's keys ``[1, Sp, 1, H]``; (o [T, Hv], lse [T]) merged."""
-    r, idx_r = x
+    r, slot_q, blk_r, dest_g = x
     b, n = r // N, r % N
     zero = jnp.zeros((), jnp.int32)
     q_r = jax.lax.dynamic_slice(q, (b, zero, n, zero), (1, T, 1, H)).reshape(T, H)
@@ -550,13 +550,6 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     if Sp > S:
       pad = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
       k_r, v_r = jnp.pad(k_r, pad), jnp.pad(v_r, pad)
-    if kk:
-      slot_q, blk_r, dest_g = _moba_gather_layout(idx_r[None, None], T=T, nk=nk, chunk=P)
-      slot_q, blk_r, dest_g = slot_q[0], blk_r[0], dest_g[0]
-    else:
-      slot_q = jnp.zeros((0,), jnp.int32)
-      blk_r = jnp.zeros((0,), jnp.int32)
-      dest_g = jnp.zeros((T, 0), jnp.int32)
     slot_all = jnp.concatenate([jnp.asarray(own_q, jnp.int32), slot_q])
     real = slot_all < T                                      # padding slots: zero rows
     q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_all, T - 1)], 0)
@@ -588,12 +581,22 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
                                    dest[None])
     return o_r[0], lse_r[0]
 
+  # The layout of each row (integers, no gradient), one row at a time: its [T, nk]
+  # prefix counts exist for one head at a time; outside the checkpoint below, so the
+  # backward does not rebuild it.
+  if kk:
+    layout = jax.lax.map(
+        lambda idx_r: tuple(x[0] for x in _moba_gather_layout(idx_r[None, None], T=T, nk=nk,
+                                                               chunk=P)), idx_RTk)
+  else:
+    layout = (jnp.zeros((R, 0), jnp.int32), jnp.zeros((R, 0), jnp.int32),
+              jnp.zeros((R, T, 0), jnp.int32))
   # One kernel call per row (lax.map), rematerialised in the backward (jax.checkpoint):
-  # the layout, the slots' partials [slots, Hv] (about top_k times the output) and the
-  # kernel's scratch exist for one head at a time, not for all.
+  # the slots' partials [slots, Hv] (about top_k times the output) and the kernel's
+  # scratch exist for one head at a time, not for all.
   # q, k and v are closed over and sliced per step (no transposed or stacked copies;
   # their cotangents accumulate in place: this keeps S=65536, N=4 fwd+bwd under 2 GB).
-  return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), idx_RTk))
+  return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), *layout))
 
 
 def _moba_merge_slots(o_RXD, lse_RX, dest_RTk):
