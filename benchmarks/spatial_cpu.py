@@ -114,13 +114,17 @@ def main():
     return jax.jit(lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs,
                                                      implementation=impl))
 
+  # a fixed random cotangent, as in training (with jnp.sum the cotangent is a constant
+  # that XLA folds into the backward's row sums, hiding their cost)
+  ct = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
+
   def fb(m):
     f = lambda q, k, v: attnjax.attention(q, k, v, mask=m, block_sizes=bs,
                                           implementation=impl)
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
+    return jax.jit(jax.grad(lambda q, k, v: jnp.vdot(f(q, k, v), ct), argnums=(0, 1, 2)))
 
   dense_f = jax.jit(lambda q, k, v: attnjax.attention(q, k, v))
-  dense_fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attnjax.attention(q, k, v)),
+  dense_fb = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attnjax.attention(q, k, v), ct),
                               argnums=(0, 1, 2)))
   fns = {"dense": dense_f}
   need_fb = any(c[2] for c in cases)
