@@ -81,12 +81,15 @@ def block_sparse_available() -> bool:
 
 
 def block_sparse(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q: int, block_k: int,
-                 scale: float):
-  """The registered block-sparse CPU kernel (:func:`register_block_sparse`)."""
+                 scale: float, q_rows=None, k_rows=None):
+  """The registered block-sparse CPU kernel (:func:`register_block_sparse`).  ``q_rows``,
+  ``k_rows``: optional static NumPy row maps (the lists are in a permuted token order
+  whose query ``t`` is row ``q_rows[t]`` of ``q``, key ``s`` row ``k_rows[s]`` of
+  ``k``, ``v``; outputs come back in the original row order)."""
   if not _BLOCK_SPARSE:
     raise RuntimeError("no block-sparse kernel is registered: import attnjax first")
   return _BLOCK_SPARSE[0][0](q, k, v, qlist, qcode, klist, kcode, pats, block_q=block_q,
-                             block_k=block_k, scale=scale)
+                             block_k=block_k, scale=scale, q_rows=q_rows, k_rows=k_rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,11 +234,13 @@ def _with_lengths(q, k, mask, q_lengths, kv_lengths):
 _hooks.register_attention(attention)
 
 
-def _cpu_block_sparse(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale):
+def _cpu_block_sparse(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale,
+                      q_rows=None, k_rows=None):
   from attnjax.cpu import flash
   sched = flash.BlockSparseSchedule(qlist, qcode, klist, kcode, pats, block_q, block_k,
                                     float("nan"))
-  return flash.cpu_flash_block_sparse(q, k, v, sched, scale=scale)
+  return flash.cpu_flash_block_sparse(q, k, v, sched, scale=scale, q_rows=q_rows,
+                                      k_rows=k_rows)
 
 
 def _cpu_block_sparse_available() -> bool:

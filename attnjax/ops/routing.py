@@ -944,24 +944,37 @@ def region_routing(q, k, *, num_regions: int, top_k: int):
   B, Hh, Ww, N, H = q.shape
   K = k.shape[3]
   G = N // K
-  R = num_regions * num_regions
-  qr_BRNH = to_region_major(jax.lax.stop_gradient(q).astype(_F32), num_regions)
-  kr_BRKH = to_region_major(jax.lax.stop_gradient(k).astype(_F32), num_regions)
-  qr_BRNH = qr_BRNH.reshape(B, R, -1, N, H).mean(2)
-  kr_BRKH = kr_BRKH.reshape(B, R, -1, K, H).mean(2)
+  r = num_regions
+  R = r * r
+
+  def region_mean(x):                  # [B, Hh, Ww, C, H] -> [B, R, C, H], no transpose
+    x = jax.lax.stop_gradient(x).astype(_F32)
+    return x.reshape(B, r, Hh // r, r, Ww // r, *x.shape[3:]).mean((2, 4)).reshape(
+        B, R, *x.shape[3:])
+  qr_BRNH, kr_BRKH = region_mean(q), region_mean(k)
   aff_BRR = jnp.einsum("brkgh,bskh->brs", qr_BRNH.reshape(B, R, K, G, H), kr_BRKH,
                        precision=jax.lax.Precision.HIGHEST)
   _, idx = jax.lax.top_k(aff_BRR, top_k)
   return _onehot_any(idx, R)
 
 
-def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
-  """Region-major ``q [B, T, N, H]``, ``k``, ``v`` attended through the region routing
-  ``route_BRR [B, R, R]`` on the C++ kernel: one block-sparse call per batch row
-  (``jax.lax.map``; all heads share the routing, as the kernel's lists), with region
+def _region_rows(num_regions: int, spatial) -> np.ndarray:
+  """The row map of :func:`to_region_major` (static): region-major token ``t`` is
+  row-major token ``rows[t]`` of the map."""
+  Hh, Ww = spatial
+  idx = np.arange(Hh * Ww, dtype=np.int64).reshape(1, Hh, Ww, 1, 1)
+  return np.asarray(to_region_major(idx, num_regions)).reshape(-1)
+
+
+def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale, rows):
+  """Row-major ``q [B, T, N, H]``, ``k``, ``v`` of the map attended through the region
+  routing ``route_BRR [B, R, R]`` on the C++ kernel: one block-sparse call per batch row
+  (``jax.lax.map``; all heads share the routing, as the kernel's lists), in region-major
+  order through the row map ``rows`` (:func:`_region_rows`: the kernel reads q, k, v
+  through it and writes the output back, so no permuted copies are made), with region
   tiles ``P x P``, query region ``i`` visiting its ``top_k`` chosen regions (full tiles)
   and key region ``j`` the regions that chose it (the transposed lists, built
-  in-graph).  Returns ``[B, T, N, Hv]`` float32."""
+  in-graph).  Returns ``[B, T, N, Hv]`` float32 in row-major order."""
   R = route_BRR.shape[1]
   pats = np.zeros((1, P, P), np.uint8)
   full = lambda shape: jnp.full(shape, -1, jnp.int32)
@@ -975,7 +988,7 @@ def _bra_on_kernel(q, k, v, route_BRR, *, P: int, top_k: int, scale):
     klist = jnp.where(arange[None, :] < (1 - miss.T).sum(1)[:, None], kl, -1)
     o, _ = hooks.block_sparse(q_b[None], k_b[None], v_b[None], qlist.astype(jnp.int32),
                               full((R, top_k)), klist.astype(jnp.int32), full((R, R)), pats,
-                              block_q=P, block_k=P, scale=scale)
+                              block_q=P, block_k=P, scale=scale, q_rows=rows, k_rows=rows)
     return o[0]
 
   return jax.lax.map(one, (q, k, v, route_BRR))
@@ -1032,10 +1045,10 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
   Hv = v.shape[-1]
   if (implementation is None and block_sizes is None and not hooks.observing()
       and _block_sparse_serves(P, H, Hv)):
-    out = _bra_on_kernel(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
-                         route_BRR, P=P, top_k=top_k,
-                         scale=_default_scale(scale, H))
-    return from_region_major(out.astype(q.dtype), r, (Hh, Ww))
+    flat = lambda x: x.reshape(B, Hh * Ww, *x.shape[3:])
+    out = _bra_on_kernel(flat(q), flat(k), flat(v), route_BRR, P=P, top_k=top_k,
+                         scale=_default_scale(scale, H), rows=_region_rows(r, (Hh, Ww)))
+    return out.astype(q.dtype).reshape(B, Hh, Ww, N, Hv)
   mask = _masks.from_block_mask(route_BRR[:, None], P, P)
   out = hooks.attention(to_region_major(q, r), to_region_major(k, r), to_region_major(v, r),
                         mask=mask, scale=scale, implementation=implementation,
