@@ -1023,7 +1023,8 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
       tile rules, else the block mask is evaluated per element).  Both None on the CPU
       backend (C++ kernel built, ``P`` and the head dims multiples of 16): the routed
       regions run on the kernel's block-sparse mode, one call per batch row with the
-      routing as its tile lists (``P x P`` tiles, exactly the chosen ones).
+      routing as its tile lists (``P x P`` tiles, exactly the chosen ones) and the
+      region-major order as row maps (no permuted copies).
 
   Returns:
     ``[B, Hh, Ww, N, Hv]`` in ``q.dtype``.
