@@ -685,17 +685,27 @@ def vmoba_allowed_ref(q, k, block, top_k=None, threshold=None):
   return allowed
 
 
-@pytest.mark.parametrize("grid,block,top_k,threshold", [
-    ((4, 6), (2, 3), 2, None), ((4, 6), (2, 2), None, 0.6),
-    pytest.param((2, 4, 4), (1, 2, 2), 3, None, marks=SLOW)])
-def test_vmoba_matches_reference(grid, block, top_k, threshold):
-  q = rnd(150, (1, *grid, 4, 8))
-  k = rnd(151, (1, *grid, 2, 8))
-  v = rnd(152, (1, *grid, 2, 8))
+@pytest.mark.parametrize("grid,block,top_k,threshold,impl,H", [
+    ((4, 6), (2, 3), 2, None, "xla_chunked", 8), ((4, 6), (2, 2), None, 0.6, "xla_chunked", 8),
+    ((4, 6), (2, 3), 2, None, "gather", 8),     # the XLA scan (block of 6: no kernel)
+    ((8, 8), (4, 4), 2, None, None, 16),        # CPU default: the C++ kernel's gather path
+    pytest.param((2, 4, 4), (1, 2, 2), 3, None, "xla_chunked", 8, marks=SLOW)])
+def test_vmoba_matches_reference(grid, block, top_k, threshold, impl, H):
+  """VMoBA against the explicit-grid reference, forward and vjp: the mask path, and with
+  top_k the key-block-major gather path (XLA scan; on CPU by default the C++ kernel)."""
+  q = rnd(150, (1, *grid, 4, H))
+  k = rnd(151, (1, *grid, 2, H))
+  v = rnd(152, (1, *grid, 2, H))
   allowed = vmoba_allowed_ref(q, k, block, top_k, threshold)
   f = lambda q, k, v: routing.vmoba_attention(q, k, v, block_shape=block, top_k=top_k,
-                                              threshold=threshold,
-                                              implementation="xla_chunked")
+                                              threshold=threshold, implementation=impl)
+  if impl is None:
+    from attnjax.cpu import flash
+    if not flash.available():
+      pytest.skip("the C++ kernel is not built on this machine")
+    text = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))).lower(
+        q, k, v).as_text()
+    assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
   flat = lambda x: x.reshape(1, -1, *x.shape[-2:])
   assert_close(f(q, k, v), softmax_ref_np(flat(q), flat(k), flat(v), allowed).reshape(q.shape),
                F32, "vmoba forward")
@@ -930,6 +940,8 @@ def test_errors_name_the_argument():
     routing.vmoba_attention(qm, km, vm, block_shape=2, threshold=1.5)
   with pytest.raises(ValueError, match="exactly one"):
     routing.vmoba_attention(qm, km, vm, block_shape=2, top_k=1, threshold=0.5)
+  with pytest.raises(ValueError, match="gather"):
+    routing.vmoba_attention(qm, km, vm, block_shape=2, threshold=0.5, implementation="gather")
   with pytest.raises(ValueError, match="block_shape"):
     routing.vmoba_attention(qm, km, vm, block_shape=(4, 4), top_k=1)
   with pytest.raises(ValueError, match="connectivity"):

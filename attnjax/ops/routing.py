@@ -831,10 +831,15 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
   ``top_k`` highest-gate blocks, or with ``threshold`` the blocks in decreasing gate order
   until the cumulative ``softmax(gate)`` share reaches ``threshold``
   (:func:`threshold_selection`); softmax attention over the kept blocks' keys.  Tokens are
-  permuted to block-major order (:func:`to_block_major`), so the choice is a
-  :func:`attnjax.masks.from_row_block_mask` over contiguous blocks.  Not differentiated
-  through the choice.  (VMoBA's selection of blocks globally across a head's queries is
-  not implemented; the choice is per query as in MoBA.)
+  permuted to block-major order (:func:`to_block_major`).  With ``top_k``, on the CPU
+  backend (``implementation=None``, no ``block_sizes``) or with ``implementation='gather'``
+  the choice runs on :func:`moba_attention`'s key-block-major gather path (non-causal; on
+  the C++ kernel's block-sparse mode where it serves): cost ``O(T * top_k * block)``
+  whatever the routing.  Otherwise (and with ``threshold``) the choice is a
+  :func:`attnjax.masks.from_row_block_mask` over contiguous blocks passed to
+  :func:`attnjax.attention`.  Not differentiated through the choice.  (VMoBA's selection
+  of blocks globally across a head's queries is not implemented; the choice is per query
+  as in MoBA.)
 
   Paper: "VMoBA: Mixture-of-Block Attention for Video Diffusion Models".
 
@@ -871,6 +876,21 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
   if (top_k is None) == (threshold is None):
     raise ValueError(f"{op}: give exactly one of top_k and threshold, got top_k={top_k!r}, "
                      f"threshold={threshold!r}")
+  explicit = isinstance(implementation, str) and implementation == "gather"
+  if explicit and (threshold is not None or block_sizes is not None):
+    raise ValueError(f"{op}: implementation='gather' needs top_k (not threshold) and no "
+                     f"block_sizes, got threshold={threshold!r}, block_sizes={block_sizes!r}")
+  if explicit and scale is not None and (isinstance(scale, bool) or not isinstance(
+      scale, (int, float, np.floating, np.integer))):
+    raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
+                    f"None, got {type(scale).__name__}")
+  # the key-block-major gather path of moba_attention (non-causal): explicit, or the CPU
+  # default for top_k when nothing else is asked for (an analysis capture observes the
+  # mask path, which gives the same numbers)
+  gather = explicit or (implementation is None and block_sizes is None and threshold is None
+                        and jax.default_backend() == "cpu" and not hooks.observing()
+                        and (scale is None or isinstance(scale, (int, float)))
+                        and not isinstance(scale, bool))
   qf, kf, vf = (to_block_major(x, block) for x in (q, k, v))
   _check_btnh(op, qf, kf, vf, same_len=True)
   P = math.prod(block)
@@ -881,12 +901,19 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
     if top_k > nk:
       raise ValueError(f"{op}: top_k must be <= the number of blocks {nk}, got top_k={top_k}")
     _, idx = jax.lax.top_k(gate, top_k)
-    sel = _onehot_any(idx, nk)
+    idx = jax.lax.stop_gradient(idx).astype(jnp.int32)
+    if not gather:
+      sel = _onehot_any(idx, nk)
   else:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
         not 0.0 < float(threshold) <= 1.0:
       raise ValueError(f"{op}: threshold must be in (0, 1], got threshold={threshold!r}")
     sel = threshold_selection(gate, float(threshold))
+  if gather:
+    B, T, N, H = qf.shape
+    o_RTD, _ = _moba_gathered(qf, kf, vf, idx, block_size=P, scale=_default_scale(scale, H))
+    out = o_RTD.reshape(B, N, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+    return from_block_major(out, block, grid)
   mask = _masks.from_row_block_mask(sel, P)
   out = hooks.attention(qf, kf, vf, mask=mask, scale=scale, implementation=implementation,
                         block_sizes=_default_block_sizes(block_sizes, P, P))
