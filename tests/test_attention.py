@@ -108,3 +108,22 @@ class TestDispatch:
     assert auto_candidates(a, "tpu")[0] == "pallas_tpu"
     assert auto_candidates(a, "gpu")[0] == "pallas_gpu"
     assert all(not c.startswith("pallas") for c in auto_candidates(a, "cpu"))
+
+
+def test_row_dot_is_the_last_axis_sum_of_the_product():
+  """core.softmax.row_dot (the backward's delta = rowsum(dO * O), written as a batched
+  dot for XLA:CPU's sake) equals the plain reduction, in float32, for 2-D to 5-D inputs
+  (bf16 inputs accumulate in float32)."""
+  from attnjax.core.softmax import row_dot
+  for n, shape in enumerate([(3, 16), (2, 5, 8), (1, 7, 3, 16), (2, 3, 4, 5, 8)]):
+    a = jax.random.normal(jax.random.PRNGKey(2 * n), shape)
+    b = jax.random.normal(jax.random.PRNGKey(2 * n + 1), shape)
+    got = row_dot(a, b)
+    assert got.shape == shape[:-1] and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray((a * b).sum(-1)), rtol=1e-5,
+                               atol=1e-5)
+    got16 = row_dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    want16 = (a.astype(jnp.bfloat16).astype(jnp.float32)
+              * b.astype(jnp.bfloat16).astype(jnp.float32)).sum(-1)
+    assert got16.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got16), np.asarray(want16), rtol=1e-5, atol=1e-5)

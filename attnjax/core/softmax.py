@@ -20,7 +20,18 @@ import jax.numpy as jnp
 from attnjax.core.args import AttentionArgs, check_attention_args
 
 __all__ = ["apply_logit_mods", "allowed_keys", "safe_softmax_out", "dense_attention",
-           "reference_attention"]
+           "reference_attention", "row_dot"]
+
+
+def row_dot(a, b):
+  """``sum(a * b, axis=-1)`` in float32 (e.g. the backward's ``delta = rowsum(dO * O)``),
+  written as a dot batched over every leading axis, in order.  On XLA:CPU the plain
+  reduction of a product of 4-D/5-D arrays runs about 40x slower (about 120 ms for
+  ``[1, 16384, 8, 64]``, against 2-3 ms), as does a dot whose output reorders the axes.
+  """
+  letters = "abcdefghijklmnopqrstuvwxy"[:a.ndim - 1]
+  return jnp.einsum(f"{letters}z,{letters}z->{letters}", a, b,
+                    preferred_element_type=jnp.float32)
 
 
 def apply_logit_mods(s, b, h, q_idx, kv_idx, *, score_mod, softcap):

@@ -29,6 +29,7 @@ from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.jaxpr import hoist_consts
 from attnjax.core.plan import kv_group_table
+from attnjax.core.softmax import row_dot
 from attnjax.core.vma import sum_to_vma, vary_like
 
 __all__ = ["ChunkedBlockSizes", "chunked_attention"]
@@ -364,7 +365,7 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
   # ---------------------------------------------------------------- backward
   def bwd_impl(qs, kk, vv, bias, sinks, seg, mkc, smc, sched, out, lse, dout, dlse):
     kl, cnt, part = sched
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = row_dot(dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
       delta = delta - dlse
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)

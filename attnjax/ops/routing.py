@@ -43,6 +43,7 @@ import numpy as np
 
 from attnjax import masks as _masks
 from attnjax.core import hooks
+from attnjax.core.softmax import row_dot
 from attnjax.ops.chunked import ChunkedBlockSizes
 
 __all__ = ["moba_attention", "moba_selection", "vmoba_attention", "threshold_selection",
@@ -367,7 +368,7 @@ def _moba_gather_partial_bwd(block_size, scale, chunk, res, cts):
   row_U1 = row_U[:, None]
   do_RTD = do_RTD.astype(_F32)
   # d lse_i / d s_ij = p_ij: a cotangent on lse enters as -dlse in D_i = do_i . o_i - dlse_i
-  D_RT = jnp.sum(do_RTD * o_RTD, axis=-1) - dlse_RT.astype(_F32)
+  D_RT = row_dot(do_RTD, o_RTD) - dlse_RT.astype(_F32)
   lse0_RT = jnp.where(jnp.isfinite(lse_RT), lse_RT, 0.0)
 
   def step(carry, x):
