@@ -706,6 +706,12 @@ def test_vmoba_matches_reference(grid, block, top_k, threshold, impl, H):
     text = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))).lower(
         q, k, v).as_text()
     assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
+  if impl != "xla_chunked":             # an analysis capture observes one masked call
+    seen = []
+    with hooks.observe(lambda call: seen.append(call)):
+      observed = f(q, k, v)
+    assert len(seen) == 1 and seen[0].args is not None
+    assert_close(observed, f(q, k, v), F32, "vmoba observed")
   flat = lambda x: x.reshape(1, -1, *x.shape[-2:])
   assert_close(f(q, k, v), softmax_ref_np(flat(q), flat(k), flat(v), allowed).reshape(q.shape),
                F32, "vmoba forward")

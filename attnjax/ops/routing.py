@@ -886,12 +886,14 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
     raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
                     f"None, got {type(scale).__name__}")
   # the key-block-major gather path of moba_attention (non-causal): explicit, or the CPU
-  # default for top_k when nothing else is asked for (an analysis capture observes the
-  # mask path, which gives the same numbers)
-  gather = explicit or (implementation is None and block_sizes is None and threshold is None
-                        and jax.default_backend() == "cpu" and not hooks.observing()
-                        and (scale is None or isinstance(scale, (int, float)))
-                        and not isinstance(scale, bool))
+  # default for top_k when nothing else is asked for; under an analysis capture the mask
+  # path instead, an observable attnjax.attention call with the same numbers
+  gather = not hooks.observing() and (explicit or (
+      implementation is None and block_sizes is None and threshold is None
+      and jax.default_backend() == "cpu"
+      and (scale is None or isinstance(scale, (int, float))) and not isinstance(scale, bool)))
+  if explicit and not gather:           # observed: the mask path (same numbers), any impl
+    implementation = None
   qf, kf, vf = (to_block_major(x, block) for x in (q, k, v))
   _check_btnh(op, qf, kf, vf, same_len=True)
   P = math.prod(block)
