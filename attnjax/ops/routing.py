@@ -414,6 +414,20 @@ def _default_scale(scale, H: int) -> float:
   return (1.0 / math.sqrt(H)) if scale is None else float(scale)
 
 
+def _is_static_scale(scale) -> bool:
+  """Whether ``scale`` is None or a Python / NumPy real scalar: the gather paths need it
+  as a static float (:func:`_default_scale`), not a traced value."""
+  return scale is None or (not isinstance(scale, bool) and isinstance(
+      scale, (int, float, np.floating, np.integer)))
+
+
+def _rows_to_btnh(o_RTD, B: int, dtype):
+  """The gather paths' per-row output ``[R, T, Hv]`` (``R = B * N``, row ``b * N + h``)
+  as ``[B, T, N, Hv]`` in ``dtype``."""
+  R, T, Hv = o_RTD.shape
+  return o_RTD.reshape(B, R // B, T, Hv).transpose(0, 2, 1, 3).astype(dtype)
+
+
 def _moba_kernel_blocks(block_size: int, H: int, Hv: int):
   """``(P, block_k)`` when the gathered blocks can run on the C++ kernel's block-sparse
   mode (:func:`_block_sparse_serves` for the head dims and a key tile of 16..128 keys
@@ -504,8 +518,14 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   Sp = nk * bs
   R = B * N
   nsub = bs // bk
-  kk = idx_BNTk.shape[-1]
-  idx_RTk = idx_BNTk.reshape(R, T, kk)
+  # The layout of each row (integers, no gradient), one row at a time: its [T, nk]
+  # prefix counts exist for one head at a time; built here, outside the checkpoint
+  # below, so the backward does not rebuild it.
+  layout = jax.lax.map(
+      lambda idx_r: tuple(x[0] for x in _moba_gather_layout(idx_r[None, None], T=T, nk=nk,
+                                                             chunk=P)),
+      idx_BNTk.reshape(R, T, idx_BNTk.shape[-1]))
+  n_ch = layout[1].shape[1]                                   # the layout's chunk count
   # The static parts of the lists (the same for every row).
   if own:
     own_q, own_slot, oq_list, oq_code, ok_list, ok_code, own_pats = _moba_own_lists(
@@ -516,7 +536,6 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     ok_list = ok_code = np.zeros((nk * nsub, 0), np.int32)
     own_pats = np.zeros((0, P, bk), np.uint8)
   n_own, own_total = oq_list.shape[0], own_q.shape[0]
-  n_ch = -(-(T * kk + nk * (P - 1)) // P) if kk else 0        # the layout's chunk count
   total = own_total + n_ch * P
   sub = jnp.arange(nsub, dtype=jnp.int32)
   ragged = S % bk != 0
@@ -582,16 +601,6 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
                                    dest[None])
     return o_r[0], lse_r[0]
 
-  # The layout of each row (integers, no gradient), one row at a time: its [T, nk]
-  # prefix counts exist for one head at a time; outside the checkpoint below, so the
-  # backward does not rebuild it.
-  if kk:
-    layout = jax.lax.map(
-        lambda idx_r: tuple(x[0] for x in _moba_gather_layout(idx_r[None, None], T=T, nk=nk,
-                                                               chunk=P)), idx_RTk)
-  else:
-    layout = (jnp.zeros((R, 0), jnp.int32), jnp.zeros((R, 0), jnp.int32),
-              jnp.zeros((R, T, 0), jnp.int32))
   # One kernel call per row (lax.map), rematerialised in the backward (jax.checkpoint):
   # the slots' partials [slots, Hv] (about top_k times the output) and the kernel's
   # scratch exist for one head at a time, not for all.
@@ -656,14 +665,14 @@ def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
     o_RTD, _ = _moba_gathered_on_kernel(q, k, v, idx, block_size=int(block_size),
                                         scale=_default_scale(scale, H), chunk=kernel[0],
                                         block_k=kernel[1], own=True)
-    return o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3).astype(q.dtype)
+    return _rows_to_btnh(o_RTD, B, q.dtype)
   own, lse_own = hooks.attention(q, k, v, mask=_masks.chunked(block_size) & _masks.causal(),
                                  scale=scale, return_lse=True)
   if idx_BNTk.shape[-1] == 1:
     return own.astype(q.dtype)
   o_RTD, lse_RT = _moba_gathered(q, k, v, idx_BNTk[..., 1:], block_size=block_size,
                                  scale=_default_scale(scale, H))
-  o_g = o_RTD.reshape(B, N, T, Hv).transpose(0, 2, 1, 3)
+  o_g = _rows_to_btnh(o_RTD, B, _F32)
   lse_g = lse_RT.reshape(B, N, T)
   lse_own = lse_own.astype(_F32)
   mx = jnp.maximum(lse_own, lse_g)               # the own block is never empty (j = i)
@@ -745,15 +754,13 @@ def moba_attention(q, k, v, *, block_size: int, top_k: int, causal: bool = True,
     if block_sizes is not None:
       raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                        f"implementation='gather' takes none, got {block_sizes!r}")
-    if scale is not None and (isinstance(scale, bool) or
-                              not isinstance(scale, (int, float, np.floating, np.integer))):
+    if not _is_static_scale(scale):
       raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
                       f"None, got {type(scale).__name__}")
     idx = _moba_choice(q, k, block_size=bs, top_k=top_k, causal=causal)
     if not causal:
-      B, T, N, H = q.shape
       o_RTD, _ = _moba_gathered(q, k, v, idx, block_size=bs, scale=_default_scale(scale, H))
-      return o_RTD.reshape(B, N, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
+      return _rows_to_btnh(o_RTD, B, q.dtype)
     return _moba_own_plus_gathered(q, k, v, idx, block_size=bs, scale=scale)
   sel_BNTC = moba_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
   mask = _masks.from_row_block_mask(sel_BNTC, bs)
@@ -881,8 +888,7 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
   if explicit and (threshold is not None or block_sizes is not None):
     raise ValueError(f"{op}: implementation='gather' needs top_k (not threshold) and no "
                      f"block_sizes, got threshold={threshold!r}, block_sizes={block_sizes!r}")
-  if explicit and scale is not None and (isinstance(scale, bool) or not isinstance(
-      scale, (int, float, np.floating, np.integer))):
+  if explicit and not _is_static_scale(scale):
     raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
                     f"None, got {type(scale).__name__}")
   # the key-block-major gather path of moba_attention (non-causal): explicit, or the CPU
@@ -890,8 +896,7 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
   # path instead, an observable attnjax.attention call with the same numbers
   gather = not hooks.observing() and (explicit or (
       implementation is None and block_sizes is None and threshold is None
-      and jax.default_backend() == "cpu"
-      and (scale is None or isinstance(scale, (int, float))) and not isinstance(scale, bool)))
+      and jax.default_backend() == "cpu" and _is_static_scale(scale)))
   if explicit and not gather:           # observed: the mask path (same numbers), any impl
     implementation = None
   qf, kf, vf = (to_block_major(x, block) for x in (q, k, v))
@@ -904,7 +909,6 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
     if top_k > nk:
       raise ValueError(f"{op}: top_k must be <= the number of blocks {nk}, got top_k={top_k}")
     _, idx = jax.lax.top_k(gate, top_k)
-    idx = jax.lax.stop_gradient(idx).astype(jnp.int32)
     if not gather:
       sel = _onehot_any(idx, nk)
   else:
@@ -913,10 +917,9 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
       raise ValueError(f"{op}: threshold must be in (0, 1], got threshold={threshold!r}")
     sel = threshold_selection(gate, float(threshold))
   if gather:
-    B, T, N, H = qf.shape
-    o_RTD, _ = _moba_gathered(qf, kf, vf, idx, block_size=P, scale=_default_scale(scale, H))
-    out = o_RTD.reshape(B, N, T, -1).transpose(0, 2, 1, 3).astype(q.dtype)
-    return from_block_major(out, block, grid)
+    o_RTD, _ = _moba_gathered(qf, kf, vf, idx, block_size=P,
+                              scale=_default_scale(scale, qf.shape[3]))
+    return from_block_major(_rows_to_btnh(o_RTD, qf.shape[0], q.dtype), block, grid)
   mask = _masks.from_row_block_mask(sel, P)
   out = hooks.attention(qf, kf, vf, mask=mask, scale=scale, implementation=implementation,
                         block_sizes=_default_block_sizes(block_sizes, P, P))
