@@ -57,6 +57,7 @@ __all__ = [
     "prefix_lm", "document", "dual_triangle", "neighborhood", "window", "grid", "axial",
     "criss_cross", "from_array", "from_fn", "from_block_mask", "as_mask", "halo", "stripe",
     "lengths", "tiled2d", "tiled_to_flat", "find_spatial_shape", "from_row_block_mask",
+    "key_interval", "key_interval_arrays",
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -87,7 +88,7 @@ class _Ctx:
 KINDS = ("full", "causal", "sliding_window", "chunked", "prefix_lm", "dual_triangle",
          "document", "neighborhood", "window", "grid", "axial", "criss_cross", "array",
          "fn", "block_mask", "shifted", "and", "or", "not", "halo", "stripe", "lengths",
-         "tiled2d", "row_block_mask")
+         "tiled2d", "row_block_mask", "key_interval")
 """The closed set of :attr:`Mask.kind` values (see the module docstring)."""
 
 _COMPOSITE = ("and", "or", "not")
@@ -474,6 +475,8 @@ def _rebuild(kind, p, ch, arr):
     return lengths(arr.get("q_lengths"), arr.get("kv_lengths"))
   if kind == "row_block_mask":
     return from_row_block_mask(arr["row_block_mask"], p["block_k"])
+  if kind == "key_interval":
+    return key_interval(arr["start"], arr["end"])
   if kind == "tiled2d":
     if not isinstance(ch[0], Mask):
       raise TypeError("not a mask")
@@ -1545,3 +1548,101 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
            table=table, data_dependent=dyn, head_dependent=Nm > 1, check=check)
   return m
 
+
+
+# ------------------------------------------------------------------ per-key row interval
+
+
+def key_interval(start, end) -> Mask:
+  """Each key is seen by an interval of query rows: ``(q, kv)`` is allowed iff
+  ``start[b, h, kv] <= q < end[b, h, kv]`` (``[S]``, ``[N, S]`` or ``[B, N, S]``, int;
+  a leading dim of 1 broadcasts).
+
+  Masks whose rows keep a key from some row on (Dynamic Mask Attention's top-w keys,
+  causal key selections, per-key expiry) are of this form.  The block kernels read the
+  two per-key arrays per key tile and evaluate the predicate in-kernel, so no ``[T, S]``
+  array is ever formed; the block table is exact and computed in ``O(S + nq * nk)``
+  (a tile is non-empty iff some key of it has an interval meeting the tile's rows).
+  """
+  for name, x in (("start", start), ("end", end)):
+    if not hasattr(x, "ndim") or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"key_interval: {name} must be an integer array, got "
+                      f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not 1 <= x.ndim <= 3:
+      raise ValueError(f"key_interval: {name} must have shape [S], [N, S] or [B, N, S], got "
+                       f"{tuple(x.shape)}")
+  s3 = start.reshape((1,) * (3 - start.ndim) + tuple(start.shape))
+  e3 = end.reshape((1,) * (3 - end.ndim) + tuple(end.shape))
+  try:
+    lead = np.broadcast_shapes(s3.shape[:2], e3.shape[:2])
+  except ValueError:
+    raise ValueError(f"key_interval: start {tuple(start.shape)} and end {tuple(end.shape)} "
+                     f"have incompatible leading dims") from None
+  if s3.shape[2] != e3.shape[2]:
+    raise ValueError(f"key_interval: start and end must have the same key count, got "
+                     f"{s3.shape[2]} and {e3.shape[2]}")
+  Bm, Nm = lead
+  Sm = s3.shape[2]
+  dyn = _is_jax(s3, e3)
+
+  def fn(ctx, b, h, q, kv):
+    xp = _xp(s3, e3, q, kv)
+    kvc = xp.clip(kv, 0, Sm - 1)
+    lo = xp.asarray(s3)[xp.clip(b, 0, s3.shape[0] - 1) if s3.shape[0] > 1 else 0,
+                        xp.clip(h, 0, s3.shape[1] - 1) if s3.shape[1] > 1 else 0, kvc]
+    hi = xp.asarray(e3)[xp.clip(b, 0, e3.shape[0] - 1) if e3.shape[0] > 1 else 0,
+                        xp.clip(h, 0, e3.shape[1] - 1) if e3.shape[1] > 1 else 0, kvc]
+    return (lo <= q) & (q < hi)
+
+  def table(ctx, T, S, bq, bk):
+    xp = jnp if dyn else np
+    lo, hi = key_interval_arrays(m, T)
+    nq, nk = -(-T // bq), -(-S // bk)
+    pad = nk * bk - S
+    live = lo < hi                                              # [Bm, Nm, S]
+    # non-empty: the union over a key tile of the q blocks its keys' intervals meet,
+    # as +1 / -1 at each interval's first / one-past-last q block and a cumsum.
+    first = xp.where(live, lo // bq, nq)
+    past = xp.where(live, (hi - 1) // bq + 1, nq)
+    kt = xp.broadcast_to(xp.arange(S) // bk, lo.shape)
+    bi = xp.broadcast_to(xp.arange(Bm)[:, None, None], lo.shape)
+    hi_ = xp.broadcast_to(xp.arange(Nm)[None, :, None], lo.shape)
+    if xp is np:
+      cnt = np.zeros((Bm, Nm, nk, nq + 1), np.int32)
+      np.add.at(cnt, (bi, hi_, kt, first), 1)
+      np.add.at(cnt, (bi, hi_, kt, past), -1)
+    else:
+      cnt = jnp.zeros((Bm, Nm, nk, nq + 1), jnp.int32)
+      cnt = cnt.at[bi, hi_, kt, first].add(1).at[bi, hi_, kt, past].add(-1)
+    any_ = xp.cumsum(cnt, axis=-1)[..., :nq] > 0                # [Bm, Nm, nk, nq]
+    # full: every key of the tile sees all the tile's rows (padded keys do not count).
+    lo_p = xp.pad(lo, ((0, 0), (0, 0), (0, pad)), constant_values=-_BIG)
+    hi_p = xp.pad(hi, ((0, 0), (0, 0), (0, pad)), constant_values=_BIG)
+    max_lo = lo_p.reshape(Bm, Nm, nk, bk).max(-1)
+    min_hi = hi_p.reshape(Bm, Nm, nk, bk).min(-1)
+    q0 = xp.arange(nq) * bq
+    q1 = xp.minimum(q0 + bq, T)
+    all_ = (max_lo[..., None] <= q0) & (min_hi[..., None] >= q1)
+    return _classify(any_, all_, xp).transpose(0, 1, 3, 2)
+
+  def check(T, S, num_heads, batch):
+    if Sm != S:
+      raise ValueError(f"key_interval: start/end have {Sm} keys; the call has S={S}")
+    _check_lead("key_interval start/end", (Bm, Nm, Sm), Bm, Nm, num_heads, batch)
+
+  m = Mask(fn, "key_interval", kind="key_interval", arrays={"start": start, "end": end},
+           table=table, data_dependent=dyn, head_dependent=Nm > 1, check=check)
+  return m
+
+
+def key_interval_arrays(mask: Mask, T: int):
+  """``(start, end)`` of a :func:`key_interval` mask as int32 ``[Bm, Nm, S]`` (broadcast
+  to common leading dims), clipped to ``[0, T]``."""
+  arrs = mask.arrays
+  s, e = arrs["start"], arrs["end"]
+  xp = _xp(s, e)
+  s3 = xp.asarray(s).reshape((1,) * (3 - s.ndim) + tuple(s.shape)).astype(xp.int32)
+  e3 = xp.asarray(e).reshape((1,) * (3 - e.ndim) + tuple(e.shape)).astype(xp.int32)
+  shape = np.broadcast_shapes(s3.shape, e3.shape)
+  s3, e3 = xp.broadcast_to(s3, shape), xp.broadcast_to(e3, shape)
+  return xp.clip(s3, 0, T), xp.clip(e3, 0, T)

@@ -9,6 +9,8 @@ main mask families; ``-m slow`` adds the bf16 sweep, more hypothesis examples an
 lowering of every mask family.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +107,55 @@ def test_routing_block_mask_bf16(backend):
       make_kwargs=lambda: dict(mask=masks.from_block_mask(bm, bq, bk)),
       block_sizes=Mod.BlockSizes(block_q=bq, block_k=bk))
   _assert_close(got, want, jnp.bfloat16)
+
+
+def _key_intervals(rng, B, N, T, S):
+  start = rng.integers(-4, T, (B, N, S))
+  return jnp.asarray(start), jnp.asarray(start + rng.integers(-3, T, (B, N, S)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_interval_and_key_bias(backend):
+  """masks.key_interval (row i sees key j iff start_j <= i < end_j, per batch and query
+  head, some intervals empty or clipped) & causal, and a per-key bias ``[B, N, 1, S]``
+  with grads; GQA, T and S ragged: the kernels read both per key tile."""
+  rng = np.random.default_rng(11)
+  B, T, S, N = 2, 40, 200, 4
+  start, end = _key_intervals(rng, B, N, T, S)
+  kb = rng.standard_normal((B, N, 1, S)).astype(np.float32)
+  got, want = _run_pair(
+      backend, jnp.float32, (B, T, S, N, 2, 64, 64), diff=(kb,),
+      make_kwargs=lambda b: dict(mask=masks.key_interval(start, end) & masks.causal(160),
+                                 bias=b))
+  _assert_close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_interval_program_has_no_ts_array(backend):
+  """Forward + vjp with a key interval mask and a per-key bias (shared by the batch, so
+  its gradient is summed): no array in the program has ``T * S`` elements (the mask and
+  the bias would, broadcast), and the result matches the reference."""
+  rng = np.random.default_rng(12)
+  B, T, S, N, H = 2, 64, 256, 2, 16
+  start, end = _key_intervals(rng, B, N, T, S)
+  kb = rng.standard_normal((1, N, 1, S)).astype(np.float32)
+  bs = _mod(backend).BlockSizes(block_q=32, block_k=128 if backend == "tpu" else 64)
+  got, want = _run_pair(backend, jnp.float32, (B, T, S, N, 1, H, H), diff=(kb,),
+                        make_kwargs=lambda b: dict(mask=masks.key_interval(start, end),
+                                                   bias=b), block_sizes=bs)
+  _assert_close(got, want, jnp.float32)
+  q = jnp.ones((B, T, N, H))
+  k = jnp.ones((B, S, 1, H))
+
+  def f(q, k, kb):
+    out, vjp = jax.vjp(lambda q, k, kb: _mod(backend).flash_attention(
+        q, k, k, mask=masks.key_interval(start, end), bias=kb, block_sizes=bs,
+        interpret=True), q, k, jnp.asarray(kb))
+    return vjp(out)
+  text = jax.jit(f).lower(q, k, kb).as_text()
+  sizes = [int(np.prod([int(d) for d in m.split("x")[:-1]]))
+           for m in re.findall(r"tensor<((?:\d+x)+)[a-z]", text)]
+  assert max(sizes) < T * S, max(sizes)
 
 
 _FAMILIES = {
@@ -328,6 +379,26 @@ def test_lowering_kitchen_sink(platform):
 @pytest.mark.parametrize("fam", ["nbhd", "document", "dense", "block_mask"])
 def test_lowering_mask_families(platform, fam):
   _lower_case(platform, **_lowering_mask_kwargs(platform, fam))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_lowering_key_interval_key_bias(platform):
+  """A key interval mask and a per-key bias, forward and grad (q, k, v and the bias)."""
+  backend = "tpu" if platform == "tpu" else "gpu"
+  f = _mod(backend).flash_attention
+  rng = np.random.default_rng(13)
+  q = _rand(rng, (2, 64, 4, 64), jnp.bfloat16)
+  k = _rand(rng, (2, 256, 2, 64), jnp.bfloat16)
+  kb = _rand(rng, (2, 4, 1, 256))
+  start, end = _key_intervals(rng, 2, 4, 64, 256)
+
+  def loss(q, k, kb):
+    out = f(q, k, k, mask=masks.key_interval(start, end), bias=kb, interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+  _export(platform, lambda q, k, kb: f(q, k, k, mask=masks.key_interval(start, end), bias=kb,
+                                       interpret=False), q, k, kb)
+  text = _export(platform, jax.grad(loss, argnums=(0, 1, 2)), q, k, kb).mlir_module()
+  assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -80,6 +80,24 @@ def test_flash_sliding_window_segments_sinks(race_states):
   _no_races(race_states, 3)
 
 
+def test_key_interval_and_key_bias(race_states):
+  """Per-key row intervals (masks.key_interval, per head, GQA) and a per-key bias with
+  its gradient: the [G, block_k] key inputs and the dk/dv kernel's bias-gradient output
+  (zeroed on each key block's first step, accumulated in place)."""
+  shapes = (1, 64, 256, 4, 2, 32, 32)
+  rng = np.random.default_rng(7)
+  start = rng.integers(-4, 64, (1, 4, 256))
+  end = start + rng.integers(-3, 64, (1, 4, 256))
+  kb = rng.standard_normal((1, 4, 1, 256)).astype(np.float32)
+  bs = tpu_flash.BlockSizes(block_q=32, block_k=128, num_splits=1)
+  got, want = run_kernel_pair(
+      "tpu", jnp.float32, shapes, seed=8, diff=(kb,), block_sizes=bs, interpret=PARAMS,
+      make_kwargs=lambda b: dict(mask=masks.key_interval(jnp.asarray(start),
+                                                         jnp.asarray(end)), bias=b))
+  assert_kernel_close(got, want, jnp.float32)
+  _no_races(race_states, 3)
+
+
 def test_split_s_decode(race_states):
   """T=1 against a 640-key cache dealt into 3 splits (flash-decoding), causal offset."""
   S = 640

@@ -1031,3 +1031,64 @@ def test_row_band_traced_offset_and_non_bands():
     assert m.row_band(16, 16) is None, m.name
   with pytest.raises(ValueError, match="grid"):
     M.neighborhood((4, 4), 3).row_band(15, 15)
+
+
+# --------------------------------------------------------------------- key intervals
+
+
+def _intervals(seed, B, N, T, S):
+    rng = np.random.default_rng(seed)
+    start = rng.integers(-3, T + 2, (B, N, S))
+    end = start + rng.integers(-2, T, (B, N, S))
+    return start, end
+
+
+@pytest.mark.parametrize("use_jax", [False, True])
+@pytest.mark.parametrize("T,S,bq,bk", [(12, 20, 4, 4), (13, 11, 5, 3), (7, 30, 8, 16),
+                                       (25, 25, 4, 8)])
+def test_key_interval_predicate_and_exact_table(use_jax, T, S, bq, bk):
+    """(q, kv) allowed iff start[b, h, kv] <= q < end[b, h, kv] (loops); the block table
+    equals the classification of the dense mask tile by tile, ragged ends included."""
+    B, N = 2, 3
+    start, end = _intervals(T * 31 + S, B, N, T, S)
+    conv = jnp.asarray if use_jax else np.asarray
+    m = M.key_interval(conv(start), conv(end))
+    assert m.kind == "key_interval" and m.data_dependent == use_jax and m.head_dependent
+    want = np.zeros((B, N, T, S), bool)
+    for b, h, i, j in itertools.product(range(B), range(N), range(T), range(S)):
+        want[b, h, i, j] = start[b, h, j] <= i < end[b, h, j]
+    got = run(use_jax, lambda: m.to_array(T, S, num_heads=N, batch=B))
+    assert_mask_equal(got, want)
+    table = np.asarray(run(use_jax, lambda: m.block_table(T, S, bq, bk, num_heads=N,
+                                                          batch=B)))
+    nq, nk = -(-T // bq), -(-S // bk)
+    for b, h, i, j in itertools.product(range(B), range(N), range(nq), range(nk)):
+        tile = want[b, h, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+        cls = M.FULL if tile.all() else (M.PARTIAL if tile.any() else M.EMPTY)
+        assert table[b, h, i, j] == cls, (b, h, i, j)
+
+
+def test_key_interval_broadcasts_pytree_and_errors():
+    start = jnp.arange(16)                                   # [S]: causal from the key on
+    end = jnp.asarray(np.random.default_rng(1).integers(0, 17, (2, 1, 16)))   # [B, 1, S]
+    m = M.key_interval(start, end)
+    leaves, tree = jax.tree_util.tree_flatten(m)
+    assert len(leaves) == 2 and "key_interval" in M.KINDS
+    m2 = jax.tree_util.tree_unflatten(tree, leaves)
+    want = (np.arange(16)[None, None, :, None] >= np.arange(16)) & \
+        (np.arange(16)[None, None, :, None] < np.asarray(end)[:, :, None, :])
+    assert_mask_equal(jax.jit(lambda mm: mm.to_array(16, 16, num_heads=3, batch=2))(m2),
+                      want)
+    with pytest.raises(ValueError, match="key_interval: start/end have 16 keys; the call "
+                                         "has S=12"):
+        m.check_shape(16, 12, 3, 2)
+    with pytest.raises(ValueError, match="batch dim 2"):
+        m.check_shape(16, 16, 3, 4)
+    with pytest.raises(TypeError, match="start must be an integer array"):
+        M.key_interval(jnp.zeros(4), jnp.ones(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"end must have shape \[S\], \[N, S\] or \[B, N, S\]"):
+        M.key_interval(jnp.zeros(4, jnp.int32), jnp.ones((1, 1, 1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="same key count"):
+        M.key_interval(jnp.zeros(4, jnp.int32), jnp.ones(5, jnp.int32))
+    with pytest.raises(ValueError, match="incompatible leading dims"):
+        M.key_interval(jnp.zeros((2, 4), jnp.int32), jnp.ones((3, 4), jnp.int32))

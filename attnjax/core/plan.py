@@ -146,6 +146,9 @@ class Plan:
     seg: ``(q_segment_ids [B, T], kv_segment_ids [B, S])`` int32 (or None).
     head_table: ``[B', N', nq, nk]`` the same per query head (``N'`` 1 or ``N``; ``table``
       merges a GQA group's heads): a GPU program of one head walks its own list.
+    key_iv: ``(start, end)`` int32 ``[Bm, N, S]`` of a :func:`~attnjax.masks.key_interval`
+      in the mask (row ``i`` sees key ``j`` iff ``start_j <= i < end_j``), read by the
+      kernels per key tile (or None).
   """
   a: AttentionArgs
   bq: int
@@ -160,6 +163,7 @@ class Plan:
   head_table: Any = None
   dense_cols: int = 0
   row_mask: Any = None
+  key_iv: Any = None
 
   @property
   def Tp(self):
@@ -176,7 +180,7 @@ class Plan:
   @property
   def needs_mask(self) -> bool:
     return (self.pred is not None or self.dense is not None or self.seg is not None
-            or self.a.S % self.bk != 0)
+            or self.key_iv is not None or self.a.S % self.bk != 0)
 
 
 def _split_mask(mask):
@@ -250,6 +254,13 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
       tables.append(m.block_table(T, S, bq, bk, num_heads=N, batch=B))
     else:
       others.append(m)
+  key_iv = None
+  ivs = [m for m in others if m.kind == "key_interval"]
+  if ivs:                           # read per key tile: two [B, N, S] kernel inputs
+    others = [m for m in others if m is not ivs[0]]
+    tables.append(ivs[0].block_table(T, S, bq, bk, num_heads=N, batch=B))
+    lo, hi = masks_lib.key_interval_arrays(ivs[0], T)
+    key_iv = tuple(jnp.broadcast_to(jnp.asarray(x), (x.shape[0], N, S)) for x in (lo, hi))
   row_mask = _row_selection(others, bk)
   if row_mask is not None:          # read per tile from its selection, not as a predicate
     others = [m for m in others if m is not row_mask]
@@ -276,7 +287,7 @@ def make_plan(a: AttentionArgs, bq: int, bk: int) -> Plan:
 
   heads = head_table(tables, a, bq, bk)
   return Plan(a, bq, bk, nq, nk, group_heads(heads, a), pred, dense, seg, reasons, heads,
-              dense_cols, row_mask)
+              dense_cols, row_mask, key_iv)
 
 
 def trace_predicate(plan: Plan, rows: int, cols: int) -> Optional[TracedFn]:

@@ -221,6 +221,9 @@ def cfg_flags(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
   n_grad = 0 if sm_tf is None else sm_tf.n_explicit
   return dict(has_bias=a.bias is not None,
               bias_b=a.bias is not None and a.bias.shape[0] > 1,
+              key_bias=key_bias(a),
+              has_kiv=plan.key_iv is not None,
+              kiv_b=plan.key_iv is not None and plan.key_iv[0].shape[0] > 1,
               has_dense=plan.dense is not None,
               dense_b=plan.dense is not None and plan.dense.shape[0] > 1,
               dense_cols=plan.dense_cols,
@@ -230,20 +233,39 @@ def cfg_flags(a: AttentionArgs, plan: Plan, pred_tf, sm_tf, splits: int, width):
               sm_widths=tuple(width(max(sz, 1)) for sz in sm_sizes[:n_grad]))
 
 
+def key_bias(a: AttentionArgs) -> bool:
+  """True when the bias is the same for every query row (``[X, N|1, 1, S]``): the
+  kernels then read it per key tile, as ``[X, N, S]``, and its gradient (the column sums
+  of ``d s``) comes from the dk/dv kernel, so no ``[T, S]`` array is formed."""
+  return a.bias is not None and a.bias.shape[2] == 1
+
+
+def key_side(x, plan: Plan, place_key):
+  """A per-key array ``[X, N|1, S]`` broadcast over the heads to ``[X, N, S]``, padded to
+  ``Sp`` and laid out by ``place_key``."""
+  x = jnp.broadcast_to(x, (x.shape[0], plan.a.N, x.shape[-1]))
+  return place_key(jnp.pad(x, ((0, 0), (0, 0), (0, plan.Sp - x.shape[-1]))))
+
+
 def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg,
-                place_sel=None):
-  """The bias (float32), dense mask (int32) and segment ids as kernel inputs.
+                place_sel=None, place_key=None, key_iv=None):
+  """The bias (float32), dense mask (int32), segment ids and key intervals as kernel
+  inputs.
 
   ``bias``/``dense`` are broadcast over the query heads to ``[X, N, T, S]`` and laid out
   by ``place_bnts``; the segment ids are padded to ``Tp``/``Sp`` with ``-1``/``-2`` (padded
   rows and keys never match) and laid out by ``place_qseg``/``place_kseg``.  A row
   selection (``plan.dense_cols > 0``) is ``[X, N, T, nk_sel]`` float32 0/1, laid out by
-  ``place_sel``.
+  ``place_sel``.  A per-key bias (:func:`key_bias`) and the key intervals ``key_iv =
+  (start, end)`` (``plan.key_iv``, int32, padded keys get the empty interval) are
+  ``[X, N, Sp]``, laid out by ``place_key``.
   """
   a = plan.a
   N, T, S = a.N, a.T, a.S
   side = []
-  if bias is not None:
+  if bias is not None and key_bias(a):
+    side.append(key_side(bias.astype(_F32)[:, :, 0, :], plan, place_key))
+  elif bias is not None:
     side.append(place_bnts(jnp.broadcast_to(bias.astype(_F32), (bias.shape[0], N, T, S))))
   if dense is not None and plan.dense_cols:
     d = jnp.asarray(dense)
@@ -255,6 +277,8 @@ def side_inputs(plan: Plan, bias, seg, dense, place_bnts, place_qseg, place_kseg
     qs, ks = seg
     side.append(place_qseg(jnp.pad(qs, ((0, 0), (0, plan.Tp - T)), constant_values=-1)))
     side.append(place_kseg(jnp.pad(ks, ((0, 0), (0, plan.Sp - S)), constant_values=-2)))
+  if key_iv is not None:            # padded keys: start = end = 0, seen by no row
+    side += [key_side(x, plan, place_key) for x in key_iv]
   return side
 
 

@@ -210,7 +210,8 @@ def select_column(tile, col, lane):
 class KernelRefs:
   """Unpacks a flash kernel's positional refs: ``lead`` schedule refs, ``q, k, v``,
   (backward) ``do, lse, delta``, (forward) ``sinks``, then ``bias``, ``dense``,
-  ``qseg, kseg``, the predicate and score_mod constants, an aliased input (skipped),
+  ``qseg, kseg``, the key intervals ``klo, khi``, the predicate and score_mod
+  constants, an aliased input (skipped),
   the outputs and the scratch buffers, each present as ``cfg`` says."""
 
   def __init__(self, cfg, refs, *, n_lead, kind, n_out, n_scratch=0, aliased=False):
@@ -235,6 +236,10 @@ class KernelRefs:
       i += 1
     if cfg.has_seg:
       self.qseg, self.kseg = refs[i:i + 2]
+      i += 2
+    self.klo = self.khi = None
+    if cfg.has_kiv:
+      self.klo, self.khi = refs[i:i + 2]
       i += 2
     self.pred = refs[i:i + cfg.n_pred]
     i += cfg.n_pred

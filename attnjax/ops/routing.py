@@ -1133,9 +1133,11 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   log of ``delta_j = exp(A_h softplus(W_dt v_j))``, ``A_h`` learnable) -- that
   projection belongs to the layer (:mod:`attnjax.layers.routing`).
 
-  The keep mask is a per-key row interval (:func:`dynamic_mask_keep_end`) evaluated on
-  the tiles the kernels visit; the bias is passed as ``bias [B, N, 1, S]`` and is
-  differentiable; the top-w choice is not.
+  The keep mask is a per-key row interval (:func:`dynamic_mask_keep_end`), passed as
+  :func:`attnjax.masks.key_interval` (the kernels read it per key tile); the bias is
+  passed as ``bias [B, N, 1, S]`` (read per key tile, its gradient summed over the rows
+  in the dk/dv kernels) and is differentiable; the top-w choice is not.  No ``[T, S]``
+  array is formed by the blockwise implementations.
 
   Paper: "Trainable Dynamic Mask Sparse Attention" (Shi et al., 2025).
 
@@ -1163,13 +1165,10 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   Nb = key_bias.shape[2]
   G = N // Nb
   end_BNS = dynamic_mask_keep_end(key_bias, keep_window=w, causal=causal, T=T)
-
-  def keep(b, h, qi, kv):
-    kvc = jnp.clip(kv, 0, S - 1)
-    ok = qi < end_BNS[jnp.clip(b, 0, B - 1), jnp.clip(h, 0, N - 1) // G, kvc]
-    return (ok & (kv <= qi)) if causal else ok
-
-  mask = _masks.from_fn(keep, name=f"dynamic_mask(keep_window={w}, causal={causal})")
+  if G > 1:
+    end_BNS = jnp.repeat(end_BNS, G, axis=1)
+  start_S = jnp.arange(S, dtype=jnp.int32) if causal else jnp.zeros((S,), jnp.int32)
+  mask = _masks.key_interval(start_S, end_BNS)     # row i keeps key j iff start_j <= i < end_j
   bias_BN1S = jnp.transpose(key_bias, (0, 2, 1))[:, :, None, :]
   if G > 1:
     bias_BN1S = jnp.repeat(bias_BN1S, G, axis=1)

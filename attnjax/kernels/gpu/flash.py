@@ -148,6 +148,9 @@ class _Cfg:
   count: bool = False       # a last output counts the list iterations (fw.count_steps)
   dense_cols: int = 0       # > 0: ``dense`` is a row selection, tile kb reads column kb // it
   sel_width: int = 0        # columns of the row selection input
+  key_bias: bool = False    # the bias is per key ([X, N, Sp]); dk/dv kernel gives its grad
+  has_kiv: bool = False     # key intervals: row i sees key j iff start_j <= i < end_j
+  kiv_b: bool = False       # ... varying with the batch
 
 
 def _tiles(b, h, q0, k0, bq, bk):
@@ -165,7 +168,8 @@ def _refs(cfg, refs, kind, n_out):
   ``pages`` the page-table row of a paged forward, ``count`` the step counter output (or
   None)."""
   r = tm.KernelRefs(cfg, refs, n_lead=2 if cfg.paged else 1, kind=kind,
-                    n_out=n_out + cfg.count, aliased=kind == "dq" and cfg.has_bias)
+                    n_out=n_out + cfg.count,
+                    aliased=kind == "dq" and cfg.has_bias and not cfg.key_bias)
   r.sched = r.lead[0]
   r.pages = r.lead[1] if cfg.paged else None
   r.count = r.outs[-1] if cfg.count else None
@@ -181,6 +185,24 @@ def _dense_tile(cfg, rows, kb, ks):
   col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
   lane = jnp.arange(cfg.sel_width, dtype=jnp.int32)[None, :]
   return jnp.broadcast_to(tm.select_column(rows(slice(None)), col, lane), (cfg.bq, cfg.bk))
+
+
+def _with_intervals(r, read, idx, masked, dense):
+  """ANDs the keys' row intervals into the ``dense`` tile of a masked tile; ``read(ref)``
+  is the tile's ``[bk]`` slice of a per-key input."""
+  if r.klo is None or not masked:
+    return dense
+  qi = idx()[2]
+  iv = (read(r.klo)[None, :] <= qi) & (qi < read(r.khi)[None, :])
+  return iv if dense is None else (dense != 0) & iv
+
+
+def _bias_tile(cfg, r, read, rows):
+  """The bias tile: ``rows()`` of the dense bias, or (a per-key bias) ``read(ref)``
+  broadcast over the rows."""
+  if r.bias is None:
+    return None
+  return read(r.bias)[None, :] if cfg.key_bias else rows()
 
 
 def _count_steps(r, n):
@@ -217,7 +239,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
       k, v = r.k[page], r.v[page]
     else:
       k, v = r.k[ks, :], r.v[ks, :]
-    bias = r.bias[:, ks] if r.bias is not None else None
+    read = lambda ref: ref[ks]
+    bias = _bias_tile(cfg, r, read, lambda: r.bias[:, ks])
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
     seg_eq = dense = None
@@ -225,6 +248,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
       seg_eq = None if qseg is None else qseg[:, None] == r.kseg[ks][None, :]
       if r.dense is not None:
         dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
+    dense = _with_intervals(r, read, idx, masked, dense)
     _, _, s, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
     return M.online_softmax(m, l, acc, s, v)
 
@@ -252,9 +276,10 @@ def _tile_bwd(cfg, r, q, do, lse, delta, k, v, bias, dense, seg_eq, idx, masked)
 
 
 def _dq_kernel(*refs, cfg: _Cfg):
-  r = _refs(cfg, refs, "dq", 2 if cfg.has_bias else 1)
+  dq_db = cfg.has_bias and not cfg.key_bias
+  r = _refs(cfg, refs, "dq", 2 if dq_db else 1)
   dq_ref = r.outs[0]
-  db_ref = r.outs[1] if cfg.has_bias else None
+  db_ref = r.outs[1] if dq_db else None
   b, n, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bq, bk, M = cfg.bq, cfg.bk, cfg.math
   q, do, lse, delta = r.q[...], r.do[...], r.lse[...], r.delta[...]
@@ -265,13 +290,15 @@ def _dq_kernel(*refs, cfg: _Cfg):
     kb = r.sched[2 + t]
     ks = pl.ds(kb * bk, bk)
     k, v = r.k[ks, :], r.v[ks, :]
-    bias = r.bias[:, ks] if r.bias is not None else None
+    read = lambda ref: ref[ks]
+    bias = _bias_tile(cfg, r, read, lambda: r.bias[:, ks])
     dense = None
     if masked and r.dense is not None:
       dense = _dense_tile(cfg, lambda c: r.dense[:, c], kb, ks)
     seg_eq = None if (qseg is None or not masked) else qseg[:, None] == r.kseg[ks][None, :]
     idx = functools.lru_cache(maxsize=None)(
         lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
+    dense = _with_intervals(r, read, idx, masked, dense)
     p, ds, s0, s1, ev = _tile_bwd(cfg, r, q, do, lse, delta, k, v, bias, dense, seg_eq, idx,
                                   masked)
     ds, _ = M.dlogits(ds, s0, s1, idx, r.sm, ev, {}, {})
@@ -290,10 +317,11 @@ def _dq_kernel(*refs, cfg: _Cfg):
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
-  n_out = 2 + cfg.n_sm_grad
+  n_out = 2 + cfg.n_sm_grad + cfg.key_bias
   r = _refs(cfg, refs, "dkv", n_out)
   dk_ref, dv_ref = r.outs[:2]
-  dc_refs = r.outs[2:]
+  dc_refs = r.outs[2:2 + cfg.n_sm_grad]
+  dkb_ref = r.outs[-1] if cfg.key_bias else None    # [G, bk]: the per-key bias grad
   b, kh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bq, bk, G, M = cfg.bq, cfg.bk, cfg.G, cfg.math
   k, v = r.k[...], r.v[...]
@@ -311,18 +339,20 @@ def _dkv_kernel(*refs, cfg: _Cfg):
     executed = executed + n_tot
 
     def body(t, carry, masked, g=g, n=n, base=base):
-      dk, dv, dcs = carry
+      dk, dv, dcs, dkb = carry
       qb = r.sched[base + 2 + t]
       qs = pl.ds(qb * bq, bq)
       q, do = r.q[g, qs, :], r.do[g, qs, :]
       lse, delta = r.lse[g, qs], r.delta[g, qs]
-      bias = r.bias[g, qs, ks] if r.bias is not None else None
+      read = lambda ref, g=g: ref[g, :]
+      bias = _bias_tile(cfg, r, read, lambda g=g, qs=qs: r.bias[g, qs, ks])
       dense = None
       if masked and r.dense is not None:
         dense = _dense_tile(cfg, lambda c, g=g, qs=qs: r.dense[g, qs, c], kb, ks)
       seg_eq = None if (kseg is None or not masked) else r.qseg[qs][:, None] == kseg[None, :]
       idx = functools.lru_cache(maxsize=None)(
           lambda: _tiles(b, n, qb * bq, kb * bk, bq, bk))
+      dense = _with_intervals(r, read, idx, masked, dense)
       p, ds, s0, s1, ev = _tile_bwd(cfg, r, q, do, lse, delta, k, v, bias, dense, seg_eq,
                                     idx, masked)
       acc = {j: dcs[j] for j in range(len(dcs))}
@@ -330,10 +360,17 @@ def _dkv_kernel(*refs, cfg: _Cfg):
       ds, acc = M.dlogits(ds, s0, s1, idx, r.sm, ev, acc, widths)
       dv = dv + M.dot_tn(p.astype(do.dtype), do)
       dk = dk + M.dot_tn(ds.astype(q.dtype), q) * M.scale
-      return dk, dv, tuple(acc[j] for j in range(len(dcs)))
+      if dkb is not None:
+        dkb = dkb + jnp.sum(ds, axis=0)
+      return dk, dv, tuple(acc[j] for j in range(len(dcs))), dkb
 
-    carry = jax.lax.fori_loop(0, n_part, functools.partial(body, masked=True), (dk, dv, dcs))
-    dk, dv, dcs = jax.lax.fori_loop(n_part, n_tot, functools.partial(body, masked=False), carry)
+    dkb0 = jnp.zeros((bk,), _F32) if dkb_ref is not None else None
+    carry = jax.lax.fori_loop(0, n_part, functools.partial(body, masked=True),
+                              (dk, dv, dcs, dkb0))
+    dk, dv, dcs, dkb = jax.lax.fori_loop(n_part, n_tot, functools.partial(body, masked=False),
+                                         carry)
+    if dkb_ref is not None:
+      dkb_ref[g, :] = dkb
 
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -408,7 +445,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
 
   # Schedules and a dense mask built from traced inputs enter the custom_vjp as arguments.
   aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, dense=plan.dense,
-                                       pages=page_table))
+                                       kiv=plan.key_iv, pages=page_table))
   pps = None if page_table is None else page_table.shape[1]
   if pps is not None and (H != Hp or Hv != Hvp):
     raise ValueError(f"the paged GPU kernel needs power-of-two head dims (the pools are not "
@@ -418,7 +455,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     pad_ts = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
     pad_sel = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, sel_w - x.shape[3])))
     return fw.side_inputs(plan, bias, seg, st["dense"], pad_ts, lambda x: x, lambda x: x,
-                          place_sel=pad_sel)
+                          place_sel=pad_sel, place_key=lambda x: x, key_iv=st["kiv"])
 
   def sel(b, n):          # the list of head n (fwd / dq)
     return (b if Bt > 1 else 0, n if Nt > 1 else 0)
@@ -446,7 +483,11 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   def side_specs_q(cfg):
     """Per (b, n, qb [, split]) program: row blocks of the side inputs."""
     specs = []
-    if cfg.has_bias:
+    key_row = lambda batched: pl.BlockSpec((None, None, Sp),
+                                           lambda b, n, i: (b if batched else 0, n, 0))
+    if cfg.has_bias and cfg.key_bias:
+      specs.append(key_row(cfg.bias_b))
+    elif cfg.has_bias:
       specs.append(pl.BlockSpec((None, None, bq, Sp),
                                 lambda b, n, i: (b if cfg.bias_b else 0, n, q_block(cfg, i), 0)))
     if cfg.has_dense:
@@ -455,12 +496,18 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, q_block(cfg, i))),
                 pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
+    if cfg.has_kiv:
+      specs += [key_row(cfg.kiv_b)] * 2
     return specs
 
   def side_specs_k(cfg):
     """Per (b, kh, kb) program: the G heads' full rows, this k block's columns."""
     specs = []
-    if cfg.has_bias:
+    key_cols = lambda batched: pl.BlockSpec((None, G, bk),
+                                            lambda b, kh, j: (b if batched else 0, kh, j))
+    if cfg.has_bias and cfg.key_bias:
+      specs.append(key_cols(cfg.bias_b))
+    elif cfg.has_bias:
       specs.append(pl.BlockSpec((None, G, Tp, Sp),
                                 lambda b, kh, j: (b if cfg.bias_b else 0, kh, 0, 0)))
     if cfg.has_dense:
@@ -469,6 +516,8 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     if cfg.has_seg:
       specs += [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),
                 pl.BlockSpec((None, bk), lambda b, kh, j: (b, j))]
+    if cfg.has_kiv:
+      specs += [key_cols(cfg.kiv_b)] * 2
     return specs
 
   def const_specs(consts):
@@ -535,7 +584,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     out_specs = [pl.BlockSpec((None, None, bq, Hp), lambda b, n, i: (b, n, i, 0))]
     out_shape = [jax.ShapeDtypeStruct((B, N, Tp, Hp), qr.dtype)]
     extra, aliases = [], {}
-    if has_bias:
+    if has_bias and not cfg.key_bias:
       # The gradient buffer has the bias's own batch/head extent ([Bb, Nb, Tp, Sp]);
       # when it is broadcast, programs of different (b, n) accumulate atomically.
       Bb, Nb = a.bias.shape[:2]
@@ -556,7 +605,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     )(st["fwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c, *extra)
     outs = record(cfg, "attnjax_flash_bwd_dq_gpu", outs)
     dq = outs[0]
-    dbias = outs[1] if has_bias else None
+    dbias = outs[1] if has_bias and not cfg.key_bias else None
 
     W2 = bwd_sched.shape[-1]
     specs = [pl.BlockSpec((None, None, None, W2), lambda b, kh, j: (*sel_kv(b, kh), j, 0)),
@@ -574,6 +623,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, None, w), lambda b, kh, j: (b, kh, j, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, nk, w), _F32))
+    if cfg.key_bias:                 # per-key bias gradient: [B, N, Sp]
+      out_specs.append(pl.BlockSpec((None, G, bk), lambda b, kh, j: (b, kh, j)))
+      out_shape.append(jax.ShapeDtypeStruct((B, N, Sp), _F32))
     counter(cfg, out_specs, out_shape, (B, K, nk))
     outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg), grid=(B, K, nk), in_specs=specs,
@@ -582,7 +634,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     )(st["bwd"], qr, kr, vr, dor, lse, delta, *side, *pred_c, *sm_c)
     outs = record(cfg, "attnjax_flash_bwd_dkv_gpu", outs)
     dk, dv = outs[:2]
-    dcs = [x.sum(axis=(0, 1, 2)) for x in outs[2:]]
+    dcs = [x.sum(axis=(0, 1, 2)) for x in outs[2:2 + cfg.n_sm_grad]]
+    if cfg.key_bias:                 # [B, N, 1, Sp]
+      dbias = outs[-1][:, :, None, :]
     return dq, dk, dv, dbias, dcs
 
   def to_bnth(x, L, Lp, Dp):     # [B, L, X, D] -> [B, X, Lp, Dp]

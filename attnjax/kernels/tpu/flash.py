@@ -198,6 +198,9 @@ class _Cfg:
   count: bool = False     # a last output counts executed / active steps (fw.count_steps)
   dense_cols: int = 0     # > 0: ``dense`` is a row selection, tile kb reads column kb // it
   sel_width: int = 0      # lanes of the row selection input
+  key_bias: bool = False  # the bias is per key ([X, K, G, Sp]); dk/dv kernel gives its grad
+  has_kiv: bool = False   # key intervals: row i sees key j iff start_j <= i < end_j
+  kiv_b: bool = False     # ... varying with the batch
 
 
 def _kv_head(cfg, kp):
@@ -262,8 +265,25 @@ def _count_step(r, s, active):
   r.count[...] += jnp.where(lane == 0, 1, jnp.where(lane == 1, active.astype(jnp.int32), 0))
 
 
-def _tile_inputs(cfg, r, b, kh, qb, kb):
+def _head_rows(cfg, x):
+  """A per-key ``[G, bk]`` block (one row per head of the group) as the ``[R, bk]`` tile
+  (row block ``g`` of the tile is head ``g``)."""
+  if x.shape[0] == 1:
+    return jnp.broadcast_to(x, (cfg.R, cfg.bk))
+  return jnp.concatenate([jnp.broadcast_to(x[g:g + 1], (cfg.bq, cfg.bk))
+                          for g in range(cfg.G)], axis=0)
+
+
+def _head_colsum(cfg, x):
+  """``[R, bk]`` -> ``[G, bk]``: the column sums of each head's row block."""
+  return jnp.concatenate([jnp.sum(x[g * cfg.bq:(g + 1) * cfg.bq], axis=0, keepdims=True)
+                          for g in range(cfg.G)], axis=0)
+
+
+def _tile_inputs(cfg, r, b, kh, qb, kb, masked=True):
   bias = r.bias[...] if r.bias is not None else None
+  if bias is not None and cfg.key_bias:
+    bias = _head_rows(cfg, bias)
   dense = r.dense[...] if r.dense is not None else None
   if dense is not None and cfg.dense_cols:      # the rows' choice of this key block
     col = kb if cfg.dense_cols == 1 else jax.lax.div(kb, jnp.int32(cfg.dense_cols))
@@ -273,6 +293,10 @@ def _tile_inputs(cfg, r, b, kh, qb, kb):
   if r.qseg is not None:
     seg_eq = r.qseg[...] == r.kseg[...]            # [R, 1] == [1, bk]
   idx = functools.lru_cache(maxsize=None)(lambda: _tile_index(cfg, b, kh, qb, kb))
+  if r.klo is not None and masked:                 # the keys' row intervals
+    qi = idx()[2]
+    iv = (_head_rows(cfg, r.klo[...]) <= qi) & (qi < _head_rows(cfg, r.khi[...]))
+    dense = iv if dense is None else (dense != 0) & iv
   return bias, dense, seg_eq, idx
 
 
@@ -296,7 +320,7 @@ def _fwd_kernel(*refs, cfg: _Cfg):
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   def step(masked):
-    bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
+    bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb, masked)
     q, k, v = r.q[...], r.k[...], r.v[...]
     _, _, sc, _ = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
     m, l, acc = M.online_softmax(m_ref[...], l_ref[...], acc_ref[...], sc, v)
@@ -314,7 +338,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
 
 
 def _branches(cfg, active, partial, step):
-  if cfg.math.ragged_k or cfg.has_dense or cfg.has_seg or cfg.math.pred is not None:
+  if (cfg.math.ragged_k or cfg.has_dense or cfg.has_seg or cfg.has_kiv
+      or cfg.math.pred is not None):
     @pl.when(active & partial)
     def _():
       step(True)
@@ -331,7 +356,7 @@ def _branches(cfg, active, partial, step):
 def _recompute(cfg, r, b, kh, qb, kb, masked):
   """Probabilities and ``d s0`` of one tile in the backward kernels."""
   M = cfg.math
-  bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb)
+  bias, dense, seg_eq, idx = _tile_inputs(cfg, r, b, kh, qb, kb, masked)
   q, k, v, do = r.q[...], r.k[...], r.v[...], r.do[...]
   s0, s1, sc, ev = M.masked_logits(q, k, bias, idx, r.sm, masked, r.pred, seg_eq, dense)
   p, ds = M.probs_and_ds(sc, r.lse[...], do, v, r.delta[...])   # lse +inf: rows to ignore
@@ -410,10 +435,11 @@ def _dbias_kernel(*refs, cfg: _Cfg, coords, sum_heads: bool):
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
-  n_out = 2 + cfg.n_sm_grad
+  n_out = 2 + cfg.n_sm_grad + cfg.key_bias
   r = _refs(cfg, refs, n_out=n_out, n_scratch=2, kind="dkv")
   dk_ref, dv_ref = r.outs[:2]
-  dc_refs = r.outs[2:]
+  dc_refs = r.outs[2:2 + cfg.n_sm_grad]
+  dkb_ref = r.outs[-1] if cfg.key_bias else None   # [G, bk]: the per-key bias grad
   dk_acc, dv_acc = r.scratch
   b, kp, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kh, kb, qb, (active, partial, first, last) = _grid_step(cfg, r, b, kp, s)   # transposed
@@ -424,6 +450,8 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   def _():
     dk_acc[...] = jnp.zeros_like(dk_acc)
     dv_acc[...] = jnp.zeros_like(dv_acc)
+    if dkb_ref is not None:
+      dkb_ref[...] = jnp.zeros_like(dkb_ref)
 
   if dc_refs:
     @pl.when(s == 0)
@@ -438,6 +466,8 @@ def _dkv_kernel(*refs, cfg: _Cfg):
     ds, acc = M.dlogits(ds, s0, s1, idx, r.sm, ev, acc, widths)
     for j, ref in enumerate(dc_refs):
       ref[...] = acc[j]
+    if dkb_ref is not None:
+      dkb_ref[...] += _head_colsum(cfg, ds)
     dv_acc[...] += M.dot_tn(p.astype(do.dtype), do)
     dk_acc[...] += M.dot_tn(ds.astype(q.dtype), q) * M.scale
 
@@ -490,7 +520,14 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes, p
   if kind == "fwd" and cfg.has_sinks:
     specs.append(pl.BlockSpec((None, R, 1),
                               lambda b, kp, s, *sched: (_kv_head(cfg, kp), 0, 0)))
-  if cfg.has_bias:
+  def keymap(batched):            # per-key [X, K, G, Sp] inputs: key block kb
+    def f(b, kp, s, *sched):
+      _, kb = blocks(b, kp, s, *sched)
+      return (b if batched else 0, _kv_head(cfg, kp), 0, kb)
+    return f
+  if cfg.has_bias and cfg.key_bias:
+    specs.append(pl.BlockSpec((None, None, cfg.G, bk), keymap(cfg.bias_b)))
+  elif cfg.has_bias:
     def bmap(b, kp, s, *sched):
       qb, kb = blocks(b, kp, s, *sched)
       return (b if cfg.bias_b else 0, _kv_head(cfg, kp), qb, kb)
@@ -509,6 +546,8 @@ def _in_specs(cfg, kind, H, Hv, bias_shape, dense_shape, pred_sizes, sm_sizes, p
       _, kb = blocks(b, kp, s, *sched)
       return (b, 0, kb)
     specs += [pl.BlockSpec((None, R, 1), qsmap), pl.BlockSpec((None, 1, bk), ksmap)]
+  if cfg.has_kiv:
+    specs += [pl.BlockSpec((None, None, cfg.G, bk), keymap(cfg.kiv_b))] * 2
   smem = pl.BlockSpec(memory_space=pltpu.SMEM)
   specs += [smem] * (len(pred_sizes) + len(sm_sizes))
   return specs, qmap, kmap, blocks
@@ -543,8 +582,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   P = bs.resolve_splits(plan.table, B * K * plan.nq)
   # A bias broadcast over the batch and/or heads gets its gradient from its own kernel,
   # summed in place over those axes (no dense [B, N, T, S] buffer).
-  red_b = a.bias is not None and a.bias.shape[0] == 1 and B > 1
-  red_n = a.bias is not None and a.bias.shape[1] == 1 and N > 1
+  kbias = fw.key_bias(a)             # per-key bias: its gradient comes from the dk/dv kernel
+  red_b = a.bias is not None and not kbias and a.bias.shape[0] == 1 and B > 1
+  red_n = a.bias is not None and not kbias and a.bias.shape[1] == 1 and N > 1
   split_sched = None
   if P > 1:
     split_sched = plan_lib.step_schedule(plan_lib.split_table(plan.table, P),
@@ -564,7 +604,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   # custom_vjp as arguments (:func:`fw.hoist_tracers`).
   aux, restore = fw.hoist_tracers(dict(fwd=fwd_sched, bwd=bwd_sched, split=split_sched,
                                            table=plan.table, dense=plan.dense,
-                                           pages=page_table))
+                                           kiv=plan.key_iv, pages=page_table))
   pps = None if page_table is None else page_table.shape[1]
 
   def prep_side(st, bias, seg):
@@ -574,7 +614,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     return fw.side_inputs(plan, bias, seg, st["dense"], lambda x: lay.bnts_to_rows(x, Sp),
                               q_seg,
                               lambda ks: ks.reshape(B, 1, Sp),
-                              place_sel=lambda x: lay.bnts_to_rows(x, sel_w))
+                              place_sel=lambda x: lay.bnts_to_rows(x, sel_w),
+                              place_key=lambda x: x.reshape(x.shape[0], K, G, Sp),
+                              key_iv=st["kiv"])
 
   def sched_arrays(sched):
     """``(rows, cols, flags)``, the static stride ``L`` of each program's list and the
@@ -688,7 +730,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
   def run_bwd(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c, bias):
     # ---- dq (+ dbias when the bias is not broadcast over B or N)
     sa, L, n = sched_arrays(st["fwd"])
-    cfg = dataclasses.replace(make_cfg(L, qr.dtype), dq_dbias=not (red_b or red_n))
+    cfg = dataclasses.replace(make_cfg(L, qr.dtype), dq_dbias=not (red_b or red_n or kbias))
     specs, qmap, _, blocks = _in_specs(cfg, "dq", H, Hv, None, None, pred_c, sm_c)
     out_specs = [pl.BlockSpec((None, None, R, H), qmap)]
     out_shape = [jax.ShapeDtypeStruct((B, K, plan.nq * R, H), qr.dtype)]
@@ -715,7 +757,7 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     outs = record(cfg, "attnjax_flash_bwd_dq", outs)
     dq = outs[0]
     dbias_rows = outs[1] if bias is not None and cfg.dq_dbias else None
-    if bias is not None and not cfg.dq_dbias:
+    if bias is not None and not cfg.dq_dbias and not kbias:
       dbias_rows = run_dbias(st, qr, kr, vr, dor, lse_r, delta_r, side, pred_c, sm_c)
 
     # ---- dk, dv (+ score_mod array grads)
@@ -729,6 +771,10 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     for w in cfg.sm_widths:
       out_specs.append(pl.BlockSpec((None, None, 1, w), lambda b, kh, s, *sched: (b, kh, 0, 0)))
       out_shape.append(jax.ShapeDtypeStruct((B, K, 1, w), _F32))
+    if kbias:                        # per-key bias gradient: [B, K, G, Sp]
+      out_specs.append(pl.BlockSpec((None, None, G, bk), lambda b, kh, s, *sched: (
+          b, kh, 0, kmap(b, kh, s, *sched)[2])))
+      out_shape.append(jax.ShapeDtypeStruct((B, K, G, Sp), _F32))
     counter(cfg, out_specs, out_shape, K)
     outs = pallas_shard.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
@@ -740,7 +786,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     )(*sa, qr, kr, vr, dor, lse_r, delta_r, *side, *pred_c, *sm_c)
     outs = record(cfg, "attnjax_flash_bwd_dkv", outs)
     dk, dv = outs[:2]
-    dcs = [x.sum(axis=(0, 1))[0] for x in outs[2:]]
+    dcs = [x.sum(axis=(0, 1))[0] for x in outs[2:2 + cfg.n_sm_grad]]
+    if kbias:
+      dbias_rows = outs[-1]
     return dq, dk, dv, dbias_rows, dcs
 
   # ------------------------------------------------------------ custom_vjp
@@ -771,7 +819,9 @@ def _build(a: AttentionArgs, bs: BlockSizes, interpret: bool, page_table=None):
     dq_r, dk_r, dv_r, db_r, dcs = run_bwd(st, lay.q_rows(q), to_k(kl), to_k(vl), dor, lse_b,
                                           delta_b, side, pred_s, sm_s, bias)
     db = None
-    if bias is not None and red_n:                       # [Bb, 1, T, S]
+    if kbias:                                            # [B, N, 1, S]
+      db = db_r.reshape(B, N, 1, Sp)[..., :S]
+    elif bias is not None and red_n:                     # [Bb, 1, T, S]
       db = db_r.reshape(db_r.shape[0], 1, Tp, Sp)[:, :, :T, :S]
     elif bias is not None:                               # [Bb, N, T, S]
       db = lay.rows_to_bnts(db_r, T, S)
