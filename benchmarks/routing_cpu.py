@@ -18,6 +18,10 @@ BiFormer (``--grids`` maps, default 64x64 and 128x128; ``--regions`` per axis,
 the C++ kernel's block-sparse mode) and with ``'xla_chunked'``, against dense attention on
 the flattened map in the same process.  ``--paths gather`` skips the (slow) MoBA mask path.
 
+Dynamic mask attention (``--keep-window``, causal, random key biases) is timed, forward
+and fwd+bwd, against causal dense attention, with the per-key keep intervals
+(``dynamic_mask_keep_end``) timed alone.
+
 ``--rss`` runs MoBA fwd+bwd at ``--rss-len`` tokens in a subprocess and reports its peak
 resident set size (``resource.getrusage``), showing no ``[T, S]`` array is formed.
 
@@ -134,6 +138,23 @@ def biformer_case(g, N, H, regions, top_k, rounds):
               xla_chunked_fwd_bwd_ratio=both[1] / both[2])
 
 
+def dma_case(S, N, H, w, rounds):
+  """Dynamic mask attention (causal, ``keep_window=w``, per-kv-head key biases) against
+  causal dense attention, forward and fwd+bwd, plus the per-key keep intervals alone."""
+  q, k, v = _qkv(S, N, H)
+  kb = jnp.asarray(np.random.default_rng(3).standard_normal((1, S, N), np.float32))
+  dma = lambda q, k, v: routing.dynamic_mask_attention(q, k, v, kb, keep_window=w)
+  dense = lambda q, k, v: attnjax.attention(q, k, v, mask=masks.causal())
+  ends = jax.jit(lambda b: routing.dynamic_mask_keep_end(b, keep_window=w))
+  fwd = _best([jax.jit(dma), jax.jit(dense)], (q, k, v), rounds)
+  both = _best([_fwd_bwd(dma, q), _fwd_bwd(dense, q)], (q, k, v), rounds)
+  kept = np.minimum(np.arange(1, S + 1), w).sum() / (S * (S + 1) / 2)
+  return dict(case=f"dynamic_mask S={S} keep_window={w}", kept_fraction_of_causal=kept,
+              keep_end_s=_best([ends], (kb,), rounds)[0], fwd_s=fwd[0], dense_fwd_s=fwd[1],
+              fwd_ratio=fwd[0] / fwd[1], fwd_bwd_s=both[0], dense_fwd_bwd_s=both[1],
+              fwd_bwd_ratio=both[0] / both[1])
+
+
 def rss_child(S, N, H, bs, top_k, impl):
   q, k, v = _qkv(S, N, H)
   moba = lambda q, k, v: routing.moba_attention(q, k, v, block_size=bs, top_k=top_k,
@@ -164,12 +185,14 @@ def main():
   p.add_argument("--region-topk", type=int, default=4)
   p.add_argument("--rss-len", type=int, default=65536)
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--only", default="moba,coherent,biformer,rss")
+  p.add_argument("--keep-window", type=int, default=1024, help="dynamic mask attention's w")
+  p.add_argument("--only", default="moba,coherent,biformer,dma,rss")
   p.add_argument("--rss-impl", default="gather", help="MoBA implementation of the RSS run")
   p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.quick:
     a.seq, a.block, a.grids, a.regions, a.rss_len, a.rounds = 2048, 128, "32", 4, 8192, 2
+    a.keep_window = 128
   N, H = a.heads, a.head_dim
   if a.rss_child:
     rss_child(a.rss_len, N, H, a.block, a.top_k, a.rss_impl)
@@ -184,6 +207,8 @@ def main():
   if "biformer" in only:
     for g in (int(x) for x in a.grids.split(",")):
       _emit(rows, biformer_case(g, N, H, a.regions, a.region_topk, a.rounds))
+  if "dma" in only:
+    _emit(rows, dma_case(a.seq, N, H, a.keep_window, a.rounds))
   if "rss" in only:
     cmd = [sys.executable, __file__, "--rss-child", "--rss-len", str(a.rss_len), "--block",
            str(a.block), "--top-k", str(a.top_k), "--heads", str(N), "--head-dim", str(H),

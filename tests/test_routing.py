@@ -869,6 +869,29 @@ def test_dynamic_mask_block_lists(backend):
   _check_grads(f, ref, (q, k, v, kb), F32, 214, "dma kernel")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_dynamic_mask_keep_end_matches_counting(causal):
+  """The per-key end of the keeping rows (order statistics, O(S log S)) against the
+  definition counted per (row, key) in loops: row i keeps key j iff j is allowed and
+  fewer than w allowed keys have a larger bias.  Ties (integer biases), w > S, S = 1."""
+  rng = np.random.default_rng(7 + causal)
+  for S, w, tied in [(37, 5, True), (37, 5, False), (20, 30, False), (1, 1, False),
+                     (64, 1, True), (50, 17, True)]:
+    kb = (rng.integers(0, 5, (2, S, 2)) if tied else rng.standard_normal((2, S, 2)))
+    kb = kb.astype(np.float32)
+    got = np.asarray(routing.dynamic_mask_keep_end(jnp.asarray(kb), keep_window=w,
+                                                   causal=causal))
+    for b, h, j in np.ndindex(2, 2, S):
+      rows = [i for i in range(S) if (j <= i or not causal) and
+              sum(kb[b, jp, h] > kb[b, j, h] for jp in range(S) if jp <= i or not causal) < w]
+      if causal:
+        want = max(rows) + 1 if rows else j
+        assert rows == list(range(j, want)), (S, w, j)
+      else:
+        want = S if rows else 0
+      assert got[b, h, j] == want, (S, w, tied, b, h, j, got[b, h, j], want)
+
+
 def test_dynamic_mask_noncausal_per_query_head():
   q, k, v = _moba_inputs(210, F32, T=16, N=2, K=2)
   kb = _distinct(213, (2, 16, 2), F32)

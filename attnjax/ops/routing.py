@@ -1092,33 +1092,73 @@ def bi_level_routing_attention(q, k, v, *, num_regions: int, top_k: int,
 
 # ----------------------------------------------------------------------------- DMA
 
-def dynamic_mask_keep_end(key_bias, *, keep_window: int, causal: bool = True, T: int = None,
-                          chunk: int = 512):
+def _permute_last(dest, vals):
+  """``out[..., dest[..., i]] = vals[..., i]`` (``dest`` a permutation of the last axis)."""
+  d2, v2 = dest.reshape(-1, dest.shape[-1]), vals.reshape(-1, vals.shape[-1])
+  out = jnp.zeros_like(v2).at[jnp.arange(d2.shape[0])[:, None], d2].set(v2)
+  return out.reshape(vals.shape)
+
+
+def _kth_smallest_of_prefix(a, hi, k):
+  """For each query, the ``k``-th smallest (1-based) of ``a[..., :hi]``: int32.
+
+  ``a [..., S]`` holds integers in ``[0, 2^L)``; ``hi``, ``k`` are ``[..., Q]`` with
+  ``1 <= k <= hi`` (other queries give garbage; mask them).  A wavelet matrix: level
+  ``l`` stably moves the entries whose bit ``L-1-l`` is 0 to the front and keeps the
+  prefix counts of those zeros; a query walks the ``L`` levels, narrowing its range to
+  the zeros (the answer's bit is 0) when ``k`` of them are in it, else to the ones.
+  ``O((S + Q) L)`` work, ``L = ceil(log2 S)``, no ``[Q, S]`` array.
+  """
+  S = a.shape[-1]
+  L = max(1, (S - 1).bit_length())
+  pos = jnp.arange(S, dtype=jnp.int32)
+  lo = jnp.zeros_like(hi)
+  res = jnp.zeros_like(hi)
+  for level in range(L):
+    bit = (a >> (L - 1 - level)) & 1
+    z = jnp.concatenate([jnp.zeros(a.shape[:-1] + (1,), jnp.int32),
+                         jnp.cumsum(1 - bit, axis=-1, dtype=jnp.int32)], axis=-1)
+    nz = z[..., -1:]                                  # zeros at this level
+    z_lo, z_hi = jnp.take_along_axis(z, lo, -1), jnp.take_along_axis(z, hi, -1)
+    left = k <= z_hi - z_lo
+    k = jnp.where(left, k, k - (z_hi - z_lo))
+    lo, hi = jnp.where(left, z_lo, nz + lo - z_lo), jnp.where(left, z_hi, nz + hi - z_hi)
+    res = res | jnp.where(left, 0, 1 << (L - 1 - level))
+    if level + 1 < L:
+      a = _permute_last(jnp.where(bit == 0, z[..., :-1], nz + pos - z[..., :-1]), a)
+  return res
+
+
+def dynamic_mask_keep_end(key_bias, *, keep_window: int, causal: bool = True, T: int = None):
   """Per key, the end of the query rows that keep it (no gradient): int32 ``[B, Nb, S]``.
 
   ``key_bias [B, S, Nb]``.  Query ``i`` keeps key ``j`` iff ``j`` is allowed (``j <= i``
   when causal) and fewer than ``keep_window`` allowed keys ``j'`` of row ``i`` have
   ``key_bias_j' > key_bias_j``.  The count grows with ``i``, so a kept key is kept on the
-  rows ``[j, end_j)`` (causal) or on every row (non-causal: ``end_j`` is ``T`` or 0).
-  Computed over key chunks of ``chunk`` (``O(chunk * S)`` memory).
+  rows ``[j, end_j)`` (causal; ``end_j = j`` when no row keeps it) or on every row
+  (non-causal: ``end_j`` is ``T`` or 0).
+
+  Causal: with ``G_j`` the positions of the keys whose bias is larger than key ``j``'s,
+  ``end_j`` is the ``keep_window``-th smallest of ``G_j`` (``T`` when there are fewer).
+  The keys sorted by decreasing bias put ``G_j`` first, so this is an order statistic of
+  a prefix of that order (:func:`_kth_smallest_of_prefix`): ``O(S log S)`` per row and
+  head, where counting per (query, key) pair would be ``O(T S)``.
   """
   B, S, Nb = key_bias.shape
   T = S if T is None else T
   b_BNS = jnp.transpose(jax.lax.stop_gradient(key_bias).astype(_F32), (0, 2, 1))
-  c = max(1, min(chunk, S))
-  nc = -(-S // c)
-  bp = jnp.pad(b_BNS, ((0, 0), (0, 0), (0, nc * c - S)), constant_values=-jnp.inf)
-
-  def one(bj_BNC):                      # [B, Nb, c] biases of a key chunk
-    gt = b_BNS[:, :, None, :] > bj_BNC[..., None]                  # [B, Nb, c, S]
-    if causal:
-      cnt = jnp.cumsum(gt.astype(jnp.int32), axis=-1)              # over j' <= i
-      return jnp.sum(cnt < keep_window, axis=-1).astype(jnp.int32)  # prefix of rows
-    kept = gt.sum(-1) < keep_window
-    return jnp.where(kept, T, 0).astype(jnp.int32)
-
-  ends = jax.lax.map(one, bp.reshape(B, Nb, nc, c).transpose(2, 0, 1, 3))   # [nc, B, Nb, c]
-  return ends.transpose(1, 2, 0, 3).reshape(B, Nb, nc * c)[:, :, :S]
+  w = int(keep_window)
+  ascending = jnp.sort(b_BNS, axis=-1)
+  n_greater = S - jax.vmap(jax.vmap(
+      lambda srt, x: jnp.searchsorted(srt, x, side="right")))(ascending, b_BNS)
+  n_greater = n_greater.astype(jnp.int32)
+  if not causal:
+    return jnp.where(n_greater < w, T, 0).astype(jnp.int32)
+  by_bias = jnp.argsort(-b_BNS, axis=-1, stable=True).astype(jnp.int32)   # positions
+  few = n_greater < w
+  end = _kth_smallest_of_prefix(by_bias, jnp.where(few, 0, n_greater),
+                                jnp.full_like(n_greater, w))
+  return jnp.where(few, T, jnp.maximum(end, jnp.arange(S, dtype=jnp.int32))).astype(jnp.int32)
 
 
 def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool = True,
