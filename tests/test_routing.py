@@ -869,6 +869,45 @@ def test_dynamic_mask_block_lists(backend):
   _check_grads(f, ref, (q, k, v, kb), F32, 214, "dma kernel")
 
 
+@pytest.mark.parametrize("T,w,causal,N,K,dtype", [
+    (100, 7, True, 2, 1, F32), (300, 40, True, 4, 2, BF16), (64, 6, False, 2, 2, F32),
+    pytest.param(200, 130, True, 2, 1, F32, marks=SLOW)])
+def test_dynamic_mask_gather_on_cpu_kernel(T, w, causal, N, K, dtype):
+  """The CPU default: each q tile's kept keys compacted into slots on the C++ kernel,
+  the bias in extra head dims (its gradient too); ragged T, several q tiles, GQA with
+  per-kv-head biases; forward and jax.vjp against the explicit top-w reference; the
+  program holds the kernel's forward and backward calls."""
+  q, k, v = _moba_inputs(220, dtype, T=T, N=N, K=K, H=16, Hv=16)
+  kb = _distinct(223, (2, T, K), dtype)
+  allowed = dma_allowed_ref(kb, N, w, causal=causal)
+
+  def ref(q, k, v, kb):
+    return softmax_ref_jnp(q, k, v, allowed, bias=jnp.repeat(
+        jnp.transpose(kb, (0, 2, 1)), N // K, axis=1)[:, :, None, :])
+  f = lambda q, k, v, kb: routing.dynamic_mask_attention(q, k, v, kb, keep_window=w,
+                                                         causal=causal)
+  assert_close(f(q, k, v, kb), ref(*(jnp.asarray(x, F32) for x in (q, k, v, kb))), dtype,
+               "dma gather forward")
+  _check_grads(f, ref, (q, k, v, kb), dtype, 224, "dma gather")
+  text = jax.jit(jax.grad(lambda *a: f(*a).astype(F32).sum(), argnums=(0, 1, 2, 3))
+                 ).lower(q, k, v, kb).as_text()
+  assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
+
+
+def test_dynamic_mask_gather_ties_take_the_mask_path():
+  """Equal biases keep every allowed key (ties are kept), more than a tile's slots: the
+  call takes the mask path and still equals causal attention with the bias."""
+  q, k, v = _moba_inputs(230, F32, T=72, N=2, K=2, H=16, Hv=16)
+  kb = jnp.full((2, 72, 2), 0.5, F32)
+  allowed = np.tril(np.ones((72, 72), bool))[None, None]
+  f = lambda q, k, v, kb: routing.dynamic_mask_attention(q, k, v, kb, keep_window=3,
+                                                         implementation="gather")
+  ref = lambda q, k, v, kb: softmax_ref_jnp(q, k, v, allowed, bias=jnp.transpose(
+      kb, (0, 2, 1))[:, :, None, :])
+  assert_close(f(q, k, v, kb), ref(q, k, v, kb), F32, "dma ties")
+  _check_grads(f, ref, (q, k, v, kb), F32, 231, "dma ties")
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_dynamic_mask_keep_end_matches_counting(causal):
   """The per-key end of the keeping rows (order statistics, O(S log S)) against the

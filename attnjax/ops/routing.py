@@ -1161,6 +1161,94 @@ def dynamic_mask_keep_end(key_bias, *, keep_window: int, causal: bool = True, T:
   return jnp.where(few, T, jnp.maximum(end, jnp.arange(S, dtype=jnp.int32))).astype(jnp.int32)
 
 
+def _dma_kernel_sizes(T: int, w: int, causal: bool):
+  """``(block_q, block_k, M)`` of :func:`_dma_on_kernel`: ``M`` key slots per q tile
+  (a multiple of ``block_k``) hold every key a row of the tile keeps when the biases are
+  distinct: the keys row ``q0`` keeps (at most ``w``) and, causal, those after ``q0``."""
+  bq = min(128, max(32, -(-T // 32) * 32))
+  need = w + (bq - 1 if causal else 0)
+  bk = 64 if need <= 256 else 128
+  return bq, bk, -(-need // bk) * bk
+
+
+def _dma_tile_counts(start_S, end_RS, T: int, bq: int):
+  """Keys each q tile's rows keep (the union over the tile): int32 ``[R, nq]``, by +1/-1
+  at each key's first / one-past-last q tile and a cumsum (``O(R (S + nq))``)."""
+  nq = -(-T // bq)
+  live = start_S[None] < end_RS
+  first = jnp.where(live, start_S[None] // bq, nq)
+  past = jnp.where(live, (end_RS - 1) // bq + 1, nq)
+  R = end_RS.shape[0]
+  rows = jnp.broadcast_to(jnp.arange(R)[:, None], end_RS.shape)
+  d = jnp.zeros((R, nq + 1), jnp.int32).at[rows, first].add(1).at[rows, past].add(-1)
+  return jnp.cumsum(d, axis=1)[:, :nq]
+
+
+def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes):
+  """Dynamic mask attention on the C++ kernel's block-sparse mode, one call per (batch
+  row, query head): float32 ``[R, T, Hv]``.
+
+  Per q tile of ``block_q`` rows, the keys some row of it keeps (``start_j < q1``,
+  ``end_j > q0``) are compacted into ``M`` slots (gathered rows of ``k``, ``v``: a key
+  sequence of ``nq * M`` rows); the tile visits its own ``M / block_k`` key tiles, each
+  with its own pattern (the interval test ``start_j <= i < end_j`` per element), so the
+  kernel computes about ``T (w + block_q)`` scores instead of the causal ``T^2 / 2``.
+  The per-key bias rides in 16 extra head dims: ``q' = [q, 1/scale, 0..]``, ``k' = [k,
+  key_bias, 0..]`` give ``scale q'.k' = scale q.k + key_bias``, and its gradient comes
+  back through the gather like ``k``'s.  Needs every tile's count ``<= M``
+  (:func:`_dma_kernel_sizes`; the caller checks)."""
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G, Nb = N // K, key_bias.shape[2]
+  bq, bk, M = sizes
+  nq, nt = -(-T // bq), M // bk
+  Hx = H + 16
+  q0 = jnp.arange(nq, dtype=jnp.int32) * bq
+  q1 = jnp.minimum(q0 + bq, T)
+  qi = q0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]                   # [nq, bq]
+  tiles = jnp.arange(nq * nt, dtype=jnp.int32).reshape(nq, nt)
+  pad_col = jnp.zeros((1, 15), _F32)
+
+  def one_row(x):
+    r, end_S = x
+    b, n = r // N, r % N
+    zero = jnp.zeros((), jnp.int32)
+    q_r = jax.lax.dynamic_slice(q, (b, zero, n, zero), (1, T, 1, H)).reshape(T, H)
+    kv = lambda a: jax.lax.dynamic_slice(a, (b, zero, n // G, zero),
+                                         (1, S, 1, a.shape[3])).reshape(S, a.shape[3])
+    kb_S = jax.lax.dynamic_slice(key_bias, (b, zero, n // (N // Nb)), (1, S, 1)).reshape(S)
+    cand = ((start_S < end_S)[None] & (start_S[None] < q1[:, None])
+            & (end_S[None] > q0[:, None]))                                   # [nq, S]
+    pos = jnp.cumsum(cand, axis=1, dtype=jnp.int32) - 1
+    slot = jnp.where(cand & (pos < M), pos, M)
+    idx = jnp.full((nq, M + 1), S, jnp.int32).at[
+        jnp.arange(nq)[:, None], slot].set(jnp.arange(S, dtype=jnp.int32)[None])[:, :M]
+    cnt = jnp.minimum(cand.sum(1), M)
+    flat = idx.reshape(-1)
+    k_x = jnp.concatenate([kv(k).astype(_F32), kb_S.astype(_F32)[:, None],
+                           jnp.zeros((S, 15), _F32)], axis=1)
+    k_x = jnp.concatenate([k_x, jnp.zeros((1, Hx), _F32)])[flat]            # [nq*M, Hx]
+    v_x = jnp.concatenate([kv(v).astype(_F32), jnp.zeros((1, Hv), _F32)])[flat]
+    q_x = jnp.concatenate([q_r.astype(_F32), jnp.full((T, 1), 1.0 / scale, _F32),
+                           jnp.zeros((T, 15), _F32)], axis=1)
+    lo = jnp.concatenate([start_S, jnp.ones((1,), jnp.int32)])[idx]         # pad: empty
+    hi = jnp.concatenate([end_S, jnp.zeros((1,), jnp.int32)])[idx]
+    ok = ((lo[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] < hi[:, None, :])
+          & (qi < T)[:, :, None])                                            # [nq, bq, M]
+    pats = ok.reshape(nq, bq, nt, bk).transpose(0, 2, 1, 3).reshape(nq * nt, bq, bk)
+    used = jnp.arange(nt)[None] < -(-cnt // bk)[:, None]                     # [nq, nt]
+    qlist = jnp.where(used, tiles, -1)
+    klist = jnp.where(used.reshape(-1), jnp.arange(nq * nt) // nt, -1)[:, None]
+    o, _ = hooks.block_sparse(q_x[None, :, None], k_x[None, :, None], v_x[None, :, None],
+                              qlist, tiles, klist.astype(jnp.int32),
+                              tiles.reshape(-1, 1), pats.astype(jnp.uint8), block_q=bq,
+                              block_k=bk, scale=scale)
+    return o.reshape(T, Hv)
+
+  R = B * N
+  return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), end_RS))
+
+
 def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool = True,
                            scale: Optional[float] = None, implementation=None,
                            block_sizes=None):
@@ -1177,7 +1265,11 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   :func:`attnjax.masks.key_interval` (the kernels read it per key tile); the bias is
   passed as ``bias [B, N, 1, S]`` (read per key tile, its gradient summed over the rows
   in the dk/dv kernels) and is differentiable; the top-w choice is not.  No ``[T, S]``
-  array is formed by the blockwise implementations.
+  array is formed by the blockwise implementations.  On the CPU backend (or with
+  ``implementation='gather'``) the keys each tile of ``block_q`` rows keeps are compacted
+  and run on the C++ kernel (:func:`_dma_on_kernel`): about ``T (w + block_q)`` scores
+  instead of causal dense's ``T^2 / 2``; tied biases that overflow its slots take the
+  mask path.
 
   Paper: "Trainable Dynamic Mask Sparse Attention" (Shi et al., 2025).
 
@@ -1186,7 +1278,10 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
     key_bias: ``[B, T, N]`` (per query head) or ``[B, T, K]`` (per kv head), float.
     keep_window: keys kept per query (positive int).
     causal: AND the causal mask (default).
-    scale, implementation, block_sizes: as in :func:`attnjax.attention`.
+    scale, block_sizes: as in :func:`attnjax.attention`.
+    implementation: ``'gather'`` (the compacted keys on the C++ CPU kernel), or passed to
+      :func:`attnjax.attention`; ``None``: ``'gather'`` where the kernel serves (CPU
+      backend, head dims multiples of 16, static ``scale``, no ``block_sizes``).
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype``.
@@ -1204,16 +1299,45 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
     raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
   Nb = key_bias.shape[2]
   G = N // Nb
+  gather = (isinstance(implementation, str) and implementation == "gather") or (
+      implementation is None and block_sizes is None and not hooks.observing()
+      and _block_sparse_serves(H, Hv) and _is_static_scale(scale))
+  if gather:
+    if block_sizes is not None:
+      raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
+                       f"implementation='gather' takes none, got {block_sizes!r}")
+    if not _block_sparse_serves(H, Hv):
+      raise ValueError(f"{op}: implementation='gather' runs on the C++ CPU kernel, which "
+                       f"needs the CPU backend and head dims that are multiples of 16, got "
+                       f"H={H}, Hv={Hv}")
+    if not _is_static_scale(scale):
+      raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
+                      f"None, got {type(scale).__name__}")
   end_BNS = dynamic_mask_keep_end(key_bias, keep_window=w, causal=causal, T=T)
   if G > 1:
     end_BNS = jnp.repeat(end_BNS, G, axis=1)
   start_S = jnp.arange(S, dtype=jnp.int32) if causal else jnp.zeros((S,), jnp.int32)
   mask = _masks.key_interval(start_S, end_BNS)     # row i keeps key j iff start_j <= i < end_j
-  bias_BN1S = jnp.transpose(key_bias, (0, 2, 1))[:, :, None, :]
-  if G > 1:
-    bias_BN1S = jnp.repeat(bias_BN1S, G, axis=1)
-  return hooks.attention(q, k, v, mask=mask, bias=bias_BN1S, scale=scale,
-                         implementation=implementation, block_sizes=block_sizes)
+
+  def masked(q, k, v, key_bias):
+    b = jnp.transpose(key_bias, (0, 2, 1))[:, :, None, :]
+    b = jnp.repeat(b, G, axis=1) if G > 1 else b
+    return hooks.attention(q, k, v, mask=mask, bias=b, scale=scale,
+                           implementation=None if gather else implementation,
+                           block_sizes=block_sizes).astype(q.dtype)
+  if not gather:
+    return masked(q, k, v, key_bias)
+  # Compacted keys on the C++ kernel when every q tile's kept keys fit its slots (always
+  # with distinct biases); ties beyond that take the mask path (attnjax.attention).
+  sizes = _dma_kernel_sizes(T, w, causal)
+  end_RS = jax.lax.stop_gradient(end_BNS).reshape(B * N, S)
+  fits = jnp.max(_dma_tile_counts(start_S, end_RS, T, sizes[0])) <= sizes[2]
+
+  def compact(q, k, v, key_bias):
+    o = _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, scale=_default_scale(scale, H),
+                       sizes=sizes)
+    return _rows_to_btnh(o, B, q.dtype)
+  return jax.lax.cond(fits, compact, masked, q, k, v, key_bias)
 
 
 # ----------------------------------------------------------------------------- Sparsifiner
