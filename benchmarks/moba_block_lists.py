@@ -7,7 +7,8 @@ For one causal MoBA call (``--seq`` tokens, ``--block`` keys per block = the ker
 
 * TPU: grid steps per ``(batch, kv head)`` program -- before, the worst-case stride of a
   traced table's schedule (``nq * nk``); after, the dynamic grid bound (the longest list),
-  for the forward/dq and the transposed dk/dv lists;
+  for the forward/dq and the transposed dk/dv lists; and the idle padding steps of the
+  programs whose lists are shorter than the longest;
 * GPU: list iterations of all programs -- before, every head walked its GQA group's union;
   after, its own head's tiles;
 * the mask input: a dense ``[B, N, T, S]`` int32 mask before, the ``[B, N, T, nk]`` row
@@ -63,6 +64,11 @@ def main(argv=None):
         f"of {nq * (nq + 1) // 2} causal")
   print(f"TPU grid steps per program, fwd/dq: before {fwd[3]}, after {int(fwd[5])}; "
         f"dk/dv: before {dkv[3]}, after {int(dkv[5])}")
+  for name, sch in (("fwd/dq", fwd), ("dk/dv", dkv)):
+    grid = int(sch[5]) * table.shape[0] * table.shape[1]     # every program runs n_max steps
+    print(f"TPU {name}: {grid} grid steps for {int(sch[4])} selected tiles: "
+          f"{grid - int(sch[4])} idle padding steps ({(grid - int(sch[4])) / grid:.1%}; "
+          f"no DMA, no compute)")
   print(f"GPU list iterations, all programs: before {int((table != 0).sum()) * G}, "
         f"after {int((heads != 0).sum())}")
   dense = N * S * S * 4
