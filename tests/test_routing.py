@@ -1002,6 +1002,12 @@ def test_errors_name_the_argument():
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 3)), keep_window=2)
   with pytest.raises(ValueError, match="keep_window"):
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=0)
+  with pytest.raises(ValueError, match="implementation='gather' runs on the C.. CPU kernel.*H=8"):
+    routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=2,
+                                   implementation="gather")
+  with pytest.raises(ValueError, match="block_sizes is for the kernels"):
+    routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=2,
+                                   implementation="gather", block_sizes=(8, 8))
   with pytest.raises(ValueError, match="keep"):
     routing.sparsifiner_attention(q, k, v, jnp.ones((2, 4, 16, 16)), keep=17)
   with pytest.raises(ValueError, match="threshold"):

@@ -1207,7 +1207,6 @@ def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes):
   q1 = jnp.minimum(q0 + bq, T)
   qi = q0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]                   # [nq, bq]
   tiles = jnp.arange(nq * nt, dtype=jnp.int32).reshape(nq, nt)
-  pad_col = jnp.zeros((1, 15), _F32)
 
   def one_row(x):
     r, end_S = x
