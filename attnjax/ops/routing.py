@@ -1184,7 +1184,45 @@ def _dma_tile_counts(start_S, end_RS, T: int, bq: int):
   return jnp.cumsum(d, axis=1)[:, :nq]
 
 
-def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes):
+def _compact(ids, M: int, S: int):
+  """The entries ``< S`` of ``ids [L]`` moved to the front of ``M`` slots (``S`` after
+  them; entries beyond ``M`` dropped), in order: ``(slots [M], count)``."""
+  ok = ids < S
+  pos = jnp.cumsum(ok, dtype=jnp.int32) - 1
+  out = jnp.full((M + 1,), S, jnp.int32).at[jnp.where(ok & (pos < M), pos, M)].set(ids)
+  return out[:M], jnp.minimum(ok.sum(dtype=jnp.int32), M)
+
+
+def _dma_tile_slots(end_S, *, T: int, bq: int, M: int, causal: bool):
+  """The keys each q tile's rows keep, compacted: ``(idx [nq, M], count [nq])`` (``S`` in
+  the unused slots).
+
+  Non-causal, every row keeps the same keys (``end_j = T``).  Causal (key ``j`` kept by
+  the rows ``[j, end_j)``): tile ``t``'s keys are the earlier keys still kept at its first
+  row (``end_j > q0``) and its own live keys; a scan over the tiles carries the first set
+  (at most ``M``), dropping the keys whose rows end and adding the previous tile's own:
+  ``O(nq (M + bq))`` per row, no ``[nq, S]`` array."""
+  S = end_S.shape[0]
+  nq = -(-T // bq)
+  if not causal:
+    slots, cnt = _compact(jnp.where(end_S > 0, jnp.arange(S, dtype=jnp.int32), S), M, S)
+    return jnp.broadcast_to(slots, (nq, M)), jnp.full((nq,), cnt)
+  pad = nq * bq - S
+  own = jnp.arange(nq * bq, dtype=jnp.int32)
+  end_p = jnp.concatenate([end_S, jnp.zeros((pad,), jnp.int32)]) if pad else end_S
+  own = jnp.where(end_p > own, own, S).reshape(nq, bq)              # live own keys
+  end_x = jnp.concatenate([end_S, jnp.zeros((1,), jnp.int32)])        # S -> end 0
+
+  def step(older, t):
+    slots, cnt = _compact(jnp.concatenate([older, own[t]]), M, S)
+    nxt = jnp.where(end_x[slots] > (t + 1) * bq, slots, S)
+    return _compact(nxt, M, S)[0], (slots, cnt)
+  _, (idx, cnt) = jax.lax.scan(step, jnp.full((M,), S, jnp.int32),
+                               jnp.arange(nq, dtype=jnp.int32))
+  return idx, cnt
+
+
+def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes, causal: bool):
   """Dynamic mask attention on the C++ kernel's block-sparse mode, one call per (batch
   row, query head): float32 ``[R, T, Hv]``.
 
@@ -1204,7 +1242,6 @@ def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes):
   nq, nt = -(-T // bq), M // bk
   Hx = H + 16
   q0 = jnp.arange(nq, dtype=jnp.int32) * bq
-  q1 = jnp.minimum(q0 + bq, T)
   qi = q0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None]                   # [nq, bq]
   tiles = jnp.arange(nq * nt, dtype=jnp.int32).reshape(nq, nt)
 
@@ -1216,13 +1253,7 @@ def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes):
     kv = lambda a: jax.lax.dynamic_slice(a, (b, zero, n // G, zero),
                                          (1, S, 1, a.shape[3])).reshape(S, a.shape[3])
     kb_S = jax.lax.dynamic_slice(key_bias, (b, zero, n // (N // Nb)), (1, S, 1)).reshape(S)
-    cand = ((start_S < end_S)[None] & (start_S[None] < q1[:, None])
-            & (end_S[None] > q0[:, None]))                                   # [nq, S]
-    pos = jnp.cumsum(cand, axis=1, dtype=jnp.int32) - 1
-    slot = jnp.where(cand & (pos < M), pos, M)
-    idx = jnp.full((nq, M + 1), S, jnp.int32).at[
-        jnp.arange(nq)[:, None], slot].set(jnp.arange(S, dtype=jnp.int32)[None])[:, :M]
-    cnt = jnp.minimum(cand.sum(1), M)
+    idx, cnt = _dma_tile_slots(end_S, T=T, bq=bq, M=M, causal=causal)
     flat = idx.reshape(-1)
     k_x = jnp.concatenate([kv(k).astype(_F32), kb_S.astype(_F32)[:, None],
                            jnp.zeros((S, 15), _F32)], axis=1)
@@ -1334,7 +1365,7 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
 
   def compact(q, k, v, key_bias):
     o = _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, scale=_default_scale(scale, H),
-                       sizes=sizes)
+                       sizes=sizes, causal=causal)
     return _rows_to_btnh(o, B, q.dtype)
   return jax.lax.cond(fits, compact, masked, q, k, v, key_bias)
 
