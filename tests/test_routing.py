@@ -894,6 +894,48 @@ def test_dynamic_mask_gather_on_cpu_kernel(T, w, causal, N, K, dtype):
   assert "attnjax_sparse_fwd" in text and "attnjax_sparse_bwd" in text
 
 
+@pytest.mark.parametrize("backend", ["pallas_tpu", pytest.param("pallas_gpu", marks=SLOW)])
+def test_dynamic_mask_compacted_on_pallas(backend):
+  """Off CPU the compacted keys run as a batch of q tiles through attnjax.attention:
+  here the Pallas kernels (interpreted), fwd + jax.vjp (key_bias too) against the
+  explicit top-w reference; the kernel walks fewer tiles than the tiles under the causal
+  diagonal of the whole sequence (which the mask path visits: every key tile holds a
+  long-kept key)."""
+  from attnjax.kernels import flash_wrapper as fw
+  T, w, N, K = 512, 8, 2, 1
+  q, k, v = _moba_inputs(240, F32, B=1, T=T, N=N, K=K, H=16, Hv=16)
+  kb = _distinct(243, (1, T, K), F32)
+  allowed = dma_allowed_ref(kb, N, w, causal=True)
+  sizes = routing._dma_kernel_sizes(T, w, True)
+
+  def f(q, k, v, kb):
+    end = jnp.repeat(routing.dynamic_mask_keep_end(kb, keep_window=w), N // K, axis=1)
+    return routing._dma_compacted(q, k, v, kb, jnp.arange(T, dtype=jnp.int32),
+                                  end.reshape(N, T), scale=None, sizes=sizes, causal=True,
+                                  implementation=backend)
+
+  def ref(q, k, v, kb):
+    return softmax_ref_jnp(q, k, v, allowed, bias=jnp.repeat(
+        jnp.transpose(kb, (0, 2, 1)), N // K, axis=1)[:, :, None, :])
+  with fw.count_steps() as log:
+    out = f(q, k, v, kb)
+    jax.effects_barrier()
+  assert_close(out, ref(q, k, v, kb), F32, f"dma compacted {backend}")
+  _check_grads(f, ref, (q, k, v, kb), F32, 244, f"dma compacted {backend}")
+  (_, bq, bk), active = _kernel_tiles(backend, sizes), log[0][2]
+  programs = K if backend == "pallas_tpu" else N      # TPU rows hold a GQA group's heads
+  causal_tiles = programs * sum(min(-(-T // bk), (i * bq + bq - 1) // bk + 1)
+                                for i in range(T // bq))
+  assert 0 < active < causal_tiles, (active, causal_tiles)
+
+
+def _kernel_tiles(backend, sizes):
+  """The Pallas kernels' default tile of the compacted call ``[*, block_q, M]``."""
+  bq, _, M = sizes
+  mod = _kmod(backend)
+  return (None, *mod.BlockSizes().resolve(bq, M))
+
+
 def test_dynamic_mask_gather_ties_take_the_mask_path():
   """Equal biases keep every allowed key (ties are kept), more than a tile's slots: the
   call takes the mask path and still equals causal attention with the bias."""
@@ -1002,9 +1044,6 @@ def test_errors_name_the_argument():
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 3)), keep_window=2)
   with pytest.raises(ValueError, match="keep_window"):
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=0)
-  with pytest.raises(ValueError, match="implementation='gather' runs on the C.. CPU kernel.*H=8"):
-    routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=2,
-                                   implementation="gather")
   with pytest.raises(ValueError, match="block_sizes is for the kernels"):
     routing.dynamic_mask_attention(q, k, v, jnp.ones((2, 16, 2)), keep_window=2,
                                    implementation="gather", block_sizes=(8, 8))

@@ -1279,6 +1279,44 @@ def _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, *, scale: float, sizes, c
   return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), end_RS))
 
 
+def _dma_compacted(q, k, v, key_bias, start_S, end_RS, *, scale, sizes, causal: bool,
+                   implementation=None, block_sizes=None):
+  """Dynamic mask attention with each q tile's kept keys compacted (as
+  :func:`_dma_on_kernel`), run by :func:`attnjax.attention` on any backend: the tiles are
+  the batch, ``[R * nq, block_q, 1, H]`` queries against their ``[R * nq, M, 1, H]``
+  gathered keys, with the keys' row intervals as :func:`attnjax.masks.key_interval`
+  (shifted to the tile) and the bias per key (``[R * nq, 1, 1, M]``).  ``T (w + block_q)``
+  scores instead of ``T^2 / 2``, whatever the backend's kernel; ``M / S`` times the K/V
+  memory per query head.  Returns ``[B, T, N, Hv]`` in ``q.dtype``."""
+  B, T, N, H = q.shape
+  S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
+  G, Nb = N // K, key_bias.shape[2]
+  bq, _, M = sizes
+  nq = -(-T // bq)
+  R = B * N
+  idx, _ = jax.vmap(lambda e: _dma_tile_slots(e, T=T, bq=bq, M=M, causal=causal))(end_RS)
+  b_R, n_R = jnp.arange(R) // N, jnp.arange(R) % N
+  pad = idx >= S                                                         # [R, nq, M]
+
+  def rows(x, heads, head_R):        # x [B, S, heads, D] -> the slots' rows [R*nq, M, 1, D]
+    flat = jnp.concatenate([x.reshape(B * S * heads, -1), jnp.zeros((1, x.shape[-1]),
+                                                                    x.dtype)])
+    at = (b_R[:, None, None] * S + idx) * heads + head_R[:, None, None]
+    return flat[jnp.where(pad, B * S * heads, at)].reshape(R * nq, M, 1, x.shape[-1])
+  k_t, v_t = rows(k, K, n_R // G), rows(v, K, n_R // G)
+  bias_t = rows(key_bias[..., None], Nb, n_R // (N // Nb)).reshape(R * nq, 1, 1, M)
+  q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[None, :, None]
+  lo = jnp.where(pad, bq, start_S[jnp.minimum(idx, S - 1)] - q0).reshape(R * nq, 1, M)
+  hi = jnp.where(pad, 0, jnp.take_along_axis(end_RS[:, None, :], jnp.minimum(idx, S - 1),
+                                             axis=2) - q0).reshape(R * nq, 1, M)
+  q_t = jnp.pad(q, ((0, 0), (0, nq * bq - T), (0, 0), (0, 0))).reshape(B, nq, bq, N, H)
+  q_t = q_t.transpose(0, 3, 1, 2, 4).reshape(R * nq, bq, 1, H)
+  o = hooks.attention(q_t, k_t, v_t, mask=_masks.key_interval(lo, hi), bias=bias_t,
+                      scale=scale, implementation=implementation, block_sizes=block_sizes)
+  o = o.reshape(B, N, nq * bq, Hv)[:, :, :T]
+  return o.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool = True,
                            scale: Optional[float] = None, implementation=None,
                            block_sizes=None):
@@ -1295,11 +1333,12 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   :func:`attnjax.masks.key_interval` (the kernels read it per key tile); the bias is
   passed as ``bias [B, N, 1, S]`` (read per key tile, its gradient summed over the rows
   in the dk/dv kernels) and is differentiable; the top-w choice is not.  No ``[T, S]``
-  array is formed by the blockwise implementations.  On the CPU backend (or with
-  ``implementation='gather'``) the keys each tile of ``block_q`` rows keeps are compacted
-  and run on the C++ kernel (:func:`_dma_on_kernel`): about ``T (w + block_q)`` scores
-  instead of causal dense's ``T^2 / 2``; tied biases that overflow its slots take the
-  mask path.
+  array is formed by the blockwise implementations.  By default (``'gather'``) the keys
+  each tile of ``block_q`` rows keeps are compacted into ``w + block_q`` slots and only
+  those are computed: on the C++ CPU kernel (:func:`_dma_on_kernel`) or, on other
+  backends, as a batch of tiles for :func:`attnjax.attention` (:func:`_dma_compacted`):
+  about ``T (w + block_q)`` scores instead of causal dense's ``T^2 / 2``; tied biases
+  that overflow the slots take the mask path.
 
   Paper: "Trainable Dynamic Mask Sparse Attention" (Shi et al., 2025).
 
@@ -1309,9 +1348,12 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
     keep_window: keys kept per query (positive int).
     causal: AND the causal mask (default).
     scale, block_sizes: as in :func:`attnjax.attention`.
-    implementation: ``'gather'`` (the compacted keys on the C++ CPU kernel), or passed to
-      :func:`attnjax.attention`; ``None``: ``'gather'`` where the kernel serves (CPU
-      backend, head dims multiples of 16, static ``scale``, no ``block_sizes``).
+    implementation: ``'gather'``: each q tile's kept keys compacted -- on the C++ CPU
+      kernel where it serves (CPU backend, head dims multiples of 16, static ``scale``),
+      else the tiles as the batch of one :func:`attnjax.attention` call (the backend's
+      default kernel); the default when ``block_sizes`` is None.  Another name (with
+      ``block_sizes``) runs the whole sequence under the keep mask through
+      :func:`attnjax.attention` with that implementation.
 
   Returns:
     ``[B, T, N, Hv]`` in ``q.dtype``.
@@ -1330,19 +1372,12 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   Nb = key_bias.shape[2]
   G = N // Nb
   gather = (isinstance(implementation, str) and implementation == "gather") or (
-      implementation is None and block_sizes is None and not hooks.observing()
-      and _block_sparse_serves(H, Hv) and _is_static_scale(scale))
-  if gather:
-    if block_sizes is not None:
-      raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
-                       f"implementation='gather' takes none, got {block_sizes!r}")
-    if not _block_sparse_serves(H, Hv):
-      raise ValueError(f"{op}: implementation='gather' runs on the C++ CPU kernel, which "
-                       f"needs the CPU backend and head dims that are multiples of 16, got "
-                       f"H={H}, Hv={Hv}")
-    if not _is_static_scale(scale):
-      raise TypeError(f"{op}: implementation='gather' needs scale to be a Python float or "
-                      f"None, got {type(scale).__name__}")
+      implementation is None and block_sizes is None and not hooks.observing())
+  if gather and block_sizes is not None:
+    raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
+                     f"implementation='gather' takes none, got {block_sizes!r}")
+  # the C++ kernel's compaction (CPU), else the tiles as a batch for attnjax.attention
+  on_cpu_kernel = gather and _block_sparse_serves(H, Hv) and _is_static_scale(scale)
   end_BNS = dynamic_mask_keep_end(key_bias, keep_window=w, causal=causal, T=T)
   if G > 1:
     end_BNS = jnp.repeat(end_BNS, G, axis=1)
@@ -1364,6 +1399,9 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
   fits = jnp.max(_dma_tile_counts(start_S, end_RS, T, sizes[0])) <= sizes[2]
 
   def compact(q, k, v, key_bias):
+    if not on_cpu_kernel:
+      return _dma_compacted(q, k, v, key_bias, start_S, end_RS, scale=scale, sizes=sizes,
+                            causal=causal)
     o = _dma_on_kernel(q, k, v, key_bias, start_S, end_RS, scale=_default_scale(scale, H),
                        sizes=sizes, causal=causal)
     return _rows_to_btnh(o, B, q.dtype)
