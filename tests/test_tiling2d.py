@@ -290,11 +290,13 @@ def test_score_mod_and_lse_in_grid_order():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block_sizes", [ChunkedBlockSizes(block_q=32, block_k=16),
-                                         ChunkedBlockSizes(block_q=64, block_k=64)])
+@pytest.mark.parametrize("block_sizes", [
+    ChunkedBlockSizes(block_q=32, block_k=16, spatial_tile=(4, 8)),
+    ChunkedBlockSizes(block_q=64, block_k=64, spatial_tile=(8, 8))])
 def test_xla_chunked_gathered_and_loop_paths(block_sizes):
   """Small key tiles take the gathered path, large ones the loop (longest list over
-  half the keys); both exact."""
+  half the keys); both exact.  The patches are given (``spatial_tile``): the automatic
+  choice keeps the flattened order here, where 2D tiles would not compute fewer scores."""
   mask, allowed = CASES["nbhd"]()
   _check(mask, allowed, jnp.float32, "xla_chunked", block_sizes=block_sizes, N=2, K=2)
 

@@ -225,8 +225,15 @@ def forward(gc: GatedConfig, params: dict, x, *, segment_ids=None, positions=Non
                      "segment_ids < 0 mark right padding)")
   if positions is not None and cfg.rope is None:
     raise ValueError("positions were given but the layer has rope=None")
-  if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}], got shape {x.shape}")
+  if not hasattr(x, "ndim") or x.ndim < 3 or x.shape[-1] != cfg.d_model:
+    raise ValueError(f"x must be [B, T, d_model={cfg.d_model}] or [B, *grid, d_model], got "
+                     f"shape {getattr(x, 'shape', None)}")
+  if x.ndim > 3:              # a grid: its tokens in raster order, as the linear layers do
+    if cache is not None:
+      raise ValueError(f"decoding with a cache needs [B, T, D] inputs, got shape {x.shape}")
+    y = forward(gc, params, x.reshape(x.shape[0], -1, x.shape[-1]), segment_ids=segment_ids,
+                positions=positions, dropout=dropout)
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
   if cache is not None and (not isinstance(cache, dict)
                             or set(cache) != {"state", "conv", "index", "lengths"}):
     raise TypeError("cache must be the dict from init_cache ({'state', 'conv', 'index', "
