@@ -587,6 +587,12 @@ def test_layer_registry_and_bad_options():
     layer(_x((1, 4, D_MODEL)), positions=jnp.zeros((1, 4), jnp.int32))
   with pytest.raises(TypeError, match='cache'):
     layer(_x((1, 4, D_MODEL)), cache={'state': 0})
+  # a grid runs its tokens in raster order: the same as the flattened sequence
+  g = _x((2, 3, 4, D_MODEL), 5)
+  np.testing.assert_allclose(np.asarray(layer(g)).reshape(2, 12, D_MODEL),
+                             np.asarray(layer(g.reshape(2, 12, D_MODEL))), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r'x must be \[B, T, d_model=32\] or \[B, \*grid'):
+    layer(_x((4, D_MODEL)))
 
 
 def _train_mqar(name, tmp_path):
