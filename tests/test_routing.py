@@ -941,6 +941,21 @@ def _kernel_tiles(backend, sizes):
   return (None, *mod.BlockSizes().resolve(bq, M))
 
 
+def test_dynamic_mask_gather_is_observable():
+  """Under an analysis capture the compacted call runs the mask path instead: one observed
+  attnjax.attention call, the same output."""
+  q, k, v = _moba_inputs(250, F32, T=40, N=2, K=2, H=16, Hv=16)
+  kb = _distinct(253, (2, 40, 2), F32)
+  f = lambda: routing.dynamic_mask_attention(q, k, v, kb, keep_window=5,
+                                             implementation="gather")
+  want = f()
+  seen = []
+  with hooks.observe(lambda call: seen.append(call)):
+    got = f()
+  assert len(seen) == 1 and seen[0].args is not None
+  assert_close(got, want, F32, "dma observed")
+
+
 def test_dynamic_mask_gather_ties_take_the_mask_path():
   """Equal biases keep every allowed key (ties are kept), more than a tile's slots: the
   call takes the mask path and still equals causal attention with the bias."""

@@ -1371,12 +1371,14 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
     raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
   Nb = key_bias.shape[2]
   G = N // Nb
-  gather = (isinstance(implementation, str) and implementation == "gather") or (
-      implementation is None and block_sizes is None and not hooks.observing())
-  if gather and block_sizes is not None:
+  explicit = isinstance(implementation, str) and implementation == "gather"
+  if explicit and block_sizes is not None:
     raise ValueError(f"{op}: block_sizes is for the kernels of attnjax.attention; "
                      f"implementation='gather' takes none, got {block_sizes!r}")
-  # the C++ kernel's compaction (CPU), else the tiles as a batch for attnjax.attention
+  # Under an analysis capture the mask path runs instead (one observable call, the same
+  # result).  The C++ kernel's compaction on CPU, else the tiles as a batch.
+  gather = (explicit or (implementation is None and block_sizes is None)) and \
+      not hooks.observing()
   on_cpu_kernel = gather and _block_sparse_serves(H, Hv) and _is_static_scale(scale)
   end_BNS = dynamic_mask_keep_end(key_bias, keep_window=w, causal=causal, T=T)
   if G > 1:
@@ -1388,7 +1390,7 @@ def dynamic_mask_attention(q, k, v, key_bias, *, keep_window: int, causal: bool 
     b = jnp.transpose(key_bias, (0, 2, 1))[:, :, None, :]
     b = jnp.repeat(b, G, axis=1) if G > 1 else b
     return hooks.attention(q, k, v, mask=mask, bias=b, scale=scale,
-                           implementation=None if gather else implementation,
+                           implementation=None if explicit else implementation,
                            block_sizes=block_sizes).astype(q.dtype)
   if not gather:
     return masked(q, k, v, key_bias)
