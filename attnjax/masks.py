@@ -649,6 +649,25 @@ def _segments(order, block, W):
   return first, g // W, g % W, g % W + (ends - starts)
 
 
+def _runs_last(shape, order, mats, bq, bk):
+  """``(shape, order, mats)`` with the grid axes permuted so that the last axis is the
+  one along which ``order`` has the fewest segments (:func:`_segments`) for tiles of
+  ``bq`` and ``bk``; the input unchanged when that is already the last axis."""
+  coords = np.unravel_index(order, shape)
+  best = None
+  for r in range(len(shape)):
+    perm = [a for a in range(len(shape)) if a != r] + [r]
+    pshape = tuple(shape[a] for a in perm)
+    porder = np.ravel_multi_index([coords[a] for a in perm], pshape)
+    count = sum(len(_segments(porder, b, pshape[-1])[1]) for b in (bq, bk))
+    if best is None or count < best[0] or (count == best[0] and r == len(shape) - 1):
+      best = (count, perm, pshape, porder)
+  _, perm, pshape, porder = best
+  if perm[-1] == len(shape) - 1:
+    return shape, order, mats
+  return pshape, porder, [[per[a] for a in perm] for per in mats]
+
+
 def _struct_key(mask: Mask):
   return (mask.kind, mask._params, tuple(_struct_key(c) for c in mask.children))
 
@@ -682,7 +701,6 @@ def _separable_table(mask: Mask, T, S, bq, bk):
   if key in _TABLE_CACHE:
     return _TABLE_CACHE[key]
   order = np.arange(n) if order is None else order
-  W, lead = shape[-1], shape[:-1]
   mats = []
   for leaf in leaves:
     per = []
@@ -691,6 +709,11 @@ def _separable_table(mask: Mask, T, S, bq, bk):
       a = leaf._axes(ax, i[:, None], i[None, :], np)
       per.append(np.ones((L, L), bool) if a is None else np.asarray(a, bool))
     mats.append(per)
+  # Segments run along one grid axis: the last, or the axis whose runs are longest in
+  # this order (a (P, 1) strip order runs down columns); the problem is solved with that
+  # axis moved last.
+  shape, order, mats = _runs_last(tuple(shape), order, mats, bq, bk)
+  W, lead = shape[-1], shape[:-1]
   nl = len(leaves)
   zero = np.zeros((W, W), bool)
   last = np.stack([_eval_expr(expr, [mats[j][-1] if (c >> j) & 1 else zero for j in range(nl)])

@@ -66,6 +66,8 @@ def densities(q, m, impl_name, block_sizes):
     tiled = float(np.mean(tm.block_table(T, T, bq, bk) != masks.EMPTY))
     fq, fk = attnjax.ChunkedBlockSizes().resolve(T, T, 1)
   flat = float(np.mean(m.block_table(T, T, fq, fk) != masks.EMPTY))
+  if tplan is None and (bq, bk) != (fq, fk):   # row-major order, row-aligned tiles
+    tplan = f"rows {bq}x{bk}"
   return tiled, flat, tplan
 
 
@@ -100,6 +102,7 @@ def main():
       ("window(8)", masks.window(shape, 8), False),
       ("grid(8)", masks.grid(shape, 8), False),
       ("axial(1)", masks.axial(shape, 1), False),
+      ("axial(0)", masks.axial(shape, 0), False),
       ("criss_cross", masks.criss_cross(shape), False),
       ("stripe(8, axis=0)", masks.stripe(shape, 8, 0), False),
       ("halo(8, 3)", masks.halo(shape, 8, 3), False),
@@ -158,7 +161,8 @@ def main():
     tiled, flat, tplan = info[name]
     r = best[name] / best["dense"]
     rfb = best[name + " fwd+bwd"] / best["dense fwd+bwd"] if with_fb else None
-    tile = "x".join(map(str, tplan.tile)) if tplan else "flat"
+    tile = tplan if isinstance(tplan, str) else \
+        "x".join(map(str, tplan.tile)) if tplan else "flat"
     print(f"{name:30s} {tile:>8s} {tiled:8.4f} {flat:9.4f} {best[name]:7.3f} {r:9.4f} "
           f"{str(r <= 2 * tiled):>8s} " + (f"{rfb:8.4f}" if rfb is not None else ""))
     rows.append(dict(case=name, tile=tile, density_2d=tiled, density_flat=flat,

@@ -219,7 +219,7 @@ def _linen_twin(name, opts, seed=1):
   """(NNX layer, Linen layer, Linen variables holding the NNX layer's parameters)."""
   layer = variants.build(name, d_model=D, num_heads=N, num_kv_heads=K, rngs=nnx.Rngs(seed), **opts)
   twin = variants.get_linen(name)(d_model=D, num_heads=N, num_kv_heads=K, head_dim=None, **opts)
-  boxed = twin.init(jax.random.key(seed + 1), _x((1, 3, D)))["params"]
+  boxed = jax.eval_shape(lambda: twin.init(jax.random.key(seed + 1), _x((1, 3, D))))["params"]
   nnx_params = {path[0]: var for path, var in nnx.state(layer, nnx.Param).flat_state()}
   assert sorted(boxed) == sorted(nnx_params)  # same parameter names ...
   for pname, box in boxed.items():

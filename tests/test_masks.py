@@ -748,7 +748,24 @@ SEPARABLE = [  # (mask, tiled2d (tile, offset) or None): odd sizes, dilation, sh
     (lambda: M.window((8, 12), (4, 3), shift=(2, 1)), ((4, 3), (2, 1))),
     (lambda: M.neighborhood((9, 12), 3, dilation=2), ((3, 4), (0, 0))),
     (lambda: M.criss_cross((6, 9)), ((3, 3), (1, 2))),
+    # column strips: segments run down the first axis (_runs_last)
+    (lambda: M.axial((12, 5), 0), ((4, 1), (0, 0))),
+    (lambda: M.neighborhood((8, 6), 3) | M.grid((8, 6), (2, 3)), ((8, 1), (0, 0))),
+    (lambda: M.window((8, 6), (4, 3), shift=(2, 1)), ((4, 1), (2, 1))),
+    (lambda: M.neighborhood((4, 6, 4), 3, causal=(False, True, False)), ((2, 1, 1), (0, 0, 0))),
 ]
+
+
+def test_separable_segments_follow_the_strip_axis():
+    """In a (P, 1) strip order the segments run down the columns: the table is solved with
+    the first axis moved last (a few segments per tile instead of one per token)."""
+    shape = (64, 32)
+    order = M.tiled_to_flat(np.arange(64 * 32), shape, (16, 1))
+    mats = [[np.eye(64, dtype=bool), np.eye(32, dtype=bool)]]
+    pshape, porder, pmats = M._runs_last(shape, order, mats, 16, 16)
+    assert pshape == (32, 64) and pmats[0][0].shape == (32, 32)
+    assert len(M._segments(porder, 16, 64)[1]) == 64 * 32 // 16     # one run per tile
+    assert M._runs_last(shape, np.arange(64 * 32), mats, 16, 16)[0] == shape   # row-major
 
 
 @pytest.mark.parametrize("case", range(len(SEPARABLE)))

@@ -226,6 +226,50 @@ def test_plan_choices():
   assert _plan(masks.neighborhood((13, 17), 3), 221, "cpu_flash")[0] is None
 
 
+def _axial_1d_grid(shape, axis):
+  """allowed[i, j] of axial attention along ``axis`` by loops: every other coordinate
+  equal."""
+  coords = list(itertools.product(*[range(L) for L in shape]))
+  n = len(coords)
+  out = np.zeros((n, n), bool)
+  for i, ci in enumerate(coords):
+    for j, cj in enumerate(coords):
+      out[i, j] = all(a == b for ax, (a, b) in enumerate(zip(ci, cj)) if ax != axis)
+  return out
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked", "cpu_flash"])
+def test_plan_weighs_strips_and_row_aligned_tiles(impl):
+  """Automatic tiling weighs a column strip and row-aligned row-major tiles beside the
+  most square patch, and keeps the one computing the fewest scores: axial attention
+  along the rows of an 8 x 128 map runs in the flattened order with 64-token tiles that
+  hold one row's keys (no permutation: ``_spatial_tiling`` returns no plan, only the
+  block sizes), along the columns of a 128 x 8 map in 64 x 1 strips; both tables
+  compute exactly the allowed scores (every non-empty tile full).  Out and the vjp equal
+  the loop-built reference."""
+  if impl == "cpu_flash":
+    _cpu_flash_or_skip()
+  n = 1024
+  for shape, axis, tile in (((8, 128), 1, (1, 64)), ((128, 8), 0, (64, 1))):
+    mask = masks.axial(shape, axis)
+    q, k, _ = _qkv(0, n, jnp.float32)
+    a = args_lib.check_attention_args(q, k, k, mask=mask)
+    spec = registry._TILING[impl]
+    base = registry.get(impl).config_cls[0]()
+    flat = base.resolve(n, n, 2) if impl == "xla_chunked" else base.resolve()[:2]
+    tp = tiling.plan_tiling(a, True, None, None, spec[0], spec[1], spec[2], flat)
+    assert tp is not None and tp.tile == tile, (shape, tp)
+    table = tp.tiled_mask.block_table(n, n, tp.block_q, tp.block_k)
+    assert np.all((table == 0) | (table == masks.FULL))
+    allowed_frac = shape[axis] / n
+    assert np.count_nonzero(table) * tp.block_q * tp.block_k == allowed_frac * n * n
+    got, cfg = _plan(mask, n, impl)
+    assert (got is None) == (tile[0] == 1)                # row-major: block sizes only
+    assert (cfg.block_q, cfg.block_k) == (tp.block_q, tp.block_k)
+    _check(mask, _axial_1d_grid(shape, axis), jnp.float32, impl, tiled=tile[0] != 1, N=2,
+           K=1)
+
+
 def test_tile_density_2d_below_flat():
   """Neighborhood 7: on 32x32, the tiled call computes fewer score entries than the
   flattened one at 'xla_chunked''s defaults; on 64x64, fewer tiles at the same block

@@ -38,8 +38,8 @@ from attnjax import masks as masks_lib
 from attnjax import score_mods as score_mods_lib
 from attnjax.core.args import AttentionArgs
 
-__all__ = ["TilePlan", "plan_tiling", "choose_tile", "check_spatial_tile", "permute_axis",
-           "tile_call", "untile_outputs"]
+__all__ = ["TilePlan", "plan_tiling", "choose_tile", "is_row_major", "check_spatial_tile",
+           "permute_axis", "tile_call", "untile_outputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +123,33 @@ def _offset(mask, shape):
   return (0,) * len(shape)
 
 
+def _candidate_tiles(shape, tokens: int) -> list:
+  """Patches automatic tiling weighs for a grid ``shape`` and ``tokens`` per tile: the
+  most square one (:func:`choose_tile`), the strip ``(P, 1[, 1])`` along the first axis
+  (a column: tiles follow axial or stripe masks along it), and the row-major order with
+  tiles of ``P`` whole-row-aligned tokens, ``(1[, 1], P)`` (tiles that do not straddle
+  two rows of the map).  Duplicates dropped; the most square first."""
+  shape = tuple(shape)
+  cands = []
+  sq = choose_tile(shape, tokens)
+  if sq is not None:
+    P = int(np.prod(sq))
+    cands.append(sq)
+    strip = (P,) + (1,) * (len(shape) - 1)
+    if shape[0] % P == 0:
+      cands.append(strip)
+    row = (1,) * (len(shape) - 1) + (P,)
+    if shape[-1] % P == 0 and P < shape[-1]:
+      cands.append(row)
+  return list(dict.fromkeys(cands))
+
+
+def is_row_major(plan: "TilePlan") -> bool:
+  """True when ``plan``'s order is the row-major order itself (patches ``(1, ..., t)``
+  with no offset): only its block sizes differ from the flattened call."""
+  return not any(plan.offset) and all(t == 1 for t in plan.tile[:-1])
+
+
 def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
                 block_k: Optional[int], default_q: int, default_k: int,
                 valid_block=None, flat_blocks=None) -> Optional[TilePlan]:
@@ -135,13 +162,17 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
   divides the map); key tiles have ``block_k`` tokens (default ``default_k``).
   ``valid_block(bq, bk) -> bool`` says which block sizes the implementation accepts.
 
-  Automatic tiling (``spatial_tile=True``) is used only when it computes fewer score
-  entries than the flattened order at the implementation's flattened block sizes
-  ``flat_blocks = (bq, bk)``: ``nonempty tiles * bq * bk`` of both block tables
-  (computed at trace time, exact).  Narrow maps, whose flattened tiles already span
-  whole rows, or key tiles large next to the mask's reach (128-key TPU tiles and a 7x7
-  neighborhood on a 128-wide map) keep the flattened order.  A tuple ``spatial_tile``
-  always tiles.
+  Automatic tiling (``spatial_tile=True``) weighs the patches of
+  :func:`_candidate_tiles` (most square, a strip along the first axis, row-aligned
+  row-major tiles) and keeps the one computing the fewest score entries
+  (``nonempty tiles * bq * bk``, then the fewest partial tiles; ties go to the most
+  square), and only when it computes fewer than the flattened order at the
+  implementation's flattened block sizes ``flat_blocks = (bq, bk)`` (all tables exact,
+  at trace time).  Narrow maps, whose flattened tiles already span whole rows, or key
+  tiles large next to the mask's reach (128-key TPU tiles and a 7x7 neighborhood on a
+  128-wide map) keep the flattened order.  A plan whose order is row-major
+  (:func:`is_row_major`) changes only the block sizes.  A tuple ``spatial_tile`` always
+  tiles.
   """
   if spatial_tile is False or a.mask is None or a.T != a.S:
     return None
@@ -152,26 +183,35 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
     if len(spatial_tile) != len(shape) or any(L % t for L, t in zip(shape, spatial_tile)):
       raise ValueError(f"spatial_tile must have one entry per grid axis, each dividing the "
                        f"grid {shape}, got {spatial_tile}")
-    tile = tuple(spatial_tile)
+    tiles = [tuple(spatial_tile)]
   else:
-    tile = choose_tile(shape, min(block_q or default_q, a.T))
-    if tile is None:
+    tiles = _candidate_tiles(shape, min(block_q or default_q, a.T))
+    if not tiles:
       return None
-  P = int(np.prod(tile))
-  bq = block_q or P
-  bk = block_k if block_k is not None else min(default_k, P)
-  if valid_block is not None and not valid_block(bq, bk):
+  mask_offset = _offset(a.mask, shape)
+  best = None
+  for tile in tiles:
+    P = int(np.prod(tile))
+    bq = block_q or P
+    bk = block_k if block_k is not None else min(default_k, P)
+    if valid_block is not None and not valid_block(bq, bk):
+      continue
+    offset = mask_offset if any(t > 1 for t in tile[:-1]) else (0,) * len(shape)
+    tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset)
+    plan = TilePlan(shape, tile, offset, bq, bk, tiled)   # tables cached on `tiled`
+    if spatial_tile is not True or flat_blocks is None:
+      return plan
+    table = tiled.block_table(a.T, a.S, bq, bk)
+    cost = (int(np.count_nonzero(table)) * bq * bk,
+            int(np.count_nonzero(table == masks_lib.PARTIAL)))
+    if best is None or cost < best[0]:
+      best = (cost, plan)
+  if best is None:
     return None
-  offset = _offset(a.mask, shape)
-  tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset)
-  plan = TilePlan(shape, tile, offset, bq, bk, tiled)   # tables cached on `tiled`
-  if spatial_tile is True and flat_blocks is not None:
-    fq, fk = flat_blocks
-    work_2d = int(np.count_nonzero(tiled.block_table(a.T, a.S, bq, bk))) * bq * bk
-    work_flat = int(np.count_nonzero(a.mask.block_table(a.T, a.S, fq, fk))) * fq * fk
-    if work_2d >= work_flat:
-      return None
-  return plan
+  fq, fk = flat_blocks
+  if best[0][0] >= int(np.count_nonzero(a.mask.block_table(a.T, a.S, fq, fk))) * fq * fk:
+    return None
+  return best[1]
 
 
 def _tiled_index(plan: TilePlan, inverse: bool):

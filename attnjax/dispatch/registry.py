@@ -483,7 +483,10 @@ def _spatial_tiling(impl: Implementation, a, cfg):
                                  default_q, default_k, valid, flat)
   if tplan is None:
     return None, cfg
-  return tplan, dataclasses.replace(base, block_q=tplan.block_q, block_k=tplan.block_k)
+  cfg = dataclasses.replace(base, block_q=tplan.block_q, block_k=tplan.block_k)
+  if tiling_lib.is_row_major(tplan):       # the flattened order, row-aligned tiles
+    return None, cfg
+  return tplan, cfg
 
 
 def run_softmax(q, k, v, a, *, implementation, return_lse, block_sizes):
