@@ -480,7 +480,8 @@ def _rebuild(kind, p, ch, arr):
   if kind == "tiled2d":
     if not isinstance(ch[0], Mask):
       raise TypeError("not a mask")
-    return tiled2d(ch[0], p["tile"], shape=p["shape"], offset=p["offset"])
+    return tiled2d(ch[0], p["tile"], shape=p["shape"], offset=p["offset"],
+                   dilation=p.get("dilation", 1))
   if kind == "neighborhood":
     return neighborhood(p["shape"], p["kernel"], p["dilation"], p["causal"])
   if kind == "window":
@@ -603,7 +604,8 @@ def _separable_form(mask: Mask):
     if inner is None or tuple(inner[0]) != tuple(p["shape"]):
       return None
     n = int(np.prod(p["shape"]))
-    order = np.asarray(tiled_to_flat(np.arange(n), p["shape"], p["tile"], p["offset"]))
+    order = np.asarray(tiled_to_flat(np.arange(n), p["shape"], p["tile"], p["offset"],
+                                     p["dilation"]))
     if inner[1] is not None:
       order = inner[1][order]
     return inner[0], order, inner[2], inner[3]
@@ -647,6 +649,23 @@ def _segments(order, block, W):
   g = order[starts]
   first = np.flatnonzero(np.diff(starts // block, prepend=-1))
   return first, g // W, g % W, g % W + (ends - starts)
+
+
+def _relabel_dilated(shape, order, mats, dilation):
+  """``(order, mats)`` with each axis's coordinates relabelled ``c -> (c mod d) * (L / d)
+  + c // d`` (``d`` that axis's dilation): positions ``d`` apart become adjacent."""
+  coords = list(np.unravel_index(order, shape))
+  new_mats = [list(per) for per in mats]
+  for ax, (L, d) in enumerate(zip(shape, dilation)):
+    if d == 1:
+      continue
+    c = np.arange(L)
+    lab = (c % d) * (L // d) + c // d              # old coordinate -> new label
+    inv = np.argsort(lab)                           # new label -> old coordinate
+    coords[ax] = lab[coords[ax]]
+    for per in new_mats:
+      per[ax] = per[ax][inv][:, inv]
+  return np.ravel_multi_index(coords, shape), new_mats
 
 
 def _runs_last(shape, order, mats, bq, bk):
@@ -709,6 +728,12 @@ def _separable_table(mask: Mask, T, S, bq, bk):
       a = leaf._axes(ax, i[:, None], i[None, :], np)
       per.append(np.ones((L, L), bool) if a is None else np.asarray(a, bool))
     mats.append(per)
+  # A dilated tiled2d order steps by d along an axis: relabel that axis's coordinates
+  # c -> (c mod d) * (L / d) + c // d (and its matrices alike; the table is unchanged), so
+  # its runs are consecutive.
+  dil = mask.params.get("dilation") if mask.kind == "tiled2d" else None
+  if dil is not None and any(d > 1 for d in dil):
+    order, mats = _relabel_dilated(tuple(shape), order, mats, dil)
   # Segments run along one grid axis: the last, or the axis whose runs are longest in
   # this order (a (P, 1) strip order runs down columns); the problem is solved with that
   # axis moved last.
@@ -1406,30 +1431,39 @@ def as_mask(mask: Any, name: str = "mask") -> Optional[Mask]:
 
 # ------------------------------------------------------------------ 2D-tiled token order
 
-def _check_tile(tile, shape, offset):
+def _check_tile(tile, shape, offset, dilation=1):
   nd = len(shape)
   tile = _per_axis("tile", tile, nd, minimum=1)
   offset = _per_axis("offset", offset, nd)
-  for L, t, o in zip(shape, tile, offset):
-    if L % t:
+  dilation = _per_axis("dilation", dilation, nd, minimum=1)
+  for L, t, o, d in zip(shape, tile, offset, dilation):
+    if L % (t * d) and all(x == 1 for x in dilation):
       raise ValueError(f"tile must divide shape per axis; got tile={tile}, shape={shape}")
+    if L % (t * d):
+      raise ValueError(f"tile * dilation must divide shape per axis; got tile={tile}, "
+                       f"dilation={dilation}, shape={shape}")
     if o >= L:
       raise ValueError(f"offset must be < shape per axis; got offset={offset}, shape={shape}")
-  return tile, offset
+  return tile, offset, dilation
 
 
-def tiled_to_flat(p, shape, tile, offset=0):
+def tiled_to_flat(p, shape, tile, offset=0, dilation=1):
   """Row-major grid index of the token at position ``p`` of the 2D-tiled order.
 
   The tiled order lists the grid patch by patch: patch ``t = p // prod(tile)`` (patches
   in row-major order over the patch grid ``shape / tile``), then position
   ``r = p % prod(tile)`` inside the patch (row-major).  Per axis the coordinate is
   ``c = (patch_a * tile_a + inner_a + offset_a) mod L_a``: ``offset`` moves the patch
-  origin (a Swin shift aligns patches with the shifted windows).  Indices ``p >= prod(shape)``
-  (kernel padding) map to themselves.  Pure index arithmetic on NumPy or JAX ints.
+  origin (a Swin shift aligns patches with the shifted windows).  With a ``dilation``
+  ``d_a`` a patch takes every ``d_a``-th position: patch index ``patch_a = o * d_a +
+  phase`` gives ``c = o * tile_a * d_a + inner_a * d_a + phase + offset_a`` (mod
+  ``L_a``), so the ``d_a`` patches of one ``tile_a * d_a`` span interleave (a MaxViT grid
+  group, the positions equal modulo ``L_a / G_a``, is one patch).  Indices
+  ``p >= prod(shape)`` (kernel padding) map to themselves.  Pure index arithmetic on
+  NumPy or JAX ints.
   """
   shape = _check_shape(shape)
-  tile, offset = _check_tile(tile, shape, offset)
+  tile, offset, dilation = _check_tile(tile, shape, offset, dilation)
   xp = _xp(p)
   n = int(np.prod(shape))
   P = int(np.prod(tile))
@@ -1440,7 +1474,11 @@ def tiled_to_flat(p, shape, tile, offset=0):
   for ax in range(len(shape)):
     ps = int(np.prod(pgrid[ax + 1:]))
     ts = int(np.prod(tile[ax + 1:]))
-    c = ((t // ps) % pgrid[ax]) * tile[ax] + (r // ts) % tile[ax] + offset[ax]
+    pa, inner, d = (t // ps) % pgrid[ax], (r // ts) % tile[ax], dilation[ax]
+    if d == 1:
+      c = pa * tile[ax] + inner + offset[ax]
+    else:
+      c = (pa // d) * (tile[ax] * d) + inner * d + pa % d + offset[ax]
     if offset[ax]:
       c = c % shape[ax]
     flat = flat * shape[ax] + c
@@ -1467,7 +1505,7 @@ def find_spatial_shape(mask: Optional[Mask]):
   return tuple(shape)
 
 
-def tiled2d(mask: Mask, tile, *, shape=None, offset=0) -> Mask:
+def tiled2d(mask: Mask, tile, *, shape=None, offset=0, dilation=1) -> Mask:
   """``mask`` seen in the 2D-tiled token order of its grid (see :func:`tiled_to_flat`).
 
   Position ``p`` of the tiled order is the grid token ``tiled_to_flat(p, shape, tile,
@@ -1487,6 +1525,8 @@ def tiled2d(mask: Mask, tile, *, shape=None, offset=0) -> Mask:
     tile: patch size per axis (int or tuple), dividing ``shape`` per axis.
     shape: the grid shape; default the mask's own (:func:`find_spatial_shape`).
     offset: patch origin per axis (int or tuple), ``0 <= offset < shape``.
+    dilation: per axis (int or tuple), a patch takes every ``dilation``-th position
+      (``tile * dilation`` divides ``shape``; see :func:`tiled_to_flat`).
   """
   if not isinstance(mask, Mask):
     raise TypeError(f"mask must be an attnjax.masks.Mask, got {type(mask).__name__}")
@@ -1495,19 +1535,20 @@ def tiled2d(mask: Mask, tile, *, shape=None, offset=0) -> Mask:
     if shape is None:
       raise ValueError(f"shape must be given for mask {mask.name}: it has no grid shape")
   shape = _check_shape(shape)
-  tile, offset = _check_tile(tile, shape, offset)
+  tile, offset, dilation = _check_tile(tile, shape, offset, dilation)
   n = int(np.prod(shape))
   if mask._grid_size is not None and mask._grid_size != n:
     raise ValueError(f"shape {shape} has {n} tokens; mask {mask.name} is on a grid of "
                      f"{mask._grid_size}")
 
   def fn(ctx, b, h, q, kv):
-    return mask._fn(ctx, b, h, tiled_to_flat(q, shape, tile, offset),
-                    tiled_to_flat(kv, shape, tile, offset))
+    return mask._fn(ctx, b, h, tiled_to_flat(q, shape, tile, offset, dilation),
+                    tiled_to_flat(kv, shape, tile, offset, dilation))
 
-  return Mask(fn, f"tiled2d({mask.name}, {tile}, offset={offset})", kind="tiled2d",
-              params={"shape": shape, "tile": tile, "offset": offset}, children=(mask,),
-              grid_size=n, parts=(mask,))
+  dil = f", dilation={dilation}" if any(d > 1 for d in dilation) else ""
+  return Mask(fn, f"tiled2d({mask.name}, {tile}, offset={offset}{dil})", kind="tiled2d",
+              params={"shape": shape, "tile": tile, "offset": offset, "dilation": dilation},
+              children=(mask,), grid_size=n, parts=(mask,))
 
 
 

@@ -753,6 +753,12 @@ SEPARABLE = [  # (mask, tiled2d (tile, offset) or None): odd sizes, dilation, sh
     (lambda: M.neighborhood((8, 6), 3) | M.grid((8, 6), (2, 3)), ((8, 1), (0, 0))),
     (lambda: M.window((8, 6), (4, 3), shift=(2, 1)), ((4, 1), (2, 1))),
     (lambda: M.neighborhood((4, 6, 4), 3, causal=(False, True, False)), ((2, 1, 1), (0, 0, 0))),
+    # dilated patches (a MaxViT grid's groups): runs relabelled to be consecutive
+    (lambda: M.grid((8, 12), (2, 3)), ((2, 3), (0, 0), (4, 4))),
+    (lambda: M.neighborhood((8, 12), 3, dilation=2) | M.grid((8, 12), (4, 3)),
+     ((2, 3), (0, 0), (2, 2))),
+    (lambda: M.window((8, 12), (4, 3), shift=(2, 1)), ((2, 3), (1, 0), (2, 2))),
+    (lambda: M.grid((4, 6, 8), (2, 3, 2)), ((2, 1, 2), (0, 0, 0), (2, 2, 4))),
 ]
 
 
@@ -775,7 +781,7 @@ def test_block_table_separable_fast_path_equals_brute_force(case):
     make, tiled = SEPARABLE[case]
     m = make()
     if tiled is not None:
-        m = M.tiled2d(m, tiled[0], offset=tiled[1])
+        m = M.tiled2d(m, tiled[0], offset=tiled[1], dilation=(tiled + (1,))[2])
     n = math.prod(M.find_spatial_shape(m) or m.params["shape"])
     for bq, bk in [(1, 1), (3, 5), (8, 4), (16, 16), (n, 7), (64, 128)]:
         fast = M._separable_table(m, n, n, bq, bk)

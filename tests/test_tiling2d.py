@@ -158,6 +158,35 @@ def test_tiled_order_by_loops():
     tiling.permute_axis(x, 1, plan, method="roll")
 
 
+def test_dilated_order_by_loops():
+  """With a dilation d a patch takes every d-th position: patch index o * d + phase per
+  axis covers c = o * t * d + i * d + phase; both permutation methods agree, and a MaxViT
+  grid group is one patch."""
+  shape, tile, off, dil = (8, 12), (2, 3), (1, 0), (2, 2)
+  pgrid = (4, 4)
+  want = []
+  for py, px in itertools.product(range(pgrid[0]), range(pgrid[1])):
+    for iy, ix in itertools.product(range(tile[0]), range(tile[1])):
+      y = ((py // 2) * 4 + iy * 2 + py % 2 + off[0]) % 8
+      x = (px // 2) * 6 + ix * 2 + px % 2
+      want.append(y * 12 + x)
+  np.testing.assert_array_equal(masks.tiled_to_flat(np.arange(96), shape, tile, off, dil), want)
+  plan = tiling.TilePlan(shape, tile, off, 6, 6, None, dil)
+  x = rnd(1, (2, 96, 3))
+  for method in ("gather", "transpose"):
+    xt = tiling.permute_axis(x, 1, plan, method=method)
+    np.testing.assert_array_equal(np.asarray(xt), np.asarray(x)[:, want])
+    np.testing.assert_array_equal(
+        np.asarray(tiling.permute_axis(xt, 1, plan, inverse=True, method=method)), np.asarray(x))
+  # MaxViT grid (2, 3) on 8 x 12: steps (4, 4); dilated (2, 3) patches are its groups
+  order = masks.tiled_to_flat(np.arange(96), shape, (2, 3), 0, (4, 4))
+  y, xx = order // 12, order % 12
+  groups = (y % 4) * 4 + xx % 4
+  assert all(len(set(groups[i:i + 6])) == 1 for i in range(0, 96, 6))
+  with pytest.raises(ValueError, match="tile \\* dilation must divide shape"):
+    masks.tiled2d(masks.grid(shape, 2), (2, 3), dilation=(3, 3))
+
+
 def test_tiled_mask_is_permuted_mask():
   m = masks.window((8, 12), 4, shift=2)
   t = masks.tiled2d(m, (4, 4), offset=(2, 2))
@@ -268,6 +297,27 @@ def test_plan_weighs_strips_and_row_aligned_tiles(impl):
     assert (cfg.block_q, cfg.block_k) == (tp.block_q, tp.block_k)
     _check(mask, _axial_1d_grid(shape, axis), jnp.float32, impl, tiled=tile[0] != 1, N=2,
            K=1)
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked", "cpu_flash"])
+def test_grid_mask_tiles_are_its_groups(impl):
+  """A MaxViT grid mask is tiled by its groups (patches of its G grid dilated by the
+  steps L / G): the table is block diagonal, every non-empty tile full, exactly the
+  allowed scores; out and the vjp equal the loop-built reference."""
+  if impl == "cpu_flash":
+    _cpu_flash_or_skip()
+  shape, G = (16, 32), (4, 4)
+  mask = masks.grid(shape, G)
+  n = 512
+  tp, cfg = _plan(mask, n, impl)
+  assert tp.tile == G and tp.dilation == (4, 8) and cfg.block_q == 16
+  table = tp.tiled_mask.block_table(n, n, cfg.block_q, cfg.block_k)
+  assert np.all((table == 0) | (table == masks.FULL))
+  assert np.count_nonzero(table) * cfg.block_q * cfg.block_k == n * 16
+  steps = (4, 8)
+  allowed = _grid_mask([np.equal.outer(np.arange(L) % st, np.arange(L) % st)
+                        for L, st in zip(shape, steps)])
+  _check(mask, allowed, jnp.float32, impl, N=2, K=1)
 
 
 def test_tile_density_2d_below_flat():
@@ -427,6 +477,16 @@ def test_grid_steps_equal_nonempty_tiles():
 
 
 # ----------------------------------------------------------------- lowering
+
+
+def test_pallas_gpu_interpreted_grid_groups():
+  """The dilated grid-group order through the GPU kernel (interpreted): exact."""
+  shape = (16, 16)
+  mask = masks.grid(shape, (4, 4))
+  tp, _ = _plan(mask, 256, "pallas_gpu", N=2, K=1)
+  assert tp is not None and tp.dilation == (4, 4)
+  allowed = _grid_mask([np.equal.outer(np.arange(16) % 4, np.arange(16) % 4)] * 2)
+  _check(mask, allowed, jnp.float32, "pallas_gpu", N=2, K=1)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

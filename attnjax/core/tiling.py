@@ -44,14 +44,20 @@ __all__ = ["TilePlan", "plan_tiling", "choose_tile", "is_row_major", "check_spat
 
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-  """How one call is tiled: the grid ``shape``, the patch ``tile`` and its ``offset``
-  (per axis), and the block sizes the implementation runs with."""
+  """How one call is tiled: the grid ``shape``, the patch ``tile``, its ``offset`` and
+  ``dilation`` (per axis; see :func:`attnjax.masks.tiled_to_flat`), and the block sizes
+  the implementation runs with."""
   shape: tuple
   tile: tuple
   offset: tuple
   block_q: int
   block_k: int
   tiled_mask: Optional[masks_lib.Mask] = dataclasses.field(default=None, compare=False)
+  dilation: Optional[tuple] = None
+
+  def __post_init__(self):
+    if self.dilation is None:
+      object.__setattr__(self, "dilation", (1,) * len(self.shape))
 
 
 def check_spatial_tile(value, owner: str):
@@ -74,11 +80,10 @@ def _is_identity(shape, tile):
   return tuple(tile[1:]) == tuple(shape[1:])
 
 
-def choose_tile(shape, tokens: int) -> Optional[tuple]:
-  """The patch for a grid ``shape`` with ``tokens`` (or ``tokens / 2``, ``/ 4``, ``/ 8``,
-  at least 4) tokens: each side divides the map, the order differs from row-major, and
-  among those the most square (smallest perimeter; ties: wider).  None if no such
-  patch exists (the call keeps the flattened order)."""
+def _square_patch(shape, tokens: int, skip_row_major: bool) -> Optional[tuple]:
+  """The most square patch (smallest perimeter; ties: wider) with ``tokens`` (or
+  ``tokens / 2``, ``/ 4``, ``/ 8``, at least 4) tokens whose sides divide ``shape``;
+  with ``skip_row_major`` not one whose order is row-major.  None if there is none."""
   shape = tuple(shape)
   size = tokens
   while size >= 4 and size * 8 >= tokens:
@@ -96,7 +101,7 @@ def choose_tile(shape, tokens: int) -> Optional[tuple]:
           if rest % t1 == 0 and shape[2] % (rest // t1) == 0:
             cands.append((t0, t1, rest // t1))
       for c in cands:
-        if _is_identity(shape, c):
+        if skip_row_major and _is_identity(shape, c):
           continue
         key = (sum(c), -c[-1])
         if best is None or key < best[0]:
@@ -105,6 +110,14 @@ def choose_tile(shape, tokens: int) -> Optional[tuple]:
       return best[1]
     size //= 2
   return None
+
+
+def choose_tile(shape, tokens: int) -> Optional[tuple]:
+  """The patch for a grid ``shape`` with ``tokens`` (or ``tokens / 2``, ``/ 4``, ``/ 8``,
+  at least 4) tokens: each side divides the map, the order differs from row-major, and
+  among those the most square (smallest perimeter; ties: wider).  None if no such
+  patch exists (the call keeps the flattened order)."""
+  return _square_patch(shape, tokens, skip_row_major=True)
 
 
 def _leaves(mask):
@@ -123,31 +136,49 @@ def _offset(mask, shape):
   return (0,) * len(shape)
 
 
-def _candidate_tiles(shape, tokens: int) -> list:
-  """Patches automatic tiling weighs for a grid ``shape`` and ``tokens`` per tile: the
-  most square one (:func:`choose_tile`), the strip ``(P, 1[, 1])`` along the first axis
-  (a column: tiles follow axial or stripe masks along it), and the row-major order with
-  tiles of ``P`` whole-row-aligned tokens, ``(1[, 1], P)`` (tiles that do not straddle
-  two rows of the map).  Duplicates dropped; the most square first."""
+def _grid_groups(mask, shape):
+  """``(G, steps)`` of the MaxViT grid leaves of ``mask`` (all alike), else None."""
+  grids = {tuple(m.params["grid"]) for m in _leaves(mask) if m.kind == "grid"}
+  if len(grids) != 1:
+    return None
+  g = grids.pop()
+  return g, tuple(L // G for L, G in zip(shape, g))
+
+
+def _candidate_tiles(mask, shape, tokens: int) -> list:
+  """``(tile, dilation)`` pairs automatic tiling weighs for ``mask`` on a grid ``shape``
+  and ``tokens`` per tile: the most square patch (:func:`choose_tile`), the strip
+  ``(P, 1[, 1])`` along the first axis (a column: tiles follow axial or stripe masks
+  along it), the row-major order with tiles of ``P`` whole-row-aligned tokens
+  ``(1[, 1], P)`` (tiles that do not straddle two rows of the map), and for a MaxViT grid
+  mask the most square patch of its ``G`` grid dilated by the grid's steps ``L / G`` (a
+  tile holds grid groups: the table is block diagonal).  Duplicates dropped; the most
+  square first."""
   shape = tuple(shape)
+  ones = (1,) * len(shape)
   cands = []
   sq = choose_tile(shape, tokens)
   if sq is not None:
     P = int(np.prod(sq))
-    cands.append(sq)
-    strip = (P,) + (1,) * (len(shape) - 1)
+    cands.append((sq, ones))
     if shape[0] % P == 0:
-      cands.append(strip)
-    row = (1,) * (len(shape) - 1) + (P,)
+      cands.append(((P,) + ones[1:], ones))
     if shape[-1] % P == 0 and P < shape[-1]:
-      cands.append(row)
+      cands.append((ones[:-1] + (P,), ones))
+  groups = _grid_groups(mask, shape)
+  if groups is not None and any(st > 1 for st in groups[1]):
+    g, steps = groups
+    tile = g if int(np.prod(g)) <= tokens else _square_patch(g, tokens, skip_row_major=False)
+    if tile is not None:
+      cands.append((tuple(tile), steps))
   return list(dict.fromkeys(cands))
 
 
 def is_row_major(plan: "TilePlan") -> bool:
   """True when ``plan``'s order is the row-major order itself (patches ``(1, ..., t)``
   with no offset): only its block sizes differ from the flattened call."""
-  return not any(plan.offset) and all(t == 1 for t in plan.tile[:-1])
+  return (not any(plan.offset) and all(t == 1 for t in plan.tile[:-1])
+          and all(d == 1 for d in plan.dilation))
 
 
 def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
@@ -183,22 +214,24 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
     if len(spatial_tile) != len(shape) or any(L % t for L, t in zip(shape, spatial_tile)):
       raise ValueError(f"spatial_tile must have one entry per grid axis, each dividing the "
                        f"grid {shape}, got {spatial_tile}")
-    tiles = [tuple(spatial_tile)]
+    tiles = [(tuple(spatial_tile), (1,) * len(shape))]
   else:
-    tiles = _candidate_tiles(shape, min(block_q or default_q, a.T))
+    tiles = _candidate_tiles(a.mask, shape, min(block_q or default_q, a.T))
     if not tiles:
       return None
   mask_offset = _offset(a.mask, shape)
   best = None
-  for tile in tiles:
+  for tile, dilation in tiles:
     P = int(np.prod(tile))
     bq = block_q or P
     bk = block_k if block_k is not None else min(default_k, P)
     if valid_block is not None and not valid_block(bq, bk):
       continue
-    offset = mask_offset if any(t > 1 for t in tile[:-1]) else (0,) * len(shape)
-    tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset)
-    plan = TilePlan(shape, tile, offset, bq, bk, tiled)   # tables cached on `tiled`
+    dilated = any(d > 1 for d in dilation)
+    offset = mask_offset if any(t > 1 for t in tile[:-1]) and not dilated \
+        else (0,) * len(shape)
+    tiled = masks_lib.tiled2d(a.mask, tile, shape=shape, offset=offset, dilation=dilation)
+    plan = TilePlan(shape, tile, offset, bq, bk, tiled, dilation)  # tables cached on `tiled`
     if spatial_tile is not True or flat_blocks is None:
       return plan
     table = tiled.block_table(a.T, a.S, bq, bk)
@@ -217,8 +250,8 @@ def plan_tiling(a: AttentionArgs, spatial_tile, block_q: Optional[int],
 def _tiled_index(plan: TilePlan, inverse: bool):
   """Static int32 indices: ``x_tiled = x[idx]`` (forward) or ``x = x_tiled[inv]``."""
   n = int(np.prod(plan.shape))
-  idx = np.asarray(masks_lib.tiled_to_flat(np.arange(n), plan.shape, plan.tile, plan.offset),
-                   np.int32)
+  idx = np.asarray(masks_lib.tiled_to_flat(np.arange(n), plan.shape, plan.tile, plan.offset,
+                                           plan.dilation), np.int32)
   if not inverse:
     return idx
   inv = np.empty_like(idx)
@@ -265,24 +298,29 @@ def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False,
     method = "gather" if jax.default_backend() == "cpu" else "transpose"
   if method == "gather":
     return _gather_permute(x, axis, plan, inverse)
-  shape, tile, off = plan.shape, plan.tile, plan.offset
+  shape, tile, off, dil = plan.shape, plan.tile, plan.offset, plan.dilation
   nd = len(shape)
   lead, trail = x.shape[:axis], x.shape[axis + 1:]
   la, lt = len(lead), len(trail)
-  pgrid = tuple(L // t for L, t in zip(shape, tile))
-  split = tuple(v for pt in zip(pgrid, tile) for v in pt)        # (P0, t0, P1, t1, ...)
+  outer = tuple(L // (t * d) for L, t, d in zip(shape, tile, dil))
+  # each grid axis splits as (outer, inner, phase): c = (o * t + i) * d + p; the patch
+  # is (o, p) per axis, the position inside it i
+  split = tuple(v for a in range(nd) for v in (outer[a], tile[a], dil[a]))
+  tiled = tuple(v for a in range(nd) for v in (outer[a], dil[a])) + tile
+  to_tiled = tuple(3 * a + j for a in range(nd) for j in (0, 2)) + \
+      tuple(3 * a + 1 for a in range(nd))
+  from_tiled = tuple(int(np.argsort(to_tiled)[i]) for i in range(3 * nd))
+  rest = tuple(range(la + 3 * nd, la + 3 * nd + lt))
   grid_axes = tuple(range(la, la + nd))
   if not inverse:
     g = x.reshape(lead + shape + trail)
     if any(off):
       g = jnp.roll(g, tuple(-o for o in off), grid_axes)
     g = g.reshape(lead + split + trail)
-    perm = tuple(range(la)) + tuple(la + 2 * i for i in range(nd)) + \
-        tuple(la + 2 * i + 1 for i in range(nd)) + tuple(range(la + 2 * nd, la + 2 * nd + lt))
+    perm = tuple(range(la)) + tuple(la + i for i in to_tiled) + rest
     return g.transpose(perm).reshape(x.shape)
-  g = x.reshape(lead + pgrid + tile + trail)
-  perm = tuple(range(la)) + tuple(v for i in range(nd) for v in (la + i, la + nd + i)) + \
-      tuple(range(la + 2 * nd, la + 2 * nd + lt))
+  g = x.reshape(lead + tiled + trail)
+  perm = tuple(range(la)) + tuple(la + i for i in from_tiled) + rest
   g = g.transpose(perm).reshape(lead + shape + trail)
   if any(off):
     g = jnp.roll(g, off, grid_axes)
@@ -291,8 +329,9 @@ def permute_axis(x, axis: int, plan: TilePlan, *, inverse: bool = False,
 
 def _tiled_score_mod(sm, plan: TilePlan):
   def fn(s, b, h, q, kv):
-    return sm(s, b, h, masks_lib.tiled_to_flat(q, plan.shape, plan.tile, plan.offset),
-              masks_lib.tiled_to_flat(kv, plan.shape, plan.tile, plan.offset))
+    return sm(s, b, h,
+              masks_lib.tiled_to_flat(q, plan.shape, plan.tile, plan.offset, plan.dilation),
+              masks_lib.tiled_to_flat(kv, plan.shape, plan.tile, plan.offset, plan.dilation))
   return score_mods_lib.ScoreMod(fn, f"tiled2d({getattr(sm, 'name', 'score_mod')})")
 
 
@@ -300,7 +339,8 @@ def tiled_mask(a: AttentionArgs, plan: TilePlan):
   """``a.mask`` in the tiled order (:func:`attnjax.masks.tiled2d`)."""
   if plan.tiled_mask is not None:
     return plan.tiled_mask
-  return masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset)
+  return masks_lib.tiled2d(a.mask, plan.tile, shape=plan.shape, offset=plan.offset,
+                           dilation=plan.dilation)
 
 
 def tile_call(q, k, v, a: AttentionArgs, plan: TilePlan):
