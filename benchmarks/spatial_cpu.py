@@ -97,6 +97,7 @@ def main():
   cases = [
       ("neighborhood(7)", masks.neighborhood(shape, 7), True),
       ("neighborhood(7, dilation=2)", masks.neighborhood(shape, 7, dilation=2), False),
+      ("neighborhood(7, dilation=4)", masks.neighborhood(shape, 7, dilation=4), False),
       ("neighborhood(7, causal)", masks.neighborhood(shape, 7, causal=True), False),
       ("window(8, shift=4)", masks.window(shape, 8, shift=4), False),
       ("window(8)", masks.window(shape, 8), False),

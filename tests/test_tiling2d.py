@@ -300,6 +300,26 @@ def test_plan_weighs_strips_and_row_aligned_tiles(impl):
 
 
 @pytest.mark.parametrize("impl", ["xla_chunked", "cpu_flash"])
+def test_dilated_neighborhood_tiles_one_residue_class(impl):
+  """A neighborhood with dilation d is tiled by patches of one residue class (dilated by
+  d), where it is an undilated neighborhood: fewer tiles than square patches; out and
+  the vjp equal the loop-built reference."""
+  if impl == "cpu_flash":
+    _cpu_flash_or_skip()
+  shape = (16, 32)
+  mask = masks.neighborhood(shape, 3, dilation=(4, 4))
+  n = 512
+  tp, cfg = _plan(mask, n, impl)
+  assert tp.dilation == (4, 4), tp
+  dense_2d = masks.tiled2d(mask, tiling.choose_tile(shape, tp.block_q))
+  ours = np.count_nonzero(tp.tiled_mask.block_table(n, n, cfg.block_q, cfg.block_k))
+  square = np.count_nonzero(dense_2d.block_table(n, n, cfg.block_q, cfg.block_k))
+  assert ours < square, (ours, square)
+  allowed = _grid_mask([_nbhd_1d(16, 3, 4, False), _nbhd_1d(32, 3, 4, False)])
+  _check(mask, allowed, jnp.float32, impl, N=2, K=1)
+
+
+@pytest.mark.parametrize("impl", ["xla_chunked", "cpu_flash"])
 def test_grid_mask_tiles_are_its_groups(impl):
   """A MaxViT grid mask is tiled by its groups (patches of its G grid dilated by the
   steps L / G): the table is block diagonal, every non-empty tile full, exactly the

@@ -136,13 +136,30 @@ def _offset(mask, shape):
   return (0,) * len(shape)
 
 
-def _grid_groups(mask, shape):
-  """``(G, steps)`` of the MaxViT grid leaves of ``mask`` (all alike), else None."""
-  grids = {tuple(m.params["grid"]) for m in _leaves(mask) if m.kind == "grid"}
-  if len(grids) != 1:
-    return None
-  g = grids.pop()
-  return g, tuple(L // G for L, G in zip(shape, g))
+def _dilations(mask, shape, tokens):
+  """``(tile, dilation)`` candidates from the dilated structure of ``mask``'s leaves: a
+  MaxViT grid (all grid leaves alike) gives its ``G`` grid (or its most square patch of
+  ``tokens``) dilated by its steps ``L / G`` (a tile holds whole grid groups); a dilated
+  neighborhood (all alike) the most square patch of its residue sub-grid ``L / d``
+  dilated by ``d`` (a tile holds one residue class, whose neighborhood is undilated)."""
+  leaves = list(_leaves(mask))
+  out = []
+  grids = {tuple(m.params["grid"]) for m in leaves if m.kind == "grid"}
+  if len(grids) == 1:
+    g = grids.pop()
+    steps = tuple(L // G for L, G in zip(shape, g))
+    tile = g if int(np.prod(g)) <= tokens else _square_patch(g, tokens, skip_row_major=False)
+    if tile is not None and any(st > 1 for st in steps):
+      out.append((tuple(tile), steps))
+  dils = {tuple(m.params["dilation"]) for m in leaves if m.kind == "neighborhood"}
+  if len(dils) == 1:
+    d = dils.pop()
+    sub = tuple(L // x for L, x in zip(shape, d))
+    if any(x > 1 for x in d) and all(L % x == 0 for L, x in zip(shape, d)):
+      tile = _square_patch(sub, tokens, skip_row_major=False)
+      if tile is not None:
+        out.append((tuple(tile), d))
+  return out
 
 
 def _candidate_tiles(mask, shape, tokens: int) -> list:
@@ -150,10 +167,9 @@ def _candidate_tiles(mask, shape, tokens: int) -> list:
   and ``tokens`` per tile: the most square patch (:func:`choose_tile`), the strip
   ``(P, 1[, 1])`` along the first axis (a column: tiles follow axial or stripe masks
   along it), the row-major order with tiles of ``P`` whole-row-aligned tokens
-  ``(1[, 1], P)`` (tiles that do not straddle two rows of the map), and for a MaxViT grid
-  mask the most square patch of its ``G`` grid dilated by the grid's steps ``L / G`` (a
-  tile holds grid groups: the table is block diagonal).  Duplicates dropped; the most
-  square first."""
+  ``(1[, 1], P)`` (tiles that do not straddle two rows of the map), and dilated patches
+  for MaxViT grids and dilated neighborhoods (:func:`_dilations`).  Duplicates dropped;
+  the most square first."""
   shape = tuple(shape)
   ones = (1,) * len(shape)
   cands = []
@@ -165,12 +181,7 @@ def _candidate_tiles(mask, shape, tokens: int) -> list:
       cands.append(((P,) + ones[1:], ones))
     if shape[-1] % P == 0 and P < shape[-1]:
       cands.append((ones[:-1] + (P,), ones))
-  groups = _grid_groups(mask, shape)
-  if groups is not None and any(st > 1 for st in groups[1]):
-    g, steps = groups
-    tile = g if int(np.prod(g)) <= tokens else _square_patch(g, tokens, skip_row_major=False)
-    if tile is not None:
-      cands.append((tuple(tile), steps))
+  cands += _dilations(mask, shape, tokens)
   return list(dict.fromkeys(cands))
 
 
