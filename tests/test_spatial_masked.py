@@ -289,6 +289,34 @@ def test_criss_cross_attention_matches_reference(dtype):
                 q, k, v, what="criss_cross")
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (1, 7)])
+def test_criss_cross_split_calls_and_masked_path(shape, monkeypatch):
+  """By default criss-cross runs as two dense calls (rows; columns less the diagonal)
+  merged by their log-sum-exps; with block_sizes (for the masked call) it is one call
+  with the criss_cross mask.  Both equal the loop reference, forward and vjp, GQA; a
+  one-row map (no other key in any column) stays finite."""
+  from attnjax.core import hooks
+  from attnjax.ops.chunked import ChunkedBlockSizes
+  from attnjax.ops.spatial import windowed
+  calls = []
+  inner = hooks.attention
+
+  def counting(*a, **kw):
+    calls.append(kw.get("mask"))
+    return inner(*a, **kw)
+  monkeypatch.setattr(windowed.hooks, "attention", counting)
+  q, k, v = _qkv(5, shape, 4, 2, 8, 8, jnp.float32)
+  allowed = criss_cross_allowed(shape)
+  ref = lambda q, k, v: ref_keysets(q, k, v, allowed)
+  check_fwd_vjp(S.criss_cross_attention, ref, q, k, v, what="criss_cross split")
+  assert len(calls) == 2 and calls[0] is None and calls[1].kind == "not", calls
+  calls.clear()
+  masked = lambda q, k, v: S.criss_cross_attention(
+      q, k, v, implementation="xla_chunked", block_sizes=ChunkedBlockSizes(block_q=16))
+  check_fwd_vjp(masked, ref, q, k, v, what="criss_cross masked")
+  assert len(calls) == 1 and calls[0].kind == "criss_cross", calls
+
+
 @pytest.mark.parametrize("N,K,width,dtype", [
     (4, 2, 3, jnp.float32), (3, 1, (4, 5), jnp.float32),
     pytest.param(5, 5, 2, jnp.bfloat16, marks=pytest.mark.slow),
