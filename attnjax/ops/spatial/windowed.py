@@ -268,8 +268,8 @@ def _criss_cross_split(q, k, v, scale, implementation):
   the diagonal masked out (the column less self).  Exactly the ``Hh + Ww - 1`` allowed
   keys per query are scored (``(Hh + Ww) / (Hh * Ww)`` of dense; the masked call's 2D
   tiles compute about 8x that on a 128 x 128 map)."""
-  B, Hh, Ww, N, H = q.shape
-  K, Hv = k.shape[-2], v.shape[-1]
+  B, Hh, Ww, N, _ = q.shape
+  Hv = v.shape[-1]
   rows = lambda x: x.reshape(B * Hh, Ww, x.shape[-2], x.shape[-1])
   cols = lambda x: jnp.swapaxes(x, 1, 2).reshape(B * Ww, Hh, x.shape[-2], x.shape[-1])
   o_r, lse_r = hooks.attention(rows(q), rows(k), rows(v), scale=scale,
@@ -278,10 +278,9 @@ def _criss_cross_split(q, k, v, scale, implementation):
                                scale=scale, implementation=implementation, return_lse=True)
   # back to [B, Hh, Ww, ...]: rows are [B*Hh, Ww], columns [B*Ww, Hh]
   o_c = jnp.swapaxes(o_c.reshape(B, Ww, Hh, N, Hv), 1, 2)
-  lse_c = jnp.swapaxes(lse_c.reshape(B, Ww, N, Hh), 1, 3)           # [B, Hh, N, Ww]
+  lse_c = jnp.transpose(lse_c.reshape(B, Ww, N, Hh), (0, 3, 1, 2))  # [B, Hh, Ww, N]
   o_r = o_r.reshape(B, Hh, Ww, N, Hv)
-  lse_r = jnp.swapaxes(lse_r.reshape(B, Hh, N, Ww), 2, 3)           # [B, Hh, Ww, N]
-  lse_c = jnp.swapaxes(lse_c, 2, 3)                                 # [B, Hh, Ww, N]
+  lse_r = jnp.transpose(lse_r.reshape(B, Hh, N, Ww), (0, 1, 3, 2))  # [B, Hh, Ww, N]
   lse = jnp.logaddexp(lse_r.astype(jnp.float32), lse_c.astype(jnp.float32))
   w_r = jnp.exp(lse_r - lse)[..., None]
   w_c = jnp.exp(lse_c - lse)[..., None]
