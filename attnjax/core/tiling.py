@@ -136,14 +136,27 @@ def _offset(mask, shape):
   return (0,) * len(shape)
 
 
-def _dilations(mask, shape, tokens):
-  """``(tile, dilation)`` candidates from the dilated structure of ``mask``'s leaves: a
-  MaxViT grid (all grid leaves alike) gives its ``G`` grid (or its most square patch of
-  ``tokens``) dilated by its steps ``L / G`` (a tile holds whole grid groups); a dilated
-  neighborhood (all alike) the most square patch of its residue sub-grid ``L / d``
-  dilated by ``d`` (a tile holds one residue class, whose neighborhood is undilated)."""
+def _structured(mask, shape, tokens):
+  """``(tile, dilation)`` candidates from the structure of ``mask``'s leaves.
+
+  A window or HaloNet block size (all alike) gives its most square patch of ``tokens``
+  (tiles that do not straddle two windows); a MaxViT grid (all grid leaves alike) its
+  ``G`` grid (or its most square patch of ``tokens``) dilated by its steps ``L / G`` (a
+  tile holds whole grid groups); a dilated neighborhood (all alike) the most square
+  patch of its residue sub-grid ``L / d`` dilated by ``d`` (a tile holds one residue
+  class, whose neighborhood is undilated)."""
   leaves = list(_leaves(mask))
   out = []
+  ones = (1,) * len(shape)
+  for kind, key in (("window", "window"), ("halo", "block")):
+    # tiles inside one (shifted) window or halo block: the most square patch of it
+    sizes = {tuple(m.params[key]) for m in leaves if m.kind == kind}
+    if len(sizes) == 1:
+      w = sizes.pop()
+      if all(L % x == 0 for L, x in zip(shape, w)):
+        tile = w if int(np.prod(w)) <= tokens else _square_patch(w, tokens, skip_row_major=False)
+        if tile is not None and int(np.prod(tile)) >= 4:
+          out.append((tuple(tile), ones))
   grids = {tuple(m.params["grid"]) for m in leaves if m.kind == "grid"}
   if len(grids) == 1:
     g = grids.pop()
@@ -168,7 +181,7 @@ def _candidate_tiles(mask, shape, tokens: int) -> list:
   ``(P, 1[, 1])`` along the first axis (a column: tiles follow axial or stripe masks
   along it), the row-major order with tiles of ``P`` whole-row-aligned tokens
   ``(1[, 1], P)`` (tiles that do not straddle two rows of the map), and dilated patches
-  for MaxViT grids and dilated neighborhoods (:func:`_dilations`).  Duplicates dropped;
+  for MaxViT grids and dilated neighborhoods (:func:`_structured`).  Duplicates dropped;
   the most square first."""
   shape = tuple(shape)
   ones = (1,) * len(shape)
@@ -181,7 +194,7 @@ def _candidate_tiles(mask, shape, tokens: int) -> list:
       cands.append(((P,) + ones[1:], ones))
     if shape[-1] % P == 0 and P < shape[-1]:
       cands.append((ones[:-1] + (P,), ones))
-  cands += _dilations(mask, shape, tokens)
+  cands += _structured(mask, shape, tokens)
   return list(dict.fromkeys(cands))
 
 
