@@ -1617,6 +1617,22 @@ def from_row_block_mask(row_block_mask, block_k: int) -> Mask:
 # ------------------------------------------------------------------ per-key row interval
 
 
+def _interval_cover_counts(index, lead_shape, first, past, n: int, xp=np):
+  """How many intervals cover each bin: interval ``e`` spans bins ``[first_e, past_e)``
+  of ``n`` (``first = past = n``: none) and is counted in row ``index_e`` (a tuple of
+  index arrays shaped like ``first``) of a ``lead_shape + (n,)`` int32 result.  A +1 at
+  each first bin and a -1 at each one-past-last bin, then a cumsum: ``O(E + rows * n)``.
+  NumPy or JAX (``xp``)."""
+  if xp is np:
+    cnt = np.zeros(tuple(lead_shape) + (n + 1,), np.int32)
+    np.add.at(cnt, tuple(index) + (first,), 1)
+    np.add.at(cnt, tuple(index) + (past,), -1)
+  else:
+    cnt = jnp.zeros(tuple(lead_shape) + (n + 1,), jnp.int32)
+    cnt = cnt.at[tuple(index) + (first,)].add(1).at[tuple(index) + (past,)].add(-1)
+  return xp.cumsum(cnt, axis=-1)[..., :n]
+
+
 def key_interval(start, end) -> Mask:
   """Each key is seen by an interval of query rows: ``(q, kv)`` is allowed iff
   ``start[b, h, kv] <= q < end[b, h, kv]`` (``[S]``, ``[N, S]`` or ``[B, N, S]``, int;
@@ -1671,14 +1687,8 @@ def key_interval(start, end) -> Mask:
     kt = xp.broadcast_to(xp.arange(S) // bk, lo.shape)
     bi = xp.broadcast_to(xp.arange(Bm)[:, None, None], lo.shape)
     hi_ = xp.broadcast_to(xp.arange(Nm)[None, :, None], lo.shape)
-    if xp is np:
-      cnt = np.zeros((Bm, Nm, nk, nq + 1), np.int32)
-      np.add.at(cnt, (bi, hi_, kt, first), 1)
-      np.add.at(cnt, (bi, hi_, kt, past), -1)
-    else:
-      cnt = jnp.zeros((Bm, Nm, nk, nq + 1), jnp.int32)
-      cnt = cnt.at[bi, hi_, kt, first].add(1).at[bi, hi_, kt, past].add(-1)
-    any_ = xp.cumsum(cnt, axis=-1)[..., :nq] > 0                # [Bm, Nm, nk, nq]
+    cnt = _interval_cover_counts((bi, hi_, kt), (Bm, Nm, nk), first, past, nq, xp)
+    any_ = cnt > 0                                              # [Bm, Nm, nk, nq]
     # full: every key of the tile sees all the tile's rows (padded keys do not count).
     lo_p = xp.pad(lo, ((0, 0), (0, 0), (0, pad)), constant_values=-_BIG)
     hi_p = xp.pad(hi, ((0, 0), (0, 0), (0, pad)), constant_values=_BIG)

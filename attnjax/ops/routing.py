@@ -1180,8 +1180,7 @@ def _dma_tile_counts(start_S, end_RS, T: int, bq: int):
   past = jnp.where(live, (end_RS - 1) // bq + 1, nq)
   R = end_RS.shape[0]
   rows = jnp.broadcast_to(jnp.arange(R)[:, None], end_RS.shape)
-  d = jnp.zeros((R, nq + 1), jnp.int32).at[rows, first].add(1).at[rows, past].add(-1)
-  return jnp.cumsum(d, axis=1)[:, :nq]
+  return _masks._interval_cover_counts((rows,), (R,), first, past, nq, jnp)
 
 
 def _compact(ids, M: int, S: int):
