@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import jit_call
 from jax.scipy.special import erf
 
 from attnjax import variants
@@ -351,13 +352,13 @@ def test_layer_nnx_and_linen_agree(name, options):
 def test_layer_feat_video_and_hiif_sequence_inputs():
   feat = variants.build('feat', d_model=16, num_heads=2, rngs=nnx.Rngs(0))
   xv = rnd(0, (2, 3, 2, 4, 16))
-  assert feat(xv).shape == xv.shape
+  assert jit_call(feat, xv).shape == xv.shape
   hiif = variants.build('hiif', d_model=16, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0))
   xs = rnd(1, (2, 7, 16))
-  y = hiif(xs)
+  y = jit_call(hiif, xs)
   # the grid input is the row-major token sequence
-  np.testing.assert_allclose(hiif(xs[:, :6].reshape(2, 2, 3, 16)).reshape(2, 6, 16),
-                             hiif(xs[:, :6]), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jit_call(hiif, xs[:, :6].reshape(2, 2, 3, 16)).reshape(2, 6, 16),
+                             jit_call(hiif, xs[:, :6]), rtol=1e-6, atol=1e-6)
   assert y.shape == xs.shape
 
 
@@ -365,9 +366,9 @@ def test_layer_bf16_is_close_to_f32():
   x = rnd(0, GRID)
   for name in ('care', 'feat'):
     layer = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0))
-    y32 = layer(x)
-    y16 = variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0),
-                         dtype=jnp.bfloat16)(x.astype(jnp.bfloat16))
+    y32 = jit_call(layer, x)
+    y16 = jit_call(variants.build(name, d_model=16, num_heads=2, rngs=nnx.Rngs(0),
+                                  dtype=jnp.bfloat16), x.astype(jnp.bfloat16))
     assert y16.dtype == jnp.bfloat16
     assert_close(y16, y32, 5e-2, name)
 

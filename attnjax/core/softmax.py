@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.core.args import AttentionArgs, check_attention_args
+from attnjax.core.precision import einsum_f32
 
 __all__ = ["apply_logit_mods", "allowed_keys", "safe_softmax_out", "dense_attention",
            "reference_attention", "row_dot"]
@@ -30,8 +31,7 @@ def row_dot(a, b):
   ``[1, 16384, 8, 64]``, against 2-3 ms), as does a dot whose output reorders the axes.
   """
   letters = "abcdefghijklmnopqrstuvwxy"[:a.ndim - 1]
-  return jnp.einsum(f"{letters}z,{letters}z->{letters}", a, b,
-                    preferred_element_type=jnp.float32)
+  return einsum_f32(f"{letters}z,{letters}z->{letters}", a, b)
 
 
 def apply_logit_mods(s, b, h, q_idx, kv_idx, *, score_mod, softcap):
@@ -76,8 +76,7 @@ def safe_softmax_out(s, allowed, v, sinks_bn, *, out_dtype, upcast):
   if upcast:
     out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(jnp.float32))
   else:
-    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = einsum_f32("bkgts,bskh->btkgh", p.astype(v.dtype), v)
   lse = jnp.where(pos, m + jnp.log(safe), -jnp.inf)
   B, T, K, G, Hv = out.shape
   return out.reshape(B, T, K * G, Hv).astype(out_dtype), lse.reshape(B, K * G, T)
@@ -96,7 +95,7 @@ def dense_attention(q, k, v, a: AttentionArgs, *, upcast: bool):
     s = jnp.einsum("btkgh,bskh->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   else:
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = einsum_f32("btkgh,bskh->bkgts", qg, k)
   s = s * a.scale
   # Index grids in [B, K, G, T, S] order; h is the query head.
   b = jnp.arange(B).reshape(B, 1, 1, 1, 1)

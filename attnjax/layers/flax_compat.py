@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks as _masks
+from attnjax.core.precision import einsum_f32
 from attnjax.layers._core import _attention_fn
 
 __all__ = ["flax_attention_fn"]
@@ -52,7 +53,7 @@ def _materialized(q, k, v, *, mask, score_mod, bias, scale, softcap, dropout_rng
   """Explicit-probabilities attention (for probability dropout / sowing), float32 logits."""
   B, T, N, H = q.shape
   S = k.shape[1]
-  s_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  s_BNTS = einsum_f32("btnh,bsnh->bnts", q, k) * scale
   if bias is not None:
     s_BNTS = s_BNTS + jnp.asarray(bias, jnp.float32)
   b = jnp.arange(B)[:, None, None, None]

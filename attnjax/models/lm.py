@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.core.precision import einsum_f32
 from attnjax.layers import Dense, Embed, RMSNorm, constrain
 from attnjax.models import common as C
 
@@ -83,8 +84,7 @@ class DecoderLM(nnx.Module):
     x, new_cache = out if cache is not None else (out, None)
     x = self.final_norm(x)
     if self.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = einsum_f32("btd,vd->btv", x, self.embed.embedding[...].astype(x.dtype))
     else:
       logits = self.unembed(x)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -29,11 +29,17 @@ from attnjax.core import tiling as tiling_lib
 from attnjax.core.args import AttentionArgs, static_scale
 from attnjax.core.jaxpr import hoist_consts
 from attnjax.core.plan import kv_group_table
+from attnjax.core.precision import einsum_f32, f32_on_cpu
 from attnjax.core.softmax import row_dot
 from attnjax.core.vma import sum_to_vma, vary_like
 
 __all__ = ["ChunkedBlockSizes", "chunked_attention"]
 
+
+
+def _dot_f32(a, b, dims):
+  """``dot_general`` with float32 accumulation (operands of :func:`f32_on_cpu`)."""
+  return jax.lax.dot_general(*f32_on_cpu(a, b), dims, preferred_element_type=jnp.float32)
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedBlockSizes:
@@ -155,7 +161,7 @@ def _gathered_attention(q, k, v, a: AttentionArgs, bq, bk, klist, count, return_
     q_b, k_b, v_b = args                    # [nq, R, H], [nk, bk, H], [nk, bk, Hv]
     kg = k_b[kidx].reshape(nq, L * bk, H)
     vg = v_b[kidx].reshape(nq, L * bk, Hv)
-    s = jnp.einsum("qrh,qkh->qrk", q_b, kg, preferred_element_type=jnp.float32)
+    s = einsum_f32("qrh,qkh->qrk", q_b, kg)
     if softcap is not None:
       s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(allowed, s, -jnp.inf)
@@ -165,7 +171,7 @@ def _gathered_attention(q, k, v, a: AttentionArgs, bq, bk, klist, count, return_
     l = p.sum(axis=-1)
     pos = l > 0
     safe = jnp.where(pos, l, 1.0)
-    o = jnp.einsum("qrk,qkd->qrd", p.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
+    o = einsum_f32("qrk,qkd->qrd", p.astype(vg.dtype), vg)
     o = (o / safe[..., None]).astype(dtype)
     lse = jnp.where(pos, m_safe + jnp.log(safe), -jnp.inf)
     return o, lse
@@ -284,8 +290,7 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
 
   def logits(q_blk, k_t, bias, smc, b, kh, qb, kb):
     """Pre-softcap logits s1 and final logits s (float32, unmasked)."""
-    s = jax.lax.dot_general(q_blk, k_t, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+    s = _dot_f32(q_blk, k_t, (((1,), (1,)), ((), ())))
     if has_bias:
       s = s + bias_tile(bias, b, kh, qb, kb)
     s0 = s
@@ -345,9 +350,7 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + p.sum(axis=1)
-        acc = alpha[:, None] * acc + jax.lax.dot_general(
-            p.astype(v_t.dtype), v_t, (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+        acc = alpha[:, None] * acc + _dot_f32(p.astype(v_t.dtype), v_t, (((1,), (0,)), ((), ())))
         return m_new, l, acc
 
       n = _pick(cnt, b, kh)[qb]
@@ -394,10 +397,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
           kb, k_t, v_t, s0, s1, s = visit_tile(q_blk, k_bh, v_bh, bias, seg, mkc, smc, sched,
                                                b, kh, qb, t)
           p = jnp.exp(s - lse_blk[:, None])
-          dv_t = jax.lax.dot_general(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-          dp = jax.lax.dot_general(do_blk, v_t, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+          dv_t = _dot_f32(p.astype(do_blk.dtype), do_blk, (((0,), (0,)), ((), ())))
+          dp = _dot_f32(do_blk, v_t, (((1,), (1,)), ((), ())))
           ds = p * (dp - dl_blk[:, None])
           if softcap is not None:
             th = jnp.tanh(s1 / softcap)
@@ -415,10 +416,8 @@ def chunked_attention(q, k, v, a: AttentionArgs, *, return_lse=False, block_size
           if has_bias:
             dbias = _acc_bias(dbias, ds, qb, kb)
           dsc = ds.astype(q_blk.dtype)
-          dq = dq + jax.lax.dot_general(dsc, k_t, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
-          dk_t = jax.lax.dot_general(dsc, q_blk, (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+          dq = dq + _dot_f32(dsc, k_t, (((1,), (0,)), ((), ())))
+          dk_t = _dot_f32(dsc, q_blk, (((0,), (0,)), ((), ())))
           dk = jax.lax.dynamic_update_slice_in_dim(
               dk, jax.lax.dynamic_slice_in_dim(dk, kb * bk, bk) + dk_t, kb * bk, 0)
           dv = jax.lax.dynamic_update_slice_in_dim(

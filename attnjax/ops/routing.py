@@ -43,6 +43,7 @@ import numpy as np
 
 from attnjax import masks as _masks
 from attnjax.core import hooks
+from attnjax.core.precision import einsum_f32
 from attnjax.core.softmax import row_dot
 from attnjax.ops.chunked import ChunkedBlockSizes
 
@@ -299,7 +300,7 @@ def _moba_gather_setup(q, k, v, idx_BNTk, block_size, chunk):
 def _moba_chunk_logits(q_UPH, k_USH, i_UP, c_U, *, T, S, bs, scale):
   """float32 logits ``[U, P, bs]`` of chunks' slots against their key blocks, with the
   mask (padding slots, keys past ``S``) applied as ``-inf``."""
-  s = jnp.einsum("uph,ush->ups", q_UPH, k_USH, preferred_element_type=_F32) * scale
+  s = einsum_f32("uph,ush->ups", q_UPH, k_USH) * scale
   j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
   allowed = (i_UP < T)[:, :, None] & (j_US < S)[:, None, :]
   return jnp.where(allowed, s, -jnp.inf), allowed
@@ -323,8 +324,7 @@ def _moba_gather_partial_fwd_impl(q, k, v, idx_BNTk, block_size, scale, chunk):
     l = p.sum(-1)
     pos = l > 0
     l1 = jnp.where(pos, l, 1.0)
-    o = jnp.einsum("ups,usd->upd", p.astype(v_F.dtype), v_F[f_U],
-                   preferred_element_type=_F32) / l1[..., None]
+    o = einsum_f32("ups,usd->upd", p.astype(v_F.dtype), v_F[f_U]) / l1[..., None]
     return None, (o, jnp.where(pos, m + jnp.log(l1), -jnp.inf))
 
   _, (o_ZUPD, lse_ZUP) = jax.lax.scan(step, None, xs)
@@ -378,7 +378,7 @@ def _moba_gather_partial_bwd(block_size, scale, chunk, res, cts):
     q_UPH, k_USH, v_USD = q_RTH[row_U1, ic], k_F[f_U], v_F[f_U]
     do_UPD = do_RTD[row_U1, ic]
     # key-major [U, bs, P] logits: dk and dv are then plain (non-transposed) products
-    sT = jnp.einsum("ush,uph->usp", k_USH, q_UPH, preferred_element_type=_F32) * scale
+    sT = einsum_f32("ush,uph->usp", k_USH, q_UPH) * scale
     j_US = c_U[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
     allowed = (i_UP < T)[:, None, :] & (j_US < S)[:, :, None]
     pT = jnp.where(allowed, jnp.exp(sT - lse0_RT[row_U1, ic][:, None, :]), 0.0)

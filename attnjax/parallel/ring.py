@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from attnjax.core import args as _args
+from attnjax.core.precision import einsum_f32
 from attnjax.parallel import rules as _rules
 
 NEG = -1e30  # finite "minus infinity" for logits and log-sum-exp of empty rows
@@ -196,8 +197,7 @@ class _Logits:
     """float32 [B, N, Tq, Tk]: softcap(score_mod(scale * q . k)) at global indices."""
     b, tq, n, h = q.shape
     kh = k.shape[2]
-    s = jnp.einsum('btkgh,bskh->bkgts', q.reshape(b, tq, kh, n // kh, h), k,
-                   preferred_element_type=jnp.float32)
+    s = einsum_f32('btkgh,bskh->bkgts', q.reshape(b, tq, kh, n // kh, h), k)
     s = s.reshape(b, n, tq, k.shape[1]) * self.scale
     if self.score_mod_fn is not None:
       s = self.score_mod_fn(s, bidx[:, None, None, None], hidx[None, :, None, None],
@@ -224,7 +224,7 @@ def block_forward(s, allowed, v):
   l_safe = jnp.where(l > 0, l, 1.0)
   lse = jnp.where(l > 0, m + jnp.log(l_safe), NEG)[..., 0]
   pn = (p / l_safe).reshape(b, kh, n // kh, tq, tk)
-  o = jnp.einsum('bkgts,bskh->btkgh', pn.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = einsum_f32('bkgts,bskh->btkgh', pn.astype(v.dtype), v)
   return o.reshape(b, tq, n, v.shape[-1]), lse
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from attnjax.core import hooks
 from attnjax.core.errors import Unsupported
+from attnjax.core.precision import einsum_f32
 from attnjax.ops.linear._args import _F32, LinearArgs, _apply_feature_map
 
 # implementation name -> kernel(q [B,T,N,F], k [B,T,K,F], v [B,T,K,V], log_decay_N [N], *,
@@ -202,7 +203,7 @@ def _in_blocks(step, state, xs, *, block_len):
 
 
 def _einsum(spec, *xs):
-  return jnp.einsum(spec, *xs, preferred_element_type=_F32)
+  return einsum_f32(spec, *xs)
 
 
 def _masked_exp(diff, mask):

@@ -22,6 +22,7 @@ import numpy as np
 
 from attnjax.core import hooks
 from attnjax.core.errors import Unsupported
+from attnjax.core.precision import einsum_f32
 from attnjax.ops.linear._args import (
   _F32,
   DEFAULT_BLOCK_LEN,
@@ -167,8 +168,7 @@ def _chunk_len(T, chunk_size):
 
 
 def _einsum(spec, *xs):
-  return jnp.einsum(spec, *xs, preferred_element_type=_F32,
-                    precision=jax.lax.Precision.HIGHEST)
+  return einsum_f32(spec, *xs, precision=jax.lax.Precision.HIGHEST)
 
 
 def _masked_exp(x, mask):
