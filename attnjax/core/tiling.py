@@ -136,6 +136,14 @@ def _offset(mask, shape):
   return (0,) * len(shape)
 
 
+def _patch_within(box, tokens):
+  """``box`` itself when it holds at most ``tokens`` tokens, else its most square patch of
+  ``tokens`` (or fewer, see :func:`_square_patch`)."""
+  if int(np.prod(box)) <= tokens:
+    return tuple(box)
+  return _square_patch(box, tokens, skip_row_major=False)
+
+
 def _structured(mask, shape, tokens):
   """``(tile, dilation)`` candidates from the structure of ``mask``'s leaves.
 
@@ -154,14 +162,14 @@ def _structured(mask, shape, tokens):
     if len(sizes) == 1:
       w = sizes.pop()
       if all(L % x == 0 for L, x in zip(shape, w)):
-        tile = w if int(np.prod(w)) <= tokens else _square_patch(w, tokens, skip_row_major=False)
+        tile = _patch_within(w, tokens)
         if tile is not None and int(np.prod(tile)) >= 4:
           out.append((tuple(tile), ones))
   grids = {tuple(m.params["grid"]) for m in leaves if m.kind == "grid"}
   if len(grids) == 1:
     g = grids.pop()
     steps = tuple(L // G for L, G in zip(shape, g))
-    tile = g if int(np.prod(g)) <= tokens else _square_patch(g, tokens, skip_row_major=False)
+    tile = _patch_within(g, tokens)
     if tile is not None and any(st > 1 for st in steps):
       out.append((tuple(tile), steps))
   dils = {tuple(m.params["dilation"]) for m in leaves if m.kind == "neighborhood"}

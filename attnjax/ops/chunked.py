@@ -36,10 +36,10 @@ from attnjax.core.vma import sum_to_vma, vary_like
 __all__ = ["ChunkedBlockSizes", "chunked_attention"]
 
 
-
 def _dot_f32(a, b, dims):
   """``dot_general`` with float32 accumulation (operands of :func:`f32_on_cpu`)."""
   return jax.lax.dot_general(*f32_on_cpu(a, b), dims, preferred_element_type=jnp.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedBlockSizes:
