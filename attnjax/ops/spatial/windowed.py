@@ -26,7 +26,6 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax import score_mods as _score_mods
 from attnjax.core import hooks
-from attnjax.parallel import ring as _ring
 
 __all__ = ["window_attention", "neighborhood_attention", "halo_attention",
            "criss_cross_attention", "stripe_attention", "stripe_heads", "grid_attention",
@@ -277,16 +276,16 @@ def _criss_cross_split(q, k, v, scale, implementation):
                                implementation=implementation, return_lse=True)
   o_c, lse_c = hooks.attention(cols(q), cols(k), cols(v), mask=~_masks.sliding_window(0, 0),
                                scale=scale, implementation=implementation, return_lse=True)
-  # both to [B, T, N, Hv] and lse [B, N, T] in row-major map order, then the
-  # online-softmax merge of two normalised partials
-  T = Hh * Ww
-  o_r = o_r.reshape(B, T, N, Hv)
-  lse_r = jnp.swapaxes(lse_r.reshape(B, Hh, N, Ww), 1, 2).reshape(B, N, T)
-  o_c = jnp.swapaxes(o_c.reshape(B, Ww, Hh, N, Hv), 1, 2).reshape(B, T, N, Hv)
-  lse_c = jnp.transpose(lse_c.reshape(B, Ww, N, Hh), (0, 2, 3, 1)).reshape(B, N, T)
-  out, _ = _ring.merge(o_r.astype(jnp.float32), lse_r.astype(jnp.float32),
-                       o_c.astype(jnp.float32), lse_c.astype(jnp.float32))
-  return out.reshape(B, Hh, Ww, N, Hv).astype(q.dtype)
+  # back to [B, Hh, Ww, ...]: rows are [B*Hh, Ww], columns [B*Ww, Hh]
+  o_c = jnp.swapaxes(o_c.reshape(B, Ww, Hh, N, Hv), 1, 2)
+  lse_c = jnp.transpose(lse_c.reshape(B, Ww, N, Hh), (0, 3, 1, 2))  # [B, Hh, Ww, N]
+  o_r = o_r.reshape(B, Hh, Ww, N, Hv)
+  lse_r = jnp.transpose(lse_r.reshape(B, Hh, N, Ww), (0, 1, 3, 2))  # [B, Hh, Ww, N]
+  lse = jnp.logaddexp(lse_r.astype(jnp.float32), lse_c.astype(jnp.float32))
+  w_r = jnp.exp(lse_r - lse)[..., None]
+  w_c = jnp.exp(lse_c - lse)[..., None]
+  out = o_r.astype(jnp.float32) * w_r + o_c.astype(jnp.float32) * w_c
+  return out.astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- CSWin
