@@ -21,7 +21,7 @@ from attnjax.core.args import AttentionArgs, check_attention_args
 from attnjax.core.precision import einsum_f32
 
 __all__ = ["apply_logit_mods", "allowed_keys", "safe_softmax_out", "dense_attention",
-           "reference_attention", "row_dot"]
+           "reference_attention", "row_dot", "merge_partials"]
 
 
 def row_dot(a, b):
@@ -129,3 +129,25 @@ def reference_attention(q, k, v, *, mask=None, score_mod=None, bias=None,
   out, lse = dense_attention(q, k, v, a, upcast=True)
   return (out, lse) if return_lse else out
 
+
+def merge_partials(o_a, lse_a, o_b, lse_b):
+  """Two normalised partial softmax results over disjoint key sets, merged into the
+  softmax over their union (float32).
+
+  ``o_* [..., Hv]`` and ``lse_* [...]`` (the log-sum-exp of each row, aligned with
+  ``o``'s leading axes): ``lse = logaddexp(lse_a, lse_b)`` and
+  ``o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b``.  A row empty on both sides
+  (``lse = -inf`` twice) gives ``o = 0``, ``lse = -inf`` and zero gradients, never NaN.
+  Used to join attention over key sets computed by separate calls (the ring's steps,
+  criss-cross's row and column calls, causal MoBA's own and chosen blocks).
+  """
+  lse_a, lse_b = lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)
+  mx = jnp.maximum(lse_a, lse_b)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w_a, w_b = jnp.exp(lse_a - mx), jnp.exp(lse_b - mx)
+  den = w_a + w_b
+  live = den > 0
+  den = jnp.where(live, den, 1.0)
+  o = (o_a.astype(jnp.float32) * (w_a / den)[..., None]
+       + o_b.astype(jnp.float32) * (w_b / den)[..., None])
+  return o, jnp.where(live, mx + jnp.log(den), -jnp.inf)

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.core.select import top_k
 from attnjax.layers import _core
 from attnjax.layers import _options as _opt
 from attnjax.layers._core import ParamSpec, _positive_int
@@ -559,7 +560,7 @@ def forward(cfg: TokenConfig, params: dict, x, *, segment_ids=None, key=None):
       _, a = P.gated_mil_pooling(x, p["V"], p.get("U"), p["w"], gated=o["gated"],
                                  segment_ids=segment_ids, return_weights=True)
       kk = min(o["stkim_top_k"], T)
-      _, top = jax.lax.top_k(jax.lax.stop_gradient(a), kk)  # [B, M, kk]
+      _, top = top_k(jax.lax.stop_gradient(a), kk)          # [B, M, kk]
       hit = jax.random.bernoulli(key, o["stkim_prob"], top.shape)
       drop = jnp.zeros(a.shape, bool)
       bi, mi = jnp.meshgrid(jnp.arange(a.shape[0]), jnp.arange(a.shape[1]), indexing="ij")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from attnjax import masks as _masks
 from attnjax.core import hooks
+from attnjax.core.select import top_k as _top_k
 
 __all__ = ["moh_head_weights", "moh_attention", "gate_heads", "head_gated_attention",
            "single_head_partial_attention", "check_windows", "multi_window_attention",
@@ -130,7 +131,7 @@ def moh_head_weights(shared_logits, routed_logits, mix_logits=None, *, top_k: in
   if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= Hr:
     raise ValueError(f"top_k must be an int in [1, h_r={Hr}], got top_k={top_k!r}")
   rp = jax.nn.softmax(routed_logits.astype(jnp.float32), -1)
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(rp), top_k)
+  _, idx = _top_k(jax.lax.stop_gradient(rp), top_k)
   sel = jnp.sum(jax.nn.one_hot(idx, Hr, dtype=jnp.float32), -2) > 0
   g_r = jnp.where(sel, rp, 0.0)
   g_s = jax.nn.softmax(shared_logits.astype(jnp.float32), -1)

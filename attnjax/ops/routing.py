@@ -44,7 +44,8 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax.core import hooks
 from attnjax.core.precision import einsum_f32
-from attnjax.core.softmax import row_dot
+from attnjax.core.select import top_k as _top_k
+from attnjax.core.softmax import merge_partials, row_dot
 from attnjax.ops.chunked import ChunkedBlockSizes
 
 __all__ = ["moba_attention", "moba_selection", "vmoba_attention", "threshold_selection",
@@ -144,11 +145,11 @@ def _moba_choice(q, k, *, block_size: int, top_k: int, causal: bool):
     if top_k > 1:
       earlier = cb[None, :] < qb_T1
       gm = jnp.where(earlier, gate_BNTC, -jnp.inf)
-      vals, top = jax.lax.top_k(gm, top_k - 1)                               # [B,N,T,k-1]
+      vals, top = _top_k(gm, top_k - 1)                                      # [B,N,T,k-1]
       top = jnp.where(jnp.isfinite(vals), top, nk)      # an ineligible pick selects nothing
       idx = jnp.concatenate([idx, top.astype(jnp.int32)], axis=-1)
   else:
-    _, idx = jax.lax.top_k(gate_BNTC, top_k)
+    _, idx = _top_k(gate_BNTC, top_k)
   return idx.astype(jnp.int32)
 
 
@@ -673,14 +674,8 @@ def _moba_own_plus_gathered(q, k, v, idx_BNTk, *, block_size: int, scale):
   o_RTD, lse_RT = _moba_gathered(q, k, v, idx_BNTk[..., 1:], block_size=block_size,
                                  scale=_default_scale(scale, H))
   o_g = _rows_to_btnh(o_RTD, B, _F32)
-  lse_g = lse_RT.reshape(B, N, T)
-  lse_own = lse_own.astype(_F32)
-  mx = jnp.maximum(lse_own, lse_g)               # the own block is never empty (j = i)
-  w_own = jnp.exp(lse_own - mx)
-  w_g = jnp.exp(lse_g - mx)                      # 0 where nothing earlier was chosen
-  den = w_own + w_g
-  t = lambda w: (w / den).transpose(0, 2, 1)[..., None]                # [B, T, N, 1]
-  out = own.astype(_F32) * t(w_own) + o_g * t(w_g)
+  lse_g = lse_RT.reshape(B, N, T)                # -inf where nothing earlier was chosen
+  out, _ = merge_partials(own, jnp.swapaxes(lse_own, 1, 2), o_g, jnp.swapaxes(lse_g, 1, 2))
   return out.astype(q.dtype)
 
 
@@ -908,7 +903,7 @@ def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
     top_k = _pos_int(op, "top_k", top_k)
     if top_k > nk:
       raise ValueError(f"{op}: top_k must be <= the number of blocks {nk}, got top_k={top_k}")
-    _, idx = jax.lax.top_k(gate, top_k)
+    _, idx = _top_k(gate, top_k)
     if not gather:
       sel = _onehot_any(idx, nk)
   else:
@@ -987,7 +982,7 @@ def region_routing(q, k, *, num_regions: int, top_k: int):
   qr_BRNH, kr_BRKH = region_mean(q), region_mean(k)
   aff_BRR = jnp.einsum("brkgh,bskh->brs", qr_BRNH.reshape(B, R, K, G, H), kr_BRKH,
                        precision=jax.lax.Precision.HIGHEST)
-  _, idx = jax.lax.top_k(aff_BRR, top_k)
+  _, idx = _top_k(aff_BRR, top_k)
   return _onehot_any(idx, R)
 
 

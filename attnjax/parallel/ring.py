@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from attnjax.core import args as _args
 from attnjax.core.precision import einsum_f32
+from attnjax.core.softmax import merge_partials
 from attnjax.parallel import rules as _rules
 
 NEG = -1e30  # finite "minus infinity" for logits and log-sum-exp of empty rows
@@ -229,12 +230,10 @@ def block_forward(s, allowed, v):
 
 
 def merge(o, lse, o_b, lse_b):
-  """Online-softmax merge of two normalised partial results."""
-  lse_new = jnp.logaddexp(lse, lse_b)
-  wa = jnp.exp(lse - lse_new)
-  wb = jnp.exp(lse_b - lse_new)
-  to_btn = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B,N,T] -> [B,T,N,1]
-  return o * to_btn(wa) + o_b * to_btn(wb), lse_new
+  """Online-softmax merge of two normalised partial results (``o [B,T,N,Hv]``,
+  ``lse [B,N,T]``; :func:`attnjax.core.softmax.merge_partials` in this layout)."""
+  o_new, lse_new = merge_partials(o, jnp.swapaxes(lse, 1, 2), o_b, jnp.swapaxes(lse_b, 1, 2))
+  return o_new, jnp.swapaxes(lse_new, 1, 2)
 
 
 def add_sinks(o, lse, sinks_n):

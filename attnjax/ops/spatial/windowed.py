@@ -26,6 +26,7 @@ import numpy as np
 from attnjax import masks as _masks
 from attnjax import score_mods as _score_mods
 from attnjax.core import hooks
+from attnjax.core.softmax import merge_partials
 
 __all__ = ["window_attention", "neighborhood_attention", "halo_attention",
            "criss_cross_attention", "stripe_attention", "stripe_heads", "grid_attention",
@@ -281,10 +282,7 @@ def _criss_cross_split(q, k, v, scale, implementation):
   lse_c = jnp.transpose(lse_c.reshape(B, Ww, N, Hh), (0, 3, 1, 2))  # [B, Hh, Ww, N]
   o_r = o_r.reshape(B, Hh, Ww, N, Hv)
   lse_r = jnp.transpose(lse_r.reshape(B, Hh, N, Ww), (0, 1, 3, 2))  # [B, Hh, Ww, N]
-  lse = jnp.logaddexp(lse_r.astype(jnp.float32), lse_c.astype(jnp.float32))
-  w_r = jnp.exp(lse_r - lse)[..., None]
-  w_c = jnp.exp(lse_c - lse)[..., None]
-  out = o_r.astype(jnp.float32) * w_r + o_c.astype(jnp.float32) * w_c
+  out, _ = merge_partials(o_r, lse_r, o_c, lse_c)
   return out.astype(q.dtype)
 
 
