@@ -446,6 +446,36 @@ class TestCpuFlashBlockSparse:
     with pytest.raises(ValueError, match="k_rows must be a permutation"):
       flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc, k_rows=kmap[:-1])
 
+  def test_block_sparse_parts_equal_the_call_and_its_vjp(self):
+    """block_sparse_parts (the kernel's forward and backward as plain functions, the
+    backward taking delta = rowsum(do * out) - dlse) equal cpu_flash_block_sparse and its
+    VJP with random cotangents, an empty query block included; the hook hands them out."""
+    from attnjax.core import hooks
+    T, S, bq, bk = 48, 64, 16, 16
+    rng = np.random.default_rng(11)
+    table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(3, 4))
+    table[2] = masks.EMPTY
+    elem = rng.random((T, S)) < 0.5
+    sch = flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+    q, k, v = make_qkv(111, 2, T, S, 4, 2, 32, 16, jnp.float32)
+    sc = 32 ** -0.5
+    lists = tuple(jnp.asarray(x) for x in (sch.qlist, sch.qcode, sch.klist, sch.kcode,
+                                           sch.pats))
+    fwd, bwd = hooks.block_sparse_parts()
+    out, lse, stats = fwd(q, k, v, *lists, block_q=bq, block_k=bk, scale=sc)
+    (out_r, lse_r), vjp = jax.vjp(
+        lambda q, k, v: flash.cpu_flash_block_sparse(q, k, v, sch, scale=sc), q, k, v)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_r))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_r))
+    do, dlse = rnd(112, out.shape), rnd(113, lse.shape)
+    delta = jnp.einsum("btnd,btnd->bnt", do, out) - dlse
+    got = bwd(q, k, v, do, stats, delta, *lists, block_q=bq, block_k=bk, scale=sc)
+    for name, x, y in zip(("dq", "dk", "dv"), got, vjp((do, dlse))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6,
+                                 err_msg=name)
+    assert float(jnp.abs(got[0]).max()) > 0
+    np.testing.assert_array_equal(np.asarray(got[0])[:, 32:], 0.0)   # the empty q block
+
   def test_block_sparse_schedule_structure(self):
     """Lists ascending and transposed of each other; codes -1 (full) only on tiles the
     mask fully allows with keys in range; partial patterns equal the mask on the tile;

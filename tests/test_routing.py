@@ -1189,4 +1189,8 @@ def test_block_sparse_hook_is_registered_and_checks_its_arguments():
     hooks.register_block_sparse(None, lambda: True)
   with pytest.raises(TypeError, match="callable"):
     hooks.register_block_sparse(lambda *a, **k: None, True)
+  with pytest.raises(TypeError, match="callable"):
+    hooks.register_block_sparse(lambda *a, **k: None, lambda: True, parts=3)
   assert hooks.block_sparse_available() == flash.available()   # the registration stands
+  fwd, bwd = hooks.block_sparse_parts()
+  assert callable(fwd) and callable(bwd)

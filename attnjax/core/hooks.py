@@ -45,7 +45,7 @@ __all__ = ["attention", "register_attention", "AttentionCall", "observe", "inter
            "observing", "register_block_sparse", "block_sparse", "block_sparse_available"]
 
 _ATTENTION: list[Callable] = []
-_BLOCK_SPARSE: list[tuple[Callable, Callable]] = []
+_BLOCK_SPARSE: list[tuple] = []
 
 
 def register_attention(fn: Callable) -> None:
@@ -63,16 +63,27 @@ def attention(q, k, v, **kwargs):
   return _ATTENTION[0](q, k, v, **kwargs)
 
 
-def register_block_sparse(fn: Callable, available: Callable[[], bool]) -> None:
+def register_block_sparse(fn: Callable, available: Callable[[], bool],
+                          parts: Optional[Callable] = None) -> None:
   """Registers the CPU kernel's block-sparse entry (called by :mod:`attnjax.dispatch`):
   ``fn(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale) -> (out,
   lse)`` with lists that may be computed in the graph (see
-  :class:`attnjax.cpu.flash.BlockSparseSchedule`), and ``available()``, whether it can
-  run in this process.  Ops (which may not import the kernels) reach it through
-  :func:`block_sparse`."""
-  if not callable(fn) or not callable(available):
-    raise TypeError("fn and available must be callable")
-  _BLOCK_SPARSE[:] = [(fn, available)]
+  :class:`attnjax.cpu.flash.BlockSparseSchedule`), ``available()``, whether it can
+  run in this process, and ``parts()``, the kernel's forward and backward as two plain
+  functions (:func:`attnjax.cpu.flash.block_sparse_parts`).  Ops (which may not import
+  the kernels) reach them through :func:`block_sparse` and :func:`block_sparse_parts`."""
+  if not callable(fn) or not callable(available) or (parts is not None and
+                                                      not callable(parts)):
+    raise TypeError("fn, available and parts must be callable")
+  _BLOCK_SPARSE[:] = [(fn, available, parts)]
+
+
+def block_sparse_parts():
+  """``(fwd, bwd)`` of the registered block-sparse kernel
+  (:func:`attnjax.cpu.flash.block_sparse_parts`)."""
+  if not _BLOCK_SPARSE or _BLOCK_SPARSE[0][2] is None:
+    raise RuntimeError("no block-sparse kernel parts are registered: import attnjax first")
+  return _BLOCK_SPARSE[0][2]()
 
 
 def block_sparse_available() -> bool:

@@ -409,16 +409,22 @@ def _sparse_fwd(q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, cfg):
   return (out, lse), (q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, out, stats)
 
 
-def _sparse_bwd(cfg, res, cts):
+def _sparse_grads(q, k, v, do, stats, delta, tables, cfg):
+  """The kernel's backward: ``(dq, dk, dv)`` float32 from the forward's ``stats``, the
+  output cotangent ``do [B, T, N, Hv]`` and ``delta [B, N, T] = rowsum(do * out) - dlse``."""
   scale, bq, bk, nt = cfg
+  grads = _ffi_sparse_bwd(q, k, v, do, stats, delta, *tables, scale=scale, block_q=bq,
+                          block_k=bk, num_threads=nt)
+  return vary_like(grads, q, k, v, do, stats, delta, *tables)
+
+
+def _sparse_bwd(cfg, res, cts):
   q, k, v, qlist, qcode, klist, kcode, pats, qmap, kmap, out, stats = res
   do, dlse = cts
   do = do.astype(jnp.float32)
   delta = row_dot(do, out).transpose(0, 2, 1) - dlse.astype(jnp.float32)
-  tables = (qlist, qcode, klist, kcode, pats, qmap, kmap)
-  grads = _ffi_sparse_bwd(q, k, v, do, stats, delta, *tables, scale=scale, block_q=bq,
-                          block_k=bk, num_threads=nt)
-  grads = vary_like(grads, q, k, v, do, stats, delta, *tables)
+  grads = _sparse_grads(q, k, v, do, stats, delta, (qlist, qcode, klist, kcode, pats, qmap,
+                                                   kmap), cfg)
   return (*sum_to_vma(grads, (q, k, v)), None, None, None, None, None, None, None)
 
 
@@ -465,6 +471,34 @@ def cpu_flash_block_sparse(q, k, v, schedule: BlockSparseSchedule, *, scale: flo
   return _sparse(f32(q), f32(k), f32(v), jnp.asarray(schedule.qlist),
                  jnp.asarray(schedule.qcode), jnp.asarray(schedule.klist),
                  jnp.asarray(schedule.kcode), jnp.asarray(schedule.pats), *maps, cfg)
+
+
+def block_sparse_parts():
+  """The block-sparse kernel's forward and backward as two plain functions, for a caller
+  that keeps the forward's results itself instead of rematerialising them (causal MoBA's
+  gathered rows, :mod:`attnjax.ops.routing`); identity row maps, float32 operands:
+
+  - ``fwd(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale) ->
+    (out [B, T, N, Hv], lse [B, N, T], stats)``;
+  - ``bwd(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, *, block_q,
+    block_k, scale) -> (dq, dk, dv)`` (float32, the shapes of ``q``, ``k``, ``v``) for
+    the cotangents ``do [B, T, N, Hv]`` and ``dlse [B, N, T]`` of ``(out, lse)``, given
+    as ``delta = rowsum(do * out) - dlse [B, N, T]`` (so ``out`` need not be kept).
+
+  Together they equal :func:`cpu_flash_block_sparse` and its VJP (the same two kernel
+  calls)."""
+  ident = lambda: jnp.zeros((0,), jnp.int32)     # made where used: no closed-over tracer
+
+  def fwd(q, k, v, qlist, qcode, klist, kcode, pats, *, block_q, block_k, scale):
+    cfg = (float(scale), int(block_q), int(block_k), 0)
+    return _sparse_forward(q, k, v, qlist, qcode, klist, kcode, pats, ident(), ident(), cfg)
+
+  def bwd(q, k, v, do, stats, delta, qlist, qcode, klist, kcode, pats, *, block_q, block_k,
+          scale):
+    cfg = (float(scale), int(block_q), int(block_k), 0)
+    return _sparse_grads(q, k, v, do, stats, delta,
+                         (qlist, qcode, klist, kcode, pats, ident(), ident()), cfg)
+  return fwd, bwd
 
 
 def _row_map(rows, n: int, name: str):

@@ -248,4 +248,10 @@ def _cpu_block_sparse_available() -> bool:
   return flash.available()
 
 
-_hooks.register_block_sparse(_cpu_block_sparse, _cpu_block_sparse_available)
+def _cpu_block_sparse_parts():
+  from attnjax.cpu import flash
+  return flash.block_sparse_parts()
+
+
+_hooks.register_block_sparse(_cpu_block_sparse, _cpu_block_sparse_available,
+                             _cpu_block_sparse_parts)

@@ -538,12 +538,12 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     own_pats = np.zeros((0, P, bk), np.uint8)
   n_own, own_total = oq_list.shape[0], own_q.shape[0]
   total = own_total + n_ch * P
-  sub = jnp.arange(nsub, dtype=jnp.int32)
+  sub = np.arange(nsub, dtype=np.int32)     # NumPy: the custom VJP below closes over it
   ragged = S % bk != 0
   last_tile = (S - 1) // bk                                   # the tile straddling S
-  blk_all = jnp.arange(nk, dtype=jnp.int32)
+  blk_all = np.arange(nk, dtype=np.int32)
   tile0_B = np.arange(nk)[:, None] * bs + np.arange(nsub)[None, :] * bk   # [nk, nsub]
-  live_BS = jnp.asarray(tile0_B < S)
+  live_BS = tile0_B < S
   part_BS = (tile0_B // bk == last_tile) if ragged else np.zeros((nk, nsub), bool)
   kcode_g = np.where(part_BS.reshape(-1, 1), 0, -1).astype(np.int32)     # [nk * nsub, 1]
   straddle = np.zeros((1, P, bk), np.uint8)
@@ -553,27 +553,25 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   n_o = (ok_list >= 0).sum(1)                                             # [nk * nsub]
   Lk = ok_list.shape[1] + n_ch
   at_L = np.arange(Lk)[None, :] - n_o[:, None]               # gathered entry of position
-  own_part = jnp.asarray(np.pad(ok_list, ((0, 0), (0, Lk - ok_list.shape[1])),
-                                constant_values=-1))
-  own_kcode = jnp.asarray(np.pad(ok_code, ((0, 0), (0, Lk - ok_code.shape[1])),
-                                 constant_values=-1))
+  own_part = np.pad(ok_list, ((0, 0), (0, Lk - ok_list.shape[1])), constant_values=-1)
+  own_kcode = np.pad(ok_code, ((0, 0), (0, Lk - ok_code.shape[1])), constant_values=-1)
 
-  def one_row(x):
-    """One (batch row, query head): its slots as a query sequence ``[1, slots, 1, H]``
-    against its kv head's keys ``[1, Sp, 1, H]``; (o [T, Hv], lse [T]) merged."""
-    r, slot_q, blk_r, dest_g = x
+  def prep(q, k, v, r, slot_q, blk_r):
+    """One (batch row, query head): its slots as a query sequence ``q_long [1, slots, 1,
+    H]`` (float32; padding slots are zero rows) against its kv head's keys ``[1, Sp, 1,
+    H]``, the kernel's lists, and the query of each slot (``T``: padding)."""
     b, n = r // N, r % N
     zero = jnp.zeros((), jnp.int32)
     q_r = jax.lax.dynamic_slice(q, (b, zero, n, zero), (1, T, 1, H)).reshape(T, H)
     kv = lambda x: jax.lax.dynamic_slice(x, (b, zero, n // G, zero),
                                          (1, S, 1, x.shape[3])).reshape(1, S, 1, x.shape[3])
-    k_r, v_r = kv(k), kv(v)
+    k_r, v_r = kv(k).astype(_F32), kv(v).astype(_F32)
     if Sp > S:
       pad = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
       k_r, v_r = jnp.pad(k_r, pad), jnp.pad(v_r, pad)
     slot_all = jnp.concatenate([jnp.asarray(own_q, jnp.int32), slot_q])
     real = slot_all < T                                      # padding slots: zero rows
-    q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_all, T - 1)], 0)
+    q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_all, T - 1)].astype(_F32), 0)
     q_long = q_long.reshape(1, total, 1, H)
     # gathered chunk c visits key tiles blk * nsub + s (a tile starting at or past S is
     # dropped: -1 ends the list; the one straddling S has pattern 0)
@@ -591,23 +589,68 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     gathered = (at_L >= 0) & (ch < jnp.repeat(end, nsub)[:, None]) & live_BS.reshape(-1, 1)
     klist = jnp.where(gathered, ch + n_own, own_part)
     kcode = jnp.where(gathered, kcode_g, own_kcode)
-    o, lse = hooks.block_sparse(q_long, k_r, v_r, qlist, qcode, klist.astype(jnp.int32),
-                                kcode.astype(jnp.int32), pats, block_q=P, block_k=bk,
-                                scale=scale)
+    lists = (qlist, qcode, klist.astype(jnp.int32), kcode.astype(jnp.int32), pats)
+    return q_long, k_r, v_r, lists, slot_all
+
+  def dest_of(dest_g):
+    """Each query's slots ``[T, k]`` (``total``: none)."""
     dest = dest_g + own_total                     # own_total + n_ch * P = total: none
     if own:
       dest = jnp.concatenate([jnp.broadcast_to(jnp.asarray(own_slot, jnp.int32)[:, None],
                                                (T, 1)), dest], axis=1)
-    o_r, lse_r = _moba_merge_slots(o.reshape(1, total, Hv), lse.reshape(1, total),
-                                   dest[None])
-    return o_r[0], lse_r[0]
+    return dest
 
-  # One kernel call per row (lax.map), rematerialised in the backward (jax.checkpoint):
-  # the slots' partials [slots, Hv] (about top_k times the output) and the kernel's
-  # scratch exist for one head at a time, not for all.
-  # q, k and v are closed over and sliced per step (no transposed or stacked copies;
-  # their cotangents accumulate in place: this keeps S=65536, N=4 fwd+bwd under 2 GB).
-  return jax.lax.map(jax.checkpoint(one_row), (jnp.arange(R, dtype=jnp.int32), *layout))
+  kern_fwd, kern_bwd = hooks.block_sparse_parts()
+  kw = dict(block_q=P, block_k=bk, scale=scale)
+
+  def forward(q, k, v, layout):
+    """``(o [R, T, Hv], lse [R, T])`` and the kernel's per-row results."""
+    def row(x):
+      r, slot_q, blk_r, dest_g = x
+      q_long, k_r, v_r, lists, _ = prep(q, k, v, r, slot_q, blk_r)
+      out, lse, stats = kern_fwd(q_long, k_r, v_r, *lists, **kw)
+      o_r, lse_r = _moba_merge_slots(out.reshape(1, total, Hv), lse.reshape(1, total),
+                                     dest_of(dest_g)[None])
+      return (o_r[0], lse_r[0]), (lse.reshape(total), stats)
+    return jax.lax.map(row, (jnp.arange(R, dtype=jnp.int32), *layout))
+
+  # One kernel call per row (lax.map).  The backward keeps each row's kernel statistics
+  # and slot lse (a few floats per slot; the slots' outputs are not needed, see
+  # _moba_merge_slots_vjp) and rebuilds only the cheap gathers and lists: no forward is
+  # rematerialised.  q, k and v are sliced per row (no transposed or stacked copies).
+  @jax.custom_vjp
+  def rows(q, k, v, layout):
+    return forward(q, k, v, layout)[0]
+
+  def rows_fwd(q, k, v, layout):
+    (o_R, lse_R), kept = forward(q, k, v, layout)
+    return (o_R, lse_R), (q, k, v, layout, o_R, lse_R, kept)
+
+  def rows_bwd(res, cts):
+    q, k, v, layout, o_R, lse_R, (lses_R, stats_R) = res
+    do_R, dlse_R = cts
+
+    def row(x):
+      r, slot_q, blk_r, dest_g, o_r, lse_r, lse_s, stats, do_r, dlse_r = x
+      q_long, k_r, v_r, lists, slot_all = prep(q, k, v, r, slot_q, blk_r)
+      do_s, delta_s = _moba_merge_slots_vjp(lse_s, slot_all, o_r, lse_r, do_r, dlse_r)
+      dq_l, dk_r, dv_r = kern_bwd(q_long, k_r, v_r, do_s.reshape(1, total, 1, Hv), stats,
+                                  delta_s.reshape(1, 1, total), *lists, **kw)
+      # each query's slots gathered back (a scatter-add over the slots is slower on CPU)
+      dest = dest_of(dest_g)
+      dq_l = jnp.concatenate([dq_l.reshape(total, H), jnp.zeros((1, H), _F32)])
+      dq_r = sum(dq_l[dest[:, j]] for j in range(dest.shape[1]))    # `total`: the zero row
+      return dq_r, dk_r.reshape(Sp, H)[:S], dv_r.reshape(Sp, Hv)[:S]
+
+    dq_R, dk_R, dv_R = jax.lax.map(row, (jnp.arange(R, dtype=jnp.int32), *layout, o_R, lse_R,
+                                         lses_R, stats_R, do_R.astype(_F32),
+                                         dlse_R.astype(_F32)))
+    kv_grad = lambda g: g.reshape(B, K, G, S, g.shape[-1]).sum(2).transpose(0, 2, 1, 3)
+    dq = dq_R.reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(q.dtype)
+    return dq, kv_grad(dk_R).astype(k.dtype), kv_grad(dv_R).astype(v.dtype), None
+
+  rows.defvjp(rows_fwd, rows_bwd)
+  return rows(q, k, v, tuple(layout))
 
 
 def _moba_merge_slots(o_RXD, lse_RX, dest_RTk):
@@ -633,6 +676,23 @@ def _moba_merge_slots(o_RXD, lse_RX, dest_RTk):
   o_RTD = o_RTD / den1[..., None]
   lse_RT = jnp.where(pos, mx[..., 0] + jnp.log(den1), -jnp.inf)
   return o_RTD, lse_RT
+
+
+def _moba_merge_slots_vjp(lse_X, slot_q, o_TD, lse_T, do_TD, dlse_T):
+  """The VJP of :func:`_moba_merge_slots` for one row, as the kernel's backward takes it:
+  ``(do [slots, Hv], delta [slots])`` for the slots' ``(o, lse)`` from the cotangents of
+  the merged ``(o [T, Hv], lse [T])``; ``slot_q [slots]`` is the query of each slot
+  (``T``: padding).  Slot ``s`` of query ``t`` weighs ``w_s = exp(lse_s - lse_t)`` in
+  ``o_t``, so ``do_s = w_s do_t`` and ``dlse_s = w_s (do_t . (o_s - o_t) + dlse_t)``,
+  hence ``delta_s = do_s . o_s - dlse_s = w_s (do_t . o_t - dlse_t)``: the slots'
+  outputs are not needed.  Gathers by ``slot_q`` (no scatter); padding slots get 0."""
+  T = o_TD.shape[0]
+  real = slot_q < T
+  t = jnp.minimum(slot_q, T - 1)
+  lse_t = lse_T[t]
+  live = real & jnp.isfinite(lse_t)
+  w = jnp.where(live, jnp.exp(lse_X - jnp.where(live, lse_t, 0.0)), 0.0)      # [slots]
+  return w[:, None] * do_TD[t], w * (row_dot(do_TD, o_TD) - dlse_T)[t]
 
 
 def _moba_gathered(q, k, v, idx_BNTk, *, block_size: int, scale: float):
