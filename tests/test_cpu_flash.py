@@ -300,6 +300,16 @@ class TestCpuFlash(AttentionTestBase):
                         block_sizes=attnjax.ChunkedBlockSizes(8, 40))
 
 
+def _random_schedule(seed, T, S, bq, bk, *, empty_q_block):
+  """A block-sparse schedule of random tile classes (one query block left empty) and a
+  random element pattern in the partial tiles: ``(rng, schedule)``."""
+  rng = np.random.default_rng(seed)
+  table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(-(-T // bq), -(-S // bk)))
+  table[empty_q_block] = masks.EMPTY
+  elem = rng.random((T, S)) < 0.5
+  return rng, flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+
+
 class TestCpuFlashBlockSparse:
   """The block-sparse mode (SIMD engine only, so not rerun by the AMX class; the shared
   AttentionTestBase tests already run in TestCpuFlash, only its helpers are used here)."""
@@ -407,11 +417,7 @@ class TestCpuFlashBlockSparse:
     running the schedule and gathering out, lse and the grads back (to 1e-6); identity
     maps run as no maps; maps that are not permutations are refused."""
     T, S, bq, bk = 48, 64, 16, 16
-    rng = np.random.default_rng(8)
-    table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(3, 4))
-    table[1] = masks.EMPTY
-    elem = rng.random((T, S)) < 0.5
-    sch = flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+    rng, sch = _random_schedule(8, T, S, bq, bk, empty_q_block=1)
     qmap, kmap = rng.permutation(T), rng.permutation(S)
     q, k, v = make_qkv(99, 2, T, S, 4, 2, 32, 32, jnp.float32)
     sc = 32 ** -0.5
@@ -452,11 +458,7 @@ class TestCpuFlashBlockSparse:
     VJP with random cotangents, an empty query block included; the hook hands them out."""
     from attnjax.core import hooks
     T, S, bq, bk = 48, 64, 16, 16
-    rng = np.random.default_rng(11)
-    table = rng.choice([masks.EMPTY, masks.PARTIAL, masks.FULL], size=(3, 4))
-    table[2] = masks.EMPTY
-    elem = rng.random((T, S)) < 0.5
-    sch = flash.schedule_from_table(table, lambda qi, ki: elem[qi, ki], T, S, bq, bk)
+    _, sch = _random_schedule(11, T, S, bq, bk, empty_q_block=2)
     q, k, v = make_qkv(111, 2, T, S, 4, 2, 32, 16, jnp.float32)
     sc = 32 ** -0.5
     lists = tuple(jnp.asarray(x) for x in (sch.qlist, sch.qcode, sch.klist, sch.kcode,
