@@ -496,7 +496,7 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   ``T == S``) the query's own block is computed too, under the causal mask, and ``idx``
   holds only the earlier blocks.
 
-  One kernel call per row ``(b, h)`` (``jax.lax.map``, rematerialised in the backward):
+  One kernel call per row ``(b, h)`` (``jax.lax.map``):
   the row's slots of :func:`_moba_gather_layout` (its (query, block) pairs grouped by
   block, each group padded to a multiple of ``P = chunk``) are gathered rows of ``q``
   forming a query sequence ``[1, slots, 1, H]`` (padding slots are zero rows) against
@@ -508,10 +508,12 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   blocks (:func:`_moba_own_lists`: static, each block's queries in order, the diagonal
   tiles as causal patterns, the tiles above it not visited), so the whole of causal
   MoBA is one call per row.  So the kernel computes exactly the chosen blocks at its
-  GEMM rate, and its custom VJP (flash backward over the lists) gives the gradients of
-  the gathered rows, which autodiff of the gathers returns to ``q``, ``k``, ``v``.  Each
-  slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by log-sum-exp
-  (:func:`_moba_merge_slots`)."""
+  GEMM rate.  Each slot's ``(o, lse)`` is gathered back to ``[T, k]`` and merged by
+  log-sum-exp (:func:`_moba_merge_slots`).  The map has a custom VJP: the forward keeps
+  each slot's ``lse`` and the kernel's statistics, the backward rebuilds the gathered
+  rows and lists, maps the merged cotangents to the slots (:func:`_moba_merge_slots_vjp`),
+  runs the kernel's backward (:func:`attnjax.core.hooks.block_sparse_parts`) and sums
+  each query's slot gradients by gathers; no forward is recomputed."""
   B, T, N, H = q.shape
   S, K, Hv = k.shape[1], k.shape[2], v.shape[3]
   G, bs, P, bk = N // K, block_size, chunk, block_k
@@ -520,8 +522,8 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
   R = B * N
   nsub = bs // bk
   # The layout of each row (integers, no gradient), one row at a time: its [T, nk]
-  # prefix counts exist for one head at a time; built here, outside the checkpoint
-  # below, so the backward does not rebuild it.
+  # prefix counts exist for one head at a time; built once here and passed to the
+  # custom VJP below, so the backward does not rebuild it.
   layout = jax.lax.map(
       lambda idx_r: tuple(x[0] for x in _moba_gather_layout(idx_r[None, None], T=T, nk=nk,
                                                              chunk=P)),
