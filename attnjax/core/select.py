@@ -30,7 +30,7 @@ def top_k(x, k: int):
   n = x.shape[-1]
   if not 0 <= k <= n:
     raise ValueError(f"top_k: k must be in [0, {n}] (the last axis of x), got k={k!r}")
-  if n > _MAX_ROW or k > _MAX_K:
+  if n > _MAX_ROW or k > _MAX_K or k == 0:
     vals, idx = jax.lax.top_k(x, k)
     return vals, idx.astype(jnp.int32)
   col = jnp.arange(n, dtype=jnp.int32)
@@ -45,6 +45,4 @@ def top_k(x, k: int):
     vals.append(m[..., 0])
     idxs.append(i)
     taken = taken | (col == i[..., None])
-  if not vals:
-    return jnp.zeros(x.shape[:-1] + (0,), x.dtype), jnp.zeros(x.shape[:-1] + (0,), jnp.int32)
   return jnp.stack(vals, -1), jnp.stack(idxs, -1)
