@@ -80,3 +80,11 @@ def test_merge_partials_equals_the_softmax_over_the_union_fwd_and_vjp():
     np.testing.assert_allclose(np.where(np.isfinite(g), g, 0), np.where(np.isfinite(w), w, 0),
                                rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(got[1])[3] == 0)
+
+
+def test_merge_partials_refuses_misaligned_shapes():
+  o, lse = jnp.ones((2, 3, 4)), jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"lse_b must be|lse_b .*\(2, 3\)"):
+    merge_partials(o, lse, o, jnp.zeros((3, 2)))
+  with pytest.raises(ValueError, match="o_b must be"):
+    merge_partials(o, lse, jnp.ones((2, 3, 5)), lse)

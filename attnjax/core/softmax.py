@@ -141,6 +141,10 @@ def merge_partials(o_a, lse_a, o_b, lse_b):
   Used to join attention over key sets computed by separate calls (the ring's steps,
   criss-cross's row and column calls, causal MoBA's own and chosen blocks).
   """
+  for name, o, lse in (("a", o_a, lse_a), ("b", o_b, lse_b)):
+    if o.shape != o_a.shape or lse.shape != o_a.shape[:-1]:
+      raise ValueError(f"merge_partials: o_{name} must be {o_a.shape} and lse_{name} "
+                       f"{o_a.shape[:-1]} (o's leading axes), got {o.shape} and {lse.shape}")
   lse_a, lse_b = lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)
   mx = jnp.maximum(lse_a, lse_b)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
