@@ -16,6 +16,14 @@ neighborhood the fwd+bwd ratio.  Targets (issue 18): neighborhood 7 forward <= 0
 fwd+bwd <= 0.12; shifted Swin window 8 forward <= 0.08; every case forward ratio <= 2 x
 its 2D tile density.
 
+Also printed: the ``O(T)`` floor, the time of one fused XLA pass that reads q, k and v
+and writes an array of the output's size (``q + k + v``), as a ratio to the dense
+forward.  Any attention call pays at least that traffic, so ``density + floor`` (column
+``dens+floor``) is the ratio a kernel would reach if it computed its tiles at the dense
+kernel's rate and moved no more memory than that; where it exceeds ``2 x density``
+(column ``reachable`` False) the target is out of reach on this machine for any kernel
+that runs the tiles at the dense rate.
+
     python benchmarks/spatial_cpu.py              # 128 x 128
     python benchmarks/spatial_cpu.py --grid 32    # a quick smoke run
 """
@@ -136,7 +144,9 @@ def main():
   dense_f = jax.jit(lambda q, k, v: attnjax.attention(q, k, v))
   dense_fb = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attnjax.attention(q, k, v), ct),
                               argnums=(0, 1, 2)))
-  fns = {"dense": dense_f}
+  # the O(T) floor: one pass reading q, k, v and writing an output-sized array
+  floor_f = jax.jit(lambda q, k, v: q + k + v)
+  fns = {"dense": dense_f, "floor": floor_f}
   need_fb = any(c[2] for c in cases)
   if need_fb:
     fns["dense fwd+bwd"] = dense_fb
@@ -166,8 +176,12 @@ def main():
         f"{load[0]:.2f} {load[1]:.2f}")
   print(f"dense fwd {best['dense']:.3f}s" +
         (f", fwd+bwd {best['dense fwd+bwd']:.3f}s" if need_fb else ""))
+  floor = best["floor"] / best["dense"]
+  print(f"O(T) floor (q + k + v, one fused pass) {best['floor'] * 1e3:.1f} ms = "
+        f"{floor:.4f} of the dense forward")
   print(f"{'case':30s} {'tile':>12s} {'2D dens':>8s} {'flat dens':>9s} {'fwd s':>7s} "
-        f"{'fwd/dense':>9s} {'<=2*dens':>8s} {'fb/dense':>8s}")
+        f"{'fwd/dense':>9s} {'<=2*dens':>8s} {'dens+floor':>10s} {'reachable':>9s} "
+        f"{'fb/dense':>8s}")
   rows = []
   for name, _, with_fb in cases:
     tiled, flat, tplan = info[name]
@@ -178,9 +192,12 @@ def main():
     if tplan and not isinstance(tplan, str) and any(d > 1 for d in tplan.dilation):
       tile += "/d" + "x".join(map(str, tplan.dilation))
     print(f"{name:30s} {tile:>12s} {tiled:8.4f} {flat:9.4f} {best[name]:7.3f} {r:9.4f} "
-          f"{str(r <= 2 * tiled):>8s} " + (f"{rfb:8.4f}" if rfb is not None else ""))
+          f"{str(r <= 2 * tiled):>8s} {tiled + floor:10.4f} "
+          f"{str(tiled + floor <= 2 * tiled):>9s} " +
+          (f"{rfb:8.4f}" if rfb is not None else ""))
     rows.append(dict(case=name, tile=tile, density_2d=tiled, density_flat=flat,
-                     fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb))
+                     fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb,
+                     floor_ratio=floor))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(load=load, impl=impl, dense_fwd_s=best["dense"], rows=rows), f,
