@@ -196,12 +196,11 @@ def main():
           f"{str(tiled + floor <= 2 * tiled):>9s} " +
           (f"{rfb:8.4f}" if rfb is not None else ""))
     rows.append(dict(case=name, tile=tile, density_2d=tiled, density_flat=flat,
-                     fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb,
-                     floor_ratio=floor))
+                     fwd_s=best[name], fwd_ratio=r, fwdbwd_ratio=rfb))
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(dict(load=load, impl=impl, dense_fwd_s=best["dense"], rows=rows), f,
-                indent=1)
+      json.dump(dict(load=load, impl=impl, dense_fwd_s=best["dense"], floor_ratio=floor,
+                     rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -141,10 +141,11 @@ def merge_partials(o_a, lse_a, o_b, lse_b):
   Used to join attention over key sets computed by separate calls (the ring's steps,
   criss-cross's row and column calls, causal MoBA's own and chosen blocks).
   """
-  for name, o, lse in (("a", o_a, lse_a), ("b", o_b, lse_b)):
-    if o.shape != o_a.shape or lse.shape != o_a.shape[:-1]:
-      raise ValueError(f"merge_partials: o_{name} must be {o_a.shape} and lse_{name} "
-                       f"{o_a.shape[:-1]} (o's leading axes), got {o.shape} and {lse.shape}")
+  for name, x, want in (("o_b", o_b, o_a.shape), ("lse_a", lse_a, o_a.shape[:-1]),
+                        ("lse_b", lse_b, o_a.shape[:-1])):
+    if x.shape != want:
+      raise ValueError(f"merge_partials: {name} must have shape {want} (o_b that of o_a, "
+                       f"lse_a and lse_b o_a's leading axes), got {x.shape}")
   lse_a, lse_b = lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)
   mx = jnp.maximum(lse_a, lse_b)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
