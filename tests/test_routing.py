@@ -307,6 +307,53 @@ def test_moba_gathered_blocks_on_cpu_kernel(causal, T, bs, top_k, dtype):
   assert "attnjax_flash_fwd" not in text and "attnjax_flash_bwd" not in text
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_moba_kernel_lists_visit_only_chosen_tiles(monkeypatch, causal):
+  """The gathered path's kernel lists hold exactly the tiles of the chosen blocks: per
+  row, ``ceil(n_c / P)`` chunks of each block ``c`` chosen by ``n_c`` queries times the
+  block's key tiles (causal: plus the own blocks' tiles on and below the diagonal), in
+  the query-block lists and in the transposed key-tile lists alike.  The layout's chunk
+  count is a static bound; the chunks past a row's last group hold only padding and
+  visit nothing."""
+  from attnjax.cpu import flash
+  if not flash.available():
+    pytest.skip("the C++ kernel is not built on this machine")
+  T, bs, top_k, N = 200, 32, 3, 2
+  q, k, v = _moba_inputs(17, F32, B=1, T=T, N=N, K=1, H=16, Hv=16)
+  P, bk = routing._moba_kernel_blocks(bs, 16, 16)
+  nk, nsub = -(-T // bs), bs // bk
+  tiles_of = [sum(c * bs + s * bk < T for s in range(nsub)) for c in range(nk)]
+  allowed = moba_allowed_ref(q, k, bs, top_k, causal=causal)[0]          # [N, T, S]
+  want = []
+  for h in range(N):
+    n = 0
+    for c in range(nk):
+      chooser = [i for i in range(T) if allowed[h, i, c * bs]
+                 and not (causal and i // bs == c)]
+      n += -(-len(chooser) // P) * tiles_of[c]
+    if causal:            # own block c: chunk j of P rows sees tiles t with t * bk <= its last row
+      for c in range(nk):
+        rows = min(bs, T - c * bs)
+        n += sum(min(nsub, (min(j * P + P, rows) - 1) // bk + 1) for j in range(-(-rows // P)))
+    want.append(n)
+  seen = []
+  fwd, bwd = hooks.block_sparse_parts()
+
+  def counting_fwd(q_long, k_r, v_r, qlist, qcode, klist, kcode, pats, **kw):
+    jax.debug.callback(lambda a, b: seen.append((int(a), int(b))),
+                       (qlist >= 0).sum(), (klist >= 0).sum())
+    return fwd(q_long, k_r, v_r, qlist, qcode, klist, kcode, pats, **kw)
+
+  monkeypatch.setattr(hooks, "block_sparse_parts", lambda: (counting_fwd, bwd))
+  out = routing.moba_attention(q, k, v, block_size=bs, top_k=top_k, causal=causal,
+                               implementation="gather")
+  jax.block_until_ready(out)
+  assert [a for a, _ in seen] == want, "query-block lists"
+  assert [b for _, b in seen] == want, "key-tile lists"
+  assert_close(out, softmax_ref_np(q, k, v, moba_allowed_ref(q, k, bs, top_k, causal)), F32,
+               "forward")
+
+
 @pytest.mark.parametrize("T,nk,kk,P", [(37, 5, 3, 8), (300, 12, 2, 128)])
 def test_moba_layout_ranks_without_a_sort(monkeypatch, T, nk, kk, P):
   """The gather layout's two ways of ranking the (query, block) pairs -- prefix counts

@@ -575,10 +575,14 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     real = slot_all < T                                      # padding slots: zero rows
     q_long = jnp.where(real[:, None], q_r[jnp.minimum(slot_all, T - 1)].astype(_F32), 0)
     q_long = q_long.reshape(1, total, 1, H)
+    # The layout's chunk count is a static bound; the chunks past the row's last group
+    # hold only padding slots (a live chunk starts with a real slot: groups are padded
+    # to whole chunks) and visit no tile.  They trail the live ones.
+    live = slot_q[::P] < T                                                   # [n_ch]
     # gathered chunk c visits key tiles blk * nsub + s (a tile starting at or past S is
     # dropped: -1 ends the list; the one straddling S has pattern 0)
     tile0 = blk_r[:, None] * bs + sub[None, :] * bk                         # [n_ch, nsub]
-    qlist = jnp.where(tile0 < S, blk_r[:, None] * nsub + sub[None, :], -1)
+    qlist = jnp.where((tile0 < S) & live[:, None], blk_r[:, None] * nsub + sub[None, :], -1)
     part = (tile0 // bk == last_tile) if ragged else jnp.zeros(tile0.shape, bool)
     qcode = jnp.where(part, 0, -1)
     qlist = jnp.concatenate([jnp.asarray(oq_list), qlist.astype(jnp.int32)])
@@ -586,7 +590,7 @@ def _moba_gathered_on_kernel(q, k, v, idx_BNTk, *, block_size: int, scale: float
     # key tile (blk, s) <- its own chunks, then the contiguous run of gathered chunks
     # [start, end) of block blk (numbered after the own chunks)
     start = jnp.searchsorted(blk_r, blk_all, side="left")
-    end = jnp.searchsorted(blk_r, blk_all, side="right")
+    end = jnp.minimum(jnp.searchsorted(blk_r, blk_all, side="right"), live.sum())
     ch = jnp.repeat(start, nsub)[:, None] + at_L                           # [nk*nsub, Lk]
     gathered = (at_L >= 0) & (ch < jnp.repeat(end, nsub)[:, None]) & live_BS.reshape(-1, 1)
     klist = jnp.where(gathered, ch + n_own, own_part)
