@@ -274,8 +274,9 @@ def test_moba_gather_matches_reference_jit(causal, T, bs, top_k, dtype):
 @pytest.mark.parametrize("causal,T,bs,top_k,dtype", [
     (True, 83, 16, 3, F32),
     (False, 83, 16, 3, F32),    # S % 16 = 3: the straddling key tile is masked by a pattern
-    (False, 300, 256, 2, BF16),  # two 128-key tiles per block: the last block's second
-                                 # tile starts past S (dropped), its first straddles S
+    (False, 300, 256, 2, BF16),  # four 64-key tiles per block: the last block's third
+                                 # and fourth tiles start past S (dropped), its first
+                                 # straddles S
     pytest.param(True, 300, 256, 2, BF16, marks=SLOW),
     pytest.param(True, 160, 32, 4, F32, marks=SLOW),
     (True, 100, 48, 2, F32),    # chunk 64 > block 48 > tile 16: three causal patterns,
