@@ -5,7 +5,14 @@ MoBA (causal, ``block_size``, ``top_k``) is timed in its two evaluations -- the 
 ``implementation='gather'`` path (``gather_*``, the CPU default) -- against causal dense
 ``attnjax.attention`` (default implementation) in the same process, interleaved round by
 round (best of ``--rounds``), forward and forward+backward; ``*_ratio`` is the time over
-dense causal's and ``target_ratio`` is 2 x the selected fraction.  Printed
+dense causal's and ``target_ratio`` is 2 x the selected fraction.  Also timed in the
+same rounds: the ``O(T)`` pass ``q + k + v`` (``floor_ratio``) and the gate's GEMM with
+the block means (``gate_ratio``); ``bound_at_dense_rate`` is their sum plus MoBA's share
+of dense causal's scores, computed at the dense kernel's per-score rate (the dense time
+less the floor), a forward no implementation beats without scoring faster than the dense
+kernel, and ``speedup_per_score_needed`` how much faster per score it would have to be
+to reach ``target_ratio``; ``dense_useful_gflops`` is the dense kernel's rate on the causal
+scores' QK and PV flops, ``gemm_gflops`` XLA's float32 GEMM rate (2048^3).  Printed
 with it: the *selected* fraction (the mean over queries of the chosen keys / all keys,
 causal) and the *visited* tile fraction (non-empty tiles of the union table the kernel
 iterates over / all tiles).  MoBA chooses blocks per query token, so on i.i.d. random
@@ -108,9 +115,31 @@ def moba_case(S, N, H, bs, top_k, rounds, coherent, paths):
              selected_fraction=selected, target_ratio=2 * selected,
              visited_tile_fraction=float(np.mean(table != masks.EMPTY)),
              causal_tile_fraction=nk * (nk + 1) / 2 / (nk * nk))
-  fs = [fns[p] for p in paths] + [dense]
+  # Parts of a lower bound on any causal MoBA forward, timed in the same rounds: the
+  # O(T) pass (q + k + v: read the inputs, write an output-sized array) and the gate's
+  # GEMM (q against the block means, with the means); the top-k is left out.
+  nb = -(-S // bs)
+  floor = lambda q, k, v: q + k + v
+  gate = lambda q, k, v: jnp.einsum(
+      "bnth,bnch->bntc", q.transpose(0, 2, 1, 3),
+      jnp.pad(k, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0))).reshape(
+          1, nb, bs, N, H).mean(2).transpose(0, 2, 1, 3))
+  fs = [fns[p] for p in paths] + [floor, gate, dense]
   fwd = _best([jax.jit(f) for f in fs], (q, k, v), rounds)
+  fs = [fns[p] for p in paths] + [dense]
   both = _best([_fwd_bwd(f, q) for f in fs], (q, k, v), rounds)
+  F, G = fwd[-3] / fwd[-1], fwd[-2] / fwd[-1]
+  # the dense kernel's rate on its useful flops (QK and PV over the causal scores)
+  # against XLA's float32 GEMM on this machine
+  m = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 2048), np.float32))
+  (t_gemm,) = _best([jax.jit(lambda a: a @ a)], (m,), rounds)
+  row.update(dense_useful_gflops=4 * N * H * S * (S + 1) / 2 / fwd[-1] / 1e9,
+             gemm_gflops=2 * 2048 ** 3 / t_gemm / 1e9)
+  # MoBA's scores as a fraction of dense causal's (S (S + 1) / 2 of them), each at the
+  # dense kernel's per-score rate (its time less the O(T) pass)
+  share = selected * S * S / (S * (S + 1) / 2)
+  row.update(floor_ratio=F, gate_ratio=G, bound_at_dense_rate=F + G + share * (1 - F),
+             speedup_per_score_needed=share * (1 - F) / max(2 * selected - F - G, 1e-9))
   row.update(dense_fwd_s=fwd[-1], dense_fwd_bwd_s=both[-1])
   for n, p in enumerate(paths):
     row.update({f"{p}_fwd_s": fwd[n], f"{p}_fwd_ratio": fwd[n] / fwd[-1],
