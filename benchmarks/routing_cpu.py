@@ -116,14 +116,10 @@ def moba_case(S, N, H, bs, top_k, rounds, coherent, paths):
              visited_tile_fraction=float(np.mean(table != masks.EMPTY)),
              causal_tile_fraction=nk * (nk + 1) / 2 / (nk * nk))
   # Parts of a lower bound on any causal MoBA forward, timed in the same rounds: the
-  # O(T) pass (q + k + v: read the inputs, write an output-sized array) and the gate's
-  # GEMM (q against the block means, with the means); the top-k is left out.
-  nb = -(-S // bs)
+  # O(T) pass (q + k + v: read the inputs, write an output-sized array) and MoBA's own
+  # gate (q against the block means, with the means); the top-k is left out.
   floor = lambda q, k, v: q + k + v
-  gate = lambda q, k, v: jnp.einsum(
-      "bnth,bnch->bntc", q.transpose(0, 2, 1, 3),
-      jnp.pad(k, ((0, 0), (0, nb * bs - S), (0, 0), (0, 0))).reshape(
-          1, nb, bs, N, H).mean(2).transpose(0, 2, 1, 3))
+  gate = lambda q, k, v: routing._block_gates(q, k, bs)
   fs = [fns[p] for p in paths] + [floor, gate, dense]
   fwd = _best([jax.jit(f) for f in fs], (q, k, v), rounds)
   fs = [fns[p] for p in paths] + [dense]

@@ -324,7 +324,8 @@ def test_moba_kernel_lists_visit_only_chosen_tiles(monkeypatch, causal):
   P, bk = routing._moba_kernel_blocks(bs, 16, 16)
   nk, nsub = -(-T // bs), bs // bk
   tiles_of = [sum(c * bs + s * bk < T for s in range(nsub)) for c in range(nk)]
-  allowed = moba_allowed_ref(q, k, bs, top_k, causal=causal)[0]          # [N, T, S]
+  allowed_BNTS = moba_allowed_ref(q, k, bs, top_k, causal=causal)
+  allowed = allowed_BNTS[0]                                               # [N, T, S]
   want = []
   for h in range(N):
     n = 0
@@ -351,8 +352,7 @@ def test_moba_kernel_lists_visit_only_chosen_tiles(monkeypatch, causal):
   jax.block_until_ready(out)
   assert [a for a, _ in seen] == want, "query-block lists"
   assert [b for _, b in seen] == want, "key-tile lists"
-  assert_close(out, softmax_ref_np(q, k, v, moba_allowed_ref(q, k, bs, top_k, causal)), F32,
-               "forward")
+  assert_close(out, softmax_ref_np(q, k, v, allowed_BNTS), F32, "forward")
 
 
 @pytest.mark.parametrize("T,nk,kk,P", [(37, 5, 3, 8), (300, 12, 2, 128)])

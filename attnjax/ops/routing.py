@@ -111,6 +111,25 @@ def _onehot_any(idx, n):
 
 # ----------------------------------------------------------------------------- MoBA
 
+def _block_gates(q_BTNH, k_BSKH, bs):
+  """MoBA's gates (no gradient), float32 ``[B, N, T, nk]``: ``q_ih . mean_{j in c}
+  k_j,h//G`` for key blocks ``c`` of ``bs`` keys (the last averaged over its own keys)."""
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  nk = -(-S // bs)
+  kf = jnp.pad(jax.lax.stop_gradient(k_BSKH).astype(_F32),
+               ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
+  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)       # [nk]
+  kmean_BCKH = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
+  q_BTKGH = jax.lax.stop_gradient(q_BTNH).astype(_F32).reshape(B, T, K, N // K, H)
+  # batch-major operands: XLA:CPU runs this form as one batched GEMM (about 2.5x faster
+  # than letting the dot transpose [B, T, K, G, H] itself)
+  gate_BKGTC = jnp.einsum("bkgth,bkch->bkgtc", q_BTKGH.transpose(0, 2, 3, 1, 4),
+                          kmean_BCKH.transpose(0, 2, 1, 3),
+                          precision=jax.lax.Precision.HIGHEST)
+  return gate_BKGTC.reshape(B, N, T, nk)
+
+
 def _moba_choice(q, k, *, block_size: int, top_k: int, causal: bool):
   """MoBA's chosen blocks as indices (no gradient): int32 ``[B, N, T, top_k]``.
 
@@ -119,23 +138,11 @@ def _moba_choice(q, k, *, block_size: int, top_k: int, causal: bool):
   Non-causal: the ``top_k`` highest gates.  The entries of a row are distinct.
   """
   op = "moba_selection"
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  G = N // K
+  B, T, N = q.shape[:3]
+  S = k.shape[1]
   bs = block_size
   nk = -(-S // bs)
-  q = jax.lax.stop_gradient(q)
-  k = jax.lax.stop_gradient(k)
-  kf = jnp.pad(k.astype(_F32), ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
-  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)       # [nk]
-  kmean_BCKH = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
-  q_BTKGH = q.astype(_F32).reshape(B, T, K, G, H)
-  # batch-major operands: XLA:CPU runs this form as one batched GEMM (about 2.5x faster
-  # than letting the dot transpose [B, T, K, G, H] itself)
-  gate_BKGTC = jnp.einsum("bkgth,bkch->bkgtc", q_BTKGH.transpose(0, 2, 3, 1, 4),
-                          kmean_BCKH.transpose(0, 2, 1, 3),
-                          precision=jax.lax.Precision.HIGHEST)
-  gate_BNTC = gate_BKGTC.reshape(B, N, T, nk)
+  gate_BNTC = _block_gates(q, k, bs)
   cb = jnp.arange(nk, dtype=jnp.int32)
   if causal:
     if T != S:
@@ -877,17 +884,6 @@ def threshold_selection(gate_BNTC, threshold: float):
   return jnp.take_along_axis(keep_sorted, rank, axis=-1)
 
 
-def _block_gates(q_BTNH, k_BSKH, bs):
-  B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  nk = -(-S // bs)
-  kf = jnp.pad(jax.lax.stop_gradient(k_BSKH).astype(_F32),
-               ((0, 0), (0, nk * bs - S), (0, 0), (0, 0)))
-  counts = np.minimum(bs, S - np.arange(nk) * bs).astype(np.float32)
-  kmean = kf.reshape(B, nk, bs, K, H).sum(2) / counts[None, :, None, None]
-  qf = jax.lax.stop_gradient(q_BTNH).astype(_F32).reshape(B, T, K, N // K, H)
-  return jnp.einsum("btkgh,bckh->bkgtc", qf, kmean,
-                    precision=jax.lax.Precision.HIGHEST).reshape(B, N, T, nk)
 
 
 def vmoba_attention(q, k, v, *, block_shape, top_k: Optional[int] = None,
